@@ -1,0 +1,74 @@
+"""`vlaforget <stage> ...`: every workflow stage, runnable by hand with the arguments its rule passes.
+
+Most stages take `--config STAGE_CONFIG.yaml` (written by the workflow under {root}/configs/, see
+vlaforget.config.stage_config); `vlaforget stage-config` writes one by hand from the study config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module defines add_args(parser) and main(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "stage-config": ("vlaforget.stage_config_cmd", "write a stage's config file from the study config"),
+    "check-disk": ("vlaforget.disk", "data-root policy and disk-safety check"),
+    "gpu-run": ("vlaforget.gpus", "run a command on free GPU slots (lock-based allocator)"),
+    "demos": ("vlaforget.data.metaworld_demos", "generate scripted Meta-World demonstrations as RLDS"),
+    "cache": ("vlaforget.data.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),
+    "model": ("vlaforget.models.build", "build+pretrain the tiny teacher, or check an OpenVLA base offline"),
+    "probe": ("vlaforget.data.probe", "probe set: pooled instruction hidden states of the teacher"),
+    "icsm": ("vlaforget.methods.icsm", "teacher-only ICSM: SVD + sensitivity -> U_f, U_p, mu, C_T"),
+    "craft-anchors": ("vlaforget.methods.craft", "CRaFT anchor cache: teacher features per sample"),
+    "train": ("vlaforget.train.loop", "the one training loop (baseline / method / CRaFT / ablations)"),
+    "eval": ("vlaforget.eval.closed_loop", "closed-loop evaluation of a run (or the teacher) on a suite"),
+    "forgetting": ("vlaforget.eval.forgetting", "forgetting metrics: general skill, drift, CKA"),
+    "table": ("vlaforget.report.tables", "aggregate eval JSONs into a paper table (csv + md)"),
+    "figures": ("vlaforget.report.figures", "paper figures (PNG + PDF)"),
+    "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlaforget", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="<stage>")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_help(sys.stderr)
+            print(f"\nvlaforget: unknown stage '{argv[0]}'", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    from .io import setup_logging
+
+    setup_logging()
+    mod = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"vlaforget {name}", description=COMMANDS[name][1])
+    mod.add_args(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(mod.main(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Library errors carry the cause and the fix; show them without a traceback wall.
+        from .config import ConfigError
+        from .paths import PathPolicyError
+
+        if isinstance(e, (ConfigError, PathPolicyError)) or getattr(e, "user_facing", False):
+            print(f"vlaforget {name}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""Study config: load + merge overlays, validate against the schema, and derive per-stage configs.
+
+A *stage config* is the exact subset of the study config (plus derived paths) that shapes one
+stage's output. The workflow writes it to `{root}/configs/{stage}/{key}.yaml`; the stage command
+reads only that file. So a config change invalidates exactly the stages whose stage config changed,
+and every stage is runnable by hand with the same file (`vlaforget <stage> --config FILE`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+PKG_DIR = Path(__file__).resolve().parent
+
+NAME_RE = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # method / suite names: no double underscore
+
+
+class ConfigError(ValueError):
+    """The study config is invalid; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
+    cfg: dict = {}
+    for p in paths:
+        cfg = deep_merge(cfg, load_yaml(p))
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _format_path(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def validate(cfg: dict) -> dict:
+    """Schema + semantic checks. Raises ConfigError naming the offending key."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = []
+        for e in errors[:10]:
+            where = _format_path(e.absolute_path)
+            if e.validator == "additionalProperties":
+                extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+                known = ", ".join(sorted(e.schema.get("properties", {})))
+                for key in extra:
+                    full = f"{where}.{key}" if e.absolute_path else key
+                    msgs.append(f"unknown config key '{full}' (misspelled?). Known keys here: {known}")
+            else:
+                msgs.append(f"config key '{where}': {e.message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs) + "\nSee config/README.md.")
+    _semantic_checks(cfg)
+    return cfg
+
+
+def _semantic_checks(cfg: dict) -> None:
+    allowed = resolve_allowed_root(cfg)
+    root = resolve_root(cfg)
+    check_under(root, allowed, "root")
+    rlds = cfg["data"].get("rlds_dir")
+    if rlds:
+        check_under(rlds, allowed, "data.rlds_dir")
+    mpath = cfg["model"].get("path")
+    if mpath and (mpath.startswith("/") or mpath.startswith(".")):
+        check_under(mpath, allowed, "model.path")
+    if cfg["model"]["backend"] == "tiny" and not cfg["model"].get("tiny"):
+        raise ConfigError("model.backend is 'tiny' but model.tiny is empty: give the tiny sizes "
+                          "(see config/demo.yaml)")
+    if cfg["world"] == "metaworld" and not (cfg["data"].get("metaworld") or {}).get("datasets"):
+        raise ConfigError("world is 'metaworld' but data.metaworld.datasets is empty")
+    if cfg["world"] == "libero" and not rlds:
+        raise ConfigError("world is 'libero' but data.rlds_dir is not set: point it at the folder "
+                          "holding modified_libero_rlds datasets")
+    names = all_method_names(cfg)
+    for m in cfg["study"].get("methods", []) + cfg["study"].get("fewshot_methods", []):
+        if m not in names:
+            raise ConfigError(f"study.methods names '{m}', which is neither in methods nor ablations")
+    for a in cfg["study"].get("ablations", []):
+        if a not in (cfg.get("ablations") or {}):
+            raise ConfigError(f"study.ablations names '{a}', which is not defined under ablations")
+    for a, spec in (cfg.get("ablations") or {}).items():
+        if spec["base"] not in cfg["methods"]:
+            raise ConfigError(f"ablations.{a}.base = '{spec['base']}' is not a method under methods")
+        method_config(cfg, a)  # checks the dotted keys
+    for name in names:
+        if not re.fullmatch(NAME_RE, name):
+            raise ConfigError(f"method name '{name}': use letters, digits and single underscores")
+    for s in suites_all(cfg):
+        if not re.fullmatch(NAME_RE, s):
+            raise ConfigError(f"suite / dataset name '{s}': use letters, digits and single underscores")
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def all_method_names(cfg: dict) -> list[str]:
+    return list(cfg["methods"]) + list(cfg.get("ablations") or {})
+
+
+METHOD_DEFAULTS: dict[str, dict] = {"hsw": {"enabled": False}, "thermostat": {"enabled": False},
+                                    "craft": {"enabled": False}}
+
+
+def method_config(cfg: dict, method: str) -> dict:
+    """The full plug-in config of a method or ablation (every block present, off unless enabled)."""
+    if method in cfg["methods"]:
+        block = cfg["methods"][method] or {}
+    elif method in (cfg.get("ablations") or {}):
+        spec = cfg["ablations"][method]
+        block = copy.deepcopy(cfg["methods"][spec["base"]] or {})
+        for dotted, value in (spec.get("set") or {}).items():
+            parts = dotted.split(".")
+            node = block
+            for p in parts[:-1]:
+                if p not in node and p not in METHOD_DEFAULTS:
+                    raise ConfigError(f"ablations.{method}.set: '{dotted}' names unknown block '{p}'")
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+    else:
+        raise ConfigError(f"unknown method '{method}': define it under methods or ablations")
+    out = deep_merge(METHOD_DEFAULTS, block)
+    return out
+
+
+def method_needs(mcfg: dict) -> set[str]:
+    """Which teacher artifacts a method reads: 'icsm', 'probe', 'craft'."""
+    needs = set()
+    if mcfg["hsw"].get("enabled") or mcfg["thermostat"].get("enabled"):
+        needs |= {"icsm", "probe"}
+    if mcfg["craft"].get("enabled"):
+        needs.add("craft")
+    return needs
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def suites_all(cfg: dict) -> list[str]:
+    out = list(cfg["study"].get("suites", []))
+    for s in (cfg["study"].get("fewshot_suite"), cfg["study"].get("ablation_suite"), cfg["probe"].get("dataset")):
+        if s and s not in out:
+            out.append(s)
+    for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", []):
+        if s not in out:
+            out.append(s)
+    mw = cfg["data"].get("metaworld") or {}
+    for s in mw.get("datasets", {}):
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def shots_name(shots: int | None) -> str:
+    return "full" if not shots else f"{shots}shot"
+
+
+def parse_shots(name: str) -> int | None:
+    if name == "full":
+        return None
+    m = re.fullmatch(r"(\d+)shot", name)
+    if not m:
+        raise ConfigError(f"shots '{name}': expected 'full' or '<n>shot'")
+    return int(m.group(1))
+
+
+def run_name(method: str, suite: str, shots: str, seed: int | str) -> str:
+    return f"{suite}__{method}__{shots}__s{seed}"
+
+
+def parse_run_name(name: str) -> dict:
+    m = re.fullmatch(rf"({NAME_RE})__({NAME_RE})__(full|\d+shot)__s(\d+)", name)
+    if not m:
+        raise ConfigError(f"run name '{name}' is not suite__method__shots__s<seed>")
+    return {"suite": m.group(1), "method": m.group(2), "shots": m.group(3), "seed": int(m.group(4))}
+
+
+def probe_set_name(cfg: dict) -> str:
+    p = cfg["probe"]
+    return f"{p['dataset']}_n{p['n']}_s{p.get('seed', 0)}"
+
+
+def layout(cfg: dict) -> Layout:
+    return Layout(resolve_root(cfg))
+
+
+def rlds_root(cfg: dict) -> Path:
+    """Folder holding {dataset}/ TFDS builder dirs."""
+    if cfg["world"] == "metaworld":
+        return layout(cfg).root / "datasets" / "rlds"
+    return Path(cfg["data"]["rlds_dir"])
+
+
+def model_path(cfg: dict) -> str:
+    """Where the base model is loaded from: built here (tiny) or path/hub id (openvla)."""
+    m = cfg["model"]
+    if m["backend"] == "tiny" and not m.get("path"):
+        return str(layout(cfg).model(m["base"]))
+    return str(m["path"])
+
+
+def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
+    mw = cfg["data"].get("metaworld") or {}
+    return (mw.get("datasets") or {}).get(dataset)
+
+
+# ----------------------------------------------------------------------------- code hashes
+
+# Library modules each stage's output depends on. Snakemake's code trigger sees only the rule body,
+# so a hash of these sources goes into each stage config: editing them reruns the stage.
+STAGE_CODE = {
+    "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py"],
+    "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py"],
+    "model": ["models", "data/cache.py", "data/vqa.py", "train/pretrain.py"],
+    "probe": ["models", "data/cache.py", "data/probe.py"],
+    "icsm": ["models", "methods/icsm.py", "data/probe.py"],
+    "craft_anchors": ["models", "methods/craft.py", "data/cache.py"],
+    "train": ["models", "methods", "train", "data/cache.py"],
+    "eval": ["models", "eval"],
+    "forgetting": ["models", "eval", "data/vqa.py", "methods/icsm.py"],
+}
+
+
+def code_hash(stage: str) -> str:
+    h = hashlib.sha256()
+    for rel in STAGE_CODE.get(stage, []):
+        p = PKG_DIR / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(str(f.relative_to(PKG_DIR)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def _base(cfg: dict, stage: str) -> dict:
+    return {
+        "stage": stage,
+        "root": str(resolve_root(cfg)),
+        "allowed_root": str(resolve_allowed_root(cfg)),
+        "world": cfg["world"],
+        "code": code_hash(stage),
+    }
+
+
+def _model_block(cfg: dict) -> dict:
+    m = cfg["model"]
+    return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg),
+            "dtype": m.get("dtype", "fp32"), "attn_implementation": m.get("attn_implementation"),
+            "cache_dir": str(layout(cfg).hf_cache)}
+
+
+def _dataset_block(cfg: dict, dataset: str) -> dict:
+    return {"name": dataset, "cache_dir": str(layout(cfg).cache(dataset)),
+            "tasks": dataset_tasks(cfg, dataset)}
+
+
+def stage_config(cfg: dict, stage: str, key: str) -> dict:
+    """The config file content of one stage job (see module doc)."""
+    lay = layout(cfg)
+    out = _base(cfg, stage)
+    d = cfg["data"]
+    if stage == "demos":
+        mw = d["metaworld"]
+        out.update(dataset=key, tasks=mw["datasets"][key], instructions=mw.get("instructions") or {},
+                   camera=mw["camera"], render_size=mw["render_size"], max_steps=mw["max_steps"],
+                   episodes_per_task=mw["episodes_per_task"], seed=mw["seed"],
+                   workers=mw.get("workers", 1), out_dir=str(lay.rlds(key)))
+    elif stage == "cache":
+        out.update(dataset=key, rlds_dir=str(rlds_root(cfg) / key), image_size=d["image_size"],
+                   train_split=d.get("train_split", 0.95), image_key=d.get("image_key", "observation/image"),
+                   state_key=d.get("state_key", "observation/state"), out_dir=str(lay.cache(key)))
+    elif stage == "model":
+        out.update(model=_model_block(cfg), out_dir=str(lay.model(key)))
+        if cfg["model"]["backend"] == "tiny":
+            mw = d["metaworld"]
+            out.update(tiny=cfg["model"]["tiny"], pretrain=cfg["model"]["pretrain"],
+                       upstream=_dataset_block(cfg, mw["upstream"]),
+                       corpus_datasets=[_dataset_block(cfg, s) for s in mw["datasets"]],
+                       instructions=mw.get("instructions") or {})
+    elif stage == "probe":
+        out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
+                   n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", 0),
+                   batch_size=cfg["probe"].get("batch_size", 8),
+                   out_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))))
+    elif stage == "icsm":
+        out.update(model=_model_block(cfg), icsm=cfg["icsm"],
+                   probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
+                   out_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))))
+    elif stage == "craft_anchors":
+        out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, key),
+                   seed=cfg.get("seed", 0), out_dir=str(lay.craft(cfg["model"]["base"], key)))
+    elif stage == "train":
+        r = parse_run_name(key)
+        mcfg = method_config(cfg, r["method"])
+        needs = method_needs(mcfg)
+        out.update(run_name=key, method_name=r["method"], suite=r["suite"], shots=parse_shots(r["shots"]),
+                   seed=r["seed"], model=_model_block(cfg), dataset=_dataset_block(cfg, r["suite"]),
+                   train=cfg["train"], method=mcfg, out_dir=str(lay.run(key)))
+        out["icsm_dir"] = str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))) if "icsm" in needs else None
+        out["probe_dir"] = str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))) if "probe" in needs else None
+        out["craft_dir"] = str(lay.craft(cfg["model"]["base"], r["suite"])) if "craft" in needs else None
+        if cfg["train"].get("eval_every"):
+            out["periodic_eval"] = eval_block(cfg, r["suite"])
+        out["run_id"] = f"{key}-{stable_hash_of(out)}"
+    elif stage == "eval":
+        run, suite = key.rsplit("@", 1)
+        out.update(run_name=run, suite=suite, model=_model_block(cfg),
+                   adapter_dir=None if run == "teacher" else str(lay.run(run) / "final"),
+                   eval=eval_block(cfg, suite), out_file=str(lay.eval(run) / f"{suite}.json"))
+    elif stage == "forgetting":
+        f = cfg["eval"].get("forgetting", {})
+        out.update(run_name=key, model=_model_block(cfg),
+                   adapter_dir=None if key == "teacher" else str(lay.run(key) / "final"),
+                   probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
+                   icsm_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))),
+                   vqa_jsonl=f.get("vqa_jsonl"), drift_samples=f.get("drift_samples", 256),
+                   vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
+                   if cfg["world"] == "metaworld" else [],
+                   out_file=str(lay.eval(key) / "forgetting.json"))
+    else:
+        raise ConfigError(f"unknown stage '{stage}'")
+    return out
+
+
+def eval_block(cfg: dict, suite: str) -> dict:
+    e = cfg["eval"]
+    blk = {"suite": suite, "num_envs": e["num_envs"], "episodes_per_task": e["episodes_per_task"],
+           "videos_per_task": e.get("videos_per_task", 0), "center_crop": e.get("center_crop", False),
+           "image_size": cfg["data"]["image_size"],
+           "unnorm_dataset": suite, "stats_path": str(layout(cfg).cache(suite) / "dataset_statistics.json")}
+    if cfg["world"] == "metaworld":
+        mw = cfg["data"]["metaworld"]
+        blk.update(tasks=mw["datasets"][suite], camera=mw["camera"], render_size=mw["render_size"],
+                   instructions=mw.get("instructions") or {}, **(e.get("metaworld") or {}))
+    else:
+        blk.update(**(e.get("libero") or {}))
+    return blk
+
+
+def stable_hash_of(obj: Any) -> str:
+    from .io import stable_hash
+
+    return stable_hash(obj)
+
+
+def load_stage_config(path: str | Path, stage: str | None = None) -> dict:
+    """Read a stage config file and re-check the path policy (a hand-edited file could escape)."""
+    sc = load_yaml(path)
+    if stage and sc.get("stage") != stage:
+        raise ConfigError(f"{path} is a '{sc.get('stage')}' stage config, not '{stage}'")
+    allowed = Path(sc.get("allowed_root", "/opt/data/private"))
+    for k in ("root", "out_dir", "out_file"):
+        if sc.get(k):
+            try:
+                check_under(sc[k], allowed, k)
+            except PathPolicyError as e:
+                raise ConfigError(str(e)) from e
+    return sc

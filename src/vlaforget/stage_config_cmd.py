@@ -1,0 +1,22 @@
+"""`vlaforget stage-config`: write the config file of one stage job from the study config."""
+
+from __future__ import annotations
+
+import yaml
+
+from .config import load_config, stage_config
+from .io import atomic_write_text
+
+
+def add_args(p):
+    p.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
+                   help="study config files, later ones overlay earlier ones")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--key", required=True, help="dataset / base / run name / run@suite, as in the workflow")
+    p.add_argument("--out", required=True)
+
+
+def main(args) -> int:
+    cfg = load_config(*args.configfile)
+    atomic_write_text(args.out, yaml.safe_dump(stage_config(cfg, args.stage, args.key), sort_keys=True))
+    return 0

@@ -1,0 +1,74 @@
+"""Benchmark: batched closed-loop rollouts vs the batch-1 sequential reference loop.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_rollout.py --num-envs 0 1 2 4 --episodes 2 --max-steps 40
+
+A random-init tiny VLA (config/demo.yaml sizes; speed does not depend on the weights) drives
+Meta-World tasks (demo downstream suite) through `vlaforget.eval.rollout.run_episodes`. For each
+N (0 = sequential reference loop, in-process, batch-1 policy calls) it reports wall time, ms per env
+step, the policy / env split and the mean batch, and checks that every episode gives the same
+trajectory (final-frame digest) as the reference loop. `--out FILE` writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-envs", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--tasks", nargs="+", default=["drawer-close-v3", "button-press-v3"])
+    p.add_argument("--episodes", type=int, default=2, help="episodes per task")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    import torch
+    import yaml
+
+    from vlaforget.data.instructions import canonical_instruction
+    from vlaforget.envs.metaworld import configure_rendering
+    from vlaforget.eval.closed_loop import BackendPolicy
+    from vlaforget.eval.rollout import MetaWorldFactory, make_episodes, run_episodes
+    from vlaforget.models.tiny import random_tiny_backend
+
+    configure_rendering()
+    torch.set_num_threads(a.threads)
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    tiny = demo["model"]["tiny"]
+    mw = demo["data"]["metaworld"]
+    backend = random_tiny_backend(tiny, action_dim=4, seed=0)
+    policy = BackendPolicy(backend, image_size=tiny["image_size"])
+    fac = MetaWorldFactory(camera=mw["camera"], render_size=mw["render_size"], max_steps=a.max_steps)
+    eps = make_episodes(a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes,
+                        lambda t, i: 500000 + i)
+    rows, ref = [], None
+    for n in a.num_envs:
+        res = run_episodes(fac, policy, eps, num_envs=n)
+        digests = [e["final_digest"] for e in res["episodes"]]
+        if ref is None:
+            ref = digests
+        row = {**res["timing"], "success_rate": res["success_rate"],
+               "same_trajectories_as_first": sum(x == y for x, y in zip(digests, ref)), "n_episodes": len(eps)}
+        rows.append(row)
+        print(json.dumps(row))
+    out = {"bench": "eval_rollout", "tasks": a.tasks, "episodes_per_task": a.episodes, "max_steps": a.max_steps,
+           "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+           "mujoco_gl": os.environ.get("MUJOCO_GL"), "model": "tiny (config/demo.yaml sizes, random init)",
+           "results": rows}
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

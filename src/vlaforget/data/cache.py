@@ -1,0 +1,272 @@
+"""Stage `cache`: an RLDS/TFDS dataset -> a compact random-access cache training reads without TF.
+
+Cache dir layout (all arrays row-aligned over transitions, episodes contiguous in source order):
+  images.u8          raw uint8 [N, S, S, 3] (memmap; resized to `image_size`, otherwise untouched:
+                     LIBERO's 180°-rotated images stay rotated, the model/eval code owns transforms)
+  actions.npy        f32 [N, A]      states.npy  f32 [N, P]      env_states.npy f32 [N, E] (if present)
+  episodes.json      [{index, task, instruction, start, length, seed}] in source order
+  instructions.json  the distinct instruction strings
+  dataset_statistics.json   openvla format, over the train split
+  manifest.json      shapes, counts, split, file hashes, versions (written last: the completion file)
+
+`CachedDataset` opens it with memmaps: RAM does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import log, progress, provenance, read_json, sha256_file, write_json
+from .statistics import dataset_statistics
+
+CACHE_FORMAT = 1
+IMAGES_FILE = "images.u8"
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3]; Lanczos with antialiasing (openvla resizes likewise)."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS), dtype=np.uint8)
+
+
+def n_train_episodes(n_episodes: int, train_split: float) -> int:
+    """openvla's `train[:95%]`: the first round(train_split * n) episodes, at least one."""
+    if not 0 < train_split <= 1:
+        raise ValueError(f"data.train_split = {train_split}: give a fraction in (0, 1]")
+    return max(1, min(n_episodes, int(round(train_split * n_episodes))))
+
+
+def build_cache(rlds_dir: str | Path, out_dir: str | Path, name: str, image_size: int,
+                train_split: float = 0.95, image_key: str = "observation/image",
+                state_key: str = "observation/state", extra: dict | None = None) -> dict[str, Any]:
+    """Read every episode of the TFDS builder dir `rlds_dir` once and write the cache."""
+    from .rlds import builder_info, iter_episodes, resolve_builder_dir
+
+    bdir = resolve_builder_dir(rlds_dir)
+    info = builder_info(bdir)
+    episodes = progress(iter_episodes(bdir, image_key, state_key), total=info["episodes"],
+                        desc=f"cache {name}", unit="ep")
+    meta = {"source": str(bdir), "source_info": info, "image_key": image_key, "state_key": state_key}
+    return write_cache(episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})})
+
+
+def write_cache(episodes: Iterable[dict[str, Any]], out_dir: str | Path, name: str, image_size: int,
+                train_split: float = 0.95, extra: dict | None = None) -> dict[str, Any]:
+    """Write the cache from episode dicts (as rlds.iter_episodes yields: images, states, actions,
+    env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".build.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    img_hash = hashlib.sha256()
+    actions, states, env_states, eps = [], [], [], []
+    instructions: dict[str, int] = {}
+    src_shape = None
+    n = 0
+    with open(tmp / IMAGES_FILE, "wb") as f:
+        for ep in episodes:
+            imgs = np.asarray(ep["images"], np.uint8)
+            src_shape = src_shape or list(imgs.shape[1:])
+            block = np.stack([resize_image(im, image_size) for im in imgs]).astype(np.uint8)
+            data = np.ascontiguousarray(block).tobytes()
+            f.write(data)
+            img_hash.update(data)
+            actions.append(np.asarray(ep["actions"], np.float32))
+            states.append(np.asarray(ep["states"], np.float32))
+            if ep.get("env_states") is not None:
+                env_states.append(np.asarray(ep["env_states"], np.float32))
+            instructions.setdefault(ep["instruction"], len(instructions))
+            T = len(ep["actions"])
+            if not (len(imgs) == len(ep["states"]) == T):
+                raise ValueError(f"episode {len(eps)} of {name}: {len(imgs)} images, {len(ep['states'])} "
+                                 f"states, {T} actions; every step needs all three")
+            eps.append({"index": len(eps), "task": ep["task"], "instruction": ep["instruction"],
+                        "start": n, "length": T, "seed": int(ep.get("seed", -1))})
+            n += T
+    if not eps:
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"dataset {name} holds no episodes: regenerate it (demos stage) or fix "
+                           f"data.rlds_dir")
+    A = np.concatenate(actions)
+    P = np.concatenate(states)
+    np.save(tmp / "actions.npy", A)
+    np.save(tmp / "states.npy", P)
+    has_env = len(env_states) == len(eps)
+    if has_env:
+        np.save(tmp / "env_states.npy", np.concatenate(env_states))
+    write_json(tmp / "episodes.json", eps)
+    write_json(tmp / "instructions.json", list(instructions))
+
+    n_train = n_train_episodes(len(eps), train_split)
+    train_rows = np.concatenate([np.arange(e["start"], e["start"] + e["length"]) for e in eps[:n_train]])
+    stats = {name: dataset_statistics(A[train_rows], P[train_rows], n_train)}
+
+    files = {IMAGES_FILE: img_hash.hexdigest()}
+    for fn in ("actions.npy", "states.npy", "env_states.npy", "episodes.json", "instructions.json"):
+        if (tmp / fn).exists():
+            files[fn] = sha256_file(tmp / fn)
+    tasks = sorted({e["task"] for e in eps})
+    manifest = {
+        "format": CACHE_FORMAT, "name": name, "source_image_shape": src_shape,
+        "image_size": image_size, "num_episodes": len(eps), "num_transitions": n,
+        "num_train_episodes": n_train, "train_split": train_split, "tasks": tasks,
+        "episodes_per_task": {t: sum(e["task"] == t for e in eps) for t in tasks},
+        "shapes": {"images": [n, image_size, image_size, 3], "actions": list(A.shape),
+                   "states": list(P.shape), "env_states": [n, env_states[0].shape[1]] if has_env else None},
+        "dtypes": {"images": "uint8", "actions": "float32", "states": "float32",
+                   "env_states": "float32" if has_env else None},
+        "files": files, "seconds": round(time.time() - t0, 2), "provenance": provenance(),
+        **(extra or {}),
+    }
+    # Move everything into place; statistics then manifest last (the manifest marks completion).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "dataset_statistics.json"):
+        if (out_dir / stale).exists():
+            os.unlink(out_dir / stale)
+    for fn in files:
+        os.replace(tmp / fn, out_dir / fn)
+    if not has_env and (out_dir / "env_states.npy").exists():
+        os.unlink(out_dir / "env_states.npy")
+    shutil.rmtree(tmp)
+    write_json(out_dir / "dataset_statistics.json", stats)
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+class CachedDataset:
+    """Random access to a cache dir: `ds[i]` -> image, instruction, action, state, env_state, task,
+    episode, step. O(1) RAM in dataset size (memmaps; per-episode index only).
+
+    split: "train" (first `train_split` of episodes), "heldout" (the rest) or "all";
+    shots=n keeps n episodes per task of the train split, chosen with `seed`.
+    """
+
+    def __init__(self, cache_dir: str | Path, split: str = "train", shots: int | None = None,
+                 seed: int = 0):
+        self.cache_dir = Path(cache_dir)
+        mpath = self.cache_dir / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"{self.cache_dir} is not a finished dataset cache (no manifest.json): "
+                                    f"run the cache stage (`vlaforget cache --config ...`) for it")
+        self.manifest = read_json(mpath)
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split '{split}': use train, heldout or all")
+        if shots is not None and split != "train":
+            raise ValueError("shots subsets the train split; use split='train' with shots")
+        self.name = self.manifest["name"]
+        self.split, self.shots, self.seed = split, shots, seed
+        all_eps = read_json(self.cache_dir / "episodes.json")
+        n_train = self.manifest["num_train_episodes"]
+        eps = {"train": all_eps[:n_train], "heldout": all_eps[n_train:], "all": all_eps}[split]
+        if shots is not None:
+            eps = select_shots(eps, shots, seed)
+        self.episodes: list[dict] = eps
+        self._ends = np.cumsum([e["length"] for e in eps], dtype=np.int64)  # [n_episodes]
+        self._starts = np.asarray([e["start"] for e in eps], dtype=np.int64)
+        self.action_dim = int(self.manifest["shapes"]["actions"][1])
+        self.state_dim = int(self.manifest["shapes"]["states"][1])
+        self.image_size = int(self.manifest["image_size"])
+        self.tasks = sorted({e["task"] for e in eps})
+        self._stats = None
+        self._mm: dict[str, np.ndarray] | None = None
+
+    # memmaps open lazily, so a dataset pickled into DataLoader workers reopens them there
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if self._mm is None:
+            s = self.manifest["shapes"]
+            mm = {"images": np.memmap(self.cache_dir / IMAGES_FILE, dtype=np.uint8, mode="r",
+                                      shape=tuple(s["images"])),
+                  "actions": np.load(self.cache_dir / "actions.npy", mmap_mode="r"),
+                  "states": np.load(self.cache_dir / "states.npy", mmap_mode="r")}
+            if s.get("env_states"):
+                mm["env_states"] = np.load(self.cache_dir / "env_states.npy", mmap_mode="r")
+            self._mm = mm
+        return self._mm
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_mm"] = None
+        return d
+
+    @property
+    def statistics(self) -> dict:
+        if self._stats is None:
+            self._stats = read_json(self.cache_dir / "dataset_statistics.json")[self.name]
+        return self._stats
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """Transition i of this view -> (position in self.episodes, step in episode, cache row)."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} transitions")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        step = i - (int(self._ends[k - 1]) if k else 0)
+        return k, step, int(self._starts[k]) + step
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, step, row = self.locate(int(i))
+        a = self._arrays()
+        ep = self.episodes[k]
+        return {"image": np.array(a["images"][row]), "instruction": ep["instruction"],
+                "action": np.array(a["actions"][row]), "state": np.array(a["states"][row]),
+                "env_state": np.array(a["env_states"][row]) if "env_states" in a else None,
+                "task": ep["task"], "episode": ep["index"], "step": step}
+
+    def episode_rows(self, k: int) -> np.ndarray:
+        """Cache rows of the k-th episode of this view."""
+        e = self.episodes[k]
+        return np.arange(e["start"], e["start"] + e["length"])
+
+
+def select_shots(episodes: list[dict], shots: int, seed: int) -> list[dict]:
+    """n episodes per task, chosen with `seed`, kept in source order."""
+    if shots <= 0:
+        raise ValueError(f"shots = {shots}: give a positive number of episodes per task")
+    rng = np.random.default_rng(seed)
+    by_task: dict[str, list[int]] = {}
+    for pos, e in enumerate(episodes):
+        by_task.setdefault(e["task"], []).append(pos)
+    keep: list[int] = []
+    for task in sorted(by_task):
+        pos = by_task[task]
+        if len(pos) < shots:
+            raise ValueError(f"task '{task}' has only {len(pos)} train episodes, fewer than shots={shots}: "
+                             f"lower study.shots or generate more episodes")
+        keep += [pos[j] for j in rng.choice(len(pos), size=shots, replace=False)]
+    return [episodes[p] for p in sorted(keep)]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="cache stage config (vlaforget stage-config)")
+
+
+def main(args) -> int:
+    from ..config import load_stage_config
+
+    sc = load_stage_config(args.config, "cache")
+    m = build_cache(sc["rlds_dir"], sc["out_dir"], sc["dataset"], int(sc["image_size"]),
+                    float(sc.get("train_split", 0.95)), sc.get("image_key", "observation/image"),
+                    sc.get("state_key", "observation/state"), extra={"stage_code": sc.get("code")})
+    log.info("cache %s: %d episodes (%d train), %d transitions, %d tasks, %.1f s -> %s", m["name"],
+             m["num_episodes"], m["num_train_episodes"], m["num_transitions"], len(m["tasks"]),
+             m["seconds"], sc["out_dir"])
+    return 0

@@ -1,0 +1,204 @@
+"""Probe set: pooled instruction hidden states of the frozen teacher (stage `probe`).
+
+N transitions drawn (seeded, without replacement) from the train split of the probe dataset's cache;
+one teacher forward with hidden states per batch; the hidden states of EVERY decoder layer l
+(hidden_states[l + 1]) are mean-pooled over the instruction tokens (batch['instruction_mask']).
+Every layer is kept (not only the ICSM layers) so drift can be studied per layer and the layer
+groups can change without rerunning this stage; for OpenVLA-7B that is 32 x N x 4096 float32
+(262 MB at N = 500).
+
+Outputs (out_dir): probe.pt {indices, dataset, split, seed, pooled {layer: [N,D]}, empty [N], n_empty,
+instructions, num_layers, hidden_size, hash}, audit.json (instruction span of the first probes next
+to the raw instruction, empty-mask count, hash) -- written last: it is the completion file together
+with probe.pt, which is written first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("vlaforget.probe")
+
+N_AUDIT = 10
+
+
+# ----------------------------------------------------------------------------- shared loaders
+# (tests replace these two with fakes; the icsm stage uses them too)
+
+
+def open_dataset(block: dict, split: str = "train"):
+    """CachedDataset of a stage config's dataset block ({name, cache_dir, tasks})."""
+    cache_dir = Path(block["cache_dir"])
+    if not (cache_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+                                f"stage for dataset '{block.get('name')}' first")
+    from .cache import CachedDataset
+    return CachedDataset(cache_dir, split=split)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_teacher(model_block: dict, ds=None, device: str | None = None):
+    """The frozen teacher backend (no adapter), with the dataset's action statistics."""
+    from ..models import load_backend
+
+    stats = getattr(ds, "statistics", None) if ds is not None else None
+    backend = load_backend(model_block, device=device or default_device(), adapter_dir=None, stats=stats)
+    backend.model.eval()
+    for p in backend.model.parameters():
+        p.requires_grad_(False)
+    return backend
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def select_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """n distinct indices of range(n_total), seeded (torch.Generator), sorted ascending."""
+    if n > n_total:
+        raise ValueError(f"probe.n = {n} but the train split has only {n_total} transitions: lower probe.n")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.sort(torch.randperm(n_total, generator=g)[:n]).values
+
+
+def probe_hash(indices: torch.Tensor, pooled: dict[int, torch.Tensor]) -> str:
+    """sha256 over the indices and every layer's pooled tensor (dtype, shape, bytes)."""
+    from ..io import sha256_tensor
+
+    h = hashlib.sha256(sha256_tensor(indices.long()).encode())
+    for layer in sorted(pooled):
+        h.update(f"{layer}:".encode())
+        h.update(sha256_tensor(pooled[layer]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def pooled_states(backend, samples: Sequence[dict], batch_size: int, layers: Sequence[int] | None = None,
+                  show_progress: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Instruction-pooled hidden states of `backend` for `samples`: ({layer: [N,D] f32 cpu}, empty [N])."""
+    from ..io import progress
+    from ..methods.icsm import pool_instruction
+
+    L = int(backend.num_layers)
+    layers = list(range(L)) if layers is None else [int(x) for x in layers]
+    acc: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    empties = []
+    rng = range(0, len(samples), batch_size)
+    for s0 in (progress(rng, desc="probe forward") if show_progress else rng):
+        batch = backend.collate(list(samples[s0:s0 + batch_size]), train=False)
+        out = backend.forward(batch, output_hidden_states=True)
+        hs = out.hidden_states
+        if len(hs) != L + 1:
+            raise RuntimeError(f"backend returned {len(hs)} hidden states, expected num_layers + 1 = {L + 1}")
+        mask = batch["instruction_mask"]
+        empty = None
+        for layer in layers:
+            pooled, empty = pool_instruction(hs[layer + 1], mask)
+            acc[layer].append(pooled.cpu())
+        empties.append(empty.cpu())
+    return {k: torch.cat(v) for k, v in acc.items()}, torch.cat(empties)
+
+
+def _norm_text(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def _tokenizer(backend):
+    tok = getattr(backend, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(backend, "processor", None), "tokenizer", None)
+    return tok
+
+
+@torch.no_grad()
+def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
+    """For each sample: raw instruction, the backend's decoded instruction span, and (when the backend
+    exposes a tokenizer) the tokens actually under instruction_mask, decoded from the collated batch."""
+    rows = []
+    if not samples:
+        return rows
+    batch = backend.collate(list(samples), train=False)
+    mask = batch["instruction_mask"].cpu()
+    n_img = int(backend.n_image_tokens)
+    tok = _tokenizer(backend)
+    for i, s in enumerate(samples):
+        raw = s["instruction"]
+        row: dict[str, Any] = {"instruction": raw, "n_mask_tokens": int(mask[i].sum())}
+        try:
+            row["span"] = backend.instruction_span(raw)
+        except Exception as e:  # noqa: BLE001 -- the audit records a failure instead of hiding it
+            row["span"] = None
+            row["span_error"] = repr(e)
+        if tok is not None:
+            text_mask = torch.cat([mask[i, :1], mask[i, 1 + n_img:]])
+            ids = batch["input_ids"][i].cpu()[text_mask.bool()]  # text coords: seq pos t >= 1 -> t - n_img
+            row["masked_tokens"] = tok.decode(ids.tolist())
+        span = row.get("masked_tokens", row.get("span"))
+        row["match"] = span is not None and _norm_text(span) == _norm_text(raw)
+        rows.append(row)
+    return rows
+
+
+def load_probe(d: str | Path) -> dict:
+    d = Path(d)
+    if not (d / "audit.json").exists() or not (d / "probe.pt").exists():
+        raise FileNotFoundError(f"probe set {d} is incomplete (probe.pt / audit.json missing): run the probe stage")
+    return torch.load(d / "probe.pt", map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="probe stage config (vlaforget stage-config --stage probe)")
+
+
+def main(args) -> int:
+    from ..config import load_stage_config
+    from ..io import atomic_torch_save, provenance, seed_everything, write_json
+
+    sc = load_stage_config(args.config, "probe")
+    out = Path(sc["out_dir"])
+    seed = int(sc.get("seed", 0))
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    ds = open_dataset(sc["dataset"], "train")
+    backend = load_teacher(sc["model"], ds)
+    idx = select_indices(len(ds), int(sc["n"]), seed)
+    samples = [ds[int(i)] for i in idx]
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pooled, empty = pooled_states(backend, samples, int(sc.get("batch_size", 8)), show_progress=True)
+    t_fwd = time.perf_counter() - t1
+    n_empty = int(empty.sum())
+    if n_empty == len(samples):
+        raise RuntimeError("every probe sample has an empty instruction mask: the backend's instruction_mask "
+                           "is broken (see audit in the model stage)")
+    h = probe_hash(idx, pooled)
+    probe = {"indices": idx, "dataset": dict(sc["dataset"]), "split": "train", "seed": seed, "pooled": pooled,
+             "empty": empty, "n_empty": n_empty, "instructions": [s["instruction"] for s in samples],
+             "num_layers": int(backend.num_layers), "hidden_size": int(backend.hidden_size), "hash": h}
+    atomic_torch_save(probe, out / "probe.pt")
+    rows = audit_spans(backend, samples[:N_AUDIT])
+    audit = {"hash": h, "n": len(samples), "n_empty": n_empty, "dataset": sc["dataset"].get("name"),
+             "layers_pooled": sorted(pooled), "spans": rows,
+             "span_matches": sum(r["match"] for r in rows), "spans_checked": len(rows),
+             "timings": {"load_s": round(t_load, 3), "forward_s": round(t_fwd, 3)}, **provenance()}
+    if n_empty:
+        log.warning("%d of %d probe samples have an empty instruction mask (pooled as zeros, excluded by ICSM)",
+                    n_empty, len(samples))
+    write_json(out / "audit.json", audit)  # completion file: last
+    log.info("probe set: %d samples, %d layers, hash %s (%.1fs)", len(samples), len(pooled), h[:12],
+             time.perf_counter() - t0)
+    return 0

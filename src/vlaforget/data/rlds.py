@@ -1,0 +1,248 @@
+"""RLDS datasets in TFDS format: write ours (LIBERO `*_no_noops` field names), read any.
+
+A builder dir is what `tfds.builder_from_directory` opens: `{out_dir}/{version}/` holding
+`dataset_info.json`, `features.json` and `{name}-train.tfrecord-0000i-of-0000N` shards, exactly like
+openvla's `modified_libero_rlds/{name}/1.0.0/`. Each record is one episode with `steps` (a nested
+dataset) and `episode_metadata`. Step t holds observation t and the action taken from it.
+
+TensorFlow is imported lazily: only these functions need it, never the training cache.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VERSION = "1.0.0"
+
+
+def _quiet_tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:  # the cache/writer are CPU jobs; keep TF off any GPU the training job may want
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:
+        pass
+    return tf
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes (PIL; callable in worker processes without TensorFlow)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def rlds_features(image_shape: tuple[int, int, int], state_dim: int, action_dim: int,
+                  env_state_dim: int | None = None):
+    """The TFDS feature spec: LIBERO's step fields (+ env_state, episode_metadata/task, seed)."""
+    import tensorflow_datasets as tfds
+
+    obs = {
+        "image": tfds.features.Image(shape=tuple(image_shape), dtype=np.uint8, encoding_format="jpeg",
+                                     doc="Main camera RGB observation."),
+        "state": tfds.features.Tensor(shape=(state_dim,), dtype=np.float32,
+                                      doc="Robot proprioception (Meta-World: hand xyz, gripper)."),
+    }
+    if env_state_dim:
+        obs["env_state"] = tfds.features.Tensor(shape=(env_state_dim,), dtype=np.float32,
+                                                doc="Full simulator observation (Meta-World 39-D).")
+    return tfds.features.FeaturesDict({
+        "steps": tfds.features.Dataset({
+            "observation": tfds.features.FeaturesDict(obs),
+            "action": tfds.features.Tensor(shape=(action_dim,), dtype=np.float32, doc="Robot action."),
+            "discount": tfds.features.Scalar(dtype=np.float32, doc="Discount, 1.0."),
+            "reward": tfds.features.Scalar(dtype=np.float32, doc="1.0 on the final step of a success."),
+            "is_first": tfds.features.Scalar(dtype=np.bool_),
+            "is_last": tfds.features.Scalar(dtype=np.bool_),
+            "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+            "language_instruction": tfds.features.Text(doc="Language instruction."),
+        }),
+        "episode_metadata": tfds.features.FeaturesDict({
+            "task": tfds.features.Text(doc="Task name."),
+            "seed": tfds.features.Scalar(dtype=np.int64, doc="Simulator seed of the episode."),
+        }),
+    })
+
+
+def episode_to_rlds(ep: dict[str, Any]) -> dict[str, Any]:
+    """Our in-memory episode -> the nested RLDS example dict.
+
+    `ep`: images (list of JPEG bytes or uint8 [T, H, W, 3]), states [T, S], actions [T, A],
+    instruction str, task str, seed int, success bool, optional env_states [T, E].
+    """
+    actions = np.asarray(ep["actions"], np.float32)
+    n = len(actions)
+    success = bool(ep.get("success", True))
+    steps = []
+    for t in range(n):
+        obs = {"image": ep["images"][t], "state": np.asarray(ep["states"][t], np.float32)}
+        if ep.get("env_states") is not None:
+            obs["env_state"] = np.asarray(ep["env_states"][t], np.float32)
+        last = t == n - 1
+        steps.append({
+            "observation": obs, "action": actions[t], "discount": 1.0,
+            "reward": float(last and success), "is_first": t == 0, "is_last": last,
+            "is_terminal": last and success, "language_instruction": ep["instruction"],
+        })
+    return {"steps": steps, "episode_metadata": {"task": ep["task"], "seed": int(ep.get("seed", -1))}}
+
+
+def write_rlds(out_dir: str | Path, name: str, episodes: Iterable[dict[str, Any]], *,
+               image_shape: tuple[int, int, int], state_dim: int, action_dim: int,
+               env_state_dim: int | None = None, episodes_per_shard: int = 64,
+               description: str = "", version: str = VERSION) -> dict[str, Any]:
+    """Write `episodes` (see episode_to_rlds) as TFDS builder dir `{out_dir}/{version}/`.
+
+    Written to a sibling temp dir and moved into place at the end, so a killed writer leaves no
+    half dataset under the final name. Returns counts.
+    """
+    tf = _quiet_tf()
+    import tensorflow_datasets as tfds
+
+    out_dir = Path(out_dir)
+    final = out_dir / version
+    tmp = out_dir / f".{version}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    features = rlds_features(image_shape, state_dim, action_dim, env_state_dim)
+
+    # Shards are named once the total is known: write to numbered temp names, rename after.
+    shard_lengths: list[int] = []
+    n_steps = 0
+    writer = None
+    for ep in episodes:
+        if writer is None or shard_lengths[-1] >= episodes_per_shard:
+            if writer is not None:
+                writer.close()
+            shard_lengths.append(0)
+            writer = tf.io.TFRecordWriter(str(tmp / f"shard{len(shard_lengths) - 1:05d}"))
+        writer.write(features.serialize_example(episode_to_rlds(ep)))
+        shard_lengths[-1] += 1
+        n_steps += len(ep["actions"])
+    if writer is not None:
+        writer.close()
+    if not shard_lengths:
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"no episodes to write for dataset '{name}'")
+    n_shards = len(shard_lengths)
+    for i in range(n_shards):
+        os.replace(tmp / f"shard{i:05d}", tmp / f"{name}-train.tfrecord-{i:05d}-of-{n_shards:05d}")
+    split = tfds.core.SplitInfo(name="train", shard_lengths=shard_lengths,
+                                num_bytes=sum(f.stat().st_size for f in tmp.iterdir()))
+    tfds.folder_dataset.write_metadata(
+        data_dir=str(tmp), features=features, split_infos=[split], version=version,
+        check_data=False,
+        description=description or f"{name}: RLDS episodes (LIBERO *_no_noops field names).")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {"episodes": sum(shard_lengths), "steps": n_steps, "shards": n_shards,
+            "builder_dir": str(final)}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def resolve_builder_dir(path: str | Path) -> Path:
+    """A TFDS builder dir from either the dir itself or its parent holding version folders."""
+    p = Path(path)
+    if (p / "dataset_info.json").exists():
+        return p
+    if p.is_dir():
+        versions = [d for d in p.iterdir() if d.is_dir() and (d / "dataset_info.json").exists()]
+        if versions:
+            def key(d: Path):
+                try:
+                    return tuple(int(x) for x in d.name.split("."))
+                except ValueError:
+                    return (-1,)
+            return max(versions, key=key)
+    raise FileNotFoundError(
+        f"{p} is not a TFDS builder dir (no dataset_info.json in it or in a version folder such as "
+        f"{p}/1.0.0/). Point data.rlds_dir at the folder holding the datasets (e.g. "
+        f"modified_libero_rlds/) or run the demos stage for a Meta-World dataset.")
+
+
+def _get(d: dict, key: str):
+    for part in key.split("/"):
+        if part not in d:
+            raise KeyError(part)
+        d = d[part]
+    return d
+
+
+def _text(x) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        return _text(x.item())
+    return str(x)
+
+
+def builder_info(builder_dir: str | Path) -> dict[str, Any]:
+    """Name, version, episode count and feature keys of a builder dir (reads metadata only)."""
+    import tensorflow_datasets as tfds
+
+    _quiet_tf()
+    b = tfds.builder_from_directory(str(resolve_builder_dir(builder_dir)))
+    return {"name": b.info.name, "version": str(b.info.version),
+            "episodes": int(b.info.splits["train"].num_examples), "features": str(b.info.features)}
+
+
+def iter_episodes(builder_dir: str | Path, image_key: str = "observation/image",
+                  state_key: str = "observation/state", split: str = "train") -> Iterator[dict[str, Any]]:
+    """Episodes of ANY TFDS RLDS builder dir (LIBERO's or ours), in file order, as numpy.
+
+    Yields dicts: images uint8 [T, H, W, 3], states f32 [T, S], actions f32 [T, A],
+    env_states f32 [T, E] or None, instruction str (first step's), task str (episode_metadata/task,
+    else the instruction: LIBERO has one instruction per task), index int.
+    """
+    _quiet_tf()
+    import tensorflow_datasets as tfds
+
+    bdir = resolve_builder_dir(builder_dir)
+    builder = tfds.builder_from_directory(str(bdir))
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    # `steps` is a nested dataset: turn it into one dict of stacked [T, ...] tensors per episode.
+    ds = ds.map(lambda ep: dict(ep, steps=ep["steps"].batch(1 << 30).get_single_element()))
+    for index, ep in enumerate(tfds.as_numpy(ds)):
+        steps = ep["steps"]
+        try:
+            images = np.asarray(_get(steps, image_key), np.uint8)
+        except KeyError as e:
+            raise KeyError(f"{bdir}: steps have no '{image_key}' (missing '{e.args[0]}'); set "
+                           f"data.image_key to one of {_keys(steps)}") from None
+        try:
+            states = np.asarray(_get(steps, state_key), np.float32)
+        except KeyError as e:
+            raise KeyError(f"{bdir}: steps have no '{state_key}' (missing '{e.args[0]}'); set "
+                           f"data.state_key to one of {_keys(steps)}") from None
+        obs = steps.get("observation", {})
+        env_states = np.asarray(obs["env_state"], np.float32) if "env_state" in obs else None
+        instr = _text(steps["language_instruction"][0]) if len(steps["language_instruction"]) else ""
+        meta = ep.get("episode_metadata") or {}
+        task = _text(meta["task"]) if "task" in meta else instr
+        yield {"images": images, "states": states, "actions": np.asarray(steps["action"], np.float32),
+               "env_states": env_states, "instruction": instr, "task": task, "index": index,
+               "seed": int(meta["seed"]) if "seed" in meta else -1}
+
+
+def _keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _keys(v, f"{prefix}{k}/")
+        else:
+            out.append(f"{prefix}{k}")
+    return out

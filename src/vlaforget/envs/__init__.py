@@ -1,0 +1,7 @@
+"""Simulator wrappers with one small protocol: reset() -> obs, step(a) -> (obs, success, done).
+
+`metaworld.MetaWorldEnv` is the embedded world (scripted experts, CPU rendering). Import it from
+`vlaforget.envs.metaworld`; this package does not import MuJoCo eagerly.
+"""
+
+from __future__ import annotations

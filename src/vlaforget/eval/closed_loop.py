@@ -1,0 +1,165 @@
+"""Stage `eval`: closed-loop success of a run (or the teacher) on one suite.
+
+    vlaforget eval --config {root}/configs/eval/{run}@{suite}.yaml
+
+Loads the backend (the run's LoRA adapter merged in; none for `teacher`), un-normalises actions with
+the suite's statistics, and runs tasks × episodes_per_task through the batched rollout engine
+(`eval.num_envs` envs in worker processes, one batched forward per control step):
+
+* Meta-World: task list from the config, canonical instruction per task, held-out episode seeds
+  `eval.seed + i` (demonstrations use other seeds), cap `eval.max_steps`;
+* LIBERO: the suite's tasks and language, init states 0..episodes_per_task−1, openvla's protocol
+  (envs/libero.py).
+
+Writes `out_file` (= `{root}/evals/{run}/{suite}.json`, the completion file) last:
+{run, suite, success_rate, n_episodes, per_task: {task: {success_rate, n, successes, mean_steps}},
+episodes: [...], videos: [...], timing, provenance}; videos go to `{root}/evals/{run}/videos/{suite}/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import load_stage_config
+from ..io import provenance, write_json
+from .rollout import Episode, MetaWorldFactory, make_episodes, run_episodes
+
+log = logging.getLogger("vlaforget.eval")
+
+DEFAULT_MW_SEED = 500000
+DEFAULT_MW_MAX_STEPS = 150
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config eval RUN@SUITE)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--num-envs", type=int, default=None,
+                   help="override eval.num_envs (0 = the batch-1 sequential reference loop)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+class BackendPolicy:
+    """Batched policy over a backend: resize to the model's image size, optional centre crop."""
+
+    def __init__(self, backend, image_size: int | None = None, center_crop: bool = False,
+                 crop_area: float = 0.9):
+        self.backend, self.image_size = backend, image_size
+        self.center_crop, self.crop_area = center_crop, crop_area
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        from ..envs.libero import center_crop, resize_lanczos
+
+        if self.image_size and images.shape[1:3] != (self.image_size, self.image_size):
+            images = np.stack([resize_lanczos(im, self.image_size) for im in images])
+        if self.center_crop:
+            images = center_crop(images, self.crop_area)
+        return images
+
+    def __call__(self, images: np.ndarray, instructions: list[str]) -> np.ndarray:
+        return np.asarray(self.backend.predict_actions(self.preprocess(images), list(instructions)))
+
+
+def pick_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_stats(ecfg: dict) -> dict | None:
+    """The suite's action statistics (dataset_statistics.json entry), or None (model's own)."""
+    path = Path(ecfg.get("stats_path") or "")
+    if not ecfg.get("stats_path") or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    key = ecfg.get("unnorm_dataset")
+    for k in (key, f"{key}_no_noops"):
+        if k in data:
+            return data[k]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    raise ValueError(f"{path} has no statistics for '{key}' (keys: {', '.join(data)}); set "
+                     f"eval.unnorm_dataset to one of them")
+
+
+def build_episodes(sc: dict) -> tuple[Any, list[Episode], dict]:
+    """(env factory, episodes, protocol info) for the stage config's world and suite."""
+    e = sc["eval"]
+    suite = sc["suite"]
+    n = int(e["episodes_per_task"])
+    k = int(e.get("videos_per_task", 0))
+    if sc["world"] == "metaworld":
+        from ..data.instructions import canonical_instruction
+        from ..envs.metaworld import configure_rendering
+
+        configure_rendering()  # workers inherit MUJOCO_GL / EGL_PLATFORM
+        seed0 = int(e.get("seed", DEFAULT_MW_SEED))
+        max_steps = int(e.get("max_steps", DEFAULT_MW_MAX_STEPS))
+        tasks = list(e["tasks"])
+        instr = {t: canonical_instruction(t, e.get("instructions") or {}) for t in tasks}
+        fac = MetaWorldFactory(camera=e["camera"], render_size=e["render_size"], max_steps=max_steps)
+        eps = make_episodes(tasks, instr, n, lambda t, i: seed0 + i, suite=suite, videos_per_task=k)
+        return fac, eps, {"world": "metaworld", "seeds": [seed0, seed0 + n - 1], "max_steps": max_steps,
+                          "camera": e["camera"], "render_size": e["render_size"]}
+    from ..envs import libero as L
+
+    bench = suite[: -len("_no_noops")] if suite.endswith("_no_noops") else suite
+    L.ensure_libero_config(e.get("config_path"))  # workers inherit LIBERO_CONFIG_PATH
+    tasks = L.suite_tasks(bench)
+    if n > L.NUM_INIT_STATES:
+        raise ValueError(f"eval.episodes_per_task = {n} but LIBERO has {L.NUM_INIT_STATES} init states per task")
+    fac = L.LiberoFactory(bench, config_dir=e.get("config_path"), resolution=int(e.get("resolution", 256)),
+                          image_size=int(e["image_size"]), wait_steps=int(e.get("wait_steps", L.WAIT_STEPS)))
+    names = [t["name"] for t in tasks]
+    eps = make_episodes(names, {t["name"]: t["language"] for t in tasks}, n, lambda t, i: i, suite=suite,
+                        videos_per_task=k)
+    return fac, eps, {"world": "libero", "benchmark": bench, "init_states": [0, n - 1],
+                      "max_steps": L.max_steps_for(bench), "wait_steps": int(e.get("wait_steps", L.WAIT_STEPS))}
+
+
+def main(args) -> int:
+    sc = load_stage_config(args.config, "eval")
+    e = sc["eval"]
+    out_file = Path(sc["out_file"])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    t0 = time.perf_counter()
+    fac, episodes, protocol = build_episodes(sc)
+
+    from ..models import load_backend
+
+    stats = load_stats(e)
+    model_block = dict(sc["model"])
+    if stats is None:
+        model_block.setdefault("unnorm_key", e.get("unnorm_dataset"))
+        log.info("no statistics file at %s: using the model's own statistics", e.get("stats_path"))
+    backend = load_backend(model_block, device=device, adapter_dir=sc.get("adapter_dir"), stats=stats)
+    load_s = time.perf_counter() - t0
+    policy = BackendPolicy(backend, image_size=e.get("image_size"), center_crop=bool(e.get("center_crop")))
+    num_envs = e["num_envs"] if args.num_envs is None else args.num_envs
+    video_dir = out_file.parent / "videos" / sc["suite"]
+    log.info("eval %s on %s: %d episodes, %d envs, device %s", sc["run_name"], sc["suite"], len(episodes),
+             num_envs, device)
+    res = run_episodes(fac, policy, episodes, num_envs=num_envs, video_dir=video_dir,
+                       fps=30 if protocol["world"] == "libero" else 20, desc=f"eval {sc['suite']}")
+    res["timing"]["load_s"] = round(load_s, 3)
+    out = {"run": sc["run_name"], "suite": sc["suite"], "world": sc["world"],
+           "adapter_dir": sc.get("adapter_dir"), "device": device, "protocol": protocol,
+           "episodes_per_task": int(e["episodes_per_task"]), "center_crop": bool(e.get("center_crop")),
+           "stats": "suite" if stats is not None else "model", **res,
+           "provenance": {**provenance(), "stage_code": sc.get("code")}}
+    write_json(out_file, out)  # the completion file, last
+    log.info("%s@%s: success %.3f over %d episodes (%.1f ms/env step)", sc["run_name"], sc["suite"],
+             out["success_rate"], out["n_episodes"], res["timing"]["ms_per_env_step"])
+    return 0

@@ -1,0 +1,257 @@
+"""Stage `forgetting`: how much general skill and representation a run lost relative to the teacher.
+
+    vlaforget forgetting --config {root}/configs/forgetting/{run}.yaml
+
+Measured here (upstream-task success retention comes from the `eval` stage on the upstream suites):
+
+* general skill — visual-question accuracy, answers from `backend.answer` (greedy) compared with
+  metrics.answer_match. Questions: the tiny world's `data.vqa.vqa_samples` on the held-out split of
+  each upstream cache (`vqa_datasets`); OpenVLA: a user file `vqa_jsonl` (format below). Also the
+  teacher's accuracy on the same questions and the retention ratio student / teacher.
+* vqa_kl — mean KL(teacher ‖ student) of the next-token distributions at the answer positions of
+  those questions (teacher-forced on the gold answer; full vocabulary).
+* drift and CKA — the first `drift_samples` probe samples (non-empty instruction masks): the
+  student's instruction-pooled hidden states at each ICSM representative layer against the
+  teacher's (from probe.pt). Per layer: covariance drift raw / normalised / in the ICSM basis
+  (metrics.drift_metrics) and linear CKA of the pooled features. `drift_mean` = mean normalised drift
+  over those layers (`drift_means` has all three), `cka_mean` = mean CKA.
+
+The teacher and the student are loaded one after the other (never both in memory): the teacher's
+answers and answer-position log-probs are kept on the CPU. For run `teacher` the student is the
+teacher (KL 0, drift ≈ 0, CKA ≈ 1: a check of the pipeline's determinism).
+
+`vqa_jsonl` format: one JSON object per line, {"image": PATH, "question": TEXT, "answer": TEXT} with
+optional "kind" (accuracy is also reported per kind); PATH is absolute or relative to the JSONL's
+folder; any RGB image PIL reads. Answers should be short (a word or two: exact match after
+lower-casing and removing punctuation and articles).
+
+Output `out_file` (completion file, written last): {run, vqa_accuracy, vqa_accuracy_teacher,
+vqa_retention, vqa_by_kind, vqa_kl, n_vqa, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
+drift_mean, drift_means, cka_mean, n_drift, timing, provenance}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config import load_stage_config
+from ..io import progress, provenance, write_json
+from . import metrics as M
+
+log = logging.getLogger("vlaforget.forgetting")
+
+DEFAULT_VQA_N = 256
+DEFAULT_BATCH = 16
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config forgetting RUN)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"forward batch (default {DEFAULT_BATCH})")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_vqa_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The user's VQA set: [{image uint8 [H,W,3], question, answer, kind}] (format: module doc)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.forgetting.vqa_jsonl = {path} does not exist: give a JSONL of "
+                                '{"image", "question", "answer"} lines (docs/evaluation.md) or set it to null')
+    out = []
+    for ln, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            img_path = Path(rec["image"])
+            q, a = str(rec["question"]), str(rec["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{ln}: expected a JSON object with image, question, answer ({e})") from e
+        if not img_path.is_absolute():
+            img_path = path.parent / img_path
+        if not img_path.is_file():
+            raise FileNotFoundError(f"{path}:{ln}: image {img_path} not found")
+        img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.uint8)
+        out.append({"image": img, "question": q, "answer": a, "kind": str(rec.get("kind", "all"))})
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{path} holds no questions")
+    return out
+
+
+def vqa_from_caches(blocks: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+    """Visual questions on the held-out split of each upstream cache (tiny world)."""
+    from ..data.cache import CachedDataset
+    from ..data.vqa import vqa_samples
+
+    out = []
+    for b in blocks:
+        cache_dir = Path(b["cache_dir"])
+        if not (cache_dir / "manifest.json").exists():
+            raise FileNotFoundError(f"dataset cache {cache_dir} missing: run the cache stage for '{b.get('name')}'")
+        ds = CachedDataset(cache_dir, split="heldout")
+        for s in vqa_samples(ds, n, seed):
+            out.append({**s, "kind": s.get("kind", "all"), "dataset": b.get("name")})
+    return out
+
+
+def probe_samples(probe: dict, n: int) -> tuple[list[dict], torch.Tensor]:
+    """The first n probe samples with a non-empty instruction mask, and their row indices in probe.pt."""
+    from ..data.probe import open_dataset
+
+    ds = open_dataset(probe["dataset"], probe.get("split", "train"))
+    empty = probe.get("empty")
+    rows = [i for i in range(len(probe["indices"])) if empty is None or not bool(empty[i])][:n]
+    return [ds[int(probe["indices"][i])] for i in rows], torch.as_tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- model passes
+
+
+@torch.no_grad()
+def answer_logprobs(backend, samples: Sequence[dict], batch_size: int) -> torch.Tensor:
+    """[P, V] float32 CPU log-probs at every answer position (teacher-forced) of all samples."""
+    out = []
+    for s0 in range(0, len(samples), batch_size):
+        batch = backend.collate_vqa(list(samples[s0:s0 + batch_size]))
+        logits = backend.forward(batch).logits
+        sel = logits[batch["answer_mask"]].float()
+        out.append(torch.log_softmax(sel, dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def answers(backend, samples: Sequence[dict], batch_size: int) -> list[str]:
+    out: list[str] = []
+    for s0 in progress(range(0, len(samples), batch_size), desc="vqa"):
+        chunk = samples[s0:s0 + batch_size]
+        out += backend.answer(np.stack([s["image"] for s in chunk]), [s["question"] for s in chunk])
+    return out
+
+
+def vqa_pass(backend, samples: Sequence[dict], batch_size: int) -> dict:
+    if not samples:
+        return {"answers": [], "logprobs": torch.zeros(0, 0)}
+    return {"answers": answers(backend, samples, batch_size),
+            "logprobs": answer_logprobs(backend, samples, batch_size)}
+
+
+def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> dict:
+    """Per rep layer drift {raw, normalized, basis} and CKA; pooled: {layer: [N, D]}."""
+    drift, cka = {}, {}
+    for layer in sorted(student_pooled):
+        T, S = teacher_pooled[layer].double(), student_pooled[layer].double()
+        basis = icsm.layers[layer].U if icsm is not None and layer in icsm.layers else None
+        drift[int(layer)] = M.drift_metrics(M.covariance(S), M.covariance(T), basis)
+        cka[int(layer)] = M.linear_cka(T, S)
+    return {"drift": drift, "cka": cka}
+
+
+def _mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _free(backend) -> None:
+    del backend
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def main(args) -> int:
+    from ..data.probe import load_probe
+    from ..methods.icsm import load_icsm
+    from ..models import load_backend
+    from .closed_loop import pick_device
+
+    sc = load_stage_config(args.config, "forgetting")
+    device = pick_device(args.device)
+    bs = int(args.batch_size or sc.get("batch_size", DEFAULT_BATCH))
+    t0 = time.perf_counter()
+    probe = load_probe(sc["probe_dir"])
+    icsm = load_icsm(sc["icsm_dir"])
+    layers = icsm.reps
+    samples, rows = probe_samples(probe, int(sc.get("drift_samples", 256)))
+    if len(samples) < 2:
+        raise ValueError(f"only {len(samples)} usable probe samples: drift and CKA need at least 2")
+    teacher_pooled = {layer: probe["pooled"][layer][rows] for layer in layers}
+    from ..data.probe import open_dataset
+
+    stats = open_dataset(probe["dataset"], probe.get("split", "train")).statistics
+    if sc.get("vqa_jsonl"):
+        vqa = read_vqa_jsonl(sc["vqa_jsonl"], sc.get("vqa_n"))
+    elif sc.get("vqa_datasets"):
+        vqa = vqa_from_caches(sc["vqa_datasets"], int(sc.get("vqa_n", DEFAULT_VQA_N)), int(sc.get("seed", 0)))
+    else:
+        vqa = []
+        log.info("no VQA set configured (eval.forgetting.vqa_jsonl is null): general-skill accuracy skipped")
+    timing = {"inputs_s": round(time.perf_counter() - t0, 3)}
+
+    adapter = sc.get("adapter_dir")
+    t = time.perf_counter()
+    if adapter:
+        teacher = load_backend(sc["model"], device=device, adapter_dir=None, stats=stats)
+        tv = vqa_pass(teacher, vqa, bs)
+        _free(teacher)
+        teacher = None
+    timing["teacher_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    from ..data.probe import pooled_states
+
+    student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
+    sv = vqa_pass(student, vqa, bs)
+    if not adapter:
+        tv = sv
+    student_pooled, _ = pooled_states(student, samples, bs, layers=layers)
+    _free(student)
+    student = None
+    timing["student_s"] = round(time.perf_counter() - t, 3)
+
+    golds = [s["answer"] for s in vqa]
+    acc = M.vqa_accuracy(sv["answers"], golds) if vqa else None
+    acc_t = M.vqa_accuracy(tv["answers"], golds) if vqa else None
+    by_kind: dict[str, dict] = {}
+    for s, p, pt in zip(vqa, sv["answers"], tv["answers"]):
+        k = by_kind.setdefault(s["kind"], {"n": 0, "student": 0, "teacher": 0})
+        k["n"] += 1
+        k["student"] += M.answer_match(p, s["answer"])
+        k["teacher"] += M.answer_match(pt, s["answer"])
+    for k in by_kind.values():
+        k["student"], k["teacher"] = k["student"] / k["n"], k["teacher"] / k["n"]
+    kl = M.kl_teacher_student(tv["logprobs"], sv["logprobs"]) if vqa else None
+    rep = representation_metrics(teacher_pooled, student_pooled, icsm)
+    drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
+    out = {"run": sc["run_name"], "adapter_dir": adapter, "device": device,
+           "vqa_accuracy": acc, "vqa_accuracy_teacher": acc_t,
+           "vqa_retention": M.retention_ratio(acc, acc_t) if vqa else None, "vqa_by_kind": by_kind,
+           "vqa_kl": kl, "n_vqa": len(vqa), "vqa_source": "jsonl" if sc.get("vqa_jsonl") else
+           ("caches" if vqa else None),
+           "examples": [{"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
+                        for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]],
+           "drift": {str(k): v for k, v in rep["drift"].items()}, "cka": {str(k): v for k, v in rep["cka"].items()},
+           "drift_mean": drift_means["normalized"], "drift_means": drift_means,
+           "cka_mean": _mean(rep["cka"].values()), "n_drift": len(samples), "layers": layers,
+           "probe_hash": probe.get("hash"), "timing": timing,
+           "provenance": {**provenance(), "stage_code": sc.get("code")}}
+    write_json(sc["out_file"], out)  # the completion file, last
+    log.info("forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f", sc["run_name"],
+             acc if acc is not None else float("nan"), acc_t if acc_t is not None else float("nan"),
+             kl if kl is not None else float("nan"), out["drift_mean"], out["cka_mean"])
+    return 0

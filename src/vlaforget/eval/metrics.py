@@ -1,0 +1,116 @@
+"""Forgetting metrics: pure formulas (docs/evaluation.md, "Forgetting metrics").
+
+* retention ratio  r = score_after / score_before (per capability; None when score_before = 0);
+* continual learning on an accuracy matrix R[i, j] = score on task j after learning task i (T × T):
+  ACC = mean_j R[T−1, j];  BWT = mean_{j<T−1} (R[T−1, j] − R[j, j]);
+  F_j = max_{l<T−1} R[l, j] − R[T−1, j] for j < T−1 (forgetting), mean F = mean_j F_j;
+* linear CKA(X, Y) = ‖Ỹᵀ X̃‖²_F / (‖X̃ᵀ X̃‖_F ‖Ỹᵀ Ỹ‖_F) on column-centred features (Kornblith 2019);
+* representation drift of covariances: raw ‖C_S − C_T‖_F, normalised by ‖C_T‖_F, and inside the ICSM
+  basis U: ‖Uᵀ(C_S − C_T)U‖_F / ‖Uᵀ C_T U‖_F (the thermostat's measure, methods/thermostat.py);
+* KL(teacher ‖ student) of next-token distributions, averaged over positions;
+* VQA answer match: exact match after lower-casing and stripping punctuation / articles.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def retention_ratio(after: float, before: float) -> float | None:
+    """score after fine-tuning / score of the base model; None if the base scores 0."""
+    if before is None or after is None or before == 0:
+        return None
+    return float(after) / float(before)
+
+
+def continual_metrics(R: Sequence[Sequence[float]]) -> dict:
+    """ACC, BWT and forgetting F_j from the T × T accuracy matrix R[i][j] (row i: after task i)."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"accuracy matrix must be T x T, got shape {R.shape}")
+    T = R.shape[0]
+    final = R[T - 1]
+    acc = float(final.mean())
+    if T == 1:
+        return {"acc": acc, "bwt": 0.0, "forgetting": [], "mean_forgetting": 0.0}
+    bwt = float(np.mean([final[j] - R[j, j] for j in range(T - 1)]))
+    F = [float(R[: T - 1, j].max() - final[j]) for j in range(T - 1)]
+    return {"acc": acc, "bwt": bwt, "forgetting": F, "mean_forgetting": float(np.mean(F))}
+
+
+def _center(X: torch.Tensor) -> torch.Tensor:
+    X = torch.as_tensor(X).double()
+    return X - X.mean(dim=0, keepdim=True)
+
+
+def linear_cka(X, Y, eps: float = 1e-12) -> float:
+    """Linear CKA between features X [N, D1] and Y [N, D2] of the same N inputs (1 = same up to an
+    orthogonal transform and isotropic scale; invariant to those)."""
+    X, Y = _center(X), _center(Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"CKA needs the same inputs: {X.shape[0]} vs {Y.shape[0]} rows")
+    num = (Y.T @ X).norm() ** 2
+    den = (X.T @ X).norm() * (Y.T @ Y).norm()
+    return float(num / (den + eps))
+
+
+def covariance(X) -> torch.Tensor:
+    """Sample covariance [D, D] (1/(N−1), own mean), float64."""
+    Xc = _center(X)
+    return Xc.T @ Xc / max(Xc.shape[0] - 1, 1)
+
+
+def drift_metrics(C_S: torch.Tensor, C_T: torch.Tensor, basis: torch.Tensor | None = None) -> dict:
+    """{raw, normalized, basis} drift of C_S from C_T (basis: None without an ICSM basis)."""
+    try:
+        from ..methods.thermostat import drift
+    except ImportError:  # pragma: no cover - thermostat ships with the package
+        drift = _drift
+    out = {"raw": drift(C_S, C_T, "raw"), "normalized": drift(C_S, C_T, "normalized"), "basis": None}
+    if basis is not None:
+        out["basis"] = drift(C_S, C_T, "basis", basis=basis)
+    return out
+
+
+def _drift(C_S, C_T, metric, basis=None, eps=1e-12):
+    S, T = C_S.double(), C_T.double()
+    if metric == "raw":
+        return float((S - T).norm())
+    if metric == "normalized":
+        return float((S - T).norm() / (T.norm() + eps))
+    U = basis.double()
+    return float((U.T @ (S - T) @ U).norm() / ((U.T @ T @ U).norm() + eps))
+
+
+def kl_teacher_student(logp_teacher: torch.Tensor, logp_student: torch.Tensor) -> float:
+    """Mean over positions of KL(p_T ‖ p_S) = Σ_v p_T (log p_T − log p_S); inputs [P, V] log-probs."""
+    lt, ls = logp_teacher.double(), logp_student.double()
+    if lt.shape != ls.shape:
+        raise ValueError(f"teacher / student log-prob shapes differ: {tuple(lt.shape)} vs {tuple(ls.shape)}")
+    if lt.shape[0] == 0:
+        return 0.0
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    s = str(s).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def answer_match(pred: str, gold: str) -> bool:
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
+def vqa_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions for {len(golds)} answers")
+    return float(np.mean([answer_match(p, g) for p, g in zip(preds, golds)])) if golds else 0.0

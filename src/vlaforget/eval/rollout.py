@@ -1,0 +1,434 @@
+"""Batched closed-loop rollouts: N environments in worker processes, one policy call per control step.
+
+    results = run_episodes(make_env, policy, episodes, num_envs=8)
+
+* `make_env(task) -> env` is a picklable callable (an `EnvFactory`); the env has
+  `reset(seed) -> obs`, `step(action) -> (obs, success, done)` and `close()`, with `obs["image"]`
+  uint8 [H, W, 3]. `MetaWorldFactory` and `envs.libero.LiberoFactory` implement it.
+* `policy(images uint8 [B, H, W, 3], instructions list[str]) -> actions [B, A]` is called once per
+  control step over every live environment (B ≤ N).
+* An `Episode` is (task, instruction, seed); `seed` is the Meta-World episode seed or the LIBERO
+  init-state index. An episode is replayed from its seed alone (the envs reset all simulator state),
+  so its result does not depend on N, on the worker that ran it or on what ran before — provided the
+  policy is deterministic per row.
+* `num_envs=0` is the reference loop: one env in this process, batch-1 policy calls, episodes one
+  after another (openvla's run_libero_eval.py). Same result format.
+
+Workers start with the `spawn` method by default (safe next to torch/CUDA in the parent), inherit the
+environment (MUJOCO_GL, EGL_PLATFORM, LIBERO_CONFIG_PATH) and keep one env per task they last used.
+An exception inside an env's step ends that episode as a failure with the message recorded (as the
+reference loop does); a worker that dies raises `RolloutError`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..io import progress
+
+Policy = Callable[[np.ndarray, "list[str]"], np.ndarray]
+
+
+class RolloutError(RuntimeError):
+    user_facing = True
+
+
+@dataclass
+class Episode:
+    task: str
+    instruction: str
+    seed: int
+    index: int = 0  # index of the episode within its task (videos: the first k per task)
+    suite: str = ""
+    max_steps: int | None = None  # engine-side cap on policy steps (None: the env decides)
+    record: bool = False  # keep frames for a video
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    instruction: str
+    seed: int
+    index: int
+    suite: str
+    success: bool
+    steps: int
+    wall_s: float
+    error: str | None = None
+    video: str | None = None
+    final_digest: str = ""  # sha1 of the last image: identical trajectories have identical digests
+    frames: list = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("frames")
+        return d
+
+
+# ----------------------------------------------------------------------------- env factories
+
+
+class MetaWorldFactory:
+    """Picklable factory of `vlaforget.envs.metaworld.MetaWorldEnv` for one camera / size / cap."""
+
+    def __init__(self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150):
+        self.camera, self.render_size, self.max_steps = camera, int(render_size), int(max_steps)
+
+    def __call__(self, task: str):
+        from ..envs.metaworld import MetaWorldEnv
+
+        return MetaWorldEnv(task, seed=0, camera=self.camera, render_size=self.render_size,
+                            max_steps=self.max_steps)
+
+
+class EnvCache:
+    """Keeps the envs of the `size` most recently used tasks (building one can take seconds)."""
+
+    def __init__(self, make_env: Callable[[str], Any], size: int = 1):
+        self.make_env, self.size = make_env, max(1, int(size))
+        self.envs: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, task: str):
+        if task in self.envs:
+            self.envs.move_to_end(task)
+            return self.envs[task]
+        while len(self.envs) >= self.size:
+            _, old = self.envs.popitem(last=False)
+            _safe_close(old)
+        env = self.make_env(task)
+        self.envs[task] = env
+        return env
+
+    def close(self) -> None:
+        while self.envs:
+            _safe_close(self.envs.popitem()[1])
+
+
+def _safe_close(env) -> None:
+    try:
+        env.close()
+    except Exception:
+        pass
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _worker(conn, make_env, cache_size: int) -> None:
+    cache = EnvCache(make_env, cache_size)
+    env = None
+    try:
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "reset":
+                task, seed = arg
+                try:
+                    env = cache.get(task)
+                    obs = env.reset(seed)
+                    conn.send(("ok", obs))
+                except Exception as e:  # a task that cannot even start: report, keep serving
+                    conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            elif cmd == "step":
+                try:
+                    conn.send(("ok", env.step(arg)))
+                except Exception as e:
+                    conn.send(("error", f"{type(e).__name__}: {e}"))
+            elif cmd == "close":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        cache.close()
+        conn.close()
+
+
+class _Remote:
+    def __init__(self, ctx, make_env, cache_size: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, make_env, cache_size), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def send(self, cmd: str, arg: Any = None) -> None:
+        self.conn.send((cmd, arg))
+
+    def recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError as e:
+            raise RolloutError(f"rollout worker (pid {self.proc.pid}) died (exit code "
+                               f"{self.proc.exitcode}); out of memory or a simulator crash?") from e
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("close", None))
+        except Exception:
+            pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=5)
+
+
+class _Local:
+    """In-process stand-in for a worker (num_envs=0 and tests)."""
+
+    def __init__(self, make_env, cache_size: int):
+        self.cache = EnvCache(make_env, cache_size)
+        self.env = None
+        self._reply = None
+
+    def send(self, cmd: str, arg: Any = None) -> None:
+        try:
+            if cmd == "reset":
+                self.env = self.cache.get(arg[0])
+                self._reply = ("ok", self.env.reset(arg[1]))
+            elif cmd == "step":
+                self._reply = ("ok", self.env.step(arg))
+        except Exception as e:
+            self._reply = ("error", f"{type(e).__name__}: {e}")
+
+    def recv(self):
+        return self._reply
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+@dataclass
+class _Slot:
+    ep: Episode
+    obs: dict
+    t0: float
+    steps: int = 0
+    frames: list = field(default_factory=list)
+
+
+def _policy_call(policy: Policy, images: np.ndarray, instructions: list[str]) -> np.ndarray:
+    actions = np.asarray(policy(images, instructions), dtype=np.float32)
+    if actions.ndim != 2 or actions.shape[0] != len(instructions):
+        raise RolloutError(f"policy returned actions of shape {actions.shape} for a batch of "
+                           f"{len(instructions)}; expected [B, action_dim]")
+    return actions
+
+
+def run_episodes(make_env: Callable[[str], Any], policy: Policy, episodes: Sequence[Episode],
+                 num_envs: int = 1, *, video_dir: str | Path | None = None, fps: int = 30,
+                 start_method: str = "spawn", cache_size: int = 1, desc: str = "rollouts",
+                 in_process: bool = False) -> dict:
+    """Run `episodes` with `num_envs` parallel envs (0 = the batch-1 sequential reference loop).
+
+    Returns `summarize(...)` of the episode results plus `timing`. Videos of episodes with
+    `record=True` go to `video_dir/{task}__{index}__{seed}__{success|fail}.mp4`.
+    `in_process=True` steps the envs in this process (still batched; for tests and debugging).
+    """
+    episodes = list(episodes)
+    t_start = time.perf_counter()
+    timing = {"policy_s": 0.0, "env_s": 0.0, "policy_calls": 0, "env_steps": 0}
+    if num_envs <= 0:
+        results = _run_sequential(make_env, policy, episodes, cache_size, timing, desc)
+        mode, n = "sequential", 1
+    else:
+        n = min(num_envs, len(episodes)) or 1
+        if in_process:
+            workers = [_Local(make_env, cache_size) for _ in range(n)]
+        else:
+            ctx = mp.get_context(start_method)
+            workers = [_Remote(ctx, make_env, cache_size) for _ in range(n)]
+        try:
+            results = _run_batched(workers, policy, episodes, timing, desc)
+        finally:
+            for w in workers:
+                w.close()
+        mode = "batched"
+    results.sort(key=lambda r: (r.suite, r.task, r.index, r.seed))
+    videos = []
+    if video_dir is not None:
+        from .video import write_video
+
+        for r in results:
+            if r.frames:
+                name = f"{_safe(r.task)}__{r.index:03d}__s{r.seed}__{'success' if r.success else 'fail'}.mp4"
+                r.video = str(write_video(Path(video_dir) / name, r.frames, fps=fps))
+                videos.append(r.video)
+            r.frames = []
+    out = summarize([r.to_json() for r in results])
+    wall = time.perf_counter() - t_start
+    steps = max(timing["env_steps"], 1)
+    out["videos"] = videos
+    out["timing"] = {"mode": mode, "num_envs": n, "wall_s": round(wall, 3),
+                     "env_steps": timing["env_steps"], "policy_calls": timing["policy_calls"],
+                     "policy_s": round(timing["policy_s"], 3), "env_s": round(timing["env_s"], 3),
+                     "ms_per_env_step": round(1000 * wall / steps, 3),
+                     "mean_batch": round(timing["env_steps"] / max(timing["policy_calls"], 1), 3)}
+    return out
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:80]
+
+
+def _run_batched(workers, policy: Policy, episodes: list[Episode], timing: dict, desc: str) -> list[EpisodeResult]:
+    queue = list(reversed(episodes))
+    slots: list[_Slot | None] = [None] * len(workers)
+    results: list[EpisodeResult] = []
+    bar = progress(total=len(episodes), desc=desc)
+
+    def start(idxs: list[int]) -> None:
+        """Reset the given free workers onto the next episodes (all sends first, then replies)."""
+        pending = []
+        for i in idxs:
+            if queue:
+                ep = queue.pop()
+                workers[i].send("reset", (ep.task, ep.seed))
+                pending.append((i, ep, time.perf_counter()))
+        t = time.perf_counter()
+        for i, ep, t0 in pending:
+            status, obs = workers[i].recv()
+            if status == "ok":
+                slots[i] = _Slot(ep, obs, t0, frames=[obs["image"]] if ep.record else [])
+            else:
+                results.append(_result(ep, False, 0, t0, error=str(obs).splitlines()[0]))
+                bar.update(1)
+                slots[i] = None
+        timing["env_s"] += time.perf_counter() - t
+        if pending and any(s is None for s in slots) and queue:
+            start([i for i, s in enumerate(slots) if s is None])
+
+    start(list(range(len(workers))))
+    while any(s is not None for s in slots):
+        live = [i for i, s in enumerate(slots) if s is not None]
+        images = np.stack([slots[i].obs["image"] for i in live])
+        instructions = [slots[i].ep.instruction for i in live]
+        t = time.perf_counter()
+        actions = _policy_call(policy, images, instructions)
+        timing["policy_s"] += time.perf_counter() - t
+        timing["policy_calls"] += 1
+        t = time.perf_counter()
+        for k, i in enumerate(live):
+            workers[i].send("step", actions[k])
+        freed = []
+        for i in live:
+            s = slots[i]
+            status, reply = workers[i].recv()
+            s.steps += 1
+            timing["env_steps"] += 1
+            if status != "ok":
+                results.append(_result(s.ep, False, s.steps, s.t0, error=reply, frames=s.frames))
+                freed.append(i)
+                continue
+            obs, success, done = reply
+            s.obs = obs
+            if s.ep.record:
+                s.frames.append(obs["image"])
+            capped = s.ep.max_steps is not None and s.steps >= s.ep.max_steps
+            if success or done or capped:
+                results.append(_result(s.ep, bool(success), s.steps, s.t0, frames=s.frames, obs=obs))
+                freed.append(i)
+        timing["env_s"] += time.perf_counter() - t
+        for i in freed:
+            slots[i] = None
+            bar.update(1)
+        if freed:
+            start(freed)
+    bar.close()
+    return results
+
+
+def _run_sequential(make_env, policy: Policy, episodes: list[Episode], cache_size: int, timing: dict,
+                    desc: str) -> list[EpisodeResult]:
+    """The reference loop: one env, batch-1 policy calls, one episode after another."""
+    cache = EnvCache(make_env, cache_size)
+    results = []
+    try:
+        for ep in progress(episodes, desc=desc):
+            t0 = time.perf_counter()
+            try:
+                env = cache.get(ep.task)
+                obs = env.reset(ep.seed)
+            except Exception as e:
+                results.append(_result(ep, False, 0, t0, error=f"{type(e).__name__}: {e}"))
+                continue
+            frames = [obs["image"]] if ep.record else []
+            steps, success, error = 0, False, None
+            while True:
+                t = time.perf_counter()
+                action = _policy_call(policy, obs["image"][None], [ep.instruction])[0]
+                timing["policy_s"] += time.perf_counter() - t
+                timing["policy_calls"] += 1
+                t = time.perf_counter()
+                try:
+                    obs, success, done = env.step(action)
+                except Exception as e:
+                    error, done, success = f"{type(e).__name__}: {e}", True, False
+                timing["env_s"] += time.perf_counter() - t
+                steps += 1
+                timing["env_steps"] += 1
+                if error is None and ep.record:
+                    frames.append(obs["image"])
+                if success or done or (ep.max_steps is not None and steps >= ep.max_steps):
+                    break
+            results.append(_result(ep, bool(success), steps, t0, error=error, frames=frames,
+                                   obs=None if error else obs))
+    finally:
+        cache.close()
+    return results
+
+
+def _digest(obs: dict | None) -> str:
+    if obs is None:
+        return ""
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(obs["image"]).tobytes()).hexdigest()[:16]
+
+
+def _result(ep: Episode, success: bool, steps: int, t0: float, error: str | None = None,
+            frames: list | None = None, obs: dict | None = None) -> EpisodeResult:
+    return EpisodeResult(final_digest=_digest(obs), task=ep.task, instruction=ep.instruction, seed=int(ep.seed), index=int(ep.index),
+                         suite=ep.suite, success=bool(success), steps=int(steps),
+                         wall_s=round(time.perf_counter() - t0, 4), error=error, frames=list(frames or []))
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def summarize(episodes: list[dict]) -> dict:
+    """Per-task / per-suite success and mean steps of JSON episode records."""
+    def block(eps: list[dict]) -> dict:
+        n = len(eps)
+        return {"success_rate": (sum(e["success"] for e in eps) / n) if n else 0.0, "n": n,
+                "successes": sum(bool(e["success"]) for e in eps),
+                "mean_steps": (sum(e["steps"] for e in eps) / n) if n else 0.0}
+
+    tasks: dict[str, list[dict]] = {}
+    suites: dict[str, list[dict]] = {}
+    for e in episodes:
+        tasks.setdefault(e["task"], []).append(e)
+        suites.setdefault(e.get("suite", ""), []).append(e)
+    total = block(episodes)
+    return {"success_rate": total["success_rate"], "n_episodes": total["n"],
+            "per_task": {t: block(v) for t, v in tasks.items()},
+            "per_suite": {s: block(v) for s, v in suites.items()},
+            "errors": sum(1 for e in episodes if e.get("error")),
+            "episodes": episodes}
+
+
+def make_episodes(tasks: Sequence[str], instructions: dict[str, str], episodes_per_task: int,
+                  seed_of: Callable[[str, int], int], *, suite: str = "", videos_per_task: int = 0,
+                  max_steps: int | None = None) -> list[Episode]:
+    """tasks × episodes_per_task, task-major (workers then tend to stay on one task)."""
+    return [Episode(task=t, instruction=instructions[t], seed=int(seed_of(t, i)), index=i, suite=suite,
+                    max_steps=max_steps, record=i < videos_per_task)
+            for t in tasks for i in range(episodes_per_task)]

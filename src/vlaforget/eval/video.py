@@ -1,0 +1,52 @@
+"""MP4 videos of rollouts (imageio + imageio-ffmpeg, H.264), written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -> Path:
+    """Write uint8 [H, W, 3] frames to an MP4 at `path` (tmp file + rename: never half-written)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not len(frames):
+        raise ValueError(f"no frames to write to {path}")
+    frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
+    h, w = frames[0].shape[:2]
+    if h % 2 or w % 2:  # yuv420p needs even sides: pad by one row / column
+        frames = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for f in frames]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
+    os.close(fd)
+    try:
+        writer = imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=2,
+                                    pixelformat="yuv420p", ffmpeg_log_level="error")
+        try:
+            for f in frames:
+                writer.append_data(f)
+        finally:
+            writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Frames of an MP4 as uint8 [T, H, W, 3] (tests, figures)."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path))
+    try:
+        return np.stack([np.asarray(f) for f in reader])
+    finally:
+        reader.close()

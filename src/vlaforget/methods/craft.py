@@ -1,0 +1,247 @@
+"""CRaFT: constrained retention fine-tuning (pure math + the `craft-anchors` stage).
+
+Training (train/plugins.py): L_ret = MSE(student feature, cached teacher feature);
+    dual:        lambda <- max(0, lambda + lr * (L_ret - epsilon))              (`dual_update`)
+    conflict:    if <g_act, g_ret> < 0:  g_act <- g_act - <g_act, g_ret> / ||g_ret||^2 * g_ret
+    update:      g = g_act_proj + lambda * g_ret                               (`conflict_project`)
+Anchors (this stage): teacher features hidden_states[layer] pooled per `pooling` for n_anchors seeded
+samples of the suite's train split -> anchors.pt. Formulas: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vlaforget.craft")
+
+POOLINGS = ("mean_image_tokens", "mean_instruction_tokens", "mean_all")
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def dual_update(lmbda: float, L_ret: float, epsilon: float, lr: float) -> float:
+    """Projected dual ascent: max(0, lambda + lr * (L_ret - epsilon))."""
+    return max(0.0, float(lmbda) + float(lr) * (float(L_ret) - float(epsilon)))
+
+
+def _flat(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor:
+    if g is None:
+        return torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
+    return g.detach().reshape(-1).float()
+
+
+def conflict_project(g_act_list: Sequence[torch.Tensor | None], g_ret_list: Sequence[torch.Tensor | None],
+                     projection: bool = True, eps: float = 1e-20) -> tuple[list[torch.Tensor | None], dict]:
+    """Conflict-aware projection of the action gradient (A-GEM / PCGrad rule), over all parameters.
+
+    Inputs: per-parameter gradients (same order; None = no gradient = zeros). The dot product is global
+    (all tensors flattened and concatenated). If dot < 0 and `projection`, returns
+    g_act - dot / ||g_ret||^2 * g_ret (then <result, g_ret> = 0 up to rounding), else g_act unchanged.
+    stats: grad_dot, grad_cos, g_act_norm, g_ret_norm, projection (bool; alias projected), conflict_ratio (share of
+    parameter tensors, among those with both gradients, whose own dot < 0), n_tensors, nonfinite.
+    Accumulates in float32; results keep each gradient's dtype.
+    """
+    if len(g_act_list) != len(g_ret_list):
+        raise ValueError(f"conflict_project: {len(g_act_list)} action grads vs {len(g_ret_list)} retention grads")
+    dot = None
+    na2 = nr2 = None
+    n_conf = n_both = 0
+    per_dots = []
+    for ga, gr in zip(g_act_list, g_ret_list):
+        if ga is None or gr is None:
+            per_dots.append(None)
+            continue
+        if ga.shape != gr.shape:
+            raise ValueError(f"conflict_project: shapes differ {tuple(ga.shape)} vs {tuple(gr.shape)}")
+        a, r = ga.detach().float().reshape(-1), gr.detach().float().reshape(-1)
+        d = a @ r
+        per_dots.append(d)
+        dot = d if dot is None else dot + d
+        na2 = a @ a if na2 is None else na2 + a @ a
+        nr2 = r @ r if nr2 is None else nr2 + r @ r
+    # norms also include tensors that only one side has
+    for ga, gr in zip(g_act_list, g_ret_list):
+        if ga is not None and gr is None:
+            a = ga.detach().float().reshape(-1)
+            na2 = a @ a if na2 is None else na2 + a @ a
+        if gr is not None and ga is None:
+            r = gr.detach().float().reshape(-1)
+            nr2 = r @ r if nr2 is None else nr2 + r @ r
+    vals = [d for d in per_dots if d is not None]
+    if vals:
+        dv = torch.stack(vals)
+        n_both = int(dv.numel())
+        n_conf = int((dv < 0).sum())
+    dot_f = float(dot) if dot is not None else 0.0
+    na = float(na2.sqrt()) if na2 is not None else 0.0
+    nr = float(nr2.sqrt()) if nr2 is not None else 0.0
+    cos = dot_f / (na * nr) if na > 0 and nr > 0 else 0.0
+    nonfinite = not all(math.isfinite(x) for x in (dot_f, na, nr))
+    do_proj = bool(projection and dot_f < 0 and nr > 0 and not nonfinite)
+    out: list[torch.Tensor | None] = []
+    if do_proj:
+        coef = dot_f / max(nr * nr, eps)
+        for ga, gr in zip(g_act_list, g_ret_list):
+            if gr is None:
+                out.append(ga)
+            elif ga is None:
+                out.append((-coef * gr.float()).to(gr.dtype))
+            else:
+                out.append((ga.float() - coef * gr.float()).to(ga.dtype))
+    else:
+        out = list(g_act_list)
+    stats = {"grad_dot": dot_f, "grad_cos": cos, "g_act_norm": na, "g_ret_norm": nr, "projection": do_proj,
+             "projected": do_proj,
+             "conflict_ratio": (n_conf / n_both) if n_both else 0.0, "n_tensors": n_both,
+             "nonfinite": nonfinite}
+    return out, stats
+
+
+def combine(g_act_proj: Sequence[torch.Tensor | None], g_ret: Sequence[torch.Tensor | None],
+            lmbda: float) -> list[torch.Tensor | None]:
+    """g = g_act_proj + lambda * g_ret, per parameter (None + None = None)."""
+    out = []
+    for a, r in zip(g_act_proj, g_ret):
+        if r is None:
+            out.append(a)
+        elif a is None:
+            out.append(float(lmbda) * r)
+        else:
+            out.append(a + float(lmbda) * r.to(a.dtype))
+    return out
+
+
+def sequence_mask(batch: dict, n_image_tokens: int) -> torch.Tensor:
+    """attention_mask [B,T] in text coords -> [B, T + n_img] in sequence coords (patches at 1..n_img)."""
+    am = batch["attention_mask"]
+    ones = torch.ones(am.shape[0], n_image_tokens, dtype=am.dtype, device=am.device)
+    return torch.cat([am[:, :1], ones, am[:, 1:]], dim=1)
+
+
+def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_tokens: int) -> torch.Tensor:
+    """Pooled feature [B,D] (float32) of hidden [B,S,D]:
+    mean_image_tokens = mean over sequence positions 1..n_image_tokens;
+    mean_instruction_tokens = mean over batch['instruction_mask'] (empty -> zeros);
+    mean_all = mean over every non-padding position (attention mask mapped to sequence coords)."""
+    from .icsm import pool_instruction
+
+    S = hidden.shape[1]
+    if pooling == "mean_image_tokens":
+        if n_image_tokens < 1 or n_image_tokens + 1 > S:
+            raise ValueError(f"mean_image_tokens: n_image_tokens={n_image_tokens} does not fit sequence length {S}")
+        return hidden[:, 1:1 + n_image_tokens].float().mean(dim=1)
+    if pooling == "mean_instruction_tokens":
+        return pool_instruction(hidden, batch["instruction_mask"])[0]
+    if pooling == "mean_all":
+        m = sequence_mask(batch, n_image_tokens)
+        if m.shape[1] != S:
+            raise ValueError(f"mean_all: mask length {m.shape[1]} != sequence length {S}")
+        return pool_instruction(hidden, m.bool())[0]
+    raise ValueError(f"unknown pooling '{pooling}': use one of {POOLINGS}")
+
+
+def retention_loss(student_feat: torch.Tensor, anchor_feat: torch.Tensor) -> torch.Tensor:
+    """L_ret = mean squared error between pooled student and cached teacher features."""
+    return torch.nn.functional.mse_loss(student_feat.float(), anchor_feat.to(student_feat.device).float())
+
+
+# ----------------------------------------------------------------------------- anchors stage
+
+
+def select_anchor_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """min(n, n_total) distinct seeded indices, sorted."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.sort(torch.randperm(n_total, generator=g)[: min(int(n), n_total)]).values
+
+
+@torch.no_grad()
+def anchor_features(backend, samples: Sequence[dict], layer: int, batch_size: int,
+                    poolings: Sequence[str] = POOLINGS, show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """{pooling: [N,D] float32} of hidden_states[layer] for every pooling (one forward per batch)."""
+    from ..io import progress
+
+    acc: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
+    rng = range(0, len(samples), batch_size)
+    for s0 in (progress(rng, desc="anchors") if show_progress else rng):
+        batch = backend.collate(list(samples[s0:s0 + batch_size]), train=False)
+        hs = backend.forward(batch, output_hidden_states=True).hidden_states
+        h = hs[layer]
+        for p in poolings:
+            acc[p].append(pool_features(h, batch, p, int(backend.n_image_tokens)).cpu())
+    return {p: torch.cat(v) for p, v in acc.items()}
+
+
+def open_dataset(block: dict, split: str = "train"):
+    cache_dir = Path(block["cache_dir"])
+    if not (cache_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+                                f"stage for dataset '{block.get('name')}' first")
+    from ..data.cache import CachedDataset
+    return CachedDataset(cache_dir, split=split)
+
+
+def load_teacher(model_block: dict, ds):
+    from ..models import load_backend
+
+    backend = load_backend(model_block, device="cuda" if torch.cuda.is_available() else "cpu",
+                           adapter_dir=None, stats=getattr(ds, "statistics", None))
+    backend.model.eval()
+    for p in backend.model.parameters():
+        p.requires_grad_(False)
+    return backend
+
+
+def load_anchors(d: str | Path) -> dict:
+    d = Path(d)
+    if not (d / "anchors.pt").exists():
+        raise FileNotFoundError(f"{d}/anchors.pt not found: run the craft-anchors stage first")
+    return torch.load(d / "anchors.pt", map_location="cpu", weights_only=True)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="craft_anchors stage config")
+
+
+def main(args) -> int:
+    import hashlib
+
+    from ..config import load_stage_config
+    from ..io import atomic_torch_save, provenance, seed_everything, sha256_tensor
+
+    sc = load_stage_config(args.config, "craft_anchors")
+    c = sc.get("craft") or {}
+    pooling = c.get("pooling", "mean_image_tokens")
+    if pooling not in POOLINGS:
+        raise ValueError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
+    seed = int(sc.get("seed", 0))
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    ds = open_dataset(sc["dataset"], "train")
+    backend = load_teacher(sc["model"], ds)
+    L = int(backend.num_layers)
+    layer = int(c.get("layer", -2))
+    if not -(L + 1) <= layer <= L:
+        raise ValueError(f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
+                         f"(valid: {-(L + 1)}..{L})")
+    idx = select_anchor_indices(len(ds), int(c.get("n_anchors", 512)), seed)
+    samples = [ds[int(i)] for i in idx]
+    feats = anchor_features(backend, samples, layer, int(c.get("batch_size", 8)), show_progress=True)
+    h = hashlib.sha256(sha256_tensor(idx).encode())
+    for p in POOLINGS:
+        h.update(sha256_tensor(feats[p]).encode())
+    anchors = {"indices": idx, "features": feats[pooling], "features_by_pooling": feats, "layer": layer,
+               "layer_abs": layer % (L + 1), "pooling": pooling, "dataset": dict(sc["dataset"]), "split": "train",
+               "seed": seed, "hash": h.hexdigest(), "hidden_size": int(backend.hidden_size),
+               "timings": {"total_s": round(time.perf_counter() - t0, 3)}, **provenance()}
+    atomic_torch_save(anchors, Path(sc["out_dir"]) / "anchors.pt")  # completion file
+    log.info("anchors: %d samples, layer %d, pooling %s, %.1fs", len(idx), layer, pooling,
+             time.perf_counter() - t0)
+    return 0

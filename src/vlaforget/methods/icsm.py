@@ -1,0 +1,516 @@
+"""ICSM: instruction-conditioned semantic subspaces of the frozen teacher (offline, teacher only).
+
+Pure functions (no model needed) plus the `icsm` stage. Formulas and the split rule: docs/methods.md.
+
+Pipeline per representative layer `rep` (decoder-layer index; its output is hidden_states[rep + 1]):
+  pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
+  ->  sensitivity (KL of the action-token distribution when alpha * std_k * u_k is injected into
+      the instruction hidden states)  ->  reorder by sensitivity  ->  split into U_f / U_p / null
+  ->  U{L}_f.pt U{L}_p.pt mu{L}.pt C_T{L}.pt basis{L}.pt, spectrum PNG, meta.json (written last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("vlaforget.icsm")
+
+EPSILON_RULE = (
+    "directions sorted by sensitivity (KL, descending; ties broken by variance rank); "
+    "fragile = first round(fragile_frac * r') directions, plastic = the next round(plastic_frac * r'), "
+    "null = the rest of the r' kept directions plus the orthogonal complement of the SVD basis"
+)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `hidden` [B,S,D] over the positions where `mask` [B,S] is true.
+
+    Returns (pooled [B,D] float32, empty [B] bool). Rows with an empty mask get zeros and are flagged
+    (never a division by zero); callers count them.
+    """
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"pool_instruction: hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} "
+                         "must be [B,S,D] and [B,S]")
+    m = mask.to(device=hidden.device, dtype=torch.float32)
+    count = m.sum(dim=1)  # [B]
+    summed = torch.einsum("bsd,bs->bd", hidden.float(), m)
+    empty = count == 0
+    pooled = summed / count.clamp(min=1.0).unsqueeze(1)
+    pooled = torch.where(empty.unsqueeze(1), torch.zeros_like(pooled), pooled)
+    return pooled, empty
+
+
+# ----------------------------------------------------------------------------- layer groups
+
+
+def _check_layer(layer: int, num_layers: int, what: str) -> int:
+    layer = int(layer)
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{what}: decoder layer {layer} is outside 0..{num_layers - 1} "
+                         f"(the model has {num_layers} decoder layers); fix icsm.groups / icsm.layers")
+    return layer
+
+
+def layer_groups(num_layers: int, override: dict | None = None, variant: str = "icsm",
+                 layers: Any = "auto") -> dict[str, dict]:
+    """Decoder layers the HSW hooks, grouped by the representative layer whose subspace they share.
+
+    variant "icsm" (default): the last four decoder layers in two groups,
+        A = (L-4, L-3) sharing U(L-3), B = (L-2, L-1) sharing U(L-1)   (32 layers: 28,29->29; 30,31->31).
+    `override` (config icsm.groups) replaces them: {"A": {"layers": [28, 29], "rep": 29}, ...};
+    `layers` (config icsm.layers) = "auto" or four layer indices [a, b, c, d] -> A=(a,b) rep b, B=(c,d) rep d.
+    variant "single": one group "all" = the union of the icsm groups' layers, rep = the largest rep.
+    variant "all_layers": every decoder layer, each mapped to the nearest icsm rep (ties -> larger rep).
+    Only the icsm reps ever need artifacts. Layer l = decoder layer index, output hidden_states[l+1].
+    """
+    L = int(num_layers)
+    if override:
+        groups = {}
+        for name, g in override.items():
+            if not isinstance(g, dict) or "layers" not in g or "rep" not in g:
+                raise ValueError(f"icsm.groups.{name} must be {{layers: [...], rep: int}}, got {g!r}")
+            lays = [_check_layer(x, L, f"icsm.groups.{name}.layers") for x in g["layers"]]
+            groups[str(name)] = {"layers": sorted(lays), "rep": _check_layer(g["rep"], L, f"icsm.groups.{name}.rep")}
+    else:
+        if layers in (None, "auto"):
+            if L < 4:
+                raise ValueError(f"ICSM needs at least 4 decoder layers for the A/B groups, model has {L}; "
+                                 "set icsm.groups explicitly")
+            a, b, c, d = L - 4, L - 3, L - 2, L - 1
+        else:
+            if len(layers) != 4:
+                raise ValueError(f"icsm.layers must be 'auto' or four layer indices, got {layers!r}")
+            a, b, c, d = (_check_layer(x, L, "icsm.layers") for x in layers)
+        groups = {"A": {"layers": [a, b], "rep": b}, "B": {"layers": [c, d], "rep": d}}
+    if variant == "icsm":
+        return groups
+    if variant == "single":
+        lays = sorted({x for g in groups.values() for x in g["layers"]})
+        return {"all": {"layers": lays, "rep": max(g["rep"] for g in groups.values())}}
+    if variant == "all_layers":
+        reps = sorted({g["rep"] for g in groups.values()})
+        out: dict[str, dict] = {}
+        name_of = {g["rep"]: n for n, g in groups.items()}
+        for layer in range(L):
+            rep = min(reps, key=lambda r: (abs(r - layer), -r))
+            out.setdefault(name_of[rep], {"layers": [], "rep": rep})["layers"].append(layer)
+        return out
+    raise ValueError(f"unknown layer-group variant '{variant}': use icsm | single | all_layers")
+
+
+def representative_layers(groups: dict[str, dict]) -> list[int]:
+    return sorted({int(g["rep"]) for g in groups.values()})
+
+
+# ----------------------------------------------------------------------------- SVD
+
+
+def _fix_signs(U: torch.Tensor) -> torch.Tensor:
+    """Deterministic sign: the largest-|.| entry of each column is positive."""
+    idx = U.abs().argmax(dim=0)
+    s = torch.sign(U[idx, torch.arange(U.shape[1])])
+    s[s == 0] = 1
+    return U * s
+
+
+def svd_directions(X: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
+    """Principal directions of the rows of X [N, D].
+
+    mu = mean row; SVD of the centred matrix (float64); U = Vh.T[:, :r'] with r' = min(r, N-1, D)
+    (a centred N-row matrix has rank <= N-1). Returns dict mu [D], U [D,r'] (orthonormal columns,
+    sign-fixed), S [r'] singular values, std [r'] = S / sqrt(N-1) (std of the rows along each
+    direction), explained [r'] = share of total variance per direction.
+    """
+    if X.dim() != 2 or X.shape[0] < 2:
+        raise ValueError(f"svd_directions needs X [N>=2, D], got {tuple(X.shape)}")
+    N, D = X.shape
+    Xd = X.detach().to(torch.float64).cpu()
+    mu = Xd.mean(dim=0)
+    Xc = Xd - mu
+    _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    rr = max(1, min(int(r), N - 1, D))
+    U = _fix_signs(Vh[:rr].T.contiguous())
+    total = (S**2).sum()
+    explained = (S[:rr] ** 2) / total if total > 0 else torch.zeros(rr, dtype=torch.float64)
+    return {"mu": mu.float(), "U": U.float(), "S": S[:rr].float(),
+            "std": (S[:rr] / math.sqrt(max(N - 1, 1))).float(), "explained": explained.float()}
+
+
+def covariance(X: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
+    """Covariance [D,D] of rows X [N,D] (float32 result, float64 accumulation): centred on their own
+    mean with 1/(N-1), or on the given `mu` with 1/N."""
+    Xd = X.detach().to(torch.float64)
+    if mu is None:
+        Xc = Xd - Xd.mean(dim=0)
+        denom = max(X.shape[0] - 1, 1)
+    else:
+        Xc = Xd - mu.to(Xd)
+        denom = max(X.shape[0], 1)
+    return (Xc.T @ Xc / denom).float()
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def _expand(batch: dict, k: int) -> dict:
+    """Repeat every per-sample entry of a collated batch k times (rows s0d0, s0d1, ..., s1d0, ...)."""
+    B = None
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            B = v.shape[0]
+            break
+    out = {}
+    for key, v in batch.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B:
+            out[key] = v.repeat_interleave(k, dim=0)
+        elif isinstance(v, list) and len(v) == B:
+            out[key] = [x for x in v for _ in range(k)]
+        else:
+            out[key] = v
+    return out
+
+
+def _injection_hook(layer: torch.nn.Module, where: str, state: dict):
+    """Register a hook adding state['delta'] [B,D] at the positions state['mask'] [B,S]."""
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        d = state.get("delta")
+        if d is None:
+            return h
+        m = state["mask"].to(h.dtype).unsqueeze(-1)
+        return h + m * d.to(h.dtype).unsqueeze(1)
+
+    if where == "input":
+        def pre(module, args, kwargs):
+            if args:
+                return (add(args[0]),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = add(kwargs["hidden_states"])
+            return args, kwargs
+
+        return layer.register_forward_pre_hook(pre, with_kwargs=True)
+    if where == "output":
+        def post(module, args, output):
+            if isinstance(output, tuple):
+                return (add(output[0]),) + tuple(output[1:])
+            return add(output)
+
+        return layer.register_forward_hook(post)
+    raise ValueError(f"inject must be 'input' or 'output', got {where!r}")
+
+
+def kl_teacher_perturbed(lp_teacher: torch.Tensor, lp_pert: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || perturbed) per row: log-probs [B,A,n_bins] -> [B], summed over bins, mean over A."""
+    lt, lq = lp_teacher.float(), lp_pert.float()
+    return (lt.exp() * (lt - lq)).sum(-1).mean(-1)
+
+
+@torch.no_grad()
+def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales: torch.Tensor, rep: int,
+                       alpha: float = 1.0, direction_batch: int = 16, inject: str = "input",
+                       show_progress: bool = False) -> torch.Tensor:
+    """Fragility of each direction: mean over `samples` of KL(teacher || perturbed) of the action-token
+    distribution when `alpha * scales[k] * U[:, k]` is added to every instruction position
+    (batch['instruction_mask']) of the residual stream at decoder layer `rep`.
+
+    inject="input" (default) adds it to the hidden states entering layer `rep` (= output of layer rep-1,
+    hidden_states[rep]); inject="output" adds it to the output of layer `rep` (hidden_states[rep+1]).
+    "input" is the default because the output of the LAST decoder layer at instruction positions
+    cannot reach the action logits (causal attention, per-position head): KL would be exactly 0.
+    Each forward holds `direction_batch` perturbed copies (directions x samples); the unperturbed
+    teacher forward runs once per sample chunk. Returns scores [k] float64 (variance order of U).
+    """
+    from ..io import progress
+
+    model = backend.model
+    model.eval()
+    k = U.shape[1]
+    scales = scales.reshape(-1).double()
+    if scales.numel() != k:
+        raise ValueError(f"scales has {scales.numel()} entries for {k} directions")
+    layer = backend.decoder_layers()[rep]
+    dchunk = max(1, min(int(direction_batch), k))
+    schunk = max(1, int(direction_batch) // dchunk)
+    totals = torch.zeros(k, dtype=torch.float64)
+    count = 0
+    state: dict = {}
+    handle = _injection_hook(layer, inject, state)
+    n_chunks = math.ceil(len(samples) / schunk) * math.ceil(k / dchunk)
+    bar = progress(total=n_chunks, desc=f"sensitivity L{rep}") if show_progress else None
+    try:
+        for s0 in range(0, len(samples), schunk):
+            chunk = list(samples[s0:s0 + schunk])
+            batch = backend.collate(chunk, train=False)
+            state["delta"] = None
+            out = backend.forward(batch)
+            lp_t = backend.action_logprobs(batch, out.logits).float()  # [b,A,n]
+            b = lp_t.shape[0]
+            for d0 in range(0, k, dchunk):
+                dirs = U[:, d0:d0 + dchunk].T.double() * scales[d0:d0 + dchunk, None] * float(alpha)  # [kk,D]
+                kk = dirs.shape[0]
+                big = _expand(batch, kk)
+                dev = big["instruction_mask"].device
+                state["mask"] = big["instruction_mask"]
+                state["delta"] = dirs.float().repeat(b, 1).to(dev)  # row s*kk + j -> direction j
+                out_p = backend.forward(big)
+                lp_p = backend.action_logprobs(big, out_p.logits).float()
+                kl = kl_teacher_perturbed(lp_t.repeat_interleave(kk, dim=0), lp_p)  # [b*kk]
+                totals[d0:d0 + kk] += kl.view(b, kk).sum(0).double().cpu()
+                state["delta"] = None
+                if bar is not None:
+                    bar.update(1)
+            count += b
+    finally:
+        handle.remove()
+        if bar is not None:
+            bar.close()
+    return totals / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def orthonormalize_pair(U_f: torch.Tensor, U_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-orthonormalise [U_f | U_p] jointly (QR in float64, diag(R) > 0): the columns of U_f span the
+    same space as before, U_p is made orthogonal to U_f; for already-orthonormal input this returns
+    the input up to rounding."""
+    nf = U_f.shape[1]
+    M = torch.cat([U_f, U_p], dim=1).double()
+    if M.shape[1] == 0:
+        return U_f.float(), U_p.float()
+    Q, R = torch.linalg.qr(M, mode="reduced")
+    s = torch.sign(torch.diagonal(R))
+    s[s == 0] = 1
+    Q = Q * s
+    return Q[:, :nf].float().contiguous(), Q[:, nf:].float().contiguous()
+
+
+def split_counts(r: int, fragile_frac: float, plastic_frac: float) -> tuple[int, int]:
+    """n_f = round(fragile_frac * r), n_p = round(plastic_frac * r) (half up), n_f + n_p <= r."""
+    if fragile_frac < 0 or plastic_frac < 0 or fragile_frac + plastic_frac > 1 + 1e-9:
+        raise ValueError(f"fragile_frac={fragile_frac} + plastic_frac={plastic_frac} must be within [0, 1]")
+    nf = min(r, math.floor(fragile_frac * r + 0.5))
+    npl = min(r - nf, math.floor(plastic_frac * r + 0.5))
+    return nf, npl
+
+
+def sensitivity_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices sorting directions by descending score; ties keep variance order (stable sort)."""
+    return torch.sort(-scores.double(), stable=True).indices
+
+
+def split_directions(U: torch.Tensor, scores: torch.Tensor | None, fragile_frac: float,
+                     plastic_frac: float) -> dict[str, Any]:
+    """Split the columns of U [D,r] (variance order) into fragile / plastic / null.
+
+    scores [r] = sensitivity per column; None = no sensitivity (ablation: variance order, i.e. the
+    top-variance directions are fragile). Returns dict U_f [D,n_f], U_p [D,n_p], order (sorted column
+    indices), n_f, n_p, n_null. U_f and U_p are orthonormal and mutually orthogonal (re-checked by QR).
+    """
+    r = U.shape[1]
+    order = torch.arange(r) if scores is None else sensitivity_order(scores)
+    nf, npl = split_counts(r, fragile_frac, plastic_frac)
+    Us = U[:, order]
+    U_f, U_p = orthonormalize_pair(Us[:, :nf], Us[:, nf:nf + npl])
+    return {"U_f": U_f, "U_p": U_p, "order": order, "n_f": nf, "n_p": npl, "n_null": r - nf - npl}
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+@dataclass
+class IcsmLayer:
+    rep: int
+    U_f: torch.Tensor          # [D, n_f] fragile (sensitivity order)
+    U_p: torch.Tensor          # [D, n_p] plastic
+    mu: torch.Tensor           # [D] teacher mean of pooled instruction states
+    C_T: torch.Tensor          # [D, D] teacher covariance
+    U: torch.Tensor            # [D, r'] full SVD basis, variance order
+    scores: torch.Tensor       # [r'] KL per basis column
+    order: torch.Tensor        # [r'] sensitivity order (indices into U's columns)
+    explained: torch.Tensor    # [r'] explained-variance ratio per column
+    std: torch.Tensor          # [r'] std of pooled states along each column
+
+
+@dataclass
+class IcsmArtifacts:
+    """What the plug-ins need: per representative layer subspaces and teacher statistics."""
+
+    dir: Path
+    meta: dict
+    groups: dict[str, dict]
+    layers: dict[int, IcsmLayer] = field(default_factory=dict)
+
+    @property
+    def reps(self) -> list[int]:
+        return sorted(self.layers)
+
+    def subspaces(self, rep: int, use_sensitivity_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_f, U_p) of a representative layer; use_sensitivity_order=False = the no-sensitivity
+        ablation (same counts, directions taken in variance order)."""
+        lay = self.layers[int(rep)]
+        if use_sensitivity_order:
+            return lay.U_f, lay.U_p
+        sp = split_directions(lay.U, None, self.meta["fragile_frac"], self.meta["plastic_frac"])
+        return sp["U_f"], sp["U_p"]
+
+    def hook_groups(self, variant: str = "icsm", num_layers: int | None = None) -> dict[str, dict]:
+        """Layer groups for the HSW (variant icsm | single | all_layers), reps always among self.reps."""
+        L = int(num_layers or self.meta["num_layers"])
+        return layer_groups(L, override=self.groups, variant=variant)
+
+
+def load_icsm(d: str | Path, map_location: str = "cpu") -> IcsmArtifacts:
+    """Load the icsm stage's artifacts (meta.json must exist: it is the completion file)."""
+    from ..io import read_json
+
+    d = Path(d)
+    if not (d / "meta.json").exists():
+        raise FileNotFoundError(f"{d}/meta.json not found: run the icsm stage first "
+                                "(snakemake ... or `vlaforget icsm --config ...`)")
+    meta = read_json(d / "meta.json")
+    art = IcsmArtifacts(dir=d, meta=meta, groups={k: dict(v) for k, v in meta["groups"].items()})
+
+    def ld(name):
+        return torch.load(d / name, map_location=map_location, weights_only=True)
+
+    for rep in meta["rep_layers"]:
+        basis = ld(f"basis{rep}.pt")
+        art.layers[int(rep)] = IcsmLayer(rep=int(rep), U_f=ld(f"U{rep}_f.pt"), U_p=ld(f"U{rep}_p.pt"),
+                                         mu=ld(f"mu{rep}.pt"), C_T=ld(f"C_T{rep}.pt"), U=basis["U"],
+                                         scores=basis["scores"], order=basis["order"],
+                                         explained=basis["explained"], std=basis["std"])
+    return art
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="icsm stage config (vlaforget stage-config --stage icsm)")
+
+
+def compute_layer(backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict,
+                  show_progress: bool = False) -> dict[str, Any]:
+    """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
+    sv = svd_directions(pooled, int(icfg.get("r", 128)))
+    t0 = time.perf_counter()
+    # one extra all-zero direction measures the numerical noise floor of the KL (batched bf16 forwards
+    # are not bit-identical to the unbatched reference); it costs 1/r more
+    U0 = torch.cat([sv["U"], torch.zeros(sv["U"].shape[0], 1)], 1)
+    s0 = torch.cat([sv["std"], torch.zeros(1)])
+    all_scores = sensitivity_scores(backend, samples, U0, s0, rep, alpha=float(icfg.get("alpha", 1.0)),
+                                    direction_batch=int(icfg.get("direction_batch", 16)),
+                                    show_progress=show_progress)
+    scores, floor = all_scores[:-1], float(all_scores[-1])
+    t_sens = time.perf_counter() - t0
+    sp = split_directions(sv["U"], scores, float(icfg.get("fragile_frac", 0.25)),
+                          float(icfg.get("plastic_frac", 0.5)))
+    return {**sv, "scores": scores.float(), "kl_noise_floor": floor, "C_T": covariance(pooled), "split": sp,
+            "t_sensitivity_s": t_sens}
+
+
+def main(args) -> int:
+    from ..config import load_stage_config
+    from ..data import probe as probe_mod
+    from ..io import atomic_torch_save, provenance, seed_everything, sha256_file, sha256_tensor, write_json
+    from .figures import plot_icsm_spectrum
+
+    sc = load_stage_config(args.config, "icsm")
+    icfg = sc.get("icsm") or {}
+    out = Path(sc["out_dir"])
+    t_start = time.perf_counter()
+    probe_dir = Path(sc["probe_dir"])
+    probe = probe_mod.load_probe(probe_dir)
+    seed_everything(int(probe.get("seed", 0)))
+    ds = probe_mod.open_dataset(probe["dataset"], probe.get("split", "train"))
+    backend = probe_mod.load_teacher(sc["model"], ds)
+    L = int(backend.num_layers)
+    groups = layer_groups(L, override=icfg.get("groups"), layers=icfg.get("layers", "auto"))
+    reps = representative_layers(groups)
+    missing = [r for r in reps if r not in probe["pooled"]]
+    if missing:
+        raise ValueError(f"probe set {probe_dir} has no pooled states for layers {missing}: rerun the probe stage")
+    empty = probe["empty"].bool() if "empty" in probe else torch.zeros(len(probe["indices"]), dtype=torch.bool)
+    keep = ~empty  # empty instruction masks: excluded from the SVD and the sensitivity samples
+    # the first n_sens non-empty probes (the probe set is already a seeded random subset)
+    sens_idx = probe["indices"][keep][: int(icfg.get("sensitivity_samples", 128))]
+    n_sens = int(sens_idx.numel())
+    samples = [ds[int(i)] for i in sens_idx]
+    out.mkdir(parents=True, exist_ok=True)
+    layers_meta: dict[str, Any] = {}
+    hashes: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for rep in reps:
+        X = probe["pooled"][rep].float()[keep]
+        res = compute_layer(backend, X, samples, rep, icfg, show_progress=True)
+        sp = res["split"]
+        tensors = {f"U{rep}_f.pt": sp["U_f"], f"U{rep}_p.pt": sp["U_p"], f"mu{rep}.pt": res["mu"],
+                   f"C_T{rep}.pt": res["C_T"]}
+        for name, t in tensors.items():
+            atomic_torch_save(t.contiguous(), out / name)
+            hashes[name] = sha256_tensor(t)
+        basis = {"U": res["U"], "S": res["S"], "std": res["std"], "explained": res["explained"],
+                 "scores": res["scores"], "order": sp["order"]}
+        atomic_torch_save(basis, out / f"basis{rep}.pt")
+        hashes[f"basis{rep}.pt"] = sha256_file(out / f"basis{rep}.pt")
+        plot_icsm_spectrum(out / f"spectrum{rep}.png", res["scores"], res["explained"], sp["order"],
+                           sp["n_f"], sp["n_p"], rep)
+        top = sp["order"][: min(5, len(sp["order"]))].tolist()
+        layers_meta[str(rep)] = {
+            "D": int(X.shape[1]), "n_probe": int(X.shape[0]), "r": int(res["U"].shape[1]),
+            "n_f": sp["n_f"], "n_p": sp["n_p"], "n_null": sp["n_null"],
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+            "explained_top_r": float(res["explained"].sum()),
+            "kl_max": float(res["scores"].max()), "kl_median": float(res["scores"].median()),
+            "kl_min": float(res["scores"].min()), "kl_noise_floor": res["kl_noise_floor"],
+            "n_above_noise_floor": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
+            "top_fragile_variance_ranks": top,
+            "spearman_kl_vs_variance_rank": _spearman(res["scores"], -torch.arange(len(res["scores"])).float()),
+        }
+        timings[f"sensitivity_L{rep}_s"] = round(res["t_sensitivity_s"], 3)
+        log.info("layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)", rep, res["U"].shape[1],
+                 sp["n_f"], sp["n_p"], layers_meta[str(rep)]["kl_max"], layers_meta[str(rep)]["kl_median"],
+                 res["t_sensitivity_s"])
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    meta = {
+        "num_layers": L, "hidden_size": int(backend.hidden_size), "groups": groups, "rep_layers": reps,
+        "r": int(icfg.get("r", 128)), "alpha": float(icfg.get("alpha", 1.0)),
+        "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
+        "injection": "added to the instruction positions of the hidden states entering decoder layer rep "
+                     "(= hidden_states[rep]); directions from hidden_states[rep + 1] pooled",
+        "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
+                       f"{n_sens} probe samples",
+        "sensitivity_samples": n_sens, "direction_batch": int(icfg.get("direction_batch", 16)),
+        "fragile_frac": float(icfg.get("fragile_frac", 0.25)), "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
+        "epsilon": EPSILON_RULE, "probe_hash": probe["hash"], "probe_dir": str(probe_dir),
+        "probe_dataset": probe["dataset"].get("name"), "n_probe": len(probe["indices"]),
+        "n_empty": int(probe.get("n_empty", 0)), "layers": layers_meta, "tensor_hashes": hashes,
+        "timings": timings, "model": sc["model"], **provenance(),
+    }
+    write_json(out / "meta.json", meta)  # completion file: last
+    log.info("ICSM artifacts in %s (%.1fs)", out, timings["total_s"])
+    return 0
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() < 2:
+        return float("nan")
+    ra = torch.argsort(torch.argsort(a.double())).double()
+    rb = torch.argsort(torch.argsort(b.double())).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = ra.norm() * rb.norm()
+    return float((ra @ rb) / den) if den > 0 else float("nan")
+

@@ -1,0 +1,389 @@
+"""The model-backend protocol (docs/DEVELOPMENT.md, "Models") and the logic both backends share.
+
+A backend couples an HF model laid out like OpenVLA (`vision_backbone`, `projector`,
+`language_model` = LlamaForCausalLM; LLM sequence = [<s>, image patches, text tokens 1..]) with its
+tokenizer, action tokenizer and action statistics. Subclasses only say how images become
+`pixel_values` and which token (if any) separates the prompt from the action tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .action_tokenizer import ActionTokenizer, action_stats, normalize_actions, unnormalize_actions
+from .prompts import decode_span, encode_action_prompt, encode_vqa
+
+log = logging.getLogger("vlaforget.models")
+
+LAYERS_PATH = "language_model.model.layers"
+ATTN_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_SUFFIXES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_TARGETS = ("attn", "mlp", "vision", "projector")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The HF model under DDP (`module.`), PEFT (`base_model.model.`) and torch.compile wrappers."""
+    m = model
+    for _ in range(8):
+        if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            m = m.module
+        elif hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
+            m = m._orig_mod
+        elif hasattr(m, "get_base_model") and callable(m.get_base_model):
+            inner = m.get_base_model()
+            if inner is m:
+                break
+            m = inner
+        else:
+            break
+    return m
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    m = unwrap_model(model)
+    node: Any = m
+    try:
+        for part in LAYERS_PATH.split("."):
+            node = getattr(node, part)
+        if isinstance(node, nn.ModuleList):
+            return node
+    except AttributeError:
+        pass
+    for name, mod in model.named_modules():  # any other wrapper: match the name's tail
+        if name.endswith(LAYERS_PATH) and isinstance(mod, nn.ModuleList):
+            return mod
+    raise ValueError(f"no decoder layers at '{LAYERS_PATH}' in {type(model).__name__}: the backend "
+                     "expects an OpenVLA-layout model (vision_backbone, projector, language_model)")
+
+
+class VLABackend:
+    """Shared implementation of the backend protocol. See docs/DEVELOPMENT.md for the contract."""
+
+    name = "base"
+    vision_prefix = "vision_backbone."
+    projector_prefix = "projector."
+
+    def __init__(self, model: nn.Module, tokenizer, *, n_image_tokens: int, action_dim: int,
+                 vocab_end: int, device: str | torch.device = "cpu", stats: Mapping | None = None,
+                 action_sep_ids: Sequence[int] = (), n_bins: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_image_tokens = int(n_image_tokens)
+        self.device = torch.device(device)
+        self.action_tokenizer = ActionTokenizer(vocab_end, n_bins)
+        self.vocab_end = int(vocab_end)
+        self.action_sep_ids = list(action_sep_ids)
+        self.stats = action_stats(stats) if stats is not None else None
+        if self.stats is not None:
+            action_dim = len(self.stats["q01"])
+        self.action_dim = int(action_dim)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+        self._warned_unnorm = False
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(unwrap_model(self.model).language_model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def set_stats(self, stats: Mapping | None, key: str | None = None) -> None:
+        """Action statistics used by collate (normalise) and predict_actions (un-normalise)."""
+        self.stats = action_stats(stats, key) if stats is not None else None
+        if self.stats is not None:
+            self.action_dim = len(self.stats["q01"])
+
+    # ------------------------------------------------------------------ images (per backend)
+
+    def pixel_values(self, images) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _images(self, samples_or_images) -> torch.Tensor:
+        return self.pixel_values(samples_or_images).to(self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ batches
+
+    def _pad(self, seqs: list[list[int]], fill: int) -> torch.Tensor:
+        t = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), t), fill, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        return out
+
+    def collate(self, samples: Sequence[Mapping], train: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training/eval batch for action prediction (raw actions are normalised with self.stats).
+
+        train=True applies openvla's image augmentation (random crop of 90 % area resized back,
+        brightness/contrast jitter), drawn from `generator`."""
+        if self.stats is None:
+            raise ValueError("collate needs the dataset's action statistics to normalise actions: "
+                             "load_backend(..., stats=dataset.statistics) or backend.set_stats(...)")
+        n = self.n_image_tokens
+        ids, labels, spans, targets = [], [], [], []
+        for s in samples:
+            pt = encode_action_prompt(self.tokenizer, s["instruction"])
+            act = self.action_tokenizer.encode(normalize_actions(s["action"], self.stats)).tolist()
+            prompt = pt.ids + self.action_sep_ids
+            ids.append(prompt + act + [self.eos_id])
+            labels.append([-100] * len(prompt) + act + [self.eos_id])
+            spans.append((pt.span, len(prompt)))
+            targets.append(act)
+        input_ids = self._pad(ids, self.pad_id)
+        lab = self._pad(labels, -100)
+        b, t = input_ids.shape
+        attn = torch.zeros(b, t, dtype=torch.long)
+        instr = torch.zeros(b, t + n, dtype=torch.bool)
+        amask = torch.zeros(b, t + n, dtype=torch.bool)
+        for i, (seq, ((s0, s1), p)) in enumerate(zip(ids, spans)):
+            attn[i, : len(seq)] = 1
+            instr[i, s0 + n: s1 + n] = True
+            # logits at sequence position (t-1)+n predict the action token at text position t
+            amask[i, p - 1 + n: p - 1 + n + self.action_dim] = True
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attn.to(self.device),
+                "pixel_values": self._images(augment_images(images_to_uint8(samples), generator)
+                                             if train else samples),
+                "labels": lab.to(self.device), "instruction_mask": instr.to(self.device), "action_mask": amask.to(self.device),
+                "action_targets": torch.as_tensor(targets, dtype=torch.long).to(self.device)}
+
+    def collate_vqa(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """`In: {question}?\\nOut:` + answer + </s>; labels only on the answer and </s>."""
+        n = self.n_image_tokens
+        ids, labels = [], []
+        for s in samples:
+            full, n_prompt = encode_vqa(self.tokenizer, s["question"], s["answer"])
+            full = full + [self.eos_id]
+            ids.append(full)
+            labels.append([-100] * n_prompt + full[n_prompt:])
+        input_ids = self._pad(ids, self.pad_id)
+        lab = self._pad(labels, -100)
+        attn = (torch.arange(input_ids.shape[1])[None] < torch.tensor([len(s) for s in ids])[:, None])
+        answer_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] + n, dtype=torch.bool)
+        answer_mask[:, n: n + input_ids.shape[1] - 1] = lab[:, 1:] != -100
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attn.long().to(self.device),
+                "pixel_values": self._images(samples), "labels": lab.to(self.device),
+                "answer_mask": answer_mask.to(self.device)}
+
+    # ------------------------------------------------------------------ model calls
+
+    def forward(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False,
+                model: nn.Module | None = None):
+        m = self.model if model is None else model
+        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], output_hidden_states=output_hidden_states,
+                 use_cache=False, return_dict=True)
+
+    def lm_loss(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """Next-token CE over the labelled text positions (action tokens + </s>, or VQA answers)."""
+        text_logits = logits[:, self.n_image_tokens: -1]  # predicts input_ids[:, 1:]
+        gt = batch["labels"][:, 1:]
+        keep = gt != -100
+        return F.cross_entropy(text_logits[keep].float(), gt[keep])
+
+    def action_metrics(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> dict:
+        """openvla finetune.py metrics: CE loss, action-token accuracy, L1 in normalised space."""
+        loss = self.lm_loss(batch, logits)
+        text_logits = logits[:, self.n_image_tokens: -1]
+        gt = batch["labels"][:, 1:]
+        preds = text_logits.argmax(-1)
+        mask = (gt >= self.action_tokenizer.begin) & (gt < self.vocab_end)
+        correct = ((preds == gt) & mask).sum().float()
+        accuracy = correct / mask.sum().clamp(min=1)
+        cont_pred = self.action_tokenizer.decode(preds[mask].detach().cpu().numpy())
+        cont_gt = self.action_tokenizer.decode(gt[mask].detach().cpu().numpy())
+        l1 = float(np.abs(cont_pred - cont_gt).mean()) if cont_gt.size else float("nan")
+        return {"loss": loss, "accuracy": accuracy, "l1": torch.tensor(l1)}
+
+    def action_logprobs(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """[B, A, n_bins] log-probs over the action vocabulary; column j = token id begin + j."""
+        b = logits.shape[0]
+        sel = logits[batch["action_mask"]].view(b, self.action_dim, -1)
+        sel = sel[..., self.action_tokenizer.begin: self.vocab_end].float()
+        return F.log_softmax(sel, dim=-1)
+
+    # ------------------------------------------------------------------ structure
+
+    def decoder_layers(self, model: nn.Module | None = None) -> nn.ModuleList:
+        return find_decoder_layers(self.model if model is None else model)
+
+    def lora_targets(self, targets: Sequence[str] = ("attn", "mlp"), layers: Any = "all") -> list[str]:
+        """Full module names of the Linear layers to adapt (peft matches them as name suffixes, so
+        they also work on a PEFT/DDP-wrapped model). targets ⊆ {attn, mlp, vision, projector};
+        layers = "all" or [first, last] (inclusive) restricts attn/mlp to those decoder layers."""
+        bad = set(targets) - set(LORA_TARGETS)
+        if bad:
+            raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {list(LORA_TARGETS)}")
+        n = self.num_layers
+        if layers in (None, "all"):
+            lo, hi = 0, n - 1
+        else:
+            lo, hi = (int(x) for x in layers)
+            lo, hi = lo % n if lo < 0 else lo, hi % n if hi < 0 else hi
+            if not 0 <= lo <= hi < n:
+                raise ValueError(f"LoRA layers {layers} out of range for {n} decoder layers")
+        layer_re = re.compile(re.escape(LAYERS_PATH) + r"\.(\d+)\.(.+)$")
+        suffixes = (ATTN_SUFFIXES if "attn" in targets else ()) + (MLP_SUFFIXES if "mlp" in targets else ())
+        out = []
+        for name, mod in unwrap_model(self.model).named_modules():
+            if not isinstance(mod, nn.Linear) or "lora_" in name:
+                continue
+            m = layer_re.search(name)
+            if m:
+                if lo <= int(m.group(1)) <= hi and m.group(2) in suffixes:
+                    out.append(name)
+            elif "vision" in targets and name.startswith(self.vision_prefix):
+                out.append(name)
+            elif "projector" in targets and name.startswith(self.projector_prefix):
+                out.append(name)
+        if not out:
+            raise ValueError(f"LoRA targets {list(targets)} (layers {layers}) match no Linear module")
+        return out
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def _greedy(self, prompts: list[list[int]], pixel_values: torch.Tensor, steps: int,
+                allowed: slice | None, stop_at_eos: bool, model: nn.Module | None) -> list[list[int]]:
+        """Greedy decoding with right padding: each sample appends at its own length.
+
+        No KV cache: the whole sequence is re-run per new token (tiny sequences, few tokens)."""
+        m = self.model if model is None else model
+        n = self.n_image_tokens
+        seqs = [list(p) for p in prompts]
+        done = [False] * len(seqs)
+        out: list[list[int]] = [[] for _ in seqs]
+        for _ in range(steps):
+            ids = self._pad([s for s in seqs], self.pad_id).to(self.device)
+            lens = torch.tensor([len(s) for s in seqs])
+            attn = (torch.arange(ids.shape[1])[None] < lens[:, None]).long().to(self.device)
+            logits = m(input_ids=ids, attention_mask=attn, pixel_values=pixel_values,
+                       use_cache=False, return_dict=True).logits
+            last = logits[torch.arange(len(seqs)), (lens - 1 + n).to(logits.device)].float()  # [B, V]
+            if allowed is not None:
+                masked = torch.full_like(last, float("-inf"))
+                masked[:, allowed] = last[:, allowed]
+                last = masked
+            nxt = last.argmax(-1).tolist()
+            for i, tok in enumerate(nxt):
+                if done[i]:
+                    continue
+                seqs[i].append(tok)
+                out[i].append(tok)
+                if stop_at_eos and tok == self.eos_id:
+                    done[i] = True
+            if all(done):
+                break
+        return out
+
+    @torch.no_grad()
+    def predict_actions(self, images, instructions: Sequence[str], model: nn.Module | None = None,
+                        normalized: bool = False) -> np.ndarray:
+        """Batched greedy action prediction -> [B, A] actions, un-normalised with self.stats.
+
+        Decoding is restricted to the 256 action tokens (openvla argmaxes over the whole vocabulary
+        and clips non-action ids to the extreme bins; restricting avoids that failure mode)."""
+        m = self.model if model is None else model
+        was_training = m.training
+        m.eval()
+        try:
+            prompts = [encode_action_prompt(self.tokenizer, s).ids + self.action_sep_ids
+                       for s in instructions]
+            pv = self._images(images)
+            toks = self._greedy(prompts, pv, self.action_dim,
+                                slice(self.action_tokenizer.begin, self.vocab_end), False, m)
+        finally:
+            m.train(was_training)
+        acts = self.action_tokenizer.decode(np.asarray(toks))  # [B, A] normalised
+        if normalized:
+            return acts
+        if self.stats is None:
+            if not self._warned_unnorm:
+                log.warning("predict_actions: no action statistics set; returning normalised actions")
+                self._warned_unnorm = True
+            return acts
+        return unnormalize_actions(acts, self.stats)
+
+    @torch.no_grad()
+    def answer(self, images, questions: Sequence[str], max_new_tokens: int = 4,
+               model: nn.Module | None = None) -> list[str]:
+        """Greedy answers to visual questions (action tokens excluded), up to </s>."""
+        m = self.model if model is None else model
+        was_training = m.training
+        m.eval()
+        try:
+            prompts = [encode_vqa(self.tokenizer, q)[0] for q in questions]
+            toks = self._greedy(prompts, self._images(images), max_new_tokens,
+                                slice(0, self.action_tokenizer.begin), True, m)
+        finally:
+            m.train(was_training)
+        return [self.tokenizer.decode([t for t in ts if t != self.eos_id], skip_special_tokens=True)
+                .strip() for ts in toks]
+
+    def instruction_span(self, instruction: str) -> str:
+        """The instruction tokens located in the prompt, decoded (audit)."""
+        pt = encode_action_prompt(self.tokenizer, instruction)
+        return decode_span(self.tokenizer, pt.ids, pt.span)
+
+    def instruction_positions(self, instruction: str) -> tuple[int, int]:
+        """[start, end) of the instruction in SEQUENCE coordinates (text span + n_image_tokens)."""
+        s0, s1 = encode_action_prompt(self.tokenizer, instruction).span
+        return s0 + self.n_image_tokens, s1 + self.n_image_tokens
+
+
+def images_to_uint8(images) -> np.ndarray:
+    """List of samples (dicts with 'image') / list of arrays / array -> uint8 [B, H, W, 3]."""
+    if isinstance(images, np.ndarray):
+        arr = images
+    elif isinstance(images, torch.Tensor):
+        arr = images.cpu().numpy()
+    else:
+        arr = np.stack([np.asarray(x["image"] if isinstance(x, Mapping) else x) for x in images])
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [B, H, W, 3], got {arr.dtype}")
+    return arr
+
+
+def augment_images(images: np.ndarray, generator: torch.Generator | None = None,
+                   crop_area: float = 0.9, brightness: float = 0.2, contrast: float = 0.2) -> np.ndarray:
+    """openvla-style train-time augmentation on uint8 [B, H, W, 3]: a random square crop of
+    `crop_area` of the image resized back, then brightness and contrast jitter."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    b, _, h, w = x.shape
+    ch, cw = max(1, round(h * crop_area ** 0.5)), max(1, round(w * crop_area ** 0.5))
+    out = torch.empty_like(x)
+    for i in range(b):
+        r = torch.randint(0, h - ch + 1, (1,), generator=generator).item()
+        c = torch.randint(0, w - cw + 1, (1,), generator=generator).item()
+        crop = x[i: i + 1, :, r: r + ch, c: c + cw]
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    u = torch.rand(b, 2, generator=generator)
+    bright = (u[:, 0] * 2 - 1) * brightness  # additive, in [-b, b]
+    contr = 1 + (u[:, 1] * 2 - 1) * contrast  # multiplicative around the image mean
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contr.view(b, 1, 1, 1) + mean + bright.view(b, 1, 1, 1)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def read_stats_file(path: str | Path, key: str | None = None) -> dict:
+    import json
+
+    return action_stats(json.loads(Path(path).read_text()), key)

@@ -1,0 +1,129 @@
+"""Stage `model`: build + pretrain the tiny teacher, or check that an OpenVLA base is available offline.
+
+tiny: train the word-level tokenizer on the instruction + VQA corpus, build the model from
+`model.tiny`, pretrain it (train/pretrain.py: behaviour cloning on the upstream cache mixed with VQA),
+save the HF directory to out_dir, then `{out_dir}/done.json` (held-out teacher metrics, provenance).
+openvla: resolve the model folder offline (local path, or hub id in cache_dir with HF_HUB_OFFLINE=1),
+check its config and remote-code files, and record what was found in `{out_dir}/done.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..config import load_stage_config
+from ..io import log, provenance, seed_everything, write_json
+
+VQA_TRAIN_SAMPLES = 6000
+VQA_HELDOUT_SAMPLES = 400
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
+
+
+def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
+    """Instructions (built-in paraphrases of every configured task + the episodes' own) and VQA text."""
+    from ..data.instructions import instructions_for
+
+    texts: list[str] = []
+    for blk in [sc["upstream"]] + list(sc.get("corpus_datasets") or []):
+        for task in blk.get("tasks") or []:
+            texts += instructions_for(task, sc.get("instructions") or {})
+            texts.append(task.replace("-", " "))
+    for ds in datasets:
+        texts += [e["instruction"] for e in ds.episodes]
+    for s in vqa:
+        texts += [str(s["question"]), str(s["answer"])]
+    return texts
+
+
+def build_tiny(sc: dict) -> dict:
+    import torch
+
+    from ..data.cache import CachedDataset
+    from ..data.vqa import vqa_samples
+    from ..train.pretrain import heldout_metrics, pretrain
+    from .tiny import build_tiny_backend
+
+    pcfg = dict(sc.get("pretrain") or {})
+    seed = int(pcfg.get("seed", 0))
+    torch.set_num_threads(int(pcfg.get("threads", 1)))
+    seed_everything(seed)
+    up = sc["upstream"]
+    cache_dir = Path(up["cache_dir"])
+    if not (cache_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"upstream dataset cache {cache_dir} is missing (no manifest.json): run the "
+                                f"`cache` stage for dataset '{up['name']}' first")
+    train = CachedDataset(cache_dir, split="train")
+    heldout = CachedDataset(cache_dir, split="heldout")
+    vqa_train = vqa_samples(train, VQA_TRAIN_SAMPLES, seed)
+    vqa_held = vqa_samples(heldout, VQA_HELDOUT_SAMPLES, seed + 1) if len(heldout) else []
+    corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
+    tiny = dict(sc["tiny"])
+    backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed,
+                                 stats=train.statistics)
+    n_params = sum(p.numel() for p in backend.model.parameters())
+    log.info("tiny teacher: %.2fM parameters, vocab %d (%d words + 256 action tokens), %d image tokens",
+             n_params / 1e6, backend.vocab_end, backend.vocab_end - 256, backend.n_image_tokens)
+    t0 = time.time()
+    hist = pretrain(backend, train, vqa_train, pcfg)
+    metrics = heldout_metrics(backend, heldout, vqa_held)
+    log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    out_dir = Path(sc["out_dir"])
+    backend.save(out_dir)
+    write_json(out_dir / "pretrain_history.json", hist)
+    return {"backend": "tiny", "path": str(out_dir), "parameters": n_params, "vocab_size": backend.vocab_end,
+            "n_image_tokens": backend.n_image_tokens, "num_layers": backend.num_layers,
+            "hidden_size": backend.hidden_size, "action_dim": backend.action_dim,
+            "upstream": up["name"], "train_samples": len(train), "heldout_samples": len(heldout),
+            "vqa_train_samples": len(vqa_train), "pretrain": pcfg, "tiny": tiny,
+            "pretrain_seconds": time.time() - t0, "metrics": metrics}
+
+
+def check_openvla(sc: dict) -> dict:
+    from .openvla import check_remote_code, offline_env, resolve_model_path
+
+    m = sc["model"]
+    offline_env(m.get("cache_dir"))
+    path = resolve_model_path(str(m["path"]), m.get("cache_dir"))
+    info = check_remote_code(path)
+    if info["missing_code_files"]:
+        raise FileNotFoundError(f"{path} lacks OpenVLA's modelling files {info['missing_code_files']} named "
+                                "in config.json auto_map: download the full repository (not only weights)")
+    if not info["weight_files"]:
+        raise FileNotFoundError(f"{path} holds no *.safetensors / *.bin weights: the download is incomplete")
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+        if not timm.__version__.startswith("0.9."):
+            log.warning("OpenVLA's modelling code requires timm 0.9.10–0.9.16, found %s", timm.__version__)
+    except ImportError:
+        info["timm"] = None
+        log.warning("timm is not installed: OpenVLA's modelling code needs timm 0.9.10–0.9.16")
+    return {"backend": "openvla", "requested": m["path"], **info}
+
+
+def main(args) -> int:
+    sc = load_stage_config(args.config, "model")
+    from ..paths import apply_job_env
+
+    apply_job_env(Path(sc["root"]))
+    out_dir = Path(sc["out_dir"])
+    done = out_dir / "done.json"
+    if done.exists():
+        done.unlink()  # a rebuilt model must not look finished before it is
+    backend = sc["model"]["backend"]
+    if backend == "tiny":
+        result = build_tiny(sc)
+    elif backend == "openvla":
+        result = check_openvla(sc)
+    else:
+        raise ValueError(f"unknown model.backend '{backend}': use 'tiny' or 'openvla'")
+    result.update(provenance=provenance(), code=sc.get("code"), stage_config=str(args.config))
+    write_json(done, result)
+    log.info("model stage done: %s", done)
+    return 0

@@ -1,0 +1,135 @@
+"""OpenVLA-7B backend: openvla's own HF modelling code (trust_remote_code) behind the protocol.
+
+Loads `AutoModelForVision2Seq` + `AutoProcessor` from a local directory or a hub id resolved in
+`cache_dir` (offline: set HF_HUB_OFFLINE=1 once the weights are there). Layers live at
+`language_model.model.layers` (PEFT: `base_model.model.`, DDP: `module.` in front). Prompts, labels,
+action tokens and un-normalisation follow openvla's finetune.py / `predict_action` exactly: the
+prompt is followed by the empty token "▁" (29871) before the action tokens; action ids are the last
+256 ids below vocab_end = text vocab − pad_to_multiple_of (= 32000).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import VLABackend, images_to_uint8
+
+EMPTY_TOKEN = "▁"  # sentencepiece's bare space; openvla's predict_action appends id 29871
+DEFAULT_EMPTY_ID = 29871
+
+
+class OpenVLAUnavailable(RuntimeError):
+    user_facing = True
+
+
+def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
+    """A local directory holding config.json: `path` itself, or the snapshot of hub id `path` in
+    `cache_dir` (no network). Raises OpenVLAUnavailable naming the fix."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise OpenVLAUnavailable(f"model.path {p} has no config.json: point model.path at the folder "
+                                     "holding openvla-7b's config.json, *.safetensors and modelling files")
+        return p
+    if path.startswith(("/", ".", "~")):
+        raise OpenVLAUnavailable(f"model.path {p} does not exist: copy openvla-7b there or set model.path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=path, cache_dir=cache_dir, local_files_only=True)
+    except Exception as e:  # not in the cache
+        raise OpenVLAUnavailable(
+            f"model '{path}' is not available offline in cache_dir={cache_dir} ({type(e).__name__}). "
+            f"Fix: on a machine with network run `huggingface-cli download {path} --cache-dir {cache_dir}` "
+            f"(or `HF_HOME=... python -c \"from huggingface_hub import snapshot_download; "
+            f"snapshot_download('{path}', cache_dir='{cache_dir}')\"`), then rerun with HF_HUB_OFFLINE=1; "
+            f"or set model.path to a local copy.") from e
+    return Path(local)
+
+
+def check_remote_code(path: Path) -> dict:
+    """What the model folder declares (config.json auto_map) and whether those files are present."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    auto = cfg.get("auto_map") or {}
+    files = sorted({v.split(".")[0] + ".py" for v in auto.values() if isinstance(v, str) and "--" not in v})
+    missing = [f for f in files if not (path / f).exists()]
+    weights = sorted(x.name for x in path.glob("*.safetensors")) + sorted(x.name for x in path.glob("*.bin"))
+    return {"path": str(path), "architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
+            "auto_map": auto, "code_files": files, "missing_code_files": missing, "weight_files": weights,
+            "norm_stats_keys": sorted((cfg.get("norm_stats") or {}).keys()),
+            "text_vocab": (cfg.get("text_config") or {}).get("vocab_size"),
+            "pad_to_multiple_of": cfg.get("pad_to_multiple_of")}
+
+
+class OpenVLABackend(VLABackend):
+    name = "openvla"
+
+    def __init__(self, model, processor, device="cpu", stats=None, unnorm_key: str | None = None):
+        self.processor = processor
+        tok = processor.tokenizer
+        cfg = model.config
+        vocab_end = int(cfg.text_config.vocab_size) - int(getattr(cfg, "pad_to_multiple_of", 0) or 0)
+        n_img = int(model.vision_backbone.featurizer.patch_embed.num_patches)
+        norm_stats = getattr(cfg, "norm_stats", None) or {}
+        self.norm_stats = norm_stats
+        if stats is None and norm_stats:
+            key = unnorm_key
+            if key is None and len(norm_stats) == 1:
+                key = next(iter(norm_stats))
+            if key is not None:
+                if key not in norm_stats:
+                    raise ValueError(f"unnorm_key '{key}' not in the model's norm_stats; available: "
+                                     f"{', '.join(sorted(norm_stats))}")
+                stats = norm_stats[key]
+        empty = tok.convert_tokens_to_ids(EMPTY_TOKEN)
+        if empty is None or empty == tok.unk_token_id:
+            empty = DEFAULT_EMPTY_ID
+        super().__init__(model, tok, n_image_tokens=n_img, action_dim=7, vocab_end=vocab_end, device=device,
+                         stats=stats, action_sep_ids=[int(empty)], n_bins=int(getattr(cfg, "n_action_bins", 256)))
+
+    def pixel_values(self, images) -> torch.Tensor:
+        from PIL import Image
+
+        arr = images_to_uint8(images)
+        pil = [Image.fromarray(a).convert("RGB") for a in arr]
+        return self.processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+    @classmethod
+    def load(cls, model_block: Mapping[str, Any], device="cpu") -> OpenVLABackend:
+        from transformers import AutoModelForVision2Seq, AutoProcessor
+
+        from . import torch_dtype
+
+        cache_dir = model_block.get("cache_dir")
+        path = resolve_model_path(str(model_block["path"]), cache_dir)
+        dtype = torch_dtype(model_block.get("dtype", "bf16"))
+        kw: dict[str, Any] = {"trust_remote_code": True, "torch_dtype": dtype}
+        if cache_dir:
+            kw["cache_dir"] = cache_dir
+        if model_block.get("attn_implementation"):
+            kw["attn_implementation"] = model_block["attn_implementation"]
+        try:
+            model = AutoModelForVision2Seq.from_pretrained(str(path), low_cpu_mem_usage=True, **kw)
+        except ImportError as e:
+            raise OpenVLAUnavailable(f"loading OpenVLA's remote code failed ({e}). It needs timm 0.9.10–0.9.16 "
+                                     "(pip install 'timm==0.9.10'), and is tested with transformers 4.40.1, "
+                                     "tokenizers 0.19.1") from e
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True,
+                                                  **({"cache_dir": cache_dir} if cache_dir else {}))
+        model.to(device).eval()
+        return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"))
+
+
+def offline_env(cache_dir: str | None) -> None:
+    """Make HF libraries resolve from cache only (the machines have no network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if cache_dir:
+        os.environ.setdefault("HF_HUB_CACHE", str(cache_dir))

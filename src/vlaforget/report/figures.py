@@ -1,0 +1,188 @@
+"""Paper figures (`vlaforget figures ...`), PNG + PDF into results/figures/.
+
+- pareto: downstream success vs retention, one point per run, method means with 95 % CI bars.
+- training_curves: each run's metrics.jsonl (loss, action accuracy; the method's drift, HSW gains,
+  CRaFT lambda / conflict ratio where logged), mean over seeds per method.
+- ablation: bars of the ablation table (downstream success and retention per variant).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..config import parse_run_name
+from .tables import load_evals, read_table, run_metrics
+
+CURVES = [("loss", "action loss"), ("action_accuracy", "action token accuracy"), ("drift_d", "drift d"),
+          ("hsw_gamma", "HSW gamma (fragile gain)"), ("hsw_beta", "HSW beta (plastic gain)"),
+          ("lambda", "CRaFT lambda"), ("conflict_ratio", "CRaFT conflict ratio"), ("L_ret", "CRaFT L_ret")]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out_dir / f"{name}.{ext}"
+        tmp = out_dir / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        tmp.replace(p)
+        paths.append(p)
+    _plt().close(fig)
+    return paths
+
+
+def retention_of(m: dict) -> tuple[float | None, str]:
+    """The retention measure of a run: upstream-success retention, else VQA retention, else CKA."""
+    for key, label in (("upstream_retention", "upstream success retention"),
+                       ("vqa_retention", "VQA accuracy retention"), ("cka", "CKA vs teacher")):
+        if m.get(key) is not None and np.isfinite(m[key]):
+            return m[key], label
+    return None, "retention"
+
+
+def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
+    plt = _plt()
+    evals = load_evals(eval_files)
+    teacher = evals.get("teacher")
+    per_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    xlabel = "retention"
+    for run, ev in evals.items():
+        if run == "teacher":
+            continue
+        r = parse_run_name(run)
+        m = run_metrics(ev, r["suite"], upstream, teacher)
+        x, xlabel = retention_of(m)
+        y = m["downstream_success"]
+        if x is not None and y is not None:
+            per_method[r["method"]].append((x, y))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, (method, pts) in enumerate(sorted(per_method.items())):
+        a = np.array(pts)
+        color = f"C{i % 10}"
+        ax.scatter(a[:, 0], a[:, 1], color=color, alpha=0.4, s=18)
+        mx, my = a.mean(0)
+        ex = a[:, 0].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
+        ey = a[:, 1].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
+        ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", color=color, label=method, capsize=3)
+    if teacher is not None:
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel + " (run / teacher)" if "retention" in xlabel else xlabel)
+    ax.set_ylabel("downstream success rate")
+    ax.set_title("Downstream success vs retention")
+    if per_method:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no runs with both metrics", ha="center", transform=ax.transAxes)
+    return _save(fig, out_dir, "pareto")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+    return rows
+
+
+def training_curves(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    plt = _plt()
+    series: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
+    for d in run_dirs:
+        try:
+            method = parse_run_name(d.name)["method"]
+        except ValueError:
+            method = d.name
+        rows = read_metrics(d / "metrics.jsonl")
+        for key, _ in CURVES:
+            pts = [(r["step"], r[key]) for r in rows if "step" in r and isinstance(r.get(key), (int, float))]
+            if pts:
+                a = np.array(pts, dtype=float)
+                series[key][method].append((a[:, 0], a[:, 1]))
+    keys = [(k, lab) for k, lab in CURVES if series.get(k)] or CURVES[:2]
+    ncol = min(3, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
+    methods = sorted({m for k in series for m in series[k]})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, (key, label) in zip(axes.flat, keys):
+        for method, runs in sorted(series.get(key, {}).items()):
+            # mean over seeds on the steps all runs logged
+            steps = sorted(set.intersection(*[set(s.tolist()) for s, _ in runs]))
+            if steps:
+                vals = np.array([[dict(zip(s.tolist(), v.tolist()))[t] for t in steps] for s, v in runs])
+                ax.plot(steps, vals.mean(0), color=colors[method], label=method)
+                if len(runs) > 1:
+                    ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[method], alpha=0.15)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if methods:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_dir, "training_curves")
+
+
+def ablation(table_csv: Path, out_dir: Path) -> list[Path]:
+    plt = _plt()
+    rows = [r for r in read_table(table_csv)] if Path(table_csv).exists() else []
+    cols = [(c, lab) for c, lab in (("downstream_success", "downstream success"),
+                                    ("upstream_retention", "upstream retention"),
+                                    ("vqa_retention", "VQA retention"), ("cka", "CKA"))
+            if any(np.isfinite(r.get(f"{c}_mean", float("nan"))) for r in rows)] or [("downstream_success",
+                                                                                         "downstream success")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.2), squeeze=False)
+    labels = [r["method"] for r in rows]
+    for ax, (c, lab) in zip(axes.flat, cols):
+        means = [r.get(f"{c}_mean", float("nan")) for r in rows]
+        cis = [r.get(f"{c}_ci95", float("nan")) for r in rows]
+        cis = [0 if not np.isfinite(x) else x for x in cis]
+        ax.bar(range(len(rows)), np.nan_to_num(means), yerr=cis, capsize=3,
+               color=["grey" if m == "teacher" else f"C{i % 10}" for i, m in enumerate(labels)])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(lab, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, "ablation")
+
+
+def add_args(p) -> None:
+    p.add_argument("--ablation-table", required=True)
+    p.add_argument("--evals", nargs="*", default=[], help="eval JSONs of the main runs and the teacher")
+    p.add_argument("--upstream-suites", nargs="*", default=[])
+    p.add_argument("--run-done", nargs="*", default=[], help="runs' final/done.json (metrics.jsonl beside)")
+    p.add_argument("--out-dir", default="results/figures")
+
+
+def main(args) -> int:
+    out = Path(args.out_dir)
+    upstream = [s for s in args.upstream_suites if s]
+    run_dirs = []
+    for p in args.run_done:
+        d = Path(p).parent.parent  # {root}/runs/{run}/final/done.json -> {root}/runs/{run}
+        if d not in run_dirs:
+            run_dirs.append(d)
+    written = pareto(args.evals, upstream, out) + training_curves(run_dirs, out) + ablation(
+        Path(args.ablation_table), out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

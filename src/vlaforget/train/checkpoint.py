@@ -1,0 +1,83 @@
+"""Resumable training state in an undeclared directory keyed by the run id.
+
+Snakemake deletes a job's declared outputs before rerunning it, so checkpoints live beside them in
+`{run_dir}/checkpoints/{run_id}/step_{N}/` (never declared). A checkpoint holds everything needed to
+continue exactly: trainable weights, optimizer, scheduler, loss scaler, data position, RNG states and
+the plug-ins' state (Thermostat, λ). `latest.json` is written last, so a kill mid-save is harmless.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_torch_save, read_json, write_json
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, scaler, sampler, plugins,
+         aug_gen, keep: int = 2) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    d = ckpt_dir / f"step_{step:08d}"
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "skipped": skipped,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "sampler": sampler.state_dict(),
+        "plugins": {k: p.state_dict() for k, p in plugins.items()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "aug": aug_gen.get_state()},
+    }
+    atomic_torch_save(state, d / "state.pt")
+    write_json(ckpt_dir / "latest.json", {"step": step, "path": d.name})
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    f = Path(ckpt_dir) / "latest.json"
+    if not f.exists():
+        return None
+    p = Path(ckpt_dir) / read_json(f)["path"] / "state.pt"
+    return p if p.exists() else None
+
+
+def restore(path: Path, *, model, optimizer, scheduler, scaler, sampler, plugins, aug_gen) -> tuple[int, int]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = set(state["trainable"]) - set(params)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match this model (e.g. {sorted(missing)[:3]}); "
+                           f"delete {Path(path).parent.parent} to start this run over")
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    for k, p in plugins.items():
+        if k in state["plugins"]:
+            p.load_state_dict(state["plugins"][k])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    aug_gen.set_state(rng["aug"])
+    return int(state["step"]), int(state["skipped"])

@@ -1,0 +1,435 @@
+"""The one training loop: baseline LoRA, ICSM + HSW + Thermostat, CRaFT and every ablation.
+
+Read top to bottom: setup (distributed, data, model + LoRA, plug-ins, optimizer), resume, loop
+(micro-batches → loss → backward → step → controllers → logs → checkpoints), final adapter.
+Methods only plug in (train/plugins.py); with none enabled this is plain LoRA fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import load_stage_config
+from ..io import atomic_write_text, progress, provenance, seed_everything, write_json
+from ..paths import apply_job_env
+from . import checkpoint as ckpt
+from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext
+
+log = logging.getLogger("vlaforget.train")
+
+
+class TrainingError(RuntimeError):
+    user_facing = True
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class StepSampler:
+    """Deterministic, resumable sample order: a seeded permutation per epoch; position = (epoch, i)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.pos = 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return perm[self.rank :: self.world]  # each rank its own shard
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self._perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make_perm()
+            take = min(k - len(out), len(self._perm) - self.pos)
+            out.extend(int(i) for i in self._perm[self.pos : self.pos + take])
+            self.pos += take
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._perm = self._make_perm()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_schedule(optimizer, tcfg: dict):
+    total, warm = int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0))
+    kind = tcfg.get("lr_schedule", "constant")
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_factory(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("train.precision is bf16 but this GPU has no bf16 support (e.g. V100): "
+                                "use precision: fp16 (profiles/v100x8 sets it)")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    raise TrainingError("train.precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+
+
+def apply_lora(backend, lcfg: dict, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # LoRA init is seeded by the run seed
+    targets = backend.lora_targets(lcfg.get("targets", ["attn", "mlp"]), lcfg.get("layers", "all"))
+    conf = LoraConfig(r=int(lcfg["r"]), lora_alpha=float(lcfg.get("alpha", 16)),
+                      lora_dropout=float(lcfg.get("dropout", 0.0)), target_modules=targets,
+                      init_lora_weights="gaussian", bias="none")
+    model = get_peft_model(backend.model, conf)
+    for n, p in model.named_parameters():  # only LoRA trains
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def load_samples(ds, indices) -> list[dict]:
+    return [ds[int(i)] for i in indices]
+
+
+def finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None) -> dict:
+    """Train one run from its stage config.
+
+    stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
+    instead of loading the base model and the dataset cache named in the config."""
+    from ..data.cache import CachedDataset
+    from ..models import load_backend
+
+    t_start = time.time()
+    root = Path(sc["root"])
+    apply_job_env(root)
+    tcfg, mcfg = sc["train"], sc["method"]
+    out_dir = Path(sc["out_dir"])
+    ckpt_dir = out_dir / "checkpoints" / sc["run_id"]
+    dist: DistInfo = init_distributed()
+    device = dist.device
+    seed_everything(int(sc["seed"]))
+    torch.set_num_threads(int(os.environ.get("VLAFORGET_THREADS", torch.get_num_threads())))
+
+    # --- data: the suite's train split (n-shot subset if asked); statistics travel with the run
+    ds = dataset if dataset is not None else CachedDataset(
+        sc["dataset"]["cache_dir"], split="train", shots=sc.get("shots"), seed=int(sc["seed"]))
+    if len(ds) == 0:
+        raise TrainingError(f"dataset {sc['dataset']['name']} has no training samples "
+                            f"(shots={sc.get('shots')}): check the cache at {sc['dataset']['cache_dir']}")
+    stats = {sc["dataset"]["name"]: ds.statistics}
+
+    # --- model + LoRA (+ gradient checkpointing, DDP)
+    if backend is None:
+        backend = load_backend(sc["model"], device=device, stats=ds.statistics)
+    else:
+        backend.set_stats(ds.statistics)
+    if tcfg.get("gradient_checkpointing"):
+        backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(backend, tcfg["lora"], int(sc["seed"]))
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    autocast = autocast_factory(tcfg.get("precision", "fp32"), device)
+    ctx = TrainContext(backend=backend, model=model, device=device, stage_cfg=sc, trainable=trainable,
+                       autocast=autocast, world_size=dist.world)
+
+    # --- method plug-ins (all off = baseline)
+    plugins = build_plugins(ctx, sc)
+    ctx.plugins = plugins
+
+    # --- optimizer, schedule, loss scaling
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=float(tcfg["lr"]),
+                                  weight_decay=float(tcfg.get("weight_decay", 0.0)))
+    scheduler = make_schedule(optimizer, tcfg)
+    use_scaler = tcfg.get("precision") == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
+    if use_scaler and "craft" in plugins:
+        raise TrainingError("CRaFT's two-gradient update does not support fp16 loss scaling yet: use "
+                            "precision bf16 or fp32 for CRaFT runs")
+    sampler = StepSampler(len(ds), int(sc["seed"]), dist.rank, dist.world)
+    aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
+
+    # --- resume exactly where an interrupted run stopped
+    step, skipped = 0, 0
+    state = ckpt.latest(ckpt_dir)
+    if state is not None:
+        step, skipped = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
+        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "dataset_statistics.json", stats)
+        atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
+    logger = RunLogger(out_dir, sc, enabled=dist.is_main, resume=step > 0)
+
+    max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
+    bsz = int(tcfg["batch_size"])
+    bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
+    best_eval, bad_evals = -1.0, 0
+    t_log, steps_since_log = time.perf_counter(), 0
+    while step < max_steps:
+        # ---------------------------------------------------------------- one optimizer step
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        step_ok = True
+        for micro in range(accum):
+            samples = load_samples(ds, sampler.take(bsz))
+            batch = backend.collate(samples, train=bool(tcfg.get("image_aug")), generator=aug_gen)
+            sync = contextlib.nullcontext() if (dist.world == 1 or micro == accum - 1) else model.no_sync()
+            with sync:
+                with autocast():
+                    out = backend.forward(batch, model=model)
+                    metrics = backend.action_metrics(batch, out.logits)
+                    losses = {"act": metrics["loss"]}
+                    for p in plugins.values():
+                        losses.update(p.extra_losses(batch, out))
+                if not finite(*losses.values()):
+                    step_ok = False  # NaN/Inf guard: skip the whole step, count it
+                    break
+                handled = any([p.backward(losses, 1.0 / accum) for p in plugins.values()])
+                if not handled:
+                    loss = losses["act"] / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
+        grads = [p.grad for _, p in trainable if p.grad is not None]
+        if step_ok and scaler:
+            scaler.unscale_(optimizer)
+        if step_ok and not finite(*grads):
+            step_ok = False
+        if not step_ok:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.update()
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
+            if skipped > max(10, max_steps // 10):
+                raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
+                                    "train.lr, use precision bf16/fp32, or check the data statistics")
+            continue
+        grad_norm = float(torch.norm(torch.stack([g.detach().float().norm() for g in grads]))) if grads else 0.0
+        if tcfg.get("max_grad_norm"):
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        steps_since_log += 1
+        for p in plugins.values():
+            p.every_step(step)
+
+        # ---------------------------------------------------------------- logs, checkpoints, eval
+        if step % int(tcfg.get("log_every", 10)) == 0 or step == max_steps or step == 1:
+            rec = {"step": step, "loss": sums.get("loss"), "action_accuracy": sums.get("accuracy"),
+                   "l1_loss": sums.get("l1"), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "skipped_steps": skipped, "epoch": sampler.epoch}
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["step_time_s"] = (time.perf_counter() - t_log) / max(1, steps_since_log)
+            for p in plugins.values():
+                rec.update(p.logs())
+            logger.log(rec)
+            t_log, steps_since_log = time.perf_counter(), 0
+            if bar:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
+        if bar:
+            bar.update(1)
+        if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
+            ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
+        if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
+            score = periodic_eval(backend, model, sc, tcfg)
+            logger.log({"step": step, "eval_success_rate": score})
+            if score > best_eval + float(tcfg.get("early_stopping_min_delta", 0.0)):
+                best_eval, bad_evals = score, 0
+            else:
+                bad_evals += 1
+            if tcfg.get("early_stopping_patience") and bad_evals >= int(tcfg["early_stopping_patience"]):
+                log.info("early stopping at step %d: no improvement in %d evaluations", step, bad_evals)
+                break
+        if stop_after is not None and step >= stop_after:
+            if bar:
+                bar.close()
+            logger.close()
+            return {"stopped_at": step}
+    if bar:
+        bar.close()
+
+    # --- final adapter + completion record (written last)
+    result = {}
+    if dist.is_main:
+        final = out_dir / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.save_pretrained(str(final))
+        write_json(final / "dataset_statistics.json", stats)
+        last = logger.last
+        result = {"run_id": sc["run_id"], "run_name": sc["run_name"], "method": sc["method_name"],
+                  "steps": step, "skipped_steps": skipped, "final_metrics": last,
+                  "wall_time_s": round(time.time() - t_start, 1), "world_size": dist.world,
+                  "adapter_files": sorted(p.name for p in final.iterdir()), **provenance()}
+        write_json(final / "done.json", result)
+    logger.close()
+    for p in plugins.values():
+        p.close()
+    cleanup_distributed(dist)
+    return result
+
+
+def build_plugins(ctx: TrainContext, sc: dict) -> dict:
+    from ..data.cache import CachedDataset
+
+    mcfg = sc["method"]
+    plugins: dict = {}
+    icsm = None
+    if mcfg["hsw"].get("enabled") or mcfg["thermostat"].get("enabled"):
+        if not sc.get("icsm_dir") or not (Path(sc["icsm_dir"]) / "meta.json").exists():
+            raise TrainingError(f"method '{sc['method_name']}' needs the ICSM artifacts at {sc.get('icsm_dir')}"
+                                " (meta.json missing): run the icsm rule first")
+        from .icsm_adapter import IcsmView
+
+        icsm = IcsmView.load(sc["icsm_dir"])
+    if mcfg["hsw"].get("enabled"):
+        plugins["hsw"] = HSWPlugin(ctx, mcfg["hsw"], icsm)
+    if mcfg["thermostat"].get("enabled"):
+        from ..data.probe import load_probe
+
+        probe = load_probe(sc["probe_dir"])
+        pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
+        samples = [pds[int(i)] for i in probe["indices"]]
+        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]))
+    if mcfg["craft"].get("enabled"):
+        from ..methods.craft import load_anchors
+
+        anchors = load_anchors(sc["craft_dir"])
+        want = mcfg["craft"].get("anchor", anchors["pooling"])
+        by_pooling = anchors.get("features_by_pooling") or {anchors["pooling"]: anchors["features"]}
+        if want not in by_pooling:
+            raise TrainingError(f"anchor cache {sc['craft_dir']} has no '{want}' features "
+                                f"(has {sorted(by_pooling)}): rerun the craft_anchors rule")
+        anchors = dict(anchors, pooling=want, features=by_pooling[want])
+        ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"))
+        samples = [ads[int(i)] for i in anchors["indices"]]
+        plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
+                                       int(sc["train"]["batch_size"]))
+    return plugins
+
+
+def periodic_eval(backend, model, sc: dict, tcfg: dict) -> float:
+    from ..eval.closed_loop import evaluate_model
+
+    res = evaluate_model(backend, sc["periodic_eval"], model=model,
+                         episodes_per_task=int(tcfg.get("eval_episodes_per_task", 1)))
+    return float(res["success_rate"])
+
+
+class RunLogger:
+    """metrics.jsonl (machine), train_progress.log (human), W&B (optional, offline by default)."""
+
+    def __init__(self, out_dir: Path, sc: dict, enabled: bool, resume: bool):
+        self.enabled = enabled
+        self.last: dict = {}
+        self.wandb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if resume else "w"
+        self.jsonl = open(out_dir / "metrics.jsonl", mode)
+        self.human = open(out_dir / "train_progress.log", mode)
+        self.max_steps = sc["train"]["max_steps"]
+        if sc["train"].get("use_wandb"):
+            import wandb
+
+            self.wandb = wandb.init(project=sc["train"].get("wandb_project", "vlaforget"), name=sc["run_id"],
+                                    id=sc["run_id"], resume="allow", config=sc,
+                                    mode=sc["train"].get("wandb_mode", "offline"),
+                                    dir=os.environ.get("WANDB_DIR"))
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: v for k, v in rec.items() if v is not None}
+        self.last = rec
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        self.human.write(format_progress(rec, self.max_steps) + "\n")
+        self.human.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.human.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+def format_progress(rec: dict, max_steps: int) -> str:
+    parts = [f"Step {rec['step']}/{max_steps}"]
+    fmt = [("loss", "Loss", "{:.4f}"), ("action_accuracy", "Acc", "{:.3f}"), ("l1_loss", "L1", "{:.4f}"),
+           ("drift_d", "d", "{:.4f}"), ("hsw_beta", "β", "{:.3f}"), ("hsw_gamma", "γ", "{:.3f}"),
+           ("hsw_g_norm", "‖g‖", "{:.3e}"), ("hsw_gprime_norm", "‖g'‖", "{:.3e}"),
+           ("L_ret", "Ret", "{:.4f}"), ("conflict_ratio", "Conflict", "{:.2%}"),
+           ("grad_norm", "GradNorm", "{:.3f}"), ("lr", "LR", "{:.2e}")]
+    for key, label, f in fmt:
+        if key in rec and isinstance(rec[key], (int, float)):
+            parts.append(f"{label}: {f.format(rec[key])}")
+    if "lambda_before" in rec:
+        parts.insert(-2, f"λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f}")
+    if rec.get("skipped_steps"):
+        parts.append(f"Skipped: {rec['skipped_steps']}")
+    if "eval_success_rate" in rec:
+        parts.append(f"EvalSuccess: {rec['eval_success_rate']:.3f}")
+    return " | ".join(parts)
+
+
+def add_args(p):
+    p.add_argument("--config", required=True, help="train stage config ({root}/configs/train/<run>.yaml)")
+
+
+def main(args) -> int:
+    sc = load_stage_config(args.config, "train")
+    res = run_training(sc)
+    if res:
+        log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
+    return 0

@@ -1,0 +1,300 @@
+"""Method plug-ins for the one training loop: HSW (gradient surgery), Thermostat (closed-loop β/γ),
+CRaFT (retention loss + dual variable + conflict projection).
+
+The loop calls, in order, for each optimizer step:
+    extra_losses(batch, out)   -> dict of added loss terms (per micro-batch)
+    backward(losses, scale)    -> True if the plug-in did the backward pass itself
+    every_step(step)           -> after the optimizer step (periodic controllers)
+    logs()                     -> scalars for metrics.jsonl / W&B
+and state_dict()/load_state_dict() for exact resume. With no plug-in enabled the loop is the
+baseline; the math lives in vlaforget.methods (unit-tested there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TrainContext:
+    backend: Any
+    model: torch.nn.Module  # PEFT (and maybe DDP) wrapped
+    device: torch.device
+    stage_cfg: dict
+    trainable: list  # [(name, param)] in a fixed order
+    autocast: Any  # callable returning an autocast context
+    world_size: int = 1
+    plugins: dict = field(default_factory=dict)
+
+
+class Plugin:
+    name = "plugin"
+
+    def extra_losses(self, batch, out) -> dict:
+        return {}
+
+    def needs_hidden_states(self) -> bool:
+        return False
+
+    def backward(self, losses: dict, scale: float) -> bool:
+        return False
+
+    def every_step(self, step: int) -> None:
+        pass
+
+    def logs(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- HSW
+
+
+class HSWPlugin(Plugin):
+    """Projects the gradient w.r.t. each hooked decoder layer's output hidden states, per token:
+    g' = g_n + β g_p + γ g_f, then clamps ‖g'‖ ≤ ‖g‖ (methods.hsw.hsw_transform)."""
+
+    name = "hsw"
+
+    def __init__(self, ctx: TrainContext, cfg: dict, icsm):
+        from ..methods.hsw import hsw_transform
+
+        self._transform = hsw_transform
+        self.ctx = ctx
+        self.beta = float(cfg.get("beta", 1.0))
+        self.gamma = float(cfg.get("gamma", 1.0))
+        self.clamp = cfg.get("clamp", "per_token")
+        self.eps = float(cfg.get("eps", 1e-12))
+        self.layer_map = icsm.layer_bases(cfg.get("groups", "icsm"), ctx.backend.num_layers,
+                                          sensitivity=cfg.get("use_sensitivity_order", True))
+        # layer -> (U_f [D,rf], U_p [D,rp]) on device, fp32
+        self.bases = {l: (uf.to(ctx.device, torch.float32), up.to(ctx.device, torch.float32))
+                      for l, (uf, up) in self.layer_map.items()}
+        self._acc = self._zero_acc()
+        self._handles = []
+        layers = ctx.backend.decoder_layers(ctx.model)
+        for l in self.bases:
+            self._handles.append(layers[l].register_forward_hook(self._make_forward_hook(l)))
+
+    @staticmethod
+    def _zero_acc():
+        return {"g": 0.0, "gprime": 0.0, "gf": 0.0, "gp": 0.0, "gn": 0.0, "calls": 0}
+
+    def _make_forward_hook(self, layer_idx: int):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not (torch.is_grad_enabled() and hidden.requires_grad):
+                return None
+            uf, up = self.bases[layer_idx]
+
+            def grad_hook(g):
+                g2, stats = self._transform(g, uf, up, self.beta, self.gamma, clamp=self.clamp, eps=self.eps)
+                acc = self._acc
+                for k_src, k_dst in (("g_norm", "g"), ("gprime_norm", "gprime"), ("gf_norm", "gf"),
+                                     ("gp_norm", "gp"), ("gn_norm", "gn")):
+                    if k_src in stats:
+                        acc[k_dst] += float(stats[k_src]) ** 2
+                acc["calls"] += 1
+                return g2
+
+            hidden.register_hook(grad_hook)
+            return None
+
+        return hook
+
+    def logs(self) -> dict:
+        a = self._acc
+        out = {"hsw_beta": self.beta, "hsw_gamma": self.gamma}
+        if a["calls"]:
+            out.update(hsw_g_norm=math.sqrt(a["g"]), hsw_gprime_norm=math.sqrt(a["gprime"]),
+                       hsw_gf_norm=math.sqrt(a["gf"]), hsw_gp_norm=math.sqrt(a["gp"]),
+                       hsw_gn_norm=math.sqrt(a["gn"]))
+        self._acc = self._zero_acc()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.gamma = float(state["beta"]), float(state["gamma"])
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- Thermostat
+
+
+class ThermostatPlugin(Plugin):
+    """Every K steps: probe mini-batch through the student (no grad), pooled instruction states at
+    the representative layers, drift d vs the teacher's C_T, control law → HSW β/γ."""
+
+    name = "thermostat"
+
+    def __init__(self, ctx: TrainContext, cfg: dict, icsm, probe_samples, seed: int):
+        from ..methods.thermostat import ControlLaw
+
+        self.ctx = ctx
+        self.cfg = cfg
+        self.every = int(cfg.get("every", 50))
+        self.batch = int(cfg.get("probe_batch", 64))
+        self.metric = cfg.get("metric", "basis")
+        self.icsm = icsm
+        self.samples = probe_samples  # list of sample dicts (image, instruction, action)
+        self.law = ControlLaw(cfg)
+        self.gen = torch.Generator().manual_seed(int(seed) + 7919)
+        self.last: dict = {}
+
+    def measure(self) -> tuple[float, dict]:
+        from ..methods.icsm import covariance, pool_instruction
+        from ..methods.thermostat import drift
+
+        n = len(self.samples)
+        idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
+        model = self.ctx.model
+        was_training = model.training
+        model.eval()
+        pooled: dict[int, list] = {rep: [] for rep in self.icsm.rep_layers}
+        chunk = max(1, int(self.ctx.stage_cfg["train"]["batch_size"]))  # bounded memory on 24 GB GPUs
+        with torch.no_grad():
+            for s in range(0, len(idx), chunk):
+                batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
+                with self.ctx.autocast():
+                    out = self.ctx.backend.forward(batch, output_hidden_states=True, model=model)
+                for rep in pooled:
+                    p, _ = pool_instruction(out.hidden_states[rep + 1].float(), batch["instruction_mask"])
+                    pooled[rep].append(p)
+                del out
+        model.train(was_training)
+        per_layer = {}
+        for rep, parts in pooled.items():
+            c_s = covariance(torch.cat(parts))
+            per_layer[rep] = float(drift(c_s, self.icsm.C_T[rep].to(c_s.device), metric=self.metric,
+                                         basis=self.icsm.basis[rep].to(c_s.device)))
+        d = sum(per_layer.values()) / len(per_layer)
+        return d, per_layer
+
+    def every_step(self, step: int) -> None:
+        if step % self.every != 0:
+            return
+        d, per_layer = self.measure()
+        beta, gamma, phase = self.law.observe(d)
+        hsw = self.ctx.plugins.get("hsw")
+        if hsw is not None:
+            hsw.beta, hsw.gamma = float(beta), float(gamma)
+        self.last = {"drift_d": d, "thermostat_phase": phase,
+                     **{f"drift_d_L{k}": v for k, v in per_layer.items()}}
+
+    def logs(self) -> dict:
+        out, self.last = self.last, {}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"law": self.law.state_dict(), "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.law.load_state_dict(state["law"])
+        self.gen.set_state(state["gen"])
+
+
+# ----------------------------------------------------------------------------- CRaFT
+
+
+class CraftPlugin(Plugin):
+    """Retention loss on cached teacher anchors, dual variable λ, conflict-aware projection."""
+
+    name = "craft"
+
+    def __init__(self, ctx: TrainContext, cfg: dict, anchors: dict, anchor_samples: list, seed: int,
+                 batch_size: int):
+        self.ctx = ctx
+        self.cfg = cfg
+        self.eps_budget = float(cfg.get("epsilon", 0.05))
+        self.lmbda = float(cfg.get("lambda_init", 0.0)) if cfg.get("dual", True) else float(
+            cfg.get("fixed_lambda", 0.1))
+        self.lambda_lr = float(cfg.get("lambda_lr", 0.01))
+        self.dual = bool(cfg.get("dual", True))
+        self.projection = bool(cfg.get("projection", True))
+        self.pooling = anchors["pooling"]
+        self.layer = int(anchors["layer"])
+        self.features = anchors["features"].float()  # [N, D]
+        self.samples = anchor_samples
+        self.batch = batch_size
+        self.gen = torch.Generator().manual_seed(int(seed) + 104729)
+        self._logs: dict = {}
+        self._acc: dict = {}
+
+    def extra_losses(self, batch, out) -> dict:
+        from ..methods.craft import pool_features
+
+        n = len(self.samples)
+        idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
+        abatch = self.ctx.backend.collate([self.samples[i] for i in idx])
+        with self.ctx.autocast():
+            aout = self.ctx.backend.forward(abatch, output_hidden_states=True, model=self.ctx.model)
+        feat = pool_features(aout.hidden_states[self.layer].float(), abatch, self.pooling,
+                             self.ctx.backend.n_image_tokens)
+        target = self.features[idx].to(feat.device)
+        return {"ret": torch.nn.functional.mse_loss(feat, target)}
+
+    def backward(self, losses: dict, scale: float) -> bool:
+        from ..methods.craft import combine, conflict_project
+
+        params = [p for _, p in self.ctx.trainable]
+        l_act, l_ret = losses["act"], losses["ret"]
+        g_ret = list(torch.autograd.grad(l_ret, params, retain_graph=True, allow_unused=True))
+        g_act = list(torch.autograd.grad(l_act, params, allow_unused=True))
+        nonfinite = not (bool(torch.isfinite(l_ret)) and all(g is None or bool(torch.isfinite(g).all())
+                                                             for g in g_ret))
+        if nonfinite:  # never let a broken retention term poison the update: act-only step
+            g_ret = [None] * len(params)
+        g_act, stats = conflict_project(g_act, g_ret, projection=self.projection)
+        for p, g in zip(params, combine(g_act, g_ret, self.lmbda)):
+            if g is not None:
+                g = g * scale
+                p.grad = g if p.grad is None else p.grad + g
+        a = self._acc
+        a["L_act"] = a.get("L_act", 0.0) + float(l_act.detach()) * scale
+        a["L_ret"] = a.get("L_ret", 0.0) + (0.0 if nonfinite else float(l_ret.detach())) * scale
+        for k in ("grad_dot", "grad_cos", "conflict_ratio"):
+            a[k] = a.get(k, 0.0) + float(stats[k]) * scale
+        a["projection"] = max(a.get("projection", 0.0), float(bool(stats["projection"])))
+        a["nonfinite"] = max(a.get("nonfinite", 0.0), float(nonfinite))
+        return True
+
+    def every_step(self, step: int) -> None:
+        from ..methods.craft import dual_update
+
+        a, self._acc = self._acc, {}
+        before = self.lmbda
+        if self.dual and a:
+            self.lmbda = float(dual_update(self.lmbda, a["L_ret"], self.eps_budget, self.lambda_lr))
+        self._logs = {"L_act": a.get("L_act"), "L_ret": a.get("L_ret"), "lambda": self.lmbda,
+                      "lambda_before": before, "lambda_after": self.lmbda, "epsilon": self.eps_budget,
+                      "grad_dot": a.get("grad_dot"), "grad_cos": a.get("grad_cos"),
+                      "projection": a.get("projection"), "conflict_ratio": a.get("conflict_ratio"),
+                      "retention_nonfinite": a.get("nonfinite"), "retention_mode": "hidden"}
+
+    def logs(self) -> dict:
+        out, self._logs = self._logs, {}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def state_dict(self) -> dict:
+        return {"lambda": self.lmbda, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lmbda = float(state["lambda"])
+        self.gen.set_state(state["gen"])

@@ -1,0 +1,152 @@
+"""Teacher pretraining for the tiny VLA: behaviour cloning on the upstream demonstrations, mixed
+with visual question answering, so the teacher has two skills a fine-tune can forget.
+
+Each step draws a VQA batch with probability `vqa_fraction`, else a behaviour-cloning batch (openvla
+prompt + action tokens); AdamW with linear warm-up and cosine decay, fp32, seeded. Also the
+teacher's held-out metrics and a minimal closed-loop Meta-World rollout (one env, batch 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..io import log, progress
+
+
+def _lr_lambda(steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def pretrain(backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, Any],
+             image_aug: bool = True) -> dict:
+    """Train backend.model in place. bc_data: indexable of samples (CachedDataset, train split);
+    vqa_data: list of VQA samples. Returns the training history (loss/accuracy per logged step)."""
+    steps, bsz = int(pcfg.get("steps", 1000)), int(pcfg.get("batch_size", 32))
+    frac = float(pcfg.get("vqa_fraction", 0.3)) if len(vqa_data) else 0.0
+    seed = int(pcfg.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = backend.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.get("lr", 1e-3)),
+                            weight_decay=float(pcfg.get("weight_decay", 0.01)), betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, int(0.05 * steps))))
+    hist: dict[str, list] = {"step": [], "bc_loss": [], "bc_acc": [], "vqa_loss": [], "seconds": []}
+    ema: dict[str, float] = {}
+    t0 = time.time()
+    bar = progress(range(steps), desc="pretrain teacher")
+    for step in bar:
+        is_vqa = rng.random() < frac
+        if is_vqa:
+            idx = rng.integers(0, len(vqa_data), bsz)
+            samples = [vqa_data[int(i)] for i in idx]
+            if image_aug:
+                from ..models.base import augment_images
+
+                imgs = augment_images(np.stack([s["image"] for s in samples]), gen)
+                samples = [dict(s, image=im) for s, im in zip(samples, imgs)]
+            batch = backend.collate_vqa(samples)
+            out = backend.forward(batch)
+            loss = backend.lm_loss(batch, out.logits)
+            key = "vqa_loss"
+        else:
+            idx = rng.integers(0, len(bc_data), bsz)
+            batch = backend.collate([bc_data[int(i)] for i in idx], train=image_aug, generator=gen)
+            out = backend.forward(batch)
+            m = backend.action_metrics(batch, out.logits)
+            loss = m["loss"]
+            ema["bc_acc"] = 0.9 * ema.get("bc_acc", float(m["accuracy"])) + 0.1 * float(m["accuracy"])
+            key = "bc_loss"
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema[key] = 0.9 * ema.get(key, float(loss)) + 0.1 * float(loss)
+        if step % 50 == 0 or step == steps - 1:
+            hist["step"].append(step)
+            for k in ("bc_loss", "bc_acc", "vqa_loss"):
+                hist[k].append(ema.get(k))
+            hist["seconds"].append(time.time() - t0)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: round(v, 3) for k, v in ema.items()})
+    model.eval()
+    hist["train_seconds"] = time.time() - t0
+    log.info("pretraining: %d steps in %.0f s; %s", steps, hist["train_seconds"],
+             {k: round(v, 3) for k, v in ema.items()})
+    return hist
+
+
+@torch.no_grad()
+def heldout_metrics(backend, bc_heldout, vqa_heldout: Sequence[Mapping], n_bc: int = 512,
+                    batch_size: int = 64) -> dict:
+    """Held-out BC action-token accuracy / L1 (teacher forcing) and VQA exact-match accuracy."""
+    model = backend.model
+    model.eval()
+    out: dict[str, Any] = {}
+    if bc_heldout is not None and len(bc_heldout):
+        idx = np.linspace(0, len(bc_heldout) - 1, min(n_bc, len(bc_heldout))).round().astype(int)
+        correct = total = 0
+        l1s = []
+        for s in range(0, len(idx), batch_size):
+            batch = backend.collate([bc_heldout[int(i)] for i in idx[s:s + batch_size]])
+            m = backend.action_metrics(batch, backend.forward(batch).logits)
+            n = int(batch["action_targets"].numel())
+            correct += float(m["accuracy"]) * n
+            total += n
+            l1s.append(float(m["l1"]) * n)
+        out.update(bc_token_accuracy=correct / total, bc_l1=sum(l1s) / total, bc_samples=len(idx))
+    if vqa_heldout:
+        right = 0
+        by_kind: dict[str, list[int]] = {}
+        for s in range(0, len(vqa_heldout), batch_size):
+            chunk = list(vqa_heldout[s:s + batch_size])
+            answers = backend.answer([c["image"] for c in chunk], [c["question"] for c in chunk])
+            for c, a in zip(chunk, answers):
+                ok = int(a.strip().lower() == str(c["answer"]).strip().lower())
+                right += ok
+                by_kind.setdefault(str(c.get("kind", "all")), []).append(ok)
+        out.update(vqa_accuracy=right / len(vqa_heldout), vqa_samples=len(vqa_heldout),
+                   vqa_accuracy_by_kind={k: float(np.mean(v)) for k, v in by_kind.items()})
+    return out
+
+
+@torch.no_grad()
+def closed_loop_success(backend, tasks: Sequence[str], episodes: int, seed: int, *,
+                        camera: str = "corner3", render_size: int = 64, max_steps: int = 150,
+                        instructions: Mapping | None = None) -> dict:
+    """Minimal closed-loop evaluation: one env, batch 1, episode seeds seed, seed+1, ... per task."""
+    from ..data.instructions import canonical_instruction
+    from ..envs.metaworld import MetaWorldEnv
+
+    res: dict[str, Any] = {"per_task": {}, "episodes": episodes, "seed": seed, "max_steps": max_steps}
+    t0 = time.time()
+    for task in tasks:
+        instr = canonical_instruction(task, dict(instructions or {}))
+        wins, lengths = [], []
+        with MetaWorldEnv(task, seed, camera=camera, render_size=render_size, max_steps=max_steps) as env:
+            for k in range(episodes):
+                obs = env.reset(seed + k)
+                done = success = False
+                while not done:
+                    act = backend.predict_actions(obs["image"][None], [instr])[0]
+                    obs, success, done = env.step(act)
+                wins.append(int(success))
+                lengths.append(env.steps)
+        res["per_task"][task] = {"success": float(np.mean(wins)), "wins": wins, "steps": lengths}
+        log.info("closed loop %s: %.2f", task, np.mean(wins))
+    res["mean_success"] = float(np.mean([v["success"] for v in res["per_task"].values()]))
+    res["seconds"] = time.time() - t0
+    return res

@@ -1,0 +1,65 @@
+"""Shared fixtures: a private data root per test, the repo's study configs, small helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("VLAFORGET_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def tmp_root(tmp_path, monkeypatch):
+    """A data root under tmp_path; VLAFORGET_ALLOWED_ROOT / VLAFORGET_ROOT point at it."""
+    allowed = tmp_path / "data"
+    root = allowed / "vlaforget"
+    allowed.mkdir()
+    monkeypatch.setenv("VLAFORGET_ALLOWED_ROOT", str(allowed))
+    monkeypatch.setenv("VLAFORGET_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def demo_config(tmp_root):
+    """config/config.yaml + config/demo.yaml, validated, with the root under tmp."""
+    from vlaforget.config import load_config
+
+    return load_config(REPO / "config" / "config.yaml", REPO / "config" / "demo.yaml")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (Snakefile, rules, configs, profiles) so Snakemake's .snakemake/ and
+    results/ land under tmp, not in the repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "Snakefile", dest / "Snakefile")
+    for d in ("workflow", "config", "profiles"):
+        shutil.copytree(REPO / d, dest / d, symlinks=True)
+    # the schema symlink points into src/: resolve it in the copy
+    schema = dest / "workflow" / "schemas" / "config.schema.yaml"
+    if schema.is_symlink():
+        schema.unlink()
+        shutil.copy(REPO / "src" / "vlaforget" / "config.schema.yaml", schema)
+    return dest
+
+
+def snakemake(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300):
+    """`python -m snakemake ARGS` in a subprocess (the Python API ignores profiles)."""
+    e = dict(os.environ)
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    if env:
+        e.update(env)
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def workflow_copy(tmp_path):
+    return copy_workflow(tmp_path / "wf")

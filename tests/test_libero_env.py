@@ -1,0 +1,112 @@
+"""LIBERO protocol functions (no LIBERO needed) + one real episode (marker `libero`)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from vlaforget.envs import libero as L
+
+
+def test_step_caps_and_wait_actions():
+    assert {s: L.max_steps_for(s) for s in L.SUITE_MAX_STEPS} == {
+        "libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+    assert L.max_steps_for("libero_goal_no_noops") == 300
+    with pytest.raises(ValueError, match="unknown LIBERO suite"):
+        L.max_steps_for("libero_100")
+    w = L.wait_actions()
+    assert len(w) == 10 and all(a == [0, 0, 0, 0, 0, 0, -1] for a in w)
+
+
+def test_gripper_conversion():
+    # model gripper 1 = open -> LIBERO -1 (open); 0 = close -> +1 (close); 0.5 -> sign(0) = 0
+    a = np.array([[0.1, -0.2, 0.3, 0, 0, 0, 1.0], [0, 0, 0, 0, 0, 0, 0.0], [0, 0, 0, 0, 0, 0, 0.8],
+                  [0, 0, 0, 0, 0, 0, 0.2], [0, 0, 0, 0, 0, 0, 0.5]])
+    out = np.stack([L.convert_gripper(x) for x in a])
+    assert out[:, -1].tolist() == [-1.0, 1.0, -1.0, 1.0, 0.0]
+    assert np.allclose(out[:, :-1], a[:, :-1])
+    assert a[0, -1] == 1.0  # input untouched
+
+
+def test_preprocess_rotates_and_resizes():
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:4, :4] = 255  # top-left block -> bottom-right after 180°
+    out = L.preprocess_image(img, size=16, jpeg=False)
+    assert out.shape == (16, 16, 3) and out[-1, -1].min() == 255 and out[0, 0].max() == 0
+    big = L.preprocess_image(np.tile(img, (4, 4, 1)), size=8)
+    assert big.shape == (8, 8, 3) and big.dtype == np.uint8
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    j = L.jpeg_roundtrip(smooth)
+    assert j.shape == smooth.shape and 0 < np.abs(j.astype(int) - smooth).mean() < 8  # lossy, close
+
+
+def test_center_crop_matches_crop_and_resize_definition():
+    h = w = 10
+    ramp = np.tile(np.arange(w, dtype=np.float32)[None, :, None] * 25, (h, 1, 3)).astype(np.uint8)
+    out = L.center_crop(ramp, area=0.9)
+    s = np.sqrt(0.9)
+    lo, hi = (1 - s) / 2, (1 + s) / 2
+    xs = lo * (w - 1) + np.arange(w) * (hi - lo)  # sample positions (align-corners)
+    want = np.floor(np.interp(xs, np.arange(w), np.arange(w) * 25.0) / 255 * 255.5)
+    assert np.array_equal(out[0, :, 0], want.astype(np.uint8))
+    assert np.array_equal(L.center_crop(ramp, area=1.0), ramp)  # identity box
+    batch = L.center_crop(np.stack([ramp, ramp]), 0.9)
+    assert batch.shape == (2, h, w, 3) and np.array_equal(batch[1], out)
+
+
+def test_quat2axisangle():
+    assert np.allclose(L.quat2axisangle([0, 0, 0, 1]), 0)
+    q = [0, 0, np.sin(np.pi / 4), np.cos(np.pi / 4)]  # 90° about z
+    assert np.allclose(L.quat2axisangle(q), [0, 0, np.pi / 2])
+
+
+def test_config_messages(tmp_path):
+    with pytest.raises(L.LiberoConfigError, match="LIBERO_CONFIG_PATH"):
+        L.check_libero_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("bddl_files: /x\n")
+    with pytest.raises(L.LiberoConfigError, match="benchmark_root, init_states, datasets, assets"):
+        L.check_libero_config(tmp_path)
+    d = L.libero_config_dict(tmp_path / "pkg")
+    assert sorted(d) == sorted(L.CONFIG_KEYS) and d["init_states"].endswith("init_files")
+
+
+def _libero_ready() -> str | None:
+    try:
+        pkg = L.libero_package_dir()
+    except L.LiberoUnavailable as e:
+        return str(e)
+    if not (pkg / "assets").is_dir():
+        return f"LIBERO assets missing at {pkg / 'assets'}: run `python -m vlaforget.envs.libero_setup`"
+    return None
+
+
+@pytest.mark.libero
+def test_real_libero_episode(tmp_path):
+    why = _libero_ready()
+    if why:
+        pytest.skip(why)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("EGL_PLATFORM", "surfaceless")
+    from vlaforget.eval.rollout import make_episodes, run_episodes
+
+    cfg_dir = os.environ.get("LIBERO_CONFIG_PATH") or str(tmp_path / "libero_cfg")
+    fac = L.LiberoFactory("libero_goal", config_dir=cfg_dir, resolution=64, image_size=32, wait_steps=2,
+                          max_steps=3)
+    env = fac(0)
+    task, instr = env.task, env.instruction
+    obs = env.reset(0)
+    assert obs["image"].shape == (32, 32, 3) and obs["state"].shape == (8,)
+    env.close()
+
+    def zero(images, instructions):
+        return np.tile(np.array([0, 0, 0, 0, 0, 0, 1.0], np.float32), (len(images), 1))
+
+    eps = make_episodes([task], {task: instr}, 2, lambda t, i: i, suite="libero_goal")
+    res = run_episodes(fac, zero, eps, num_envs=2)
+    assert res["n_episodes"] == 2 and res["errors"] == 0
+    assert all(e["steps"] == 3 and not e["success"] for e in res["episodes"])
+    seq = run_episodes(fac, zero, eps, num_envs=0)
+    assert [e["final_digest"] for e in seq["episodes"]] == [e["final_digest"] for e in res["episodes"]]

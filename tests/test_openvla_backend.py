@@ -1,0 +1,249 @@
+"""OpenVLA backend against openvla's REAL HF modelling code, on a tiny random checkpoint.
+
+Needs openvla's public `prismatic/extern/hf/*.py` in a folder named by env VLAFORGET_OPENVLA_CODE
+and timm 0.9.10–0.9.16 (see docs/models.md: a separate venv with transformers 4.40.1). Skips,
+saying why, otherwise. The checkpoint has OpenVLA's structure (fused DINOv2-reg4 + SigLIP-like
+timm towers at 224 px / patch 14 = 256 patches, fused GELU projector, Llama LLM with text vocab
+32064 = 32000 + pad to 64, norm_stats) at toy width.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CODE = os.environ.get("VLAFORGET_OPENVLA_CODE")
+FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
+
+
+def _skip_reason() -> str | None:
+    if not CODE:
+        return "env VLAFORGET_OPENVLA_CODE is not set (folder with openvla's prismatic/extern/hf/*.py)"
+    missing = [f for f in FILES if not (Path(CODE) / f).exists()]
+    if missing:
+        return f"VLAFORGET_OPENVLA_CODE={CODE} lacks {missing}"
+    if importlib.util.find_spec("timm") is None:
+        return "timm is not installed (OpenVLA's modelling code needs timm 0.9.10-0.9.16)"
+    import timm
+
+    if timm.__version__ not in {"0.9.10", "0.9.11", "0.9.12", "0.9.16"}:
+        return f"timm {timm.__version__} installed; OpenVLA's modelling code needs 0.9.10-0.9.16"
+    return None
+
+
+REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+
+NORM = {"q01": [-0.9, -0.5, -0.2, 0.0, -0.1, -0.3, 0.0], "q99": [0.9, 0.5, 0.8, 0.2, 0.1, 0.3, 1.0],
+        "mask": [True] * 6 + [False]}
+ACTION_BEGIN, VOCAB_END = 31744, 32000
+
+
+def _register_tiny_timm():
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    @register_model
+    def vit_vlaforget_test_dino(pretrained=False, **kw):  # DINOv2-reg4-like
+        return VisionTransformer(patch_size=14, embed_dim=32, depth=3, num_heads=2, reg_tokens=4,
+                                 no_embed_class=True, init_values=1e-5, **kw)
+
+    @register_model
+    def vit_vlaforget_test_siglip(pretrained=False, **kw):  # SigLIP-like: no class token, MAP pool
+        return VisionTransformer(patch_size=14, embed_dim=48, depth=3, num_heads=2, class_token=False,
+                                 global_pool="map", **kw)
+
+
+def _llama_like_tokenizer():
+    """Sentencepiece-style BPE with 32000 ids (fillers up to 31999) + <PAD> at 32000, like openvla's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    from vlaforget.models.prompts import action_prompt, vqa_prompt
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [action_prompt(s) for s in ("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl")] * 5
+    corpus += [vqa_prompt("what is on the table") + " a bowl"] * 3
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    n = len(vocab)
+    for i in range(n, VOCAB_END):
+        vocab[f"<unused_{i}>"] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              add_bos_token=True, add_eos_token=False, legacy=False)
+    fast.add_special_tokens({"pad_token": "<PAD>"})
+    fast.padding_side = "right"
+    assert fast.pad_token_id == VOCAB_END and "▁" in fast.get_vocab()
+    return fast
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Save a tiny random OpenVLA checkpoint laid out like openvla/openvla-7b on the hub."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("openvla")
+    os.environ["HF_MODULES_CACHE"] = str(tmp / "modules")
+    code = tmp / "code"
+    code.mkdir()
+    for f in FILES:
+        shutil.copy(Path(CODE) / f, code / f)
+    (code / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp))
+    _register_tiny_timm()
+    from code.configuration_prismatic import OpenVLAConfig  # noqa: E402
+    from code.modeling_prismatic import OpenVLAForActionPrediction  # noqa: E402
+    from code.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor  # noqa: E402
+
+    text = {"vocab_size": 32064, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "pad_token_id": 32000, "torch_dtype": "float32"}
+    cfg = OpenVLAConfig(vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
+                        arch_specifier="no-align+fused-gelu-mlp", image_resize_strategy="resize-naive",
+                        text_config=text, norm_stats={"toy_ds": {"action": NORM}}, n_action_bins=256,
+                        timm_model_ids=["vit_vlaforget_test_dino", "vit_vlaforget_test_siglip"],
+                        pad_to_multiple_of=64)
+    cfg.auto_map = {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                    "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
+    torch.manual_seed(0)
+    model = OpenVLAForActionPrediction(cfg)
+    out = tmp / "openvla-toy"
+    model.save_pretrained(str(out))
+    improc = PrismaticImageProcessor(use_fused_vision_backbone=True, image_resize_strategy="resize-naive",
+                                     input_sizes=[(3, 224, 224)] * 2, interpolations=["bicubic", "bicubic"],
+                                     means=[(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)],
+                                     stds=[(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)])
+    improc.auto_map = {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+                       "AutoProcessor": "processing_prismatic.PrismaticProcessor"}
+    proc = PrismaticProcessor(image_processor=improc, tokenizer=_llama_like_tokenizer())
+    proc.save_pretrained(str(out))
+    for f in FILES:
+        shutil.copy(code / f, out / f)
+    for f in ("preprocessor_config.json",):  # AutoProcessor resolves the class through auto_map
+        p = out / f
+        d = json.loads(p.read_text())
+        d["auto_map"] = improc.auto_map
+        p.write_text(json.dumps(d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend(ckpt, tmp_path_factory):
+    import torch
+
+    from vlaforget.models import load_backend
+
+    torch.set_num_threads(1)
+    return load_backend({"backend": "openvla", "path": str(ckpt), "dtype": "fp32",
+                         "cache_dir": str(tmp_path_factory.mktemp("hf_cache"))})
+
+
+def _samples(n=2):
+    rng = np.random.default_rng(0)
+    instr = ["Pick up the black bowl", "open the top drawer and put the bowl inside"]
+    return [{"image": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "instruction": instr[i % 2],
+             "action": rng.uniform(-1, 1, 7).astype(np.float32)} for i in range(n)]
+
+
+def test_structure(backend):
+    assert type(backend.model).__name__ == "OpenVLAForActionPrediction"
+    assert backend.n_image_tokens == 256 and backend.num_layers == 4 and backend.hidden_size == 32
+    assert backend.vocab_end == VOCAB_END and backend.action_tokenizer.begin == ACTION_BEGIN
+    assert backend.action_dim == 7 and backend.stats["q99"] == NORM["q99"]  # norm_stats of the only key
+    assert backend.action_sep_ids == [backend.tokenizer.convert_tokens_to_ids("▁")]
+
+
+def test_collate_matches_processor(backend):
+    from PIL import Image
+
+    from vlaforget.models.prompts import action_prompt
+
+    samples = _samples()
+    b = backend.collate(samples)
+    A = 7
+    for i, s in enumerate(samples):
+        prompt = action_prompt(s["instruction"])
+        inputs = backend.processor(prompt, Image.fromarray(s["image"]))
+        p_ids = inputs["input_ids"][0].tolist()
+        length = int(b["attention_mask"][i].sum())
+        ids = b["input_ids"][i, :length].tolist()
+        assert ids[: len(p_ids)] == p_ids  # the processor's own prompt tokens
+        assert ids[len(p_ids)] == backend.action_sep_ids[0] and ids[-1] == backend.tokenizer.eos_token_id
+        assert len(ids) == len(p_ids) + 1 + A + 1
+        assert np.allclose(b["pixel_values"][i].numpy(), inputs["pixel_values"][0].numpy(), atol=1e-5)
+        lab = b["labels"][i, :length]
+        assert (lab != -100).nonzero().flatten().tolist() == list(range(length - A - 1, length))
+        assert all(ACTION_BEGIN <= t < VOCAB_END for t in b["action_targets"][i].tolist())
+        ipos = b["instruction_mask"][i].nonzero().flatten() - backend.n_image_tokens
+        assert backend.tokenizer.decode(b["input_ids"][i, ipos]).strip() in s["instruction"].lower()
+    assert b["pixel_values"].shape[1:] == (6, 224, 224)
+
+
+def test_forward_hidden_state_alignment(backend):
+    import torch
+
+    b = backend.collate(_samples())
+    with torch.no_grad():
+        out = backend.forward(b, output_hidden_states=True)
+    n = backend.n_image_tokens
+    assert out.logits.shape[:2] == (2, b["input_ids"].shape[1] + n)
+    assert len(out.hidden_states) == 5
+    emb = backend.model.get_input_embeddings()(b["input_ids"])
+    assert torch.allclose(out.hidden_states[0][:, 1 + n:], emb[:, 1:])
+    m = backend.action_metrics(b, out.logits)
+    assert np.isfinite(float(m["loss"])) and 0 <= float(m["accuracy"]) <= 1
+
+
+def test_predict_actions_matches_openvla_predict_action(backend):
+    """Same prompt, "▁", greedy action tokens and un-normalisation as openvla's predict_action
+    (restricted to the action vocabulary on both sides)."""
+    import torch
+    from PIL import Image
+
+    from vlaforget.models.prompts import action_prompt
+
+    samples = _samples()
+    imgs = np.stack([s["image"] for s in samples])
+    ours = backend.predict_actions(imgs, [s["instruction"] for s in samples])
+    suppress = list(range(0, ACTION_BEGIN)) + list(range(VOCAB_END, 32064))
+    for i, s in enumerate(samples):
+        inputs = backend.processor(action_prompt(s["instruction"]), Image.fromarray(s["image"]))
+        with torch.no_grad():
+            ref = backend.model.predict_action(**inputs, unnorm_key="toy_ds", do_sample=False,
+                                               suppress_tokens=suppress)
+        assert np.allclose(ours[i], ref, atol=1e-5), (ours[i], ref)
+
+
+def test_layers_through_peft_and_lora_targets(backend):
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    layers = backend.decoder_layers()
+    t = backend.lora_targets(["attn", "mlp", "vision", "projector"], [2, 3])
+    assert any(x.startswith("vision_backbone.featurizer.") for x in t)
+    assert any(x.startswith("vision_backbone.fused_featurizer.") for x in t)
+    assert "projector.fc1" in t and not any(".layers.0." in x for x in t)
+    pm = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=2, target_modules=backend.lora_targets(["attn"])))
+    assert backend.decoder_layers(pm) is layers
+    assert backend.decoder_layers(nn.DataParallel(pm)) is layers
+    pm.unload()  # leave the shared backend unwrapped
+
+
+def test_offline_check_reports(ckpt, tmp_path):
+    from vlaforget.models.openvla import OpenVLAUnavailable, check_remote_code, resolve_model_path
+
+    info = check_remote_code(resolve_model_path(str(ckpt)))
+    assert info["missing_code_files"] == [] and info["norm_stats_keys"] == ["toy_ds"]
+    with pytest.raises(OpenVLAUnavailable, match="huggingface-cli download"):
+        resolve_model_path("openvla/openvla-7b", str(tmp_path))

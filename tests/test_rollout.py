@@ -1,0 +1,141 @@
+"""Rollout engine: batched == sequential per episode seed, for a fake env and the real Meta-World env."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlaforget.eval.rollout import Episode, MetaWorldFactory, make_episodes, run_episodes, summarize
+
+
+class FakeEnv:
+    """Walk from 0 towards a seeded target in [1, 12]; the image encodes (seed, position)."""
+
+    def __init__(self, task: str, cap: int = 8):
+        self.task, self.cap = task, cap
+
+    def _obs(self):
+        img = np.zeros((4, 4, 3), np.uint8)
+        img[..., 0] = self.pos
+        img[..., 1] = self.target
+        return {"image": img}
+
+    def reset(self, seed):
+        self.target = int(np.random.default_rng(seed).integers(1, 13))
+        self.pos, self.steps = 0, 0
+        return self._obs()
+
+    def step(self, action):
+        if self.task == "boom" and self.steps == 2:
+            raise RuntimeError("simulator exploded")
+        self.pos += int(round(float(action[0])))
+        self.steps += 1
+        success = self.pos == self.target
+        return self._obs(), success, success or self.steps >= self.cap
+
+    def close(self):
+        pass
+
+
+class FakeFactory:
+    def __call__(self, task):
+        return FakeEnv(task)
+
+
+def step_policy(images, instructions):
+    """+1 per step ('walk') or +2 ('run'); deterministic per row."""
+    assert images.dtype == np.uint8 and images.ndim == 4 and len(instructions) == len(images)
+    speed = np.array([2.0 if "run" in s else 1.0 for s in instructions], np.float32)
+    return np.stack([speed, np.zeros_like(speed)], 1)
+
+
+def expected(seed: int, speed: int, cap: int = 8) -> tuple[bool, int]:
+    target = int(np.random.default_rng(seed).integers(1, 13))
+    for t in range(1, cap + 1):
+        if t * speed == target:
+            return True, t
+    return False, cap
+
+
+def fake_episodes():
+    instr = {"a": "walk", "b": "run"}
+    return make_episodes(["a", "b"], instr, 5, lambda t, i: 100 * (t == "b") + i, suite="fake",
+                         videos_per_task=1)
+
+
+def strip(res):
+    return [(e["task"], e["seed"], e["success"], e["steps"], e["final_digest"]) for e in res["episodes"]]
+
+
+def test_fake_env_batched_equals_sequential_and_truth(tmp_path):
+    eps = fake_episodes()
+    seq = run_episodes(FakeFactory(), step_policy, eps, num_envs=0)
+    for e in seq["episodes"]:
+        assert (e["success"], e["steps"]) == expected(e["seed"], 2 if e["task"] == "b" else 1)
+    for n in (1, 3, 10):
+        bat = run_episodes(FakeFactory(), step_policy, eps, num_envs=n, in_process=True)
+        assert strip(bat) == strip(seq), n
+        assert bat["timing"]["num_envs"] == min(n, len(eps))
+    # real worker processes (spawn) + videos of the first episode of each task
+    proc = run_episodes(FakeFactory(), step_policy, eps, num_envs=3, video_dir=tmp_path / "v")
+    assert strip(proc) == strip(seq)
+    assert proc["timing"]["mean_batch"] > 1.0
+    assert len(proc["videos"]) == 2 and all(p.endswith(".mp4") for p in proc["videos"])
+    from vlaforget.eval.video import read_video
+
+    ep0 = next(e for e in proc["episodes"] if e["video"])
+    frames = read_video(ep0["video"])
+    assert frames.shape[0] == ep0["steps"] + 1  # reset frame + one per step
+
+
+def test_env_error_ends_episode_as_failure():
+    eps = [Episode("boom", "walk", 3), Episode("a", "walk", 3)]
+    for n in (0, 2):
+        res = run_episodes(FakeFactory(), step_policy, eps, num_envs=n, in_process=True)
+        boom = [e for e in res["episodes"] if e["task"] == "boom"][0]
+        assert not boom["success"] and "exploded" in boom["error"] and boom["steps"] == 3
+        assert res["errors"] == 1
+
+
+def test_bad_policy_shape_raises():
+    def bad(images, instructions):
+        return np.zeros((len(instructions) + 1, 2))
+
+    with pytest.raises(RuntimeError, match="shape"):
+        run_episodes(FakeFactory(), bad, fake_episodes()[:2], num_envs=2, in_process=True)
+
+
+def test_summarize_counts():
+    eps = [{"task": "a", "suite": "s", "success": True, "steps": 4},
+           {"task": "a", "suite": "s", "success": False, "steps": 10},
+           {"task": "b", "suite": "s", "success": True, "steps": 2}]
+    s = summarize(eps)
+    assert s["success_rate"] == pytest.approx(2 / 3) and s["n_episodes"] == 3
+    assert s["per_task"]["a"] == {"success_rate": 0.5, "n": 2, "successes": 1, "mean_steps": 7.0}
+    assert s["per_suite"]["s"]["n"] == 3
+
+
+def image_policy(images, instructions):
+    """Deterministic per row, depends on the image: pushes the arm around."""
+    m = images.reshape(len(images), -1, 3).astype(np.float32).mean(1) / 255.0  # [B, 3]
+    return np.concatenate([np.sin(7 * m), np.cos(5 * m[:, :1])], 1).astype(np.float32)
+
+
+def test_metaworld_n1_equals_n2():
+    from vlaforget.envs.metaworld import rendering_available  # chooses MUJOCO_GL before mujoco loads
+
+    pytest.importorskip("metaworld")
+
+    ok, why = rendering_available(size=16)
+    if not ok:
+        pytest.skip(f"no headless rendering: {why}")
+    fac = MetaWorldFactory(camera="corner3", render_size=32, max_steps=6)
+    eps = make_episodes(["reach-v3", "drawer-close-v3"], {"reach-v3": "reach", "drawer-close-v3": "close"}, 2,
+                        lambda t, i: 500 + i)
+    one = run_episodes(fac, image_policy, eps, num_envs=1)
+    two = run_episodes(fac, image_policy, eps, num_envs=2)
+    assert strip(one) == strip(two)
+    assert all(e["steps"] <= 6 and e["final_digest"] for e in one["episodes"])
+    # different seeds of one task give different trajectories
+    reach = [e["final_digest"] for e in one["episodes"] if e["task"] == "reach-v3"]
+    assert reach[0] != reach[1]

@@ -1,0 +1,132 @@
+"""Table math on synthetic eval JSONs: mean / std / 95 % t-CI over seeds, retention vs the teacher,
+teacher row first, CSV + Markdown; figures render from the same inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vlaforget.report import figures, tables
+
+SUITE, UP = "mw_downstream", "mw_upstream"
+
+
+def write_evals(root, runs: dict[str, dict]) -> list[str]:
+    """runs: name -> {suite: success, 'vqa': acc, 'drift': d, 'cka': c}."""
+    files = []
+    for run, vals in runs.items():
+        d = root / "evals" / run
+        d.mkdir(parents=True)
+        for suite in (SUITE, UP):
+            if suite in vals:
+                p = d / f"{suite}.json"
+                p.write_text(json.dumps({"run": run, "suite": suite, "success_rate": vals[suite],
+                                         "n_episodes": 20, "per_task": {}}))
+                files.append(str(p))
+        p = d / "forgetting.json"
+        p.write_text(json.dumps({"run": run, "vqa_accuracy": vals["vqa"], "vqa_kl": 0.1,
+                                 "drift_mean": vals["drift"], "cka_mean": vals["cka"]}))
+        files.append(str(p))
+    return files
+
+
+@pytest.fixture
+def evals(tmp_path):
+    runs = {"teacher": {SUITE: 0.1, UP: 0.8, "vqa": 0.5, "drift": 0.0, "cka": 1.0}}
+    down = {42: 0.6, 123: 0.7, 456: 0.8}
+    up = {42: 0.4, 123: 0.6, 456: 0.8}
+    for seed in (42, 123, 456):
+        runs[f"{SUITE}__baseline__full__s{seed}"] = {SUITE: down[seed], UP: up[seed], "vqa": 0.25,
+                                                     "drift": 1.0 + seed / 1000, "cka": 0.5}
+    runs[f"{SUITE}__craft__full__s42"] = {SUITE: 0.5, UP: 0.8, "vqa": 0.5, "drift": 0.2, "cka": 0.9}
+    return write_evals(tmp_path, runs)
+
+
+def test_summarize_t_interval():
+    s = tables.summarize([0.6, 0.7, 0.8])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.7)
+    assert s["std"] == pytest.approx(0.1)
+    assert s["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    one = tables.summarize([0.5, None, float("nan")])
+    assert one["n"] == 1 and one["mean"] == 0.5 and math.isnan(one["ci95"])
+    assert tables.summarize([])["n"] == 0
+    assert tables.t975(100) == 1.96
+
+
+def test_build_table_rows_and_retention(evals):
+    rows = tables.build_table(tables.load_evals(evals), "main", [UP])
+    assert [r["method"] for r in rows] == ["teacher", "baseline", "craft"]
+    t, b, c = rows
+    assert t["upstream_retention_mean"] == pytest.approx(1.0) and t["n_seeds"] == 1
+    assert b["n_seeds"] == 3 and b["downstream_success_mean"] == pytest.approx(0.7)
+    # retention per seed = up / 0.8 -> 0.5, 0.75, 1.0
+    assert b["upstream_retention_mean"] == pytest.approx(0.75)
+    assert b["upstream_retention_std"] == pytest.approx(np.std([0.5, 0.75, 1.0], ddof=1))
+    assert b["vqa_retention_mean"] == pytest.approx(0.5)
+    assert b["drift_mean"] == pytest.approx(np.mean([1.042, 1.123, 1.456]))
+    assert c["n_seeds"] == 1 and math.isnan(c["downstream_success_ci95"])
+    assert c["upstream_retention_mean"] == pytest.approx(1.0)
+
+
+def test_fewshot_groups_by_shots(tmp_path):
+    files = write_evals(tmp_path, {
+        "teacher": {SUITE: 0.0, "vqa": 0.4, "drift": 0, "cka": 1},
+        f"{SUITE}__baseline__5shot__s1": {SUITE: 0.2, "vqa": 0.2, "drift": 1, "cka": 0.5},
+        f"{SUITE}__baseline__10shot__s1": {SUITE: 0.4, "vqa": 0.2, "drift": 1, "cka": 0.5},
+        f"{SUITE}__baseline__10shot__s2": {SUITE: 0.6, "vqa": 0.3, "drift": 1, "cka": 0.5}})
+    rows = tables.build_table(tables.load_evals(files), "fewshot", [])
+    by = {(r["method"], r["shots"]): r for r in rows}
+    assert by[("baseline", "10shot")]["downstream_success_mean"] == pytest.approx(0.5)
+    assert by[("baseline", "5shot")]["n_seeds"] == 1
+    assert math.isnan(by[("baseline", "5shot")]["upstream_success_mean"])  # no upstream suites
+    md = tables.to_markdown(rows, "fewshot")
+    assert md.splitlines()[4].startswith("| method | suite | shots | seeds |")
+    assert "upstream success" not in md  # columns nobody measured are left out
+
+
+def test_cli_writes_csv_and_markdown(evals, tmp_path):
+    out = tmp_path / "results" / "table_main.csv"
+    r = subprocess.run([sys.executable, "-m", "vlaforget.cli", "table", "--kind", "main", "--upstream-suites", UP,
+                        "--inputs", *evals, "--out", str(out)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["teacher", "baseline", "craft"]
+    assert float(rows[1]["downstream_success_mean"]) == pytest.approx(0.7)
+    assert rows[2]["downstream_success_ci95"] == ""  # one seed: no interval
+    md = out.with_suffix(".md").read_text()
+    assert "0.700 ± 0.248" in md  # 4.303 * 0.1 / sqrt(3)
+    back = tables.read_table(out)
+    assert back[1]["upstream_retention_mean"] == pytest.approx(0.75)
+
+
+def test_eval_without_success_rate_is_named(tmp_path):
+    p = tmp_path / "evals" / "teacher" / "x.json"
+    p.parent.mkdir(parents=True)
+    p.write_text("{}")
+    with pytest.raises(ValueError, match="success_rate"):
+        tables.load_evals([p])
+
+
+def test_figures_render(evals, tmp_path):
+    out = tmp_path / "figs"
+    run_dirs = []
+    for seed, slope in ((42, 1.0), (123, 0.5)):
+        d = tmp_path / "runs" / f"{SUITE}__baseline__full__s{seed}"
+        d.mkdir(parents=True)
+        lines = [json.dumps({"step": s, "loss": 2.0 - slope * s / 10, "action_accuracy": s / 10,
+                             "drift_d": 0.1 * s}) for s in range(0, 10, 2)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{broken")
+        run_dirs.append(d)
+    assert len(figures.read_metrics(run_dirs[0] / "metrics.jsonl")) == 5
+    table = tmp_path / "table_ablation.csv"
+    table.write_text(tables.to_csv(tables.build_table(tables.load_evals(evals), "ablation", [UP])))
+    written = figures.pareto(evals, [UP], out) + figures.training_curves(run_dirs, out) + figures.ablation(table, out)
+    assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in ("pareto", "training_curves", "ablation")
+                                                     for e in ("png", "pdf"))
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -1,0 +1,102 @@
+"""Thermostat: covariance, drift metrics, control law (calibration, monotonicity, beta floor, state)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from vlaforget.methods.thermostat import ControlLaw, covariance, drift, projected_covariance
+
+CFG = {"warmup_measurements": 3, "threshold_sigmas": 2.0, "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0,
+       "beta_min": 0.2, "beta_max": 1.0, "smoothing": 0.0}
+
+
+def test_covariance_matches_torch_cov():
+    X = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(covariance(X), torch.cov(X.T), atol=1e-5)
+    mu = torch.zeros(5)
+    assert torch.allclose(covariance(X, mu), X.T @ X / 40, atol=1e-5)
+
+
+def test_drift_metrics():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(8, 8, generator=g)
+    C_T = A @ A.T
+    assert drift(C_T, C_T, "raw") == 0.0
+    C_S = 2 * C_T
+    assert abs(drift(C_S, C_T, "raw") - float(C_T.norm())) < 1e-3
+    assert abs(drift(C_S, C_T, "normalized") - 1.0) < 1e-6
+    U, _ = torch.linalg.qr(torch.randn(8, 3, generator=g))
+    assert abs(drift(C_S, C_T, "basis", U) - 1.0) < 1e-6
+    # a change orthogonal to the basis is invisible to the basis metric, not to the others
+    v = torch.randn(8, generator=g)
+    v = v - U @ (U.T @ v)
+    C_S2 = C_T + torch.outer(v, v)
+    assert drift(C_S2, C_T, "basis", U) < 1e-6 and drift(C_S2, C_T, "normalized") > 1e-3
+    # invariant to rotating the basis columns
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    C_S3 = C_T + 0.3 * torch.outer(U[:, 0], U[:, 1] + U[:, 0])
+    assert abs(drift(C_S3, C_T, "basis", U) - drift(C_S3, C_T, "basis", U @ Q)) < 1e-6
+    with pytest.raises(ValueError, match="basis"):
+        drift(C_S, C_T, "basis")
+
+
+def test_projected_covariance_equals_full_path():
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(30, 10, generator=g), 1.5 * torch.randn(20, 10, generator=g)
+    U, _ = torch.linalg.qr(torch.randn(10, 4, generator=g))
+    assert torch.allclose(projected_covariance(X, U), U.T @ covariance(X) @ U, atol=1e-5)
+    full = drift(covariance(Y), covariance(X), "basis", U)
+    fast = drift(projected_covariance(Y, U), projected_covariance(X, U), "basis", U)
+    assert abs(full - fast) < 1e-5
+    mu = X.mean(0)
+    assert torch.allclose(projected_covariance(Y, U, mu), U.T @ covariance(Y, mu) @ U, atol=1e-5)
+
+
+def _calibrated(cfg=CFG):
+    law = ControlLaw(cfg)
+    for d in (1.0, 1.2, 0.8):
+        b, g, phase = law.observe(d)
+        assert phase == "calibrate" and (b, g) == (1.0, 1.0)
+    assert law.floor == pytest.approx(1.0) and law.std == pytest.approx(0.2)
+    return law
+
+
+def test_calibration_then_noise_band_keeps_max_gains():
+    law = _calibrated()
+    b, g, phase = law.observe(1.35)  # below floor + 2 sigma = 1.4
+    assert phase == "control" and (b, g) == (1.0, 1.0)
+
+
+def test_monotone_in_drift_and_beta_floor():
+    gammas, betas = [], []
+    for d in (1.0, 1.5, 1.8, 2.5, 5.0, 50.0):
+        law = _calibrated()
+        b, g, _ = law.observe(d)
+        gammas.append(g)
+        betas.append(b)
+    assert all(x >= y for x, y in itertools.pairwise(gammas)) and gammas[0] > gammas[-1]
+    assert all(x >= y for x, y in itertools.pairwise(betas)) and betas[0] > betas[-1]
+    assert gammas[-1] == 0.0 and betas[-1] == pytest.approx(0.2)  # clipped; beta never 0
+    law = _calibrated()
+    b, g, _ = law.observe(1.9)  # excess = (1.9 - 1.4) / 1.0 = 0.5
+    assert g == pytest.approx(0.5) and b == pytest.approx(0.75)
+
+
+def test_smoothing_and_state_dict_roundtrip():
+    law = _calibrated(dict(CFG, smoothing=0.5))
+    b, g, _ = law.observe(1.9)  # targets 0.75 / 0.5, half-way from 1.0
+    assert g == pytest.approx(0.75) and b == pytest.approx(0.875)
+    sd = law.state_dict()
+    law2 = ControlLaw(dict(CFG, smoothing=0.5))
+    law2.load_state_dict(sd)
+    assert law2.observe(3.0) == law.observe(3.0)
+
+
+def test_invalid_config():
+    with pytest.raises(ValueError, match="beta_min"):
+        ControlLaw(dict(CFG, beta_min=0.0))
+    with pytest.raises(ValueError):
+        ControlLaw(CFG).observe(float("nan"))

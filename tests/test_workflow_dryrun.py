@@ -1,0 +1,175 @@
+"""The workflow DAG: profiles dry-run on a fresh clone (no GPU, model or data), tables need only their
+runs, config errors name the key, and a config change reruns exactly the stages whose config changed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from conftest import REPO, copy_workflow, snakemake
+
+CI = ["--profile", "profiles/ci"]
+CI_CONFIGS = ["config/demo.yaml", "config/ci.yaml"]
+
+
+def env_for(base):
+    return {"VLAFORGET_ROOT": str(base / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(base / "data")}
+
+
+def planned(out: str) -> dict[str, list[str]]:
+    """rule -> outputs of the jobs a dry-run plans (from `snakemake -n` text)."""
+    jobs: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not m:
+            continue
+        o = re.search(r"^\s+output: (.*)$", block, re.MULTILINE)
+        jobs.setdefault(m.group(1), []).extend(o.group(1).split(", ") if o else [])
+    return jobs
+
+
+def trained_runs(out: str) -> set[str]:
+    return {re.search(r"/runs/([^/]+)/final", p).group(1) for p in planned(out).get("train", [])}
+
+
+def dry(args, cwd, env):
+    r = snakemake(["-n", "--nolock", *args], cwd=cwd, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("profile", ["demo"])  # ci: the `touched` fixture below
+def test_dryrun_embedded_profiles(tmp_path, profile):
+    wf = copy_workflow(tmp_path / "wf")
+    out = dry(["--profile", f"profiles/{profile}"], wf, env_for(tmp_path))
+    jobs = planned(out)
+    for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors", "train", "eval", "forgetting",
+                 "table", "figures", "stage_config"):
+        assert jobs.get(rule), f"rule {rule} not in the {profile} DAG"
+    # every data output lives under the data root
+    for rule, outs in jobs.items():
+        if rule not in ("table", "figures", "all"):
+            assert all(o.startswith(str(tmp_path / "data" / "root")) for o in outs), (rule, outs)
+    assert not (wf / "results" / "table_main.csv").exists()
+
+
+@pytest.mark.parametrize("profile", ["4090"])  # v100x8: test_v100_ddp_overlay_uses_torchrun
+def test_dryrun_real_profiles_on_fresh_clone(tmp_path, profile):
+    # The real config's paths are under /opt/data/private; a dry-run writes nothing there.
+    wf = copy_workflow(tmp_path / "wf")
+    env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}
+    out = dry(["--profile", f"profiles/{profile}"], wf, env)
+    jobs = planned(out)
+    assert "demos" not in jobs  # LIBERO RLDS comes from data.rlds_dir
+    runs = trained_runs(out)
+    assert "libero_10_no_noops__craft__full__s456" in runs
+    assert "libero_spatial_no_noops__baseline__5shot__s42" in runs
+    assert "libero_spatial_no_noops__no_sensitivity__full__s123" in runs
+
+
+def test_v100_ddp_overlay_uses_torchrun(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}
+    out = dry(["--profile", "profiles/v100x8", "-p", "--configfiles", "config/profile_v100x8.yaml",
+               "config/profile_v100x8_ddp.yaml"], wf, env)
+    assert "vlaforget gpu-run --gpus 4 -- torchrun --standalone --nproc-per-node 4 -m vlaforget.cli train" in out
+
+
+def test_config_error_names_key_fast(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    (wf / "config" / "typo.yaml").write_text("train:\n  max_stpes: 10\n")
+    r = snakemake(["-n", "--nolock", *CI, "--configfiles", *CI_CONFIGS, "config/typo.yaml"], cwd=wf,
+                  env=env_for(tmp_path))
+    assert r.returncode != 0
+    assert "train.max_stpes" in r.stdout + r.stderr
+
+
+def test_root_outside_allowed_root_is_refused(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    env = {"VLAFORGET_ROOT": str(tmp_path / "elsewhere"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data")}
+    r = snakemake(["-n", "--nolock", *CI], cwd=wf, env=env)
+    assert r.returncode != 0
+    assert "outside the allowed root" in r.stdout + r.stderr
+
+
+def test_ablation_table_needs_only_its_runs(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    out = dry([*CI, "results/table_ablation.csv"], wf, env_for(tmp_path))
+    runs = trained_runs(out)
+    assert runs == {"mw_downstream__icsm_hsw_thermostat__full__s42", "mw_downstream__craft__full__s42",
+                    "mw_downstream__no_thermostat__full__s42", "mw_downstream__craft_no_projection__full__s42"}
+    jobs = planned(out)
+    assert "figures" not in jobs and len(jobs["table"]) == 2  # csv + md of this table only
+
+
+# ----------------------------------------------------------------------------- rerun triggers
+
+
+@pytest.fixture(scope="module")
+def touched(tmp_path_factory):
+    """The CI study with every output present and recorded (snakemake --touch), nothing to do."""
+    base = tmp_path_factory.mktemp("touched")
+    wf = copy_workflow(base / "wf")
+    env = env_for(base)
+    r = snakemake([*CI, "--summary"], cwd=wf, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in r.stdout.splitlines()[1:]:
+        path = line.split("\t")[0]
+        p = (wf / path) if not path.startswith("/") else __import__("pathlib").Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    # (retried: a library file edited meanwhile changes a stage's code hash, rightly rerunning it)
+    for _ in range(3):
+        r = snakemake([*CI, "--touch", "--forceall"], cwd=wf, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = dry(CI, wf, env)
+        if "Nothing to be done" in out:
+            break
+    assert "Nothing to be done" in out, out[-3000:]
+    return wf, env
+
+
+def _dry_with(touched, overlay: dict) -> str:
+    wf, env = touched
+    (wf / "config" / "change.yaml").write_text(yaml.safe_dump(overlay))
+    return dry([*CI, "--configfiles", *CI_CONFIGS, "config/change.yaml"], wf, env)
+
+
+def test_method_param_change_reruns_only_that_method(touched):
+    out = _dry_with(touched, {"methods": {"craft": {"craft": {"epsilon": 0.2}}}})
+    runs = trained_runs(out)
+    # craft and the ablation built on it; nothing else
+    assert runs == {"mw_downstream__craft__full__s42", "mw_downstream__craft__1shot__s42",
+                    "mw_downstream__craft_no_projection__full__s42"}
+    jobs = planned(out)
+    for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors"):
+        assert rule not in jobs, rule
+    assert all("craft" in p for p in jobs["eval"] + jobs["forgetting"])
+    assert len(jobs["table"]) == 6  # the three tables each hold craft runs
+    assert "Params have changed" in out
+
+
+def test_probe_change_reruns_probe_chain_not_baseline_training(touched):
+    out = _dry_with(touched, {"probe": {"n": 20}})
+    jobs = planned(out)
+    assert jobs.get("probe") and jobs.get("icsm")
+    runs = trained_runs(out)
+    assert runs == {"mw_downstream__icsm_hsw_thermostat__full__s42", "mw_downstream__icsm_hsw_thermostat__1shot__s42",
+                    "mw_downstream__no_thermostat__full__s42"}
+    assert not any("baseline" in r or "craft" in r for r in runs)
+    assert "craft_anchors" not in jobs and "model" not in jobs
+    # closed-loop evals of untouched runs stay; forgetting (drift vs ICSM basis) is recomputed for all
+    assert not any("baseline" in p for p in jobs.get("eval", []))
+    assert any("baseline" in p for p in jobs.get("forgetting", []))
+    assert jobs.get("table")
+
+
+def test_unchanged_config_reruns_nothing(touched):
+    out = _dry_with(touched, {})
+    assert "Nothing to be done" in out
+
+
+def test_report_rule_wrappers_present():
+    text = (REPO / "workflow" / "rules" / "report.smk").read_text()
+    assert text.count("report(") >= 2

@@ -1,0 +1,106 @@
+"""Tiny real inputs for training tests: a random tiny VLA saved as an HF dir, a real RLDS dataset
+(written with TFDS) turned into a real cache, probe + ICSM + CRaFT anchors from the real stages."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+TASKS = ["drawer-open-v3", "button-press-v3"]
+INSTR = {"drawer-open-v3": "open the drawer", "button-press-v3": "press the button"}
+
+
+def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
+    rng = np.random.default_rng(seed)
+    eps = []
+    for k in range(n_per_task):
+        for task in TASKS:
+            eps.append({
+                "images": rng.integers(0, 255, (T, size, size, 3), dtype=np.uint8),
+                "states": rng.normal(size=(T, 4)).astype(np.float32),
+                "env_states": rng.normal(size=(T, 39)).astype(np.float32),
+                "actions": np.clip(rng.normal(scale=0.5, size=(T, action_dim)), -1, 1).astype(np.float32),
+                "instruction": INSTR[task], "task": task, "seed": k, "success": True,
+            })
+    return eps
+
+
+def make_cache(root: Path, name="toy", **kw) -> Path:
+    from vlaforget.data.cache import build_cache
+    from vlaforget.data.rlds import write_rlds
+
+    eps = synthetic_episodes(**kw)
+    size = eps[0]["images"].shape[1]
+    rlds = root / "datasets" / "rlds" / name
+    write_rlds(rlds, name, eps, image_shape=(size, size, 3), state_dim=4,
+               action_dim=eps[0]["actions"].shape[1], env_state_dim=39)
+    out = root / "datasets" / "cache" / name
+    build_cache(rlds, out, name, image_size=size, train_split=1.0)
+    return out
+
+
+def make_model(root: Path) -> Path:
+    from vlaforget.models.tiny import random_tiny_backend
+
+    b = random_tiny_backend(seed=0)
+    path = root / "models" / "tiny"
+    b.save(path)
+    return path
+
+
+def base_stage(root: Path, cache: Path, model: Path, method_name="baseline", method=None, **train_over) -> dict:
+    train = {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant",
+             "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": None, "precision": "fp32",
+             "gradient_checkpointing": False, "image_aug": False, "save_steps": 3, "log_every": 1,
+             "num_workers": 0, "nproc": 1, "use_wandb": False, "eval_every": 0,
+             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp"], "layers": "all"}}
+    train.update(train_over)
+    m = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
+    if method:
+        for k, v in method.items():
+            m[k] = dict(v)
+    run = f"toy__{method_name}__full__s1"
+    return {"stage": "train", "root": str(root), "allowed_root": str(root.parent), "world": "metaworld",
+            "run_name": run, "run_id": f"{run}-test", "method_name": method_name, "suite": "toy",
+            "shots": None, "seed": 1,
+            "model": {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
+                      "cache_dir": str(root / "hf_cache")},
+            "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
+            "train": train, "method": m, "out_dir": str(root / "runs" / run),
+            "icsm_dir": str(root / "artifacts" / "icsm"), "probe_dir": str(root / "probe"),
+            "craft_dir": str(root / "artifacts" / "craft")}
+
+
+def run_stage(module, sc: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(sc))
+    assert module.main(argparse.Namespace(config=str(path))) == 0
+
+
+def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
+    """Run the real probe, icsm and craft-anchors stages on the tiny model."""
+    from vlaforget.data import probe
+    from vlaforget.methods import craft, icsm
+
+    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
+          "cache_dir": str(root / "hf_cache")}
+    ds = {"name": "toy", "cache_dir": str(cache), "tasks": TASKS}
+    common = {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x"}
+    run_stage(probe, {**common, "stage": "probe", "model": mb, "dataset": ds, "n": 24, "seed": 0,
+                      "batch_size": 8, "out_dir": str(root / "probe")}, root / "probe.yaml")
+    run_stage(icsm, {**common, "stage": "icsm", "model": mb, "probe_dir": str(root / "probe"),
+                     "icsm": {"r": 8, "alpha": 1.0, "sensitivity_samples": 8, "direction_batch": 8,
+                              "fragile_frac": 0.25, "plastic_frac": 0.5, "layers": "auto", "groups": None},
+                     "out_dir": str(root / "artifacts" / "icsm")}, root / "icsm.yaml")
+    run_stage(craft, {**common, "stage": "craft_anchors", "model": mb, "dataset": ds, "seed": 0,
+                      "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
+                      "out_dir": str(root / "artifacts" / "craft")}, root / "craft.yaml")
+
+
+def clone(sc: dict, **over) -> dict:
+    out = copy.deepcopy(sc)
+    out.update(over)
+    return out

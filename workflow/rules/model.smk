@@ -1,0 +1,24 @@
+# The teacher: the tiny backend is built and pretrained here on the upstream datasets (+ a visual-question
+# skill); the OpenVLA backend is only checked (loads offline from model.path, shapes as expected).
+
+
+def model_input(w):
+    inp = {"cfg": cfg_file("model", BASE)}
+    if config["model"]["backend"] == "tiny":
+        inp["caches"] = [cache_outputs(d)["manifest"] for d in config["data"]["metaworld"]["datasets"]]
+    return inp
+
+
+rule model:
+    input:
+        unpack(model_input),
+    output:
+        done=model_done(),
+    log:
+        log_file("model", BASE),
+    threads: (config["model"].get("pretrain") or {}).get("threads", 1)
+    resources:
+        gpu=gpus("probe"),
+        mem_mb=16000,
+    shell:
+        stage_shell("model", gpu_kind="probe")

@@ -1,0 +1,19 @@
+# The probe set: pooled instruction hidden states of the teacher on N_probe samples never trained on.
+
+
+rule probe:
+    input:
+        cfg=cfg_file("probe", PROBE_SET),
+        model=model_done(),
+        cache=cache_outputs(config["probe"]["dataset"])["manifest"],
+    output:
+        probe=probe_file(),
+        audit=R(LAYOUT.probe(BASE, PROBE_SET) / "audit.json"),
+    log:
+        log_file("probe", PROBE_SET),
+    threads: 1
+    resources:
+        gpu=gpus("probe"),
+        mem_mb=16000,
+    shell:
+        stage_shell("probe", gpu_kind="probe")

@@ -1,0 +1,30 @@
+# One training loop for every run {suite}__{method}__{shots}__s{seed}; methods and ablations plug in by
+# config. Only final/done.json is declared: resumable checkpoints live undeclared under the run dir, so
+# a rerun (or a killed run restarted) continues from the last checkpoint instead of being deleted.
+
+
+def train_input(w):
+    sc = stage_cfg("train", w.trun)
+    inp = {"cfg": cfg_file("train", w.trun), "model": model_done(), "cache": cache_outputs(sc["suite"])["manifest"]}
+    if sc.get("icsm_dir"):
+        inp["icsm"] = icsm_meta()
+    if sc.get("probe_dir"):
+        inp["probe"] = probe_file()
+    if sc.get("craft_dir"):
+        inp["anchors"] = anchors_file(sc["suite"])
+    return inp
+
+
+rule train:
+    input:
+        unpack(train_input),
+    output:
+        done=R(ROOT / "runs" / "{trun}" / "final" / "done.json"),
+    log:
+        log_file("train", "{trun}"),
+    threads: 2
+    resources:
+        gpu=gpus("train"),
+        mem_mb=int(RES.get("mem_mb_train", 16000)),
+    shell:
+        stage_shell("train", gpu_kind="train", launcher=train_launcher())

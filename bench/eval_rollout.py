@@ -49,22 +49,35 @@ def main() -> int:
     backend = random_tiny_backend(tiny, action_dim=4, seed=0)
     policy = BackendPolicy(backend, image_size=tiny["image_size"])
     fac = MetaWorldFactory(camera=mw["camera"], render_size=mw["render_size"], max_steps=a.max_steps)
-    eps = make_episodes(a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes,
-                        lambda t, i: 500000 + i)
+    eps = make_episodes(
+        a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
+    )
     rows, ref = [], None
     for n in a.num_envs:
         res = run_episodes(fac, policy, eps, num_envs=n)
         digests = [e["final_digest"] for e in res["episodes"]]
         if ref is None:
             ref = digests
-        row = {**res["timing"], "success_rate": res["success_rate"],
-               "same_trajectories_as_first": sum(x == y for x, y in zip(digests, ref)), "n_episodes": len(eps)}
+        row = {
+            **res["timing"],
+            "success_rate": res["success_rate"],
+            "same_trajectories_as_first": sum(x == y for x, y in zip(digests, ref)),
+            "n_episodes": len(eps),
+        }
         rows.append(row)
         print(json.dumps(row))
-    out = {"bench": "eval_rollout", "tasks": a.tasks, "episodes_per_task": a.episodes, "max_steps": a.max_steps,
-           "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-           "mujoco_gl": os.environ.get("MUJOCO_GL"), "model": "tiny (config/demo.yaml sizes, random init)",
-           "results": rows}
+    out = {
+        "bench": "eval_rollout",
+        "tasks": a.tasks,
+        "episodes_per_task": a.episodes,
+        "max_steps": a.max_steps,
+        "threads": a.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "mujoco_gl": os.environ.get("MUJOCO_GL"),
+        "model": "tiny (config/demo.yaml sizes, random init)",
+        "results": rows,
+    }
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -40,7 +40,7 @@ def copy_workflow(dest: Path) -> Path:
     results/ land under tmp, not in the repo."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "Snakefile", dest / "Snakefile")
-    for d in ("workflow", "config", "profiles"):
+    for d in ("workflow", "config", "profiles", "envs"):
         shutil.copytree(REPO / d, dest / d, symlinks=True)
     # the schema symlink points into src/: resolve it in the copy
     schema = dest / "workflow" / "schemas" / "config.schema.yaml"
@@ -56,8 +56,15 @@ def snakemake(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
     if env:
         e.update(env)
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=e, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture

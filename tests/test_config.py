@@ -15,8 +15,14 @@ from vlaforget.config import ConfigError
 
 def test_real_and_overlay_configs_validate(tmp_root, monkeypatch):
     base = REPO / "config" / "config.yaml"
-    for overlays in ([], ["demo.yaml"], ["demo.yaml", "ci.yaml"], ["profile_4090.yaml"],
-                     ["profile_v100x8.yaml"], ["profile_v100x8.yaml", "profile_v100x8_ddp.yaml"]):
+    for overlays in (
+        [],
+        ["demo.yaml"],
+        ["demo.yaml", "ci.yaml"],
+        ["profile_4090.yaml"],
+        ["profile_v100x8.yaml"],
+        ["profile_v100x8.yaml", "profile_v100x8_ddp.yaml"],
+    ):
         files = [base] + [REPO / "config" / o for o in overlays]
         if not overlays or not overlays[0].startswith("demo"):
             # the real config's paths live under /opt/data/private (validation creates nothing)
@@ -34,14 +40,17 @@ def test_overlay_deep_merges(demo_config):
     assert demo_config["methods"]["icsm_hsw_thermostat"]["thermostat"]["beta_min"] == 0.2
 
 
-@pytest.mark.parametrize("mutate,key", [
-    (lambda c: c["train"].update(max_stpes=1), "train.max_stpes"),
-    (lambda c: c["train"].update(batch_size="16"), "train.batch_size"),
-    (lambda c: c["train"]["lora"].update(targets=["attention"]), "train.lora.targets.0"),
-    (lambda c: c["methods"]["craft"]["craft"].update(epsilom=0.1), "methods.craft.craft.epsilom"),
-    (lambda c: c.update(wrold="x"), "wrold"),
-    (lambda c: c["methods"]["icsm_hsw_thermostat"]["thermostat"].update(beta_min=0), "beta_min"),
-])
+@pytest.mark.parametrize(
+    "mutate,key",
+    [
+        (lambda c: c["train"].update(max_stpes=1), "train.max_stpes"),
+        (lambda c: c["train"].update(batch_size="16"), "train.batch_size"),
+        (lambda c: c["train"]["lora"].update(targets=["attention"]), "train.lora.targets.0"),
+        (lambda c: c["methods"]["craft"]["craft"].update(epsilom=0.1), "methods.craft.craft.epsilom"),
+        (lambda c: c.update(wrold="x"), "wrold"),
+        (lambda c: c["methods"]["icsm_hsw_thermostat"]["thermostat"].update(beta_min=0), "beta_min"),
+    ],
+)
 def test_schema_errors_name_the_key(demo_config, mutate, key):
     cfg = copy.deepcopy(demo_config)
     mutate(cfg)
@@ -50,14 +59,17 @@ def test_schema_errors_name_the_key(demo_config, mutate, key):
     assert key in str(e.value)
 
 
-@pytest.mark.parametrize("mutate,words", [
-    (lambda c: c["study"].update(methods=["baseline", "lora_plus"]), "lora_plus"),
-    (lambda c: c["study"].update(ablations=["no_such"]), "no_such"),
-    (lambda c: c["ablations"].update(bad={"base": "nope"}), "ablations.bad.base"),
-    (lambda c: c["ablations"].update(bad={"base": "craft", "set": {"crafty.x": 1}}), "crafty"),
-    (lambda c: c["methods"].update({"a__b": {}}), "a__b"),
-    (lambda c: c["model"].update(tiny=None), "model.tiny"),
-])
+@pytest.mark.parametrize(
+    "mutate,words",
+    [
+        (lambda c: c["study"].update(methods=["baseline", "lora_plus"]), "lora_plus"),
+        (lambda c: c["study"].update(ablations=["no_such"]), "no_such"),
+        (lambda c: c["ablations"].update(bad={"base": "nope"}), "ablations.bad.base"),
+        (lambda c: c["ablations"].update(bad={"base": "craft", "set": {"crafty.x": 1}}), "crafty"),
+        (lambda c: c["methods"].update({"a__b": {}}), "a__b"),
+        (lambda c: c["model"].update(tiny=None), "model.tiny"),
+    ],
+)
 def test_semantic_errors_name_the_cause(demo_config, mutate, words):
     cfg = copy.deepcopy(demo_config)
     mutate(cfg)
@@ -68,8 +80,12 @@ def test_semantic_errors_name_the_cause(demo_config, mutate, words):
 def test_run_names_roundtrip():
     name = vfc.run_name("icsm_hsw_thermostat", "libero_10_no_noops", vfc.shots_name(5), 42)
     assert name == "libero_10_no_noops__icsm_hsw_thermostat__5shot__s42"
-    assert vfc.parse_run_name(name) == {"suite": "libero_10_no_noops", "method": "icsm_hsw_thermostat",
-                                        "shots": "5shot", "seed": 42}
+    assert vfc.parse_run_name(name) == {
+        "suite": "libero_10_no_noops",
+        "method": "icsm_hsw_thermostat",
+        "shots": "5shot",
+        "seed": 42,
+    }
     assert vfc.parse_shots("full") is None and vfc.parse_shots("10shot") == 10
     with pytest.raises(ConfigError):
         vfc.parse_run_name("teacher")
@@ -98,9 +114,17 @@ def test_train_stage_config_only_references_what_the_method_needs(demo_config):
 
 
 def test_every_stage_config_writes_under_root(demo_config, tmp_root, tmp_path):
-    keys = {"demos": "mw_upstream", "cache": "mw_upstream", "model": "tiny-vla", "probe": "x", "icsm": "x",
-            "craft_anchors": "mw_downstream", "train": "mw_downstream__craft__full__s42",
-            "eval": "teacher@mw_upstream", "forgetting": "mw_downstream__craft__full__s42"}
+    keys = {
+        "demos": "mw_upstream",
+        "cache": "mw_upstream",
+        "model": "tiny-vla",
+        "probe": "x",
+        "icsm": "x",
+        "craft_anchors": "mw_downstream",
+        "train": "mw_downstream__craft__full__s42",
+        "eval": "teacher@mw_upstream",
+        "forgetting": "mw_downstream__craft__full__s42",
+    }
     for stage, key in keys.items():
         sc = vfc.stage_config(demo_config, stage, key)
         assert sc["stage"] == stage and sc["code"]

@@ -62,17 +62,46 @@ def test_uncreatable_root_names_the_override(tmp_path, monkeypatch, demo_config)
     r = disk.report(demo_config, scan_dir=tmp_path / "none", out=buf)
     assert not r["ok"] and "VLAFORGET_ROOT=" in buf.getvalue()
 
+
 def test_cli_exit_codes(tmp_root, tmp_path):
     env = dict(os.environ)
-    ok = subprocess.run([sys.executable, "-m", "vlaforget.cli", "check-disk", "--configfile",
-                         str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml"),
-                         "--scan", str(tmp_path / "empty")], capture_output=True, text=True, env=env, check=False)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "check-disk",
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+            str(REPO / "config" / "demo.yaml"),
+            "--scan",
+            str(tmp_path / "empty"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "[check-disk] OK" in ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"data": {"rlds_dir": "/somewhere/else"}}))
-    r = subprocess.run([sys.executable, "-m", "vlaforget.cli", "check-disk", "--configfile",
-                        str(REPO / "config" / "config.yaml"), str(bad), "--scan", str(tmp_path / "empty")],
-                       capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "check-disk",
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+            str(bad),
+            "--scan",
+            str(tmp_path / "empty"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert r.returncode == 1
     assert "data.rlds_dir = /somewhere/else is outside the allowed root" in r.stderr

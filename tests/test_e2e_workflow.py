@@ -13,10 +13,13 @@ from conftest import snakemake
 
 @pytest.mark.slow
 def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
-    env = {"VLAFORGET_ROOT": str(tmp_path / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
-           "VLAFORGET_NO_PROGRESS": "1", "MUJOCO_GL": "egl"}
+    env = {
+        "VLAFORGET_ROOT": str(tmp_path / "data" / "root"),
+        "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
+        "VLAFORGET_NO_PROGRESS": "1",
+    }
     r = snakemake(["--profile", "profiles/ci"], cwd=workflow_copy, env=env, timeout=3600)
-    assert r.returncode == 0, (r.stdout[-6000:] + r.stderr[-6000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
     root = tmp_path / "data" / "root"
 
     rows = list(csv.DictReader((workflow_copy / "results" / "table_main.csv").open()))
@@ -29,7 +32,9 @@ def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
     for name in ("pareto", "training_curves", "ablation"):
         assert (workflow_copy / "results" / "figures" / f"{name}.png").stat().st_size > 1000
 
-    ev = json.loads((root / "evals" / "mw_downstream__baseline__full__s42" / "mw_downstream.json").read_text())
+    ev = json.loads(
+        (root / "evals" / "mw_downstream__baseline__full__s42" / "mw_downstream.json").read_text()
+    )
     assert ev["n_episodes"] >= 1 and 0.0 <= ev["success_rate"] <= 1.0
     assert (root / "runs" / "mw_downstream__craft__full__s42" / "metrics.jsonl").exists()
     assert (root / "configs" / "train" / "mw_downstream__craft__full__s42.yaml").exists()

@@ -24,11 +24,30 @@ def sim(tmp_path, monkeypatch):
 
 def gpu_run(n, out, sleep=0.0, extra=(), env=None):
     """Start `vlaforget gpu-run --gpus n -- python -c <write CVD to out; sleep>` in the background."""
-    code = (f"import os,time; open({str(out)!r},'w').write(os.environ.get('CUDA_VISIBLE_DEVICES','<unset>')); "
-            f"time.sleep({sleep})")
-    return subprocess.Popen([sys.executable, "-m", "vlaforget.cli", "gpu-run", "--gpus", str(n), "--poll", "0.05",
-                             *extra, "--", sys.executable, "-c", code], env=env or os.environ.copy(),
-                            stderr=subprocess.PIPE, text=True)
+    code = (
+        f"import os,time; open({str(out)!r},'w').write(os.environ.get('CUDA_VISIBLE_DEVICES','<unset>')); "
+        f"time.sleep({sleep})"
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "gpu-run",
+            "--gpus",
+            str(n),
+            "--poll",
+            "0.05",
+            *extra,
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        env=env or os.environ.copy(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_file(p, timeout=20):

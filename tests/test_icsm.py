@@ -272,5 +272,25 @@ def test_real_tiny_backend_pooling_audit_and_injection_point():
     sv = svd_directions(pooled[be.num_layers - 1], 4)
     last = be.num_layers - 1
     s_in = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, direction_batch=4)
+    s_full = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, direction_batch=4,
+                                skip_prefix=False)
+    assert torch.allclose(s_in, s_full, rtol=1e-3, atol=1e-9)
     s_out = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, inject="output")
     assert (s_in > 0).all() and float(s_out.abs().max()) == 0.0
+
+
+def test_skip_prefix_matches_full_forward():
+    for be in (FakeBackend(plant_layer=3), FakeBackend(plant_layer=3, tuple_out=False)):
+        samples = _samples(5)
+        U = torch.eye(16)[:, :6]
+        full = sensitivity_scores(be, samples, U, torch.ones(6), rep=2, direction_batch=4, skip_prefix=False)
+        fast = sensitivity_scores(be, samples, U, torch.ones(6), rep=2, direction_batch=4, skip_prefix=True)
+        assert torch.allclose(full, fast, rtol=1e-3, atol=1e-7)
+        assert all("forward" not in lay.__dict__ for lay in be.decoder_layers())  # stubs removed
+
+
+def test_spread_subset():
+    idx = torch.arange(100, 200)
+    sub = icsm.spread_subset(idx, 5)
+    assert sub.tolist() == [100, 125, 150, 174, 199]  # positions round(linspace(0, 99, 5))
+    assert torch.equal(icsm.spread_subset(idx[:3], 5), idx[:3])

@@ -12,7 +12,12 @@ from vlaforget.envs import libero as L
 
 def test_step_caps_and_wait_actions():
     assert {s: L.max_steps_for(s) for s in L.SUITE_MAX_STEPS} == {
-        "libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+        "libero_spatial": 220,
+        "libero_object": 280,
+        "libero_goal": 300,
+        "libero_10": 520,
+        "libero_90": 400,
+    }
     assert L.max_steps_for("libero_goal_no_noops") == 300
     with pytest.raises(ValueError, match="unknown LIBERO suite"):
         L.max_steps_for("libero_100")
@@ -22,8 +27,15 @@ def test_step_caps_and_wait_actions():
 
 def test_gripper_conversion():
     # model gripper 1 = open -> LIBERO -1 (open); 0 = close -> +1 (close); 0.5 -> sign(0) = 0
-    a = np.array([[0.1, -0.2, 0.3, 0, 0, 0, 1.0], [0, 0, 0, 0, 0, 0, 0.0], [0, 0, 0, 0, 0, 0, 0.8],
-                  [0, 0, 0, 0, 0, 0, 0.2], [0, 0, 0, 0, 0, 0, 0.5]])
+    a = np.array(
+        [
+            [0.1, -0.2, 0.3, 0, 0, 0, 1.0],
+            [0, 0, 0, 0, 0, 0, 0.0],
+            [0, 0, 0, 0, 0, 0, 0.8],
+            [0, 0, 0, 0, 0, 0, 0.2],
+            [0, 0, 0, 0, 0, 0, 0.5],
+        ]
+    )
     out = np.stack([L.convert_gripper(x) for x in a])
     assert out[:, -1].tolist() == [-1.0, 1.0, -1.0, 1.0, 0.0]
     assert np.allclose(out[:, :-1], a[:, :-1])
@@ -93,8 +105,9 @@ def test_real_libero_episode(tmp_path):
     from vlaforget.eval.rollout import make_episodes, run_episodes
 
     cfg_dir = os.environ.get("LIBERO_CONFIG_PATH") or str(tmp_path / "libero_cfg")
-    fac = L.LiberoFactory("libero_goal", config_dir=cfg_dir, resolution=64, image_size=32, wait_steps=2,
-                          max_steps=3)
+    fac = L.LiberoFactory(
+        "libero_goal", config_dir=cfg_dir, resolution=64, image_size=32, wait_steps=2, max_steps=3
+    )
     env = fac(0)
     task, instr = env.task, env.instruction
     obs = env.reset(0)
@@ -110,3 +123,19 @@ def test_real_libero_episode(tmp_path):
     assert all(e["steps"] == 3 and not e["success"] for e in res["episodes"])
     seq = run_episodes(fac, zero, eps, num_envs=0)
     assert [e["final_digest"] for e in seq["episodes"]] == [e["final_digest"] for e in res["episodes"]]
+
+
+def test_asset_verification(tmp_path):
+    from vlaforget.envs import libero_setup as S
+
+    assert S.git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.xml").write_bytes(b"<mujoco/>")
+    man = tmp_path / "m.tsv"
+    man.write_text(f"path\tsize_bytes\tgit_blob_sha1\na/x.xml\t9\t{S.git_blob_sha1(b'<mujoco/>')}\nb.obj\t1\t00\n")
+    m = S.read_manifest(man)
+    assert S.verify_tree(tmp_path, m) == ["missing: b.obj"]
+    (tmp_path / "a" / "x.xml").write_bytes(b"<mujoco!>")
+    assert "sha1 mismatch: a/x.xml" in S.verify_tree(tmp_path, m)
+    shipped = S.read_manifest(S.DEFAULT_MANIFEST)
+    assert len(shipped) == 585 and all(len(sha) == 40 for _, sha in shipped.values())

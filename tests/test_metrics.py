@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,7 @@ def test_retention_ratio():
 
 def test_continual_metrics_hand_example():
     # R[i, j]: score on task j after learning task i
-    R = [[0.9, 0.1, 0.0],
-         [0.6, 0.8, 0.2],
-         [0.5, 0.7, 0.9]]
+    R = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.5, 0.7, 0.9]]
     m = M.continual_metrics(R)
     assert m["acc"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
     assert m["bwt"] == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
@@ -41,7 +40,7 @@ def test_linear_cka_properties():
     # matches the HSIC definition: tr(K_X H K_Y H) / sqrt(tr(K_X H K_X H) tr(K_Y H K_Y H))
     H = torch.eye(200, dtype=torch.float64) - 1.0 / 200
     Kx, Ky = X.double() @ X.double().T, Y.double() @ Y.double().T
-    hs = lambda A, B: torch.trace(A @ H @ B @ H)  # noqa: E731
+    hs = lambda A, B: torch.trace(A @ H @ B @ H)
     ref = hs(Kx, Ky) / torch.sqrt(hs(Kx, Kx) * hs(Ky, Ky))
     assert M.linear_cka(X, Y) == pytest.approx(float(ref), rel=1e-9)
 
@@ -86,13 +85,120 @@ def test_read_vqa_jsonl(tmp_path):
 
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "imgs" / "a.png")
-    lines = [{"image": "imgs/a.png", "question": "what colour?", "answer": "grey", "kind": "color"},
-             {"image": str(tmp_path / "imgs" / "a.png"), "question": "how many?", "answer": "1"}]
+    lines = [
+        {"image": "imgs/a.png", "question": "what colour?", "answer": "grey", "kind": "color"},
+        {"image": str(tmp_path / "imgs" / "a.png"), "question": "how many?", "answer": "1"},
+    ]
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    qs = read_vqa_jsonl(tmp_path / "q.jsonl")
+    qs = read_vqa_jsonl(tmp_path / "q.jsonl", image_size=None)
     assert len(qs) == 2 and qs[0]["image"].shape == (8, 8, 3) and qs[1]["kind"] == "all"
+    assert read_vqa_jsonl(tmp_path / "q.jsonl", limit=1)[0]["image"].shape == (224, 224, 3)
     (tmp_path / "bad.jsonl").write_text('{"image": "imgs/a.png"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_vqa_jsonl(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="vqa_jsonl"):
         read_vqa_jsonl(tmp_path / "none.jsonl")
+
+
+class _FakeDS(list):
+    """Stands in for CachedDataset: a list of samples with .statistics."""
+
+    statistics = {  # noqa: RUF012
+        "action": {
+            "q01": [-1.0] * 4,
+            "q99": [1.0] * 4,
+            "mask": [True] * 3 + [False],
+            "mean": [0.0] * 4,
+            "std": [1.0] * 4,
+            "min": [-1.0] * 4,
+            "max": [1.0] * 4,
+        }
+    }
+
+
+def _samples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["open the drawer", "press the button", "close the door", "push the puck"]
+    return _FakeDS(
+        {
+            "image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+            "instruction": words[i % 4],
+            "action": rng.uniform(-1, 1, 4).astype(np.float32),
+            "state": np.zeros(4, np.float32),
+        }
+        for i in range(n)
+    )
+
+
+def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
+    """Stage `forgetting` with a random-init tiny model: teacher run = no change; a random LoRA
+    adapter = positive KL and drift, CKA < 1. Dataset, probe and ICSM inputs are small fakes."""
+    import argparse
+    from types import SimpleNamespace
+
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from vlaforget.data import probe as P
+    from vlaforget.eval import forgetting as FG
+    from vlaforget.methods import icsm as I
+    from vlaforget.models.tiny import random_tiny_backend
+
+    b = random_tiny_backend({"image_size": 32}, action_dim=4, seed=0)
+    model_dir = tmp_root / "models" / "tiny-vla"
+    b.save(model_dir)
+    ds = _samples(24)
+    monkeypatch.setattr(P, "open_dataset", lambda block, split="train": ds)
+    layers = [5, 7]
+    b.set_stats(ds.statistics["action"])
+    pooled, empty = P.pooled_states(b, list(ds), 8, layers=layers)
+    probe_dir = tmp_root / "probe"
+    probe_dir.mkdir(parents=True)
+    torch.save(
+        {"indices": torch.arange(24), "dataset": {"name": "fake"}, "pooled": pooled, "empty": empty},
+        probe_dir / "probe.pt",
+    )
+    (probe_dir / "audit.json").write_text("{}")
+    art = SimpleNamespace(
+        reps=layers,
+        layers={la: SimpleNamespace(U=torch.linalg.qr(I.covariance(pooled[la]))[0][:, :4]) for la in layers},
+    )
+    monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
+    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "k"} for s in ds[:6]]
+    monkeypatch.setattr(FG, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
+
+    cfg = peft_cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=b.lora_targets(["attn", "mlp"]), init_lora_weights=False
+    )
+    adapter = tmp_root / "runs" / "r" / "final"
+    get_peft_model(
+        random_tiny_backend({"image_size": 32}, action_dim=4, seed=0).model, peft_cfg
+    ).save_pretrained(adapter)
+    del cfg
+
+    outs = {}
+    for run, ad in (("teacher", None), ("r", str(adapter))):
+        sc = {
+            "stage": "forgetting",
+            "root": str(tmp_root),
+            "allowed_root": str(tmp_root.parent),
+            "run_name": run,
+            "model": {"backend": "tiny", "path": str(model_dir), "dtype": "fp32"},
+            "adapter_dir": ad,
+            "probe_dir": str(probe_dir),
+            "icsm_dir": "unused",
+            "vqa_jsonl": None,
+            "drift_samples": 20,
+            "vqa_datasets": [{"name": "up", "cache_dir": "unused"}],
+            "out_file": str(tmp_root / "evals" / run / "forgetting.json"),
+        }
+        path = tmp_root / f"{run}.yaml"
+        path.write_text(yaml.safe_dump(sc))
+        assert FG.main(argparse.Namespace(config=str(path), device="cpu", batch_size=8)) == 0
+        outs[run] = json.loads(Path(sc["out_file"]).read_text())
+    t, r = outs["teacher"], outs["r"]
+    assert t["n_vqa"] == 6 and t["n_drift"] == 20 and sorted(t["cka"]) == ["5", "7"]
+    assert t["vqa_kl"] == 0.0 and t["drift_mean"] < 1e-5 and t["cka_mean"] > 0.9999
+    assert t["vqa_accuracy"] == t["vqa_accuracy_teacher"]
+    assert r["vqa_kl"] > 1e-4 and r["drift_mean"] > 1e-3 and r["cka_mean"] < t["cka_mean"]
+    assert r["drift"]["7"]["basis"] is not None and r["vqa_accuracy_teacher"] == t["vqa_accuracy"]

@@ -19,9 +19,16 @@ def test_root_resolution_order(monkeypatch):
     assert paths.resolve_root({"root": "/opt/data/private/x"}) == Path("/opt/data/private/env")
 
 
-@pytest.mark.parametrize("p,ok", [("/opt/data/private/a/b", True), ("/opt/data/private", True),
-                                  ("/opt/data/private2/a", False), ("/opt/data/private/../x", False),
-                                  ("/workspace/openvla", False)])
+@pytest.mark.parametrize(
+    "p,ok",
+    [
+        ("/opt/data/private/a/b", True),
+        ("/opt/data/private", True),
+        ("/opt/data/private2/a", False),
+        ("/opt/data/private/../x", False),
+        ("/workspace/openvla", False),
+    ],
+)
 def test_check_under(p, ok):
     allowed = Path("/opt/data/private")
     if ok:
@@ -41,8 +48,16 @@ def test_job_env_keeps_every_cache_under_root(tmp_root):
 
 def test_layout_places_everything_under_root(tmp_root):
     lay = paths.Layout(tmp_root)
-    for p in (lay.cache("d"), lay.model("b"), lay.probe("b", "p"), lay.icsm("b", "p"), lay.craft("b", "d"),
-              lay.run("r"), lay.eval("r"), lay.locks):
+    for p in (
+        lay.cache("d"),
+        lay.model("b"),
+        lay.probe("b", "p"),
+        lay.icsm("b", "p"),
+        lay.craft("b", "d"),
+        lay.run("r"),
+        lay.eval("r"),
+        lay.locks,
+    ):
         assert paths.is_within(p, tmp_root)
 
 

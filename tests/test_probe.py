@@ -92,7 +92,7 @@ def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
            "model": {}, "dataset": {"name": "x", "cache_dir": str(tmp_path)}, "n": 4,
            "out_dir": str(tmp_path / "probe")}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(RuntimeError, match="empty instruction mask"):
+    with pytest.raises(ValueError, match="empty instruction mask"):
         probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))
     assert not (tmp_path / "probe" / "audit.json").exists()
 

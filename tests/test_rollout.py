@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ class FakeEnv:
     def step(self, action):
         if self.task == "boom" and self.steps == 2:
             raise RuntimeError("simulator exploded")
-        self.pos += int(round(float(action[0])))
+        self.pos += round(float(action[0]))
         self.steps += 1
         success = self.pos == self.target
         return self._obs(), success, success or self.steps >= self.cap
@@ -59,8 +61,9 @@ def expected(seed: int, speed: int, cap: int = 8) -> tuple[bool, int]:
 
 def fake_episodes():
     instr = {"a": "walk", "b": "run"}
-    return make_episodes(["a", "b"], instr, 5, lambda t, i: 100 * (t == "b") + i, suite="fake",
-                         videos_per_task=1)
+    return make_episodes(
+        ["a", "b"], instr, 5, lambda t, i: 100 * (t == "b") + i, suite="fake", videos_per_task=1
+    )
 
 
 def strip(res):
@@ -92,7 +95,7 @@ def test_env_error_ends_episode_as_failure():
     eps = [Episode("boom", "walk", 3), Episode("a", "walk", 3)]
     for n in (0, 2):
         res = run_episodes(FakeFactory(), step_policy, eps, num_envs=n, in_process=True)
-        boom = [e for e in res["episodes"] if e["task"] == "boom"][0]
+        boom = next(e for e in res["episodes"] if e["task"] == "boom")
         assert not boom["success"] and "exploded" in boom["error"] and boom["steps"] == 3
         assert res["errors"] == 1
 
@@ -106,9 +109,11 @@ def test_bad_policy_shape_raises():
 
 
 def test_summarize_counts():
-    eps = [{"task": "a", "suite": "s", "success": True, "steps": 4},
-           {"task": "a", "suite": "s", "success": False, "steps": 10},
-           {"task": "b", "suite": "s", "success": True, "steps": 2}]
+    eps = [
+        {"task": "a", "suite": "s", "success": True, "steps": 4},
+        {"task": "a", "suite": "s", "success": False, "steps": 10},
+        {"task": "b", "suite": "s", "success": True, "steps": 2},
+    ]
     s = summarize(eps)
     assert s["success_rate"] == pytest.approx(2 / 3) and s["n_episodes"] == 3
     assert s["per_task"]["a"] == {"success_rate": 0.5, "n": 2, "successes": 1, "mean_steps": 7.0}
@@ -130,12 +135,74 @@ def test_metaworld_n1_equals_n2():
     if not ok:
         pytest.skip(f"no headless rendering: {why}")
     fac = MetaWorldFactory(camera="corner3", render_size=32, max_steps=6)
-    eps = make_episodes(["reach-v3", "drawer-close-v3"], {"reach-v3": "reach", "drawer-close-v3": "close"}, 2,
-                        lambda t, i: 500 + i)
-    one = run_episodes(fac, image_policy, eps, num_envs=1)
-    two = run_episodes(fac, image_policy, eps, num_envs=2)
+    eps = make_episodes(
+        ["reach-v3", "drawer-close-v3"],
+        {"reach-v3": "reach", "drawer-close-v3": "close"},
+        2,
+        lambda t, i: 500 + i,
+    )
+    one = run_episodes(fac, image_policy, eps, num_envs=1, in_process=True)  # this process
+    two = run_episodes(fac, image_policy, eps, num_envs=2)  # two spawned workers
     assert strip(one) == strip(two)
     assert all(e["steps"] <= 6 and e["final_digest"] for e in one["episodes"])
     # different seeds of one task give different trajectories
     reach = [e["final_digest"] for e in one["episodes"] if e["task"] == "reach-v3"]
     assert reach[0] != reach[1]
+
+
+def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
+    """Stage `eval` end to end: random-init tiny backend, 2 tasks x 1 episode, 2 worker envs."""
+    import argparse
+    import json
+
+    import yaml
+
+    from vlaforget.config import deep_merge, stage_config
+    from vlaforget.envs.metaworld import rendering_available
+    from vlaforget.eval import closed_loop
+    from vlaforget.models.tiny import random_tiny_backend
+
+    ok, why = rendering_available(size=16)
+    if not ok:
+        pytest.skip(f"no headless rendering: {why}")
+    cfg = deep_merge(
+        demo_config,
+        {
+            "eval": {
+                "num_envs": 2,
+                "episodes_per_task": 1,
+                "videos_per_task": 1,
+                "metaworld": {"max_steps": 3, "seed": 7},
+            }
+        },
+    )
+    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(tmp_root / "models" / "tiny-vla")
+    sc = stage_config(cfg, "eval", "teacher@mw_downstream")
+    path = tmp_root / "configs" / "eval.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(sc))
+    assert closed_loop.main(argparse.Namespace(config=str(path), device="cpu", num_envs=None, threads=1)) == 0
+    out = json.loads(Path(sc["out_file"]).read_text())
+    assert out["run"] == "teacher" and out["suite"] == "mw_downstream" and out["n_episodes"] == 2
+    assert set(out["per_task"]) == set(sc["eval"]["tasks"])
+    assert all(e["steps"] <= 3 and e["seed"] == 7 for e in out["episodes"])
+    assert out["timing"]["mean_batch"] == 2.0 and len(out["videos"]) == 2
+    assert all(v.startswith(str(tmp_root / "evals" / "teacher" / "videos")) for v in out["videos"])
+
+
+def test_evaluate_model_periodic(demo_config):
+    """The train loop's periodic eval: an in-memory backend, the train stage's eval block."""
+    from vlaforget.config import deep_merge, eval_block
+    from vlaforget.envs.metaworld import rendering_available
+    from vlaforget.eval.closed_loop import evaluate_model
+    from vlaforget.models.tiny import random_tiny_backend
+
+    ok, why = rendering_available(size=16)
+    if not ok:
+        pytest.skip(f"no headless rendering: {why}")
+    cfg = deep_merge(demo_config, {"eval": {"metaworld": {"max_steps": 2, "seed": 3}}})
+    blk = eval_block(cfg, "mw_downstream")
+    b = random_tiny_backend({"image_size": 64}, action_dim=4, seed=0)
+    res = evaluate_model(b, blk, model=b.model, episodes_per_task=1, num_envs=0)
+    assert res["n_episodes"] == len(blk["tasks"]) and res["timing"]["mode"] == "sequential"
+    assert all(e["steps"] == 2 for e in res["episodes"]) and res["videos"] == []

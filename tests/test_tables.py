@@ -26,12 +26,30 @@ def write_evals(root, runs: dict[str, dict]) -> list[str]:
         for suite in (SUITE, UP):
             if suite in vals:
                 p = d / f"{suite}.json"
-                p.write_text(json.dumps({"run": run, "suite": suite, "success_rate": vals[suite],
-                                         "n_episodes": 20, "per_task": {}}))
+                p.write_text(
+                    json.dumps(
+                        {
+                            "run": run,
+                            "suite": suite,
+                            "success_rate": vals[suite],
+                            "n_episodes": 20,
+                            "per_task": {},
+                        }
+                    )
+                )
                 files.append(str(p))
         p = d / "forgetting.json"
-        p.write_text(json.dumps({"run": run, "vqa_accuracy": vals["vqa"], "vqa_kl": 0.1,
-                                 "drift_mean": vals["drift"], "cka_mean": vals["cka"]}))
+        p.write_text(
+            json.dumps(
+                {
+                    "run": run,
+                    "vqa_accuracy": vals["vqa"],
+                    "vqa_kl": 0.1,
+                    "drift_mean": vals["drift"],
+                    "cka_mean": vals["cka"],
+                }
+            )
+        )
         files.append(str(p))
     return files
 
@@ -42,8 +60,13 @@ def evals(tmp_path):
     down = {42: 0.6, 123: 0.7, 456: 0.8}
     up = {42: 0.4, 123: 0.6, 456: 0.8}
     for seed in (42, 123, 456):
-        runs[f"{SUITE}__baseline__full__s{seed}"] = {SUITE: down[seed], UP: up[seed], "vqa": 0.25,
-                                                     "drift": 1.0 + seed / 1000, "cka": 0.5}
+        runs[f"{SUITE}__baseline__full__s{seed}"] = {
+            SUITE: down[seed],
+            UP: up[seed],
+            "vqa": 0.25,
+            "drift": 1.0 + seed / 1000,
+            "cka": 0.5,
+        }
     runs[f"{SUITE}__craft__full__s42"] = {SUITE: 0.5, UP: 0.8, "vqa": 0.5, "drift": 0.2, "cka": 0.9}
     return write_evals(tmp_path, runs)
 
@@ -75,11 +98,15 @@ def test_build_table_rows_and_retention(evals):
 
 
 def test_fewshot_groups_by_shots(tmp_path):
-    files = write_evals(tmp_path, {
-        "teacher": {SUITE: 0.0, "vqa": 0.4, "drift": 0, "cka": 1},
-        f"{SUITE}__baseline__5shot__s1": {SUITE: 0.2, "vqa": 0.2, "drift": 1, "cka": 0.5},
-        f"{SUITE}__baseline__10shot__s1": {SUITE: 0.4, "vqa": 0.2, "drift": 1, "cka": 0.5},
-        f"{SUITE}__baseline__10shot__s2": {SUITE: 0.6, "vqa": 0.3, "drift": 1, "cka": 0.5}})
+    files = write_evals(
+        tmp_path,
+        {
+            "teacher": {SUITE: 0.0, "vqa": 0.4, "drift": 0, "cka": 1},
+            f"{SUITE}__baseline__5shot__s1": {SUITE: 0.2, "vqa": 0.2, "drift": 1, "cka": 0.5},
+            f"{SUITE}__baseline__10shot__s1": {SUITE: 0.4, "vqa": 0.2, "drift": 1, "cka": 0.5},
+            f"{SUITE}__baseline__10shot__s2": {SUITE: 0.6, "vqa": 0.3, "drift": 1, "cka": 0.5},
+        },
+    )
     rows = tables.build_table(tables.load_evals(files), "fewshot", [])
     by = {(r["method"], r["shots"]): r for r in rows}
     assert by[("baseline", "10shot")]["downstream_success_mean"] == pytest.approx(0.5)
@@ -92,8 +119,25 @@ def test_fewshot_groups_by_shots(tmp_path):
 
 def test_cli_writes_csv_and_markdown(evals, tmp_path):
     out = tmp_path / "results" / "table_main.csv"
-    r = subprocess.run([sys.executable, "-m", "vlaforget.cli", "table", "--kind", "main", "--upstream-suites", UP,
-                        "--inputs", *evals, "--out", str(out)], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "table",
+            "--kind",
+            "main",
+            "--upstream-suites",
+            UP,
+            "--inputs",
+            *evals,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["method"] for r in rows] == ["teacher", "baseline", "craft"]
@@ -119,14 +163,23 @@ def test_figures_render(evals, tmp_path):
     for seed, slope in ((42, 1.0), (123, 0.5)):
         d = tmp_path / "runs" / f"{SUITE}__baseline__full__s{seed}"
         d.mkdir(parents=True)
-        lines = [json.dumps({"step": s, "loss": 2.0 - slope * s / 10, "action_accuracy": s / 10,
-                             "drift_d": 0.1 * s}) for s in range(0, 10, 2)]
+        lines = [
+            json.dumps(
+                {"step": s, "loss": 2.0 - slope * s / 10, "action_accuracy": s / 10, "drift_d": 0.1 * s}
+            )
+            for s in range(0, 10, 2)
+        ]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{broken")
         run_dirs.append(d)
     assert len(figures.read_metrics(run_dirs[0] / "metrics.jsonl")) == 5
     table = tmp_path / "table_ablation.csv"
     table.write_text(tables.to_csv(tables.build_table(tables.load_evals(evals), "ablation", [UP])))
-    written = figures.pareto(evals, [UP], out) + figures.training_curves(run_dirs, out) + figures.ablation(table, out)
-    assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in ("pareto", "training_curves", "ablation")
-                                                     for e in ("png", "pdf"))
+    written = (
+        figures.pareto(evals, [UP], out)
+        + figures.training_curves(run_dirs, out)
+        + figures.ablation(table, out)
+    )
+    assert sorted(p.name for p in written) == sorted(
+        f"{n}.{e}" for n in ("pareto", "training_curves", "ablation") for e in ("png", "pdf")
+    )
     assert all(p.stat().st_size > 1000 for p in written)

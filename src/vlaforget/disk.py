@@ -27,10 +27,10 @@ def configured_paths(cfg: dict) -> dict[str, str]:
     mpath = (cfg.get("model") or {}).get("path")
     if mpath and (str(mpath).startswith("/") or str(mpath).startswith(".")):
         out["model.path"] = mpath
-    f = ((cfg.get("eval") or {}).get("forgetting") or {})
+    f = (cfg.get("eval") or {}).get("forgetting") or {}
     if f.get("vqa_jsonl"):
         out["eval.forgetting.vqa_jsonl"] = f["vqa_jsonl"]
-    lib = ((cfg.get("eval") or {}).get("libero") or {})
+    lib = (cfg.get("eval") or {}).get("libero") or {}
     if lib.get("config_path"):
         out["eval.libero.config_path"] = lib["config_path"]
     return out
@@ -78,8 +78,13 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def report(cfg: dict, scan_dir: str | Path | None = None, limit_gb: float = 1.0,
-           create_root: bool = True, out=sys.stderr) -> dict:
+def report(
+    cfg: dict,
+    scan_dir: str | Path | None = None,
+    limit_gb: float = 1.0,
+    create_root: bool = True,
+    out=sys.stderr,
+) -> dict:
     """Run every check, print findings, return {ok, problems, large_files, free_gb, root}."""
     root = resolve_root(cfg)
     problems = check_paths(cfg)
@@ -89,32 +94,49 @@ def report(cfg: dict, scan_dir: str | Path | None = None, limit_gb: float = 1.0,
         except PathPolicyError as e:
             problems.append(str(e))
         except OSError as e:
-            problems.append(f"cannot create the data root {root} ({e.strerror or e}). Point the pipeline at "
-                            f"a writable folder under the allowed root: VLAFORGET_ROOT=/path/under/"
-                            f"{resolve_allowed_root(cfg)} or `root:` in your config.")
+            problems.append(
+                f"cannot create the data root {root} ({e.strerror or e}). Point the pipeline at "
+                f"a writable folder under the allowed root: VLAFORGET_ROOT=/path/under/"
+                f"{resolve_allowed_root(cfg)} or `root:` in your config."
+            )
     scan_dir = Path(scan_dir) if scan_dir else REPO_DIR
     large = scan_large_files(scan_dir, int(limit_gb * 1e9)) if scan_dir.exists() else []
     free = free_gb(root)
 
-    print(f"[check-disk] root = {root} (allowed root {resolve_allowed_root(cfg)}), free {free:.1f} GB",
-          file=out)
+    print(
+        f"[check-disk] root = {root} (allowed root {resolve_allowed_root(cfg)}), free {free:.1f} GB", file=out
+    )
     for msg in problems:
         print(f"[check-disk] ERROR: {msg}", file=out)
     if large:
-        print(f"[check-disk] WARNING: {len(large)} file(s) over {limit_gb:g} GB in {scan_dir} "
-              f"(only code, configs, docs and small results belong there):", file=out)
+        print(
+            f"[check-disk] WARNING: {len(large)} file(s) over {limit_gb:g} GB in {scan_dir} "
+            f"(only code, configs, docs and small results belong there):",
+            file=out,
+        )
         for p, size in large:
-            print(f"    {_gb(size):>10}  {p}\n"
-                  f"                move it under the data root, e.g.: mv '{p}' '{root / 'tmp'}/' "
-                  f"(models -> {root / 'models'}, datasets -> {root / 'datasets'}, "
-                  f"checkpoints -> {root / 'runs'})", file=out)
+            print(
+                f"    {_gb(size):>10}  {p}\n"
+                f"                move it under the data root, e.g.: mv '{p}' '{root / 'tmp'}/' "
+                f"(models -> {root / 'models'}, datasets -> {root / 'datasets'}, "
+                f"checkpoints -> {root / 'runs'})",
+                file=out,
+            )
     if free < MIN_FREE_GB:
-        print(f"[check-disk] WARNING: only {free:.1f} GB free under {root}; a 7B run needs ~100 GB "
-              f"(checkpoints, caches). Free space or point VLAFORGET_ROOT at a larger disk.", file=out)
+        print(
+            f"[check-disk] WARNING: only {free:.1f} GB free under {root}; a 7B run needs ~100 GB "
+            f"(checkpoints, caches). Free space or point VLAFORGET_ROOT at a larger disk.",
+            file=out,
+        )
     if not problems and not large:
         print("[check-disk] OK", file=out)
-    return {"ok": not problems, "problems": problems, "large_files": [(str(p), s) for p, s in large],
-            "free_gb": free, "root": str(root)}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "large_files": [(str(p), s) for p, s in large],
+        "free_gb": free,
+        "root": str(root),
+    }
 
 
 def workflow_check(cfg: dict, repo_dir: str | Path | None = None) -> bool:
@@ -123,8 +145,12 @@ def workflow_check(cfg: dict, repo_dir: str | Path | None = None) -> bool:
 
 
 def add_args(p) -> None:
-    p.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
-                   help="study config files, later ones overlay earlier ones")
+    p.add_argument(
+        "--configfile",
+        nargs="+",
+        default=["config/config.yaml"],
+        help="study config files, later ones overlay earlier ones",
+    )
     p.add_argument("--scan", default=None, help="directory to scan for large files (default: the repo)")
     p.add_argument("--limit-gb", type=float, default=1.0, help="size above which a file is reported")
     p.add_argument("--no-create", action="store_true", help="do not create the data root")

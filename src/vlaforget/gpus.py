@@ -35,8 +35,13 @@ def visible_gpus() -> list[str]:
         return [x.strip() for x in cvd.split(",") if x.strip()]
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30, check=False)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             if out.returncode == 0:
                 return [line.strip() for line in out.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):
@@ -90,15 +95,22 @@ def release(held: dict[str, int]) -> None:
     held.clear()
 
 
-def acquire(k: int, ids: list[str] | None = None, locks: Path | None = None, timeout: float | None = None,
-            poll: float = 2.0, out=sys.stderr) -> dict[str, int]:
+def acquire(
+    k: int,
+    ids: list[str] | None = None,
+    locks: Path | None = None,
+    timeout: float | None = None,
+    poll: float = 2.0,
+    out=sys.stderr,
+) -> dict[str, int]:
     """Wait until k GPUs are free and hold them. Raises GpuAllocationError if k > visible or on timeout."""
     ids = visible_gpus() if ids is None else ids
     locks = locks or lock_dir()
     if k > len(ids):
         raise GpuAllocationError(
             f"a job asks for {k} GPU(s) but this machine shows {len(ids)} ({', '.join(ids) or 'none'}). "
-            f"Lower resources.*_gpus / train.nproc in the config, or cap the profile's `resources: gpu=`.")
+            f"Lower resources.*_gpus / train.nproc in the config, or cap the profile's `resources: gpu=`."
+        )
     start = time.monotonic()
     told = False
     while True:
@@ -109,8 +121,10 @@ def acquire(k: int, ids: list[str] | None = None, locks: Path | None = None, tim
                 os.write(fd, f"pid={os.getpid()} gpu={gid}\n".encode())
             return held
         if timeout is not None and time.monotonic() - start >= timeout:
-            raise GpuAllocationError(f"no {k} free GPU(s) among {ids} after {timeout:g} s "
-                                     f"(locks in {locks}; a stale holder? check `nvidia-smi`)")
+            raise GpuAllocationError(
+                f"no {k} free GPU(s) among {ids} after {timeout:g} s "
+                f"(locks in {locks}; a stale holder? check `nvidia-smi`)"
+            )
         if not told:
             print(f"[gpu-run] waiting for {k} free GPU(s) among {ids} (locks in {locks})", file=out)
             told = True

@@ -1,8 +1,10 @@
 # Helpers shared by every rule: config validation, the study grid (run names), paths under the data
 # root, stage-config files, job environment and resources. Everything with logic lives in vlaforget.
 
+import os
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -185,9 +187,20 @@ def stage_cfg(stage, key):
 
 # ----------------------------------------------------------------------------- jobs
 
+# How jobs call the library. With `--sdm conda` each rule runs in its conda env (envs/*.yaml) and the
+# library comes from the source tree (PYTHONPATH); otherwise the Python running Snakemake (the venv
+# of `make install`) runs it, so nothing depends on PATH.
+USE_CONDA = "conda" in str(getattr(workflow.deployment_settings, "deployment_method", "")).lower()
+PYTHON = "python" if USE_CONDA else shlex.quote(sys.executable)
+VLAFORGET = f"{PYTHON} -m vlaforget.cli"
+SRC_DIR = str(Path(workflow.basedir) / "src")
+CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla" else "../../envs/vlaforget.yaml"
+
 # Every job exports these so no library (HF, torch, W&B, matplotlib, TMPDIR) writes outside root.
 JOB_ENV = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(ROOT).items())
-JOB_ENV += f"; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
+JOB_ENV = f"{JOB_ENV}; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
+if USE_CONDA:
+    JOB_ENV = f"{JOB_ENV}; export PYTHONPATH={shlex.quote(SRC_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"
 
 
 def gpus(kind):
@@ -204,19 +217,20 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
     `vlaforget gpu-run --gpus N` holds N free GPU ids (lock files) and sets CUDA_VISIBLE_DEVICES;
     it is a no-op for N=0 and under SLURM (the scheduler sets the ids).
     """
-    run = launcher or "vlaforget"
-    gpu = "vlaforget gpu-run --gpus {resources.gpu} -- " if gpu_kind else ""
+    run = launcher or VLAFORGET
+    gpu = f"{VLAFORGET} gpu-run --gpus {{resources.gpu}} -- " if gpu_kind else ""
     return (
-        JOB_ENV + "; export OMP_NUM_THREADS={threads}; "
+        f"{JOB_ENV}; export OMP_NUM_THREADS={{threads}}; "
         'echo "host=$(hostname) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}" > {log}; '
-        + gpu + run + f" {stage_cli} --config {{input.cfg}} >> {{log}} 2>&1"
+        f"{gpu}{run} {stage_cli} --config {{input.cfg}} >> {{log}} 2>&1"
     )
 
 
 def train_launcher():
+    """torchrun --standalone over train.nproc processes (one per GPU), else the plain stage command."""
     nproc = int(config["train"].get("nproc", 1))
     if nproc > 1:
-        return f"torchrun --standalone --nproc-per-node {nproc} -m vlaforget.cli"
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc-per-node {nproc} -m vlaforget.cli"
     return ""
 
 
@@ -229,22 +243,66 @@ def disk_safety_check():
         raise WorkflowError("disk-safety check failed (see above); nothing was run")
 
 
-# ----------------------------------------------------------------------------- stage config rule
+# ----------------------------------------------------------------------------- input functions
 
 
-localrules:
-    stage_config,
+def cache_input(w):
+    inp = {"cfg": cfg_file("cache", w.dataset)}
+    if METAWORLD:
+        inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
+    return inp
 
 
-rule stage_config:
-    """The exact config of one stage job; its params trigger reruns only of what changed."""
-    output:
-        cfg=R(ROOT / "configs" / "{stage}" / "{key}.yaml"),
-    params:
-        cfg=lambda w: stage_cfg(w.stage, w.key),
-    wildcard_constraints:
-        key=r"[^/]+",
-    run:
-        from vlaforget.io import atomic_write_text
+def model_input(w):
+    inp = {"cfg": cfg_file("model", BASE)}
+    if config["model"]["backend"] == "tiny":
+        inp["caches"] = [cache_outputs(d)["manifest"] for d in config["data"]["metaworld"]["datasets"]]
+    return inp
 
-        atomic_write_text(output.cfg, yaml.safe_dump(params.cfg, sort_keys=True))
+
+def train_input(w):
+    sc = stage_cfg("train", w.trun)
+    inp = {"cfg": cfg_file("train", w.trun), "model": model_done(), "cache": cache_outputs(sc["suite"])["manifest"]}
+    if sc.get("icsm_dir"):
+        inp["icsm"] = icsm_meta()
+    if sc.get("probe_dir"):
+        inp["probe"] = probe_file()
+    if sc.get("craft_dir"):
+        inp["anchors"] = anchors_file(sc["suite"])
+    return inp
+
+
+def eval_input(w):
+    inp = {"cfg": cfg_file("eval", f"{w.run}@{w.suite}"), "model": model_done(),
+           "stats": cache_outputs(w.suite)["stats"]}
+    if w.run != "teacher":
+        inp["train"] = train_done(w.run)
+    return inp
+
+
+def forgetting_input(w):
+    inp = {"cfg": cfg_file("forgetting", w.run), "model": model_done(), "probe": probe_file(),
+           "icsm": icsm_meta()}
+    if w.run != "teacher":
+        inp["train"] = train_done(w.run)
+    if METAWORLD:
+        inp["caches"] = [cache_outputs(s)["manifest"] for s in UPSTREAM_SUITES]
+    return inp
+
+
+TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
+FIGURES = ["pareto", "training_curves", "ablation"]
+
+
+def figures_outputs():
+    return [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+
+
+def figure_run_files():
+    """Runs whose metrics.jsonl the figures plot (main + ablation), via their completion files."""
+    return [train_done(r) for r in dict.fromkeys(main_runs() + ablation_runs())]
+
+
+def report_shell(args):
+    """Shell line of a report job (table / figures), logged."""
+    return f"{JOB_ENV}; {VLAFORGET} {args} > {{log}} 2>&1"

@@ -13,15 +13,10 @@ rule demos:
     resources:
         gpu=0,
         mem_mb=4000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("demos")
-
-
-def cache_input(w):
-    inp = {"cfg": cfg_file("cache", w.dataset)}
-    if METAWORLD:
-        inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
-    return inp
 
 
 rule cache:
@@ -36,5 +31,7 @@ rule cache:
     resources:
         gpu=0,
         mem_mb=8000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("cache")

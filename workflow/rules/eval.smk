@@ -2,14 +2,6 @@
 # (general visual-question skill, representation drift, CKA vs the teacher).
 
 
-def eval_input(w):
-    inp = {"cfg": cfg_file("eval", f"{w.run}@{w.suite}"), "model": model_done(),
-           "stats": cache_outputs(w.suite)["stats"]}
-    if w.run != "teacher":
-        inp["train"] = train_done(w.run)
-    return inp
-
-
 # {suite}.json and forgetting.json share a folder; a suite cannot be called "forgetting".
 ruleorder: forgetting > eval
 
@@ -25,18 +17,10 @@ rule eval:
     resources:
         gpu=gpus("eval"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("eval", gpu_kind="eval")
-
-
-def forgetting_input(w):
-    inp = {"cfg": cfg_file("forgetting", w.run), "model": model_done(), "probe": probe_file(),
-           "icsm": icsm_meta()}
-    if w.run != "teacher":
-        inp["train"] = train_done(w.run)
-    if METAWORLD:
-        inp["caches"] = [cache_outputs(s)["manifest"] for s in UPSTREAM_SUITES]
-    return inp
 
 
 rule forgetting:
@@ -50,5 +34,7 @@ rule forgetting:
     resources:
         gpu=gpus("eval"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("forgetting", gpu_kind="eval")

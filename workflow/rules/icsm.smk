@@ -15,6 +15,8 @@ rule icsm:
     resources:
         gpu=gpus("probe"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("icsm", gpu_kind="probe")
 
@@ -32,5 +34,7 @@ rule craft_anchors:
     resources:
         gpu=gpus("probe"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("craft-anchors", gpu_kind="probe")

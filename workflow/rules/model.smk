@@ -2,13 +2,6 @@
 # skill); the OpenVLA backend is only checked (loads offline from model.path, shapes as expected).
 
 
-def model_input(w):
-    inp = {"cfg": cfg_file("model", BASE)}
-    if config["model"]["backend"] == "tiny":
-        inp["caches"] = [cache_outputs(d)["manifest"] for d in config["data"]["metaworld"]["datasets"]]
-    return inp
-
-
 rule model:
     input:
         unpack(model_input),
@@ -20,5 +13,7 @@ rule model:
     resources:
         gpu=gpus("probe"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("model", gpu_kind="probe")

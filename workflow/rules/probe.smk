@@ -15,5 +15,7 @@ rule probe:
     resources:
         gpu=gpus("probe"),
         mem_mb=16000,
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("probe", gpu_kind="probe")

@@ -3,18 +3,6 @@
 # a rerun (or a killed run restarted) continues from the last checkpoint instead of being deleted.
 
 
-def train_input(w):
-    sc = stage_cfg("train", w.trun)
-    inp = {"cfg": cfg_file("train", w.trun), "model": model_done(), "cache": cache_outputs(sc["suite"])["manifest"]}
-    if sc.get("icsm_dir"):
-        inp["icsm"] = icsm_meta()
-    if sc.get("probe_dir"):
-        inp["probe"] = probe_file()
-    if sc.get("craft_dir"):
-        inp["anchors"] = anchors_file(sc["suite"])
-    return inp
-
-
 rule train:
     input:
         unpack(train_input),
@@ -26,5 +14,7 @@ rule train:
     resources:
         gpu=gpus("train"),
         mem_mb=int(RES.get("mem_mb_train", 16000)),
+    conda:
+        CONDA_ENV
     shell:
         stage_shell("train", gpu_kind="train", launcher=train_launcher())

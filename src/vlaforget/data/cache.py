@@ -45,25 +45,39 @@ def n_train_episodes(n_episodes: int, train_split: float) -> int:
     """openvla's `train[:95%]`: the first round(train_split * n) episodes, at least one."""
     if not 0 < train_split <= 1:
         raise ValueError(f"data.train_split = {train_split}: give a fraction in (0, 1]")
-    return max(1, min(n_episodes, int(round(train_split * n_episodes))))
+    return max(1, min(n_episodes, round(train_split * n_episodes)))
 
 
-def build_cache(rlds_dir: str | Path, out_dir: str | Path, name: str, image_size: int,
-                train_split: float = 0.95, image_key: str = "observation/image",
-                state_key: str = "observation/state", extra: dict | None = None) -> dict[str, Any]:
+def build_cache(
+    rlds_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    image_size: int,
+    train_split: float = 0.95,
+    image_key: str = "observation/image",
+    state_key: str = "observation/state",
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """Read every episode of the TFDS builder dir `rlds_dir` once and write the cache."""
     from .rlds import builder_info, iter_episodes, resolve_builder_dir
 
     bdir = resolve_builder_dir(rlds_dir)
     info = builder_info(bdir)
-    episodes = progress(iter_episodes(bdir, image_key, state_key), total=info["episodes"],
-                        desc=f"cache {name}", unit="ep")
+    episodes = progress(
+        iter_episodes(bdir, image_key, state_key), total=info["episodes"], desc=f"cache {name}", unit="ep"
+    )
     meta = {"source": str(bdir), "source_info": info, "image_key": image_key, "state_key": state_key}
     return write_cache(episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})})
 
 
-def write_cache(episodes: Iterable[dict[str, Any]], out_dir: str | Path, name: str, image_size: int,
-                train_split: float = 0.95, extra: dict | None = None) -> dict[str, Any]:
+def write_cache(
+    episodes: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    name: str,
+    image_size: int,
+    train_split: float = 0.95,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """Write the cache from episode dicts (as rlds.iter_episodes yields: images, states, actions,
     env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow."""
     t0 = time.time()
@@ -93,15 +107,26 @@ def write_cache(episodes: Iterable[dict[str, Any]], out_dir: str | Path, name: s
             instructions.setdefault(ep["instruction"], len(instructions))
             T = len(ep["actions"])
             if not (len(imgs) == len(ep["states"]) == T):
-                raise ValueError(f"episode {len(eps)} of {name}: {len(imgs)} images, {len(ep['states'])} "
-                                 f"states, {T} actions; every step needs all three")
-            eps.append({"index": len(eps), "task": ep["task"], "instruction": ep["instruction"],
-                        "start": n, "length": T, "seed": int(ep.get("seed", -1))})
+                raise ValueError(
+                    f"episode {len(eps)} of {name}: {len(imgs)} images, {len(ep['states'])} "
+                    f"states, {T} actions; every step needs all three"
+                )
+            eps.append(
+                {
+                    "index": len(eps),
+                    "task": ep["task"],
+                    "instruction": ep["instruction"],
+                    "start": n,
+                    "length": T,
+                    "seed": int(ep.get("seed", -1)),
+                }
+            )
             n += T
     if not eps:
         shutil.rmtree(tmp)
-        raise RuntimeError(f"dataset {name} holds no episodes: regenerate it (demos stage) or fix "
-                           f"data.rlds_dir")
+        raise RuntimeError(
+            f"dataset {name} holds no episodes: regenerate it (demos stage) or fix data.rlds_dir"
+        )
     A = np.concatenate(actions)
     P = np.concatenate(states)
     np.save(tmp / "actions.npy", A)
@@ -122,15 +147,31 @@ def write_cache(episodes: Iterable[dict[str, Any]], out_dir: str | Path, name: s
             files[fn] = sha256_file(tmp / fn)
     tasks = sorted({e["task"] for e in eps})
     manifest = {
-        "format": CACHE_FORMAT, "name": name, "source_image_shape": src_shape,
-        "image_size": image_size, "num_episodes": len(eps), "num_transitions": n,
-        "num_train_episodes": n_train, "train_split": train_split, "tasks": tasks,
+        "format": CACHE_FORMAT,
+        "name": name,
+        "source_image_shape": src_shape,
+        "image_size": image_size,
+        "num_episodes": len(eps),
+        "num_transitions": n,
+        "num_train_episodes": n_train,
+        "train_split": train_split,
+        "tasks": tasks,
         "episodes_per_task": {t: sum(e["task"] == t for e in eps) for t in tasks},
-        "shapes": {"images": [n, image_size, image_size, 3], "actions": list(A.shape),
-                   "states": list(P.shape), "env_states": [n, env_states[0].shape[1]] if has_env else None},
-        "dtypes": {"images": "uint8", "actions": "float32", "states": "float32",
-                   "env_states": "float32" if has_env else None},
-        "files": files, "seconds": round(time.time() - t0, 2), "provenance": provenance(),
+        "shapes": {
+            "images": [n, image_size, image_size, 3],
+            "actions": list(A.shape),
+            "states": list(P.shape),
+            "env_states": [n, env_states[0].shape[1]] if has_env else None,
+        },
+        "dtypes": {
+            "images": "uint8",
+            "actions": "float32",
+            "states": "float32",
+            "env_states": "float32" if has_env else None,
+        },
+        "files": files,
+        "seconds": round(time.time() - t0, 2),
+        "provenance": provenance(),
         **(extra or {}),
     }
     # Move everything into place; statistics then manifest last (the manifest marks completion).
@@ -156,13 +197,14 @@ class CachedDataset:
     shots=n keeps n episodes per task of the train split, chosen with `seed`.
     """
 
-    def __init__(self, cache_dir: str | Path, split: str = "train", shots: int | None = None,
-                 seed: int = 0):
+    def __init__(self, cache_dir: str | Path, split: str = "train", shots: int | None = None, seed: int = 0):
         self.cache_dir = Path(cache_dir)
         mpath = self.cache_dir / "manifest.json"
         if not mpath.exists():
-            raise FileNotFoundError(f"{self.cache_dir} is not a finished dataset cache (no manifest.json): "
-                                    f"run the cache stage (`vlaforget cache --config ...`) for it")
+            raise FileNotFoundError(
+                f"{self.cache_dir} is not a finished dataset cache (no manifest.json): "
+                f"run the cache stage (`vlaforget cache --config ...`) for it"
+            )
         self.manifest = read_json(mpath)
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split '{split}': use train, heldout or all")
@@ -189,10 +231,13 @@ class CachedDataset:
     def _arrays(self) -> dict[str, np.ndarray]:
         if self._mm is None:
             s = self.manifest["shapes"]
-            mm = {"images": np.memmap(self.cache_dir / IMAGES_FILE, dtype=np.uint8, mode="r",
-                                      shape=tuple(s["images"])),
-                  "actions": np.load(self.cache_dir / "actions.npy", mmap_mode="r"),
-                  "states": np.load(self.cache_dir / "states.npy", mmap_mode="r")}
+            mm = {
+                "images": np.memmap(
+                    self.cache_dir / IMAGES_FILE, dtype=np.uint8, mode="r", shape=tuple(s["images"])
+                ),
+                "actions": np.load(self.cache_dir / "actions.npy", mmap_mode="r"),
+                "states": np.load(self.cache_dir / "states.npy", mmap_mode="r"),
+            }
             if s.get("env_states"):
                 mm["env_states"] = np.load(self.cache_dir / "env_states.npy", mmap_mode="r")
             self._mm = mm
@@ -226,10 +271,16 @@ class CachedDataset:
         k, step, row = self.locate(int(i))
         a = self._arrays()
         ep = self.episodes[k]
-        return {"image": np.array(a["images"][row]), "instruction": ep["instruction"],
-                "action": np.array(a["actions"][row]), "state": np.array(a["states"][row]),
-                "env_state": np.array(a["env_states"][row]) if "env_states" in a else None,
-                "task": ep["task"], "episode": ep["index"], "step": step}
+        return {
+            "image": np.array(a["images"][row]),
+            "instruction": ep["instruction"],
+            "action": np.array(a["actions"][row]),
+            "state": np.array(a["states"][row]),
+            "env_state": np.array(a["env_states"][row]) if "env_states" in a else None,
+            "task": ep["task"],
+            "episode": ep["index"],
+            "step": step,
+        }
 
     def episode_rows(self, k: int) -> np.ndarray:
         """Cache rows of the k-th episode of this view."""
@@ -249,8 +300,10 @@ def select_shots(episodes: list[dict], shots: int, seed: int) -> list[dict]:
     for task in sorted(by_task):
         pos = by_task[task]
         if len(pos) < shots:
-            raise ValueError(f"task '{task}' has only {len(pos)} train episodes, fewer than shots={shots}: "
-                             f"lower study.shots or generate more episodes")
+            raise ValueError(
+                f"task '{task}' has only {len(pos)} train episodes, fewer than shots={shots}: "
+                f"lower study.shots or generate more episodes"
+            )
         keep += [pos[j] for j in rng.choice(len(pos), size=shots, replace=False)]
     return [episodes[p] for p in sorted(keep)]
 
@@ -263,10 +316,24 @@ def main(args) -> int:
     from ..config import load_stage_config
 
     sc = load_stage_config(args.config, "cache")
-    m = build_cache(sc["rlds_dir"], sc["out_dir"], sc["dataset"], int(sc["image_size"]),
-                    float(sc.get("train_split", 0.95)), sc.get("image_key", "observation/image"),
-                    sc.get("state_key", "observation/state"), extra={"stage_code": sc.get("code")})
-    log.info("cache %s: %d episodes (%d train), %d transitions, %d tasks, %.1f s -> %s", m["name"],
-             m["num_episodes"], m["num_train_episodes"], m["num_transitions"], len(m["tasks"]),
-             m["seconds"], sc["out_dir"])
+    m = build_cache(
+        sc["rlds_dir"],
+        sc["out_dir"],
+        sc["dataset"],
+        int(sc["image_size"]),
+        float(sc.get("train_split", 0.95)),
+        sc.get("image_key", "observation/image"),
+        sc.get("state_key", "observation/state"),
+        extra={"stage_code": sc.get("code")},
+    )
+    log.info(
+        "cache %s: %d episodes (%d train), %d transitions, %d tasks, %.1f s -> %s",
+        m["name"],
+        m["num_episodes"],
+        m["num_train_episodes"],
+        m["num_transitions"],
+        len(m["tasks"]),
+        m["seconds"],
+        sc["out_dir"],
+    )
     return 0

@@ -38,8 +38,13 @@ def rollout(job: dict[str, Any]) -> dict[str, Any]:
     key = (job["task"], job["camera"], job["render_size"], job["max_steps"])
     env = _ENVS.get(key)
     if env is None:
-        env = _ENVS[key] = MetaWorldEnv(job["task"], job["seed"], camera=job["camera"],
-                                        render_size=job["render_size"], max_steps=job["max_steps"])
+        env = _ENVS[key] = MetaWorldEnv(
+            job["task"],
+            job["seed"],
+            camera=job["camera"],
+            render_size=job["render_size"],
+            max_steps=job["max_steps"],
+        )
     t0 = time.perf_counter()
     obs = env.reset(job["seed"])
     images, states, env_states, actions = [], [], [], []
@@ -51,23 +56,44 @@ def rollout(job: dict[str, Any]) -> dict[str, Any]:
         env_states.append(obs["env_state"])
         actions.append(action)
         obs, success, done = env.step(action)
-    return {"task": job["task"], "seed": job["seed"], "success": bool(success), "steps": len(actions),
-            "seconds": time.perf_counter() - t0, "images": images,
-            "states": np.stack(states), "env_states": np.stack(env_states), "actions": np.stack(actions),
-            "instruction": sample_instruction(job["task"], job["seed"], job.get("instructions"))}
+    return {
+        "task": job["task"],
+        "seed": job["seed"],
+        "success": bool(success),
+        "steps": len(actions),
+        "seconds": time.perf_counter() - t0,
+        "images": images,
+        "states": np.stack(states),
+        "env_states": np.stack(env_states),
+        "actions": np.stack(actions),
+        "instruction": sample_instruction(job["task"], job["seed"], job.get("instructions")),
+    }
 
 
-def generate(tasks: list[str], episodes_per_task: int, seed: int, *, camera: str = "corner3",
-             render_size: int = 64, max_steps: int = 150, workers: int = 1,
-             instructions: dict | None = None, max_attempts_factor: float = 3.0,
-             desc: str = "demos") -> tuple[dict[str, list[dict]], dict[str, dict]]:
+def generate(
+    tasks: list[str],
+    episodes_per_task: int,
+    seed: int,
+    *,
+    camera: str = "corner3",
+    render_size: int = 64,
+    max_steps: int = 150,
+    workers: int = 1,
+    instructions: dict | None = None,
+    max_attempts_factor: float = 3.0,
+    desc: str = "demos",
+) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """Roll out episodes until each task has `episodes_per_task` successes (first N successful seeds).
 
     Returns (kept episodes per task in seed order, per-task counts). Raises RuntimeError when a
     task's expert fails too often to reach N within `max_attempts_factor * N + 10` seeds.
     """
-    base = {"camera": camera, "render_size": render_size, "max_steps": max_steps,
-            "instructions": instructions or {}}
+    base = {
+        "camera": camera,
+        "render_size": render_size,
+        "max_steps": max_steps,
+        "instructions": instructions or {},
+    }
     results: dict[str, dict[int, dict]] = {t: {} for t in tasks}
     next_seed = {t: seed for t in tasks}
     limit = int(max_attempts_factor * episodes_per_task) + 10
@@ -89,7 +115,8 @@ def generate(tasks: list[str], episodes_per_task: int, seed: int, *, camera: str
                         f"task {t}: the scripted expert succeeded in only {ok} of {len(results[t])} "
                         f"episodes ({fails} failed within max_steps={max_steps}). Raise "
                         f"data.metaworld.max_steps, lower episodes_per_task, or drop {t} from "
-                        f"data.metaworld.datasets.")
+                        f"data.metaworld.datasets."
+                    )
                 # Ask for what is missing plus a margin for the expected failures.
                 n = min(need + max(1, need // 8), limit - (next_seed[t] - seed))
                 jobs += [dict(base, task=t, seed=s) for s in range(next_seed[t], next_seed[t] + n)]
@@ -120,12 +147,17 @@ def generate(tasks: list[str], episodes_per_task: int, seed: int, *, camera: str
                     break
         failed = [r["seed"] for r in tried if not r["success"]]
         kept[t] = chosen
-        counts[t] = {"kept": len(chosen), "attempted": len(tried), "failed": len(failed),
-                     "failed_seeds": failed, "expert_success_rate": len(chosen) / max(1, len(tried)),
-                     "mean_steps": float(np.mean([r["steps"] for r in chosen])),
-                     "max_steps_used": int(max(r["steps"] for r in chosen)),
-                     "seeds": [r["seed"] for r in chosen],
-                     "rollout_seconds": float(sum(r["seconds"] for r in tried))}
+        counts[t] = {
+            "kept": len(chosen),
+            "attempted": len(tried),
+            "failed": len(failed),
+            "failed_seeds": failed,
+            "expert_success_rate": len(chosen) / max(1, len(tried)),
+            "mean_steps": float(np.mean([r["steps"] for r in chosen])),
+            "max_steps_used": int(max(r["steps"] for r in chosen)),
+            "seeds": [r["seed"] for r in chosen],
+            "rollout_seconds": float(sum(r["seconds"] for r in tried)),
+        }
     return kept, counts
 
 
@@ -134,9 +166,9 @@ def interleave(kept: dict[str, list[dict]]) -> list[dict]:
     out = []
     n = max(len(v) for v in kept.values())
     for k in range(n):
-        for t in kept:
-            if k < len(kept[t]):
-                out.append(kept[t][k])
+        for eps in kept.values():
+            if k < len(eps):
+                out.append(eps[k])
     return out
 
 
@@ -156,32 +188,82 @@ def main(args) -> int:
     n = int(sc["episodes_per_task"])
     size = int(sc["render_size"])
     t0 = time.time()
-    log.info("demos %s: %d tasks x %d episodes, camera %s @ %d px, %d workers", sc["dataset"],
-             len(tasks), n, sc["camera"], size, sc.get("workers", 1))
-    kept, counts = generate(tasks, n, int(sc["seed"]), camera=sc["camera"], render_size=size,
-                            max_steps=int(sc["max_steps"]), workers=int(sc.get("workers", 1)),
-                            instructions=sc.get("instructions") or {}, desc=f"demos {sc['dataset']}")
+    log.info(
+        "demos %s: %d tasks x %d episodes, camera %s @ %d px, %d workers",
+        sc["dataset"],
+        len(tasks),
+        n,
+        sc["camera"],
+        size,
+        sc.get("workers", 1),
+    )
+    kept, counts = generate(
+        tasks,
+        n,
+        int(sc["seed"]),
+        camera=sc["camera"],
+        render_size=size,
+        max_steps=int(sc["max_steps"]),
+        workers=int(sc.get("workers", 1)),
+        instructions=sc.get("instructions") or {},
+        desc=f"demos {sc['dataset']}",
+    )
     t_roll = time.time() - t0
     episodes = interleave(kept)
-    info = write_rlds(out_dir, sc["dataset"], episodes, image_shape=(size, size, 3), state_dim=STATE_DIM,
-                      action_dim=ACTION_DIM, env_state_dim=ENV_STATE_DIM,
-                      description=f"Scripted Meta-World v3 demonstrations ({', '.join(tasks)}), "
-                                  f"camera {sc['camera']} {size}px.")
+    info = write_rlds(
+        out_dir,
+        sc["dataset"],
+        episodes,
+        image_shape=(size, size, 3),
+        state_dim=STATE_DIM,
+        action_dim=ACTION_DIM,
+        env_state_dim=ENV_STATE_DIM,
+        description=f"Scripted Meta-World v3 demonstrations ({', '.join(tasks)}), "
+        f"camera {sc['camera']} {size}px.",
+    )
     t_total = time.time() - t0
     for t in tasks:
-        log.info("  %-26s kept %d / %d attempted (expert success %.0f%%), mean %.0f steps", t,
-                 counts[t]["kept"], counts[t]["attempted"], 100 * counts[t]["expert_success_rate"],
-                 counts[t]["mean_steps"])
-    log.info("demos %s: %d episodes, %d steps in %.1f s (rollouts %.1f s)", sc["dataset"],
-             info["episodes"], info["steps"], t_total, t_roll)
-    write_json(os.path.join(out_dir, "done.json"), {
-        "dataset": sc["dataset"], "builder_dir": info["builder_dir"], "episodes": info["episodes"],
-        "steps": info["steps"], "shards": info["shards"], "tasks": counts,
-        "instructions": task_table(tasks, sc.get("instructions") or {}),
-        "camera": sc["camera"], "render_size": size, "max_steps": sc["max_steps"], "seed": sc["seed"],
-        "episodes_per_task": n, "workers": sc.get("workers", 1), "order": "interleaved by task",
-        "timing": {"total_seconds": t_total, "rollout_wall_seconds": t_roll,
-                   "write_seconds": t_total - t_roll},
-        "mujoco_gl": os.environ.get("MUJOCO_GL"), "stage_code": sc.get("code"),
-        "provenance": provenance()})
+        log.info(
+            "  %-26s kept %d / %d attempted (expert success %.0f%%), mean %.0f steps",
+            t,
+            counts[t]["kept"],
+            counts[t]["attempted"],
+            100 * counts[t]["expert_success_rate"],
+            counts[t]["mean_steps"],
+        )
+    log.info(
+        "demos %s: %d episodes, %d steps in %.1f s (rollouts %.1f s)",
+        sc["dataset"],
+        info["episodes"],
+        info["steps"],
+        t_total,
+        t_roll,
+    )
+    write_json(
+        os.path.join(out_dir, "done.json"),
+        {
+            "dataset": sc["dataset"],
+            "builder_dir": info["builder_dir"],
+            "episodes": info["episodes"],
+            "steps": info["steps"],
+            "shards": info["shards"],
+            "tasks": counts,
+            "instructions": task_table(tasks, sc.get("instructions") or {}),
+            "camera": sc["camera"],
+            "render_size": size,
+            "max_steps": sc["max_steps"],
+            "seed": sc["seed"],
+            "episodes_per_task": n,
+            "workers": sc.get("workers", 1),
+            "order": "interleaved by task",
+            "timing": {
+                "total_seconds": t_total,
+                "rollout_wall_seconds": t_roll,
+                "write_seconds": t_total - t_roll,
+            },
+            "mujoco_gl": os.environ.get("MUJOCO_GL"),
+            "stage_code": sc.get("code"),
+            "provenance": provenance(),
+        },
+    )
     return 0

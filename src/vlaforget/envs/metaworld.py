@@ -31,9 +31,11 @@ STATE_DIM = 4  # hand xyz + gripper opening
 ENV_STATE_DIM = 39  # Meta-World observation: hand(3) gripper(1) obj1(7) obj2(7) previous(18) goal(3)
 ACTION_DIM = 4  # dx dy dz gripper, in [-1, 1]
 
-RENDER_FIX = ("install an OpenGL backend for headless rendering: `apt-get install libegl-mesa0 "
-              "libgl1-mesa-dri` (EGL, preferred) or `apt-get install libosmesa6` and set "
-              "MUJOCO_GL=osmesa; on a GPU machine MUJOCO_GL=egl uses the driver's EGL")
+RENDER_FIX = (
+    "install an OpenGL backend for headless rendering: `apt-get install libegl-mesa0 "
+    "libgl1-mesa-dri` (EGL, preferred) or `apt-get install libosmesa6` and set "
+    "MUJOCO_GL=osmesa; on a GPU machine MUJOCO_GL=egl uses the driver's EGL"
+)
 
 
 class RenderingUnavailable(RuntimeError):
@@ -50,11 +52,16 @@ def _egl_vendor_present() -> bool:
 
 
 def configure_rendering() -> str:
-    """Choose MuJoCo's headless GL backend (env MUJOCO_GL wins); must run before `import mujoco`."""
+    """Choose MuJoCo's headless GL backend (env MUJOCO_GL wins).
+
+    Best called before `import mujoco`. If MuJoCo was already imported without MUJOCO_GL (it then
+    picked GLFW, which needs a display) and PyOpenGL is not loaded yet, switch its context class.
+    """
     gl = os.environ.get("MUJOCO_GL", "").strip().lower()
-    if not gl:
-        if "mujoco" in sys.modules:  # too late to choose; MuJoCo uses what it picked at import
-            return gl
+    late = "mujoco" in sys.modules
+    if gl:
+        late = False  # the user's choice, already in effect
+    else:
         if _egl_vendor_present():
             gl = "egl"
         elif ctypes.util.find_library("OSMesa"):
@@ -66,6 +73,12 @@ def configure_rendering() -> str:
         os.environ.setdefault("EGL_PLATFORM", "surfaceless")
     if gl in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+    if late and "OpenGL" not in sys.modules:
+        import importlib
+
+        from mujoco import gl_context
+
+        gl_context.GLContext = importlib.import_module(f"mujoco.{gl}").GLContext
     return gl
 
 
@@ -84,7 +97,7 @@ def _close_all() -> None:
     for env in list(_LIVE):
         try:
             env.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (best effort at interpreter exit)
             pass
 
 
@@ -101,14 +114,23 @@ class MetaWorldEnv:
     `step(action)` -> (obs, success, done); done = success or `max_steps` steps taken.
     """
 
-    def __init__(self, task: str, seed: int, camera: str = "corner3", render_size: int = 64,
-                 max_steps: int = 150, render: bool = True, antialias: bool = False):
+    def __init__(
+        self,
+        task: str,
+        seed: int,
+        camera: str = "corner3",
+        render_size: int = 64,
+        max_steps: int = 150,
+        render: bool = True,
+        antialias: bool = False,
+    ):
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
 
         if task not in ALL_V3_ENVIRONMENTS:
-            raise ValueError(f"unknown Meta-World task '{task}'. Known v3 tasks: "
-                             f"{', '.join(sorted(ALL_V3_ENVIRONMENTS))}")
+            raise ValueError(
+                f"unknown Meta-World task '{task}'. Known v3 tasks: {', '.join(sorted(ALL_V3_ENVIRONMENTS))}"
+            )
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera '{camera}'; Meta-World cameras: {', '.join(CAMERAS)}")
         self.task, self.seed, self.camera = task, int(seed), camera
@@ -173,8 +195,11 @@ class MetaWorldEnv:
 
     def _obs(self, raw: np.ndarray) -> dict[str, Any]:
         self._raw_obs = raw
-        return {"image": self.render(), "state": raw[:STATE_DIM].astype(np.float32),
-                "env_state": raw.astype(np.float32)}
+        return {
+            "image": self.render(),
+            "state": raw[:STATE_DIM].astype(np.float32),
+            "env_state": raw.astype(np.float32),
+        }
 
     def reset(self, seed: int | None = None) -> dict[str, Any]:
         """Start the episode of (task, seed); `seed` replaces the constructor's seed if given."""
@@ -194,8 +219,9 @@ class MetaWorldEnv:
             raise RuntimeError("call reset() before step()")
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
         if a.shape != (ACTION_DIM,):
-            raise ValueError(f"Meta-World actions are {ACTION_DIM}-D [dx, dy, dz, gripper], got "
-                             f"shape {np.shape(action)}")
+            raise ValueError(
+                f"Meta-World actions are {ACTION_DIM}-D [dx, dy, dz, gripper], got shape {np.shape(action)}"
+            )
         raw, _reward, _term, _trunc, info = self._env.step(a)
         self.steps += 1
         success = bool(info.get("success", 0.0))
@@ -215,7 +241,7 @@ class MetaWorldEnv:
             self._env.close()
             self._env = None
 
-    def __enter__(self) -> MetaWorldEnv:
+    def __enter__(self) -> MetaWorldEnv:  # noqa: PYI034 (py3.10: no typing.Self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,7 +250,7 @@ class MetaWorldEnv:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (a destructor must not raise)
             pass
 
 
@@ -236,5 +262,5 @@ def rendering_available(camera: str = "corner3", size: int = 16) -> tuple[bool, 
         if img.max() == 0:
             return False, "rendered an all-black frame"
         return True, os.environ.get("MUJOCO_GL", "")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure means: no rendering here)
         return False, f"{type(e).__name__}: {e}"

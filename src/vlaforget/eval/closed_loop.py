@@ -40,18 +40,29 @@ DEFAULT_MW_MAX_STEPS = 150
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="stage config (vlaforget stage-config eval RUN@SUITE)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--num-envs", type=int, default=None,
-                   help="override eval.num_envs (0 = the batch-1 sequential reference loop)")
+    p.add_argument(
+        "--num-envs",
+        type=int,
+        default=None,
+        help="override eval.num_envs (0 = the batch-1 sequential reference loop)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 class BackendPolicy:
     """Batched policy over a backend: resize to the model's image size, optional centre crop."""
 
-    def __init__(self, backend, image_size: int | None = None, center_crop: bool = False,
-                 crop_area: float = 0.9):
+    def __init__(
+        self,
+        backend,
+        image_size: int | None = None,
+        center_crop: bool = False,
+        crop_area: float = 0.9,
+        model=None,
+    ):
         self.backend, self.image_size = backend, image_size
         self.center_crop, self.crop_area = center_crop, crop_area
+        self.model = model  # e.g. the PEFT-wrapped training model; None = backend.model
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         from ..envs.libero import center_crop, resize_lanczos
@@ -63,7 +74,10 @@ class BackendPolicy:
         return images
 
     def __call__(self, images: np.ndarray, instructions: list[str]) -> np.ndarray:
-        return np.asarray(self.backend.predict_actions(self.preprocess(images), list(instructions)))
+        imgs = self.preprocess(images)
+        if self.model is None:
+            return np.asarray(self.backend.predict_actions(imgs, list(instructions)))
+        return np.asarray(self.backend.predict_actions(imgs, list(instructions), model=self.model))
 
 
 def pick_device(requested: str | None) -> str:
@@ -86,17 +100,24 @@ def load_stats(ecfg: dict) -> dict | None:
             return data[k]
     if len(data) == 1:
         return next(iter(data.values()))
-    raise ValueError(f"{path} has no statistics for '{key}' (keys: {', '.join(data)}); set "
-                     f"eval.unnorm_dataset to one of them")
+    raise ValueError(
+        f"{path} has no statistics for '{key}' (keys: {', '.join(data)}); set "
+        f"eval.unnorm_dataset to one of them"
+    )
 
 
-def build_episodes(sc: dict) -> tuple[Any, list[Episode], dict]:
-    """(env factory, episodes, protocol info) for the stage config's world and suite."""
-    e = sc["eval"]
-    suite = sc["suite"]
-    n = int(e["episodes_per_task"])
-    k = int(e.get("videos_per_task", 0))
-    if sc["world"] == "metaworld":
+def world_of(ecfg: dict) -> str:
+    """An eval block's world: Meta-World blocks name their tasks, LIBERO blocks take the suite's."""
+    return "metaworld" if ecfg.get("tasks") else "libero"
+
+
+def build_episodes(
+    world: str, suite: str, e: dict, episodes_per_task: int | None = None, videos_per_task: int | None = None
+) -> tuple[Any, list[Episode], dict]:
+    """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
+    n = int(episodes_per_task if episodes_per_task is not None else e["episodes_per_task"])
+    k = int(videos_per_task if videos_per_task is not None else e.get("videos_per_task", 0))
+    if world == "metaworld":
         from ..data.instructions import canonical_instruction
         from ..envs.metaworld import configure_rendering
 
@@ -107,22 +128,74 @@ def build_episodes(sc: dict) -> tuple[Any, list[Episode], dict]:
         instr = {t: canonical_instruction(t, e.get("instructions") or {}) for t in tasks}
         fac = MetaWorldFactory(camera=e["camera"], render_size=e["render_size"], max_steps=max_steps)
         eps = make_episodes(tasks, instr, n, lambda t, i: seed0 + i, suite=suite, videos_per_task=k)
-        return fac, eps, {"world": "metaworld", "seeds": [seed0, seed0 + n - 1], "max_steps": max_steps,
-                          "camera": e["camera"], "render_size": e["render_size"]}
+        return (
+            fac,
+            eps,
+            {
+                "world": "metaworld",
+                "seeds": [seed0, seed0 + n - 1],
+                "max_steps": max_steps,
+                "camera": e["camera"],
+                "render_size": e["render_size"],
+            },
+        )
     from ..envs import libero as L
 
-    bench = suite[: -len("_no_noops")] if suite.endswith("_no_noops") else suite
+    bench = suite.removesuffix("_no_noops")
     L.ensure_libero_config(e.get("config_path"))  # workers inherit LIBERO_CONFIG_PATH
     tasks = L.suite_tasks(bench)
     if n > L.NUM_INIT_STATES:
-        raise ValueError(f"eval.episodes_per_task = {n} but LIBERO has {L.NUM_INIT_STATES} init states per task")
-    fac = L.LiberoFactory(bench, config_dir=e.get("config_path"), resolution=int(e.get("resolution", 256)),
-                          image_size=int(e["image_size"]), wait_steps=int(e.get("wait_steps", L.WAIT_STEPS)))
+        raise ValueError(
+            f"eval.episodes_per_task = {n} but LIBERO has {L.NUM_INIT_STATES} init states per task"
+        )
+    cap = int(e.get("max_steps") or L.max_steps_for(bench))  # max_steps: override for smoke tests only
+    fac = L.LiberoFactory(
+        bench,
+        config_dir=e.get("config_path"),
+        resolution=int(e.get("resolution", 256)),
+        image_size=int(e["image_size"]),
+        wait_steps=int(e.get("wait_steps", L.WAIT_STEPS)),
+        max_steps=cap,
+    )
+    tasks = tasks[: int(e["n_tasks"])] if e.get("n_tasks") else tasks  # n_tasks: smoke tests only
     names = [t["name"] for t in tasks]
-    eps = make_episodes(names, {t["name"]: t["language"] for t in tasks}, n, lambda t, i: i, suite=suite,
-                        videos_per_task=k)
-    return fac, eps, {"world": "libero", "benchmark": bench, "init_states": [0, n - 1],
-                      "max_steps": L.max_steps_for(bench), "wait_steps": int(e.get("wait_steps", L.WAIT_STEPS))}
+    eps = make_episodes(
+        names, {t["name"]: t["language"] for t in tasks}, n, lambda t, i: i, suite=suite, videos_per_task=k
+    )
+    return (
+        fac,
+        eps,
+        {
+            "world": "libero",
+            "benchmark": bench,
+            "init_states": [0, n - 1],
+            "max_steps": cap,
+            "wait_steps": int(e.get("wait_steps", L.WAIT_STEPS)),
+        },
+    )
+
+
+def evaluate_model(
+    backend,
+    ecfg: dict,
+    model=None,
+    episodes_per_task: int | None = None,
+    num_envs: int | None = None,
+    video_dir: str | Path | None = None,
+) -> dict:
+    """Closed-loop evaluation of an already loaded backend (the train loop's periodic eval).
+
+    ecfg: an eval block (config.eval_block; the train stage's `periodic_eval`). `model`: the module to
+    run (e.g. the PEFT-wrapped training model; eval mode is set by predict_actions). No videos unless
+    video_dir. Returns run_episodes' result dict (success_rate, per_task, episodes, timing)."""
+    fac, episodes, _ = build_episodes(
+        world_of(ecfg), ecfg["suite"], ecfg, episodes_per_task, 0 if video_dir is None else None
+    )
+    policy = BackendPolicy(
+        backend, image_size=ecfg.get("image_size"), center_crop=bool(ecfg.get("center_crop")), model=model
+    )
+    n = int(ecfg.get("num_envs", 1) if num_envs is None else num_envs)
+    return run_episodes(fac, policy, episodes, num_envs=n, video_dir=video_dir, desc=f"eval {ecfg['suite']}")
 
 
 def main(args) -> int:
@@ -135,7 +208,7 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     t0 = time.perf_counter()
-    fac, episodes, protocol = build_episodes(sc)
+    fac, episodes, protocol = build_episodes(sc["world"], sc["suite"], e)
 
     from ..models import load_backend
 
@@ -149,17 +222,44 @@ def main(args) -> int:
     policy = BackendPolicy(backend, image_size=e.get("image_size"), center_crop=bool(e.get("center_crop")))
     num_envs = e["num_envs"] if args.num_envs is None else args.num_envs
     video_dir = out_file.parent / "videos" / sc["suite"]
-    log.info("eval %s on %s: %d episodes, %d envs, device %s", sc["run_name"], sc["suite"], len(episodes),
-             num_envs, device)
-    res = run_episodes(fac, policy, episodes, num_envs=num_envs, video_dir=video_dir,
-                       fps=30 if protocol["world"] == "libero" else 20, desc=f"eval {sc['suite']}")
+    log.info(
+        "eval %s on %s: %d episodes, %d envs, device %s",
+        sc["run_name"],
+        sc["suite"],
+        len(episodes),
+        num_envs,
+        device,
+    )
+    res = run_episodes(
+        fac,
+        policy,
+        episodes,
+        num_envs=num_envs,
+        video_dir=video_dir,
+        fps=30 if protocol["world"] == "libero" else 20,
+        desc=f"eval {sc['suite']}",
+    )
     res["timing"]["load_s"] = round(load_s, 3)
-    out = {"run": sc["run_name"], "suite": sc["suite"], "world": sc["world"],
-           "adapter_dir": sc.get("adapter_dir"), "device": device, "protocol": protocol,
-           "episodes_per_task": int(e["episodes_per_task"]), "center_crop": bool(e.get("center_crop")),
-           "stats": "suite" if stats is not None else "model", **res,
-           "provenance": {**provenance(), "stage_code": sc.get("code")}}
+    out = {
+        "run": sc["run_name"],
+        "suite": sc["suite"],
+        "world": sc["world"],
+        "adapter_dir": sc.get("adapter_dir"),
+        "device": device,
+        "protocol": protocol,
+        "episodes_per_task": int(e["episodes_per_task"]),
+        "center_crop": bool(e.get("center_crop")),
+        "stats": "suite" if stats is not None else "model",
+        **res,
+        "provenance": {**provenance(), "stage_code": sc.get("code")},
+    }
     write_json(out_file, out)  # the completion file, last
-    log.info("%s@%s: success %.3f over %d episodes (%.1f ms/env step)", sc["run_name"], sc["suite"],
-             out["success_rate"], out["n_episodes"], res["timing"]["ms_per_env_step"])
+    log.info(
+        "%s@%s: success %.3f over %d episodes (%.1f ms/env step)",
+        sc["run_name"],
+        sc["suite"],
+        out["success_rate"],
+        out["n_episodes"],
+        res["timing"]["ms_per_env_step"],
+    )
     return 0

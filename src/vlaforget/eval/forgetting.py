@@ -37,8 +37,8 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -62,14 +62,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_vqa_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The user's VQA set: [{image uint8 [H,W,3], question, answer, kind}] (format: module doc)."""
+def read_vqa_jsonl(path: str | Path, limit: int | None = None, image_size: int | None = 224) -> list[dict]:
+    """The user's VQA set: [{image uint8 [S,S,3], question, answer, kind}] (format: module doc).
+
+    Images are resized to image_size × image_size (bicubic; OpenVLA's processor resizes to 224 the
+    same way, without keeping the aspect ratio); None keeps them as they are."""
     from PIL import Image
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"eval.forgetting.vqa_jsonl = {path} does not exist: give a JSONL of "
-                                '{"image", "question", "answer"} lines (docs/evaluation.md) or set it to null')
+        raise FileNotFoundError(
+            f"eval.forgetting.vqa_jsonl = {path} does not exist: give a JSONL of "
+            '{"image", "question", "answer"} lines (docs/evaluation.md) or set it to null'
+        )
     out = []
     for ln, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -84,7 +89,10 @@ def read_vqa_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
             img_path = path.parent / img_path
         if not img_path.is_file():
             raise FileNotFoundError(f"{path}:{ln}: image {img_path} not found")
-        img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.uint8)
+        pil = Image.open(img_path).convert("RGB")
+        if image_size:
+            pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
+        img = np.asarray(pil, dtype=np.uint8)
         out.append({"image": img, "question": q, "answer": a, "kind": str(rec.get("kind", "all"))})
         if limit and len(out) >= limit:
             break
@@ -93,7 +101,7 @@ def read_vqa_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     return out
 
 
-def vqa_from_caches(blocks: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+def vqa_from_caches(blocks: Sequence[dict], n: int, seed: int = 0, camera: str = "corner3") -> list[dict]:
     """Visual questions on the held-out split of each upstream cache (tiny world)."""
     from ..data.cache import CachedDataset
     from ..data.vqa import vqa_samples
@@ -102,9 +110,11 @@ def vqa_from_caches(blocks: Sequence[dict], n: int, seed: int = 0) -> list[dict]
     for b in blocks:
         cache_dir = Path(b["cache_dir"])
         if not (cache_dir / "manifest.json").exists():
-            raise FileNotFoundError(f"dataset cache {cache_dir} missing: run the cache stage for '{b.get('name')}'")
+            raise FileNotFoundError(
+                f"dataset cache {cache_dir} missing: run the cache stage for '{b.get('name')}'"
+            )
         ds = CachedDataset(cache_dir, split="heldout")
-        for s in vqa_samples(ds, n, seed):
+        for s in vqa_samples(ds, n, seed, camera=camera):
             out.append({**s, "kind": s.get("kind", "all"), "dataset": b.get("name")})
     return out
 
@@ -127,7 +137,7 @@ def answer_logprobs(backend, samples: Sequence[dict], batch_size: int) -> torch.
     """[P, V] float32 CPU log-probs at every answer position (teacher-forced) of all samples."""
     out = []
     for s0 in range(0, len(samples), batch_size):
-        batch = backend.collate_vqa(list(samples[s0:s0 + batch_size]))
+        batch = backend.collate_vqa(list(samples[s0 : s0 + batch_size]))
         logits = backend.forward(batch).logits
         sel = logits[batch["answer_mask"]].float()
         out.append(torch.log_softmax(sel, dim=-1).cpu())
@@ -137,7 +147,7 @@ def answer_logprobs(backend, samples: Sequence[dict], batch_size: int) -> torch.
 def answers(backend, samples: Sequence[dict], batch_size: int) -> list[str]:
     out: list[str] = []
     for s0 in progress(range(0, len(samples), batch_size), desc="vqa"):
-        chunk = samples[s0:s0 + batch_size]
+        chunk = samples[s0 : s0 + batch_size]
         out += backend.answer(np.stack([s["image"] for s in chunk]), [s["question"] for s in chunk])
     return out
 
@@ -145,8 +155,10 @@ def answers(backend, samples: Sequence[dict], batch_size: int) -> list[str]:
 def vqa_pass(backend, samples: Sequence[dict], batch_size: int) -> dict:
     if not samples:
         return {"answers": [], "logprobs": torch.zeros(0, 0)}
-    return {"answers": answers(backend, samples, batch_size),
-            "logprobs": answer_logprobs(backend, samples, batch_size)}
+    return {
+        "answers": answers(backend, samples, batch_size),
+        "logprobs": answer_logprobs(backend, samples, batch_size),
+    }
 
 
 def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> dict:
@@ -196,9 +208,14 @@ def main(args) -> int:
 
     stats = open_dataset(probe["dataset"], probe.get("split", "train")).statistics
     if sc.get("vqa_jsonl"):
-        vqa = read_vqa_jsonl(sc["vqa_jsonl"], sc.get("vqa_n"))
+        vqa = read_vqa_jsonl(sc["vqa_jsonl"], sc.get("vqa_n"), sc.get("vqa_image_size", 224))
     elif sc.get("vqa_datasets"):
-        vqa = vqa_from_caches(sc["vqa_datasets"], int(sc.get("vqa_n", DEFAULT_VQA_N)), int(sc.get("seed", 0)))
+        vqa = vqa_from_caches(
+            sc["vqa_datasets"],
+            int(sc.get("vqa_n", DEFAULT_VQA_N)),
+            int(sc.get("seed", 0)),
+            sc.get("camera", "corner3"),
+        )
     else:
         vqa = []
         log.info("no VQA set configured (eval.forgetting.vqa_jsonl is null): general-skill accuracy skipped")
@@ -238,20 +255,40 @@ def main(args) -> int:
     kl = M.kl_teacher_student(tv["logprobs"], sv["logprobs"]) if vqa else None
     rep = representation_metrics(teacher_pooled, student_pooled, icsm)
     drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
-    out = {"run": sc["run_name"], "adapter_dir": adapter, "device": device,
-           "vqa_accuracy": acc, "vqa_accuracy_teacher": acc_t,
-           "vqa_retention": M.retention_ratio(acc, acc_t) if vqa else None, "vqa_by_kind": by_kind,
-           "vqa_kl": kl, "n_vqa": len(vqa), "vqa_source": "jsonl" if sc.get("vqa_jsonl") else
-           ("caches" if vqa else None),
-           "examples": [{"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
-                        for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]],
-           "drift": {str(k): v for k, v in rep["drift"].items()}, "cka": {str(k): v for k, v in rep["cka"].items()},
-           "drift_mean": drift_means["normalized"], "drift_means": drift_means,
-           "cka_mean": _mean(rep["cka"].values()), "n_drift": len(samples), "layers": layers,
-           "probe_hash": probe.get("hash"), "timing": timing,
-           "provenance": {**provenance(), "stage_code": sc.get("code")}}
+    out = {
+        "run": sc["run_name"],
+        "adapter_dir": adapter,
+        "device": device,
+        "vqa_accuracy": acc,
+        "vqa_accuracy_teacher": acc_t,
+        "vqa_retention": M.retention_ratio(acc, acc_t) if vqa else None,
+        "vqa_by_kind": by_kind,
+        "vqa_kl": kl,
+        "n_vqa": len(vqa),
+        "vqa_source": "jsonl" if sc.get("vqa_jsonl") else ("caches" if vqa else None),
+        "examples": [
+            {"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
+            for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]
+        ],
+        "drift": {str(k): v for k, v in rep["drift"].items()},
+        "cka": {str(k): v for k, v in rep["cka"].items()},
+        "drift_mean": drift_means["normalized"],
+        "drift_means": drift_means,
+        "cka_mean": _mean(rep["cka"].values()),
+        "n_drift": len(samples),
+        "layers": layers,
+        "probe_hash": probe.get("hash"),
+        "timing": timing,
+        "provenance": {**provenance(), "stage_code": sc.get("code")},
+    }
     write_json(sc["out_file"], out)  # the completion file, last
-    log.info("forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f", sc["run_name"],
-             acc if acc is not None else float("nan"), acc_t if acc_t is not None else float("nan"),
-             kl if kl is not None else float("nan"), out["drift_mean"], out["cka_mean"])
+    log.info(
+        "forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f",
+        sc["run_name"],
+        acc if acc is not None else float("nan"),
+        acc_t if acc_t is not None else float("nan"),
+        kl if kl is not None else float("nan"),
+        out["drift_mean"],
+        out["cka_mean"],
+    )
     return 0

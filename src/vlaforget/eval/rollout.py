@@ -26,9 +26,10 @@ import multiprocessing as mp
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,8 +86,9 @@ class MetaWorldFactory:
     def __call__(self, task: str):
         from ..envs.metaworld import MetaWorldEnv
 
-        return MetaWorldEnv(task, seed=0, camera=self.camera, render_size=self.render_size,
-                            max_steps=self.max_steps)
+        return MetaWorldEnv(
+            task, seed=0, camera=self.camera, render_size=self.render_size, max_steps=self.max_steps
+        )
 
 
 class EnvCache:
@@ -115,7 +117,7 @@ class EnvCache:
 def _safe_close(env) -> None:
     try:
         env.close()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - simulator errors end the episode
         pass
 
 
@@ -134,12 +136,12 @@ def _worker(conn, make_env, cache_size: int) -> None:
                     env = cache.get(task)
                     obs = env.reset(seed)
                     conn.send(("ok", obs))
-                except Exception as e:  # a task that cannot even start: report, keep serving
+                except Exception as e:  # noqa: BLE001 - a task that cannot start: report, keep serving
                     conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             elif cmd == "step":
                 try:
                     conn.send(("ok", env.step(arg)))
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - simulator errors end the episode
                     conn.send(("error", f"{type(e).__name__}: {e}"))
             elif cmd == "close":
                 break
@@ -164,13 +166,15 @@ class _Remote:
         try:
             return self.conn.recv()
         except EOFError as e:
-            raise RolloutError(f"rollout worker (pid {self.proc.pid}) died (exit code "
-                               f"{self.proc.exitcode}); out of memory or a simulator crash?") from e
+            raise RolloutError(
+                f"rollout worker (pid {self.proc.pid}) died (exit code "
+                f"{self.proc.exitcode}); out of memory or a simulator crash?"
+            ) from e
 
     def close(self) -> None:
         try:
             self.conn.send(("close", None))
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - simulator errors end the episode
             pass
         self.proc.join(timeout=10)
         if self.proc.is_alive():
@@ -193,7 +197,7 @@ class _Local:
                 self._reply = ("ok", self.env.reset(arg[1]))
             elif cmd == "step":
                 self._reply = ("ok", self.env.step(arg))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - simulator errors end the episode
             self._reply = ("error", f"{type(e).__name__}: {e}")
 
     def recv(self):
@@ -218,15 +222,26 @@ class _Slot:
 def _policy_call(policy: Policy, images: np.ndarray, instructions: list[str]) -> np.ndarray:
     actions = np.asarray(policy(images, instructions), dtype=np.float32)
     if actions.ndim != 2 or actions.shape[0] != len(instructions):
-        raise RolloutError(f"policy returned actions of shape {actions.shape} for a batch of "
-                           f"{len(instructions)}; expected [B, action_dim]")
+        raise RolloutError(
+            f"policy returned actions of shape {actions.shape} for a batch of "
+            f"{len(instructions)}; expected [B, action_dim]"
+        )
     return actions
 
 
-def run_episodes(make_env: Callable[[str], Any], policy: Policy, episodes: Sequence[Episode],
-                 num_envs: int = 1, *, video_dir: str | Path | None = None, fps: int = 30,
-                 start_method: str = "spawn", cache_size: int = 1, desc: str = "rollouts",
-                 in_process: bool = False) -> dict:
+def run_episodes(
+    make_env: Callable[[str], Any],
+    policy: Policy,
+    episodes: Sequence[Episode],
+    num_envs: int = 1,
+    *,
+    video_dir: str | Path | None = None,
+    fps: int = 30,
+    start_method: str = "spawn",
+    cache_size: int = 1,
+    desc: str = "rollouts",
+    in_process: bool = False,
+) -> dict:
     """Run `episodes` with `num_envs` parallel envs (0 = the batch-1 sequential reference loop).
 
     Returns `summarize(...)` of the episode results plus `timing`. Videos of episodes with
@@ -235,7 +250,14 @@ def run_episodes(make_env: Callable[[str], Any], policy: Policy, episodes: Seque
     """
     episodes = list(episodes)
     t_start = time.perf_counter()
-    timing = {"policy_s": 0.0, "env_s": 0.0, "policy_calls": 0, "env_steps": 0}
+    timing = {
+        "policy_s": 0.0,
+        "env_s": 0.0,
+        "policy_calls": 0,
+        "env_steps": 0,
+        "t_start": t_start,
+        "startup_s": 0.0,
+    }
     if num_envs <= 0:
         results = _run_sequential(make_env, policy, episodes, cache_size, timing, desc)
         mode, n = "sequential", 1
@@ -267,11 +289,19 @@ def run_episodes(make_env: Callable[[str], Any], policy: Policy, episodes: Seque
     wall = time.perf_counter() - t_start
     steps = max(timing["env_steps"], 1)
     out["videos"] = videos
-    out["timing"] = {"mode": mode, "num_envs": n, "wall_s": round(wall, 3),
-                     "env_steps": timing["env_steps"], "policy_calls": timing["policy_calls"],
-                     "policy_s": round(timing["policy_s"], 3), "env_s": round(timing["env_s"], 3),
-                     "ms_per_env_step": round(1000 * wall / steps, 3),
-                     "mean_batch": round(timing["env_steps"] / max(timing["policy_calls"], 1), 3)}
+    out["timing"] = {
+        "mode": mode,
+        "num_envs": n,
+        "wall_s": round(wall, 3),
+        "env_steps": timing["env_steps"],
+        "policy_calls": timing["policy_calls"],
+        "policy_s": round(timing["policy_s"], 3),
+        "env_s": round(timing["env_s"], 3),
+        "ms_per_env_step": round(1000 * wall / steps, 3),
+        "startup_s": round(timing["startup_s"], 3),
+        "ms_per_env_step_after_startup": round(1000 * (wall - timing["startup_s"]) / steps, 3),
+        "mean_batch": round(timing["env_steps"] / max(timing["policy_calls"], 1), 3),
+    }
     return out
 
 
@@ -279,7 +309,9 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:80]
 
 
-def _run_batched(workers, policy: Policy, episodes: list[Episode], timing: dict, desc: str) -> list[EpisodeResult]:
+def _run_batched(
+    workers, policy: Policy, episodes: list[Episode], timing: dict, desc: str
+) -> list[EpisodeResult]:
     queue = list(reversed(episodes))
     slots: list[_Slot | None] = [None] * len(workers)
     results: list[EpisodeResult] = []
@@ -307,6 +339,7 @@ def _run_batched(workers, policy: Policy, episodes: list[Episode], timing: dict,
             start([i for i, s in enumerate(slots) if s is None])
 
     start(list(range(len(workers))))
+    timing["startup_s"] = time.perf_counter() - timing["t_start"]
     while any(s is not None for s in slots):
         live = [i for i, s in enumerate(slots) if s is not None]
         images = np.stack([slots[i].obs["image"] for i in live])
@@ -346,8 +379,9 @@ def _run_batched(workers, policy: Policy, episodes: list[Episode], timing: dict,
     return results
 
 
-def _run_sequential(make_env, policy: Policy, episodes: list[Episode], cache_size: int, timing: dict,
-                    desc: str) -> list[EpisodeResult]:
+def _run_sequential(
+    make_env, policy: Policy, episodes: list[Episode], cache_size: int, timing: dict, desc: str
+) -> list[EpisodeResult]:
     """The reference loop: one env, batch-1 policy calls, one episode after another."""
     cache = EnvCache(make_env, cache_size)
     results = []
@@ -357,9 +391,12 @@ def _run_sequential(make_env, policy: Policy, episodes: list[Episode], cache_siz
             try:
                 env = cache.get(ep.task)
                 obs = env.reset(ep.seed)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - simulator errors end the episode
                 results.append(_result(ep, False, 0, t0, error=f"{type(e).__name__}: {e}"))
                 continue
+            finally:
+                if not results and not timing["startup_s"]:
+                    timing["startup_s"] = time.perf_counter() - timing["t_start"]
             frames = [obs["image"]] if ep.record else []
             steps, success, error = 0, False, None
             while True:
@@ -370,7 +407,7 @@ def _run_sequential(make_env, policy: Policy, episodes: list[Episode], cache_siz
                 t = time.perf_counter()
                 try:
                     obs, success, done = env.step(action)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - simulator errors end the episode
                     error, done, success = f"{type(e).__name__}: {e}", True, False
                 timing["env_s"] += time.perf_counter() - t
                 steps += 1
@@ -379,8 +416,9 @@ def _run_sequential(make_env, policy: Policy, episodes: list[Episode], cache_siz
                     frames.append(obs["image"])
                 if success or done or (ep.max_steps is not None and steps >= ep.max_steps):
                     break
-            results.append(_result(ep, bool(success), steps, t0, error=error, frames=frames,
-                                   obs=None if error else obs))
+            results.append(
+                _result(ep, bool(success), steps, t0, error=error, frames=frames, obs=None if error else obs)
+            )
     finally:
         cache.close()
     return results
@@ -394,11 +432,28 @@ def _digest(obs: dict | None) -> str:
     return hashlib.sha1(np.ascontiguousarray(obs["image"]).tobytes()).hexdigest()[:16]
 
 
-def _result(ep: Episode, success: bool, steps: int, t0: float, error: str | None = None,
-            frames: list | None = None, obs: dict | None = None) -> EpisodeResult:
-    return EpisodeResult(final_digest=_digest(obs), task=ep.task, instruction=ep.instruction, seed=int(ep.seed), index=int(ep.index),
-                         suite=ep.suite, success=bool(success), steps=int(steps),
-                         wall_s=round(time.perf_counter() - t0, 4), error=error, frames=list(frames or []))
+def _result(
+    ep: Episode,
+    success: bool,
+    steps: int,
+    t0: float,
+    error: str | None = None,
+    frames: list | None = None,
+    obs: dict | None = None,
+) -> EpisodeResult:
+    return EpisodeResult(
+        final_digest=_digest(obs),
+        task=ep.task,
+        instruction=ep.instruction,
+        seed=int(ep.seed),
+        index=int(ep.index),
+        suite=ep.suite,
+        success=bool(success),
+        steps=int(steps),
+        wall_s=round(time.perf_counter() - t0, 4),
+        error=error,
+        frames=list(frames or []),
+    )
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -406,11 +461,15 @@ def _result(ep: Episode, success: bool, steps: int, t0: float, error: str | None
 
 def summarize(episodes: list[dict]) -> dict:
     """Per-task / per-suite success and mean steps of JSON episode records."""
+
     def block(eps: list[dict]) -> dict:
         n = len(eps)
-        return {"success_rate": (sum(e["success"] for e in eps) / n) if n else 0.0, "n": n,
-                "successes": sum(bool(e["success"]) for e in eps),
-                "mean_steps": (sum(e["steps"] for e in eps) / n) if n else 0.0}
+        return {
+            "success_rate": (sum(e["success"] for e in eps) / n) if n else 0.0,
+            "n": n,
+            "successes": sum(bool(e["success"]) for e in eps),
+            "mean_steps": (sum(e["steps"] for e in eps) / n) if n else 0.0,
+        }
 
     tasks: dict[str, list[dict]] = {}
     suites: dict[str, list[dict]] = {}
@@ -418,17 +477,37 @@ def summarize(episodes: list[dict]) -> dict:
         tasks.setdefault(e["task"], []).append(e)
         suites.setdefault(e.get("suite", ""), []).append(e)
     total = block(episodes)
-    return {"success_rate": total["success_rate"], "n_episodes": total["n"],
-            "per_task": {t: block(v) for t, v in tasks.items()},
-            "per_suite": {s: block(v) for s, v in suites.items()},
-            "errors": sum(1 for e in episodes if e.get("error")),
-            "episodes": episodes}
+    return {
+        "success_rate": total["success_rate"],
+        "n_episodes": total["n"],
+        "per_task": {t: block(v) for t, v in tasks.items()},
+        "per_suite": {s: block(v) for s, v in suites.items()},
+        "errors": sum(1 for e in episodes if e.get("error")),
+        "episodes": episodes,
+    }
 
 
-def make_episodes(tasks: Sequence[str], instructions: dict[str, str], episodes_per_task: int,
-                  seed_of: Callable[[str, int], int], *, suite: str = "", videos_per_task: int = 0,
-                  max_steps: int | None = None) -> list[Episode]:
+def make_episodes(
+    tasks: Sequence[str],
+    instructions: dict[str, str],
+    episodes_per_task: int,
+    seed_of: Callable[[str, int], int],
+    *,
+    suite: str = "",
+    videos_per_task: int = 0,
+    max_steps: int | None = None,
+) -> list[Episode]:
     """tasks × episodes_per_task, task-major (workers then tend to stay on one task)."""
-    return [Episode(task=t, instruction=instructions[t], seed=int(seed_of(t, i)), index=i, suite=suite,
-                    max_steps=max_steps, record=i < videos_per_task)
-            for t in tasks for i in range(episodes_per_task)]
+    return [
+        Episode(
+            task=t,
+            instruction=instructions[t],
+            seed=int(seed_of(t, i)),
+            index=i,
+            suite=suite,
+            max_steps=max_steps,
+            record=i < videos_per_task,
+        )
+        for t in tasks
+        for i in range(episodes_per_task)
+    ]

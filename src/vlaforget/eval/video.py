@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +25,15 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
     os.close(fd)
     try:
-        writer = imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=2,
-                                    pixelformat="yuv420p", ffmpeg_log_level="error")
+        writer = imageio.get_writer(
+            tmp,
+            fps=fps,
+            codec="libx264",
+            quality=8,
+            macro_block_size=2,
+            pixelformat="yuv420p",
+            ffmpeg_log_level="error",
+        )
         try:
             for f in frames:
                 writer.append_data(f)

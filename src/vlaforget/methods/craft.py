@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .icsm import MethodConfigError, MissingInput
+
 log = logging.getLogger("vlaforget.craft")
 
 POOLINGS = ("mean_image_tokens", "mean_instruction_tokens", "mean_all")
@@ -182,7 +184,7 @@ def anchor_features(backend, samples: Sequence[dict], layer: int, batch_size: in
 def open_dataset(block: dict, split: str = "train"):
     cache_dir = Path(block["cache_dir"])
     if not (cache_dir / "manifest.json").exists():
-        raise FileNotFoundError(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+        raise MissingInput(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
                                 f"stage for dataset '{block.get('name')}' first")
     from ..data.cache import CachedDataset
     return CachedDataset(cache_dir, split=split)
@@ -202,7 +204,7 @@ def load_teacher(model_block: dict, ds):
 def load_anchors(d: str | Path) -> dict:
     d = Path(d)
     if not (d / "anchors.pt").exists():
-        raise FileNotFoundError(f"{d}/anchors.pt not found: run the craft-anchors stage first")
+        raise MissingInput(f"{d}/anchors.pt not found: run the craft-anchors stage first")
     return torch.load(d / "anchors.pt", map_location="cpu", weights_only=True)
 
 
@@ -220,7 +222,7 @@ def main(args) -> int:
     c = sc.get("craft") or {}
     pooling = c.get("pooling", "mean_image_tokens")
     if pooling not in POOLINGS:
-        raise ValueError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
+        raise MethodConfigError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
     seed = int(sc.get("seed", 0))
     seed_everything(seed)
     t0 = time.perf_counter()
@@ -229,7 +231,7 @@ def main(args) -> int:
     L = int(backend.num_layers)
     layer = int(c.get("layer", -2))
     if not -(L + 1) <= layer <= L:
-        raise ValueError(f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
+        raise MethodConfigError(f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
                          f"(valid: {-(L + 1)}..{L})")
     idx = select_anchor_indices(len(ds), int(c.get("n_anchors", 512)), seed)
     samples = [ds[int(i)] for i in idx]

@@ -18,9 +18,16 @@ import numpy as np
 from ..config import parse_run_name
 from .tables import load_evals, read_table, run_metrics
 
-CURVES = [("loss", "action loss"), ("action_accuracy", "action token accuracy"), ("drift_d", "drift d"),
-          ("hsw_gamma", "HSW gamma (fragile gain)"), ("hsw_beta", "HSW beta (plastic gain)"),
-          ("lambda", "CRaFT lambda"), ("conflict_ratio", "CRaFT conflict ratio"), ("L_ret", "CRaFT L_ret")]
+CURVES = [
+    ("loss", "action loss"),
+    ("action_accuracy", "action token accuracy"),
+    ("drift_d", "drift d"),
+    ("hsw_gamma", "HSW gamma (fragile gain)"),
+    ("hsw_beta", "HSW beta (plastic gain)"),
+    ("lambda", "CRaFT lambda"),
+    ("conflict_ratio", "CRaFT conflict ratio"),
+    ("L_ret", "CRaFT L_ret"),
+]
 
 
 def _plt():
@@ -47,8 +54,11 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
 
 def retention_of(m: dict) -> tuple[float | None, str]:
     """The retention measure of a run: upstream-success retention, else VQA retention, else CKA."""
-    for key, label in (("upstream_retention", "upstream success retention"),
-                       ("vqa_retention", "VQA accuracy retention"), ("cka", "CKA vs teacher")):
+    for key, label in (
+        ("upstream_retention", "upstream success retention"),
+        ("vqa_retention", "VQA accuracy retention"),
+        ("cka", "CKA vs teacher"),
+    ):
         if m.get(key) is not None and np.isfinite(m[key]):
             return m[key], label
     return None, "retention"
@@ -135,7 +145,7 @@ def training_curves(run_dirs: list[Path], out_dir: Path) -> list[Path]:
                     ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[method], alpha=0.15)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     if methods:
         axes.flat[0].legend(fontsize=7)
@@ -146,19 +156,29 @@ def training_curves(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 def ablation(table_csv: Path, out_dir: Path) -> list[Path]:
     plt = _plt()
     rows = [r for r in read_table(table_csv)] if Path(table_csv).exists() else []
-    cols = [(c, lab) for c, lab in (("downstream_success", "downstream success"),
-                                    ("upstream_retention", "upstream retention"),
-                                    ("vqa_retention", "VQA retention"), ("cka", "CKA"))
-            if any(np.isfinite(r.get(f"{c}_mean", float("nan"))) for r in rows)] or [("downstream_success",
-                                                                                         "downstream success")]
+    cols = [
+        (c, lab)
+        for c, lab in (
+            ("downstream_success", "downstream success"),
+            ("upstream_retention", "upstream retention"),
+            ("vqa_retention", "VQA retention"),
+            ("cka", "CKA"),
+        )
+        if any(np.isfinite(r.get(f"{c}_mean", float("nan"))) for r in rows)
+    ] or [("downstream_success", "downstream success")]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.2), squeeze=False)
     labels = [r["method"] for r in rows]
     for ax, (c, lab) in zip(axes.flat, cols):
         means = [r.get(f"{c}_mean", float("nan")) for r in rows]
         cis = [r.get(f"{c}_ci95", float("nan")) for r in rows]
         cis = [0 if not np.isfinite(x) else x for x in cis]
-        ax.bar(range(len(rows)), np.nan_to_num(means), yerr=cis, capsize=3,
-               color=["grey" if m == "teacher" else f"C{i % 10}" for i, m in enumerate(labels)])
+        ax.bar(
+            range(len(rows)),
+            np.nan_to_num(means),
+            yerr=cis,
+            capsize=3,
+            color=["grey" if m == "teacher" else f"C{i % 10}" for i, m in enumerate(labels)],
+        )
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(lab, fontsize=9)
@@ -182,7 +202,10 @@ def main(args) -> int:
         d = Path(p).parent.parent  # {root}/runs/{run}/final/done.json -> {root}/runs/{run}
         if d not in run_dirs:
             run_dirs.append(d)
-    written = pareto(args.evals, upstream, out) + training_curves(run_dirs, out) + ablation(
-        Path(args.ablation_table), out)
+    written = (
+        pareto(args.evals, upstream, out)
+        + training_curves(run_dirs, out)
+        + ablation(Path(args.ablation_table), out)
+    )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

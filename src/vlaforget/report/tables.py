@@ -34,9 +34,38 @@ METRICS = [
 ]
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df}; beyond 30 the normal 1.96 is close enough.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t975(df: int) -> float:
@@ -104,10 +133,13 @@ def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict 
         "cka": _num(f.get("cka_mean")),
     }
     if teacher is not None:
-        t_up = [teacher["suites"].get(s) for s in upstream if s != suite
-                and teacher["suites"].get(s) is not None]
+        t_up = [
+            teacher["suites"].get(s) for s in upstream if s != suite and teacher["suites"].get(s) is not None
+        ]
         out["upstream_retention"] = _ratio(out["upstream_success"], float(np.mean(t_up)) if t_up else None)
-        out["vqa_retention"] = _ratio(out["vqa_accuracy"], _num((teacher.get("forgetting") or {}).get("vqa_accuracy")))
+        out["vqa_retention"] = _ratio(
+            out["vqa_accuracy"], _num((teacher.get("forgetting") or {}).get("vqa_accuracy"))
+        )
     else:
         out["upstream_retention"] = out["vqa_retention"] = None
     return out
@@ -177,9 +209,17 @@ def _fmt_csv(x):
 
 def to_markdown(rows: list[dict], kind: str) -> str:
     used = [(c, lab) for c, lab in METRICS if any(r[f"{c}_n"] for r in rows)]
-    head = ["method", "suite"] + (["shots"] if kind == "fewshot" else []) + ["seeds"] + [lab for _, lab in used]
-    lines = [f"# Table: {kind}", "", "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (
+        ["method", "suite"] + (["shots"] if kind == "fewshot" else []) + ["seeds"] + [lab for _, lab in used]
+    )
+    lines = [
+        f"# Table: {kind}",
+        "",
+        "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         cells = [r["method"], r["suite"]] + ([r["shots"]] if kind == "fewshot" else []) + [str(r["n_seeds"])]
         for c, _ in used:

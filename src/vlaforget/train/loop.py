@@ -116,18 +116,21 @@ def load_samples(ds, indices) -> list[dict]:
     return [ds[int(i)] for i in indices]
 
 
-def finite(*tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _f(t) -> float | None:
+    return None if t is None else float(t)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None) -> dict:
+def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
+                 teacher_inputs: dict | None = None) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
-    instead of loading the base model and the dataset cache named in the config."""
+    instead of loading the base model and the dataset cache named in the config; teacher_inputs
+    (benchmarks): {"probe_samples": [...], "anchors": {...}, "anchor_samples": [...]} instead of the
+    probe / anchor files."""
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
@@ -169,7 +172,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                        autocast=autocast, world_size=dist.world)
 
     # --- method plug-ins (all off = baseline)
-    plugins = build_plugins(ctx, sc)
+    plugins = build_plugins(ctx, sc, teacher_inputs or {})
     ctx.plugins = plugins
 
     # --- optimizer, schedule, loss scaling
@@ -204,9 +207,10 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     t_log, steps_since_log = time.perf_counter(), 0
     while step < max_steps:
         # ---------------------------------------------------------------- one optimizer step
+        log_step = (step + 1) % int(tcfg.get("log_every", 10)) == 0 or step + 1 in (1, max_steps)
+        ctx.log_step = log_step  # plug-ins gather (host-syncing) statistics only on logged steps
         optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        step_ok = True
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             samples = load_samples(ds, sampler.take(bsz))
             batch = backend.collate(samples, train=bool(tcfg.get("image_aug")), generator=aug_gen)
@@ -218,31 +222,35 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                     losses = {"act": metrics["loss"]}
                     for p in plugins.values():
                         losses.update(p.extra_losses(batch, out))
-                if not finite(*losses.values()):
-                    step_ok = False  # NaN/Inf guard: skip the whole step, count it
-                    break
                 handled = any([p.backward(losses, 1.0 / accum) for p in plugins.values()])
                 if not handled:
                     loss = losses["act"] / accum
                     (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
-        grads = [p.grad for _, p in trainable if p.grad is not None]
-        if step_ok and scaler:
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                sums[k] = sums[k] + v / accum if k in sums else v / accum
+            del out, losses
+        if scaler:
             scaler.unscale_(optimizer)
-        if step_ok and not finite(*grads):
-            step_ok = False
+        for p in plugins.values():
+            p.before_step()  # e.g. CRaFT: retention gradient, conflict projection, λ-weighted sum
+        # NaN/Inf guard with one host sync: a non-finite loss gives non-finite gradients
+        grads = [p.grad for _, p in trainable if p.grad is not None]
+        norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else torch.zeros(1)
+        grad_norm_t = norms.norm()
+        step_ok = bool(torch.isfinite(grad_norm_t) & torch.isfinite(sums["loss"].to(grad_norm_t.device)))
         if not step_ok:
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             if scaler:
                 scaler.update()
+            for p in plugins.values():
+                p.skip_step()
             log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
             if skipped > max(10, max_steps // 10):
                 raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
                                     "train.lr, use precision bf16/fp32, or check the data statistics")
             continue
-        grad_norm = float(torch.norm(torch.stack([g.detach().float().norm() for g in grads]))) if grads else 0.0
         if tcfg.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
         if scaler:
@@ -257,9 +265,9 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             p.every_step(step)
 
         # ---------------------------------------------------------------- logs, checkpoints, eval
-        if step % int(tcfg.get("log_every", 10)) == 0 or step == max_steps or step == 1:
-            rec = {"step": step, "loss": sums.get("loss"), "action_accuracy": sums.get("accuracy"),
-                   "l1_loss": sums.get("l1"), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        if log_step:
+            rec = {"step": step, "loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
+                   "l1_loss": _f(sums.get("l1")), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
                    "skipped_steps": skipped, "epoch": sampler.epoch}
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -267,6 +275,8 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             rec["step_time_s"] = (time.perf_counter() - t_log) / max(1, steps_since_log)
             for p in plugins.values():
                 rec.update(p.logs())
+            if "craft" in plugins:
+                rec["L_act"] = rec["loss"]
             logger.log(rec)
             t_log, steps_since_log = time.perf_counter(), 0
             if bar:
@@ -315,7 +325,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     return result
 
 
-def build_plugins(ctx: TrainContext, sc: dict) -> dict:
+def build_plugins(ctx: TrainContext, sc: dict, given: dict) -> dict:
     from ..data.cache import CachedDataset
 
     mcfg = sc["method"]
@@ -330,7 +340,10 @@ def build_plugins(ctx: TrainContext, sc: dict) -> dict:
         icsm = IcsmView.load(sc["icsm_dir"])
     if mcfg["hsw"].get("enabled"):
         plugins["hsw"] = HSWPlugin(ctx, mcfg["hsw"], icsm)
-    if mcfg["thermostat"].get("enabled"):
+    if mcfg["thermostat"].get("enabled") and "probe_samples" in given:
+        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, given["probe_samples"],
+                                                 int(sc["seed"]))
+    elif mcfg["thermostat"].get("enabled"):
         from ..data.probe import load_probe
 
         probe = load_probe(sc["probe_dir"])
@@ -340,15 +353,18 @@ def build_plugins(ctx: TrainContext, sc: dict) -> dict:
     if mcfg["craft"].get("enabled"):
         from ..methods.craft import load_anchors
 
-        anchors = load_anchors(sc["craft_dir"])
+        anchors = given["anchors"] if "anchors" in given else load_anchors(sc["craft_dir"])
         want = mcfg["craft"].get("anchor", anchors["pooling"])
         by_pooling = anchors.get("features_by_pooling") or {anchors["pooling"]: anchors["features"]}
         if want not in by_pooling:
             raise TrainingError(f"anchor cache {sc['craft_dir']} has no '{want}' features "
                                 f"(has {sorted(by_pooling)}): rerun the craft_anchors rule")
         anchors = dict(anchors, pooling=want, features=by_pooling[want])
-        ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"))
-        samples = [ads[int(i)] for i in anchors["indices"]]
+        if "anchor_samples" in given:
+            samples = given["anchor_samples"]
+        else:
+            ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"))
+            samples = [ads[int(i)] for i in anchors["indices"]]
         plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
                                        int(sc["train"]["batch_size"]))
     return plugins

@@ -13,6 +13,7 @@ baseline; the math lives in vlaforget.methods (unit-tested there).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ class TrainContext:
     autocast: Any  # callable returning an autocast context
     world_size: int = 1
     plugins: dict = field(default_factory=dict)
+    log_step: bool = True  # whether the current step is logged (statistics cost host syncs)
 
 
 class Plugin:
@@ -42,6 +44,12 @@ class Plugin:
 
     def backward(self, losses: dict, scale: float) -> bool:
         return False
+
+    def before_step(self) -> None:
+        """After all micro-batches' backward (grads unscaled), before the NaN guard and optimizer."""
+
+    def skip_step(self) -> None:
+        """The step was skipped by the NaN guard."""
 
     def every_step(self, step: int) -> None:
         pass
@@ -99,14 +107,17 @@ class HSWPlugin(Plugin):
                 return None
             uf, up = self.bases[layer_idx]
 
+            want_stats = self.ctx.log_step
+
             def grad_hook(g):
-                g2, stats = self._transform(g, uf, up, self.beta, self.gamma, clamp=self.clamp, eps=self.eps)
+                g2, stats = self._transform(g, uf, up, self.beta, self.gamma, clamp=self.clamp, eps=self.eps,
+                                            stats=want_stats)
                 acc = self._acc
                 for k_src, k_dst in (("g_norm", "g"), ("gprime_norm", "gprime"), ("gf_norm", "gf"),
                                      ("gp_norm", "gp"), ("gn_norm", "gn")):
                     if k_src in stats:
                         acc[k_dst] += float(stats[k_src]) ** 2
-                acc["calls"] += 1
+                acc["calls"] += int(want_stats)
                 return g2
 
             hidden.register_hook(grad_hook)
@@ -168,7 +179,7 @@ class ThermostatPlugin(Plugin):
         was_training = model.training
         model.eval()
         pooled: dict[int, list] = {rep: [] for rep in self.icsm.rep_layers}
-        chunk = max(1, int(self.ctx.stage_cfg["train"]["batch_size"]))  # bounded memory on 24 GB GPUs
+        chunk = max(1, 4 * int(self.ctx.stage_cfg["train"]["batch_size"]))  # no-grad: bounded memory
         with torch.no_grad():
             for s in range(0, len(idx), chunk):
                 batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
@@ -190,12 +201,14 @@ class ThermostatPlugin(Plugin):
     def every_step(self, step: int) -> None:
         if step % self.every != 0:
             return
+        t0 = time.perf_counter()
         d, per_layer = self.measure()
+        elapsed = time.perf_counter() - t0
         beta, gamma, phase = self.law.observe(d)
         hsw = self.ctx.plugins.get("hsw")
         if hsw is not None:
             hsw.beta, hsw.gamma = float(beta), float(gamma)
-        self.last = {"drift_d": d, "thermostat_phase": phase,
+        self.last = {"drift_d": d, "thermostat_phase": phase, "thermostat_time_s": elapsed,
                      **{f"drift_d_L{k}": v for k, v in per_layer.items()}}
 
     def logs(self) -> dict:
@@ -237,43 +250,50 @@ class CraftPlugin(Plugin):
         self._logs: dict = {}
         self._acc: dict = {}
 
-    def extra_losses(self, batch, out) -> dict:
+    def retention_loss(self) -> torch.Tensor:
+        """L_ret = MSE(student feature, cached teacher feature) on a fresh anchor mini-batch."""
         from ..methods.craft import pool_features
 
         n = len(self.samples)
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
         abatch = self.ctx.backend.collate([self.samples[i] for i in idx])
+        # the unwrapped model: this backward is ours, not DDP's (g_ret is all-reduced below)
+        model = self.ctx.model.module if hasattr(self.ctx.model, "module") and self.ctx.world_size > 1 \
+            else self.ctx.model
         with self.ctx.autocast():
-            aout = self.ctx.backend.forward(abatch, output_hidden_states=True, model=self.ctx.model)
+            aout = self.ctx.backend.forward(abatch, output_hidden_states=True, model=model)
         feat = pool_features(aout.hidden_states[self.layer].float(), abatch, self.pooling,
                              self.ctx.backend.n_image_tokens)
         target = self.features[idx].to(feat.device)
-        return {"ret": torch.nn.functional.mse_loss(feat, target)}
+        return torch.nn.functional.mse_loss(feat, target)
 
-    def backward(self, losses: dict, scale: float) -> bool:
+    def before_step(self) -> None:
+        """g_act = the step's accumulated action gradient; g_ret from the retention loss; if they
+        conflict (dot < 0) project g_act onto g_ret's normal plane; grad = g_act' + λ g_ret."""
         from ..methods.craft import combine, conflict_project
 
         params = [p for _, p in self.ctx.trainable]
-        l_act, l_ret = losses["act"], losses["ret"]
-        g_ret = list(torch.autograd.grad(l_ret, params, retain_graph=True, allow_unused=True))
-        g_act = list(torch.autograd.grad(l_act, params, allow_unused=True))
+        l_ret = self.retention_loss()
+        g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
+        if self.ctx.world_size > 1:
+            for g in g_ret:
+                if g is not None:
+                    torch.distributed.all_reduce(g)
+                    g /= self.ctx.world_size
         nonfinite = not (bool(torch.isfinite(l_ret)) and all(g is None or bool(torch.isfinite(g).all())
                                                              for g in g_ret))
-        if nonfinite:  # never let a broken retention term poison the update: act-only step
+        if nonfinite:  # never let a broken retention term poison the update: action-only step
             g_ret = [None] * len(params)
+        g_act = [p.grad for p in params]
         g_act, stats = conflict_project(g_act, g_ret, projection=self.projection)
         for p, g in zip(params, combine(g_act, g_ret, self.lmbda)):
-            if g is not None:
-                g = g * scale
-                p.grad = g if p.grad is None else p.grad + g
-        a = self._acc
-        a["L_act"] = a.get("L_act", 0.0) + float(l_act.detach()) * scale
-        a["L_ret"] = a.get("L_ret", 0.0) + (0.0 if nonfinite else float(l_ret.detach())) * scale
-        for k in ("grad_dot", "grad_cos", "conflict_ratio"):
-            a[k] = a.get(k, 0.0) + float(stats[k]) * scale
-        a["projection"] = max(a.get("projection", 0.0), float(bool(stats["projection"])))
-        a["nonfinite"] = max(a.get("nonfinite", 0.0), float(nonfinite))
-        return True
+            p.grad = g
+        self._acc = {"L_ret": 0.0 if nonfinite else float(l_ret.detach()), "projection": float(stats["projection"]),
+                     "grad_dot": stats["grad_dot"], "grad_cos": stats["grad_cos"],
+                     "conflict_ratio": stats["conflict_ratio"], "nonfinite": float(nonfinite)}
+
+    def skip_step(self) -> None:
+        self._acc = {}
 
     def every_step(self, step: int) -> None:
         from ..methods.craft import dual_update
@@ -282,7 +302,7 @@ class CraftPlugin(Plugin):
         before = self.lmbda
         if self.dual and a:
             self.lmbda = float(dual_update(self.lmbda, a["L_ret"], self.eps_budget, self.lambda_lr))
-        self._logs = {"L_act": a.get("L_act"), "L_ret": a.get("L_ret"), "lambda": self.lmbda,
+        self._logs = {"L_ret": a.get("L_ret"), "lambda": self.lmbda,
                       "lambda_before": before, "lambda_after": self.lmbda, "epsilon": self.eps_budget,
                       "grad_dot": a.get("grad_dot"), "grad_cos": a.get("grad_cos"),
                       "projection": a.get("projection"), "conflict_ratio": a.get("conflict_ratio"),

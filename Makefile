@@ -1,0 +1,57 @@
+# vlaforget: `make install`, `make test`, `make demo`. See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, so `pip install -e .` does not pull a multi-GB CUDA build. On machines whose pip knows a
+# local CPU wheel (this project's CI) the pin takes it; elsewhere choose the index, e.g.
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu      (CPU only)
+#   make install TORCH_SPEC='torch==2.2.0' TORCH_INDEX=https://download.pytorch.org/whl/cu121
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= sim,rlds,workflow,dev
+PROFILE ?= demo
+
+.PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results
+
+install: $(VENV)/.installed sysdeps
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/pip install $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -e '.[$(EXTRAS)]'
+	touch $@
+
+sysdeps:
+	bash workflow/scripts/install_sysdeps.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/python -m snakemake --profile profiles/$(PROFILE)
+
+ci-study: install
+	$(BIN)/python -m snakemake --profile profiles/ci
+
+lint:
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/python -m snakemake --lint --profile profiles/demo
+
+format:
+	$(BIN)/ruff format src tests
+
+# Rule graph of the study: PNG with graphviz (apt-get install graphviz), else Mermaid text.
+dag:
+	@if command -v dot >/dev/null; then \
+	  $(BIN)/python -m snakemake --profile profiles/demo --rulegraph 2>/dev/null | dot -Tpng > docs/rulegraph.png && echo docs/rulegraph.png; \
+	else \
+	  $(BIN)/python -m snakemake --profile profiles/demo --rulegraph mermaid-js 2>/dev/null > docs/rulegraph.mmd && echo "docs/rulegraph.mmd (install graphviz for a PNG)"; \
+	fi
+
+clean-results:
+	rm -rf results/table_*.csv results/table_*.md results/figures

@@ -1,0 +1,255 @@
+"""`vlaforget bench`: speed and memory measurements recorded in docs/benchmarks.md.
+
+At OpenVLA-7B shape a randomly initialised model (models.tiny.seven_b_shape_backend: Llama-2-7B
+decoder dims + SigLIP-so400m-shaped tower) measures speed and memory truthfully; synthetic samples
+(random 224 px images, real instruction text, random actions) stand in for LIBERO data.
+
+    vlaforget bench icsm  --out DIR            probe + ICSM wall time (500 probes, r 128, 128 samples)
+    vlaforget bench train --icsm-dir DIR       step time + peak memory: baseline / method / CRaFT
+    (torchrun --standalone --nproc-per-node 2 -m vlaforget.cli bench train ...)  DDP on 2 GPUs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("vlaforget.bench")
+
+INSTRUCTIONS = ["put the black bowl on the plate", "open the top drawer of the cabinet",
+                "pick up the alphabet soup and place it in the basket", "turn on the stove",
+                "push the plate to the front of the stove", "put the cream cheese in the bowl"]
+
+
+class SyntheticDataset:
+    """CachedDataset-shaped stand-in: deterministic random samples generated on access (O(1) RAM)."""
+
+    def __init__(self, n: int, image_size: int = 224, action_dim: int = 7, seed: int = 0, name: str = "synthetic"):
+        from .models.tiny import default_stats
+
+        self.n, self.image_size, self.action_dim, self.seed, self.name = n, image_size, action_dim, seed, name
+        self.statistics = default_stats(action_dim)
+        self.episodes = [{"index": 0, "task": "synthetic", "instruction": INSTRUCTIONS[0], "start": 0, "length": n}]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(i)])
+        return {"image": rng.integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8),
+                "instruction": INSTRUCTIONS[int(i) % len(INSTRUCTIONS)],
+                "action": rng.uniform(-1, 1, self.action_dim).astype(np.float32),
+                "state": np.zeros(8, np.float32), "env_state": None, "task": "synthetic", "episode": 0,
+                "step": int(i)}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_backend(shape: str, layers: int | None = None):
+    from .models.tiny import random_tiny_backend, seven_b_shape_backend
+
+    if shape == "7b":
+        dtype = torch.bfloat16 if _device() == "cuda" else torch.float32
+        b = seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
+        return b
+    return random_tiny_backend(action_dim=7, device=_device())
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- icsm
+
+
+def bench_icsm(args) -> dict:
+    """Probe forward over n_probe samples + per representative layer SVD + sensitivity, timed; writes
+    artifacts in the icsm stage's format so `bench train` can use them."""
+    from .data.probe import pooled_states
+    from .io import atomic_torch_save, write_json
+    from .methods.icsm import compute_layer, layer_groups, representative_layers
+
+    torch.manual_seed(0)
+    backend = make_backend(args.shape, args.layers)
+    backend.model.eval()
+    for p in backend.model.parameters():
+        p.requires_grad_(False)
+    ds = SyntheticDataset(args.n_probe)
+    samples = [ds[i] for i in range(args.n_probe)]
+    L = backend.num_layers
+    groups = layer_groups(L)
+    reps = representative_layers(groups)
+    icfg = {"r": args.r, "alpha": 1.0, "sensitivity_samples": args.sens, "direction_batch": args.direction_batch,
+            "fragile_frac": 0.25, "plastic_frac": 0.5}
+    _sync()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device() == "cuda"):
+        pooled, empty = pooled_states(backend, samples, args.probe_batch, layers=reps, show_progress=True)
+    _sync()
+    t_probe = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {"probe_forward_s": round(t_probe, 1)}
+    layers_meta = {}
+    for rep in reps:
+        t1 = time.perf_counter()
+        res = compute_layer(backend, pooled[rep].float(), samples[: args.sens], rep, icfg, show_progress=True)
+        _sync()
+        timings[f"icsm_L{rep}_s"] = round(time.perf_counter() - t1, 1)
+        sp = res["split"]
+        for name, t in {f"U{rep}_f.pt": sp["U_f"], f"U{rep}_p.pt": sp["U_p"], f"mu{rep}.pt": res["mu"],
+                        f"C_T{rep}.pt": res["C_T"]}.items():
+            atomic_torch_save(t.contiguous(), out / name)
+        atomic_torch_save({"U": res["U"], "S": res["S"], "std": res["std"], "explained": res["explained"],
+                           "scores": res["scores"], "order": sp["order"]}, out / f"basis{rep}.pt")
+        layers_meta[str(rep)] = {"n_f": sp["n_f"], "n_p": sp["n_p"], "kl_max": float(res["scores"].max()),
+                                 "kl_median": float(res["scores"].median())}
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    meta = {"num_layers": L, "hidden_size": backend.hidden_size, "groups": groups, "rep_layers": reps,
+            "r": args.r, "fragile_frac": 0.25, "plastic_frac": 0.5, "n_probe": args.n_probe,
+            "n_empty": int(empty.sum()), "sensitivity_samples": args.sens, "layers": layers_meta,
+            "timings": timings, "benchmark": True, "device": _device_name(), "probe_hash": "synthetic"}
+    write_json(out / "meta.json", meta)
+    return {"bench": "icsm", "shape": args.shape, "device": _device_name(), **timings,
+            "n_probe": args.n_probe, "r": args.r, "sensitivity_samples": args.sens}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def bench_train(args) -> dict:
+    """Step time and peak memory of each method with the real training loop."""
+    from .methods.craft import anchor_features
+    from .train.loop import run_training
+
+    results = {}
+    rank = int(os.environ.get("RANK", "0"))
+    methods = args.methods.split(",")
+    for method in methods:
+        torch.manual_seed(0)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        backend = make_backend(args.shape, args.layers)
+        for p in backend.model.parameters():
+            p.requires_grad_(False)
+        ds = SyntheticDataset(4096)
+        mcfg = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
+        given = {}
+        if method == "icsm_hsw_thermostat":
+            mcfg["hsw"] = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
+                           "eps": 1e-12, "use_sensitivity_order": True}
+            mcfg["thermostat"] = {"enabled": True, "every": args.thermostat_every, "probe_batch": 64,
+                                  "warmup_measurements": 2, "metric": "basis", "threshold_sigmas": 2.0,
+                                  "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
+                                  "beta_max": 1.0, "smoothing": 0.5}
+            given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
+        elif method == "craft":
+            mcfg["craft"] = {"enabled": True, "epsilon": 0.05, "lambda_init": 0.0, "lambda_lr": 0.01,
+                             "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+            asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
+            backend.set_stats(ds.statistics)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device() == "cuda"):
+                feats = anchor_features(backend, asamples, -2, args.batch)
+            given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
+                                "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}
+            given["anchor_samples"] = asamples
+        tmp = Path(tempfile.mkdtemp(prefix="vlaforget-bench-"))
+        sc = {"stage": "train", "root": str(tmp), "run_name": f"bench__{method}", "run_id": f"bench-{method}",
+              "method_name": method, "suite": "synthetic", "shots": None, "seed": 0,
+              "model": {"backend": "tiny", "base": "7b-shape"}, "dataset": {"name": "synthetic"},
+              "method": mcfg, "out_dir": str(tmp / "run"), "icsm_dir": args.icsm_dir,
+              "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum,
+                        "lr": 5e-4, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                        "max_grad_norm": None, "precision": args.precision,
+                        "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
+                        "save_steps": 10**9, "log_every": 1, "num_workers": 0, "use_wandb": False,
+                        "eval_every": 0, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16),
+                                                  "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
+                                                  "layers": "all"}}}
+        os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
+        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+        recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+        timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
+        if rank == 0:
+            results[method] = {
+                "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
+                "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
+                "steps_timed": len(timed), "final_loss": recs[-1]["loss"],
+                "thermostat_measurements": sum("drift_d" in r for r in recs)}
+            ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
+            if ttimes:
+                per = float(np.median(ttimes))
+                results[method]["thermostat_time_s_median"] = per
+                results[method]["thermostat_every_config"] = args.amortise_every
+                # the K-step measurement amortised over K (config thermostat.every), on top of the
+                # median of the steps without a measurement
+                plain = [r["step_time_s"] for r in recs if r["step"] > args.warmup and "thermostat_time_s" not in r]
+                results[method]["step_time_s_median_no_measure"] = float(np.median(plain))
+                results[method]["step_time_s_amortised"] = float(np.median(plain)) + per / args.amortise_every
+            log.info("%s: %s", method, results[method])
+        del backend
+    out = {"bench": "train", "shape": args.shape, "device": _device_name(), "world_size":
+           int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
+           "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,
+           "warmup_excluded": args.warmup, "methods": results}
+    if "baseline" in results:
+        base = results["baseline"]["step_time_s_median"]
+        out["overhead_vs_baseline"] = {
+            m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in results.items()}
+    return out
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def add_args(p):
+    sub = p.add_subparsers(dest="what", required=True)
+    pi = sub.add_parser("icsm")
+    pi.add_argument("--shape", choices=["7b", "tiny"], default="7b")
+    pi.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    pi.add_argument("--n-probe", type=int, default=500)
+    pi.add_argument("--probe-batch", type=int, default=16)
+    pi.add_argument("--r", type=int, default=128)
+    pi.add_argument("--sens", type=int, default=128)
+    pi.add_argument("--direction-batch", type=int, default=16)
+    pi.add_argument("--out", required=True)
+    pt = sub.add_parser("train")
+    pt.add_argument("--shape", choices=["7b", "tiny"], default="7b")
+    pt.add_argument("--layers", type=int, default=None)
+    pt.add_argument("--methods", default="baseline,icsm_hsw_thermostat,craft")
+    pt.add_argument("--icsm-dir", default=None)
+    pt.add_argument("--precision", default="bf16")
+    pt.add_argument("--batch", type=int, default=2)
+    pt.add_argument("--accum", type=int, default=8)
+    pt.add_argument("--steps", type=int, default=12)
+    pt.add_argument("--warmup", type=int, default=3)
+    pt.add_argument("--thermostat-every", type=int, default=5, help="measure this often in the benchmark")
+    pt.add_argument("--amortise-every", type=int, default=50, help="thermostat.every to amortise over")
+    pt.add_argument("--lora-r", type=int, default=32)
+    pt.add_argument("--grad-ckpt", action="store_true")
+    for q in (pi, pt):
+        q.add_argument("--json", default=None, help="also write the result here")
+
+
+def main(args) -> int:
+    res = bench_icsm(args) if args.what == "icsm" else bench_train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(res, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text)
+    return 0

@@ -42,11 +42,11 @@ def copy_workflow(dest: Path) -> Path:
     shutil.copy(REPO / "Snakefile", dest / "Snakefile")
     for d in ("workflow", "config", "profiles", "envs"):
         shutil.copytree(REPO / d, dest / d, symlinks=True)
-    # the schema symlink points into src/: resolve it in the copy
-    schema = dest / "workflow" / "schemas" / "config.schema.yaml"
-    if schema.is_symlink():
-        schema.unlink()
-        shutil.copy(REPO / "src" / "vlaforget" / "config.schema.yaml", schema)
+    # A snapshot of the library too (used through PYTHONPATH by `snakemake()` below), so the stage
+    # configs' code hashes cannot change under a test while someone edits src/.
+    shutil.copytree(
+        REPO / "src" / "vlaforget", dest / "src" / "vlaforget", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return dest
 
 
@@ -54,6 +54,8 @@ def snakemake(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
     """`python -m snakemake ARGS` in a subprocess (the Python API ignores profiles)."""
     e = dict(os.environ)
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    if (Path(cwd) / "src" / "vlaforget").is_dir():
+        e["PYTHONPATH"] = str(Path(cwd) / "src") + os.pathsep + e.get("PYTHONPATH", "")
     if env:
         e.update(env)
     return subprocess.run(

@@ -114,3 +114,24 @@ def test_corner_image_is_upright():
         top, bottom = rows("head"), rows("pedestal_feet")
         assert len(top) and len(bottom), "robot head / pedestal not visible in corner3"
         assert top.mean() < bottom.mean()
+
+
+@needs_render
+def test_demo_generation_keeps_first_successful_seeds():
+    from vlaforget.data.instructions import instructions_for
+    from vlaforget.data.metaworld_demos import generate, interleave
+
+    kept, counts = generate(["reach-v3", "button-press-v3"], 1, seed=1000, render_size=16, max_steps=150)
+    assert counts["reach-v3"]["seeds"] == [1000] == [r["seed"] for r in kept["button-press-v3"]]
+    assert (
+        counts["button-press-v3"]["failed"] == 0 and counts["button-press-v3"]["expert_success_rate"] == 1.0
+    )
+    ep = kept["reach-v3"][0]
+    assert ep["success"] and len(ep["images"]) == len(ep["actions"]) == ep["steps"]
+    assert isinstance(ep["images"][0], bytes)  # JPEG from the worker
+    assert ep["instruction"] in instructions_for("reach-v3")
+    kept["reach-v3"].append(dict(ep, seed=1001))
+    order = [(r["task"], r["seed"]) for r in interleave(kept)]
+    assert order == [("reach-v3", 1000), ("button-press-v3", 1000), ("reach-v3", 1001)]
+    with pytest.raises(RuntimeError, match="max_steps"):
+        generate(["button-press-v3"], 1, seed=0, render_size=16, max_steps=3, max_attempts_factor=1.0)

@@ -132,7 +132,9 @@ def test_asset_verification(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.xml").write_bytes(b"<mujoco/>")
     man = tmp_path / "m.tsv"
-    man.write_text(f"path\tsize_bytes\tgit_blob_sha1\na/x.xml\t9\t{S.git_blob_sha1(b'<mujoco/>')}\nb.obj\t1\t00\n")
+    man.write_text(
+        f"path\tsize_bytes\tgit_blob_sha1\na/x.xml\t9\t{S.git_blob_sha1(b'<mujoco/>')}\nb.obj\t1\t00\n"
+    )
     m = S.read_manifest(man)
     assert S.verify_tree(tmp_path, m) == ["missing: b.obj"]
     (tmp_path / "a" / "x.xml").write_bytes(b"<mujoco!>")

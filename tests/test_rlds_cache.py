@@ -101,8 +101,11 @@ def test_round_trip_rlds_to_cache(rlds_dir, tmp_path):
         np.testing.assert_array_equal(r["states"], e["states"])
         np.testing.assert_array_equal(r["env_states"], e["env_states"])
         assert np.abs(r["images"].astype(int) - e["images"]).mean() < 3  # JPEG, smooth images
+    (d / "done.json").write_text('{"camera": "corner4", "render_size": 16}')  # as the demos stage
     m = build_cache(d, tmp_path / "cache", "mw_tiny", image_size=16, train_split=0.5)
+    (d / "done.json").unlink()
     assert m["image_key"] == "observation/image" and m["state_key"] == "observation/state"
+    assert m["simulator"]["camera"] == "corner4" and m["source_image_shape"] == [16, 16, 3]
     assert m["num_episodes"] == 6 and m["num_train_episodes"] == 3
     for fn, h in m["files"].items():
         assert sha256_file(tmp_path / "cache" / fn) == h

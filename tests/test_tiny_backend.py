@@ -220,3 +220,43 @@ def test_save_load_round_trip(backend, tmp_path):
 def test_missing_model_dir_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the `model` stage"):
         load_backend({"backend": "tiny", "path": str(tmp_path / "nope")})
+
+
+def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
+    """Stage `model` (tiny): tokenizer + model + a few pretraining steps on a synthetic upstream
+    cache, HF dir + done.json with held-out metrics; load_backend reads it back."""
+    import argparse
+
+    import yaml
+
+    from vlaforget.config import stage_config
+    from vlaforget.data.cache import CachedDataset, write_cache
+    from vlaforget.io import read_json
+    from vlaforget.models.build import main
+    from vlaforget.models.tiny import TEST_TINY
+
+    cfg = demo_config
+    cfg["model"]["tiny"] = dict(TEST_TINY)
+    cfg["model"]["pretrain"] = {"steps": 3, "batch_size": 4, "lr": 1e-3, "vqa_fraction": 0.5, "seed": 0,
+                                "threads": 1}
+    sc = stage_config(cfg, "model", cfg["model"]["base"])
+    rng = np.random.default_rng(0)
+    tasks = sc["upstream"]["tasks"]
+    eps = [{"images": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8),
+            "states": np.zeros((5, 4), np.float32), "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
+            "env_states": rng.uniform(-0.3, 0.9, (5, 39)).astype(np.float32),
+            "instruction": f"do task {k % len(tasks)}", "task": tasks[k % len(tasks)], "seed": k}
+           for k in range(20)]
+    write_cache(eps, sc["upstream"]["cache_dir"], sc["upstream"]["name"], 64)
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    assert main(argparse.Namespace(config=str(path))) == 0
+    done = read_json(f"{sc['out_dir']}/done.json")
+    assert done["backend"] == "tiny" and done["num_layers"] == 8 and done["action_dim"] == 4
+    assert 0 <= done["metrics"]["bc_token_accuracy"] <= 1 and "vqa_accuracy" in done["metrics"]
+    assert done["provenance"]["versions"]["torch"]
+    b = load_backend(sc["model"])
+    ds = CachedDataset(sc["upstream"]["cache_dir"], split="train")
+    assert b.stats["q99"] == pytest.approx(ds.statistics["action"]["q99"])  # upstream statistics travel
+    assert b.instruction_span("do task 1") == "do task 1"  # episode instructions are in the vocabulary
+    assert b.predict_actions(np.zeros((1, 64, 64, 3), np.uint8), ["do task 0"]).shape == (1, 4)

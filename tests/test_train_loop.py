@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("tensorflow_datasets")
-
 from train_fixtures import base_stage, clone, make_cache, make_model, make_teacher_artifacts  # noqa: E402
 
 from vlaforget.train.loop import run_training  # noqa: E402
 
 HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token", "eps": 1e-12,
        "use_sensitivity_order": True}
-THERMO = {"enabled": True, "every": 2, "probe_batch": 8, "warmup_measurements": 1, "metric": "basis",
+THERMO = {"enabled": True, "every": 2, "probe_batch": 24, "warmup_measurements": 1, "metric": "basis",
           "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
           "beta_max": 1.0, "smoothing": 0.0}
 CRAFT = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,

@@ -1,5 +1,4 @@
-"""Tiny real inputs for training tests: a random tiny VLA saved as an HF dir, a real RLDS dataset
-(written with TFDS) turned into a real cache, probe + ICSM + CRaFT anchors from the real stages."""
+"""Tiny real inputs for training tests: a random tiny VLA saved as an HF dir, a real dataset cache, probe + ICSM + CRaFT anchors from the real stages."""
 
 from __future__ import annotations
 
@@ -30,16 +29,12 @@ def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
 
 
 def make_cache(root: Path, name="toy", **kw) -> Path:
-    from vlaforget.data.cache import build_cache
-    from vlaforget.data.rlds import write_rlds
+    """A real cache (the same writer the cache stage uses after reading RLDS; no TensorFlow)."""
+    from vlaforget.data.cache import write_cache
 
     eps = synthetic_episodes(**kw)
-    size = eps[0]["images"].shape[1]
-    rlds = root / "datasets" / "rlds" / name
-    write_rlds(rlds, name, eps, image_shape=(size, size, 3), state_dim=4,
-               action_dim=eps[0]["actions"].shape[1], env_state_dim=39)
     out = root / "datasets" / "cache" / name
-    build_cache(rlds, out, name, image_size=size, train_split=1.0)
+    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=1.0)
     return out
 
 

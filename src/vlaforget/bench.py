@@ -11,6 +11,7 @@ decoder dims + SigLIP-so400m-shaped tower) measures speed and memory truthfully;
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -137,6 +138,7 @@ def bench_train(args) -> dict:
     methods = args.methods.split(",")
     for method in methods:
         torch.manual_seed(0)
+        gc.collect()  # the previous method's model (hooks make reference cycles) must be gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -199,6 +201,7 @@ def bench_train(args) -> dict:
                 results[method]["step_time_s_amortised"] = float(np.median(plain)) + per / args.amortise_every
             log.info("%s: %s", method, results[method])
         del backend
+        gc.collect()
     out = {"bench": "train", "shape": args.shape, "device": _device_name(), "world_size":
            int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
            "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,

@@ -96,8 +96,8 @@ def report(
         except OSError as e:
             problems.append(
                 f"cannot create the data root {root} ({e.strerror or e}). Point the pipeline at "
-                f"a writable folder under the allowed root: VLAFORGET_ROOT=/path/under/"
-                f"{resolve_allowed_root(cfg)} or `root:` in your config."
+                f"a writable folder under the allowed root: VLAFORGET_ROOT="
+                f"{resolve_allowed_root(cfg)}/<you>/vlaforget or `root:` in your config."
             )
     scan_dir = Path(scan_dir) if scan_dir else REPO_DIR
     large = scan_large_files(scan_dir, int(limit_gb * 1e9)) if scan_dir.exists() else []

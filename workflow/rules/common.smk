@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 
 from vlaforget import config as vfc
 from vlaforget.config import ConfigError

@@ -67,6 +67,10 @@ def build_cache(
         iter_episodes(bdir, image_key, state_key), total=info["episodes"], desc=f"cache {name}", unit="ep"
     )
     meta = {"source": str(bdir), "source_info": info, "image_key": image_key, "state_key": state_key}
+    done = bdir.parent / "done.json"  # our generated datasets: how the frames were rendered
+    if done.exists():
+        d = read_json(done)
+        meta["simulator"] = {k: d.get(k) for k in ("camera", "render_size", "max_steps", "seed")}
     return write_cache(episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})})
 
 

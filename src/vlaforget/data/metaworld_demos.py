@@ -118,7 +118,7 @@ def generate(
                         f"data.metaworld.datasets."
                     )
                 # Ask for what is missing plus a margin for the expected failures.
-                n = min(need + max(1, need // 8), limit - (next_seed[t] - seed))
+                n = min(need + need // 8, limit - (next_seed[t] - seed))
                 jobs += [dict(base, task=t, seed=s) for s in range(next_seed[t], next_seed[t] + n)]
                 next_seed[t] += n
             if not jobs:

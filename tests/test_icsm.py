@@ -294,3 +294,14 @@ def test_spread_subset():
     sub = icsm.spread_subset(idx, 5)
     assert sub.tolist() == [100, 125, 150, 174, 199]  # positions round(linspace(0, 99, 5))
     assert torch.equal(icsm.spread_subset(idx[:3], 5), idx[:3])
+
+
+def test_noise_floor_and_resolved_order():
+    scores = torch.tensor([5e-9, 2e-3, -4e-9, 3e-8, 1e-2, 1e-9], dtype=torch.float64)
+    floor = icsm.noise_floor(scores, 0.0)
+    assert floor == pytest.approx(4e-9)
+    res = icsm.resolved_scores(scores, floor)
+    assert res.tolist() == [0.0, 2e-3, 0.0, 0.0, 1e-2, 0.0]
+    # unresolved directions keep the variance order after the resolved ones
+    assert icsm.sensitivity_order(res).tolist() == [4, 1, 0, 2, 3, 5]
+    assert icsm.noise_floor(scores.abs(), 1e-6) == 1e-6

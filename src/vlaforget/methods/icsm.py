@@ -37,7 +37,8 @@ class MethodConfigError(ValueError):
 
 
 EPSILON_RULE = (
-    "directions sorted by sensitivity (KL, descending; ties broken by variance rank); "
+    "directions sorted by sensitivity (KL, descending; KL <= 10x the numerical noise floor counts as 0; "
+    "ties broken by variance rank); "
     "fragile = first round(fragile_frac * r') directions, plastic = the next round(plastic_frac * r'), "
     "null = the rest of the r' kept directions plus the orthogonal complement of the SVD basis"
 )
@@ -484,12 +485,25 @@ def compute_layer(backend, pooled: torch.Tensor, samples: Sequence[dict], rep: i
     all_scores = sensitivity_scores(backend, samples, U0, s0, rep, alpha=float(icfg.get("alpha", 1.0)),
                                     direction_batch=int(icfg.get("direction_batch", 16)),
                                     show_progress=show_progress)
-    scores, floor = all_scores[:-1], float(all_scores[-1])
+    scores = all_scores[:-1]
+    floor = noise_floor(scores, float(all_scores[-1]))
     t_sens = time.perf_counter() - t0
-    sp = split_directions(sv["U"], scores, float(icfg.get("fragile_frac", 0.25)),
+    sp = split_directions(sv["U"], resolved_scores(scores, floor), float(icfg.get("fragile_frac", 0.25)),
                           float(icfg.get("plastic_frac", 0.5)))
     return {**sv, "scores": scores.float(), "kl_noise_floor": floor, "C_T": covariance(pooled), "split": sp,
             "t_sensitivity_s": t_sens}
+
+
+def noise_floor(scores: torch.Tensor, zero_direction_kl: float) -> float:
+    """Numerical floor of the KL scores: the larger of the all-zero direction's KL and the magnitude
+    of the most negative score (a true KL is >= 0, so negatives are pure float rounding)."""
+    return max(0.0, float(zero_direction_kl), -float(scores.min()) if scores.numel() else 0.0)
+
+
+def resolved_scores(scores: torch.Tensor, floor: float, factor: float = 10.0) -> torch.Tensor:
+    """Scores used for the order: those not above factor * floor are set to 0, so the stable sort
+    keeps the variance order among directions whose KL is indistinguishable from rounding."""
+    return torch.where(scores > factor * floor, scores, torch.zeros_like(scores))
 
 
 def main(args) -> int:
@@ -546,7 +560,7 @@ def main(args) -> int:
             "explained_top_r": float(res["explained"].sum()),
             "kl_max": float(res["scores"].max()), "kl_median": float(res["scores"].median()),
             "kl_min": float(res["scores"].min()), "kl_noise_floor": res["kl_noise_floor"],
-            "n_above_noise_floor": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
+            "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
             "top_fragile_variance_ranks": top,
             "spearman_kl_vs_variance_rank": _spearman(res["scores"], -torch.arange(len(res["scores"])).float()),
         }

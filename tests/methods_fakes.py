@@ -13,8 +13,24 @@ import numpy as np
 import torch
 from torch import nn
 
-WORDS = ["push", "pull", "open", "close", "the", "red", "blue", "green", "drawer", "door", "button",
-         "left", "right", "slowly", "top", "handle"]
+WORDS = [
+    "push",
+    "pull",
+    "open",
+    "close",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "drawer",
+    "door",
+    "button",
+    "left",
+    "right",
+    "slowly",
+    "top",
+    "handle",
+]
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 W0 = 4  # first word id
 
@@ -29,8 +45,10 @@ class FakeLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None):
         S = hidden_states.shape[1]
-        cm = hidden_states.cumsum(1) / torch.arange(1, S + 1, dtype=hidden_states.dtype,
-                                                    device=hidden_states.device)[None, :, None]
+        cm = (
+            hidden_states.cumsum(1)
+            / torch.arange(1, S + 1, dtype=hidden_states.dtype, device=hidden_states.device)[None, :, None]
+        )
         out = hidden_states + cm @ self.M
         return (out,) if self.tuple_out else out
 
@@ -45,7 +63,9 @@ class FakeVLA(nn.Module):
         self.n_img = n_img
 
     def forward(self, input_ids, attention_mask, pixel_values, output_hidden_states=False):
-        x = torch.cat([self.embed(input_ids[:, :1]), self.img_proj(pixel_values), self.embed(input_ids[:, 1:])], 1)
+        x = torch.cat(
+            [self.embed(input_ids[:, :1]), self.img_proj(pixel_values), self.embed(input_ids[:, 1:])], 1
+        )
         hs = [x]
         for layer in self.layers:
             x = layer(x)
@@ -55,8 +75,21 @@ class FakeVLA(nn.Module):
 
 
 class FakeBackend:
-    def __init__(self, D=16, L=4, n_img=2, action_dim=2, n_bins=8, plant_layer=3, u_index=2, gain=4.0,
-                 head_gain=3.0, seed=0, tuple_out=True, scales=None):
+    def __init__(
+        self,
+        D=16,
+        L=4,
+        n_img=2,
+        action_dim=2,
+        n_bins=8,
+        plant_layer=3,
+        u_index=2,
+        gain=4.0,
+        head_gain=3.0,
+        seed=0,
+        tuple_out=True,
+        scales=None,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.D, self.n_bins, self.action_dim, self.n_image_tokens = D, n_bins, action_dim, n_img
         self.vocab = W0 + len(WORDS) + n_bins
@@ -114,23 +147,36 @@ class FakeBackend:
         for i, (seq, (s0, s1, p)) in enumerate(zip(ids, spans)):
             input_ids[i, : len(seq)] = torch.tensor(seq)
             attn[i, : len(seq)] = 1
-            instr[i, s0 + n: s1 + n] = True
-            amask[i, p - 1 + n: p - 1 + n + self.action_dim] = True
-        pix = torch.stack([torch.as_tensor(s["image"], dtype=torch.float32).reshape(n, -1, 3).mean(1) / 255.0
-                           for s in samples])
-        return {"input_ids": input_ids, "attention_mask": attn, "pixel_values": pix,
-                "instruction_mask": instr, "action_mask": amask,
-                "action_targets": torch.tensor(acts, dtype=torch.long)}
+            instr[i, s0 + n : s1 + n] = True
+            amask[i, p - 1 + n : p - 1 + n + self.action_dim] = True
+        pix = torch.stack(
+            [
+                torch.as_tensor(s["image"], dtype=torch.float32).reshape(n, -1, 3).mean(1) / 255.0
+                for s in samples
+            ]
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attn,
+            "pixel_values": pix,
+            "instruction_mask": instr,
+            "action_mask": amask,
+            "action_targets": torch.tensor(acts, dtype=torch.long),
+        }
 
     def forward(self, batch, output_hidden_states=False, model=None):
         m = self.model if model is None else model
-        return m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                 output_hidden_states=output_hidden_states)
+        return m(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            output_hidden_states=output_hidden_states,
+        )
 
     def action_logprobs(self, batch, logits):
         B = logits.shape[0]
         sel = logits[batch["action_mask"]].view(B, self.action_dim, -1)
-        return sel[..., -self.n_bins:].float().log_softmax(-1)
+        return sel[..., -self.n_bins :].float().log_softmax(-1)
 
     def instruction_span(self, instruction):
         return " ".join(WORDS[i - W0] for i in self.tokenize(instruction))
@@ -146,9 +192,16 @@ class FakeDataset:
             k = int(rng.integers(2, 6))
             words = [WORDS[int(j)] for j in rng.integers(0, len(WORDS), size=k)]
             instr = "" if empty_every and i % empty_every == 0 else " ".join(words)
-            self.items.append({"image": rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8),
-                               "instruction": instr, "action": rng.uniform(-1, 1, size=2).astype(np.float32),
-                               "task": "t", "episode": i // 8, "step": i % 8})
+            self.items.append(
+                {
+                    "image": rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8),
+                    "instruction": instr,
+                    "action": rng.uniform(-1, 1, size=2).astype(np.float32),
+                    "task": "t",
+                    "episode": i // 8,
+                    "step": i % 8,
+                }
+            )
         self.name = name
         self.statistics = {"action": {}}
 

@@ -37,7 +37,11 @@ def test_conflict_projection_removes_negative_component():
     assert st["conflict_ratio"] == 1.0 and st["n_tensors"] == 3
     # no conflict -> unchanged; projection off -> unchanged
     out2, st2 = conflict_project(gr, gr)
-    assert not st2["projected"] and all(a is b for a, b in zip(out2, gr)) and st2["grad_cos"] == pytest.approx(1.0)
+    assert (
+        not st2["projected"]
+        and all(a is b for a, b in zip(out2, gr))
+        and st2["grad_cos"] == pytest.approx(1.0)
+    )
     out3, st3 = conflict_project(ga, gr, projection=False)
     assert not st3["projected"] and all(a is b for a, b in zip(out3, ga))
 
@@ -68,9 +72,11 @@ def test_pool_features():
     batch = be.collate([ds[i] for i in range(3)])
     h = torch.randn(3, batch["instruction_mask"].shape[1], 16)
     n = be.n_image_tokens
-    assert torch.allclose(pool_features(h, batch, "mean_image_tokens", n), h[:, 1:1 + n].mean(1))
+    assert torch.allclose(pool_features(h, batch, "mean_image_tokens", n), h[:, 1 : 1 + n].mean(1))
     im = batch["instruction_mask"]
-    assert torch.allclose(pool_features(h, batch, "mean_instruction_tokens", n)[0], h[0][im[0]].mean(0), atol=1e-6)
+    assert torch.allclose(
+        pool_features(h, batch, "mean_instruction_tokens", n)[0], h[0][im[0]].mean(0), atol=1e-6
+    )
     L0 = int(batch["attention_mask"][0].sum()) + n
     assert torch.allclose(pool_features(h, batch, "mean_all", n)[0], h[0, :L0].mean(0), atol=1e-6)
     with pytest.raises(ValueError):
@@ -82,10 +88,17 @@ def _run_anchors(tmp_path, monkeypatch, sub, pooling="mean_image_tokens"):
     ds = FakeDataset(40)
     monkeypatch.setattr(craft, "open_dataset", lambda block, split="train": ds)
     monkeypatch.setattr(craft, "load_teacher", lambda mb, d: FakeBackend())
-    cfg = {"stage": "craft_anchors", "root": str(tmp_path), "allowed_root": str(tmp_path), "world": "metaworld",
-           "model": {}, "dataset": {"name": "fake_ds", "cache_dir": str(tmp_path)}, "seed": 3,
-           "craft": {"layer": -2, "pooling": pooling, "n_anchors": 16, "batch_size": 5},
-           "out_dir": str(tmp_path / sub)}
+    cfg = {
+        "stage": "craft_anchors",
+        "root": str(tmp_path),
+        "allowed_root": str(tmp_path),
+        "world": "metaworld",
+        "model": {},
+        "dataset": {"name": "fake_ds", "cache_dir": str(tmp_path)},
+        "seed": 3,
+        "craft": {"layer": -2, "pooling": pooling, "n_anchors": 16, "batch_size": 5},
+        "out_dir": str(tmp_path / sub),
+    }
     (tmp_path / f"{sub}.yaml").write_text(yaml.safe_dump(cfg))
     assert craft.main(argparse.Namespace(config=str(tmp_path / f"{sub}.yaml"))) == 0
     return craft.load_anchors(tmp_path / sub), ds
@@ -102,6 +115,6 @@ def test_anchors_stage_features_and_determinism(tmp_path, monkeypatch):
     i = int(a["indices"][2])
     batch = be.collate([ds[i]])
     h = be.forward(batch, output_hidden_states=True).hidden_states[-2]
-    assert torch.allclose(a["features"][2], h[0, 1:1 + be.n_image_tokens].mean(0), atol=1e-6)
+    assert torch.allclose(a["features"][2], h[0, 1 : 1 + be.n_image_tokens].mean(0), atol=1e-6)
     # retention loss is 0 for the teacher itself
     assert float(craft.retention_loss(h[:, 1:3].mean(1).detach(), a["features"][2:3])) < 1e-10

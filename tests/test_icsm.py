@@ -61,8 +61,10 @@ def test_layer_groups_default_32_and_18():
 def test_layer_groups_override_variants_and_errors():
     ov = {"A": {"layers": [5, 4], "rep": 5}, "B": {"layers": [6, 7], "rep": 7}}
     assert layer_groups(8, ov)["A"] == {"layers": [4, 5], "rep": 5}
-    assert layer_groups(8, layers=[1, 2, 5, 6]) == {"A": {"layers": [1, 2], "rep": 2},
-                                                   "B": {"layers": [5, 6], "rep": 6}}
+    assert layer_groups(8, layers=[1, 2, 5, 6]) == {
+        "A": {"layers": [1, 2], "rep": 2},
+        "B": {"layers": [5, 6], "rep": 6},
+    }
     single = layer_groups(32, variant="single")
     assert single == {"all": {"layers": [28, 29, 30, 31], "rep": 31}}
     al = layer_groups(32, variant="all_layers")
@@ -161,7 +163,7 @@ def test_sensitivity_tensor_returning_layers():
 def test_split_counts_rule():
     assert split_counts(128, 0.25, 0.5) == (32, 64)
     assert split_counts(31, 0.25, 0.5) == (8, 16)  # 7.75 -> 8, 15.5 -> 16 (half up)
-    assert split_counts(3, 0.5, 0.5) == (2, 1)     # never more than r
+    assert split_counts(3, 0.5, 0.5) == (2, 1)  # never more than r
     with pytest.raises(ValueError):
         split_counts(10, 0.7, 0.5)
 
@@ -205,13 +207,38 @@ def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
     monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
     monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend(plant_layer=3))
     root = tmp_path / sub
-    base = {"root": str(root), "allowed_root": str(tmp_path), "world": "metaworld", "code": "x",
-            "model": {"backend": "fake"}}
-    pcfg = dict(base, stage="probe", dataset={"name": "fake_ds", "cache_dir": str(root / "cache")}, n=48, seed=5,
-                batch_size=16, out_dir=str(root / "probe"))
-    icfg = dict(base, stage="icsm", probe_dir=str(root / "probe"), out_dir=str(root / "icsm"),
-                icsm={"layers": "auto", "groups": None, "r": 8, "alpha": 1.0, "sensitivity_samples": 12,
-                      "direction_batch": 8, "fragile_frac": 0.25, "plastic_frac": 0.5})
+    base = {
+        "root": str(root),
+        "allowed_root": str(tmp_path),
+        "world": "metaworld",
+        "code": "x",
+        "model": {"backend": "fake"},
+    }
+    pcfg = dict(
+        base,
+        stage="probe",
+        dataset={"name": "fake_ds", "cache_dir": str(root / "cache")},
+        n=48,
+        seed=5,
+        batch_size=16,
+        out_dir=str(root / "probe"),
+    )
+    icfg = dict(
+        base,
+        stage="icsm",
+        probe_dir=str(root / "probe"),
+        out_dir=str(root / "icsm"),
+        icsm={
+            "layers": "auto",
+            "groups": None,
+            "r": 8,
+            "alpha": 1.0,
+            "sensitivity_samples": 12,
+            "direction_batch": 8,
+            "fragile_frac": 0.25,
+            "plastic_frac": 0.5,
+        },
+    )
     for name, c in (("p.yaml", pcfg), ("i.yaml", icfg)):
         (tmp_path / f"{sub}_{name}").write_text(yaml.safe_dump(c))
     assert probe_mod.main(argparse.Namespace(config=str(tmp_path / f"{sub}_p.yaml"))) == 0
@@ -262,9 +289,20 @@ def test_real_tiny_backend_pooling_audit_and_injection_point():
 
     be = random_tiny_backend(seed=0)
     rng = np.random.default_rng(0)
-    instrs = ["press the button from the top", "open the drawer", "close the drawer", "push the block to the goal"]
-    samples = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "instruction": instrs[i % 4],
-                "action": rng.uniform(-1, 1, be.action_dim).astype(np.float32)} for i in range(8)]
+    instrs = [
+        "press the button from the top",
+        "open the drawer",
+        "close the drawer",
+        "push the block to the goal",
+    ]
+    samples = [
+        {
+            "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "instruction": instrs[i % 4],
+            "action": rng.uniform(-1, 1, be.action_dim).astype(np.float32),
+        }
+        for i in range(8)
+    ]
     rows = probe_mod.audit_spans(be, samples[:4])
     assert all(r["match"] for r in rows), rows
     pooled, empty = probe_mod.pooled_states(be, samples, 4, layers=[be.num_layers - 1])
@@ -272,8 +310,9 @@ def test_real_tiny_backend_pooling_audit_and_injection_point():
     sv = svd_directions(pooled[be.num_layers - 1], 4)
     last = be.num_layers - 1
     s_in = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, direction_batch=4)
-    s_full = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, direction_batch=4,
-                                skip_prefix=False)
+    s_full = sensitivity_scores(
+        be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, direction_batch=4, skip_prefix=False
+    )
     assert torch.allclose(s_in, s_full, rtol=1e-3, atol=1e-9)
     s_out = sensitivity_scores(be, samples[:4], sv["U"], sv["std"], last, alpha=4.0, inject="output")
     assert (s_in > 0).all() and float(s_out.abs().max()) == 0.0

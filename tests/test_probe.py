@@ -36,7 +36,7 @@ def test_pooled_states_every_layer_matches_manual_pooling():
     hs = be.forward(b, output_hidden_states=True).hidden_states
     n_words = len(samples[1]["instruction"].split())
     pos = 1 + be.n_image_tokens  # first instruction token in sequence coords
-    assert torch.allclose(pooled[2][1], hs[3][0, pos:pos + n_words].mean(0), atol=1e-6)
+    assert torch.allclose(pooled[2][1], hs[3][0, pos : pos + n_words].mean(0), atol=1e-6)
     # batch size does not change the result
     pooled1, _ = probe_mod.pooled_states(be, samples, 1)
     assert torch.allclose(pooled1[3], pooled[3], atol=1e-6)
@@ -63,9 +63,19 @@ def test_probe_stage_outputs(tmp_path, monkeypatch):
     ds = FakeDataset(60, empty_every=10)
     monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
     monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
-    cfg = {"stage": "probe", "root": str(tmp_path), "allowed_root": str(tmp_path), "world": "metaworld",
-           "code": "x", "model": {"backend": "fake"}, "dataset": {"name": "fake_ds", "cache_dir": str(tmp_path)},
-           "n": 30, "seed": 1, "batch_size": 8, "out_dir": str(tmp_path / "probe")}
+    cfg = {
+        "stage": "probe",
+        "root": str(tmp_path),
+        "allowed_root": str(tmp_path),
+        "world": "metaworld",
+        "code": "x",
+        "model": {"backend": "fake"},
+        "dataset": {"name": "fake_ds", "cache_dir": str(tmp_path)},
+        "n": 30,
+        "seed": 1,
+        "batch_size": 8,
+        "out_dir": str(tmp_path / "probe"),
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     assert probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml"))) == 0
     p = probe_mod.load_probe(tmp_path / "probe")
@@ -88,9 +98,16 @@ def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
     ds = FakeDataset(8, empty_every=1)
     monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
     monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
-    cfg = {"stage": "probe", "root": str(tmp_path), "allowed_root": str(tmp_path), "world": "metaworld",
-           "model": {}, "dataset": {"name": "x", "cache_dir": str(tmp_path)}, "n": 4,
-           "out_dir": str(tmp_path / "probe")}
+    cfg = {
+        "stage": "probe",
+        "root": str(tmp_path),
+        "allowed_root": str(tmp_path),
+        "world": "metaworld",
+        "model": {},
+        "dataset": {"name": "x", "cache_dir": str(tmp_path)},
+        "n": 4,
+        "out_dir": str(tmp_path / "probe"),
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="empty instruction mask"):
         probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))

@@ -9,8 +9,16 @@ import torch
 
 from vlaforget.methods.thermostat import ControlLaw, covariance, drift, projected_covariance
 
-CFG = {"warmup_measurements": 3, "threshold_sigmas": 2.0, "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0,
-       "beta_min": 0.2, "beta_max": 1.0, "smoothing": 0.0}
+CFG = {
+    "warmup_measurements": 3,
+    "threshold_sigmas": 2.0,
+    "gain": 1.0,
+    "gamma_min": 0.0,
+    "gamma_max": 1.0,
+    "beta_min": 0.2,
+    "beta_max": 1.0,
+    "smoothing": 0.0,
+}
 
 
 def test_covariance_matches_torch_cov():

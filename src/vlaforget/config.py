@@ -245,7 +245,7 @@ STAGE_CODE = {
     "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py"],
     "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py"],
     "model": ["models", "data/cache.py", "data/vqa.py", "train/pretrain.py"],
-    "probe": ["models", "data/cache.py", "data/probe.py"],
+    "probe": ["models", "data/cache.py", "data/probe.py", "methods/icsm.py"],
     "icsm": ["models", "methods/icsm.py", "data/probe.py"],
     "craft_anchors": ["models", "methods/craft.py", "data/cache.py"],
     "train": ["models", "methods", "train", "data/cache.py"],

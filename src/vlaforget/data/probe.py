@@ -41,9 +41,12 @@ def open_dataset(block: dict, split: str = "train"):
     """CachedDataset of a stage config's dataset block ({name, cache_dir, tasks})."""
     cache_dir = Path(block["cache_dir"])
     if not (cache_dir / "manifest.json").exists():
-        raise MissingInput(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
-                                f"stage for dataset '{block.get('name')}' first")
+        raise MissingInput(
+            f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+            f"stage for dataset '{block.get('name')}' first"
+        )
     from .cache import CachedDataset
+
     return CachedDataset(cache_dir, split=split)
 
 
@@ -69,7 +72,9 @@ def load_teacher(model_block: dict, ds=None, device: str | None = None):
 def select_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
     """n distinct indices of range(n_total), seeded (torch.Generator), sorted ascending."""
     if n > n_total:
-        raise MethodConfigError(f"probe.n = {n} but the train split has only {n_total} transitions: lower probe.n")
+        raise MethodConfigError(
+            f"probe.n = {n} but the train split has only {n_total} transitions: lower probe.n"
+        )
     g = torch.Generator().manual_seed(int(seed))
     return torch.sort(torch.randperm(n_total, generator=g)[:n]).values
 
@@ -86,8 +91,13 @@ def probe_hash(indices: torch.Tensor, pooled: dict[int, torch.Tensor]) -> str:
 
 
 @torch.no_grad()
-def pooled_states(backend, samples: Sequence[dict], batch_size: int, layers: Sequence[int] | None = None,
-                  show_progress: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def pooled_states(
+    backend,
+    samples: Sequence[dict],
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+    show_progress: bool = False,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Instruction-pooled hidden states of `backend` for `samples`: ({layer: [N,D] f32 cpu}, empty [N])."""
     from ..io import progress
     from ..methods.icsm import pool_instruction
@@ -97,8 +107,8 @@ def pooled_states(backend, samples: Sequence[dict], batch_size: int, layers: Seq
     acc: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     empties = []
     rng = range(0, len(samples), batch_size)
-    for s0 in (progress(rng, desc="probe forward") if show_progress else rng):
-        batch = backend.collate(list(samples[s0:s0 + batch_size]), train=False)
+    for s0 in progress(rng, desc="probe forward") if show_progress else rng:
+        batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
         out = backend.forward(batch, output_hidden_states=True)
         hs = out.hidden_states
         if len(hs) != L + 1:
@@ -143,7 +153,7 @@ def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
             row["span"] = None
             row["span_error"] = repr(e)
         if tok is not None:
-            text_mask = torch.cat([mask[i, :1], mask[i, 1 + n_img:]])
+            text_mask = torch.cat([mask[i, :1], mask[i, 1 + n_img :]])
             ids = batch["input_ids"][i].cpu()[text_mask.bool()]  # text coords: seq pos t >= 1 -> t - n_img
             row["masked_tokens"] = tok.decode(ids.tolist())
         span = row.get("masked_tokens", row.get("span"))
@@ -155,7 +165,9 @@ def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
 def load_probe(d: str | Path) -> dict:
     d = Path(d)
     if not (d / "audit.json").exists() or not (d / "probe.pt").exists():
-        raise MissingInput(f"probe set {d} is incomplete (probe.pt / audit.json missing): run the probe stage")
+        raise MissingInput(
+            f"probe set {d} is incomplete (probe.pt / audit.json missing): run the probe stage"
+        )
     return torch.load(d / "probe.pt", map_location="cpu", weights_only=True)
 
 
@@ -163,7 +175,9 @@ def load_probe(d: str | Path) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="probe stage config (vlaforget stage-config --stage probe)")
+    p.add_argument(
+        "--config", required=True, help="probe stage config (vlaforget stage-config --stage probe)"
+    )
 
 
 def main(args) -> int:
@@ -185,27 +199,60 @@ def main(args) -> int:
     t_fwd = time.perf_counter() - t1
     n_empty = int(empty.sum())
     if n_empty == len(samples):
-        raise MethodConfigError("every probe sample has an empty instruction mask: the backend's instruction_mask "
-                           "is broken (see audit in the model stage)")
+        raise MethodConfigError(
+            "every probe sample has an empty instruction mask: the backend's instruction_mask "
+            "is broken (see audit in the model stage)"
+        )
     h = probe_hash(idx, pooled)
-    probe = {"indices": idx, "dataset": dict(sc["dataset"]), "split": "train", "seed": seed, "pooled": pooled,
-             "empty": empty, "n_empty": n_empty, "instructions": [s["instruction"] for s in samples],
-             "num_layers": int(backend.num_layers), "hidden_size": int(backend.hidden_size), "hash": h}
+    probe = {
+        "indices": idx,
+        "dataset": dict(sc["dataset"]),
+        "split": "train",
+        "seed": seed,
+        "pooled": pooled,
+        "empty": empty,
+        "n_empty": n_empty,
+        "instructions": [s["instruction"] for s in samples],
+        "num_layers": int(backend.num_layers),
+        "hidden_size": int(backend.hidden_size),
+        "hash": h,
+    }
     atomic_torch_save(probe, out / "probe.pt")
     rows = audit_spans(backend, samples[:N_AUDIT])
-    audit = {"hash": h, "n": len(samples), "n_empty": n_empty, "dataset": sc["dataset"].get("name"),
-             "layers_pooled": sorted(pooled), "spans": rows,
-             "span_matches": sum(r["match"] for r in rows), "spans_checked": len(rows),
-             "timings": {"load_s": round(t_load, 3), "forward_s": round(t_fwd, 3)}, **provenance()}
+    audit = {
+        "hash": h,
+        "n": len(samples),
+        "n_empty": n_empty,
+        "dataset": sc["dataset"].get("name"),
+        "layers_pooled": sorted(pooled),
+        "spans": rows,
+        "span_matches": sum(r["match"] for r in rows),
+        "spans_checked": len(rows),
+        "timings": {"load_s": round(t_load, 3), "forward_s": round(t_fwd, 3)},
+        **provenance(),
+    }
     bad = [r for r in rows if not r["match"]]
     if bad:
-        log.warning("instruction span audit: %d of %d decoded spans differ from the raw instruction, e.g. "
-                    "%r vs %r (unknown words / wrong mask?): see audit.json", len(bad), len(rows),
-                    bad[0].get("masked_tokens", bad[0].get("span")), bad[0]["instruction"])
+        log.warning(
+            "instruction span audit: %d of %d decoded spans differ from the raw instruction, e.g. "
+            "%r vs %r (unknown words / wrong mask?): see audit.json",
+            len(bad),
+            len(rows),
+            bad[0].get("masked_tokens", bad[0].get("span")),
+            bad[0]["instruction"],
+        )
     if n_empty:
-        log.warning("%d of %d probe samples have an empty instruction mask (pooled as zeros, excluded by ICSM)",
-                    n_empty, len(samples))
+        log.warning(
+            "%d of %d probe samples have an empty instruction mask (pooled as zeros, excluded by ICSM)",
+            n_empty,
+            len(samples),
+        )
     write_json(out / "audit.json", audit)  # completion file: last
-    log.info("probe set: %d samples, %d layers, hash %s (%.1fs)", len(samples), len(pooled), h[:12],
-             time.perf_counter() - t0)
+    log.info(
+        "probe set: %d samples, %d layers, hash %s (%.1fs)",
+        len(samples),
+        len(pooled),
+        h[:12],
+        time.perf_counter() - t0,
+    )
     return 0

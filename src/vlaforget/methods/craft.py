@@ -40,8 +40,12 @@ def _flat(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor:
     return g.detach().reshape(-1).float()
 
 
-def conflict_project(g_act_list: Sequence[torch.Tensor | None], g_ret_list: Sequence[torch.Tensor | None],
-                     projection: bool = True, eps: float = 1e-20) -> tuple[list[torch.Tensor | None], dict]:
+def conflict_project(
+    g_act_list: Sequence[torch.Tensor | None],
+    g_ret_list: Sequence[torch.Tensor | None],
+    projection: bool = True,
+    eps: float = 1e-20,
+) -> tuple[list[torch.Tensor | None], dict]:
     """Conflict-aware projection of the action gradient (A-GEM / PCGrad rule), over all parameters.
 
     Inputs: per-parameter gradients (same order; None = no gradient = zeros). The dot product is global
@@ -52,7 +56,9 @@ def conflict_project(g_act_list: Sequence[torch.Tensor | None], g_ret_list: Sequ
     Accumulates in float32; results keep each gradient's dtype.
     """
     if len(g_act_list) != len(g_ret_list):
-        raise ValueError(f"conflict_project: {len(g_act_list)} action grads vs {len(g_ret_list)} retention grads")
+        raise ValueError(
+            f"conflict_project: {len(g_act_list)} action grads vs {len(g_ret_list)} retention grads"
+        )
     dot = None
     na2 = nr2 = None
     n_conf = n_both = 0
@@ -100,15 +106,23 @@ def conflict_project(g_act_list: Sequence[torch.Tensor | None], g_ret_list: Sequ
                 out.append((ga.float() - coef * gr.float()).to(ga.dtype))
     else:
         out = list(g_act_list)
-    stats = {"grad_dot": dot_f, "grad_cos": cos, "g_act_norm": na, "g_ret_norm": nr, "projection": do_proj,
-             "projected": do_proj,
-             "conflict_ratio": (n_conf / n_both) if n_both else 0.0, "n_tensors": n_both,
-             "nonfinite": nonfinite}
+    stats = {
+        "grad_dot": dot_f,
+        "grad_cos": cos,
+        "g_act_norm": na,
+        "g_ret_norm": nr,
+        "projection": do_proj,
+        "projected": do_proj,
+        "conflict_ratio": (n_conf / n_both) if n_both else 0.0,
+        "n_tensors": n_both,
+        "nonfinite": nonfinite,
+    }
     return out, stats
 
 
-def combine(g_act_proj: Sequence[torch.Tensor | None], g_ret: Sequence[torch.Tensor | None],
-            lmbda: float) -> list[torch.Tensor | None]:
+def combine(
+    g_act_proj: Sequence[torch.Tensor | None], g_ret: Sequence[torch.Tensor | None], lmbda: float
+) -> list[torch.Tensor | None]:
     """g = g_act_proj + lambda * g_ret, per parameter (None + None = None)."""
     out = []
     for a, r in zip(g_act_proj, g_ret):
@@ -138,8 +152,10 @@ def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_token
     S = hidden.shape[1]
     if pooling == "mean_image_tokens":
         if n_image_tokens < 1 or n_image_tokens + 1 > S:
-            raise ValueError(f"mean_image_tokens: n_image_tokens={n_image_tokens} does not fit sequence length {S}")
-        return hidden[:, 1:1 + n_image_tokens].float().mean(dim=1)
+            raise ValueError(
+                f"mean_image_tokens: n_image_tokens={n_image_tokens} does not fit sequence length {S}"
+            )
+        return hidden[:, 1 : 1 + n_image_tokens].float().mean(dim=1)
     if pooling == "mean_instruction_tokens":
         return pool_instruction(hidden, batch["instruction_mask"])[0]
     if pooling == "mean_all":
@@ -165,15 +181,21 @@ def select_anchor_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def anchor_features(backend, samples: Sequence[dict], layer: int, batch_size: int,
-                    poolings: Sequence[str] = POOLINGS, show_progress: bool = False) -> dict[str, torch.Tensor]:
+def anchor_features(
+    backend,
+    samples: Sequence[dict],
+    layer: int,
+    batch_size: int,
+    poolings: Sequence[str] = POOLINGS,
+    show_progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """{pooling: [N,D] float32} of hidden_states[layer] for every pooling (one forward per batch)."""
     from ..io import progress
 
     acc: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
     rng = range(0, len(samples), batch_size)
-    for s0 in (progress(rng, desc="anchors") if show_progress else rng):
-        batch = backend.collate(list(samples[s0:s0 + batch_size]), train=False)
+    for s0 in progress(rng, desc="anchors") if show_progress else rng:
+        batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
         hs = backend.forward(batch, output_hidden_states=True).hidden_states
         h = hs[layer]
         for p in poolings:
@@ -184,17 +206,24 @@ def anchor_features(backend, samples: Sequence[dict], layer: int, batch_size: in
 def open_dataset(block: dict, split: str = "train"):
     cache_dir = Path(block["cache_dir"])
     if not (cache_dir / "manifest.json").exists():
-        raise MissingInput(f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
-                                f"stage for dataset '{block.get('name')}' first")
+        raise MissingInput(
+            f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
+            f"stage for dataset '{block.get('name')}' first"
+        )
     from ..data.cache import CachedDataset
+
     return CachedDataset(cache_dir, split=split)
 
 
 def load_teacher(model_block: dict, ds):
     from ..models import load_backend
 
-    backend = load_backend(model_block, device="cuda" if torch.cuda.is_available() else "cpu",
-                           adapter_dir=None, stats=getattr(ds, "statistics", None))
+    backend = load_backend(
+        model_block,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        adapter_dir=None,
+        stats=getattr(ds, "statistics", None),
+    )
     backend.model.eval()
     for p in backend.model.parameters():
         p.requires_grad_(False)
@@ -231,19 +260,33 @@ def main(args) -> int:
     L = int(backend.num_layers)
     layer = int(c.get("layer", -2))
     if not -(L + 1) <= layer <= L:
-        raise MethodConfigError(f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
-                         f"(valid: {-(L + 1)}..{L})")
+        raise MethodConfigError(
+            f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
+            f"(valid: {-(L + 1)}..{L})"
+        )
     idx = select_anchor_indices(len(ds), int(c.get("n_anchors", 512)), seed)
     samples = [ds[int(i)] for i in idx]
     feats = anchor_features(backend, samples, layer, int(c.get("batch_size", 8)), show_progress=True)
     h = hashlib.sha256(sha256_tensor(idx).encode())
     for p in POOLINGS:
         h.update(sha256_tensor(feats[p]).encode())
-    anchors = {"indices": idx, "features": feats[pooling], "features_by_pooling": feats, "layer": layer,
-               "layer_abs": layer % (L + 1), "pooling": pooling, "dataset": dict(sc["dataset"]), "split": "train",
-               "seed": seed, "hash": h.hexdigest(), "hidden_size": int(backend.hidden_size),
-               "timings": {"total_s": round(time.perf_counter() - t0, 3)}, **provenance()}
+    anchors = {
+        "indices": idx,
+        "features": feats[pooling],
+        "features_by_pooling": feats,
+        "layer": layer,
+        "layer_abs": layer % (L + 1),
+        "pooling": pooling,
+        "dataset": dict(sc["dataset"]),
+        "split": "train",
+        "seed": seed,
+        "hash": h.hexdigest(),
+        "hidden_size": int(backend.hidden_size),
+        "timings": {"total_s": round(time.perf_counter() - t0, 3)},
+        **provenance(),
+    }
     atomic_torch_save(anchors, Path(sc["out_dir"]) / "anchors.pt")  # completion file
-    log.info("anchors: %d samples, layer %d, pooling %s, %.1fs", len(idx), layer, pooling,
-             time.perf_counter() - t0)
+    log.info(
+        "anchors: %d samples, layer %d, pooling %s, %.1fs", len(idx), layer, pooling, time.perf_counter() - t0
+    )
     return 0

@@ -8,10 +8,18 @@ from pathlib import Path
 import torch
 
 
-def plot_icsm_spectrum(path: str | Path, scores: torch.Tensor, explained: torch.Tensor, order: torch.Tensor,
-                       n_f: int, n_p: int, rep: int) -> Path:
+def plot_icsm_spectrum(
+    path: str | Path,
+    scores: torch.Tensor,
+    explained: torch.Tensor,
+    order: torch.Tensor,
+    n_f: int,
+    n_p: int,
+    rep: int,
+    floor: float | None = None,
+) -> Path:
     """PNG with two panels: (left) KL sensitivity per direction in variance order, coloured by the
-    split (fragile / plastic / null); (right) explained variance per direction and cumulative."""
+    split (fragile / plastic / null), with 10 x the KL noise floor dashed; (right) explained variance per direction and cumulative."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +39,11 @@ def plot_icsm_spectrum(path: str | Path, scores: torch.Tensor, explained: torch.
     for name, col in colours.items():
         pts = [(x, v) for x, v, ro in zip(xs, s, role) if ro == name]
         if pts:
-            a1.bar([p[0] for p in pts], [p[1] for p in pts], color=col, label=f"{name} ({len(pts)})", width=0.9)
+            a1.bar(
+                [p[0] for p in pts], [p[1] for p in pts], color=col, label=f"{name} ({len(pts)})", width=0.9
+            )
+    if floor:
+        a1.axhline(10 * floor, color="k", ls="--", lw=0.8, label="10 x noise floor")
     a1.set_xlabel("direction (variance rank)")
     a1.set_ylabel("KL(teacher || perturbed)")
     a1.set_title(f"ICSM sensitivity, layer {rep}")

@@ -26,13 +26,25 @@ def proj(g: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_stats(g, gp, gf, gpl, gn) -> dict[str, float]:
-    return {"g_norm": float(g.norm()), "gprime_norm": float(gp.norm()), "gf_norm": float(gf.norm()),
-            "gp_norm": float(gpl.norm()), "gn_norm": float(gn.norm())}
+    return {
+        "g_norm": float(g.norm()),
+        "gprime_norm": float(gp.norm()),
+        "gf_norm": float(gf.norm()),
+        "gp_norm": float(gpl.norm()),
+        "gn_norm": float(gn.norm()),
+    }
 
 
-def hsw_transform(g: torch.Tensor, U_f: torch.Tensor, U_p: torch.Tensor, beta: float, gamma: float,
-                  clamp: str = "per_token", eps: float = 1e-12, stats: bool = True
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+def hsw_transform(
+    g: torch.Tensor,
+    U_f: torch.Tensor,
+    U_p: torch.Tensor,
+    beta: float,
+    gamma: float,
+    clamp: str = "per_token",
+    eps: float = 1e-12,
+    stats: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """g' = g_n + beta g_p + gamma g_f, norm-clamped (see module doc). Returns (g' like g, stats).
 
     Computed in float32 (bf16/fp16 grads are upcast, the result cast back to g's dtype). beta = gamma = 1
@@ -51,8 +63,14 @@ def hsw_transform(g: torch.Tensor, U_f: torch.Tensor, U_p: torch.Tensor, beta: f
         gf32 = g.float()
         gf = proj(gf32, U_f.to(gf32))
         gpl = proj(gf32, U_p.to(gf32))
-        return g, {"g_norm": n, "gprime_norm": n, "gf_norm": float(gf.norm()), "gp_norm": float(gpl.norm()),
-                   "gn_norm": float((gf32 - gf - gpl).norm()), "clamp_scale_min": 1.0}
+        return g, {
+            "g_norm": n,
+            "gprime_norm": n,
+            "gf_norm": float(gf.norm()),
+            "gp_norm": float(gpl.norm()),
+            "gn_norm": float((gf32 - gf - gpl).norm()),
+            "clamp_scale_min": 1.0,
+        }
     x = g.float()
     Uf, Up = U_f.to(device=x.device, dtype=torch.float32), U_p.to(device=x.device, dtype=torch.float32)
     gf = proj(x, Uf)

@@ -24,6 +24,7 @@ import torch
 
 log = logging.getLogger("vlaforget.icsm")
 
+
 class MissingInput(FileNotFoundError):
     """An upstream artifact is missing; the message names the stage to run (shown without traceback)."""
 
@@ -54,8 +55,10 @@ def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     (never a division by zero); callers count them.
     """
     if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(f"pool_instruction: hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} "
-                         "must be [B,S,D] and [B,S]")
+        raise ValueError(
+            f"pool_instruction: hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} "
+            "must be [B,S,D] and [B,S]"
+        )
     m = mask.to(device=hidden.device, dtype=torch.float32)
     count = m.sum(dim=1)  # [B]
     summed = torch.einsum("bsd,bs->bd", hidden.float(), m)
@@ -71,13 +74,16 @@ def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
 def _check_layer(layer: int, num_layers: int, what: str) -> int:
     layer = int(layer)
     if not 0 <= layer < num_layers:
-        raise MethodConfigError(f"{what}: decoder layer {layer} is outside 0..{num_layers - 1} "
-                         f"(the model has {num_layers} decoder layers); fix icsm.groups / icsm.layers")
+        raise MethodConfigError(
+            f"{what}: decoder layer {layer} is outside 0..{num_layers - 1} "
+            f"(the model has {num_layers} decoder layers); fix icsm.groups / icsm.layers"
+        )
     return layer
 
 
-def layer_groups(num_layers: int, override: dict | None = None, variant: str = "icsm",
-                 layers: Any = "auto") -> dict[str, dict]:
+def layer_groups(
+    num_layers: int, override: dict | None = None, variant: str = "icsm", layers: Any = "auto"
+) -> dict[str, dict]:
     """Decoder layers the HSW hooks, grouped by the representative layer whose subspace they share.
 
     variant "icsm" (default): the last four decoder layers in two groups,
@@ -95,12 +101,17 @@ def layer_groups(num_layers: int, override: dict | None = None, variant: str = "
             if not isinstance(g, dict) or "layers" not in g or "rep" not in g:
                 raise MethodConfigError(f"icsm.groups.{name} must be {{layers: [...], rep: int}}, got {g!r}")
             lays = [_check_layer(x, L, f"icsm.groups.{name}.layers") for x in g["layers"]]
-            groups[str(name)] = {"layers": sorted(lays), "rep": _check_layer(g["rep"], L, f"icsm.groups.{name}.rep")}
+            groups[str(name)] = {
+                "layers": sorted(lays),
+                "rep": _check_layer(g["rep"], L, f"icsm.groups.{name}.rep"),
+            }
     else:
         if layers in (None, "auto"):
             if L < 4:
-                raise MethodConfigError(f"ICSM needs at least 4 decoder layers for the A/B groups, model has {L}; "
-                                 "set icsm.groups explicitly")
+                raise MethodConfigError(
+                    f"ICSM needs at least 4 decoder layers for the A/B groups, model has {L}; "
+                    "set icsm.groups explicitly"
+                )
             a, b, c, d = L - 4, L - 3, L - 2, L - 1
         else:
             if len(layers) != 4:
@@ -157,8 +168,13 @@ def svd_directions(X: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
     U = _fix_signs(Vh[:rr].T.contiguous())
     total = (S**2).sum()
     explained = (S[:rr] ** 2) / total if total > 0 else torch.zeros(rr, dtype=torch.float64)
-    return {"mu": mu.float(), "U": U.float(), "S": S[:rr].float(),
-            "std": (S[:rr] / math.sqrt(max(N - 1, 1))).float(), "explained": explained.float()}
+    return {
+        "mu": mu.float(),
+        "U": U.float(),
+        "S": S[:rr].float(),
+        "std": (S[:rr] / math.sqrt(max(N - 1, 1))).float(),
+        "explained": explained.float(),
+    }
 
 
 def covariance(X: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,6 +222,7 @@ def _injection_hook(layer: torch.nn.Module, where: str, state: dict):
         return h + m * d.to(h.dtype).unsqueeze(1)
 
     if where == "input":
+
         def pre(module, args, kwargs):
             if args:
                 return (add(args[0]),) + tuple(args[1:]), kwargs
@@ -215,6 +232,7 @@ def _injection_hook(layer: torch.nn.Module, where: str, state: dict):
 
         return layer.register_forward_pre_hook(pre, with_kwargs=True)
     if where == "output":
+
         def post(module, args, output):
             if isinstance(output, tuple):
                 return (add(output[0]),) + tuple(output[1:])
@@ -262,9 +280,18 @@ def kl_teacher_perturbed(lp_teacher: torch.Tensor, lp_pert: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales: torch.Tensor, rep: int,
-                       alpha: float = 1.0, direction_batch: int = 16, inject: str = "input",
-                       skip_prefix: bool = True, show_progress: bool = False) -> torch.Tensor:
+def sensitivity_scores(
+    backend,
+    samples: Sequence[dict],
+    U: torch.Tensor,
+    scales: torch.Tensor,
+    rep: int,
+    alpha: float = 1.0,
+    direction_batch: int = 16,
+    inject: str = "input",
+    skip_prefix: bool = True,
+    show_progress: bool = False,
+) -> torch.Tensor:
     """Fragility of each direction: mean over `samples` of KL(teacher || perturbed) of the action-token
     distribution when `alpha * scales[k] * U[:, k]` is added to every instruction position
     (batch['instruction_mask']) of the residual stream at decoder layer `rep`.
@@ -304,10 +331,14 @@ def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales
     bar = progress(total=n_chunks, desc=f"sensitivity L{rep}") if show_progress else None
     try:
         for s0 in range(0, len(samples), schunk):
-            chunk = list(samples[s0:s0 + schunk])
+            chunk = list(samples[s0 : s0 + schunk])
             batch = backend.collate(chunk, train=False)
             state["delta"] = None
-            hcap = layers[rep - 1].register_forward_hook(lambda m, a, o: cap.__setitem__("out", o)) if skip else None
+            hcap = (
+                layers[rep - 1].register_forward_hook(lambda m, a, o: cap.__setitem__("out", o))
+                if skip
+                else None
+            )
             try:
                 out = backend.forward(batch)
             finally:
@@ -316,7 +347,9 @@ def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales
             lp_t = backend.action_logprobs(batch, out.logits).float()  # [b,A,n]
             b = lp_t.shape[0]
             for d0 in range(0, k, dchunk):
-                dirs = U[:, d0:d0 + dchunk].T.double() * scales[d0:d0 + dchunk, None] * float(alpha)  # [kk,D]
+                dirs = (
+                    U[:, d0 : d0 + dchunk].T.double() * scales[d0 : d0 + dchunk, None] * float(alpha)
+                )  # [kk,D]
                 kk = dirs.shape[0]
                 big = _expand(batch, kk)
                 dev = big["instruction_mask"].device
@@ -329,7 +362,7 @@ def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales
                     out_p = backend.forward(big)
                 lp_p = backend.action_logprobs(big, out_p.logits).float()
                 kl = kl_teacher_perturbed(lp_t.repeat_interleave(kk, dim=0), lp_p)  # [b*kk]
-                totals[d0:d0 + kk] += kl.view(b, kk).sum(0).double().cpu()
+                totals[d0 : d0 + kk] += kl.view(b, kk).sum(0).double().cpu()
                 state["delta"] = None
                 if bar is not None:
                     bar.update(1)
@@ -339,6 +372,9 @@ def sensitivity_scores(backend, samples: Sequence[dict], U: torch.Tensor, scales
         if bar is not None:
             bar.close()
     return totals / max(count, 1)
+
+
+sensitivity = sensitivity_scores  # the name docs/DEVELOPMENT.md uses
 
 
 # ----------------------------------------------------------------------------- split
@@ -362,7 +398,9 @@ def orthonormalize_pair(U_f: torch.Tensor, U_p: torch.Tensor) -> tuple[torch.Ten
 def split_counts(r: int, fragile_frac: float, plastic_frac: float) -> tuple[int, int]:
     """n_f = round(fragile_frac * r), n_p = round(plastic_frac * r) (half up), n_f + n_p <= r."""
     if fragile_frac < 0 or plastic_frac < 0 or fragile_frac + plastic_frac > 1 + 1e-9:
-        raise MethodConfigError(f"fragile_frac={fragile_frac} + plastic_frac={plastic_frac} must be within [0, 1]")
+        raise MethodConfigError(
+            f"fragile_frac={fragile_frac} + plastic_frac={plastic_frac} must be within [0, 1]"
+        )
     nf = min(r, math.floor(fragile_frac * r + 0.5))
     npl = min(r - nf, math.floor(plastic_frac * r + 0.5))
     return nf, npl
@@ -373,8 +411,9 @@ def sensitivity_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(-scores.double(), stable=True).indices
 
 
-def split_directions(U: torch.Tensor, scores: torch.Tensor | None, fragile_frac: float,
-                     plastic_frac: float) -> dict[str, Any]:
+def split_directions(
+    U: torch.Tensor, scores: torch.Tensor | None, fragile_frac: float, plastic_frac: float
+) -> dict[str, Any]:
     """Split the columns of U [D,r] (variance order) into fragile / plastic / null.
 
     scores [r] = sensitivity per column; None = no sensitivity (ablation: variance order, i.e. the
@@ -385,7 +424,7 @@ def split_directions(U: torch.Tensor, scores: torch.Tensor | None, fragile_frac:
     order = torch.arange(r) if scores is None else sensitivity_order(scores)
     nf, npl = split_counts(r, fragile_frac, plastic_frac)
     Us = U[:, order]
-    U_f, U_p = orthonormalize_pair(Us[:, :nf], Us[:, nf:nf + npl])
+    U_f, U_p = orthonormalize_pair(Us[:, :nf], Us[:, nf : nf + npl])
     return {"U_f": U_f, "U_p": U_p, "order": order, "n_f": nf, "n_p": npl, "n_null": r - nf - npl}
 
 
@@ -395,15 +434,15 @@ def split_directions(U: torch.Tensor, scores: torch.Tensor | None, fragile_frac:
 @dataclass
 class IcsmLayer:
     rep: int
-    U_f: torch.Tensor          # [D, n_f] fragile (sensitivity order)
-    U_p: torch.Tensor          # [D, n_p] plastic
-    mu: torch.Tensor           # [D] teacher mean of pooled instruction states
-    C_T: torch.Tensor          # [D, D] teacher covariance
-    U: torch.Tensor            # [D, r'] full SVD basis, variance order
-    scores: torch.Tensor       # [r'] KL per basis column
-    order: torch.Tensor        # [r'] sensitivity order (indices into U's columns)
-    explained: torch.Tensor    # [r'] explained-variance ratio per column
-    std: torch.Tensor          # [r'] std of pooled states along each column
+    U_f: torch.Tensor  # [D, n_f] fragile (sensitivity order)
+    U_p: torch.Tensor  # [D, n_p] plastic
+    mu: torch.Tensor  # [D] teacher mean of pooled instruction states
+    C_T: torch.Tensor  # [D, D] teacher covariance
+    U: torch.Tensor  # [D, r'] full SVD basis, variance order
+    scores: torch.Tensor  # [r'] KL per basis column
+    order: torch.Tensor  # [r'] sensitivity order (indices into U's columns)
+    explained: torch.Tensor  # [r'] explained-variance ratio per column
+    std: torch.Tensor  # [r'] std of pooled states along each column
 
 
 @dataclass
@@ -440,8 +479,10 @@ def load_icsm(d: str | Path, map_location: str = "cpu") -> IcsmArtifacts:
 
     d = Path(d)
     if not (d / "meta.json").exists():
-        raise MissingInput(f"{d}/meta.json not found: run the icsm stage first "
-                                "(snakemake ... or `vlaforget icsm --config ...`)")
+        raise MissingInput(
+            f"{d}/meta.json not found: run the icsm stage first "
+            "(snakemake ... or `vlaforget icsm --config ...`)"
+        )
     meta = read_json(d / "meta.json")
     art = IcsmArtifacts(dir=d, meta=meta, groups={k: dict(v) for k, v in meta["groups"].items()})
 
@@ -450,10 +491,18 @@ def load_icsm(d: str | Path, map_location: str = "cpu") -> IcsmArtifacts:
 
     for rep in meta["rep_layers"]:
         basis = ld(f"basis{rep}.pt")
-        art.layers[int(rep)] = IcsmLayer(rep=int(rep), U_f=ld(f"U{rep}_f.pt"), U_p=ld(f"U{rep}_p.pt"),
-                                         mu=ld(f"mu{rep}.pt"), C_T=ld(f"C_T{rep}.pt"), U=basis["U"],
-                                         scores=basis["scores"], order=basis["order"],
-                                         explained=basis["explained"], std=basis["std"])
+        art.layers[int(rep)] = IcsmLayer(
+            rep=int(rep),
+            U_f=ld(f"U{rep}_f.pt"),
+            U_p=ld(f"U{rep}_p.pt"),
+            mu=ld(f"mu{rep}.pt"),
+            C_T=ld(f"C_T{rep}.pt"),
+            U=basis["U"],
+            scores=basis["scores"],
+            order=basis["order"],
+            explained=basis["explained"],
+            std=basis["std"],
+        )
     return art
 
 
@@ -473,8 +522,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="icsm stage config (vlaforget stage-config --stage icsm)")
 
 
-def compute_layer(backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict,
-                  show_progress: bool = False) -> dict[str, Any]:
+def compute_layer(
+    backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict, show_progress: bool = False
+) -> dict[str, Any]:
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
     sv = svd_directions(pooled, int(icfg.get("r", 128)))
     t0 = time.perf_counter()
@@ -482,16 +532,33 @@ def compute_layer(backend, pooled: torch.Tensor, samples: Sequence[dict], rep: i
     # are not bit-identical to the unbatched reference); it costs 1/r more
     U0 = torch.cat([sv["U"], torch.zeros(sv["U"].shape[0], 1)], 1)
     s0 = torch.cat([sv["std"], torch.zeros(1)])
-    all_scores = sensitivity_scores(backend, samples, U0, s0, rep, alpha=float(icfg.get("alpha", 1.0)),
-                                    direction_batch=int(icfg.get("direction_batch", 16)),
-                                    show_progress=show_progress)
+    all_scores = sensitivity_scores(
+        backend,
+        samples,
+        U0,
+        s0,
+        rep,
+        alpha=float(icfg.get("alpha", 1.0)),
+        direction_batch=int(icfg.get("direction_batch", 16)),
+        show_progress=show_progress,
+    )
     scores = all_scores[:-1]
     floor = noise_floor(scores, float(all_scores[-1]))
     t_sens = time.perf_counter() - t0
-    sp = split_directions(sv["U"], resolved_scores(scores, floor), float(icfg.get("fragile_frac", 0.25)),
-                          float(icfg.get("plastic_frac", 0.5)))
-    return {**sv, "scores": scores.float(), "kl_noise_floor": floor, "C_T": covariance(pooled), "split": sp,
-            "t_sensitivity_s": t_sens}
+    sp = split_directions(
+        sv["U"],
+        resolved_scores(scores, floor),
+        float(icfg.get("fragile_frac", 0.25)),
+        float(icfg.get("plastic_frac", 0.5)),
+    )
+    return {
+        **sv,
+        "scores": scores.float(),
+        "kl_noise_floor": floor,
+        "C_T": covariance(pooled),
+        "split": sp,
+        "t_sensitivity_s": t_sens,
+    }
 
 
 def noise_floor(scores: torch.Tensor, zero_direction_kl: float) -> float:
@@ -526,8 +593,12 @@ def main(args) -> int:
     reps = representative_layers(groups)
     missing = [r for r in reps if r not in probe["pooled"]]
     if missing:
-        raise MethodConfigError(f"probe set {probe_dir} has no pooled states for layers {missing}: rerun the probe stage")
-    empty = probe["empty"].bool() if "empty" in probe else torch.zeros(len(probe["indices"]), dtype=torch.bool)
+        raise MethodConfigError(
+            f"probe set {probe_dir} has no pooled states for layers {missing}: rerun the probe stage"
+        )
+    empty = (
+        probe["empty"].bool() if "empty" in probe else torch.zeros(len(probe["indices"]), dtype=torch.bool)
+    )
     keep = ~empty  # empty instruction masks: excluded from the SVD and the sensitivity samples
     # n_sens non-empty probes evenly spaced over the (sorted) probe set, so they cover every task
     sens_idx = spread_subset(probe["indices"][keep], int(icfg.get("sensitivity_samples", 128)))
@@ -541,48 +612,94 @@ def main(args) -> int:
         X = probe["pooled"][rep].float()[keep]
         res = compute_layer(backend, X, samples, rep, icfg, show_progress=True)
         sp = res["split"]
-        tensors = {f"U{rep}_f.pt": sp["U_f"], f"U{rep}_p.pt": sp["U_p"], f"mu{rep}.pt": res["mu"],
-                   f"C_T{rep}.pt": res["C_T"]}
+        tensors = {
+            f"U{rep}_f.pt": sp["U_f"],
+            f"U{rep}_p.pt": sp["U_p"],
+            f"mu{rep}.pt": res["mu"],
+            f"C_T{rep}.pt": res["C_T"],
+        }
         for name, t in tensors.items():
             atomic_torch_save(t.contiguous(), out / name)
             hashes[name] = sha256_tensor(t)
-        basis = {"U": res["U"], "S": res["S"], "std": res["std"], "explained": res["explained"],
-                 "scores": res["scores"], "order": sp["order"]}
+        basis = {
+            "U": res["U"],
+            "S": res["S"],
+            "std": res["std"],
+            "explained": res["explained"],
+            "scores": res["scores"],
+            "order": sp["order"],
+        }
         atomic_torch_save(basis, out / f"basis{rep}.pt")
         hashes[f"basis{rep}.pt"] = sha256_file(out / f"basis{rep}.pt")
-        plot_icsm_spectrum(out / f"spectrum{rep}.png", res["scores"], res["explained"], sp["order"],
-                           sp["n_f"], sp["n_p"], rep)
+        plot_icsm_spectrum(
+            out / f"spectrum{rep}.png",
+            res["scores"],
+            res["explained"],
+            sp["order"],
+            sp["n_f"],
+            sp["n_p"],
+            rep,
+            floor=res["kl_noise_floor"],
+        )
         top = sp["order"][: min(5, len(sp["order"]))].tolist()
         layers_meta[str(rep)] = {
-            "D": int(X.shape[1]), "n_probe": int(X.shape[0]), "r": int(res["U"].shape[1]),
-            "n_f": sp["n_f"], "n_p": sp["n_p"], "n_null": sp["n_null"],
+            "D": int(X.shape[1]),
+            "n_probe": int(X.shape[0]),
+            "r": int(res["U"].shape[1]),
+            "n_f": sp["n_f"],
+            "n_p": sp["n_p"],
+            "n_null": sp["n_null"],
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "explained_top_r": float(res["explained"].sum()),
-            "kl_max": float(res["scores"].max()), "kl_median": float(res["scores"].median()),
-            "kl_min": float(res["scores"].min()), "kl_noise_floor": res["kl_noise_floor"],
+            "kl_max": float(res["scores"].max()),
+            "kl_median": float(res["scores"].median()),
+            "kl_min": float(res["scores"].min()),
+            "kl_noise_floor": res["kl_noise_floor"],
             "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
             "top_fragile_variance_ranks": top,
-            "spearman_kl_vs_variance_rank": _spearman(res["scores"], -torch.arange(len(res["scores"])).float()),
+            "spearman_kl_vs_variance_rank": _spearman(
+                res["scores"], -torch.arange(len(res["scores"])).float()
+            ),
         }
         timings[f"sensitivity_L{rep}_s"] = round(res["t_sensitivity_s"], 3)
-        log.info("layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)", rep, res["U"].shape[1],
-                 sp["n_f"], sp["n_p"], layers_meta[str(rep)]["kl_max"], layers_meta[str(rep)]["kl_median"],
-                 res["t_sensitivity_s"])
+        log.info(
+            "layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)",
+            rep,
+            res["U"].shape[1],
+            sp["n_f"],
+            sp["n_p"],
+            layers_meta[str(rep)]["kl_max"],
+            layers_meta[str(rep)]["kl_median"],
+            res["t_sensitivity_s"],
+        )
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     meta = {
-        "num_layers": L, "hidden_size": int(backend.hidden_size), "groups": groups, "rep_layers": reps,
-        "r": int(icfg.get("r", 128)), "alpha": float(icfg.get("alpha", 1.0)),
+        "num_layers": L,
+        "hidden_size": int(backend.hidden_size),
+        "groups": groups,
+        "rep_layers": reps,
+        "r": int(icfg.get("r", 128)),
+        "alpha": float(icfg.get("alpha", 1.0)),
         "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
         "injection": "added to the instruction positions of the hidden states entering decoder layer rep "
-                     "(= hidden_states[rep]); directions from hidden_states[rep + 1] pooled",
+        "(= hidden_states[rep]); directions from hidden_states[rep + 1] pooled",
         "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
-                       f"{n_sens} probe samples",
-        "sensitivity_samples": n_sens, "direction_batch": int(icfg.get("direction_batch", 16)),
-        "fragile_frac": float(icfg.get("fragile_frac", 0.25)), "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
-        "epsilon": EPSILON_RULE, "probe_hash": probe["hash"], "probe_dir": str(probe_dir),
-        "probe_dataset": probe["dataset"].get("name"), "n_probe": len(probe["indices"]),
-        "n_empty": int(probe.get("n_empty", 0)), "layers": layers_meta, "tensor_hashes": hashes,
-        "timings": timings, "model": sc["model"], **provenance(),
+        f"{n_sens} probe samples",
+        "sensitivity_samples": n_sens,
+        "direction_batch": int(icfg.get("direction_batch", 16)),
+        "fragile_frac": float(icfg.get("fragile_frac", 0.25)),
+        "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
+        "epsilon": EPSILON_RULE,
+        "probe_hash": probe["hash"],
+        "probe_dir": str(probe_dir),
+        "probe_dataset": probe["dataset"].get("name"),
+        "n_probe": len(probe["indices"]),
+        "n_empty": int(probe.get("n_empty", 0)),
+        "layers": layers_meta,
+        "tensor_hashes": hashes,
+        "timings": timings,
+        "model": sc["model"],
+        **provenance(),
     }
     write_json(out / "meta.json", meta)  # completion file: last
     log.info("ICSM artifacts in %s (%.1fs)", out, timings["total_s"])
@@ -597,4 +714,3 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = ra.norm() * rb.norm()
     return float((ra @ rb) / den) if den > 0 else float("nan")
-

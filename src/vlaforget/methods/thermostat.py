@@ -18,8 +18,13 @@ __all__ = ["METRICS", "ControlLaw", "covariance", "drift", "projected_covariance
 METRICS = ("basis", "normalized", "raw")
 
 
-def drift(C_S: torch.Tensor, C_T: torch.Tensor, metric: str = "basis", basis: torch.Tensor | None = None,
-          eps: float = 1e-12) -> float:
+def drift(
+    C_S: torch.Tensor,
+    C_T: torch.Tensor,
+    metric: str = "basis",
+    basis: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> float:
     """Distance between student and teacher covariances [D,D].
 
     raw        = ||C_S - C_T||_F
@@ -44,7 +49,9 @@ def drift(C_S: torch.Tensor, C_T: torch.Tensor, metric: str = "basis", basis: to
     return float((Sb - Tb).norm() / (Tb.norm() + eps))
 
 
-def projected_covariance(X: torch.Tensor, basis: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
+def projected_covariance(
+    X: torch.Tensor, basis: torch.Tensor, mu: torch.Tensor | None = None
+) -> torch.Tensor:
     """U^T C U [r,r] straight from pooled states X [N,D] (= covariance(X @ U)): never forms the D x D
     matrix. drift(..., metric='basis', basis=U) accepts it (and a projected C_T) in place of C."""
     U = basis.to(X.device).double()
@@ -66,7 +73,9 @@ class ControlLaw:
     the noise band leaves the gains at their maxima.
     """
 
-    def __init__(self, cfg: dict, beta0: float | None = None, gamma0: float | None = None, eps: float = 1e-12):
+    def __init__(
+        self, cfg: dict, beta0: float | None = None, gamma0: float | None = None, eps: float = 1e-12
+    ):
         self.warmup = int(cfg.get("warmup_measurements", 4))
         self.k = float(cfg.get("threshold_sigmas", 2.0))
         self.gain = float(cfg.get("gain", 1.0))
@@ -128,8 +137,15 @@ class ControlLaw:
         return self.beta, self.gamma, "control"
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "gamma": self.gamma, "calibration": list(self.calibration),
-                "floor": self.floor, "std": self.std, "n_obs": self.n_obs, "last": dict(self.last)}
+        return {
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "calibration": list(self.calibration),
+            "floor": self.floor,
+            "std": self.std,
+            "n_obs": self.n_obs,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])

@@ -168,10 +168,11 @@ class ThermostatPlugin(Plugin):
         self.law = ControlLaw(cfg)
         self.gen = torch.Generator().manual_seed(int(seed) + 7919)
         self.last: dict = {}
+        self._ct_proj: dict = {}  # rep -> U^T C_T U [r, r]
 
     def measure(self) -> tuple[float, dict]:
         from ..methods.icsm import covariance, pool_instruction
-        from ..methods.thermostat import drift
+        from ..methods.thermostat import drift, projected_covariance
 
         n = len(self.samples)
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
@@ -192,9 +193,16 @@ class ThermostatPlugin(Plugin):
         model.train(was_training)
         per_layer = {}
         for rep, parts in pooled.items():
-            c_s = covariance(torch.cat(parts))
-            per_layer[rep] = float(drift(c_s, self.icsm.C_T[rep].to(c_s.device), metric=self.metric,
-                                         basis=self.icsm.basis[rep].to(c_s.device)))
+            X = torch.cat(parts)  # [n, D]
+            U = self.icsm.basis[rep].to(X.device)
+            if self.metric == "basis":  # r x r inside the ICSM basis: never forms D x D
+                if rep not in self._ct_proj:
+                    C_T = self.icsm.C_T[rep].to(X.device).double()
+                    self._ct_proj[rep] = U.double().T @ C_T @ U.double()
+                c_s, c_t = projected_covariance(X, U), self._ct_proj[rep]
+            else:
+                c_s, c_t = covariance(X), self.icsm.C_T[rep].to(X.device)
+            per_layer[rep] = float(drift(c_s, c_t, metric=self.metric, basis=U))
         d = sum(per_layer.values()) / len(per_layer)
         return d, per_layer
 

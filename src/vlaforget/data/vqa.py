@@ -199,7 +199,7 @@ def vqa_samples(
     picked: list[tuple[str, int]] = []
     used: dict[str, dict[str, int]] = {k: {a: 0 for a in v} for k, v in buckets.items()}
     order = sorted(buckets)
-    while len(picked) < n and any(any(v) for v in buckets.values()):
+    while len(picked) < n and any(lst for v in buckets.values() for lst in v.values()):
         for kind in order:
             if len(picked) >= n:
                 break

@@ -209,9 +209,8 @@ def _fmt_csv(x):
 
 def to_markdown(rows: list[dict], kind: str) -> str:
     used = [(c, lab) for c, lab in METRICS if any(r[f"{c}_n"] for r in rows)]
-    head = (
-        ["method", "suite"] + (["shots"] if kind == "fewshot" else []) + ["seeds"] + [lab for _, lab in used]
-    )
+    show_shots = kind == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
+    head = ["method", "suite"] + (["shots"] if show_shots else []) + ["seeds"] + [lab for _, lab in used]
     lines = [
         f"# Table: {kind}",
         "",
@@ -221,7 +220,7 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["method"], r["suite"]] + ([r["shots"]] if kind == "fewshot" else []) + [str(r["n_seeds"])]
+        cells = [r["method"], r["suite"]] + ([r["shots"]] if show_shots else []) + [str(r["n_seeds"])]
         for c, _ in used:
             m, ci = r[f"{c}_mean"], r[f"{c}_ci95"]
             if math.isnan(m):

@@ -41,8 +41,11 @@ def _skip_reason() -> str | None:
 REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 
-NORM = {"q01": [-0.9, -0.5, -0.2, 0.0, -0.1, -0.3, 0.0], "q99": [0.9, 0.5, 0.8, 0.2, 0.1, 0.3, 1.0],
-        "mask": [True] * 6 + [False]}
+NORM = {
+    "q01": [-0.9, -0.5, -0.2, 0.0, -0.1, -0.3, 0.0],
+    "q99": [0.9, 0.5, 0.8, 0.2, 0.1, 0.3, 1.0],
+    "mask": [True] * 6 + [False],
+}
 ACTION_BEGIN, VOCAB_END = 31744, 32000
 
 
@@ -52,13 +55,27 @@ def _register_tiny_timm():
 
     @register_model
     def vit_vlaforget_test_dino(pretrained=False, **kw):  # DINOv2-reg4-like
-        args = dict(patch_size=14, embed_dim=32, depth=3, num_heads=2, reg_tokens=4, no_embed_class=True,
-                    init_values=1e-5)
+        args = {
+            "patch_size": 14,
+            "embed_dim": 32,
+            "depth": 3,
+            "num_heads": 2,
+            "reg_tokens": 4,
+            "no_embed_class": True,
+            "init_values": 1e-5,
+        }
         return _create_vision_transformer("vit_vlaforget_test_dino", pretrained=False, **dict(args, **kw))
 
     @register_model
     def vit_vlaforget_test_siglip(pretrained=False, **kw):  # SigLIP-like: no class token, MAP pool
-        args = dict(patch_size=14, embed_dim=48, depth=3, num_heads=2, class_token=False, global_pool="map")
+        args = {
+            "patch_size": 14,
+            "embed_dim": 48,
+            "depth": 3,
+            "num_heads": 2,
+            "class_token": False,
+            "global_pool": "map",
+        }
         return _create_vision_transformer("vit_vlaforget_test_siglip", pretrained=False, **dict(args, **kw))
 
 
@@ -72,9 +89,14 @@ def _llama_like_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    corpus = [action_prompt(s) for s in ("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl")] * 5
+    corpus = [
+        action_prompt(s)
+        for s in ("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl")
+    ] * 5
     corpus += [vqa_prompt("what is on the table") + " a bowl"] * 3
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     n = len(vocab)
@@ -87,8 +109,15 @@ def _llama_like_tokenizer():
     vocab[f"<unused_{old}>"] = old
     spec["model"]["vocab"] = vocab
     tok = Tokenizer.from_str(json.dumps(spec))
-    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                              add_bos_token=True, add_eos_token=False, legacy=False)
+    fast = LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+    )
     fast.add_special_tokens({"pad_token": "<PAD>"})
     fast.padding_side = "right"
     assert fast.pad_token_id == VOCAB_END and fast.convert_tokens_to_ids("▁") == 29871
@@ -113,30 +142,56 @@ def ckpt(tmp_path_factory):
 
     OpenVLAConfig = importlib.import_module("openvla_toy_code.configuration_prismatic").OpenVLAConfig
     OpenVLAForActionPrediction = importlib.import_module(
-        "openvla_toy_code.modeling_prismatic").OpenVLAForActionPrediction
+        "openvla_toy_code.modeling_prismatic"
+    ).OpenVLAForActionPrediction
     proc_mod = importlib.import_module("openvla_toy_code.processing_prismatic")
-    PrismaticImageProcessor, PrismaticProcessor = proc_mod.PrismaticImageProcessor, proc_mod.PrismaticProcessor
+    PrismaticImageProcessor, PrismaticProcessor = (
+        proc_mod.PrismaticImageProcessor,
+        proc_mod.PrismaticProcessor,
+    )
 
-    text = {"vocab_size": 32064, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
-            "pad_token_id": 32000, "torch_dtype": "float32"}
-    cfg = OpenVLAConfig(vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
-                        arch_specifier="no-align+fused-gelu-mlp", image_resize_strategy="resize-naive",
-                        text_config=text, norm_stats={"toy_ds": {"action": NORM}}, n_action_bins=256,
-                        timm_model_ids=["vit_vlaforget_test_dino", "vit_vlaforget_test_siglip"],
-                        pad_to_multiple_of=64)
-    cfg.auto_map = {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                    "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
+    text = {
+        "vocab_size": 32064,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 32000,
+        "torch_dtype": "float32",
+    }
+    cfg = OpenVLAConfig(
+        vision_backbone_id="dinosiglip-vit-so-224px",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        image_resize_strategy="resize-naive",
+        text_config=text,
+        norm_stats={"toy_ds": {"action": NORM}},
+        n_action_bins=256,
+        timm_model_ids=["vit_vlaforget_test_dino", "vit_vlaforget_test_siglip"],
+        pad_to_multiple_of=64,
+    )
+    cfg.auto_map = {
+        "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+        "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+    }
     torch.manual_seed(0)
     model = OpenVLAForActionPrediction(cfg)
     out = tmp / "openvla-toy"
     model.save_pretrained(str(out))
-    improc = PrismaticImageProcessor(use_fused_vision_backbone=True, image_resize_strategy="resize-naive",
-                                     input_sizes=[(3, 224, 224)] * 2, interpolations=["bicubic", "bicubic"],
-                                     means=[(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)],
-                                     stds=[(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)])
-    improc.auto_map = {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
-                       "AutoProcessor": "processing_prismatic.PrismaticProcessor"}
+    improc = PrismaticImageProcessor(
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[(3, 224, 224)] * 2,
+        interpolations=["bicubic", "bicubic"],
+        means=[(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)],
+        stds=[(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)],
+    )
+    improc.auto_map = {
+        "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+        "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+    }
     proc = PrismaticProcessor(image_processor=improc, tokenizer=_llama_like_tokenizer())
     proc.save_pretrained(str(out))
     for f in FILES:
@@ -156,15 +211,27 @@ def backend(ckpt, tmp_path_factory):
     from vlaforget.models import load_backend
 
     torch.set_num_threads(1)
-    return load_backend({"backend": "openvla", "path": str(ckpt), "dtype": "fp32",
-                         "cache_dir": str(tmp_path_factory.mktemp("hf_cache"))})
+    return load_backend(
+        {
+            "backend": "openvla",
+            "path": str(ckpt),
+            "dtype": "fp32",
+            "cache_dir": str(tmp_path_factory.mktemp("hf_cache")),
+        }
+    )
 
 
 def _samples(n=2):
     rng = np.random.default_rng(0)
     instr = ["Pick up the black bowl", "open the top drawer and put the bowl inside"]
-    return [{"image": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "instruction": instr[i % 2],
-             "action": rng.uniform(-1, 1, 7).astype(np.float32)} for i in range(n)]
+    return [
+        {
+            "image": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8),
+            "instruction": instr[i % 2],
+            "action": rng.uniform(-1, 1, 7).astype(np.float32),
+        }
+        for i in range(n)
+    ]
 
 
 def test_structure(backend):
@@ -212,7 +279,7 @@ def test_forward_hidden_state_alignment(backend):
     assert out.logits.shape[:2] == (2, b["input_ids"].shape[1] + n)
     assert len(out.hidden_states) == 5
     emb = backend.model.get_input_embeddings()(b["input_ids"])
-    assert torch.allclose(out.hidden_states[0][:, 1 + n:], emb[:, 1:])
+    assert torch.allclose(out.hidden_states[0][:, 1 + n :], emb[:, 1:])
     m = backend.action_metrics(b, out.logits)
     assert np.isfinite(float(m["loss"])) and 0 <= float(m["accuracy"]) <= 1
 
@@ -228,12 +295,13 @@ def test_predict_actions_matches_openvla_predict_action(backend):
     samples = _samples()
     imgs = np.stack([s["image"] for s in samples])
     ours = backend.predict_actions(imgs, [s["instruction"] for s in samples])
-    suppress = list(range(0, ACTION_BEGIN)) + list(range(VOCAB_END, 32064))
+    suppress = list(range(ACTION_BEGIN)) + list(range(VOCAB_END, 32064))
     for i, s in enumerate(samples):
         inputs = backend.processor(action_prompt(s["instruction"]), Image.fromarray(s["image"]))
         with torch.no_grad():
-            ref = backend.model.predict_action(**inputs, unnorm_key="toy_ds", do_sample=False,
-                                               suppress_tokens=suppress)
+            ref = backend.model.predict_action(
+                **inputs, unnorm_key="toy_ds", do_sample=False, suppress_tokens=suppress
+            )
         assert np.allclose(ours[i], ref, atol=1e-5), (ours[i], ref)
 
 
@@ -246,7 +314,9 @@ def test_layers_through_peft_and_lora_targets(backend):
     assert any(x.startswith("vision_backbone.featurizer.") for x in t)
     assert any(x.startswith("vision_backbone.fused_featurizer.") for x in t)
     assert "projector.fc1" in t and not any(".layers.0." in x for x in t)
-    pm = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=2, target_modules=backend.lora_targets(["attn"])))
+    pm = get_peft_model(
+        backend.model, LoraConfig(r=2, lora_alpha=2, target_modules=backend.lora_targets(["attn"]))
+    )
     assert backend.decoder_layers(pm) is layers
     assert backend.decoder_layers(nn.DataParallel(pm)) is layers
     pm.unload()  # leave the shared backend unwrapped

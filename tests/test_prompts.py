@@ -39,14 +39,22 @@ def sp_tok():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    corpus = [action_prompt(i) for i in INSTRUCTIONS] * 5 + ["drawer? door? goal? a?"] * 20 + [vqa_prompt("is the gripper open") + " yes"] * 5
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    corpus = (
+        [action_prompt(i) for i in INSTRUCTIONS] * 5
+        + ["drawer? door? goal? a?"] * 20
+        + [vqa_prompt("is the gripper open") + " yes"] * 5
+    )
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def test_template_text():
-    assert action_prompt("Open The Drawer") == "In: What action should the robot take to open the drawer?\nOut:"
+    assert (
+        action_prompt("Open The Drawer") == "In: What action should the robot take to open the drawer?\nOut:"
+    )
     assert vqa_prompt("is the gripper open?") == "In: is the gripper open?\nOut:"
     assert vqa_prompt("is the gripper open") == "In: is the gripper open?\nOut:"
 
@@ -61,7 +69,8 @@ def test_span_is_instruction_tokens_word_level(word_tok, instruction):
     # the span's tokens are exactly the instruction's own tokens
     assert pt.ids[s0:s1] == word_tok.encode(instruction.lower(), add_special_tokens=False)
     assert decode_span(word_tok, pt.ids, pt.span) == " ".join(
-        word_tok.convert_ids_to_tokens(word_tok.encode(instruction.lower(), add_special_tokens=False)))
+        word_tok.convert_ids_to_tokens(word_tok.encode(instruction.lower(), add_special_tokens=False))
+    )
 
 
 @pytest.mark.parametrize("instruction", INSTRUCTIONS)

@@ -25,8 +25,14 @@ def backend():
 def _samples(n=3, seed=0):
     rng = np.random.default_rng(seed)
     instr = ["open the drawer", "Press the BUTTON from the top", "slide the plate into the goal, now"]
-    return [{"image": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8), "instruction": instr[i % 3],
-             "action": rng.uniform(-1, 1, 4).astype(np.float32)} for i in range(n)]
+    return [
+        {
+            "image": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+            "instruction": instr[i % 3],
+            "action": rng.uniform(-1, 1, 4).astype(np.float32),
+        }
+        for i in range(n)
+    ]
 
 
 def test_sizes(backend):
@@ -48,7 +54,7 @@ def test_collate_labels_and_masks(backend):
         keep = (lab != -100).nonzero().flatten().tolist()
         assert keep == list(range(length - a - 1, length))  # action tokens + </s>, nothing else
         assert int(lab[length - 1]) == backend.eos_id
-        assert lab[length - a - 1: length - 1].tolist() == b["action_targets"][i].tolist()
+        assert lab[length - a - 1 : length - 1].tolist() == b["action_targets"][i].tolist()
         expect = backend.action_tokenizer.encode(normalize_actions(s["action"], backend.stats))
         assert b["action_targets"][i].tolist() == expect.tolist()
         # action_mask: sequence positions whose logits predict the action tokens
@@ -59,7 +65,8 @@ def test_collate_labels_and_masks(backend):
         ipos = b["instruction_mask"][i].nonzero().flatten() - n
         words = s["instruction"].lower()
         assert backend.tokenizer.decode(b["input_ids"][i, ipos]) == backend.tokenizer.decode(
-            backend.tokenizer.encode(words, add_special_tokens=False))
+            backend.tokenizer.encode(words, add_special_tokens=False)
+        )
     assert backend.instruction_span("Slide the plate into the GOAL") == "slide the plate into the goal"
 
 
@@ -80,9 +87,9 @@ def test_hidden_state_alignment(backend):
     emb = backend.model.language_model.get_input_embeddings()(b["input_ids"])  # [B, T, D]
     h0 = out.hidden_states[0]
     assert torch.allclose(h0[:, 0], emb[:, 0])  # <s> at 0
-    assert torch.allclose(h0[:, 1 + n:], emb[:, 1:])  # text position t at t + n_image_tokens
+    assert torch.allclose(h0[:, 1 + n :], emb[:, 1:])  # text position t at t + n_image_tokens
     patches = backend.model.image_embeddings(b["pixel_values"])
-    assert torch.allclose(h0[:, 1:1 + n], patches)
+    assert torch.allclose(h0[:, 1 : 1 + n], patches)
 
 
 def test_action_metrics_and_logprobs(backend):
@@ -148,7 +155,7 @@ class _ScriptedModel(nn.Module):
             k = length - self.prompt_lens[i]
             if k < len(self.table[i]):
                 logits[i, length - 1 + self.n, self.table[i][k]] = 5.0
-            logits[i, length + self.n:, 0] = 100.0  # garbage at padded positions
+            logits[i, length + self.n :, 0] = 100.0  # garbage at padded positions
         return SimpleNamespace(logits=logits)
 
 
@@ -179,8 +186,10 @@ def test_predict_and_answer_shapes(backend):
 
 
 def test_collate_vqa(backend):
-    samples = [{"image": np.zeros((32, 32, 3), np.uint8), "question": "is the gripper open?", "answer": "yes"},
-               {"image": np.zeros((32, 32, 3), np.uint8), "question": "which task is this", "answer": "drawer"}]
+    samples = [
+        {"image": np.zeros((32, 32, 3), np.uint8), "question": "is the gripper open?", "answer": "yes"},
+        {"image": np.zeros((32, 32, 3), np.uint8), "question": "which task is this", "answer": "drawer"},
+    ]
     b = backend.collate_vqa(samples)
     tok = backend.tokenizer
     for i, s in enumerate(samples):
@@ -205,8 +214,10 @@ def test_save_load_round_trip(backend, tmp_path):
     assert torch.equal(out.hidden_states[5], ref.hidden_states[5])
     # adapters: a saved LoRA adapter reloads (merged) to the same outputs
     fresh = load_backend({"backend": "tiny", "path": str(tmp_path / "m")})
-    pm = get_peft_model(fresh.model, LoraConfig(r=2, target_modules=fresh.lora_targets(["attn", "mlp"]),
-                                                init_lora_weights=False))
+    pm = get_peft_model(
+        fresh.model,
+        LoraConfig(r=2, target_modules=fresh.lora_targets(["attn", "mlp"]), init_lora_weights=False),
+    )
     with torch.no_grad():
         want = fresh.forward(b, model=pm).logits
     pm.save_pretrained(str(tmp_path / "adapter"))
@@ -237,16 +248,29 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
 
     cfg = demo_config
     cfg["model"]["tiny"] = dict(TEST_TINY)
-    cfg["model"]["pretrain"] = {"steps": 3, "batch_size": 4, "lr": 1e-3, "vqa_fraction": 0.5, "seed": 0,
-                                "threads": 1}
+    cfg["model"]["pretrain"] = {
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "vqa_fraction": 0.5,
+        "seed": 0,
+        "threads": 1,
+    }
     sc = stage_config(cfg, "model", cfg["model"]["base"])
     rng = np.random.default_rng(0)
     tasks = sc["upstream"]["tasks"]
-    eps = [{"images": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8),
-            "states": np.zeros((5, 4), np.float32), "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
+    eps = [
+        {
+            "images": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8),
+            "states": np.zeros((5, 4), np.float32),
+            "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
             "env_states": rng.uniform(-0.3, 0.9, (5, 39)).astype(np.float32),
-            "instruction": f"do task {k % len(tasks)}", "task": tasks[k % len(tasks)], "seed": k}
-           for k in range(20)]
+            "instruction": f"do task {k % len(tasks)}",
+            "task": tasks[k % len(tasks)],
+            "seed": k,
+        }
+        for k in range(20)
+    ]
     write_cache(eps, sc["upstream"]["cache_dir"], sc["upstream"]["name"], 64)
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(sc))

@@ -31,8 +31,12 @@ def _load_stats(stats: Any, key: str | None):
     return action_stats(stats, key)
 
 
-def load_backend(model_block: Mapping[str, Any], device: str = "cpu", adapter_dir: str | Path | None = None,
-                 stats: Any = None):
+def load_backend(
+    model_block: Mapping[str, Any],
+    device: str = "cpu",
+    adapter_dir: str | Path | None = None,
+    stats: Any = None,
+):
     """A VLABackend for a stage config's `model` block.
 
     model_block: backend ("tiny" | "openvla"), path (dir or hub id), dtype, cache_dir,
@@ -46,8 +50,9 @@ def load_backend(model_block: Mapping[str, Any], device: str = "cpu", adapter_di
     if backend == "tiny":
         from .tiny import TinyBackend
 
-        b = TinyBackend.from_dir(model_block["path"], device=device,
-                                 dtype=torch_dtype(model_block.get("dtype")))
+        b = TinyBackend.from_dir(
+            model_block["path"], device=device, dtype=torch_dtype(model_block.get("dtype"))
+        )
     elif backend == "openvla":
         from .openvla import OpenVLABackend
 
@@ -65,8 +70,10 @@ def attach_adapter(backend, adapter_dir: str | Path, merge: bool = True) -> None
     """Load a PEFT adapter saved by the train stage into backend.model (merged by default)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter (adapter_config.json missing): "
-                                "run the train stage for this run first, or check adapter_dir")
+        raise FileNotFoundError(
+            f"{adapter_dir} holds no PEFT adapter (adapter_config.json missing): "
+            "run the train stage for this run first, or check adapter_dir"
+        )
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(backend.model, str(adapter_dir))
@@ -76,4 +83,4 @@ def attach_adapter(backend, adapter_dir: str | Path, merge: bool = True) -> None
     backend.model = model
 
 
-__all__ = ["load_backend", "attach_adapter", "torch_dtype"]
+__all__ = ["attach_adapter", "load_backend", "torch_dtype"]

@@ -18,8 +18,7 @@ import numpy as np
 class ActionTokenizer:
     """Continuous actions in [-1, 1] <-> token ids in [vocab_end - n_bins, vocab_end)."""
 
-    def __init__(self, vocab_end: int, n_bins: int = 256, min_action: float = -1.0,
-                 max_action: float = 1.0):
+    def __init__(self, vocab_end: int, n_bins: int = 256, min_action: float = -1.0, max_action: float = 1.0):
         if vocab_end < n_bins:
             raise ValueError(f"vocab_end={vocab_end} is smaller than n_bins={n_bins}")
         self.vocab_end, self.n_bins = int(vocab_end), int(n_bins)
@@ -68,12 +67,15 @@ def action_stats(stats: Mapping[str, Any] | None, key: str | None = None) -> dic
     names = list(stats)
     if key is None:
         if len(names) != 1:
-            raise ValueError(f"dataset statistics hold {len(names)} datasets ({', '.join(names)}): "
-                             "pass the unnorm key / dataset name to pick one")
+            raise ValueError(
+                f"dataset statistics hold {len(names)} datasets ({', '.join(names)}): "
+                "pass the unnorm key / dataset name to pick one"
+            )
         key = names[0]
     if key not in stats:
-        raise ValueError(f"unnorm key '{key}' is not in the dataset statistics; available: "
-                         f"{', '.join(names)}")
+        raise ValueError(
+            f"unnorm key '{key}' is not in the dataset statistics; available: {', '.join(names)}"
+        )
     return dict(stats[key]["action"])
 
 

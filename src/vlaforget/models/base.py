@@ -61,8 +61,10 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     for name, mod in model.named_modules():  # any other wrapper: match the name's tail
         if name.endswith(LAYERS_PATH) and isinstance(mod, nn.ModuleList):
             return mod
-    raise ValueError(f"no decoder layers at '{LAYERS_PATH}' in {type(model).__name__}: the backend "
-                     "expects an OpenVLA-layout model (vision_backbone, projector, language_model)")
+    raise ValueError(
+        f"no decoder layers at '{LAYERS_PATH}' in {type(model).__name__}: the backend "
+        "expects an OpenVLA-layout model (vision_backbone, projector, language_model)"
+    )
 
 
 class VLABackend:
@@ -72,9 +74,19 @@ class VLABackend:
     vision_prefix = "vision_backbone."
     projector_prefix = "projector."
 
-    def __init__(self, model: nn.Module, tokenizer, *, n_image_tokens: int, action_dim: int,
-                 vocab_end: int, device: str | torch.device = "cpu", stats: Mapping | None = None,
-                 action_sep_ids: Sequence[int] = (), n_bins: int = 256):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        n_image_tokens: int,
+        action_dim: int,
+        vocab_end: int,
+        device: str | torch.device = "cpu",
+        stats: Mapping | None = None,
+        action_sep_ids: Sequence[int] = (),
+        n_bins: int = 256,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.n_image_tokens = int(n_image_tokens)
@@ -127,15 +139,18 @@ class VLABackend:
             out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         return out
 
-    def collate(self, samples: Sequence[Mapping], train: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def collate(
+        self, samples: Sequence[Mapping], train: bool = False, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Training/eval batch for action prediction (raw actions are normalised with self.stats).
 
         train=True applies openvla's image augmentation (random crop of 90 % area resized back,
         brightness/contrast jitter), drawn from `generator`."""
         if self.stats is None:
-            raise ValueError("collate needs the dataset's action statistics to normalise actions: "
-                             "load_backend(..., stats=dataset.statistics) or backend.set_stats(...)")
+            raise ValueError(
+                "collate needs the dataset's action statistics to normalise actions: "
+                "load_backend(..., stats=dataset.statistics) or backend.set_stats(...)"
+            )
         n = self.n_image_tokens
         ids, labels, spans, targets = [], [], [], []
         for s in samples:
@@ -154,14 +169,20 @@ class VLABackend:
         amask = torch.zeros(b, t + n, dtype=torch.bool)
         for i, (seq, ((s0, s1), p)) in enumerate(zip(ids, spans)):
             attn[i, : len(seq)] = 1
-            instr[i, s0 + n: s1 + n] = True
+            instr[i, s0 + n : s1 + n] = True
             # logits at sequence position (t-1)+n predict the action token at text position t
-            amask[i, p - 1 + n: p - 1 + n + self.action_dim] = True
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attn.to(self.device),
-                "pixel_values": self._images(augment_images(images_to_uint8(samples), generator)
-                                             if train else samples),
-                "labels": lab.to(self.device), "instruction_mask": instr.to(self.device), "action_mask": amask.to(self.device),
-                "action_targets": torch.as_tensor(targets, dtype=torch.long).to(self.device)}
+            amask[i, p - 1 + n : p - 1 + n + self.action_dim] = True
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attn.to(self.device),
+            "pixel_values": self._images(
+                augment_images(images_to_uint8(samples), generator) if train else samples
+            ),
+            "labels": lab.to(self.device),
+            "instruction_mask": instr.to(self.device),
+            "action_mask": amask.to(self.device),
+            "action_targets": torch.as_tensor(targets, dtype=torch.long).to(self.device),
+        }
 
     def collate_vqa(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """`In: {question}?\\nOut:` + answer + </s>; labels only on the answer and </s>."""
@@ -174,25 +195,38 @@ class VLABackend:
             labels.append([-100] * n_prompt + full[n_prompt:])
         input_ids = self._pad(ids, self.pad_id)
         lab = self._pad(labels, -100)
-        attn = (torch.arange(input_ids.shape[1])[None] < torch.tensor([len(s) for s in ids])[:, None])
+        attn = torch.arange(input_ids.shape[1])[None] < torch.tensor([len(s) for s in ids])[:, None]
         answer_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] + n, dtype=torch.bool)
-        answer_mask[:, n: n + input_ids.shape[1] - 1] = lab[:, 1:] != -100
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attn.long().to(self.device),
-                "pixel_values": self._images(samples), "labels": lab.to(self.device),
-                "answer_mask": answer_mask.to(self.device)}
+        answer_mask[:, n : n + input_ids.shape[1] - 1] = lab[:, 1:] != -100
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attn.long().to(self.device),
+            "pixel_values": self._images(samples),
+            "labels": lab.to(self.device),
+            "answer_mask": answer_mask.to(self.device),
+        }
 
     # ------------------------------------------------------------------ model calls
 
-    def forward(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False,
-                model: nn.Module | None = None):
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        output_hidden_states: bool = False,
+        model: nn.Module | None = None,
+    ):
         m = self.model if model is None else model
-        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=batch["pixel_values"], output_hidden_states=output_hidden_states,
-                 use_cache=False, return_dict=True)
+        return m(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+            return_dict=True,
+        )
 
     def lm_loss(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """Next-token CE over the labelled text positions (action tokens + </s>, or VQA answers)."""
-        text_logits = logits[:, self.n_image_tokens: -1]  # predicts input_ids[:, 1:]
+        text_logits = logits[:, self.n_image_tokens : -1]  # predicts input_ids[:, 1:]
         gt = batch["labels"][:, 1:]
         keep = gt != -100
         return F.cross_entropy(text_logits[keep].float(), gt[keep])
@@ -200,7 +234,7 @@ class VLABackend:
     def action_metrics(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> dict:
         """openvla finetune.py metrics: CE loss, action-token accuracy, L1 in normalised space."""
         loss = self.lm_loss(batch, logits)
-        text_logits = logits[:, self.n_image_tokens: -1]
+        text_logits = logits[:, self.n_image_tokens : -1]
         gt = batch["labels"][:, 1:]
         preds = text_logits.argmax(-1)
         mask = (gt >= self.action_tokenizer.begin) & (gt < self.vocab_end)
@@ -215,7 +249,7 @@ class VLABackend:
         """[B, A, n_bins] log-probs over the action vocabulary; column j = token id begin + j."""
         b = logits.shape[0]
         sel = logits[batch["action_mask"]].view(b, self.action_dim, -1)
-        sel = sel[..., self.action_tokenizer.begin: self.vocab_end].float()
+        sel = sel[..., self.action_tokenizer.begin : self.vocab_end].float()
         return F.log_softmax(sel, dim=-1)
 
     # ------------------------------------------------------------------ structure
@@ -248,9 +282,12 @@ class VLABackend:
             if m:
                 if lo <= int(m.group(1)) <= hi and m.group(2) in suffixes:
                     out.append(name)
-            elif "vision" in targets and name.startswith(self.vision_prefix):
-                out.append(name)
-            elif "projector" in targets and name.startswith(self.projector_prefix):
+            elif (
+                "vision" in targets
+                and name.startswith(self.vision_prefix)
+                or "projector" in targets
+                and name.startswith(self.projector_prefix)
+            ):
                 out.append(name)
         if not out:
             raise ValueError(f"LoRA targets {list(targets)} (layers {layers}) match no Linear module")
@@ -259,8 +296,15 @@ class VLABackend:
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def _greedy(self, prompts: list[list[int]], pixel_values: torch.Tensor, steps: int,
-                allowed: slice | None, stop_at_eos: bool, model: nn.Module | None) -> list[list[int]]:
+    def _greedy(
+        self,
+        prompts: list[list[int]],
+        pixel_values: torch.Tensor,
+        steps: int,
+        allowed: slice | None,
+        stop_at_eos: bool,
+        model: nn.Module | None,
+    ) -> list[list[int]]:
         """Greedy decoding with right padding: each sample appends at its own length.
 
         No KV cache: the whole sequence is re-run per new token (tiny sequences, few tokens)."""
@@ -273,8 +317,13 @@ class VLABackend:
             ids = self._pad([s for s in seqs], self.pad_id).to(self.device)
             lens = torch.tensor([len(s) for s in seqs])
             attn = (torch.arange(ids.shape[1])[None] < lens[:, None]).long().to(self.device)
-            logits = m(input_ids=ids, attention_mask=attn, pixel_values=pixel_values,
-                       use_cache=False, return_dict=True).logits
+            logits = m(
+                input_ids=ids,
+                attention_mask=attn,
+                pixel_values=pixel_values,
+                use_cache=False,
+                return_dict=True,
+            ).logits
             last = logits[torch.arange(len(seqs)), (lens - 1 + n).to(logits.device)].float()  # [B, V]
             if allowed is not None:
                 masked = torch.full_like(last, float("-inf"))
@@ -293,8 +342,9 @@ class VLABackend:
         return out
 
     @torch.no_grad()
-    def predict_actions(self, images, instructions: Sequence[str], model: nn.Module | None = None,
-                        normalized: bool = False) -> np.ndarray:
+    def predict_actions(
+        self, images, instructions: Sequence[str], model: nn.Module | None = None, normalized: bool = False
+    ) -> np.ndarray:
         """Batched greedy action prediction -> [B, A] actions, un-normalised with self.stats.
 
         Decoding is restricted to the 256 action tokens (openvla argmaxes over the whole vocabulary
@@ -303,11 +353,13 @@ class VLABackend:
         was_training = m.training
         m.eval()
         try:
-            prompts = [encode_action_prompt(self.tokenizer, s).ids + self.action_sep_ids
-                       for s in instructions]
+            prompts = [
+                encode_action_prompt(self.tokenizer, s).ids + self.action_sep_ids for s in instructions
+            ]
             pv = self._images(images)
-            toks = self._greedy(prompts, pv, self.action_dim,
-                                slice(self.action_tokenizer.begin, self.vocab_end), False, m)
+            toks = self._greedy(
+                prompts, pv, self.action_dim, slice(self.action_tokenizer.begin, self.vocab_end), False, m
+            )
         finally:
             m.train(was_training)
         acts = self.action_tokenizer.decode(np.asarray(toks))  # [B, A] normalised
@@ -321,20 +373,24 @@ class VLABackend:
         return unnormalize_actions(acts, self.stats)
 
     @torch.no_grad()
-    def answer(self, images, questions: Sequence[str], max_new_tokens: int = 4,
-               model: nn.Module | None = None) -> list[str]:
+    def answer(
+        self, images, questions: Sequence[str], max_new_tokens: int = 4, model: nn.Module | None = None
+    ) -> list[str]:
         """Greedy answers to visual questions (action tokens excluded), up to </s>."""
         m = self.model if model is None else model
         was_training = m.training
         m.eval()
         try:
             prompts = [encode_vqa(self.tokenizer, q)[0] for q in questions]
-            toks = self._greedy(prompts, self._images(images), max_new_tokens,
-                                slice(0, self.action_tokenizer.begin), True, m)
+            toks = self._greedy(
+                prompts, self._images(images), max_new_tokens, slice(0, self.action_tokenizer.begin), True, m
+            )
         finally:
             m.train(was_training)
-        return [self.tokenizer.decode([t for t in ts if t != self.eos_id], skip_special_tokens=True)
-                .strip() for ts in toks]
+        return [
+            self.tokenizer.decode([t for t in ts if t != self.eos_id], skip_special_tokens=True).strip()
+            for ts in toks
+        ]
 
     def instruction_span(self, instruction: str) -> str:
         """The instruction tokens located in the prompt, decoded (audit)."""
@@ -362,18 +418,23 @@ def images_to_uint8(images) -> np.ndarray:
     return arr
 
 
-def augment_images(images: np.ndarray, generator: torch.Generator | None = None,
-                   crop_area: float = 0.9, brightness: float = 0.2, contrast: float = 0.2) -> np.ndarray:
+def augment_images(
+    images: np.ndarray,
+    generator: torch.Generator | None = None,
+    crop_area: float = 0.9,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+) -> np.ndarray:
     """openvla-style train-time augmentation on uint8 [B, H, W, 3]: a random square crop of
     `crop_area` of the image resized back, then brightness and contrast jitter."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     b, _, h, w = x.shape
-    ch, cw = max(1, round(h * crop_area ** 0.5)), max(1, round(w * crop_area ** 0.5))
+    ch, cw = max(1, round(h * crop_area**0.5)), max(1, round(w * crop_area**0.5))
     out = torch.empty_like(x)
     for i in range(b):
         r = torch.randint(0, h - ch + 1, (1,), generator=generator).item()
         c = torch.randint(0, w - cw + 1, (1,), generator=generator).item()
-        crop = x[i: i + 1, :, r: r + ch, c: c + cw]
+        crop = x[i : i + 1, :, r : r + ch, c : c + cw]
         out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
     u = torch.rand(b, 2, generator=generator)
     bright = (u[:, 0] * 2 - 1) * brightness  # additive, in [-b, b]

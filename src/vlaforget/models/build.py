@@ -55,19 +55,25 @@ def build_tiny(sc: dict) -> dict:
     up = sc["upstream"]
     cache_dir = Path(up["cache_dir"])
     if not (cache_dir / "manifest.json").exists():
-        raise FileNotFoundError(f"upstream dataset cache {cache_dir} is missing (no manifest.json): run the "
-                                f"`cache` stage for dataset '{up['name']}' first")
+        raise FileNotFoundError(
+            f"upstream dataset cache {cache_dir} is missing (no manifest.json): run the "
+            f"`cache` stage for dataset '{up['name']}' first"
+        )
     train = CachedDataset(cache_dir, split="train")
     heldout = CachedDataset(cache_dir, split="heldout")
     vqa_train = vqa_samples(train, VQA_TRAIN_SAMPLES, seed)
     vqa_held = vqa_samples(heldout, VQA_HELDOUT_SAMPLES, seed + 1) if len(heldout) else []
     corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
     tiny = dict(sc["tiny"])
-    backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed,
-                                 stats=train.statistics)
+    backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics)
     n_params = sum(p.numel() for p in backend.model.parameters())
-    log.info("tiny teacher: %.2fM parameters, vocab %d (%d words + 256 action tokens), %d image tokens",
-             n_params / 1e6, backend.vocab_end, backend.vocab_end - 256, backend.n_image_tokens)
+    log.info(
+        "tiny teacher: %.2fM parameters, vocab %d (%d words + 256 action tokens), %d image tokens",
+        n_params / 1e6,
+        backend.vocab_end,
+        backend.vocab_end - 256,
+        backend.n_image_tokens,
+    )
     t0 = time.time()
     hist = pretrain(backend, train, vqa_train, pcfg)
     metrics = heldout_metrics(backend, heldout, vqa_held)
@@ -75,12 +81,24 @@ def build_tiny(sc: dict) -> dict:
     out_dir = Path(sc["out_dir"])
     backend.save(out_dir)
     write_json(out_dir / "pretrain_history.json", hist)
-    return {"backend": "tiny", "path": str(out_dir), "parameters": n_params, "vocab_size": backend.vocab_end,
-            "n_image_tokens": backend.n_image_tokens, "num_layers": backend.num_layers,
-            "hidden_size": backend.hidden_size, "action_dim": backend.action_dim,
-            "upstream": up["name"], "train_samples": len(train), "heldout_samples": len(heldout),
-            "vqa_train_samples": len(vqa_train), "pretrain": pcfg, "tiny": tiny,
-            "pretrain_seconds": time.time() - t0, "metrics": metrics}
+    return {
+        "backend": "tiny",
+        "path": str(out_dir),
+        "parameters": n_params,
+        "vocab_size": backend.vocab_end,
+        "n_image_tokens": backend.n_image_tokens,
+        "num_layers": backend.num_layers,
+        "hidden_size": backend.hidden_size,
+        "action_dim": backend.action_dim,
+        "upstream": up["name"],
+        "train_samples": len(train),
+        "heldout_samples": len(heldout),
+        "vqa_train_samples": len(vqa_train),
+        "pretrain": pcfg,
+        "tiny": tiny,
+        "pretrain_seconds": time.time() - t0,
+        "metrics": metrics,
+    }
 
 
 def check_openvla(sc: dict) -> dict:
@@ -91,8 +109,10 @@ def check_openvla(sc: dict) -> dict:
     path = resolve_model_path(str(m["path"]), m.get("cache_dir"))
     info = check_remote_code(path)
     if info["missing_code_files"]:
-        raise FileNotFoundError(f"{path} lacks OpenVLA's modelling files {info['missing_code_files']} named "
-                                "in config.json auto_map: download the full repository (not only weights)")
+        raise FileNotFoundError(
+            f"{path} lacks OpenVLA's modelling files {info['missing_code_files']} named "
+            "in config.json auto_map: download the full repository (not only weights)"
+        )
     if not info["weight_files"]:
         raise FileNotFoundError(f"{path} holds no *.safetensors / *.bin weights: the download is incomplete")
     try:

@@ -33,8 +33,10 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise OpenVLAUnavailable(f"model.path {p} has no config.json: point model.path at the folder "
-                                     "holding openvla-7b's config.json, *.safetensors and modelling files")
+            raise OpenVLAUnavailable(
+                f"model.path {p} has no config.json: point model.path at the folder "
+                "holding openvla-7b's config.json, *.safetensors and modelling files"
+            )
         return p
     if path.startswith(("/", ".", "~")):
         raise OpenVLAUnavailable(f"model.path {p} does not exist: copy openvla-7b there or set model.path")
@@ -46,9 +48,10 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
         raise OpenVLAUnavailable(
             f"model '{path}' is not available offline in cache_dir={cache_dir} ({type(e).__name__}). "
             f"Fix: on a machine with network run `huggingface-cli download {path} --cache-dir {cache_dir}` "
-            f"(or `HF_HOME=... python -c \"from huggingface_hub import snapshot_download; "
+            f'(or `HF_HOME=... python -c "from huggingface_hub import snapshot_download; '
             f"snapshot_download('{path}', cache_dir='{cache_dir}')\"`), then rerun with HF_HUB_OFFLINE=1; "
-            f"or set model.path to a local copy.") from e
+            f"or set model.path to a local copy."
+        ) from e
     return Path(local)
 
 
@@ -61,11 +64,18 @@ def check_remote_code(path: Path) -> dict:
     files = sorted({v.split(".")[0] + ".py" for v in auto.values() if isinstance(v, str) and "--" not in v})
     missing = [f for f in files if not (path / f).exists()]
     weights = sorted(x.name for x in path.glob("*.safetensors")) + sorted(x.name for x in path.glob("*.bin"))
-    return {"path": str(path), "architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
-            "auto_map": auto, "code_files": files, "missing_code_files": missing, "weight_files": weights,
-            "norm_stats_keys": sorted((cfg.get("norm_stats") or {}).keys()),
-            "text_vocab": (cfg.get("text_config") or {}).get("vocab_size"),
-            "pad_to_multiple_of": cfg.get("pad_to_multiple_of")}
+    return {
+        "path": str(path),
+        "architectures": cfg.get("architectures"),
+        "model_type": cfg.get("model_type"),
+        "auto_map": auto,
+        "code_files": files,
+        "missing_code_files": missing,
+        "weight_files": weights,
+        "norm_stats_keys": sorted((cfg.get("norm_stats") or {}).keys()),
+        "text_vocab": (cfg.get("text_config") or {}).get("vocab_size"),
+        "pad_to_multiple_of": cfg.get("pad_to_multiple_of"),
+    }
 
 
 class OpenVLABackend(VLABackend):
@@ -85,14 +95,25 @@ class OpenVLABackend(VLABackend):
                 key = next(iter(norm_stats))
             if key is not None:
                 if key not in norm_stats:
-                    raise ValueError(f"unnorm_key '{key}' not in the model's norm_stats; available: "
-                                     f"{', '.join(sorted(norm_stats))}")
+                    raise ValueError(
+                        f"unnorm_key '{key}' not in the model's norm_stats; available: "
+                        f"{', '.join(sorted(norm_stats))}"
+                    )
                 stats = norm_stats[key]
         empty = tok.convert_tokens_to_ids(EMPTY_TOKEN)
         if empty is None or empty == tok.unk_token_id:
             empty = DEFAULT_EMPTY_ID
-        super().__init__(model, tok, n_image_tokens=n_img, action_dim=7, vocab_end=vocab_end, device=device,
-                         stats=stats, action_sep_ids=[int(empty)], n_bins=int(getattr(cfg, "n_action_bins", 256)))
+        super().__init__(
+            model,
+            tok,
+            n_image_tokens=n_img,
+            action_dim=7,
+            vocab_end=vocab_end,
+            device=device,
+            stats=stats,
+            action_sep_ids=[int(empty)],
+            n_bins=int(getattr(cfg, "n_action_bins", 256)),
+        )
 
     def pixel_values(self, images) -> torch.Tensor:
         from PIL import Image
@@ -118,11 +139,14 @@ class OpenVLABackend(VLABackend):
         try:
             model = AutoModelForVision2Seq.from_pretrained(str(path), low_cpu_mem_usage=True, **kw)
         except ImportError as e:
-            raise OpenVLAUnavailable(f"loading OpenVLA's remote code failed ({e}). It needs timm 0.9.10–0.9.16 "
-                                     "(pip install 'timm==0.9.10'), and is tested with transformers 4.40.1, "
-                                     "tokenizers 0.19.1") from e
-        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True,
-                                                  **({"cache_dir": cache_dir} if cache_dir else {}))
+            raise OpenVLAUnavailable(
+                f"loading OpenVLA's remote code failed ({e}). It needs timm 0.9.10–0.9.16 "
+                "(pip install 'timm==0.9.10'), and is tested with transformers 4.40.1, "
+                "tokenizers 0.19.1"
+            ) from e
+        processor = AutoProcessor.from_pretrained(
+            str(path), trust_remote_code=True, **({"cache_dir": cache_dir} if cache_dir else {})
+        )
         model.to(device).eval()
         return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"))
 

@@ -81,5 +81,6 @@ def encode_vqa(tokenizer, question: str, answer: str | None = None) -> tuple[lis
 
 def decode_span(tokenizer, ids: list[int], span: tuple[int, int]) -> str:
     """The instruction as the tokenizer sees it (audit): decoded span tokens."""
-    return tokenizer.decode(ids[span[0]:span[1]], skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False).strip()
+    return tokenizer.decode(
+        ids[span[0] : span[1]], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    ).strip()

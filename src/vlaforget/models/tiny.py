@@ -27,25 +27,58 @@ from .prompts import ACTION_PREFIX, ACTION_SUFFIX, VQA_PREFIX
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 # Small sizes for tests and quick experiments (random init, builds in well under a second).
-TEST_TINY = {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1,
-             "vision_heads": 2, "hidden": 32, "layers": 8, "heads": 2, "intermediate": 64,
-             "vocab_words": 200}
+TEST_TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "hidden": 32,
+    "layers": 8,
+    "heads": 2,
+    "intermediate": 64,
+    "vocab_words": 200,
+}
 
 # Built-in corpus so a random model can be made without data (teammates' tests).
 DEFAULT_CORPUS = [
-    "press the button from the top", "open the drawer", "open the door", "slide the plate into the goal",
-    "close the drawer", "press the button", "push the block to the goal", "pick up the block",
-    "is the gripper open", "is the object left of the goal", "is the hand above the table",
-    "which task is this", "yes", "no", "left", "right", "drawer", "door", "button", "plate",
+    "press the button from the top",
+    "open the drawer",
+    "open the door",
+    "slide the plate into the goal",
+    "close the drawer",
+    "press the button",
+    "push the block to the goal",
+    "pick up the block",
+    "is the gripper open",
+    "is the object left of the goal",
+    "is the hand above the table",
+    "which task is this",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "drawer",
+    "door",
+    "button",
+    "plate",
 ]
 
 
 class TinyVLAConfig(PretrainedConfig):
     model_type = "tinyvla"
 
-    def __init__(self, vision: dict | None = None, llm: dict | None = None, image_size: int = 64,
-                 patch_size: int = 8, action_dim: int = 4, n_action_bins: int = 256,
-                 vocab_end: int | None = None, **kwargs):
+    def __init__(
+        self,
+        vision: dict | None = None,
+        llm: dict | None = None,
+        image_size: int = 64,
+        patch_size: int = 8,
+        action_dim: int = 4,
+        n_action_bins: int = 256,
+        vocab_end: int | None = None,
+        **kwargs,
+    ):
         self.vision = dict(vision or {})
         self.llm = dict(llm or {})
         self.image_size = int(image_size)
@@ -60,25 +93,54 @@ class TinyVLAConfig(PretrainedConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-def tiny_config(tiny: Mapping[str, Any], vocab_size: int, *, pad_id: int = 0, bos_id: int = 1,
-                eos_id: int = 2, action_dim: int = 4, vocab_end: int | None = None,
-                model_vocab: int | None = None) -> TinyVLAConfig:
+def tiny_config(
+    tiny: Mapping[str, Any],
+    vocab_size: int,
+    *,
+    pad_id: int = 0,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    action_dim: int = 4,
+    vocab_end: int | None = None,
+    model_vocab: int | None = None,
+) -> TinyVLAConfig:
     """TinyVLAConfig from the `model.tiny` block of the study config."""
-    vision = {"hidden_size": tiny["vision_hidden"], "num_hidden_layers": tiny["vision_layers"],
-              "num_attention_heads": tiny["vision_heads"],
-              "intermediate_size": tiny.get("vision_intermediate", 4 * tiny["vision_hidden"]),
-              "image_size": tiny["image_size"], "patch_size": tiny["patch_size"], "num_channels": 3,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    llm = {"vocab_size": model_vocab or vocab_size, "hidden_size": tiny["hidden"],
-           "num_hidden_layers": tiny["layers"], "num_attention_heads": tiny["heads"],
-           "num_key_value_heads": tiny.get("kv_heads", tiny["heads"]),
-           "intermediate_size": tiny["intermediate"], "max_position_embeddings": tiny.get("max_positions", 1024),
-           "pad_token_id": pad_id, "bos_token_id": bos_id, "eos_token_id": eos_id,
-           "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
-    return TinyVLAConfig(vision=vision, llm=llm, image_size=tiny["image_size"],
-                         patch_size=tiny["patch_size"], action_dim=action_dim,
-                         vocab_end=vocab_end if vocab_end is not None else vocab_size,
-                         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
+    vision = {
+        "hidden_size": tiny["vision_hidden"],
+        "num_hidden_layers": tiny["vision_layers"],
+        "num_attention_heads": tiny["vision_heads"],
+        "intermediate_size": tiny.get("vision_intermediate", 4 * tiny["vision_hidden"]),
+        "image_size": tiny["image_size"],
+        "patch_size": tiny["patch_size"],
+        "num_channels": 3,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    llm = {
+        "vocab_size": model_vocab or vocab_size,
+        "hidden_size": tiny["hidden"],
+        "num_hidden_layers": tiny["layers"],
+        "num_attention_heads": tiny["heads"],
+        "num_key_value_heads": tiny.get("kv_heads", tiny["heads"]),
+        "intermediate_size": tiny["intermediate"],
+        "max_position_embeddings": tiny.get("max_positions", 1024),
+        "pad_token_id": pad_id,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+    }
+    return TinyVLAConfig(
+        vision=vision,
+        llm=llm,
+        image_size=tiny["image_size"],
+        patch_size=tiny["patch_size"],
+        action_dim=action_dim,
+        vocab_end=vocab_end if vocab_end is not None else vocab_size,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
 
 
 class Projector(nn.Module):
@@ -100,7 +162,7 @@ class TinyVLAForActionPrediction(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["LlamaDecoderLayer", "ViTLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "ViTLayer"]  # noqa: RUF012 (HF class attribute)
 
     def __init__(self, config: TinyVLAConfig):
         super().__init__(config)
@@ -130,8 +192,17 @@ class TinyVLAForActionPrediction(PreTrainedModel):
         feats = self.vision_backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]  # no CLS
         return self.projector(feats)
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None,
-                output_hidden_states=None, use_cache=False, return_dict=True, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        labels=None,
+        output_hidden_states=None,
+        use_cache=False,
+        return_dict=True,
+        **kwargs,
+    ):
         tok_emb = self.language_model.get_input_embeddings()(input_ids)  # [B, T, D]
         patches = self.image_embeddings(pixel_values).to(tok_emb.dtype)  # [B, P, D]
         b, p = patches.shape[:2]
@@ -141,9 +212,14 @@ class TinyVLAForActionPrediction(PreTrainedModel):
         mask = torch.cat([attention_mask[:, :1], attention_mask.new_ones(b, p), attention_mask[:, 1:]], 1)
         if labels is not None:
             labels = torch.cat([labels[:, :1], labels.new_full((b, p), -100), labels[:, 1:]], 1)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
-                                   output_hidden_states=output_hidden_states, use_cache=False,
-                                   return_dict=True)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            labels=labels,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+            return_dict=True,
+        )
 
 
 def _register_auto() -> None:
@@ -170,24 +246,28 @@ def _template_texts() -> list[str]:
     return [ACTION_PREFIX, ACTION_SUFFIX, VQA_PREFIX]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_words: int = 600, n_bins: int = 256,
-                    pad_to: int | None = None):
+def train_tokenizer(
+    texts: Iterable[str], vocab_words: int = 600, n_bins: int = 256, pad_to: int | None = None
+):
     """Word-level tokenizer trained on `texts` (+ the prompt templates): ids
     [<pad> <s> </s> <unk>, words..., (fillers up to pad_to - n_bins), 256 action tokens]."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     def fresh(vocab=None):
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>") if vocab else
-                        models.WordLevel(unk_token="<unk>"))
+        tok = Tokenizer(
+            models.WordLevel(vocab=vocab, unk_token="<unk>") if vocab else models.WordLevel(unk_token="<unk>")
+        )
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Punctuation("isolated")])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+        )
         return tok
 
     tok = fresh()
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_words + len(SPECIAL_TOKENS),
-                                        special_tokens=SPECIAL_TOKENS, min_frequency=1)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_words + len(SPECIAL_TOKENS), special_tokens=SPECIAL_TOKENS, min_frequency=1
+    )
     corpus = _template_texts() * 4 + [str(t) for t in texts]
     tok.train_from_iterator(corpus, trainer)
     words = [w for w, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
@@ -196,10 +276,12 @@ def train_tokenizer(texts: Iterable[str], vocab_words: int = 600, n_bins: int = 
         words += [f"<unused_{i}>" for i in range(pad_to - n_bins - len(words))]
     vocab = {w: i for i, w in enumerate(words + action_token_names(n_bins))}
     tok = fresh(vocab)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.padding_side = "right"
     return fast
 
@@ -218,9 +300,16 @@ class TinyBackend(VLABackend):
 
     def __init__(self, model: TinyVLAForActionPrediction, tokenizer, device="cpu", stats=None):
         cfg = model.config
-        super().__init__(model, tokenizer, n_image_tokens=cfg.n_image_tokens, action_dim=cfg.action_dim,
-                         vocab_end=cfg.vocab_end or len(tokenizer), device=device, stats=stats,
-                         n_bins=cfg.n_action_bins)
+        super().__init__(
+            model,
+            tokenizer,
+            n_image_tokens=cfg.n_image_tokens,
+            action_dim=cfg.action_dim,
+            vocab_end=cfg.vocab_end or len(tokenizer),
+            device=device,
+            stats=stats,
+            n_bins=cfg.n_action_bins,
+        )
         self.image_size = cfg.image_size
 
     def pixel_values(self, images) -> torch.Tensor:
@@ -228,8 +317,13 @@ class TinyBackend(VLABackend):
         arr = images_to_uint8(images)
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         return (x - 0.5) / 0.5
 
     def save(self, out_dir: str | Path) -> Path:
@@ -240,17 +334,21 @@ class TinyBackend(VLABackend):
         unwrapped.save_pretrained(str(out), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
         if self.stats is not None:
-            (out / "dataset_statistics.json").write_text(json.dumps({"action": self.stats}, indent=2,
-                                                                    default=_tolist))
+            (out / "dataset_statistics.json").write_text(
+                json.dumps({"action": self.stats}, indent=2, default=_tolist)
+            )
         return out
 
     @classmethod
-    def from_dir(cls, path: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
-                 stats=None) -> TinyBackend:
+    def from_dir(
+        cls, path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, stats=None
+    ) -> TinyBackend:
         path = Path(path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"tiny model dir {path} has no config.json — run the `model` stage "
-                                    "(vlaforget model --config ...) or set model.path")
+            raise FileNotFoundError(
+                f"tiny model dir {path} has no config.json — run the `model` stage "
+                "(vlaforget model --config ...) or set model.path"
+            )
         model = TinyVLAForActionPrediction.from_pretrained(str(path), torch_dtype=dtype)
         model.to(device).eval()
         tok = load_tokenizer(path)
@@ -271,45 +369,90 @@ def _tolist(o):
 
 def default_stats(action_dim: int) -> dict:
     """q01/q99 = -1/1, gripper unmasked: normalisation is the identity on [-1, 1] actions."""
-    return {"q01": [-1.0] * action_dim, "q99": [1.0] * action_dim, "mask": [True] * (action_dim - 1) + [False],
-            "mean": [0.0] * action_dim, "std": [1.0] * action_dim, "min": [-1.0] * action_dim,
-            "max": [1.0] * action_dim}
+    return {
+        "q01": [-1.0] * action_dim,
+        "q99": [1.0] * action_dim,
+        "mask": [True] * (action_dim - 1) + [False],
+        "mean": [0.0] * action_dim,
+        "std": [1.0] * action_dim,
+        "min": [-1.0] * action_dim,
+        "max": [1.0] * action_dim,
+    }
 
 
-def build_tiny_backend(tiny: Mapping[str, Any], corpus: Iterable[str], *, action_dim: int = 4,
-                       seed: int = 0, device="cpu", stats=None) -> TinyBackend:
+def build_tiny_backend(
+    tiny: Mapping[str, Any],
+    corpus: Iterable[str],
+    *,
+    action_dim: int = 4,
+    seed: int = 0,
+    device="cpu",
+    stats=None,
+) -> TinyBackend:
     """Random-init tiny backend: tokenizer trained on `corpus`, model sized by the `model.tiny` block."""
     tok = train_tokenizer(corpus, int(tiny.get("vocab_words", 600)))
-    cfg = tiny_config(tiny, len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                      eos_id=tok.eos_token_id, action_dim=action_dim)
+    cfg = tiny_config(
+        tiny,
+        len(tok),
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        eos_id=tok.eos_token_id,
+        action_dim=action_dim,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TinyVLAForActionPrediction(cfg)
     model.to(device)
-    return TinyBackend(model, tok, device=device, stats=stats if stats is not None else default_stats(action_dim))
+    return TinyBackend(
+        model, tok, device=device, stats=stats if stats is not None else default_stats(action_dim)
+    )
 
 
-def random_tiny_backend(tiny: Mapping[str, Any] | None = None, *, action_dim: int = 4, seed: int = 0,
-                        corpus: Iterable[str] | None = None, device="cpu", stats=None) -> TinyBackend:
+def random_tiny_backend(
+    tiny: Mapping[str, Any] | None = None,
+    *,
+    action_dim: int = 4,
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+    device="cpu",
+    stats=None,
+) -> TinyBackend:
     """A random-init tiny backend in well under a second, no data needed (for tests).
 
     Sizes default to TEST_TINY; corpus to a built-in Meta-World-like word list; stats to
     identity normalisation (q01=-1, q99=1). `backend.save(dir)` writes a loadable model dir."""
     t = dict(TEST_TINY)
     t.update(tiny or {})
-    return build_tiny_backend(t, list(corpus) if corpus is not None else DEFAULT_CORPUS,
-                              action_dim=action_dim, seed=seed, device=device, stats=stats)
+    return build_tiny_backend(
+        t,
+        list(corpus) if corpus is not None else DEFAULT_CORPUS,
+        action_dim=action_dim,
+        seed=seed,
+        device=device,
+        stats=stats,
+    )
 
 
 # ----------------------------------------------------------------------------- 7B shape
 
-SEVEN_B_SHAPE = {"image_size": 224, "patch_size": 14, "vision_hidden": 1152, "vision_layers": 27,
-                 "vision_heads": 16, "vision_intermediate": 4304, "hidden": 4096, "layers": 32,
-                 "heads": 32, "intermediate": 11008, "max_positions": 2048}
+SEVEN_B_SHAPE = {
+    "image_size": 224,
+    "patch_size": 14,
+    "vision_hidden": 1152,
+    "vision_layers": 27,
+    "vision_heads": 16,
+    "vision_intermediate": 4304,
+    "hidden": 4096,
+    "layers": 32,
+    "heads": 32,
+    "intermediate": 11008,
+    "max_positions": 2048,
+}
 
 
-def seven_b_shape_backend(device="meta", dtype: torch.dtype = torch.bfloat16, action_dim: int = 7,
-                          layers: int | None = None) -> TinyBackend:
+def seven_b_shape_backend(
+    device="meta", dtype: torch.dtype = torch.bfloat16, action_dim: int = 7, layers: int | None = None
+) -> TinyBackend:
     """Random-init model with OpenVLA-7B's LLM dims (Llama-2-7B: 32 layers, hidden 4096, 32 heads,
     intermediate 11008, vocab 32064, action ids 31744..31999) and a SigLIP-so400m-shaped ViT tower
     (224 px, patch 14, 256 patches, width 1152, 27 layers). device="meta" allocates nothing
@@ -318,8 +461,16 @@ def seven_b_shape_backend(device="meta", dtype: torch.dtype = torch.bfloat16, ac
     if layers is not None:
         shape["layers"] = layers
     tok = train_tokenizer(DEFAULT_CORPUS, 600, pad_to=32000)  # action ids 31744..31999
-    cfg = tiny_config(shape, 32000, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                      eos_id=tok.eos_token_id, action_dim=action_dim, vocab_end=32000, model_vocab=32064)
+    cfg = tiny_config(
+        shape,
+        32000,
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        eos_id=tok.eos_token_id,
+        action_dim=action_dim,
+        vocab_end=32000,
+        model_vocab=32064,
+    )
     cfg.torch_dtype = dtype
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -29,8 +29,9 @@ def _lr_lambda(steps: int, warmup: int):
     return f
 
 
-def pretrain(backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, Any],
-             image_aug: bool = True) -> dict:
+def pretrain(
+    backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, Any], image_aug: bool = True
+) -> dict:
     """Train backend.model in place. bc_data: indexable of samples (CachedDataset, train split);
     vqa_data: list of VQA samples. Returns the training history (loss/accuracy per logged step)."""
     steps, bsz = int(pcfg.get("steps", 1000)), int(pcfg.get("batch_size", 32))
@@ -40,8 +41,12 @@ def pretrain(backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, A
     gen = torch.Generator().manual_seed(seed + 1)
     model = backend.model
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.get("lr", 1e-3)),
-                            weight_decay=float(pcfg.get("weight_decay", 0.01)), betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(pcfg.get("lr", 1e-3)),
+        weight_decay=float(pcfg.get("weight_decay", 0.01)),
+        betas=(0.9, 0.95),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, int(0.05 * steps))))
     hist: dict[str, list] = {"step": [], "bc_loss": [], "bc_acc": [], "vqa_loss": [], "seconds": []}
     ema: dict[str, float] = {}
@@ -86,14 +91,19 @@ def pretrain(backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, A
                 bar.set_postfix({k: round(v, 3) for k, v in ema.items()})
     model.eval()
     hist["train_seconds"] = time.time() - t0
-    log.info("pretraining: %d steps in %.0f s; %s", steps, hist["train_seconds"],
-             {k: round(v, 3) for k, v in ema.items()})
+    log.info(
+        "pretraining: %d steps in %.0f s; %s",
+        steps,
+        hist["train_seconds"],
+        {k: round(v, 3) for k, v in ema.items()},
+    )
     return hist
 
 
 @torch.no_grad()
-def heldout_metrics(backend, bc_heldout, vqa_heldout: Sequence[Mapping], n_bc: int = 512,
-                    batch_size: int = 64) -> dict:
+def heldout_metrics(
+    backend, bc_heldout, vqa_heldout: Sequence[Mapping], n_bc: int = 512, batch_size: int = 64
+) -> dict:
     """Held-out BC action-token accuracy / L1 (teacher forcing) and VQA exact-match accuracy."""
     model = backend.model
     model.eval()
@@ -103,7 +113,7 @@ def heldout_metrics(backend, bc_heldout, vqa_heldout: Sequence[Mapping], n_bc: i
         correct = total = 0
         l1s = []
         for s in range(0, len(idx), batch_size):
-            batch = backend.collate([bc_heldout[int(i)] for i in idx[s:s + batch_size]])
+            batch = backend.collate([bc_heldout[int(i)] for i in idx[s : s + batch_size]])
             m = backend.action_metrics(batch, backend.forward(batch).logits)
             n = int(batch["action_targets"].numel())
             correct += float(m["accuracy"]) * n
@@ -114,21 +124,32 @@ def heldout_metrics(backend, bc_heldout, vqa_heldout: Sequence[Mapping], n_bc: i
         right = 0
         by_kind: dict[str, list[int]] = {}
         for s in range(0, len(vqa_heldout), batch_size):
-            chunk = list(vqa_heldout[s:s + batch_size])
+            chunk = list(vqa_heldout[s : s + batch_size])
             answers = backend.answer([c["image"] for c in chunk], [c["question"] for c in chunk])
             for c, a in zip(chunk, answers):
                 ok = int(a.strip().lower() == str(c["answer"]).strip().lower())
                 right += ok
                 by_kind.setdefault(str(c.get("kind", "all")), []).append(ok)
-        out.update(vqa_accuracy=right / len(vqa_heldout), vqa_samples=len(vqa_heldout),
-                   vqa_accuracy_by_kind={k: float(np.mean(v)) for k, v in by_kind.items()})
+        out.update(
+            vqa_accuracy=right / len(vqa_heldout),
+            vqa_samples=len(vqa_heldout),
+            vqa_accuracy_by_kind={k: float(np.mean(v)) for k, v in by_kind.items()},
+        )
     return out
 
 
 @torch.no_grad()
-def closed_loop_success(backend, tasks: Sequence[str], episodes: int, seed: int, *,
-                        camera: str = "corner3", render_size: int = 64, max_steps: int = 150,
-                        instructions: Mapping | None = None) -> dict:
+def closed_loop_success(
+    backend,
+    tasks: Sequence[str],
+    episodes: int,
+    seed: int,
+    *,
+    camera: str = "corner3",
+    render_size: int = 64,
+    max_steps: int = 150,
+    instructions: Mapping | None = None,
+) -> dict:
     """Minimal closed-loop evaluation: one env, batch 1, episode seeds seed, seed+1, ... per task."""
     from ..data.instructions import canonical_instruction
     from ..envs.metaworld import MetaWorldEnv

@@ -201,8 +201,25 @@ class TinyVLAForActionPrediction(PreTrainedModel):
         output_hidden_states=None,
         use_cache=False,
         return_dict=True,
+        past_key_values=None,
+        position_ids=None,
         **kwargs,
     ):
+        """OpenVLA layout: [<s>, image patches, text[1:]]; attention_mask is over the text tokens.
+
+        Decoding step (past_key_values given): input_ids are the new tokens only, attention_mask
+        covers the whole cached sequence (sequence coordinates, patches included) and position_ids
+        their sequence positions; no image is needed."""
+        if past_key_values is not None:
+            return self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=True,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
         tok_emb = self.language_model.get_input_embeddings()(input_ids)  # [B, T, D]
         patches = self.image_embeddings(pixel_values).to(tok_emb.dtype)  # [B, P, D]
         b, p = patches.shape[:2]
@@ -217,7 +234,7 @@ class TinyVLAForActionPrediction(PreTrainedModel):
             attention_mask=mask,
             labels=labels,
             output_hidden_states=output_hidden_states,
-            use_cache=False,
+            use_cache=bool(use_cache),
             return_dict=True,
         )
 
@@ -311,6 +328,47 @@ class TinyBackend(VLABackend):
             n_bins=cfg.n_action_bins,
         )
         self.image_size = cfg.image_size
+
+    @torch.no_grad()
+    def _greedy(self, prompts, pixel_values, steps, allowed, stop_at_eos, model):
+        """Greedy decoding with a KV cache: one prefill over [<s>, patches, prompt] (right-padded),
+        then one single-token step per new token. Each row's new token takes the next cache slot
+        with its own position id (its true sequence position) and the padding slots masked, so the
+        result equals the uncached decoding (VLABackend._greedy)."""
+        m = self.model if model is None else model
+        n = self.n_image_tokens
+        b = len(prompts)
+        ids = self._pad([list(p) for p in prompts], self.pad_id).to(self.device)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        attn = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()
+        out = m(input_ids=ids, attention_mask=attn, pixel_values=pixel_values, use_cache=True, return_dict=True)
+        cache = getattr(out, "past_key_values", None)
+        if cache is None:  # a model without a KV cache (e.g. a scripted test double)
+            return super()._greedy(prompts, pixel_values, steps, allowed, stop_at_eos, model)
+        seq_mask = torch.cat([attn[:, :1], attn.new_ones(b, n), attn[:, 1:]], 1)  # [B, n + T]
+        rows = torch.arange(b, device=self.device)
+        last = out.logits[rows, lens - 1 + n].float()  # [B, V]
+        done = [False] * b
+        res: list[list[int]] = [[] for _ in range(b)]
+        for k in range(steps):
+            if allowed is not None:
+                masked = torch.full_like(last, float("-inf"))
+                masked[:, allowed] = last[:, allowed]
+                last = masked
+            nxt = last.argmax(-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    res[i].append(tok)
+                    done[i] = stop_at_eos and tok == self.eos_id
+            if k == steps - 1 or all(done):
+                break
+            seq_mask = torch.cat([seq_mask, seq_mask.new_ones(b, 1)], 1)
+            pos = (lens + n + k)[:, None]  # sequence position of the token appended at step k
+            out = m(input_ids=nxt[:, None], attention_mask=seq_mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True, return_dict=True)
+            cache = out.past_key_values
+            last = out.logits[:, -1].float()
+        return res
 
     def pixel_values(self, images) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-1, 1] (ViT mean/std 0.5), resized to S."""

@@ -204,6 +204,17 @@ def test_probe_change_reruns_probe_chain_not_baseline_training(touched):
     assert jobs.get("table")
 
 
+def test_icsm_r_change_reruns_icsm_and_downstream_not_probe(touched):
+    out = _dry_with(touched, {"icsm": {"r": 3}})
+    jobs = planned(out)
+    assert jobs.get("icsm") and "probe" not in jobs
+    for rule in ("demos", "cache", "model", "craft_anchors"):
+        assert rule not in jobs, rule
+    runs = trained_runs(out)
+    assert runs and all("thermostat" in r for r in runs)  # only the ICSM-based method runs
+    assert jobs.get("table")
+
+
 def test_unchanged_config_reruns_nothing(touched):
     out = _dry_with(touched, {})
     assert "Nothing to be done" in out

@@ -118,6 +118,7 @@ class HSWPlugin(Plugin):
                     if k_src in stats:
                         acc[k_dst] += float(stats[k_src]) ** 2
                 acc["calls"] += int(want_stats)
+                acc["beta"], acc["gamma"] = self.beta, self.gamma  # the gains this gradient got
                 return g2
 
             hidden.register_hook(grad_hook)
@@ -127,7 +128,8 @@ class HSWPlugin(Plugin):
 
     def logs(self) -> dict:
         a = self._acc
-        out = {"hsw_beta": self.beta, "hsw_gamma": self.gamma}
+        # the gains applied during this step (a Thermostat update after the step shows next step)
+        out = {"hsw_beta": a.get("beta", self.beta), "hsw_gamma": a.get("gamma", self.gamma)}
         if a["calls"]:
             out.update(hsw_g_norm=math.sqrt(a["g"]), hsw_gprime_norm=math.sqrt(a["gprime"]),
                        hsw_gf_norm=math.sqrt(a["gf"]), hsw_gp_norm=math.sqrt(a["gp"]),

@@ -203,31 +203,8 @@ def anchor_features(
     return {p: torch.cat(v) for p, v in acc.items()}
 
 
-def open_dataset(block: dict, split: str = "train"):
-    cache_dir = Path(block["cache_dir"])
-    if not (cache_dir / "manifest.json").exists():
-        raise MissingInput(
-            f"dataset cache {cache_dir} is missing (no manifest.json): run the cache "
-            f"stage for dataset '{block.get('name')}' first"
-        )
-    from ..data.cache import CachedDataset
-
-    return CachedDataset(cache_dir, split=split)
-
-
-def load_teacher(model_block: dict, ds):
-    from ..models import load_backend
-
-    backend = load_backend(
-        model_block,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        adapter_dir=None,
-        stats=getattr(ds, "statistics", None),
-    )
-    backend.model.eval()
-    for p in backend.model.parameters():
-        p.requires_grad_(False)
-    return backend
+# the probe stage's loaders (same cache check, same frozen teacher); module names so tests can patch them
+from ..data.probe import load_teacher, open_dataset
 
 
 def load_anchors(d: str | Path) -> dict:

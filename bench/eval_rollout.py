@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
                    help="7b: random-init model of OpenVLA-7B's shapes on the GPU (bf16), 224 px input")
     p.add_argument("--render-size", type=int, default=None, help="camera size (default: demo config)")
+    p.add_argument("--groups", type=int, nargs="+", default=[1],
+                   help="pipeline groups tried for each N > 0 (1 = all envs step together)")
     a = p.parse_args()
 
     import torch
@@ -65,8 +67,9 @@ def main() -> int:
         a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
     )
     rows, ref = [], None
-    for n in a.num_envs:
-        res = run_episodes(fac, policy, eps, num_envs=n)
+    runs = [(n, g) for n in a.num_envs for g in ([1] if n == 0 else a.groups)]
+    for n, g in runs:
+        res = run_episodes(fac, policy, eps, num_envs=n, groups=g)
         digests = [e["final_digest"] for e in res["episodes"]]
         if ref is None:
             ref = digests
@@ -75,6 +78,8 @@ def main() -> int:
             "success_rate": res["success_rate"],
             "same_trajectories_as_first": sum(x == y for x, y in zip(digests, ref)),
             "n_episodes": len(eps),
+            "num_envs": n,
+            "groups": g,
         }
         rows.append(row)
         print(json.dumps(row))

@@ -41,6 +41,24 @@ def test_same_seed_same_episode_without_rendering():
     assert np.abs(st_a[0] - st_c[0]).max() > 1e-3  # another seed places the objects elsewhere
 
 
+def test_randomization_scales_the_reset_ranges():
+    """randomization r shrinks Meta-World's object/goal reset box about its centre by r."""
+    def first_states(r, seeds):
+        with MetaWorldEnv("button-press-topdown-v3", 0, render=False, randomization=r) as env:
+            return np.stack([env.reset(s)["env_state"] for s in seeds])
+
+    seeds = range(12)
+    full, half, none = first_states(1.0, seeds), first_states(0.5, seeds), first_states(0.0, seeds)
+    obj = slice(4, 7)  # first object position
+    spread = lambda x: x[:, obj].max(0) - x[:, obj].min(0)  # noqa: E731
+    assert np.allclose(none[:, obj], none[0, obj])  # r = 0: always the centre of the box
+    assert spread(full)[0] > 0.05 and np.all(spread(half) <= 0.5 * spread(full) + 0.02)
+    centre = none[0, obj]
+    assert np.allclose(half[:, obj] - centre, 0.5 * (full[:, obj] - centre), atol=2e-3)
+    with pytest.raises(ValueError, match="randomization"):
+        MetaWorldEnv("button-press-topdown-v3", 0, render=False, randomization=1.5)
+
+
 def test_obs_layout_and_expert_actions():
     with MetaWorldEnv("button-press-v3", 0, render=False, render_size=16) as env:
         obs = env.reset()

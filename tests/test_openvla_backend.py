@@ -305,6 +305,32 @@ def test_predict_actions_matches_openvla_predict_action(backend):
         assert np.allclose(ours[i], ref, atol=1e-5), (ours[i], ref)
 
 
+def test_kv_cached_batched_decoding_equals_uncached(backend):
+    """The batched KV-cached decoding (prefill through openvla's forward, steps straight into its
+    Llama with per-row positions and padding masked) gives the tokens of the uncached loop, for
+    prompts of different lengths in one right-padded batch."""
+    from vlaforget.models.base import VLABackend
+    from vlaforget.models.prompts import encode_action_prompt
+
+    samples = _samples()
+    instr = [s["instruction"] for s in samples]
+    instr[0] = instr[0] + " and then put it back where it was, carefully"  # longer row: padding
+    prompts = [encode_action_prompt(backend.tokenizer, t).ids + backend.action_sep_ids for t in instr]
+    assert len({len(p) for p in prompts}) > 1
+    pv = backend._images(np.stack([s["image"] for s in samples]))
+    allowed = slice(ACTION_BEGIN, VOCAB_END)
+    calls = []
+    step = backend._decode_step
+    backend._decode_step = lambda *a: calls.append(1) or step(*a)
+    try:
+        cached = backend._greedy(prompts, pv, 7, allowed, False, None)
+    finally:
+        del backend._decode_step
+    assert len(calls) == 6  # one prefill, then six cached single-token steps
+    plain = VLABackend._greedy(backend, prompts, pv, 7, allowed, False, None)
+    assert cached == plain
+
+
 def test_layers_through_peft_and_lora_targets(backend):
     from peft import LoraConfig, get_peft_model
     from torch import nn

@@ -76,12 +76,17 @@ def test_fake_env_batched_equals_sequential_and_truth(tmp_path):
     for e in seq["episodes"]:
         assert (e["success"], e["steps"]) == expected(e["seed"], 2 if e["task"] == "b" else 1)
     for n in (1, 3, 10):
-        bat = run_episodes(FakeFactory(), step_policy, eps, num_envs=n, in_process=True)
-        assert strip(bat) == strip(seq), n
-        assert bat["timing"]["num_envs"] == min(n, len(eps))
+        for groups in (1, 2, 3):  # pipelined groups: same episodes, same trajectories
+            bat = run_episodes(FakeFactory(), step_policy, eps, num_envs=n, in_process=True, groups=groups)
+            assert strip(bat) == strip(seq), (n, groups)
+            assert bat["timing"]["num_envs"] == min(n, len(eps))
+            assert bat["timing"]["env_steps"] == sum(e["steps"] for e in seq["episodes"])
     # real worker processes (spawn) + videos of the first episode of each task
     proc = run_episodes(FakeFactory(), step_policy, eps, num_envs=3, video_dir=tmp_path / "v")
     assert strip(proc) == strip(seq)
+    piped = run_episodes(FakeFactory(), step_policy, eps, num_envs=4, groups=2)
+    assert strip(piped) == strip(seq)
+    assert piped["timing"]["policy_calls"] > proc["timing"]["policy_calls"]  # half-size batches
     assert proc["timing"]["mean_batch"] > 1.0
     assert len(proc["videos"]) == 2 and all(p.endswith(".mp4") for p in proc["videos"])
     from vlaforget.eval.video import read_video

@@ -112,6 +112,40 @@ def test_action_metrics_and_logprobs(backend):
     assert torch.equal(lp.argmax(-1) + backend.action_tokenizer.begin, b["action_targets"])
 
 
+def test_smoothed_action_loss_is_ordinal(backend):
+    """Pretraining's soft-label loss (model.pretrain.bin_sigma): with a tiny sigma it is the one-hot
+    CE of the action tokens (+ the end token); with sigma = 2 a prediction one bin off costs less
+    than one far off, while one-hot CE charges both the same."""
+    import torch.nn.functional as F
+
+    from vlaforget.train.pretrain import smoothed_action_loss
+
+    b = backend.collate(_samples())
+    n = backend.n_image_tokens
+    logits = torch.randn(*b["input_ids"].shape[:1], b["input_ids"].shape[1] + n, backend.vocab_end)
+    text_logits, gt = logits[:, n:-1], b["labels"][:, 1:]
+    is_act = (gt >= backend.action_tokenizer.begin) & (gt < backend.vocab_end)
+    is_eos = gt == backend.eos_id
+    hard = F.cross_entropy(text_logits[is_act], gt[is_act]) + F.cross_entropy(text_logits[is_eos], gt[is_eos])
+    assert torch.allclose(smoothed_action_loss(backend, b, logits, 1e-3), hard, atol=1e-5)
+
+    def peaked(offset: int) -> torch.Tensor:
+        out = torch.full_like(logits, -20.0)
+        for i in range(gt.shape[0]):
+            for t in range(gt.shape[1]):
+                if gt[i, t] != -100:
+                    tok = int(gt[i, t])
+                    if is_act[i, t]:  # move towards the middle of the bins so the shift stays inside
+                        mid = backend.action_tokenizer.begin + 128
+                        tok = tok + offset if tok < mid else tok - offset
+                    out[i, n + t, tok] = 20.0
+        return out
+
+    near, far = peaked(1), peaked(40)
+    assert smoothed_action_loss(backend, b, near, 2.0) < smoothed_action_loss(backend, b, far, 2.0) - 1.0
+    assert torch.allclose(backend.lm_loss(b, near), backend.lm_loss(b, far))
+
+
 def test_decoder_layers_through_wrappers(backend):
     from peft import LoraConfig, get_peft_model
 

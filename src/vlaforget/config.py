@@ -363,6 +363,7 @@ def eval_block(cfg: dict, suite: str) -> dict:
     e = cfg["eval"]
     blk = {"suite": suite, "num_envs": e["num_envs"], "episodes_per_task": e["episodes_per_task"],
            "videos_per_task": e.get("videos_per_task", 0), "center_crop": e.get("center_crop", False),
+           "pipeline_groups": e.get("pipeline_groups", 1),
            "image_size": cfg["data"]["image_size"],
            "unnorm_dataset": suite, "stats_path": str(layout(cfg).cache(suite) / "dataset_statistics.json")}
     if cfg["world"] == "metaworld":

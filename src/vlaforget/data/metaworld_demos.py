@@ -35,7 +35,8 @@ def rollout(job: dict[str, Any]) -> dict[str, Any]:
     from .instructions import sample_instruction
     from .rlds import encode_jpeg
 
-    key = (job["task"], job["camera"], job["render_size"], job["max_steps"])
+    rand = float(job.get("randomization", 1.0))
+    key = (job["task"], job["camera"], job["render_size"], job["max_steps"], rand)
     env = _ENVS.get(key)
     if env is None:
         env = _ENVS[key] = MetaWorldEnv(
@@ -44,6 +45,7 @@ def rollout(job: dict[str, Any]) -> dict[str, Any]:
             camera=job["camera"],
             render_size=job["render_size"],
             max_steps=job["max_steps"],
+            randomization=rand,
         )
     t0 = time.perf_counter()
     obs = env.reset(job["seed"])
@@ -82,6 +84,7 @@ def generate(
     instructions: dict | None = None,
     max_attempts_factor: float = 3.0,
     desc: str = "demos",
+    randomization: float = 1.0,
 ) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """Roll out episodes until each task has `episodes_per_task` successes (first N successful seeds).
 
@@ -93,6 +96,7 @@ def generate(
         "render_size": render_size,
         "max_steps": max_steps,
         "instructions": instructions or {},
+        "randomization": float(randomization),
     }
     results: dict[str, dict[int, dict]] = {t: {} for t in tasks}
     next_seed = {t: seed for t in tasks}

@@ -101,6 +101,17 @@ def _close_all() -> None:
             pass
 
 
+def _shrink_reset_space(env, scale: float) -> None:
+    """Scale the task's object/goal reset ranges about their centres by `scale` (0 = always the
+    centre). Only the embedded benchmark's difficulty changes; the physics and experts do not."""
+    from gymnasium.spaces import Box
+
+    space = env._random_reset_space
+    mid = (space.low + space.high) / 2.0
+    half = (space.high - space.low) / 2.0 * scale
+    env._random_reset_space = Box(mid - half, mid + half, dtype=np.float64)
+
+
 def all_tasks() -> list[str]:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
@@ -123,6 +134,7 @@ class MetaWorldEnv:
         max_steps: int = 150,
         render: bool = True,
         antialias: bool = False,
+        randomization: float = 1.0,
     ):
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
@@ -146,6 +158,11 @@ class MetaWorldEnv:
         env._freeze_rand_vec = False
         env.seeded_rand_vec = True
         env.max_path_length = 10**9  # we cap episodes ourselves (Meta-World raises past its cap)
+        self.randomization = float(randomization)
+        if not 0.0 <= self.randomization <= 1.0:
+            raise ValueError(f"randomization must be in [0, 1] (1 = Meta-World's ranges), got {randomization}")
+        if self.randomization != 1.0:
+            _shrink_reset_space(env, self.randomization)
         self._env = env
         self._policy = ENV_POLICY_MAP[task]()
         self._renderer = None

@@ -196,7 +196,15 @@ def evaluate_model(
         backend, image_size=ecfg.get("image_size"), center_crop=bool(ecfg.get("center_crop")), model=model
     )
     n = int(ecfg.get("num_envs", 1) if num_envs is None else num_envs)
-    return run_episodes(fac, policy, episodes, num_envs=n, video_dir=video_dir, desc=f"eval {ecfg['suite']}")
+    return run_episodes(
+        fac,
+        policy,
+        episodes,
+        num_envs=n,
+        video_dir=video_dir,
+        desc=f"eval {ecfg['suite']}",
+        groups=int(ecfg.get("pipeline_groups", 1)),
+    )
 
 
 def main(args) -> int:
@@ -239,6 +247,7 @@ def main(args) -> int:
         video_dir=video_dir,
         fps=30 if protocol["world"] == "libero" else 20,
         desc=f"eval {sc['suite']}",
+        groups=int(e.get("pipeline_groups", 1)),
     )
     res["timing"]["load_s"] = round(load_s, 3)
     out = {

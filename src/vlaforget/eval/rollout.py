@@ -80,14 +80,22 @@ class EpisodeResult:
 class MetaWorldFactory:
     """Picklable factory of `vlaforget.envs.metaworld.MetaWorldEnv` for one camera / size / cap."""
 
-    def __init__(self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150):
+    def __init__(
+        self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150, randomization: float = 1.0
+    ):
         self.camera, self.render_size, self.max_steps = camera, int(render_size), int(max_steps)
+        self.randomization = float(randomization)
 
     def __call__(self, task: str):
         from ..envs.metaworld import MetaWorldEnv
 
         return MetaWorldEnv(
-            task, seed=0, camera=self.camera, render_size=self.render_size, max_steps=self.max_steps
+            task,
+            seed=0,
+            camera=self.camera,
+            render_size=self.render_size,
+            max_steps=self.max_steps,
+            randomization=self.randomization,
         )
 
 
@@ -241,12 +249,15 @@ def run_episodes(
     cache_size: int = 1,
     desc: str = "rollouts",
     in_process: bool = False,
+    groups: int = 1,
 ) -> dict:
     """Run `episodes` with `num_envs` parallel envs (0 = the batch-1 sequential reference loop).
 
     Returns `summarize(...)` of the episode results plus `timing`. Videos of episodes with
     `record=True` go to `video_dir/{task}__{index}__{seed}__{success|fail}.mp4`.
     `in_process=True` steps the envs in this process (still batched; for tests and debugging).
+    `groups` > 1 pipelines: the N envs form that many groups whose simulation overlaps the policy
+    forward of the others (`_run_batched`); use it where the policy runs on a GPU.
     """
     episodes = list(episodes)
     t_start = time.perf_counter()
@@ -269,7 +280,7 @@ def run_episodes(
             ctx = mp.get_context(start_method)
             workers = [_Remote(ctx, make_env, cache_size) for _ in range(n)]
         try:
-            results = _run_batched(workers, policy, episodes, timing, desc)
+            results = _run_batched(workers, policy, episodes, timing, desc, groups)
         finally:
             for w in workers:
                 w.close()
@@ -310,10 +321,20 @@ def _safe(s: str) -> str:
 
 
 def _run_batched(
-    workers, policy: Policy, episodes: list[Episode], timing: dict, desc: str
+    workers, policy: Policy, episodes: list[Episode], timing: dict, desc: str, groups: int = 1
 ) -> list[EpisodeResult]:
+    """One batched policy call per control step over the live envs of a group.
+
+    groups = 1: all envs step together (send all actions, wait for every observation, one forward).
+    groups = G > 1: the envs are split into G groups taken in turn, so the policy's forward for one
+    group runs while the other groups' workers simulate (the workers are separate processes): env
+    time hides behind GPU time. Episodes are independent, so each one's trajectory is the same in
+    both modes wherever the policy's output for a row does not depend on the batch around it."""
     queue = list(reversed(episodes))
     slots: list[_Slot | None] = [None] * len(workers)
+    waiting = [False] * len(workers)  # a "step" was sent and its reply not yet read
+    groups = max(1, min(int(groups), len(workers)))
+    members = [[i for i in range(len(workers)) if i % groups == g] for g in range(groups)]
     results: list[EpisodeResult] = []
     bar = progress(total=len(episodes), desc=desc)
 
@@ -335,26 +356,18 @@ def _run_batched(
                 bar.update(1)
                 slots[i] = None
         timing["env_s"] += time.perf_counter() - t
-        if pending and any(s is None for s in slots) and queue:
-            start([i for i, s in enumerate(slots) if s is None])
+        retry = [i for i in idxs if slots[i] is None]
+        if pending and retry and queue:
+            start(retry)
 
-    start(list(range(len(workers))))
-    timing["startup_s"] = time.perf_counter() - timing["t_start"]
-    while any(s is not None for s in slots):
-        live = [i for i, s in enumerate(slots) if s is not None]
-        images = np.stack([slots[i].obs["image"] for i in live])
-        instructions = [slots[i].ep.instruction for i in live]
+    def collect(idxs: list[int]) -> None:
+        """Read the step replies of `idxs`; finished episodes free their worker for the next one."""
         t = time.perf_counter()
-        actions = _policy_call(policy, images, instructions)
-        timing["policy_s"] += time.perf_counter() - t
-        timing["policy_calls"] += 1
-        t = time.perf_counter()
-        for k, i in enumerate(live):
-            workers[i].send("step", actions[k])
         freed = []
-        for i in live:
+        for i in idxs:
             s = slots[i]
             status, reply = workers[i].recv()
+            waiting[i] = False
             s.steps += 1
             timing["env_steps"] += 1
             if status != "ok":
@@ -375,6 +388,24 @@ def _run_batched(
             bar.update(1)
         if freed:
             start(freed)
+
+    start(list(range(len(workers))))
+    timing["startup_s"] = time.perf_counter() - timing["t_start"]
+    while any(s is not None for s in slots):
+        for group in members:
+            collect([i for i in group if waiting[i]])
+            live = [i for i in group if slots[i] is not None]
+            if not live:
+                continue
+            images = np.stack([slots[i].obs["image"] for i in live])
+            instructions = [slots[i].ep.instruction for i in live]
+            t = time.perf_counter()
+            actions = _policy_call(policy, images, instructions)
+            timing["policy_s"] += time.perf_counter() - t
+            timing["policy_calls"] += 1
+            for k, i in enumerate(live):
+                workers[i].send("step", actions[k])
+                waiting[i] = True
     bar.close()
     return results
 

@@ -342,6 +342,57 @@ class VLABackend:
         return out
 
     @torch.no_grad()
+    def _greedy_cached(self, prompts, pixel_values, steps, allowed, stop_at_eos, model):
+        """Greedy decoding with a KV cache: one prefill over [<s>, patches, prompt] (right-padded),
+        then one single-token step per new token. Each row's new token takes the next cache slot
+        with its own position id (its true sequence position) and the padding slots masked, so the
+        result equals the uncached decoding (VLABackend._greedy)."""
+        m = self.model if model is None else model
+        n = self.n_image_tokens
+        b = len(prompts)
+        ids = self._pad([list(p) for p in prompts], self.pad_id).to(self.device)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        attn = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()
+        out = m(input_ids=ids, attention_mask=attn, pixel_values=pixel_values, use_cache=True, return_dict=True)
+        cache = getattr(out, "past_key_values", None)
+        if cache is None:  # a model without a KV cache (e.g. a scripted test double)
+            return VLABackend._greedy(self, prompts, pixel_values, steps, allowed, stop_at_eos, model)
+        seq_mask = torch.cat([attn[:, :1], attn.new_ones(b, n), attn[:, 1:]], 1)  # [B, n + T]
+        rows = torch.arange(b, device=self.device)
+        last = out.logits[rows, lens - 1 + n].float()  # [B, V]
+        done = [False] * b
+        res: list[list[int]] = [[] for _ in range(b)]
+        for k in range(steps):
+            if allowed is not None:
+                masked = torch.full_like(last, float("-inf"))
+                masked[:, allowed] = last[:, allowed]
+                last = masked
+            nxt = last.argmax(-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    res[i].append(tok)
+                    done[i] = stop_at_eos and tok == self.eos_id
+            if k == steps - 1 or all(done):
+                break
+            seq_mask = torch.cat([seq_mask, seq_mask.new_ones(b, 1)], 1)
+            pos = (lens + n + k)[:, None]  # sequence position of the token appended at step k
+            out = self._decode_step(m, nxt[:, None], seq_mask, pos, cache)
+            cache = out.past_key_values
+            last = out.logits[:, -1].float()
+        return res
+
+    def _decode_step(self, m: nn.Module, input_ids, attention_mask, position_ids, cache):
+        """One cached single-token step of `_greedy_cached` (the model's own forward)."""
+        return m(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+
+    @torch.no_grad()
     def predict_actions(
         self, images, instructions: Sequence[str], model: nn.Module | None = None, normalized: bool = False
     ) -> np.ndarray:

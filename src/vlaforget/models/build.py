@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import load_stage_config
 from ..io import log, provenance, seed_everything, write_json
 
-VQA_TRAIN_SAMPLES = 6000
+VQA_TRAIN_SAMPLES = 6000  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
 VQA_HELDOUT_SAMPLES = 400
 
 
@@ -61,8 +61,10 @@ def build_tiny(sc: dict) -> dict:
         )
     train = CachedDataset(cache_dir, split="train")
     heldout = CachedDataset(cache_dir, split="heldout")
-    vqa_train = vqa_samples(train, VQA_TRAIN_SAMPLES, seed)
-    vqa_held = vqa_samples(heldout, VQA_HELDOUT_SAMPLES, seed + 1) if len(heldout) else []
+    n_vqa = int(pcfg.get("vqa_train_samples", VQA_TRAIN_SAMPLES))
+    n_vqa_held = int(pcfg.get("vqa_heldout_samples", VQA_HELDOUT_SAMPLES))
+    vqa_train = vqa_samples(train, n_vqa, seed) if n_vqa else []
+    vqa_held = vqa_samples(heldout, n_vqa_held, seed + 1) if len(heldout) and n_vqa_held else []
     corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
     tiny = dict(sc["tiny"])
     backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics)

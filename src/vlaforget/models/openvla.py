@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import VLABackend, images_to_uint8
+from .base import VLABackend, images_to_uint8, unwrap_model
 
 EMPTY_TOKEN = "▁"  # sentencepiece's bare space; openvla's predict_action appends id 29871
 DEFAULT_EMPTY_ID = 29871
@@ -121,6 +121,27 @@ class OpenVLABackend(VLABackend):
         arr = images_to_uint8(images)
         pil = [Image.fromarray(a).convert("RGB") for a in arr]
         return self.processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def _greedy(self, prompts, pixel_values, steps, allowed, stop_at_eos, model):
+        """KV-cached batched greedy decoding (base `_greedy_cached`): one multimodal prefill through
+        openvla's forward, then single-token steps straight into its `language_model`.
+
+        openvla's own cached path (`input_ids.shape[1] == 1`) asserts batch size 1 and passes no
+        attention mask or position ids, which is wrong for right-padded batches; the Llama under it
+        takes both, so each row appends at its own position with its padding masked."""
+        return self._greedy_cached(prompts, pixel_values, steps, allowed, stop_at_eos, model)
+
+    def _decode_step(self, m, input_ids, attention_mask, position_ids, cache):
+        lm = unwrap_model(m).language_model
+        return lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
 
     @classmethod
     def load(cls, model_block: Mapping[str, Any], device="cpu") -> OpenVLABackend:

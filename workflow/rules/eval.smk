@@ -13,10 +13,10 @@ rule eval:
         result=R(ROOT / "evals" / "{run}" / "{suite}.json"),
     log:
         log_file("eval", "{run}@{suite}"),
-    threads: 2
+    threads: int(RES.get("eval_threads", 2))
     resources:
         gpu=gpus("eval"),
-        mem_mb=16000,
+        mem_mb=int(RES.get("mem_mb_eval", 16000)),
     conda:
         CONDA_ENV
     shell:
@@ -33,7 +33,7 @@ rule forgetting:
     threads: 1
     resources:
         gpu=gpus("eval"),
-        mem_mb=16000,
+        mem_mb=int(RES.get("mem_mb_eval", 16000)),
     conda:
         CONDA_ENV
     shell:

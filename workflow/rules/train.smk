@@ -10,7 +10,7 @@ rule train:
         done=R(ROOT / "runs" / "{trun}" / "final" / "done.json"),
     log:
         log_file("train", "{trun}"),
-    threads: 2
+    threads: int(RES.get("train_threads", 2))
     resources:
         gpu=gpus("train"),
         mem_mb=int(RES.get("mem_mb_train", 16000)),

@@ -223,3 +223,23 @@ def test_unchanged_config_reruns_nothing(touched):
 def test_report_rule_wrappers_present():
     text = (REPO / "workflow" / "rules" / "report.smk").read_text()
     assert text.count("report(") >= 2
+
+
+def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkeypatch):
+    """Snakemake's code trigger sees only rule bodies: each stage's config (and the table/figure
+    rules' `code` param) carries a hash of the library files it imports, so editing one reruns it."""
+    import shutil
+
+    from vlaforget import config as vfc
+
+    pkg = tmp_path / "vlaforget"
+    shutil.copytree(vfc.PKG_DIR, pkg)
+    monkeypatch.setattr(vfc, "PKG_DIR", pkg)
+    before = {s: vfc.code_hash(s) for s in vfc.STAGE_CODE}
+    (pkg / "report" / "figures.py").write_text((pkg / "report" / "figures.py").read_text() + "\n# edit\n")
+    (pkg / "envs" / "metaworld.py").write_text((pkg / "envs" / "metaworld.py").read_text() + "\n# edit\n")
+    after = {s: vfc.code_hash(s) for s in vfc.STAGE_CODE}
+    changed = {s for s in before if before[s] != after[s]}
+    assert changed == {"report", "demos", "eval"}  # envs/metaworld.py: demos and rollouts
+    text = (REPO / "workflow" / "rules" / "report.smk").read_text()
+    assert text.count('code=vfc.code_hash("report")') == 2  # table and figures

@@ -242,15 +242,16 @@ def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
 # Library modules each stage's output depends on. Snakemake's code trigger sees only the rule body,
 # so a hash of these sources goes into each stage config: editing them reruns the stage.
 STAGE_CODE = {
-    "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py"],
+    "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py", "envs/metaworld.py"],
     "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py"],
     "model": ["models", "data/cache.py", "data/vqa.py", "train/pretrain.py"],
     "probe": ["models", "data/cache.py", "data/probe.py", "methods/icsm.py"],
     "icsm": ["models", "methods/icsm.py", "data/probe.py"],
     "craft_anchors": ["models", "methods/craft.py", "data/cache.py"],
     "train": ["models", "methods", "train", "data/cache.py"],
-    "eval": ["models", "eval"],
+    "eval": ["models", "eval", "envs"],
     "forgetting": ["models", "eval", "data/vqa.py", "methods/icsm.py"],
+    "report": ["report"],  # table + figures rules: a `code` param (they have no stage config)
 }
 
 

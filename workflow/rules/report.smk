@@ -15,6 +15,7 @@ rule table:
         md="results/table_{kind}.md",
     params:
         upstream=" ".join(UPSTREAM_SUITES) or "''",
+        code=vfc.code_hash("report"),  # reruns the tables when report/ changes
     wildcard_constraints:
         kind="main|fewshot|ablation",
     log:
@@ -42,6 +43,7 @@ rule figures:
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),
         upstream=" ".join(UPSTREAM_SUITES) or "''",
+        code=vfc.code_hash("report"),  # redraws the figures when report/ changes
     log:
         R(ROOT / "logs" / "report" / "figures.log"),
     conda:

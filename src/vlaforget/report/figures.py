@@ -52,51 +52,50 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def retention_of(m: dict) -> tuple[float | None, str]:
-    """The retention measure of a run: upstream-success retention, else VQA retention, else CKA."""
-    for key, label in (
-        ("upstream_retention", "upstream success retention"),
-        ("vqa_retention", "VQA accuracy retention"),
-        ("cka", "CKA vs teacher"),
-    ):
-        if m.get(key) is not None and np.isfinite(m[key]):
-            return m[key], label
-    return None, "retention"
+RETENTIONS = (
+    ("upstream_retention", "upstream success retention"),
+    ("vqa_retention", "VQA accuracy retention"),
+    ("cka", "CKA vs teacher"),
+)
 
 
 def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
+    """Downstream success vs retention, one panel per measured retention (upstream success and VQA
+    accuracy; CKA when neither): the two kinds of forgetting can disagree, so both are shown."""
     plt = _plt()
     evals = load_evals(eval_files)
     teacher = evals.get("teacher")
-    per_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    xlabel = "retention"
+    pts: dict[str, dict[str, list[tuple[float, float]]]] = {k: defaultdict(list) for k, _ in RETENTIONS}
     for run, ev in evals.items():
         if run == "teacher":
             continue
         r = parse_run_name(run)
         m = run_metrics(ev, r["suite"], upstream, teacher)
-        x, xlabel = retention_of(m)
         y = m["downstream_success"]
-        if x is not None and y is not None:
-            per_method[r["method"]].append((x, y))
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for i, (method, pts) in enumerate(sorted(per_method.items())):
-        a = np.array(pts)
-        color = f"C{i % 10}"
-        ax.scatter(a[:, 0], a[:, 1], color=color, alpha=0.4, s=18)
-        mx, my = a.mean(0)
-        ex = a[:, 0].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
-        ey = a[:, 1].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
-        ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", color=color, label=method, capsize=3)
-    if teacher is not None:
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(xlabel + " (run / teacher)" if "retention" in xlabel else xlabel)
-    ax.set_ylabel("downstream success rate")
-    ax.set_title("Downstream success vs retention")
-    if per_method:
+        for key, _ in RETENTIONS:
+            x = m.get(key)
+            if x is not None and y is not None and np.isfinite(x):
+                pts[key][r["method"]].append((x, y))
+    panels = [(k, lab) for k, lab in RETENTIONS[:2] if pts[k]] or [(k, lab) for k, lab in RETENTIONS[2:] if pts[k]]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    methods = sorted({m for k, _ in panels for m in pts[k]})
+    for ax, (key, label) in zip(axes[0], panels):
+        for method, a in ((m, np.array(pts[key][m])) for m in methods if pts[key].get(m)):
+            color = f"C{methods.index(method) % 10}"
+            ax.scatter(a[:, 0], a[:, 1], color=color, alpha=0.4, s=18)
+            mx, my = a.mean(0)
+            ex = a[:, 0].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
+            ey = a[:, 1].std(ddof=1) * 1.96 / math.sqrt(len(a)) if len(a) > 1 else 0
+            ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", color=color, label=method, capsize=3)
+        if teacher is not None and key != "cka":
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label + (" (run / teacher)" if "retention" in label else ""))
+        ax.set_ylabel("downstream success rate")
+        ax.set_title(f"Downstream success vs {label.split(' retention')[0]}")
         ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no runs with both metrics", ha="center", transform=ax.transAxes)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no runs with both metrics", ha="center", transform=axes[0][0].transAxes)
+    fig.tight_layout()
     return _save(fig, out_dir, "pareto")
 
 

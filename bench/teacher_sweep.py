@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 DEFAULT = {
     "tasks": ["button-press-topdown-v3", "drawer-open-v3", "door-open-v3", "plate-slide-v3"],
@@ -58,7 +58,7 @@ def make_cache(v: dict, root: Path, workers: int) -> Path:
     out = root / key
     if (out / "manifest.json").exists():
         return out
-    kept, counts = generate(
+    kept, _counts = generate(
         list(v["tasks"]),
         int(v["episodes_per_task"]),
         1000,

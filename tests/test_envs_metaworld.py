@@ -43,6 +43,7 @@ def test_same_seed_same_episode_without_rendering():
 
 def test_randomization_scales_the_reset_ranges():
     """randomization r shrinks Meta-World's object/goal reset box about its centre by r."""
+
     def first_states(r, seeds):
         with MetaWorldEnv("button-press-topdown-v3", 0, render=False, randomization=r) as env:
             return np.stack([env.reset(s)["env_state"] for s in seeds])
@@ -50,7 +51,10 @@ def test_randomization_scales_the_reset_ranges():
     seeds = range(12)
     full, half, none = first_states(1.0, seeds), first_states(0.5, seeds), first_states(0.0, seeds)
     obj = slice(4, 7)  # first object position
-    spread = lambda x: x[:, obj].max(0) - x[:, obj].min(0)  # noqa: E731
+
+    def spread(x):
+        return x[:, obj].max(0) - x[:, obj].min(0)
+
     assert np.allclose(none[:, obj], none[0, obj])  # r = 0: always the centre of the box
     assert spread(full)[0] > 0.05 and np.all(spread(half) <= 0.5 * spread(full) + 0.02)
     centre = none[0, obj]

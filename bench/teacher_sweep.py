@@ -85,15 +85,15 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     from vlaforget.eval.closed_loop import BackendPolicy
     from vlaforget.eval.rollout import MetaWorldFactory, make_episodes, run_episodes
     from vlaforget.io import seed_everything
-    from vlaforget.models.build import tokenizer_corpus
+    from vlaforget.models.build import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
     from vlaforget.models.tiny import build_tiny_backend
     from vlaforget.train.pretrain import heldout_metrics, pretrain
 
     seed_everything(int(v["seed"]))
     train = CachedDataset(cache, split="train")
     held = CachedDataset(cache, split="heldout")
-    vqa_train = vqa_samples(train, 6000, 0, camera=v["camera"])
-    vqa_held = vqa_samples(held, 400, 1, camera=v["camera"]) if len(held) else []
+    vqa_train = vqa_samples(train, VQA_TRAIN_SAMPLES, 0, camera=v["camera"])
+    vqa_held = vqa_samples(held, VQA_HELDOUT_SAMPLES, 1, camera=v["camera"]) if len(held) else []
     sc = {"upstream": {"tasks": v["tasks"]}, "instructions": {}}
     corpus = tokenizer_corpus(sc, [train, held], vqa_train + vqa_held)
     tiny = {

@@ -381,9 +381,13 @@ class VLABackend:
             last = out.logits[:, -1].float()
         return res
 
+    def _decode_module(self, m: nn.Module) -> nn.Module:
+        """The module a cached single-token step runs through: the model's own forward."""
+        return m
+
     def _decode_step(self, m: nn.Module, input_ids, attention_mask, position_ids, cache):
-        """One cached single-token step of `_greedy_cached` (the model's own forward)."""
-        return m(
+        """One cached single-token step of `_greedy_cached`."""
+        return self._decode_module(m)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,

@@ -132,16 +132,8 @@ class OpenVLABackend(VLABackend):
         takes both, so each row appends at its own position with its padding masked."""
         return self._greedy_cached(prompts, pixel_values, steps, allowed, stop_at_eos, model)
 
-    def _decode_step(self, m, input_ids, attention_mask, position_ids, cache):
-        lm = unwrap_model(m).language_model
-        return lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            return_dict=True,
-        )
+    def _decode_module(self, m):
+        return unwrap_model(m).language_model
 
     @classmethod
     def load(cls, model_block: Mapping[str, Any], device="cpu") -> OpenVLABackend:

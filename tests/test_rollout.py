@@ -211,3 +211,37 @@ def test_evaluate_model_periodic(demo_config):
     res = evaluate_model(b, blk, model=b.model, episodes_per_task=1, num_envs=0)
     assert res["n_episodes"] == len(blk["tasks"]) and res["timing"]["mode"] == "sequential"
     assert all(e["steps"] == 2 for e in res["episodes"]) and res["videos"] == []
+
+
+def test_per_task_caps(demo_config):
+    """eval.metaworld.max_steps: one cap for all tasks, or task -> cap with a default."""
+    from vlaforget.config import eval_block
+    from vlaforget.eval.closed_loop import build_episodes, task_caps
+
+    tasks = ["drawer-close-v3", "button-press-v3"]
+    assert task_caps(50, tasks) == {"drawer-close-v3": 50, "button-press-v3": 50}
+    assert task_caps({"button-press-v3": 9, "default": 40}, tasks) == {"drawer-close-v3": 40, "button-press-v3": 9}
+    with pytest.raises(ValueError, match="drawer-close-v3.*default"):
+        task_caps({"button-press-v3": 9}, tasks)
+
+    e = eval_block(demo_config, "mw_downstream")
+    caps = demo_config["eval"]["metaworld"]["max_steps"]
+    fac, eps, info = build_episodes("metaworld", "mw_downstream", e)
+    assert {ep.task: ep.max_steps for ep in eps} == {t: caps[t] for t in e["tasks"]}
+    assert fac.max_steps == max(caps[t] for t in e["tasks"])  # the env's own cap never cuts first
+    assert info["max_steps"] == {t: caps[t] for t in e["tasks"]}
+
+
+def test_per_task_caps_end_episodes():
+    """The engine ends each episode at its own cap (batched and sequential alike)."""
+    eps = fake_episodes()
+    for ep in eps:
+        ep.max_steps = 2 if ep.task == "a" else None
+    for n in (0, 2):
+        res = run_episodes(FakeFactory(), step_policy, eps, num_envs=n)
+        for e in res["episodes"]:
+            ok, t = expected(e["seed"], 1 if e["task"] == "a" else 2)
+            if e["task"] == "a":
+                assert e["steps"] == min(t, 2) and e["success"] == (ok and t <= 2)
+            else:
+                assert (e["success"], e["steps"]) == (ok, t)

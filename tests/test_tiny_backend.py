@@ -318,3 +318,30 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
     assert b.stats["q99"] == pytest.approx(ds.statistics["action"]["q99"])  # upstream statistics travel
     assert b.instruction_span("do task 1") == "do task 1"  # episode instructions are in the vocabulary
     assert b.predict_actions(np.zeros((1, 64, 64, 3), np.uint8), ["do task 0"]).shape == (1, 4)
+
+
+def test_predict_restores_each_modules_training_flag(backend):
+    """predict_actions runs in eval mode and then puts back exactly the flags each module had
+    (a frozen submodule left in eval mode by the trainer stays in eval mode)."""
+    m = backend.model
+    m.train()
+    frozen = list(m.modules())[3]
+    frozen.eval()
+    before = {name: mod.training for name, mod in m.named_modules()}
+    seen = {}
+    orig = backend._greedy
+
+    def spy(*a, **k):
+        seen["any_training"] = any(mod.training for mod in m.modules())
+        return orig(*a, **k)
+
+    backend._greedy = spy
+    try:
+        s = _samples(2)
+        backend.predict_actions([x["image"] for x in s], [x["instruction"] for x in s])
+    finally:
+        del backend._greedy
+    assert seen["any_training"] is False
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+    assert before[next(n for n, mod in m.named_modules() if mod is frozen)] is False
+    m.eval()

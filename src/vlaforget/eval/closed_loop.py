@@ -106,6 +106,23 @@ def load_stats(ecfg: dict) -> dict | None:
     )
 
 
+def task_caps(max_steps, tasks) -> dict[str, int]:
+    """Per-task episode caps from `eval.metaworld.max_steps`: one integer for every task, or a
+    mapping task -> cap with an optional `default` for the tasks it does not name."""
+    if isinstance(max_steps, dict):
+        unknown = sorted(set(max_steps) - set(tasks) - {"default"})
+        missing = [t for t in tasks if t not in max_steps and "default" not in max_steps]
+        if missing:
+            raise ValueError(
+                f"eval.metaworld.max_steps names no cap for {', '.join(missing)}: add those tasks "
+                f"or a `default` entry"
+            )
+        if unknown:
+            log.info("eval.metaworld.max_steps: ignoring caps of tasks not in this suite: %s", unknown)
+        return {t: int(max_steps.get(t, max_steps.get("default"))) for t in tasks}
+    return {t: int(max_steps) for t in tasks}
+
+
 def world_of(ecfg: dict) -> str:
     """An eval block's world: Meta-World blocks name their tasks, LIBERO blocks take the suite's."""
     return "metaworld" if ecfg.get("tasks") else "libero"
@@ -124,18 +141,21 @@ def build_episodes(
         from ..data.instructions import canonical_instruction
 
         seed0 = int(e.get("seed", DEFAULT_MW_SEED))
-        max_steps = int(e.get("max_steps", DEFAULT_MW_MAX_STEPS))
         tasks = list(e["tasks"])
+        caps = task_caps(e.get("max_steps", DEFAULT_MW_MAX_STEPS), tasks)
+        max_steps = max(caps.values()) if caps else DEFAULT_MW_MAX_STEPS
         instr = {t: canonical_instruction(t, e.get("instructions") or {}) for t in tasks}
         fac = MetaWorldFactory(camera=e["camera"], render_size=e["render_size"], max_steps=max_steps)
         eps = make_episodes(tasks, instr, n, lambda t, i: seed0 + i, suite=suite, videos_per_task=k)
+        for ep in eps:
+            ep.max_steps = caps[ep.task]  # the engine ends the episode at its task's cap
         return (
             fac,
             eps,
             {
                 "world": "metaworld",
                 "seeds": [seed0, seed0 + n - 1],
-                "max_steps": max_steps,
+                "max_steps": caps if len(set(caps.values())) > 1 else max_steps,
                 "camera": e["camera"],
                 "render_size": e["render_size"],
             },

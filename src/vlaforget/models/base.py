@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return m
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run a block with every submodule in eval mode, then put back exactly the modules that were
+    training. A model already in eval mode is left alone: `Module.eval()` walks every submodule,
+    which costs ~3 ms per call on the tiny VLA (10 % of a closed-loop policy step)."""
+    training = [mod for mod in model.modules() if mod.training]
+    for mod in training:
+        mod.training = False
+    try:
+        yield model
+    finally:
+        for mod in training:
+            mod.training = True
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -405,9 +421,7 @@ class VLABackend:
         Decoding is restricted to the 256 action tokens (openvla argmaxes over the whole vocabulary
         and clips non-action ids to the extreme bins; restricting avoids that failure mode)."""
         m = self.model if model is None else model
-        was_training = m.training
-        m.eval()
-        try:
+        with eval_mode(m):
             prompts = [
                 encode_action_prompt(self.tokenizer, s).ids + self.action_sep_ids for s in instructions
             ]
@@ -415,8 +429,6 @@ class VLABackend:
             toks = self._greedy(
                 prompts, pv, self.action_dim, slice(self.action_tokenizer.begin, self.vocab_end), False, m
             )
-        finally:
-            m.train(was_training)
         acts = self.action_tokenizer.decode(np.asarray(toks))  # [B, A] normalised
         if normalized:
             return acts
@@ -433,15 +445,11 @@ class VLABackend:
     ) -> list[str]:
         """Greedy answers to visual questions (action tokens excluded), up to </s>."""
         m = self.model if model is None else model
-        was_training = m.training
-        m.eval()
-        try:
+        with eval_mode(m):
             prompts = [encode_vqa(self.tokenizer, q)[0] for q in questions]
             toks = self._greedy(
                 prompts, self._images(images), max_new_tokens, slice(0, self.action_tokenizer.begin), True, m
             )
-        finally:
-            m.train(was_training)
         return [
             self.tokenizer.decode([t for t in ts if t != self.eos_id], skip_special_tokens=True).strip()
             for ts in toks

@@ -33,6 +33,9 @@ def main() -> int:
     p.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
                    help="7b: random-init model of OpenVLA-7B's shapes on the GPU (bf16), 224 px input")
     p.add_argument("--render-size", type=int, default=None, help="camera size (default: demo config)")
+    p.add_argument("--sequential-episodes", type=int, default=None,
+                   help="N = 0 runs only the first K episodes of each task (the same seeds as the "
+                        "batched modes): the batch-1 loop's cost per episode does not change with K")
     p.add_argument("--groups", type=int, nargs="+", default=[1],
                    help="pipeline groups tried for each N > 0 (1 = all envs step together)")
     a = p.parse_args()
@@ -69,15 +72,24 @@ def main() -> int:
     rows, ref = [], None
     runs = [(n, g) for n in a.num_envs for g in ([1] if n == 0 else a.groups)]
     for n, g in runs:
-        res = run_episodes(fac, policy, eps, num_envs=n, groups=g)
-        digests = [e["final_digest"] for e in res["episodes"]]
+        run_eps = eps
+        if n == 0 and a.sequential_episodes:
+            run_eps = [e for e in eps if e.index < a.sequential_episodes]
+        res = run_episodes(fac, policy, run_eps, num_envs=n, groups=g)
+        digests = {(e["task"], e["seed"]): e["final_digest"] for e in res["episodes"]}
         if ref is None:
             ref = digests
+        t = res["timing"]
+        steady = t["wall_s"] - t["startup_s"]
         row = {
-            **res["timing"],
+            **t,
             "success_rate": res["success_rate"],
-            "same_trajectories_as_first": sum(x == y for x, y in zip(digests, ref)),
-            "n_episodes": len(eps),
+            "same_trajectories_as_first": sum(digests.get(k) == v for k, v in ref.items()),
+            "compared": len(set(ref) & set(digests)),
+            "n_episodes": len(run_eps),
+            "mean_episode_steps": t["env_steps"] / len(run_eps),
+            "episodes_per_hour": 3600 * len(run_eps) / t["wall_s"],
+            "episodes_per_hour_after_startup": 3600 * len(run_eps) / steady,
             "num_envs": n,
             "groups": g,
         }

@@ -33,6 +33,7 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m snakemake --profile profiles/$(PROFILE)
+	$(BIN)/python -m snakemake --profile profiles/$(PROFILE) --report results/report.html
 
 ci-study: install
 	$(BIN)/python -m snakemake --profile profiles/ci

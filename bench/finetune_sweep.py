@@ -47,7 +47,7 @@ def run_variant(a, v: dict) -> dict:
     tc["train"]["use_wandb"] = False
     (out / "configs" / "train.yaml").write_text(yaml.safe_dump(tc))
     rec = {"name": v["name"], "variant": v, "base_run": base}
-    log = open(out / "log.txt", "w")
+    log = open(out / "log.txt", "w")  # noqa: SIM115 - closed with the process
     t = time.time()
     cmd = [sys.executable, "-m", "vlaforget.cli", "train", "--config", str(out / "configs" / "train.yaml")]
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import copy
 import json
 import subprocess
 import sys
@@ -35,7 +34,6 @@ def run_variant(a, v: dict) -> dict:
     out = root / "sweep" / v["name"]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     tc = yaml.safe_load((root / "configs" / "train" / f"{base}.yaml").read_text())
-    tc = copy.deepcopy(tc)
     for k, key in TRAIN_KEYS.items():
         if k in v:
             tc["train"][key] = v[k]
@@ -47,34 +45,34 @@ def run_variant(a, v: dict) -> dict:
     tc["train"]["use_wandb"] = False
     (out / "configs" / "train.yaml").write_text(yaml.safe_dump(tc))
     rec = {"name": v["name"], "variant": v, "base_run": base}
-    log = open(out / "log.txt", "w")  # noqa: SIM115 - closed with the process
-    t = time.time()
-    cmd = [sys.executable, "-m", "vlaforget.cli", "train", "--config", str(out / "configs" / "train.yaml")]
-    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    rec["train_s"] = round(time.time() - t, 1)
-    if rc:
-        rec["error"] = f"train exit {rc} (see {out / 'log.txt'})"
-        return rec
-    for suite in a.eval_suites:
-        ec = yaml.safe_load((root / "configs" / "eval" / f"{base}@{suite}.yaml").read_text())
-        ec["adapter_dir"] = str(out / "run" / "final")
-        ec["eval"]["episodes_per_task"] = a.episodes
-        ec["eval"]["num_envs"] = a.num_envs
-        ec["eval"]["videos_per_task"] = 0
-        ec["out_file"] = str(out / f"eval_{suite}.json")
-        ec["run_name"] = f"sweep_{v['name']}"
-        p = out / "configs" / f"eval_{suite}.yaml"
-        p.write_text(yaml.safe_dump(ec))
+    with open(out / "log.txt", "w") as log:
         t = time.time()
-        rc = subprocess.call([sys.executable, "-m", "vlaforget.cli", "eval", "--config", str(p)],
-                             stdout=log, stderr=subprocess.STDOUT)
-        rec[f"eval_{suite}_s"] = round(time.time() - t, 1)
+        cmd = [sys.executable, "-m", "vlaforget.cli", "train", "--config", str(out / "configs" / "train.yaml")]
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rec["train_s"] = round(time.time() - t, 1)
         if rc:
-            rec["error"] = f"eval {suite} exit {rc}"
+            rec["error"] = f"train exit {rc} (see {out / 'log.txt'})"
             return rec
-        res = json.loads((out / f"eval_{suite}.json").read_text())
-        rec[suite] = res["success_rate"]
-        rec[f"{suite}_per_task"] = {k: x["success_rate"] for k, x in res["per_task"].items()}
+        for suite in a.eval_suites:
+            ec = yaml.safe_load((root / "configs" / "eval" / f"{base}@{suite}.yaml").read_text())
+            ec["adapter_dir"] = str(out / "run" / "final")
+            ec["eval"]["episodes_per_task"] = a.episodes
+            ec["eval"]["num_envs"] = a.num_envs
+            ec["eval"]["videos_per_task"] = 0
+            ec["out_file"] = str(out / f"eval_{suite}.json")
+            ec["run_name"] = f"sweep_{v['name']}"
+            p = out / "configs" / f"eval_{suite}.yaml"
+            p.write_text(yaml.safe_dump(ec))
+            t = time.time()
+            rc = subprocess.call([sys.executable, "-m", "vlaforget.cli", "eval", "--config", str(p)],
+                                 stdout=log, stderr=subprocess.STDOUT)
+            rec[f"eval_{suite}_s"] = round(time.time() - t, 1)
+            if rc:
+                rec["error"] = f"eval {suite} exit {rc}"
+                return rec
+            res = json.loads((out / f"eval_{suite}.json").read_text())
+            rec[suite] = res["success_rate"]
+            rec[f"{suite}_per_task"] = {k: x["success_rate"] for k, x in res["per_task"].items()}
     hist = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if hist:
         rec["final_train_acc"] = hist[-1].get("action_accuracy")

@@ -52,8 +52,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 @contextmanager
 def eval_mode(model: nn.Module):
     """Run a block with every submodule in eval mode, then put back exactly the modules that were
-    training. A model already in eval mode is left alone: `Module.eval()` walks every submodule,
-    which costs ~3 ms per call on the tiny VLA (10 % of a closed-loop policy step)."""
+    training. `m.train(was_training)` would instead switch on submodules the trainer had left in
+    eval mode (e.g. frozen parts)."""
     training = [mod for mod in model.modules() if mod.training]
     for mod in training:
         mod.training = False

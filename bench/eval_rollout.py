@@ -97,7 +97,8 @@ def main() -> int:
         run_eps = eps
         if n == 0 and a.sequential_episodes:
             run_eps = [e for e in eps if e.index < a.sequential_episodes]
-        res = run_episodes(fac, policy, run_eps, num_envs=n, groups=g)
+        with _DeviceMemory() as mem:  # device-wide: the policy plus the workers' EGL contexts
+            res = run_episodes(fac, policy, run_eps, num_envs=n, groups=g)
         digests = {(e["task"], e["seed"]): e["final_digest"] for e in res["episodes"]}
         if ref is None:
             ref = digests
@@ -114,12 +115,47 @@ def main() -> int:
             "episodes_per_hour_after_startup": 3600 * len(run_eps) / steady,
             "num_envs": n,
             "groups": g,
+            "peak_device_memory_used_gib": mem.peak_gib,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.out:  # after every run: a device call cut off at its limit keeps the finished rows
             Path(a.out).write_text(json.dumps(header(rows), indent=2) + "\n")
     return 0
+
+
+class _DeviceMemory:
+    """Peak memory in use on GPU 0 by all processes (cudaMemGetInfo, polled every 0.2 s)."""
+
+    def __init__(self):
+        self.peak_gib = None
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return self
+        self._stop = threading.Event()
+        self._peak = 0
+
+        def poll():
+            while not self._stop.is_set():
+                free, total = torch.cuda.mem_get_info(0)
+                self._peak = max(self._peak, total - free)
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_gib = round(self._peak / 2**30, 2)
+        return False
 
 
 def _header_factory(a, torch, mw):

@@ -62,16 +62,16 @@ def main() -> int:
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     tiny = demo["model"]["tiny"]
     mw = demo["data"]["metaworld"]
+    action_dim = 7 if a.benchmark == "libero" else 4
     if a.shape == "7b":
         from vlaforget.models.tiny import seven_b_shape_backend
 
         torch.manual_seed(0)
-        backend = seven_b_shape_backend(device="cuda", dtype=torch.bfloat16,
-                                        action_dim=7 if a.benchmark == "libero" else 4)
+        backend = seven_b_shape_backend(device="cuda", dtype=torch.bfloat16, action_dim=action_dim)
         backend.model.eval()
         policy = BackendPolicy(backend, image_size=224)
     else:
-        backend = random_tiny_backend(tiny, action_dim=7 if a.benchmark == "libero" else 4, seed=0)
+        backend = random_tiny_backend(tiny, action_dim=action_dim, seed=0)
         policy = BackendPolicy(backend, image_size=tiny["image_size"])
     if a.benchmark == "libero":
         from vlaforget.envs import libero as L
@@ -85,13 +85,13 @@ def main() -> int:
         eps = make_episodes(a.tasks, {t["name"]: t["language"] for t in tasks}, a.episodes,
                             lambda t, i: i, suite=a.suite, max_steps=cap)
     else:
+        cap = a.max_steps or 40
         fac = MetaWorldFactory(camera=mw["camera"], render_size=a.render_size or mw["render_size"],
-                               max_steps=a.max_steps or 40)
+                               max_steps=cap)
         eps = make_episodes(
             a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
         )
     rows, ref = [], None
-    header = _header_factory(a, torch, mw)
     runs = [(n, g) for n in a.num_envs for g in ([1] if n == 0 else a.groups)]
     for n, g in runs:
         run_eps = eps
@@ -120,7 +120,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.out:  # after every run: a device call cut off at its limit keeps the finished rows
-            Path(a.out).write_text(json.dumps(header(rows), indent=2) + "\n")
+            Path(a.out).write_text(json.dumps(_header(a, torch, mw, cap, rows), indent=2) + "\n")
     return 0
 
 
@@ -158,26 +158,23 @@ class _DeviceMemory:
         return False
 
 
-def _header_factory(a, torch, mw):
-    def header(rows):
-        return {
-            "bench": "eval_rollout",
-            "benchmark": a.benchmark,
-            "suite": a.suite if a.benchmark == "libero" else None,
-            "tasks": a.tasks,
-            "episodes_per_task": a.episodes,
-            "max_steps": a.max_steps,
-            "threads": a.threads,
-            "cpu_count": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "mujoco_gl": os.environ.get("MUJOCO_GL"),
-            "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "render_size": 256 if a.benchmark == "libero" else a.render_size or mw["render_size"],
-            "results": rows,
-        }
-
-    return header
+def _header(a, torch, mw, cap: int, rows: list) -> dict:
+    return {
+        "bench": "eval_rollout",
+        "benchmark": a.benchmark,
+        "suite": a.suite if a.benchmark == "libero" else None,
+        "tasks": a.tasks,
+        "episodes_per_task": a.episodes,
+        "max_steps": cap,
+        "threads": a.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "mujoco_gl": os.environ.get("MUJOCO_GL"),
+        "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "render_size": 256 if a.benchmark == "libero" else a.render_size or mw["render_size"],
+        "results": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlaforget.train.loop", "the one training loop (baseline / method / CRaFT / ablations)"),
     "eval": ("vlaforget.eval.closed_loop", "closed-loop evaluation of a run (or the teacher) on a suite"),
     "forgetting": ("vlaforget.eval.forgetting", "forgetting metrics: general skill, drift, CKA"),
+    "export": ("vlaforget.export", "a finished run as one merged HF checkpoint openvla's own code loads"),
     "table": ("vlaforget.report.tables", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.report.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),

@@ -81,8 +81,10 @@ def check_remote_code(path: Path) -> dict:
 class OpenVLABackend(VLABackend):
     name = "openvla"
 
-    def __init__(self, model, processor, device="cpu", stats=None, unnorm_key: str | None = None):
+    def __init__(self, model, processor, device="cpu", stats=None, unnorm_key: str | None = None,
+                 source_dir: str | Path | None = None):
         self.processor = processor
+        self.source_dir = Path(source_dir) if source_dir is not None else None  # save() copies its code
         tok = processor.tokenizer
         cfg = model.config
         vocab_end = int(cfg.text_config.vocab_size) - int(getattr(cfg, "pad_to_multiple_of", 0) or 0)
@@ -135,6 +137,52 @@ class OpenVLABackend(VLABackend):
     def _decode_module(self, m):
         return unwrap_model(m).language_model
 
+    def save(self, out_dir: str | Path, norm_stats: Mapping[str, Any] | None = None) -> Path:
+        """A folder openvla's own code loads unchanged (`get_vla`, `predict_action`,
+        run_libero_eval.py), laid out like finetune.py's merged checkpoints: weights + config.json,
+        the processor, the remote-code files of the base, and `dataset_statistics.json`.
+
+        norm_stats {unnorm_key: dataset statistics}: added to `config.norm_stats` (the base's keys
+        stay) and written alone to dataset_statistics.json, which `get_vla` loads over
+        `vla.norm_stats` as finetune.py's checkpoints expect."""
+        import json
+        import shutil
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = unwrap_model(self.model)
+        if norm_stats:
+            merged = {**(getattr(model.config, "norm_stats", None) or {}), **_plain(dict(norm_stats))}
+            model.config.norm_stats = merged
+            model.norm_stats = merged
+        model.save_pretrained(str(out), safe_serialization=True)
+        self.processor.save_pretrained(str(out))
+        src = self.source_dir
+        if src is not None:
+            # remote code: every .py an auto_map names, and the auto_map entries themselves where
+            # save_pretrained dropped them (AutoProcessor resolves its class through them)
+            for name in ("config.json", "preprocessor_config.json", "processor_config.json",
+                         "tokenizer_config.json"):
+                base_file, out_file = Path(src) / name, out / name
+                if not (base_file.exists() and out_file.exists()):
+                    continue
+                auto = json.loads(base_file.read_text()).get("auto_map")
+                if not auto:
+                    continue
+                for ref in auto.values():
+                    for r in ref if isinstance(ref, list) else [ref]:
+                        if isinstance(r, str) and "--" not in r:
+                            f = Path(src) / (r.split(".")[0] + ".py")
+                            if f.exists() and not (out / f.name).exists():
+                                shutil.copy2(f, out / f.name)
+                d = json.loads(out_file.read_text())
+                if "auto_map" not in d:
+                    d["auto_map"] = auto
+                    out_file.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        if norm_stats:
+            (out / "dataset_statistics.json").write_text(json.dumps(_plain(dict(norm_stats)), indent=2))
+        return out
+
     @classmethod
     def load(cls, model_block: Mapping[str, Any], device="cpu") -> OpenVLABackend:
         from transformers import AutoModelForVision2Seq, AutoProcessor
@@ -161,7 +209,23 @@ class OpenVLABackend(VLABackend):
             str(path), trust_remote_code=True, **({"cache_dir": cache_dir} if cache_dir else {})
         )
         model.to(device).eval()
-        return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"))
+        return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"),
+                   source_dir=path)
+
+
+def _plain(obj):
+    """JSON-ready copy (numpy arrays and scalars to lists and numbers), as finetune.py writes."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def offline_env(cache_dir: str | None) -> None:

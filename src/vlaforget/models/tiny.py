@@ -349,14 +349,19 @@ class TinyBackend(VLABackend):
             )
         return (x - 0.5) / 0.5
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Standard HF directory: config.json, model.safetensors, tokenizer files, statistics."""
+    def save(self, out_dir: str | Path, norm_stats: dict | None = None) -> Path:
+        """Standard HF directory: config.json, model.safetensors, tokenizer files, statistics.
+
+        norm_stats {unnorm_key: dataset statistics} (an export): written as dataset_statistics.json
+        instead of the backend's own action statistics."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         unwrapped = self.model
         unwrapped.save_pretrained(str(out), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
-        if self.stats is not None:
+        if norm_stats:
+            (out / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2, default=_tolist))
+        elif self.stats is not None:
             (out / "dataset_statistics.json").write_text(
                 json.dumps({"action": self.stats}, indent=2, default=_tolist)
             )

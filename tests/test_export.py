@@ -92,3 +92,21 @@ def test_export_refuses_unfinished_runs_and_paths_outside_root(trained_run, tmp_
     (half / "final" / "done.json").unlink()
     with pytest.raises(ExportError, match="has not finished"):
         export_run(half)
+
+
+def test_workflow_plans_one_export_per_run_only_when_asked(tmp_path):
+    """`snakemake exports` plans an export after each run's training; `rule all` plans none."""
+    from conftest import copy_workflow, snakemake
+    from test_workflow_dryrun import planned, trained_runs
+
+    wf = copy_workflow(tmp_path / "wf")
+    root = tmp_path / "data" / "root"
+    env = {"VLAFORGET_ROOT": str(root), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data")}
+    outs = {}
+    for target in ([], ["exports"]):
+        r = snakemake(["-n", "--nolock", "--profile", "profiles/ci", *target], cwd=wf, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        outs[bool(target)] = r.stdout + r.stderr
+    assert "export" not in planned(outs[False])
+    runs = trained_runs(outs[True])
+    assert runs and sorted(planned(outs[True])["export"]) == sorted(str(root / "exports" / r) for r in runs)

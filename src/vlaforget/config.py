@@ -251,6 +251,7 @@ STAGE_CODE = {
     "train": ["models", "methods", "train", "data/cache.py"],
     "eval": ["models", "eval", "envs"],
     "forgetting": ["models", "eval", "data/vqa.py", "methods/icsm.py"],
+    "export": ["export.py", "models"],
     "report": ["report"],  # table + figures rules: a `code` param (they have no stage config)
 }
 

@@ -84,8 +84,14 @@ def export_run(
             raise ConfigError(f"export dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
         block["dtype"] = dtype
 
-    log.info("export %s: base %s (%s) + adapter %s -> %s", sc["run_name"], block["path"],
-             block.get("dtype", "fp32"), final, out)
+    log.info(
+        "export %s: base %s (%s) + adapter %s -> %s",
+        sc["run_name"],
+        block["path"],
+        block.get("dtype", "fp32"),
+        final,
+        out,
+    )
     backend = load_backend(block, device=device, adapter_dir=final, stats=stats)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -127,10 +133,16 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def add_args(p):
-    p.add_argument("--run-dir", required=True, help="a finished run: {root}/runs/<run> (holds config.yaml, final/)")
+    p.add_argument(
+        "--run-dir", required=True, help="a finished run: {root}/runs/<run> (holds config.yaml, final/)"
+    )
     p.add_argument("--out", default=None, help="output folder (default {root}/exports/<run>)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="dtype of the merged weights (default: the run's model dtype)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="dtype of the merged weights (default: the run's model dtype)",
+    )
     p.add_argument("--device", default="cpu", help="where to merge (cpu; cuda needs the weights' size free)")
 
 

@@ -81,8 +81,15 @@ def check_remote_code(path: Path) -> dict:
 class OpenVLABackend(VLABackend):
     name = "openvla"
 
-    def __init__(self, model, processor, device="cpu", stats=None, unnorm_key: str | None = None,
-                 source_dir: str | Path | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        device="cpu",
+        stats=None,
+        unnorm_key: str | None = None,
+        source_dir: str | Path | None = None,
+    ):
         self.processor = processor
         self.source_dir = Path(source_dir) if source_dir is not None else None  # save() copies its code
         tok = processor.tokenizer
@@ -161,8 +168,12 @@ class OpenVLABackend(VLABackend):
         if src is not None:
             # remote code: every .py an auto_map names, and the auto_map entries themselves where
             # save_pretrained dropped them (AutoProcessor resolves its class through them)
-            for name in ("config.json", "preprocessor_config.json", "processor_config.json",
-                         "tokenizer_config.json"):
+            for name in (
+                "config.json",
+                "preprocessor_config.json",
+                "processor_config.json",
+                "tokenizer_config.json",
+            ):
                 base_file, out_file = Path(src) / name, out / name
                 if not (base_file.exists() and out_file.exists()):
                     continue
@@ -209,8 +220,7 @@ class OpenVLABackend(VLABackend):
             str(path), trust_remote_code=True, **({"cache_dir": cache_dir} if cache_dir else {})
         )
         model.to(device).eval()
-        return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"),
-                   source_dir=path)
+        return cls(model, processor, device=device, unnorm_key=model_block.get("unnorm_key"), source_dir=path)
 
 
 def _plain(obj):

@@ -75,6 +75,27 @@ def test_export_replaces_an_old_export_and_cli(trained_run, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"]
 
 
+def test_a_failed_export_leaves_the_previous_one_whole(trained_run, monkeypatch):
+    from vlaforget.export import export_run
+    from vlaforget.models.tiny import TinyBackend
+
+    root, sc = trained_run
+    run_dir, out = root / "runs" / sc["run_name"], root / "atomic" / "ckpt"
+    export_run(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save = TinyBackend.save
+
+    def save_then_die(self, d, norm_stats=None):
+        real_save(self, d, norm_stats=norm_stats)  # weights half-way into the temp folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TinyBackend, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"]  # temp folder removed
+
+
 def test_export_refuses_unfinished_runs_and_paths_outside_root(trained_run, tmp_path):
     import shutil
 

@@ -180,7 +180,8 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
                 }
                 for t in range(3)
             ]
-            w.write(feats.serialize_example({"steps": steps, "episode_metadata": {"file_path": f"f{k}"}}))
+            path = f"/data/regenerated--no_noops/libero_tiny/put_the_bowl_{k}_demo.hdf5"
+            w.write(feats.serialize_example({"steps": steps, "episode_metadata": {"file_path": path}}))
     tfds.folder_dataset.write_metadata(
         data_dir=str(vdir),
         features=feats,
@@ -189,7 +190,8 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
     )
     assert resolve_builder_dir(vdir.parent) == vdir
     eps = list(iter_episodes(vdir.parent))
-    assert [e["task"] for e in eps] == ["put the bowl 0", "put the bowl 1"]  # task = instruction
+    assert [e["task"] for e in eps] == ["put_the_bowl_0", "put_the_bowl_1"]  # LIBERO's task name
+    assert [e["instruction"] for e in eps] == ["put the bowl 0", "put the bowl 1"]
     assert eps[0]["actions"].shape == (3, 7) and eps[0]["states"].shape == (3, 8)
     assert eps[0]["env_states"] is None and eps[1]["images"].shape == (3, 8, 8, 3)
     wrist = list(iter_episodes(vdir.parent, image_key="observation/wrist_image"))

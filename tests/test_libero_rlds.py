@@ -221,7 +221,7 @@ def test_source_libero_needs_a_python_with_libero(monkeypatch):
         L.libero_python()
 
 
-@pytest.mark.slow
+@pytest.mark.libero
 @pytest.mark.skipif(
     _libero_python() is None,
     reason="needs the LIBERO simulator: import libero here, or VLAFORGET_LIBERO_PYTHON=.venv-libero/bin/python",

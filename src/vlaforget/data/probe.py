@@ -98,9 +98,11 @@ def pooled_states(
     layers: Sequence[int] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Instruction-pooled hidden states of `backend` for `samples`: ({layer: [N,D] f32 cpu}, empty [N])."""
+    """Instruction-pooled residual-stream outputs of decoder `layers` (default: all) for `samples`:
+    ({layer: [N,D] f32 cpu}, empty [N]). Captured by forward hooks on the decoder layers
+    (methods.icsm.pooled_layer_states), i.e. before the final norm, also for the last layer."""
     from ..io import progress
-    from ..methods.icsm import pool_instruction
+    from ..methods.icsm import pooled_layer_states
 
     L = int(backend.num_layers)
     layers = list(range(L)) if layers is None else [int(x) for x in layers]
@@ -109,15 +111,9 @@ def pooled_states(
     rng = range(0, len(samples), batch_size)
     for s0 in progress(rng, desc="probe forward") if show_progress else rng:
         batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
-        out = backend.forward(batch, output_hidden_states=True)
-        hs = out.hidden_states
-        if len(hs) != L + 1:
-            raise RuntimeError(f"backend returned {len(hs)} hidden states, expected num_layers + 1 = {L + 1}")
-        mask = batch["instruction_mask"]
-        empty = None
+        pooled, empty = pooled_layer_states(backend, batch, layers)
         for layer in layers:
-            pooled, empty = pool_instruction(hs[layer + 1], mask)
-            acc[layer].append(pooled.cpu())
+            acc[layer].append(pooled[layer].cpu())
         empties.append(empty.cpu())
     return {k: torch.cat(v) for k, v in acc.items()}, torch.cat(empties)
 

@@ -2,7 +2,10 @@
 
 Pure functions (no model needed) plus the `icsm` stage. Formulas and the split rule: docs/methods.md.
 
-Pipeline per representative layer `rep` (decoder-layer index; its output is hidden_states[rep + 1]):
+Pipeline per representative layer `rep` (decoder-layer index). Every statistic lives in ONE space: the
+residual stream at the output of decoder layer `rep`, before any final norm (`layer_outputs`, a forward
+hook on the layer; HF's hidden_states[L] of the last layer has the final RMSNorm applied, so it is
+never used):
   pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
   ->  sensitivity (KL of the action-token distribution when alpha * std_k * u_k is injected into
       the instruction hidden states)  ->  reorder by sensitivity  ->  split into U_f / U_p / null
@@ -15,7 +18,8 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,51 @@ def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     pooled = summed / count.clamp(min=1.0).unsqueeze(1)
     pooled = torch.where(empty.unsqueeze(1), torch.zeros_like(pooled), pooled)
     return pooled, empty
+
+
+# ----------------------------------------------------------------------------- residual stream
+
+
+@contextmanager
+def layer_outputs(layers, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the outputs of decoder layers `indices` (forward hooks on `layers[i]`) during the
+    forwards run inside the block: {layer: hidden [B,S,D]} = the residual stream at the layer's output,
+    before any final norm. Unlike HF's `hidden_states` (whose last entry is normed for the last layer)
+    this is the same space for every layer, and the forward needs no output_hidden_states (which keeps
+    every layer's states alive)."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(i: int):
+        def hook(module, args, output):
+            store[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    try:
+        for i in indices:
+            handles.append(layers[int(i)].register_forward_hook(make(int(i))))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pooled_layer_states(backend, batch: dict, layers: Sequence[int], model=None) -> tuple[dict, torch.Tensor]:
+    """One forward of `batch`; instruction-pooled residual-stream outputs of `layers`:
+    ({layer: [B,D] float32}, empty [B]). The space of the probe set, the ICSM statistics, the
+    Thermostat's drift and the forgetting stage's drift / CKA."""
+    with layer_outputs(backend.decoder_layers(model), layers) as hs:
+        backend.forward(batch, model=model)
+    missing = [i for i in layers if int(i) not in hs]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} did not run in the forward pass")
+    out, empty = {}, None
+    for i in layers:
+        out[int(i)], empty = pool_instruction(hs[int(i)], batch["instruction_mask"])
+    if empty is None:
+        empty = torch.zeros(batch["instruction_mask"].shape[0], dtype=torch.bool)
+    return out, empty
 
 
 # ----------------------------------------------------------------------------- layer groups

@@ -124,13 +124,15 @@ def _f(t) -> float | None:
 
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-                 teacher_inputs: dict | None = None) -> dict:
+                 teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
     instead of loading the base model and the dataset cache named in the config; teacher_inputs
     (benchmarks): {"probe_samples": [...], "anchors": {...}, "anchor_samples": [...]} instead of the
-    probe / anchor files."""
+    probe / anchor files. dry_run_batches = n > 0: preflight -- n steps' batches through forward and
+    every backward pass (CRaFT's retention gradient, HSW's surgery) with no optimizer step, then stop:
+    writes dry_run.json in out_dir and no checkpoint, metrics or adapter."""
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
@@ -198,7 +200,11 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "dataset_statistics.json", stats)
         atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
-    logger = RunLogger(out_dir, sc, enabled=dist.is_main, resume=step > 0)
+    dry = int(dry_run_batches or 0)
+    logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0)
+    for p in plugins.values():
+        p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
+    dry_recs: list[dict] = []
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
     bsz = int(tcfg["batch_size"])
@@ -251,6 +257,16 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                 raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
                                     "train.lr, use precision bf16/fp32, or check the data statistics")
             continue
+        if dry:  # preflight: every backward ran, no update
+            dry_recs.append({"batch": len(dry_recs) + 1, "train_loss": _f(sums.get("loss")),
+                             "grad_norm": float(grad_norm_t), **{k: v for p in plugins.values()
+                                                                  for k, v in p.logs().items()}})
+            for p in plugins.values():
+                p.skip_step()
+            optimizer.zero_grad(set_to_none=True)
+            if len(dry_recs) >= dry:
+                break
+            continue
         if tcfg.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
         if scaler:
@@ -266,7 +282,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
 
         # ---------------------------------------------------------------- logs, checkpoints, eval
         if log_step:
-            rec = {"step": step, "loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
+            rec = {"step": step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
                    "l1_loss": _f(sums.get("l1")), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
                    "skipped_steps": skipped, "epoch": sampler.epoch}
             if device.type == "cuda":
@@ -276,11 +292,11 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             for p in plugins.values():
                 rec.update(p.logs())
             if "craft" in plugins:
-                rec["L_act"] = rec["loss"]
+                rec["L_act"] = rec["train_loss"]
             logger.log(rec)
             t_log, steps_since_log = time.perf_counter(), 0
             if bar:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
         if bar:
             bar.update(1)
         if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
@@ -303,6 +319,16 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             return {"stopped_at": step}
     if bar:
         bar.close()
+    if dry:
+        res = {"dry_run_batches": len(dry_recs), "batches": dry_recs, "run_id": sc["run_id"]}
+        if dist.is_main:
+            write_json(out_dir / "dry_run.json", res)
+            for r in dry_recs:
+                log.info("dry run %d/%d: %s", r["batch"], dry, json.dumps(r)[:400])
+        for p in plugins.values():
+            p.close()
+        cleanup_distributed(dist)
+        return res
 
     # --- final adapter + completion record (written last)
     result = {}
@@ -342,14 +368,15 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict) -> dict:
         plugins["hsw"] = HSWPlugin(ctx, mcfg["hsw"], icsm)
     if mcfg["thermostat"].get("enabled") and "probe_samples" in given:
         plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, given["probe_samples"],
-                                                 int(sc["seed"]))
+                                                 int(sc["seed"]), hsw_cfg=mcfg["hsw"])
     elif mcfg["thermostat"].get("enabled"):
         from ..data.probe import load_probe
 
         probe = load_probe(sc["probe_dir"])
         pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
         samples = [pds[int(i)] for i in probe["indices"]]
-        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]))
+        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]),
+                                                 hsw_cfg=mcfg["hsw"])
     if mcfg["craft"].get("enabled"):
         from ..methods.craft import load_anchors
 

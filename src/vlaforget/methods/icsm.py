@@ -730,8 +730,10 @@ def main(args) -> int:
         "r": int(icfg.get("r", 128)),
         "alpha": float(icfg.get("alpha", 1.0)),
         "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
-        "injection": "added to the instruction positions of the hidden states entering decoder layer rep "
-        "(= hidden_states[rep]); directions from hidden_states[rep + 1] pooled",
+        "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
+        "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
+        "(residual stream before any final norm)",
+        "space": "residual stream at the decoder layer's output, before any final norm (forward hook)",
         "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
         f"{n_sens} probe samples",
         "sensitivity_samples": n_sens,
@@ -742,6 +744,8 @@ def main(args) -> int:
         "probe_hash": probe["hash"],
         "probe_dir": str(probe_dir),
         "probe_dataset": probe["dataset"].get("name"),
+        "probe_split": probe.get("split", "train"),
+        "probe_source": probe.get("source"),
         "n_probe": len(probe["indices"]),
         "n_empty": int(probe.get("n_empty", 0)),
         "layers": layers_meta,

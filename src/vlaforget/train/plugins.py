@@ -61,6 +61,10 @@ class Plugin:
     def logs(self) -> dict:
         return {}
 
+    def dry_logs(self) -> dict:
+        """Statistics of a dry-run batch (train.dry_run_batches: no optimizer step, no every_step)."""
+        return self.logs()
+
     def state_dict(self) -> dict:
         return {}
 
@@ -364,6 +368,9 @@ class CraftPlugin(Plugin):
 
     def skip_step(self) -> None:
         self._acc = {}
+
+    def dry_logs(self) -> dict:
+        return {**self._acc, "lambda": self.lmbda, "epsilon": self.eps_budget}
 
     def every_step(self, step: int) -> None:
         from ..methods.craft import dual_update

@@ -288,3 +288,34 @@ def test_log_fields_console_line_and_wandb_keys(world):
                 "CRaFT/Lambda Before", "CRaFT/Lambda After", "CRaFT/Conflict Ratio"):
         assert key in w, key
     assert w["VLA Train/Loss"] == rec["train_loss"]
+
+
+def test_fewshot_craft_anchors_come_from_the_fewshot_subset(world):
+    """Issue 14.5: a few-shot run's anchors are drawn from the few-shot subset it trains on, and the
+    run accepts them (the full-split cache is refused for it)."""
+    from train_fixtures import TASKS, run_stage
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.data.probe import cache_rows
+    from vlaforget.methods import craft
+    from vlaforget.methods.icsm import MethodConfigError
+
+    root, cache, model = world
+    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32", "cache_dir": str(root / "hf_cache")}
+    out = root / "artifacts" / "craft_fewshot"
+    run_stage(craft, {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x",
+                      "stage": "craft_anchors", "model": mb, "seed": 0, "shots": 1, "shots_seed": 1,
+                      "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
+                      "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
+                      "out_dir": str(out)}, root / "craft_fewshot.yaml")
+    a = craft.load_anchors(out)
+    assert a["shots"] == 1 and a["shots_seed"] == 1 and len(a["indices"]) == 16
+    sub = CachedDataset(cache, split="train", shots=1, seed=1)
+    assert cache_rows(sub, a["indices"]) <= cache_rows(sub, range(len(sub)))
+    full = cache_rows(CachedDataset(cache, split="train"), range(len(CachedDataset(cache, split="train"))))
+    assert len(cache_rows(sub, range(len(sub)))) < len(full)
+    base = base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT})
+    ok = fresh(clone(base, shots=1, craft_dir=str(out), craft_layer=-2), "fs_ok")
+    assert run_training(ok, dry_run_batches=1)["dry_run_batches"] == 1
+    with pytest.raises(MethodConfigError, match="shots"):  # the full-split cache for a 1-shot run
+        run_training(fresh(clone(base, shots=1), "fs_bad"), dry_run_batches=1)

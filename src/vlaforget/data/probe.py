@@ -164,11 +164,12 @@ def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()
     """Where the probe comes from, for meta.json / forgetting.json / the tables: dataset, split,
     episodes, tasks, and whether any run of the study trains on it (must be False)."""
     trained = split in ("train", "all") and block.get("name") in set(trained_suites)
+    eps = getattr(ds, "episodes", None)
     return {
         "dataset": block.get("name"),
         "split": split,
-        "n_episodes": len(ds.episodes),
-        "tasks": sorted({e["task"] for e in ds.episodes}),
+        "n_episodes": None if eps is None else len(eps),
+        "tasks": None if eps is None else sorted({e["task"] for e in eps}),
         "trained_on": bool(trained),
         "what": (f"held-out episodes of {block.get('name')} (after data.train_split)" if split == "heldout"
                  else f"{split} split of {block.get('name')}, a suite no run trains on"),
@@ -238,7 +239,7 @@ def main(args) -> int:
     if len(ds) < int(sc["n"]):
         raise MethodConfigError(
             f"probe.n = {sc['n']} but the {split} split of {name} has only {len(ds)} transitions "
-            f"({len(ds.episodes)} episodes): lower probe.n, or use a probe.dataset no run trains on "
+            f"({len(getattr(ds, 'episodes', []))} episodes): lower probe.n, or use a probe.dataset no run trains on "
             "with probe.split: train"
         )
     source = probe_source(sc["dataset"], split, ds, trained)

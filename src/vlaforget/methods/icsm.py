@@ -141,7 +141,7 @@ def layer_groups(
     `layers` (config icsm.layers) = "auto" or four layer indices [a, b, c, d] -> A=(a,b) rep b, B=(c,d) rep d.
     variant "single": one group "all" = the union of the icsm groups' layers, rep = the largest rep.
     variant "all_layers": every decoder layer, each mapped to the nearest icsm rep (ties -> larger rep).
-    Only the icsm reps ever need artifacts. Layer l = decoder layer index, output hidden_states[l+1].
+    Only the icsm reps ever need artifacts. Layer l = decoder layer index (its output h_l: layer_outputs).
     """
     L = int(num_layers)
     if override:
@@ -346,7 +346,7 @@ def sensitivity_scores(
     (batch['instruction_mask']) of the residual stream at decoder layer `rep`.
 
     inject="input" (default) adds it to the hidden states entering layer `rep` (= output of layer rep-1,
-    hidden_states[rep]); inject="output" adds it to the output of layer `rep` (hidden_states[rep+1]).
+    h_(rep-1)); inject="output" adds it to the output of layer `rep` (h_rep, before any final norm).
     "input" is the default because the output of the LAST decoder layer at instruction positions
     cannot reach the action logits (causal attention, per-position head): KL would be exactly 0.
     Each forward holds `direction_batch` perturbed copies (directions x samples); the unperturbed

@@ -77,8 +77,11 @@ def test_pool_features():
     assert torch.allclose(
         pool_features(h, batch, "mean_instruction_tokens", n)[0], h[0][im[0]].mean(0), atol=1e-6
     )
-    L0 = int(batch["attention_mask"][0].sum()) + n
-    assert torch.allclose(pool_features(h, batch, "mean_all", n)[0], h[0, :L0].mean(0), atol=1e-6)
+    # mean_all: the prompt only -- <s>, patches, instruction, separator; not the ground-truth action
+    # tokens nor </s> (issue 14.5: the old mean_all averaged them in)
+    P0 = n + 2 + len(ds[0]["instruction"].split())  # FakeBackend text: <s> words <sep> | actions </s>
+    assert torch.allclose(pool_features(h, batch, "mean_all", n)[0], h[0, :P0].mean(0), atol=1e-6)
+    assert batch["input_ids"][0, P0 - n].item() >= be.vocab - be.n_bins  # the first excluded = an action
     with pytest.raises(ValueError):
         pool_features(h, batch, "cls", n)
 

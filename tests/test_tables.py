@@ -165,7 +165,7 @@ def test_figures_render(evals, tmp_path):
         d.mkdir(parents=True)
         lines = [
             json.dumps(
-                {"step": s, "loss": 2.0 - slope * s / 10, "action_accuracy": s / 10, "drift_d": 0.1 * s}
+                {"step": s, "train_loss": 2.0 - slope * s / 10, "action_accuracy": s / 10, "drift_d": 0.1 * s}
             )
             for s in range(0, 10, 2)
         ]

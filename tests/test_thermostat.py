@@ -63,13 +63,32 @@ def test_projected_covariance_equals_full_path():
     assert torch.allclose(projected_covariance(Y, U, mu), U.T @ covariance(Y, mu) @ U, atol=1e-5)
 
 
-def _calibrated(cfg=CFG):
-    law = ControlLaw(cfg)
-    for d in (1.0, 1.2, 0.8):
-        b, g, phase = law.observe(d)
-        assert phase == "calibrate" and (b, g) == (1.0, 1.0)
+def _calibrated(cfg=CFG, **kw):
+    law = ControlLaw(cfg, **kw)
+    assert not law.calibrated
+    law.calibrate([1.0, 1.2, 0.8])
+    assert (law.beta, law.gamma) == (kw.get("beta0", 1.0), kw.get("gamma0", 1.0))
     assert law.floor == pytest.approx(1.0) and law.std == pytest.approx(0.2)
     return law
+
+
+def test_observe_before_calibration_is_an_error():
+    """Issue 14.3: no measurement during training counts as calibration (the old law treated the
+    first observations, taken while LoRA already trained, as the noise floor)."""
+    with pytest.raises(RuntimeError, match="calibrat"):
+        ControlLaw(CFG).observe(1.0)
+
+
+def test_control_starts_and_rests_at_configured_gains():
+    """Issue 14.3: the law starts from hsw.beta / hsw.gamma and keeps them inside the noise band
+    (the old law started from, and moved towards, beta_max / gamma_max)."""
+    law = _calibrated(beta0=0.8, gamma0=0.5)
+    b, g, phase = law.observe(1.35)  # inside the noise band
+    assert phase == "control" and (b, g) == (pytest.approx(0.8), pytest.approx(0.5))
+    b, g, _ = law.observe(1.9)  # excess 0.5: gamma* = 0.5 - 0.5 = 0, beta* = 0.8 - 0.25
+    assert g == pytest.approx(0.0) and b == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="hsw.gamma"):
+        ControlLaw(dict(CFG, gamma_max=0.4), gamma0=0.5)
 
 
 def test_calibration_then_noise_band_keeps_max_gains():
@@ -100,6 +119,7 @@ def test_smoothing_and_state_dict_roundtrip():
     sd = law.state_dict()
     law2 = ControlLaw(dict(CFG, smoothing=0.5))
     law2.load_state_dict(sd)
+    assert law2.calibrated and law2.floor == law.floor
     assert law2.observe(3.0) == law.observe(3.0)
 
 

@@ -56,7 +56,7 @@ def test_baseline_trains_and_writes_completion_record(world):
     res = run_training(sc)
     m = metrics(sc)
     assert [r["step"] for r in m] == list(range(1, 13))
-    assert m[-1]["loss"] < m[0]["loss"]  # learning happens
+    assert m[-1]["train_loss"] < m[0]["train_loss"]  # learning happens
     done = json.loads((Path(sc["out_dir"]) / "final" / "done.json").read_text())
     assert done["steps"] == 12 and res["run_id"] == sc["run_id"]
     assert (Path(sc["out_dir"]) / "final" / "adapter_config.json").exists()
@@ -71,7 +71,7 @@ def test_plugins_off_is_baseline_to_the_bit(world):
     b = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", method=off), "bit_b")
     run_training(a)
     run_training(b)
-    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+    assert [r["train_loss"] for r in metrics(a)] == [r["train_loss"] for r in metrics(b)]
     assert same_params(adapter(a), adapter(b))
 
 
@@ -83,7 +83,7 @@ def test_hsw_identity_gains_equal_no_hook(world):
     run_training(b)
     mb = metrics(b)
     assert all("hsw_g_norm" in r for r in mb)  # the hooks did fire
-    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in mb]
+    assert [r["train_loss"] for r in metrics(a)] == [r["train_loss"] for r in mb]
     assert same_params(adapter(a), adapter(b))
 
 
@@ -111,7 +111,9 @@ def test_hooks_fire_under_gradient_checkpointing(world):
     ma, mb = metrics(a), metrics(b)
     for ra, rb in zip(ma, mb):
         assert rb["hsw_g_norm"] == pytest.approx(ra["hsw_g_norm"], rel=1e-4)
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+    pa, pb = adapter(a), adapter(b)  # the surgery's extra backward works under checkpointing too
+    assert pa.keys() == pb.keys() and all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pa)
 
 
 def test_thermostat_moves_beta_gamma(world):
@@ -122,6 +124,7 @@ def test_thermostat_moves_beta_gamma(world):
     m = metrics(sc)
     d = [r["drift_d"] for r in m if "drift_d" in r]
     assert len(d) == 4 and all(x >= 0 for x in d)
+    assert [r["thermostat_phase"] for r in m if "drift_d" in r] == ["control"] * 4  # control from step K
     gammas = [r["hsw_gamma"] for r in m]
     assert gammas[0] == 1.0 and min(gammas) < 1.0  # protection kicked in after calibration
     assert min(r["hsw_beta"] for r in m) >= THERMO["beta_min"]
@@ -171,3 +174,148 @@ def test_nan_guard_skips_and_counts(world, monkeypatch):
     sc = fresh(base_stage(root, cache, model), "nan")
     res = run_training(sc)
     assert res["skipped_steps"] == 1 and res["steps"] == 6
+
+
+def test_thermostat_calibrates_before_the_first_step(world):
+    """Issue 14.3: the noise floor is d on independent probe draws with student = teacher (before any
+    optimizer step): the same draws on the bare teacher give the same d values."""
+    from types import SimpleNamespace
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.data.probe import load_probe
+    from vlaforget.models import load_backend
+    from vlaforget.train.icsm_adapter import IcsmView
+    from vlaforget.train.plugins import ThermostatPlugin
+
+    root, cache, model = world
+    th = dict(THERMO, warmup_measurements=3, every=3)
+    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=3, lr=5e-3,
+                          method={"hsw": dict(HSW, gamma=0.7), "thermostat": th}), "calib")
+    run_training(sc)
+    m = metrics(sc)
+    first = m[0]
+    assert first["step"] == 1 and first["thermostat_calibration_step"] == 0
+    cal = first["thermostat_calibration_d"]
+    assert len(cal) == 3 and first["thermostat_floor"] == pytest.approx(sum(cal) / 3)
+    assert first["hsw_gamma"] == 0.7  # the law starts from the configured hsw.gamma
+    # the same three draws through the teacher itself
+    probe = load_probe(sc["probe_dir"])
+    pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe["split"])
+    be = load_backend(sc["model"], stats=pds.statistics)
+    ctx = SimpleNamespace(backend=be, model=be.model, autocast=lambda: torch.autocast("cpu", enabled=False),
+                          stage_cfg=sc, plugins={})
+    ref = ThermostatPlugin(ctx, th, IcsmView.load(sc["icsm_dir"]), [pds[int(i)] for i in probe["indices"]],
+                           int(sc["seed"]), hsw_cfg=dict(HSW, gamma=0.7))
+    ref.start(0)
+    assert ref.law.calibration == pytest.approx(cal, rel=1e-5)
+    assert [r["thermostat_phase"] for r in m if "drift_d" in r] == ["control"]  # step 3 = K
+
+
+def test_probe_is_never_in_the_training_data(world):
+    """Issue 14.4: the probe comes from the held-out episodes; its cache rows never meet a run's
+    training rows (full or few-shot), and a probe drawn from the training split is refused."""
+    import copy
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.data.probe import cache_rows, check_not_trained_on, load_probe
+    from vlaforget.methods.icsm import MethodConfigError
+
+    root, cache, model = world
+    probe = load_probe(root / "probe")
+    assert probe["split"] == "heldout" and probe["source"]["trained_on"] is False
+    assert probe["source"]["tasks"] == ["button-press-v3", "drawer-open-v3"]
+    prow = cache_rows(CachedDataset(cache, split="heldout"), probe["indices"])
+    for shots in (None, 1, 2):
+        tr = CachedDataset(cache, split="train", shots=shots, seed=1)
+        trows = cache_rows(tr, range(len(tr)))
+        assert prow and trows and not prow & trows
+        check_not_trained_on(probe, tr)  # no error
+    bad = copy.deepcopy(probe)
+    bad["split"] = "train"
+    with pytest.raises(MethodConfigError, match="probe.split: heldout"):
+        check_not_trained_on(bad, CachedDataset(cache, split="train"))
+
+
+def test_dry_run_batches_preflight(world):
+    """Issue 14.5: a few batches through forward + both backward passes, then stop, no update."""
+    root, cache, model = world
+    sc = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}), "dry")
+    res = run_training(sc, dry_run_batches=2)
+    assert res["dry_run_batches"] == 2
+    for r in res["batches"]:
+        assert r["train_loss"] > 0 and r["L_ret"] >= 0 and "grad_cos" in r
+    out = Path(sc["out_dir"])
+    assert json.loads((out / "dry_run.json").read_text())["dry_run_batches"] == 2
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_craft_anchor_cache_checked_against_the_run(world):
+    """Issue 14.5: layer, pooling, dtype, hidden size and data subset of the anchor cache vs the run,
+    before the first step, the error naming both."""
+    from vlaforget.methods.icsm import MethodConfigError
+
+    root, cache, model = world
+    base = base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT})
+    for over, what in (({"craft_layer": -3}, "layer"), ({"shots": 2}, "shots"),
+                       ({"model": dict(base["model"], dtype="bf16")}, "dtype")):
+        sc = fresh(clone(base, **over), f"anch_{what}")
+        with pytest.raises(MethodConfigError, match=what) as e:
+            run_training(sc, dry_run_batches=1)
+        assert "cache has" in str(e.value) and "the run needs" in str(e.value)
+        assert not (Path(sc["out_dir"]) / "metrics.jsonl").exists()
+
+
+def test_log_fields_console_line_and_wandb_keys(world):
+    """Issue 14.6: the seeds' field names, console line and W&B keys."""
+    from vlaforget.train.loop import format_progress, wandb_record
+
+    root, cache, model = world
+    sc = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}), "fields")
+    run_training(sc)
+    rec = metrics(sc)[-1]
+    for k in ("train_loss", "action_accuracy", "l1_loss", "L_act", "L_ret", "lambda", "epsilon", "grad_dot",
+              "grad_cos", "projection", "conflict_ratio", "retention_nonfinite", "lambda_before", "lambda_after"):
+        assert k in rec, k
+    line = (Path(sc["out_dir"]) / "train_progress.log").read_text().splitlines()[-1]
+    assert line.startswith(f"Step 6/6 | Loss: {rec['train_loss']:.4f} | Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}"
+                           f" | λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f} | Conflict: ")
+    assert " | GradNorm: " in line and " | LR: " in line
+    assert line == format_progress(rec, 6)
+    w = wandb_record(rec)
+    for key in ("VLA Train/Loss", "VLA Train/Curr Action L1 Loss", "VLA Train/Gradient Norm",
+                "VLA Train/Learning Rate", "CRaFT/Retention Loss", "CRaFT/Retention NonFinite", "CRaFT/Lambda",
+                "CRaFT/Lambda Before", "CRaFT/Lambda After", "CRaFT/Conflict Ratio"):
+        assert key in w, key
+    assert w["VLA Train/Loss"] == rec["train_loss"]
+
+
+def test_fewshot_craft_anchors_come_from_the_fewshot_subset(world):
+    """Issue 14.5: a few-shot run's anchors are drawn from the few-shot subset it trains on, and the
+    run accepts them (the full-split cache is refused for it)."""
+    from train_fixtures import TASKS, run_stage
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.data.probe import cache_rows
+    from vlaforget.methods import craft
+    from vlaforget.methods.icsm import MethodConfigError
+
+    root, cache, model = world
+    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32", "cache_dir": str(root / "hf_cache")}
+    out = root / "artifacts" / "craft_fewshot"
+    run_stage(craft, {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x",
+                      "stage": "craft_anchors", "model": mb, "seed": 0, "shots": 1, "shots_seed": 1,
+                      "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
+                      "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
+                      "out_dir": str(out)}, root / "craft_fewshot.yaml")
+    a = craft.load_anchors(out)
+    assert a["shots"] == 1 and a["shots_seed"] == 1 and len(a["indices"]) == 16
+    sub = CachedDataset(cache, split="train", shots=1, seed=1)
+    assert cache_rows(sub, a["indices"]) <= cache_rows(sub, range(len(sub)))
+    full = cache_rows(CachedDataset(cache, split="train"), range(len(CachedDataset(cache, split="train"))))
+    assert len(cache_rows(sub, range(len(sub)))) < len(full)
+    base = base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT})
+    ok = fresh(clone(base, shots=1, craft_dir=str(out), craft_layer=-2), "fs_ok")
+    assert run_training(ok, dry_run_batches=1)["dry_run_batches"] == 1
+    with pytest.raises(MethodConfigError, match="shots"):  # the full-split cache for a 1-shot run
+        run_training(fresh(clone(base, shots=1), "fs_bad"), dry_run_batches=1)

@@ -28,14 +28,15 @@ def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
     return eps
 
 
-def make_cache(root: Path, name="toy", transform="metaworld", **kw) -> Path:
+def make_cache(root: Path, name="toy", train_split=0.75, n_per_task=6, transform="metaworld", **kw) -> Path:
     """A real cache (the same writer the cache stage uses after reading RLDS; no TensorFlow);
-    Meta-World-shaped data, so Meta-World's (identity) action transform."""
+    Meta-World-shaped data, so Meta-World's (identity) action transform.
+    12 episodes: 9 train, 3 held out (both tasks) -- the probe comes from the held-out ones."""
     from vlaforget.data.cache import write_cache
 
-    eps = synthetic_episodes(**kw)
+    eps = synthetic_episodes(n_per_task=n_per_task, **kw)
     out = root / "datasets" / "cache" / name
-    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=1.0, transform=transform)
+    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=train_split, transform=transform)
     return out
 
 
@@ -86,6 +87,7 @@ def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
     ds = {"name": "toy", "cache_dir": str(cache), "tasks": TASKS}
     common = {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x"}
     run_stage(probe, {**common, "stage": "probe", "model": mb, "dataset": ds, "n": 24, "seed": 0,
+                      "split": "heldout", "trained_suites": ["toy"],
                       "batch_size": 8, "out_dir": str(root / "probe")}, root / "probe.yaml")
     run_stage(icsm, {**common, "stage": "icsm", "model": mb, "probe_dir": str(root / "probe"),
                      "icsm": {"r": 8, "alpha": 1.0, "sensitivity_samples": 8, "direction_batch": 8,

@@ -191,7 +191,7 @@ def bench_train(args) -> dict:
             results[method] = {
                 "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
                 "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
-                "steps_timed": len(timed), "final_loss": recs[-1]["loss"],
+                "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
                 "thermostat_measurements": sum("drift_d" in r for r in recs)}
             ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
             if ttimes:

@@ -210,7 +210,28 @@ def parse_run_name(name: str) -> dict:
 
 def probe_set_name(cfg: dict) -> str:
     p = cfg["probe"]
-    return f"{p['dataset']}_n{p['n']}_s{p.get('seed', 0)}"
+    return f"{p['dataset']}_{p.get('split', 'heldout')}_n{p['n']}_s{p.get('seed', 0)}"
+
+
+def anchor_set(suite: str, shots: int | None, seed: int) -> str:
+    """CRaFT anchor-cache key: the suite, or the few-shot subset `{suite}__{n}shot__s{seed}`."""
+    return suite if not shots else f"{suite}__{int(shots)}shot__s{int(seed)}"
+
+
+def parse_anchor_set(key: str) -> tuple[str, int | None, int | None]:
+    m = re.fullmatch(r"(.+?)__(\d+)shot__s(\d+)", key)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else (key, None, None)
+
+
+def trained_suites(cfg: dict) -> list[str]:
+    """Every suite some run of the study fine-tunes on (main, few-shot, ablation runs)."""
+    st = cfg["study"]
+    out = list(st.get("suites", []) if st.get("methods") else [])
+    if st.get("fewshot_suite") and st.get("fewshot_methods") and st.get("shots"):
+        out.append(st["fewshot_suite"])
+    if st.get("ablation_suite") and st.get("ablations"):
+        out.append(st["ablation_suite"])
+    return sorted(set(out))
 
 
 def layout(cfg: dict) -> Layout:
@@ -322,6 +343,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     elif stage == "probe":
         out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
                    n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", 0),
+                   split=cfg["probe"].get("split", "heldout"), trained_suites=trained_suites(cfg),
                    batch_size=cfg["probe"].get("batch_size", 8),
                    out_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))))
     elif stage == "icsm":
@@ -329,7 +351,9 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
                    out_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))))
     elif stage == "craft_anchors":
-        out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, key),
+        suite, shots, shots_seed = parse_anchor_set(key)
+        out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, suite),
+                   shots=shots, shots_seed=shots_seed,
                    seed=cfg.get("seed", 0), out_dir=str(lay.craft(cfg["model"]["base"], key)))
     elif stage == "train":
         r = parse_run_name(key)
@@ -340,7 +364,10 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    train=cfg["train"], method=mcfg, out_dir=str(lay.run(key)))
         out["icsm_dir"] = str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))) if "icsm" in needs else None
         out["probe_dir"] = str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))) if "probe" in needs else None
-        out["craft_dir"] = str(lay.craft(cfg["model"]["base"], r["suite"])) if "craft" in needs else None
+        out["craft_dir"] = (str(lay.craft(cfg["model"]["base"], anchor_set(r["suite"], out["shots"], r["seed"])))
+                            if "craft" in needs else None)
+        if "craft" in needs:
+            out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
         out["run_id"] = f"{key}-{stable_hash_of(out)}"

@@ -269,7 +269,7 @@ def train_input(w):
     if sc.get("probe_dir"):
         inp["probe"] = probe_file()
     if sc.get("craft_dir"):
-        inp["anchors"] = anchors_file(sc["suite"])
+        inp["anchors"] = R(Path(sc["craft_dir"]) / "anchors.pt")  # the suite's or the few-shot subset's
     return inp
 
 

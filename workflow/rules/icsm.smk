@@ -22,14 +22,17 @@ rule icsm:
 
 
 rule craft_anchors:
+    """{aset} = a suite (its train split) or {suite}__{n}shot__s{seed} (a few-shot run's subset)."""
     input:
-        cfg=cfg_file("craft_anchors", "{dataset}"),
+        cfg=cfg_file("craft_anchors", "{aset}"),
         model=model_done(),
-        cache=R(ROOT / "datasets" / "cache" / "{dataset}" / "manifest.json"),
+        cache=lambda w: cache_outputs(vfc.parse_anchor_set(w.aset)[0])["manifest"],
     output:
-        anchors=R(ROOT / "artifacts" / f"craft_{BASE}" / "{dataset}" / "anchors.pt"),
+        anchors=R(ROOT / "artifacts" / f"craft_{BASE}" / "{aset}" / "anchors.pt"),
     log:
-        log_file("craft_anchors", "{dataset}"),
+        log_file("craft_anchors", "{aset}"),
+    wildcard_constraints:
+        aset=rf"{NAME}(?:__\d+shot__s\d+)?",
     threads: 1
     resources:
         gpu=gpus("probe"),

@@ -1,14 +1,16 @@
 """Probe set: pooled instruction hidden states of the frozen teacher (stage `probe`).
 
-N transitions drawn (seeded, without replacement) from the train split of the probe dataset's cache;
-one teacher forward with hidden states per batch; the hidden states of EVERY decoder layer l
-(hidden_states[l + 1]) are mean-pooled over the instruction tokens (batch['instruction_mask']).
+N transitions drawn (seeded, without replacement) from data NO run trains on: the `probe.split` of the
+probe dataset's cache -- `heldout` (default: the episodes after data.train_split) or `train`/`all` of a
+suite outside the study (the stage refuses a split some run trains on). One teacher forward per batch;
+the output of EVERY decoder layer l (forward hooks: the residual stream before any final norm) is
+mean-pooled over the instruction tokens (batch['instruction_mask']).
 Every layer is kept (not only the ICSM layers) so drift can be studied per layer and the layer
 groups can change without rerunning this stage; for OpenVLA-7B that is 32 x N x 4096 float32
 (262 MB at N = 500).
 
-Outputs (out_dir): probe.pt {indices, dataset, split, seed, pooled {layer: [N,D]}, empty [N], n_empty,
-instructions, num_layers, hidden_size, hash}, audit.json (instruction span of the first probes next
+Outputs (out_dir): probe.pt {indices, dataset, split, source, seed, pooled {layer: [N,D]}, empty [N],
+n_empty, instructions, num_layers, hidden_size, hash}, audit.json (instruction span of the first probes next
 to the raw instruction, empty-mask count, hash) -- written last: it is the completion file together
 with probe.pt, which is written first.
 """
@@ -98,9 +100,11 @@ def pooled_states(
     layers: Sequence[int] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Instruction-pooled hidden states of `backend` for `samples`: ({layer: [N,D] f32 cpu}, empty [N])."""
+    """Instruction-pooled residual-stream outputs of decoder `layers` (default: all) for `samples`:
+    ({layer: [N,D] f32 cpu}, empty [N]). Captured by forward hooks on the decoder layers
+    (methods.icsm.pooled_layer_states), i.e. before the final norm, also for the last layer."""
     from ..io import progress
-    from ..methods.icsm import pool_instruction
+    from ..methods.icsm import pooled_layer_states
 
     L = int(backend.num_layers)
     layers = list(range(L)) if layers is None else [int(x) for x in layers]
@@ -109,15 +113,9 @@ def pooled_states(
     rng = range(0, len(samples), batch_size)
     for s0 in progress(rng, desc="probe forward") if show_progress else rng:
         batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
-        out = backend.forward(batch, output_hidden_states=True)
-        hs = out.hidden_states
-        if len(hs) != L + 1:
-            raise RuntimeError(f"backend returned {len(hs)} hidden states, expected num_layers + 1 = {L + 1}")
-        mask = batch["instruction_mask"]
-        empty = None
+        pooled, empty = pooled_layer_states(backend, batch, layers)
         for layer in layers:
-            pooled, empty = pool_instruction(hs[layer + 1], mask)
-            acc[layer].append(pooled.cpu())
+            acc[layer].append(pooled[layer].cpu())
         empties.append(empty.cpu())
     return {k: torch.cat(v) for k, v in acc.items()}, torch.cat(empties)
 
@@ -162,6 +160,46 @@ def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()) -> dict:
+    """Where the probe comes from, for meta.json / forgetting.json / the tables: dataset, split,
+    episodes, tasks, and whether any run of the study trains on it (must be False)."""
+    trained = split in ("train", "all") and block.get("name") in set(trained_suites)
+    eps = getattr(ds, "episodes", None)
+    return {
+        "dataset": block.get("name"),
+        "split": split,
+        "n_episodes": None if eps is None else len(eps),
+        "tasks": None if eps is None else sorted({e["task"] for e in eps}),
+        "trained_on": bool(trained),
+        "what": (f"held-out episodes of {block.get('name')} (after data.train_split)" if split == "heldout"
+                 else f"{split} split of {block.get('name')}, a suite no run trains on"),
+    }
+
+
+def cache_rows(ds, indices) -> set[int]:
+    """Cache rows of transitions `indices` of a CachedDataset view (views of one cache share rows)."""
+    return {int(ds.locate(int(i))[2]) for i in indices}
+
+
+def check_not_trained_on(probe: dict, train_ds) -> None:
+    """Raise if any probe transition is in `train_ds` (a run's training view of its cache)."""
+    from .cache import CachedDataset
+
+    pdir = Path(probe["dataset"]["cache_dir"]).resolve()
+    if pdir != Path(train_ds.cache_dir).resolve():
+        return
+    pds = CachedDataset(pdir, split=probe.get("split", "train"))
+    prow = cache_rows(pds, probe["indices"])
+    trows = {int(r) for k in range(len(train_ds.episodes)) for r in train_ds.episode_rows(k)}
+    both = prow & trows
+    if both:
+        raise MethodConfigError(
+            f"{len(both)} of the {len(prow)} probe transitions ({probe['dataset'].get('name')}, split "
+            f"'{probe.get('split', 'train')}') are in this run's training data: the probe must be data no "
+            "run trains on -- set probe.split: heldout, or probe.dataset to a suite outside the study"
+        )
+
+
 def load_probe(d: str | Path) -> dict:
     d = Path(d)
     if not (d / "audit.json").exists() or not (d / "probe.pt").exists():
@@ -189,7 +227,23 @@ def main(args) -> int:
     seed = int(sc.get("seed", 0))
     seed_everything(seed)
     t0 = time.perf_counter()
-    ds = open_dataset(sc["dataset"], "train")
+    split = sc.get("split", "heldout")
+    name = sc["dataset"].get("name")
+    trained = list(sc.get("trained_suites") or [])
+    if split in ("train", "all") and name in trained:
+        raise MethodConfigError(
+            f"probe.split '{split}' of {name}: study runs train on {name}, so the probe would be "
+            "trained on; use probe.split: heldout or a probe.dataset outside the study"
+        )
+    ds = open_dataset(sc["dataset"], split)
+    if len(ds) < int(sc["n"]):
+        raise MethodConfigError(
+            f"probe.n = {sc['n']} but the {split} split of {name} has only {len(ds)} transitions "
+            f"({len(getattr(ds, 'episodes', []))} episodes): lower probe.n, or use a probe.dataset no run trains on "
+            "with probe.split: train"
+        )
+    source = probe_source(sc["dataset"], split, ds, trained)
+    log.info("probe source: %s (%d episodes, tasks %s)", source["what"], source["n_episodes"], source["tasks"])
     backend = load_teacher(sc["model"], ds)
     idx = select_indices(len(ds), int(sc["n"]), seed)
     samples = [ds[int(i)] for i in idx]
@@ -207,7 +261,8 @@ def main(args) -> int:
     probe = {
         "indices": idx,
         "dataset": dict(sc["dataset"]),
-        "split": "train",
+        "split": split,
+        "source": source,
         "seed": seed,
         "pooled": pooled,
         "empty": empty,
@@ -224,6 +279,8 @@ def main(args) -> int:
         "n": len(samples),
         "n_empty": n_empty,
         "dataset": sc["dataset"].get("name"),
+        "split": split,
+        "source": source,
         "layers_pooled": sorted(pooled),
         "spans": rows,
         "span_matches": sum(r["match"] for r in rows),

@@ -278,6 +278,8 @@ def main(args) -> int:
         "n_drift": len(samples),
         "layers": layers,
         "probe_hash": probe.get("hash"),
+        "probe_source": probe.get("source") or {"dataset": probe["dataset"].get("name"),
+                                                "split": probe.get("split", "train")},
         "timing": timing,
         "provenance": {**provenance(), "stage_code": sc.get("code")},
     }

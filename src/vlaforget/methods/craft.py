@@ -5,7 +5,9 @@ Training (train/plugins.py): L_ret = MSE(student feature, cached teacher feature
     conflict:    if <g_act, g_ret> < 0:  g_act <- g_act - <g_act, g_ret> / ||g_ret||^2 * g_ret
     update:      g = g_act_proj + lambda * g_ret                               (`conflict_project`)
 Anchors (this stage): teacher features hidden_states[layer] pooled per `pooling` for n_anchors seeded
-samples of the suite's train split -> anchors.pt. Formulas: docs/methods.md.
+samples of the data the run trains on (the suite's train split, or the few-shot subset of a few-shot
+run) -> anchors.pt; `check_anchors` compares the cache with the run before its first step.
+Formulas: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -142,11 +144,24 @@ def sequence_mask(batch: dict, n_image_tokens: int) -> torch.Tensor:
     return torch.cat([am[:, :1], ones, am[:, 1:]], dim=1)
 
 
+def prompt_mask(batch: dict, n_image_tokens: int) -> torch.Tensor:
+    """[B, S] non-padding positions BEFORE the first ground-truth action token (the prompt: <s>, image
+    patches, text incl. the separator), in sequence coordinates. batch['action_mask'] marks the
+    positions whose logits predict the action tokens, so the first action token sits one later."""
+    m = sequence_mask(batch, n_image_tokens).bool()
+    am = batch["action_mask"].bool()
+    S = m.shape[1]
+    first = torch.where(am.any(1), am.float().argmax(1) + 1, torch.full_like(am[:, 0], S, dtype=torch.long))
+    pos = torch.arange(S, device=m.device)[None]
+    return m & (pos < first.to(m.device)[:, None])
+
+
 def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_tokens: int) -> torch.Tensor:
     """Pooled feature [B,D] (float32) of hidden [B,S,D]:
     mean_image_tokens = mean over sequence positions 1..n_image_tokens;
     mean_instruction_tokens = mean over batch['instruction_mask'] (empty -> zeros);
-    mean_all = mean over every non-padding position (attention mask mapped to sequence coords)."""
+    mean_all = mean over every non-padding position of the prompt (`prompt_mask`): the ground-truth
+    action tokens and </s>, which the policy never sees as input at inference, are excluded."""
     from .icsm import pool_instruction
 
     S = hidden.shape[1]
@@ -159,10 +174,10 @@ def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_token
     if pooling == "mean_instruction_tokens":
         return pool_instruction(hidden, batch["instruction_mask"])[0]
     if pooling == "mean_all":
-        m = sequence_mask(batch, n_image_tokens)
+        m = prompt_mask(batch, n_image_tokens)
         if m.shape[1] != S:
             raise ValueError(f"mean_all: mask length {m.shape[1]} != sequence length {S}")
-        return pool_instruction(hidden, m.bool())[0]
+        return pool_instruction(hidden, m)[0]
     raise ValueError(f"unknown pooling '{pooling}': use one of {POOLINGS}")
 
 
@@ -207,6 +222,41 @@ def anchor_features(
 from ..data.probe import load_teacher, open_dataset
 
 
+def check_anchors(anchors: dict, *, hidden_size: int, num_layers: int, pooling: str, where: str,
+                  layer: int | None = None, dtype: str | None = None, shots: int | None = None,
+                  seed: int | None = None) -> None:
+    """Before the first step: the anchor cache must match the run (layer, pooling, dtype, hidden
+    size, data subset). Raises MethodConfigError naming both sides."""
+    have, want = {}, {}
+    feats = anchors.get("features_by_pooling") or {anchors.get("pooling"): anchors.get("features")}
+    if pooling not in feats:
+        have["poolings"], want["pooling"] = sorted(feats), pooling
+    f = feats.get(pooling, anchors.get("features"))
+    d = int(f.shape[-1]) if f is not None else None
+    for k, v_have, v_want in (("hidden_size", anchors.get("hidden_size", d), hidden_size),
+                              ("feature_dim", d, hidden_size)):
+        if v_have is not None and int(v_have) != int(v_want):
+            have[k], want[k] = int(v_have), int(v_want)
+    if layer is not None and int(anchors.get("layer", layer)) != int(layer):
+        have["layer"], want["layer"] = int(anchors["layer"]), int(layer)
+    if "layer_abs" in anchors and layer is not None:
+        if int(anchors["layer_abs"]) != int(layer) % (int(num_layers) + 1):
+            have["layer_abs"], want["layer_abs"] = int(anchors["layer_abs"]), int(layer) % (int(num_layers) + 1)
+    if dtype is not None and anchors.get("model_dtype") is not None and anchors["model_dtype"] != dtype:
+        have["dtype"], want["dtype"] = anchors["model_dtype"], dtype
+    if "shots" in anchors or shots:
+        if (anchors.get("shots") or None) != (shots or None) or (
+            shots and int(anchors.get("shots_seed", -1)) != int(seed)
+        ):
+            have["shots"] = [anchors.get("shots"), anchors.get("shots_seed")]
+            want["shots"] = [shots, seed if shots else None]
+    if have:
+        raise MethodConfigError(
+            f"CRaFT anchor cache {where} does not fit this run: cache has {have}, the run needs {want}. "
+            "Rerun the craft_anchors rule for this run's suite / shots, or fix craft.layer / craft.anchor"
+        )
+
+
 def load_anchors(d: str | Path) -> dict:
     d = Path(d)
     if not (d / "anchors.pt").exists():
@@ -233,6 +283,11 @@ def main(args) -> int:
     seed_everything(seed)
     t0 = time.perf_counter()
     ds = open_dataset(sc["dataset"], "train")
+    shots, shots_seed = sc.get("shots"), sc.get("shots_seed")
+    if shots:  # a few-shot run's anchors come from the few-shot subset it trains on
+        from ..data.cache import CachedDataset
+
+        ds = CachedDataset(sc["dataset"]["cache_dir"], split="train", shots=int(shots), seed=int(shots_seed))
     backend = load_teacher(sc["model"], ds)
     L = int(backend.num_layers)
     layer = int(c.get("layer", -2))
@@ -256,9 +311,13 @@ def main(args) -> int:
         "pooling": pooling,
         "dataset": dict(sc["dataset"]),
         "split": "train",
+        "shots": int(shots) if shots else None,
+        "shots_seed": int(shots_seed) if shots else None,
         "seed": seed,
         "hash": h.hexdigest(),
         "hidden_size": int(backend.hidden_size),
+        "num_layers": L,
+        "model_dtype": (sc.get("model") or {}).get("dtype"),
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},
         **provenance(),
     }

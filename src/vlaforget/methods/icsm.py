@@ -2,7 +2,10 @@
 
 Pure functions (no model needed) plus the `icsm` stage. Formulas and the split rule: docs/methods.md.
 
-Pipeline per representative layer `rep` (decoder-layer index; its output is hidden_states[rep + 1]):
+Pipeline per representative layer `rep` (decoder-layer index). Every statistic lives in ONE space: the
+residual stream at the output of decoder layer `rep`, before any final norm (`layer_outputs`, a forward
+hook on the layer; HF's hidden_states[L] of the last layer has the final RMSNorm applied, so it is
+never used):
   pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
   ->  sensitivity (KL of the action-token distribution when alpha * std_k * u_k is injected into
       the instruction hidden states)  ->  reorder by sensitivity  ->  split into U_f / U_p / null
@@ -15,7 +18,8 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,51 @@ def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     return pooled, empty
 
 
+# ----------------------------------------------------------------------------- residual stream
+
+
+@contextmanager
+def layer_outputs(layers, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the outputs of decoder layers `indices` (forward hooks on `layers[i]`) during the
+    forwards run inside the block: {layer: hidden [B,S,D]} = the residual stream at the layer's output,
+    before any final norm. Unlike HF's `hidden_states` (whose last entry is normed for the last layer)
+    this is the same space for every layer, and the forward needs no output_hidden_states (which keeps
+    every layer's states alive)."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(i: int):
+        def hook(module, args, output):
+            store[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    try:
+        for i in indices:
+            handles.append(layers[int(i)].register_forward_hook(make(int(i))))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pooled_layer_states(backend, batch: dict, layers: Sequence[int], model=None) -> tuple[dict, torch.Tensor]:
+    """One forward of `batch`; instruction-pooled residual-stream outputs of `layers`:
+    ({layer: [B,D] float32}, empty [B]). The space of the probe set, the ICSM statistics, the
+    Thermostat's drift and the forgetting stage's drift / CKA."""
+    with layer_outputs(backend.decoder_layers(model), layers) as hs:
+        backend.forward(batch, model=model)
+    missing = [i for i in layers if int(i) not in hs]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} did not run in the forward pass")
+    out, empty = {}, None
+    for i in layers:
+        out[int(i)], empty = pool_instruction(hs[int(i)], batch["instruction_mask"])
+    if empty is None:
+        empty = torch.zeros(batch["instruction_mask"].shape[0], dtype=torch.bool)
+    return out, empty
+
+
 # ----------------------------------------------------------------------------- layer groups
 
 
@@ -92,7 +141,7 @@ def layer_groups(
     `layers` (config icsm.layers) = "auto" or four layer indices [a, b, c, d] -> A=(a,b) rep b, B=(c,d) rep d.
     variant "single": one group "all" = the union of the icsm groups' layers, rep = the largest rep.
     variant "all_layers": every decoder layer, each mapped to the nearest icsm rep (ties -> larger rep).
-    Only the icsm reps ever need artifacts. Layer l = decoder layer index, output hidden_states[l+1].
+    Only the icsm reps ever need artifacts. Layer l = decoder layer index (its output h_l: layer_outputs).
     """
     L = int(num_layers)
     if override:
@@ -297,7 +346,7 @@ def sensitivity_scores(
     (batch['instruction_mask']) of the residual stream at decoder layer `rep`.
 
     inject="input" (default) adds it to the hidden states entering layer `rep` (= output of layer rep-1,
-    hidden_states[rep]); inject="output" adds it to the output of layer `rep` (hidden_states[rep+1]).
+    h_(rep-1)); inject="output" adds it to the output of layer `rep` (h_rep, before any final norm).
     "input" is the default because the output of the LAST decoder layer at instruction positions
     cannot reach the action logits (causal attention, per-position head): KL would be exactly 0.
     Each forward holds `direction_batch` perturbed copies (directions x samples); the unperturbed
@@ -681,8 +730,10 @@ def main(args) -> int:
         "r": int(icfg.get("r", 128)),
         "alpha": float(icfg.get("alpha", 1.0)),
         "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
-        "injection": "added to the instruction positions of the hidden states entering decoder layer rep "
-        "(= hidden_states[rep]); directions from hidden_states[rep + 1] pooled",
+        "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
+        "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
+        "(residual stream before any final norm)",
+        "space": "residual stream at the decoder layer's output, before any final norm (forward hook)",
         "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
         f"{n_sens} probe samples",
         "sensitivity_samples": n_sens,
@@ -693,6 +744,8 @@ def main(args) -> int:
         "probe_hash": probe["hash"],
         "probe_dir": str(probe_dir),
         "probe_dataset": probe["dataset"].get("name"),
+        "probe_split": probe.get("split", "train"),
+        "probe_source": probe.get("source"),
         "n_probe": len(probe["indices"]),
         "n_empty": int(probe.get("n_empty", 0)),
         "layers": layers_meta,

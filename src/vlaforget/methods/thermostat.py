@@ -1,6 +1,7 @@
 """Thermostat: closed-loop control of the HSW gains (beta, gamma) from representation drift.
 
-Every K steps the train loop pools the student's instruction states of a probe mini-batch at the
+Before the first optimizer step the plug-in calibrates (`ControlLaw.calibrate`: d on independent
+probe draws while student = teacher); then every K steps the train loop pools the student's instruction states of a probe mini-batch at the
 representative layers, forms C_S (`covariance`) and calls `drift(C_S, C_T, metric, basis)`
 (averaged over layers); `ControlLaw.observe(d)` turns d into (beta, gamma). Formulas: docs/methods.md.
 """
@@ -62,15 +63,16 @@ def projected_covariance(
 class ControlLaw:
     """Maps drift measurements d to HSW gains (beta, gamma).
 
-    Calibration: the first `warmup_measurements` observations only measure; they set the noise floor
-    f = mean(d) and s = std(d) (unbiased; 0 for one measurement) and the gains stay at their initial
-    values. Control, for each later d:
+    Calibration (`calibrate(ds)`, before the first optimizer step, student = teacher): ds are d on
+    independent probe draws, so they measure sampling noise only; they set the noise floor
+    f = mean(ds) and s = std(ds) (unbiased; 0 for one draw). Control, for each later d:
         excess   = max(0, d - (f + threshold_sigmas * s)) / (f + eps)
-        gamma*   = clip(gamma_max - gain * excess,     gamma_min, gamma_max)
-        beta*    = clip(beta_max  - gain * excess / 2, beta_min,  beta_max)     (beta_min > 0)
+        gamma*   = clip(gamma0 - gain * excess,     gamma_min, gamma_max)
+        beta*    = clip(beta0  - gain * excess / 2, beta_min,  beta_max)     (beta_min > 0)
         gamma   <- smoothing * gamma + (1 - smoothing) * gamma*     (same for beta; smoothing=0: no EMA)
-    So a larger d gives a smaller (or equal) target gamma and beta, beta never reaches 0, and d within
-    the noise band leaves the gains at their maxima.
+    beta0 / gamma0 are the configured HSW gains (hsw.beta / hsw.gamma; beta_max / gamma_max when no
+    HSW is configured): the gains start there and d within the noise band keeps them there; a larger
+    d gives a smaller (or equal) target gamma and beta, and beta never reaches 0.
     """
 
     def __init__(
@@ -83,14 +85,23 @@ class ControlLaw:
         self.beta_min, self.beta_max = float(cfg.get("beta_min", 0.2)), float(cfg.get("beta_max", 1.0))
         self.smoothing = float(cfg.get("smoothing", 0.5))
         self.eps = eps
+        if self.warmup < 1:
+            raise ValueError(f"thermostat.warmup_measurements must be >= 1 (calibration draws), got {self.warmup}")
         if self.beta_min <= 0:
             raise ValueError(f"thermostat.beta_min must be > 0 (beta never reaches 0), got {self.beta_min}")
         if self.beta_min > self.beta_max or self.gamma_min > self.gamma_max:
             raise ValueError("thermostat: need beta_min <= beta_max and gamma_min <= gamma_max")
         if not 0.0 <= self.smoothing <= 1.0:
             raise ValueError(f"thermostat.smoothing must be in [0, 1], got {self.smoothing}")
-        self.beta = float(self.beta_max if beta0 is None else beta0)
-        self.gamma = float(self.gamma_max if gamma0 is None else gamma0)
+        self.beta0 = float(self.beta_max if beta0 is None else beta0)
+        self.gamma0 = float(self.gamma_max if gamma0 is None else gamma0)
+        if not self.beta_min <= self.beta0 <= self.beta_max:
+            raise ValueError(f"hsw.beta = {self.beta0} is outside [thermostat.beta_min, beta_max] = "
+                             f"[{self.beta_min}, {self.beta_max}]: the control law starts from hsw.beta")
+        if not self.gamma_min <= self.gamma0 <= self.gamma_max:
+            raise ValueError(f"hsw.gamma = {self.gamma0} is outside [thermostat.gamma_min, gamma_max] = "
+                             f"[{self.gamma_min}, {self.gamma_max}]: the control law starts from hsw.gamma")
+        self.beta, self.gamma = self.beta0, self.gamma0
         self.calibration: list[float] = []
         self.floor: float | None = None
         self.std: float | None = None
@@ -105,29 +116,35 @@ class ControlLaw:
     def threshold(self) -> float | None:
         return None if self.floor is None else self.floor + self.k * self.std
 
+    def calibrate(self, ds) -> None:
+        """Set the noise floor from drift values on independent probe draws (student = teacher)."""
+        ds = [float(d) for d in ds]
+        if not ds or not all(math.isfinite(d) for d in ds):
+            raise ValueError(f"thermostat calibration needs finite drift values, got {ds}")
+        t = torch.tensor(ds, dtype=torch.float64)
+        self.calibration = ds
+        self.floor = float(t.mean())
+        self.std = float(t.std(unbiased=True)) if t.numel() > 1 else 0.0
+        self.last = {"d": ds[-1], "excess": None, "phase": "calibrate"}
+
     def targets(self, d: float) -> tuple[float, float, float]:
         """(beta*, gamma*, excess) for a drift d (needs calibration)."""
         if self.floor is None:
-            raise RuntimeError("ControlLaw.targets before calibration finished")
+            raise RuntimeError("ControlLaw.targets before calibration: call calibrate() first")
         excess = max(0.0, d - self.threshold) / (self.floor + self.eps)
-        g = min(self.gamma_max, max(self.gamma_min, self.gamma_max - self.gain * excess))
-        b = min(self.beta_max, max(self.beta_min, self.beta_max - self.gain * excess / 2.0))
+        g = min(self.gamma_max, max(self.gamma_min, self.gamma0 - self.gain * excess))
+        b = min(self.beta_max, max(self.beta_min, self.beta0 - self.gain * excess / 2.0))
         return b, g, excess
 
     def observe(self, d: float) -> tuple[float, float, str]:
-        """Feed one drift measurement; returns (beta, gamma, phase) with phase 'calibrate' | 'control'."""
+        """Feed one drift measurement (after calibration); returns (beta, gamma, 'control')."""
         d = float(d)
         if not math.isfinite(d):
             raise ValueError(f"thermostat: non-finite drift {d}")
-        self.n_obs += 1
         if self.floor is None:
-            self.calibration.append(d)
-            if len(self.calibration) >= self.warmup:
-                t = torch.tensor(self.calibration, dtype=torch.float64)
-                self.floor = float(t.mean())
-                self.std = float(t.std(unbiased=True)) if t.numel() > 1 else 0.0
-            self.last = {"d": d, "excess": None, "phase": "calibrate"}
-            return self.beta, self.gamma, "calibrate"
+            raise RuntimeError("ControlLaw.observe before calibration: the Thermostat calibrates "
+                               "before the first optimizer step (calibrate(ds))")
+        self.n_obs += 1
         b, g, excess = self.targets(d)
         s = self.smoothing
         self.beta = s * self.beta + (1 - s) * b
@@ -140,6 +157,8 @@ class ControlLaw:
         return {
             "beta": self.beta,
             "gamma": self.gamma,
+            "beta0": self.beta0,
+            "gamma0": self.gamma0,
             "calibration": list(self.calibration),
             "floor": self.floor,
             "std": self.std,
@@ -149,6 +168,8 @@ class ControlLaw:
 
     def load_state_dict(self, sd: dict) -> None:
         self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])
+        self.beta0 = float(sd.get("beta0", self.beta0))
+        self.gamma0 = float(sd.get("gamma0", self.gamma0))
         self.calibration = [float(x) for x in sd["calibration"]]
         self.floor = None if sd["floor"] is None else float(sd["floor"])
         self.std = None if sd["std"] is None else float(sd["std"])

@@ -19,7 +19,7 @@ from ..config import parse_run_name
 from .tables import load_evals, read_table, run_metrics
 
 CURVES = [
-    ("loss", "action loss"),
+    ("train_loss", "action loss"),
     ("action_accuracy", "action token accuracy"),
     ("drift_d", "drift d"),
     ("hsw_gamma", "HSW gamma (fragile gain)"),

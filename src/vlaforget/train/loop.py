@@ -124,13 +124,15 @@ def _f(t) -> float | None:
 
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-                 teacher_inputs: dict | None = None) -> dict:
+                 teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
     instead of loading the base model and the dataset cache named in the config; teacher_inputs
     (benchmarks): {"probe_samples": [...], "anchors": {...}, "anchor_samples": [...]} instead of the
-    probe / anchor files."""
+    probe / anchor files. dry_run_batches = n > 0: preflight -- n steps' batches through forward and
+    every backward pass (CRaFT's retention gradient, HSW's surgery) with no optimizer step, then stop:
+    writes dry_run.json in out_dir and no checkpoint, metrics or adapter."""
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
@@ -172,7 +174,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                        autocast=autocast, world_size=dist.world)
 
     # --- method plug-ins (all off = baseline)
-    plugins = build_plugins(ctx, sc, teacher_inputs or {})
+    plugins = build_plugins(ctx, sc, teacher_inputs or {}, train_ds=ds)
     ctx.plugins = plugins
 
     # --- optimizer, schedule, loss scaling
@@ -198,7 +200,11 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "dataset_statistics.json", stats)
         atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
-    logger = RunLogger(out_dir, sc, enabled=dist.is_main, resume=step > 0)
+    dry = int(dry_run_batches or 0)
+    logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0)
+    for p in plugins.values():
+        p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
+    dry_recs: list[dict] = []
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
     bsz = int(tcfg["batch_size"])
@@ -251,6 +257,16 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                 raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
                                     "train.lr, use precision bf16/fp32, or check the data statistics")
             continue
+        if dry:  # preflight: every backward ran, no update
+            dry_recs.append({"batch": len(dry_recs) + 1, "train_loss": _f(sums.get("loss")),
+                             "grad_norm": float(grad_norm_t), **{k: v for p in plugins.values()
+                                                                  for k, v in p.dry_logs().items()}})
+            for p in plugins.values():
+                p.skip_step()
+            optimizer.zero_grad(set_to_none=True)
+            if len(dry_recs) >= dry:
+                break
+            continue
         if tcfg.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
         if scaler:
@@ -266,7 +282,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
 
         # ---------------------------------------------------------------- logs, checkpoints, eval
         if log_step:
-            rec = {"step": step, "loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
+            rec = {"step": step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
                    "l1_loss": _f(sums.get("l1")), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
                    "skipped_steps": skipped, "epoch": sampler.epoch}
             if device.type == "cuda":
@@ -276,11 +292,11 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             for p in plugins.values():
                 rec.update(p.logs())
             if "craft" in plugins:
-                rec["L_act"] = rec["loss"]
+                rec["L_act"] = rec["train_loss"]
             logger.log(rec)
             t_log, steps_since_log = time.perf_counter(), 0
             if bar:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
         if bar:
             bar.update(1)
         if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
@@ -303,6 +319,16 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             return {"stopped_at": step}
     if bar:
         bar.close()
+    if dry:
+        res = {"dry_run_batches": len(dry_recs), "batches": dry_recs, "run_id": sc["run_id"]}
+        if dist.is_main:
+            write_json(out_dir / "dry_run.json", res)
+            for r in dry_recs:
+                log.info("dry run %d/%d: %s", r["batch"], dry, json.dumps(r)[:400])
+        for p in plugins.values():
+            p.close()
+        cleanup_distributed(dist)
+        return res
 
     # --- final adapter + completion record (written last)
     result = {}
@@ -325,7 +351,9 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     return result
 
 
-def build_plugins(ctx: TrainContext, sc: dict, given: dict) -> dict:
+def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> dict:
+    """The enabled method plug-ins. Checks, before the first step, that the probe is not in the
+    run's training data (train_ds) and that the CRaFT anchor cache fits the run."""
     from ..data.cache import CachedDataset
 
     mcfg = sc["method"]
@@ -338,32 +366,41 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict) -> dict:
         from .icsm_adapter import IcsmView
 
         icsm = IcsmView.load(sc["icsm_dir"])
+    probe = None
+    if icsm is not None and "probe_samples" not in given and sc.get("probe_dir"):
+        from ..data.probe import check_not_trained_on, load_probe
+
+        probe = load_probe(sc["probe_dir"])
+        if getattr(train_ds, "cache_dir", None) is not None:
+            check_not_trained_on(probe, train_ds)  # ICSM statistics and drift on data no run trains on
     if mcfg["hsw"].get("enabled"):
         plugins["hsw"] = HSWPlugin(ctx, mcfg["hsw"], icsm)
     if mcfg["thermostat"].get("enabled") and "probe_samples" in given:
         plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, given["probe_samples"],
-                                                 int(sc["seed"]))
+                                                 int(sc["seed"]), hsw_cfg=mcfg["hsw"])
     elif mcfg["thermostat"].get("enabled"):
         from ..data.probe import load_probe
 
-        probe = load_probe(sc["probe_dir"])
+        probe = probe if probe is not None else load_probe(sc["probe_dir"])
         pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
         samples = [pds[int(i)] for i in probe["indices"]]
-        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]))
+        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]),
+                                                 hsw_cfg=mcfg["hsw"])
     if mcfg["craft"].get("enabled"):
-        from ..methods.craft import load_anchors
+        from ..methods.craft import check_anchors, load_anchors
 
         anchors = given["anchors"] if "anchors" in given else load_anchors(sc["craft_dir"])
         want = mcfg["craft"].get("anchor", anchors["pooling"])
+        check_anchors(anchors, hidden_size=int(ctx.backend.hidden_size), num_layers=int(ctx.backend.num_layers),
+                      pooling=want, where=str(sc.get("craft_dir")), layer=sc.get("craft_layer"),
+                      dtype=(sc.get("model") or {}).get("dtype"), shots=sc.get("shots"), seed=sc.get("seed"))
         by_pooling = anchors.get("features_by_pooling") or {anchors["pooling"]: anchors["features"]}
-        if want not in by_pooling:
-            raise TrainingError(f"anchor cache {sc['craft_dir']} has no '{want}' features "
-                                f"(has {sorted(by_pooling)}): rerun the craft_anchors rule")
         anchors = dict(anchors, pooling=want, features=by_pooling[want])
         if "anchor_samples" in given:
             samples = given["anchor_samples"]
         else:
-            ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"))
+            ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"),
+                                shots=anchors.get("shots"), seed=int(anchors.get("shots_seed") or 0))
             samples = [ads[int(i)] for i in anchors["indices"]]
         plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
                                        int(sc["train"]["batch_size"]))
@@ -407,10 +444,12 @@ class RunLogger:
         self.last = rec
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
-        self.human.write(format_progress(rec, self.max_steps) + "\n")
+        line = format_progress(rec, self.max_steps)
+        self.human.write(line + "\n")
         self.human.flush()
+        log.info("%s", line)  # the same line on the console
         if self.wandb:
-            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+            self.wandb.log(wandb_record(rec), step=rec["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -420,18 +459,65 @@ class RunLogger:
                 self.wandb.finish()
 
 
+# W&B keys of the seeds' tools (craft_training_eval_guide.md section 3): metrics.jsonl field -> key
+WANDB_KEYS = {
+    "train_loss": "VLA Train/Loss",
+    "l1_loss": "VLA Train/Curr Action L1 Loss",
+    "action_accuracy": "VLA Train/Action Accuracy",
+    "grad_norm": "VLA Train/Gradient Norm",
+    "lr": "VLA Train/Learning Rate",
+    "L_ret": "CRaFT/Retention Loss",
+    "retention_nonfinite": "CRaFT/Retention NonFinite",
+    "lambda": "CRaFT/Lambda",
+    "lambda_before": "CRaFT/Lambda Before",
+    "lambda_after": "CRaFT/Lambda After",
+    "conflict_ratio": "CRaFT/Conflict Ratio",
+    "epsilon": "CRaFT/Epsilon",
+    "grad_dot": "CRaFT/Grad Dot",
+    "grad_cos": "CRaFT/Grad Cos",
+    "projection": "CRaFT/Projection",
+}
+
+
+def wandb_record(rec: dict) -> dict:
+    """The numeric fields of a metrics.jsonl record under their W&B keys (`VLA Train/...`,
+    `CRaFT/...`; the method's fields, e.g. drift_d, hsw_beta, keep their own names)."""
+    out = {}
+    for k, v in rec.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool):
+                out[WANDB_KEYS.get(k, k)] = float(v)
+            continue
+        out[WANDB_KEYS.get(k, k)] = v
+    return out
+
+
 def format_progress(rec: dict, max_steps: int) -> str:
+    """The console / train_progress.log line of the seeds' tools:
+    `Step s/N | Loss: x | Ret: L_ret/ε | λ: before->after | Conflict: p% | GradNorm: g | LR: lr`
+    (CRaFT fields only for CRaFT runs), then the other fields (accuracy, L1, drift, HSW gains)."""
+    def num(k):
+        return isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)
+
     parts = [f"Step {rec['step']}/{max_steps}"]
-    fmt = [("loss", "Loss", "{:.4f}"), ("action_accuracy", "Acc", "{:.3f}"), ("l1_loss", "L1", "{:.4f}"),
+    if num("train_loss"):
+        parts.append(f"Loss: {rec['train_loss']:.4f}")
+    if num("L_ret"):
+        parts.append(f"Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}" if num("epsilon") else f"Ret: {rec['L_ret']:.4f}")
+    if num("lambda_before") and num("lambda_after"):
+        parts.append(f"λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f}")
+    if num("conflict_ratio"):
+        parts.append(f"Conflict: {rec['conflict_ratio']:.2%}")
+    if num("grad_norm"):
+        parts.append(f"GradNorm: {rec['grad_norm']:.3f}")
+    if num("lr"):
+        parts.append(f"LR: {rec['lr']:.2e}")
+    fmt = [("action_accuracy", "Acc", "{:.3f}"), ("l1_loss", "L1", "{:.4f}"),
            ("drift_d", "d", "{:.4f}"), ("hsw_beta", "β", "{:.3f}"), ("hsw_gamma", "γ", "{:.3f}"),
-           ("hsw_g_norm", "‖g‖", "{:.3e}"), ("hsw_gprime_norm", "‖g'‖", "{:.3e}"),
-           ("L_ret", "Ret", "{:.4f}"), ("conflict_ratio", "Conflict", "{:.2%}"),
-           ("grad_norm", "GradNorm", "{:.3f}"), ("lr", "LR", "{:.2e}")]
+           ("hsw_g_norm", "‖g‖", "{:.3e}"), ("hsw_gprime_norm", "‖g'‖", "{:.3e}")]
     for key, label, f in fmt:
-        if key in rec and isinstance(rec[key], (int, float)):
+        if num(key):
             parts.append(f"{label}: {f.format(rec[key])}")
-    if "lambda_before" in rec:
-        parts.insert(-2, f"λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f}")
     if rec.get("skipped_steps"):
         parts.append(f"Skipped: {rec['skipped_steps']}")
     if "eval_success_rate" in rec:
@@ -441,11 +527,14 @@ def format_progress(rec: dict, max_steps: int) -> str:
 
 def add_args(p):
     p.add_argument("--config", required=True, help="train stage config ({root}/configs/train/<run>.yaml)")
+    p.add_argument("--dry-run-batches", type=int, default=0, metavar="N",
+                   help="preflight: N batches through forward and every backward pass (CRaFT's retention "
+                        "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops")
 
 
 def main(args) -> int:
     sc = load_stage_config(args.config, "train")
-    res = run_training(sc)
+    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0))
     if res:
         log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
     return 0

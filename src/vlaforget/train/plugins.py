@@ -1,7 +1,7 @@
 """Method plug-ins for the one training loop: HSW (gradient surgery), Thermostat (closed-loop β/γ),
 CRaFT (retention loss + dual variable + conflict projection).
 
-The loop calls, in order, for each optimizer step:
+The loop calls start(step) once before the first optimizer step, then, in order, for each step:
     extra_losses(batch, out)   -> dict of added loss terms (per micro-batch)
     backward(losses, scale)    -> True if the plug-in did the backward pass itself
     every_step(step)           -> after the optimizer step (periodic controllers)
@@ -45,6 +45,10 @@ class Plugin:
     def backward(self, losses: dict, scale: float) -> bool:
         return False
 
+    def start(self, step: int) -> None:
+        """Once, after resume and before the first optimizer step of this process (e.g. the
+        Thermostat's calibration)."""
+
     def before_step(self) -> None:
         """After all micro-batches' backward (grads unscaled), before the NaN guard and optimizer."""
 
@@ -56,6 +60,10 @@ class Plugin:
 
     def logs(self) -> dict:
         return {}
+
+    def dry_logs(self) -> dict:
+        """Statistics of a dry-run batch (train.dry_run_batches: no optimizer step, no every_step)."""
+        return self.logs()
 
     def state_dict(self) -> dict:
         return {}
@@ -71,8 +79,17 @@ class Plugin:
 
 
 class HSWPlugin(Plugin):
-    """Projects the gradient w.r.t. each hooked decoder layer's output hidden states, per token:
-    g' = g_n + β g_p + γ g_f, then clamps ‖g'‖ ≤ ‖g‖ (methods.hsw.hsw_transform)."""
+    """Gradient surgery on each hooked decoder layer's OWN parameters.
+
+    For hooked layer l with output h_l (residual stream, before any final norm) and true gradient
+    g_l = dL/dh_l, the trainable parameters θ_l of layer l receive J_θl^T S_l(g_l) instead of
+    J_θl^T g_l, where S_l(g) = g_n + β g_p + γ g_f (per token, clamped ‖S(g)‖ ≤ ‖g‖; methods.hsw)
+    with layer l's group subspaces. The gradient that flows on to the layers below is NOT modified,
+    so every parameter sees exactly one surgery, its own layer's group gains, once (no compounding
+    through the residual stream: see docs/methods.md §3). Implementation: a tensor hook on h_l
+    computes S(g) − g and adds the vector-Jacobian product J_θl^T (S(g) − g) to θ_l's .grad before
+    autograd accumulates J_θl^T g there (one extra backward through layer l, to its parameters only).
+    """
 
     name = "hsw"
 
@@ -87,12 +104,22 @@ class HSWPlugin(Plugin):
         self.eps = float(cfg.get("eps", 1e-12))
         self.layer_map = icsm.layer_bases(cfg.get("groups", "icsm"), ctx.backend.num_layers,
                                           sensitivity=cfg.get("use_sensitivity_order", True))
+        layers = ctx.backend.decoder_layers(ctx.model)
+        # layer -> its trainable parameters (LoRA); layers without any have nothing to act on
+        self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}
+        bare = sorted(l for l, ps in self.params.items() if not ps)
+        if len(bare) == len(self.params):
+            from .loop import TrainingError
+
+            raise TrainingError(f"HSW hooks decoder layers {sorted(self.params)} but none of them has a "
+                                "trainable parameter: include them in train.lora.layers / targets")
         # layer -> (U_f [D,rf], U_p [D,rp]) on device, fp32
         self.bases = {l: (uf.to(ctx.device, torch.float32), up.to(ctx.device, torch.float32))
-                      for l, (uf, up) in self.layer_map.items()}
+                      for l, (uf, up) in self.layer_map.items() if l not in bare}
+        self.skipped_layers = bare
         self._acc = self._zero_acc()
+        self._nested = False
         self._handles = []
-        layers = ctx.backend.decoder_layers(ctx.model)
         for l in self.bases:
             self._handles.append(layers[l].register_forward_hook(self._make_forward_hook(l)))
 
@@ -106,11 +133,14 @@ class HSWPlugin(Plugin):
             if not (torch.is_grad_enabled() and hidden.requires_grad):
                 return None
             uf, up = self.bases[layer_idx]
-
+            params = self.params[layer_idx]
             want_stats = self.ctx.log_step
+            beta, gamma = self.beta, self.gamma
 
             def grad_hook(g):
-                g2, stats = self._transform(g, uf, up, self.beta, self.gamma, clamp=self.clamp, eps=self.eps,
+                if self._nested:  # our own vector-Jacobian product below also passes this tensor
+                    return None
+                g2, stats = self._transform(g, uf, up, beta, gamma, clamp=self.clamp, eps=self.eps,
                                             stats=want_stats)
                 acc = self._acc
                 for k_src, k_dst in (("g_norm", "g"), ("gprime_norm", "gprime"), ("gf_norm", "gf"),
@@ -118,8 +148,19 @@ class HSWPlugin(Plugin):
                     if k_src in stats:
                         acc[k_dst] += float(stats[k_src]) ** 2
                 acc["calls"] += int(want_stats)
-                acc["beta"], acc["gamma"] = self.beta, self.gamma  # the gains this gradient got
-                return g2
+                acc["beta"], acc["gamma"] = beta, gamma  # the gains this gradient got
+                if g2 is g:  # beta = gamma = 1: exact identity, nothing to add
+                    return None
+                self._nested = True
+                try:
+                    corr = torch.autograd.grad(hidden, params, grad_outputs=g2 - g, retain_graph=True,
+                                               allow_unused=True)
+                finally:
+                    self._nested = False
+                for p, c in zip(params, corr):
+                    if c is not None:  # autograd adds J^T g to this afterwards: J^T S(g) in total
+                        p.grad = c if p.grad is None else p.grad.add_(c)
+                return None  # the gradient flowing to the layers below stays the true one
 
             hidden.register_hook(grad_hook)
             return None
@@ -152,12 +193,16 @@ class HSWPlugin(Plugin):
 
 
 class ThermostatPlugin(Plugin):
-    """Every K steps: probe mini-batch through the student (no grad), pooled instruction states at
-    the representative layers, drift d vs the teacher's C_T, control law → HSW β/γ."""
+    """Calibrates before the first optimizer step (student = teacher: `warmup_measurements`
+    independent probe draws give the noise floor of d), then every K steps: probe mini-batch
+    through the student (no grad), pooled instruction states at the representative layers (the
+    probe stage's space: layer outputs before any final norm), drift d vs the teacher's C_T,
+    control law -> HSW β/γ."""
 
     name = "thermostat"
 
-    def __init__(self, ctx: TrainContext, cfg: dict, icsm, probe_samples, seed: int):
+    def __init__(self, ctx: TrainContext, cfg: dict, icsm, probe_samples, seed: int,
+                 hsw_cfg: dict | None = None):
         from ..methods.thermostat import ControlLaw
 
         self.ctx = ctx
@@ -167,35 +212,40 @@ class ThermostatPlugin(Plugin):
         self.metric = cfg.get("metric", "basis")
         self.icsm = icsm
         self.samples = probe_samples  # list of sample dicts (image, instruction, action)
-        self.law = ControlLaw(cfg)
+        hsw_on = bool(hsw_cfg and hsw_cfg.get("enabled"))
+        # the control law starts from (and rests at) the configured HSW gains
+        self.law = ControlLaw(cfg, beta0=float(hsw_cfg.get("beta", 1.0)) if hsw_on else None,
+                              gamma0=float(hsw_cfg.get("gamma", 1.0)) if hsw_on else None)
         self.gen = torch.Generator().manual_seed(int(seed) + 7919)
         self.last: dict = {}
         self._ct_proj: dict = {}  # rep -> U^T C_T U [r, r]
 
+    def pooled(self, idx: list[int]) -> dict[int, torch.Tensor]:
+        """{rep: [n, D]} instruction-pooled student states of probe samples idx (no grad)."""
+        from ..models.base import eval_mode
+        from ..methods.icsm import pooled_layer_states
+
+        reps = list(self.icsm.rep_layers)
+        parts: dict[int, list] = {rep: [] for rep in reps}
+        chunk = max(1, 4 * int(self.ctx.stage_cfg["train"]["batch_size"]))  # no-grad: bounded memory
+        with torch.no_grad(), eval_mode(self.ctx.model):
+            for s in range(0, len(idx), chunk):
+                batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
+                with self.ctx.autocast():
+                    p, _ = pooled_layer_states(self.ctx.backend, batch, reps, model=self.ctx.model)
+                for rep in reps:
+                    parts[rep].append(p[rep].float())
+        return {rep: torch.cat(v) for rep, v in parts.items()}
+
     def measure(self) -> tuple[float, dict]:
-        from ..methods.icsm import covariance, pool_instruction
+        """d on one fresh probe draw (probe_batch samples without replacement), averaged over reps."""
+        from ..methods.icsm import covariance
         from ..methods.thermostat import drift, projected_covariance
 
         n = len(self.samples)
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
-        model = self.ctx.model
-        was_training = model.training
-        model.eval()
-        pooled: dict[int, list] = {rep: [] for rep in self.icsm.rep_layers}
-        chunk = max(1, 4 * int(self.ctx.stage_cfg["train"]["batch_size"]))  # no-grad: bounded memory
-        with torch.no_grad():
-            for s in range(0, len(idx), chunk):
-                batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
-                with self.ctx.autocast():
-                    out = self.ctx.backend.forward(batch, output_hidden_states=True, model=model)
-                for rep in pooled:
-                    p, _ = pool_instruction(out.hidden_states[rep + 1].float(), batch["instruction_mask"])
-                    pooled[rep].append(p)
-                del out
-        model.train(was_training)
         per_layer = {}
-        for rep, parts in pooled.items():
-            X = torch.cat(parts)  # [n, D]
+        for rep, X in self.pooled(idx).items():
             U = self.icsm.basis[rep].to(X.device)
             if self.metric == "basis":  # r x r inside the ICSM basis: never forms D x D
                 if rep not in self._ct_proj:
@@ -208,6 +258,19 @@ class ThermostatPlugin(Plugin):
         d = sum(per_layer.values()) / len(per_layer)
         return d, per_layer
 
+    def start(self, step: int) -> None:
+        """Before the first optimizer step (the loop calls it once): calibrate unless a resumed
+        state already holds the calibration."""
+        if self.law.calibrated:
+            return
+        t0 = time.perf_counter()
+        ds = [self.measure()[0] for _ in range(self.law.warmup)]
+        self.law.calibrate(ds)
+        self.last = {"thermostat_phase": "calibrate", "thermostat_floor": self.law.floor,
+                     "thermostat_noise_std": self.law.std, "thermostat_threshold": self.law.threshold,
+                     "thermostat_calibration_d": ds, "thermostat_calibration_step": int(step),
+                     "thermostat_time_s": time.perf_counter() - t0}
+
     def every_step(self, step: int) -> None:
         if step % self.every != 0:
             return
@@ -218,12 +281,13 @@ class ThermostatPlugin(Plugin):
         hsw = self.ctx.plugins.get("hsw")
         if hsw is not None:
             hsw.beta, hsw.gamma = float(beta), float(gamma)
-        self.last = {"drift_d": d, "thermostat_phase": phase, "thermostat_time_s": elapsed,
+        self.last = {**self.last, "drift_d": d, "thermostat_phase": phase, "thermostat_time_s": elapsed,
+                     "thermostat_excess": self.law.last.get("excess"),
                      **{f"drift_d_L{k}": v for k, v in per_layer.items()}}
 
     def logs(self) -> dict:
         out, self.last = self.last, {}
-        return out
+        return {k: v for k, v in out.items() if v is not None}
 
     def state_dict(self) -> dict:
         return {"law": self.law.state_dict(), "gen": self.gen.get_state()}
@@ -304,6 +368,9 @@ class CraftPlugin(Plugin):
 
     def skip_step(self) -> None:
         self._acc = {}
+
+    def dry_logs(self) -> dict:
+        return {**self._acc, "lambda": self.lmbda, "epsilon": self.eps_budget}
 
     def every_step(self, step: int) -> None:
         from ..methods.craft import dual_update

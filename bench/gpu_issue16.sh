@@ -2,7 +2,7 @@
 # Issue 16 measurements at OpenVLA-7B shape on one GPU: every method at the profiles' micro-batch
 # (bf16 = 4090 profile, fp16 = V100 profile), the plain-PEFT reference in the same run.
 # Usage on the GPU machine, from the repo root:  bash bench/gpu_issue16.sh OUTDIR [PART]
-#   PART: all (default) | bf16 | fp16
+#   PART: all (default) | bf16 | fp16 | sweep (CRaFT anchor batch, Thermostat chunk, CRaFT profile)
 set -uo pipefail
 OUT=${1:-/tmp/bench-out}
 PART=${2:-all}
@@ -25,4 +25,15 @@ fi
 if [ "$PART" = all ] || [ "$PART" = fp16 ]; then
   python3 -m vlaforget.cli bench train $COMMON --precision fp16 --num-workers ${WORKERS:-4} \
     --methods baseline,icsm_hsw_thermostat,craft --json "$OUT/train_fp16.json" 2>&1 | grep -v "Loading weights" | tail -60
+fi
+if [ "$PART" = sweep ]; then
+  python3 -m vlaforget.cli bench train $COMMON --precision bf16 --num-workers ${WORKERS:-4} \
+    --methods baseline,icsm_hsw_thermostat,craft --json "$OUT/train_bf16_b.json" 2>&1 | grep -v "Loading weights" | tail -30
+  python3 -m vlaforget.cli bench train ${COMMON/--anchor-batch ${ANCHOR:-8}/--anchor-batch 4} --precision bf16 \
+    --methods craft --json "$OUT/craft_anchor4.json" 2>&1 | grep -v "Loading weights" | tail -5
+  python3 -m vlaforget.cli bench train $COMMON --precision bf16 --thermostat-chunk 32 \
+    --methods icsm_hsw_thermostat --json "$OUT/thermostat_chunk32.json" 2>&1 | grep -v "Loading weights" | tail -5
+  python3 -m vlaforget.cli bench train ${COMMON/--steps $T/--steps 6} --precision bf16 --profile \
+    --methods craft --json "$OUT/craft_profiled.json" 2>&1 | grep -v "Loading weights" | tail -5
+  head -12 "$OUT/craft_profiled.json.profile_craft.txt"
 fi

@@ -167,7 +167,7 @@ def bench_train(args) -> dict:
             mcfg["thermostat"] = {"enabled": True, "every": args.thermostat_every, "probe_batch": 64,
                                   "warmup_measurements": 2, "metric": "basis", "threshold_sigmas": 2.0,
                                   "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
-                                  "beta_max": 1.0, "smoothing": 0.5}
+                                  "beta_max": 1.0, "smoothing": 0.5, "probe_chunk": args.thermostat_chunk}
             given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
         elif method == "craft":
             mcfg["craft"] = {"enabled": True, "epsilon": 0.05, "lambda_init": 0.0, "lambda_lr": 0.01,
@@ -195,7 +195,12 @@ def bench_train(args) -> dict:
                                                   "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
                                                   "layers": "all"}}}
         os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
-        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+        if args.profile:
+            prof_text = _profiled(lambda: run_training(sc, backend=backend, dataset=ds, teacher_inputs=given))
+            if args.json and rank == 0:
+                Path(f"{args.json}.profile_{method}.txt").write_text(prof_text)
+        else:
+            run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
         reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
         recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
         timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
@@ -235,6 +240,49 @@ def bench_train(args) -> dict:
             out["baseline_vs_peft_reference_samples_per_s"] = (
                 results["baseline"]["samples_per_s"] / results["peft_reference"]["samples_per_s"])
     return out
+
+
+def _profiled(fn) -> str:
+    """Run fn under torch.profiler with the CRaFT / Thermostat / forward pieces labelled; the
+    labelled rows and the top kernels by self CUDA time, as text."""
+    from .methods import craft as craft_mod
+    from .models.base import VLABackend
+    from .train import plugins
+
+    def label(owner, name):
+        f = getattr(owner, name)
+
+        def g(*a, **k):  # synchronised: the label's CPU time is the piece's wall time
+            _sync()
+            with torch.profiler.record_function(f"@{name}"):
+                out = f(*a, **k)
+                _sync()
+            return out
+
+        setattr(owner, name, g)
+        return owner, name, f
+
+    saved = [label(plugins.CraftPlugin, "retention_loss"), label(plugins.CraftPlugin, "before_step"),
+             label(plugins.ThermostatPlugin, "measure"), label(craft_mod, "conflict_project"),
+             label(craft_mod, "combine"), label(VLABackend, "forward"), label(VLABackend, "collate")]
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with torch.profiler.profile(activities=acts) as prof:
+            fn()
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    ev = prof.key_averages()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    labelled = [e for e in ev if e.key.startswith("@")]
+    lines = ["labelled (whole run): name, calls, cpu_total_ms, device_total_ms"]
+    for e in labelled:
+        dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+        lines.append(f"{e.key}, {e.count}, {e.cpu_time_total / 1e3:.1f}, {dev / 1e3:.1f}")
+    lines.append("")
+    lines.append(ev.table(sort_by=key, row_limit=30))
+    return "\n".join(lines)
 
 
 def _versions() -> dict:
@@ -368,6 +416,9 @@ def add_args(p):
     pt.add_argument("--grad-ckpt", action="store_true")
     pt.add_argument("--anchor-batch", type=int, default=8, help="CRaFT method.craft.anchor_batch_size")
     pt.add_argument("--num-workers", type=int, default=0, help="train.num_workers (DataLoader workers)")
+    pt.add_argument("--thermostat-chunk", type=int, default=None,
+                    help="thermostat.probe_chunk (default: the micro-batch)")
+    pt.add_argument("--profile", action="store_true", help="torch.profiler tables next to --json")
     for q in (pi, pt):
         q.add_argument("--json", default=None, help="also write the result here")
 

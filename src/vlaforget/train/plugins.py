@@ -183,7 +183,9 @@ class ThermostatPlugin(Plugin):
         was_training = model.training
         model.eval()
         pooled: dict[int, list] = {rep: [] for rep in self.icsm.rep_layers}
-        chunk = max(1, 4 * int(self.ctx.stage_cfg["train"]["batch_size"]))  # no-grad: bounded memory
+        # no-grad chunks no larger than the training micro-batch (thermostat.probe_chunk to change):
+        # the probe forward then fits in memory the training step already reserved
+        chunk = max(1, int(self.cfg.get("probe_chunk") or self.ctx.stage_cfg["train"]["batch_size"]))
         with torch.no_grad():
             for s in range(0, len(idx), chunk):
                 batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
@@ -299,8 +301,8 @@ class CraftPlugin(Plugin):
                 if g is not None:
                     torch.distributed.all_reduce(g)
                     g /= self.ctx.world_size
-        nonfinite = not (bool(torch.isfinite(l_ret)) and all(g is None or bool(torch.isfinite(g).all())
-                                                             for g in g_ret))
+        checks = [torch.isfinite(l_ret.detach()).all()] + [torch.isfinite(g).all() for g in g_ret if g is not None]
+        nonfinite = not bool(torch.stack(checks).all())  # one host sync, not one per tensor
         if nonfinite and scaler is not None:
             # an fp16 overflow: a non-finite gradient makes the loop skip the step and lower the scale
             self.overflow = True

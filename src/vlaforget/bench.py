@@ -195,6 +195,8 @@ def bench_train(args) -> dict:
                                                   "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
                                                   "layers": "all"}}}
         os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
+        backend.set_stats(ds.statistics)
+        seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
         if args.profile:
             prof_text = _profiled(lambda: run_training(sc, backend=backend, dataset=ds, teacher_inputs=given))
             if args.json and rank == 0:
@@ -208,7 +210,7 @@ def bench_train(args) -> dict:
             results[method] = {
                 "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
                 "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
-                "peak_reserved_gib": reserved, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
+                "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
                 "steps_timed": len(timed), "final_loss": recs[-1]["loss"],
                 "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
                 "thermostat_measurements": sum("drift_d" in r for r in recs)}

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import base_stage, clone, make_cache, make_model, make_teacher_artifacts
 
-from train_fixtures import base_stage, clone, make_cache, make_model, make_teacher_artifacts  # noqa: E402
-
-from vlaforget.train.loop import StepSampler, run_training  # noqa: E402
+from vlaforget.train.loop import StepSampler, run_training
 
 CRAFT = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,
          "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
@@ -46,7 +45,7 @@ def backend_and_data(world):
     from vlaforget.data.cache import CachedDataset
     from vlaforget.models import load_backend
 
-    root, cache, model = world
+    _root, cache, model = world
     ds = CachedDataset(str(cache), split="train")
     b = load_backend({"backend": "tiny", "path": str(model), "dtype": "fp32"}, stats=ds.statistics)
     return b, ds

@@ -198,7 +198,8 @@ def bench_train(args) -> dict:
         backend.set_stats(ds.statistics)
         seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
         if args.profile:
-            prof_text = _profiled(lambda: run_training(sc, backend=backend, dataset=ds, teacher_inputs=given))
+            prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
+                                  run_training(sc, backend=b, dataset=ds, teacher_inputs=given))
             if args.json and rank == 0:
                 Path(f"{args.json}.profile_{method}.txt").write_text(prof_text)
         else:

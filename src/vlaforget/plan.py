@@ -259,18 +259,17 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
 
 
 def format_plan(p: dict, title: str) -> str:
-    lines = [f"# {title}: {p['runs']} training runs x {p['train_steps']} steps "
-             f"(micro-batch {p['micro_batch']} x accum {p['grad_accum']} x {p['nproc']} GPU), "
-             f"{p['eval_episodes']} evaluation episodes",
-             f"GPU {p['gpu']} x {p['gpus']}" + (" (ESTIMATE: H200/H100 measurements scaled by published "
-                                               "TFLOP/s ratios; see docs/benchmarks.md)" if p["estimate"] else ""),
-             "", "| rule | jobs | GPU-hours |", "| --- | --- | --- |"]
+    head = (f"# {title}: {p['runs']} training runs x {p['train_steps']} steps "
+            f"(micro-batch {p['micro_batch']} x accum {p['grad_accum']} x {p['nproc']} GPU), "
+            f"{p['eval_episodes']} evaluation episodes")
+    note = (" (ESTIMATE: H200/H100 measurements scaled by published TFLOP/s ratios; see docs/benchmarks.md)"
+            if p["estimate"] else "")
+    lines = [head, f"GPU {p['gpu']} x {p['gpus']}{note}", "", "| rule | jobs | GPU-hours |", "| --- | --- | --- |"]
     for k, v in p["rules"].items():
         lines.append(f"| {k} | {v['jobs']} | {v['gpu_hours']:.1f} |")
-    lines += [f"| **total** | | **{p['total_gpu_hours']:.1f}** |", "",
-              f"wall-clock >= {p['wall_clock_days']:.1f} days on {p['gpus']} GPU(s) "
-              "(teacher-only jobs first, the rest spread evenly; evaluation assumes every episode runs "
-              f"{p['step_fraction']:.0%} of its step cap)"]
+    tail = (f"wall-clock >= {p['wall_clock_days']:.1f} days on {p['gpus']} GPU(s) (teacher-only jobs first, "
+            f"the rest spread evenly; evaluation assumes every episode runs {p['step_fraction']:.0%} of its step cap)")
+    lines += [f"| **total** | | **{p['total_gpu_hours']:.1f}** |", "", tail]
     return "\n".join(lines)
 
 

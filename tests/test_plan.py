@@ -23,6 +23,14 @@ TABLE = {  # round numbers so the expected values can be computed by hand
 }
 
 
+@pytest.fixture(autouse=True)
+def _default_roots(monkeypatch):
+    """The real study's own roots (other tests' training runs leave VLAFORGET_ROOT in the environment);
+    nothing is written there: the plan only reads the config."""
+    monkeypatch.delenv("VLAFORGET_ROOT", raising=False)
+    monkeypatch.delenv("VLAFORGET_ALLOWED_ROOT", raising=False)
+
+
 def cfg(*overlays):
     return load_config(REPO / "config" / "config.yaml", *[REPO / "config" / o for o in overlays])
 

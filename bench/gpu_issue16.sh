@@ -2,7 +2,7 @@
 # Issue 16 measurements at OpenVLA-7B shape on one GPU: every method at the profiles' micro-batch
 # (bf16 = 4090 profile, fp16 = V100 profile), the plain-PEFT reference in the same run.
 # Usage on the GPU machine, from the repo root:  bash bench/gpu_issue16.sh OUTDIR [PART]
-#   PART: all (default) | bf16 | fp16 | sweep (CRaFT anchor batch, Thermostat chunk, CRaFT profile) | final
+#   PART: all (default) | bf16 | fp16 | sweep (CRaFT anchor batch, Thermostat chunk, CRaFT profile) | final | overhead
 set -uo pipefail
 OUT=${1:-/tmp/bench-out}
 PART=${2:-all}
@@ -40,4 +40,8 @@ fi
 if [ "$PART" = final ]; then
   python3 -m vlaforget.cli bench train $COMMON --precision bf16 --num-workers ${WORKERS:-4} --thermostat-chunk 32 \
     --methods baseline,icsm_hsw_thermostat,craft,peft_reference --json "$OUT/train_bf16_final.json" 2>&1 | grep -v "Loading weights" | tail -40
+fi
+if [ "$PART" = overhead ]; then  # baseline vs method only, more timed steps (the overhead target)
+  python3 -m vlaforget.cli bench train ${COMMON/--thermostat-every 4/--thermostat-every 10} --precision bf16 --num-workers ${WORKERS:-4} \
+    --thermostat-chunk 32 --methods baseline,icsm_hsw_thermostat --json "$OUT/train_overhead.json" 2>&1 | grep -v "Loading weights" | tail -40
 fi

@@ -6,6 +6,7 @@ decoder dims + SigLIP-so400m-shaped tower) measures speed and memory truthfully;
 
     vlaforget bench icsm  --out DIR            probe + ICSM wall time (500 probes, r 128, 128 samples)
     vlaforget bench train --icsm-dir DIR       step time + peak memory: baseline / method / CRaFT
+                                               (--methods ...,peft_reference: plain PEFT LoRA on HF LLaVA)
     (torchrun --standalone --nproc-per-node 2 -m vlaforget.cli bench train ...)  DDP on 2 GPUs
 """
 
@@ -59,11 +60,14 @@ def _device() -> str:
     return "cpu"
 
 
-def make_backend(shape: str, layers: int | None = None):
+def make_backend(shape: str, layers: int | None = None, precision: str = "bf16"):
     from .models.tiny import random_tiny_backend, seven_b_shape_backend
 
     if shape == "7b":
-        dtype = torch.bfloat16 if _device().startswith("cuda") else torch.float32
+        # weights in the profile's model.dtype: fp16 on V100s (profile_v100x8), bf16 otherwise
+        dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(precision, torch.bfloat16)
+        if not _device().startswith("cuda"):
+            dtype = torch.float32
         b = seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
         return b
     return random_tiny_backend(action_dim=7, device=_device())
@@ -141,12 +145,17 @@ def bench_train(args) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     methods = args.methods.split(",")
     for method in methods:
+        if method == "peft_reference":
+            if rank == 0:
+                results[method] = bench_peft_reference(args)
+                log.info("%s: %s", method, results[method])
+            continue
         torch.manual_seed(0)
         gc.collect()  # the previous method's model (hooks make reference cycles) must be gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        backend = make_backend(args.shape, args.layers)
+        backend = make_backend(args.shape, args.layers, args.precision)
         for p in backend.model.parameters():
             p.requires_grad_(False)
         ds = SyntheticDataset(4096)
@@ -158,15 +167,17 @@ def bench_train(args) -> dict:
             mcfg["thermostat"] = {"enabled": True, "every": args.thermostat_every, "probe_batch": 64,
                                   "warmup_measurements": 2, "metric": "basis", "threshold_sigmas": 2.0,
                                   "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
-                                  "beta_max": 1.0, "smoothing": 0.5}
+                                  "beta_max": 1.0, "smoothing": 0.5, "probe_chunk": args.thermostat_chunk}
             given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
         elif method == "craft":
             mcfg["craft"] = {"enabled": True, "epsilon": 0.05, "lambda_init": 0.0, "lambda_lr": 0.01,
-                             "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+                             "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens",
+                             "anchor_batch_size": args.anchor_batch}
             asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
             backend.set_stats(ds.statistics)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device().startswith("cuda")):
-                feats = anchor_features(backend, asamples, -2, args.batch)
+            adt = torch.float16 if args.precision == "fp16" else torch.bfloat16
+            with torch.no_grad(), torch.autocast("cuda", dtype=adt, enabled=_device().startswith("cuda")):
+                feats = anchor_features(backend, asamples, -2, 8)
             given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
                                 "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}
             given["anchor_samples"] = asamples
@@ -179,19 +190,30 @@ def bench_train(args) -> dict:
                         "lr": 5e-4, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                         "max_grad_norm": None, "precision": args.precision,
                         "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
-                        "save_steps": 10**9, "log_every": 1, "num_workers": 0, "use_wandb": False,
+                        "save_steps": 10**9, "log_every": 1, "num_workers": args.num_workers, "use_wandb": False,
                         "eval_every": 0, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16),
                                                   "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
                                                   "layers": "all"}}}
         os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
-        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+        backend.set_stats(ds.statistics)
+        seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
+        if args.profile:
+            prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
+                                  run_training(sc, backend=b, dataset=ds, teacher_inputs=given))
+            if args.json and rank == 0:
+                Path(f"{args.json}.profile_{method}.txt").write_text(prof_text)
+        else:
+            run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
         recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
         timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
         if rank == 0:
             results[method] = {
                 "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
                 "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
+                "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
                 "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
+                "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
                 "thermostat_measurements": sum("drift_d" in r for r in recs)}
             ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
             if ttimes:
@@ -209,12 +231,159 @@ def bench_train(args) -> dict:
     out = {"bench": "train", "shape": args.shape, "device": _device_name(), "world_size":
            int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
            "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,
+           "anchor_batch": args.anchor_batch, "num_workers": args.num_workers, **_versions(),
            "warmup_excluded": args.warmup, "methods": results}
     if "baseline" in results:
         base = results["baseline"]["step_time_s_median"]
         out["overhead_vs_baseline"] = {
             m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in results.items()}
+        out["peak_mem_vs_baseline_gib"] = {
+            m: r.get("peak_mem_gib", 0.0) - results["baseline"]["peak_mem_gib"] for m, r in results.items()}
+        if "peft_reference" in results:
+            out["baseline_vs_peft_reference_samples_per_s"] = (
+                results["baseline"]["samples_per_s"] / results["peft_reference"]["samples_per_s"])
     return out
+
+
+def _profiled(fn) -> str:
+    """Run fn under torch.profiler with the CRaFT / Thermostat / forward pieces labelled; the
+    labelled rows and the top kernels by self CUDA time, as text."""
+    from .methods import craft as craft_mod
+    from .models.base import VLABackend
+    from .train import plugins
+
+    def label(owner, name):
+        f = getattr(owner, name)
+
+        def g(*a, **k):  # synchronised: the label's CPU time is the piece's wall time
+            _sync()
+            with torch.profiler.record_function(f"@{name}"):
+                out = f(*a, **k)
+                _sync()
+            return out
+
+        setattr(owner, name, g)
+        return owner, name, f
+
+    saved = [label(plugins.CraftPlugin, "retention_loss"), label(plugins.CraftPlugin, "before_step"),
+             label(plugins.ThermostatPlugin, "measure"), label(craft_mod, "conflict_project"),
+             label(craft_mod, "combine"), label(VLABackend, "forward"), label(VLABackend, "collate")]
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with torch.profiler.profile(activities=acts) as prof:
+            fn()
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    ev = prof.key_averages()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    labelled = [e for e in ev if e.key.startswith("@")]
+    lines = ["labelled (whole run): name, calls, cpu_total_ms, device_total_ms"]
+    for e in labelled:
+        dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+        lines.append(f"{e.key}, {e.count}, {e.cpu_time_total / 1e3:.1f}, {dev / 1e3:.1f}")
+    lines.append("")
+    lines.append(ev.table(sort_by=key, row_limit=30))
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        import peft
+
+        pv = peft.__version__
+    except ImportError:
+        pv = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": pv}
+
+
+def llava_reference_model(shape: str, device: str, dtype: torch.dtype):
+    """Plain HF LLaVA wiring at OpenVLA-7B shape (Llama-2-7B decoder + SigLIP-so400m tower, MLP
+    projector, sdpa attention), random init: the reference the training loop is measured against."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from .models.tiny import SEVEN_B_SHAPE
+
+    if shape == "7b":
+        vis = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                 num_attention_heads=16, image_size=224, patch_size=14)
+        txt = LlamaConfig(hidden_size=SEVEN_B_SHAPE["hidden"], intermediate_size=SEVEN_B_SHAPE["intermediate"],
+                          num_hidden_layers=SEVEN_B_SHAPE["layers"], num_attention_heads=SEVEN_B_SHAPE["heads"],
+                          num_key_value_heads=SEVEN_B_SHAPE["heads"], vocab_size=32064,
+                          max_position_embeddings=2048)
+    else:  # CPU smoke test
+        vis = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=224, patch_size=14)
+        txt = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, vocab_size=32064, max_position_embeddings=2048)
+    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=32001,
+                      vision_feature_select_strategy="full", vision_feature_layer=-1)
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def bench_peft_reference(args) -> dict:
+    """Plain PEFT LoRA fine-tuning of the LLaVA reference (same LoRA targets, r, AdamW, checkpointing,
+    bf16 autocast, micro-batch x accum as the loop's run), no vlaforget code in the step."""
+    from peft import LoraConfig, get_peft_model
+
+    gc.collect()
+    dev = _device()
+    on_gpu = dev.startswith("cuda")
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = llava_reference_model(args.shape, dev, torch.bfloat16 if on_gpu else torch.float32)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lin = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=min(args.lora_r, 16), lora_dropout=0.0,
+                                             target_modules=lin, init_lora_weights="gaussian", bias="none"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-4)
+    b, n_img = args.batch, 256
+    text = 30  # ~ the loop's prompt + 7 action tokens + </s> on LIBERO-like instructions
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 31999, (b, 1 + n_img + text), generator=g)
+    ids[:, 1 : 1 + n_img] = 32001
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]
+    batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev)}
+    times = []
+    for step in range(args.steps):
+        _sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for _ in range(args.accum):
+            pix = torch.rand(b, 3, 224, 224, generator=g).to(dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                loss = model(**batch, pixel_values=pix).loss / args.accum
+            loss.backward()
+        opt.step()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    timed = times[args.warmup :]
+    res = {"step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
+           "peak_mem_gib": 0.0, "samples_per_s": b * args.accum / float(np.median(timed)), "steps_timed": len(timed),
+           "seq_len": int(ids.shape[1]), "final_loss": float(loss.detach()) * args.accum}
+    if on_gpu:
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    del model, opt, params
+    gc.collect()
+    return res
 
 
 def _device_name() -> str:
@@ -248,6 +417,11 @@ def add_args(p):
     pt.add_argument("--amortise-every", type=int, default=50, help="thermostat.every to amortise over")
     pt.add_argument("--lora-r", type=int, default=32)
     pt.add_argument("--grad-ckpt", action="store_true")
+    pt.add_argument("--anchor-batch", type=int, default=8, help="CRaFT method.craft.anchor_batch_size")
+    pt.add_argument("--num-workers", type=int, default=0, help="train.num_workers (DataLoader workers)")
+    pt.add_argument("--thermostat-chunk", type=int, default=None,
+                    help="thermostat.probe_chunk (default: the micro-batch)")
+    pt.add_argument("--profile", action="store_true", help="torch.profiler tables next to --json")
     for q in (pi, pt):
         q.add_argument("--json", default=None, help="also write the result here")
 

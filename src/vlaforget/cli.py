@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("vlaforget.report.tables", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.report.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
+    "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
 }
 
 

@@ -104,8 +104,21 @@ def pooled_layer_states(backend, batch: dict, layers: Sequence[int], model=None)
     """One forward of `batch`; instruction-pooled residual-stream outputs of `layers`:
     ({layer: [B,D] float32}, empty [B]). The space of the probe set, the ICSM statistics, the
     Thermostat's drift and the forgetting stage's drift / CKA."""
-    with layer_outputs(backend.decoder_layers(model), layers) as hs:
-        backend.forward(batch, model=model)
+    last = max(int(i) for i in layers)
+
+    class _Stop(Exception):
+        pass
+
+    layer_list = backend.decoder_layers(model)
+    with layer_outputs(layer_list, layers) as hs:
+        # stop the forward after the deepest asked layer: no later layers, no logits
+        h = layer_list[last].register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop()))
+        try:
+            backend.forward(batch, model=model)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
     missing = [i for i in layers if int(i) not in hs]
     if missing:
         raise RuntimeError(f"decoder layers {missing} did not run in the forward pass")

@@ -83,6 +83,18 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+class _StopForward(Exception):
+    """Raised by hidden_states_at's last hook: the rest of the forward is not needed."""
+
+
+def _final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    """The norm applied after the last decoder layer (the module owning `layers` has it as .norm)."""
+    for mod in model.modules():
+        if getattr(mod, "layers", None) is layers and isinstance(getattr(mod, "norm", None), nn.Module):
+            return mod.norm
+    raise ValueError(f"no final norm beside the decoder layers in {type(model).__name__}")
+
+
 class VLABackend:
     """Shared implementation of the backend protocol. See docs/DEVELOPMENT.md for the contract."""
 
@@ -161,7 +173,14 @@ class VLABackend:
         """Training/eval batch for action prediction (raw actions are normalised with self.stats).
 
         train=True applies openvla's image augmentation (random crop of 90 % area resized back,
-        brightness, contrast, saturation and hue jitter: `augment_images`), drawn from `generator`."""
+        brightness, contrast, saturation and hue jitter: `augment_images`), drawn from `generator`. = to_device(collate_host(...))."""
+        return self.to_device(self.collate_host(samples, train=train, generator=generator))
+
+    def collate_host(
+        self, samples: Sequence[Mapping], train: bool = False, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The CPU half of collate: tokens, masks, action targets and the (augmented) images as
+        host tensors, no CUDA. Runs in DataLoader workers; `to_device` finishes the batch."""
         if self.stats is None:
             raise ValueError(
                 "collate needs the dataset's action statistics to normalise actions: "
@@ -188,17 +207,33 @@ class VLABackend:
             instr[i, s0 + n : s1 + n] = True
             # logits at sequence position (t-1)+n predict the action token at text position t
             amask[i, p - 1 + n : p - 1 + n + self.action_dim] = True
+        images = augment_images(images_to_uint8(samples), generator) if train else images_to_uint8(samples)
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attn.to(self.device),
-            "pixel_values": self._images(
-                augment_images(images_to_uint8(samples), generator) if train else samples
-            ),
-            "labels": lab.to(self.device),
-            "instruction_mask": instr.to(self.device),
-            "action_mask": amask.to(self.device),
-            "action_targets": torch.as_tensor(targets, dtype=torch.long).to(self.device),
+            "input_ids": input_ids,
+            "attention_mask": attn,
+            "pixel_values": self.host_pixel_values(images),
+            "labels": lab,
+            "instruction_mask": instr,
+            "action_mask": amask,
+            "action_targets": torch.as_tensor(targets, dtype=torch.long),
         }
+
+    def host_pixel_values(self, images: np.ndarray) -> torch.Tensor:
+        """CPU part of image preprocessing (default: the uint8 images; `device_pixel_values` resizes
+        and normalises). Backends whose preprocessing is CPU-only do all of it here."""
+        return torch.from_numpy(np.ascontiguousarray(images))
+
+    def device_pixel_values(self, host: torch.Tensor) -> torch.Tensor:
+        """Finish `host_pixel_values` on the model's device."""
+        if host.dtype == torch.uint8:
+            return self._images(host.numpy() if host.device.type == "cpu" else host.cpu().numpy())
+        return host.to(self.device, dtype=self.dtype, non_blocking=True)
+
+    def to_device(self, host: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A `collate_host` batch (possibly in pinned memory) on the model's device."""
+        out = {k: v.to(self.device, non_blocking=True) for k, v in host.items() if k != "pixel_values"}
+        out["pixel_values"] = self.device_pixel_values(host["pixel_values"])
+        return out
 
     def collate_vqa(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """`In: {question}?\\nOut:` + answer + </s>; labels only on the answer and </s>."""
@@ -239,6 +274,53 @@ class VLABackend:
             use_cache=False,
             return_dict=True,
         )
+
+    def hidden_states_at(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        indices: Sequence[int],
+        model: nn.Module | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """{i: forward(batch, output_hidden_states=True).hidden_states[i]} for the asked indices only
+        (negative ones count from the end, as for a tuple of num_layers + 1), without keeping the
+        other layers' states or computing the logits: forward hooks catch the needed states and the
+        forward stops after the last of them. Index 0 = the decoder's input embeddings, i = decoder
+        layer i-1's output, num_layers = the final norm's output. Works with and without grad."""
+        m = self.model if model is None else model
+        layers = self.decoder_layers(m)
+        L = len(layers)
+        want = sorted({int(i) % (L + 1) for i in indices})
+        got: dict[int, torch.Tensor] = {}
+        last = want[-1]
+
+        def keep(i, t):
+            got[i] = t[0] if isinstance(t, tuple) else t
+            if i == last:
+                raise _StopForward
+
+        handles = []
+        try:
+            for i in want:
+                if i == 0:
+                    handles.append(layers[0].register_forward_pre_hook(
+                        lambda mod, args, kwargs, i=i: keep(i, args[0] if args else kwargs["hidden_states"]),
+                        with_kwargs=True))
+                elif i < L:
+                    handles.append(layers[i - 1].register_forward_hook(lambda mod, a, out, i=i: keep(i, out)))
+                else:
+                    handles.append(_final_norm(m, layers).register_forward_hook(
+                        lambda mod, a, out, i=i: keep(i, out)))
+            try:
+                self.forward(batch, model=m)
+            except _StopForward:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in want if i not in got]
+        if missing:
+            raise RuntimeError(f"hidden states {missing} were not produced by the forward pass")
+        return {int(i): got[int(i) % (L + 1)] for i in indices}
 
     def lm_loss(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """Next-token CE over the labelled text positions (action tokens + </s>, or VQA answers)."""

@@ -131,6 +131,10 @@ class OpenVLABackend(VLABackend):
         pil = [Image.fromarray(a).convert("RGB") for a in arr]
         return self.processor.image_processor(pil, return_tensors="pt")["pixel_values"]
 
+    def host_pixel_values(self, images) -> torch.Tensor:
+        """openvla's image processor is CPU work: all of it runs on the host (in DataLoader workers)."""
+        return self.pixel_values(images)
+
     @torch.no_grad()
     def _greedy(self, prompts, pixel_values, steps, allowed, stop_at_eos, model):
         """KV-cached batched greedy decoding (base `_greedy_cached`): one multimodal prefill through

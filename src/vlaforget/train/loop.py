@@ -95,7 +95,20 @@ def autocast_factory(precision: str, device: torch.device):
         return lambda: torch.autocast("cuda", dtype=dtype)
     if precision == "bf16":
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    raise TrainingError("train.precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    if precision == "fp16":  # CPU fp16 autocast: slow, but the same loss-scaling path as on a V100
+        log.warning("train.precision fp16 on the CPU: correct but slow; use fp32 (or bf16) on CPU")
+        return lambda: torch.autocast("cpu", dtype=torch.float16)
+    raise TrainingError(f"train.precision '{precision}': choose bf16, fp16 or fp32")
+
+
+def make_scaler(tcfg: dict, device: torch.device):
+    """fp16 loss scaling (torch.amp.GradScaler): on for precision fp16 unless train.loss_scaling is
+    false; train.loss_scaling true also scales bf16/fp32 losses (tests). None when off."""
+    want = tcfg.get("loss_scaling")
+    on = tcfg.get("precision") == "fp16" if want is None else bool(want)
+    if not on:
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=float(tcfg.get("loss_scale_init", 2.0**16)))
 
 
 def apply_lora(backend, lcfg: dict, seed: int):
@@ -181,16 +194,15 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=float(tcfg["lr"]),
                                   weight_decay=float(tcfg.get("weight_decay", 0.0)))
     scheduler = make_schedule(optimizer, tcfg)
-    use_scaler = tcfg.get("precision") == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-    if use_scaler and "craft" in plugins:
-        raise TrainingError("CRaFT's two-gradient update does not support fp16 loss scaling yet: use "
-                            "precision bf16 or fp32 for CRaFT runs")
+    scaler = make_scaler(tcfg, device)  # CRaFT scales its retention backward with the same scaler
+    ctx.scaler = scaler
     sampler = StepSampler(len(ds), int(sc["seed"]), dist.rank, dist.world)
+    # augmentation draws from a per-micro-batch generator (train/batches.py); this one stays in the
+    # checkpoint format only
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
 
     # --- resume exactly where an interrupted run stopped
-    step, skipped = 0, 0
+    step, skipped, overflows = 0, 0, 0
     state = ckpt.latest(ckpt_dir)
     if state is not None:
         step, skipped = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -208,6 +220,11 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
     bsz = int(tcfg["batch_size"])
+    # samples -> host batches in DataLoader workers (train.num_workers), pinned, prefetched
+    from .batches import BatchSource
+
+    source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), bool(tcfg.get("image_aug")),
+                         num_workers=int(tcfg.get("num_workers") or 0), device=device)
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
     best_eval, bad_evals = -1.0, 0
     t_log, steps_since_log = time.perf_counter(), 0
@@ -218,8 +235,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            samples = load_samples(ds, sampler.take(bsz))
-            batch = backend.collate(samples, train=bool(tcfg.get("image_aug")), generator=aug_gen)
+            batch = source.next()
             sync = contextlib.nullcontext() if (dist.world == 1 or micro == accum - 1) else model.no_sync()
             with sync:
                 with autocast():
@@ -244,7 +260,27 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         grads = [p.grad for _, p in trainable if p.grad is not None]
         norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else torch.zeros(1)
         grad_norm_t = norms.norm()
-        step_ok = bool(torch.isfinite(grad_norm_t) & torch.isfinite(sums["loss"].to(grad_norm_t.device)))
+        fin = torch.stack([torch.isfinite(sums["loss"].to(grad_norm_t.device)), torch.isfinite(grad_norm_t)]).tolist()
+        loss_ok = fin[0]  # one host sync for both checks
+        step_ok = loss_ok and fin[1] and not getattr(plugins.get("craft"), "overflow", False)
+        if "craft" in plugins:
+            plugins["craft"].overflow = False
+        if not step_ok and scaler is not None and loss_ok:
+            # fp16 overflow of the scaled gradients (action or CRaFT retention backward): skip the
+            # step, halve the scale (GradScaler's backoff), count it; not an error while it recovers
+            overflows += 1
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update(float(scaler.get_scale()) * scaler.get_backoff_factor())
+            for p in plugins.values():
+                p.skip_step()
+            log.info("step %d: fp16 gradient overflow, step skipped, loss scale -> %g (%d overflows)",
+                     step + 1, scaler.get_scale(), overflows)
+            if scaler.get_scale() < 1e-4:
+                raise TrainingError(f"fp16 loss scale fell to {scaler.get_scale():g} after {overflows} "
+                                    "overflow steps: the gradients are non-finite at any scale; lower "
+                                    "train.lr or use precision bf16/fp32")
+            continue
         if not step_ok:
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
@@ -253,7 +289,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             for p in plugins.values():
                 p.skip_step()
             log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
-            if skipped > max(10, max_steps // 10):
+            if skipped - overflows > max(10, max_steps // 10):
                 raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
                                     "train.lr, use precision bf16/fp32, or check the data statistics")
             continue
@@ -285,6 +321,9 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             rec = {"step": step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
                    "l1_loss": _f(sums.get("l1")), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
                    "skipped_steps": skipped, "epoch": sampler.epoch}
+            if scaler is not None:
+                rec["loss_scale"] = float(scaler.get_scale())
+                rec["overflow_steps"] = overflows
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -313,10 +352,12 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                 log.info("early stopping at step %d: no improvement in %d evaluations", step, bad_evals)
                 break
         if stop_after is not None and step >= stop_after:
+            source.close()
             if bar:
                 bar.close()
             logger.close()
             return {"stopped_at": step}
+    source.close()
     if bar:
         bar.close()
     if dry:
@@ -403,7 +444,7 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> di
                                 shots=anchors.get("shots"), seed=int(anchors.get("shots_seed") or 0))
             samples = [ads[int(i)] for i in anchors["indices"]]
         plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
-                                       int(sc["train"]["batch_size"]))
+                                       int(mcfg["craft"].get("anchor_batch_size") or sc["train"]["batch_size"]))
     return plugins
 
 

@@ -31,6 +31,7 @@ class TrainContext:
     world_size: int = 1
     plugins: dict = field(default_factory=dict)
     log_step: bool = True  # whether the current step is logged (statistics cost host syncs)
+    scaler: Any = None  # torch.amp.GradScaler when the loop scales losses (fp16), else None
 
 
 class Plugin:
@@ -227,7 +228,9 @@ class ThermostatPlugin(Plugin):
 
         reps = list(self.icsm.rep_layers)
         parts: dict[int, list] = {rep: [] for rep in reps}
-        chunk = max(1, 4 * int(self.ctx.stage_cfg["train"]["batch_size"]))  # no-grad: bounded memory
+        # no-grad chunks no larger than the training micro-batch (thermostat.probe_chunk to change):
+        # the probe forward then fits in memory the training step already reserved
+        chunk = max(1, int(self.cfg.get("probe_chunk") or self.ctx.stage_cfg["train"]["batch_size"]))
         with torch.no_grad(), eval_mode(self.ctx.model):
             for s in range(0, len(idx), chunk):
                 batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
@@ -306,7 +309,7 @@ class CraftPlugin(Plugin):
     name = "craft"
 
     def __init__(self, ctx: TrainContext, cfg: dict, anchors: dict, anchor_samples: list, seed: int,
-                 batch_size: int):
+                 batch_size: int | None = None):
         self.ctx = ctx
         self.cfg = cfg
         self.eps_budget = float(cfg.get("epsilon", 0.05))
@@ -319,7 +322,10 @@ class CraftPlugin(Plugin):
         self.layer = int(anchors["layer"])
         self.features = anchors["features"].float()  # [N, D]
         self.samples = anchor_samples
-        self.batch = batch_size
+        # anchors per retention step: method.craft.anchor_batch_size (the seeds' craft.anchor_batch_size),
+        # independent of the training micro-batch; `batch_size` is only the fallback when unset
+        self.batch = int(cfg.get("anchor_batch_size") or batch_size or 8)
+        self.overflow = False
         self.gen = torch.Generator().manual_seed(int(seed) + 104729)
         self._logs: dict = {}
         self._acc: dict = {}
@@ -334,10 +340,9 @@ class CraftPlugin(Plugin):
         # the unwrapped model: this backward is ours, not DDP's (g_ret is all-reduced below)
         model = self.ctx.model.module if hasattr(self.ctx.model, "module") and self.ctx.world_size > 1 \
             else self.ctx.model
-        with self.ctx.autocast():
-            aout = self.ctx.backend.forward(abatch, output_hidden_states=True, model=model)
-        feat = pool_features(aout.hidden_states[self.layer].float(), abatch, self.pooling,
-                             self.ctx.backend.n_image_tokens)
+        with self.ctx.autocast():  # the anchor layer's states only; the forward stops there
+            hs = self.ctx.backend.hidden_states_at(abatch, [self.layer], model=model)[self.layer]
+        feat = pool_features(hs.float(), abatch, self.pooling, self.ctx.backend.n_image_tokens)
         target = self.features[idx].to(feat.device)
         return torch.nn.functional.mse_loss(feat, target)
 
@@ -348,15 +353,24 @@ class CraftPlugin(Plugin):
 
         params = [p for _, p in self.ctx.trainable]
         l_ret = self.retention_loss()
-        g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
+        scaler = self.ctx.scaler  # fp16: the retention backward is loss-scaled like the action one
+        if scaler is not None:
+            inv = 1.0 / float(scaler.get_scale())
+            g_ret = [None if g is None else g * inv
+                     for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
+        else:
+            g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
         if self.ctx.world_size > 1:
             for g in g_ret:
                 if g is not None:
                     torch.distributed.all_reduce(g)
                     g /= self.ctx.world_size
-        nonfinite = not (bool(torch.isfinite(l_ret)) and all(g is None or bool(torch.isfinite(g).all())
-                                                             for g in g_ret))
-        if nonfinite:  # never let a broken retention term poison the update: action-only step
+        checks = [torch.isfinite(l_ret.detach()).all()] + [torch.isfinite(g).all() for g in g_ret if g is not None]
+        nonfinite = not bool(torch.stack(checks).all())  # one host sync, not one per tensor
+        if nonfinite and scaler is not None:
+            # an fp16 overflow: a non-finite gradient makes the loop skip the step and lower the scale
+            self.overflow = True
+        elif nonfinite:  # never let a broken retention term poison the update: action-only step
             g_ret = [None] * len(params)
         g_act = [p.grad for p in params]
         g_act, stats = conflict_project(g_act, g_ret, projection=self.projection)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from ..config import load_stage_config
-from ..io import atomic_write_text, progress, provenance, seed_everything, write_json
+from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, seed_everything, sha256_file,
+                  write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -125,6 +127,23 @@ def _f(t) -> float | None:
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                  teacher_inputs: dict | None = None) -> dict:
+    """Train one run from its stage config (see _train), owning its run directory meanwhile: a second
+    driver, or an orphaned trainer of a killed one, is refused with the holder's host and pid; the
+    kernel drops the lock when this process ends, however it ends."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    out_dir = Path(sc["out_dir"])
+    lock = DirLock(out_dir / ".lock", f"run directory {out_dir}") if main_rank else None
+    if lock:
+        lock.acquire()
+    try:
+        return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
+           teacher_inputs: dict | None = None) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
@@ -188,22 +207,35 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
 
     # --- resume exactly where an interrupted run stopped
-    step, skipped = 0, 0
-    state = ckpt.latest(ckpt_dir)
+    step, skipped, extra = 0, 0, {}
+    state_path, state = ckpt.load_latest(ckpt_dir)
     if state is not None:
-        step, skipped = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
-        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state)
+        step, skipped = ckpt.restore(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
+                                     state=state)
+        extra = dict(state.get("extra") or {})
+        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
+    del state
+    wall_before = float(extra.get("wall_time_s", 0.0))  # earlier segments, up to the resumed checkpoint
+    rollbacks = int(extra.get("rollbacks", 0))
+    segments = int(extra.get("segments", 0)) + 1
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "dataset_statistics.json", stats)
         atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
-    logger = RunLogger(out_dir, sc, enabled=dist.is_main, resume=step > 0)
+    logger = RunLogger(out_dir, sc, enabled=dist.is_main, resume=step > 0, resume_step=step)
+
+    def save_checkpoint():
+        ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
+                  scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
+                  extra={"rollbacks": rollbacks, "segments": segments,
+                         "wall_time_s": wall_before + time.time() - t_start})
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
     bsz = int(tcfg["batch_size"])
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
     best_eval, bad_evals = -1.0, 0
+    bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
     t_log, steps_since_log = time.perf_counter(), 0
     while step < max_steps:
         # ---------------------------------------------------------------- one optimizer step
@@ -246,11 +278,17 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                 scaler.update()
             for p in plugins.values():
                 p.skip_step()
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
-            if skipped > max(10, max_steps // 10):
-                raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
-                                    "train.lr, use precision bf16/fp32, or check the data statistics")
+            bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
+                        step + 1, bad_in_a_row, skipped)
+            if bad_in_a_row >= max_bad or skipped > max(10, max_steps // 10):
+                step, skipped, bad_in_a_row = _roll_back_or_stop(
+                    ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger,
+                    dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
+                         plugins=plugins, aug_gen=aug_gen))
+                rollbacks += 1
             continue
+        bad_in_a_row = 0
         if tcfg.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
         if scaler:
@@ -284,8 +322,7 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         if bar:
             bar.update(1)
         if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
-            ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
-                      scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
+            save_checkpoint()
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
             score = periodic_eval(backend, model, sc, tcfg)
             logger.log({"step": step, "eval_success_rate": score})
@@ -307,22 +344,85 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     # --- final adapter + completion record (written last)
     result = {}
     if dist.is_main:
+        check_loss_improved(logger, tcfg, sc)
+        # built in a temp dir and renamed into place: a kill never leaves a half-written final/, and
+        # a previous final/ (with its done.json) stays until the new one is complete
         final = out_dir / "final"
-        final.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.save_pretrained(str(final))
-        write_json(final / "dataset_statistics.json", stats)
-        last = logger.last
-        result = {"run_id": sc["run_id"], "run_name": sc["run_name"], "method": sc["method_name"],
-                  "steps": step, "skipped_steps": skipped, "final_metrics": last,
-                  "wall_time_s": round(time.time() - t_start, 1), "world_size": dist.world,
-                  "adapter_files": sorted(p.name for p in final.iterdir()), **provenance()}
-        write_json(final / "done.json", result)
+        unwrapped.save_pretrained(str(tmp))
+        write_json(tmp / "dataset_statistics.json", stats)
+        files = sorted(p.name for p in tmp.iterdir())
+        result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
+                  "method": sc["method_name"], "steps": step, "skipped_steps": skipped, "rollbacks": rollbacks,
+                  "final_metrics": logger.last, "wall_time_s": round(wall_before + time.time() - t_start, 1),
+                  "segments": segments, "world_size": dist.world, "adapter_files": files,
+                  "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
+        write_json(tmp / "done.json", result)
+        replace_dir(tmp, final)
     logger.close()
     for p in plugins.values():
         p.close()
     cleanup_distributed(dist)
     return result
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put directory tmp at final (the old one, if any, removed after the swap)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger, objs):
+    """After too many bad steps: roll back once to the last good checkpoint (lr x rollback_lr_factor),
+    or stop with what to change. Returns the restored (step, skipped, 0)."""
+    tcfg = sc["train"]
+    lr = float(tcfg["lr"])
+    what = (f"{bad_in_a_row} consecutive steps (at step {step + 1}) had a non-finite loss or gradient"
+            f" ({skipped} skipped in total)")
+    fix = (f"lower train.lr (now {lr:g}; try {lr / 10:g}), set train.max_grad_norm (e.g. 1.0), use "
+           f"precision bf16 or fp32 instead of fp16, or check the dataset statistics of {sc['dataset']['name']}")
+    if rollbacks >= 1:
+        raise TrainingError(f"{what}, again after rolling back once: the run is stopped. {fix}")
+    path, state = ckpt.load_latest(ckpt_dir)
+    if state is None:
+        raise TrainingError(f"{what} and there is no earlier checkpoint to roll back to (first one at "
+                            f"step {tcfg.get('save_steps', 1000)}): the run is stopped. {fix}")
+    new_step, new_skipped = ckpt.restore(path, state=state, **objs)
+    factor = float(tcfg.get("rollback_lr_factor", 0.5))
+    for g in objs["optimizer"].param_groups:
+        g["lr"] *= factor
+    sched = objs["scheduler"]
+    sched.base_lrs = [b * factor for b in sched.base_lrs]
+    log.warning("%s: rolled back to the checkpoint of step %d (%s) with the learning rate x %g; a second "
+                "failure stops the run", what, new_step, path, factor)
+    logger.truncate(new_step)
+    logger.log({"step": new_step, "rollback_from_step": step, "rollback_lr_factor": factor})
+    return new_step, new_skipped, 0
+
+
+def check_loss_improved(logger, tcfg: dict, sc: dict) -> None:
+    """Refuse to mark done a run whose loss ended no lower than its first logged value (a diverged or
+    stuck run: e.g. lr far too high gives a flat loss at chance without any NaN)."""
+    min_steps = int(tcfg.get("loss_check_min_steps", 20))
+    losses = [r["loss"] for r in logger.records if isinstance(r.get("loss"), (int, float))]
+    if int(tcfg["max_steps"]) < min_steps or len(losses) < 2:
+        return
+    tail = losses[-min(3, len(losses) - 1):]
+    end = sum(tail) / len(tail)
+    if not end < losses[0]:
+        raise TrainingError(
+            f"run {sc['run_name']}: the training loss did not improve (first logged {losses[0]:.4f}, mean of "
+            f"the last {len(tail)} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
+            f"high (now {float(tcfg['lr']):g}) or too low, or the data do not match the model: lower / "
+            f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
+            f"{Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
+            f"train.loss_check_min_steps above max_steps to skip this check")
 
 
 def build_plugins(ctx: TrainContext, sc: dict, given: dict) -> dict:
@@ -381,16 +481,21 @@ def periodic_eval(backend, model, sc: dict, tcfg: dict) -> float:
 class RunLogger:
     """metrics.jsonl (machine), train_progress.log (human), W&B (optional, offline by default)."""
 
-    def __init__(self, out_dir: Path, sc: dict, enabled: bool, resume: bool):
+    def __init__(self, out_dir: Path, sc: dict, enabled: bool, resume: bool, resume_step: int = 0):
         self.enabled = enabled
         self.last: dict = {}
+        self.records: list[dict] = []
         self.wandb = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = (out_dir / "metrics.jsonl", out_dir / "train_progress.log")
+        if resume:
+            self.records = cut_logs(*self.paths, resume_step)  # steps after the checkpoint were redone
+        self.last = self.records[-1] if self.records else {}
         mode = "a" if resume else "w"
-        self.jsonl = open(out_dir / "metrics.jsonl", mode)
-        self.human = open(out_dir / "train_progress.log", mode)
+        self.jsonl = open(self.paths[0], mode)
+        self.human = open(self.paths[1], mode)
         self.max_steps = sc["train"]["max_steps"]
         if sc["train"].get("use_wandb"):
             import wandb
@@ -405,6 +510,7 @@ class RunLogger:
             return
         rec = {k: v for k, v in rec.items() if v is not None}
         self.last = rec
+        self.records.append(rec)
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
         self.human.write(format_progress(rec, self.max_steps) + "\n")
@@ -412,12 +518,48 @@ class RunLogger:
         if self.wandb:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
 
+    def truncate(self, step: int) -> None:
+        """Forget what was logged after `step` (a rollback)."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.human.close()
+        self.records = cut_logs(*self.paths, step)
+        self.jsonl, self.human = open(self.paths[0], "a"), open(self.paths[1], "a")
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.human.close()
             if self.wandb:
                 self.wandb.finish()
+
+
+_STEP_RE = __import__("re").compile(r"^Step (\d+)/")
+
+
+def cut_logs(jsonl: Path, human: Path, step: int) -> list[dict]:
+    """Cut metrics.jsonl and train_progress.log back to `step` (records after it, and a torn last
+    line, dropped); returns the kept metrics records."""
+    kept, lines = [], []
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                kept.append(rec)
+                lines.append(line)
+        atomic_write_text(jsonl, "".join(x + "\n" for x in lines))
+    if human.exists():
+        out = []
+        for line in human.read_text().splitlines(keepends=True):
+            m = _STEP_RE.match(line)
+            if line.endswith("\n") and (m is None or int(m.group(1)) <= step):
+                out.append(line)
+        atomic_write_text(human, "".join(out))
+    return kept
 
 
 def format_progress(rec: dict, max_steps: int) -> str:

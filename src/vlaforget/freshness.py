@@ -57,11 +57,28 @@ def _sidecar(completion: Path) -> Path:
     return completion.parent / f".{completion.name}.config_id"
 
 
+def _write_sidecar(completion: Path, cid: str, stage: str, **more) -> None:
+    st = completion.stat()
+    atomic_write_text(_sidecar(completion), json.dumps({"config_id": cid, "stage": stage, "inode": st.st_ino,
+                                                        "size": st.st_size, **more}) + "\n")
+
+
 def recorded_id(completion: str | Path) -> str | None:
     """The config id an output records (None: none recorded, or the output is missing)."""
     completion = Path(completion)
     if not completion.exists():
         return None
+    side = _sidecar(completion)
+    if side.exists():
+        try:
+            rec = read_json(side)
+            st = completion.stat()
+            # valid for the very file it was written for (every writer replaces files atomically, so
+            # a rewritten output has a new inode; `snakemake --touch` keeps inode and size)
+            if [rec.get("inode"), rec.get("size")] == [st.st_ino, st.st_size]:
+                return str(rec["config_id"])
+        except (ValueError, KeyError, OSError):
+            pass
     if completion.suffix == ".json":
         try:
             rec = read_json(completion)
@@ -69,12 +86,6 @@ def recorded_id(completion: str | Path) -> str | None:
             return None
         if isinstance(rec, dict) and rec.get("config_id"):
             return str(rec["config_id"])
-    side = _sidecar(completion)
-    if side.exists():
-        try:
-            return str(read_json(side)["config_id"])
-        except (ValueError, KeyError, OSError):
-            return None
     return None
 
 
@@ -88,8 +99,10 @@ def stamp(sc: dict) -> Path:
             if rec.get("config_id") != cid:
                 rec["config_id"] = cid
                 atomic_write_text(comp, json.dumps(rec, indent=2, sort_keys=True, default=str) + "\n")
+            if _sidecar(comp).exists():
+                os.unlink(_sidecar(comp))
             return comp
-    atomic_write_text(_sidecar(comp), json.dumps({"config_id": cid, "stage": sc["stage"]}) + "\n")
+    _write_sidecar(comp, cid, sc["stage"])
     return comp
 
 
@@ -134,7 +147,47 @@ def verify_inputs(sc: dict) -> None:
                 verify_files(f.parent, rec["adapter_sha256"], rule="train")
 
 
-def sync_stage_config(path: str | Path, sc: dict) -> str:
+# Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
+INSPECT_FLAGS = ("-n", "--dry-run", "--dryrun", "--summary", "-S", "--detailed-summary", "-D", "--list",
+                 "-l", "--list-target-rules", "--lt", "--list-changes", "--lc", "--report", "--dag",
+                 "--rulegraph", "--filegraph", "-d", "--lint", "--unlock", "--cleanup-metadata", "--cm",
+                 "--containerize", "--print-compilation", "--list-untracked", "--lu", "--delete-all-output",
+                 "--delete-temp-output", "--archive", "--conda-create-envs-only", "--list-conda-envs")
+
+
+def sync_mode(argv: list[str]) -> str:
+    """'run' (write + touch), 'touch' (snakemake --touch: make configs and stamps agree with the
+    outputs as they are), or 'inspect' (report only)."""
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    short = {f"-{c}" for a in argv if a.startswith("-") and not a.startswith("--") for c in a[1:]}
+    if "--touch" in flags or "-t" in short:
+        return "touch"
+    if any(f in flags or f in short for f in INSPECT_FLAGS):
+        return "inspect"
+    return "run"
+
+
+def stale_reason(path: str | Path, sc: dict) -> str | None:
+    """Why the job of this stage config must rerun although Snakemake may not see it (None: it need
+    not, as far as recorded ids go)."""
+    path = Path(path)
+    want = config_id(sc)
+    if path.exists():
+        try:
+            disk = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(disk, dict) or config_id(disk) != want:
+                return "its stage config changed"
+        except (yaml.YAMLError, OSError):
+            return "its stage config is unreadable"
+    comp = completion_file(sc)
+    if comp.exists() and recorded_id(comp) != want:
+        got = recorded_id(comp)
+        return (f"its output {comp} was made for config id {got}, not {want}" if got
+                else f"its output {comp} records no config id")
+    return None
+
+
+def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
     """Make the stage-config file at `path` say `sc`, and make its job rerun if its output records
     another id. Returns what it did: 'new', 'rewritten', 'relocated', 'touched' or 'ok'.
 
@@ -145,6 +198,15 @@ def sync_stage_config(path: str | Path, sc: dict) -> str:
     path = Path(path)
     text = yaml.safe_dump(sc, sort_keys=True)
     want = config_id(sc)
+    if mode == "inspect":
+        return "stale" if stale_reason(path, sc) else "ok"
+    if mode == "touch":  # the user says the outputs are current: record that
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
+        comp = completion_file(sc)
+        if comp.exists() and recorded_id(comp) != want:
+            _write_sidecar(comp, want, sc["stage"], by="snakemake --touch")
+        return "stamped"
     if not path.exists():
         return "new"  # rule stage_config writes it
     try:
@@ -168,15 +230,18 @@ def sync_stage_config(path: str | Path, sc: dict) -> str:
     return did
 
 
-def sync_all(items, out=None) -> dict:
-    """sync_stage_config over (path, sc) pairs; logs one line per job that will rerun."""
+def sync_all(items, mode: str = "run", out=None) -> dict:
+    """sync_stage_config over (path, sc) pairs; one line per job that (would) rerun on `out`."""
     counts: dict[str, int] = {}
     for path, sc in items:
-        did = sync_stage_config(path, sc)
+        reason = stale_reason(path, sc) if out is not None else None
+        did = sync_stage_config(path, sc, mode)
         counts[did] = counts.get(did, 0) + 1
-        if did in ("rewritten", "touched") and out is not None:
-            why = "its config changed" if did == "rewritten" else "its output was made for another config"
-            print(f"vlaforget: {sc['stage']} {Path(path).stem} reruns: {why}", file=out)
+        if out is not None and reason and did in ("rewritten", "touched"):
+            print(f"vlaforget: {sc['stage']} {Path(path).stem} reruns: {reason}", file=out)
+        elif out is not None and reason and did == "stale":
+            print(f"vlaforget: {sc['stage']} {Path(path).stem} will rerun on a real run (not shown above "
+                  f"if .snakemake lacks its record): {reason}", file=out)
     return counts
 
 

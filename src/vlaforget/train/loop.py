@@ -236,6 +236,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
     best_eval, bad_evals = -1.0, 0
     bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
+    kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     t_log, steps_since_log = time.perf_counter(), 0
     while step < max_steps:
         # ---------------------------------------------------------------- one optimizer step
@@ -323,6 +324,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             bar.update(1)
         if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
             save_checkpoint()
+        if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
+            os.kill(os.getpid(), 9)
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
             score = periodic_eval(backend, model, sc, tcfg)
             logger.log({"step": step, "eval_success_rate": score})

@@ -216,9 +216,16 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         extra = dict(state.get("extra") or {})
         log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
     del state
-    wall_before = float(extra.get("wall_time_s", 0.0))  # earlier segments, up to the resumed checkpoint
     rollbacks = int(extra.get("rollbacks", 0))
-    segments = int(extra.get("segments", 0)) + 1
+    # every run segment (start .. last sign of life), kills included: done.json's wall time sums them
+    seg_file = ckpt_dir / "segments.json"
+    segs = _read_segments(seg_file) if dist.is_main else []
+    segs.append({"start": t_start, "end": time.time(), "from_step": step, "to_step": step})
+
+    def record_segment():
+        if dist.is_main:
+            segs[-1].update(end=time.time(), to_step=step)
+            write_json(seg_file, segs)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "dataset_statistics.json", stats)
@@ -228,8 +235,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     def save_checkpoint():
         ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
                   scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
-                  extra={"rollbacks": rollbacks, "segments": segments,
-                         "wall_time_s": wall_before + time.time() - t_start})
+                  extra={"rollbacks": rollbacks})
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
     bsz = int(tcfg["batch_size"])
@@ -317,6 +323,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             if "craft" in plugins:
                 rec["L_act"] = rec["loss"]
             logger.log(rec)
+            record_segment()
             t_log, steps_since_log = time.perf_counter(), 0
             if bar:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
@@ -351,8 +358,9 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         # built in a temp dir and renamed into place: a kill never leaves a half-written final/, and
         # a previous final/ (with its done.json) stays until the new one is complete
         final = out_dir / "final"
+        for stale in out_dir.glob(".final.*-*"):  # left by a killed attempt (we hold the run's lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir / f".final.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.save_pretrained(str(tmp))
@@ -360,9 +368,11 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         files = sorted(p.name for p in tmp.iterdir())
         result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
                   "method": sc["method_name"], "steps": step, "skipped_steps": skipped, "rollbacks": rollbacks,
-                  "final_metrics": logger.last, "wall_time_s": round(wall_before + time.time() - t_start, 1),
-                  "segments": segments, "world_size": dist.world, "adapter_files": files,
+                  "final_metrics": logger.last, "world_size": dist.world, "adapter_files": files,
                   "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
+        record_segment()
+        result.update(wall_time_s=round(sum(g["end"] - g["start"] for g in segs), 1), segments=len(segs),
+                      last_segment_s=round(time.time() - t_start, 1))
         write_json(tmp / "done.json", result)
         replace_dir(tmp, final)
     logger.close()
@@ -370,6 +380,14 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         p.close()
     cleanup_distributed(dist)
     return result
+
+
+def _read_segments(path: Path) -> list[dict]:
+    try:
+        segs = json.loads(Path(path).read_text())
+        return [g for g in segs if isinstance(g, dict) and {"start", "end"} <= set(g)]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

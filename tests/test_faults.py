@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import REPO
 from train_fixtures import base_stage, clone, make_cache, make_model
@@ -270,7 +269,7 @@ def test_flat_loss_run_is_not_marked_done(world):
 
 
 def test_corrupted_cache_files_are_named_with_the_rule(world, tmp_path):
-    root, cache, model = world
+    _, cache, _ = world
     import shutil
 
     c = tmp_path / "cache"

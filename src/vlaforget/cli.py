@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # subcommand -> (module, one-line help). Each module defines add_args(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,8 +89,9 @@ def run_stage(name: str, mod, args) -> int:
     lock = None
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if sc["stage"] != "train" and main_rank:  # train locks its run directory itself (train/loop.py)
-        comp = freshness.completion_file(sc)
-        lock = DirLock(comp.parent / f".{comp.name}.lock", f"output {comp}").acquire()
+        # beside the output (a stage may replace its whole out_dir by a rename)
+        out = Path(sc["out_dir"]) if sc.get("out_dir") else Path(sc["out_file"])
+        lock = DirLock(out.parent / f".{out.name}.lock", f"output {out}").acquire()
     try:
         rc = int(mod.main(args) or 0)
         if rc == 0 and main_rank and freshness.completion_file(sc).exists():

@@ -540,3 +540,12 @@ def test_cut_logs_drops_redone_steps_and_torn_lines(tmp_path):
     kept = cut_logs(j, h, 5)
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 5]
     assert h.read_text().splitlines() == [f"Step {s}/10 | Loss: 1" for s in range(1, 6)]
+
+
+def test_hex_ids_survive_the_stage_config_round_trip(tmp_root, tmp_path):
+    # a config id like 34565307e335 is a float to a YAML 1.2 reader: stage configs must read it back
+    sc = {"stage": "eval", "root": str(tmp_root), "allowed_root": str(tmp_root.parent),
+          "inputs": {"x": {"id": "34565307e335"}}}
+    p = tmp_path / "sc.yaml"
+    p.write_text(yaml.safe_dump(sc))
+    assert vfc.load_stage_config(p)["inputs"]["x"]["id"] == "34565307e335"

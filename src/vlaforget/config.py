@@ -66,9 +66,11 @@ def _coerce_floats(obj, path=()):
     return obj
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, yaml12_floats: bool = False) -> dict:
+    """A YAML mapping. yaml12_floats (study configs) also reads `1e-4` as a number; stage configs are
+    read as written (yaml.safe_dump leaves a hex id like `5e1234` unquoted: it must stay a string)."""
     with open(path) as f:
-        data = yaml.load(f, Loader=_Loader) or {}
+        data = (yaml.load(f, Loader=_Loader) if yaml12_floats else yaml.safe_load(f)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -77,7 +79,7 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
     cfg: dict = {}
     for p in paths:
-        cfg = deep_merge(cfg, load_yaml(p))
+        cfg = deep_merge(cfg, load_yaml(p, yaml12_floats=True))
     if overrides:
         cfg = deep_merge(cfg, overrides)
     validate(cfg)

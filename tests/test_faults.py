@@ -549,3 +549,27 @@ def test_hex_ids_survive_the_stage_config_round_trip(tmp_root, tmp_path):
     p = tmp_path / "sc.yaml"
     p.write_text(yaml.safe_dump(sc))
     assert vfc.load_stage_config(p)["inputs"]["x"]["id"] == "34565307e335"
+
+
+def test_output_killed_before_its_id_was_recorded_is_rerun(tmp_root, tmp_path):
+    sc = vfc.stage_config(_cfg(tmp_root), "icsm", vfc.probe_set_name(_cfg(tmp_root)))
+    meta = Path(sc["out_dir"]) / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("{}")  # FAULT: the stage wrote its completion file, then died before the stamp
+    path = tmp_path / "icsm.yaml"
+    path.write_text(yaml.safe_dump(sc, sort_keys=True))
+    os.utime(path, (1e9, 1e9))
+    assert "records no config id" in freshness.stale_reason(path, sc)
+    assert freshness.sync_stage_config(path, sc) == "touched"
+    freshness.stamp(sc)
+    assert freshness.recorded_id(meta) == config_id(sc)
+    assert freshness.sync_stage_config(path, sc) == "ok"
+    # anchors.pt is not JSON: its id lives beside it, valid only for that very file
+    a = vfc.stage_config(_cfg(tmp_root), "craft_anchors", "mw_downstream")
+    f = Path(a["out_dir"]) / "anchors.pt"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"x")
+    freshness.stamp(a)
+    assert freshness.recorded_id(f) == config_id(a)
+    atomic_write_text(f, "y")  # FAULT: rewritten by a later, unfinished attempt
+    assert freshness.recorded_id(f) is None

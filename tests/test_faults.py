@@ -573,3 +573,36 @@ def test_output_killed_before_its_id_was_recorded_is_rerun(tmp_root, tmp_path):
     assert freshness.recorded_id(f) == config_id(a)
     atomic_write_text(f, "y")  # FAULT: rewritten by a later, unfinished attempt
     assert freshness.recorded_id(f) is None
+
+
+def test_kill9_icsm_after_its_outputs_before_its_id_reruns_identically(world, tmp_path):
+    """kill -9 at the most delicate point of a stage: its outputs are complete but not yet recorded as
+    made for this config. A consumer refuses them; the rerun gives the same tensors to the bit."""
+    from train_fixtures import make_teacher_artifacts
+
+    root, cache, model = world
+    if not (root / "artifacts" / "icsm" / "meta.json").exists():
+        make_teacher_artifacts(root, cache, model)
+    sc = yaml.safe_load((root / "icsm.yaml").read_text())
+    runs = {}
+    for name in ("icsm_ref", "icsm_killed"):
+        runs[name] = dict(sc, out_dir=str(root / "artifacts" / name))
+        write_cfg(runs[name], tmp_path / f"{name}.yaml")
+    assert cli(["icsm", "--config", str(tmp_path / "icsm_ref.yaml")]).returncode == 0
+    k = runs["icsm_killed"]
+    r = cli(["icsm", "--config", str(tmp_path / "icsm_killed.yaml")],
+            env={"VLAFORGET_FAULT_KILL_BEFORE_STAMP": "icsm"})  # FAULT: kill -9 before the stamp
+    assert r.returncode == -9
+    meta = Path(k["out_dir"]) / "meta.json"
+    consumer = {"stage": "train", "inputs": {"icsm": {"file": str(meta), "id": config_id(k), "rule": "icsm"}}}
+    with pytest.raises(freshness.StaleInputError, match="records no config id"):
+        freshness.check_inputs(consumer)
+    assert cli(["icsm", "--config", str(tmp_path / "icsm_killed.yaml")]).returncode == 0
+    freshness.check_inputs(consumer)  # recorded now, and its tensors match meta.json's sha256
+    ref = json.loads((root / "artifacts" / "icsm_ref" / "meta.json").read_text())["tensor_hashes"]
+    assert json.loads(meta.read_text())["tensor_hashes"] == ref
+    t = Path(k["out_dir"]) / sorted(n for n in ref if n.startswith("U"))[0]
+    torch_mod = __import__("torch")
+    torch_mod.save(torch_mod.zeros(3), t)  # FAULT: an ICSM tensor replaced
+    with pytest.raises(CorruptInputError, match="'icsm' rule"):
+        freshness.check_inputs(consumer)

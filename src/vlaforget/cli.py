@@ -94,6 +94,8 @@ def run_stage(name: str, mod, args) -> int:
         lock = DirLock(out.parent / f".{out.name}.lock", f"output {out}").acquire()
     try:
         rc = int(mod.main(args) or 0)
+        if os.environ.get("VLAFORGET_FAULT_KILL_BEFORE_STAMP") == sc["stage"]:  # tests/test_faults.py
+            os.kill(os.getpid(), 9)
         if rc == 0 and main_rank and freshness.completion_file(sc).exists():
             freshness.stamp(sc)
         return rc

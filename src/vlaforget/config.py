@@ -9,7 +9,6 @@ and every stage is runnable by hand with the same file (`vlaforget <stage> --con
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import re
@@ -290,17 +289,23 @@ STAGE_CODE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+_CODE_HASHES: dict = {}
+
+
 def code_hash(stage: str) -> str:
-    h = hashlib.sha256()
+    files = []
     for rel in STAGE_CODE.get(stage, []):
         p = PKG_DIR / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        files += [f for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p]) if f.exists()]
+    # memoised on the files' sizes and mtimes (stage configs ask for it once per input of every job)
+    key = (stage, str(PKG_DIR), tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    if key not in _CODE_HASHES:
+        h = hashlib.sha256()
         for f in files:
-            if f.exists():
-                h.update(str(f.relative_to(PKG_DIR)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+            h.update(str(f.relative_to(PKG_DIR)).encode())
+            h.update(f.read_bytes())
+        _CODE_HASHES[key] = h.hexdigest()[:12]
+    return _CODE_HASHES[key]
 
 
 # ----------------------------------------------------------------------------- stage configs
@@ -468,7 +473,7 @@ def _stage_config_cached(cfg: dict, stage: str, key: str) -> dict:
     """stage_config memoised on the config's content (the DAG asks for the model's id per job)."""
     import os
 
-    k = (stage, key, json.dumps(cfg, sort_keys=True, default=str),
+    k = (stage, key, str(PKG_DIR), json.dumps(cfg, sort_keys=True, default=str),
          os.environ.get("VLAFORGET_ROOT"), os.environ.get("VLAFORGET_ALLOWED_ROOT"))
     if k not in _SC_CACHE:
         if len(_SC_CACHE) > 4096:

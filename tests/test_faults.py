@@ -606,3 +606,8 @@ def test_kill9_icsm_after_its_outputs_before_its_id_reruns_identically(world, tm
     torch_mod.save(torch_mod.zeros(3), t)  # FAULT: an ICSM tensor replaced
     with pytest.raises(CorruptInputError, match="'icsm' rule"):
         freshness.check_inputs(consumer)
+
+
+def test_optional_paths_outside_the_allowed_root_are_refused_by_validation(tmp_root):
+    with pytest.raises(ConfigError, match="eval.libero.config_path = /elsewhere"):  # FAULT
+        _cfg(tmp_root, eval={"libero": {"config_path": "/elsewhere/libero"}})

@@ -97,6 +97,19 @@ def late_checks(cfg: dict) -> None:
             raise _err(f"{key} names '{s}', which is not a LIBERO suite ({', '.join(LIBERO_SUITES)}, "
                        f"optionally with a suffix like _no_noops).{_hint(s, [p + '_no_noops' for p in LIBERO_SUITES])}")
     check_lora_layers((cfg["train"].get("lora") or {}).get("layers", "all"), num_layers(cfg))
+    allowed = resolve_allowed_root(cfg)
+    for key, p in optional_paths(cfg):  # existence: data_checks (the data may not be on this machine)
+        try:
+            check_under(p, allowed, key)
+        except PathPolicyError as e:
+            raise _err(str(e)) from e
+
+
+def optional_paths(cfg: dict) -> list[tuple[str, str]]:
+    f = cfg["eval"].get("forgetting") or {}
+    lib = cfg["eval"].get("libero") or {}
+    return [(k, p) for k, p in (("eval.forgetting.vqa_jsonl", f.get("vqa_jsonl")),
+                                ("eval.libero.config_path", lib.get("config_path"))) if p]
 
 
 def _probe_capacity(cfg: dict) -> tuple[int, str] | None:

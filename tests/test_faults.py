@@ -611,3 +611,41 @@ def test_kill9_icsm_after_its_outputs_before_its_id_reruns_identically(world, tm
 def test_optional_paths_outside_the_allowed_root_are_refused_by_validation(tmp_root):
     with pytest.raises(ConfigError, match="eval.libero.config_path = /elsewhere"):  # FAULT
         _cfg(tmp_root, eval={"libero": {"config_path": "/elsewhere/libero"}})
+
+
+def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_root, tmp_path):
+    """kill -9 in the middle of the tiny teacher's pretraining: no half-saved teacher is left (it is
+    built in a temp dir and renamed into place), and the rerun equals an uninterrupted build."""
+    import numpy as np
+
+    from vlaforget.data.cache import write_cache
+    from vlaforget.models.tiny import TEST_TINY
+
+    c = _cfg(tmp_root)
+    c["model"]["tiny"] = dict(TEST_TINY)
+    c["model"]["pretrain"] = {"steps": 6, "batch_size": 4, "lr": 1e-3, "vqa_fraction": 0.5, "seed": 0, "threads": 1}
+    rng = np.random.default_rng(0)
+    for d, tasks in c["data"]["metaworld"]["datasets"].items():
+        eps = [{"images": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+                "states": np.zeros((5, 4), np.float32), "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
+                "env_states": rng.uniform(-0.3, 0.9, (5, 39)).astype(np.float32),
+                "instruction": f"do task {k % len(tasks)}", "task": tasks[k % len(tasks)], "seed": k}
+               for k in range(8)]
+        csc = vfc.stage_config(c, "cache", d)
+        write_cache(eps, csc["out_dir"], d, 32, train_split=0.75)
+        freshness.stamp(csc)  # as the cache stage records it
+    sc = vfc.stage_config(c, "model", c["model"]["base"])
+    out = Path(sc["out_dir"])
+    ref_sc = dict(sc, out_dir=str(out.parent / "ref"))
+    assert cli(["model", "--config", str(write_cfg(ref_sc, tmp_path / "ref.yaml"))]).returncode == 0
+    p = write_cfg(sc, tmp_path / "model.yaml")
+    r = cli(["model", "--config", str(p)], env={"VLAFORGET_FAULT_KILL_AT_STEP": "3"})  # FAULT: mid-pretraining
+    assert r.returncode == -9
+    assert not out.exists()  # nothing half-written where consumers look
+    r = cli(["model", "--config", str(p)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert freshness.recorded_id(out / "done.json") == config_id(sc)
+    ref = out.parent / "ref"
+    weights = sorted(f.name for f in ref.iterdir() if f.suffix in (".safetensors", ".bin"))
+    assert weights and all((out / w).read_bytes() == (ref / w).read_bytes() for w in weights)
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))

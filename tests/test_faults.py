@@ -649,3 +649,15 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
     weights = sorted(f.name for f in ref.iterdir() if f.suffix in (".safetensors", ".bin"))
     assert weights and all((out / w).read_bytes() == (ref / w).read_bytes() for w in weights)
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+@pytest.mark.parametrize("argv,mode", [
+    (["snakemake", "--profile", "profiles/ci"], "run"),
+    (["snakemake", "-n", "--profile", "profiles/ci"], "inspect"),
+    (["snakemake", "-np"], "inspect"),
+    (["snakemake", "--summary"], "inspect"),
+    (["snakemake", "--touch", "--forceall"], "touch"),
+    (["snakemake", "-d", "/some/dir", "-j4"], "run"),  # -d is --directory, not a dry-run
+])
+def test_sync_mode_from_the_command_line(argv, mode):
+    assert freshness.sync_mode(argv) == mode

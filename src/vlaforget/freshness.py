@@ -150,7 +150,7 @@ def verify_inputs(sc: dict) -> None:
 # Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
 INSPECT_FLAGS = ("-n", "--dry-run", "--dryrun", "--summary", "-S", "--detailed-summary", "-D", "--list",
                  "-l", "--list-target-rules", "--lt", "--list-changes", "--lc", "--report", "--dag",
-                 "--rulegraph", "--filegraph", "-d", "--lint", "--unlock", "--cleanup-metadata", "--cm",
+                 "--rulegraph", "--filegraph", "--lint", "--unlock", "--cleanup-metadata", "--cm",
                  "--containerize", "--print-compilation", "--list-untracked", "--lu", "--delete-all-output",
                  "--delete-temp-output", "--archive", "--conda-create-envs-only", "--list-conda-envs")
 

@@ -661,3 +661,25 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
 ])
 def test_sync_mode_from_the_command_line(argv, mode):
     assert freshness.sync_mode(argv) == mode
+
+
+def test_stale_snakemake_lock_of_a_killed_driver_is_cleared_safely(tmp_path):
+    import io
+
+    locks = tmp_path / ".snakemake" / "locks"
+    drivers = tmp_path / ".snakemake" / "vlaforget-drivers"
+    locks.mkdir(parents=True)
+    drivers.mkdir()
+    (locks / "0.input.lock").write_text("x")  # FAULT: the driver was killed -9, its lock stayed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (drivers / f"{socket.gethostname()}-{dead.pid}").touch()
+    out = io.StringIO()
+    assert freshness.clear_stale_snakemake_lock(tmp_path, out=out)
+    assert not list(locks.iterdir()) and "no --unlock needed" in out.getvalue()
+    # a driver of another host (shared working dir): the lock stays, Snakemake asks for --unlock
+    (locks / "0.input.lock").write_text("x")
+    (drivers / "otherhost-123").touch()
+    out = io.StringIO()
+    assert not freshness.clear_stale_snakemake_lock(tmp_path, out=out)
+    assert (locks / "0.input.lock").exists() and "pid 123 on otherhost" in out.getvalue()

@@ -286,3 +286,56 @@ def verify_icsm(icsm_dir: str | Path) -> None:
             return sha256_tensor(torch.load(p, map_location="cpu", weights_only=True))
 
         verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h)
+
+
+# ----------------------------------------------------------------------------- stale Snakemake lock
+
+
+def _is_live_snakemake(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"snakemake" in cmd
+
+
+def clear_stale_snakemake_lock(workdir: str | Path, out=None) -> bool:
+    """Remove `.snakemake/locks` when every driver that ran here is provably dead.
+
+    Each workflow run leaves a marker `.snakemake/vlaforget-drivers/<host>-<pid>`. A lock is removed
+    only when markers exist and all of them name this host and a pid that is no Snakemake process
+    any more (a driver killed with -9 / a power loss); a marker of another host (a shared working
+    directory) or of a live driver leaves the lock to Snakemake, which then asks for --unlock.
+    Returns True when it removed a lock. Then records this driver's marker."""
+    import socket
+
+    sm = Path(workdir) / ".snakemake"
+    locks, drivers = sm / "locks", sm / "vlaforget-drivers"
+    host, me = socket.gethostname(), os.getpid()
+    markers = []
+    if drivers.is_dir():
+        for m in drivers.iterdir():
+            h, _, pid = m.name.rpartition("-")
+            if pid.isdigit():
+                markers.append((m, h, int(pid)))
+    removed = False
+    lock_files = list(locks.glob("*.lock")) if locks.is_dir() else []
+    if lock_files and markers:
+        holders = [(h, p) for _, h, p in markers if h != host or (p != me and _is_live_snakemake(p))]
+        if not holders:
+            for f in lock_files:
+                f.unlink(missing_ok=True)
+            removed = True
+            if out is not None:
+                dead = ", ".join(f"pid {p}" for _, _, p in markers)
+                print(f"vlaforget: removed the Snakemake lock left by a killed driver ({dead} on {host}, "
+                      f"no longer running); no --unlock needed", file=out)
+        elif out is not None:
+            print("vlaforget: .snakemake/locks is held by " + ", ".join(f"pid {p} on {h}" for h, p in holders)
+                  + ": if none of them runs any more, `snakemake ... --unlock` once", file=out)
+    for m, h, p in markers:  # forget drivers of this host that are gone
+        if h == host and p != me and not _is_live_snakemake(p):
+            m.unlink(missing_ok=True)
+    drivers.mkdir(parents=True, exist_ok=True)
+    (drivers / f"{host}-{me}").touch()
+    return removed

@@ -338,6 +338,8 @@ if workflow.is_main_process:
     from vlaforget import freshness, validation
 
     _mode = freshness.sync_mode(sys.argv)
+    if _mode == "run" and "--nolock" not in sys.argv:
+        freshness.clear_stale_snakemake_lock(Path.cwd(), out=sys.stderr)  # after a kill -9: no --unlock
     _problems = validation.data_checks(config)
     if _problems and _mode == "run":
         sys.exit("vlaforget: " + "\n  ".join(["the config points at data that is not there:"] + _problems))

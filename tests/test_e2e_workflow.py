@@ -43,3 +43,9 @@ def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
 
     again = snakemake(["--profile", "profiles/ci", "-n"], cwd=workflow_copy, env=env)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # every output records the config it was made for (vlaforget.freshness): none would rerun
+    assert "will rerun" not in again.stderr, again.stderr[-3000:]
+    done = json.loads((root / "runs" / "mw_downstream__baseline__full__s42" / "final" / "done.json").read_text())
+    assert done["config_id"] and done["adapter_sha256"]
+    assert (root / "logs" / "train" / "mw_downstream__baseline__full__s42.log.attempts").read_text().startswith(
+        "=== attempt")

@@ -153,7 +153,8 @@ def test_resume_after_interruption_is_exact(world):
     run_training(part)  # the rerun continues from step 3
     assert same_params(adapter(full), adapter(part))
     steps = [r["step"] for r in metrics(part)]
-    assert steps[-1] == 6 and steps.count(4) == 2  # step 4 was redone after the resume
+    # step 4 was redone after the resume; the logs were cut back to the checkpoint (step 3) first
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_nan_guard_skips_and_counts(world, monkeypatch):

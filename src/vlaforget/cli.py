@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # subcommand -> (module, one-line help). Each module defines add_args(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     mod.add_args(parser)
     args = parser.parse_args(rest)
     try:
-        return int(mod.main(args) or 0)
+        return run_stage(name, mod, args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Library errors carry the cause and the fix; show them without a traceback wall.
         from .config import ConfigError
@@ -71,6 +73,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlaforget {name}: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def run_stage(name: str, mod, args) -> int:
+    """A stage with a stage config: check its inputs were made for this config (and are intact),
+    own its output (a lock that dies with this process), run it, record its config id last."""
+    cfg_path = getattr(args, "config", None)
+    if not cfg_path or name in ("check-disk", "stage-config"):
+        return int(mod.main(args) or 0)
+    from . import freshness
+    from .config import load_stage_config
+    from .io import DirLock
+
+    sc = load_stage_config(cfg_path)
+    if sc.get("stage") not in freshness.COMPLETION:
+        return int(mod.main(args) or 0)
+    freshness.check_inputs(sc)
+    lock = None
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if sc["stage"] != "train" and main_rank:  # train locks its run directory itself (train/loop.py)
+        # beside the output (a stage may replace its whole out_dir by a rename)
+        out = Path(sc["out_dir"]) if sc.get("out_dir") else Path(sc["out_file"])
+        lock = DirLock(out.parent / f".{out.name}.lock", f"output {out}").acquire()
+    try:
+        rc = int(mod.main(args) or 0)
+        if os.environ.get("VLAFORGET_FAULT_KILL_BEFORE_STAMP") == sc["stage"]:  # tests/test_faults.py
+            os.kill(os.getpid(), 9)
+        if rc == 0 and main_rank and freshness.completion_file(sc).exists():
+            freshness.stamp(sc)
+        return rc
+    finally:
+        if lock:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,34 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+# YAML 1.1 (PyYAML, and Snakemake's configfile loader) reads `1e-4` as a string: it needs a dot
+# (1.0e-4). We read YAML 1.2 floats too, and validate() converts such strings where they arrive.
+FLOAT_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_RE, list("-+0123456789."))
+
+
+def _coerce_floats(obj, path=()):
+    """Strings that are YAML 1.2 floats (1e-4) -> float, in place (Snakemake loads with YAML 1.1)."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for k, v in list(items):
+        if isinstance(v, str) and FLOAT_RE.match(v.strip()):
+            obj[k] = float(v)
+        elif isinstance(v, (dict, list)):
+            _coerce_floats(v, path + (k,))
+    return obj
+
+
+def load_yaml(path: str | Path, yaml12_floats: bool = False) -> dict:
+    """A YAML mapping. yaml12_floats (study configs) also reads `1e-4` as a number; stage configs are
+    read as written (yaml.safe_dump leaves a hex id like `5e1234` unquoted: it must stay a string)."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = (yaml.load(f, Loader=_Loader) if yaml12_floats else yaml.safe_load(f)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -52,7 +78,7 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
     cfg: dict = {}
     for p in paths:
-        cfg = deep_merge(cfg, load_yaml(p))
+        cfg = deep_merge(cfg, load_yaml(p, yaml12_floats=True))
     if overrides:
         cfg = deep_merge(cfg, overrides)
     validate(cfg)
@@ -67,6 +93,7 @@ def validate(cfg: dict) -> dict:
     """Schema + semantic checks. Raises ConfigError naming the offending key."""
     import jsonschema
 
+    _coerce_floats(cfg)
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
@@ -81,7 +108,11 @@ def validate(cfg: dict) -> dict:
                     full = f"{where}.{key}" if e.absolute_path else key
                     msgs.append(f"unknown config key '{full}' (misspelled?). Known keys here: {known}")
             else:
-                msgs.append(f"config key '{where}': {e.message}")
+                hint = ""
+                if e.validator == "type" and isinstance(e.instance, str) and re.fullmatch(
+                        r"\s*[-+]?[\d.]+[eE][-+]?\d+\s*", e.instance):
+                    hint = " (YAML reads this as a string: write it with a dot, e.g. 1.0e-4)"
+                msgs.append(f"config key '{where}': {e.message}{hint}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs) + "\nSee config/README.md.")
     _semantic_checks(cfg)
     return cfg
@@ -122,6 +153,9 @@ def _semantic_checks(cfg: dict) -> None:
     for s in suites_all(cfg):
         if not re.fullmatch(NAME_RE, s):
             raise ConfigError(f"suite / dataset name '{s}': use letters, digits and single underscores")
+    from .validation import late_checks
+
+    late_checks(cfg)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -277,16 +311,23 @@ STAGE_CODE = {
 }
 
 
+_CODE_HASHES: dict = {}
+
+
 def code_hash(stage: str) -> str:
-    h = hashlib.sha256()
+    files = []
     for rel in STAGE_CODE.get(stage, []):
         p = PKG_DIR / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        files += [f for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p]) if f.exists()]
+    # memoised on the files' sizes and mtimes (stage configs ask for it once per input of every job)
+    key = (stage, str(PKG_DIR), tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    if key not in _CODE_HASHES:
+        h = hashlib.sha256()
         for f in files:
-            if f.exists():
-                h.update(str(f.relative_to(PKG_DIR)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+            h.update(str(f.relative_to(PKG_DIR)).encode())
+            h.update(f.read_bytes())
+        _CODE_HASHES[key] = h.hexdigest()[:12]
+    return _CODE_HASHES[key]
 
 
 # ----------------------------------------------------------------------------- stage configs
@@ -370,7 +411,6 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
-        out["run_id"] = f"{key}-{stable_hash_of(out)}"
     elif stage == "eval":
         run, suite = key.rsplit("@", 1)
         out.update(run_name=run, suite=suite, model=_model_block(cfg),
@@ -388,7 +428,89 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    out_file=str(lay.eval(key) / "forgetting.json"))
     else:
         raise ConfigError(f"unknown stage '{stage}'")
+    out["inputs"] = stage_inputs(cfg, stage, key)
+    if stage == "train":
+        # the run id names the run and its checkpoints; the data root is factored out, so moving the
+        # root keeps it (io.config_id)
+        out["run_id"] = f"{key}-{config_id_of(out)[:8]}"
     return out
+
+
+def config_id_of(sc: dict) -> str:
+    from .io import config_id
+
+    return config_id(sc)
+
+
+def _upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
+    """(input name, stage, key) of every stage output a stage job reads (mirrors the rules' inputs)."""
+    base, meta = cfg["model"]["base"], cfg["world"] == "metaworld"
+    ps = probe_set_name(cfg)
+    if stage == "demos":
+        return []
+    if stage == "cache":
+        return [("rlds", "demos", key)] if meta else []
+    if stage == "model":
+        if cfg["model"]["backend"] != "tiny":
+            return []
+        return [(f"cache:{d}", "cache", d) for d in cfg["data"]["metaworld"]["datasets"]]
+    if stage == "probe":
+        return [("model", "model", base), ("cache", "cache", cfg["probe"]["dataset"])]
+    if stage == "icsm":
+        return [("model", "model", base), ("probe", "probe", ps)]
+    if stage == "craft_anchors":
+        return [("model", "model", base), ("cache", "cache", parse_anchor_set(key)[0])]
+    if stage == "train":
+        r = parse_run_name(key)
+        needs = method_needs(method_config(cfg, r["method"]))
+        out = [("model", "model", base), ("cache", "cache", r["suite"])]
+        if "icsm" in needs:
+            out.append(("icsm", "icsm", ps))
+        if "probe" in needs:
+            out.append(("probe", "probe", ps))
+        if "craft" in needs:
+            out.append(("anchors", "craft_anchors", anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"])))
+        return out
+    if stage == "eval":
+        run, suite = key.rsplit("@", 1)
+        out = [("model", "model", base), ("cache", "cache", suite)]
+        return out + ([("train", "train", run)] if run != "teacher" else [])
+    if stage == "forgetting":
+        out = [("model", "model", base), ("probe", "probe", ps), ("icsm", "icsm", ps)]
+        if key != "teacher":
+            out.append(("train", "train", key))
+        if meta:
+            out += [(f"cache:{s}", "cache", s) for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", [])]
+        return out
+    return []
+
+
+def stage_inputs(cfg: dict, stage: str, key: str) -> dict:
+    """{input name: {file, id, rule}}: the completion file of each input and the config id it must
+    record for this job (freshness.check_inputs compares them when the job starts)."""
+    from .freshness import COMPLETION, completion_file
+
+    out = {}
+    for name, up_stage, up_key in _upstream(cfg, stage, key):
+        sc = _stage_config_cached(cfg, up_stage, up_key)
+        out[name] = {"file": str(completion_file(sc)), "id": config_id_of(sc), "rule": COMPLETION[up_stage][0]}
+    return out
+
+
+_SC_CACHE: dict = {}
+
+
+def _stage_config_cached(cfg: dict, stage: str, key: str) -> dict:
+    """stage_config memoised on the config's content (the DAG asks for the model's id per job)."""
+    import os
+
+    k = (stage, key, str(PKG_DIR), json.dumps(cfg, sort_keys=True, default=str),
+         os.environ.get("VLAFORGET_ROOT"), os.environ.get("VLAFORGET_ALLOWED_ROOT"))
+    if k not in _SC_CACHE:
+        if len(_SC_CACHE) > 4096:
+            _SC_CACHE.clear()
+        _SC_CACHE[k] = stage_config(cfg, stage, key)
+    return _SC_CACHE[k]
 
 
 def eval_block(cfg: dict, suite: str) -> dict:

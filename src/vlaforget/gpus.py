@@ -4,8 +4,12 @@ Snakemake counts `resources: gpu=N` but never says *which* GPUs a job gets. This
 fcntl lock file per GPU under `{root}/locks/gpus/` (a local disk: flock on NFS is unreliable; override
 with VLAFORGET_GPU_LOCK_DIR), takes N distinct free ids all at once, sets CUDA_VISIBLE_DEVICES and
 execs the command. The locks are inherited by the command and released by the kernel when it and every
-child exit, crash or get killed, so a slot is never leaked. Under SLURM (SLURM_JOB_ID set) the
-scheduler has already chosen the GPUs and this is a plain exec; so it is with N = 0.
+child holding them exit, crash or get killed, so a slot is never leaked. Children that do not inherit
+the descriptor (torchrun's workers: subprocess closes fds) still keep the slot: each job carries a
+token in its environment (VLAFORGET_GPU_JOB, inherited by every descendant) that is also written in
+its lock files, and a slot whose lock is free is still busy while any process on this host has that
+token. Under SLURM (SLURM_JOB_ID set) the scheduler has already chosen the GPUs and this is a plain
+exec; so it is with N = 0.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -56,11 +61,50 @@ def lock_dir(root: str | Path | None = None) -> Path:
     return d
 
 
+JOB_ENV = "VLAFORGET_GPU_JOB"
+
+
+def job_alive(token: str, proc: Path = Path("/proc")) -> int | None:
+    """pid of a live process on this host whose environment carries the job token, else None."""
+    needle = f"{JOB_ENV}={token}\0".encode()
+    me = os.getpid()
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            env = (d / "environ").read_bytes() + b"\0"
+        except OSError:  # gone, or another user's process
+            continue
+        if env.startswith(needle) or b"\0" + needle in env:
+            try:
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":  # a zombie holds no GPU
+                return int(d.name)
+    return None
+
+
+def _holder_token(fd: int) -> str | None:
+    text = os.pread(fd, 4096, 0).decode(errors="replace")
+    for part in text.split():
+        if part.startswith("job="):
+            tok = part[4:]
+            host = tok.split(":", 1)[0]
+            return tok if host == socket.gethostname() else None
+    return None
+
+
 def _try_lock(path: Path) -> int | None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
+        return None
+    tok = _holder_token(fd)
+    if tok and job_alive(tok) is not None:  # the launcher died but a worker of its job still runs
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
         return None
     return fd
@@ -102,6 +146,7 @@ def acquire(
     timeout: float | None = None,
     poll: float = 2.0,
     out=sys.stderr,
+    token: str | None = None,
 ) -> dict[str, int]:
     """Wait until k GPUs are free and hold them. Raises GpuAllocationError if k > visible or on timeout."""
     ids = visible_gpus() if ids is None else ids
@@ -116,9 +161,10 @@ def acquire(
     while True:
         held = try_acquire(k, ids, locks)
         if held is not None:
+            token = token or new_token()
             for gid, fd in held.items():
                 os.ftruncate(fd, 0)
-                os.write(fd, f"pid={os.getpid()} gpu={gid}\n".encode())
+                os.pwrite(fd, f"pid={os.getpid()} gpu={gid} job={token}\n".encode(), 0)
             return held
         if timeout is not None and time.monotonic() - start >= timeout:
             raise GpuAllocationError(
@@ -129,6 +175,10 @@ def acquire(
             print(f"[gpu-run] waiting for {k} free GPU(s) among {ids} (locks in {locks})", file=out)
             told = True
         time.sleep(poll)
+
+
+def new_token() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
 
 def add_args(p) -> None:
@@ -145,7 +195,9 @@ def main(args) -> int:
     if not cmd:
         raise GpuAllocationError("gpu-run: no command given (vlaforget gpu-run --gpus N -- CMD ...)")
     if args.gpus > 0 and not os.environ.get("SLURM_JOB_ID"):
-        held = acquire(args.gpus, timeout=args.timeout, poll=args.poll)
+        token = new_token()
+        held = acquire(args.gpus, timeout=args.timeout, poll=args.poll, token=token)
+        os.environ[JOB_ENV] = token  # every process of the job inherits it, torchrun workers included
         for fd in held.values():
             os.set_inheritable(fd, True)  # the command (and its children) keep holding the slots
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)

@@ -7,9 +7,12 @@ import json
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,25 @@ def setup_logging(level: int = logging.INFO) -> None:
                             datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it; guarded against threads)."""
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a file written in place would get 0666 & ~umask: honour the umask so a
+        # group sharing a data root can read tables, evals and checkpoints.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -98,6 +115,36 @@ def sha256_tensor(t) -> str:
     return h.hexdigest()
 
 
+def relocatable(obj: Any, root: str | None, allowed_root: str | None = None) -> Any:
+    """obj with every string under `root` / `allowed_root` written as `{root}/...` / `{allowed_root}/...`,
+    so an id computed from it does not change when the data root moves."""
+    subs = [(r.rstrip("/"), tag) for r, tag in ((root, "{root}"), (allowed_root, "{allowed_root}")) if r]
+
+    def sub(x):
+        if isinstance(x, dict):
+            return {k: sub(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [sub(v) for v in x]
+        if isinstance(x, str):
+            for r, tag in subs:
+                if x == r or x.startswith(r + "/"):
+                    return tag + x[len(r):]
+        return x
+
+    return sub(obj)
+
+
+# Keys of a stage config that say where it runs, not what it computes (left out of its id).
+LOCATION_KEYS = ("root", "allowed_root", "run_id", "config_id")
+
+
+def config_id(sc: dict, n: int = 12) -> str:
+    """Identity of a stage config: its content with the data root factored out (a moved root keeps
+    every id), including the ids of the inputs it expects (so a changed input changes it too)."""
+    body = {k: v for k, v in sc.items() if k not in LOCATION_KEYS}
+    return stable_hash(relocatable(body, sc.get("root"), sc.get("allowed_root")), n=n)
+
+
 def stable_hash(obj: Any, n: int = 8) -> str:
     """Short hash of a JSON-able object, independent of key order."""
     s = json.dumps(obj, sort_keys=True, default=_jsonable, separators=(",", ":"))
@@ -148,3 +195,110 @@ def progress(iterable=None, total=None, desc: str = "", **kw):
     disable = os.environ.get("VLAFORGET_NO_PROGRESS") == "1"
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True,
                 mininterval=2.0, file=sys.stderr, **kw)
+
+
+# ----------------------------------------------------------------------------- one owner per output
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock of a run directory / output."""
+
+    user_facing = True
+
+
+class DirLock:
+    """An exclusive fcntl lock on `{path}` (a file), held for the life of this object or process.
+
+    The kernel drops it when the holder exits, crashes or is killed -9, so a lock is never stale;
+    the file only records who held it last (host, pid, start time) for the message a second
+    process gets."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, None
+
+    def acquire(self) -> "DirLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+            os.close(fd)
+            raise LockedError(
+                f"{self.what} is in use by another live process ({holder}; lock {self.path}). Two "
+                f"drivers (or a driver and an orphaned trainer) must not write one run. Wait for it, "
+                f"or stop it (`kill <pid>` on that host) and rerun; the lock is released the moment "
+                f"that process ends, so there is nothing to delete.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} "
+                      f"since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------------- verified inputs
+
+
+class CorruptInputError(RuntimeError):
+    """A file a stage reads does not match the size / sha256 recorded when it was made."""
+
+    user_facing = True
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
+                 sizes: dict[str, int] | None = None, hash_fn=None) -> None:
+    """Check files of an artifact against its manifest: size always (when recorded), sha256 once per
+    process and again whenever a file's size or mtime changed. Raises CorruptInputError naming the
+    file and the rule that rebuilds it."""
+    directory = Path(directory)
+    hash_fn = hash_fn or sha256_file
+    memo_file = directory / ".verified.json"  # name -> [size, mtime_ns, sha256] of files hashed before
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    changed = False
+    for name, want in hashes.items():
+        p = directory / name
+        fix = (f"rebuild it: delete {directory} and rerun the '{rule}' rule (snakemake --forcerun {rule} "
+               f"...), or `vlaforget {rule.replace('_', '-')} --config <its stage config>`")
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise CorruptInputError(f"{p} is missing although its manifest lists it; {fix}") from None
+        if sizes and name in sizes and st.st_size != int(sizes[name]):
+            raise CorruptInputError(f"{p} has {st.st_size} bytes but was written with {sizes[name]} "
+                                    f"(truncated or overwritten); {fix}")
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        got = _VERIFIED.get(key)
+        if got is None and memo.get(name, [None, None, None])[:2] == [st.st_size, st.st_mtime_ns]:
+            got = memo[name][2]
+        if got is None:
+            got = hash_fn(p)
+            memo[name] = [st.st_size, st.st_mtime_ns, got]
+            changed = True
+        _VERIFIED[key] = got
+        if got != want:
+            raise CorruptInputError(f"{p} does not match the sha256 recorded when it was made "
+                                    f"({got[:12]}… vs {want[:12]}…): it was changed or corrupted; {fix}")
+    if changed:
+        try:
+            atomic_write_text(memo_file, json.dumps(memo, sort_keys=True))
+        except OSError:
+            pass  # a read-only artifact is checked again next time

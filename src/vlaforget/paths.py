@@ -39,15 +39,19 @@ def resolve_allowed_root(cfg: dict | None = None) -> Path:
 
 
 def is_within(path: Path, parent: Path) -> bool:
-    path, parent = Path(os.path.normpath(path)), Path(os.path.normpath(parent))
+    """path lies in parent after resolving symlinks (of path, its nearest existing parent, and parent):
+    a symlink inside the allowed root that points elsewhere does not count as inside."""
+    path, parent = Path(os.path.realpath(path)), Path(os.path.realpath(parent))
     return path == parent or parent in path.parents
 
 
 def check_under(path: str | Path, allowed: Path, what: str) -> Path:
     p = Path(path).expanduser().absolute()
     if not is_within(p, allowed):
+        real = os.path.realpath(p)
+        via = f" (a symlink to {real})" if real != os.path.normpath(p) else ""
         raise PathPolicyError(
-            f"{what} = {p} is outside the allowed root {allowed}. Large files must live under "
+            f"{what} = {p}{via} is outside the allowed root {allowed}. Large files must live under "
             f"{allowed}: set {what} to a path under it (or set allowed_root / VLAFORGET_ALLOWED_ROOT "
             f"if your machine's data disk is elsewhere)."
         )

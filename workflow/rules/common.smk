@@ -222,8 +222,10 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
     gpu = f"{VLAFORGET} gpu-run --gpus {{resources.gpu}} -- " if gpu_kind else ""
     return (
         f"{JOB_ENV}; export OMP_NUM_THREADS={{threads}}; "
-        'echo "host=$(hostname) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}" > {log}; '
-        f"{gpu}{run} {stage_cli} --config {{input.cfg}} >> {{log}} 2>&1"
+        # Snakemake deletes {log} before each attempt: {log}.attempts keeps every attempt, each with a header
+        'echo "=== attempt $(date -u +%Y-%m-%dT%H:%M:%SZ) host=$(hostname) pid=$$ '
+        'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}" | tee -a {log}.attempts > {log}; '
+        f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}"
     )
 
 
@@ -307,3 +309,41 @@ def figure_run_files():
 def report_shell(args):
     """Shell line of a report job (table / figures), logged."""
     return f"{JOB_ENV}; {VLAFORGET} {args} > {{log}} 2>&1"
+
+
+# ----------------------------------------------------------------------------- freshness (issue 17)
+
+
+def stage_jobs():
+    """(stage, key) of every stage job the study can ask for."""
+    jobs = [("model", BASE), ("probe", PROBE_SET), ("icsm", PROBE_SET)]
+    mw = (config["data"].get("metaworld") or {}).get("datasets") or {}
+    jobs += [("demos", d) for d in mw] if METAWORLD else []
+    jobs += [("cache", d) for d in vfc.suites_all(config)]
+    runs = all_runs()
+    for r in runs:
+        jobs.append(("train", r))
+        if stage_cfg("train", r).get("craft_dir"):
+            jobs.append(("craft_anchors", run_suite(r)))
+        jobs += [("eval", f"{r}@{s}") for s in run_eval_suites(r)] + [("forgetting", r)]
+    teacher = [f.rsplit("/", 1)[1][: -len(".json")] for f in teacher_eval_files(runs)]
+    jobs += [("eval", f"teacher@{s}") for s in teacher if s != "forgetting"] + [("forgetting", "teacher")]
+    return list(dict.fromkeys(jobs))
+
+
+# Never serve a stale result, whatever .snakemake holds: each output records the id of the config it
+# was made for; a stage-config file whose content or output disagrees with this config is rewritten
+# or touched before the DAG is built, so mtimes rerun exactly those jobs (a dry-run only reports them).
+if workflow.is_main_process:
+    from vlaforget import freshness, validation
+
+    _mode = freshness.sync_mode(sys.argv)
+    if _mode == "run" and "--nolock" not in sys.argv:
+        freshness.clear_stale_snakemake_lock(Path.cwd(), out=sys.stderr)  # after a kill -9: no --unlock
+    _problems = validation.data_checks(config)
+    if _problems and _mode == "run":
+        sys.exit("vlaforget: " + "\n  ".join(["the config points at data that is not there:"] + _problems))
+    for _p in _problems:
+        print(f"vlaforget: warning: {_p}", file=sys.stderr)
+    freshness.sync_all(((cfg_file(st, k), stage_cfg(st, k)) for st, k in stage_jobs()), mode=_mode,
+                       out=sys.stderr)

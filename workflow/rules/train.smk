@@ -7,7 +7,8 @@ rule train:
     input:
         unpack(train_input),
     output:
-        done=R(ROOT / "runs" / "{trun}" / "final" / "done.json"),
+        # update(): a failing rerun keeps (restores) the previous done.json instead of deleting it
+        done=update(R(ROOT / "runs" / "{trun}" / "final" / "done.json")),
     log:
         log_file("train", "{trun}"),
     threads: int(RES.get("train_threads", 2))

@@ -10,6 +10,7 @@ check its config and remote-code files, and record what was found in `{out_dir}/
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
     return texts
 
 
-def build_tiny(sc: dict) -> dict:
+def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
     import torch
 
     from ..data.cache import CachedDataset
@@ -81,8 +82,9 @@ def build_tiny(sc: dict) -> dict:
     metrics = heldout_metrics(backend, heldout, vqa_held)
     log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     out_dir = Path(sc["out_dir"])
-    backend.save(out_dir)
-    write_json(out_dir / "pretrain_history.json", hist)
+    build = Path(build_dir) if build_dir else out_dir  # main(): a temp dir renamed into place
+    backend.save(build)
+    write_json(build / "pretrain_history.json", hist)
     return {
         "backend": "tiny",
         "path": str(out_dir),
@@ -139,13 +141,26 @@ def main(args) -> int:
     if done.exists():
         done.unlink()  # a rebuilt model must not look finished before it is
     backend = sc["model"]["backend"]
+    build = None
     if backend == "tiny":
-        result = build_tiny(sc)
+        # written to a temp dir and renamed into place (a kill never leaves a half-saved teacher)
+        import shutil
+
+        for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        build = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        result = build_tiny(sc, build_dir=build)
     elif backend == "openvla":
         result = check_openvla(sc)
     else:
         raise ValueError(f"unknown model.backend '{backend}': use 'tiny' or 'openvla'")
     result.update(provenance=provenance(), code=sc.get("code"), stage_config=str(args.config))
-    write_json(done, result)
+    if build is not None:
+        from ..train.loop import replace_dir
+
+        write_json(build / "done.json", result)
+        replace_dir(build, out_dir)
+    else:
+        write_json(done, result)
     log.info("model stage done: %s", done)
     return 0

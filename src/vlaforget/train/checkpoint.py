@@ -4,10 +4,13 @@ Snakemake deletes a job's declared outputs before rerunning it, so checkpoints l
 `{run_dir}/checkpoints/{run_id}/step_{N}/` (never declared). A checkpoint holds everything needed to
 continue exactly: trainable weights, optimizer, scheduler, loss scaler, data position, RNG states and
 the plug-ins' state (Thermostat, λ). `latest.json` is written last, so a kill mid-save is harmless.
+The last `keep` checkpoints stay; an unreadable latest one (truncated by a full disk, a copy cut short)
+is reported and the one before it is used.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -17,13 +20,15 @@ import torch
 
 from ..io import atomic_torch_save, read_json, write_json
 
+log = logging.getLogger("vlaforget.train")
+
 
 def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, scaler, sampler, plugins,
-         aug_gen, keep: int = 2) -> Path:
+         aug_gen, keep: int = 2, extra: dict | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
     d = ckpt_dir / f"step_{step:08d}"
     d.mkdir(parents=True, exist_ok=True)
@@ -39,6 +44,7 @@ def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, sca
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "aug": aug_gen.get_state()},
+        "extra": dict(extra or {}),  # e.g. rollbacks done, wall time so far
     }
     atomic_torch_save(state, d / "state.pt")
     write_json(ckpt_dir / "latest.json", {"step": step, "path": d.name})
@@ -47,16 +53,54 @@ def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, sca
     return d
 
 
+def candidates(ckpt_dir: Path) -> list[Path]:
+    """state.pt files to resume from, newest first (latest.json's first, then older step dirs)."""
+    ckpt_dir = Path(ckpt_dir)
+    out = []
+    f = ckpt_dir / "latest.json"
+    if f.exists():
+        try:
+            out.append(ckpt_dir / read_json(f)["path"] / "state.pt")
+        except (ValueError, KeyError, OSError):
+            log.warning("%s is unreadable: looking for checkpoints in %s directly", f, ckpt_dir)
+    for d in sorted(ckpt_dir.glob("step_*"), reverse=True):
+        p = d / "state.pt"
+        if p not in out:
+            out.append(p)
+    return [p for p in out if p.exists()]
+
+
 def latest(ckpt_dir: Path) -> Path | None:
-    f = Path(ckpt_dir) / "latest.json"
-    if not f.exists():
-        return None
-    p = Path(ckpt_dir) / read_json(f)["path"] / "state.pt"
-    return p if p.exists() else None
+    c = candidates(ckpt_dir)
+    return c[0] if c else None
 
 
-def restore(path: Path, *, model, optimizer, scheduler, scaler, sampler, plugins, aug_gen) -> tuple[int, int]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def load_latest(ckpt_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
+    """(path, state) of the newest checkpoint that loads; unreadable ones are named and skipped."""
+    bad = []
+    for p in candidates(ckpt_dir):
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a vlaforget checkpoint")
+        except Exception as e:  # a truncated zip gives OSError/RuntimeError/EOFError/UnpicklingError
+            log.warning("checkpoint %s is unreadable (%s: %s): falling back to the previous one",
+                        p, type(e).__name__, e)
+            bad.append(p)
+            continue
+        if bad:
+            log.warning("resuming from %s instead of the unreadable %s", p, ", ".join(map(str, bad)))
+        return p, state
+    if bad:
+        log.warning("no readable checkpoint in %s (%d unreadable): training this run from step 0",
+                    ckpt_dir, len(bad))
+    return None, None
+
+
+def restore(path: Path, *, model, optimizer, scheduler, scaler, sampler, plugins, aug_gen,
+            state: dict | None = None) -> tuple[int, int]:
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) - set(params)
     if missing:

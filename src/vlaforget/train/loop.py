@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from ..config import load_stage_config
-from ..io import atomic_write_text, progress, provenance, seed_everything, write_json
+from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, seed_everything, sha256_file,
+                  write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -138,6 +140,24 @@ def _f(t) -> float | None:
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                  teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
+    """Train one run from its stage config (see _train), owning its run directory meanwhile: a second
+    driver, or an orphaned trainer of a killed one, is refused with the holder's host and pid; the
+    kernel drops the lock when this process ends, however it ends."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    out_dir = Path(sc["out_dir"])
+    lock = DirLock(out_dir / ".lock", f"run directory {out_dir}") if main_rank else None
+    if lock:
+        lock.acquire()
+    try:
+        return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
+                      dry_run_batches=dry_run_batches)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
+           teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
@@ -202,18 +222,37 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
 
     # --- resume exactly where an interrupted run stopped
-    step, skipped, overflows = 0, 0, 0
-    state = ckpt.latest(ckpt_dir)
+    step, skipped, overflows, extra = 0, 0, 0, {}
+    state_path, state = ckpt.load_latest(ckpt_dir)
     if state is not None:
-        step, skipped = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
-        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state)
+        step, skipped = ckpt.restore(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
+                                     state=state)
+        extra = dict(state.get("extra") or {})
+        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
+    del state
+    rollbacks = int(extra.get("rollbacks", 0))
+    # every run segment (start .. last sign of life), kills included: done.json's wall time sums them
+    seg_file = ckpt_dir / "segments.json"
+    segs = _read_segments(seg_file) if dist.is_main else []
+    segs.append({"start": t_start, "end": time.time(), "from_step": step, "to_step": step})
+
+    def record_segment():
+        if dist.is_main:
+            segs[-1].update(end=time.time(), to_step=step)
+            write_json(seg_file, segs)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "dataset_statistics.json", stats)
         atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
     dry = int(dry_run_batches or 0)
-    logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0)
+    logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0, resume_step=step)
+
+    def save_checkpoint():
+        ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
+                  scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
+                  extra={"rollbacks": rollbacks})
+
     for p in plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
     dry_recs: list[dict] = []
@@ -227,6 +266,8 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                          num_workers=int(tcfg.get("num_workers") or 0), device=device)
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
     best_eval, bad_evals = -1.0, 0
+    bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
+    kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     t_log, steps_since_log = time.perf_counter(), 0
     while step < max_steps:
         # ---------------------------------------------------------------- one optimizer step
@@ -288,11 +329,21 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
                 scaler.update()
             for p in plugins.values():
                 p.skip_step()
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
-            if skipped - overflows > max(10, max_steps // 10):
-                raise TrainingError(f"{skipped} steps skipped for non-finite loss/gradients: lower "
-                                    "train.lr, use precision bf16/fp32, or check the data statistics")
+            bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
+                        step + 1, bad_in_a_row, skipped)
+            if bad_in_a_row >= max_bad or skipped - overflows > max(10, max_steps // 10):
+                if dry:
+                    raise TrainingError(f"dry run: {bad_in_a_row} batches in a row had a non-finite loss or "
+                                        "gradient: lower train.lr, use precision bf16/fp32, or check the "
+                                        "data statistics")
+                step, skipped, bad_in_a_row = _roll_back_or_stop(
+                    ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger,
+                    dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
+                         plugins=plugins, aug_gen=aug_gen))
+                rollbacks += 1
             continue
+        bad_in_a_row = 0
         if dry:  # preflight: every backward ran, no update
             dry_recs.append({"batch": len(dry_recs) + 1, "train_loss": _f(sums.get("loss")),
                              "grad_norm": float(grad_norm_t), **{k: v for p in plugins.values()
@@ -333,14 +384,16 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
             if "craft" in plugins:
                 rec["L_act"] = rec["train_loss"]
             logger.log(rec)
+            record_segment()
             t_log, steps_since_log = time.perf_counter(), 0
             if bar:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
         if bar:
             bar.update(1)
         if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
-            ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
-                      scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen)
+            save_checkpoint()
+        if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
+            os.kill(os.getpid(), 9)
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
             score = periodic_eval(backend, model, sc, tcfg)
             logger.log({"step": step, "eval_success_rate": score})
@@ -374,22 +427,102 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     # --- final adapter + completion record (written last)
     result = {}
     if dist.is_main:
+        check_loss_improved(logger, tcfg, sc)
+        # built in a temp dir and renamed into place: a kill never leaves a half-written final/, and
+        # a previous final/ (with its done.json) stays until the new one is complete
         final = out_dir / "final"
-        final.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".final.*-*"):  # left by a killed attempt (we hold the run's lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out_dir / f".final.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
         unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.save_pretrained(str(final))
-        write_json(final / "dataset_statistics.json", stats)
-        last = logger.last
-        result = {"run_id": sc["run_id"], "run_name": sc["run_name"], "method": sc["method_name"],
-                  "steps": step, "skipped_steps": skipped, "final_metrics": last,
-                  "wall_time_s": round(time.time() - t_start, 1), "world_size": dist.world,
-                  "adapter_files": sorted(p.name for p in final.iterdir()), **provenance()}
-        write_json(final / "done.json", result)
+        unwrapped.save_pretrained(str(tmp))
+        write_json(tmp / "dataset_statistics.json", stats)
+        files = sorted(p.name for p in tmp.iterdir())
+        result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
+                  "method": sc["method_name"], "steps": step, "skipped_steps": skipped, "rollbacks": rollbacks,
+                  "final_metrics": logger.last, "world_size": dist.world, "adapter_files": files,
+                  "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
+        record_segment()
+        result.update(wall_time_s=round(sum(g["end"] - g["start"] for g in segs), 1), segments=len(segs),
+                      last_segment_s=round(time.time() - t_start, 1))
+        write_json(tmp / "done.json", result)
+        replace_dir(tmp, final)
     logger.close()
     for p in plugins.values():
         p.close()
     cleanup_distributed(dist)
     return result
+
+
+def _read_segments(path: Path) -> list[dict]:
+    try:
+        segs = json.loads(Path(path).read_text())
+        return [g for g in segs if isinstance(g, dict) and {"start", "end"} <= set(g)]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put directory tmp at final (the old one, if any, removed after the swap)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger, objs):
+    """After too many bad steps: roll back once to the last good checkpoint (lr x rollback_lr_factor),
+    or stop with what to change. Returns the restored (step, skipped, 0)."""
+    tcfg = sc["train"]
+    lr = float(tcfg["lr"])
+    what = (f"{bad_in_a_row} consecutive steps (at step {step + 1}) had a non-finite loss or gradient"
+            f" ({skipped} skipped in total)")
+    fix = (f"lower train.lr (now {lr:g}; try {lr / 10:g}), set train.max_grad_norm (e.g. 1.0), use "
+           f"precision bf16 or fp32 instead of fp16, or check the dataset statistics of {sc['dataset']['name']}")
+    if rollbacks >= 1:
+        raise TrainingError(f"{what}, again after rolling back once: the run is stopped. {fix}")
+    path, state = ckpt.load_latest(ckpt_dir)
+    if state is None:
+        raise TrainingError(f"{what} and there is no earlier checkpoint to roll back to (first one at "
+                            f"step {tcfg.get('save_steps', 1000)}): the run is stopped. {fix}")
+    new_step, new_skipped = ckpt.restore(path, state=state, **objs)
+    factor = float(tcfg.get("rollback_lr_factor", 0.5))
+    for g in objs["optimizer"].param_groups:
+        g["lr"] *= factor
+    sched = objs["scheduler"]
+    sched.base_lrs = [b * factor for b in sched.base_lrs]
+    log.warning("%s: rolled back to the checkpoint of step %d (%s) with the learning rate x %g; a second "
+                "failure stops the run", what, new_step, path, factor)
+    logger.truncate(new_step)
+    logger.log({"step": new_step, "rollback_from_step": step, "rollback_lr_factor": factor})
+    return new_step, new_skipped, 0
+
+
+LOSS_MIN_REL_DROP = 0.02  # a finished run's loss must end at least 2 % below its first logged value
+
+
+def check_loss_improved(logger, tcfg: dict, sc: dict) -> None:
+    """Refuse to mark done a run whose loss ended no lower than its first logged value (a diverged or
+    stuck run: e.g. lr far too high gives a flat loss at chance without any NaN)."""
+    min_steps = int(tcfg.get("loss_check_min_steps", 20))
+    losses = [r["train_loss"] for r in logger.records if isinstance(r.get("train_loss"), (int, float))]
+    if int(tcfg["max_steps"]) < min_steps or len(losses) < 2:
+        return
+    tail = losses[-min(3, len(losses) - 1):]
+    end = sum(tail) / len(tail)
+    # "improved" = at least LOSS_MIN_REL_DROP below the first logged value: a run stuck at chance
+    # (lr far too high: the loss drops a hair on the first update, then sits flat) is not improved
+    if not end < losses[0] * (1.0 - LOSS_MIN_REL_DROP):
+        raise TrainingError(
+            f"run {sc['run_name']}: the training loss did not improve by {LOSS_MIN_REL_DROP:.0%} (first logged "
+            f"{losses[0]:.4f}, mean of "
+            f"the last {len(tail)} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
+            f"high (now {float(tcfg['lr']):g}) or too low, or the data do not match the model: lower / "
+            f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
+            f"{Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
+            f"train.loss_check_min_steps above max_steps to skip this check")
 
 
 def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> dict:
@@ -459,16 +592,21 @@ def periodic_eval(backend, model, sc: dict, tcfg: dict) -> float:
 class RunLogger:
     """metrics.jsonl (machine), train_progress.log (human), W&B (optional, offline by default)."""
 
-    def __init__(self, out_dir: Path, sc: dict, enabled: bool, resume: bool):
+    def __init__(self, out_dir: Path, sc: dict, enabled: bool, resume: bool, resume_step: int = 0):
         self.enabled = enabled
         self.last: dict = {}
+        self.records: list[dict] = []
         self.wandb = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = (out_dir / "metrics.jsonl", out_dir / "train_progress.log")
+        if resume:
+            self.records = cut_logs(*self.paths, resume_step)  # steps after the checkpoint were redone
+        self.last = self.records[-1] if self.records else {}
         mode = "a" if resume else "w"
-        self.jsonl = open(out_dir / "metrics.jsonl", mode)
-        self.human = open(out_dir / "train_progress.log", mode)
+        self.jsonl = open(self.paths[0], mode)
+        self.human = open(self.paths[1], mode)
         self.max_steps = sc["train"]["max_steps"]
         if sc["train"].get("use_wandb"):
             import wandb
@@ -483,6 +621,7 @@ class RunLogger:
             return
         rec = {k: v for k, v in rec.items() if v is not None}
         self.last = rec
+        self.records.append(rec)
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
         line = format_progress(rec, self.max_steps)
@@ -491,6 +630,15 @@ class RunLogger:
         log.info("%s", line)  # the same line on the console
         if self.wandb:
             self.wandb.log(wandb_record(rec), step=rec["step"])
+
+    def truncate(self, step: int) -> None:
+        """Forget what was logged after `step` (a rollback)."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.human.close()
+        self.records = cut_logs(*self.paths, step)
+        self.jsonl, self.human = open(self.paths[0], "a"), open(self.paths[1], "a")
 
     def close(self) -> None:
         if self.enabled:
@@ -531,6 +679,33 @@ def wandb_record(rec: dict) -> dict:
             continue
         out[WANDB_KEYS.get(k, k)] = v
     return out
+
+
+_STEP_RE = __import__("re").compile(r"^Step (\d+)/")
+
+
+def cut_logs(jsonl: Path, human: Path, step: int) -> list[dict]:
+    """Cut metrics.jsonl and train_progress.log back to `step` (records after it, and a torn last
+    line, dropped); returns the kept metrics records."""
+    kept, lines = [], []
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                kept.append(rec)
+                lines.append(line)
+        atomic_write_text(jsonl, "".join(x + "\n" for x in lines))
+    if human.exists():
+        out = []
+        for line in human.read_text().splitlines(keepends=True):
+            m = _STEP_RE.match(line)
+            if line.endswith("\n") and (m is None or int(m.group(1)) <= step):
+                out.append(line)
+        atomic_write_text(human, "".join(out))
+    return kept
 
 
 def format_progress(rec: dict, max_steps: int) -> str:

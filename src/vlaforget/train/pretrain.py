@@ -9,6 +9,7 @@ teacher's held-out metrics and a minimal closed-loop Meta-World rollout (one env
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,7 +79,10 @@ def pretrain(
     ema: dict[str, float] = {}
     t0 = time.time()
     bar = progress(range(steps), desc="pretrain teacher")
+    kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None  # tests/test_faults.py
     for step in bar:
+        if kill_at == step:
+            os.kill(os.getpid(), 9)
         is_vqa = rng.random() < frac
         if is_vqa:
             idx = rng.integers(0, len(vqa_data), bsz)

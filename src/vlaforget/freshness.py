@@ -1,0 +1,341 @@
+"""Never serve a stale result: every output records the id of the config it was made for.
+
+A stage config's id (`io.config_id`) is a hash of its content with the data root factored out and
+with the ids of the inputs it expects (`sc["inputs"]`, filled by config.stage_config). So:
+
+- each stage, when it finishes, records its id in its completion file (`config_id` in done.json /
+  manifest.json / meta.json / audit.json / the eval JSON; a sidecar `.<name>.config_id` for
+  anchors.pt), written after the stage's own outputs (cli.py);
+- each stage, when it starts, checks that every input it reads records the id it expects
+  (`check_inputs`), and refuses with the file, both ids and the rule to rerun otherwise;
+- the workflow, when it parses, brings every stage-config file up to date and touches the ones whose
+  output records another id (`sync_stage_config`), so Snakemake's mtime logic reruns exactly what
+  does not match, whatever `.snakemake` holds (a fresh clone, a second checkout, a deleted folder).
+
+Moving the data root keeps every id (paths are recorded relative to it), so nothing reruns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from .io import atomic_write_text, config_id, read_json, verify_files
+
+log = logging.getLogger("vlaforget")
+
+# stage -> (rule name, completion file relative to out_dir; None = out_file itself)
+COMPLETION = {
+    "demos": ("demos", "done.json"),
+    "cache": ("cache", "manifest.json"),
+    "model": ("model", "done.json"),
+    "probe": ("probe", "audit.json"),
+    "icsm": ("icsm", "meta.json"),
+    "craft_anchors": ("craft_anchors", "anchors.pt"),
+    "train": ("train", "final/done.json"),
+    "eval": ("eval", None),
+    "forgetting": ("forgetting", None),
+}
+
+
+class StaleInputError(RuntimeError):
+    """An input of a stage was made for another config."""
+
+    user_facing = True
+
+
+def completion_file(sc: dict) -> Path:
+    rel = COMPLETION[sc["stage"]][1]
+    return Path(sc["out_file"]) if rel is None else Path(sc["out_dir"]) / rel
+
+
+def _sidecar(completion: Path) -> Path:
+    return completion.parent / f".{completion.name}.config_id"
+
+
+def _write_sidecar(completion: Path, cid: str, stage: str, **more) -> None:
+    st = completion.stat()
+    atomic_write_text(_sidecar(completion), json.dumps({"config_id": cid, "stage": stage, "inode": st.st_ino,
+                                                        "size": st.st_size, **more}) + "\n")
+
+
+def recorded_id(completion: str | Path) -> str | None:
+    """The config id an output records (None: none recorded, or the output is missing)."""
+    completion = Path(completion)
+    if not completion.exists():
+        return None
+    side = _sidecar(completion)
+    if side.exists():
+        try:
+            rec = read_json(side)
+            st = completion.stat()
+            # valid for the very file it was written for (every writer replaces files atomically, so
+            # a rewritten output has a new inode; `snakemake --touch` keeps inode and size)
+            if [rec.get("inode"), rec.get("size")] == [st.st_ino, st.st_size]:
+                return str(rec["config_id"])
+        except (ValueError, KeyError, OSError):
+            pass
+    if completion.suffix == ".json":
+        try:
+            rec = read_json(completion)
+        except (ValueError, OSError):
+            return None
+        if isinstance(rec, dict) and rec.get("config_id"):
+            return str(rec["config_id"])
+    return None
+
+
+def stamp(sc: dict) -> Path:
+    """Record sc's id in its completion file (JSON) or beside it. Call after the stage succeeded."""
+    comp = completion_file(sc)
+    cid = config_id(sc)
+    if comp.suffix == ".json" and comp.exists():
+        rec = read_json(comp)
+        if isinstance(rec, dict):
+            if rec.get("config_id") != cid:
+                rec["config_id"] = cid
+                atomic_write_text(comp, json.dumps(rec, indent=2, sort_keys=True, default=str) + "\n")
+            if _sidecar(comp).exists():
+                os.unlink(_sidecar(comp))
+            return comp
+    _write_sidecar(comp, cid, sc["stage"])
+    return comp
+
+
+def check_inputs(sc: dict) -> None:
+    """Refuse to run on inputs made for another config (or not finished)."""
+    problems = []
+    for name, inp in (sc.get("inputs") or {}).items():
+        f, want, rule = Path(inp["file"]), inp["id"], inp["rule"]
+        if not f.exists():
+            problems.append(f"{name}: {f} does not exist: run the '{rule}' rule first")
+            continue
+        got = recorded_id(f)
+        if got != want:
+            what = f"was made for config id {got}" if got else "records no config id (older or interrupted)"
+            problems.append(
+                f"{name}: {f} {what}, but this {sc['stage']} job needs the output of '{rule}' for "
+                f"config id {want}. The workflow reruns it on its next run (snakemake ... as before); "
+                f"by hand: snakemake --forcerun {rule} ..., or `vlaforget {rule.replace('_', '-')} "
+                f"--config <its stage config>`")
+    if problems:
+        raise StaleInputError(f"{sc['stage']}: refusing to use inputs made for another config:\n  "
+                              + "\n  ".join(problems))
+    verify_inputs(sc)
+
+
+# stages that read a cache's arrays (eval reads only its dataset_statistics.json)
+READS_CACHE_DATA = {"model", "probe", "craft_anchors", "train", "forgetting"}
+
+
+def verify_inputs(sc: dict) -> None:
+    """Integrity of the artifacts a stage opens: cache files, ICSM tensors, the adapter (sizes
+    always, sha256 when a file is new or its mtime changed; io.verify_files)."""
+    for inp in (sc.get("inputs") or {}).values():
+        f = Path(inp["file"])
+        if inp["rule"] == "cache" and sc["stage"] in READS_CACHE_DATA:
+            verify_cache(f.parent, read_json(f))
+        elif inp["rule"] == "icsm":
+            verify_icsm(f.parent)
+        elif inp["rule"] == "train":
+            rec = read_json(f)
+            if rec.get("adapter_sha256"):
+                verify_files(f.parent, rec["adapter_sha256"], rule="train")
+
+
+# Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
+INSPECT_FLAGS = ("-n", "--dry-run", "--dryrun", "--summary", "-S", "--detailed-summary", "-D", "--list",
+                 "-l", "--list-target-rules", "--lt", "--list-changes", "--lc", "--report", "--dag",
+                 "--rulegraph", "--filegraph", "--lint", "--unlock", "--cleanup-metadata", "--cm",
+                 "--containerize", "--print-compilation", "--list-untracked", "--lu", "--delete-all-output",
+                 "--delete-temp-output", "--archive", "--conda-create-envs-only", "--list-conda-envs")
+
+
+def sync_mode(argv: list[str]) -> str:
+    """'run' (write + touch), 'touch' (snakemake --touch: make configs and stamps agree with the
+    outputs as they are), or 'inspect' (report only)."""
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    short = {f"-{c}" for a in argv if a.startswith("-") and not a.startswith("--") for c in a[1:]}
+    if "--touch" in flags or "-t" in short:
+        return "touch"
+    if any(f in flags or f in short for f in INSPECT_FLAGS):
+        return "inspect"
+    return "run"
+
+
+def stale_reason(path: str | Path, sc: dict) -> str | None:
+    """Why the job of this stage config must rerun although Snakemake may not see it (None: it need
+    not, as far as recorded ids go)."""
+    path = Path(path)
+    want = config_id(sc)
+    if path.exists():
+        try:
+            disk = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(disk, dict) or config_id(disk) != want:
+                return "its stage config changed"
+        except (yaml.YAMLError, OSError):
+            return "its stage config is unreadable"
+    comp = completion_file(sc)
+    if comp.exists() and recorded_id(comp) != want:
+        got = recorded_id(comp)
+        return (f"its output {comp} was made for config id {got}, not {want}" if got
+                else f"its output {comp} records no config id")
+    return None
+
+
+def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
+    """Make the stage-config file at `path` say `sc`, and make its job rerun if its output records
+    another id. Returns what it did: 'new', 'rewritten', 'relocated', 'touched' or 'ok'.
+
+    - content with another id: rewrite (new mtime: the job reruns);
+    - same id, other text (the data root moved): rewrite and keep the old mtime (nothing reruns);
+    - output present but made for another id (or none recorded): touch the file (the job reruns).
+    """
+    path = Path(path)
+    text = yaml.safe_dump(sc, sort_keys=True)
+    want = config_id(sc)
+    if mode == "inspect":
+        return "stale" if stale_reason(path, sc) else "ok"
+    if mode == "touch":  # the user says the outputs are current: record that
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
+        comp = completion_file(sc)
+        if comp.exists() and recorded_id(comp) != want:
+            _write_sidecar(comp, want, sc["stage"], by="snakemake --touch")
+        return "stamped"
+    if not path.exists():
+        return "new"  # rule stage_config writes it
+    try:
+        disk = yaml.safe_load(path.read_text()) or {}
+        disk_id = config_id(disk) if isinstance(disk, dict) else None
+    except (yaml.YAMLError, OSError):
+        disk_id = None
+    st = path.stat()
+    did = "ok"
+    if disk_id != want:
+        atomic_write_text(path, text)
+        did = "rewritten"
+    elif path.read_text() != text:
+        atomic_write_text(path, text)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        did = "relocated"
+    comp = completion_file(sc)
+    if did != "rewritten" and comp.exists() and recorded_id(comp) != want:
+        os.utime(path)
+        did = "touched"
+    return did
+
+
+def sync_all(items, mode: str = "run", out=None) -> dict:
+    """sync_stage_config over (path, sc) pairs; one line per job that (would) rerun on `out`."""
+    counts: dict[str, int] = {}
+    for path, sc in items:
+        reason = stale_reason(path, sc) if out is not None else None
+        did = sync_stage_config(path, sc, mode)
+        counts[did] = counts.get(did, 0) + 1
+        if out is not None and reason and did in ("rewritten", "touched"):
+            print(f"vlaforget: {sc['stage']} {Path(path).stem} reruns: {reason}", file=out)
+        elif out is not None and reason and did == "stale":
+            print(f"vlaforget: {sc['stage']} {Path(path).stem} will rerun on a real run (not shown above "
+                  f"if .snakemake lacks its record): {reason}", file=out)
+    return counts
+
+
+# ----------------------------------------------------------------------------- artifact integrity
+
+
+def cache_sizes(manifest: dict) -> dict[str, int]:
+    """Byte sizes of a cache's arrays implied by its manifest shapes (images are raw uint8)."""
+    s = manifest.get("shapes") or {}
+    out = {}
+    if s.get("images"):
+        n = 1
+        for d in s["images"]:
+            n *= int(d)
+        out["images.u8"] = n
+    return out
+
+
+def verify_cache(cache_dir: str | Path, manifest: dict) -> None:
+    """Sizes + sha256 of a dataset cache's files against its manifest (rebuilt by rule 'cache')."""
+    files = manifest.get("files") or {}
+    if files:
+        verify_files(cache_dir, files, rule="cache", sizes=cache_sizes(manifest))
+
+
+def verify_icsm(icsm_dir: str | Path) -> None:
+    """sha256 of the ICSM tensors / bases against meta.json (rebuilt by rule 'icsm')."""
+    from .io import sha256_tensor
+
+    meta = read_json(Path(icsm_dir) / "meta.json")
+    hashes = meta.get("tensor_hashes") or {}
+    if not hashes:
+        return
+    file_hashes = {k: v for k, v in hashes.items() if k.startswith("basis")}
+    tensor_hashes = {k: v for k, v in hashes.items() if not k.startswith("basis")}
+    if file_hashes:
+        verify_files(icsm_dir, file_hashes, rule="icsm")
+    if tensor_hashes:
+        import torch
+
+        def h(p):
+            return sha256_tensor(torch.load(p, map_location="cpu", weights_only=True))
+
+        verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h)
+
+
+# ----------------------------------------------------------------------------- stale Snakemake lock
+
+
+def _is_live_snakemake(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"snakemake" in cmd
+
+
+def clear_stale_snakemake_lock(workdir: str | Path, out=None) -> bool:
+    """Remove `.snakemake/locks` when every driver that ran here is provably dead.
+
+    Each workflow run leaves a marker `.snakemake/vlaforget-drivers/<host>-<pid>`. A lock is removed
+    only when markers exist and all of them name this host and a pid that is no Snakemake process
+    any more (a driver killed with -9 / a power loss); a marker of another host (a shared working
+    directory) or of a live driver leaves the lock to Snakemake, which then asks for --unlock.
+    Returns True when it removed a lock. Then records this driver's marker."""
+    import socket
+
+    sm = Path(workdir) / ".snakemake"
+    locks, drivers = sm / "locks", sm / "vlaforget-drivers"
+    host, me = socket.gethostname(), os.getpid()
+    markers = []
+    if drivers.is_dir():
+        for m in drivers.iterdir():
+            h, _, pid = m.name.rpartition("-")
+            if pid.isdigit():
+                markers.append((m, h, int(pid)))
+    removed = False
+    lock_files = list(locks.glob("*.lock")) if locks.is_dir() else []
+    if lock_files and markers:
+        holders = [(h, p) for _, h, p in markers if h != host or (p != me and _is_live_snakemake(p))]
+        if not holders:
+            for f in lock_files:
+                f.unlink(missing_ok=True)
+            removed = True
+            if out is not None:
+                dead = ", ".join(f"pid {p}" for _, _, p in markers)
+                print(f"vlaforget: removed the Snakemake lock left by a killed driver ({dead} on {host}, "
+                      f"no longer running); no --unlock needed", file=out)
+        elif out is not None:
+            print("vlaforget: .snakemake/locks is held by " + ", ".join(f"pid {p} on {h}" for h, p in holders)
+                  + ": if none of them runs any more, `snakemake ... --unlock` once", file=out)
+    for m, h, p in markers:  # forget drivers of this host that are gone
+        if h == host and p != me and not _is_live_snakemake(p):
+            m.unlink(missing_ok=True)
+    drivers.mkdir(parents=True, exist_ok=True)
+    (drivers / f"{host}-{me}").touch()
+    return removed

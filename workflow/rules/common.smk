@@ -1,6 +1,7 @@
 # Helpers shared by every rule: config validation, the study grid (run names), paths under the data
 # root, stage-config files, job environment and resources. Everything with logic lives in vlaforget.
 
+import json
 import os
 import shlex
 import sys
@@ -11,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 
 from vlaforget import config as vfc
 from vlaforget.config import ConfigError
+from vlaforget.jobs import crash_guard, job_python
 from vlaforget.paths import PathPolicyError, job_env
 
 
@@ -29,6 +31,9 @@ METAWORLD = config["world"] == "metaworld"
 STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
+# Tables and figures: `results_dir` (relative to the repo; the real study: results/, the embedded
+# studies: results/embedded*/); null = {root}/results (CI, rehearsal: nothing lands in the repo).
+RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
 RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot)__s\d+"
@@ -186,13 +191,35 @@ def stage_cfg(stage, key):
     return _STAGE_CONFIGS[k]
 
 
+def report_cfg(key):
+    """What a table (key main / fewshot / ablation) or the figures are built from: the study, the
+    exact eval files and the report code. Written to {root}/reports/<key>.json next to the data it
+    describes, so a table is never 'up to date' for a root it was not built from (an empty root has
+    no record: Snakemake does not regenerate missing inputs of a job whose outputs all exist), and
+    a changed input list reruns it (params trigger)."""
+    runs = main_runs() if key == "figures" else TABLE_RUNS[key]()
+    return {
+        "stage": "report",
+        "key": key,
+        "study_name": config.get("study_name"),
+        "root": str(ROOT),
+        "results_dir": RESULTS,
+        "upstream_suites": UPSTREAM_SUITES,
+        "inputs": table_inputs(runs),
+        "code": vfc.code_hash("report"),
+    }
+
+
 # ----------------------------------------------------------------------------- jobs
 
 # How jobs call the library. With `--sdm conda` each rule runs in its conda env (envs/*.yaml) and the
 # library comes from the source tree (PYTHONPATH); otherwise the Python running Snakemake (the venv
 # of `make install`) runs it, so nothing depends on PATH.
+# `job_python` (config) names another interpreter for every job: the real study's env of
+# `make real-env` (.venv-real/bin/python) or the user's conda env (docs: README "The real study").
 USE_CONDA = "conda" in str(getattr(workflow.deployment_settings, "deployment_method", "")).lower()
-PYTHON = "python" if USE_CONDA else shlex.quote(sys.executable)
+JOB_PYTHON = job_python(config, workflow.basedir, sys.executable)
+PYTHON = "python" if USE_CONDA else shlex.quote(JOB_PYTHON)
 VLAFORGET = f"{PYTHON} -m vlaforget.cli"
 SRC_DIR = str(Path(workflow.basedir) / "src")
 CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla" else "../../envs/vlaforget.yaml"
@@ -200,7 +227,7 @@ CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla"
 # Every job exports these so no library (HF, torch, W&B, matplotlib, TMPDIR) writes outside root.
 JOB_ENV = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(ROOT).items())
 JOB_ENV = f"{JOB_ENV}; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
-if USE_CONDA:
+if USE_CONDA or JOB_PYTHON != sys.executable:
     JOB_ENV = f"{JOB_ENV}; export PYTHONPATH={shlex.quote(SRC_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"
 
 
@@ -222,8 +249,10 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
     gpu = f"{VLAFORGET} gpu-run --gpus {{resources.gpu}} -- " if gpu_kind else ""
     return (
         f"{JOB_ENV}; export OMP_NUM_THREADS={{threads}}; "
-        'echo "host=$(hostname) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}" > {log}; '
-        f"{gpu}{run} {stage_cli} --config {{input.cfg}} >> {{log}} 2>&1"
+        'echo "host=$(hostname) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} USE_TF=$USE_TF '
+        f'python={PYTHON}" > {{log}}; '
+        + crash_guard(f"{gpu}{run} {stage_cli} --config {{input.cfg}} >> {{log}} 2>&1", "{log}", stage_cli,
+                      f"{VLAFORGET} {stage_cli} --config {{input.cfg}}")
     )
 
 
@@ -295,8 +324,17 @@ TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_r
 FIGURES = ["pareto", "training_curves", "ablation"]
 
 
+def table_outputs():
+    return [f"{RESULTS}/table_{kind}.csv" for kind in TABLE_RUNS]
+
+
+def report_records():
+    """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
+    return [R(ROOT / "reports" / f"table_{kind}.json") for kind in TABLE_RUNS] + [R(ROOT / "reports" / "figures.json")]
+
+
 def figures_outputs():
-    return [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
 
 
 def figure_run_files():
@@ -304,6 +342,11 @@ def figure_run_files():
     return [train_done(r) for r in dict.fromkeys(main_runs() + ablation_runs())]
 
 
-def report_shell(args):
-    """Shell line of a report job (table / figures), logged."""
-    return f"{JOB_ENV}; {VLAFORGET} {args} > {{log}} 2>&1"
+def report_shell(args, record=False):
+    """Shell line of a report job (table / figures), logged; then its record (params.record)."""
+    cli = args.split()[0]
+    line = f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
+                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)")
+    if record:  # crash_guard ends with `exit`: write the record first, only when the command succeeded
+        line = line.replace("; exit $rc", "; [ $rc -ne 0 ] || printf '%s' {params.record:q} > {output.record}; exit $rc")
+    return line

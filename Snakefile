@@ -31,3 +31,4 @@ rule all:
 
 onstart:
     disk_safety_check()
+    preflight_check()

@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 
 from vlaforget import config as vfc
 from vlaforget.config import ConfigError
-from vlaforget.jobs import crash_guard, job_python
+from vlaforget.jobs import JobPythonError, check_job_python, crash_guard, job_python
 from vlaforget.paths import PathPolicyError, job_env
 
 
@@ -271,6 +271,37 @@ def disk_safety_check():
     ok = disk.workflow_check(config, repo_dir=workflow.basedir)
     if not ok:
         raise WorkflowError("disk-safety check failed (see above); nothing was run")
+
+
+def preflight_check():
+    """onstart: the jobs' Python exists; for world libero `vlaforget preflight` in that Python (model,
+    OpenVLA stack, RLDS builder dirs, LIBERO + verified assets, VQA set): one message, before any job.
+    VLAFORGET_SKIP_PREFLIGHT=1 skips it."""
+    import subprocess
+    import tempfile
+
+    if os.environ.get("VLAFORGET_SKIP_PREFLIGHT") == "1":
+        return
+    if not USE_CONDA:
+        try:
+            check_job_python(JOB_PYTHON)
+        except JobPythonError as e:
+            raise WorkflowError(f"vlaforget: {e}")
+    if config["world"] != "libero" or USE_CONDA:
+        return
+    LAYOUT.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=LAYOUT.tmp, delete=False) as f:
+        yaml.safe_dump(dict(config), f)
+    env = {**os.environ, **job_env(ROOT), "PYTHONPATH": SRC_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        r = subprocess.run([JOB_PYTHON, "-m", "vlaforget.cli", "preflight", "--configfile", f.name],
+                           env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.unlink(f.name)
+    print((r.stdout + r.stderr).strip(), file=sys.stderr)
+    if r.returncode != 0:
+        raise WorkflowError("preflight failed (see above); nothing was run. Check it by hand: "
+                            f"{JOB_PYTHON} -m vlaforget.cli preflight --configfile <your configs>")
 
 
 # ----------------------------------------------------------------------------- input functions

@@ -72,7 +72,7 @@ def make_cache(v: dict, root: Path, workers: int) -> Path:
     for ep in interleave(kept):
         imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in ep["images"]]
         eps.append(dict(ep, images=imgs))
-    write_cache(eps, out, key, image_size=64, extra={"camera": v["camera"]})
+    write_cache(eps, out, key, image_size=64, extra={"camera": v["camera"]}, transform="metaworld")
     return out
 
 

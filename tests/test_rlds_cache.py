@@ -102,7 +102,7 @@ def test_round_trip_rlds_to_cache(rlds_dir, tmp_path):
         np.testing.assert_array_equal(r["env_states"], e["env_states"])
         assert np.abs(r["images"].astype(int) - e["images"]).mean() < 3  # JPEG, smooth images
     (d / "done.json").write_text('{"camera": "corner4", "render_size": 16}')  # as the demos stage
-    m = build_cache(d, tmp_path / "cache", "mw_tiny", image_size=16, train_split=0.5)
+    m = build_cache(d, tmp_path / "cache", "mw_tiny", image_size=16, train_split=0.5, transform="metaworld")
     (d / "done.json").unlink()
     assert m["image_key"] == "observation/image" and m["state_key"] == "observation/state"
     assert m["simulator"]["camera"] == "corner4" and m["source_image_shape"] == [16, 16, 3]
@@ -180,7 +180,8 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
                 }
                 for t in range(3)
             ]
-            w.write(feats.serialize_example({"steps": steps, "episode_metadata": {"file_path": f"f{k}"}}))
+            path = f"/data/regenerated--no_noops/libero_tiny/put_the_bowl_{k}_demo.hdf5"
+            w.write(feats.serialize_example({"steps": steps, "episode_metadata": {"file_path": path}}))
     tfds.folder_dataset.write_metadata(
         data_dir=str(vdir),
         features=feats,
@@ -189,7 +190,8 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
     )
     assert resolve_builder_dir(vdir.parent) == vdir
     eps = list(iter_episodes(vdir.parent))
-    assert [e["task"] for e in eps] == ["put the bowl 0", "put the bowl 1"]  # task = instruction
+    assert [e["task"] for e in eps] == ["put_the_bowl_0", "put_the_bowl_1"]  # LIBERO's task name
+    assert [e["instruction"] for e in eps] == ["put the bowl 0", "put the bowl 1"]
     assert eps[0]["actions"].shape == (3, 7) and eps[0]["states"].shape == (3, 8)
     assert eps[0]["env_states"] is None and eps[1]["images"].shape == (3, 8, 8, 3)
     wrist = list(iter_episodes(vdir.parent, image_key="observation/wrist_image"))
@@ -206,7 +208,7 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     eps = _episodes(n=20, tasks=("t-a", "t-b", "t-c", "t-d"), size=16, seed=3)
-    write_cache(eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95)
+    write_cache(eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95, transform="metaworld")
     return tmp_path / "c", eps
 
 
@@ -223,10 +225,11 @@ def test_splits_follow_openvla(cache_dir):
     assert tr[0]["image"].shape == (8, 8, 3)  # resized to image_size
     with pytest.raises(IndexError):
         tr[len(tr)]
+    # statistics over ALL episodes (openvla: split "all"), held-out ones included
     stats = read_json(d / "dataset_statistics.json")["tiny"]
-    assert stats["num_trajectories"] == 19 and stats["num_transitions"] == len(tr)
-    train_actions = np.concatenate([e["actions"] for e in eps[:19]])
-    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(train_actions, 0.99, axis=0), rtol=1e-6)
+    assert stats["num_trajectories"] == 20 and stats["num_transitions"] == len(al)
+    all_actions = np.concatenate([e["actions"] for e in eps])
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(all_actions, 0.99, axis=0), rtol=1e-6)
     assert tr.statistics == stats and tr.action_dim == 4
 
 
@@ -256,7 +259,7 @@ def test_select_shots_keeps_source_order():
 
 def test_cached_dataset_is_memmapped_not_loaded(tmp_path):
     eps = _episodes(n=40, size=64, seed=5)  # 40 * ~4.5 steps * 12 KiB images ~ 2 MiB of pixels
-    write_cache(eps, tmp_path / "big", "big", image_size=64)
+    write_cache(eps, tmp_path / "big", "big", image_size=64, transform="metaworld")
     tracemalloc.start()
     ds = CachedDataset(tmp_path / "big", "all")
     for i in range(0, len(ds), 7):

@@ -305,7 +305,7 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
         }
         for k in range(20)
     ]
-    write_cache(eps, sc["upstream"]["cache_dir"], sc["upstream"]["name"], 64)
+    write_cache(eps, sc["upstream"]["cache_dir"], sc["upstream"]["name"], 64, transform="metaworld")
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(sc))
     assert main(argparse.Namespace(config=str(path))) == 0

@@ -73,7 +73,7 @@ def test_samples_are_balanced_one_word_and_consistent(tmp_path):
     eps = [
         _rollout(t, s) for t in ("drawer-open-v3", "door-open-v3", "button-press-v3") for s in (1000, 1001)
     ]
-    write_cache(eps, tmp_path / "c", "mw_q", image_size=16)
+    write_cache(eps, tmp_path / "c", "mw_q", image_size=16, transform="metaworld")
     ds = CachedDataset(tmp_path / "c", "all")
     items = vqa_samples(ds, 120, seed=3)
     assert len(items) == 120

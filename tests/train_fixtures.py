@@ -28,13 +28,14 @@ def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
     return eps
 
 
-def make_cache(root: Path, name="toy", **kw) -> Path:
-    """A real cache (the same writer the cache stage uses after reading RLDS; no TensorFlow)."""
+def make_cache(root: Path, name="toy", transform="metaworld", **kw) -> Path:
+    """A real cache (the same writer the cache stage uses after reading RLDS; no TensorFlow);
+    Meta-World-shaped data, so Meta-World's (identity) action transform."""
     from vlaforget.data.cache import write_cache
 
     eps = synthetic_episodes(**kw)
     out = root / "datasets" / "cache" / name
-    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=1.0)
+    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=1.0, transform=transform)
     return out
 
 

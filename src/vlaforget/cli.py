@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gpu-run": ("vlaforget.gpus", "run a command on free GPU slots (lock-based allocator)"),
     "preflight": ("vlaforget.preflight", "every missing piece of a real-study run (model, stack, RLDS, LIBERO)"),
     "demos": ("vlaforget.data.metaworld_demos", "generate scripted Meta-World demonstrations as RLDS"),
+    "libero-fixture": ("vlaforget.data.libero_rlds", "tiny LIBERO-format RLDS fixture (openvla layout)"),
     "cache": ("vlaforget.data.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),
     "model": ("vlaforget.models.build", "build+pretrain the tiny teacher, or check an OpenVLA base offline"),
     "probe": ("vlaforget.data.probe", "probe set: pooled instruction hidden states of the teacher"),

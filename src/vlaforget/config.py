@@ -243,7 +243,7 @@ def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
 # so a hash of these sources goes into each stage config: editing them reruns the stage.
 STAGE_CODE = {
     "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py", "envs/metaworld.py"],
-    "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py"],
+    "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py", "data/transforms.py"],
     "model": ["models", "data/cache.py", "data/vqa.py", "train/pretrain.py"],
     "probe": ["models", "data/cache.py", "data/probe.py", "methods/icsm.py"],
     "icsm": ["models", "methods/icsm.py", "data/probe.py"],
@@ -306,7 +306,10 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     elif stage == "cache":
         out.update(dataset=key, rlds_dir=str(rlds_root(cfg) / key), image_size=d["image_size"],
                    train_split=d.get("train_split", 0.95), image_key=d.get("image_key", "observation/image"),
-                   state_key=d.get("state_key", "observation/state"), out_dir=str(lay.cache(key)))
+                   state_key=d.get("state_key", "observation/state"), out_dir=str(lay.cache(key)),
+                   # our Meta-World demos: the identity transform; other datasets: by name
+                   # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)
+                   transform="metaworld" if dataset_tasks(cfg, key) is not None else None)
     elif stage == "model":
         out.update(model=_model_block(cfg), out_dir=str(lay.model(key)))
         if cfg["model"]["backend"] == "tiny":

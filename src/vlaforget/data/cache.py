@@ -3,11 +3,15 @@
 Cache dir layout (all arrays row-aligned over transitions, episodes contiguous in source order):
   images.u8          raw uint8 [N, S, S, 3] (memmap; resized to `image_size`, otherwise untouched:
                      LIBERO's 180°-rotated images stay rotated, the model/eval code owns transforms)
-  actions.npy        f32 [N, A]      states.npy  f32 [N, P]      env_states.npy f32 [N, E] (if present)
+  actions.npy        f32 [N, A] the dataset's action transform applied (data/transforms.py: LIBERO's
+                     gripper becomes 1 = open, 0 = close, as openvla trains on it)
+  states.npy  f32 [N, P]      env_states.npy f32 [N, E] (if present)
   episodes.json      [{index, task, instruction, start, length, seed}] in source order
   instructions.json  the distinct instruction strings
-  dataset_statistics.json   openvla format, over the train split
-  manifest.json      shapes, counts, split, file hashes, versions (written last: the completion file)
+  dataset_statistics.json   openvla format, over the transformed actions of ALL episodes (openvla
+                     computes them over split "all"; the held-out episodes are included)
+  manifest.json      shapes, counts, split, transform, file hashes, versions (written last: the
+                     completion file)
 
 `CachedDataset` opens it with memmaps: RAM does not grow with the dataset.
 """
@@ -27,8 +31,11 @@ import numpy as np
 
 from ..io import log, progress, provenance, read_json, sha256_file, write_json
 from .statistics import dataset_statistics
+from .transforms import resolve_transform
 
-CACHE_FORMAT = 1
+# 2: actions transformed per dataset (LIBERO gripper 1 = open), statistics over all episodes.
+# Format-1 caches hold LIBERO's raw gripper: CachedDataset refuses them (rebuild).
+CACHE_FORMAT = 2
 IMAGES_FILE = "images.u8"
 
 
@@ -57,10 +64,15 @@ def build_cache(
     image_key: str = "observation/image",
     state_key: str = "observation/state",
     extra: dict | None = None,
+    transform: str | None = None,
 ) -> dict[str, Any]:
-    """Read every episode of the TFDS builder dir `rlds_dir` once and write the cache."""
+    """Read every episode of the TFDS builder dir `rlds_dir` once and write the cache.
+
+    `transform`: the action transform's name (data/transforms.py); None = the registry's entry for
+    `name` (an unregistered dataset is an error, raised before anything is read)."""
     from .rlds import builder_info, iter_episodes, resolve_builder_dir
 
+    resolve_transform(name, transform)
     bdir = resolve_builder_dir(rlds_dir)
     info = builder_info(bdir)
     episodes = progress(
@@ -71,7 +83,9 @@ def build_cache(
     if done.exists():
         d = read_json(done)
         meta["simulator"] = {k: d.get(k) for k in ("camera", "render_size", "max_steps", "seed")}
-    return write_cache(episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})})
+    return write_cache(
+        episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})}, transform=transform
+    )
 
 
 def write_cache(
@@ -81,10 +95,16 @@ def write_cache(
     image_size: int,
     train_split: float = 0.95,
     extra: dict | None = None,
+    transform: str | None = None,
 ) -> dict[str, Any]:
     """Write the cache from episode dicts (as rlds.iter_episodes yields: images, states, actions,
-    env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow."""
+    env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow.
+
+    Actions are stored after the dataset's action transform (`transform` names it, else the
+    registry's entry for `name`; see data/transforms.py), and the statistics are computed over the
+    transformed actions of all episodes, as openvla does."""
     t0 = time.time()
+    action_transform = resolve_transform(name, transform)
     out_dir = Path(out_dir)
     tmp = out_dir / ".build.tmp"
     if tmp.exists():
@@ -104,7 +124,7 @@ def write_cache(
             data = np.ascontiguousarray(block).tobytes()
             f.write(data)
             img_hash.update(data)
-            actions.append(np.asarray(ep["actions"], np.float32))
+            actions.append(action_transform(np.asarray(ep["actions"], np.float32)))
             states.append(np.asarray(ep["states"], np.float32))
             if ep.get("env_states") is not None:
                 env_states.append(np.asarray(ep["env_states"], np.float32))
@@ -142,8 +162,8 @@ def write_cache(
     write_json(tmp / "instructions.json", list(instructions))
 
     n_train = n_train_episodes(len(eps), train_split)
-    train_rows = np.concatenate([np.arange(e["start"], e["start"] + e["length"]) for e in eps[:n_train]])
-    stats = {name: dataset_statistics(A[train_rows], P[train_rows], n_train)}
+    # openvla: statistics over split "all" (every episode, held-out ones included), after the transform
+    stats = {name: dataset_statistics(A, P, len(eps))}
 
     files = {IMAGES_FILE: img_hash.hexdigest()}
     for fn in ("actions.npy", "states.npy", "env_states.npy", "episodes.json", "instructions.json"):
@@ -159,6 +179,8 @@ def write_cache(
         "num_transitions": n,
         "num_train_episodes": n_train,
         "train_split": train_split,
+        "action_transform": action_transform.describe(),
+        "statistics_episodes": "all",
         "tasks": tasks,
         "episodes_per_task": {t: sum(e["task"] == t for e in eps) for t in tasks},
         "shapes": {
@@ -210,6 +232,13 @@ class CachedDataset:
                 f"run the cache stage (`vlaforget cache --config ...`) for it"
             )
         self.manifest = read_json(mpath)
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(
+                f"{self.cache_dir} is a format-{self.manifest.get('format')} dataset cache; this code "
+                f"reads format {CACHE_FORMAT} (actions transformed per dataset: LIBERO's gripper is "
+                f"1 = open, 0 = close, statistics over all episodes). Rebuild it: delete the folder and "
+                f"rerun the cache stage (`vlaforget cache --config ...` or the workflow)"
+            )
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split '{split}': use train, heldout or all")
         if shots is not None and split != "train":
@@ -329,14 +358,16 @@ def main(args) -> int:
         sc.get("image_key", "observation/image"),
         sc.get("state_key", "observation/state"),
         extra={"stage_code": sc.get("code")},
+        transform=sc.get("transform"),
     )
     log.info(
-        "cache %s: %d episodes (%d train), %d transitions, %d tasks, %.1f s -> %s",
+        "cache %s: %d episodes (%d train), %d transitions, %d tasks, actions: %s transform, %.1f s -> %s",
         m["name"],
         m["num_episodes"],
         m["num_train_episodes"],
         m["num_transitions"],
         len(m["tasks"]),
+        m["action_transform"]["name"],
         m["seconds"],
         sc["out_dir"],
     )

@@ -176,6 +176,39 @@ def write_rlds(
     Written to a sibling temp dir and moved into place at the end, so a killed writer leaves no
     half dataset under the final name. Returns counts.
     """
+    features = rlds_features(image_shape, state_dim, action_dim, env_state_dim)
+    return write_builder_dir(
+        out_dir,
+        name,
+        features,
+        (episode_to_rlds(ep) for ep in episodes),
+        episodes_per_shard=episodes_per_shard,
+        description=description or f"{name}: RLDS episodes (LIBERO *_no_noops field names).",
+        version=version,
+    )
+
+
+def write_builder_dir(
+    out_dir: str | Path,
+    file_name: str,
+    features,
+    examples: Iterable[dict[str, Any]],
+    *,
+    episodes_per_shard: int = 64,
+    n_shards: int | None = None,
+    description: str = "",
+    version: str = VERSION,
+) -> dict[str, Any]:
+    """Serialise RLDS `examples` ({steps: [...], episode_metadata: {...}}) with `features` as the
+    TFDS builder dir `{out_dir}/{version}/`, shards `{file_name}-train.tfrecord-0000i-of-0000N`.
+
+    `file_name` is the builder's own name (dataset_info.json's `name`); it need not be the folder's
+    name: openvla's `libero_10_no_noops/1.0.0/` holds `liber_o10-train.tfrecord-*`. Shards hold
+    `episodes_per_shard` episodes each, or, with `n_shards`, the examples are first collected and
+    spread over exactly that many shards (round robin, as many as there are episodes at most).
+    Written to a sibling temp dir and moved into place at the end, so a killed writer leaves no
+    half dataset under the final name. Returns counts.
+    """
     tf = _quiet_tf()
     import tensorflow_datasets as tfds
 
@@ -185,29 +218,42 @@ def write_rlds(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    features = rlds_features(image_shape, state_dim, action_dim, env_state_dim)
 
     # Shards are named once the total is known: write to numbered temp names, rename after.
     shard_lengths: list[int] = []
     n_steps = 0
-    writer = None
-    for ep in episodes:
-        if writer is None or shard_lengths[-1] >= episodes_per_shard:
-            if writer is not None:
-                writer.close()
-            shard_lengths.append(0)
-            writer = tf.io.TFRecordWriter(str(tmp / f"shard{len(shard_lengths) - 1:05d}"))
-        writer.write(features.serialize_example(episode_to_rlds(ep)))
-        shard_lengths[-1] += 1
-        n_steps += len(ep["actions"])
-    if writer is not None:
-        writer.close()
+    if n_shards is not None:
+        blobs = []
+        for ex in examples:
+            blobs.append(features.serialize_example(ex))
+            n_steps += len(ex["steps"])
+        k = max(1, min(int(n_shards), len(blobs)))
+        shard_lengths = [0] * k if blobs else []
+        writers = [tf.io.TFRecordWriter(str(tmp / f"shard{i:05d}")) for i in range(len(shard_lengths))]
+        for i, blob in enumerate(blobs):
+            writers[i % k].write(blob)
+            shard_lengths[i % k] += 1
+        for w in writers:
+            w.close()
+    else:
+        writer = None
+        for ex in examples:
+            if writer is None or shard_lengths[-1] >= episodes_per_shard:
+                if writer is not None:
+                    writer.close()
+                shard_lengths.append(0)
+                writer = tf.io.TFRecordWriter(str(tmp / f"shard{len(shard_lengths) - 1:05d}"))
+            writer.write(features.serialize_example(ex))
+            shard_lengths[-1] += 1
+            n_steps += len(ex["steps"])
+        if writer is not None:
+            writer.close()
     if not shard_lengths:
         shutil.rmtree(tmp)
-        raise RuntimeError(f"no episodes to write for dataset '{name}'")
-    n_shards = len(shard_lengths)
-    for i in range(n_shards):
-        os.replace(tmp / f"shard{i:05d}", tmp / f"{name}-train.tfrecord-{i:05d}-of-{n_shards:05d}")
+        raise RuntimeError(f"no episodes to write for dataset '{file_name}'")
+    total = len(shard_lengths)
+    for i in range(total):
+        os.replace(tmp / f"shard{i:05d}", tmp / f"{file_name}-train.tfrecord-{i:05d}-of-{total:05d}")
     split = tfds.core.SplitInfo(
         name="train", shard_lengths=shard_lengths, num_bytes=sum(f.stat().st_size for f in tmp.iterdir())
     )
@@ -217,12 +263,12 @@ def write_rlds(
         split_infos=[split],
         version=version,
         check_data=False,
-        description=description or f"{name}: RLDS episodes (LIBERO *_no_noops field names).",
+        description=description or f"{file_name}: RLDS episodes.",
     )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return {"episodes": sum(shard_lengths), "steps": n_steps, "shards": n_shards, "builder_dir": str(final)}
+    return {"episodes": sum(shard_lengths), "steps": n_steps, "shards": total, "builder_dir": str(final)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -290,8 +336,8 @@ def iter_episodes(
     """Episodes of ANY TFDS RLDS builder dir (LIBERO's or ours), in file order, as numpy.
 
     Yields dicts: images uint8 [T, H, W, 3], states f32 [T, S], actions f32 [T, A],
-    env_states f32 [T, E] or None, instruction str (first step's), task str (episode_metadata/task,
-    else the instruction: LIBERO has one instruction per task), index int.
+    env_states f32 [T, E] or None, instruction str (first step's), task str (episode_metadata/task;
+    LIBERO's: the task name in episode_metadata/file_path; else the instruction), index int.
     """
     _quiet_tf()
     import tensorflow_datasets as tfds
@@ -321,7 +367,7 @@ def iter_episodes(
         env_states = np.asarray(obs["env_state"], np.float32) if "env_state" in obs else None
         instr = _text(steps["language_instruction"][0]) if len(steps["language_instruction"]) else ""
         meta = ep.get("episode_metadata") or {}
-        task = _text(meta["task"]) if "task" in meta else instr
+        task = _text(meta["task"]) if "task" in meta else task_from_file_path(meta.get("file_path"), instr)
         yield {
             "images": images,
             "states": states,
@@ -332,6 +378,17 @@ def iter_episodes(
             "index": index,
             "seed": int(meta["seed"]) if "seed" in meta else -1,
         }
+
+
+def task_from_file_path(file_path, default: str) -> str:
+    """LIBERO's task name from `episode_metadata/file_path` (`.../{task}_demo.hdf5`, as openvla's
+    conversion records it), else `default`. The name is what LIBERO's benchmark calls the task."""
+    if file_path is None:
+        return default
+    stem = Path(_text(file_path)).name
+    for suffix in (".hdf5", "_demo"):
+        stem = stem.removesuffix(suffix)
+    return stem or default
 
 
 def _keys(d: dict, prefix: str = "") -> list[str]:

@@ -118,6 +118,17 @@ def all_tasks() -> list[str]:
     return sorted(ALL_V3_ENVIRONMENTS)
 
 
+def env_action(action) -> np.ndarray:
+    """Model action -> Meta-World command: clipped to [-1, 1], otherwise as is (the cache keeps
+    Meta-World's own convention, gripper effort -1 = open, +1 = close; data/transforms.py)."""
+    a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+    if a.shape != (ACTION_DIM,):
+        raise ValueError(
+            f"Meta-World actions are {ACTION_DIM}-D [dx, dy, dz, gripper], got shape {np.shape(action)}"
+        )
+    return a
+
+
 class MetaWorldEnv:
     """One Meta-World v3 task with a scripted expert and a 180°-corrected camera image.
 
@@ -234,11 +245,7 @@ class MetaWorldEnv:
     def step(self, action) -> tuple[dict[str, Any], bool, bool]:
         if self._raw_obs is None:
             raise RuntimeError("call reset() before step()")
-        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
-        if a.shape != (ACTION_DIM,):
-            raise ValueError(
-                f"Meta-World actions are {ACTION_DIM}-D [dx, dy, dz, gripper], got shape {np.shape(action)}"
-            )
+        a = env_action(action)
         raw, _reward, _term, _trunc, info = self._env.step(a)
         self.steps += 1
         success = bool(info.get("success", 0.0))

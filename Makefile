@@ -56,6 +56,13 @@ real-env: install
 	  $(if $(TORCHVISION_SPEC),--torchvision '$(TORCHVISION_SPEC)') \
 	  $(if $(LIBERO_DOWNLOADS),--download-dir $(LIBERO_DOWNLOADS))
 
+# The rehearsal (profiles/rehearsal, config/rehearsal.yaml): the real study's DAG on tiny inputs, in the
+# job env of real-env: LIBERO-format RLDS fixture, tiny teacher, every method and ablation, real LIBERO
+# eval, three tables under {root}/results. CI runs it.
+rehearsal: install
+	@test -x $(REAL_VENV)/bin/python || { echo "no job environment at $(REAL_VENV): run 'make real-env' first"; exit 2; }
+	$(BIN)/python -m snakemake --profile profiles/rehearsal --config job_python=$(abspath $(REAL_VENV))/bin/python
+
 # The LIBERO protocol tests (a real LIBERO episode, batched == sequential) in that venv.
 test-libero:
 	@test -x $(LIBERO_VENV)/bin/python || { echo "no LIBERO venv at $(LIBERO_VENV): run 'make libero' first"; exit 2; }

@@ -45,14 +45,11 @@ def check_job_python(path: str) -> None:
 
 
 # No backticks, double quotes, $ or braces: the text sits inside a double-quoted bash echo.
+# (Kept short: Snakemake prints every job's shell line.) docs/troubleshooting.md has the long form.
 CRASH_TRIES = (
-    "exit 139 (SIGSEGV) in a job that imports transformers: is TensorFlow loaded next to triton? The "
-    "workflow exports USE_TF=0 (check the env at the top of the log); try "
-    "python -c 'import tensorflow, timm' in the job environment; "
-    "exit 137 (SIGKILL) is usually the out-of-memory killer: lower the batch size / eval.num_envs or "
-    "raise the rule's mem_mb; "
-    "the Python stack of the crash (PYTHONFAULTHANDLER=1) is at the end of the log; rerun the job by "
-    "hand with: "
+    "139 SIGSEGV: TensorFlow next to triton? jobs export USE_TF=0, test python -c 'import tensorflow, timm'; "
+    "137 SIGKILL: out of memory, lower batch / eval.num_envs or raise mem_mb; the Python stack "
+    "(PYTHONFAULTHANDLER) ends the log; docs/troubleshooting.md. Rerun by hand: "
 )
 
 
@@ -63,7 +60,7 @@ def crash_guard(cmd: str, log: str, stage: str, rerun: str) -> str:
     may hold placeholders such as {log} or {input.cfg}."""
     hint = (
         f'echo "vlaforget: the {stage} job was killed by signal $((rc - 128)) '
-        f"($(kill -l $((rc - 128)) 2>/dev/null || echo unknown), exit $rc): a crash below Python, not a "
-        f'Python error. Its log: {log} . Try: {CRASH_TRIES}{rerun}"'
+        f"($(kill -l $((rc - 128)) 2>/dev/null || echo ?), exit $rc), a crash below Python, not a "
+        f'Python error. Log: {log} . {CRASH_TRIES}{rerun}"'
     )
     return f"rc=0; {cmd} || rc=$?; if [ $rc -gt 128 ]; then {hint} | tee -a {log} >&2; fi; exit $rc"

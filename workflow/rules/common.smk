@@ -28,6 +28,7 @@ LAYOUT = vfc.layout(config)
 BASE = config["model"]["base"]
 PROBE_SET = vfc.probe_set_name(config)
 METAWORLD = config["world"] == "metaworld"
+FIXTURE = config["data"].get("fixture")  # world libero: LIBERO-format RLDS written here (rehearsal)
 STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
@@ -307,17 +308,31 @@ def preflight_check():
 # ----------------------------------------------------------------------------- input functions
 
 
+def fixture_datasets():
+    """Every dataset the fixture writes: the study's suites and the tiny teacher's pretraining data."""
+    out = vfc.suites_all(config)
+    if config["model"]["backend"] == "tiny":
+        out += [d for d in vfc.tiny_corpus_datasets(config) if d not in out]
+    return out
+
+
+def fixture_done():
+    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
+
+
 def cache_input(w):
     inp = {"cfg": cfg_file("cache", w.dataset)}
     if METAWORLD:
         inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
+    elif FIXTURE:
+        inp["rlds"] = fixture_done()
     return inp
 
 
 def model_input(w):
     inp = {"cfg": cfg_file("model", BASE)}
     if config["model"]["backend"] == "tiny":
-        inp["caches"] = [cache_outputs(d)["manifest"] for d in config["data"]["metaworld"]["datasets"]]
+        inp["caches"] = [cache_outputs(d)["manifest"] for d in vfc.tiny_corpus_datasets(config)]
     return inp
 
 

@@ -28,9 +28,13 @@ def real_cfg(tmp_root):
 def model_dir(cfg, *, weights=True, tokenizer=True, code=True, norm_stats=True):
     d = __import__("pathlib").Path(cfg["model"]["path"])
     d.mkdir(parents=True, exist_ok=True)
-    conf = {"architectures": ["OpenVLAForActionPrediction"],
-            "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                         "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}}
+    conf = {
+        "architectures": ["OpenVLAForActionPrediction"],
+        "auto_map": {
+            "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+            "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+        },
+    }
     if norm_stats:
         conf["norm_stats"] = {"bridge_orig": {}, "libero_spatial_no_noops": {}}
     (d / "config.json").write_text(json.dumps(conf))
@@ -130,7 +134,9 @@ def test_remote_code_that_fails_to_import(real_cfg, good_stack, libero_ok):
 
 
 def test_too_new_transformers_names_the_fix(real_cfg, good_stack, libero_ok, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))  # no AutoModelForVision2Seq
+    monkeypatch.setitem(
+        sys.modules, "transformers", types.ModuleType("transformers")
+    )  # no AutoModelForVision2Seq
     good_stack["transformers"] = "5.24.0"
     model_dir(real_cfg)
     rlds(real_cfg)
@@ -144,7 +150,8 @@ def test_timm_out_of_range_and_broken_torchvision(real_cfg, good_stack, libero_o
     broken = tmp_path / "site"
     (broken / "timm").mkdir(parents=True)
     (broken / "timm" / "__init__.py").write_text(
-        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+        "raise RuntimeError('operator torchvision::nms does not exist')\n"
+    )
     monkeypatch.delitem(sys.modules, "timm")
     monkeypatch.syspath_prepend(str(broken))
     model_dir(real_cfg)

@@ -31,7 +31,7 @@ def _pip_args(calls):
 
 
 def test_existing_venv_keeps_its_torch(fake_venv):
-    venv, installed, calls = fake_venv
+    venv, _installed, calls = fake_venv
     S.ensure_venv(venv, "python3", S.NUMPY_PIN)
     flat = [a for c in _pip_args(calls) for a in c]
     assert not any(a.startswith("torch==") or a == "torch" for a in flat), flat
@@ -40,7 +40,7 @@ def test_existing_venv_keeps_its_torch(fake_venv):
 
 
 def test_openvla_stack_pins_and_matching_torchvision(fake_venv):
-    venv, installed, calls = fake_venv
+    venv, _installed, calls = fake_venv
     S.ensure_venv(venv, "python3", S.NUMPY_PIN, stack="openvla")
     args = _pip_args(calls)
     tv = [c for c in args if any(a.startswith("torchvision") for a in c)]

@@ -42,8 +42,19 @@ def test_rehearsal_dag_runs_every_real_rule(tmp_path):
     wf = copy_workflow(tmp_path / "wf")
     out = dry(["--profile", "profiles/rehearsal", "-p"], wf, env_for(tmp_path))
     jobs = planned(out)
-    for rule in ("libero_fixture", "cache", "model", "probe", "icsm", "craft_anchors", "train", "eval",
-                 "forgetting", "table", "figures"):
+    for rule in (
+        "libero_fixture",
+        "cache",
+        "model",
+        "probe",
+        "icsm",
+        "craft_anchors",
+        "train",
+        "eval",
+        "forgetting",
+        "table",
+        "figures",
+    ):
         assert jobs.get(rule), rule
     assert "demos" not in jobs  # LIBERO data comes as RLDS, not from Meta-World demos
     ablations = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["study"]["ablations"]
@@ -52,5 +63,5 @@ def test_rehearsal_dag_runs_every_real_rule(tmp_path):
         assert f"libero_spatial_no_noops__{a}__full__s42" in runs, a
     assert "libero_spatial_no_noops__craft__1shot__s42" in runs
     root = str(tmp_path / "data" / "root")
-    assert all(o.startswith(root + "/results/") or o.startswith(root + "/reports/") for o in jobs["table"])
+    assert all(o.startswith((root + "/results/", root + "/reports/")) for o in jobs["table"])
     assert "/.venv-real/bin/python -m vlaforget.cli eval --config" in out  # the real study's job env

@@ -14,8 +14,9 @@ REAL_TABLES = [f"results/table_{k}.csv" for k in ("main", "fewshot", "ablation")
 
 
 def test_no_committed_table_at_the_real_study_paths():
-    files = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert files, "the embedded study's committed tables are gone"
     offending = [f for f in files if not f.startswith("results/embedded")]
     assert not offending, f"committed outside results/embedded*/: {offending}"

@@ -15,7 +15,6 @@ can run the same lines outside Snakemake.
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 
 

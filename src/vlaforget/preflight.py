@@ -104,11 +104,13 @@ def check_stack(rep: Report) -> bool:
         rep.problem("timm is not installed (openvla's vision backbone is built with timm)", STACK_FIX)
         return False
     if not (_vtuple(TIMM_RANGE[0]) <= _vtuple(timm_v) <= _vtuple(TIMM_RANGE[1])):
-        rep.problem(f"timm {timm_v} is outside {TIMM_RANGE[0]}-{TIMM_RANGE[1]} (openvla's remote code)", STACK_FIX)
+        rep.problem(
+            f"timm {timm_v} is outside {TIMM_RANGE[0]}-{TIMM_RANGE[1]} (openvla's remote code)", STACK_FIX
+        )
         ok = False
     try:
         import timm  # noqa: F401  (imports torchvision)
-    except Exception as e:  # torchvision's op registration raises RuntimeError, not ImportError
+    except Exception as e:  # noqa: BLE001 - torchvision's op registration raises RuntimeError, not ImportError
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         fix = STACK_FIX
         if "torchvision" in msg or "nms" in msg:
@@ -157,26 +159,40 @@ def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
         rep.problem(f"model folder {path}: config.json unreadable ({e})", "download the model again")
         return
     if not info["weight_files"]:
-        rep.problem(f"model folder {path} holds no *.safetensors / *.bin weights",
-                    f"the download is incomplete: huggingface-cli download {m['path']} --cache-dir {cache_dir}")
-    if not all((path / f).exists() for f in TOKENIZER_FILES) or not any((path / f).exists() for f in TOKENIZER_MODEL):
-        rep.problem(f"model folder {path} lacks tokenizer files ({', '.join(TOKENIZER_FILES + TOKENIZER_MODEL)})",
-                    "download the full repository (not only the weights)")
+        rep.problem(
+            f"model folder {path} holds no *.safetensors / *.bin weights",
+            f"the download is incomplete: huggingface-cli download {m['path']} --cache-dir {cache_dir}",
+        )
+    if not all((path / f).exists() for f in TOKENIZER_FILES) or not any(
+        (path / f).exists() for f in TOKENIZER_MODEL
+    ):
+        rep.problem(
+            f"model folder {path} lacks tokenizer files ({', '.join(TOKENIZER_FILES + TOKENIZER_MODEL)})",
+            "download the full repository (not only the weights)",
+        )
     if not info["code_files"]:
-        rep.problem(f"{path}/config.json has no auto_map (openvla's remote code)",
-                    "use openvla's HF repository layout (config.json with auto_map and *_prismatic.py)")
+        rep.problem(
+            f"{path}/config.json has no auto_map (openvla's remote code)",
+            "use openvla's HF repository layout (config.json with auto_map and *_prismatic.py)",
+        )
     elif info["missing_code_files"]:
-        rep.problem(f"model folder {path} lacks the remote-code files {info['missing_code_files']} named in auto_map",
-                    "download the full repository (not only the weights)")
+        rep.problem(
+            f"model folder {path} lacks the remote-code files {info['missing_code_files']} named in auto_map",
+            "download the full repository (not only the weights)",
+        )
     elif stack_ok:
         try:
             import_remote_code(path, info["code_files"])
-        except Exception as e:
-            rep.problem(f"openvla's remote code in {path} fails to import: {type(e).__name__}: {e}", STACK_FIX)
+        except Exception as e:  # noqa: BLE001 - any failure is reported, with its fix
+            rep.problem(
+                f"openvla's remote code in {path} fails to import: {type(e).__name__}: {e}", STACK_FIX
+            )
     keys = info["norm_stats_keys"]
     if not keys:
-        rep.problem(f"{path}/config.json has no norm_stats (openvla's predict_action un-normalises with them)",
-                    "use an openvla checkpoint with norm_stats in config.json")
+        rep.problem(
+            f"{path}/config.json has no norm_stats (openvla's predict_action un-normalises with them)",
+            "use an openvla checkpoint with norm_stats in config.json",
+        )
     else:
         from .config import suites_all
 
@@ -209,17 +225,28 @@ def check_rlds(cfg: dict, rep: Report) -> None:
         return
     for suite in suites_all(cfg):
         d = root / suite
-        versions = sorted((p for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name)),
-                          key=lambda p: _vtuple(p.name)) if d.is_dir() else []
+        versions = (
+            sorted(
+                (p for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name)),
+                key=lambda p: _vtuple(p.name),
+            )
+            if d.is_dir()
+            else []
+        )
         if not versions:
-            rep.problem(f"no TFDS builder dir for suite '{suite}': expected {d}/<version>/ (e.g. 1.0.0)", fix_all)
+            rep.problem(
+                f"no TFDS builder dir for suite '{suite}': expected {d}/<version>/ (e.g. 1.0.0)", fix_all
+            )
             continue
         v = versions[-1]
         missing = [f for f in ("dataset_info.json", "features.json") if not (v / f).is_file()]
         shards = list(v.glob("*.tfrecord*"))
         if missing or not shards:
             what = ", ".join(missing + ([] if shards else ["*.tfrecord-* shards"]))
-            rep.problem(f"RLDS builder dir {v} is incomplete: no {what}", f"copy the whole {suite}/{v.name}/ folder again")
+            rep.problem(
+                f"RLDS builder dir {v} is incomplete: no {what}",
+                f"copy the whole {suite}/{v.name}/ folder again",
+            )
 
 
 def check_libero(cfg: dict, rep: Report) -> None:
@@ -235,23 +262,28 @@ def check_libero(cfg: dict, rep: Report) -> None:
     assets = pkg / "assets"
     problems = S.verify_tree(assets, S.read_manifest(S.DEFAULT_MANIFEST)) if assets.is_dir() else ["missing"]
     if problems:
-        rep.problem(f"LIBERO scene assets at {assets} do not match the hash manifest "
-                    f"({len(problems)} file(s), e.g. {problems[0]})", fix)
+        rep.problem(
+            f"LIBERO scene assets at {assets} do not match the hash manifest "
+            f"({len(problems)} file(s), e.g. {problems[0]})",
+            fix,
+        )
         return
     try:
         L.import_libero((cfg["eval"].get("libero") or {}).get("config_path"))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure is reported, with its fix
         rep.problem(f"LIBERO fails to import: {type(e).__name__}: {e}", fix)
 
 
 def check_vqa(cfg: dict, rep: Report) -> None:
-    path = ((cfg["eval"].get("forgetting") or {}).get("vqa_jsonl"))
+    path = (cfg["eval"].get("forgetting") or {}).get("vqa_jsonl")
     if not path:
         return
     p = Path(path)
     if not p.is_file():
-        rep.problem(f"eval.forgetting.vqa_jsonl {p} does not exist",
-                    "point it at a JSONL of {image, question, answer} lines, or set it to null to skip")
+        rep.problem(
+            f"eval.forgetting.vqa_jsonl {p} does not exist",
+            "point it at a JSONL of {image, question, answer} lines, or set it to null to skip",
+        )
         return
     bad = []
     with p.open() as f:

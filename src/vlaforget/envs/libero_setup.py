@@ -151,7 +151,9 @@ def installed_version(venv: Path, dist: str) -> str | None:
         "try: print(m.version(sys.argv[1]))\n"
         "except m.PackageNotFoundError: print('')"
     )
-    out = subprocess.run([str(venv_python(venv)), "-c", code, dist], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(venv_python(venv)), "-c", code, dist], capture_output=True, text=True, check=False
+    )
     return out.stdout.strip() or None
 
 
@@ -229,7 +231,7 @@ def check_torchvision(venv: Path) -> str | None:
     if not installed_version(venv, "torchvision"):
         return None
     code = "import torchvision, torchvision.transforms.functional; print(torchvision.__version__)"
-    out = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True)
+    out = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True, check=False)
     if out.returncode == 0:
         print(f"torchvision {out.stdout.strip()} imports next to torch {installed_version(venv, 'torch')}")
         return None
@@ -348,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         help="openvla = also the real study's job stack: transformers 4.40.1, tokenizers 0.19.1, timm "
         "0.9.16, peft 0.11.1, a torchvision matching torch, TF + TFDS, wandb (make real-env)",
     )
-    p.add_argument("--torchvision", default="", help="torchvision requirement (default: the one matching torch)")
+    p.add_argument(
+        "--torchvision", default="", help="torchvision requirement (default: the one matching torch)"
+    )
     p.add_argument("--verify-only", action="store_true", help="only verify the installed assets")
     p.add_argument("--no-smoke", action="store_true", help="skip the one-reset smoke test")
     a = p.parse_args(argv)

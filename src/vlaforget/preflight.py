@@ -212,7 +212,9 @@ def check_rlds(cfg: dict, rep: Report) -> None:
     from .config import suites_all
 
     if cfg["data"].get("fixture"):
-        rep.notes.append("data.fixture: the workflow writes LIBERO-format RLDS under {root}/datasets/rlds")
+        from .config import rlds_root
+
+        rep.notes.append(f"data.fixture: the workflow writes LIBERO-format RLDS under {rlds_root(cfg)}")
         return
     root = Path(cfg["data"]["rlds_dir"])
     fix_all = (

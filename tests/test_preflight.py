@@ -218,3 +218,20 @@ def test_model_stage_fails_on_a_wrong_stack_instead_of_warning(real_cfg, monkeyp
     sc = {"model": {"path": real_cfg["model"]["path"], "cache_dir": None}}
     with pytest.raises(OpenVLAUnavailable, match="AutoModelForVision2Seq"):
         build.check_openvla(sc)
+
+
+def test_torchvision_runtime_error_while_loading_names_the_fix(monkeypatch, tmp_path):
+    """`operator torchvision::nms does not exist` is a RuntimeError: the old ImportError hint missed it."""
+    from vlaforget.models.openvla import OpenVLABackend, OpenVLAUnavailable
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+    fake = types.ModuleType("transformers")
+    fake.AutoModelForVision2Seq = fake.AutoProcessor = Auto
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(OpenVLAUnavailable, match="torchvision matching torch"):
+        OpenVLABackend.load({"path": str(tmp_path), "dtype": "fp32"})

@@ -115,7 +115,8 @@ def check_stack(rep: Report) -> bool:
         fix = STACK_FIX
         if "torchvision" in msg or "nms" in msg:
             fix = (
-                "torchvision does not match torch (e.g. PyPI's CUDA torchvision next to a CPU torch): "
+                "torchvision is missing or does not match torch (e.g. PyPI's CUDA torchvision next to a "
+                "CPU torch, which make real-env removes): "
                 "install the pair from one index, e.g. make real-env TORCH_SPEC='torch==2.2.0' "
                 "TORCH_INDEX=https://download.pytorch.org/whl/cu121"
             )
@@ -151,7 +152,15 @@ def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
     try:
         path = resolve_model_path(str(m["path"]), cache_dir)
     except OpenVLAUnavailable as e:
-        rep.problem(f"model folder: {e}".split(" Fix: ")[0], str(e).split(" Fix: ")[-1])
+        msg = str(e)
+        if " Fix: " in msg:
+            rep.problem(f"model folder: {msg.split(' Fix: ')[0]}", msg.split(" Fix: ")[-1])
+        else:
+            rep.problem(
+                f"model folder: {msg}",
+                f"huggingface-cli download openvla/openvla-7b --local-dir {m['path']} (all files, incl. "
+                "the *_prismatic.py modelling code), or set model.path",
+            )
         return
     try:
         info = check_remote_code(path)

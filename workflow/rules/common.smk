@@ -293,7 +293,8 @@ def preflight_check():
     LAYOUT.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=LAYOUT.tmp, delete=False) as f:
         yaml.safe_dump(dict(config), f)
-    env = {**os.environ, **job_env(ROOT), "PYTHONPATH": SRC_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    pythonpath = os.pathsep.join(p for p in (SRC_DIR, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, **job_env(ROOT), "PYTHONPATH": pythonpath}
     try:
         r = subprocess.run([JOB_PYTHON, "-m", "vlaforget.cli", "preflight", "--configfile", f.name],
                            env=env, capture_output=True, text=True, timeout=300)

@@ -14,9 +14,9 @@ rule table:
     input:
         evals=lambda w: table_inputs(TABLE_RUNS[w.kind]()),
     output:
-        csv=report(RESULTS + "/table_{kind}.csv", caption="../report/table.rst", category="Tables",
+        csv=report(f"{RESULTS}/table_{{kind}}.csv", caption="../report/table.rst", category="Tables",
                    labels={"table": "{kind}", "format": "csv"}),
-        md=RESULTS + "/table_{kind}.md",
+        md=f"{RESULTS}/table_{{kind}}.md",
         # what the table was built from, under the data root: a table copied in (or left from another
         # study) is never up to date for an empty root, whose record is missing
         record=R(ROOT / "reports" / "table_{kind}.json"),
@@ -44,7 +44,7 @@ rule table:
 
 rule figures:
     input:
-        ablation=RESULTS + "/table_ablation.csv",
+        ablation=f"{RESULTS}/table_ablation.csv",
         evals=table_inputs(main_runs()),
         runs=figure_run_files(),
     output:
@@ -76,17 +76,17 @@ rule figures:
 # data root is empty; these also request the table's record under the root.
 rule table_main:
     input:
-        RESULTS + "/table_main.csv",
+        f"{RESULTS}/table_main.csv",
         R(ROOT / "reports" / "table_main.json"),
 
 
 rule table_fewshot:
     input:
-        RESULTS + "/table_fewshot.csv",
+        f"{RESULTS}/table_fewshot.csv",
         R(ROOT / "reports" / "table_fewshot.json"),
 
 
 rule table_ablation:
     input:
-        RESULTS + "/table_ablation.csv",
+        f"{RESULTS}/table_ablation.csv",
         R(ROOT / "reports" / "table_ablation.json"),

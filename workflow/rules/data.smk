@@ -44,7 +44,7 @@ rule libero_fixture:
     output:
         done=fixture_done(),
     params:
-        out=lambda w, output: os.path.dirname(output.done),
+        out=R(ROOT / "datasets" / "rlds"),
         suites=" ".join(fixture_datasets()) if FIXTURE else "",
         fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, **(FIXTURE or {})},
     log:

@@ -17,6 +17,8 @@ try:
 except ImportError:
     pytest.skip("tensorflow-datasets not installed", allow_module_level=True)
 
+from conftest import REPO
+
 from vlaforget.data import libero_rlds as L
 from vlaforget.data.rlds import iter_episodes, resolve_builder_dir
 
@@ -199,3 +201,74 @@ def test_cli_writes_a_fixture(tmp_path):
         json.loads((tmp_path / L.FIXTURE_FILE).read_text())["datasets"]["libero_object_no_noops"]["episodes"]
         == 1
     )
+
+
+def _libero_python():
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("libero") is not None:
+        return sys.executable
+    return os.environ.get("VLAFORGET_LIBERO_PYTHON")
+
+
+def test_source_libero_needs_a_python_with_libero(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("libero") is not None:
+        pytest.skip("LIBERO is importable here")
+    monkeypatch.delenv("VLAFORGET_LIBERO_PYTHON", raising=False)
+    with pytest.raises(RuntimeError, match="--libero-python"):
+        L.libero_python()
+
+
+@pytest.mark.libero
+@pytest.mark.skipif(
+    _libero_python() is None,
+    reason="needs the LIBERO simulator: import libero here, or VLAFORGET_LIBERO_PYTHON=.venv-libero/bin/python",
+)
+def test_source_libero_records_the_real_simulator(tmp_path):
+    """Real LIBERO frames/states through the same writer (~40 s on 2 CPU cores)."""
+    summary = L.write_libero_fixture(
+        tmp_path,
+        ["libero_goal"],
+        n_tasks=1,
+        episodes_per_task=1,
+        steps=12,
+        shards=1,
+        source="libero",
+        python=_libero_python(),
+    )
+    assert summary["source"] == "libero"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [L.FIXTURE_FILE, "libero_goal_no_noops"]
+    (ep,) = list(iter_episodes(tmp_path / "libero_goal_no_noops"))
+    assert ep["task"] == "open_the_middle_drawer_of_the_cabinet"
+    assert ep["instruction"] == "open the middle drawer of the cabinet"
+    g, fingers = ep["actions"][:, -1], ep["states"][:, 6]
+    assert g[0] == -1.0 and (g == 1.0).any()
+    closing = np.flatnonzero(g == 1.0)
+    assert fingers[closing[-1] + 1 if closing[-1] + 1 < len(g) else -1] < fingers[0] - 0.005  # it closed
+    assert ep["images"].shape[1:] == (256, 256, 3) and ep["images"].std() > 10
+
+
+def test_cache_stage_of_the_real_config_reads_the_fixture(tmp_root, tmp_path):
+    """config/config.yaml (world libero) pointed at a fixture: stage config -> `vlaforget cache`."""
+    import yaml
+
+    from vlaforget.cli import main
+    from vlaforget.config import load_config, stage_config
+    from vlaforget.data.cache import CachedDataset
+
+    rlds = tmp_root.parent / "modified_libero_rlds"
+    L.write_libero_fixture(rlds, ["libero_spatial"], n_tasks=2, episodes_per_task=2, steps=8, shards=2)
+    cfg = load_config(REPO / "config" / "config.yaml", overrides={"data": {"rlds_dir": str(rlds)}})
+    sc = stage_config(cfg, "cache", "libero_spatial_no_noops")
+    assert sc["transform"] is None and sc["rlds_dir"] == str(rlds / "libero_spatial_no_noops")
+    path = tmp_path / "cache.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    assert main(["cache", "--config", str(path)]) == 0
+    ds = CachedDataset(sc["out_dir"], split="all")
+    assert ds.manifest["action_transform"]["name"] == "libero" and len(ds.episodes) == 4
+    g = np.stack([ds[i]["action"][-1] for i in range(len(ds))])
+    assert set(np.unique(g)) == {0.0, 1.0}  # openvla's training convention: 1 = open

@@ -17,20 +17,34 @@ RAW gripper command −1 = open, +1 = close, `discount`, `reward` (1 on the last
 `is_last`, `is_terminal`, `language_instruction`; `episode_metadata/file_path`
 (`.../{suite}/{task_name}_demo.hdf5`; the instruction is derived from that name as the builder does).
 
-The real data cannot be downloaded here, so `write_libero_fixture` generates the content with
-`synthetic_episode`: a documented, seeded, deterministic pick-and-place-like trajectory per
-(suite, task, episode) — the arm approaches an object with the gripper open, closes it, carries the
-object to a goal and opens it again, so both gripper commands and both transitions occur — and draws
-the two camera views of it with numpy. The point of a fixture is the FORMAT and the conventions
-(rotation, gripper sign, names, shard naming), which are those of the real dataset exactly.
+The real data cannot be downloaded here, so `write_libero_fixture` generates the content. Each
+(suite, task, episode) gets the same scripted, seeded pick-and-place: the arm approaches an object
+with the gripper open, closes it, carries the object towards a goal and opens it again, so both
+gripper commands and both transitions occur. Two sources play that script:
 
-`vlaforget libero-fixture --out DIR --suites libero_spatial ... --tasks 2 --episodes 3` writes one.
+* `synthetic` (default; `synthetic_episode`): an idealised kinematic world drawn with numpy. It is
+  deterministic, and needs neither LIBERO nor a GPU.
+* `libero` (`libero_episode`): the real LIBERO simulator, as openvla's regeneration script ran it.
+  Each episode is the task's init state k, then 10 settle steps, then the script driven by the real
+  end-effector and object positions, recording the real `agentview` / `eye_in_hand` frames, EEF state
+  and joint positions. This needs LIBERO in this Python, or a Python that has it: `--libero-python`,
+  or VLAFORGET_LIBERO_PYTHON (`make libero`).
+
+The point of a fixture is the FORMAT and the conventions (rotation, gripper sign, names, shard
+naming), which are those of the real dataset exactly.
+
+`vlaforget libero-fixture --out DIR --suites libero_spatial ... --tasks 2 --episodes 3 [--source libero]`
+writes one.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -394,6 +408,167 @@ def _draw_wrist(pos, finger, obj, goal, colours, rng) -> np.ndarray:
     return rotate180(np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8))
 
 
+# ----------------------------------------------------------------------------- LIBERO simulator
+
+
+def _script_action(t, T, t_close, t_open, eef, obj, goal, rng) -> np.ndarray:
+    """The scripted policy's action at step t (raw LIBERO convention), from the real positions."""
+    grip = GRIPPER_CLOSE if t_close <= t < t_open else GRIPPER_OPEN
+    if t < t_close:
+        target = obj + np.array([0, 0, 0.10 * max(0.0, 1 - t / max(1, t_close - 2))])
+    elif t < t_open:
+        target = goal + np.array([0, 0, 0.08])
+    else:
+        target = eef + np.array([0, 0, 0.05])
+    # OSC_POSE: an action of 1 asks for 0.05 m; aim for the whole remaining distance
+    a_pos = np.clip((target - eef) / 0.05 + rng.normal(0, 0.05, 3), -POS_LIMIT, POS_LIMIT)
+    a_rot = np.clip(rng.normal(0, 0.03, 3), -ROT_LIMIT, ROT_LIMIT)
+    return np.concatenate([a_pos, a_rot, [grip]]).astype(np.float32)
+
+
+def libero_episode(
+    env, init_state, suite: str, task: str, task_index: int, episode: int, *, steps: int = 24, seed: int = 0
+) -> dict[str, Any]:
+    """One scripted episode in a real LIBERO env (an OffScreenRenderEnv at 256 px), recorded as
+    openvla's regeneration script records it: observation t, then action t. Same return value as
+    `synthetic_episode`."""
+    from ..envs.libero import WAIT_ACTION, WAIT_STEPS, quat2axisangle
+
+    task_rng = _rng(seed, suite, task_index)
+    ep_rng = _rng(seed, suite, task_index, episode)
+    env.seed(0)
+    env.reset()
+    obs = env.set_init_state(init_state)
+    for _ in range(WAIT_STEPS):  # objects settle, as openvla's regeneration and eval do
+        obs, _r, _done, _info = env.step(list(WAIT_ACTION))
+    objects = sorted(k for k in obs if k.endswith("_pos") and not k.startswith("robot"))
+    if not objects:
+        raise RuntimeError(f"LIBERO task {task} reports no object positions in its observation")
+    obj_key = objects[int(task_rng.integers(len(objects)))]
+    goal = np.asarray(obs[obj_key], np.float64) + np.array([*task_rng.uniform(-0.12, 0.12, 2), 0.02])
+    T = int(steps + ep_rng.integers(0, steps // 4 + 1))
+    t_close = round(T * 0.35) + int(ep_rng.integers(-1, 2))
+    t_open = round(T * 0.75) + int(ep_rng.integers(-1, 2))
+    agent, wrist, states, joints, actions = [], [], [], [], []
+    for t in range(T):
+        eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        states.append(
+            np.concatenate([eef, quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
+        )
+        joints.append(np.asarray(obs["robot0_joint_pos"]))
+        agent.append(np.asarray(obs["agentview_image"], np.uint8))
+        wrist.append(np.asarray(obs["robot0_eye_in_hand_image"], np.uint8))
+        a = _script_action(t, T, t_close, t_open, eef, np.asarray(obs[obj_key], np.float64), goal, ep_rng)
+        actions.append(a)
+        obs, _r, _done, _info = env.step(a.astype(np.float64).tolist())
+    return {
+        "suite": suite,
+        "task": task,
+        "task_index": task_index,
+        "episode": episode,
+        "file_path": f"{SOURCE_ROOT}/{suite}/{task}_demo.hdf5",
+        "agentview": np.stack(agent),
+        "wrist": np.stack(wrist),
+        "states": np.stack(states).astype(np.float32),
+        "joint_states": np.stack(joints).astype(np.float32),
+        "actions": np.stack(actions),
+    }
+
+
+EPISODE_ARRAYS = ("agentview", "wrist", "states", "joint_states", "actions")
+
+
+def render_libero(
+    out_dir: str | Path,
+    suite: str,
+    n_tasks: int,
+    episodes_per_task: int,
+    steps: int,
+    seed: int,
+    config_dir: str | Path | None = None,
+) -> list[Path]:
+    """Play the script in the real LIBERO simulator; one `.npz` per episode under `out_dir`
+    (in writing order). Runs where LIBERO is importable (no TensorFlow needed)."""
+    from ..envs.libero import import_libero
+
+    benchmark, OffScreenRenderEnv, get_libero_path = import_libero(config_dir)
+    suite = suite_of(suite)
+    bsuite = benchmark.get_benchmark_dict()[suite]()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eps: dict[tuple[int, int], Path] = {}
+    for i in range(n_tasks):
+        t = bsuite.get_task(i)
+        init_states = bsuite.get_task_init_states(i)
+        bddl = os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
+        env = OffScreenRenderEnv(
+            bddl_file_name=bddl, camera_heights=IMAGE_SHAPE[0], camera_widths=IMAGE_SHAPE[1]
+        )
+        try:
+            for k in range(episodes_per_task):
+                ep = libero_episode(env, init_states[k], suite, t.name, i, k, steps=steps, seed=seed)
+                path = out_dir / f"{suite}__{i:03d}__{k:03d}.npz"
+                np.savez(path, task=ep["task"], **{a: ep[a] for a in EPISODE_ARRAYS})
+                eps[(k, i)] = path
+                log.info("libero %s task %d episode %d: %d steps", suite, i, k, len(ep["actions"]))
+        finally:
+            env.close()
+    return [eps[key] for key in sorted(eps)]  # task-interleaved, as the synthetic writer
+
+
+def _load_rendered(path: Path, suite: str) -> dict[str, Any]:
+    with np.load(path) as z:
+        ep = {a: z[a] for a in EPISODE_ARRAYS}
+        task = str(z["task"])
+    return {**ep, "suite": suite, "task": task, "file_path": f"{SOURCE_ROOT}/{suite}/{task}_demo.hdf5"}
+
+
+def libero_python(explicit: str | None = None) -> str:
+    """The Python that plays LIBERO: `explicit`, this one if it has LIBERO, else VLAFORGET_LIBERO_PYTHON."""
+    import importlib.util
+
+    if explicit:
+        return explicit
+    if importlib.util.find_spec("libero") is not None:
+        return sys.executable
+    env = os.environ.get("VLAFORGET_LIBERO_PYTHON")
+    if env:
+        return env
+    raise RuntimeError(
+        f"--source libero needs the LIBERO simulator: this Python ({sys.executable}) cannot import it. "
+        f"Install it (`make libero`) and pass --libero-python .venv-libero/bin/python (or set "
+        f"VLAFORGET_LIBERO_PYTHON), or use --source synthetic"
+    )
+
+
+def _render_elsewhere(py: str, tmp: Path, suite: str, n_tasks: int, episodes: int, steps: int, seed: int):
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # the tree holding this vlaforget package
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("MUJOCO_GL", "egl")
+    cmd = [
+        py,
+        "-m",
+        "vlaforget.data.libero_rlds",
+        "--render-to",
+        str(tmp),
+        "--suites",
+        suite,
+        "--tasks",
+        str(n_tasks),
+        "--episodes",
+        str(episodes),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+    ]
+    r = subprocess.run(cmd, env=env, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"rendering {suite} with LIBERO failed (exit {r.returncode}): {' '.join(cmd)}")
+    return sorted(tmp.glob(f"{suite}__*.npz"), key=lambda p: (p.stem.split("__")[2], p.stem.split("__")[1]))
+
+
 # ----------------------------------------------------------------------------- writer
 
 
@@ -406,11 +581,16 @@ def write_libero_fixture(
     steps: int = 24,
     seed: int = 0,
     shards: int = 2,
+    source: str = "synthetic",
+    python: str | None = None,
 ) -> dict[str, Any]:
     """Write `{rlds_dir}/{suite}_no_noops/1.0.0/` for each suite: `n_tasks` tasks (LIBERO's first)
-    × `episodes_per_task` synthetic episodes, spread over `shards` shards. Returns a summary, also
-    written to `{rlds_dir}/libero_fixture.json` (outside the dataset folders: those hold exactly what
-    openvla's do)."""
+    × `episodes_per_task` episodes from `source` (`synthetic` or `libero`; `python`: the Python that
+    plays LIBERO, see `libero_python`), spread over `shards` shards. Returns a summary, also written to
+    `{rlds_dir}/libero_fixture.json` (outside the dataset folders: those hold exactly what openvla's do)."""
+    if source not in ("synthetic", "libero"):
+        raise ValueError(f"source '{source}': use synthetic or libero")
+    py = libero_python(python) if source == "libero" else None
     t0 = time.time()
     rlds_dir = Path(rlds_dir)
     features = libero_features()
@@ -419,23 +599,41 @@ def write_libero_fixture(
         suite = suite_of(s)
         names = suite_task_names(suite, n_tasks)
 
-        def examples(suite=suite, names=names):
-            for k in range(episodes_per_task):  # task-interleaved, as TFDS's shuffled shards are
-                for i in range(len(names)):
-                    yield episode_example(synthetic_episode(suite, i, k, steps=steps, seed=seed))
-
-        info = write_builder_dir(
-            rlds_dir / dataset_name(suite),
-            BUILDER_NAMES[suite],
-            features,
-            examples(),
-            n_shards=shards,
-            description=(
-                f"{dataset_name(suite)}: LIBERO-format RLDS fixture (synthetic, seed {seed}); "
-                "feature dict and layout of openvla's modified_libero_rlds"
-            ),
-            version=VERSION,
-        )
+        tmp = None
+        if source == "synthetic":
+            episodes = (  # task-interleaved, as TFDS's shuffled shards are
+                synthetic_episode(suite, i, k, steps=steps, seed=seed)
+                for k in range(episodes_per_task)
+                for i in range(len(names))
+            )
+        else:
+            rlds_dir.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.TemporaryDirectory(prefix=".libero-render-", dir=rlds_dir)  # removed below
+            if py == sys.executable:
+                paths = render_libero(tmp.name, suite, n_tasks, episodes_per_task, steps, seed)
+            else:
+                paths = _render_elsewhere(py, Path(tmp.name), suite, n_tasks, episodes_per_task, steps, seed)
+            if len(paths) != n_tasks * episodes_per_task:
+                raise RuntimeError(
+                    f"LIBERO rendered {len(paths)} episodes of {suite}, expected {n_tasks * episodes_per_task}"
+                )
+            episodes = (_load_rendered(path, suite) for path in paths)
+        try:
+            info = write_builder_dir(
+                rlds_dir / dataset_name(suite),
+                BUILDER_NAMES[suite],
+                features,
+                (episode_example(ep) for ep in episodes),
+                n_shards=shards,
+                description=(
+                    f"{dataset_name(suite)}: LIBERO-format RLDS fixture ({source}, seed {seed}); "
+                    "feature dict and layout of openvla's modified_libero_rlds"
+                ),
+                version=VERSION,
+            )
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
         out[dataset_name(suite)] = {**info, "tasks": names}
         log.info(
             "libero fixture %s: %d episodes, %d steps -> %s",
@@ -445,7 +643,9 @@ def write_libero_fixture(
             info["builder_dir"],
         )
     summary = {
-        "generator": "vlaforget.data.libero_rlds.synthetic_episode",
+        "source": source,
+        "generator": "vlaforget.data.libero_rlds."
+        + ("synthetic_episode" if source == "synthetic" else "libero_episode"),
         "seed": seed,
         "n_tasks": n_tasks,
         "episodes_per_task": episodes_per_task,
@@ -472,6 +672,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=24, help="base episode length (+0..steps/4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=2, help="tfrecord shards per dataset")
+    p.add_argument(
+        "--source",
+        choices=("synthetic", "libero"),
+        default="synthetic",
+        help="synthetic (numpy, deterministic) or the real LIBERO simulator",
+    )
+    p.add_argument(
+        "--libero-python",
+        default=None,
+        help="Python with LIBERO for --source libero (default: this one, else $VLAFORGET_LIBERO_PYTHON)",
+    )
 
 
 def main(args) -> int:
@@ -483,5 +694,19 @@ def main(args) -> int:
         steps=args.steps,
         seed=args.seed,
         shards=args.shards,
+        source=args.source,
+        python=args.libero_python,
     )
     return 0
+
+
+if __name__ == "__main__":  # the LIBERO side of --source libero: render episodes to .npz only
+    ap = argparse.ArgumentParser(prog="python -m vlaforget.data.libero_rlds")
+    ap.add_argument("--render-to", required=True)
+    ap.add_argument("--suites", required=True)
+    ap.add_argument("--tasks", type=int, required=True)
+    ap.add_argument("--episodes", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    a = ap.parse_args()
+    render_libero(a.render_to, a.suites, a.tasks, a.episodes, a.steps, a.seed)

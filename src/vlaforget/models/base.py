@@ -161,7 +161,7 @@ class VLABackend:
         """Training/eval batch for action prediction (raw actions are normalised with self.stats).
 
         train=True applies openvla's image augmentation (random crop of 90 % area resized back,
-        brightness/contrast jitter), drawn from `generator`."""
+        brightness, contrast, saturation and hue jitter: `augment_images`), drawn from `generator`."""
         if self.stats is None:
             raise ValueError(
                 "collate needs the dataset's action statistics to normalise actions: "
@@ -487,9 +487,17 @@ def augment_images(
     crop_area: float = 0.9,
     brightness: float = 0.2,
     contrast: float = 0.2,
+    saturation: float = 0.2,
+    hue: float = 0.05,
 ) -> np.ndarray:
-    """openvla-style train-time augmentation on uint8 [B, H, W, 3]: a random square crop of
-    `crop_area` of the image resized back, then brightness and contrast jitter."""
+    """openvla's train-time image augmentation on uint8 [B, H, W, 3], drawn from `generator`.
+
+    openvla (prismatic/vla/datasets/datasets.py, image_aug=True; dlimp's augment_image), in its
+    order, each result clipped to [0, 1]: random_resized_crop (scale 0.9, ratio 1: a square crop of
+    `crop_area` of the image at a random place, resized back), random_brightness 0.2 (add
+    δ ∈ [−0.2, 0.2]), random_contrast [0.8, 1.2] (scale around each channel's mean, as
+    tf.image.adjust_contrast), random_saturation [0.8, 1.2] (HSV saturation × f), random_hue 0.05
+    (HSV hue + δ, δ ∈ [−0.05, 0.05] of a full turn). One draw per image and op."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     b, _, h, w = x.shape
     ch, cw = max(1, round(h * crop_area**0.5)), max(1, round(w * crop_area**0.5))
@@ -499,12 +507,50 @@ def augment_images(
         c = torch.randint(0, w - cw + 1, (1,), generator=generator).item()
         crop = x[i : i + 1, :, r : r + ch, c : c + cw]
         out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-    u = torch.rand(b, 2, generator=generator)
-    bright = (u[:, 0] * 2 - 1) * brightness  # additive, in [-b, b]
-    contr = 1 + (u[:, 1] * 2 - 1) * contrast  # multiplicative around the image mean
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = (out - mean) * contr.view(b, 1, 1, 1) + mean + bright.view(b, 1, 1, 1)
-    return (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    u = torch.rand(b, 4, generator=generator) * 2 - 1  # uniform in [-1, 1]: one per image and op
+    out = jitter_colors(out.clamp(0, 1), u, brightness, contrast, saturation, hue)
+    return (out * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def jitter_colors(
+    x: torch.Tensor, u: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
+    """The colour ops of `augment_images` on float [B, 3, H, W] in [0, 1], for given draws
+    u [B, 4] in [-1, 1]: brightness + u0·b, contrast × (1 + u1·c) around each channel's mean,
+    saturation × (1 + u2·s), hue + u3·h; clipped to [0, 1] after each (as dlimp)."""
+    b = x.shape[0]
+    out = (x + (u[:, 0] * brightness).view(b, 1, 1, 1)).clamp(0, 1)
+    mean = out.mean(dim=(2, 3), keepdim=True)  # per channel, as tf.image.adjust_contrast
+    out = ((out - mean) * (1 + u[:, 1] * contrast).view(b, 1, 1, 1) + mean).clamp(0, 1)
+    hsv = rgb_to_hsv(out)
+    sat = (hsv[:, 1] * (1 + u[:, 2] * saturation).view(b, 1, 1)).clamp(0, 1)
+    out = hsv_to_rgb(torch.stack([hsv[:, 0], sat, hsv[:, 2]], dim=1)).clamp(0, 1)
+    hsv = rgb_to_hsv(out)
+    hue_shifted = (hsv[:, 0] + (u[:, 3] * hue).view(b, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack([hue_shifted, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn, as TF's)."""
+    r, g, b = rgb.unbind(1)
+    maxc, _ = rgb.max(dim=1)
+    minc, _ = rgb.min(dim=1)
+    delta = maxc - minc
+    v = maxc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    d = delta.clamp_min(1e-12)
+    h = torch.where(maxc == r, ((g - b) / d) % 6, torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], dim=1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of rgb_to_hsv."""
+    h, s, v = hsv.unbind(1)
+    h6 = (h % 1.0) * 6.0
+    k = torch.stack([(5 + h6) % 6, (3 + h6) % 6, (1 + h6) % 6], dim=1)  # r, g, b
+    f = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * f
 
 
 def read_stats_file(path: str | Path, key: str | None = None) -> dict:

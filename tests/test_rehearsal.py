@@ -4,6 +4,8 @@ the short evaluation protocol is set by study-level keys (eval.libero.n_tasks / 
 
 from __future__ import annotations
 
+import re
+
 import yaml
 from conftest import REPO, copy_workflow
 from test_workflow_dryrun import dry, env_for, planned, trained_runs
@@ -65,3 +67,8 @@ def test_rehearsal_dag_runs_every_real_rule(tmp_path):
     root = str(tmp_path / "data" / "root")
     assert all(o.startswith((root + "/results/", root + "/reports/")) for o in jobs["table"])
     assert "/.venv-real/bin/python -m vlaforget.cli eval --config" in out  # the real study's job env
+    assert re.search(
+        r"libero-fixture --out \S+/datasets/rlds --suites libero_spatial_no_noops libero_goal_no_noops "
+        r"--tasks 2 --episodes 3 --steps 16 --seed 0 --shards 2 --source synthetic",
+        out,
+    )

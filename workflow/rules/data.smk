@@ -46,7 +46,7 @@ rule libero_fixture:
     params:
         out=R(ROOT / "datasets" / "rlds"),
         suites=" ".join(fixture_datasets()) if FIXTURE else "",
-        fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, **(FIXTURE or {})},
+        fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic", **(FIXTURE or {})},
     log:
         R(ROOT / "logs" / "libero_fixture" / "fixture.log"),
     threads: 1
@@ -60,6 +60,6 @@ rule libero_fixture:
         + crash_guard(
             f"{VLAFORGET} libero-fixture --out {{params.out}} --suites {{params.suites}} "
             "--tasks {params.fx[tasks]} --episodes {params.fx[episodes]} --steps {params.fx[steps]} "
-            "--seed {params.fx[seed]} --shards {params.fx[shards]} > {log} 2>&1",
+            "--seed {params.fx[seed]} --shards {params.fx[shards]} --source {params.fx[source]} > {log} 2>&1",
             "{log}", "libero-fixture", f"{VLAFORGET} libero-fixture ...",
         )

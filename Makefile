@@ -11,7 +11,8 @@ TORCH_INDEX ?=
 EXTRAS ?= sim,rlds,workflow,dev
 PROFILE ?= demo
 
-.PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results libero test-libero
+.PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results libero test-libero \
+	real-env rehearsal
 
 install: $(VENV)/.installed sysdeps
 
@@ -38,15 +39,41 @@ LIBERO_VENV ?= .venv-libero
 libero: install
 	$(BIN)/python -m vlaforget.envs.libero_setup --venv $(LIBERO_VENV)
 
+# The real study's job environment (README "The real study"): OpenVLA's pinned stack (transformers
+# 4.40.1, tokenizers 0.19.1, timm 0.9.16, peft 0.11.1, a torchvision matching torch), TF + TFDS for the
+# cache stage, wandb, and the LIBERO simulator with hash-verified assets. The Snakemake driver stays in
+# .venv; profiles/4090, v100x8 and slurm run every job with $(REAL_VENV)/bin/python (config job_python).
+# An existing venv keeps its torch. On a GPU machine pick torch's CUDA build, e.g.
+#   make real-env TORCH_SPEC='torch==2.2.0' TORCH_INDEX=https://download.pytorch.org/whl/cu121 REAL_PYTHON=python3.10
+REAL_VENV ?= .venv-real
+REAL_PYTHON ?= python3.11
+TORCHVISION_SPEC ?=
+LIBERO_DOWNLOADS ?=
+
+real-env: install
+	$(BIN)/python -m vlaforget.envs.libero_setup --venv $(REAL_VENV) --python $(REAL_PYTHON) --stack openvla \
+	  --torch '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX)) \
+	  $(if $(TORCHVISION_SPEC),--torchvision '$(TORCHVISION_SPEC)') \
+	  $(if $(LIBERO_DOWNLOADS),--download-dir $(LIBERO_DOWNLOADS))
+
+# The rehearsal (profiles/rehearsal, config/rehearsal.yaml): the real study's DAG on tiny inputs, in the
+# job env of real-env: LIBERO-format RLDS fixture, tiny teacher, every method and ablation, real LIBERO
+# eval, three tables under {root}/results. CI runs it.
+rehearsal: install
+	@test -x $(REAL_VENV)/bin/python || { echo "no job environment at $(REAL_VENV): run 'make real-env' first"; exit 2; }
+	$(BIN)/python -m snakemake --profile profiles/rehearsal --config job_python=$(abspath $(REAL_VENV))/bin/python
+
 # The LIBERO protocol tests (a real LIBERO episode, batched == sequential) in that venv.
 test-libero:
 	@test -x $(LIBERO_VENV)/bin/python || { echo "no LIBERO venv at $(LIBERO_VENV): run 'make libero' first"; exit 2; }
 	LIBERO_CONFIG_PATH=$(LIBERO_VENV)/libero-config MUJOCO_GL=egl \
 	  $(LIBERO_VENV)/bin/python -m pytest -q -rs tests/test_libero_env.py
 
+REPORT ?= results/embedded/report.html
+
 demo: install
 	$(BIN)/python -m snakemake --profile profiles/$(PROFILE)
-	$(BIN)/python -m snakemake --profile profiles/$(PROFILE) --report results/report.html
+	$(BIN)/python -m snakemake --profile profiles/$(PROFILE) --report $(REPORT)
 
 ci-study: install
 	$(BIN)/python -m snakemake --profile profiles/ci
@@ -68,4 +95,5 @@ dag:
 	fi
 
 clean-results:
-	rm -rf results/table_*.csv results/table_*.md results/figures
+	rm -rf results/table_*.csv results/table_*.md results/figures results/embedded/table_*.csv \
+	  results/embedded/table_*.md results/embedded/figures

@@ -24,12 +24,12 @@ include: "workflow/rules/export.smk"
 
 rule all:
     input:
-        "results/table_main.csv",
-        "results/table_fewshot.csv",
-        "results/table_ablation.csv",
+        table_outputs(),
         figures_outputs(),
+        report_records(),  # under the data root: an empty root never looks up to date
     default_target: True
 
 
 onstart:
     disk_safety_check()
+    preflight_check()

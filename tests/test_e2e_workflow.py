@@ -21,16 +21,17 @@ def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
     r = snakemake(["--profile", "profiles/ci"], cwd=workflow_copy, env=env, timeout=3600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
     root = tmp_path / "data" / "root"
+    results = root / "results"  # config/ci.yaml: results_dir null -> {root}/results, not the repo
 
-    rows = list(csv.DictReader((workflow_copy / "results" / "table_main.csv").open()))
+    rows = list(csv.DictReader((results / "table_main.csv").open()))
     assert {r["method"] for r in rows} == {"teacher", "baseline", "icsm_hsw_thermostat", "craft"}
     for row in rows:
         ds = float(row["downstream_success_mean"])
         assert 0.0 <= ds <= 1.0
     for kind in ("fewshot", "ablation"):
-        assert (workflow_copy / "results" / f"table_{kind}.md").read_text().startswith(f"# Table: {kind}")
+        assert (results / f"table_{kind}.md").read_text().startswith(f"# Table: {kind}")
     for name in ("pareto", "training_curves", "ablation"):
-        assert (workflow_copy / "results" / "figures" / f"{name}.png").stat().st_size > 1000
+        assert (results / "figures" / f"{name}.png").stat().st_size > 1000
 
     ev = json.loads(
         (root / "evals" / "mw_downstream__baseline__full__s42" / "mw_downstream.json").read_text()
@@ -38,8 +39,9 @@ def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
     assert ev["n_episodes"] >= 1 and 0.0 <= ev["success_rate"] <= 1.0
     assert (root / "runs" / "mw_downstream__craft__full__s42" / "metrics.jsonl").exists()
     assert (root / "configs" / "train" / "mw_downstream__craft__full__s42.yaml").exists()
-    # nothing big or generated inside the workflow copy except results/
+    # nothing generated inside the workflow copy
     assert not (workflow_copy / "runs").exists() and not (workflow_copy / "datasets").exists()
+    assert not (workflow_copy / "results").exists()
 
     again = snakemake(["--profile", "profiles/ci", "-n"], cwd=workflow_copy, env=env)
     assert "Nothing to be done" in again.stdout + again.stderr

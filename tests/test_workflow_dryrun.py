@@ -124,7 +124,8 @@ def test_root_outside_allowed_root_is_refused(tmp_path):
 
 def test_ablation_table_needs_only_its_runs(tmp_path):
     wf = copy_workflow(tmp_path / "wf")
-    out = dry([*CI, "results/table_ablation.csv"], wf, env_for(tmp_path))
+    target = str(tmp_path / "data" / "root" / "results" / "table_ablation.csv")  # ci: results_dir null
+    out = dry([*CI, target], wf, env_for(tmp_path))
     runs = trained_runs(out)
     assert runs == {
         "mw_downstream__icsm_hsw_thermostat__full__s42",
@@ -133,7 +134,7 @@ def test_ablation_table_needs_only_its_runs(tmp_path):
         "mw_downstream__craft_no_projection__full__s42",
     }
     jobs = planned(out)
-    assert "figures" not in jobs and len(jobs["table"]) == 2  # csv + md of this table only
+    assert "figures" not in jobs and len(jobs["table"]) == 3  # csv + md + record of this table only
 
 
 # ----------------------------------------------------------------------------- rerun triggers
@@ -182,7 +183,7 @@ def test_method_param_change_reruns_only_that_method(touched):
     for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors"):
         assert rule not in jobs, rule
     assert all("craft" in p for p in jobs["eval"] + jobs["forgetting"])
-    assert len(jobs["table"]) == 6  # the three tables each hold craft runs
+    assert len(jobs["table"]) == 9  # the three tables each hold craft runs (csv, md, record)
     assert "Params have changed" in out
 
 

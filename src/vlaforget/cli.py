@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage-config": ("vlaforget.stage_config_cmd", "write a stage's config file from the study config"),
     "check-disk": ("vlaforget.disk", "data-root policy and disk-safety check"),
     "gpu-run": ("vlaforget.gpus", "run a command on free GPU slots (lock-based allocator)"),
+    "preflight": ("vlaforget.preflight", "every missing piece of a real-study run (model, stack, RLDS, LIBERO)"),
     "demos": ("vlaforget.data.metaworld_demos", "generate scripted Meta-World demonstrations as RLDS"),
     "libero-fixture": ("vlaforget.data.libero_rlds", "tiny LIBERO-format RLDS fixture (openvla layout)"),
     "cache": ("vlaforget.data.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),

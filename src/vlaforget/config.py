@@ -133,7 +133,7 @@ def _semantic_checks(cfg: dict) -> None:
                           "(see config/demo.yaml)")
     if cfg["world"] == "metaworld" and not (cfg["data"].get("metaworld") or {}).get("datasets"):
         raise ConfigError("world is 'metaworld' but data.metaworld.datasets is empty")
-    if cfg["world"] == "libero" and not rlds:
+    if cfg["world"] == "libero" and not rlds and not cfg["data"].get("fixture"):
         raise ConfigError("world is 'libero' but data.rlds_dir is not set: point it at the folder "
                           "holding modified_libero_rlds datasets")
     names = all_method_names(cfg)
@@ -274,7 +274,7 @@ def layout(cfg: dict) -> Layout:
 
 def rlds_root(cfg: dict) -> Path:
     """Folder holding {dataset}/ TFDS builder dirs."""
-    if cfg["world"] == "metaworld":
+    if cfg["world"] == "metaworld" or cfg["data"].get("fixture"):  # generated here (demos / fixture)
         return layout(cfg).root / "datasets" / "rlds"
     return Path(cfg["data"]["rlds_dir"])
 
@@ -285,6 +285,24 @@ def model_path(cfg: dict) -> str:
     if m["backend"] == "tiny" and not m.get("path"):
         return str(layout(cfg).model(m["base"]))
     return str(m["path"])
+
+
+def tiny_pretrain_dataset(cfg: dict) -> str:
+    """The tiny teacher's pretraining dataset: model.pretrain.dataset, else data.metaworld.upstream."""
+    ds = (cfg["model"].get("pretrain") or {}).get("dataset") or (cfg["data"].get("metaworld") or {}).get("upstream")
+    if not ds:
+        raise ConfigError("model.backend tiny needs model.pretrain.dataset (world libero: e.g. "
+                          "libero_goal_no_noops) or data.metaworld.upstream")
+    return ds
+
+
+def tiny_corpus_datasets(cfg: dict) -> list[str]:
+    """Datasets whose instructions the tiny tokenizer learns: every Meta-World dataset, or (LIBERO)
+    every suite of the study and the pretraining dataset."""
+    mw = cfg["data"].get("metaworld") or {}
+    if mw.get("datasets"):
+        return list(mw["datasets"])
+    return list(dict.fromkeys(suites_all(cfg) + [tiny_pretrain_dataset(cfg)]))
 
 
 def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
@@ -376,10 +394,10 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     elif stage == "model":
         out.update(model=_model_block(cfg), out_dir=str(lay.model(key)))
         if cfg["model"]["backend"] == "tiny":
-            mw = d["metaworld"]
+            mw = d.get("metaworld") or {}
             out.update(tiny=cfg["model"]["tiny"], pretrain=cfg["model"]["pretrain"],
-                       upstream=_dataset_block(cfg, mw["upstream"]),
-                       corpus_datasets=[_dataset_block(cfg, s) for s in mw["datasets"]],
+                       upstream=_dataset_block(cfg, tiny_pretrain_dataset(cfg)),
+                       corpus_datasets=[_dataset_block(cfg, s) for s in tiny_corpus_datasets(cfg)],
                        instructions=mw.get("instructions") or {})
     elif stage == "probe":
         out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
@@ -453,7 +471,7 @@ def _upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
     if stage == "model":
         if cfg["model"]["backend"] != "tiny":
             return []
-        return [(f"cache:{d}", "cache", d) for d in cfg["data"]["metaworld"]["datasets"]]
+        return [(f"cache:{d}", "cache", d) for d in tiny_corpus_datasets(cfg)]
     if stage == "probe":
         return [("model", "model", base), ("cache", "cache", cfg["probe"]["dataset"])]
     if stage == "icsm":

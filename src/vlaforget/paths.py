@@ -126,7 +126,24 @@ def job_env(root: Path) -> dict[str, str]:
         # Concurrent jobs share the CPU cores: OpenMP threads that spin while waiting (the default)
         # slow every job sharing a core by 10-30x (measured: 2 s vs 65 ms per policy step).
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        **FRAMEWORK_ENV,
     }
+
+
+# Which frameworks a job's libraries may load. transformers 4.40.1 imports TensorFlow whenever it is
+# installed, and TF 2.21 + triton in one process segfaults (exit 139, no message: `import tensorflow,
+# timm` alone). Only the cache stage (and the RLDS fixture writer) use TF, through tensorflow_datasets
+# directly, which these switches do not affect. PYTHONFAULTHANDLER prints the Python stack of a
+# crashing job into its log.
+FRAMEWORK_ENV = {
+    "USE_TF": "0",
+    "USE_TORCH": "1",
+    "USE_JAX": "0",
+    "USE_FLAX": "0",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 def apply_job_env(root: Path) -> None:

@@ -1,6 +1,7 @@
 # Helpers shared by every rule: config validation, the study grid (run names), paths under the data
 # root, stage-config files, job environment and resources. Everything with logic lives in vlaforget.
 
+import json
 import os
 import shlex
 import sys
@@ -11,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 
 from vlaforget import config as vfc
 from vlaforget.config import ConfigError
+from vlaforget.jobs import JobPythonError, check_job_python, crash_guard, job_python
 from vlaforget.paths import PathPolicyError, job_env
 
 
@@ -26,9 +28,13 @@ LAYOUT = vfc.layout(config)
 BASE = config["model"]["base"]
 PROBE_SET = vfc.probe_set_name(config)
 METAWORLD = config["world"] == "metaworld"
+FIXTURE = config["data"].get("fixture")  # world libero: LIBERO-format RLDS written here (rehearsal)
 STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
+# Tables and figures: `results_dir` (relative to the repo; the real study: results/, the embedded
+# studies: results/embedded*/); null = {root}/results (CI, rehearsal: nothing lands in the repo).
+RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
 RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot)__s\d+"
@@ -186,13 +192,35 @@ def stage_cfg(stage, key):
     return _STAGE_CONFIGS[k]
 
 
+def report_cfg(key):
+    """What a table (key main / fewshot / ablation) or the figures are built from: the study, the
+    exact eval files and the report code. Written to {root}/reports/<key>.json next to the data it
+    describes, so a table is never 'up to date' for a root it was not built from (an empty root has
+    no record: Snakemake does not regenerate missing inputs of a job whose outputs all exist), and
+    a changed input list reruns it (params trigger)."""
+    runs = main_runs() if key == "figures" else TABLE_RUNS[key]()
+    return {
+        "stage": "report",
+        "key": key,
+        "study_name": config.get("study_name"),
+        "root": str(ROOT),
+        "results_dir": RESULTS,
+        "upstream_suites": UPSTREAM_SUITES,
+        "inputs": table_inputs(runs),
+        "code": vfc.code_hash("report"),
+    }
+
+
 # ----------------------------------------------------------------------------- jobs
 
 # How jobs call the library. With `--sdm conda` each rule runs in its conda env (envs/*.yaml) and the
 # library comes from the source tree (PYTHONPATH); otherwise the Python running Snakemake (the venv
 # of `make install`) runs it, so nothing depends on PATH.
+# `job_python` (config) names another interpreter for every job: the real study's env of
+# `make real-env` (.venv-real/bin/python) or the user's conda env (docs: README "The real study").
 USE_CONDA = "conda" in str(getattr(workflow.deployment_settings, "deployment_method", "")).lower()
-PYTHON = "python" if USE_CONDA else shlex.quote(sys.executable)
+JOB_PYTHON = job_python(config, workflow.basedir, sys.executable)
+PYTHON = "python" if USE_CONDA else shlex.quote(JOB_PYTHON)
 VLAFORGET = f"{PYTHON} -m vlaforget.cli"
 SRC_DIR = str(Path(workflow.basedir) / "src")
 CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla" else "../../envs/vlaforget.yaml"
@@ -200,7 +228,7 @@ CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla"
 # Every job exports these so no library (HF, torch, W&B, matplotlib, TMPDIR) writes outside root.
 JOB_ENV = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(ROOT).items())
 JOB_ENV = f"{JOB_ENV}; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
-if USE_CONDA:
+if USE_CONDA or JOB_PYTHON != sys.executable:
     JOB_ENV = f"{JOB_ENV}; export PYTHONPATH={shlex.quote(SRC_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"
 
 
@@ -224,8 +252,10 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
         f"{JOB_ENV}; export OMP_NUM_THREADS={{threads}}; "
         # Snakemake deletes {log} before each attempt: {log}.attempts keeps every attempt, each with a header
         'echo "=== attempt $(date -u +%Y-%m-%dT%H:%M:%SZ) host=$(hostname) pid=$$ '
-        'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}" | tee -a {log}.attempts > {log}; '
-        f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}"
+        'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} USE_TF=$USE_TF '
+        f'python={PYTHON}" | tee -a {{log}}.attempts > {{log}}; '
+        + crash_guard(f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}",
+                      "{log}", stage_cli, f"{VLAFORGET} {stage_cli} --config {{input.cfg}}")
     )
 
 
@@ -246,20 +276,66 @@ def disk_safety_check():
         raise WorkflowError("disk-safety check failed (see above); nothing was run")
 
 
+def preflight_check():
+    """onstart: the jobs' Python exists; for world libero `vlaforget preflight` in that Python (model,
+    OpenVLA stack, RLDS builder dirs, LIBERO + verified assets, VQA set): one message, before any job.
+    VLAFORGET_SKIP_PREFLIGHT=1 skips it."""
+    import subprocess
+    import tempfile
+
+    if os.environ.get("VLAFORGET_SKIP_PREFLIGHT") == "1":
+        return
+    if not USE_CONDA:
+        try:
+            check_job_python(JOB_PYTHON)
+        except JobPythonError as e:
+            raise WorkflowError(f"vlaforget: {e}")
+    if config["world"] != "libero" or USE_CONDA:
+        return
+    LAYOUT.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=LAYOUT.tmp, delete=False) as f:
+        yaml.safe_dump(dict(config), f)
+    pythonpath = os.pathsep.join(p for p in (SRC_DIR, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, **job_env(ROOT), "PYTHONPATH": pythonpath}
+    try:
+        r = subprocess.run([JOB_PYTHON, "-m", "vlaforget.cli", "preflight", "--configfile", f.name],
+                           env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.unlink(f.name)
+    print((r.stdout + r.stderr).strip(), file=sys.stderr)
+    if r.returncode != 0:
+        raise WorkflowError("preflight failed (see above); nothing was run. Check it by hand: "
+                            f"{JOB_PYTHON} -m vlaforget.cli preflight --configfile <your configs>")
+
+
 # ----------------------------------------------------------------------------- input functions
+
+
+def fixture_datasets():
+    """Every dataset the fixture writes: the study's suites and the tiny teacher's pretraining data."""
+    out = vfc.suites_all(config)
+    if config["model"]["backend"] == "tiny":
+        out += [d for d in vfc.tiny_corpus_datasets(config) if d not in out]
+    return out
+
+
+def fixture_done():
+    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
 
 
 def cache_input(w):
     inp = {"cfg": cfg_file("cache", w.dataset)}
     if METAWORLD:
         inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
+    elif FIXTURE:
+        inp["rlds"] = fixture_done()
     return inp
 
 
 def model_input(w):
     inp = {"cfg": cfg_file("model", BASE)}
     if config["model"]["backend"] == "tiny":
-        inp["caches"] = [cache_outputs(d)["manifest"] for d in config["data"]["metaworld"]["datasets"]]
+        inp["caches"] = [cache_outputs(d)["manifest"] for d in vfc.tiny_corpus_datasets(config)]
     return inp
 
 
@@ -297,8 +373,17 @@ TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_r
 FIGURES = ["pareto", "training_curves", "ablation"]
 
 
+def table_outputs():
+    return [f"{RESULTS}/table_{kind}.csv" for kind in TABLE_RUNS]
+
+
+def report_records():
+    """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
+    return [R(ROOT / "reports" / f"table_{kind}.json") for kind in TABLE_RUNS] + [R(ROOT / "reports" / "figures.json")]
+
+
 def figures_outputs():
-    return [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
 
 
 def figure_run_files():
@@ -306,9 +391,14 @@ def figure_run_files():
     return [train_done(r) for r in dict.fromkeys(main_runs() + ablation_runs())]
 
 
-def report_shell(args):
-    """Shell line of a report job (table / figures), logged."""
-    return f"{JOB_ENV}; {VLAFORGET} {args} > {{log}} 2>&1"
+def report_shell(args, record=False):
+    """Shell line of a report job (table / figures), logged; then its record (params.record)."""
+    cli = args.split()[0]
+    line = f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
+                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)")
+    if record:  # crash_guard ends with `exit`: write the record first, only when the command succeeded
+        line = line.replace("; exit $rc", "; [ $rc -ne 0 ] || printf '%s' {params.record:q} > {output.record}; exit $rc")
+    return line
 
 
 # ----------------------------------------------------------------------------- freshness (issue 17)

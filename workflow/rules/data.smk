@@ -35,3 +35,31 @@ rule cache:
         CONDA_ENV
     shell:
         stage_shell("cache")
+
+
+rule libero_fixture:
+    """World libero with data.fixture (the rehearsal): a LIBERO-format RLDS fixture in openvla's
+    modified_libero_rlds layout (TFDS builder dirs {dataset}/1.0.0/, synthetic episodes) for every
+    suite, read by the cache stage exactly as the real data would be."""
+    output:
+        done=fixture_done(),
+    params:
+        out=R(ROOT / "datasets" / "rlds"),
+        suites=" ".join(fixture_datasets()) if FIXTURE else "",
+        fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic", **(FIXTURE or {})},
+    log:
+        R(ROOT / "logs" / "libero_fixture" / "fixture.log"),
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+    conda:
+        CONDA_ENV
+    shell:
+        f"{JOB_ENV}; "
+        + crash_guard(
+            f"{VLAFORGET} libero-fixture --out {{params.out}} --suites {{params.suites}} "
+            "--tasks {params.fx[tasks]} --episodes {params.fx[episodes]} --steps {params.fx[steps]} "
+            "--seed {params.fx[seed]} --shards {params.fx[shards]} --source {params.fx[source]} > {log} 2>&1",
+            "{log}", "libero-fixture", f"{VLAFORGET} libero-fixture ...",
+        )

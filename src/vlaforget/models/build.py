@@ -106,7 +106,7 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
 
 
 def check_openvla(sc: dict) -> dict:
-    from .openvla import check_remote_code, offline_env, resolve_model_path
+    from .openvla import OpenVLAUnavailable, check_remote_code, offline_env, resolve_model_path
 
     m = sc["model"]
     offline_env(m.get("cache_dir"))
@@ -119,15 +119,16 @@ def check_openvla(sc: dict) -> dict:
         )
     if not info["weight_files"]:
         raise FileNotFoundError(f"{path} holds no *.safetensors / *.bin weights: the download is incomplete")
-    try:
-        import timm
+    # The stack the later stages load the model with: fail here, naming the fix, not in the probe stage.
+    from ..preflight import Report, check_stack
 
-        info["timm"] = timm.__version__
-        if not timm.__version__.startswith("0.9."):
-            log.warning("OpenVLA's modelling code requires timm 0.9.10–0.9.16, found %s", timm.__version__)
-    except ImportError:
-        info["timm"] = None
-        log.warning("timm is not installed: OpenVLA's modelling code needs timm 0.9.10–0.9.16")
+    rep = Report()
+    check_stack(rep)
+    if rep.problems:
+        raise OpenVLAUnavailable("the jobs' Python cannot load OpenVLA:\n" + rep.message())
+    import timm
+
+    info["timm"] = timm.__version__
     return {"backend": "openvla", "requested": m["path"], **info}
 
 

@@ -200,7 +200,17 @@ class OpenVLABackend(VLABackend):
 
     @classmethod
     def load(cls, model_block: Mapping[str, Any], device="cpu") -> OpenVLABackend:
-        from transformers import AutoModelForVision2Seq, AutoProcessor
+        try:
+            from transformers import AutoModelForVision2Seq, AutoProcessor
+        except ImportError as e:  # transformers 5 removed AutoModelForVision2Seq
+            import transformers
+
+            raise OpenVLAUnavailable(
+                f"transformers {transformers.__version__} cannot load OpenVLA ({e}): its remote code needs "
+                "transformers 4.40.1, tokenizers 0.19.1, timm 0.9.10-0.9.16. Fix: run the jobs in the env "
+                "of `make real-env` (profiles/4090 etc. do: job_python), or pip install transformers==4.40.1 "
+                "tokenizers==0.19.1 timm==0.9.16 peft==0.11.1; check with `vlaforget preflight`"
+            ) from e
 
         from . import torch_dtype
 
@@ -214,11 +224,13 @@ class OpenVLABackend(VLABackend):
             kw["attn_implementation"] = model_block["attn_implementation"]
         try:
             model = AutoModelForVision2Seq.from_pretrained(str(path), low_cpu_mem_usage=True, **kw)
-        except ImportError as e:
+        except (ImportError, RuntimeError) as e:  # torchvision/torch mismatch: RuntimeError
+            if isinstance(e, RuntimeError) and "torchvision" not in str(e):
+                raise
             raise OpenVLAUnavailable(
                 f"loading OpenVLA's remote code failed ({e}). It needs timm 0.9.10–0.9.16 "
-                "(pip install 'timm==0.9.10'), and is tested with transformers 4.40.1, "
-                "tokenizers 0.19.1"
+                "(pip install 'timm==0.9.10') and a torchvision matching torch, and is tested with "
+                "transformers 4.40.1, tokenizers 0.19.1 (make real-env; `vlaforget preflight` checks it)"
             ) from e
         processor = AutoProcessor.from_pretrained(
             str(path), trust_remote_code=True, **({"cache_dir": cache_dir} if cache_dir else {})

@@ -1,0 +1,74 @@
+"""Issue 13 item 5: the rehearsal profile runs the REAL config's DAG (world libero, LIBERO-format RLDS,
+the LIBERO simulator, all methods and ablations, the three tables) on tiny inputs with the tiny backend;
+the short evaluation protocol is set by study-level keys (eval.libero.n_tasks / max_steps)."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from conftest import REPO, copy_workflow
+from test_workflow_dryrun import dry, env_for, planned, trained_runs
+
+from vlaforget import config as vfc
+
+CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "rehearsal.yaml"]
+
+
+def test_short_eval_protocol_from_study_level_keys(tmp_root):
+    cfg = vfc.load_config(*CONFIGS)
+    e = vfc.stage_config(cfg, "eval", "teacher@libero_spatial_no_noops")["eval"]
+    assert e["n_tasks"] == 1 and e["max_steps"] == 8 and e["episodes_per_task"] == 1
+    assert "tasks" not in e  # a LIBERO block: the suite's own tasks and language
+
+
+def test_tiny_teacher_for_world_libero_pretrains_on_its_own_suite(tmp_root):
+    cfg = vfc.load_config(*CONFIGS)
+    sc = vfc.stage_config(cfg, "model", cfg["model"]["base"])
+    assert sc["upstream"]["name"] == "libero_goal_no_noops"
+    assert {b["name"] for b in sc["corpus_datasets"]} >= {"libero_spatial_no_noops", "libero_goal_no_noops"}
+    assert vfc.rlds_root(cfg) == vfc.layout(cfg).root / "datasets" / "rlds"  # the fixture, not data.rlds_dir
+
+
+def test_rehearsal_differs_from_the_real_config_only_in_sizes_and_data_source():
+    real = yaml.safe_load(CONFIGS[0].read_text())
+    reh = yaml.safe_load(CONFIGS[1].read_text())
+    assert reh.get("world", real["world"]) == "libero"
+    for key in ("methods", "fewshot_methods", "ablations"):
+        assert key not in reh["study"]  # all three methods and all eight ablations of the real study
+    assert "ablations" not in reh  # the real ablation definitions
+    assert set(reh["methods"]) <= set(real["methods"])  # only sizes of real methods (thermostat cadence)
+
+
+def test_rehearsal_dag_runs_every_real_rule(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    out = dry(["--profile", "profiles/rehearsal", "-p"], wf, env_for(tmp_path))
+    jobs = planned(out)
+    for rule in (
+        "libero_fixture",
+        "cache",
+        "model",
+        "probe",
+        "icsm",
+        "craft_anchors",
+        "train",
+        "eval",
+        "forgetting",
+        "table",
+        "figures",
+    ):
+        assert jobs.get(rule), rule
+    assert "demos" not in jobs  # LIBERO data comes as RLDS, not from Meta-World demos
+    ablations = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["study"]["ablations"]
+    runs = trained_runs(out)
+    for a in ablations + ["baseline", "icsm_hsw_thermostat", "craft"]:
+        assert f"libero_spatial_no_noops__{a}__full__s42" in runs, a
+    assert "libero_spatial_no_noops__craft__1shot__s42" in runs
+    root = str(tmp_path / "data" / "root")
+    assert all(o.startswith((root + "/results/", root + "/reports/")) for o in jobs["table"])
+    assert "/.venv-real/bin/python -m vlaforget.cli eval --config" in out  # the real study's job env
+    assert re.search(
+        r"libero-fixture --out \S+/datasets/rlds --suites libero_spatial_no_noops libero_goal_no_noops "
+        r"--tasks 2 --episodes 3 --steps 16 --seed 0 --shards 2 --source synthetic",
+        out,
+    )

@@ -1,0 +1,54 @@
+"""Issue 13 item 4: the embedded studies' committed tables and figures do not sit where the real study
+writes (results/table_*.csv), and a table is never 'up to date' for a data root it was not built from."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import yaml
+from conftest import REPO, copy_workflow
+from test_workflow_dryrun import dry, planned
+
+REAL_TABLES = [f"results/table_{k}.csv" for k in ("main", "fewshot", "ablation")]
+
+
+def test_no_committed_table_at_the_real_study_paths():
+    files = subprocess.run(
+        ["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert files, "the embedded study's committed tables are gone"
+    offending = [f for f in files if not f.startswith("results/embedded")]
+    assert not offending, f"committed outside results/embedded*/: {offending}"
+    assert "results/embedded/table_main.csv" in files
+
+
+def test_profiles_write_tables_in_their_own_folder():
+    real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    demo_gpu = yaml.safe_load((REPO / "config" / "demo_gpu.yaml").read_text())
+    assert real["results_dir"] == "results"
+    assert demo["results_dir"] == "results/embedded"
+    assert demo_gpu["results_dir"] not in ("results", "results/embedded")
+
+
+def test_real_study_with_empty_root_schedules_the_tables_despite_stale_copies(tmp_path):
+    """A copy of the repo that holds tables at the real paths (e.g. the demo's, with fresh mtimes):
+    with an empty data root the real profile must rebuild them, never say 'Nothing to be done'."""
+    wf = copy_workflow(tmp_path / "wf")
+    (wf / "results" / "figures").mkdir(parents=True)
+    for f in (REPO / "results" / "embedded").glob("table_*"):
+        shutil.copy(f, wf / "results" / f.name)
+    for f in (REPO / "results" / "embedded" / "figures").glob("*"):
+        shutil.copy(f, wf / "results" / "figures" / f.name)
+    env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}  # /opt/data/private/...: empty here
+    out = dry(["--profile", "profiles/4090"], wf, env)
+    jobs = planned(out)
+    assert "Nothing to be done" not in out
+    tables = [o for o in jobs["table"] if o.startswith("results/")]
+    assert sorted(tables) == sorted(REAL_TABLES + [t.replace(".csv", ".md") for t in REAL_TABLES])
+    assert jobs.get("figures")
+    assert any(o.endswith("/reports/table_main.json") for o in jobs["table"])  # what it was built from
+    # one table by name: also rebuilt for an empty root (a stale file target would be "up to date")
+    jobs = planned(dry(["--profile", "profiles/4090", "table_ablation"], wf, env))
+    assert "results/table_ablation.csv" in jobs["table"] and "results/table_main.csv" not in jobs["table"]

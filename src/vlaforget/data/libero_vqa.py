@@ -15,7 +15,8 @@ answers come from the simulator state and the task's BDDL:
   left_right  "is the {A} left or right of the {B}?"      left / right (projected through the agentview
                                                                       camera, mirrored as the image is)
   gripper     "is the gripper open or closed?"            open / closed (finger opening, robot0_gripper_qpos)
-  drawer      "is the {top} drawer of the {cabinet} open?" yes / no  (LIBERO's `is_open` / `is_close`)
+  drawer      "is the {top} drawer of the {cabinet} open?" yes / no  (LIBERO's `is_open`; closed: the
+                                                                      drawer joint within its close range)
 
 Cases near a boundary are skipped (|Δu| under `SIDE_MARGIN` of the image width, a finger opening
 between the two thresholds, a drawer neither open nor closed). Questions are balanced per category
@@ -59,6 +60,34 @@ def readable(name: str) -> str:
     return re.sub(r"_\d+$", "", name).replace("_", " ").strip()
 
 
+def article(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+BDDL_DECL = re.compile(r"^\s*([a-z0-9_ ]+?)\s+-\s+([a-z0-9_]+)\s*\)?\s*$")
+
+
+def bddl_categories(bddl_dir: str | Path) -> list[str]:
+    """Readable object / fixture categories declared in every BDDL file under `bddl_dir`
+    (`name_1 name_2 - category` lines of :objects and :fixtures): the 'absent object' vocabulary."""
+    cats: set[str] = set()
+    for f in sorted(Path(bddl_dir).rglob("*.bddl")):
+        section = None
+        for line in f.read_text().splitlines():
+            t = line.strip()
+            if t.startswith("(:"):
+                section = t[2:].split()[0] if len(t) > 2 else None
+                t = t[2 + len(section or ""):].strip()
+            if section in ("objects", "fixtures"):
+                m = BDDL_DECL.match(t)
+                name = readable(m.group(2)) if m else ""
+                if name and name != "floor" and not name.endswith("table"):  # the support, not an object
+                    cats.add(name)
+            if t.endswith(")") and not BDDL_DECL.match(t):
+                section = None
+    return sorted(cats)
+
+
 def image_u(point, cam_pos, cam_rot, fovy: float, width: float = 1.0) -> float:
     """Horizontal coordinate (0 = left, width = right) of a world point in the *policy* image.
 
@@ -84,9 +113,9 @@ def scene_questions(facts: dict, absent: Sequence[str] = ()) -> list[dict]:
     ents = facts["entities"]
     present = sorted({readable(n) for n in ents})
     for r in present:
-        q("presence", f"is there a {r} in the scene?", "yes")
+        q("presence", f"is there {article(r)} in the scene?", "yes")
     for r in sorted(set(absent) - set(present)):
-        q("presence", f"is there a {r} in the scene?", "no")
+        q("presence", f"is there {article(r)} in the scene?", "no")
     on = {tuple(p) for p in facts.get("ontop", [])}
     for a, b in facts.get("pairs", []):
         q("on_top", f"is the {readable(a)} on the {readable(b)}?", "yes" if (a, b) in on else "no")
@@ -134,14 +163,31 @@ def drawer_states(env) -> dict[str, str | None]:
     for site, st in e.object_states_dict.items():
         if not DRAWER_RE.match(site) or getattr(st, "object_state_type", "") != "site":
             continue
-        try:
-            joints = e.object_sites_dict[site].joints
-        except (KeyError, AttributeError):
-            continue
-        if not joints:
-            continue
-        out[site] = "open" if st.is_open() else ("closed" if st.is_close() else None)
+        site_obj = e.object_sites_dict.get(site)
+        if site_obj is None or not list(getattr(site_obj, "joints", None) or []):
+            continue  # a region without a joint (a rack's top): not a drawer
+        out[site] = drawer_answer(e, site)
     return out
+
+
+DRAWER_CLOSED_TOL = 0.005  # LIBERO's own is_close is strict (qpos < 0.0): an exactly shut drawer fails
+
+
+def drawer_answer(e, site: str) -> str | None:
+    """'open' (LIBERO's is_open), 'closed' (every joint within the object's close range ± tol), or None."""
+    st = e.object_states_dict[site]
+    if st.is_open():
+        return "open"
+    parent = e.get_object(st.parent_name)
+    rng = parent.object_properties.get("articulation", {}).get("default_close_ranges")
+    if not rng:
+        return None
+    lo, hi = min(rng) - DRAWER_CLOSED_TOL, max(rng) + DRAWER_CLOSED_TOL
+    for j in e.object_sites_dict[site].joints:
+        q = float(e.sim.data.qpos[e.sim.model.get_joint_qpos_addr(j)])
+        if not lo <= q <= hi:
+            return None
+    return "closed"
 
 
 def scene_facts(env) -> dict:
@@ -200,13 +246,17 @@ def generate(
     from ..io import atomic_write_text, write_json
     from .vqa import balanced_pick
 
+    from ..envs.libero import import_libero
+
+    _, _, get_libero_path = import_libero(config_dir)
+    vocab_all = set(bddl_categories(get_libero_path("bddl_files")))
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool: list[dict] = []
     for suite in suites:
         tasks = suite_tasks(suite, config_dir)[: tasks_per_suite or None]
-        vocab: set[str] = set()
+        vocab = set(vocab_all)
         scenes = []
         for t in tasks:
             env = LiberoEnv(suite, t["id"], config_dir, resolution=resolution, image_size=image_size)

@@ -24,6 +24,7 @@ student / teacher accuracy (None — "retention undefined" — where the teacher
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -91,7 +92,7 @@ def read_mc_jsonl(
         pil = Image.open(img_path).convert("RGB")
         if image_size:
             pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
-        out.append({**rec, "image": np.asarray(pil, dtype=np.uint8), "question": str(rec["question"]),
+        out.append({**rec, "image": np.asarray(pil, dtype=np.uint8), "image_path": str(img_path), "question": str(rec["question"]),
                     "answer": ans, "candidates": cands, "category": cat, "kind": cat, "line": ln})
         if limit and len(out) >= limit:
             break
@@ -209,3 +210,22 @@ def mc_metrics(samples: Sequence[dict], student: Sequence[np.ndarray], teacher: 
     for i, s in enumerate(samples):
         cats.setdefault(str(s.get("category", s.get("kind", "all"))), []).append(i)
     return {**block(list(range(len(samples)))), "by_category": {c: block(v) for c, v in sorted(cats.items())}}
+
+
+# ----------------------------------------------------------------------------- CLI (vqa-convert)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*_questions.json)")
+    p.add_argument("--annotations", required=True, help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json)")
+    p.add_argument("--images", required=True, help="folder of the COCO images")
+    p.add_argument("--out", required=True, help="output JSONL (eval.forgetting.vqa_jsonl)")
+    p.add_argument("--candidates", type=int, default=4, help="candidates per number/other question")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    n = convert_vqav2(args.questions, args.annotations, args.images, args.out, args.candidates, args.limit, args.seed)
+    print(f"wrote {n} questions to {args.out}")
+    return 0

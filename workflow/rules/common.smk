@@ -292,7 +292,7 @@ def forgetting_input(w):
 
 
 TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
-FIGURES = ["pareto", "training_curves", "ablation"]
+FIGURES = ["pareto", "training_curves", "ablation", "category_retention"]
 
 
 def figures_outputs():

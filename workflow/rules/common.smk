@@ -288,6 +288,7 @@ def forgetting_input(w):
         inp["train"] = train_done(w.run)
     if METAWORLD:
         inp["caches"] = [cache_outputs(s)["manifest"] for s in UPSTREAM_SUITES]
+    inp.update(libero_vqa_input())  # workflow/rules/vqa.smk
     return inp
 
 

@@ -126,3 +126,50 @@ def test_mc_metrics_accuracy_retention_kl_and_undefined():
     kl1 = float((pt * np.log(pt / ps)).sum())
     assert m["by_category"]["a"]["kl"] == pytest.approx(kl1 / 2)
     assert V.mc_metrics(s, teacher, teacher)["kl"] == pytest.approx(0.0)
+
+
+def test_trained_teacher_scores_above_chance_on_its_own_questions():
+    """The embedded study's path: a tiny VLA trained on visual questions (answers only visible in the
+    image) scores far above chance on held-out ones by candidate log-likelihood, while an untrained
+    copy sits near chance; the same metrics as the forgetting stage."""
+    from vlaforget.data.vqa import CANDIDATES
+    from vlaforget.models.tiny import random_tiny_backend
+
+    torch.manual_seed(0)
+    be = random_tiny_backend(seed=0, corpus=["is the gripper open or closed?", "is the drawer open?",
+                                             "open closed yes no left right"])
+    size = be.model.config.image_size if hasattr(be.model.config, "image_size") else 16
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        out = []
+        for _ in range(n):
+            bright = bool(rng.integers(2))
+            img = rng.integers(180, 256, (size, size, 3)) if bright else rng.integers(0, 76, (size, size, 3))
+            if rng.integers(2):
+                q, a, c = "is the gripper open or closed?", "open" if bright else "closed", "gripper_state"
+            else:
+                q, a, c = "is the drawer open?", "yes" if bright else "no", "drawer_open"
+            out.append({"image": img.astype(np.uint8), "question": q, "answer": a, "category": c,
+                        "candidates": list(CANDIDATES[c])})
+        return out
+
+    train, held = draw(256), draw(64)
+    before = V.score_mc(be, held, 32)
+    opt = torch.optim.AdamW(be.model.parameters(), lr=3e-3)
+    be.model.train()
+    for step in range(60):
+        idx = rng.choice(len(train), 16, replace=False)
+        b = be.collate_vqa([train[i] for i in idx])
+        loss = be.lm_loss(b, be.forward(b).logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    be.model.eval()
+    after = V.score_mc(be, held, 32)
+    m = V.mc_metrics(held, after, after)
+    assert m["chance"] == 0.5
+    assert m["accuracy"] >= 0.9, m
+    assert all(b["accuracy"] >= 0.85 for b in m["by_category"].values()), m
+    untrained = V.mc_metrics(held, before, after)  # the untrained copy as "student" of the trained teacher
+    assert untrained["accuracy"] < 0.8 and untrained["retention"] < 0.9 and untrained["kl"] > 0.05

@@ -79,6 +79,12 @@ def build_tiny(sc: dict) -> dict:
     t0 = time.time()
     hist = pretrain(backend, train, vqa_train, pcfg)
     metrics = heldout_metrics(backend, heldout, vqa_held)
+    if vqa_held:  # the teacher's own multiple-choice score on its held-out questions (eval/vqa_mc.py)
+        from ..eval.vqa_mc import mc_metrics, score_mc
+
+        ll = score_mc(backend, vqa_held, 64)
+        mc = mc_metrics(vqa_held, ll, ll)
+        metrics["vqa_mc"] = {k: mc[k] for k in ("accuracy", "chance", "n", "by_category")}
     log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     out_dir = Path(sc["out_dir"])
     backend.save(out_dir)

@@ -164,7 +164,8 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
         layers={la: SimpleNamespace(U=torch.linalg.qr(I.covariance(pooled[la]))[0][:, :4]) for la in layers},
     )
     monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
-    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "k"} for s in ds[:6]]
+    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "scene",
+           "category": "scene", "candidates": ["drawer", "door", "button"]} for s in ds[:6]]
     monkeypatch.setattr(FG, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
 
     cfg = peft_cfg = LoraConfig(
@@ -202,6 +203,11 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert t["vqa_accuracy"] == t["vqa_accuracy_teacher"]
     assert r["vqa_kl"] > 1e-4 and r["drift_mean"] > 1e-3 and r["cka_mean"] < t["cka_mean"]
     assert r["drift"]["7"]["basis"] is not None and r["vqa_accuracy_teacher"] == t["vqa_accuracy"]
+    # multiple-choice scoring: the same questions, candidate log-likelihoods
+    assert t["vqa_mc"]["n"] == 6 and t["vqa_mc_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert t["vqa_mc_accuracy"] == t["vqa_mc_accuracy_teacher"] and t["vqa_mc"]["chance"] == pytest.approx(1 / 3)
+    assert r["vqa_mc_kl"] > 1e-6 and r["vqa_mc_accuracy_teacher"] == t["vqa_mc_accuracy"]
+    assert set(r["vqa_mc"]["by_category"]) == {"scene"}
 
 
 def test_libero_lifelong_metrics_by_hand():

@@ -20,8 +20,13 @@ def _img(tmp_path, name="a.png"):
 
 
 def _line(img, **kw):
-    rec = {"image": img, "question": "is the drawer open?", "answer": "yes", "candidates": ["yes", "no"],
-           "category": "drawer"}
+    rec = {
+        "image": img,
+        "question": "is the drawer open?",
+        "answer": "yes",
+        "candidates": ["yes", "no"],
+        "category": "drawer",
+    }
     rec.update(kw)
     return json.dumps(rec)
 
@@ -36,14 +41,29 @@ def test_reader_accepts_and_refuses_with_line_numbers(tmp_path):
     assert [q["line"] for q in qs] == [1, 3] and qs[0]["image"].shape == (8, 8, 3)
     assert qs[1]["category"] == qs[1]["kind"] == "mine"
     cases = {
-        "missing image": (_line("imgs/gone.png"), FileNotFoundError, r"bad.jsonl:2: image .*gone.png not found"),
-        "answer not a candidate": (_line(img, answer="maybe"), ValueError, r"bad.jsonl:2: answer 'maybe' is not among"),
-        "unknown category": (_line(img, category="colour"), ValueError, r"bad.jsonl:2: unknown category 'colour'"),
+        "missing image": (
+            _line("imgs/gone.png"),
+            FileNotFoundError,
+            r"bad.jsonl:2: image .*gone.png not found",
+        ),
+        "answer not a candidate": (
+            _line(img, answer="maybe"),
+            ValueError,
+            r"bad.jsonl:2: answer 'maybe' is not among",
+        ),
+        "unknown category": (
+            _line(img, category="colour"),
+            ValueError,
+            r"bad.jsonl:2: unknown category 'colour'",
+        ),
         "one candidate": (_line(img, candidates=["yes", "Yes"]), ValueError, r"bad.jsonl:2: candidates must"),
-        "no candidates": (json.dumps({"image": img, "question": "q", "answer": "a", "category": "drawer"}),
-                          ValueError, r"bad.jsonl:2: missing key\(s\) candidates"),
+        "no candidates": (
+            json.dumps({"image": img, "question": "q", "answer": "a", "category": "drawer"}),
+            ValueError,
+            r"bad.jsonl:2: missing key\(s\) candidates",
+        ),
     }
-    for why, (line, exc, msg) in cases.items():
+    for line, exc, msg in cases.values():
         bad = tmp_path / "bad.jsonl"
         bad.write_text(_line(img) + "\n" + line + "\n")
         with pytest.raises(exc, match=msg):
@@ -62,17 +82,24 @@ def test_forgetting_reads_mc_or_free_answer_files(tmp_path):
 
 
 def test_convert_vqav2(tmp_path):
-    qs = {"data_subtype": "val2014", "questions": [
-        {"question_id": 1, "image_id": 7, "question": "Is it red?"},
-        {"question_id": 2, "image_id": 7, "question": "How many cats?"},
-        {"question_id": 3, "image_id": 8, "question": "What animal?"},
-        {"question_id": 4, "image_id": 8, "question": "Unannotated?"}]}
-    ann = {"annotations": [
-        {"question_id": 1, "multiple_choice_answer": "yes", "answer_type": "yes/no"},
-        {"question_id": 2, "multiple_choice_answer": "2", "answer_type": "number"},
-        {"question_id": 3, "multiple_choice_answer": "dog", "answer_type": "other"},
-        {"question_id": 5, "multiple_choice_answer": "1", "answer_type": "number"},
-        {"question_id": 6, "multiple_choice_answer": "cat", "answer_type": "other"}]}
+    qs = {
+        "data_subtype": "val2014",
+        "questions": [
+            {"question_id": 1, "image_id": 7, "question": "Is it red?"},
+            {"question_id": 2, "image_id": 7, "question": "How many cats?"},
+            {"question_id": 3, "image_id": 8, "question": "What animal?"},
+            {"question_id": 4, "image_id": 8, "question": "Unannotated?"},
+        ],
+    }
+    ann = {
+        "annotations": [
+            {"question_id": 1, "multiple_choice_answer": "yes", "answer_type": "yes/no"},
+            {"question_id": 2, "multiple_choice_answer": "2", "answer_type": "number"},
+            {"question_id": 3, "multiple_choice_answer": "dog", "answer_type": "other"},
+            {"question_id": 5, "multiple_choice_answer": "1", "answer_type": "number"},
+            {"question_id": 6, "multiple_choice_answer": "cat", "answer_type": "other"},
+        ]
+    }
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(ann))
     from PIL import Image
@@ -94,9 +121,16 @@ def test_score_mc_equals_teacher_forced_answer_loglik():
     be = random_tiny_backend(seed=0)
     rng = np.random.default_rng(0)
     size = be.model.config.image_size if hasattr(be.model.config, "image_size") else 16
-    samples = [{"image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "question": q,
-                "answer": "open", "candidates": ["open", "closed", "drawer"], "category": "gripper_state"}
-               for q in ("is the gripper open or closed?", "what object is on the table?")]
+    samples = [
+        {
+            "image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+            "question": q,
+            "answer": "open",
+            "candidates": ["open", "closed", "drawer"],
+            "category": "gripper_state",
+        }
+        for q in ("is the gripper open or closed?", "what object is on the table?")
+    ]
     lls = V.score_mc(be, samples, batch_size=4)  # 6 rows in 2 batches of different padding
     assert [ll.shape for ll in lls] == [(3,), (3,)]
     for s, ll in zip(samples, lls):
@@ -110,9 +144,11 @@ def test_score_mc_equals_teacher_forced_answer_loglik():
 
 
 def test_mc_metrics_accuracy_retention_kl_and_undefined():
-    s = [{"answer": "yes", "candidates": ["yes", "no"], "category": "a"},
-         {"answer": "no", "candidates": ["yes", "no"], "category": "a"},
-         {"answer": "left", "candidates": ["left", "right", "up", "down"], "category": "b"}]
+    s = [
+        {"answer": "yes", "candidates": ["yes", "no"], "category": "a"},
+        {"answer": "no", "candidates": ["yes", "no"], "category": "a"},
+        {"answer": "left", "candidates": ["left", "right", "up", "down"], "category": "b"},
+    ]
     teacher = [np.array([0.0, -2.0]), np.array([-3.0, 0.0]), np.array([-5.0, 0.0, -5, -5])]
     student = [np.array([0.0, -2.0]), np.array([0.0, -1.0]), np.array([0.0, -1.0, -5, -5])]
     m = V.mc_metrics(s, student, teacher)
@@ -136,8 +172,10 @@ def test_trained_teacher_scores_above_chance_on_its_own_questions():
     from vlaforget.models.tiny import random_tiny_backend
 
     torch.manual_seed(0)
-    be = random_tiny_backend(seed=0, corpus=["is the gripper open or closed?", "is the drawer open?",
-                                             "open closed yes no left right"])
+    be = random_tiny_backend(
+        seed=0,
+        corpus=["is the gripper open or closed?", "is the drawer open?", "open closed yes no left right"],
+    )
     size = be.model.config.image_size if hasattr(be.model.config, "image_size") else 16
     rng = np.random.default_rng(0)
 
@@ -150,8 +188,15 @@ def test_trained_teacher_scores_above_chance_on_its_own_questions():
                 q, a, c = "is the gripper open or closed?", "open" if bright else "closed", "gripper_state"
             else:
                 q, a, c = "is the drawer open?", "yes" if bright else "no", "drawer_open"
-            out.append({"image": img.astype(np.uint8), "question": q, "answer": a, "category": c,
-                        "candidates": list(CANDIDATES[c])})
+            out.append(
+                {
+                    "image": img.astype(np.uint8),
+                    "question": q,
+                    "answer": a,
+                    "category": c,
+                    "candidates": list(CANDIDATES[c]),
+                }
+            )
         return out
 
     train, held = draw(256), draw(64)

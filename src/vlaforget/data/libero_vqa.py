@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 
 log = logging.getLogger("vlaforget.libero_vqa")
@@ -77,7 +78,7 @@ def bddl_categories(bddl_dir: str | Path) -> list[str]:
             t = line.strip()
             if t.startswith("(:"):
                 section = t[2:].split()[0] if len(t) > 2 else None
-                t = t[2 + len(section or ""):].strip()
+                t = t[2 + len(section or "") :].strip()
             if section in ("objects", "fixtures"):
                 m = BDDL_DECL.match(t)
                 name = readable(m.group(2)) if m else ""
@@ -126,16 +127,22 @@ def scene_questions(facts: dict, absent: Sequence[str] = ()) -> list[dict]:
                 continue
             du = ents[a]["u"] - ents[b]["u"]
             if abs(du) > SIDE_MARGIN:
-                q("left_right", f"is the {readable(a)} left or right of the {readable(b)}?",
-                  "right" if du > 0 else "left")
+                q(
+                    "left_right",
+                    f"is the {readable(a)} left or right of the {readable(b)}?",
+                    "right" if du > 0 else "left",
+                )
     g = facts.get("gripper_opening")
     if g is not None and (g > GRIPPER_OPEN_M or g < GRIPPER_CLOSED_M):
         q("gripper", "is the gripper open or closed?", "open" if g > GRIPPER_OPEN_M else "closed")
     for site, state in sorted(facts.get("drawers", {}).items()):
         m = DRAWER_RE.match(site)
         if m and state in ("open", "closed"):
-            q("drawer", f"is the {m['which']} drawer of the {readable(m['fixture'])} open?",
-              "yes" if state == "open" else "no")
+            q(
+                "drawer",
+                f"is the {m['which']} drawer of the {readable(m['fixture'])} open?",
+                "yes" if state == "open" else "no",
+            )
     return out
 
 
@@ -144,8 +151,11 @@ def scene_questions(facts: dict, absent: Sequence[str] = ()) -> list[dict]:
 
 def _camera(sim, name: str = CAMERA):
     cid = sim.model.camera_name2id(name)
-    return (np.array(sim.data.cam_xpos[cid]), np.array(sim.data.cam_xmat[cid]).reshape(3, 3),
-            float(sim.model.cam_fovy[cid]))
+    return (
+        np.array(sim.data.cam_xpos[cid]),
+        np.array(sim.data.cam_xmat[cid]).reshape(3, 3),
+        float(sim.model.cam_fovy[cid]),
+    )
 
 
 def entity_positions(env) -> dict[str, np.ndarray]:
@@ -195,8 +205,10 @@ def scene_facts(env) -> dict:
     e = env._env.env
     cam = _camera(e.sim)
     pos = entity_positions(env)
-    ents = {n: {"u": image_u(p, *cam), "kind": "object" if n in e.objects_dict else "fixture"}
-            for n, p in pos.items()}
+    ents = {
+        n: {"u": image_u(p, *cam), "kind": "object" if n in e.objects_dict else "fixture"}
+        for n, p in pos.items()
+    }
     states = e.object_states_dict
     pairs, ontop = [], []
     objs = [n for n in e.objects_dict if n in states]
@@ -209,8 +221,13 @@ def scene_facts(env) -> dict:
             except Exception:  # noqa: BLE001 - LIBERO raises for entities without geoms
                 pairs.pop()
     gq = np.asarray(env.raw_obs["robot0_gripper_qpos"], np.float64)
-    return {"entities": ents, "ontop": ontop, "pairs": pairs,
-            "gripper_opening": float(gq[0] - gq[1]), "drawers": drawer_states(env)}
+    return {
+        "entities": ents,
+        "ontop": ontop,
+        "pairs": pairs,
+        "gripper_opening": float(gq[0] - gq[1]),
+        "drawers": drawer_states(env),
+    }
 
 
 def set_scene(env, init_state: int, close_gripper: bool) -> np.ndarray:
@@ -242,11 +259,9 @@ def generate(
     """Render the scenes, ask the questions, keep a balanced n, write JSONL + images + manifest."""
     from PIL import Image
 
-    from ..envs.libero import LiberoEnv, suite_tasks
+    from ..envs.libero import LiberoEnv, import_libero, suite_tasks
     from ..io import atomic_write_text, write_json
     from .vqa import balanced_pick
-
-    from ..envs.libero import import_libero
 
     _, _, get_libero_path = import_libero(config_dir)
     vocab_all = set(bddl_categories(get_libero_path("bddl_files")))
@@ -273,8 +288,16 @@ def generate(
         for t, k, closed, name, facts in scenes:
             present = {readable(x) for x in facts["entities"]}
             for qa in scene_questions(facts, absent=sorted(vocab - present)):
-                pool.append({"image": f"images/{name}", **qa, "suite": suite, "task": t["name"],
-                             "init_state": k, "gripper_closed": closed})
+                pool.append(
+                    {
+                        "image": f"images/{name}",
+                        **qa,
+                        "suite": suite,
+                        "task": t["name"],
+                        "init_state": k,
+                        "gripper_closed": closed,
+                    }
+                )
     if not pool:
         raise ValueError(f"no question could be asked about the scenes of {', '.join(suites)}")
     picked = balanced_pick(pool, n, seed, key=lambda r: (r["category"], r["answer"]))
@@ -288,9 +311,17 @@ def generate(
     for r in picked:
         c = counts.setdefault(r["category"], {})
         c[r["answer"]] = c.get(r["answer"], 0) + 1
-    man = {"suites": list(suites), "n": len(picked), "seed": seed, "states_per_task": states_per_task,
-           "init_states": held_out_states(states_per_task), "counts": counts, "pool": len(pool),
-           "image_size": image_size, "seconds": round(time.perf_counter() - t0, 1)}
+    man = {
+        "suites": list(suites),
+        "n": len(picked),
+        "seed": seed,
+        "states_per_task": states_per_task,
+        "init_states": held_out_states(states_per_task),
+        "counts": counts,
+        "pool": len(pool),
+        "image_size": image_size,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json(out / "manifest.json", man)
     return man
 
@@ -305,17 +336,25 @@ def entity_positions_names(env) -> list[str]:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (questions.jsonl, images/, manifest.json)")
-    p.add_argument("--suites", nargs="+", default=["libero_spatial", "libero_object", "libero_goal",
-                                                    "libero_10", "libero_90"])
+    p.add_argument(
+        "--suites",
+        nargs="+",
+        default=["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"],
+    )
     p.add_argument("--n", type=int, default=600, help="questions kept (balanced per category and answer)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--states-per-task", type=int, default=2, help="held-out init states per task (from 49 down)")
-    p.add_argument("--tasks-per-suite", type=int, default=None, help="first N tasks of each suite (default all)")
+    p.add_argument(
+        "--states-per-task", type=int, default=2, help="held-out init states per task (from 49 down)"
+    )
+    p.add_argument(
+        "--tasks-per-suite", type=int, default=None, help="first N tasks of each suite (default all)"
+    )
     p.add_argument("--config-dir", default=None, help="LIBERO config folder (default LIBERO_CONFIG_PATH)")
 
 
 def main(args) -> int:
-    man = generate(args.out, args.suites, args.n, args.seed, args.states_per_task, args.tasks_per_suite,
-                   args.config_dir)
+    man = generate(
+        args.out, args.suites, args.n, args.seed, args.states_per_task, args.tasks_per_suite, args.config_dir
+    )
     log.info("libero-vqa: %d questions (%s) in %s s", man["n"], man["counts"], man["seconds"])
     return 0

@@ -67,13 +67,15 @@ def read_mc_jsonl(
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+            raise ValueError(f"{where}: expected a JSON object")  # noqa: TRY004 - bad input, not a bad call
         missing = [k for k in ("image", "question", "answer", "candidates", "category") if k not in rec]
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
         cands = rec["candidates"]
         if not isinstance(cands, list) or len({M.normalize_answer(c) for c in cands}) < 2:
-            raise ValueError(f"{where}: candidates must be a list of at least 2 distinct answers, got {cands!r}")
+            raise ValueError(
+                f"{where}: candidates must be a list of at least 2 distinct answers, got {cands!r}"
+            )
         cands = [str(c) for c in cands]
         ans = str(rec["answer"])
         if M.normalize_answer(ans) not in {M.normalize_answer(c) for c in cands}:
@@ -92,8 +94,19 @@ def read_mc_jsonl(
         pil = Image.open(img_path).convert("RGB")
         if image_size:
             pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
-        out.append({**rec, "image": np.asarray(pil, dtype=np.uint8), "image_path": str(img_path), "question": str(rec["question"]),
-                    "answer": ans, "candidates": cands, "category": cat, "kind": cat, "line": ln})
+        out.append(
+            {
+                **rec,
+                "image": np.asarray(pil, dtype=np.uint8),
+                "image_path": str(img_path),
+                "question": str(rec["question"]),
+                "answer": ans,
+                "candidates": cands,
+                "category": cat,
+                "kind": cat,
+                "line": ln,
+            }
+        )
         if limit and len(out) >= limit:
             break
     if not out:
@@ -134,14 +147,26 @@ def convert_vqav2(
         if typ == "yes/no":
             cands = ["yes", "no"] if gold in ("yes", "no") else None
         else:
-            others = [x for x, _ in freq[typ].most_common(n_candidates * 4) if x != gold][: max(n_candidates - 1, 1)]
+            others = [x for x, _ in freq[typ].most_common(n_candidates * 4) if x != gold][
+                : max(n_candidates - 1, 1)
+            ]
             cands = [gold, *others]
             rng.shuffle(cands)
         if not cands or len(set(cands)) < 2:
             continue
         img = Path(image_dir) / image_pattern.format(subtype=subtype, image_id=q["image_id"])
-        lines.append(json.dumps({"image": str(img), "question": q["question"], "answer": gold,
-                                 "candidates": list(cands), "category": typ, "question_id": q["question_id"]}))
+        lines.append(
+            json.dumps(
+                {
+                    "image": str(img),
+                    "question": q["question"],
+                    "answer": gold,
+                    "candidates": list(cands),
+                    "category": typ,
+                    "question_id": q["question_id"],
+                }
+            )
+        )
         if limit and len(lines) >= limit:
             break
     atomic_write_text(Path(out_jsonl), "\n".join(lines) + "\n")
@@ -159,7 +184,10 @@ def score_mc(backend, samples: Sequence[dict], batch_size: int = 16) -> list[np.
     for r0 in range(0, len(rows), batch_size):
         chunk = rows[r0 : r0 + batch_size]
         batch = backend.collate_vqa(
-            [{"image": samples[i]["image"], "question": samples[i]["question"], "answer": c} for i, c in chunk]
+            [
+                {"image": samples[i]["image"], "question": samples[i]["question"], "answer": c}
+                for i, c in chunk
+            ]
         )
         logits = backend.forward(batch).logits
         n = logits.shape[1] - batch["labels"].shape[1]  # image tokens before the text
@@ -183,9 +211,7 @@ def _dist(ll: np.ndarray) -> np.ndarray:
 
 
 def mc_correct(samples: Sequence[dict], lls: Sequence[np.ndarray]) -> list[bool]:
-    return [
-        M.answer_match(s["candidates"][int(np.argmax(ll))], s["answer"]) for s, ll in zip(samples, lls)
-    ]
+    return [M.answer_match(s["candidates"][int(np.argmax(ll))], s["answer"]) for s, ll in zip(samples, lls)]
 
 
 def mc_metrics(samples: Sequence[dict], student: Sequence[np.ndarray], teacher: Sequence[np.ndarray]) -> dict:
@@ -194,18 +220,33 @@ def mc_metrics(samples: Sequence[dict], student: Sequence[np.ndarray], teacher: 
     kls = []
     for ls, lt in zip(student, teacher):
         ps, pt = _dist(ls), _dist(lt)
-        kls.append(float(np.sum(pt * (np.log(np.clip(pt, 1e-300, None)) - np.log(np.clip(ps, 1e-300, None))))))
+        kls.append(
+            float(np.sum(pt * (np.log(np.clip(pt, 1e-300, None)) - np.log(np.clip(ps, 1e-300, None)))))
+        )
     chance = [1.0 / len(s["candidates"]) for s in samples]
 
     def block(idx: list[int]) -> dict:
         a = float(np.mean([cs[i] for i in idx]))
         at = float(np.mean([ct[i] for i in idx]))
-        return {"n": len(idx), "accuracy": a, "accuracy_teacher": at, "retention": M.retention_ratio(a, at),
-                "kl": float(np.mean([kls[i] for i in idx])), "chance": float(np.mean([chance[i] for i in idx]))}
+        return {
+            "n": len(idx),
+            "accuracy": a,
+            "accuracy_teacher": at,
+            "retention": M.retention_ratio(a, at),
+            "kl": float(np.mean([kls[i] for i in idx])),
+            "chance": float(np.mean([chance[i] for i in idx])),
+        }
 
     if not samples:
-        return {"n": 0, "accuracy": None, "accuracy_teacher": None, "retention": None, "kl": None,
-                "chance": None, "by_category": {}}
+        return {
+            "n": 0,
+            "accuracy": None,
+            "accuracy_teacher": None,
+            "retention": None,
+            "kl": None,
+            "chance": None,
+            "by_category": {},
+        }
     cats: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         cats.setdefault(str(s.get("category", s.get("kind", "all"))), []).append(i)
@@ -216,8 +257,12 @@ def mc_metrics(samples: Sequence[dict], student: Sequence[np.ndarray], teacher: 
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*_questions.json)")
-    p.add_argument("--annotations", required=True, help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json)")
+    p.add_argument(
+        "--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*_questions.json)"
+    )
+    p.add_argument(
+        "--annotations", required=True, help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json)"
+    )
     p.add_argument("--images", required=True, help="folder of the COCO images")
     p.add_argument("--out", required=True, help="output JSONL (eval.forgetting.vqa_jsonl)")
     p.add_argument("--candidates", type=int, default=4, help="candidates per number/other question")
@@ -226,6 +271,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    n = convert_vqav2(args.questions, args.annotations, args.images, args.out, args.candidates, args.limit, args.seed)
+    n = convert_vqav2(
+        args.questions, args.annotations, args.images, args.out, args.candidates, args.limit, args.seed
+    )
     print(f"wrote {n} questions to {args.out}")
     return 0

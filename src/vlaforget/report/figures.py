@@ -80,7 +80,9 @@ def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
             x = m.get(key)
             if isinstance(x, float) and y is not None and np.isfinite(x):  # not None / UNDEFINED
                 pts[key][r["method"]].append((x, y))
-    panels = [(k, lab) for k, lab in RETENTIONS[:3] if pts[k]] or [(k, lab) for k, lab in RETENTIONS[3:] if pts[k]]
+    panels = [(k, lab) for k, lab in RETENTIONS[:3] if pts[k]] or [
+        (k, lab) for k, lab in RETENTIONS[3:] if pts[k]
+    ]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     methods = sorted({m for k, _ in panels for m in pts[k]})
     for ax, (key, label) in zip(axes[0], panels):
@@ -126,8 +128,15 @@ def category_retention(eval_files, upstream: list[str], out_dir: Path) -> list[P
             s = summarize(vals[c].get(m, []))
             x = i - 0.4 + w * (j + 0.5)
             if s["n"]:
-                ax.bar(x, s["mean"], w, color=f"C{j % 10}", label=None if m in labelled else m,
-                       yerr=0 if math.isnan(s["ci95"]) else s["ci95"], capsize=2)
+                ax.bar(
+                    x,
+                    s["mean"],
+                    w,
+                    color=f"C{j % 10}",
+                    label=None if m in labelled else m,
+                    yerr=0 if math.isnan(s["ci95"]) else s["ci95"],
+                    capsize=2,
+                )
                 labelled.add(m)
             elif any(v is UNDEFINED for v in vals[c].get(m, [])):
                 ax.text(x, 0.02, "undefined", rotation=90, ha="center", va="bottom", fontsize=6)

@@ -40,6 +40,7 @@ METRICS = [
     ("cka", "CKA"),
 ]
 
+
 class _Undefined:
     """A retention whose denominator (the teacher's score) is 0."""
 
@@ -70,7 +71,13 @@ def summarize(values) -> dict:
     v = np.array([x for x in values if x is not None and x is not UNDEFINED and np.isfinite(x)], dtype=float)
     n = len(v)
     if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0, "undefined": undefined}
+        return {
+            "mean": float("nan"),
+            "std": float("nan"),
+            "ci95": float("nan"),
+            "n": 0,
+            "undefined": undefined,
+        }
     mean = float(v.mean())
     if n == 1:
         return {"mean": mean, "std": float("nan"), "ci95": float("nan"), "n": 1}
@@ -247,15 +254,20 @@ def _fmt_csv(x):
 
 
 def to_markdown(rows: list[dict], kind: str) -> str:
-    used = [(c, lab) for c, lab in metric_list(rows)
-            if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)]
+    used = [
+        (c, lab)
+        for c, lab in metric_list(rows)
+        if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)
+    ]
     show_shots = kind == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
     head = ["method", "suite"] + (["shots"] if show_shots else []) + ["seeds"] + [lab for _, lab in used]
     lines = [
         f"# Table: {kind}",
         "",
-        "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation). "
-        '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.',
+        (
+            "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation). "
+            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.'
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

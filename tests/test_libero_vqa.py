@@ -43,6 +43,16 @@ def test_scene_questions_from_facts():
     )
     assert all(v["answer"] in v["candidates"] for v in qs.values())
     assert LV.scene_questions({**facts, "gripper_opening": 0.005})[-2]["answer"] == "closed"
+    twin = {**facts, "entities": {**facts["entities"], "akita_black_bowl_2": {"u": 0.9, "kind": "object"}}}
+    a2 = {q["question"]: q["answer"] for q in LV.scene_questions(twin)}
+    assert "is there an akita black bowl in the scene?" in a2  # presence is still unambiguous
+    assert a2["is the left akita black bowl on the plate?"] == "yes"  # two bowls: named by image side
+    assert a2["is the right akita black bowl left or right of the wooden cabinet?"] == "right"
+    assert not any(" akita black bowl on" in q and "left" not in q and "right" not in q for q in a2)
+    close = {**facts, "entities": {**facts["entities"], "akita_black_bowl_2": {"u": 0.52, "kind": "object"}}}
+    assert not any(
+        "bowl" in q for q in (x["question"] for x in LV.scene_questions(close)) if "there" not in q
+    )
 
 
 def test_image_u_mirrors_the_camera_view():
@@ -63,6 +73,11 @@ def test_bddl_categories(tmp_path):
     assert LV.bddl_categories(tmp_path) == ["akita black bowl", "plate", "wooden cabinet"]
 
 
+# libero_spatial task 3: "pick up the black bowl on the cookie box ..." - a bowl resting on another
+# object (on_top "yes"), a cabinet with drawers, four objects for left / right.
+SUITE, TASK = "libero_spatial", 3
+
+
 @pytest.mark.libero
 def test_generated_questions_match_simulator_state(tmp_path):
     from test_libero_env import _libero_ready
@@ -72,6 +87,7 @@ def test_generated_questions_match_simulator_state(tmp_path):
         pytest.skip(why)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("EGL_PLATFORM", "surfaceless")
+    from libero.libero.envs.predicates import eval_predicate_fn
     from PIL import Image
 
     from vlaforget.envs.libero import LiberoEnv
@@ -80,70 +96,72 @@ def test_generated_questions_match_simulator_state(tmp_path):
     cfg = os.environ.get("LIBERO_CONFIG_PATH") or str(tmp_path / "cfg")
     out = tmp_path / "vqa"
     man = LV.generate(
-        out,
-        ["libero_goal"],
-        n=40,
-        seed=0,
-        states_per_task=1,
-        tasks_per_suite=1,
-        config_dir=cfg,
-        resolution=128,
+        out, [SUITE], n=60, seed=0, states_per_task=2, config_dir=cfg, resolution=128, task_ids=[TASK]
     )
     rows = read_mc_jsonl(out / "questions.jsonl", image_size=None)  # valid in the scorer's format
-    assert len(rows) == man["n"] > 10
-    cats = {r["category"] for r in rows}
-    assert {"presence", "left_right", "gripper", "drawer"} <= cats
-    for c in cats:  # balanced: answer counts inside a category differ by at most the pool's shortage
+    assert len(rows) == man["n"] > 20
+    assert set(man["counts"]) == set(LV.CATEGORIES)
+    for c in ("presence", "left_right", "gripper", "on_top"):  # both answers occur
+        assert set(man["counts"][c]) == set(LV.CANDIDATES[c]), (c, man["counts"][c])
+    for c in ("presence", "left_right", "gripper"):  # and are balanced where the pool has plenty
         counts = man["counts"][c]
-        assert sum(counts.values()) >= 2
-    assert set(man["counts"]["gripper"]) == {"open", "closed"} and set(man["counts"]["presence"]) == {
-        "yes",
-        "no",
-    }
+        assert max(counts.values()) - min(counts.values()) <= 1, (c, counts)
     assert [json.loads(x)["question"] for x in (out / "questions.jsonl").read_text().splitlines()] == [
         r["question"] for r in rows
     ]
     assert {p.name for p in (out / "images").iterdir()} == {os.path.basename(r["image_path"]) for r in rows}
 
-    env = LiberoEnv("libero_goal", 0, cfg, resolution=128, image_size=224)
+    env = LiberoEnv(SUITE, TASK, cfg, resolution=128, image_size=224)
     e = env._env.env
+    checked: dict[str, int] = {}
     try:
-        for closed in (False, True):
-            img = LV.set_scene(env, 49, closed)
-            mine = [r for r in rows if r["gripper_closed"] == closed]
-            if not mine:
-                continue
-            stored = np.asarray(Image.open(mine[0]["image_path"]), np.int16)
-            assert np.abs(stored - img).mean() < 1.0  # the image is the scene as the model sees it
-            names = {LV.readable(n): n for n in list(e.objects_dict) + list(e.fixtures_dict)}
-            pos = LV.entity_positions(env)
-            width = float(np.subtract(*env.raw_obs["robot0_gripper_qpos"]))
-            for r in mine:
-                q, a = r["question"], r["answer"]
-                if r["category"] == "gripper":
-                    assert (width > 0.03) == (a == "open") and closed == (a == "closed")
-                elif r["category"] == "presence":
-                    noun = q.removeprefix("is there ").removesuffix(" in the scene?").split(" ", 1)[1]
-                    cats_here = {
-                        LV.readable(o.category_name)
-                        for o in list(e.objects_dict.values()) + list(e.fixtures_dict.values())
-                    }
-                    assert (noun in cats_here) == (a == "yes"), q
-                elif r["category"] == "left_right":
-                    A, B = q.removeprefix("is the ").removesuffix("?").split(" left or right of the ")
-                    dy = pos[names[A]][1] - pos[names[B]][1]
-                    if abs(dy) > 0.08:  # the agent view faces the table: image right = world −y
-                        assert (a == "right") == (dy < 0), (q, dy)
-                elif r["category"] == "on_top":
-                    A, B = q.removeprefix("is the ").removesuffix("?").split(" on the ")
-                    st = e.object_states_dict
-                    assert bool(st[names[A]].check_ontop(st[names[B]])) == (a == "yes"), q
-                elif r["category"] == "drawer":
-                    which = q.split()[2]
-                    site = e.object_states_dict[f"wooden_cabinet_1_{which}_region"]
-                    assert (a == "yes") == bool(site.is_open()), q
-                    if a == "no":
-                        joint = f"wooden_cabinet_1_{which}_level"
-                        assert abs(e.sim.data.qpos[e.sim.model.get_joint_qpos_addr(joint)]) < 0.01, q
+        for k in LV.held_out_states(2):
+            for closed in (False, True):
+                mine = [r for r in rows if r["gripper_closed"] == closed and r["init_state"] == k]
+                if not mine:
+                    continue
+                img = LV.set_scene(env, k, closed)
+                stored = np.asarray(Image.open(mine[0]["image_path"]), np.int16)
+                assert np.abs(stored - img).mean() < 1.0  # the image is the scene as the model sees it
+                names = {v: n for n, v in LV.entity_labels(LV.scene_facts(env)["entities"]).items()}
+                pos = LV.entity_positions(env)
+                width = float(np.subtract(*env.raw_obs["robot0_gripper_qpos"]))
+                st = e.object_states_dict
+                for r in mine:
+                    q, a = r["question"], r["answer"]
+                    if r["category"] == "gripper":
+                        assert (width > 0.03) == (a == "open") and closed == (a == "closed")
+                    elif r["category"] == "presence":
+                        noun = q.removeprefix("is there ").removesuffix(" in the scene?").split(" ", 1)[1]
+                        here = {
+                            LV.readable(o.category_name)
+                            for o in list(e.objects_dict.values()) + list(e.fixtures_dict.values())
+                        }
+                        assert (noun in here) == (a == "yes"), q
+                    elif r["category"] == "left_right":
+                        A, B = q.removeprefix("is the ").removesuffix("?").split(" left or right of the ")
+                        dx, dy = (pos[names[A]] - pos[names[B]])[:2]
+                        if abs(dy) > 0.08 and abs(dx) < 0.1:  # the agent view looks along -x: at a
+                            assert (a == "right") == (dy < 0), (q, dy)  # similar depth, right = world -y
+                    elif r["category"] == "on_top":
+                        A, B = q.removeprefix("is the ").removesuffix("?").split(" on the ")
+                        assert bool(eval_predicate_fn("on", st[names[A]], st[names[B]])) == (a == "yes"), q
+                        if a == "yes":  # independent of the predicate: A rests above B
+                            assert pos[names[A]][2] > pos[names[B]][2], q
+                    elif r["category"] == "drawer":
+                        which = q.split()[2]
+                        fixture = [n for n in e.fixtures_dict if "cabinet" in n][0]
+                        assert (a == "yes") == bool(st[f"{fixture}_{which}_region"].is_open()), q
+                        if a == "no":
+                            joint = f"{fixture}_{which}_level"
+                            assert abs(e.sim.data.qpos[e.sim.model.get_joint_qpos_addr(joint)]) < 0.01, q
+                    checked[r["category"]] = checked.get(r["category"], 0) + 1
     finally:
         env.close()
+    assert sum(checked.values()) == len(rows) and set(checked) == set(LV.CATEGORIES)
+    yes_on = [r["question"] for r in rows if r["category"] == "on_top" and r["answer"] == "yes"]
+    assert any(
+        q.startswith("is the left akita black bowl on the cookies")
+        or q.startswith("is the right akita black bowl on the cookies")
+        for q in yes_on
+    ), yes_on  # the task's bowl on the box

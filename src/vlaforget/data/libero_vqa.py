@@ -11,7 +11,7 @@ answers come from the simulator state and the task's BDDL:
 
   presence    "is there a {X} in the scene?"             yes / no   (X from the BDDL; absent X: an
                                                                       object of another task of the suite)
-  on_top      "is the {A} on the {B}?"                    yes / no   (LIBERO's own `check_ontop`)
+  on_top      "is the {A} on the {B}?"                    yes / no   (LIBERO's BDDL predicate On(A, B))
   left_right  "is the {A} left or right of the {B}?"      left / right (projected through the agentview
                                                                       camera, mirrored as the image is)
   gripper     "is the gripper open or closed?"            open / closed (finger opening, robot0_gripper_qpos)
@@ -100,11 +100,28 @@ def image_u(point, cam_pos, cam_rot, fovy: float, width: float = 1.0) -> float:
     return float(width - u_cam)
 
 
+def entity_labels(ents: dict) -> dict[str, str]:
+    """Entity → the phrase that names it alone: its category ('akita black bowl'); two of one
+    category: 'left …' / 'right …' by image position (if apart by SIDE_MARGIN); else no label."""
+    groups: dict[str, list[str]] = {}
+    for n in ents:
+        groups.setdefault(readable(n), []).append(n)
+    out: dict[str, str] = {}
+    for r, ns in groups.items():
+        if len(ns) == 1:
+            out[ns[0]] = r
+        elif len(ns) == 2:
+            lo, hi = sorted(ns, key=lambda n: ents[n]["u"])
+            if ents[hi]["u"] - ents[lo]["u"] > SIDE_MARGIN:
+                out[lo], out[hi] = f"left {r}", f"right {r}"
+    return out
+
+
 def scene_questions(facts: dict, absent: Sequence[str] = ()) -> list[dict]:
     """Every {category, question, answer, candidates} that the scene `facts` answer unambiguously.
 
     facts: {entities: {name: {"u": float in [0, 1], "kind": "object"|"fixture"}}, ontop: [[A, B]],
-    pairs: [[A, B]] (object/entity pairs checked with check_ontop), gripper_opening: float (m),
+    pairs: [[A, B]] (object/entity pairs checked with LIBERO's On), gripper_opening: float (m),
     drawers: {site: "open"|"closed"|None}}. `absent`: readable names not in this scene."""
     out: list[dict] = []
 
@@ -117,19 +134,21 @@ def scene_questions(facts: dict, absent: Sequence[str] = ()) -> list[dict]:
         q("presence", f"is there {article(r)} in the scene?", "yes")
     for r in sorted(set(absent) - set(present)):
         q("presence", f"is there {article(r)} in the scene?", "no")
+    label = entity_labels(ents)  # "the {A}" must name one entity
     on = {tuple(p) for p in facts.get("ontop", [])}
     for a, b in facts.get("pairs", []):
-        q("on_top", f"is the {readable(a)} on the {readable(b)}?", "yes" if (a, b) in on else "no")
-    names = sorted(ents)
+        if a in label and b in label:
+            q("on_top", f"is the {label[a]} on the {label[b]}?", "yes" if (a, b) in on else "no")
+    names = sorted(label)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             if readable(a) == readable(b):
-                continue
+                continue  # "is the left bowl left of the right bowl?" answers itself
             du = ents[a]["u"] - ents[b]["u"]
             if abs(du) > SIDE_MARGIN:
                 q(
                     "left_right",
-                    f"is the {readable(a)} left or right of the {readable(b)}?",
+                    f"is the {label[a]} left or right of the {label[b]}?",
                     "right" if du > 0 else "left",
                 )
     g = facts.get("gripper_opening")
@@ -200,6 +219,14 @@ def drawer_answer(e, site: str) -> str | None:
     return "closed"
 
 
+def on_predicate(a_state, b_state) -> bool:
+    """LIBERO's BDDL predicate (On A B), as its goal checks evaluate it: B.check_ontop(A) — A's body
+    above (or level with) B's, in contact, xy within 3 cm. (A.check_ontop(B) would be *B on A*.)"""
+    from libero.libero.envs.predicates import eval_predicate_fn
+
+    return bool(eval_predicate_fn("on", a_state, b_state))
+
+
 def scene_facts(env) -> dict:
     """Facts of the current LiberoEnv state that `scene_questions` turns into questions."""
     e = env._env.env
@@ -216,7 +243,7 @@ def scene_facts(env) -> dict:
         for b in [n for n in pos if n != a and n in states]:
             pairs.append([a, b])
             try:
-                if states[a].check_ontop(states[b]):
+                if on_predicate(states[a], states[b]):
                     ontop.append([a, b])
             except Exception:  # noqa: BLE001 - LIBERO raises for entities without geoms
                 pairs.pop()
@@ -255,6 +282,7 @@ def generate(
     config_dir: str | None = None,
     resolution: int = 256,
     image_size: int = 224,
+    task_ids: Sequence[int] | None = None,
 ) -> dict:
     """Render the scenes, ask the questions, keep a balanced n, write JSONL + images + manifest."""
     from PIL import Image
@@ -270,7 +298,9 @@ def generate(
     t0 = time.perf_counter()
     pool: list[dict] = []
     for suite in suites:
-        tasks = suite_tasks(suite, config_dir)[: tasks_per_suite or None]
+        tasks = suite_tasks(suite, config_dir)
+        tasks = [t for t in tasks if t["id"] in task_ids] if task_ids is not None else tasks
+        tasks = tasks[: tasks_per_suite or None]
         vocab = set(vocab_all)
         scenes = []
         for t in tasks:
@@ -320,6 +350,7 @@ def generate(
         "counts": counts,
         "pool": len(pool),
         "image_size": image_size,
+        "task_ids": list(task_ids) if task_ids is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(out / "manifest.json", man)

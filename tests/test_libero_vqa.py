@@ -150,7 +150,7 @@ def test_generated_questions_match_simulator_state(tmp_path):
                             assert pos[names[A]][2] > pos[names[B]][2], q
                     elif r["category"] == "drawer":
                         which = q.split()[2]
-                        fixture = [n for n in e.fixtures_dict if "cabinet" in n][0]
+                        fixture = next(n for n in e.fixtures_dict if "cabinet" in n)
                         assert (a == "yes") == bool(st[f"{fixture}_{which}_region"].is_open()), q
                         if a == "no":
                             joint = f"{fixture}_{which}_level"
@@ -160,8 +160,8 @@ def test_generated_questions_match_simulator_state(tmp_path):
         env.close()
     assert sum(checked.values()) == len(rows) and set(checked) == set(LV.CATEGORIES)
     yes_on = [r["question"] for r in rows if r["category"] == "on_top" and r["answer"] == "yes"]
-    assert any(
-        q.startswith("is the left akita black bowl on the cookies")
-        or q.startswith("is the right akita black bowl on the cookies")
-        for q in yes_on
-    ), yes_on  # the task's bowl on the box
+    bowl_on_box = (
+        "is the left akita black bowl on the cookies",
+        "is the right akita black bowl on the cookies",
+    )
+    assert any(q.startswith(bowl_on_box) for q in yes_on), yes_on  # the task's bowl on the box

@@ -67,7 +67,7 @@ rehearsal: install
 test-libero:
 	@test -x $(LIBERO_VENV)/bin/python || { echo "no LIBERO venv at $(LIBERO_VENV): run 'make libero' first"; exit 2; }
 	LIBERO_CONFIG_PATH=$(LIBERO_VENV)/libero-config MUJOCO_GL=egl \
-	  $(LIBERO_VENV)/bin/python -m pytest -q -rs tests/test_libero_env.py
+	  $(LIBERO_VENV)/bin/python -m pytest -q -rs tests/test_libero_env.py tests/test_libero_vqa.py
 
 REPORT ?= results/embedded/report.html
 

@@ -18,6 +18,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/icsm.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/vqa.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
 

@@ -164,7 +164,8 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
         layers={la: SimpleNamespace(U=torch.linalg.qr(I.covariance(pooled[la]))[0][:, :4]) for la in layers},
     )
     monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
-    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "k"} for s in ds[:6]]
+    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "scene",
+           "category": "scene", "candidates": ["drawer", "door", "button"]} for s in ds[:6]]
     monkeypatch.setattr(FG, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
 
     cfg = peft_cfg = LoraConfig(
@@ -202,3 +203,28 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert t["vqa_accuracy"] == t["vqa_accuracy_teacher"]
     assert r["vqa_kl"] > 1e-4 and r["drift_mean"] > 1e-3 and r["cka_mean"] < t["cka_mean"]
     assert r["drift"]["7"]["basis"] is not None and r["vqa_accuracy_teacher"] == t["vqa_accuracy"]
+    # multiple-choice scoring: the same questions, candidate log-likelihoods
+    assert t["vqa_mc"]["n"] == 6 and t["vqa_mc_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert t["vqa_mc_accuracy"] == t["vqa_mc_accuracy_teacher"] and t["vqa_mc"]["chance"] == pytest.approx(1 / 3)
+    assert r["vqa_mc_kl"] > 1e-6 and r["vqa_mc_accuracy_teacher"] == t["vqa_mc_accuracy"]
+    assert set(r["vqa_mc"]["by_category"]) == {"scene"}
+
+
+def test_libero_lifelong_metrics_by_hand():
+    from vlaforget.eval.metrics import libero_lifelong_metrics
+
+    curves = [[0.0, 0.6, 0.8, 0.7], [0.2, 0.5], [0.1, 0.3, 0.9]]
+    R = [[9, 9, 9], [0.4, 9, 9], [0.2, 0.5, 9]]  # diagonal / upper triangle are never read
+    m = libero_lifelong_metrics(curves, R)
+    fwt = [0.525, 0.35, 1.3 / 3]
+    assert m["fwt_k"] == pytest.approx(fwt) and m["fwt"] == pytest.approx(np.mean(fwt))
+    # NBT_1 = ((0.8-0.4) + (0.8-0.2)) / 2 ; NBT_2 = 0.5 - 0.5
+    assert m["nbt_k"] == pytest.approx([0.5, 0.0]) and m["nbt"] == pytest.approx(0.25)
+    # AUC_1 = (0.525 + 0.4 + 0.2) / 3 ; AUC_2 = (0.35 + 0.5) / 2 ; AUC_3 = FWT_3
+    assert m["auc_k"] == pytest.approx([1.125 / 3, 0.425, 1.3 / 3])
+    one = libero_lifelong_metrics([[0.3, 0.5]], [[0.0]])
+    assert one["nbt"] is None and one["auc"] == pytest.approx(0.4) and one["fwt"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="3 x 3"):
+        libero_lifelong_metrics(curves, [[0]])
+    perfect = libero_lifelong_metrics([[1.0]] * 3, np.ones((3, 3)))  # nothing forgotten
+    assert perfect["nbt"] == 0.0 and perfect["auc"] == 1.0

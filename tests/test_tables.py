@@ -75,11 +75,11 @@ def test_summarize_t_interval():
     s = tables.summarize([0.6, 0.7, 0.8])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.7)
     assert s["std"] == pytest.approx(0.1)
-    assert s["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert s["ci95"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-4)
     one = tables.summarize([0.5, None, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.5 and math.isnan(one["ci95"])
     assert tables.summarize([])["n"] == 0
-    assert tables.t975(100) == 1.96
+    assert tables.t975(100) == pytest.approx(1.984, abs=1e-3) and tables.t975(1) == pytest.approx(12.706, abs=1e-3)
 
 
 def test_build_table_rows_and_retention(evals):
@@ -178,8 +178,54 @@ def test_figures_render(evals, tmp_path):
         figures.pareto(evals, [UP], out)
         + figures.training_curves(run_dirs, out)
         + figures.ablation(table, out)
+        + figures.category_retention(evals, [UP], out)
     )
     assert sorted(p.name for p in written) == sorted(
-        f"{n}.{e}" for n in ("pareto", "training_curves", "ablation") for e in ("png", "pdf")
+        f"{n}.{e}" for n in ("pareto", "training_curves", "ablation", "category_retention")
+        for e in ("png", "pdf")
     )
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def _mc(acc: dict[str, float]) -> dict:
+    return {"accuracy": float(np.mean(list(acc.values()))),
+            "by_category": {c: {"accuracy": a, "n": 10} for c, a in acc.items()}}
+
+
+def test_retention_undefined_per_suite_and_category(tmp_path):
+    """Teacher 0 on an upstream suite / a question category: 'retention undefined', never 0 or NaN."""
+    up2 = "mw_upstream2"
+    runs = {"teacher": {SUITE: 0.1, UP: 0.0, up2: 0.5, "mc": {"gripper": 0.8, "drawer": 0.0}}}
+    for seed, (u2, g) in {1: (0.25, 0.4), 2: (0.5, 0.8)}.items():
+        runs[f"{SUITE}__baseline__full__s{seed}"] = {SUITE: 0.9, UP: 0.2, up2: u2, "mc": {"gripper": g, "drawer": 0.3}}
+    files = []
+    for run, v in runs.items():
+        d = tmp_path / "evals" / run
+        d.mkdir(parents=True)
+        for s in (SUITE, UP, up2):
+            (d / f"{s}.json").write_text(json.dumps({"run": run, "suite": s, "success_rate": v[s]}))
+            files.append(str(d / f"{s}.json"))
+        (d / "forgetting.json").write_text(json.dumps({"run": run, "vqa_mc": _mc(v["mc"])}))
+        files.append(str(d / "forgetting.json"))
+    rows = tables.build_table(tables.load_evals(files), "main", [UP, up2])
+    b = rows[1]
+    assert b[f"upstream_retention[{UP}]_mean"] is tables.UNDEFINED
+    assert b[f"upstream_retention[{up2}]_mean"] == pytest.approx(0.75)
+    assert b["upstream_retention_mean"] == pytest.approx(0.75)  # over the suites the teacher succeeds on
+    assert b["vqa_mc_retention[gripper]_mean"] == pytest.approx(0.75)
+    assert b["vqa_mc_retention[gripper]_ci95"] == pytest.approx(
+        float(__import__("scipy").stats.t.ppf(0.975, 1)) * np.std([0.5, 1.0], ddof=1) / math.sqrt(2))
+    assert b["vqa_mc_retention[drawer]_mean"] is tables.UNDEFINED
+    md = tables.to_markdown(rows, "main")
+    assert "retention undefined" in md and "nan" not in md.lower()
+    assert "VQA-MC retention drawer" in md and f"upstream retention {UP}" in md
+    csv_text = tables.to_csv(rows)
+    out = tmp_path / "t.csv"
+    out.write_text(csv_text)
+    back = tables.read_table(out)
+    assert list(csv.DictReader(out.open()))[1][f"upstream_retention[{UP}]_mean"] == "undefined"
+    assert math.isnan(back[1]["vqa_mc_retention[drawer]_mean"])
+    only_zero = tables.build_table(tables.load_evals(files), "main", [UP])
+    assert only_zero[1]["upstream_retention_mean"] is tables.UNDEFINED
+    written = figures.category_retention(files, [UP, up2], tmp_path / "f") + figures.pareto(files, [UP], tmp_path / "f")
     assert all(p.stat().st_size > 1000 for p in written)

@@ -312,6 +312,8 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
     done = read_json(f"{sc['out_dir']}/done.json")
     assert done["backend"] == "tiny" and done["num_layers"] == 8 and done["action_dim"] == 4
     assert 0 <= done["metrics"]["bc_token_accuracy"] <= 1 and "vqa_accuracy" in done["metrics"]
+    mc = done["metrics"]["vqa_mc"]
+    assert mc["n"] > 0 and 0 <= mc["accuracy"] <= 1 and 0 < mc["chance"] < 1
     assert done["provenance"]["versions"]["torch"]
     b = load_backend(sc["model"])
     ds = CachedDataset(sc["upstream"]["cache_dir"], split="train")

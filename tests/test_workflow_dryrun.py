@@ -244,3 +244,19 @@ def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkey
     assert changed == {"report", "demos", "eval"}  # envs/metaworld.py: demos and rollouts
     text = (REPO / "workflow" / "rules" / "report.smk").read_text()
     assert text.count('code=vfc.code_hash("report")') == 2  # table and figures
+
+
+def test_upstream_libero_preset_plans_upstream_evals_and_the_question_set(tmp_path):
+    """config/upstream_libero.yaml: the LIBERO-Spatial checkpoint fine-tuned on LIBERO-Object; the
+    teacher and every run are evaluated on LIBERO-Spatial; the simulator question set is built once
+    and every forgetting job depends on it."""
+    wf = copy_workflow(tmp_path / "wf")
+    env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}
+    out = dry(["--profile", "profiles/4090", "--configfiles", "config/profile_4090.yaml",
+               "config/upstream_libero.yaml"], wf, env)
+    jobs = planned(out)
+    assert len(jobs["libero_vqa"]) == 1 and jobs["libero_vqa"][0].endswith("/vqa/libero/manifest.json")
+    evals = jobs["eval"]
+    assert any("/evals/teacher/libero_spatial_no_noops.json" in e for e in evals)
+    assert any("/evals/libero_object_no_noops__baseline__full__s42/libero_spatial_no_noops.json" in e for e in evals)
+    assert {r.split("__")[0] for r in trained_runs(out)} == {"libero_object_no_noops"}

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlaforget.train.loop", "the one training loop (baseline / method / CRaFT / ablations)"),
     "eval": ("vlaforget.eval.closed_loop", "closed-loop evaluation of a run (or the teacher) on a suite"),
     "forgetting": ("vlaforget.eval.forgetting", "forgetting metrics: general skill, drift, CKA"),
+    "libero-vqa": ("vlaforget.data.libero_vqa", "visual questions generated from the LIBERO simulator (JSONL + images)"),
+    "vqa-convert": ("vlaforget.eval.vqa_mc", "VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL"),
     "export": ("vlaforget.export", "a finished run as one merged HF checkpoint openvla's own code loads"),
     "table": ("vlaforget.report.tables", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.report.figures", "paper figures (PNG + PDF)"),

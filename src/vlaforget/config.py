@@ -440,7 +440,10 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    adapter_dir=None if key == "teacher" else str(lay.run(key) / "final"),
                    probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
                    icsm_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))),
-                   vqa_jsonl=f.get("vqa_jsonl"), drift_samples=f.get("drift_samples", 256),
+                   vqa_jsonl=f.get("vqa_jsonl") or (str(lay.libero_vqa() / "questions.jsonl")
+                                                     if f.get("libero_vqa") else None),
+                   vqa_categories=list(f.get("vqa_categories") or []),
+                   drift_samples=f.get("drift_samples", 256),
                    vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
                    if cfg["world"] == "metaworld" else [],
                    out_file=str(lay.eval(key) / "forgetting.json"))

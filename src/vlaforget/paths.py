@@ -91,6 +91,10 @@ class Layout:
     def cache(self, dataset: str) -> Path:
         return self.root / "datasets" / "cache" / dataset
 
+    def libero_vqa(self) -> Path:
+        """The LIBERO-simulator question set (data/libero_vqa.py): questions.jsonl, images/, manifest.json."""
+        return self.root / "vqa" / "libero"
+
     def model(self, base: str) -> Path:
         return self.root / "models" / base
 

@@ -366,11 +366,12 @@ def forgetting_input(w):
         inp["train"] = train_done(w.run)
     if METAWORLD:
         inp["caches"] = [cache_outputs(s)["manifest"] for s in UPSTREAM_SUITES]
+    inp.update(libero_vqa_input())  # workflow/rules/vqa.smk
     return inp
 
 
 TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
-FIGURES = ["pareto", "training_curves", "ablation"]
+FIGURES = ["pareto", "training_curves", "ablation", "category_retention"]
 
 
 def table_outputs():

@@ -15,6 +15,7 @@ balanced per kind. Questions are plain text; the model backend adds its own prom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -84,6 +85,41 @@ DOOR_TASKS = ("door-open-v3", "door-close-v3")
 DOOR_OPEN_RAD, DOOR_CLOSED_RAD = 0.35, 0.1
 GRIPPER_OPEN, GRIPPER_CLOSED = 0.8, 0.5  # normalised finger distance (1 = fully open)
 SIDE_MARGIN_FRAC = 0.04  # |u_hand - u_object| must exceed this fraction of the image width
+
+
+# multiple-choice candidates per kind (eval/vqa_mc.py scores them by log-likelihood)
+SCENE_OBJECTS = sorted(set(TASK_OBJECT.values()))
+CANDIDATES = {
+    "scene": SCENE_OBJECTS,
+    "drawer_open": ["yes", "no"],
+    "door_open": ["yes", "no"],
+    "gripper_state": ["open", "closed"],
+    "gripper_side": ["left", "right"],
+}
+
+
+def balanced_pick(items: Sequence[dict], n: int, seed: int, key: Callable[[dict], tuple[str, str]]) -> list[dict]:
+    """n items, equal shares per category and, inside one, the least-used answer first.
+
+    key(item) -> (category, answer). Deterministic for a seed; fewer than n if the pool runs out."""
+    rng = np.random.default_rng(seed)
+    buckets: dict[str, dict[str, list[int]]] = {}
+    for i, it in enumerate(items):
+        c, a = key(it)
+        buckets.setdefault(c, {}).setdefault(a, []).append(i)
+    used = {c: {a: 0 for a in v} for c, v in buckets.items()}
+    picked: list[int] = []
+    while len(picked) < n and any(lst for v in buckets.values() for lst in v.values()):
+        for c in sorted(buckets):
+            if len(picked) >= n:
+                break
+            live = [a for a in sorted(buckets[c]) if buckets[c][a]]
+            if not live:
+                continue
+            a = min(live, key=lambda x: (used[c][x], x))
+            picked.append(buckets[c][a].pop(int(rng.integers(len(buckets[c][a])))))
+            used[c][a] += 1
+    return [items[i] for i in picked]
 
 
 def drawer_opening(task: str, env_state: np.ndarray) -> float | None:
@@ -173,7 +209,8 @@ def vqa_samples(
     Kinds get equal shares and, inside a kind, answers are balanced where the data allows.
     `camera`: the one the frames were rendered with; default: the cache manifest's record of it
     (written by the demos stage), else corner3.
-    Each item: image uint8 [H, W, 3], question, answer (one word), kind, task, index.
+    Each item: image uint8 [H, W, 3], question, answer (one word), kind (= category), candidates
+    (the multiple-choice answers of its kind, CANDIDATES), task, index.
     """
     if camera is None:
         sim = (getattr(ds, "manifest", None) or {}).get("simulator") or {}
@@ -221,6 +258,8 @@ def vqa_samples(
                         "question": q,
                         "answer": a,
                         "kind": kind,
+                        "category": kind,
+                        "candidates": list(CANDIDATES[kind]),
                         "task": item["task"],
                         "index": idx,
                     }

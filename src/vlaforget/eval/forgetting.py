@@ -8,6 +8,11 @@ Measured here (upstream-task success retention comes from the `eval` stage on th
   metrics.answer_match. Questions: the tiny world's `data.vqa.vqa_samples` on the held-out split of
   each upstream cache (`vqa_datasets`); OpenVLA: a user file `vqa_jsonl` (format below). Also the
   teacher's accuracy on the same questions and the retention ratio student / teacher.
+* multiple-choice general skill (eval/vqa_mc.py, the same code path for every question set) —
+  questions that carry `candidates` (the tiny world's, the LIBERO-simulator set of data/libero_vqa.py,
+  a user's MC JSONL) are also scored by the log-likelihood of each candidate answer, so a VLA whose
+  free generation was trained away is still measured: `vqa_mc` = {accuracy, accuracy_teacher,
+  retention, kl (candidate distributions), chance, n, by_category}.
 * vqa_kl — mean KL(teacher ‖ student) of the next-token distributions at the answer positions of
   those questions (teacher-forced on the gold answer; full vocabulary).
 * drift and CKA — the first `drift_samples` probe samples (non-empty instruction masks): the
@@ -20,13 +25,14 @@ The teacher and the student are loaded one after the other (never both in memory
 answers and answer-position log-probs are kept on the CPU. For run `teacher` the student is the
 teacher (KL 0, drift ≈ 0, CKA ≈ 1: a check of the pipeline's determinism).
 
-`vqa_jsonl` format: one JSON object per line, {"image": PATH, "question": TEXT, "answer": TEXT} with
-optional "kind" (accuracy is also reported per kind); PATH is absolute or relative to the JSONL's
+`vqa_jsonl` format: the multiple-choice format of eval/vqa_mc.py (lines with "candidates" and
+"category"; validated, refused with the line number), or the older free-answer format: one JSON object
+per line, {"image": PATH, "question": TEXT, "answer": TEXT} with optional "kind" (accuracy is also reported per kind); PATH is absolute or relative to the JSONL's
 folder; any RGB image PIL reads. Answers should be short (a word or two: exact match after
 lower-casing and removing punctuation and articles).
 
 Output `out_file` (completion file, written last): {run, vqa_accuracy, vqa_accuracy_teacher,
-vqa_retention, vqa_by_kind, vqa_kl, n_vqa, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
+vqa_retention, vqa_by_kind, vqa_kl, n_vqa, vqa_mc, vqa_mc_accuracy, vqa_mc_retention, vqa_mc_kl, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
 drift_mean, drift_means, cka_mean, n_drift, timing, provenance}.
 """
 
@@ -99,6 +105,22 @@ def read_vqa_jsonl(path: str | Path, limit: int | None = None, image_size: int |
     if not out:
         raise ValueError(f"{path} holds no questions")
     return out
+
+
+def read_vqa_file(path: str | Path, limit=None, image_size=224, categories=()) -> list[dict]:
+    """A multiple-choice JSONL (first line has "candidates": eval/vqa_mc.py) or a free-answer one."""
+    from .vqa_mc import read_mc_jsonl
+
+    p = Path(path)
+    if p.is_file():
+        first = next((ln for ln in p.read_text().splitlines() if ln.strip()), "")
+        try:
+            mc = "candidates" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            mc = False
+        if mc:
+            return read_mc_jsonl(p, limit, image_size, categories)
+    return read_vqa_jsonl(p, limit, image_size)
 
 
 def vqa_from_caches(blocks: Sequence[dict], n: int, seed: int = 0, camera: str = "corner3") -> list[dict]:
@@ -208,7 +230,9 @@ def main(args) -> int:
 
     stats = open_dataset(probe["dataset"], probe.get("split", "train")).statistics
     if sc.get("vqa_jsonl"):
-        vqa = read_vqa_jsonl(sc["vqa_jsonl"], sc.get("vqa_n"), sc.get("vqa_image_size", 224))
+        vqa = read_vqa_file(
+            sc["vqa_jsonl"], sc.get("vqa_n"), sc.get("vqa_image_size", 224), sc.get("vqa_categories") or ()
+        )
     elif sc.get("vqa_datasets"):
         vqa = vqa_from_caches(
             sc["vqa_datasets"],
@@ -221,11 +245,15 @@ def main(args) -> int:
         log.info("no VQA set configured (eval.forgetting.vqa_jsonl is null): general-skill accuracy skipped")
     timing = {"inputs_s": round(time.perf_counter() - t0, 3)}
 
+    from .vqa_mc import mc_metrics, score_mc
+
+    mcq = [s for s in vqa if s.get("candidates")]
     adapter = sc.get("adapter_dir")
     t = time.perf_counter()
     if adapter:
         teacher = load_backend(sc["model"], device=device, adapter_dir=None, stats=stats)
         tv = vqa_pass(teacher, vqa, bs)
+        t_mc = score_mc(teacher, mcq, bs)
         _free(teacher)
         teacher = None
     timing["teacher_s"] = round(time.perf_counter() - t, 3)
@@ -234,8 +262,9 @@ def main(args) -> int:
 
     student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
     sv = vqa_pass(student, vqa, bs)
+    s_mc = score_mc(student, mcq, bs)
     if not adapter:
-        tv = sv
+        tv, t_mc = sv, s_mc
     student_pooled, _ = pooled_states(student, samples, bs, layers=layers)
     _free(student)
     student = None
@@ -253,6 +282,7 @@ def main(args) -> int:
     for k in by_kind.values():
         k["student"], k["teacher"] = k["student"] / k["n"], k["teacher"] / k["n"]
     kl = M.kl_teacher_student(tv["logprobs"], sv["logprobs"]) if vqa else None
+    mc = mc_metrics(mcq, s_mc, t_mc)
     rep = representation_metrics(teacher_pooled, student_pooled, icsm)
     drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
     out = {
@@ -265,6 +295,11 @@ def main(args) -> int:
         "vqa_by_kind": by_kind,
         "vqa_kl": kl,
         "n_vqa": len(vqa),
+        "vqa_mc": mc,
+        "vqa_mc_accuracy": mc["accuracy"],
+        "vqa_mc_accuracy_teacher": mc["accuracy_teacher"],
+        "vqa_mc_retention": mc["retention"],
+        "vqa_mc_kl": mc["kl"],
         "vqa_source": "jsonl" if sc.get("vqa_jsonl") else ("caches" if vqa else None),
         "examples": [
             {"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}

@@ -43,6 +43,38 @@ def continual_metrics(R: Sequence[Sequence[float]]) -> dict:
     return {"acc": acc, "bwt": bwt, "forgetting": F, "mean_forgetting": float(np.mean(F))}
 
 
+def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]]) -> dict:
+    """LIBERO's FWT, NBT and AUC (Liu et al. 2023, Sec. 5; definitions quoted in docs/evaluation.md).
+
+    K tasks (here: suites) learnt in order. `curves[k]` = success on task k at each evaluated checkpoint
+    while learning task k (c_{k,k,e}, e = 0 first); `R[t][k]` (t > k) = success on task k after learning
+    task t with the kept checkpoint (c_{t,k}); R's diagonal and upper triangle are not read.
+    c_{k,k} = max_e c_{k,k,e};
+    FWT = (1/K) Σ_k FWT_k,  FWT_k = mean_e c_{k,k,e};
+    NBT = (1/(K−1)) Σ_{k<K} NBT_k,  NBT_k = (1/(K−k)) Σ_{t>k} (c_{k,k} − c_{t,k});
+    AUC = (1/K) Σ_k AUC_k,  AUC_k = (FWT_k + Σ_{t>k} c_{t,k}) / (K−k+1)   (k 1-based).
+    NBT is None for K = 1 (nothing learnt after the task)."""
+    K = len(curves)
+    if K < 1 or any(len(c) == 0 for c in curves):
+        raise ValueError("libero_lifelong_metrics needs ≥ 1 task, each with ≥ 1 evaluated checkpoint")
+    Rm = np.asarray(R, dtype=np.float64)
+    if Rm.shape != (K, K):
+        raise ValueError(f"success matrix must be {K} x {K} (one row per learnt task), got {Rm.shape}")
+    fwt_k = [float(np.mean(c)) for c in curves]
+    ckk = [float(np.max(c)) for c in curves]
+    nbt_k = [float(np.mean([ckk[k] - Rm[t, k] for t in range(k + 1, K)])) for k in range(K - 1)]
+    auc_k = [(fwt_k[k] + float(sum(Rm[t, k] for t in range(k + 1, K)))) / (K - k) for k in range(K)]
+    return {
+        "fwt": float(np.mean(fwt_k)),
+        "nbt": float(np.mean(nbt_k)) if nbt_k else None,
+        "auc": float(np.mean(auc_k)),
+        "fwt_k": fwt_k,
+        "nbt_k": nbt_k,
+        "auc_k": auc_k,
+        "c_kk": ckk,
+    }
+
+
 def _center(X: torch.Tensor) -> torch.Tensor:
     X = torch.as_tensor(X).double()
     return X - X.mean(dim=0, keepdim=True)

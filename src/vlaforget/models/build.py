@@ -80,6 +80,12 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
     t0 = time.time()
     hist = pretrain(backend, train, vqa_train, pcfg)
     metrics = heldout_metrics(backend, heldout, vqa_held)
+    if vqa_held:  # the teacher's own multiple-choice score on its held-out questions (eval/vqa_mc.py)
+        from ..eval.vqa_mc import mc_metrics, score_mc
+
+        ll = score_mc(backend, vqa_held, 64)
+        mc = mc_metrics(vqa_held, ll, ll)
+        metrics["vqa_mc"] = {k: mc[k] for k in ("accuracy", "chance", "n", "by_category")}
     log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     out_dir = Path(sc["out_dir"])
     build = Path(build_dir) if build_dir else out_dir  # main(): a temp dir renamed into place

@@ -4,6 +4,9 @@
 - training_curves: each run's metrics.jsonl (loss, action accuracy; the method's drift, HSW gains,
   CRaFT lambda / conflict ratio where logged), mean over seeds per method.
 - ablation: bars of the ablation table (downstream success and retention per variant).
+- category_retention: multiple-choice VQA retention (run / teacher accuracy) per question category,
+  one bar group per category, one bar per method (mean ± 95 % t-CI over seeds); "undefined" marks a
+  category the teacher answers 0 % of.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import parse_run_name
-from .tables import load_evals, read_table, run_metrics
+from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize
 
 CURVES = [
     ("train_loss", "action loss"),
@@ -55,6 +58,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
 RETENTIONS = (
     ("upstream_retention", "upstream success retention"),
     ("vqa_retention", "VQA accuracy retention"),
+    ("vqa_mc_retention", "VQA multiple-choice retention"),
     ("cka", "CKA vs teacher"),
 )
 
@@ -74,9 +78,11 @@ def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
         y = m["downstream_success"]
         for key, _ in RETENTIONS:
             x = m.get(key)
-            if x is not None and y is not None and np.isfinite(x):
+            if isinstance(x, float) and y is not None and np.isfinite(x):  # not None / UNDEFINED
                 pts[key][r["method"]].append((x, y))
-    panels = [(k, lab) for k, lab in RETENTIONS[:2] if pts[k]] or [(k, lab) for k, lab in RETENTIONS[2:] if pts[k]]
+    panels = [(k, lab) for k, lab in RETENTIONS[:3] if pts[k]] or [
+        (k, lab) for k, lab in RETENTIONS[3:] if pts[k]
+    ]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     methods = sorted({m for k, _ in panels for m in pts[k]})
     for ax, (key, label) in zip(axes[0], panels):
@@ -97,6 +103,53 @@ def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
         axes[0][0].text(0.5, 0.5, "no runs with both metrics", ha="center", transform=axes[0][0].transAxes)
     fig.tight_layout()
     return _save(fig, out_dir, "pareto")
+
+
+def category_retention(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
+    """Bars: multiple-choice VQA retention per question category and method (mean ± 95 % t-CI)."""
+    plt = _plt()
+    evals = load_evals(eval_files)
+    teacher = evals.get("teacher")
+    vals: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run, ev in evals.items():
+        if run == "teacher" or teacher is None:
+            continue
+        r = parse_run_name(run)
+        for k, v in run_metrics(ev, r["suite"], upstream, teacher).items():
+            if k.startswith("vqa_mc_retention[") and v is not None:
+                vals[k[len("vqa_mc_retention[") : -1]][r["method"]].append(v)
+    cats = sorted(vals)
+    methods = sorted({m for c in cats for m in vals[c]})
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(cats) + 2), 4))
+    w = 0.8 / max(1, len(methods))
+    labelled: set[str] = set()
+    for j, m in enumerate(methods):
+        for i, c in enumerate(cats):
+            s = summarize(vals[c].get(m, []))
+            x = i - 0.4 + w * (j + 0.5)
+            if s["n"]:
+                ax.bar(
+                    x,
+                    s["mean"],
+                    w,
+                    color=f"C{j % 10}",
+                    label=None if m in labelled else m,
+                    yerr=0 if math.isnan(s["ci95"]) else s["ci95"],
+                    capsize=2,
+                )
+                labelled.add(m)
+            elif any(v is UNDEFINED for v in vals[c].get(m, [])):
+                ax.text(x, 0.02, "undefined", rotation=90, ha="center", va="bottom", fontsize=6)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
+    ax.set_ylabel("VQA-MC retention (run / teacher accuracy)")
+    ax.set_title("General visual-language skill retained, per question category")
+    if labelled:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no multiple-choice VQA measured", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, out_dir, "category_retention")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -205,6 +258,7 @@ def main(args) -> int:
         pareto(args.evals, upstream, out)
         + training_curves(run_dirs, out)
         + ablation(Path(args.ablation_table), out)
+        + category_retention(args.evals, upstream, out)
     )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

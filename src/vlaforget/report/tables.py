@@ -1,9 +1,13 @@
 """Paper tables (`vlaforget table --kind main|fewshot|ablation --inputs EVAL_JSONS... --out X.csv`).
 
 One row per method x suite (x shots): mean, standard deviation, 95 % t confidence interval and n over
-seeds of downstream success, upstream success, visual-question accuracy, retention ratios against the
-teacher (its own row, first), representation drift and CKA. A Markdown copy (`mean ± ci95`) sits
-beside the CSV.
+seeds of downstream success, upstream success, visual-question accuracy (free answer and multiple
+choice), retention ratios against the teacher (its own row, first; per upstream suite and per question
+category too), the KL of the answer distributions, representation drift and CKA. A Markdown copy
+(`mean ± ci95`) sits beside the CSV; docs/evaluation.md defines every column.
+
+Retention against a teacher that scores 0 is *undefined*: the cell reads "retention undefined" in the
+Markdown and "undefined" in the CSV (never 0, never NaN); a metric nobody measured is "–" / blank.
 
 Inputs are the eval stages' JSON files, `{root}/evals/{run}/{suite}.json` (closed loop: run, suite,
 success_rate, n_episodes, per_task) and `{root}/evals/{run}/forgetting.json` (run, vqa_accuracy,
@@ -29,57 +33,51 @@ METRICS = [
     ("vqa_accuracy", "VQA acc."),
     ("vqa_retention", "VQA retention"),
     ("vqa_kl", "VQA KL"),
+    ("vqa_mc_accuracy", "VQA-MC acc."),
+    ("vqa_mc_retention", "VQA-MC retention"),
+    ("vqa_mc_kl", "VQA-MC KL"),
     ("drift", "drift"),
     ("cka", "CKA"),
 ]
 
-# Two-sided 95 % Student-t quantiles t_{0.975, df}; beyond 30 the normal 1.96 is close enough.
-_T975 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
+
+class _Undefined:
+    """A retention whose denominator (the teacher's score) is 0."""
+
+    def __repr__(self):
+        return "UNDEFINED"
+
+
+UNDEFINED = _Undefined()
+UNDEFINED_CSV, UNDEFINED_MD = "undefined", "retention undefined"
 
 
 def t975(df: int) -> float:
+    """Two-sided 95 % Student-t quantile t_{0.975, df} (scipy.stats.t)."""
     if df < 1:
         return float("nan")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def summarize(values) -> dict:
-    """mean, sample std, 95 % t-CI half-width and n of the finite values."""
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    """mean, sample std, 95 % t-CI half-width and n of the finite values.
+
+    Values that are UNDEFINED (teacher scored 0) are not numbers; if nothing else is there the
+    summary says so (`undefined`: True) instead of NaN."""
+    values = list(values)
+    undefined = any(x is UNDEFINED for x in values)
+    v = np.array([x for x in values if x is not None and x is not UNDEFINED and np.isfinite(x)], dtype=float)
     n = len(v)
     if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+        return {
+            "mean": float("nan"),
+            "std": float("nan"),
+            "ci95": float("nan"),
+            "n": 0,
+            "undefined": undefined,
+        }
     mean = float(v.mean())
     if n == 1:
         return {"mean": mean, "std": float("nan"), "ci95": float("nan"), "n": 1}
@@ -95,8 +93,11 @@ def _num(x):
 
 
 def _ratio(a, b):
-    if a is None or b is None or b == 0:
+    """a / b; UNDEFINED where b (the teacher) is 0; None where either is unmeasured."""
+    if a is None or b is None:
         return None
+    if b == 0:
+        return UNDEFINED
     return a / b
 
 
@@ -121,27 +122,69 @@ def load_evals(paths) -> dict[str, dict]:
 
 
 def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict | None) -> dict:
-    """Per-run metric values (None where not measured)."""
-    up = [ev["suites"].get(s) for s in upstream if s != suite and ev["suites"].get(s) is not None]
+    """Per-run metric values (None where not measured, UNDEFINED where the teacher scored 0).
+
+    Upstream retention: per suite `upstream_retention[s]` = run / teacher on s; the summary
+    `upstream_retention` = mean run success / mean teacher success over the upstream suites the
+    teacher succeeds on (UNDEFINED if it scores 0 on all)."""
+    ups = [s for s in upstream if s != suite and ev["suites"].get(s) is not None]
+    up = [ev["suites"][s] for s in ups]
     f = ev.get("forgetting") or {}
+    mc = f.get("vqa_mc") or {}
     out = {
         "downstream_success": ev["suites"].get(suite) if suite else None,
         "upstream_success": float(np.mean(up)) if up else None,
         "vqa_accuracy": _num(f.get("vqa_accuracy")),
         "vqa_kl": _num(f.get("vqa_kl")),
+        "vqa_mc_accuracy": _num(mc.get("accuracy")),
+        "vqa_mc_kl": _num(mc.get("kl")),
         "drift": _num(f.get("drift_mean")),
         "cka": _num(f.get("cka_mean")),
     }
+    for s in ups:
+        out[f"upstream_success[{s}]"] = ev["suites"][s]
+    for cat, blk in sorted((mc.get("by_category") or {}).items()):
+        out[f"vqa_mc_accuracy[{cat}]"] = _num(blk.get("accuracy"))
     if teacher is not None:
-        t_up = [
-            teacher["suites"].get(s) for s in upstream if s != suite and teacher["suites"].get(s) is not None
-        ]
-        out["upstream_retention"] = _ratio(out["upstream_success"], float(np.mean(t_up)) if t_up else None)
-        out["vqa_retention"] = _ratio(
-            out["vqa_accuracy"], _num((teacher.get("forgetting") or {}).get("vqa_accuracy"))
-        )
+        tf = teacher.get("forgetting") or {}
+        tmc = tf.get("vqa_mc") or {}
+        t_up = {s: teacher["suites"].get(s) for s in ups if teacher["suites"].get(s) is not None}
+        for s in ups:
+            out[f"upstream_retention[{s}]"] = _ratio(ev["suites"][s], t_up.get(s))
+        live = [s for s in t_up if t_up[s] > 0]
+        if not t_up:
+            out["upstream_retention"] = None
+        elif not live:
+            out["upstream_retention"] = UNDEFINED
+        else:
+            out["upstream_retention"] = float(np.mean([ev["suites"][s] for s in live])) / float(
+                np.mean([t_up[s] for s in live])
+            )
+        out["vqa_retention"] = _ratio(out["vqa_accuracy"], _num(tf.get("vqa_accuracy")))
+        out["vqa_mc_retention"] = _ratio(out["vqa_mc_accuracy"], _num(tmc.get("accuracy")))
+        for cat, blk in sorted((mc.get("by_category") or {}).items()):
+            tb = (tmc.get("by_category") or {}).get(cat) or {}
+            out[f"vqa_mc_retention[{cat}]"] = _ratio(_num(blk.get("accuracy")), _num(tb.get("accuracy")))
     else:
-        out["upstream_retention"] = out["vqa_retention"] = None
+        out["upstream_retention"] = out["vqa_retention"] = out["vqa_mc_retention"] = None
+    return out
+
+
+def metric_list(rows_or_metrics) -> list[tuple[str, str]]:
+    """METRICS plus the per-suite / per-category columns present (upstream_retention[libero_spatial] ...)."""
+    extra: list[str] = []
+    for m in rows_or_metrics:
+        for k in m:
+            base = k.split("[", 1)[0]
+            if "[" in k and k.endswith(("]", "]_mean")) and base in dict(METRICS):
+                col = k[: k.index("]") + 1]
+                if col not in extra:
+                    extra.append(col)
+    out = []
+    for col, lab in METRICS:
+        out.append((col, lab))
+        for e in sorted(x for x in extra if x.split("[", 1)[0] == col):
+            out.append((e, f"{lab} {e[e.index('[') + 1 : -1]}"))
     return out
 
 
@@ -175,16 +218,16 @@ def build_table(evals: dict[str, dict], kind: str, upstream: list[str]) -> list[
 
 def _row(method, suite, shots, per_seed: list[dict]) -> dict:
     row = {"method": method, "suite": suite or "-", "shots": shots, "n_seeds": len(per_seed)}
-    for col, _ in METRICS:
+    for col, _ in metric_list(per_seed):
         s = summarize([m.get(col) for m in per_seed])
-        row[f"{col}_mean"], row[f"{col}_std"] = s["mean"], s["std"]
-        row[f"{col}_ci95"], row[f"{col}_n"] = s["ci95"], s["n"]
+        row[f"{col}_mean"] = UNDEFINED if s.get("undefined") else s["mean"]
+        row[f"{col}_std"], row[f"{col}_ci95"], row[f"{col}_n"] = s["std"], s["ci95"], s["n"]
     return row
 
 
-def columns() -> list[str]:
+def columns(rows: list[dict] | None = None) -> list[str]:
     cols = ["table", "method", "suite", "shots", "n_seeds"]
-    for col, _ in METRICS:
+    for col, _ in metric_list(rows or []):
         cols += [f"{col}_mean", f"{col}_std", f"{col}_ci95", f"{col}_n"]
     return cols
 
@@ -194,27 +237,37 @@ def to_csv(rows: list[dict]) -> str:
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns(), lineterminator="\n")
+    cols = columns(rows)
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _fmt_csv(r.get(k)) for k in columns()})
+        w.writerow({k: _fmt_csv(r.get(k)) for k in cols})
     return buf.getvalue()
 
 
 def _fmt_csv(x):
+    if x is UNDEFINED:
+        return UNDEFINED_CSV
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.6g}"
     return x
 
 
 def to_markdown(rows: list[dict], kind: str) -> str:
-    used = [(c, lab) for c, lab in METRICS if any(r[f"{c}_n"] for r in rows)]
+    used = [
+        (c, lab)
+        for c, lab in metric_list(rows)
+        if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)
+    ]
     show_shots = kind == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
     head = ["method", "suite"] + (["shots"] if show_shots else []) + ["seeds"] + [lab for _, lab in used]
     lines = [
         f"# Table: {kind}",
         "",
-        "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation).",
+        (
+            "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation). "
+            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.'
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -222,8 +275,10 @@ def to_markdown(rows: list[dict], kind: str) -> str:
     for r in rows:
         cells = [r["method"], r["suite"]] + ([r["shots"]] if show_shots else []) + [str(r["n_seeds"])]
         for c, _ in used:
-            m, ci = r[f"{c}_mean"], r[f"{c}_ci95"]
-            if math.isnan(m):
+            m, ci = r.get(f"{c}_mean", float("nan")), r.get(f"{c}_ci95", float("nan"))
+            if m is UNDEFINED:
+                cells.append(UNDEFINED_MD)
+            elif math.isnan(m):
                 cells.append("–")
             elif math.isnan(ci):
                 cells.append(f"{m:.3f}")
@@ -245,7 +300,7 @@ def read_table(path: str | Path) -> list[dict]:
                 if k in ("table", "method", "suite", "shots"):
                     out[k] = v
                 else:
-                    out[k] = float(v) if v not in ("", None) else float("nan")
+                    out[k] = float(v) if v not in ("", None, UNDEFINED_CSV) else float("nan")
             rows.append(out)
     return rows
 

@@ -87,6 +87,7 @@ OPENVLA_STACK = [
     "tensorflow-datasets>=4.9",
     "wandb>=0.16",
     "pandas>=2.0",
+    "scipy>=1.10",  # the tables' Student-t quantiles
 ]
 
 

@@ -683,3 +683,70 @@ def test_stale_snakemake_lock_of_a_killed_driver_is_cleared_safely(tmp_path):
     out = io.StringIO()
     assert not freshness.clear_stale_snakemake_lock(tmp_path, out=out)
     assert (locks / "0.input.lock").exists() and "pid 123 on otherhost" in out.getvalue()
+
+
+# ----------------------------------------------------------------------------- 7 / exactness: eval kill -9
+
+
+def _eval_result(path: Path) -> dict:
+    """The eval JSON without its wall-clock parts (timing, worker memory): what a rerun must repeat."""
+    out = json.loads(path.read_text())
+    return {k: v for k, v in out.items() if k not in ("timing", "memory", "wall_time_s", "provenance", "versions")}
+
+
+def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_config, tmp_root, tmp_path):
+    """kill -9 of a closed-loop eval while its workers roll out leaves no result (the JSON is written
+    last, atomically); kill -9 after the JSON but before the config id is recorded leaves an output the
+    workflow reruns. Both reruns give the uninterrupted run's episodes and success rates exactly."""
+    from vlaforget.envs.metaworld import rendering_available
+    from vlaforget.models.tiny import random_tiny_backend
+
+    ok, why = rendering_available(size=16)
+    if not ok:
+        pytest.skip(f"no headless rendering: {why}")
+    cfg = vfc.deep_merge(demo_config, {"eval": {"num_envs": 2, "episodes_per_task": 2, "videos_per_task": 0,
+                                                "metaworld": {"max_steps": 40, "seed": 5}}})
+    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(tmp_root / "models" / "tiny-vla")
+    sc = vfc.stage_config(cfg, "eval", "teacher@mw_downstream")
+    sc["inputs"] = {}  # the random teacher has no model-stage record; freshness is tested elsewhere
+    env = {"VLAFORGET_ALLOWED_ROOT": str(tmp_root.parent), "VLAFORGET_ROOT": str(tmp_root)}
+
+    def run(name, extra=None, kill_after=None):
+        s = {**sc, "out_file": str(tmp_root / "evals" / name / "mw_downstream.json")}
+        path = write_cfg(s, tmp_path / f"{name}.yaml")
+        if kill_after is None:
+            r = cli(["eval", "--config", str(path)], env={**env, **(extra or {})})
+            return s, r.returncode, r.stderr
+        e = dict(os.environ, PYTHONPATH=str(REPO / "src"), VLAFORGET_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+                 VLAFORGET_THREADS="1", **env)
+        p = subprocess.Popen([PY, "-m", "vlaforget.cli", "eval", "--config", str(path)], env=e,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(kill_after)
+        alive = p.poll() is None
+        os.killpg(p.pid, signal.SIGKILL)  # the eval and its simulator workers, as a killed job's group
+        p.wait()
+        return s, alive, ""
+
+    full, rc, err = run("full")
+    assert rc == 0, err[-2000:]
+    ref = _eval_result(Path(full["out_file"]))
+    assert ref["n_episodes"] == 4
+
+    # FAULT: kill -9 mid-rollout
+    killed, alive, _ = run("killed", kill_after=8.0)
+    assert alive, "the eval finished before the kill: raise eval.metaworld.max_steps in this test"
+    assert not Path(killed["out_file"]).exists()
+    _, rc, err = run("killed")
+    assert rc == 0, err[-2000:]
+    assert _eval_result(Path(killed["out_file"])) == ref
+
+    # FAULT: kill -9 after the result, before its config id is stamped
+    stamped, rc, _ = run("stamp", extra={"VLAFORGET_FAULT_KILL_BEFORE_STAMP": "eval"})
+    assert rc == -signal.SIGKILL
+    comp = freshness.completion_file(stamped)
+    assert comp.exists() and freshness.recorded_id(comp) is None
+    assert "records no config id" in freshness.stale_reason(tmp_path / "stamp.yaml", stamped)  # the workflow reruns it
+    _, rc, err = run("stamp")
+    assert rc == 0, err[-2000:]
+    assert _eval_result(Path(stamped["out_file"])) == ref
+    assert freshness.recorded_id(comp) == config_id(stamped)

@@ -438,3 +438,21 @@ if workflow.is_main_process:
         print(f"vlaforget: warning: {_p}", file=sys.stderr)
     freshness.sync_all(((cfg_file(st, k), stage_cfg(st, k)) for st, k in stage_jobs()), mode=_mode,
                        out=sys.stderr)
+    # A table file not built from this data root (copied in, left by another study, or a root emptied
+    # since) is never served, not even as a file target (`snakemake results/table_ablation.csv`, which
+    # Snakemake would call up to date while its inputs are missing): a run moves it aside to
+    # `<name>.stale` (nothing is deleted) so it is rebuilt; a dry-run says so.
+    for _kind in TABLE_RUNS:
+        _csv, _rec = Path(f"{RESULTS}/table_{_kind}.csv"), Path(R(ROOT / "reports" / f"table_{_kind}.json"))
+        _want = json.dumps(report_cfg(_kind), sort_keys=True)
+        if not _csv.exists() or (_rec.exists() and _rec.read_text() == _want):
+            continue
+        _why = "has no record under the data root" if not _rec.exists() else "was built from other inputs"
+        if _mode != "run":
+            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it to {_csv}.stale and rebuilds it",
+                  file=sys.stderr)
+            continue
+        for _f in (_csv, _csv.with_suffix(".md")):
+            if _f.exists():
+                os.replace(_f, f"{_f}.stale")
+        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_csv}.stale; it is rebuilt", file=sys.stderr)

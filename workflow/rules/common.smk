@@ -253,7 +253,8 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
         # Snakemake deletes {log} before each attempt: {log}.attempts keeps every attempt, each with a header
         'echo "=== attempt $(date -u +%Y-%m-%dT%H:%M:%SZ) host=$(hostname) pid=$$ '
         'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} USE_TF=$USE_TF '
-        f'python={PYTHON}" | tee -a {{log}}.attempts > {{log}}; '
+        f'python={PYTHON}"'
+        " | tee -a {log}.attempts > {log}; "
         + crash_guard(f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}",
                       "{log}", stage_cli, f"{VLAFORGET} {stage_cli} --config {{input.cfg}}")
     )

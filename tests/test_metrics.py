@@ -216,14 +216,18 @@ def test_libero_lifelong_metrics_by_hand():
     curves = [[0.0, 0.6, 0.8, 0.7], [0.2, 0.5], [0.1, 0.3, 0.9]]
     R = [[9, 9, 9], [0.4, 9, 9], [0.2, 0.5, 9]]  # diagonal / upper triangle are never read
     m = libero_lifelong_metrics(curves, R)
-    fwt = [0.525, 0.35, 1.3 / 3]
+    # LIBERO (libero/lifelong/algos/base.py learn_one_task): the curve is clamped at its first peak
+    # before averaging, task 1: [0, .6, .8, .7] -> [0, .6, .8, .8], FWT_1 = 2.2 / 4 (not 2.1 / 4)
+    fwt = [0.55, 0.35, 1.3 / 3]
     assert m["fwt_k"] == pytest.approx(fwt) and m["fwt"] == pytest.approx(np.mean(fwt))
     # NBT_1 = ((0.8-0.4) + (0.8-0.2)) / 2 ; NBT_2 = 0.5 - 0.5
     assert m["nbt_k"] == pytest.approx([0.5, 0.0]) and m["nbt"] == pytest.approx(0.25)
-    # AUC_1 = (0.525 + 0.4 + 0.2) / 3 ; AUC_2 = (0.35 + 0.5) / 2 ; AUC_3 = FWT_3
-    assert m["auc_k"] == pytest.approx([1.125 / 3, 0.425, 1.3 / 3])
-    one = libero_lifelong_metrics([[0.3, 0.5]], [[0.0]])
-    assert one["nbt"] is None and one["auc"] == pytest.approx(0.4) and one["fwt"] == pytest.approx(0.4)
+    # AUC_1 = (0.55 + 0.4 + 0.2) / (3-1+1) ; AUC_2 = (0.35 + 0.5) / 2 ; AUC_3 = FWT_3
+    assert m["auc_k"] == pytest.approx([1.15 / 3, 0.425, 1.3 / 3])
+    # the first of equal peaks is kept: [.5, .2, .5, .1] -> [.5, .5, .5, .5]
+    assert libero_lifelong_metrics([[0.5, 0.2, 0.5, 0.1]], [[0.0]])["fwt"] == pytest.approx(0.5)
+    one = libero_lifelong_metrics([[0.3, 0.5, 0.4]], [[0.0]])  # clamped: [.3, .5, .5]
+    assert one["nbt"] is None and one["auc"] == pytest.approx(1.3 / 3) and one["fwt"] == pytest.approx(1.3 / 3)
     with pytest.raises(ValueError, match="3 x 3"):
         libero_lifelong_metrics(curves, [[0]])
     perfect = libero_lifelong_metrics([[1.0]] * 3, np.ones((3, 3)))  # nothing forgotten

@@ -208,6 +208,51 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert t["vqa_mc_accuracy"] == t["vqa_mc_accuracy_teacher"] and t["vqa_mc"]["chance"] == pytest.approx(1 / 3)
     assert r["vqa_mc_kl"] > 1e-6 and r["vqa_mc_accuracy_teacher"] == t["vqa_mc_accuracy"]
     assert set(r["vqa_mc"]["by_category"]) == {"scene"}
+    # drift / CKA at the layer CRaFT constrains (craft.layer default −2 -> decoder layer L−2)
+    L = b.num_layers
+    for o in (t, r):
+        assert o["craft_layer"]["craft_layer"] == -2 and o["craft_layer"]["decoder_layer"] == L - 2
+        assert set(o["craft_layer"]["by_pooling"]) == {"mean_instruction_tokens", "mean_image_tokens"}
+    assert t["drift_craft_layer"] == pytest.approx(0.0, abs=1e-9) and t["cka_craft_layer"] == pytest.approx(1.0)
+    assert t["drift_craft_layer_image"] == pytest.approx(0.0, abs=1e-9)
+    assert t["cka_craft_layer_image"] == pytest.approx(1.0)
+    assert r["drift_craft_layer"] > 1e-3 and r["cka_craft_layer"] < 1 - 1e-6
+    assert r["drift_craft_layer_image"] > 1e-3 and r["cka_craft_layer_image"] < 1 - 1e-6
+    # instruction pooling at decoder layer L−2 is the probe's space: the teacher's own probe states
+    # (probe.pt, computed by P.pooled_states) equal this stage's teacher forward there
+    ref, _ = P.pooled_states(b, list(ds)[:20], 8, layers=[L - 2])
+    s_t = FG.craft_layer_states(b, list(ds)[:20], 8, L - 2)
+    assert torch.allclose(s_t["mean_instruction_tokens"], ref[L - 2], atol=1e-5)
+
+
+def test_craft_layer_metrics_teacher_vs_itself_and_perturbed():
+    """Two separate teacher forwards at the CRaFT layer: drift 0, CKA 1; a student whose decoder layer
+    L−3 is perturbed: drift > 0, CKA < 1. craft.layer outside the model / at the embeddings is refused."""
+    from vlaforget.eval import forgetting as FG
+    from vlaforget.models.tiny import random_tiny_backend
+
+    ds = _samples(16)
+    t = random_tiny_backend({"image_size": 32}, action_dim=4, seed=0)
+    s = random_tiny_backend({"image_size": 32}, action_dim=4, seed=0)
+    L = t.num_layers
+    dec = FG.craft_decoder_layer(-2, L)
+    assert dec == L - 2 and FG.craft_decoder_layer(L, L) == L - 1 and FG.craft_decoder_layer(1, L) == 0
+    for bad in (0, -(L + 1), L + 1):
+        with pytest.raises(ValueError, match="craft.layer"):
+            FG.craft_decoder_layer(bad, L)
+    ft = FG.craft_layer_states(t, list(ds), 8, dec)
+    same = FG.craft_layer_metrics(ft, FG.craft_layer_states(s, list(ds), 8, dec))
+    for p in FG.CRAFT_POOLINGS:
+        assert same[p]["drift"]["normalized"] == pytest.approx(0.0, abs=1e-6)
+        assert same[p]["cka"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for prm in s.decoder_layers()[L - 3].parameters():
+            prm.add_(0.5 * torch.randn(prm.shape, generator=g) * prm.std().clamp(min=1e-3))
+    moved = FG.craft_layer_metrics(ft, FG.craft_layer_states(s, list(ds), 8, dec))
+    for p in FG.CRAFT_POOLINGS:
+        assert moved[p]["drift"]["normalized"] > 1e-3 and moved[p]["drift"]["raw"] > 0
+        assert moved[p]["cka"] < 1 - 1e-4
 
 
 def test_libero_lifelong_metrics_by_hand():
@@ -216,15 +261,33 @@ def test_libero_lifelong_metrics_by_hand():
     curves = [[0.0, 0.6, 0.8, 0.7], [0.2, 0.5], [0.1, 0.3, 0.9]]
     R = [[9, 9, 9], [0.4, 9, 9], [0.2, 0.5, 9]]  # diagonal / upper triangle are never read
     m = libero_lifelong_metrics(curves, R)
-    fwt = [0.525, 0.35, 1.3 / 3]
+    # LIBERO (libero/lifelong/algos/base.py learn_one_task): the curve is clamped at its first peak
+    # before averaging, task 1: [0, .6, .8, .7] -> [0, .6, .8, .8], FWT_1 = 2.2 / 4 (not 2.1 / 4)
+    fwt = [0.55, 0.35, 1.3 / 3]
     assert m["fwt_k"] == pytest.approx(fwt) and m["fwt"] == pytest.approx(np.mean(fwt))
     # NBT_1 = ((0.8-0.4) + (0.8-0.2)) / 2 ; NBT_2 = 0.5 - 0.5
     assert m["nbt_k"] == pytest.approx([0.5, 0.0]) and m["nbt"] == pytest.approx(0.25)
-    # AUC_1 = (0.525 + 0.4 + 0.2) / 3 ; AUC_2 = (0.35 + 0.5) / 2 ; AUC_3 = FWT_3
-    assert m["auc_k"] == pytest.approx([1.125 / 3, 0.425, 1.3 / 3])
-    one = libero_lifelong_metrics([[0.3, 0.5]], [[0.0]])
-    assert one["nbt"] is None and one["auc"] == pytest.approx(0.4) and one["fwt"] == pytest.approx(0.4)
+    # AUC_1 = (0.55 + 0.4 + 0.2) / (3-1+1) ; AUC_2 = (0.35 + 0.5) / 2 ; AUC_3 = FWT_3
+    assert m["auc_k"] == pytest.approx([1.15 / 3, 0.425, 1.3 / 3])
+    # the first of equal peaks is kept: [.5, .2, .5, .1] -> [.5, .5, .5, .5]
+    assert libero_lifelong_metrics([[0.5, 0.2, 0.5, 0.1]], [[0.0]])["fwt"] == pytest.approx(0.5)
+    one = libero_lifelong_metrics([[0.3, 0.5, 0.4]], [[0.0]])  # clamped: [.3, .5, .5]
+    assert one["nbt"] is None and one["auc"] == pytest.approx(1.3 / 3) and one["fwt"] == pytest.approx(1.3 / 3)
     with pytest.raises(ValueError, match="3 x 3"):
         libero_lifelong_metrics(curves, [[0]])
     perfect = libero_lifelong_metrics([[1.0]] * 3, np.ones((3, 3)))  # nothing forgotten
     assert perfect["nbt"] == 0.0 and perfect["auc"] == 1.0
+
+
+def test_forgetting_stage_config_carries_craft_layer(demo_config):
+    """The forgetting stage measures at the layer the config's CRaFT constrains (craft.layer)."""
+    import copy
+
+    from vlaforget import config as vfc
+
+    key = "mw_downstream__craft__full__s42"
+    sc = vfc.stage_config(demo_config, "forgetting", key)
+    assert sc["craft_layer"] == demo_config["craft"].get("layer", -2)
+    cfg = copy.deepcopy(demo_config)
+    cfg["craft"]["layer"] = 3
+    assert vfc.stage_config(cfg, "forgetting", key)["craft_layer"] == 3

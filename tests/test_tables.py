@@ -47,6 +47,8 @@ def write_evals(root, runs: dict[str, dict]) -> list[str]:
                     "vqa_kl": 0.1,
                     "drift_mean": vals["drift"],
                     "cka_mean": vals["cka"],
+                    **{k: vals[k] for k in ("drift_craft_layer", "cka_craft_layer",
+                                            "drift_craft_layer_image", "cka_craft_layer_image") if k in vals},
                 }
             )
         )
@@ -95,6 +97,30 @@ def test_build_table_rows_and_retention(evals):
     assert b["drift_mean"] == pytest.approx(np.mean([1.042, 1.123, 1.456]))
     assert c["n_seeds"] == 1 and math.isnan(c["downstream_success_ci95"])
     assert c["upstream_retention_mean"] == pytest.approx(1.0)
+
+
+def test_craft_layer_columns_mean_ci(tmp_path):
+    """drift / CKA at the CRaFT layer (forgetting.json drift_craft_layer ...) are table columns with
+    mean ± 95 % CI over seeds, in the CSV and the Markdown."""
+    runs = {"teacher": {SUITE: 0.5, "vqa": 0.5, "drift": 0.0, "cka": 1.0, "drift_craft_layer": 0.0,
+                        "cka_craft_layer": 1.0, "drift_craft_layer_image": 0.0, "cka_craft_layer_image": 1.0}}
+    dcl = {1: 0.1, 2: 0.2, 3: 0.6}
+    for seed in (1, 2, 3):
+        runs[f"{SUITE}__craft__full__s{seed}"] = {
+            SUITE: 0.5, "vqa": 0.5, "drift": 1.0, "cka": 0.5, "drift_craft_layer": dcl[seed],
+            "cka_craft_layer": 0.9, "drift_craft_layer_image": 2 * dcl[seed], "cka_craft_layer_image": 0.8,
+        }
+    rows = tables.build_table(tables.load_evals(write_evals(tmp_path, runs)), "main", [])
+    c = rows[1]
+    assert c["drift_craft_layer_mean"] == pytest.approx(0.3) and c["drift_craft_layer_n"] == 3
+    sd = np.std([0.1, 0.2, 0.6], ddof=1)
+    assert c["drift_craft_layer_ci95"] == pytest.approx(4.3027 * sd / math.sqrt(3), rel=1e-4)
+    assert c["drift_craft_layer_image_mean"] == pytest.approx(0.6)
+    assert c["cka_craft_layer_mean"] == pytest.approx(0.9) and c["cka_craft_layer_image_mean"] == pytest.approx(0.8)
+    assert rows[0]["cka_craft_layer_mean"] == 1.0
+    assert "drift_craft_layer_ci95" in tables.to_csv(rows).splitlines()[0]
+    md = tables.to_markdown(rows, "main")
+    assert "drift @CRaFT layer" in md and "CKA @CRaFT layer (image pool)" in md
 
 
 def test_fewshot_groups_by_shots(tmp_path):

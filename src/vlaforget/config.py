@@ -444,6 +444,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                                                      if f.get("libero_vqa") else None),
                    vqa_categories=list(f.get("vqa_categories") or []),
                    drift_samples=f.get("drift_samples", 256),
+                   craft_layer=(cfg.get("craft") or {}).get("layer", -2),  # drift / CKA at CRaFT's layer
                    vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
                    if cfg["world"] == "metaworld" else [],
                    out_file=str(lay.eval(key) / "forgetting.json"))

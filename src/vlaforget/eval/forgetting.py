@@ -20,6 +20,14 @@ Measured here (upstream-task success retention comes from the `eval` stage on th
   teacher's (from probe.pt). Per layer: covariance drift raw / normalised / in the ICSM basis
   (metrics.drift_metrics) and linear CKA of the pooled features. `drift_mean` = mean normalised drift
   over those layers (`drift_means` has all three), `cka_mean` = mean CKA.
+* drift and CKA at the layer CRaFT constrains (`craft_layer` = craft.layer, a hidden_states index,
+  default −2 → decoder layer L−2; `craft_decoder_layer`), on the same probe samples (held-out data:
+  `probe_source`), so CRaFT is graded on more than its own training objective: in the same
+  residual-stream space, against the teacher's states from a teacher forward in this stage.
+  `drift_craft_layer` / `cka_craft_layer` = normalised drift / CKA of the instruction-pooled states
+  (the representative layers' pooling); `drift_craft_layer_image` / `cka_craft_layer_image` = the same
+  on the image-token mean (CRaFT's default anchor pooling); `craft_layer` = {craft_layer,
+  decoder_layer, by_pooling: {pooling: {drift: {raw, normalized, basis}, cka}}}.
 
 The teacher and the student are loaded one after the other (never both in memory): the teacher's
 answers and answer-position log-probs are kept on the CPU. For run `teacher` the student is the
@@ -33,7 +41,8 @@ lower-casing and removing punctuation and articles).
 
 Output `out_file` (completion file, written last): {run, vqa_accuracy, vqa_accuracy_teacher,
 vqa_retention, vqa_by_kind, vqa_kl, n_vqa, vqa_mc, vqa_mc_accuracy, vqa_mc_retention, vqa_mc_kl, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
-drift_mean, drift_means, cka_mean, n_drift, timing, provenance}.
+drift_mean, drift_means, cka_mean, drift_craft_layer, cka_craft_layer, drift_craft_layer_image,
+cka_craft_layer_image, craft_layer, n_drift, layers, probe_hash, probe_source, timing, provenance}.
 """
 
 from __future__ import annotations
@@ -194,6 +203,60 @@ def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> 
     return {"drift": drift, "cka": cka}
 
 
+def craft_decoder_layer(craft_layer: int, num_layers: int) -> int:
+    """The decoder layer whose output is CRaFT's constrained state: `craft.layer` is a hidden_states
+    index (methods/craft.py; −2 = hidden_states[L−1] = output of decoder layer L−2). Measured here in
+    the residual stream at that layer's output, before any final norm (methods.icsm.layer_outputs), the
+    space of the representative-layer drift; for craft.layer = L / −1 that is decoder layer L−1 before
+    the final norm HF applies to hidden_states[L]."""
+    L = int(num_layers)
+    layer = int(craft_layer)
+    if not -(L + 1) <= layer <= L:
+        raise ValueError(
+            f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model (valid: {-(L + 1)}..{L})"
+        )
+    a = layer % (L + 1)
+    if a == 0:
+        raise ValueError(
+            f"craft.layer = {layer} is the embedding output (hidden_states[0]), not a decoder layer: "
+            "the forgetting stage measures drift at decoder-layer outputs; set craft.layer to 1..L or −L..−1"
+        )
+    return a - 1
+
+
+CRAFT_POOLINGS = ("mean_instruction_tokens", "mean_image_tokens")
+
+
+@torch.no_grad()
+def craft_layer_states(backend, samples: Sequence[dict], batch_size: int, decoder_layer: int) -> dict:
+    """{pooling: [N, D] float32 CPU} of decoder layer `decoder_layer`'s output for `samples`, pooled
+    over the instruction tokens (the representative layers' pooling) and over the image tokens (the
+    CRaFT anchors' default pooling, methods.craft.pool_features)."""
+    from ..methods.craft import pool_features
+    from ..methods.icsm import layer_outputs
+
+    acc: dict[str, list[torch.Tensor]] = {p: [] for p in CRAFT_POOLINGS}
+    layers = backend.decoder_layers()
+    for s0 in range(0, len(samples), batch_size):
+        batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
+        with layer_outputs(layers, [decoder_layer]) as hs:
+            backend.forward(batch)
+        if decoder_layer not in hs:
+            raise RuntimeError(f"decoder layer {decoder_layer} did not run in the forward pass")
+        for p in CRAFT_POOLINGS:
+            acc[p].append(pool_features(hs[decoder_layer], batch, p, int(backend.n_image_tokens)).cpu())
+    return {p: torch.cat(v) for p, v in acc.items()}
+
+
+def craft_layer_metrics(teacher_feats: dict, student_feats: dict, basis=None) -> dict:
+    """{pooling: {drift: {raw, normalized, basis}, cka}} at the CRaFT layer."""
+    out = {}
+    for p in CRAFT_POOLINGS:
+        T, S = teacher_feats[p].double(), student_feats[p].double()
+        out[p] = {"drift": M.drift_metrics(M.covariance(S), M.covariance(T), basis), "cka": M.linear_cka(T, S)}
+    return out
+
+
 def _mean(vals) -> float | None:
     vals = [v for v in vals if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -250,10 +313,13 @@ def main(args) -> int:
     mcq = [s for s in vqa if s.get("candidates")]
     adapter = sc.get("adapter_dir")
     t = time.perf_counter()
+    craft_layer = int(sc.get("craft_layer", -2))
     if adapter:
         teacher = load_backend(sc["model"], device=device, adapter_dir=None, stats=stats)
         tv = vqa_pass(teacher, vqa, bs)
         t_mc = score_mc(teacher, mcq, bs)
+        craft_dec = craft_decoder_layer(craft_layer, teacher.num_layers)
+        t_craft = craft_layer_states(teacher, samples, bs, craft_dec)
         _free(teacher)
         teacher = None
     timing["teacher_s"] = round(time.perf_counter() - t, 3)
@@ -263,8 +329,10 @@ def main(args) -> int:
     student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
     sv = vqa_pass(student, vqa, bs)
     s_mc = score_mc(student, mcq, bs)
+    craft_dec = craft_decoder_layer(craft_layer, student.num_layers)
+    s_craft = craft_layer_states(student, samples, bs, craft_dec)
     if not adapter:
-        tv, t_mc = sv, s_mc
+        tv, t_mc, t_craft = sv, s_mc, s_craft
     student_pooled, _ = pooled_states(student, samples, bs, layers=layers)
     _free(student)
     student = None
@@ -285,6 +353,8 @@ def main(args) -> int:
     mc = mc_metrics(mcq, s_mc, t_mc)
     rep = representation_metrics(teacher_pooled, student_pooled, icsm)
     drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
+    craft_basis = icsm.layers[craft_dec].U if icsm is not None and craft_dec in icsm.layers else None
+    cl = craft_layer_metrics(t_craft, s_craft, craft_basis)
     out = {
         "run": sc["run_name"],
         "adapter_dir": adapter,
@@ -310,6 +380,17 @@ def main(args) -> int:
         "drift_mean": drift_means["normalized"],
         "drift_means": drift_means,
         "cka_mean": _mean(rep["cka"].values()),
+        "drift_craft_layer": cl["mean_instruction_tokens"]["drift"]["normalized"],
+        "cka_craft_layer": cl["mean_instruction_tokens"]["cka"],
+        "drift_craft_layer_image": cl["mean_image_tokens"]["drift"]["normalized"],
+        "cka_craft_layer_image": cl["mean_image_tokens"]["cka"],
+        "craft_layer": {
+            "craft_layer": craft_layer,
+            "decoder_layer": craft_dec,
+            "space": "residual stream at the decoder layer's output, before any final norm",
+            "teacher": "teacher forward in this stage (same samples)",
+            "by_pooling": cl,
+        },
         "n_drift": len(samples),
         "layers": layers,
         "probe_hash": probe.get("hash"),
@@ -320,12 +401,16 @@ def main(args) -> int:
     }
     write_json(sc["out_file"], out)  # the completion file, last
     log.info(
-        "forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f",
+        "forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f, "
+        "CRaFT layer %d: drift %.4f, cka %.4f",
         sc["run_name"],
         acc if acc is not None else float("nan"),
         acc_t if acc_t is not None else float("nan"),
         kl if kl is not None else float("nan"),
         out["drift_mean"],
         out["cka_mean"],
+        craft_dec,
+        out["drift_craft_layer"],
+        out["cka_craft_layer"],
     )
     return 0

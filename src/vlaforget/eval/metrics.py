@@ -43,14 +43,27 @@ def continual_metrics(R: Sequence[Sequence[float]]) -> dict:
     return {"acc": acc, "bwt": bwt, "forgetting": F, "mean_forgetting": float(np.mean(F))}
 
 
+def peak_clamped(curve: Sequence[float]) -> np.ndarray:
+    """LIBERO's success curve for FWT_k: every value from the first peak on set to the peak
+    (libero/lifelong/algos/base.py: `successes[idx_at_best_succ:] = successes[idx_at_best_succ]`)."""
+    c = np.asarray(curve, dtype=np.float64).copy()
+    best = int(np.argmax(c))  # first maximum: LIBERO keeps a checkpoint only on a strict improvement
+    c[best:] = c[best]
+    return c
+
+
 def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]]) -> dict:
-    """LIBERO's FWT, NBT and AUC (Liu et al. 2023, Sec. 5; definitions quoted in docs/evaluation.md).
+    """LIBERO's FWT, NBT and AUC (Liu et al. 2023, Sec. 5; definitions quoted in docs/evaluation.md),
+    checked against LIBERO's code: libero/lifelong/algos/base.py `Sequential.learn_one_task` (the FWT_k
+    it returns) at github.com/Lifelong-Robot-Learning/LIBERO commit 8f1084e3.
 
     K tasks (here: suites) learnt in order. `curves[k]` = success on task k at each evaluated checkpoint
-    while learning task k (c_{k,k,e}, e = 0 first); `R[t][k]` (t > k) = success on task k after learning
-    task t with the kept checkpoint (c_{t,k}); R's diagonal and upper triangle are not read.
-    c_{k,k} = max_e c_{k,k,e};
-    FWT = (1/K) Σ_k FWT_k,  FWT_k = mean_e c_{k,k,e};
+    while learning task k (c_{k,k,e}, e = 0 first: LIBERO evaluates before the first update too);
+    `R[t][k]` (t > k) = success on task k after learning task t with the kept checkpoint (c_{t,k});
+    R's diagonal and upper triangle are not read.
+    c_{k,k} = max_e c_{k,k,e}; e*_k = the earliest checkpoint reaching it (the one LIBERO keeps);
+    "pretend that the agent stops learning once it reaches the peak": c_{k,k,e} := c_{k,k} for e ≥ e*_k;
+    FWT = (1/K) Σ_k FWT_k,  FWT_k = mean_e c_{k,k,e} (of that clamped curve);
     NBT = (1/(K−1)) Σ_{k<K} NBT_k,  NBT_k = (1/(K−k)) Σ_{t>k} (c_{k,k} − c_{t,k});
     AUC = (1/K) Σ_k AUC_k,  AUC_k = (FWT_k + Σ_{t>k} c_{t,k}) / (K−k+1)   (k 1-based).
     NBT is None for K = 1 (nothing learnt after the task)."""
@@ -60,7 +73,7 @@ def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Seque
     Rm = np.asarray(R, dtype=np.float64)
     if Rm.shape != (K, K):
         raise ValueError(f"success matrix must be {K} x {K} (one row per learnt task), got {Rm.shape}")
-    fwt_k = [float(np.mean(c)) for c in curves]
+    fwt_k = [float(np.mean(peak_clamped(c))) for c in curves]
     ckk = [float(np.max(c)) for c in curves]
     nbt_k = [float(np.mean([ckk[k] - Rm[t, k] for t in range(k + 1, K)])) for k in range(K - 1)]
     auc_k = [(fwt_k[k] + float(sum(Rm[t, k] for t in range(k + 1, K)))) / (K - k) for k in range(K)]

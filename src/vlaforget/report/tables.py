@@ -11,7 +11,7 @@ Markdown and "undefined" in the CSV (never 0, never NaN); a metric nobody measur
 
 Inputs are the eval stages' JSON files, `{root}/evals/{run}/{suite}.json` (closed loop: run, suite,
 success_rate, n_episodes, per_task) and `{root}/evals/{run}/forgetting.json` (run, vqa_accuracy,
-vqa_kl, drift_mean, cka_mean, ...).
+vqa_kl, drift_mean, cka_mean, drift_craft_layer, cka_craft_layer, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ METRICS = [
     ("vqa_mc_kl", "VQA-MC KL"),
     ("drift", "drift"),
     ("cka", "CKA"),
+    ("drift_craft_layer", "drift @CRaFT layer"),
+    ("cka_craft_layer", "CKA @CRaFT layer"),
+    ("drift_craft_layer_image", "drift @CRaFT layer (image pool)"),
+    ("cka_craft_layer_image", "CKA @CRaFT layer (image pool)"),
 ]
 
 
@@ -140,6 +144,10 @@ def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict 
         "vqa_mc_kl": _num(mc.get("kl")),
         "drift": _num(f.get("drift_mean")),
         "cka": _num(f.get("cka_mean")),
+        "drift_craft_layer": _num(f.get("drift_craft_layer")),
+        "cka_craft_layer": _num(f.get("cka_craft_layer")),
+        "drift_craft_layer_image": _num(f.get("drift_craft_layer_image")),
+        "cka_craft_layer_image": _num(f.get("cka_craft_layer_image")),
     }
     for s in ups:
         out[f"upstream_success[{s}]"] = ev["suites"][s]

@@ -100,7 +100,7 @@ def test_no_task_info_falls_back_to_tail_and_says_so(tmp_path):
     eps = task_by_task(n_per_task=5)
     for e in eps:
         e["task"] = ""
-    d, m = _cache(tmp_path, eps)
+    _d, m = _cache(tmp_path, eps)
     assert m["heldout"] == "per_task" and m["heldout_used"] == "tail" and "no task" in m["heldout_note"]
     assert m["heldout_episodes"] == [19]
 
@@ -137,3 +137,28 @@ def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
         tr = CachedDataset(d, "train", shots=shots, seed=1)
         assert not prow & cache_rows(tr, range(len(tr)))
         check_not_trained_on(p, tr)  # no error
+
+
+def test_probe_capacity_counts_the_probe_split(tmp_path, monkeypatch):
+    """validation: probe.n is checked against the split the probe is drawn from (per data.heldout)."""
+    from vlaforget import config as vfc
+    from vlaforget.validation import _probe_capacity
+
+    class Lay:
+        def cache(self, ds):
+            return tmp_path / "nocache" / ds
+
+    monkeypatch.setattr(vfc, "layout", lambda cfg: Lay())
+    mw = {"episodes_per_task": 24, "max_steps": 10, "datasets": {"mw": ["a", "b", "c", "d"]}}
+    cfg = {"world": "metaworld", "probe": {"dataset": "mw", "split": "heldout"},
+           "data": {"train_split": 0.95, "metaworld": mw}}
+    assert _probe_capacity(cfg)[0] == 4 * 10  # one held-out episode per task
+    cfg["data"]["heldout"] = "tail"
+    assert _probe_capacity(cfg)[0] == 5 * 10  # 96 - round(0.95 * 96)
+    cfg["probe"]["split"] = "train"
+    assert _probe_capacity(cfg)[0] == 91 * 10
+    # from a built cache
+    d, _ = _cache(tmp_path, task_by_task(n_per_task=10, T=4))
+    monkeypatch.setattr(Lay, "cache", lambda self, ds: d)
+    cfg["probe"]["split"] = "heldout"
+    assert _probe_capacity(cfg)[0] == 4 * 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlaforget.data.cache import CachedDataset, write_cache
+from vlaforget.data.cache import CACHE_FORMAT, CachedDataset, write_cache
 from vlaforget.data.transforms import DATASET_TRANSFORMS, TRANSFORMS, resolve_transform
 from vlaforget.envs.libero import WAIT_ACTION, convert_gripper
 from vlaforget.envs.metaworld import env_action
@@ -100,7 +100,7 @@ def test_libero_cache_stores_openvlas_training_convention(tmp_path):
     np.testing.assert_array_equal(cached[:, :6], raw[:, :6])
     np.testing.assert_array_equal(cached[:, -1], 1.0 - np.clip(raw[:, -1], 0.0, 1.0))  # 1 = open
     assert ds.manifest["action_transform"]["name"] == "libero"
-    assert ds.manifest["format"] == 2
+    assert ds.manifest["format"] == CACHE_FORMAT == 3
 
 
 # ------------------------------------------------------------------ Meta-World

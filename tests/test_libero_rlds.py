@@ -166,6 +166,28 @@ def test_read_back_by_the_project_reader_and_cache(fixture_dir, tmp_path):
     assert s["instruction"] == L.instruction_from_task_name(s["task"])
 
 
+def test_heldout_split_of_a_libero_fixture_covers_every_task(tmp_path):
+    """data.heldout per_task holds out the last episode(s) of every task, whatever the stored order;
+    tail (openvla's train[:95%]) holds out the last episode(s) only (here one, of one task)."""
+    from vlaforget.data.cache import CachedDataset, build_cache, n_train_episodes
+
+    L.write_libero_fixture(tmp_path / "rlds", ("libero_spatial",), n_tasks=3, episodes_per_task=4, steps=8,
+                           seed=1, shards=1)
+    bdir = resolve_builder_dir(tmp_path / "rlds" / "libero_spatial_no_noops")
+    tasks = sorted(L.SUITE_TASKS["libero_spatial"][:3])
+    m = build_cache(bdir, tmp_path / "pt", "libero_spatial_no_noops", image_size=16)
+    eps = CachedDataset(tmp_path / "pt", split="all").episodes
+    last = sorted(max(e["index"] for e in eps if e["task"] == t) for t in tasks)  # each task's last episode
+    ho, tr = CachedDataset(tmp_path / "pt", split="heldout"), CachedDataset(tmp_path / "pt", split="train")
+    assert ho.tasks == tr.tasks == tasks == m["heldout_tasks"]
+    assert [e["index"] for e in ho.episodes] == last and len(last) == 3
+    assert {e["index"] for e in tr.episodes} == set(range(12)) - set(last)
+    t = build_cache(bdir, tmp_path / "tail", "libero_spatial_no_noops", image_size=16, heldout="tail")
+    ho_tail = CachedDataset(tmp_path / "tail", split="heldout")
+    assert [e["index"] for e in ho_tail.episodes] == list(range(n_train_episodes(12, 0.95), 12)) == [11]
+    assert len(ho_tail.tasks) == 1 and t["heldout_used"] == "tail"
+
+
 def test_bad_suite_names_the_choices():
     with pytest.raises(ValueError, match="libero_spatial"):
         L.suite_of("libero_kitchen")

@@ -106,7 +106,8 @@ def test_round_trip_rlds_to_cache(rlds_dir, tmp_path):
     (d / "done.json").unlink()
     assert m["image_key"] == "observation/image" and m["state_key"] == "observation/state"
     assert m["simulator"]["camera"] == "corner4" and m["source_image_shape"] == [16, 16, 3]
-    assert m["num_episodes"] == 6 and m["num_train_episodes"] == 3
+    # data.heldout: per_task (default): 2 tasks x 3 episodes, round(0.5 * 3) = 2 held out of each
+    assert m["num_episodes"] == 6 and m["num_train_episodes"] == 2 and m["heldout"] == "per_task"
     for fn, h in m["files"].items():
         assert sha256_file(tmp_path / "cache" / fn) == h
     ds = CachedDataset(tmp_path / "cache", split="all")
@@ -208,11 +209,11 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     eps = _episodes(n=20, tasks=("t-a", "t-b", "t-c", "t-d"), size=16, seed=3)
-    write_cache(eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95, transform="metaworld")
+    write_cache(eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95, transform="metaworld", heldout="tail")
     return tmp_path / "c", eps
 
 
-def test_splits_follow_openvla(cache_dir):
+def test_splits_follow_openvla(cache_dir):  # data.heldout: tail = openvla's train[:95%]
     d, eps = cache_dir
     n_train = n_train_episodes(20, 0.95)
     assert n_train == 19

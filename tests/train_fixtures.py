@@ -31,7 +31,8 @@ def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
 def make_cache(root: Path, name="toy", train_split=0.75, n_per_task=6, transform="metaworld", **kw) -> Path:
     """A real cache (the same writer the cache stage uses after reading RLDS; no TensorFlow);
     Meta-World-shaped data, so Meta-World's (identity) action transform.
-    12 episodes: 9 train, 3 held out (both tasks) -- the probe comes from the held-out ones."""
+    12 episodes: 8 train, 4 held out (data.heldout per_task: the last 2 of each task) -- the probe
+    comes from the held-out ones."""
     from vlaforget.data.cache import write_cache
 
     eps = synthetic_episodes(n_per_task=n_per_task, **kw)

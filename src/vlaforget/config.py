@@ -386,7 +386,8 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    workers=mw.get("workers", 1), out_dir=str(lay.rlds(key)))
     elif stage == "cache":
         out.update(dataset=key, rlds_dir=str(rlds_root(cfg) / key), image_size=d["image_size"],
-                   train_split=d.get("train_split", 0.95), image_key=d.get("image_key", "observation/image"),
+                   train_split=d.get("train_split", 0.95), heldout=d.get("heldout", "per_task"),
+                   image_key=d.get("image_key", "observation/image"),
                    state_key=d.get("state_key", "observation/state"), out_dir=str(lay.cache(key)),
                    # our Meta-World demos: the identity transform; other datasets: by name
                    # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)

@@ -113,29 +113,36 @@ def optional_paths(cfg: dict) -> list[tuple[str, str]]:
 
 
 def _probe_capacity(cfg: dict) -> tuple[int, str] | None:
-    """Transitions in the probe dataset's train split: from its cache if built, else an upper bound
-    from the demos config (metaworld)."""
+    """Transitions in the probe dataset's `probe.split`: from its cache if built, else an upper bound
+    from the demos config (metaworld; the split as data.heldout makes it)."""
     import json
-    import math
 
     from .config import layout
+    from .data.cache import n_heldout_of_task, n_train_episodes, split_episodes
 
     ds = cfg["probe"].get("dataset")
     if not ds:
         return None
+    split = cfg["probe"].get("split", "heldout")
     manifest = layout(cfg).cache(ds) / "manifest.json"
     if manifest.exists():
         try:
             m = json.loads(manifest.read_text())
-            eps = json.loads((manifest.parent / "episodes.json").read_text())[: m["num_train_episodes"]]
-            return sum(int(e["length"]) for e in eps), f"its cache {manifest.parent}"
+            eps = split_episodes(m, json.loads((manifest.parent / "episodes.json").read_text()), split)
+            return sum(int(e["length"]) for e in eps), f"its cache {manifest.parent}, split {split}"
         except (OSError, ValueError, KeyError):
             return None
     mw = cfg["data"].get("metaworld") or {}
     if cfg["world"] == "metaworld" and ds in (mw.get("datasets") or {}):
-        n_eps = int(mw["episodes_per_task"]) * len(mw["datasets"][ds])
-        n_train = max(1, math.floor(n_eps * float(cfg["data"].get("train_split", 0.95))))
-        return n_train * int(mw["max_steps"]), "data.metaworld episodes_per_task x tasks x max_steps"
+        per, n_tasks = int(mw["episodes_per_task"]), len(mw["datasets"][ds])
+        ts = float(cfg["data"].get("train_split", 0.95))
+        if cfg["data"].get("heldout", "per_task") == "tail":
+            n_train = n_train_episodes(per * n_tasks, ts)
+        else:
+            n_train = n_tasks * (per - n_heldout_of_task(per, ts))
+        n_eps = {"train": n_train, "heldout": per * n_tasks - n_train}.get(split, per * n_tasks)
+        return n_eps * int(mw["max_steps"]), (f"data.metaworld episodes_per_task x tasks x max_steps, "
+                                              f"split {split}")
     return None
 
 
@@ -171,5 +178,5 @@ def data_checks(cfg: dict) -> list[str]:
     n = int(cfg["probe"].get("n", 0))
     if cap is not None and n > cap[0]:
         problems.append(f"probe.n = {n} but the probe dataset '{cfg['probe']['dataset']}' has at most "
-                        f"{cap[0]} training transitions ({cap[1]}): lower probe.n to <= {cap[0]}")
+                        f"{cap[0]} transitions ({cap[1]}): lower probe.n to <= {cap[0]}")
     return problems

@@ -10,7 +10,7 @@ Cache dir layout (all arrays row-aligned over transitions, episodes contiguous i
   instructions.json  the distinct instruction strings
   dataset_statistics.json   openvla format, over the transformed actions of ALL episodes (openvla
                      computes them over split "all"; the held-out episodes are included)
-  manifest.json      shapes, counts, split, transform, file hashes, versions (written last: the
+  manifest.json      shapes, counts, split (`heldout` mode + `heldout_episodes`), transform, file hashes, versions (written last: the
                      completion file)
 
 `CachedDataset` opens it with memmaps: RAM does not grow with the dataset.
@@ -34,8 +34,10 @@ from .statistics import dataset_statistics
 from .transforms import resolve_transform
 
 # 2: actions transformed per dataset (LIBERO gripper 1 = open), statistics over all episodes.
-# Format-1 caches hold LIBERO's raw gripper: CachedDataset refuses them (rebuild).
-CACHE_FORMAT = 2
+# 3: the held-out episodes are recorded in the manifest (data.heldout: per_task by default).
+# Older caches: CachedDataset refuses them (rebuild).
+CACHE_FORMAT = 3
+HELDOUT_MODES = ("per_task", "tail")
 IMAGES_FILE = "images.u8"
 
 
@@ -55,6 +57,61 @@ def n_train_episodes(n_episodes: int, train_split: float) -> int:
     return max(1, min(n_episodes, round(train_split * n_episodes)))
 
 
+def n_heldout_of_task(n_task: int, train_split: float) -> int:
+    """Held-out episodes of one task under data.heldout: per_task: max(1, round((1 - train_split) * n)),
+    none when train_split = 1, and never the task's last train episode (a 1-episode task stays train)."""
+    if not 0 < train_split <= 1:
+        raise ValueError(f"data.train_split = {train_split}: give a fraction in (0, 1]")
+    if train_split == 1 or n_task < 2:
+        return 0
+    return min(n_task - 1, max(1, round((1 - train_split) * n_task)))
+
+
+def heldout_split(episodes: list[dict], train_split: float, mode: str = "per_task") -> dict[str, Any]:
+    """Which episodes (positions in source order) are held out.
+
+    per_task: the last n_heldout_of_task(n_task) episodes of EACH task (LIBERO's RLDS stores episodes
+    task by task, so the tail would hold out one or two tasks only); tail: openvla's train[:95%], the
+    episodes after the first n_train_episodes. per_task without task info (an episode whose task is
+    empty/None) falls back to tail, with the reason in `note`.
+    Returns {mode (requested), used, heldout_episodes [sorted positions], note}."""
+    if mode not in HELDOUT_MODES:
+        raise ValueError(f"data.heldout = {mode!r}: use one of {', '.join(HELDOUT_MODES)}")
+    n = len(episodes)
+    note = None
+    used = mode
+    if mode == "per_task" and any(not e.get("task") for e in episodes):
+        used = "tail"
+        note = "episodes carry no task: held out the tail (openvla's train[:95%]) instead of per task"
+    if used == "tail":
+        held = list(range(n_train_episodes(n, train_split), n)) if n else []
+    else:
+        by_task: dict[str, list[int]] = {}
+        for pos, e in enumerate(episodes):
+            by_task.setdefault(e["task"], []).append(pos)
+        held = []
+        for pos in by_task.values():
+            k = n_heldout_of_task(len(pos), train_split)
+            held += pos[len(pos) - k :] if k else []
+        held.sort()
+        single = sorted(t for t, pos in by_task.items() if len(pos) < 2)
+        if single and train_split < 1:
+            note = f"tasks with a single episode keep it for training (none held out): {single}"
+    return {"mode": mode, "used": used, "heldout_episodes": held, "note": note}
+
+
+def split_episodes(manifest: dict, episodes: list[dict], split: str) -> list[dict]:
+    """The episodes of `split` (train / heldout / all) of a cache, in source order, from its manifest."""
+    if split == "all":
+        return list(episodes)
+    held = set(manifest["heldout_episodes"])
+    if split == "heldout":
+        return [e for i, e in enumerate(episodes) if i in held]
+    if split == "train":
+        return [e for i, e in enumerate(episodes) if i not in held]
+    raise ValueError(f"split '{split}': use train, heldout or all")
+
+
 def build_cache(
     rlds_dir: str | Path,
     out_dir: str | Path,
@@ -65,6 +122,7 @@ def build_cache(
     state_key: str = "observation/state",
     extra: dict | None = None,
     transform: str | None = None,
+    heldout: str = "per_task",
 ) -> dict[str, Any]:
     """Read every episode of the TFDS builder dir `rlds_dir` once and write the cache.
 
@@ -73,6 +131,8 @@ def build_cache(
     from .rlds import builder_info, iter_episodes, resolve_builder_dir
 
     resolve_transform(name, transform)
+    if heldout not in HELDOUT_MODES:
+        raise ValueError(f"data.heldout = {heldout!r}: use one of {', '.join(HELDOUT_MODES)}")
     bdir = resolve_builder_dir(rlds_dir)
     info = builder_info(bdir)
     episodes = progress(
@@ -84,7 +144,8 @@ def build_cache(
         d = read_json(done)
         meta["simulator"] = {k: d.get(k) for k in ("camera", "render_size", "max_steps", "seed")}
     return write_cache(
-        episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})}, transform=transform
+        episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})}, transform=transform,
+        heldout=heldout,
     )
 
 
@@ -96,15 +157,19 @@ def write_cache(
     train_split: float = 0.95,
     extra: dict | None = None,
     transform: str | None = None,
+    heldout: str = "per_task",
 ) -> dict[str, Any]:
     """Write the cache from episode dicts (as rlds.iter_episodes yields: images, states, actions,
     env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow.
 
     Actions are stored after the dataset's action transform (`transform` names it, else the
     registry's entry for `name`; see data/transforms.py), and the statistics are computed over the
-    transformed actions of all episodes, as openvla does."""
+    transformed actions of all episodes, as openvla does. `heldout`: which episodes are held out
+    (heldout_split: per_task, or tail = openvla's train[:95%]); recorded in the manifest."""
     t0 = time.time()
     action_transform = resolve_transform(name, transform)
+    if heldout not in HELDOUT_MODES:
+        raise ValueError(f"data.heldout = {heldout!r}: use one of {', '.join(HELDOUT_MODES)}")
     out_dir = Path(out_dir)
     tmp = out_dir / ".build.tmp"
     if tmp.exists():
@@ -138,7 +203,7 @@ def write_cache(
             eps.append(
                 {
                     "index": len(eps),
-                    "task": ep["task"],
+                    "task": ep.get("task") or "",  # "" = no task info (data.heldout falls back to tail)
                     "instruction": ep["instruction"],
                     "start": n,
                     "length": T,
@@ -161,7 +226,9 @@ def write_cache(
     write_json(tmp / "episodes.json", eps)
     write_json(tmp / "instructions.json", list(instructions))
 
-    n_train = n_train_episodes(len(eps), train_split)
+    hsplit = heldout_split(eps, train_split, heldout)
+    held = set(hsplit["heldout_episodes"])
+    n_train = len(eps) - len(held)
     # openvla: statistics over split "all" (every episode, held-out ones included), after the transform
     stats = {name: dataset_statistics(A, P, len(eps))}
 
@@ -179,6 +246,11 @@ def write_cache(
         "num_transitions": n,
         "num_train_episodes": n_train,
         "train_split": train_split,
+        "heldout": hsplit["mode"],
+        "heldout_used": hsplit["used"],
+        "heldout_note": hsplit["note"],
+        "heldout_episodes": hsplit["heldout_episodes"],
+        "heldout_tasks": sorted({eps[i]["task"] for i in held}),
         "action_transform": action_transform.describe(),
         "statistics_episodes": "all",
         "tasks": tasks,
@@ -219,7 +291,8 @@ class CachedDataset:
     """Random access to a cache dir: `ds[i]` -> image, instruction, action, state, env_state, task,
     episode, step. O(1) RAM in dataset size (memmaps; per-episode index only).
 
-    split: "train" (first `train_split` of episodes), "heldout" (the rest) or "all";
+    split: "train", "heldout" (the manifest's `heldout_episodes`: per data.heldout, the last
+    (1 - train_split) of each task's episodes, or openvla's tail) or "all";
     shots=n keeps n episodes per task of the train split, chosen with `seed`.
     """
 
@@ -236,7 +309,8 @@ class CachedDataset:
             raise ValueError(
                 f"{self.cache_dir} is a format-{self.manifest.get('format')} dataset cache; this code "
                 f"reads format {CACHE_FORMAT} (actions transformed per dataset: LIBERO's gripper is "
-                f"1 = open, 0 = close, statistics over all episodes). Rebuild it: delete the folder and "
+                f"1 = open, 0 = close, statistics over all episodes; held-out episodes per data.heldout, "
+                f"recorded in the manifest). Rebuild it: delete the folder and "
                 f"rerun the cache stage (`vlaforget cache --config ...` or the workflow)"
             )
         if split not in ("train", "heldout", "all"):
@@ -246,8 +320,7 @@ class CachedDataset:
         self.name = self.manifest["name"]
         self.split, self.shots, self.seed = split, shots, seed
         all_eps = read_json(self.cache_dir / "episodes.json")
-        n_train = self.manifest["num_train_episodes"]
-        eps = {"train": all_eps[:n_train], "heldout": all_eps[n_train:], "all": all_eps}[split]
+        eps = split_episodes(self.manifest, all_eps, split)
         if shots is not None:
             eps = select_shots(eps, shots, seed)
         self.episodes: list[dict] = eps
@@ -359,12 +432,17 @@ def main(args) -> int:
         sc.get("state_key", "observation/state"),
         extra={"stage_code": sc.get("code")},
         transform=sc.get("transform"),
+        heldout=sc.get("heldout", "per_task"),
     )
+    if m.get("heldout_note"):
+        log.warning("cache %s: %s", m["name"], m["heldout_note"])
     log.info(
-        "cache %s: %d episodes (%d train), %d transitions, %d tasks, actions: %s transform, %.1f s -> %s",
+        "cache %s: %d episodes (%d train, held out %s over %d tasks), %d transitions, %d tasks, actions: %s transform, %.1f s -> %s",
         m["name"],
         m["num_episodes"],
         m["num_train_episodes"],
+        m["heldout_used"],
+        len(m["heldout_tasks"]),
         m["num_transitions"],
         len(m["tasks"]),
         m["action_transform"]["name"],

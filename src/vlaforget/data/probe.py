@@ -1,7 +1,7 @@
 """Probe set: pooled instruction hidden states of the frozen teacher (stage `probe`).
 
 N transitions drawn (seeded, without replacement) from data NO run trains on: the `probe.split` of the
-probe dataset's cache -- `heldout` (default: the episodes after data.train_split) or `train`/`all` of a
+probe dataset's cache -- `heldout` (default: the episodes data.train_split / data.heldout hold out; per_task: of every task) or `train`/`all` of a
 suite outside the study (the stage refuses a split some run trains on). One teacher forward per batch;
 the output of EVERY decoder layer l (forward hooks: the residual stream before any final norm) is
 mean-pooled over the instruction tokens (batch['instruction_mask']).
@@ -171,7 +171,9 @@ def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()
         "n_episodes": None if eps is None else len(eps),
         "tasks": None if eps is None else sorted({e["task"] for e in eps}),
         "trained_on": bool(trained),
-        "what": (f"held-out episodes of {block.get('name')} (after data.train_split)" if split == "heldout"
+        "heldout": getattr(ds, "manifest", {}).get("heldout_used") if split == "heldout" else None,
+        "what": (f"held-out episodes of {block.get('name')} (data.heldout: "
+                 f"{getattr(ds, 'manifest', {}).get('heldout_used')})" if split == "heldout"
                  else f"{split} split of {block.get('name')}, a suite no run trains on"),
     }
 
@@ -247,6 +249,15 @@ def main(args) -> int:
     backend = load_teacher(sc["model"], ds)
     idx = select_indices(len(ds), int(sc["n"]), seed)
     samples = [ds[int(i)] for i in idx]
+    # the tasks the drawn probe transitions cover (source.tasks: those of the split it is drawn from)
+    per_task: dict = {}
+    for smp in samples:
+        per_task[smp.get("task")] = per_task.get(smp.get("task"), 0) + 1
+    source["probe_tasks"] = sorted(per_task, key=str)
+    source["probe_per_task"] = {str(t): per_task[t] for t in source["probe_tasks"]}
+    missing = sorted(set(source["tasks"] or []) - set(per_task), key=str)
+    if missing:
+        log.warning("probe: no sample of tasks %s of the %s split (raise probe.n)", missing, split)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     pooled, empty = pooled_states(backend, samples, int(sc.get("batch_size", 8)), show_progress=True)

@@ -691,7 +691,12 @@ def test_stale_snakemake_lock_of_a_killed_driver_is_cleared_safely(tmp_path):
 def _eval_result(path: Path) -> dict:
     """The eval JSON without its wall-clock parts (timing, worker memory): what a rerun must repeat."""
     out = json.loads(path.read_text())
-    return {k: v for k, v in out.items() if k not in ("timing", "memory", "wall_time_s", "provenance", "versions")}
+    out = {k: v for k, v in out.items()
+           if k not in ("timing", "memory", "wall_time_s", "provenance", "versions", "config_id", "out_file")}
+    # per episode: what the rollout did, not how long it took
+    out["episodes"] = [{k: v for k, v in e.items() if not (k.endswith("_s") or "time" in k)}
+                       for e in out.get("episodes", [])]
+    return out
 
 
 def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_config, tmp_root, tmp_path):

@@ -229,10 +229,13 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
         r["gpu_hours"] += hours
 
     add("probe+icsm", 2, probe_icsm_hours(cfg, gpu, table), serial=True)
-    craft_suites = sorted({parse_run_name(r)["suite"] for r in runs
-                           if method_class(cfg, parse_run_name(r)["method"]) == "craft"})
-    if craft_suites:
-        add("craft_anchors", len(craft_suites), len(craft_suites) * craft_anchor_hours(cfg, gpu, table), serial=True)
+    from .config import anchor_set, parse_shots
+
+    # one anchor cache per suite, and one per few-shot subset a CRaFT run trains on (shots x seed)
+    craft_sets = sorted({anchor_set(p["suite"], parse_shots(p["shots"]), p["seed"])
+                         for p in map(parse_run_name, runs) if method_class(cfg, p["method"]) == "craft"})
+    if craft_sets:
+        add("craft_anchors", len(craft_sets), len(craft_sets) * craft_anchor_hours(cfg, gpu, table), serial=True)
     for r in runs:
         add("train", 1, train_hours(cfg, r, gpu, table, measured_step))
     eval_suites: dict[str, int] = {}  # closed-loop evaluations per suite (the Snakefile's run_eval_suites)

@@ -732,13 +732,15 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
         p.wait()
         return s, alive, ""
 
+    t0 = time.monotonic()
     full, rc, err = run("full")
+    wall = time.monotonic() - t0
     assert rc == 0, err[-2000:]
     ref = _eval_result(Path(full["out_file"]))
     assert ref["n_episodes"] == 4
 
-    # FAULT: kill -9 mid-rollout
-    killed, alive, _ = run("killed", kill_after=8.0)
+    # FAULT: kill -9 mid-rollout (at a third of the uninterrupted run's wall time: the JSON is written last)
+    killed, alive, _ = run("killed", kill_after=0.35 * wall)
     assert alive, "the eval finished before the kill: raise eval.metaworld.max_steps in this test"
     assert not Path(killed["out_file"]).exists()
     _, rc, err = run("killed")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import base_stage, clone, make_cache, make_model, make_teacher_artifacts  # noqa: E402
+from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world  # noqa: E402
 
 from vlaforget.train.loop import run_training  # noqa: E402
 
@@ -18,28 +18,15 @@ HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "p
 THERMO = {"enabled": True, "every": 2, "probe_batch": 24, "warmup_measurements": 1, "metric": "basis",
           "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
           "beta_max": 1.0, "smoothing": 0.0}
-CRAFT = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,
-         "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+CRAFT = CRAFT_TEST
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train") / "data" / "vlaforget"
-    root.mkdir(parents=True)
-    cache = make_cache(root)
-    model = make_model(root)
-    make_teacher_artifacts(root, cache, model)
-    return root, cache, model
+    return teacher_world(tmp_path_factory, "train")
 
 
-def metrics(sc) -> list[dict]:
-    return [json.loads(line) for line in (Path(sc["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(sc) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"))
+metrics, adapter = run_metrics, run_adapter
 
 
 def same_params(a: dict, b: dict) -> bool:
@@ -221,7 +208,7 @@ def test_probe_is_never_in_the_training_data(world):
     from vlaforget.data.probe import cache_rows, check_not_trained_on, load_probe
     from vlaforget.methods.icsm import MethodConfigError
 
-    root, cache, model = world
+    root, cache, _model = world
     probe = load_probe(root / "probe")
     assert probe["split"] == "heldout" and probe["source"]["trained_on"] is False
     assert probe["source"]["tasks"] == ["button-press-v3", "drawer-open-v3"]

@@ -4,37 +4,23 @@ layers a plug-in needs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import base_stage, clone, make_cache, make_model, make_teacher_artifacts
+from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world
 
 from vlaforget.train.loop import StepSampler, run_training
 
-CRAFT = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,
-         "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+CRAFT = CRAFT_TEST
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speed") / "data" / "vlaforget"
-    root.mkdir(parents=True)
-    cache = make_cache(root)
-    model = make_model(root)
-    make_teacher_artifacts(root, cache, model)
-    return root, cache, model
+    return teacher_world(tmp_path_factory, "speed")
 
 
-def metrics(sc) -> list[dict]:
-    return [json.loads(x) for x in (Path(sc["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(sc) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"))
+metrics, adapter = run_metrics, run_adapter
 
 
 def fresh(sc, name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,30 @@ def clone(sc: dict, **over) -> dict:
     out = copy.deepcopy(sc)
     out.update(over)
     return out
+
+
+# CRaFT with a dual variable that moves fast (tests of the loop and of its speed paths)
+CRAFT_TEST = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,
+              "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+
+
+def teacher_world(tmp_path_factory, name: str):
+    """(root, cache, model) with the teacher's probe / ICSM / CRaFT artifacts, under a fresh tmp root."""
+    root = tmp_path_factory.mktemp(name) / "data" / "vlaforget"
+    root.mkdir(parents=True)
+    cache = make_cache(root)
+    model = make_model(root)
+    make_teacher_artifacts(root, cache, model)
+    return root, cache, model
+
+
+def run_metrics(sc) -> list[dict]:
+    """A run's metrics.jsonl records."""
+    return [json.loads(line) for line in (Path(sc["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_adapter(sc) -> dict:
+    """A finished run's adapter tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"))

@@ -11,7 +11,7 @@ import torch
 
 from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world  # noqa: E402
 
-from vlaforget.train.loop import run_training  # noqa: E402
+from vlaforget.train.loop import run_training
 
 HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token", "eps": 1e-12,
        "use_sensitivity_order": True}

@@ -352,18 +352,7 @@ def synthetic_episode(
             carried = True
         if grip == GRIPPER_OPEN and carried:
             carried, obj = False, np.array([pos[0], pos[1], TABLE_Z + 0.03])
-    return {
-        "suite": suite,
-        "task": task,
-        "task_index": task_index,
-        "episode": episode,
-        "file_path": f"{SOURCE_ROOT}/{suite}/{task}_demo.hdf5",
-        "agentview": np.stack(agent),
-        "wrist": np.stack(wrist),
-        "states": np.stack(states),
-        "joint_states": np.stack(joints),
-        "actions": np.stack(actions),
-    }
+    return _episode_record(suite, task, task_index, episode, agent, wrist, states, joints, actions)
 
 
 _YY, _XX = np.mgrid[0:256, 0:256].astype(np.float32)
@@ -461,6 +450,11 @@ def libero_episode(
         a = _script_action(t, T, t_close, t_open, eef, np.asarray(obs[obj_key], np.float64), goal, ep_rng)
         actions.append(a)
         obs, _r, _done, _info = env.step(a.astype(np.float64).tolist())
+    return _episode_record(suite, task, task_index, episode, agent, wrist, states, joints, actions)
+
+
+def _episode_record(suite, task, task_index, episode, agent, wrist, states, joints, actions) -> dict:
+    """One scripted episode as the writer takes it (both sources: synthetic and the LIBERO simulator)."""
     return {
         "suite": suite,
         "task": task,

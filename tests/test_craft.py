@@ -121,3 +121,142 @@ def test_anchors_stage_features_and_determinism(tmp_path, monkeypatch):
     assert torch.allclose(a["features"][2], h[0, 1 : 1 + be.n_image_tokens].mean(0), atol=1e-6)
     # retention loss is 0 for the teacher itself
     assert float(craft.retention_loss(h[:, 1:3].mean(1).detach(), a["features"][2:3])) < 1e-10
+
+
+# ----------------------------------------------------------------------------- fused task + anchor pass
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from train_fixtures import teacher_world
+
+    return teacher_world(tmp_path_factory, "craft_fused")
+
+
+def _one_step_grads(world, fused: bool, precision: str = "fp32", ckpt: bool = True, accum: int = 2):
+    """One CRaFT step (accum micro-batches, then before_step) on the tiny backend: the inputs of
+    conflict_project (g_act, g_ret), the final .grad and the plug-in's statistics."""
+    from unittest import mock
+
+    from train_fixtures import CRAFT_TEST
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.methods.craft import load_anchors
+    from vlaforget.models import load_backend
+    from vlaforget.train.loop import apply_lora, autocast_factory, make_scaler
+    from vlaforget.train.plugins import CraftPlugin, TrainContext, forward_micro
+
+    root, cache, model_dir = world
+    ds = CachedDataset(str(cache), split="train")
+    be = load_backend({"backend": "tiny", "path": str(model_dir), "dtype": "fp32"}, stats=ds.statistics)
+    if ckpt:
+        be.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(be, {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
+                            "layers": "all"}, seed=1)
+    model.train()
+    with torch.no_grad():  # LoRA B starts at zero: move it so g_ret is not all zeros
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    dev = torch.device("cpu")
+    tcfg = {"precision": precision, "batch_size": 3}
+    ctx = TrainContext(backend=be, model=model, device=dev, stage_cfg={"train": tcfg}, trainable=trainable,
+                       autocast=autocast_factory(precision, dev), scaler=make_scaler(tcfg, dev))
+    anchors = load_anchors(root / "artifacts" / "craft")
+    samples = [ds[int(i)] for i in anchors["indices"]]  # the cache's train split holds them
+    plug = CraftPlugin(ctx, dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused), anchors, samples, seed=1)
+    ctx.plugins = {"craft": plug}
+    seen = {}
+    real = craft.conflict_project
+
+    def spy(ga, gr, **kw):
+        seen["g_act"] = [None if g is None else g.clone() for g in ga]
+        seen["g_ret"] = [None if g is None else g.clone() for g in gr]
+        return real(ga, gr, **kw)
+
+    for i in range(accum):
+        batch = be.collate([ds[j] for j in range(3 * i, 3 * i + 3 + i)])  # micro-batches of 3 and 4 samples
+        with ctx.autocast():
+            out = forward_micro(ctx.plugins, be, batch, model, last=i == accum - 1)
+            losses = {"act": be.action_metrics(batch, out.logits)["loss"]}
+        if not plug.backward(losses, 1.0 / accum):
+            loss = losses["act"] / accum
+            (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+    with mock.patch.object(craft, "conflict_project", spy):
+        if ctx.scaler is not None:
+            opt = torch.optim.SGD([p for _, p in trainable], lr=0.0)
+            ctx.scaler.unscale_(opt)
+        plug.before_step()
+    assert plug._split is None and all("forward" not in m.__dict__ for m in model.modules())  # shadows removed
+    return seen, [p.grad.clone() for _, p in trainable], dict(plug._acc), [n for n, _ in trainable]
+
+
+def _close(a, b, rtol, atol):
+    return all((x is None and y is None) or (x is not None and y is not None and torch.allclose(x, y, rtol=rtol, atol=atol))
+               for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("precision,ckpt", [("fp32", True), ("fp32", False), ("fp16", True)])
+def test_fused_task_anchor_pass_gives_the_separate_passes_gradients(teacher, precision, ckpt):
+    """One forward of [task; anchor] rows and one backward (shadow LoRA weights for the anchor rows)
+    gives the g_act, g_ret, projection, λ-sum and statistics of the separate retention forward +
+    autograd.grad, with gradient checkpointing, grad accumulation and fp16 loss scaling."""
+    a_seen, a_grad, a_acc, names = _one_step_grads(teacher, fused=True, precision=precision, ckpt=ckpt)
+    b_seen, b_grad, b_acc, _ = _one_step_grads(teacher, fused=False, precision=precision, ckpt=ckpt)
+    tol = {"rtol": 1e-4, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-4}
+    # parameters after the anchor layer get no retention gradient on either path (None, not zeros)
+    assert [g is None for g in a_seen["g_ret"]] == [g is None for g in b_seen["g_ret"]]
+    assert any(g is None for g in b_seen["g_ret"]) and any(g is not None for g in b_seen["g_ret"])
+    assert _close(a_seen["g_act"], b_seen["g_act"], **tol)
+    assert _close(a_seen["g_ret"], b_seen["g_ret"], **tol)
+    assert _close(a_grad, b_grad, **tol)
+    assert a_acc["L_ret"] == pytest.approx(b_acc["L_ret"], rel=tol["rtol"], abs=1e-7)
+    assert a_acc["grad_dot"] == pytest.approx(b_acc["grad_dot"], rel=10 * tol["rtol"], abs=1e-9)
+    assert a_acc["conflict_ratio"] == b_acc["conflict_ratio"] and a_acc["projection"] == b_acc["projection"]
+    assert float(sum(g.abs().sum() for g in b_seen["g_ret"] if g is not None)) > 0
+
+
+def test_fused_run_matches_the_separate_run(teacher):
+    """Whole runs (3 steps, checkpointing, accum 2): the same logged CRaFT statistics and adapter."""
+    from pathlib import Path
+
+    from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics
+
+    from vlaforget.train.loop import run_training
+
+    root, cache, model = teacher
+    runs = []
+    for fused in (True, False):
+        sc = base_stage(root, cache, model, method_name="craft", max_steps=3, grad_accum=2, batch_size=3,
+                        gradient_checkpointing=True,
+                        method={"craft": dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused)})
+        sc = clone(sc, out_dir=str(Path(sc["out_dir"]).parent / f"fused_{fused}"), run_id=f"fused-{fused}")
+        run_training(sc)
+        runs.append((run_metrics(sc), run_adapter(sc)))
+    (ma, pa), (mb, pb) = runs
+    assert [r["craft_fused"] for r in ma] == [1.0] * 3 and [r["craft_fused"] for r in mb] == [0.0] * 3
+    for ra, rb in zip(ma, mb):
+        for k in ("train_loss", "L_ret", "lambda", "grad_cos"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-7), k
+        assert ra["conflict_ratio"] == rb["conflict_ratio"] and ra["projection"] == rb["projection"]
+    assert pa.keys() == pb.keys() and all(torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6) for k in pa)
+
+
+def test_concat_batches_pads_the_shorter_text():
+    from vlaforget.models.tiny import random_tiny_backend
+
+    be = random_tiny_backend()
+    rows = [{"image": torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), "instruction": instr,
+             "action": torch.zeros(4).numpy()} for instr in ("open the drawer", "press the button from the top")]
+    a, b = be.collate(rows[:1]), be.collate(rows[1:])
+    assert a["input_ids"].shape[1] < b["input_ids"].shape[1]
+    m = be.concat_batches(a, b)
+    t = b["input_ids"].shape[1]
+    assert m["input_ids"].shape == (2, t) and m["action_mask"].shape == (2, t + be.n_image_tokens)
+    with torch.no_grad():  # right padding: the short row's logits are the ones it has alone
+        la = be.forward(a).logits
+        lm = be.forward(m).logits
+    assert torch.allclose(lm[0, : la.shape[1]], la[0], atol=1e-5)
+    assert int(m["attention_mask"][0].sum()) == int(a["attention_mask"][0].sum())
+    assert (m["labels"][0, a["labels"].shape[1]:] == -100).all()

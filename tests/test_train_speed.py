@@ -235,3 +235,40 @@ def test_vectorised_conflict_project_and_combine_match_the_per_tensor_loop(dtype
     for c, o, r in zip(comb, out, gr):
         want = o if r is None else (0.5 * r if o is None else o + 0.5 * r.to(o.dtype))
         assert (c is None and want is None) or torch.equal(c, want)
+
+
+# ----------------------------------------------------------------------------- speed keys
+
+
+def test_fused_optimizer_key_gives_the_same_update(world):
+    """train.fused_optimizer: AdamW's fused kernel; the adapter equals the default's up to rounding."""
+    root, cache, model = world
+    a = fresh(base_stage(root, cache, model, max_steps=3), "fopt_a")
+    b = fresh(base_stage(root, cache, model, max_steps=3, fused_optimizer=True), "fopt_b")
+    run_training(a)
+    run_training(b)
+    pa, pb = adapter(a), adapter(b)
+    assert pa.keys() == pb.keys() and all(torch.allclose(pa[k], pb[k], rtol=1e-5, atol=1e-7) for k in pa)
+
+
+def test_compile_key_compiles_each_decoder_layer(world, monkeypatch):
+    """train.compile: every decoder layer is compiled (eager backend on the CPU: dynamo traces, no
+    code generation) and training gives the uncompiled run's adapter."""
+    from vlaforget.train import speed
+
+    assert speed.compile_backend(False) is None and speed.compile_backend(True) == "inductor"
+    assert speed.compile_backend("eager") == "eager"
+    with pytest.raises(ValueError, match="train.compile"):
+        speed.compile_backend(3)
+    counted = []
+    real = speed.compile_layers
+    monkeypatch.setattr("vlaforget.train.loop.compile_layers",
+                        lambda b, m, v: counted.append(real(b, m, v)) or counted[-1])
+    root, cache, model = world
+    a = fresh(base_stage(root, cache, model, max_steps=2), "comp_a")
+    b = fresh(base_stage(root, cache, model, max_steps=2, compile="eager"), "comp_b")
+    run_training(a)
+    run_training(b)
+    assert counted == [0, 8]  # the tiny test model's 8 decoder layers
+    pa, pb = adapter(a), adapter(b)
+    assert all(torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6) for k in pa)

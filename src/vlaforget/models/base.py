@@ -83,6 +83,10 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+# text-length keys of a collated action batch and their padding values (right padding; input_ids: the pad id)
+PAD_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "instruction_mask": False, "action_mask": False}
+
+
 class _StopForward(Exception):
     """Raised by hidden_states_at's last hook: the rest of the forward is not needed."""
 
@@ -287,6 +291,25 @@ class VLABackend:
         forward stops after the last of them. Index 0 = the decoder's input embeddings, i = decoder
         layer i-1's output, num_layers = the final norm's output. Works with and without grad."""
         m = self.model if model is None else model
+        L = len(self.decoder_layers(m))
+        with self.capture_hidden_states(indices, model=m, stop_after=True) as got:
+            try:
+                self.forward(batch, model=m)
+            except _StopForward:
+                pass
+        want = sorted({int(i) % (L + 1) for i in indices})
+        missing = [i for i in want if i not in got]
+        if missing:
+            raise RuntimeError(f"hidden states {missing} were not produced by the forward pass")
+        return {int(i): got[int(i) % (L + 1)] for i in indices}
+
+    @contextmanager
+    def capture_hidden_states(self, indices: Sequence[int], model: nn.Module | None = None,
+                              stop_after: bool = False):
+        """Context: forward hooks put hidden_states[i] (same indexing as `hidden_states_at`) into the
+        yielded dict {i % (num_layers + 1): tensor} during the forwards run inside it; stop_after
+        raises _StopForward once the last of them is produced. The hooks are removed on exit."""
+        m = self.model if model is None else model
         layers = self.decoder_layers(m)
         L = len(layers)
         want = sorted({int(i) % (L + 1) for i in indices})
@@ -295,7 +318,7 @@ class VLABackend:
 
         def keep(i, t):
             got[i] = t[0] if isinstance(t, tuple) else t
-            if i == last:
+            if stop_after and i == last:
                 raise _StopForward
 
         handles = []
@@ -310,17 +333,27 @@ class VLABackend:
                 else:
                     handles.append(_final_norm(m, layers).register_forward_hook(
                         lambda mod, a, out, i=i: keep(i, out)))
-            try:
-                self.forward(batch, model=m)
-            except _StopForward:
-                pass
+            yield got
         finally:
             for h in handles:
                 h.remove()
-        missing = [i for i in want if i not in got]
-        if missing:
-            raise RuntimeError(f"hidden states {missing} were not produced by the forward pass")
-        return {int(i): got[int(i) % (L + 1)] for i in indices}
+
+    def concat_batches(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict:
+        """One batch with a's rows then b's (two `collate` batches): the text-length keys right-padded
+        to the longer of the two (pad token, mask 0, label -100), so each row's forward is the one
+        it has alone (causal attention, padding masked)."""
+        if a.keys() != b.keys():
+            raise ValueError(f"concat_batches: keys differ {sorted(a)} vs {sorted(b)}")
+        out = {}
+        for k in a:
+            x, y = a[k], b[k]
+            if k in PAD_KEYS and x.shape[1] != y.shape[1]:
+                fill = self.pad_id if k == "input_ids" else PAD_KEYS[k]
+                t = max(x.shape[1], y.shape[1])
+                x, y = (torch.cat([z, z.new_full((z.shape[0], t - z.shape[1], *z.shape[2:]), fill)], 1)
+                        if z.shape[1] < t else z for z in (x, y))
+            out[k] = torch.cat([x, y.to(x.device)], 0)
+        return out
 
     def lm_loss(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """Next-token CE over the labelled text positions (action tokens + </s>, or VQA answers)."""

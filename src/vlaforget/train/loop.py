@@ -25,7 +25,8 @@ from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, s
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
-from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext
+from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext, forward_micro
+from .speed import compile_layers, make_optimizer
 
 log = logging.getLogger("vlaforget.train")
 
@@ -196,6 +197,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     if tcfg.get("gradient_checkpointing"):
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(backend, tcfg["lora"], int(sc["seed"]))
+    compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
@@ -211,8 +213,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     ctx.plugins = plugins
 
     # --- optimizer, schedule, loss scaling
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=float(tcfg["lr"]),
-                                  weight_decay=float(tcfg.get("weight_decay", 0.0)))
+    optimizer = make_optimizer([p for _, p in trainable], tcfg)  # train.fused_optimizer
     scheduler = make_schedule(optimizer, tcfg)
     scaler = make_scaler(tcfg, device)  # CRaFT scales its retention backward with the same scaler
     ctx.scaler = scaler
@@ -280,7 +281,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             sync = contextlib.nullcontext() if (dist.world == 1 or micro == accum - 1) else model.no_sync()
             with sync:
                 with autocast():
-                    out = backend.forward(batch, model=model)
+                    out = forward_micro(plugins, backend, batch, model, last=micro == accum - 1)
                     metrics = backend.action_metrics(batch, out.logits)
                     losses = {"act": metrics["loss"]}
                     for p in plugins.values():

@@ -43,6 +43,12 @@ class Plugin:
     def needs_hidden_states(self) -> bool:
         return False
 
+    def forward(self, batch, model, last: bool):
+        """Run the micro-batch's forward itself (e.g. CRaFT's fused task + anchor forward) and return
+        an object with .logits for the task rows, or None for the loop's plain forward. `last`: the
+        step's last micro-batch."""
+        return None
+
     def backward(self, losses: dict, scale: float) -> bool:
         return False
 
@@ -74,6 +80,15 @@ class Plugin:
 
     def close(self) -> None:
         pass
+
+
+def forward_micro(plugins: dict, backend, batch, model, last: bool):
+    """The micro-batch's forward: the first plug-in that runs it itself (CRaFT fused), else the plain one."""
+    for p in plugins.values():
+        out = p.forward(batch, model, last)
+        if out is not None:
+            return out
+    return backend.forward(batch, model=model)
 
 
 # ----------------------------------------------------------------------------- HSW
@@ -325,26 +340,86 @@ class CraftPlugin(Plugin):
         # anchors per retention step: method.craft.anchor_batch_size (the seeds' craft.anchor_batch_size),
         # independent of the training micro-batch; `batch_size` is only the fallback when unset
         self.batch = int(cfg.get("anchor_batch_size") or batch_size or 8)
+        # one forward of [task; anchor] rows and one backward (train/lora_split.py) instead of a
+        # separate retention forward + backward; the same gradients (tests/test_craft.py)
+        self.fused = bool(cfg.get("fused_forward", True))
+        self._split = None  # LoraRowSplit while a fused step is between its forward and before_step
+        self._pending = None
         self.overflow = False
         self.gen = torch.Generator().manual_seed(int(seed) + 104729)
         self._logs: dict = {}
         self._acc: dict = {}
 
-    def retention_loss(self) -> torch.Tensor:
-        """L_ret = MSE(student feature, cached teacher feature) on a fresh anchor mini-batch."""
-        from ..methods.craft import pool_features
-
+    def _draw(self) -> tuple[list[int], dict]:
+        """A fresh anchor mini-batch: (indices, collated batch)."""
         n = len(self.samples)
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
-        abatch = self.ctx.backend.collate([self.samples[i] for i in idx])
+        return idx, self.ctx.backend.collate([self.samples[i] for i in idx])
+
+    def _loss(self, idx: list[int], abatch: dict, hs: torch.Tensor) -> torch.Tensor:
+        from ..methods.craft import pool_features
+
+        feat = pool_features(hs.float(), abatch, self.pooling, self.ctx.backend.n_image_tokens)
+        target = self.features[idx].to(feat.device)
+        return torch.nn.functional.mse_loss(feat, target)
+
+    def retention_loss(self) -> torch.Tensor:
+        """L_ret = MSE(student feature, cached teacher feature) on a fresh anchor mini-batch."""
+        idx, abatch = self._draw()
         # the unwrapped model: this backward is ours, not DDP's (g_ret is all-reduced below)
         model = self.ctx.model.module if hasattr(self.ctx.model, "module") and self.ctx.world_size > 1 \
             else self.ctx.model
         with self.ctx.autocast():  # the anchor layer's states only; the forward stops there
             hs = self.ctx.backend.hidden_states_at(abatch, [self.layer], model=model)[self.layer]
-        feat = pool_features(hs.float(), abatch, self.pooling, self.ctx.backend.n_image_tokens)
-        target = self.features[idx].to(feat.device)
-        return torch.nn.functional.mse_loss(feat, target)
+        return self._loss(idx, abatch, hs)
+
+    def fused_active(self) -> bool:
+        """The fused path: one process (g_ret's all-reduce is the separate path's) and no HSW (its
+        surgery hooks would act on the anchor rows' gradient too)."""
+        return self.fused and self.ctx.world_size == 1 and "hsw" not in self.ctx.plugins
+
+    def forward(self, batch, model, last: bool):
+        """Fused step (last micro-batch): the anchor rows ride along in the task forward; their
+        anchor-layer states are caught by a hook, the LoRA layers route them through shadows."""
+        if not (last and self.fused_active()):
+            return None
+        from types import SimpleNamespace
+
+        from .lora_split import LoraRowSplit
+
+        backend = self.ctx.backend
+        idx, abatch = self._draw()
+        k, n_img = int(batch["input_ids"].shape[0]), int(backend.n_image_tokens)
+        merged = backend.concat_batches(batch, abatch)
+        self._split = LoraRowSplit(model, self.ctx.trainable, k, int(merged["input_ids"].shape[0]))
+        with backend.capture_hidden_states([self.layer], model=model) as got:
+            out = backend.forward(merged, model=model)
+        hs = got[self.layer % (backend.num_layers + 1)]
+        self._pending = (idx, abatch, hs[k:, : abatch["input_ids"].shape[1] + n_img])
+        return SimpleNamespace(logits=out.logits[:k, : batch["input_ids"].shape[1] + n_img])
+
+    def backward(self, losses: dict, scale: float) -> bool:
+        """Fused step: ONE backward of L_act / accum + L_ret; g_act lands in .grad, g_ret in the shadows."""
+        if self._pending is None:
+            return False
+        idx, abatch, hs = self._pending
+        l_ret = self._loss(idx, abatch, hs)
+        self._pending = l_ret.detach()
+        total = losses["act"] * scale + l_ret
+        (self.ctx.scaler.scale(total) if self.ctx.scaler is not None else total).backward()
+        return True
+
+    def _fused_retention_grads(self, params) -> tuple[torch.Tensor, list]:
+        """(L_ret, g_ret) of the fused step, shadows removed. Parameters after the anchor layer get
+        None, as autograd.grad(allow_unused=True) gives them on the separate path (L_ret does not
+        reach them; the fused backward leaves zeros in their shadows)."""
+        split, self._split = self._split, None
+        l_ret, self._pending = self._pending, None
+        grads = split.shadow_grads()
+        split.close()
+        layers = self.ctx.backend.decoder_layers(self.ctx.model)
+        after = {id(q) for layer in list(layers)[self.layer % (len(layers) + 1):] for q in layer.parameters()}
+        return l_ret, [None if id(p) in after else g for p, g in zip(params, grads)]
 
     def before_step(self) -> None:
         """g_act = the step's accumulated action gradient; g_ret from the retention loss; if they
@@ -352,14 +427,20 @@ class CraftPlugin(Plugin):
         from ..methods.craft import combine, conflict_project
 
         params = [p for _, p in self.ctx.trainable]
-        l_ret = self.retention_loss()
         scaler = self.ctx.scaler  # fp16: the retention backward is loss-scaled like the action one
-        if scaler is not None:
-            inv = 1.0 / float(scaler.get_scale())
-            g_ret = [None if g is None else g * inv
-                     for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
+        if self._split is not None:  # fused: g_ret is already there (scaled like the action gradient)
+            l_ret, g_ret = self._fused_retention_grads(params)
+            if scaler is not None:
+                inv = 1.0 / float(scaler.get_scale())
+                g_ret = [None if g is None else g * inv for g in g_ret]
         else:
-            g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
+            l_ret = self.retention_loss()
+            if scaler is not None:
+                inv = 1.0 / float(scaler.get_scale())
+                g_ret = [None if g is None else g * inv
+                         for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
+            else:
+                g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
         if self.ctx.world_size > 1:
             for g in g_ret:
                 if g is not None:
@@ -393,7 +474,7 @@ class CraftPlugin(Plugin):
         before = self.lmbda
         if self.dual and a:
             self.lmbda = float(dual_update(self.lmbda, a["L_ret"], self.eps_budget, self.lambda_lr))
-        self._logs = {"L_ret": a.get("L_ret"), "lambda": self.lmbda,
+        self._logs = {"L_ret": a.get("L_ret"), "lambda": self.lmbda, "craft_fused": float(self.fused_active()),
                       "lambda_before": before, "lambda_after": self.lmbda, "epsilon": self.eps_budget,
                       "grad_dot": a.get("grad_dot"), "grad_cos": a.get("grad_cos"),
                       "projection": a.get("projection"), "conflict_ratio": a.get("conflict_ratio"),

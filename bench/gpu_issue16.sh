@@ -3,6 +3,7 @@
 # (bf16 = 4090 profile, fp16 = V100 profile), the plain-PEFT reference in the same run.
 # Usage on the GPU machine, from the repo root:  bash bench/gpu_issue16.sh OUTDIR [PART]
 #   PART: all (default) | bf16 | fp16 | sweep (CRaFT anchor batch, Thermostat chunk, CRaFT profile) | final | overhead
+#         | speed (session 6: CRaFT fused vs separate pass, fused AdamW, torch.compile, beside baseline / method / reference)
 set -uo pipefail
 OUT=${1:-/tmp/bench-out}
 PART=${2:-all}
@@ -44,4 +45,11 @@ fi
 if [ "$PART" = overhead ]; then  # baseline vs method only, more timed steps (the overhead target)
   python3 -m vlaforget.cli bench train ${COMMON/--thermostat-every 4/--thermostat-every 10} --precision bf16 --num-workers ${WORKERS:-4} \
     --thermostat-chunk 32 --methods baseline,icsm_hsw_thermostat --json "$OUT/train_overhead.json" 2>&1 | grep -v "Loading weights" | tail -40
+fi
+if [ "$PART" = speed ]; then  # one invocation: before (craft+separate = the old CRaFT pass) and after, the speed keys
+  # each variant builds its own model; a failing variant (e.g. +compile) is recorded as an error and the
+  # JSON is rewritten after every variant, so a run cut by its time limit keeps what it measured
+  timeout ${LIMIT:-300} python3 -m vlaforget.cli bench train $COMMON --precision bf16 --num-workers ${WORKERS:-4} --thermostat-chunk 32 \
+    --methods ${VARIANTS:-baseline,craft+separate,craft,peft_reference,icsm_hsw_thermostat,baseline+fused_optimizer,baseline+no_input_cast,baseline+compile} \
+    --json "$OUT/train_speed.json" 2>&1 | grep -v -E "Loading weights|FutureWarning|warnings.warn" | tail -60
 fi

@@ -272,3 +272,30 @@ def test_compile_key_compiles_each_decoder_layer(world, monkeypatch):
     assert counted == [0, 8]  # the tiny test model's 8 decoder layers
     pa, pb = adapter(a), adapter(b)
     assert all(torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6) for k in pa)
+
+
+def test_lora_input_cast_off_is_bit_identical_under_autocast(world):
+    """train.lora_input_cast false (bf16 autocast): peft's LoRA layers skip the fp32 upcast of their
+    input; the adapter is the same to the bit (bf16 -> fp32 -> bf16 is exact)."""
+    import peft
+
+    from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.train.loop import apply_lora
+    from vlaforget.train.speed import skip_lora_input_cast
+
+    lcfg = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp"], "layers": "all"}
+    m = apply_lora(random_tiny_backend(), lcfg, seed=0)
+    assert skip_lora_input_cast(m, {"lora_input_cast": True, "precision": "bf16"}) == 0
+    assert skip_lora_input_cast(m, {"lora_input_cast": False, "precision": "fp32"}) == 0  # no autocast: keep
+    n = skip_lora_input_cast(m, {"lora_input_cast": False, "precision": "bf16"})
+    if n == 0:
+        pytest.skip(f"peft {peft.__version__} has no input-cast switch")
+    assert n == 8 * 7 and all(not x.cast_input_dtype_enabled for x in m.modules() if hasattr(x, "lora_A"))
+    root, cache, model = world
+    a = fresh(base_stage(root, cache, model, max_steps=2, precision="bf16"), "cast_a")
+    b = fresh(base_stage(root, cache, model, max_steps=2, precision="bf16", lora_input_cast=False), "cast_b")
+    run_training(a)
+    run_training(b)
+    pa, pb = adapter(a), adapter(b)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [r["train_loss"] for r in metrics(a)] == [r["train_loss"] for r in metrics(b)]

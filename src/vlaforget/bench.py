@@ -137,111 +137,158 @@ def bench_icsm(args) -> dict:
 
 
 def bench_train(args) -> dict:
-    """Step time and peak memory of each method with the real training loop."""
-    from .methods.craft import anchor_features
-    from .train.loop import run_training
-
+    """Step time and peak memory of each method with the real training loop. --methods takes
+    variants: a method (baseline, icsm_hsw_thermostat, craft, peft_reference) with modifiers
+    `+fused_optimizer` (train.fused_optimizer), `+compile` (train.compile), `+separate` (CRaFT's
+    separate retention pass, method.craft.fused_forward false), `+no_input_cast` (train.lora_input_cast false)."""
     results = {}
     rank = int(os.environ.get("RANK", "0"))
     methods = args.methods.split(",")
-    for method in methods:
+    for variant in methods:  # checked before anything runs
+        bad = set(variant.split("+")[1:]) - set(VARIANT_MODS)
+        if bad:
+            raise SystemExit(f"bench train: unknown variant modifier(s) {sorted(bad)} in '{variant}': use {VARIANT_MODS}")
+    for variant in methods:
+        method, *mods = variant.split("+")  # e.g. baseline+fused_optimizer+compile, craft+separate
         if method == "peft_reference":
             if rank == 0:
-                results[method] = bench_peft_reference(args)
-                log.info("%s: %s", method, results[method])
+                results[variant] = bench_peft_reference(args)
+                log.info("%s: %s", variant, results[variant])
+                _write_partial(args, results)
             continue
-        torch.manual_seed(0)
-        gc.collect()  # the previous method's model (hooks make reference cycles) must be gone
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        backend = make_backend(args.shape, args.layers, args.precision)
-        for p in backend.model.parameters():
-            p.requires_grad_(False)
-        ds = SyntheticDataset(4096)
-        mcfg = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
-        given = {}
-        if method == "icsm_hsw_thermostat":
-            mcfg["hsw"] = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
-                           "eps": 1e-12, "use_sensitivity_order": True}
-            mcfg["thermostat"] = {"enabled": True, "every": args.thermostat_every, "probe_batch": 64,
-                                  "warmup_measurements": 2, "metric": "basis", "threshold_sigmas": 2.0,
-                                  "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
-                                  "beta_max": 1.0, "smoothing": 0.5, "probe_chunk": args.thermostat_chunk}
-            given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
-        elif method == "craft":
-            mcfg["craft"] = {"enabled": True, "epsilon": 0.05, "lambda_init": 0.0, "lambda_lr": 0.01,
-                             "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens",
-                             "anchor_batch_size": args.anchor_batch}
-            asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
-            backend.set_stats(ds.statistics)
-            adt = torch.float16 if args.precision == "fp16" else torch.bfloat16
-            with torch.no_grad(), torch.autocast("cuda", dtype=adt, enabled=_device().startswith("cuda")):
-                feats = anchor_features(backend, asamples, -2, 8)
-            given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
-                                "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}
-            given["anchor_samples"] = asamples
-        tmp = Path(tempfile.mkdtemp(prefix="vlaforget-bench-"))
-        sc = {"stage": "train", "root": str(tmp), "run_name": f"bench__{method}", "run_id": f"bench-{method}",
-              "method_name": method, "suite": "synthetic", "shots": None, "seed": 0,
-              "model": {"backend": "tiny", "base": "7b-shape"}, "dataset": {"name": "synthetic"},
-              "method": mcfg, "out_dir": str(tmp / "run"), "icsm_dir": args.icsm_dir,
-              "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum,
-                        "lr": 5e-4, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                        "max_grad_norm": None, "precision": args.precision,
-                        "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
-                        "save_steps": 10**9, "log_every": 1, "num_workers": args.num_workers, "use_wandb": False,
-                        "eval_every": 0, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16),
-                                                  "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
-                                                  "layers": "all"}}}
-        os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
+        try:
+            res = _bench_variant(args, method, mods, variant, rank)
+        except Exception as e:  # a variant that fails (e.g. torch.compile) is recorded, the others still run
+            log.exception("%s failed", variant)
+            res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if rank == 0 and res is not None:
+            results[variant] = res
+            _write_partial(args, results)
+    return _summary(args, results)
+
+
+VARIANT_MODS = ("fused_optimizer", "compile", "separate", "no_input_cast")
+
+
+def _write_partial(args, results) -> None:
+    """The results so far (a run cut short by its time limit keeps what it measured)."""
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
+        Path(args.json).write_text(json.dumps(_summary(args, results), indent=2))
+
+
+def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> dict | None:
+    from .methods.craft import anchor_features
+    from .train.loop import run_training
+
+    torch.manual_seed(0)
+    gc.collect()  # the previous method's model (hooks make reference cycles) must be gone
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    backend = make_backend(args.shape, args.layers, args.precision)
+    for p in backend.model.parameters():
+        p.requires_grad_(False)
+    ds = SyntheticDataset(4096)
+    mcfg = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
+    given = {}
+    if method == "icsm_hsw_thermostat":
+        mcfg["hsw"] = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
+                       "eps": 1e-12, "use_sensitivity_order": True}
+        mcfg["thermostat"] = {"enabled": True, "every": args.thermostat_every, "probe_batch": 64,
+                              "warmup_measurements": 2, "metric": "basis", "threshold_sigmas": 2.0,
+                              "gain": 1.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
+                              "beta_max": 1.0, "smoothing": 0.5, "probe_chunk": args.thermostat_chunk}
+        given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
+    elif method == "craft":
+        mcfg["craft"] = {"enabled": True, "epsilon": 0.05, "lambda_init": 0.0, "lambda_lr": 0.01,
+                         "dual": True, "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens",
+                         "anchor_batch_size": args.anchor_batch}
+        asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
         backend.set_stats(ds.statistics)
-        seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
-        if args.profile:
-            prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
-                                  run_training(sc, backend=b, dataset=ds, teacher_inputs=given))
-            if args.json and rank == 0:
-                Path(f"{args.json}.profile_{method}.txt").write_text(prof_text)
-        else:
-            run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
-        reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
-        recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
-        timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
-        if rank == 0:
-            results[method] = {
-                "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
-                "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
-                "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
-                "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
-                "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
-                "thermostat_measurements": sum("drift_d" in r for r in recs)}
-            ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
-            if ttimes:
-                per = float(np.median(ttimes))
-                results[method]["thermostat_time_s_median"] = per
-                results[method]["thermostat_every_config"] = args.amortise_every
-                # the K-step measurement amortised over K (config thermostat.every), on top of the
-                # median of the steps without a measurement
-                plain = [r["step_time_s"] for r in recs if r["step"] > args.warmup and "thermostat_time_s" not in r]
-                results[method]["step_time_s_median_no_measure"] = float(np.median(plain))
-                results[method]["step_time_s_amortised"] = float(np.median(plain)) + per / args.amortise_every
-            log.info("%s: %s", method, results[method])
-        del backend
-        gc.collect()
+        adt = torch.float16 if args.precision == "fp16" else torch.bfloat16
+        with torch.no_grad(), torch.autocast("cuda", dtype=adt, enabled=_device().startswith("cuda")):
+            feats = anchor_features(backend, asamples, -2, 8)
+        given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
+                            "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}
+        given["anchor_samples"] = asamples
+    if method == "craft":
+        mcfg["craft"]["fused_forward"] = "separate" not in mods
+    tmp = Path(tempfile.mkdtemp(prefix="vlaforget-bench-"))
+    sc = {"stage": "train", "root": str(tmp), "run_name": f"bench__{method}", "run_id": f"bench-{method}",
+          "method_name": method, "suite": "synthetic", "shots": None, "seed": 0,
+          "model": {"backend": "tiny", "base": "7b-shape"}, "dataset": {"name": "synthetic"},
+          "method": mcfg, "out_dir": str(tmp / "run"), "icsm_dir": args.icsm_dir,
+          "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum,
+                    "lr": 5e-4, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                    "max_grad_norm": None, "precision": args.precision,
+                    "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
+                    "fused_optimizer": "fused_optimizer" in mods, "compile": "compile" in mods,
+                    "lora_input_cast": "no_input_cast" not in mods,
+                    "save_steps": 10**9, "log_every": 1, "num_workers": args.num_workers, "use_wandb": False,
+                    "eval_every": 0, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16),
+                                              "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
+                                              "layers": "all"}}}
+    os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
+    backend.set_stats(ds.statistics)
+    seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
+    if args.profile:
+        prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
+                              run_training(sc, backend=b, dataset=ds, teacher_inputs=given))
+        if args.json and rank == 0:
+            Path(f"{args.json}.profile_{variant}.txt").write_text(prof_text)
+    else:
+        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+    res = None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+    recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
+    if rank == 0:
+        res = {
+            "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
+            "step_times_s": [round(float(t), 4) for t in timed], "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
+            "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
+            "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
+            "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
+            "thermostat_measurements": sum("drift_d" in r for r in recs)}
+        ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
+        if ttimes:
+            per = float(np.median(ttimes))
+            res["thermostat_time_s_median"] = per
+            res["thermostat_every_config"] = args.amortise_every
+            # the K-step measurement amortised over K (config thermostat.every), on top of the
+            # median of the steps without a measurement
+            plain = [r["step_time_s"] for r in recs if r["step"] > args.warmup and "thermostat_time_s" not in r]
+            res["step_time_s_median_no_measure"] = float(np.median(plain))
+            res["step_time_s_amortised"] = float(np.median(plain)) + per / args.amortise_every
+        log.info("%s: %s", variant, res)
+    del backend
+    gc.collect()
+    return res if rank == 0 else None
+
+
+def _summary(args, results: dict) -> dict:
     out = {"bench": "train", "shape": args.shape, "device": _device_name(), "world_size":
            int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
            "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,
            "anchor_batch": args.anchor_batch, "num_workers": args.num_workers, **_versions(),
            "warmup_excluded": args.warmup, "methods": results}
-    if "baseline" in results:
-        base = results["baseline"]["step_time_s_median"]
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    if "baseline" in ok:
+        base = ok["baseline"]["step_time_s_median"]
         out["overhead_vs_baseline"] = {
-            m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in results.items()}
+            m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in ok.items()}
         out["peak_mem_vs_baseline_gib"] = {
-            m: r.get("peak_mem_gib", 0.0) - results["baseline"]["peak_mem_gib"] for m, r in results.items()}
-        if "peft_reference" in results:
+            m: r.get("peak_mem_gib", 0.0) - ok["baseline"]["peak_mem_gib"] for m, r in ok.items()}
+        if "peft_reference" in ok:
             out["baseline_vs_peft_reference_samples_per_s"] = (
-                results["baseline"]["samples_per_s"] / results["peft_reference"]["samples_per_s"])
+                ok["baseline"]["samples_per_s"] / ok["peft_reference"]["samples_per_s"])
+    if "peft_reference" in ok:  # every variant's throughput against the reference (issue 16: >= 1.3)
+        out["samples_per_s_vs_peft_reference"] = {
+            m: r["samples_per_s"] / ok["peft_reference"]["samples_per_s"] for m, r in ok.items()
+            if "samples_per_s" in r}
     return out
 
 

@@ -26,7 +26,7 @@ from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext, forward_micro
-from .speed import compile_layers, make_optimizer
+from .speed import compile_layers, make_optimizer, skip_lora_input_cast
 
 log = logging.getLogger("vlaforget.train")
 
@@ -197,6 +197,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     if tcfg.get("gradient_checkpointing"):
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(backend, tcfg["lora"], int(sc["seed"]))
+    skip_lora_input_cast(model, tcfg)  # train.lora_input_cast false
     compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

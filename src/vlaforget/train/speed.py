@@ -1,7 +1,9 @@
 """Speed settings of the training loop that leave the math alone (docs/benchmarks.md, issue 16):
-`train.fused_optimizer` (AdamW's fused kernel: one launch for all LoRA tensors) and `train.compile`
-(torch.compile of each decoder layer: fused element-wise work, the layers share one compiled graph).
-Each is measured by `vlaforget bench train --methods baseline+fused_optimizer,baseline+compile`."""
+`train.fused_optimizer` (AdamW's fused kernel: one launch for all LoRA tensors), `train.compile`
+(torch.compile of each decoder layer: fused element-wise work, the layers share one compiled graph)
+and `train.lora_input_cast` (false: peft's LoRA layers skip the upcast of their bf16/fp16 input to the
+fp32 LoRA weights' dtype, which autocast casts straight back: bit-identical, two full-size copies
+fewer per LoRA layer). Each is measured by `vlaforget bench train --methods baseline+<modifier>`."""
 
 from __future__ import annotations
 
@@ -42,3 +44,23 @@ def compile_layers(backend, model, value) -> int:
         layer.compile(backend=name)
     log.info("train.compile: %d decoder layers compiled with torch.compile(backend=%s)", len(layers), name)
     return len(layers)
+
+
+def skip_lora_input_cast(model, tcfg: dict) -> int:
+    """train.lora_input_cast false (bf16/fp16 autocast only): switch off peft's input upcast in every
+    LoRA layer. Exact: a bf16/fp16 value upcast to fp32 and cast back by autocast is itself, so the
+    matmuls see the same inputs. Returns the number of layers switched (0 when the key is on, the
+    precision is fp32, or the installed peft has no such switch, e.g. peft 0.11: then it warns)."""
+    if tcfg.get("lora_input_cast", True) or tcfg.get("precision", "fp32") not in ("bf16", "fp16"):
+        return 0
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "_cast_input_dtype"):
+            m.cast_input_dtype_enabled = False
+            n += 1
+    if n == 0:
+        import peft
+
+        log.warning("train.lora_input_cast: false has no effect with peft %s (no input-cast switch; peft >= 0.14 "
+                    "has one)", peft.__version__)
+    return n

@@ -145,3 +145,28 @@ def test_plan_counts_the_jobs_snakemake_would_run(tmp_path, overlays, target):
     for rule in ("train", "eval", "forgetting", "craft_anchors"):
         assert int(stats[rule]) == p["rules"][rule]["jobs"], rule
     assert int(stats["probe"]) + int(stats["icsm"]) == p["rules"]["probe+icsm"]["jobs"]
+    # the dry-run itself prints the plan of this config on the profile's GPU (one RTX 4090)
+    c = load_config(REPO / "config" / "config.yaml", *[REPO / o for o in overlays])
+    want = plan.make_plan(c, "rtx4090", 1)
+    assert "vlaforget plan for this dry-run (profile 4090)" in out
+    assert f"| **total** | | **{want['total_gpu_hours']:.1f}** |" in out
+    assert f"wall-clock >= {want['wall_clock_days']:.1f} days on 1 GPU(s)" in out
+
+
+def test_dry_run_summary_of_a_gpu_profile():
+    """The plan figure a dry-run prints: only for dry-runs of profiles with a GPU model and count,
+    the same table as `vlaforget plan` for the invocation's merged config."""
+    c = cfg("profile_4090.yaml", "pilot.yaml")
+    argv = ["snakemake", "-n", "--profile", "profiles/4090", "--configfiles", "config/pilot.yaml"]
+    text = plan.dry_run_summary(c, argv, {}, repo=REPO)
+    want = plan.make_plan(c, "rtx4090", 1)
+    assert text == plan.format_plan(want, "vlaforget plan for this dry-run (profile 4090)")
+    assert f"**{want['total_gpu_hours']:.1f}**" in text and "rtx4090 x 1" in text
+    v = cfg("profile_v100x8.yaml")
+    t8 = plan.dry_run_summary(v, ["snakemake", "--dry-run", "--profile=profiles/v100x8"], {}, repo=REPO)
+    assert f"**{plan.make_plan(v, 'v100', 8)['total_gpu_hours']:.1f}**" in t8 and "v100 x 8" in t8
+    assert plan.dry_run_summary(c, ["snakemake", "-pn"], {"SNAKEMAKE_PROFILE": "profiles/4090"}, repo=REPO) == text
+    assert plan.dry_run_summary(c, ["snakemake", "--profile", "profiles/4090"], {}, repo=REPO) is None  # a real run
+    assert plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/demo"], {}, repo=REPO) is None  # no GPU
+    assert plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/slurm"], {}, repo=REPO) is None  # no gpu=N
+    assert plan.dry_run_summary(c, ["snakemake", "-n"], {}, repo=REPO) is None

@@ -277,6 +277,42 @@ def format_plan(p: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def profile_from_argv(argv: list[str], environ: dict | None = None) -> str | None:
+    """The Snakemake profile of this invocation: --profile X / --profile=X, else $SNAKEMAKE_PROFILE."""
+    for i, a in enumerate(argv):
+        if a == "--profile" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--profile="):
+            return a.split("=", 1)[1]
+    return (environ or {}).get("SNAKEMAKE_PROFILE") or None
+
+
+def is_dry_run(argv: list[str]) -> bool:
+    short = {c for a in argv if a.startswith("-") and not a.startswith("--") for c in a[1:]}
+    return "n" in short or any(a in ("--dry-run", "--dryrun") for a in argv)
+
+
+def dry_run_summary(cfg: dict, argv: list[str], environ: dict | None = None, repo: str | Path = ".") -> str | None:
+    """The plan table for a Snakemake dry-run of a GPU profile (the workflow prints it at parse time):
+    the configured study (`cfg` = the merged config of this invocation) on the profile's GPU model and
+    count. None when this is not a dry-run or the profile names no GPU model / count (demo, ci, a
+    cluster without gpu=N): `vlaforget plan --gpus N` covers those."""
+    prof_dir = profile_from_argv(argv, environ)
+    if not is_dry_run(argv) or not prof_dir:
+        return None
+    d = Path(prof_dir)
+    if not d.is_absolute() and not d.exists():
+        d = Path(repo) / d
+    try:
+        prof = read_profile(d)
+    except PlanError:
+        return None
+    if not prof["gpu_model"] or not prof["gpus"] or prof["gpu_model"] not in GPU_TFLOPS:
+        return None
+    p = make_plan(cfg, prof["gpu_model"], prof["gpus"])
+    return format_plan(p, f"vlaforget plan for this dry-run (profile {prof['name']})")
+
+
 def add_args(p):
     p.add_argument("--profile", required=True, help="Snakemake profile directory (profiles/4090)")
     p.add_argument("--configfiles", nargs="*", default=None,

@@ -439,6 +439,14 @@ if workflow.is_main_process:
         print(f"vlaforget: warning: {_p}", file=sys.stderr)
     freshness.sync_all(((cfg_file(st, k), stage_cfg(st, k)) for st, k in stage_jobs()), mode=_mode,
                        out=sys.stderr)
+    try:  # a dry-run of a GPU profile also says what the study costs (vlaforget plan; docs/benchmarks.md)
+        from vlaforget.plan import dry_run_summary
+
+        _plan = dry_run_summary(config, sys.argv, dict(os.environ), repo=workflow.basedir)
+    except Exception as _e:  # the cost figure never breaks a dry-run
+        _plan = f"vlaforget plan: not computed ({type(_e).__name__}: {_e})"
+    if _plan:
+        print(_plan, file=sys.stderr)
     # A table file not built from this data root (copied in, left by another study, or a root emptied
     # since) is never served, not even as a file target (`snakemake results/table_ablation.csv`, which
     # Snakemake would call up to date while its inputs are missing): a run moves it aside to

@@ -53,3 +53,9 @@ if [ "$PART" = speed ]; then  # one invocation: before (craft+separate = the old
     --methods ${VARIANTS:-baseline,craft+separate,craft,peft_reference,icsm_hsw_thermostat,baseline+fused_optimizer,baseline+no_input_cast,baseline+compile} \
     --json "$OUT/train_speed.json" 2>&1 | grep -v -E "Loading weights|FutureWarning|warnings.warn" | tail -60
 fi
+if [ "$PART" = speed2 ]; then  # after the fused pass's custom row-split matmul; one process per group (no carry-over of memory)
+  python3 -m vlaforget.cli bench train $COMMON --precision bf16 --num-workers ${WORKERS:-4} \
+    --methods baseline,craft --json "$OUT/train_speed2_craft.json" 2>&1 | grep -E "^\s+\"(step_time_s_median|peak_mem_gib|peak_reserved_gib)\"|baseline|craft\b|Error" | tail -20
+  python3 -m vlaforget.cli bench train $COMMON --precision bf16 --num-workers ${WORKERS:-4} \
+    --methods baseline+compile,peft_reference --json "$OUT/train_speed2_compile.json" 2>&1 | grep -E "^\s+\"(step_time_s_median|peak_mem_gib|peak_reserved_gib)\"|Error" | tail -20
+fi

@@ -197,7 +197,7 @@ def _close(a, b, rtol, atol):
                for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("precision,ckpt", [("fp32", True), ("fp32", False), ("fp16", True)])
+@pytest.mark.parametrize("precision,ckpt", [("fp32", True), ("fp32", False), ("fp16", True), ("bf16", True)])
 def test_fused_task_anchor_pass_gives_the_separate_passes_gradients(teacher, precision, ckpt):
     """One forward of [task; anchor] rows and one backward (shadow LoRA weights for the anchor rows)
     gives the g_act, g_ret, projection, λ-sum and statistics of the separate retention forward +

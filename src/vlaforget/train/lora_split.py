@@ -49,7 +49,8 @@ class LoraRowSplit:
                 raise RuntimeError(
                     f"LoraRowSplit: a LoRA layer got a tensor of {x.shape[0]} rows, the batch has {rows}: this "
                     "model does not keep the batch dimension first; set method.craft.fused_forward: false")
-            return torch.cat([F.linear(x[:k], mod.weight, mod.bias), F.linear(x[k:], shadow, mod.bias)], 0)
+            out = _RowSplitLinear.apply(x, mod.weight, shadow, k)
+            return out if mod.bias is None else out + mod.bias
 
         return forward
 
@@ -60,3 +61,39 @@ class LoraRowSplit:
         for mod in self._patched:
             mod.__dict__.pop("forward", None)
         self._patched, self.shadows = [], []
+
+
+class _RowSplitLinear(torch.autograd.Function):
+    """y = x W^T in one matmul; backward: dx = g W (one matmul), dW from rows [0, k) into W and from
+    rows [k, B) into the shadow (two matmuls on row slices: the same FLOPs as one). The autocast state
+    of the forward is the backward's too, so the matmuls run in the dtypes `F.linear` would use (the
+    engine casts each weight gradient to its parameter's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shadow, k):
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                        else None, dev)
+        ctx.k = int(k)
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        on, dtype, dev = ctx.autocast
+        k = ctx.k
+        with torch.autocast(dev, dtype=dtype, enabled=on) if on else _nullcontext():
+            gx = g @ (weight.to(dtype) if on else weight) if ctx.needs_input_grad[0] else None
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            per = g.numel() // (g.shape[0] * g.shape[-1])  # tokens per row
+            n = k * per
+            gw = g2[:n].t() @ x2[:n] if ctx.needs_input_grad[1] else None
+            gs = g2[n:].t() @ x2[n:] if ctx.needs_input_grad[2] else None
+        return gx, gw, gs, None
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 T=${STEPS:-12}
 # ICSM artifacts for the method's HSW groups and Thermostat basis (a small run: the numbers that
 # matter here are the training ones)
-[ -f /tmp/icsm7b/meta.json ] || python3 -m vlaforget.cli bench icsm --shape 7b --n-probe 128 --r 64 --sens 16 \
+[ -f /tmp/icsm7b/meta.json ] || [ "$PART" = speed2 ] || python3 -m vlaforget.cli bench icsm --shape 7b --n-probe 128 --r 64 --sens 16 \
   --direction-batch 16 --probe-batch 16 --out /tmp/icsm7b --json "$OUT/icsm_small.json" 2>&1 | tail -3
 COMMON="--shape 7b --icsm-dir /tmp/icsm7b --batch ${BATCH:-16} --accum ${ACCUM:-1} --steps $T --warmup 3 --grad-ckpt --thermostat-every 4 --amortise-every 50 --anchor-batch ${ANCHOR:-8}"
 if [ "$PART" = all ] || [ "$PART" = bf16 ]; then

@@ -35,8 +35,9 @@ MEASURED: dict[str, Any] = {
     "train": {  # seconds per micro-step by micro-batch, one GPU (issue 16 section; H200)
         "gpu": "h200",
         "micro_s": {2: 0.655, 16: 0.764},  # 2 x 8 took 5.24 s per optimizer step (issue 16); 16 x 1 0.764 s (run 3)
-        # method: run 4 (47 timed steps, Thermostat amortised over K = 50); CRaFT: run 3 (anchors 8)
-        "method_factor": {"baseline": 1.0, "method": 0.824 / 0.806, "craft": 1.546 / 0.764},
+        # method: run 4 (47 timed steps, Thermostat amortised over K = 50); CRaFT: session 6 run 2
+        # (anchors 8, the fused task + anchor pass; the separate pass was 1.546 / 0.764 in run 3)
+        "method_factor": {"baseline": 1.0, "method": 0.824 / 0.806, "craft": 1.197 / 0.797},
     },
     "policy": {"gpu": "h100", "call_ms": 198.0, "ms_per_sample": 9.6},  # policy call = a + b x batch
     "libero_env_ms": 28.0,       # one LIBERO step in a worker (physics + 256 px render + JPEG), H100 host

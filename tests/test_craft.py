@@ -202,7 +202,7 @@ def test_fused_task_anchor_pass_gives_the_separate_passes_gradients(teacher, pre
     """One forward of [task; anchor] rows and one backward (shadow LoRA weights for the anchor rows)
     gives the g_act, g_ret, projection, λ-sum and statistics of the separate retention forward +
     autograd.grad, with gradient checkpointing, grad accumulation and fp16 loss scaling."""
-    a_seen, a_grad, a_acc, names = _one_step_grads(teacher, fused=True, precision=precision, ckpt=ckpt)
+    a_seen, a_grad, a_acc, _names = _one_step_grads(teacher, fused=True, precision=precision, ckpt=ckpt)
     b_seen, b_grad, b_acc, _ = _one_step_grads(teacher, fused=False, precision=precision, ckpt=ckpt)
     tol = {"rtol": 1e-4, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-4}
     # parameters after the anchor layer get no retention gradient on either path (None, not zeros)

@@ -43,11 +43,11 @@ class Plugin:
     def needs_hidden_states(self) -> bool:
         return False
 
-    def forward(self, batch, model, last: bool):
+    def forward(self, batch, model, last: bool) -> Any:
         """Run the micro-batch's forward itself (e.g. CRaFT's fused task + anchor forward) and return
         an object with .logits for the task rows, or None for the loop's plain forward. `last`: the
         step's last micro-batch."""
-        return None
+        return None  # noqa: RET501 (subclasses return an output)
 
     def backward(self, losses: dict, scale: float) -> bool:
         return False

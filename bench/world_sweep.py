@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 TINY = {"image_size": 64, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
         "hidden": 128, "layers": 8, "heads": 4, "intermediate": 384, "vocab_words": 600}
@@ -73,7 +73,7 @@ def prepare(a) -> None:
         t0 = time.time()
         kept, counts = generate(tasks, a.episodes_per_task, 1000, camera="corner3", render_size=64,
                                 max_steps=150, workers=a.workers)
-        for t, eps in kept.items():
+        for eps in kept.values():
             for ep in eps:
                 ep["images"] = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in ep["images"]]
         with open(pk, "wb") as f:
@@ -81,7 +81,8 @@ def prepare(a) -> None:
         caps = {t: int(np.ceil(1.3 * counts[t]["max_steps_used"])) for t in tasks}
         (root / "demos.json").write_text(json.dumps({"seconds": time.time() - t0, "caps": caps, "counts": {
             t: {k: v for k, v in c.items() if k != "seeds"} for t, c in counts.items()}}, indent=1))
-    kept = pickle.load(open(pk, "rb"))
+    with open(pk, "rb") as f:
+        kept = pickle.load(f)
     for name, s in splits.items():
         for role in ("up", "down"):
             out = root / name / f"cache_{role}"
@@ -184,15 +185,19 @@ def run_all(a) -> int:
             "--train", a.train]
     env = dict(os.environ, OMP_NUM_THREADS="2", VLAFORGET_THREADS="2")
     names = list(json.loads(a.splits))
+
     def cmd(c: str) -> list[str]:
         return [x.replace("{cmd}", c) for x in base]
 
-    procs = [subprocess.Popen(cmd("teacher") + ["--split", n], env=env,
-                              stdout=open(out / f"{n}_teacher.log", "w"), stderr=subprocess.STDOUT) for n in names]
+    def start(args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    procs = [start(cmd("teacher") + ["--split", n], out / f"{n}_teacher.log") for n in names]
     rcs = [p.wait() for p in procs]
     print(f"teachers: {time.time() - t0:.0f} s, exit {rcs}", flush=True)
-    procs = [subprocess.Popen(cmd("finetune") + ["--split", n, "--seed", str(sd), "--budgets", *map(str, a.budgets)],
-                              env=env, stdout=open(out / f"{n}_s{sd}.log", "w"), stderr=subprocess.STDOUT)
+    procs = [start(cmd("finetune") + ["--split", n, "--seed", str(sd), "--budgets", *map(str, a.budgets)],
+                   out / f"{n}_s{sd}.log")
              for n in names if rcs[names.index(n)] == 0 for sd in a.seeds]
     rcs2 = [p.wait() for p in procs]
     print(f"fine-tuning: {time.time() - t0:.0f} s, exit {rcs2}", flush=True)
@@ -209,9 +214,11 @@ def _ci(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(a) -> int:
-    # one sweep per file: its teachers are its own (a split's teacher is rebuilt in each sweep)
-    recs = [dict(json.loads(x), file=i) for i, f in enumerate(a.files) for x in open(f) if x.strip()]
-    teach = {(r["file"], r["split"]): r for r in recs if r["kind"] == "teacher"}
+    # A split's teacher is rebuilt in each sweep: a run is compared with the teacher of its own file
+    # (a concatenated sweep), else of its own directory (`all`'s per-process files).
+    recs = [dict(json.loads(x), file=str(f), dir=str(Path(f).resolve().parent)) for f in a.files
+            for x in Path(f).read_text().splitlines() if x.strip()]
+    teach = {(r[k], r["split"]): r for r in recs if r["kind"] == "teacher" for k in ("dir", "file")}
     print("| split (upstream → downstream) | budget (steps) | teacher upstream (instruction-following) | "
           "teacher downstream | baseline downstream | baseline upstream | upstream retention (mean ± 95 % CI, "
           "per seed) | seeds |")
@@ -219,7 +226,7 @@ def summarize(a) -> int:
     groups: dict = {}
     for r in recs:
         if r["kind"] == "baseline":
-            groups.setdefault((r["file"], r["split"], f'{r["steps"]} @ lr {r["train"]["lr"]:g}'), []).append(r)
+            groups.setdefault((r["file"] if (r["file"], r["split"]) in teach else r["dir"], r["split"], f'{r["steps"]} @ lr {r["train"]["lr"]:g}'), []).append(r)
     for (fi, name, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[1][0]["steps"])):
         t = teach[(fi, name)]
         tu = t["eval"]["up"]["success"]

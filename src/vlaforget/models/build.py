@@ -41,7 +41,9 @@ def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
     return texts
 
 
-def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
+def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu") -> dict:
+    """Build and pretrain the tiny teacher of a model stage config `sc` on `device`; save it to
+    `build_dir` (default sc["out_dir"]). Returns the done.json record (sizes, recipe, held-out metrics)."""
     import torch
 
     from ..data.cache import CachedDataset
@@ -68,7 +70,9 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
     vqa_held = vqa_samples(heldout, n_vqa_held, seed + 1) if len(heldout) and n_vqa_held else []
     corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
     tiny = dict(sc["tiny"])
-    backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics)
+    backend = build_tiny_backend(
+        tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics, device=device
+    )
     n_params = sum(p.numel() for p in backend.model.parameters())
     log.info(
         "tiny teacher: %.2fM parameters, vocab %d (%d words + 256 action tokens), %d image tokens",

@@ -49,6 +49,8 @@ wildcard_constraints:
 
 
 # ----------------------------------------------------------------------------- paths
+# Every path a rule declares is built here, once: rules call these with wildcards ("{dataset}"),
+# input functions with values. Benchmarks (time and memory of each GPU job) sit under the data root.
 
 
 def R(path) -> str:
@@ -65,6 +67,15 @@ def log_file(stage, key):
     return R(ROOT / "logs" / stage / f"{key}.log")
 
 
+def bench_file(stage, key):
+    """`benchmark:` of a GPU rule: Snakemake's per-job wall time, CPU time and peak memory (TSV)."""
+    return R(ROOT / "benchmarks" / stage / f"{key}.tsv")
+
+
+def demos_done(dataset):
+    return R(LAYOUT.rlds(dataset) / "done.json")
+
+
 def cache_outputs(dataset):
     d = LAYOUT.cache(dataset)
     return {"manifest": R(d / "manifest.json"), "stats": R(d / "dataset_statistics.json")}
@@ -78,12 +89,16 @@ def probe_file():
     return R(LAYOUT.probe(BASE, PROBE_SET) / "probe.pt")
 
 
+def probe_audit():
+    return R(LAYOUT.probe(BASE, PROBE_SET) / "audit.json")
+
+
 def icsm_meta():
     return R(LAYOUT.icsm(BASE, PROBE_SET) / "meta.json")
 
 
-def anchors_file(dataset):
-    return R(LAYOUT.craft(BASE, dataset) / "anchors.pt")
+def anchors_file(aset):
+    return R(LAYOUT.craft(BASE, aset) / "anchors.pt")
 
 
 def train_done(run):
@@ -96,6 +111,39 @@ def eval_file(run, suite):
 
 def forgetting_file(run):
     return R(LAYOUT.eval(run) / "forgetting.json")
+
+
+def export_dir(run):
+    return R(ROOT / "exports" / run)
+
+
+def fixture_done():
+    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
+
+
+def libero_vqa_manifest():
+    return R(LAYOUT.libero_vqa() / "manifest.json")
+
+
+def table_csv(kind):
+    return f"{RESULTS}/table_{kind}.csv"
+
+
+def table_md(kind):
+    return f"{RESULTS}/table_{kind}.md"
+
+
+def table_record(kind):
+    """What table <kind> was built from, under the data root (rule table's `record`)."""
+    return R(ROOT / "reports" / f"table_{kind}.json")
+
+
+def figures_record():
+    return R(ROOT / "reports" / "figures.json")
+
+
+def report_log(name):
+    return R(ROOT / "logs" / "report" / f"{name}.log")
 
 
 # ----------------------------------------------------------------------------- study grid
@@ -134,9 +182,17 @@ def ablation_runs():
             for m in ablation_methods() for seed in STUDY.get("ablation_seeds", [])]
 
 
+CHAIN_SUITES = vfc.chain_suites(config)
+
+
+def chain_runs():
+    """Every stage of every chain (study.chain: method x seed), stage 1 first in each chain."""
+    return [r for ch in vfc.chain_runs(config) for r in ch]
+
+
 def all_runs():
     out = []
-    for r in main_runs() + fewshot_runs() + ablation_runs():
+    for r in main_runs() + fewshot_runs() + ablation_runs() + chain_runs():
         if r not in out:
             out.append(r)
     return out
@@ -149,10 +205,15 @@ def run_suite(run):
 def run_eval_suites(run):
     """Suites a run (or the teacher) is evaluated on in closed loop: its own + the upstream suites."""
     suites = [] if run == "teacher" else [run_suite(run)]
-    for s in UPSTREAM_SUITES:
+    # a chain stage: every chain suite (its row of the success matrix)
+    extra = CHAIN_SUITES if run in CHAIN_RUNS else []
+    for s in extra + UPSTREAM_SUITES:
         if s not in suites:
             suites.append(s)
     return suites
+
+
+CHAIN_RUNS = set(chain_runs())
 
 
 def run_eval_files(run):
@@ -166,7 +227,7 @@ def teacher_eval_files(runs):
         for s in run_eval_suites(r):
             if s not in suites:
                 suites.append(s)
-    for s in UPSTREAM_SUITES:
+    for s in UPSTREAM_SUITES + (CHAIN_SUITES if set(runs) & CHAIN_RUNS else []):
         if s not in suites:
             suites.append(s)
     return [eval_file("teacher", s) for s in suites] + [forgetting_file("teacher")]
@@ -208,6 +269,7 @@ def report_cfg(key):
         "upstream_suites": UPSTREAM_SUITES,
         "inputs": table_inputs(runs),
         "code": vfc.code_hash("report"),
+        **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
     }
 
 
@@ -320,14 +382,10 @@ def fixture_datasets():
     return out
 
 
-def fixture_done():
-    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
-
-
 def cache_input(w):
     inp = {"cfg": cfg_file("cache", w.dataset)}
     if METAWORLD:
-        inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
+        inp["rlds"] = demos_done(w.dataset)
     elif FIXTURE:
         inp["rlds"] = fixture_done()
     return inp
@@ -349,6 +407,9 @@ def train_input(w):
         inp["probe"] = probe_file()
     if sc.get("craft_dir"):
         inp["anchors"] = R(Path(sc["craft_dir"]) / "anchors.pt")  # the suite's or the few-shot subset's
+    prev = vfc.chain_previous(config, w.trun)
+    if prev:  # a chain stage starts from the previous stage's adapter
+        inp["init"] = train_done(prev)
     return inp
 
 
@@ -372,16 +433,22 @@ def forgetting_input(w):
 
 
 TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
+if CHAIN_SUITES:  # study.chain: the lifelong table (rule table_lifelong_build)
+    TABLE_RUNS["lifelong"] = chain_runs
 FIGURES = ["pareto", "training_curves", "ablation", "category_retention"]
 
 
 def table_outputs():
-    return [f"{RESULTS}/table_{kind}.csv" for kind in TABLE_RUNS]
+    return [table_csv(kind) for kind in TABLE_RUNS]
 
 
 def report_records():
     """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
-    return [R(ROOT / "reports" / f"table_{kind}.json") for kind in TABLE_RUNS] + [R(ROOT / "reports" / "figures.json")]
+    return [table_record(kind) for kind in TABLE_RUNS] + [figures_record()]
+
+
+def lifelong_run_dirs():
+    return [R(LAYOUT.run(r)) for r in chain_runs()]
 
 
 def figures_outputs():
@@ -444,7 +511,7 @@ if workflow.is_main_process:
     # Snakemake would call up to date while its inputs are missing): a run moves it aside to
     # `<name>.stale` (nothing is deleted) so it is rebuilt; a dry-run says so.
     for _kind in TABLE_RUNS:
-        _csv, _rec = Path(f"{RESULTS}/table_{_kind}.csv"), Path(R(ROOT / "reports" / f"table_{_kind}.json"))
+        _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
         _want = json.dumps(report_cfg(_kind), sort_keys=True)
         if not _csv.exists() or (_rec.exists() and _rec.read_text() == _want):
             continue

@@ -7,14 +7,14 @@ LIBERO_VQA_ON = bool(LIBERO_VQA) and not (config["eval"].get("forgetting") or {}
 
 
 def libero_vqa_input():
-    return {"vqa": R(LAYOUT.libero_vqa() / "manifest.json")} if LIBERO_VQA_ON else {}
+    return {"vqa": libero_vqa_manifest()} if LIBERO_VQA_ON else {}
 
 
 if LIBERO_VQA_ON:
 
     rule libero_vqa:
         output:
-            manifest=R(LAYOUT.libero_vqa() / "manifest.json"),  # written last
+            manifest=libero_vqa_manifest(),  # written last
         params:
             out=R(LAYOUT.libero_vqa()),
             suites=" ".join(LIBERO_VQA.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]),
@@ -24,7 +24,7 @@ if LIBERO_VQA_ON:
             cfgdir=(f"--config-dir {config['eval'].get('libero', {}).get('config_path')}"
                     if (config["eval"].get("libero") or {}).get("config_path") else ""),
         log:
-            R(ROOT / "logs" / "libero_vqa" / "libero_vqa.log"),
+            log_file("libero_vqa", "libero_vqa"),
         threads: 1
         resources:
             gpu=0,

@@ -37,7 +37,7 @@ RES = config.get("resources") or {}
 RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
-RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot)__s\d+"
+RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot|chain\d+)__s\d+"
 
 
 wildcard_constraints:
@@ -267,7 +267,7 @@ def report_cfg(key):
         "root": str(ROOT),
         "results_dir": RESULTS,
         "upstream_suites": UPSTREAM_SUITES,
-        "inputs": table_inputs(runs),
+        "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
         "code": vfc.code_hash("report"),
         **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
     }
@@ -445,6 +445,11 @@ def table_outputs():
 def report_records():
     """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
     return [table_record(kind) for kind in TABLE_RUNS] + [figures_record()]
+
+
+def lifelong_inputs():
+    """The success matrix of every chain: each stage and the teacher (row 0) on every chain suite."""
+    return [eval_file(r, s) for r in ["teacher"] + chain_runs() for s in CHAIN_SUITES]
 
 
 def lifelong_run_dirs():

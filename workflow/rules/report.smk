@@ -50,7 +50,7 @@ if CHAIN_SUITES:
 
     rule table_lifelong_build:
         input:
-            evals=table_inputs(chain_runs()),
+            evals=lifelong_inputs(),
             runs=[train_done(r) for r in chain_runs()],  # their metrics.jsonl: periodic evals
         output:
             csv=report(table_csv("lifelong"), caption="../report/table_lifelong.rst", category="Tables",

@@ -21,6 +21,8 @@ if LIBERO_VQA_ON:
             n=int(LIBERO_VQA.get("n", 600)),
             seed=int(LIBERO_VQA.get("seed", config.get("seed", 0))),
             states=int(LIBERO_VQA.get("states_per_task", 2)),
+            tasks=(f"--tasks-per-suite {int(LIBERO_VQA['tasks_per_suite'])}"
+                   if LIBERO_VQA.get("tasks_per_suite") else ""),
             cfgdir=(f"--config-dir {config['eval'].get('libero', {}).get('config_path')}"
                     if (config["eval"].get("libero") or {}).get("config_path") else ""),
         log:
@@ -33,4 +35,4 @@ if LIBERO_VQA_ON:
             CONDA_ENV
         shell:
             f"{JOB_ENV}; {VLAFORGET} libero-vqa --out {{params.out}} --suites {{params.suites}} "
-            "--n {params.n} --seed {params.seed} --states-per-task {params.states} {params.cfgdir} > {log} 2>&1"
+            "--n {params.n} --seed {params.seed} --states-per-task {params.states} {params.tasks} {params.cfgdir} > {log} 2>&1"

@@ -209,7 +209,7 @@ def test_micro_chained_study_produces_the_matrix_and_metrics(tmp_path):
         for j, s in enumerate(chain["suites"]):
             assert chain["matrix"][i][j] == json.loads((root / "evals" / run / f"{s}.json").read_text())["success_rate"]
     periodic = [LL.read_periodic(root / "runs" / s) for s in stages]
-    assert all(len(p) == 2 for p in periodic)  # eval_every 2 of max_steps 4
+    assert all(len(p) == 1 for p in periodic)  # eval_every 2 of max_steps 4: step 2 (the final step: M[k][k])
     again = LL.chain_metrics(np.asarray(chain["matrix"]), periodic)
     for k in ("fwt", "nbt", "auc"):
         assert chain[k] == pytest.approx(again[k])

@@ -222,3 +222,37 @@ def test_micro_chained_study_produces_the_matrix_and_metrics(tmp_path):
     assert "chain: LoRA initialised from" in (root / "logs" / "train" / f"{stages[1]}.log").read_text()
     assert (root / "benchmarks" / "train" / f"{stages[1]}.tsv").read_text().startswith("s\t")
     shutil.rmtree(root / "datasets", ignore_errors=True)
+
+
+def test_a_chain_stage_trains_on_from_the_previous_adapter_with_the_teachers_calibration(tmp_path_factory):
+    """The train loop with init_adapter: the thermostat calibrates at student = teacher (before the
+    previous adapter is loaded), the stage starts from that adapter (its first loss is the previous
+    stage's last level, not a fresh LoRA's), and a resumed stage is not re-initialised."""
+    from pathlib import Path
+
+    from train_fixtures import base_stage, clone, run_adapter, run_metrics, teacher_world
+
+    from vlaforget.train.loop import run_training
+
+    thermo = {"hsw": {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
+                      "eps": 1e-12, "use_sensitivity_order": True},
+              "thermostat": {"enabled": True, "every": 2, "probe_batch": 24, "warmup_measurements": 2,
+                             "metric": "basis", "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0,
+                             "gamma_max": 1.0, "beta_min": 0.2, "beta_max": 1.0, "smoothing": 0.0}}
+    root, cache, model = teacher_world(tmp_path_factory, "chain")
+
+    def stage(name, **over):
+        sc = base_stage(root, cache, model, method_name="icsm_hsw_thermostat", method=thermo, max_steps=8, lr=5e-3)
+        return clone(sc, out_dir=str(root / "runs" / name), run_id=f"{name}-id", **over)
+
+    first = stage("s1")
+    run_training(first)
+    prev = str(Path(first["out_dir"]) / "final")
+    chained, fresh = stage("s2", init_adapter=prev), stage("s2_fresh")
+    run_training(chained)
+    run_training(fresh)
+    calib = lambda sc: next(r["thermostat_calibration_d"] for r in run_metrics(sc) if "thermostat_calibration_d" in r)  # noqa: E731
+    assert calib(chained) == calib(fresh)  # the noise floor of the teacher, not of the chained student
+    loss = lambda sc: [r["train_loss"] for r in run_metrics(sc) if "train_loss" in r]  # noqa: E731
+    assert loss(chained)[0] < loss(fresh)[0]  # it starts where stage 1 left off
+    assert any(not torch.equal(a, b) for a, b in zip(run_adapter(chained).values(), run_adapter(first).values()))

@@ -220,8 +220,6 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     if tcfg.get("gradient_checkpointing"):
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(backend, tcfg["lora"], int(sc["seed"]))
-    if sc.get("init_adapter"):  # a chain stage; a resumed run's checkpoint overrides it below
-        init_from_adapter(model, sc["init_adapter"])
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
@@ -281,6 +279,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
 
     for p in plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
+    if sc.get("init_adapter") and step == 0:  # a chain stage, not resumed: after the calibration
+        init_from_adapter(model.module if hasattr(model, "module") else model, sc["init_adapter"])
     dry_recs: list[dict] = []
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))

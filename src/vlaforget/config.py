@@ -215,7 +215,7 @@ def suites_all(cfg: dict) -> list[str]:
     for s in (cfg["study"].get("fewshot_suite"), cfg["study"].get("ablation_suite"), cfg["probe"].get("dataset")):
         if s and s not in out:
             out.append(s)
-    for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", []) + chain_suites(cfg):
+    for s in list(cfg["eval"].get("forgetting", {}).get("upstream_suites", [])) + chain_suites(cfg):
         if s not in out:
             out.append(s)
     mw = cfg["data"].get("metaworld") or {}

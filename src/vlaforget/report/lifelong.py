@@ -146,11 +146,10 @@ def _cell(m, ci) -> str:
 
 def to_markdown(rows: list[dict], suites: list[str]) -> str:
     head = ["method", "seeds"] + [lab for _, lab in METRICS]
-    lines = ["# Table: lifelong", "",
-             f"Runs chained over {' > '.join(suites)} (LIBERO's lifelong protocol): stage k continues "
-             "training stage k-1's adapter on suite k. Mean ± 95 % t-CI over seeds. FWT, NBT, AUC: "
-             "docs/evaluation.md.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    caption = (f"Runs chained over {' > '.join(suites)} (LIBERO's lifelong protocol): stage k continues "
+               "training stage k-1's adapter on suite k. Mean ± 95 % t-CI over seeds. FWT, NBT, AUC: "
+               "docs/evaluation.md.")
+    lines = ["# Table: lifelong", "", caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["method"], str(r["n_seeds"])]
                                        + [_cell(r[f"{c}_mean"], r[f"{c}_ci95"]) for c, _ in METRICS]) + " |")

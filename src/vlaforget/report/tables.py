@@ -316,7 +316,8 @@ def read_table(path: str | Path) -> list[dict]:
 def add_args(p) -> None:
     p.add_argument("--kind", required=True, choices=["main", "fewshot", "ablation", "lifelong"])
     p.add_argument("--chain-suites", nargs="*", default=[], help="lifelong: study.chain.suites, in order")
-    p.add_argument("--run-dirs", nargs="*", default=[], help="lifelong: run dirs (periodic evals in metrics.jsonl)")
+    p.add_argument("--run-dirs", nargs="*", default=[],
+                   help="lifelong: run dirs (periodic evals in metrics.jsonl)")
     p.add_argument("--inputs", nargs="*", default=[], help="eval JSON files (runs and the teacher)")
     p.add_argument("--upstream-suites", nargs="*", default=[], help="suites that measure upstream retention")
     p.add_argument("--out", required=True, help="CSV path; the Markdown copy goes beside it (.md)")

@@ -136,18 +136,20 @@ def init_from_adapter(model, adapter_dir) -> None:
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.exists():
-        raise TrainingError(f"init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json missing): "
-                            "train the previous stage of the chain first")
+        raise TrainingError(f"init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json "
+                            "missing): train the previous stage of the chain first")
     have = json.loads(cfg_file.read_text())
     want = model.peft_config["default"]
-    if int(have.get("r", -1)) != int(want.r) or sorted(have.get("target_modules") or []) != sorted(want.target_modules):
-        raise TrainingError(f"init_adapter {adapter_dir}: LoRA r={have.get('r')} on {len(have.get('target_modules') or [])} "
-                            f"modules, this run wants r={want.r} on {len(want.target_modules)}: a chain keeps "
-                            "train.lora the same over its stages")
+    have_t, want_t = sorted(have.get("target_modules") or []), sorted(want.target_modules)
+    if int(have.get("r", -1)) != int(want.r) or have_t != want_t:
+        raise TrainingError(f"init_adapter {adapter_dir}: LoRA r={have.get('r')} on {len(have_t)} modules, "
+                            f"this run wants r={want.r} on {len(want_t)}: a chain keeps train.lora the "
+                            "same over its stages")
     res = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
     missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise TrainingError(f"init_adapter {adapter_dir}: {len(missing)} LoRA weights missing (e.g. {missing[0]})")
+        raise TrainingError(f"init_adapter {adapter_dir}: {len(missing)} LoRA weights missing "
+                            f"(e.g. {missing[0]})")
     log.info("chain: LoRA initialised from %s", adapter_dir)
 
 

@@ -279,6 +279,19 @@ def test_libero_lifelong_metrics_by_hand():
     assert perfect["nbt"] == 0.0 and perfect["auc"] == 1.0
 
 
+def test_libero_lifelong_metrics_kept_checkpoint_replaces_the_peak_in_nbt():
+    from vlaforget.eval.metrics import libero_lifelong_metrics
+
+    # task 1 peaks at 0.8 mid-curve, but the checkpoint carried on scored 0.6 (the final one)
+    curves, R = [[0.2, 0.8, 0.6], [0.1, 0.5]], [[0, 0], [0.3, 0]]
+    peak = libero_lifelong_metrics(curves, R)
+    kept = libero_lifelong_metrics(curves, R, kept=[0.6, 0.5])
+    assert peak["nbt"] == pytest.approx(0.8 - 0.3) and kept["nbt"] == pytest.approx(0.6 - 0.3)
+    assert kept["fwt"] == peak["fwt"] and kept["auc"] == peak["auc"]  # FWT / AUC do not use it
+    with pytest.raises(ValueError, match="one value per task"):
+        libero_lifelong_metrics(curves, R, kept=[0.6])
+
+
 def test_forgetting_stage_config_carries_craft_layer(demo_config):
     """The forgetting stage measures at the layer the config's CRaFT constrains (craft.layer)."""
     import copy

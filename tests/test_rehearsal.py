@@ -54,6 +54,7 @@ def test_rehearsal_dag_runs_every_real_rule(tmp_path):
         "train",
         "eval",
         "forgetting",
+        "libero_vqa",
         "table",
         "figures",
     ):
@@ -72,3 +73,25 @@ def test_rehearsal_dag_runs_every_real_rule(tmp_path):
         r"--tasks 2 --episodes 3 --steps 16 --seed 0 --shards 2 --source synthetic",
         out,
     )
+
+
+def test_rehearsal_generates_and_scores_the_libero_question_set(tmp_path, monkeypatch):
+    """Issue 18 item 2 on the real path: the question set is generated from the LIBERO simulator once
+    (in the real study's job env) and every forgetting job, teacher included, scores it."""
+    wf = copy_workflow(tmp_path / "wf")
+    out = dry(["--profile", "profiles/rehearsal", "-p"], wf, env_for(tmp_path))
+    root = str(tmp_path / "data" / "root")
+    manifest = f"{root}/vqa/libero/manifest.json"
+    assert planned(out)["libero_vqa"] == [manifest]
+    assert re.search(r"/\.venv-real/bin/python -m vlaforget\.cli libero-vqa --out \S+/vqa/libero "
+                     r"--suites libero_spatial --n 12 --seed 0 --states-per-task 1 --tasks-per-suite 2", out)
+    forgetting = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if b.strip().startswith("rule forgetting:")]
+    assert len(forgetting) == len(planned(out)["forgetting"]) >= 2
+    assert all(manifest in b.split("output:")[0] for b in forgetting)  # every forgetting job waits for it
+    for k, v in env_for(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    sc = vfc.stage_config(vfc.load_config(*CONFIGS), "forgetting", "teacher")
+    assert sc["vqa_jsonl"] == f"{root}/vqa/libero/questions.jsonl"
+    real = yaml.safe_load(CONFIGS[0].read_text())["eval"]["forgetting"]["libero_vqa"]
+    reh = yaml.safe_load(CONFIGS[1].read_text())["eval"]["forgetting"]["libero_vqa"]
+    assert set(reh) - set(real) <= {"tasks_per_suite"} and set(reh["suites"]) <= set(real["suites"])  # sizes only

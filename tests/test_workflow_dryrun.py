@@ -164,6 +164,27 @@ def touched(tmp_path_factory):
     return wf, env
 
 
+def test_jobs_finished_before_benchmarks_do_not_rerun(touched):
+    """`benchmark:` on the GPU rules (issue 15 item 4): Snakemake counts a missing benchmark file as a
+    missing output, so a root whose jobs finished before benchmarks existed gets placeholders (NA)
+    and nothing reruns; a job that runs records a real one."""
+    import shutil
+    from pathlib import Path
+
+    wf, env = touched
+    bench = Path(env["VLAFORGET_ROOT"]) / "benchmarks"
+    shutil.rmtree(bench, ignore_errors=True)
+    out = dry(CI, wf, env)
+    assert "Nothing to be done" in out, out[-3000:]
+    assert "predate benchmarks: placeholder benchmark written" in out
+    tsv = bench / "train" / "mw_downstream__baseline__full__s42.tsv"
+    head, row = tsv.read_text().splitlines()
+    assert head.split("\t")[:3] == ["s", "h:m:s", "max_rss"] and set(row.split("\t")) == {"NA"}
+    for stage in ("model", "probe", "icsm", "craft_anchors", "train", "eval", "forgetting"):
+        assert any((bench / stage).glob("*.tsv")), stage
+    assert "predate benchmarks" not in dry(CI, wf, env)  # written once
+
+
 def _dry_with(touched, overlay: dict) -> str:
     wf, env = touched
     (wf / "config" / "change.yaml").write_text(yaml.safe_dump(overlay))
@@ -243,7 +264,7 @@ def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkey
     changed = {s for s in before if before[s] != after[s]}
     assert changed == {"report", "demos", "eval"}  # envs/metaworld.py: demos and rollouts
     text = (REPO / "workflow" / "rules" / "report.smk").read_text()
-    assert text.count('code=vfc.code_hash("report")') == 2  # table and figures
+    assert text.count('code=vfc.code_hash("report")') == 3  # table, table_lifelong_build and figures
 
 
 def test_upstream_libero_preset_plans_upstream_evals_and_the_question_set(tmp_path):

@@ -140,6 +140,13 @@ def _semantic_checks(cfg: dict) -> None:
     for m in cfg["study"].get("methods", []) + cfg["study"].get("fewshot_methods", []):
         if m not in names:
             raise ConfigError(f"study.methods names '{m}', which is neither in methods nor ablations")
+    chain = cfg["study"].get("chain") or {}
+    for m in chain.get("methods") or []:
+        if m not in names:
+            raise ConfigError(f"study.chain.methods names '{m}', which is neither in methods nor ablations")
+    cs = chain.get("suites") or []
+    if chain and (len(cs) < 2 or len(set(cs)) != len(cs)):
+        raise ConfigError(f"study.chain.suites = {cs}: a chain needs two or more distinct suites, in order")
     for a in cfg["study"].get("ablations", []):
         if a not in (cfg.get("ablations") or {}):
             raise ConfigError(f"study.ablations names '{a}', which is not defined under ablations")
@@ -208,7 +215,7 @@ def suites_all(cfg: dict) -> list[str]:
     for s in (cfg["study"].get("fewshot_suite"), cfg["study"].get("ablation_suite"), cfg["probe"].get("dataset")):
         if s and s not in out:
             out.append(s)
-    for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", []):
+    for s in list(cfg["eval"].get("forgetting", {}).get("upstream_suites", [])) + chain_suites(cfg):
         if s not in out:
             out.append(s)
     mw = cfg["data"].get("metaworld") or {}
@@ -223,11 +230,11 @@ def shots_name(shots: int | None) -> str:
 
 
 def parse_shots(name: str) -> int | None:
-    if name == "full":
+    if name == "full" or re.fullmatch(r"chain\d+", name):  # a chain stage trains on the full suite
         return None
     m = re.fullmatch(r"(\d+)shot", name)
     if not m:
-        raise ConfigError(f"shots '{name}': expected 'full' or '<n>shot'")
+        raise ConfigError(f"shots '{name}': expected 'full', '<n>shot' or 'chain<k>'")
     return int(m.group(1))
 
 
@@ -236,10 +243,50 @@ def run_name(method: str, suite: str, shots: str, seed: int | str) -> str:
 
 
 def parse_run_name(name: str) -> dict:
-    m = re.fullmatch(rf"({NAME_RE})__({NAME_RE})__(full|\d+shot)__s(\d+)", name)
+    m = re.fullmatch(rf"({NAME_RE})__({NAME_RE})__(full|\d+shot|chain\d+)__s(\d+)", name)
     if not m:
         raise ConfigError(f"run name '{name}' is not suite__method__shots__s<seed>")
     return {"suite": m.group(1), "method": m.group(2), "shots": m.group(3), "seed": int(m.group(4))}
+
+
+# ----------------------------------------------------------------------------- chained runs
+
+def chain_suites(cfg: dict) -> list[str]:
+    return list((cfg["study"].get("chain") or {}).get("suites") or [])
+
+
+def chain_seeds(cfg: dict) -> list[int]:
+    ch = cfg["study"].get("chain") or {}
+    return list(ch.get("seeds") or cfg["study"].get("seeds") or [])
+
+
+def chain_run(cfg: dict, method: str, k: int, seed: int) -> str:
+    """Stage k (1-based) of the chain over study.chain.suites: stage 1 is the plain full-data run on the
+    first suite (from the teacher, the same run as the main grid's); stage k > 1 is
+    `{suite_k}__{method}__chain{k}__s{seed}`, which continues training stage k-1's adapter."""
+    suites = chain_suites(cfg)
+    return run_name(method, suites[k - 1], "full" if k == 1 else f"chain{k}", seed)
+
+
+def chain_runs(cfg: dict) -> list[list[str]]:
+    """One list per (method, seed) of the chain: its stages' run names, in order."""
+    ch = cfg["study"].get("chain") or {}
+    K = len(chain_suites(cfg))
+    return [[chain_run(cfg, m, k, s) for k in range(1, K + 1)]
+            for m in ch.get("methods") or [] for s in chain_seeds(cfg)]
+
+
+def chain_previous(cfg: dict, run: str) -> str | None:
+    """The run a chain stage starts from (stage k-1), or None (stage 1 and every unchained run)."""
+    r = parse_run_name(run)
+    m = re.fullmatch(r"chain(\d+)", r["shots"])
+    if not m:
+        return None
+    k, suites = int(m.group(1)), chain_suites(cfg)
+    if not 2 <= k <= len(suites) or suites[k - 1] != r["suite"]:
+        raise ConfigError(f"run {run}: study.chain.suites has no stage {k} on {r['suite']} "
+                          f"(chain: {suites})")
+    return chain_run(cfg, r["method"], k - 1, r["seed"])
 
 
 def probe_set_name(cfg: dict) -> str:
@@ -265,6 +312,8 @@ def trained_suites(cfg: dict) -> list[str]:
         out.append(st["fewshot_suite"])
     if st.get("ablation_suite") and st.get("ablations"):
         out.append(st["ablation_suite"])
+    if (st.get("chain") or {}).get("methods"):
+        out += chain_suites(cfg)
     return sorted(set(out))
 
 
@@ -430,6 +479,9 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
+        prev = chain_previous(cfg, key)
+        if prev:  # a chain stage: continue training the previous stage's adapter (only then: run ids)
+            out["init_adapter"] = str(lay.run(prev) / "final")
     elif stage == "eval":
         run, suite = key.rsplit("@", 1)
         out.update(run_name=run, suite=suite, model=_model_block(cfg),
@@ -493,6 +545,9 @@ def _upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
             out.append(("probe", "probe", ps))
         if "craft" in needs:
             out.append(("anchors", "craft_anchors", anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"])))
+        prev = chain_previous(cfg, key)
+        if prev:
+            out.append(("init", "train", prev))
         return out
     if stage == "eval":
         run, suite = key.rsplit("@", 1)

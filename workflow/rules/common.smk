@@ -37,7 +37,7 @@ RES = config.get("resources") or {}
 RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
-RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot)__s\d+"
+RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot|chain\d+)__s\d+"
 
 
 wildcard_constraints:
@@ -49,6 +49,8 @@ wildcard_constraints:
 
 
 # ----------------------------------------------------------------------------- paths
+# Every path a rule declares is built here, once: rules call these with wildcards ("{dataset}"),
+# input functions with values. Benchmarks (time and memory of each GPU job) sit under the data root.
 
 
 def R(path) -> str:
@@ -65,6 +67,15 @@ def log_file(stage, key):
     return R(ROOT / "logs" / stage / f"{key}.log")
 
 
+def bench_file(stage, key):
+    """`benchmark:` of a GPU rule: Snakemake's per-job wall time, CPU time and peak memory (TSV)."""
+    return R(ROOT / "benchmarks" / stage / f"{key}.tsv")
+
+
+def demos_done(dataset):
+    return R(LAYOUT.rlds(dataset) / "done.json")
+
+
 def cache_outputs(dataset):
     d = LAYOUT.cache(dataset)
     return {"manifest": R(d / "manifest.json"), "stats": R(d / "dataset_statistics.json")}
@@ -78,12 +89,16 @@ def probe_file():
     return R(LAYOUT.probe(BASE, PROBE_SET) / "probe.pt")
 
 
+def probe_audit():
+    return R(LAYOUT.probe(BASE, PROBE_SET) / "audit.json")
+
+
 def icsm_meta():
     return R(LAYOUT.icsm(BASE, PROBE_SET) / "meta.json")
 
 
-def anchors_file(dataset):
-    return R(LAYOUT.craft(BASE, dataset) / "anchors.pt")
+def anchors_file(aset):
+    return R(LAYOUT.craft(BASE, aset) / "anchors.pt")
 
 
 def train_done(run):
@@ -96,6 +111,39 @@ def eval_file(run, suite):
 
 def forgetting_file(run):
     return R(LAYOUT.eval(run) / "forgetting.json")
+
+
+def export_dir(run):
+    return R(ROOT / "exports" / run)
+
+
+def fixture_done():
+    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
+
+
+def libero_vqa_manifest():
+    return R(LAYOUT.libero_vqa() / "manifest.json")
+
+
+def table_csv(kind):
+    return f"{RESULTS}/table_{kind}.csv"
+
+
+def table_md(kind):
+    return f"{RESULTS}/table_{kind}.md"
+
+
+def table_record(kind):
+    """What table <kind> was built from, under the data root (rule table's `record`)."""
+    return R(ROOT / "reports" / f"table_{kind}.json")
+
+
+def figures_record():
+    return R(ROOT / "reports" / "figures.json")
+
+
+def report_log(name):
+    return R(ROOT / "logs" / "report" / f"{name}.log")
 
 
 # ----------------------------------------------------------------------------- study grid
@@ -134,9 +182,17 @@ def ablation_runs():
             for m in ablation_methods() for seed in STUDY.get("ablation_seeds", [])]
 
 
+CHAIN_SUITES = vfc.chain_suites(config)
+
+
+def chain_runs():
+    """Every stage of every chain (study.chain: method x seed), stage 1 first in each chain."""
+    return [r for ch in vfc.chain_runs(config) for r in ch]
+
+
 def all_runs():
     out = []
-    for r in main_runs() + fewshot_runs() + ablation_runs():
+    for r in main_runs() + fewshot_runs() + ablation_runs() + chain_runs():
         if r not in out:
             out.append(r)
     return out
@@ -149,10 +205,15 @@ def run_suite(run):
 def run_eval_suites(run):
     """Suites a run (or the teacher) is evaluated on in closed loop: its own + the upstream suites."""
     suites = [] if run == "teacher" else [run_suite(run)]
-    for s in UPSTREAM_SUITES:
+    # a chain stage: every chain suite (its row of the success matrix)
+    extra = CHAIN_SUITES if run in CHAIN_RUNS else []
+    for s in extra + UPSTREAM_SUITES:
         if s not in suites:
             suites.append(s)
     return suites
+
+
+CHAIN_RUNS = set(chain_runs())
 
 
 def run_eval_files(run):
@@ -166,7 +227,7 @@ def teacher_eval_files(runs):
         for s in run_eval_suites(r):
             if s not in suites:
                 suites.append(s)
-    for s in UPSTREAM_SUITES:
+    for s in UPSTREAM_SUITES + (CHAIN_SUITES if set(runs) & CHAIN_RUNS else []):
         if s not in suites:
             suites.append(s)
     return [eval_file("teacher", s) for s in suites] + [forgetting_file("teacher")]
@@ -206,8 +267,9 @@ def report_cfg(key):
         "root": str(ROOT),
         "results_dir": RESULTS,
         "upstream_suites": UPSTREAM_SUITES,
-        "inputs": table_inputs(runs),
+        "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
         "code": vfc.code_hash("report"),
+        **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
     }
 
 
@@ -320,14 +382,10 @@ def fixture_datasets():
     return out
 
 
-def fixture_done():
-    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
-
-
 def cache_input(w):
     inp = {"cfg": cfg_file("cache", w.dataset)}
     if METAWORLD:
-        inp["rlds"] = R(LAYOUT.rlds(w.dataset) / "done.json")
+        inp["rlds"] = demos_done(w.dataset)
     elif FIXTURE:
         inp["rlds"] = fixture_done()
     return inp
@@ -349,6 +407,9 @@ def train_input(w):
         inp["probe"] = probe_file()
     if sc.get("craft_dir"):
         inp["anchors"] = R(Path(sc["craft_dir"]) / "anchors.pt")  # the suite's or the few-shot subset's
+    prev = vfc.chain_previous(config, w.trun)
+    if prev:  # a chain stage starts from the previous stage's adapter
+        inp["init"] = train_done(prev)
     return inp
 
 
@@ -372,16 +433,27 @@ def forgetting_input(w):
 
 
 TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
+if CHAIN_SUITES:  # study.chain: the lifelong table (rule table_lifelong_build)
+    TABLE_RUNS["lifelong"] = chain_runs
 FIGURES = ["pareto", "training_curves", "ablation", "category_retention"]
 
 
 def table_outputs():
-    return [f"{RESULTS}/table_{kind}.csv" for kind in TABLE_RUNS]
+    return [table_csv(kind) for kind in TABLE_RUNS]
 
 
 def report_records():
     """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
-    return [R(ROOT / "reports" / f"table_{kind}.json") for kind in TABLE_RUNS] + [R(ROOT / "reports" / "figures.json")]
+    return [table_record(kind) for kind in TABLE_RUNS] + [figures_record()]
+
+
+def lifelong_inputs():
+    """The success matrix of every chain: each stage and the teacher (row 0) on every chain suite."""
+    return [eval_file(r, s) for r in ["teacher"] + chain_runs() for s in CHAIN_SUITES]
+
+
+def lifelong_run_dirs():
+    return [R(LAYOUT.run(r)) for r in chain_runs()]
 
 
 def figures_outputs():
@@ -423,6 +495,45 @@ def stage_jobs():
     return list(dict.fromkeys(jobs))
 
 
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _stage_output(stage, key):
+    """The declared completion output of a GPU stage job (the rule's output, via the same helper)."""
+    if stage == "eval":
+        return eval_file(*key.rsplit("@", 1))
+    if stage in ("model", "probe", "icsm"):  # one job each: no key in the path
+        return {"model": model_done, "probe": probe_file, "icsm": icsm_meta}[stage]()
+    return {"craft_anchors": anchors_file, "train": train_done, "forgetting": forgetting_file}[stage](key)
+
+
+def _placeholder_benchmarks():
+    """Snakemake counts a missing `benchmark:` file as a missing output: a job finished before the
+    GPU rules had benchmarks would rerun for it. Such a job gets a placeholder benchmark (header + NA:
+    not measured), so nothing reruns; this is bookkeeping under the data root, written in a dry-run
+    too, so the dry-run plans what a run does."""
+    jobs = [(st, k) for st, k in stage_jobs() if st in BENCH_STAGES]
+    craft_dir = ROOT / "artifacts" / f"craft_{BASE}"
+    jobs += [("craft_anchors", p.parent.name) for p in craft_dir.glob("*/anchors.pt")] if craft_dir.is_dir() else []
+    n = 0
+    for st, k in dict.fromkeys(jobs):
+        b = Path(bench_file(st, k))
+        if b.exists() or not Path(_stage_output(st, k)).exists():
+            continue
+        try:
+            b.parent.mkdir(parents=True, exist_ok=True)
+            b.write_text(BENCH_HEADER + "\t".join(["NA"] * BENCH_HEADER.count("\t")) + "\tNA\n")
+            n += 1
+        except OSError as e:
+            print(f"vlaforget: warning: cannot write placeholder benchmark {b}: {e}", file=sys.stderr)
+    if n:
+        print(f"vlaforget: {n} finished job(s) predate benchmarks: placeholder benchmark written (NA), "
+              "nothing reruns for it", file=sys.stderr)
+
+
+BENCH_STAGES = ("model", "probe", "icsm", "craft_anchors", "train", "eval", "forgetting")
+
+
 # Never serve a stale result, whatever .snakemake holds: each output records the id of the config it
 # was made for; a stage-config file whose content or output disagrees with this config is rewritten
 # or touched before the DAG is built, so mtimes rerun exactly those jobs (a dry-run only reports them).
@@ -439,6 +550,7 @@ if workflow.is_main_process:
         print(f"vlaforget: warning: {_p}", file=sys.stderr)
     freshness.sync_all(((cfg_file(st, k), stage_cfg(st, k)) for st, k in stage_jobs()), mode=_mode,
                        out=sys.stderr)
+    _placeholder_benchmarks()
     try:  # a dry-run of a GPU profile also says what the study costs (vlaforget plan; docs/benchmarks.md)
         from vlaforget.plan import dry_run_summary
 
@@ -452,7 +564,7 @@ if workflow.is_main_process:
     # Snakemake would call up to date while its inputs are missing): a run moves it aside to
     # `<name>.stale` (nothing is deleted) so it is rebuilt; a dry-run says so.
     for _kind in TABLE_RUNS:
-        _csv, _rec = Path(f"{RESULTS}/table_{_kind}.csv"), Path(R(ROOT / "reports" / f"table_{_kind}.json"))
+        _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
         _want = json.dumps(report_cfg(_kind), sort_keys=True)
         if not _csv.exists() or (_rec.exists() and _rec.read_text() == _want):
             continue

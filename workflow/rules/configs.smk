@@ -9,12 +9,12 @@ localrules:
 rule stage_config:
     """The exact config of one stage job; its params trigger reruns only of what changed."""
     output:
-        cfg=R(ROOT / "configs" / "{stage}" / "{key}.yaml"),
+        cfg=cfg_file("{stage}", "{key}"),
     params:
         # a shell job, not `run:` (which would re-parse the whole workflow in a subprocess per job)
         text=lambda w: yaml.safe_dump(stage_cfg(w.stage, w.key), sort_keys=True),
     log:
-        R(ROOT / "logs" / "configs" / "{stage}" / "{key}.log"),
+        log_file("configs/{stage}", "{key}"),
     wildcard_constraints:
         key=r"[^/]+",
     shell:

@@ -6,7 +6,7 @@ rule demos:
     input:
         cfg=cfg_file("demos", "{dataset}"),
     output:
-        done=R(ROOT / "datasets" / "rlds" / "{dataset}" / "done.json"),
+        done=demos_done("{dataset}"),
     log:
         log_file("demos", "{dataset}"),
     threads: (config["data"].get("metaworld") or {}).get("workers", 1)
@@ -23,8 +23,7 @@ rule cache:
     input:
         unpack(cache_input),
     output:
-        manifest=R(ROOT / "datasets" / "cache" / "{dataset}" / "manifest.json"),
-        stats=R(ROOT / "datasets" / "cache" / "{dataset}" / "dataset_statistics.json"),
+        **cache_outputs("{dataset}"),
     log:
         log_file("cache", "{dataset}"),
     threads: 1
@@ -48,7 +47,7 @@ rule libero_fixture:
         suites=" ".join(fixture_datasets()) if FIXTURE else "",
         fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic", **(FIXTURE or {})},
     log:
-        R(ROOT / "logs" / "libero_fixture" / "fixture.log"),
+        log_file("libero_fixture", "fixture"),
     threads: 1
     resources:
         gpu=0,

@@ -10,9 +10,11 @@ rule eval:
     input:
         unpack(eval_input),
     output:
-        result=R(ROOT / "evals" / "{run}" / "{suite}.json"),
+        result=eval_file("{run}", "{suite}"),
     log:
         log_file("eval", "{run}@{suite}"),
+    benchmark:
+        bench_file("eval", "{run}@{suite}")
     threads: int(RES.get("eval_threads", 2))
     resources:
         gpu=gpus("eval"),
@@ -27,9 +29,11 @@ rule forgetting:
     input:
         unpack(forgetting_input),
     output:
-        result=R(ROOT / "evals" / "{run}" / "forgetting.json"),
+        result=forgetting_file("{run}"),
     log:
         log_file("forgetting", "{run}"),
+    benchmark:
+        bench_file("forgetting", "{run}")
     threads: 1
     resources:
         gpu=gpus("eval"),

@@ -8,7 +8,7 @@ rule export:
     input:
         done=lambda w: train_done(w.trun),
     output:
-        ckpt=directory(R(ROOT / "exports" / "{trun}")),
+        ckpt=directory(export_dir("{trun}")),
     params:
         run_dir=lambda w: R(LAYOUT.run(w.trun)),
         code=vfc.code_hash("export"),
@@ -27,4 +27,4 @@ rule export:
 
 rule exports:
     input:
-        [R(ROOT / "exports" / r) for r in all_runs()],
+        [export_dir(r) for r in all_runs()],

@@ -11,6 +11,8 @@ rule icsm:
         meta=icsm_meta(),
     log:
         log_file("icsm", PROBE_SET),
+    benchmark:
+        bench_file("icsm", PROBE_SET)
     threads: 1
     resources:
         gpu=gpus("probe"),
@@ -28,9 +30,11 @@ rule craft_anchors:
         model=model_done(),
         cache=lambda w: cache_outputs(vfc.parse_anchor_set(w.aset)[0])["manifest"],
     output:
-        anchors=R(ROOT / "artifacts" / f"craft_{BASE}" / "{aset}" / "anchors.pt"),
+        anchors=anchors_file("{aset}"),
     log:
         log_file("craft_anchors", "{aset}"),
+    benchmark:
+        bench_file("craft_anchors", "{aset}")
     wildcard_constraints:
         aset=rf"{NAME}(?:__\d+shot__s\d+)?",
     threads: 1

@@ -9,6 +9,8 @@ rule model:
         done=model_done(),
     log:
         log_file("model", BASE),
+    benchmark:
+        bench_file("model", BASE)
     threads: (config["model"].get("pretrain") or {}).get("threads", 1)
     resources:
         gpu=gpus("probe"),

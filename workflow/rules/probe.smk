@@ -8,9 +8,11 @@ rule probe:
         cache=cache_outputs(config["probe"]["dataset"])["manifest"],
     output:
         probe=probe_file(),
-        audit=R(LAYOUT.probe(BASE, PROBE_SET) / "audit.json"),
+        audit=probe_audit(),
     log:
         log_file("probe", PROBE_SET),
+    benchmark:
+        bench_file("probe", PROBE_SET)
     threads: 1
     resources:
         gpu=gpus("probe"),

@@ -4,22 +4,24 @@
 
 localrules:
     table,
+    table_lifelong_build,
     figures,
     table_main,
     table_fewshot,
     table_ablation,
+    table_lifelong,
 
 
 rule table:
     input:
         evals=lambda w: table_inputs(TABLE_RUNS[w.kind]()),
     output:
-        csv=report(f"{RESULTS}/table_{{kind}}.csv", caption="../report/table.rst", category="Tables",
+        csv=report(table_csv("{kind}"), caption="../report/table.rst", category="Tables",
                    labels={"table": "{kind}", "format": "csv"}),
-        md=f"{RESULTS}/table_{{kind}}.md",
+        md=table_md("{kind}"),
         # what the table was built from, under the data root: a table copied in (or left from another
         # study) is never up to date for an empty root, whose record is missing
-        record=R(ROOT / "reports" / "table_{kind}.json"),
+        record=table_record("{kind}"),
     params:
         upstream=" ".join(UPSTREAM_SUITES) or "''",
         code=vfc.code_hash("report"),  # reruns the tables when report/ changes
@@ -27,7 +29,7 @@ rule table:
     wildcard_constraints:
         kind="main|fewshot|ablation",
     log:
-        R(ROOT / "logs" / "report" / "table_{kind}.log"),
+        report_log("table_{kind}"),
     threads: 1
     resources:
         gpu=0,
@@ -42,21 +44,61 @@ rule table:
         )
 
 
+# study.chain (LIBERO's lifelong protocol): the success matrix of every chain and its FWT / NBT / AUC
+# (report/lifelong.py; docs/evaluation.md "LIBERO's lifelong metrics").
+if CHAIN_SUITES:
+
+    rule table_lifelong_build:
+        input:
+            evals=lifelong_inputs(),
+            runs=[train_done(r) for r in chain_runs()],  # their metrics.jsonl: periodic evals
+        output:
+            csv=report(table_csv("lifelong"), caption="../report/table_lifelong.rst", category="Tables",
+                       labels={"table": "lifelong", "format": "csv"}),
+            md=table_md("lifelong"),
+            detail=f"{RESULTS}/table_lifelong.json",
+            record=table_record("lifelong"),
+        params:
+            chain=" ".join(CHAIN_SUITES),
+            run_dirs=" ".join(lifelong_run_dirs()),
+            code=vfc.code_hash("report"),
+            record=json.dumps(report_cfg("lifelong"), sort_keys=True),
+        log:
+            report_log("table_lifelong"),
+        threads: 1
+        resources:
+            gpu=0,
+            mem_mb=2000,
+        conda:
+            "../../envs/vlaforget.yaml"
+        shell:
+            report_shell(
+                "table --kind lifelong --chain-suites {params.chain} --run-dirs {params.run_dirs} "
+                "--inputs {input.evals} --out {output.csv}",
+                record=True,
+            )
+
+    rule table_lifelong:
+        input:
+            table_csv("lifelong"),
+            table_record("lifelong"),
+
+
 rule figures:
     input:
-        ablation=f"{RESULTS}/table_ablation.csv",
+        ablation=table_csv("ablation"),
         evals=table_inputs(main_runs()),
         runs=figure_run_files(),
     output:
         figs=[report(f, caption="../report/figures.rst", category="Figures") for f in figures_outputs()],
-        record=R(ROOT / "reports" / "figures.json"),
+        record=figures_record(),
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),
         upstream=" ".join(UPSTREAM_SUITES) or "''",
         code=vfc.code_hash("report"),  # redraws the figures when report/ changes
         record=json.dumps(report_cfg("figures"), sort_keys=True),
     log:
-        R(ROOT / "logs" / "report" / "figures.log"),
+        report_log("figures"),
     conda:
         "../../envs/vlaforget.yaml"
     threads: 1
@@ -76,17 +118,17 @@ rule figures:
 # data root is empty; these also request the table's record under the root.
 rule table_main:
     input:
-        f"{RESULTS}/table_main.csv",
-        R(ROOT / "reports" / "table_main.json"),
+        table_csv("main"),
+        table_record("main"),
 
 
 rule table_fewshot:
     input:
-        f"{RESULTS}/table_fewshot.csv",
-        R(ROOT / "reports" / "table_fewshot.json"),
+        table_csv("fewshot"),
+        table_record("fewshot"),
 
 
 rule table_ablation:
     input:
-        f"{RESULTS}/table_ablation.csv",
-        R(ROOT / "reports" / "table_ablation.json"),
+        table_csv("ablation"),
+        table_record("ablation"),

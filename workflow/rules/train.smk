@@ -8,9 +8,11 @@ rule train:
         unpack(train_input),
     output:
         # update(): a failing rerun keeps (restores) the previous done.json instead of deleting it
-        done=update(R(ROOT / "runs" / "{trun}" / "final" / "done.json")),
+        done=update(train_done("{trun}")),
     log:
         log_file("train", "{trun}"),
+    benchmark:
+        bench_file("train", "{trun}")
     threads: int(RES.get("train_threads", 2))
     resources:
         gpu=gpus("train"),

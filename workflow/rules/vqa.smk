@@ -7,24 +7,26 @@ LIBERO_VQA_ON = bool(LIBERO_VQA) and not (config["eval"].get("forgetting") or {}
 
 
 def libero_vqa_input():
-    return {"vqa": R(LAYOUT.libero_vqa() / "manifest.json")} if LIBERO_VQA_ON else {}
+    return {"vqa": libero_vqa_manifest()} if LIBERO_VQA_ON else {}
 
 
 if LIBERO_VQA_ON:
 
     rule libero_vqa:
         output:
-            manifest=R(LAYOUT.libero_vqa() / "manifest.json"),  # written last
+            manifest=libero_vqa_manifest(),  # written last
         params:
             out=R(LAYOUT.libero_vqa()),
             suites=" ".join(LIBERO_VQA.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]),
             n=int(LIBERO_VQA.get("n", 600)),
             seed=int(LIBERO_VQA.get("seed", config.get("seed", 0))),
             states=int(LIBERO_VQA.get("states_per_task", 2)),
+            tasks=(f"--tasks-per-suite {int(LIBERO_VQA['tasks_per_suite'])}"
+                   if LIBERO_VQA.get("tasks_per_suite") else ""),
             cfgdir=(f"--config-dir {config['eval'].get('libero', {}).get('config_path')}"
                     if (config["eval"].get("libero") or {}).get("config_path") else ""),
         log:
-            R(ROOT / "logs" / "libero_vqa" / "libero_vqa.log"),
+            log_file("libero_vqa", "libero_vqa"),
         threads: 1
         resources:
             gpu=0,
@@ -33,4 +35,4 @@ if LIBERO_VQA_ON:
             CONDA_ENV
         shell:
             f"{JOB_ENV}; {VLAFORGET} libero-vqa --out {{params.out}} --suites {{params.suites}} "
-            "--n {params.n} --seed {params.seed} --states-per-task {params.states} {params.cfgdir} > {log} 2>&1"
+            "--n {params.n} --seed {params.seed} --states-per-task {params.states} {params.tasks} {params.cfgdir} > {log} 2>&1"

@@ -52,7 +52,8 @@ def peak_clamped(curve: Sequence[float]) -> np.ndarray:
     return c
 
 
-def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]]) -> dict:
+def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]],
+                            kept: Sequence[float] | None = None) -> dict:
     """LIBERO's FWT, NBT and AUC (Liu et al. 2023, Sec. 5; definitions quoted in docs/evaluation.md),
     checked against LIBERO's code: libero/lifelong/algos/base.py `Sequential.learn_one_task` (the FWT_k
     it returns) at github.com/Lifelong-Robot-Learning/LIBERO commit 8f1084e3.
@@ -66,7 +67,10 @@ def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Seque
     FWT = (1/K) Σ_k FWT_k,  FWT_k = mean_e c_{k,k,e} (of that clamped curve);
     NBT = (1/(K−1)) Σ_{k<K} NBT_k,  NBT_k = (1/(K−k)) Σ_{t>k} (c_{k,k} − c_{t,k});
     AUC = (1/K) Σ_k AUC_k,  AUC_k = (FWT_k + Σ_{t>k} c_{t,k}) / (K−k+1)   (k 1-based).
-    NBT is None for K = 1 (nothing learnt after the task)."""
+    NBT is None for K = 1 (nothing learnt after the task).
+    kept[k] (optional): the success of the checkpoint actually carried on to task k+1 when that is
+    not the curve's peak (our chained runs carry the final adapter); NBT_k then uses it in place of
+    c_{k,k}. Default: c_{k,k} (LIBERO, which carries the peak checkpoint)."""
     K = len(curves)
     if K < 1 or any(len(c) == 0 for c in curves):
         raise ValueError("libero_lifelong_metrics needs ≥ 1 task, each with ≥ 1 evaluated checkpoint")
@@ -75,7 +79,10 @@ def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Seque
         raise ValueError(f"success matrix must be {K} x {K} (one row per learnt task), got {Rm.shape}")
     fwt_k = [float(np.mean(peak_clamped(c))) for c in curves]
     ckk = [float(np.max(c)) for c in curves]
-    nbt_k = [float(np.mean([ckk[k] - Rm[t, k] for t in range(k + 1, K)])) for k in range(K - 1)]
+    if kept is not None and len(kept) != K:
+        raise ValueError(f"kept needs one value per task ({K}), got {len(kept)}")
+    ref = ckk if kept is None else [float(x) for x in kept]
+    nbt_k = [float(np.mean([ref[k] - Rm[t, k] for t in range(k + 1, K)])) for k in range(K - 1)]
     auc_k = [(fwt_k[k] + float(sum(Rm[t, k] for t in range(k + 1, K)))) / (K - k) for k in range(K)]
     return {
         "fwt": float(np.mean(fwt_k)),

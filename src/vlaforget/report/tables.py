@@ -314,13 +314,20 @@ def read_table(path: str | Path) -> list[dict]:
 
 
 def add_args(p) -> None:
-    p.add_argument("--kind", required=True, choices=["main", "fewshot", "ablation"])
+    p.add_argument("--kind", required=True, choices=["main", "fewshot", "ablation", "lifelong"])
+    p.add_argument("--chain-suites", nargs="*", default=[], help="lifelong: study.chain.suites, in order")
+    p.add_argument("--run-dirs", nargs="*", default=[],
+                   help="lifelong: run dirs (periodic evals in metrics.jsonl)")
     p.add_argument("--inputs", nargs="*", default=[], help="eval JSON files (runs and the teacher)")
     p.add_argument("--upstream-suites", nargs="*", default=[], help="suites that measure upstream retention")
     p.add_argument("--out", required=True, help="CSV path; the Markdown copy goes beside it (.md)")
 
 
 def main(args) -> int:
+    if args.kind == "lifelong":  # report/lifelong.py: FWT, NBT, AUC of chained runs
+        from . import lifelong
+
+        return lifelong.main(args)
     upstream = [s for s in args.upstream_suites if s]
     rows = build_table(load_evals(args.inputs), args.kind, upstream)
     out = Path(args.out)

@@ -128,6 +128,32 @@ def apply_lora(backend, lcfg: dict, seed: int):
     return model
 
 
+def init_from_adapter(model, adapter_dir) -> None:
+    """A chain stage (LIBERO's lifelong protocol): start the run's LoRA from the previous stage's
+    trained adapter, as LIBERO's sequential learner keeps training the same network on the next task
+    (fresh optimizer and schedule). The adapter must have this run's LoRA shape (r, targets)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.exists():
+        raise TrainingError(f"init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json "
+                            "missing): train the previous stage of the chain first")
+    have = json.loads(cfg_file.read_text())
+    want = model.peft_config["default"]
+    have_t, want_t = sorted(have.get("target_modules") or []), sorted(want.target_modules)
+    if int(have.get("r", -1)) != int(want.r) or have_t != want_t:
+        raise TrainingError(f"init_adapter {adapter_dir}: LoRA r={have.get('r')} on {len(have_t)} modules, "
+                            f"this run wants r={want.r} on {len(want_t)}: a chain keeps train.lora the "
+                            "same over its stages")
+    res = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
+    missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise TrainingError(f"init_adapter {adapter_dir}: {len(missing)} LoRA weights missing "
+                            f"(e.g. {missing[0]})")
+    log.info("chain: LoRA initialised from %s", adapter_dir)
+
+
 def load_samples(ds, indices) -> list[dict]:
     return [ds[int(i)] for i in indices]
 
@@ -257,6 +283,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
 
     for p in plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
+    if sc.get("init_adapter") and step == 0:  # a chain stage, not resumed: after the calibration
+        init_from_adapter(model.module if hasattr(model, "module") else model, sc["init_adapter"])
     dry_recs: list[dict] = []
 
     max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))

@@ -278,6 +278,27 @@ class MetaWorldEnv:
             pass
 
 
+class MetaWorldFactory:
+    """Picklable env factory for the rollout engine (eval/rollout.py): task name → `MetaWorldEnv`
+    for one camera / size / cap (like `envs.libero.LiberoFactory`)."""
+
+    def __init__(
+        self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150, randomization: float = 1.0
+    ):
+        self.camera, self.render_size, self.max_steps = camera, int(render_size), int(max_steps)
+        self.randomization = float(randomization)
+
+    def __call__(self, task: str) -> MetaWorldEnv:
+        return MetaWorldEnv(
+            task,
+            seed=0,
+            camera=self.camera,
+            render_size=self.render_size,
+            max_steps=self.max_steps,
+            randomization=self.randomization,
+        )
+
+
 def rendering_available(camera: str = "corner3", size: int = 16) -> tuple[bool, str]:
     """(True, backend) if a Meta-World frame renders here, else (False, reason and fix)."""
     try:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import load_stage_config
 from ..io import provenance, write_json
-from .rollout import Episode, MetaWorldFactory, make_episodes, run_episodes
+from .rollout import Episode, make_episodes, run_episodes
 
 log = logging.getLogger("vlaforget.eval")
 
@@ -134,7 +134,7 @@ def build_episodes(
     """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
     n = int(episodes_per_task if episodes_per_task is not None else e["episodes_per_task"])
     k = int(videos_per_task if videos_per_task is not None else e.get("videos_per_task", 0))
-    from ..envs.metaworld import configure_rendering
+    from ..envs.metaworld import MetaWorldFactory, configure_rendering
 
     configure_rendering()  # MUJOCO_GL (keeps the user's; else EGL or OSMesa): workers inherit it
     if world == "metaworld":

@@ -198,7 +198,7 @@ def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> 
     for layer in sorted(student_pooled):
         T, S = teacher_pooled[layer].double(), student_pooled[layer].double()
         basis = icsm.layers[layer].U if icsm is not None and layer in icsm.layers else None
-        drift[int(layer)] = M.drift_metrics(M.covariance(S), M.covariance(T), basis)
+        drift[int(layer)] = M.feature_drift(S, T, basis)
         cka[int(layer)] = M.linear_cka(T, S)
     return {"drift": drift, "cka": cka}
 
@@ -253,7 +253,7 @@ def craft_layer_metrics(teacher_feats: dict, student_feats: dict, basis=None) ->
     out = {}
     for p in CRAFT_POOLINGS:
         T, S = teacher_feats[p].double(), student_feats[p].double()
-        out[p] = {"drift": M.drift_metrics(M.covariance(S), M.covariance(T), basis), "cka": M.linear_cka(T, S)}
+        out[p] = {"drift": M.feature_drift(S, T, basis), "cka": M.linear_cka(T, S)}
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..config import load_stage_config
+from ..gpus import pick_device
 from ..io import provenance, write_json
 from .rollout import Episode, make_episodes, run_episodes
 
@@ -65,7 +66,8 @@ class BackendPolicy:
         self.model = model  # e.g. the PEFT-wrapped training model; None = backend.model
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        from ..envs.libero import center_crop, resize_lanczos
+        from ..envs import resize_lanczos
+        from ..envs.libero import center_crop
 
         if self.image_size and images.shape[1:3] != (self.image_size, self.image_size):
             images = np.stack([resize_lanczos(im, self.image_size) for im in images])
@@ -78,14 +80,6 @@ class BackendPolicy:
         if self.model is None:
             return np.asarray(self.backend.predict_actions(imgs, list(instructions)))
         return np.asarray(self.backend.predict_actions(imgs, list(instructions), model=self.model))
-
-
-def pick_device(requested: str | None) -> str:
-    if requested:
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_stats(ecfg: dict) -> dict | None:

@@ -201,9 +201,10 @@ def retention_loss(student_feat: torch.Tensor, anchor_feat: torch.Tensor) -> tor
 
 
 def select_anchor_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
-    """min(n, n_total) distinct seeded indices, sorted."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.sort(torch.randperm(n_total, generator=g)[: min(int(n), n_total)]).values
+    """min(n, n_total) distinct seeded indices, sorted (the probe's selection, data/probe.py)."""
+    from ..data.probe import select_indices
+
+    return select_indices(n_total, min(int(n), n_total), seed)
 
 
 @torch.no_grad()

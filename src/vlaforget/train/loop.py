@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext
+from .schedule import warmup_schedule
 
 log = logging.getLogger("vlaforget.train")
 
@@ -72,18 +72,9 @@ class StepSampler:
 
 
 def make_schedule(optimizer, tcfg: dict):
-    total, warm = int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0))
-    kind = tcfg.get("lr_schedule", "constant")
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return warmup_schedule(
+        optimizer, int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0)), tcfg.get("lr_schedule", "constant")
+    )
 
 
 def autocast_factory(precision: str, device: torch.device):

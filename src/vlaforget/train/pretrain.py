@@ -8,7 +8,6 @@ teacher's held-out metrics and a minimal closed-loop Meta-World rollout (one env
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,16 +17,7 @@ import numpy as np
 import torch
 
 from ..io import log, progress
-
-
-def _lr_lambda(steps: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+from .schedule import warmup_schedule
 
 
 def smoothed_action_loss(backend, batch: Mapping[str, torch.Tensor], logits: torch.Tensor, sigma: float):
@@ -74,7 +64,7 @@ def pretrain(
         weight_decay=float(pcfg.get("weight_decay", 0.01)),
         betas=(0.9, 0.95),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, int(0.05 * steps))))
+    sched = warmup_schedule(opt, steps, max(1, int(0.05 * steps)), "cosine", floor=0.1)
     hist: dict[str, list] = {"step": [], "bc_loss": [], "bc_acc": [], "vqa_loss": [], "seconds": []}
     ema: dict[str, float] = {}
     t0 = time.time()

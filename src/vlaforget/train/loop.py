@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..config import load_stage_config
-from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, seed_everything, sha256_file,
-                  write_json)
+from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, replace_dir, seed_everything,
+                  sha256_file, write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -452,15 +452,6 @@ def _read_segments(path: Path) -> list[dict]:
         return [g for g in segs if isinstance(g, dict) and {"start", "end"} <= set(g)]
     except (OSError, ValueError, TypeError):
         return []
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put directory tmp at final (the old one, if any, removed after the swap)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger, objs):

@@ -112,12 +112,6 @@ def _shrink_reset_space(env, scale: float) -> None:
     env._random_reset_space = Box(mid - half, mid + half, dtype=np.float64)
 
 
-def all_tasks() -> list[str]:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    return sorted(ALL_V3_ENVIRONMENTS)
-
-
 def env_action(action) -> np.ndarray:
     """Model action -> Meta-World command: clipped to [-1, 1], otherwise as is (the cache keeps
     Meta-World's own convention, gripper effort -1 = open, +1 = close; data/transforms.py)."""

@@ -36,12 +36,6 @@ def dual_update(lmbda: float, L_ret: float, epsilon: float, lr: float) -> float:
     return max(0.0, float(lmbda) + float(lr) * (float(L_ret) - float(epsilon)))
 
 
-def _flat(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor:
-    if g is None:
-        return torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
-    return g.detach().reshape(-1).float()
-
-
 def conflict_project(
     g_act_list: Sequence[torch.Tensor | None],
     g_ret_list: Sequence[torch.Tensor | None],

@@ -437,9 +437,6 @@ def sensitivity_scores(
     return totals / max(count, 1)
 
 
-sensitivity = sensitivity_scores  # the name docs/DEVELOPMENT.md uses
-
-
 # ----------------------------------------------------------------------------- split
 
 

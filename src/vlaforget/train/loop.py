@@ -118,10 +118,6 @@ def apply_lora(backend, lcfg: dict, seed: int):
     return model
 
 
-def load_samples(ds, indices) -> list[dict]:
-    return [ds[int(i)] for i in indices]
-
-
 def _f(t) -> float | None:
     return None if t is None else float(t)
 
@@ -163,7 +159,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     t_start = time.time()
     root = Path(sc["root"])
     apply_job_env(root)
-    tcfg, mcfg = sc["train"], sc["method"]
+    tcfg = sc["train"]
     out_dir = Path(sc["out_dir"])
     ckpt_dir = out_dir / "checkpoints" / sc["run_id"]
     dist: DistInfo = init_distributed()
@@ -273,17 +269,12 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                 with autocast():
                     out = backend.forward(batch, model=model)
                     metrics = backend.action_metrics(batch, out.logits)
-                    losses = {"act": metrics["loss"]}
-                    for p in plugins.values():
-                        losses.update(p.extra_losses(batch, out))
-                handled = any([p.backward(losses, 1.0 / accum) for p in plugins.values()])
-                if not handled:
-                    loss = losses["act"] / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
+                loss = metrics["loss"] / accum
+                (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 sums[k] = sums[k] + v / accum if k in sums else v / accum
-            del out, losses
+            del out, loss
         if scaler:
             scaler.unscale_(optimizer)
         for p in plugins.values():

@@ -2,10 +2,10 @@
 CRaFT (retention loss + dual variable + conflict projection).
 
 The loop calls start(step) once before the first optimizer step, then, in order, for each step:
-    extra_losses(batch, out)   -> dict of added loss terms (per micro-batch)
-    backward(losses, scale)    -> True if the plug-in did the backward pass itself
+    before_step()              -> after the micro-batches' backward, grads unscaled (CRaFT)
+    skip_step()                -> instead, when the NaN guard skips the step
     every_step(step)           -> after the optimizer step (periodic controllers)
-    logs()                     -> scalars for metrics.jsonl / W&B
+    logs()                     -> scalars for metrics.jsonl / W&B (dry_logs() in a dry run)
 and state_dict()/load_state_dict() for exact resume. With no plug-in enabled the loop is the
 baseline; the math lives in vlaforget.methods (unit-tested there).
 """
@@ -36,15 +36,6 @@ class TrainContext:
 
 class Plugin:
     name = "plugin"
-
-    def extra_losses(self, batch, out) -> dict:
-        return {}
-
-    def needs_hidden_states(self) -> bool:
-        return False
-
-    def backward(self, losses: dict, scale: float) -> bool:
-        return False
 
     def start(self, step: int) -> None:
         """Once, after resume and before the first optimizer step of this process (e.g. the

@@ -83,7 +83,8 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     from vlaforget.data.instructions import canonical_instruction
     from vlaforget.data.vqa import vqa_samples
     from vlaforget.eval.closed_loop import BackendPolicy
-    from vlaforget.eval.rollout import MetaWorldFactory, make_episodes, run_episodes
+    from vlaforget.envs.metaworld import MetaWorldFactory
+    from vlaforget.eval.rollout import make_episodes, run_episodes
     from vlaforget.io import seed_everything
     from vlaforget.models.build import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
     from vlaforget.models.tiny import build_tiny_backend

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("metaworld")
 
-from vlaforget.envs.metaworld import ENV_STATE_DIM, MetaWorldEnv, rendering_available
+from vlaforget.envs.metaworld import ENV_STATE_DIM, MetaWorldEnv, MetaWorldFactory, rendering_available
 
 _RENDER = rendering_available()
 needs_render = pytest.mark.skipif(not _RENDER[0], reason=f"headless rendering unavailable: {_RENDER[1]}")
@@ -113,6 +113,24 @@ def test_rendered_frames_are_deterministic():
     assert img_a.shape == (6, 32, 32, 3) and img_a.std() > 5  # a real picture, not a blank frame
     np.testing.assert_array_equal(img_a, img_b)
     np.testing.assert_array_equal(act_a, act_b)
+
+
+@needs_render
+def test_factory_is_picklable_and_builds_the_configured_env():
+    """The rollout engine pickles the factory into spawned workers; a worker's env is the one the
+    factory describes (camera, size, cap, randomization)."""
+    import pickle
+
+    fac = pickle.loads(pickle.dumps(MetaWorldFactory("corner2", render_size=24, max_steps=3, randomization=0.5)))
+    with fac("reach-v3") as env:
+        assert (env.task, env.camera, env.render_size, env.max_steps, env.randomization) == (
+            "reach-v3", "corner2", 24, 3, 0.5)
+        obs = env.reset(4)
+        assert obs["image"].shape == (24, 24, 3)
+        done = False
+        for _ in range(3):
+            _obs, _success, done = env.step(np.zeros(4, np.float32))
+        assert done  # the factory's cap
 
 
 @needs_render

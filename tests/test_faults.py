@@ -498,6 +498,39 @@ def test_outputs_honour_the_umask(tmp_path):
     assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o664
 
 
+def test_one_atomic_writer_for_files_videos_and_figures(tmp_path):
+    """io.atomic_path is the one temp-file-then-replace: a failed write leaves the old file and no
+    temp file; videos and figures go through it (umask-honouring mode, no stray .tmp files)."""
+    from vlaforget.io import atomic_path
+
+    target = tmp_path / "out" / "x.bin"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError, match="writer died"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer died")  # FAULT
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["x.bin"]
+    with atomic_path(target, suffix=".png") as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".png"
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+    import numpy as np
+
+    from vlaforget.eval.video import write_video
+    from vlaforget.report.figures import _plt, _save
+
+    old = os.umask(0o002)
+    try:
+        v = write_video(tmp_path / "v" / "a.mp4", [np.zeros((4, 4, 3), np.uint8)] * 3, fps=5)
+        fig = _plt().figure()
+        figs = _save(fig, tmp_path / "f", "fig")
+    finally:
+        os.umask(old)
+    for p in [v, *figs]:
+        assert p.stat().st_size > 0 and p.stat().st_mode & 0o777 == 0o664
+        assert sorted(q.name for q in p.parent.iterdir() if q.name.startswith(".")) == []
+
+
 def test_kill_while_writing_the_final_adapter_keeps_the_previous_one(world, monkeypatch):
     root, cache, model = world
     sc = fresh(base_stage(root, cache, model), "atomic_final")

@@ -5,8 +5,6 @@ every hooked layer it passed, γ² within a group and more across groups / in hs
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch

@@ -56,6 +56,24 @@ def test_drift_metrics():
     assert M.drift_metrics(C_T, C_T)["basis"] is None
 
 
+def test_feature_drift_is_float64_covariance_drift():
+    """One covariance for training and eval (methods/icsm.py): float64 for the forgetting stage."""
+    g = torch.Generator().manual_seed(0)
+    S, T = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g) * 2
+    C = M.covariance(S, dtype=torch.float64)
+    assert C.dtype == torch.float64 and torch.allclose(C, torch.cov(S.double().T), atol=1e-12)
+    assert M.covariance(S).dtype == torch.float32
+    U = torch.linalg.qr(torch.randn(6, 3, generator=g))[0]
+    cs, ct = np.cov(S.double().numpy().T), np.cov(T.double().numpy().T)
+    d = M.feature_drift(S, T, U)
+    assert d["raw"] == pytest.approx(np.linalg.norm(cs - ct), rel=1e-12)
+    assert d["normalized"] == pytest.approx(np.linalg.norm(cs - ct) / np.linalg.norm(ct), rel=1e-12)
+    Ud = U.double().numpy()
+    assert d["basis"] == pytest.approx(
+        np.linalg.norm(Ud.T @ (cs - ct) @ Ud) / np.linalg.norm(Ud.T @ ct @ Ud), rel=1e-10
+    )
+
+
 def test_kl_and_answers():
     lt = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), -1)
     ls = torch.log_softmax(torch.tensor([[0.0, 2.0, -1.0], [0.0, 0.0, 0.0]]), -1)

@@ -22,6 +22,13 @@ def test_select_indices_seeded_distinct_sorted():
     assert a.unique().numel() == 20 and torch.equal(a, a.sort().values)
     with pytest.raises(ValueError, match="lower probe.n"):
         probe_mod.select_indices(10, 11, 0)
+    # CRaFT's anchors are the same seeded selection, capped at the dataset's size
+    from vlaforget.methods.craft import select_anchor_indices
+
+    assert torch.equal(select_anchor_indices(100, 20, 3), a)
+    g = torch.Generator().manual_seed(3)  # the selection as the anchors stage wrote it before
+    assert torch.equal(select_anchor_indices(100, 20, 3), torch.sort(torch.randperm(100, generator=g)[:20]).values)
+    assert torch.equal(select_anchor_indices(10, 50, 1), torch.arange(10))
 
 
 def test_pooled_states_every_layer_matches_manual_pooling():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlaforget.eval.rollout import Episode, MetaWorldFactory, make_episodes, run_episodes, summarize
+from vlaforget.eval.rollout import Episode, make_episodes, run_episodes, summarize
 
 
 class FakeEnv:
@@ -105,6 +105,40 @@ def test_env_error_ends_episode_as_failure():
         assert res["errors"] == 1
 
 
+class NoSuchTaskFactory(FakeFactory):
+    def __call__(self, task):
+        if task == "x":
+            raise ValueError("no such task")
+        return super().__call__(task)
+
+
+def test_failing_resets_sequential_equals_batched():
+    """An episode whose env cannot start is a failure with the message; the worker takes the next
+    one. With one worker a long run of them is a loop, not one recursion per episode."""
+    eps = [Episode("x", "walk", i) for i in range(3)] + [Episode("a", "run", 7), Episode("x", "walk", 9)]
+    seq = run_episodes(NoSuchTaskFactory(), step_policy, eps, num_envs=0)
+    assert [(e["task"], e["steps"], e["error"]) for e in seq["episodes"]][:1] == [("a", 6, None)]
+    assert seq["errors"] == 4 and all(e["error"] == "ValueError: no such task" for e in seq["episodes"][1:])
+    for n in (1, 2):
+        bat = run_episodes(NoSuchTaskFactory(), step_policy, eps, num_envs=n, in_process=True)
+        assert strip(bat) == strip(seq) and bat["errors"] == 4
+    many = [Episode("x", "walk", i) for i in range(1500)] + [Episode("a", "walk", 3)]
+    for n in (0, 1):
+        res = run_episodes(NoSuchTaskFactory(), step_policy, many, num_envs=n, in_process=True)
+        assert res["errors"] == 1500 and res["n_episodes"] == 1501
+
+
+def test_sequential_is_one_batch1_worker():
+    """num_envs=0 runs the batched engine with one in-process worker: one policy call per env step,
+    batch 1, and the same per-episode outcomes as any N."""
+    eps = fake_episodes()
+    seq = run_episodes(FakeFactory(), step_policy, eps, num_envs=0)
+    t = seq["timing"]
+    assert (t["mode"], t["num_envs"], t["mean_batch"]) == ("sequential", 1, 1.0)
+    assert t["policy_calls"] == t["env_steps"] == sum(e["steps"] for e in seq["episodes"])
+    assert strip(seq) == strip(run_episodes(FakeFactory(), step_policy, eps, num_envs=1, in_process=True))
+
+
 def test_bad_policy_shape_raises():
     def bad(images, instructions):
         return np.zeros((len(instructions) + 1, 2))
@@ -132,7 +166,7 @@ def image_policy(images, instructions):
 
 
 def test_metaworld_n1_equals_n2():
-    from vlaforget.envs.metaworld import rendering_available  # chooses MUJOCO_GL before mujoco loads
+    from vlaforget.envs.metaworld import MetaWorldFactory, rendering_available  # MUJOCO_GL before mujoco
 
     pytest.importorskip("metaworld")
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlaforget.data.statistics import (
-    action_mask,
-    array_stats,
-    dataset_statistics,
-    normalize_actions,
-    unnormalize_actions,
-)
+from vlaforget.data.statistics import action_mask, array_stats, dataset_statistics
+from vlaforget.models.action_tokenizer import normalize_actions, unnormalize_actions
 
 
 def test_stats_match_numpy():
@@ -45,6 +40,9 @@ def test_normalisation_round_trip_and_gripper_untouched():
     np.testing.assert_array_equal(n[:, 3], a[:, 3].astype(np.float32))  # mask False: gripper as is
     back = unnormalize_actions(n, st)
     np.testing.assert_allclose(back[inside], a[inside], rtol=1e-4, atol=1e-4)
+    # one implementation: a dataset entry and its action block normalise alike
+    np.testing.assert_array_equal(normalize_actions(a, st["action"]), n)
+    np.testing.assert_array_equal(unnormalize_actions(n, st["action"]), back)
 
 
 def test_empty_input_is_refused():

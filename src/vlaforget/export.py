@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_stage_config
-from .io import provenance, read_json, write_json
+from .io import provenance, read_json, replace_dir, write_json
 from .models import DTYPES, load_backend
 from .paths import apply_job_env, check_under
 
@@ -117,19 +117,6 @@ def export_run(
         raise
     log.info("exported %s in %.1f s: %s", sc["run_name"], time.time() - t0, out)
     return record
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished folder tmp at out. A reader sees the old folder, none, or the new one,
-    never a half-written one (renames within one filesystem)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def add_args(p):

@@ -54,6 +54,16 @@ def visible_gpus() -> list[str]:
     return []
 
 
+def pick_device(requested: str | None = None) -> str:
+    """The torch device a stage runs on: the requested one (`--device`), else cuda if torch sees a
+    GPU, else cpu."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def lock_dir(root: str | Path | None = None) -> Path:
     env = os.environ.get("VLAFORGET_GPU_LOCK_DIR")
     d = Path(env) if env else Path(root or resolve_root()) / "locks" / "gpus"

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +41,48 @@ def current_umask() -> int:
     return old
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """The one temp-file-then-replace: yields a fresh temporary path next to `path` (same
+    filesystem; `suffix` for writers that pick the format from the name, e.g. ".mp4", ".png"). When
+    the block ends normally the file takes `path`'s place in one rename, with the permissions a file
+    written in place would get (0666 & ~umask: mkstemp's 0600 would hide tables, evals and
+    checkpoints from a group sharing the data root); on any error it is removed and `path` is
+    untouched. Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        # mkstemp creates 0600; a file written in place would get 0666 & ~umask: honour the umask so a
-        # group sharing a data root can read tables, evals and checkpoints.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Put the finished folder tmp at out. A reader sees the old folder, none, or the new one,
+    never a half-written one (renames within one filesystem)."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..envs import resize_lanczos
 from ..io import log, progress, provenance, read_json, sha256_file, write_json
 from .statistics import dataset_statistics
 from .transforms import resolve_transform
@@ -39,15 +40,6 @@ from .transforms import resolve_transform
 CACHE_FORMAT = 3
 HELDOUT_MODES = ("per_task", "tail")
 IMAGES_FILE = "images.u8"
-
-
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> [size, size, 3]; Lanczos with antialiasing (openvla resizes likewise)."""
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS), dtype=np.uint8)
 
 
 def n_train_episodes(n_episodes: int, train_split: float) -> int:
@@ -185,7 +177,7 @@ def write_cache(
         for ep in episodes:
             imgs = np.asarray(ep["images"], np.uint8)
             src_shape = src_shape or list(imgs.shape[1:])
-            block = np.stack([resize_image(im, image_size) for im in imgs]).astype(np.uint8)
+            block = np.stack([resize_lanczos(im, image_size) for im in imgs]).astype(np.uint8)
             data = np.ascontiguousarray(block).tobytes()
             f.write(data)
             img_hash.update(data)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..gpus import pick_device
 from ..methods.icsm import MethodConfigError, MissingInput
 
 log = logging.getLogger("vlaforget.probe")
@@ -52,16 +53,12 @@ def open_dataset(block: dict, split: str = "train"):
     return CachedDataset(cache_dir, split=split)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_teacher(model_block: dict, ds=None, device: str | None = None):
     """The frozen teacher backend (no adapter), with the dataset's action statistics."""
     from ..models import load_backend
 
     stats = getattr(ds, "statistics", None) if ds is not None else None
-    backend = load_backend(model_block, device=device or default_device(), adapter_dir=None, stats=stats)
+    backend = load_backend(model_block, device=pick_device(device), adapter_dir=None, stats=stats)
     backend.model.eval()
     for p in backend.model.parameters():
         p.requires_grad_(False)

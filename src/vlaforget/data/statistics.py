@@ -2,7 +2,8 @@
 
 `{name: {"action": {mean, std, max, min, q01, q99, mask}, "proprio": {mean, std, max, min, q01, q99},
 "num_transitions": int, "num_trajectories": int}}`. Actions are normalised to [-1, 1] with q01/q99
-per dimension except where mask is False: the last dimension (gripper) is left as is, like openvla.
+per dimension except where mask is False: the last dimension (gripper) is left as is, like openvla
+(`models.action_tokenizer.normalize_actions` / `unnormalize_actions`, which take such an entry).
 """
 
 from __future__ import annotations
@@ -41,20 +42,3 @@ def dataset_statistics(actions: np.ndarray, states: np.ndarray, num_trajectories
     }
     stats["action"]["mask"] = action_mask(actions.shape[1])
     return stats
-
-
-def normalize_actions(actions: np.ndarray, stats: dict) -> np.ndarray:
-    """openvla BOUNDS_Q99: 2 (a - q01) / (q99 - q01) - 1, clipped to [-1, 1], where mask is True."""
-    a = np.asarray(actions, dtype=np.float64)
-    s = stats["action"]
-    q01, q99, mask = np.asarray(s["q01"]), np.asarray(s["q99"]), np.asarray(s["mask"], bool)
-    scaled = np.clip(2 * (a - q01) / np.maximum(q99 - q01, 1e-8) - 1, -1, 1)
-    return np.where(mask, scaled, a).astype(np.float32)
-
-
-def unnormalize_actions(normalized: np.ndarray, stats: dict) -> np.ndarray:
-    """Inverse of normalize_actions (openvla's predict_action un-normalisation)."""
-    n = np.asarray(normalized, dtype=np.float64)
-    s = stats["action"]
-    q01, q99, mask = np.asarray(s["q01"]), np.asarray(s["q99"]), np.asarray(s["mask"], bool)
-    return np.where(mask, 0.5 * (n + 1) * (q99 - q01) + q01, n).astype(np.float32)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from . import resize_lanczos
+
 SUITE_MAX_STEPS = {
     "libero_spatial": 220,
     "libero_object": 280,
@@ -79,14 +81,6 @@ def jpeg_roundtrip(img: np.ndarray, quality: int = 95) -> np.ndarray:
     Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
-
-
-def resize_lanczos(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if img.shape[0] == size and img.shape[1] == size:
-        return np.ascontiguousarray(img)
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS), dtype=np.uint8)
 
 
 def preprocess_image(agentview: np.ndarray, size: int = 224, jpeg: bool = True) -> np.ndarray:

@@ -86,7 +86,6 @@ OPENVLA_STACK = [
     "tensorflow-cpu>=2.15; platform_machine == 'x86_64'",
     "tensorflow-datasets>=4.9",
     "wandb>=0.16",
-    "pandas>=2.0",
     "scipy>=1.10",  # the tables' Student-t quantiles
 ]
 

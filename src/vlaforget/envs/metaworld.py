@@ -112,12 +112,6 @@ def _shrink_reset_space(env, scale: float) -> None:
     env._random_reset_space = Box(mid - half, mid + half, dtype=np.float64)
 
 
-def all_tasks() -> list[str]:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    return sorted(ALL_V3_ENVIRONMENTS)
-
-
 def env_action(action) -> np.ndarray:
     """Model action -> Meta-World command: clipped to [-1, 1], otherwise as is (the cache keeps
     Meta-World's own convention, gripper effort -1 = open, +1 = close; data/transforms.py)."""
@@ -276,6 +270,27 @@ class MetaWorldEnv:
             self.close()
         except Exception:  # noqa: BLE001, S110 (a destructor must not raise)
             pass
+
+
+class MetaWorldFactory:
+    """Picklable env factory for the rollout engine (eval/rollout.py): task name → `MetaWorldEnv`
+    for one camera / size / cap (like `envs.libero.LiberoFactory`)."""
+
+    def __init__(
+        self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150, randomization: float = 1.0
+    ):
+        self.camera, self.render_size, self.max_steps = camera, int(render_size), int(max_steps)
+        self.randomization = float(randomization)
+
+    def __call__(self, task: str) -> MetaWorldEnv:
+        return MetaWorldEnv(
+            task,
+            seed=0,
+            camera=self.camera,
+            render_size=self.render_size,
+            max_steps=self.max_steps,
+            randomization=self.randomization,
+        )
 
 
 def rendering_available(camera: str = "corner3", size: int = 16) -> tuple[bool, str]:

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from ..config import load_stage_config
+from ..gpus import pick_device
 from ..io import provenance, write_json
-from .rollout import Episode, MetaWorldFactory, make_episodes, run_episodes
+from .rollout import Episode, make_episodes, run_episodes
 
 log = logging.getLogger("vlaforget.eval")
 
@@ -65,7 +66,8 @@ class BackendPolicy:
         self.model = model  # e.g. the PEFT-wrapped training model; None = backend.model
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        from ..envs.libero import center_crop, resize_lanczos
+        from ..envs import resize_lanczos
+        from ..envs.libero import center_crop
 
         if self.image_size and images.shape[1:3] != (self.image_size, self.image_size):
             images = np.stack([resize_lanczos(im, self.image_size) for im in images])
@@ -78,14 +80,6 @@ class BackendPolicy:
         if self.model is None:
             return np.asarray(self.backend.predict_actions(imgs, list(instructions)))
         return np.asarray(self.backend.predict_actions(imgs, list(instructions), model=self.model))
-
-
-def pick_device(requested: str | None) -> str:
-    if requested:
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_stats(ecfg: dict) -> dict | None:
@@ -134,7 +128,7 @@ def build_episodes(
     """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
     n = int(episodes_per_task if episodes_per_task is not None else e["episodes_per_task"])
     k = int(videos_per_task if videos_per_task is not None else e.get("videos_per_task", 0))
-    from ..envs.metaworld import configure_rendering
+    from ..envs.metaworld import MetaWorldFactory, configure_rendering
 
     configure_rendering()  # MUJOCO_GL (keeps the user's; else EGL or OSMesa): workers inherit it
     if world == "metaworld":

@@ -82,7 +82,7 @@ def read_vqa_jsonl(path: str | Path, limit: int | None = None, image_size: int |
 
     Images are resized to image_size × image_size (bicubic; OpenVLA's processor resizes to 224 the
     same way, without keeping the aspect ratio); None keeps them as they are."""
-    from PIL import Image
+    from .vqa_mc import read_vqa_image
 
     path = Path(path)
     if not path.is_file():
@@ -96,18 +96,11 @@ def read_vqa_jsonl(path: str | Path, limit: int | None = None, image_size: int |
             continue
         try:
             rec = json.loads(line)
-            img_path = Path(rec["image"])
+            image = str(rec["image"])
             q, a = str(rec["question"]), str(rec["answer"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{ln}: expected a JSON object with image, question, answer ({e})") from e
-        if not img_path.is_absolute():
-            img_path = path.parent / img_path
-        if not img_path.is_file():
-            raise FileNotFoundError(f"{path}:{ln}: image {img_path} not found")
-        pil = Image.open(img_path).convert("RGB")
-        if image_size:
-            pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
-        img = np.asarray(pil, dtype=np.uint8)
+        _, img = read_vqa_image(image, path, f"{path}:{ln}", image_size)
         out.append({"image": img, "question": q, "answer": a, "kind": str(rec.get("kind", "all"))})
         if limit and len(out) >= limit:
             break
@@ -198,7 +191,7 @@ def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> 
     for layer in sorted(student_pooled):
         T, S = teacher_pooled[layer].double(), student_pooled[layer].double()
         basis = icsm.layers[layer].U if icsm is not None and layer in icsm.layers else None
-        drift[int(layer)] = M.drift_metrics(M.covariance(S), M.covariance(T), basis)
+        drift[int(layer)] = M.feature_drift(S, T, basis)
         cka[int(layer)] = M.linear_cka(T, S)
     return {"drift": drift, "cka": cka}
 
@@ -253,7 +246,7 @@ def craft_layer_metrics(teacher_feats: dict, student_feats: dict, basis=None) ->
     out = {}
     for p in CRAFT_POOLINGS:
         T, S = teacher_feats[p].double(), student_feats[p].double()
-        out[p] = {"drift": M.drift_metrics(M.covariance(S), M.covariance(T), basis), "cka": M.linear_cka(T, S)}
+        out[p] = {"drift": M.feature_drift(S, T, basis), "cka": M.linear_cka(T, S)}
     return out
 
 

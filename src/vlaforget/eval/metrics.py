@@ -20,6 +20,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..methods.thermostat import covariance, drift  # one covariance / drift for training and eval
+
+__all__ = [
+    "answer_match",
+    "continual_metrics",
+    "covariance",
+    "drift_metrics",
+    "feature_drift",
+    "kl_teacher_student",
+    "libero_lifelong_metrics",
+    "linear_cka",
+    "normalize_answer",
+    "peak_clamped",
+    "retention_ratio",
+    "vqa_accuracy",
+]
+
 
 def retention_ratio(after: float, before: float) -> float | None:
     """score after fine-tuning / score of the base model; None if the base scores 0."""
@@ -111,32 +128,17 @@ def linear_cka(X, Y, eps: float = 1e-12) -> float:
     return float(num / (den + eps))
 
 
-def covariance(X) -> torch.Tensor:
-    """Sample covariance [D, D] (1/(N−1), own mean), float64."""
-    Xc = _center(X)
-    return Xc.T @ Xc / max(Xc.shape[0] - 1, 1)
-
-
 def drift_metrics(C_S: torch.Tensor, C_T: torch.Tensor, basis: torch.Tensor | None = None) -> dict:
     """{raw, normalized, basis} drift of C_S from C_T (basis: None without an ICSM basis)."""
-    try:
-        from ..methods.thermostat import drift
-    except ImportError:  # pragma: no cover - thermostat ships with the package
-        drift = _drift
     out = {"raw": drift(C_S, C_T, "raw"), "normalized": drift(C_S, C_T, "normalized"), "basis": None}
     if basis is not None:
         out["basis"] = drift(C_S, C_T, "basis", basis=basis)
     return out
 
 
-def _drift(C_S, C_T, metric, basis=None, eps=1e-12):
-    S, T = C_S.double(), C_T.double()
-    if metric == "raw":
-        return float((S - T).norm())
-    if metric == "normalized":
-        return float((S - T).norm() / (T.norm() + eps))
-    U = basis.double()
-    return float((U.T @ (S - T) @ U).norm() / ((U.T @ T @ U).norm() + eps))
+def feature_drift(S: torch.Tensor, T: torch.Tensor, basis: torch.Tensor | None = None) -> dict:
+    """drift_metrics of the float64 covariances of student / teacher features S, T [N, D]."""
+    return drift_metrics(covariance(S, dtype=torch.float64), covariance(T, dtype=torch.float64), basis)
 
 
 def kl_teacher_student(logp_teacher: torch.Tensor, logp_student: torch.Tensor) -> float:

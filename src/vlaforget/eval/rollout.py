@@ -4,15 +4,15 @@
 
 * `make_env(task) -> env` is a picklable callable (an `EnvFactory`); the env has
   `reset(seed) -> obs`, `step(action) -> (obs, success, done)` and `close()`, with `obs["image"]`
-  uint8 [H, W, 3]. `MetaWorldFactory` and `envs.libero.LiberoFactory` implement it.
+  uint8 [H, W, 3]. `envs.metaworld.MetaWorldFactory` and `envs.libero.LiberoFactory` implement it.
 * `policy(images uint8 [B, H, W, 3], instructions list[str]) -> actions [B, A]` is called once per
   control step over every live environment (B ≤ N).
 * An `Episode` is (task, instruction, seed); `seed` is the Meta-World episode seed or the LIBERO
   init-state index. An episode is replayed from its seed alone (the envs reset all simulator state),
   so its result does not depend on N, on the worker that ran it or on what ran before — provided the
   policy is deterministic per row.
-* `num_envs=0` is the reference loop: one env in this process, batch-1 policy calls, episodes one
-  after another (openvla's run_libero_eval.py). Same result format.
+* `num_envs=0` is the reference loop: the same engine with one worker in this process, so batch-1
+  policy calls and episodes one after another (openvla's run_libero_eval.py). Same result format.
 
 Workers start with the `spawn` method by default (safe next to torch/CUDA in the parent), inherit the
 environment (MUJOCO_GL, EGL_PLATFORM, LIBERO_CONFIG_PATH) and keep one env per task they last used.
@@ -75,31 +75,6 @@ class EpisodeResult:
         d = asdict(self)
         d.pop("frames")
         return d
-
-
-# ----------------------------------------------------------------------------- env factories
-
-
-class MetaWorldFactory:
-    """Picklable factory of `vlaforget.envs.metaworld.MetaWorldEnv` for one camera / size / cap."""
-
-    def __init__(
-        self, camera: str = "corner3", render_size: int = 64, max_steps: int = 150, randomization: float = 1.0
-    ):
-        self.camera, self.render_size, self.max_steps = camera, int(render_size), int(max_steps)
-        self.randomization = float(randomization)
-
-    def __call__(self, task: str):
-        from ..envs.metaworld import MetaWorldEnv
-
-        return MetaWorldEnv(
-            task,
-            seed=0,
-            camera=self.camera,
-            render_size=self.render_size,
-            max_steps=self.max_steps,
-            randomization=self.randomization,
-        )
 
 
 class EnvCache:
@@ -211,7 +186,7 @@ def _close_all(workers) -> None:
 
 
 class _Local:
-    """In-process stand-in for a worker (num_envs=0 and tests)."""
+    """In-process worker (num_envs=0, in_process=True and tests)."""
 
     def __init__(self, make_env, cache_size: int):
         self.cache = EnvCache(make_env, cache_size)
@@ -298,23 +273,20 @@ def run_episodes(
         "startup_env_s": 0.0,
         "shutdown_s": 0.0,
     }
-    if num_envs <= 0:
-        results = _run_sequential(make_env, policy, episodes, cache_size, timing, desc)
-        mode, n = "sequential", 1
+    # num_envs <= 0: the reference loop is the same engine with one in-process worker (batch-1 calls)
+    n = max(1, min(num_envs, len(episodes)))
+    if in_process or num_envs <= 0:
+        workers = [_Local(make_env, cache_size) for _ in range(n)]
     else:
-        n = min(num_envs, len(episodes)) or 1
-        if in_process:
-            workers = [_Local(make_env, cache_size) for _ in range(n)]
-        else:
-            ctx = mp.get_context(start_method)
-            workers = [_Remote(ctx, make_env, cache_size) for _ in range(n)]
-        try:
-            results = _run_batched(workers, policy, episodes, timing, desc, groups)
-        finally:
-            t = time.perf_counter()
-            _close_all(workers)
-            timing["shutdown_s"] = time.perf_counter() - t
-        mode = "batched"
+        ctx = mp.get_context(start_method)
+        workers = [_Remote(ctx, make_env, cache_size) for _ in range(n)]
+    try:
+        results = _run_batched(workers, policy, episodes, timing, desc, groups)
+    finally:
+        t = time.perf_counter()
+        _close_all(workers)
+        timing["shutdown_s"] = time.perf_counter() - t
+    mode = "sequential" if num_envs <= 0 else "batched"
     results.sort(key=lambda r: (r.suite, r.task, r.index, r.seed))
     videos = []
     if video_dir is not None:
@@ -372,26 +344,27 @@ def _run_batched(
     bar = progress(total=len(episodes), desc=desc)
 
     def start(idxs: list[int]) -> None:
-        """Reset the given free workers onto the next episodes (all sends first, then replies)."""
-        pending = []
-        for i in idxs:
-            if queue:
-                ep = queue.pop()
-                workers[i].send("reset", (ep.task, ep.seed))
-                pending.append((i, ep, time.perf_counter()))
-        t = time.perf_counter()
-        for i, ep, t0 in pending:
-            status, obs = workers[i].recv()
-            if status == "ok":
-                slots[i] = _Slot(ep, obs, t0, frames=[obs["image"]] if ep.record else [])
-            else:
-                results.append(_result(ep, False, 0, t0, error=str(obs).splitlines()[0]))
-                bar.update(1)
-                slots[i] = None
-        timing["env_s"] += time.perf_counter() - t
-        retry = [i for i in idxs if slots[i] is None]
-        if pending and retry and queue:
-            start(retry)
+        """Reset the given free workers onto the next episodes (all sends first, then replies);
+        a worker whose episode cannot start takes the next one (a loop: with one worker, a long
+        run of failing resets must not recurse once per episode)."""
+        while idxs and queue:
+            pending = []
+            for i in idxs:
+                if queue:
+                    ep = queue.pop()
+                    workers[i].send("reset", (ep.task, ep.seed))
+                    pending.append((i, ep, time.perf_counter()))
+            t = time.perf_counter()
+            for i, ep, t0 in pending:
+                status, obs = workers[i].recv()
+                if status == "ok":
+                    slots[i] = _Slot(ep, obs, t0, frames=[obs["image"]] if ep.record else [])
+                else:
+                    results.append(_result(ep, False, 0, t0, error=str(obs).splitlines()[0]))
+                    bar.update(1)
+                    slots[i] = None
+            timing["env_s"] += time.perf_counter() - t
+            idxs = [i for i, _, _ in pending if slots[i] is None]
 
     def collect(idxs: list[int]) -> None:
         """Read the step replies of `idxs`; finished episodes free their worker for the next one."""
@@ -443,51 +416,6 @@ def _run_batched(
                 waiting[i] = True
             timing["send_s"] += time.perf_counter() - t
     bar.close()
-    return results
-
-
-def _run_sequential(
-    make_env, policy: Policy, episodes: list[Episode], cache_size: int, timing: dict, desc: str
-) -> list[EpisodeResult]:
-    """The reference loop: one env, batch-1 policy calls, one episode after another."""
-    cache = EnvCache(make_env, cache_size)
-    results = []
-    try:
-        for ep in progress(episodes, desc=desc):
-            t0 = time.perf_counter()
-            try:
-                env = cache.get(ep.task)
-                obs = env.reset(ep.seed)
-            except Exception as e:  # noqa: BLE001 - simulator errors end the episode
-                results.append(_result(ep, False, 0, t0, error=f"{type(e).__name__}: {e}"))
-                continue
-            finally:
-                if not results and not timing["startup_s"]:
-                    timing["startup_s"] = time.perf_counter() - timing["t_start"]
-            frames = [obs["image"]] if ep.record else []
-            steps, success, error = 0, False, None
-            while True:
-                t = time.perf_counter()
-                action = _policy_call(policy, obs["image"][None], [ep.instruction])[0]
-                timing["policy_s"] += time.perf_counter() - t
-                timing["policy_calls"] += 1
-                t = time.perf_counter()
-                try:
-                    obs, success, done = env.step(action)
-                except Exception as e:  # noqa: BLE001 - simulator errors end the episode
-                    error, done, success = f"{type(e).__name__}: {e}", True, False
-                timing["env_s"] += time.perf_counter() - t
-                steps += 1
-                timing["env_steps"] += 1
-                if error is None and ep.record:
-                    frames.append(obs["image"])
-                if success or done or (ep.max_steps is not None and steps >= ep.max_steps):
-                    break
-            results.append(
-                _result(ep, bool(success), steps, t0, error=error, frames=frames, obs=None if error else obs)
-            )
-    finally:
-        cache.close()
     return results
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_path
 
 
 def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -> Path:
@@ -22,11 +22,9 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -
     h, w = frames[0].shape[:2]
     if h % 2 or w % 2:  # yuv420p needs even sides: pad by one row / column
         frames = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for f in frames]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:  # imageio picks the container from the name
         writer = imageio.get_writer(
-            tmp,
+            str(tmp),
             fps=fps,
             codec="libx264",
             quality=8,
@@ -39,12 +37,6 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -
                 writer.append_data(f)
         finally:
             writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

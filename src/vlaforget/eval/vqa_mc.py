@@ -41,6 +41,22 @@ VQAV2_CATEGORIES = ("yes/no", "number", "other")
 KNOWN_CATEGORIES = LIBERO_CATEGORIES + METAWORLD_CATEGORIES + VQAV2_CATEGORIES
 
 
+def read_vqa_image(image: str, jsonl: Path, where: str, image_size: int | None) -> tuple[Path, np.ndarray]:
+    """(path, uint8 [S, S, 3]) of a VQA record's image: relative paths are relative to the JSONL;
+    resized to image_size × image_size (bicubic, as OpenVLA's processor; None keeps the size)."""
+    from PIL import Image
+
+    img_path = Path(image)
+    if not img_path.is_absolute():
+        img_path = jsonl.parent / img_path
+    if not img_path.is_file():
+        raise FileNotFoundError(f"{where}: image {img_path} not found")
+    pil = Image.open(img_path).convert("RGB")
+    if image_size:
+        pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
+    return img_path, np.asarray(pil, dtype=np.uint8)
+
+
 def read_mc_jsonl(
     path: str | Path,
     limit: int | None = None,
@@ -48,8 +64,6 @@ def read_mc_jsonl(
     categories: Iterable[str] = (),
 ) -> list[dict]:
     """Validated multiple-choice questions with images loaded (uint8 [S, S, 3]; None: as stored)."""
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -86,18 +100,11 @@ def read_mc_jsonl(
                 f"{where}: unknown category {cat!r}; known: {', '.join(sorted(allowed))} "
                 f"(add yours to eval.forgetting.vqa_categories)"
             )
-        img_path = Path(rec["image"])
-        if not img_path.is_absolute():
-            img_path = path.parent / img_path
-        if not img_path.is_file():
-            raise FileNotFoundError(f"{where}: image {img_path} not found")
-        pil = Image.open(img_path).convert("RGB")
-        if image_size:
-            pil = pil.resize((int(image_size), int(image_size)), Image.BICUBIC)
+        img_path, image = read_vqa_image(rec["image"], path, where, image_size)
         out.append(
             {
                 **rec,
-                "image": np.asarray(pil, dtype=np.uint8),
+                "image": image,
                 "image_path": str(img_path),
                 "question": str(rec["question"]),
                 "answer": ans,

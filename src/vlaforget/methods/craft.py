@@ -36,12 +36,6 @@ def dual_update(lmbda: float, L_ret: float, epsilon: float, lr: float) -> float:
     return max(0.0, float(lmbda) + float(lr) * (float(L_ret) - float(epsilon)))
 
 
-def _flat(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor:
-    if g is None:
-        return torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
-    return g.detach().reshape(-1).float()
-
-
 def conflict_project(
     g_act_list: Sequence[torch.Tensor | None],
     g_ret_list: Sequence[torch.Tensor | None],
@@ -201,9 +195,10 @@ def retention_loss(student_feat: torch.Tensor, anchor_feat: torch.Tensor) -> tor
 
 
 def select_anchor_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
-    """min(n, n_total) distinct seeded indices, sorted."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.sort(torch.randperm(n_total, generator=g)[: min(int(n), n_total)]).values
+    """min(n, n_total) distinct seeded indices, sorted (the probe's selection, data/probe.py)."""
+    from ..data.probe import select_indices
+
+    return select_indices(n_total, min(int(n), n_total), seed)
 
 
 @torch.no_grad()

@@ -239,17 +239,18 @@ def svd_directions(X: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
     }
 
 
-def covariance(X: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
-    """Covariance [D,D] of rows X [N,D] (float32 result, float64 accumulation): centred on their own
-    mean with 1/(N-1), or on the given `mu` with 1/N."""
-    Xd = X.detach().to(torch.float64)
+def covariance(X: torch.Tensor, mu: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Covariance [D,D] of rows X [N,D] (float64 accumulation, `dtype` result): centred on their own
+    mean with 1/(N-1), or on the given `mu` with 1/N. The one covariance of the package (ICSM's C_T,
+    the thermostat's C_S, the forgetting stage's drift with dtype=float64)."""
+    Xd = torch.as_tensor(X).detach().to(torch.float64)
     if mu is None:
         Xc = Xd - Xd.mean(dim=0)
         denom = max(X.shape[0] - 1, 1)
     else:
         Xc = Xd - mu.to(Xd)
         denom = max(X.shape[0], 1)
-    return (Xc.T @ Xc / denom).float()
+    return (Xc.T @ Xc / denom).to(dtype)
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -434,9 +435,6 @@ def sensitivity_scores(
         if bar is not None:
             bar.close()
     return totals / max(count, 1)
-
-
-sensitivity = sensitivity_scores  # the name docs/DEVELOPMENT.md uses
 
 
 # ----------------------------------------------------------------------------- split

@@ -80,6 +80,8 @@ def action_stats(stats: Mapping[str, Any] | None, key: str | None = None) -> dic
 
 
 def _qs(stats: Mapping[str, Any], dim: int):
+    if "q01" not in stats and "action" in stats:
+        stats = stats["action"]
     q01 = np.asarray(stats["q01"], dtype=np.float64)
     q99 = np.asarray(stats["q99"], dtype=np.float64)
     mask = np.asarray(stats.get("mask", [True] * len(q01)), dtype=bool)
@@ -89,7 +91,8 @@ def _qs(stats: Mapping[str, Any], dim: int):
 
 
 def normalize_actions(actions, stats: Mapping[str, Any]) -> np.ndarray:
-    """Raw actions [..., A] -> [-1, 1] with q01/q99 where mask is True (openvla BOUNDS_Q99)."""
+    """Raw actions [..., A] -> [-1, 1] with q01/q99 where mask is True (openvla BOUNDS_Q99).
+    `stats`: the action block or a dataset's entry ({action: ...}), as `action_stats` reads them."""
     a = np.asarray(actions, dtype=np.float64)
     q01, q99, mask = _qs(stats, a.shape[-1])
     normed = np.clip(2.0 * (a - q01) / (q99 - q01 + 1e-8) - 1.0, -1.0, 1.0)

@@ -575,11 +575,6 @@ class VLABackend:
         pt = encode_action_prompt(self.tokenizer, instruction)
         return decode_span(self.tokenizer, pt.ids, pt.span)
 
-    def instruction_positions(self, instruction: str) -> tuple[int, int]:
-        """[start, end) of the instruction in SEQUENCE coordinates (text span + n_image_tokens)."""
-        s0, s1 = encode_action_prompt(self.tokenizer, instruction).span
-        return s0 + self.n_image_tokens, s1 + self.n_image_tokens
-
 
 def images_to_uint8(images) -> np.ndarray:
     """List of samples (dicts with 'image') / list of arrays / array -> uint8 [B, H, W, 3]."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import parse_run_name
+from ..io import atomic_path
 from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize
 
 CURVES = [
@@ -47,9 +48,8 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         p = out_dir / f"{name}.{ext}"
-        tmp = out_dir / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        tmp.replace(p)
+        with atomic_path(p, suffix=f".{ext}") as tmp:  # matplotlib picks the format from the name
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
         paths.append(p)
     _plt().close(fig)
     return paths

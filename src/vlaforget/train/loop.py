@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -20,12 +19,13 @@ import numpy as np
 import torch
 
 from ..config import load_stage_config
-from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, seed_everything, sha256_file,
-                  write_json)
+from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, replace_dir, seed_everything,
+                  sha256_file, write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext, forward_micro
+from .schedule import warmup_schedule
 from .speed import compile_layers, make_optimizer, skip_lora_input_cast
 
 log = logging.getLogger("vlaforget.train")
@@ -73,18 +73,9 @@ class StepSampler:
 
 
 def make_schedule(optimizer, tcfg: dict):
-    total, warm = int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0))
-    kind = tcfg.get("lr_schedule", "constant")
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return warmup_schedule(
+        optimizer, int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0)), tcfg.get("lr_schedule", "constant")
+    )
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -154,10 +145,6 @@ def init_from_adapter(model, adapter_dir) -> None:
     log.info("chain: LoRA initialised from %s", adapter_dir)
 
 
-def load_samples(ds, indices) -> list[dict]:
-    return [ds[int(i)] for i in indices]
-
-
 def _f(t) -> float | None:
     return None if t is None else float(t)
 
@@ -199,7 +186,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     t_start = time.time()
     root = Path(sc["root"])
     apply_job_env(root)
-    tcfg, mcfg = sc["train"], sc["method"]
+    tcfg = sc["train"]
     out_dir = Path(sc["out_dir"])
     ckpt_dir = out_dir / "checkpoints" / sc["run_id"]
     dist: DistInfo = init_distributed()
@@ -312,11 +299,9 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                 with autocast():
                     out = forward_micro(plugins, backend, batch, model, last=micro == accum - 1)
                     metrics = backend.action_metrics(batch, out.logits)
-                    losses = {"act": metrics["loss"]}
-                    for p in plugins.values():
-                        losses.update(p.extra_losses(batch, out))
-                handled = any([p.backward(losses, 1.0 / accum) for p in plugins.values()])
-                if not handled:
+                # a plug-in may run the backward itself (CRaFT fused: L_act / accum + L_ret, one pass)
+                losses = {"act": metrics["loss"]}
+                if not any([p.backward(losses, 1.0 / accum) for p in plugins.values()]):
                     loss = losses["act"] / accum
                     (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
@@ -491,15 +476,6 @@ def _read_segments(path: Path) -> list[dict]:
         return [g for g in segs if isinstance(g, dict) and {"start", "end"} <= set(g)]
     except (OSError, ValueError, TypeError):
         return []
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put directory tmp at final (the old one, if any, removed after the swap)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger, objs):

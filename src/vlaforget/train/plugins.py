@@ -2,10 +2,10 @@
 CRaFT (retention loss + dual variable + conflict projection).
 
 The loop calls start(step) once before the first optimizer step, then, in order, for each step:
-    extra_losses(batch, out)   -> dict of added loss terms (per micro-batch)
-    backward(losses, scale)    -> True if the plug-in did the backward pass itself
+    before_step()              -> after the micro-batches' backward, grads unscaled (CRaFT)
+    skip_step()                -> instead, when the NaN guard skips the step
     every_step(step)           -> after the optimizer step (periodic controllers)
-    logs()                     -> scalars for metrics.jsonl / W&B
+    logs()                     -> scalars for metrics.jsonl / W&B (dry_logs() in a dry run)
 and state_dict()/load_state_dict() for exact resume. With no plug-in enabled the loop is the
 baseline; the math lives in vlaforget.methods (unit-tested there).
 """
@@ -37,12 +37,6 @@ class TrainContext:
 class Plugin:
     name = "plugin"
 
-    def extra_losses(self, batch, out) -> dict:
-        return {}
-
-    def needs_hidden_states(self) -> bool:
-        return False
-
     def forward(self, batch, model, last: bool) -> Any:
         """Run the micro-batch's forward itself (e.g. CRaFT's fused task + anchor forward) and return
         an object with .logits for the task rows, or None for the loop's plain forward. `last`: the
@@ -50,6 +44,8 @@ class Plugin:
         return None  # noqa: RET501 (subclasses return an output)
 
     def backward(self, losses: dict, scale: float) -> bool:
+        """Run the micro-batch's backward itself (CRaFT fused: L_act * scale + L_ret in one pass);
+        True when done, False for the loop's plain backward of losses["act"] * scale."""
         return False
 
     def start(self, step: int) -> None:

@@ -8,7 +8,6 @@ teacher's held-out metrics and a minimal closed-loop Meta-World rollout (one env
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,16 +17,7 @@ import numpy as np
 import torch
 
 from ..io import log, progress
-
-
-def _lr_lambda(steps: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+from .schedule import warmup_schedule
 
 
 def smoothed_action_loss(backend, batch: Mapping[str, torch.Tensor], logits: torch.Tensor, sigma: float):
@@ -74,7 +64,7 @@ def pretrain(
         weight_decay=float(pcfg.get("weight_decay", 0.01)),
         betas=(0.9, 0.95),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, int(0.05 * steps))))
+    sched = warmup_schedule(opt, steps, max(1, int(0.05 * steps)), "cosine", floor=0.1)
     hist: dict[str, list] = {"step": [], "bc_loss": [], "bc_acc": [], "vqa_loss": [], "seconds": []}
     ema: dict[str, float] = {}
     t0 = time.time()
@@ -166,40 +156,3 @@ def heldout_metrics(
             vqa_accuracy_by_kind={k: float(np.mean(v)) for k, v in by_kind.items()},
         )
     return out
-
-
-@torch.no_grad()
-def closed_loop_success(
-    backend,
-    tasks: Sequence[str],
-    episodes: int,
-    seed: int,
-    *,
-    camera: str = "corner3",
-    render_size: int = 64,
-    max_steps: int = 150,
-    instructions: Mapping | None = None,
-) -> dict:
-    """Minimal closed-loop evaluation: one env, batch 1, episode seeds seed, seed+1, ... per task."""
-    from ..data.instructions import canonical_instruction
-    from ..envs.metaworld import MetaWorldEnv
-
-    res: dict[str, Any] = {"per_task": {}, "episodes": episodes, "seed": seed, "max_steps": max_steps}
-    t0 = time.time()
-    for task in tasks:
-        instr = canonical_instruction(task, dict(instructions or {}))
-        wins, lengths = [], []
-        with MetaWorldEnv(task, seed, camera=camera, render_size=render_size, max_steps=max_steps) as env:
-            for k in range(episodes):
-                obs = env.reset(seed + k)
-                done = success = False
-                while not done:
-                    act = backend.predict_actions(obs["image"][None], [instr])[0]
-                    obs, success, done = env.step(act)
-                wins.append(int(success))
-                lengths.append(env.steps)
-        res["per_task"][task] = {"success": float(np.mean(wins)), "wins": wins, "steps": lengths}
-        log.info("closed loop %s: %.2f", task, np.mean(wins))
-    res["mean_success"] = float(np.mean([v["success"] for v in res["per_task"].values()]))
-    res["seconds"] = time.time() - t0
-    return res

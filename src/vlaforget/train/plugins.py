@@ -179,7 +179,7 @@ class HSWPlugin(Plugin):
         if a["calls"]:
             keys = ("g", "gprime", "gf", "gp", "gn")
             sq, div = [a[k] for k in keys], 1.0
-            if self.ctx.world_size > 1:
+            if getattr(self.ctx, "world_size", 1) > 1:
                 # the global batch's norms: each rank's loss is its own mean, so its gradient is world x
                 # its share of the global one; sum of squares over ranks / world^2
                 sq = [float(v) for v in all_reduce_flat([torch.tensor(sq, dtype=torch.float64)])[0]]
@@ -280,7 +280,7 @@ class ThermostatPlugin(Plugin):
         measures on the bare model and broadcasts d and the per-layer values, so the control law
         gets the same input, hence gives the same β and γ, on every rank. One process: measure()."""
         idx = self.draw()
-        if self.ctx.world_size == 1:
+        if getattr(self.ctx, "world_size", 1) == 1:
             return self.measure(idx)
         reps = [int(r) for r in self.icsm.rep_layers]
 
@@ -371,7 +371,7 @@ class CraftPlugin(Plugin):
 
         n = len(self.samples)
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
-        world, rank = self.ctx.world_size, self.ctx.rank
+        world, rank = getattr(self.ctx, "world_size", 1), getattr(self.ctx, "rank", 0)
         if world > 1:
             if len(idx) < world:
                 from .loop import TrainingError
@@ -417,7 +417,7 @@ class CraftPlugin(Plugin):
         finally:
             if hsw is not None:
                 hsw.active = True
-        if self.ctx.world_size > 1:  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
+        if getattr(self.ctx, "world_size", 1) > 1:  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
             *g_ret, l_ret = all_reduce_flat(g_ret + [l_ret.detach().reshape(1)])
             l_ret = l_ret[0]
         checks = [torch.isfinite(l_ret.detach()).all()] + [torch.isfinite(g).all() for g in g_ret if g is not None]

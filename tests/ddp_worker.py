@@ -45,7 +45,8 @@ def _writes_under(watch: str, out: list):
 def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
     """Patch the loop so each run_training call appends one record (see module doc) to the list
     this yields; restores everything on exit."""
-    from vlaforget.train import loop, plugins as pl
+    from vlaforget.train import loop
+    from vlaforget.train import plugins as pl
 
     runs: list[dict] = []
     saved = {"build_plugins": loop.build_plugins, "periodic_eval": loop.periodic_eval,

@@ -23,7 +23,7 @@ from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, r
                   sha256_file, write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
-from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
 from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext, forward_micro
 from .schedule import warmup_schedule
 from .speed import compile_layers, make_optimizer, skip_lora_input_cast
@@ -220,7 +220,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     autocast = autocast_factory(tcfg.get("precision", "fp32"), device)
     ctx = TrainContext(backend=backend, model=model, device=device, stage_cfg=sc, trainable=trainable,
-                       autocast=autocast, world_size=dist.world)
+                       autocast=autocast, world_size=dist.world, rank=dist.rank)
 
     # --- method plug-ins (all off = baseline)
     plugins = build_plugins(ctx, sc, teacher_inputs or {}, train_ds=ds)
@@ -308,6 +308,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 sums[k] = sums[k] + v / accum if k in sums else v / accum
             del out, losses
+        if dist.world > 1:  # the global batch's loss / accuracy / L1 (mean over ranks): logged, NaN guard
+            sums = dict(zip(sums, all_reduce_flat(list(sums.values()), average=True)))
         if scaler:
             scaler.unscale_(optimizer)
         for p in plugins.values():
@@ -410,7 +412,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
             os.kill(os.getpid(), 9)
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
-            score = periodic_eval(backend, model, sc, tcfg)
+            # rank 0 evaluates the bare model (no DDP collective), every rank gets its score
+            score = on_main(lambda: [periodic_eval(backend, unwrap(model), sc, tcfg)])[0]
             logger.log({"step": step, "eval_success_rate": score})
             if score > best_eval + float(tcfg.get("early_stopping_min_delta", 0.0)):
                 best_eval, bad_evals = score, 0

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .distributed import all_reduce_flat, on_main, unwrap
+
 
 @dataclass
 class TrainContext:
@@ -29,6 +31,7 @@ class TrainContext:
     trainable: list  # [(name, param)] in a fixed order
     autocast: Any  # callable returning an autocast context
     world_size: int = 1
+    rank: int = 0
     plugins: dict = field(default_factory=dict)
     log_step: bool = True  # whether the current step is logged (statistics cost host syncs)
     scaler: Any = None  # torch.amp.GradScaler when the loop scales losses (fp16), else None
@@ -129,6 +132,7 @@ class HSWPlugin(Plugin):
         self.bases = {l: (uf.to(ctx.device, torch.float32), up.to(ctx.device, torch.float32))
                       for l, (uf, up) in self.layer_map.items() if l not in bare}
         self.skipped_layers = bare
+        self.active = True  # False while another plug-in runs a backward of its own (CRaFT's g_ret)
         self._acc = self._zero_acc()
         self._nested = False
         self._handles = []
@@ -142,7 +146,7 @@ class HSWPlugin(Plugin):
     def _make_forward_hook(self, layer_idx: int):
         def hook(module, inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if not (torch.is_grad_enabled() and hidden.requires_grad):
+            if not (self.active and torch.is_grad_enabled() and hidden.requires_grad):
                 return None
             uf, up = self.bases[layer_idx]
             params = self.params[layer_idx]
@@ -184,9 +188,14 @@ class HSWPlugin(Plugin):
         # the gains applied during this step (a Thermostat update after the step shows next step)
         out = {"hsw_beta": a.get("beta", self.beta), "hsw_gamma": a.get("gamma", self.gamma)}
         if a["calls"]:
-            out.update(hsw_g_norm=math.sqrt(a["g"]), hsw_gprime_norm=math.sqrt(a["gprime"]),
-                       hsw_gf_norm=math.sqrt(a["gf"]), hsw_gp_norm=math.sqrt(a["gp"]),
-                       hsw_gn_norm=math.sqrt(a["gn"]))
+            keys = ("g", "gprime", "gf", "gp", "gn")
+            sq, div = [a[k] for k in keys], 1.0
+            if getattr(self.ctx, "world_size", 1) > 1:
+                # the global batch's norms: each rank's loss is its own mean, so its gradient is world x
+                # its share of the global one; sum of squares over ranks / world^2
+                sq = [float(v) for v in all_reduce_flat([torch.tensor(sq, dtype=torch.float64)])[0]]
+                div = float(self.ctx.world_size)
+            out.update({f"hsw_{k}_norm": math.sqrt(v) / div for k, v in zip(keys, sq)})
         self._acc = self._zero_acc()
         return out
 
@@ -242,22 +251,27 @@ class ThermostatPlugin(Plugin):
         # no-grad chunks no larger than the training micro-batch (thermostat.probe_chunk to change):
         # the probe forward then fits in memory the training step already reserved
         chunk = max(1, int(self.cfg.get("probe_chunk") or self.ctx.stage_cfg["train"]["batch_size"]))
-        with torch.no_grad(), eval_mode(self.ctx.model):
+        model = unwrap(self.ctx.model)  # rank 0 alone measures (shared_measure): no DDP forward
+        with torch.no_grad(), eval_mode(model):
             for s in range(0, len(idx), chunk):
                 batch = self.ctx.backend.collate([self.samples[i] for i in idx[s : s + chunk]])
                 with self.ctx.autocast():
-                    p, _ = pooled_layer_states(self.ctx.backend, batch, reps, model=self.ctx.model)
+                    p, _ = pooled_layer_states(self.ctx.backend, batch, reps, model=model)
                 for rep in reps:
                     parts[rep].append(p[rep].float())
         return {rep: torch.cat(v) for rep, v in parts.items()}
 
-    def measure(self) -> tuple[float, dict]:
-        """d on one fresh probe draw (probe_batch samples without replacement), averaged over reps."""
+    def draw(self) -> list[int]:
+        """A fresh probe draw: probe_batch samples without replacement."""
+        n = len(self.samples)
+        return torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
+
+    def measure(self, idx: list[int] | None = None) -> tuple[float, dict]:
+        """d on the probe draw idx (a fresh one if None), averaged over reps; this process only."""
         from ..methods.icsm import covariance
         from ..methods.thermostat import drift, projected_covariance
 
-        n = len(self.samples)
-        idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
+        idx = self.draw() if idx is None else idx
         per_layer = {}
         for rep, X in self.pooled(idx).items():
             U = self.icsm.basis[rep].to(X.device)
@@ -272,13 +286,29 @@ class ThermostatPlugin(Plugin):
         d = sum(per_layer.values()) / len(per_layer)
         return d, per_layer
 
+    def shared_measure(self) -> tuple[float, dict]:
+        """measure() under DDP: every rank draws (the generator stays equal everywhere), rank 0
+        measures on the bare model and broadcasts d and the per-layer values, so the control law
+        gets the same input, hence gives the same β and γ, on every rank. One process: measure()."""
+        idx = self.draw()
+        if getattr(self.ctx, "world_size", 1) == 1:
+            return self.measure(idx)
+        reps = [int(r) for r in self.icsm.rep_layers]
+
+        def local():
+            d, per = self.measure(idx)
+            return [d] + [per[r] for r in reps]
+
+        vals = on_main(local, 1 + len(reps))
+        return vals[0], dict(zip(reps, vals[1:]))
+
     def start(self, step: int) -> None:
         """Before the first optimizer step (the loop calls it once): calibrate unless a resumed
         state already holds the calibration."""
         if self.law.calibrated:
             return
         t0 = time.perf_counter()
-        ds = [self.measure()[0] for _ in range(self.law.warmup)]
+        ds = [self.shared_measure()[0] for _ in range(self.law.warmup)]
         self.law.calibrate(ds)
         self.last = {"thermostat_phase": "calibrate", "thermostat_floor": self.law.floor,
                      "thermostat_noise_std": self.law.std, "thermostat_threshold": self.law.threshold,
@@ -289,7 +319,7 @@ class ThermostatPlugin(Plugin):
         if step % self.every != 0:
             return
         t0 = time.perf_counter()
-        d, per_layer = self.measure()
+        d, per_layer = self.shared_measure()
         elapsed = time.perf_counter() - t0
         beta, gamma, phase = self.law.observe(d)
         hsw = self.ctx.plugins.get("hsw")
@@ -360,14 +390,32 @@ class CraftPlugin(Plugin):
         return torch.nn.functional.mse_loss(feat, target)
 
     def retention_loss(self) -> torch.Tensor:
-        """L_ret = MSE(student feature, cached teacher feature) on a fresh anchor mini-batch."""
-        idx, abatch = self._draw()
-        # the unwrapped model: this backward is ours, not DDP's (g_ret is all-reduced below)
-        model = self.ctx.model.module if hasattr(self.ctx.model, "module") and self.ctx.world_size > 1 \
-            else self.ctx.model
+        """L_ret = MSE(student feature, cached teacher feature) on a fresh anchor mini-batch.
+
+        Under DDP every rank draws the same mini-batch (the generator stays equal everywhere) and
+        forwards only its share, idx[rank::world]; it returns its share of the batch's mean,
+        mean_local x n_local / n, so the sum over ranks (before_step all-reduces it) is the
+        one-process L_ret of the whole mini-batch, at 1/world of its cost per rank."""
+        n = len(self.samples)
+        idx = torch.randperm(n, generator=self.gen)[: min(self.batch, n)].tolist()
+        world, rank = getattr(self.ctx, "world_size", 1), getattr(self.ctx, "rank", 0)
+        if world > 1:
+            if len(idx) < world:
+                from .loop import TrainingError
+
+                raise TrainingError(f"CRaFT's anchor mini-batch ({len(idx)} anchors: method.craft.anchor_batch_size "
+                                    f"or the anchor cache's size) is smaller than the {world} DDP ranks that share "
+                                    "it: raise method.craft.anchor_batch_size to at least train.nproc")
+            share = idx[rank::world]
+        else:
+            share = idx
+        abatch = self.ctx.backend.collate([self.samples[i] for i in share])
+        # the unwrapped model: this backward is ours, not DDP's (g_ret is all-reduced in before_step)
+        model = unwrap(self.ctx.model)
         with self.ctx.autocast():  # the anchor layer's states only; the forward stops there
             hs = self.ctx.backend.hidden_states_at(abatch, [self.layer], model=model)[self.layer]
-        return self._loss(idx, abatch, hs)
+        loss = self._loss(share, abatch, hs)
+        return loss if world == 1 else loss * (len(share) / len(idx))
 
     def fused_active(self) -> bool:
         """The fused path: one process (g_ret's all-reduce is the separate path's) and no HSW (its
@@ -419,7 +467,9 @@ class CraftPlugin(Plugin):
 
     def before_step(self) -> None:
         """g_act = the step's accumulated action gradient; g_ret from the retention loss; if they
-        conflict (dot < 0) project g_act onto g_ret's normal plane; grad = g_act' + λ g_ret."""
+        conflict (dot < 0) project g_act onto g_ret's normal plane; grad = g_act' + λ g_ret.
+        Under DDP g_act is already DDP's average; each rank's share of g_ret and L_ret is summed
+        over ranks in one collective, so projection, combination and λ are the same on every rank."""
         from ..methods.craft import combine, conflict_project
 
         params = [p for _, p in self.ctx.trainable]
@@ -430,18 +480,25 @@ class CraftPlugin(Plugin):
                 inv = 1.0 / float(scaler.get_scale())
                 g_ret = [None if g is None else g * inv for g in g_ret]
         else:
-            l_ret = self.retention_loss()
-            if scaler is not None:
-                inv = 1.0 / float(scaler.get_scale())
-                g_ret = [None if g is None else g * inv
-                         for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
-            else:
-                g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
-        if self.ctx.world_size > 1:
-            for g in g_ret:
-                if g is not None:
-                    torch.distributed.all_reduce(g)
-                    g /= self.ctx.world_size
+            # HSW (if also on) shapes the action gradient only: its hooks would otherwise add their
+            # correction of the retention gradient into .grad, i.e. into g_act, on each rank apart
+            hsw = self.ctx.plugins.get("hsw")
+            if hsw is not None:
+                hsw.active = False
+            try:
+                l_ret = self.retention_loss()
+                if scaler is not None:
+                    inv = 1.0 / float(scaler.get_scale())
+                    g_ret = [None if g is None else g * inv
+                             for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
+                else:
+                    g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
+            finally:
+                if hsw is not None:
+                    hsw.active = True
+        if getattr(self.ctx, "world_size", 1) > 1:  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
+            *g_ret, l_ret = all_reduce_flat(g_ret + [l_ret.detach().reshape(1)])
+            l_ret = l_ret[0]
         checks = [torch.isfinite(l_ret.detach()).all()] + [torch.isfinite(g).all() for g in g_ret if g is not None]
         nonfinite = not bool(torch.stack(checks).all())  # one host sync, not one per tensor
         if nonfinite and scaler is not None:

@@ -171,13 +171,19 @@ def normalized_source(path: Path) -> str:
     return _NORM[k]
 
 
-def hash_modules(pkg_dir: Path, modules) -> str:
-    """12 hex digits over the modules' names and normalised code."""
-    h = hashlib.sha256()
+def module_hashes(pkg_dir: Path, modules) -> dict[str, str]:
+    """{file relative to the package: 8 hex digits of its normalised code} of the modules."""
+    out = {}
     for m in sorted(set(modules)):
         f = module_file(pkg_dir, m)
-        if f is None:
-            continue
-        h.update(m.encode() + b"\0")
-        h.update(normalized_source(f).encode() + b"\0")
+        if f is not None:
+            out[str(f.relative_to(pkg_dir))] = hashlib.sha256(normalized_source(f).encode()).hexdigest()[:8]
+    return out
+
+
+def hash_modules(pkg_dir: Path, modules) -> str:
+    """12 hex digits over the modules' files and normalised code."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(module_hashes(pkg_dir, modules).items()):
+        h.update(f"{rel}\0{digest}\0".encode())
     return h.hexdigest()[:12]

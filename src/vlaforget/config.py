@@ -355,8 +355,7 @@ def code_modules(stage: str, enabled=()) -> list[str]:
 _CODE_HASHES: dict = {}
 
 
-def code_hash(stage: str, enabled=()) -> str:
-    """Hash of a stage's code (code_modules) without comments and docstrings."""
+def _code(stage: str, enabled) -> tuple[str, dict]:
     from . import codedeps
 
     enabled = tuple(sorted(enabled))
@@ -366,8 +365,20 @@ def code_hash(stage: str, enabled=()) -> str:
     if key not in _CODE_HASHES:
         if len(_CODE_HASHES) > 256:
             _CODE_HASHES.clear()
-        _CODE_HASHES[key] = codedeps.hash_modules(PKG_DIR, code_modules(stage, enabled))
+        mods = code_modules(stage, enabled)
+        _CODE_HASHES[key] = (codedeps.hash_modules(PKG_DIR, mods), codedeps.module_hashes(PKG_DIR, mods))
     return _CODE_HASHES[key]
+
+
+def code_hash(stage: str, enabled=()) -> str:
+    """Hash of a stage's code (code_modules) without comments and docstrings."""
+    return _code(stage, enabled)[0]
+
+
+def code_files(stage: str, enabled=()) -> dict[str, str]:
+    """{file: hash} behind code_hash: recorded in the stage config so a dry-run can name the file
+    whose edit reruns a job (freshness.stale_reason); not part of the id (`code` covers it)."""
+    return dict(_code(stage, enabled)[1])
 
 
 def train_code_parts(sc: dict) -> list[str]:
@@ -425,8 +436,9 @@ def _drop(d: dict, dotted: str) -> dict:
 
 
 def semantic_view(sc: dict) -> dict:
-    """sc without the keys that cannot change its result (what io.config_id hashes)."""
-    for k in non_semantic_keys(sc):
+    """sc without the keys that cannot change its result (what io.config_id hashes); `code_files`
+    is the detail of `code`."""
+    for k in non_semantic_keys(sc) + ("code_files",):
         sc = _drop(sc, k)
     return sc
 
@@ -457,6 +469,7 @@ def _base(cfg: dict, stage: str) -> dict:
         "allowed_root": str(resolve_allowed_root(cfg)),
         "world": cfg["world"],
         "code": code_hash(stage),
+        "code_files": code_files(stage),
     }
 
 
@@ -527,7 +540,8 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                             if "craft" in needs else None)
         if "craft" in needs:
             out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
-        out["code"] = code_hash("train", train_code_parts(out))  # only the plug-ins this run uses
+        parts = train_code_parts(out)  # only the plug-ins (and periodic eval) this run uses
+        out.update(code=code_hash("train", parts), code_files=code_files("train", parts))
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
     elif stage == "eval":

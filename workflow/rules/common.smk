@@ -207,7 +207,7 @@ def report_cfg(key):
         "results_dir": RESULTS,
         "upstream_suites": UPSTREAM_SUITES,
         "inputs": table_inputs(runs),
-        "code": vfc.code_hash("report"),
+        "code": vfc.code_hash("figures" if key == "figures" else "table"),
     }
 
 

@@ -22,7 +22,7 @@ rule table:
         record=R(ROOT / "reports" / "table_{kind}.json"),
     params:
         upstream=" ".join(UPSTREAM_SUITES) or "''",
-        code=vfc.code_hash("report"),  # reruns the tables when report/ changes
+        code=vfc.code_hash("table"),  # reruns the tables when the code they import changes
         record=lambda w: json.dumps(report_cfg(w.kind), sort_keys=True),  # input list change: params trigger
     wildcard_constraints:
         kind="main|fewshot|ablation",
@@ -53,7 +53,7 @@ rule figures:
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),
         upstream=" ".join(UPSTREAM_SUITES) or "''",
-        code=vfc.code_hash("report"),  # redraws the figures when report/ changes
+        code=vfc.code_hash("figures"),  # redraws the figures when the code they import changes
         record=json.dumps(report_cfg("figures"), sort_keys=True),
     log:
         R(ROOT / "logs" / "report" / "figures.log"),

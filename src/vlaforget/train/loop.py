@@ -2,7 +2,7 @@
 
 Read top to bottom: setup (distributed, data, model + LoRA, plug-ins, optimizer), resume, loop
 (micro-batches → loss → backward → step → controllers → logs → checkpoints), final adapter.
-Methods only plug in (train/plugins.py); with none enabled this is plain LoRA fine-tuning.
+Methods only plug in (train/plugins/<name>.py, loaded by name); with none enabled this is plain LoRA fine-tuning.
 """
 
 from __future__ import annotations

@@ -20,11 +20,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import re
 import tokenize
 from pathlib import Path
 
 _GRAPH: dict = {}  # (file, mtime, size) -> imported module names
 _NORM: dict = {}  # (file, mtime, size) -> normalised source
+_TREES: dict = {}  # (file, mtime, size) -> (bytes, ast)
 
 
 def module_file(pkg_dir: Path, name: str) -> Path | None:
@@ -49,6 +51,30 @@ def _parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+_IMPORT_MODULE_RE = re.compile(r"""import_module\(\s*["']([\w.]+)["']""")
+_BODIES = ("body", "orelse", "finalbody", "handlers")
+
+
+def _statements(tree):
+    """Every statement of a module, nested ones included (bodies of defs, ifs, loops, try, with)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        for field in _BODIES:
+            todo.extend(x for x in getattr(node, field, ()) or () if isinstance(x, (ast.stmt, ast.excepthandler)))
+        for case in getattr(node, "cases", ()) or ():  # match statements
+            todo.extend(case.body)
+
+
+def _tree(f: Path):
+    k = _key(f)
+    if k not in _TREES:
+        raw = f.read_bytes()
+        _TREES[k] = (raw, ast.parse(raw, filename=str(f)))
+    return _TREES[k]
+
+
 def imports_of(pkg_dir: Path, name: str) -> set[str]:
     """vlaforget modules that module `name` imports (anywhere in it), with their packages."""
     f = module_file(pkg_dir, name)
@@ -57,7 +83,7 @@ def imports_of(pkg_dir: Path, name: str) -> set[str]:
     k = _key(f)
     if k in _GRAPH:
         return _GRAPH[k]
-    tree = ast.parse(f.read_bytes(), filename=str(f))
+    raw, tree = _tree(f)
     package = name if f.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
@@ -67,7 +93,7 @@ def imports_of(pkg_dir: Path, name: str) -> set[str]:
                 found.add(mod)
             found.update(p for p in _parents(mod) if module_file(pkg_dir, p) is not None)
 
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 add(a.name)
@@ -82,11 +108,8 @@ def imports_of(pkg_dir: Path, name: str) -> set[str]:
             for a in node.names:
                 if module_file(pkg_dir, f"{base}.{a.name}") is not None:
                     add(f"{base}.{a.name}")
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            fn = node.func
-            fname = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
-            if fname == "import_module" and isinstance(node.args[0].value, str):
-                add(node.args[0].value)
+    for m in _IMPORT_MODULE_RE.finditer(raw.decode("utf-8")):  # importlib.import_module("<constant>")
+        add(m.group(1))
     found.discard(name)
     _GRAPH[k] = found
     return found
@@ -137,7 +160,7 @@ def normalized_source(path: Path) -> str:
     k = _key(path)
     if k in _NORM:
         return _NORM[k]
-    raw = path.read_bytes()
+    raw, tree = _tree(path)
     text = raw.decode("utf-8")
     lines = text.splitlines()
     cut: list[tuple[int, int, int, int]] = []  # (line0, col0, line1, col1), 1-based lines, char cols
@@ -148,7 +171,7 @@ def normalized_source(path: Path) -> str:
     def char_col(line: int, byte_col: int) -> int:  # ast columns count UTF-8 bytes
         return len(lines[line - 1].encode("utf-8")[:byte_col].decode("utf-8", "ignore"))
 
-    for node in ast.walk(ast.parse(raw)):
+    for node in [tree, *_statements(tree)]:
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             d = node.body[0]
             if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str):

@@ -9,7 +9,6 @@ and every stage is runnable by hand with the same file (`vlaforget <stage> --con
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -355,19 +354,36 @@ def code_modules(stage: str, enabled=()) -> list[str]:
 _CODE_HASHES: dict = {}
 
 
+def _stats(files) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def _code(stage: str, enabled) -> tuple[str, dict]:
     from . import codedeps
 
     enabled = tuple(sorted(enabled))
-    # memoised on the package's files (stage configs ask for it once per input of every job)
-    tree = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(PKG_DIR.rglob("*.py")))
-    key = (stage, enabled, str(PKG_DIR), tree)
-    if key not in _CODE_HASHES:
-        if len(_CODE_HASHES) > 256:
-            _CODE_HASHES.clear()
-        mods = code_modules(stage, enabled)
-        _CODE_HASHES[key] = (codedeps.hash_modules(PKG_DIR, mods), codedeps.module_hashes(PKG_DIR, mods))
-    return _CODE_HASHES[key]
+    # memoised on the files it read (stage configs ask for it once per input of every job): an edit
+    # of one of them, or a new stages/<stage>.py or plug-in module, recomputes it
+    key = (stage, enabled, str(PKG_DIR))
+    probe = [PKG_DIR / "stages" / f"{stage}.py", PKG_DIR / "cli.py"]
+    plugin_dir = PKG_DIR / "train" / "plugins"
+    listing = tuple(sorted(p.name for p in plugin_dir.glob("*.py"))) if stage == "train" else ()
+    hit = _CODE_HASHES.get(key)
+    if hit is not None and hit[0] == listing and hit[1] == _stats(probe + hit[2]):
+        return hit[3]
+    mods = code_modules(stage, enabled)
+    files = [codedeps.module_file(PKG_DIR, m) for m in mods]
+    files = [f for f in files if f is not None]
+    val = (codedeps.hash_modules(PKG_DIR, mods), codedeps.module_hashes(PKG_DIR, mods))
+    _CODE_HASHES[key] = (listing, _stats(probe + files), files, val)
+    return val
 
 
 def code_hash(stage: str, enabled=()) -> str:

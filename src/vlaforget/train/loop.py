@@ -24,8 +24,8 @@ from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, s
                   write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
-from .distributed import DistInfo, cleanup_distributed, init_distributed
 from . import plugins as plugin_registry
+from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .plugins import TrainContext
 
 log = logging.getLogger("vlaforget.train")

@@ -6,7 +6,6 @@ import torch
 
 from . import Plugin, TrainContext
 
-
 # ----------------------------------------------------------------------------- CRaFT
 
 

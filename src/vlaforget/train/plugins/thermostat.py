@@ -8,7 +8,6 @@ import torch
 
 from . import Plugin, TrainContext
 
-
 # ----------------------------------------------------------------------------- Thermostat
 
 
@@ -42,8 +41,8 @@ class ThermostatPlugin(Plugin):
 
     def pooled(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """{rep: [n, D]} instruction-pooled student states of probe samples idx (no grad)."""
-        from ...models.base import eval_mode
         from ...methods.icsm import pooled_layer_states
+        from ...models.base import eval_mode
 
         reps = list(self.icsm.rep_layers)
         parts: dict[int, list] = {rep: [] for rep in reps}

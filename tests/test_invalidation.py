@@ -304,3 +304,29 @@ def test_periodic_eval_without_early_stopping_changes_no_step(world, monkeypatch
                for x in (Path(evald["out_dir"]) / "metrics.jsonl").read_text().splitlines())
     a, b = run_adapter(plain), run_adapter(evald)
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_early_stopping_resumes_with_its_patience_count(world, monkeypatch):
+    """A run killed between two periodic evaluations resumes with the best score and the count of
+    evaluations without improvement it had, so it stops where the uninterrupted run stops (before:
+    it forgot them and trained on to step 10)."""
+    from vlaforget.train import loop
+
+    calls = []
+
+    def evaluator(backend, model, sc, tcfg):  # evaluation k (at step 2k) scores 0.5, 0.4, 0.3, ...
+        calls.append(1)
+        return 0.6 - 0.1 * len(calls)
+
+    monkeypatch.setattr(loop, "periodic_eval", evaluator)
+    root, cache, model = world
+    base = base_stage(root, cache, model, lr=5e-3, save_steps=5, max_steps=12, eval_every=2,
+                      early_stopping_patience=2)
+    plain = _run(base, "es_plain")
+    plain["periodic_eval"] = {"suite": "toy"}
+    assert loop.run_training(plain)["steps"] == 6  # best 0.5 at 2, no improvement at 4 and 6
+    calls.clear()
+    killed = _run(base, "es_killed")
+    killed["periodic_eval"] = {"suite": "toy"}
+    assert loop.run_training(killed, stop_after=5) == {"stopped_at": 5}  # checkpoint at 5, after eval 2
+    assert loop.run_training(killed)["steps"] == 6

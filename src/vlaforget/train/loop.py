@@ -259,7 +259,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     def save_checkpoint():
         ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
                   scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
-                  extra={"rollbacks": rollbacks, "max_steps": int(tcfg["max_steps"])})
+                  extra={"rollbacks": rollbacks, "max_steps": int(tcfg["max_steps"]),
+                         "best_eval": best_eval, "bad_evals": bad_evals})  # early stopping resumes too
 
     for p in plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
@@ -273,7 +274,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), bool(tcfg.get("image_aug")),
                          num_workers=int(tcfg.get("num_workers") or 0), device=device)
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
-    best_eval, bad_evals = -1.0, 0
+    best_eval, bad_evals = float(extra.get("best_eval", -1.0)), int(extra.get("bad_evals", 0))
     bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
     kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     t_log, steps_since_log = time.perf_counter(), 0

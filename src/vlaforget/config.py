@@ -479,13 +479,14 @@ def run_id_of(sc: dict, key: str) -> str:
 
 
 def _base(cfg: dict, stage: str) -> dict:
+    code, files = _code(stage, ()) if stage != "train" else (None, None)  # train: per run (plug-ins)
     return {
         "stage": stage,
         "root": str(resolve_root(cfg)),
         "allowed_root": str(resolve_allowed_root(cfg)),
         "world": cfg["world"],
-        "code": code_hash(stage),
-        "code_files": code_files(stage),
+        "code": code,
+        "code_files": dict(files) if files is not None else None,
     }
 
 
@@ -557,7 +558,8 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         if "craft" in needs:
             out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
         parts = train_code_parts(out)  # only the plug-ins (and periodic eval) this run uses
-        out.update(code=code_hash("train", parts), code_files=code_files("train", parts))
+        code, files = _code("train", parts)
+        out.update(code=code, code_files=dict(files))
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
     elif stage == "eval":

@@ -248,10 +248,10 @@ def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
     - output present but made for another id (or none recorded): touch the file (the job reruns).
     """
     path = Path(path)
-    text = yaml.safe_dump(sc, sort_keys=True)
     want = config_id(sc)
     if mode == "inspect":
         return "stale" if stale_reason(path, sc) else "ok"
+    text = None if mode == "run" else yaml.safe_dump(sc, sort_keys=True)  # run: dumped only to write
     if mode == "touch":  # the user says the outputs are current: record that
         if not path.exists() or path.read_text() != text:
             atomic_write_text(path, text)
@@ -265,14 +265,14 @@ def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
         disk = yaml.safe_load(path.read_text()) or {}
         disk_id = config_id(disk) if isinstance(disk, dict) else None
     except (yaml.YAMLError, OSError):
-        disk_id = None
+        disk, disk_id = None, None
     st = path.stat()
     did = "ok"
     if disk_id != want:
-        atomic_write_text(path, text)
+        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
         did = "rewritten"
-    elif path.read_text() != text:
-        atomic_write_text(path, text)
+    elif disk != sc:  # the file's content (safe_dump / safe_load round-trip exactly)
+        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         did = "relocated"
     comp = completion_file(sc)

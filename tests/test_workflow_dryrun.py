@@ -206,6 +206,7 @@ def test_method_param_change_reruns_only_that_method(touched):
     assert all("craft" in p for p in jobs["eval"] + jobs["forgetting"])
     assert len(jobs["table"]) == 9  # the three tables each hold craft runs (csv, md, record)
     assert "Params have changed" in out
+    assert re.search(r"craft__full__s42 will rerun .*: its stage config changed: method\.craft\.epsilon \S+ -> 0\.2", out)
 
 
 def test_probe_change_reruns_probe_chain_not_baseline_training(touched):
@@ -249,7 +250,8 @@ def test_report_rule_wrappers_present():
 
 def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkeypatch):
     """Snakemake's code trigger sees only rule bodies: each stage's config (and the table/figure
-    rules' `code` param) carries a hash of the library files it imports, so editing one reruns it."""
+    rules' `code` param) carries a hash of the library files its entry module imports, so editing
+    one reruns it (tests/test_invalidation.py: how the files are found)."""
     import shutil
 
     from vlaforget import config as vfc
@@ -257,14 +259,73 @@ def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkey
     pkg = tmp_path / "vlaforget"
     shutil.copytree(vfc.PKG_DIR, pkg)
     monkeypatch.setattr(vfc, "PKG_DIR", pkg)
-    before = {s: vfc.code_hash(s) for s in vfc.STAGE_CODE}
-    (pkg / "report" / "figures.py").write_text((pkg / "report" / "figures.py").read_text() + "\n# edit\n")
-    (pkg / "envs" / "metaworld.py").write_text((pkg / "envs" / "metaworld.py").read_text() + "\n# edit\n")
-    after = {s: vfc.code_hash(s) for s in vfc.STAGE_CODE}
-    changed = {s for s in before if before[s] != after[s]}
-    assert changed == {"report", "demos", "eval"}  # envs/metaworld.py: demos and rollouts
+    before = {s: vfc.code_hash(s) for s in vfc.STAGES_WITH_CODE}
+    (pkg / "report" / "figures.py").write_text((pkg / "report" / "figures.py").read_text() + "\n_EDIT = 1\n")
+    after = {s: vfc.code_hash(s) for s in vfc.STAGES_WITH_CODE}
+    assert {s for s in before if before[s] != after[s]} == {"figures"}
     text = (REPO / "workflow" / "rules" / "report.smk").read_text()
-    assert text.count('code=vfc.code_hash("report")') == 3  # table, table_lifelong_build and figures
+    assert 'code=vfc.code_hash("table")' in text and 'code=vfc.code_hash("figures")' in text
+
+
+# ----------------------------------------------------------------------------- exact invalidation (15.3)
+
+
+def _edited(touched, rel: str, old: str, new: str):
+    """A context: the workflow copy's library file `rel` with one edit, put back afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        f = touched[0] / "src" / "vlaforget" / rel
+        text = f.read_text()
+        assert old in text, (rel, old)
+        f.write_text(text.replace(old, new, 1))
+        try:
+            yield
+        finally:
+            f.write_text(text)
+
+    return cm()
+
+
+def test_plugin_code_edit_reruns_only_the_runs_that_enable_it(touched):
+    with _edited(touched, "train/plugins/hsw.py", "\nclass HSWPlugin(Plugin):", "\n_EDIT = 1\n\n\nclass HSWPlugin(Plugin):"):
+        out = _dry_with(touched, {})
+    runs = trained_runs(out)
+    assert runs == {
+        "mw_downstream__icsm_hsw_thermostat__full__s42",
+        "mw_downstream__icsm_hsw_thermostat__1shot__s42",
+        "mw_downstream__no_thermostat__full__s42",
+    }
+    jobs = planned(out)
+    for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors"):
+        assert rule not in jobs, rule
+    assert "code of train/plugins/hsw.py" in out  # the reason, per job
+
+
+def test_comment_and_docstring_edits_rerun_nothing(touched):
+    with _edited(touched, "train/loop.py", "\ndef make_schedule(", "\n# an edited comment\n\ndef make_schedule("), \
+            _edited(touched, "models/tiny.py", '"""', '"""An edited docstring. '), \
+            _edited(touched, "data/cache.py", "\n", "\n# another comment\n"):
+        out = _dry_with(touched, {})
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+def test_non_semantic_keys_rerun_nothing(touched):
+    out = _dry_with(touched, {"train": {"log_every": 3, "save_steps": 7, "num_workers": 1, "use_wandb": True,
+                                        "eval_every": 5, "eval_episodes_per_task": 2},
+                              "data": {"metaworld": {"workers": 3}}})
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+def test_raised_max_steps_reruns_training_and_the_dry_run_says_why(touched):
+    out = _dry_with(touched, {"train": {"max_steps": 999}})
+    jobs = planned(out)
+    assert trained_runs(out) and "model" not in jobs and "cache" not in jobs
+    assert re.search(r"train \S+__baseline__full__s42 will rerun .*: its stage config changed: "
+                     r"train\.max_steps \d+ -> 999", out), out[-3000:]
+    # downstream jobs name the input that is remade
+    assert re.search(r"eval \S+baseline\S+ will rerun .*input train \(rule train\) is remade", out)
 
 
 def test_upstream_libero_preset_plans_upstream_evals_and_the_question_set(tmp_path):

@@ -9,7 +9,6 @@ and every stage is runnable by hand with the same file (`vlaforget <stage> --con
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -361,52 +360,182 @@ def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
 
 # ----------------------------------------------------------------------------- code hashes
 
-# Library modules each stage's output depends on. Snakemake's code trigger sees only the rule body,
-# so a hash of these sources goes into each stage config: editing them reruns the stage.
-STAGE_CODE = {
-    "demos": ["data/metaworld_demos.py", "data/rlds.py", "data/instructions.py", "envs/metaworld.py"],
-    "cache": ["data/rlds.py", "data/cache.py", "data/statistics.py", "data/transforms.py"],
-    "model": ["models", "data/cache.py", "data/vqa.py", "train/pretrain.py"],
-    "probe": ["models", "data/cache.py", "data/probe.py", "methods/icsm.py"],
-    "icsm": ["models", "methods/icsm.py", "data/probe.py"],
-    "craft_anchors": ["models", "methods/craft.py", "data/cache.py"],
-    "train": ["models", "methods", "train", "data/cache.py"],
-    "eval": ["models", "eval", "envs"],
-    "forgetting": ["models", "eval", "data/vqa.py", "methods/icsm.py"],
-    "export": ["export.py", "models"],
-    "report": ["report"],  # table + figures rules: a `code` param (they have no stage config)
-}
+# A stage's code = what its entry module imports, transitively (vlaforget.codedeps), hashed without
+# comments and docstrings; it goes into the stage config (`code`), since Snakemake's code trigger
+# sees only the rule body: editing that code reruns the stage. Optional parts count only for the
+# jobs that use them: a method plug-in (train/plugins/<name>.py) for the runs that enable it, the
+# periodic evaluation (eval/) for runs whose early stopping it drives.
+STAGES_WITH_CODE = ("demos", "libero_fixture", "cache", "model", "probe", "icsm", "craft_anchors", "train",
+                    "eval", "forgetting", "libero_vqa", "vqa_convert", "export", "table", "figures")
+OPTIONAL_CODE: dict[str, dict[str, str]] = {"train": {"periodic_eval": "vlaforget.eval.closed_loop"}}
+# Plumbing that records and compares ids, never what a stage computes: not followed from an entry.
+CODE_EXCLUDED = ("vlaforget.freshness", "vlaforget.codedeps")
+
+
+def optional_code(stage: str) -> dict[str, str]:
+    """name -> module of the optional parts of a stage's code (train: each plug-in, periodic eval)."""
+    out = dict(OPTIONAL_CODE.get(stage, {}))
+    if stage == "train":
+        for f in sorted((PKG_DIR / "train" / "plugins").glob("*.py")):
+            if f.stem != "__init__":
+                out[f.stem] = f"vlaforget.train.plugins.{f.stem}"
+    return out
+
+
+def code_modules(stage: str, enabled=()) -> list[str]:
+    """The vlaforget modules a stage job's output depends on: the closure of its entry module's
+    imports, without the optional parts, plus the closure of each enabled optional part."""
+    from . import codedeps
+
+    if stage == "report":  # older rule files: table and figures together
+        return sorted(set(code_modules("table")) | set(code_modules("figures")))
+    opt = optional_code(stage)
+    unknown = set(enabled) - set(opt)
+    if unknown:
+        raise ConfigError(f"stage {stage}: no optional code named {sorted(unknown)} (known: {sorted(opt)})")
+    stop = set(opt.values()) | set(CODE_EXCLUDED)
+    mods = codedeps.closure(PKG_DIR, [codedeps.stage_entry(PKG_DIR, stage)], stop=stop)
+    for name in enabled:
+        mods |= codedeps.closure(PKG_DIR, [opt[name]], stop=stop - {opt[name]})
+    return sorted(mods)
 
 
 _CODE_HASHES: dict = {}
 
 
-def code_hash(stage: str) -> str:
-    files = []
-    for rel in STAGE_CODE.get(stage, []):
-        p = PKG_DIR / rel
-        files += [f for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p]) if f.exists()]
-    # memoised on the files' sizes and mtimes (stage configs ask for it once per input of every job)
-    key = (stage, str(PKG_DIR), tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
-    if key not in _CODE_HASHES:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(str(f.relative_to(PKG_DIR)).encode())
-            h.update(f.read_bytes())
-        _CODE_HASHES[key] = h.hexdigest()[:12]
-    return _CODE_HASHES[key]
+def _stats(files) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _code(stage: str, enabled) -> tuple[str, dict]:
+    from . import codedeps
+
+    enabled = tuple(sorted(enabled))
+    # memoised on the files it read (stage configs ask for it once per input of every job): an edit
+    # of one of them, or a new stages/<stage>.py or plug-in module, recomputes it
+    key = (stage, enabled, str(PKG_DIR))
+    probe = [PKG_DIR / "stages" / f"{stage}.py", PKG_DIR / "cli.py"]
+    plugin_dir = PKG_DIR / "train" / "plugins"
+    listing = tuple(sorted(p.name for p in plugin_dir.glob("*.py"))) if stage == "train" else ()
+    hit = _CODE_HASHES.get(key)
+    if hit is not None and hit[0] == listing and hit[1] == _stats(probe + hit[2]):
+        return hit[3]
+    mods = code_modules(stage, enabled)
+    files = [codedeps.module_file(PKG_DIR, m) for m in mods]
+    files = [f for f in files if f is not None]
+    val = (codedeps.hash_modules(PKG_DIR, mods), codedeps.module_hashes(PKG_DIR, mods))
+    _CODE_HASHES[key] = (listing, _stats(probe + files), files, val)
+    return val
+
+
+def code_hash(stage: str, enabled=()) -> str:
+    """Hash of a stage's code (code_modules) without comments and docstrings."""
+    return _code(stage, enabled)[0]
+
+
+def code_files(stage: str, enabled=()) -> dict[str, str]:
+    """{file: hash} behind code_hash: recorded in the stage config so a dry-run can name the file
+    whose edit reruns a job (freshness.stale_reason); not part of the id (`code` covers it)."""
+    return dict(_code(stage, enabled)[1])
+
+
+def train_code_parts(sc: dict) -> list[str]:
+    """The optional code a train job runs: its enabled plug-ins, and the periodic evaluation when
+    its result can change the run (early stopping)."""
+    parts = [k for k, v in (sc.get("method") or {}).items() if isinstance(v, dict) and v.get("enabled")]
+    if periodic_eval_matters(sc.get("train") or {}):
+        parts.append("periodic_eval")
+    return parts
+
+
+def periodic_eval_matters(tcfg: dict) -> bool:
+    """Periodic evaluation changes a run only by stopping it early (the loop isolates its RNG use)."""
+    return bool(tcfg.get("eval_every")) and bool(tcfg.get("early_stopping_patience"))
+
+
+# ----------------------------------------------------------------------------- what an id covers
+
+# Stage-config keys (dotted) that cannot change a stage's result: they stay in the stage-config file
+# for the job to read, but are left out of its config id and run id, so changing one reruns and
+# restarts nothing. Why each cannot change a result (docs/DEVELOPMENT.md, "What reruns"):
+# log_every: which steps are logged (the HSW statistics of a logged step do not touch its gradient);
+# save_steps: where checkpoints fall (a resume is bit-exact from any of them); use_wandb/wandb_*:
+# a copy of the logs; num_workers: who builds the batches (the same batches: train/batches.py);
+# demos' workers: the first N successful seeds per task, whoever plays them.
+NON_SEMANTIC: dict[str, tuple[str, ...]] = {
+    "train": ("train.log_every", "train.save_steps", "train.use_wandb", "train.wandb_project",
+              "train.wandb_mode", "train.num_workers"),
+    "demos": ("workers",),
+}
+# Periodic evaluation without early stopping only logs (the loop runs it with its RNG isolated), so
+# its cadence and protocol are then non-semantic too.
+PERIODIC_EVAL_KEYS = ("train.eval_every", "train.eval_episodes_per_task", "train.early_stopping_patience",
+                      "train.early_stopping_min_delta", "periodic_eval")
+
+
+def non_semantic_keys(sc: dict) -> tuple[str, ...]:
+    """The dotted keys of stage config sc that its ids leave out (NON_SEMANTIC + the conditional ones)."""
+    keys = NON_SEMANTIC.get(sc.get("stage"), ())
+    if sc.get("stage") == "train" and not periodic_eval_matters(sc.get("train") or {}):
+        keys = keys + PERIODIC_EVAL_KEYS
+    return keys
+
+
+def _drop(d: dict, dotted: str) -> dict:
+    head, _, rest = dotted.partition(".")
+    if head not in d:
+        return d
+    out = dict(d)
+    if not rest:
+        del out[head]
+    elif isinstance(out[head], dict):
+        out[head] = _drop(out[head], rest)
+    return out
+
+
+def semantic_view(sc: dict) -> dict:
+    """sc without the keys that cannot change its result (what io.config_id hashes); `code_files`
+    is the detail of `code`."""
+    for k in non_semantic_keys(sc) + ("code_files",):
+        sc = _drop(sc, k)
+    return sc
+
+
+def max_steps_in_run_id(tcfg: dict) -> bool:
+    """Whether the step target shapes the steps before it: a decaying LR schedule (cosine, linear)
+    is planned over max_steps. With a constant one (after any warmup) a run trained to N is the
+    first N steps of a run to M > N, so max_steps stays out of the run id and raising it continues
+    the run from its checkpoint at N (train/loop.py)."""
+    return tcfg.get("lr_schedule", "constant") != "constant"
+
+
+def run_id_of(sc: dict, key: str) -> str:
+    """A train job's run id: names the run and its checkpoints. Its config id without the data
+    root (io.config_id), without the non-semantic keys and, where it cannot shape the steps before
+    it, without max_steps."""
+    body = sc if max_steps_in_run_id(sc["train"]) else {**sc, "train": _drop(sc["train"], "max_steps")}
+    return f"{key}-{config_id_of(body)[:8]}"
 
 
 # ----------------------------------------------------------------------------- stage configs
 
 
 def _base(cfg: dict, stage: str) -> dict:
+    code, files = _code(stage, ()) if stage != "train" else (None, None)  # train: per run (plug-ins)
     return {
         "stage": stage,
         "root": str(resolve_root(cfg)),
         "allowed_root": str(resolve_allowed_root(cfg)),
         "world": cfg["world"],
-        "code": code_hash(stage),
+        "code": code,
+        "code_files": dict(files) if files is not None else None,
     }
 
 
@@ -477,6 +606,9 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                             if "craft" in needs else None)
         if "craft" in needs:
             out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
+        parts = train_code_parts(out)  # only the plug-ins (and periodic eval) this run uses
+        code, files = _code("train", parts)
+        out.update(code=code, code_files=dict(files))
         if cfg["train"].get("eval_every"):
             out["periodic_eval"] = eval_block(cfg, r["suite"])
         prev = chain_previous(cfg, key)
@@ -507,7 +639,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     if stage == "train":
         # the run id names the run and its checkpoints; the data root is factored out, so moving the
         # root keeps it (io.config_id)
-        out["run_id"] = f"{key}-{config_id_of(out)[:8]}"
+        out["run_id"] = run_id_of(out, key)
     return out
 
 

@@ -175,8 +175,10 @@ def stale_reason(path: str | Path, sc: dict) -> str | None:
     if path.exists():
         try:
             disk = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(disk, dict) or config_id(disk) != want:
-                return "its stage config changed"
+            if not isinstance(disk, dict):
+                return "its stage config is not a mapping"
+            if config_id(disk) != want:
+                return "its stage config changed: " + config_changes(disk, sc)
         except (yaml.YAMLError, OSError):
             return "its stage config is unreadable"
     comp = completion_file(sc)
@@ -187,19 +189,69 @@ def stale_reason(path: str | Path, sc: dict) -> str | None:
     return None
 
 
+def _leaf_changes(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _leaf_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [prefix]
+
+
+def _short(v) -> str:
+    t = json.dumps(v, default=str) if v is not None else "unset"
+    return t if len(t) <= 40 else t[:37] + "..."
+
+
+def config_changes(old: dict, new: dict, limit: int = 6) -> str:
+    """What differs between two stage configs, as a dry-run says it: the config keys (old -> new),
+    the library files whose code changed (`code`), the inputs that were remade for another config."""
+    from .config import semantic_view
+    from .io import LOCATION_KEYS, relocatable
+
+    def view(sc):
+        body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})
+        return relocatable(body, sc.get("root"), sc.get("allowed_root"))
+
+    a, b = view(old), view(new)
+    parts = []
+    if a.get("code") != b.get("code"):
+        fa, fb = old.get("code_files") or {}, new.get("code_files") or {}
+        files = sorted(f for f in set(fa) | set(fb) if fa.get(f) != fb.get(f)) if fa else []
+        parts.append("code of " + ", ".join(files[:limit] + (["..."] if len(files) > limit else []))
+                     if files else "code (the old stage config records no files)")
+    ia, ib = a.get("inputs") or {}, b.get("inputs") or {}
+    for name in sorted(set(ia) | set(ib)):
+        if (ia.get(name) or {}).get("id") != (ib.get(name) or {}).get("id"):
+            rule = (ib.get(name) or ia.get(name) or {}).get("rule", name)
+            parts.append(f"input {name} (rule {rule}) is remade")
+    keys = [k for k in _leaf_changes({k: v for k, v in a.items() if k not in ("code", "inputs")},
+                                     {k: v for k, v in b.items() if k not in ("code", "inputs")}) if k]
+    for k in keys[:limit]:
+        va, vb = a, b
+        for p in k.split("."):
+            va = va.get(p) if isinstance(va, dict) else None
+            vb = vb.get(p) if isinstance(vb, dict) else None
+        parts.append(f"{k} {_short(va)} -> {_short(vb)}")
+    if len(keys) > limit:
+        parts.append(f"{len(keys) - limit} more keys")
+    return "; ".join(parts) or "its id changed"
+
+
 def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
     """Make the stage-config file at `path` say `sc`, and make its job rerun if its output records
     another id. Returns what it did: 'new', 'rewritten', 'relocated', 'touched' or 'ok'.
 
     - content with another id: rewrite (new mtime: the job reruns);
-    - same id, other text (the data root moved): rewrite and keep the old mtime (nothing reruns);
+    - same id, other text (the data root moved, or a key of config.NON_SEMANTIC changed): rewrite
+      and keep the old mtime (nothing reruns; the job reads the new value when it next runs);
     - output present but made for another id (or none recorded): touch the file (the job reruns).
     """
     path = Path(path)
-    text = yaml.safe_dump(sc, sort_keys=True)
     want = config_id(sc)
     if mode == "inspect":
         return "stale" if stale_reason(path, sc) else "ok"
+    text = None if mode == "run" else yaml.safe_dump(sc, sort_keys=True)  # run: dumped only to write
     if mode == "touch":  # the user says the outputs are current: record that
         if not path.exists() or path.read_text() != text:
             atomic_write_text(path, text)
@@ -213,14 +265,14 @@ def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
         disk = yaml.safe_load(path.read_text()) or {}
         disk_id = config_id(disk) if isinstance(disk, dict) else None
     except (yaml.YAMLError, OSError):
-        disk_id = None
+        disk, disk_id = None, None
     st = path.stat()
     did = "ok"
     if disk_id != want:
-        atomic_write_text(path, text)
+        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
         did = "rewritten"
-    elif path.read_text() != text:
-        atomic_write_text(path, text)
+    elif disk != sc:  # the file's content (safe_dump / safe_load round-trip exactly)
+        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         did = "relocated"
     comp = completion_file(sc)

@@ -167,8 +167,11 @@ LOCATION_KEYS = ("root", "allowed_root", "run_id", "config_id")
 
 def config_id(sc: dict, n: int = 12) -> str:
     """Identity of a stage config: its content with the data root factored out (a moved root keeps
-    every id), including the ids of the inputs it expects (so a changed input changes it too)."""
-    body = {k: v for k, v in sc.items() if k not in LOCATION_KEYS}
+    every id), including the ids of the inputs it expects (so a changed input changes it too), and
+    without the keys that cannot change a result (config.NON_SEMANTIC)."""
+    from .config import semantic_view  # without the keys that cannot change a result
+
+    body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})
     return stable_hash(relocatable(body, sc.get("root"), sc.get("allowed_root")), n=n)
 
 

@@ -268,7 +268,7 @@ def report_cfg(key):
         "results_dir": RESULTS,
         "upstream_suites": UPSTREAM_SUITES,
         "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
-        "code": vfc.code_hash("report"),
+        "code": vfc.code_hash("figures" if key == "figures" else "table"),
         **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
     }
 

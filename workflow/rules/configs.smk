@@ -1,5 +1,5 @@
-# The config file of every stage job. Its content is a params value, so Snakemake's params trigger
-# rewrites exactly the files whose content changed; their new mtime reruns exactly the jobs reading them.
+# The config file of every stage job. Its config id is a params value, so Snakemake's params trigger
+# rewrites exactly the files whose id changed; their new mtime reruns exactly the jobs reading them.
 # Library edits reach the same files through the `code` hash each stage config carries.
 
 localrules:
@@ -11,8 +11,12 @@ rule stage_config:
     output:
         cfg=cfg_file("{stage}", "{key}"),
     params:
-        # a shell job, not `run:` (which would re-parse the whole workflow in a subprocess per job)
-        text=lambda w: yaml.safe_dump(stage_cfg(w.stage, w.key), sort_keys=True),
+        # the trigger: the config id (non-semantic keys left out: config.NON_SEMANTIC; parse-time
+        # sync brings their values into the file without a rerun)
+        id=lambda w: vfc.config_id_of(stage_cfg(w.stage, w.key)),
+        # a shell job, not `run:` (which would re-parse the whole workflow in a subprocess per job);
+        # taking `output` makes it a derived param, which the params trigger does not compare
+        text=lambda w, output: yaml.safe_dump(stage_cfg(w.stage, w.key), sort_keys=True),
     log:
         log_file("configs/{stage}", "{key}"),
     wildcard_constraints:

@@ -24,7 +24,7 @@ rule table:
         record=table_record("{kind}"),
     params:
         upstream=" ".join(UPSTREAM_SUITES) or "''",
-        code=vfc.code_hash("report"),  # reruns the tables when report/ changes
+        code=vfc.code_hash("table"),  # reruns the tables when the code they import changes
         record=lambda w: json.dumps(report_cfg(w.kind), sort_keys=True),  # input list change: params trigger
     wildcard_constraints:
         kind="main|fewshot|ablation",
@@ -61,7 +61,7 @@ if CHAIN_SUITES:
         params:
             chain=" ".join(CHAIN_SUITES),
             run_dirs=" ".join(lifelong_run_dirs()),
-            code=vfc.code_hash("report"),
+            code=vfc.code_hash("table"),
             record=json.dumps(report_cfg("lifelong"), sort_keys=True),
         log:
             report_log("table_lifelong"),
@@ -95,7 +95,7 @@ rule figures:
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),
         upstream=" ".join(UPSTREAM_SUITES) or "''",
-        code=vfc.code_hash("report"),  # redraws the figures when report/ changes
+        code=vfc.code_hash("figures"),  # redraws the figures when the code they import changes
         record=json.dumps(report_cfg("figures"), sort_keys=True),
     log:
         report_log("figures"),

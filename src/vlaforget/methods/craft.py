@@ -1,6 +1,6 @@
 """CRaFT: constrained retention fine-tuning (pure math + the `craft-anchors` stage).
 
-Training (train/plugins.py): L_ret = MSE(student feature, cached teacher feature);
+Training (train/plugins/craft.py): L_ret = MSE(student feature, cached teacher feature);
     dual:        lambda <- max(0, lambda + lr * (L_ret - epsilon))              (`dual_update`)
     conflict:    if <g_act, g_ret> < 0:  g_act <- g_act - <g_act, g_ret> / ||g_ret||^2 * g_ret
     update:      g = g_act_proj + lambda * g_ret                               (`conflict_project`)

@@ -1,4 +1,4 @@
-"""HSW: hierarchical subspace gradient surgery (pure math; train/plugins.py hooks it into layers).
+"""HSW: hierarchical subspace gradient surgery (pure math; train/plugins/hsw.py hooks it into layers).
 
 For a gradient g [..., D] (e.g. dL/d hidden of a hooked decoder layer, one D-vector per token):
     g_f = proj(g, U_f),  g_p = proj(g, U_p),  g_n = g - g_f - g_p

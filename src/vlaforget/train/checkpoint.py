@@ -4,6 +4,7 @@ Snakemake deletes a job's declared outputs before rerunning it, so checkpoints l
 `{run_dir}/checkpoints/{run_id}/step_{N}/` (never declared). A checkpoint holds everything needed to
 continue exactly: trainable weights, optimizer, scheduler, loss scaler, data position, RNG states and
 the plug-ins' state (Thermostat, λ). `latest.json` is written last, so a kill mid-save is harmless.
+The loop also saves one at its target step, so a run whose max_steps is raised continues from it.
 The last `keep` checkpoints stay; an unreadable latest one (truncated by a full disk, a copy cut short)
 is reported and the one before it is used.
 """
@@ -48,13 +49,25 @@ def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, sca
     }
     atomic_torch_save(state, d / "state.pt")
     write_json(ckpt_dir / "latest.json", {"step": step, "path": d.name})
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+    # one linear history up to `step`: the newest `keep` at or before it stay; later ones (a run
+    # resumed below them after its max_steps was lowered) are superseded
+    below = [p for p in sorted(ckpt_dir.glob("step_*")) if _step_of(p) is not None and _step_of(p) <= step]
+    above = [p for p in ckpt_dir.glob("step_*") if _step_of(p) is not None and _step_of(p) > step]
+    for old in below[:-keep] + above:
         shutil.rmtree(old, ignore_errors=True)
     return d
 
 
-def candidates(ckpt_dir: Path) -> list[Path]:
-    """state.pt files to resume from, newest first (latest.json's first, then older step dirs)."""
+def _step_of(d: Path) -> int | None:
+    try:
+        return int(Path(d).name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def candidates(ckpt_dir: Path, max_step: int | None = None) -> list[Path]:
+    """state.pt files to resume from, newest first (latest.json's first, then older step dirs);
+    max_step: only checkpoints at or before that step (a run whose max_steps was lowered)."""
     ckpt_dir = Path(ckpt_dir)
     out = []
     f = ckpt_dir / "latest.json"
@@ -67,7 +80,10 @@ def candidates(ckpt_dir: Path) -> list[Path]:
         p = d / "state.pt"
         if p not in out:
             out.append(p)
-    return [p for p in out if p.exists()]
+    out = [p for p in out if p.exists()]
+    if max_step is not None:
+        out = [p for p in out if _step_of(p.parent) is not None and _step_of(p.parent) <= max_step]
+    return out
 
 
 def latest(ckpt_dir: Path) -> Path | None:
@@ -75,10 +91,11 @@ def latest(ckpt_dir: Path) -> Path | None:
     return c[0] if c else None
 
 
-def load_latest(ckpt_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
-    """(path, state) of the newest checkpoint that loads; unreadable ones are named and skipped."""
+def load_latest(ckpt_dir: Path, max_step: int | None = None) -> tuple[Path, dict] | tuple[None, None]:
+    """(path, state) of the newest checkpoint (at or before max_step) that loads; unreadable ones
+    are named and skipped."""
     bad = []
-    for p in candidates(ckpt_dir):
+    for p in candidates(ckpt_dir, max_step):
         try:
             state = torch.load(p, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or "step" not in state:

@@ -2,7 +2,7 @@
 
 Read top to bottom: setup (distributed, data, model + LoRA, plug-ins, optimizer), resume, loop
 (micro-batches → loss → backward → step → controllers → logs → checkpoints), final adapter.
-Methods only plug in (train/plugins.py); with none enabled this is plain LoRA fine-tuning.
+Methods only plug in (train/plugins/<name>.py, loaded by name); with none enabled this is plain LoRA fine-tuning.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, r
                   sha256_file, write_json)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
+from . import plugins as plugin_registry
 from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
-from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext, forward_micro
+from .plugins import TrainContext, forward_micro
 from .schedule import warmup_schedule
 from .speed import compile_layers, make_optimizer, skip_lora_input_cast
 
@@ -237,14 +238,21 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
 
     # --- resume exactly where an interrupted run stopped
+    # (a run whose max_steps was raised has the same run id, config.run_id_of: it continues from the
+    # checkpoint of its old target; one lowered resumes from the newest checkpoint at or before it)
     step, skipped, overflows, extra = 0, 0, 0, {}
-    state_path, state = ckpt.load_latest(ckpt_dir)
+    state_path, state = ckpt.load_latest(ckpt_dir, max_step=int(tcfg["max_steps"]))
     if state is not None:
         step, skipped = ckpt.restore(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                      scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
                                      state=state)
         extra = dict(state.get("extra") or {})
-        log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
+        target = extra.get("max_steps")
+        if target is not None and int(target) != int(tcfg["max_steps"]):
+            log.info("resuming %s from step %d (%s): max_steps %s -> %s, continuing to the new target",
+                     sc["run_id"], step, state_path, target, tcfg["max_steps"])
+        else:
+            log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
     del state
     rollbacks = int(extra.get("rollbacks", 0))
     # every run segment (start .. last sign of life), kills included: done.json's wall time sums them
@@ -266,7 +274,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     def save_checkpoint():
         ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
                   scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
-                  extra={"rollbacks": rollbacks})
+                  extra={"rollbacks": rollbacks, "max_steps": int(tcfg["max_steps"]),
+                         "best_eval": best_eval, "bad_evals": bad_evals})  # early stopping resumes too
 
     for p in plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
@@ -282,7 +291,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), bool(tcfg.get("image_aug")),
                          num_workers=int(tcfg.get("num_workers") or 0), device=device)
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
-    best_eval, bad_evals = -1.0, 0
+    best_eval, bad_evals = float(extra.get("best_eval", -1.0)), int(extra.get("bad_evals", 0))
     bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
     kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     t_log, steps_since_log = time.perf_counter(), 0
@@ -407,13 +416,15 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
         if bar:
             bar.update(1)
-        if step % int(tcfg.get("save_steps", 1000)) == 0 and step < max_steps and dist.is_main:
+        # every save_steps, and at the target: a raised max_steps continues from there
+        if (step % int(tcfg.get("save_steps", 1000)) == 0 or step == max_steps) and dist.is_main:
             save_checkpoint()
         if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
             os.kill(os.getpid(), 9)
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
             # rank 0 evaluates the bare model (no DDP collective), every rank gets its score
-            score = on_main(lambda: [periodic_eval(backend, unwrap(model), sc, tcfg)])[0]
+            with _rng_isolated():  # evaluating changes no later step (config.periodic_eval_matters)
+                score = on_main(lambda: [periodic_eval(backend, unwrap(model), sc, tcfg)])[0]
             logger.log({"step": step, "eval_success_rate": score})
             if score > best_eval + float(tcfg.get("early_stopping_min_delta", 0.0)):
                 best_eval, bad_evals = score, 0
@@ -473,6 +484,23 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     return result
 
 
+@contextlib.contextmanager
+def _rng_isolated():
+    """Put back every RNG the training steps draw from (torch CPU/CUDA, numpy, random) afterwards."""
+    import random
+
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 def _read_segments(path: Path) -> list[dict]:
     try:
         segs = json.loads(Path(path).read_text())
@@ -492,7 +520,7 @@ def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, log
            f"precision bf16 or fp32 instead of fp16, or check the dataset statistics of {sc['dataset']['name']}")
     if rollbacks >= 1:
         raise TrainingError(f"{what}, again after rolling back once: the run is stopped. {fix}")
-    path, state = ckpt.load_latest(ckpt_dir)
+    path, state = ckpt.load_latest(ckpt_dir, max_step=step)
     if state is None:
         raise TrainingError(f"{what} and there is no earlier checkpoint to roll back to (first one at "
                             f"step {tcfg.get('save_steps', 1000)}): the run is stopped. {fix}")
@@ -535,58 +563,20 @@ def check_loss_improved(logger, tcfg: dict, sc: dict) -> None:
 
 
 def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> dict:
-    """The enabled method plug-ins. Checks, before the first step, that the probe is not in the
-    run's training data (train_ds) and that the CRaFT anchor cache fits the run."""
-    from ..data.cache import CachedDataset
-
-    mcfg = sc["method"]
+    """The enabled method plug-ins, each built by its own module (train/plugins/<name>.py), which
+    checks before the first step that its inputs fit the run (the probe is not in the run's
+    training data train_ds; the CRaFT anchor cache matches the model and the run)."""
     plugins: dict = {}
-    icsm = None
-    if mcfg["hsw"].get("enabled") or mcfg["thermostat"].get("enabled"):
-        if not sc.get("icsm_dir") or not (Path(sc["icsm_dir"]) / "meta.json").exists():
-            raise TrainingError(f"method '{sc['method_name']}' needs the ICSM artifacts at {sc.get('icsm_dir')}"
-                                " (meta.json missing): run the icsm rule first")
-        from .icsm_adapter import IcsmView
-
-        icsm = IcsmView.load(sc["icsm_dir"])
-    probe = None
-    if icsm is not None and "probe_samples" not in given and sc.get("probe_dir"):
-        from ..data.probe import check_not_trained_on, load_probe
-
-        probe = load_probe(sc["probe_dir"])
-        if getattr(train_ds, "cache_dir", None) is not None:
-            check_not_trained_on(probe, train_ds)  # ICSM statistics and drift on data no run trains on
-    if mcfg["hsw"].get("enabled"):
-        plugins["hsw"] = HSWPlugin(ctx, mcfg["hsw"], icsm)
-    if mcfg["thermostat"].get("enabled") and "probe_samples" in given:
-        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, given["probe_samples"],
-                                                 int(sc["seed"]), hsw_cfg=mcfg["hsw"])
-    elif mcfg["thermostat"].get("enabled"):
-        from ..data.probe import load_probe
-
-        probe = probe if probe is not None else load_probe(sc["probe_dir"])
-        pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
-        samples = [pds[int(i)] for i in probe["indices"]]
-        plugins["thermostat"] = ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]),
-                                                 hsw_cfg=mcfg["hsw"])
-    if mcfg["craft"].get("enabled"):
-        from ..methods.craft import check_anchors, load_anchors
-
-        anchors = given["anchors"] if "anchors" in given else load_anchors(sc["craft_dir"])
-        want = mcfg["craft"].get("anchor", anchors["pooling"])
-        check_anchors(anchors, hidden_size=int(ctx.backend.hidden_size), num_layers=int(ctx.backend.num_layers),
-                      pooling=want, where=str(sc.get("craft_dir")), layer=sc.get("craft_layer"),
-                      dtype=(sc.get("model") or {}).get("dtype"), shots=sc.get("shots"), seed=sc.get("seed"))
-        by_pooling = anchors.get("features_by_pooling") or {anchors["pooling"]: anchors["features"]}
-        anchors = dict(anchors, pooling=want, features=by_pooling[want])
-        if "anchor_samples" in given:
-            samples = given["anchor_samples"]
-        else:
-            ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"),
-                                shots=anchors.get("shots"), seed=int(anchors.get("shots_seed") or 0))
-            samples = [ads[int(i)] for i in anchors["indices"]]
-        plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
-                                       int(mcfg["craft"].get("anchor_batch_size") or sc["train"]["batch_size"]))
+    shared: dict = {}  # what several plug-ins read (the ICSM artifacts), loaded once
+    for name in plugin_registry.enabled(sc["method"]):
+        try:
+            mod = plugin_registry.load(name)
+        except ModuleNotFoundError as e:
+            if e.name != plugin_registry.module_name(name):
+                raise
+            raise TrainingError(f"method '{sc['method_name']}' enables '{name}', which is no training "
+                                f"plug-in (no module train/plugins/{name}.py)") from e
+        plugins[name] = mod.build(ctx, sc, given, train_ds, shared)
     return plugins
 
 

@@ -14,7 +14,10 @@ upstream success / teacher upstream success. The split and budget are chosen by 
     python bench/world_sweep.py summarize OUT_DIR/*.jsonl
 
 `all` generates every task's demonstrations once, then runs one process per split (teacher) and one
-per (split, seed) (fine-tuning), side by side; each writes JSON lines to OUT_DIR as it goes.
+per (split, seed) (fine-tuning), side by side; each writes JSON lines to OUT_DIR as it goes. With
+`--per-budget` it builds the teachers first, then runs their evaluation and one fine-tuning process per
+(split, seed, budget) side by side, the `--low-priority` budgets at CPU niceness 10 (a cut run loses
+those first).
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ def teacher(a) -> None:
         info["build_seconds"] = time.time() - t0
         (mdir / "teacher.json").write_text(json.dumps(info, default=str))
     info = json.loads((mdir / "teacher.json").read_text())
+    if a.build_only:
+        return
     t0 = time.time()
     ev = _evaluate(mblock, None, root, name, s, a)
     _write(Path(a.out) / f"{name}_teacher.jsonl", {
@@ -150,6 +155,8 @@ def finetune(a) -> None:
     s = json.loads(a.splits)[name]
     mdir = root / name / "teacher"
     mblock = {"backend": "tiny", "path": str(mdir), "dtype": "fp32"}
+    if a.nice:
+        os.nice(10)
     for steps in a.budgets:
         run = f"{name}__baseline__{steps}__s{seed}"
         out_dir = root / name / "runs" / run
@@ -193,12 +200,23 @@ def run_all(a) -> int:
         with open(log, "w") as f:  # the child keeps its own copy of the descriptor
             return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT)
 
-    procs = [start(cmd("teacher") + ["--split", n], out / f"{n}_teacher.log") for n in names]
-    rcs = [p.wait() for p in procs]
-    print(f"teachers: {time.time() - t0:.0f} s, exit {rcs}", flush=True)
-    procs = [start(cmd("finetune") + ["--split", n, "--seed", str(sd), "--budgets", *map(str, a.budgets)],
-                   out / f"{n}_s{sd}.log")
-             for n in names if rcs[names.index(n)] == 0 for sd in a.seeds]
+    if not a.per_budget:
+        procs = [start(cmd("teacher") + ["--split", n], out / f"{n}_teacher.log") for n in names]
+        rcs = [p.wait() for p in procs]
+        print(f"teachers: {time.time() - t0:.0f} s, exit {rcs}", flush=True)
+        procs = [start(cmd("finetune") + ["--split", n, "--seed", str(sd), "--budgets", *map(str, a.budgets)],
+                       out / f"{n}_s{sd}.log")
+                 for n in names if rcs[names.index(n)] == 0 for sd in a.seeds]
+    else:  # teachers built first; then their evaluation and one process per (split, seed, budget), side by side
+        procs = [start(cmd("teacher") + ["--split", n, "--build-only"], out / f"{n}_teacher_build.log")
+                 for n in names]
+        rcs = [p.wait() for p in procs]
+        print(f"teachers built: {time.time() - t0:.0f} s, exit {rcs}", flush=True)
+        ok = [n for n in names if rcs[names.index(n)] == 0]
+        procs = [start(cmd("teacher") + ["--split", n], out / f"{n}_teacher.log") for n in ok]
+        procs += [start(cmd("finetune") + ["--split", n, "--seed", str(sd), "--budgets", str(b)]
+                        + (["--nice"] if b in a.low_priority else []), out / f"{n}_s{sd}_{b}.log")
+                  for b in a.budgets for n in ok for sd in a.seeds]
     rcs2 = [p.wait() for p in procs]
     print(f"fine-tuning: {time.time() - t0:.0f} s, exit {rcs2}", flush=True)
     return 0 if not any(rcs + rcs2) else 1
@@ -259,6 +277,12 @@ def main() -> int:
     p.add_argument("--num-envs", type=int, default=4)
     p.add_argument("--pretrain", default="{}", help="JSON overrides of the teacher recipe (e.g. steps)")
     p.add_argument("--train", default="{}", help="JSON overrides of the train block (e.g. lr)")
+    p.add_argument("--per-budget", action="store_true",
+                   help="all: one fine-tuning process per (split, seed, budget), beside the teachers' evaluation")
+    p.add_argument("--low-priority", type=int, nargs="*", default=[],
+                   help="all --per-budget: budgets whose processes run at CPU niceness 10 (cut first)")
+    p.add_argument("--build-only", action="store_true", help="teacher: build it, do not evaluate")
+    p.add_argument("--nice", action="store_true", help="finetune: run at CPU niceness 10")
     p.add_argument("cmd", choices=["all", "prepare", "teacher", "finetune", "summarize"])
     p.add_argument("files", nargs="*")
     a = p.parse_args()

@@ -19,8 +19,10 @@ in any process with openvla's stack (timm 0.9.10-0.9.16, transformers 4.40.1):
   256 ids below 32000 are the action tokens) at toy width.
 - tokenizer: a sentencepiece-style BPE with Llama's ids for <unk> <s> </s>, the bare "▁" at 29871
   (openvla's predict_action appends it literally) and <PAD> at 32000.
-- norm_stats: optional (--norm-stats JSON {key: {"action": {...}}}); the study normalises with the
-  training suite's statistics from its cache.
+- norm_stats: like openvla-7b's config.json, one entry per unnorm key (default: `bridge_orig`, one of
+  openvla-7b's, with unit statistics: q01 = -1, q99 = 1, gripper unmasked; --norm-stats JSON
+  {key: {"action": {...}}} replaces them). The study normalises with the training suite's statistics
+  from its cache; these exist because openvla's predict_action and `vlaforget preflight` expect them.
 
 Random weights: numbers from it mean nothing; it exists to run the real code path (docs/models.md).
 """
@@ -59,6 +61,17 @@ CORPUS = (
     "push the plate to the front of the stove",
     "what is on the table",
 )
+
+
+def unit_norm_stats(action_dim: int = 7) -> dict:
+    """One norm_stats entry with the layout of openvla-7b's (action q01/q99/mask and friends)."""
+    lo, hi = [-1.0] * action_dim, [1.0] * action_dim
+    stats = {"q01": lo, "q99": hi, "min": lo, "max": hi, "mean": [0.0] * action_dim,
+             "std": [1.0] * action_dim, "mask": [True] * (action_dim - 1) + [False]}
+    return {"action": stats}
+
+
+DEFAULT_NORM_STATS = {"bridge_orig": unit_norm_stats()}
 
 
 class OpenVLACodeMissing(RuntimeError):
@@ -161,7 +174,7 @@ def build(
             arch_specifier="no-align+fused-gelu-mlp",
             image_resize_strategy="resize-naive",
             text_config=dict(text_config or DEFAULT_TEXT),
-            norm_stats=norm_stats or {},
+            norm_stats=norm_stats or DEFAULT_NORM_STATS,
             n_action_bins=256,
             timm_model_ids=list(timm_ids),
             pad_to_multiple_of=64,

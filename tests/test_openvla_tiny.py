@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_openvla_backend import REASON
 
-pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+needs_code = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -36,6 +36,8 @@ print(json.dumps({"cls": type(b.model).__name__, "n_image_tokens": b.n_image_tok
 """
 
 
+@needs_code
+@pytest.mark.slow  # minutes on a shared 2-core box
 def test_fresh_process_loads_the_tiny_checkpoint_through_openvla_code(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "USE_TF": "0", "HF_MODULES_CACHE": str(tmp_path / "mods")}
     out = tmp_path / "openvla-tiny"
@@ -58,8 +60,31 @@ def test_fresh_process_loads_the_tiny_checkpoint_through_openvla_code(tmp_path):
     assert info["stats_q99"] == [1.0] * 7 and info["shape"] == [2, 7] and info["finite"]
 
 
+@needs_code
 def test_missing_code_is_named(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "VLAFORGET_OPENVLA_CODE": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "vlaforget.models.openvla_tiny", "--out", str(tmp_path / "x")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "lacks ['configuration_prismatic.py'" in r.stderr
+
+
+LIBERO = (
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "open the top drawer and put the bowl inside",
+    "pick up the alphabet soup and place it in the basket",
+)
+
+
+def test_toy_tokenizer_splits_punctuation_like_llama_so_instruction_spans_are_exact():
+    """The rehearsal's probe audit flagged every instruction span: the toy BPE had merged
+    "▁plate?\nOut:" into one token. Llama's sentencepiece keeps "?", "\n", "Out", ":" apart."""
+    from vlaforget.models.openvla_tiny import llama_like_tokenizer
+    from vlaforget.models.prompts import action_prompt, encode_action_prompt
+
+    tok = llama_like_tokenizer()
+    for s in LIBERO:
+        assert encode_action_prompt(tok, s).exact, s
+        pieces = tok.convert_ids_to_tokens(tok(action_prompt(s)).input_ids)
+        assert pieces[-4:] == ["?", "\n", "Out", ":"], pieces[-6:]
+        assert tok.unk_token_id not in tok(s).input_ids
+        assert tok.decode(tok(action_prompt(s)).input_ids, skip_special_tokens=True) == action_prompt(s)

@@ -100,7 +100,16 @@ def llama_like_tokenizer(corpus=CORPUS):
     from .prompts import action_prompt, vqa_prompt
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # punctuation and newlines are pieces of their own, as in Llama's sentencepiece ("▁plate", "?",
+    # "<0x0A>", "Out", ":"): without the split the toy BPE learns "▁plate?\nOut:" as ONE token and no
+    # instruction span is exact (the probe stage's audit flagged every span in the rehearsal)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Split("\n", "isolated"),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     text = [action_prompt(s) for s in corpus] * 5 + [vqa_prompt(corpus[-1]) + " a bowl"] * 3
     trainer = trainers.BpeTrainer(

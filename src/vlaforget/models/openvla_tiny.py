@@ -66,8 +66,15 @@ CORPUS = (
 def unit_norm_stats(action_dim: int = 7) -> dict:
     """One norm_stats entry with the layout of openvla-7b's (action q01/q99/mask and friends)."""
     lo, hi = [-1.0] * action_dim, [1.0] * action_dim
-    stats = {"q01": lo, "q99": hi, "min": lo, "max": hi, "mean": [0.0] * action_dim,
-             "std": [1.0] * action_dim, "mask": [True] * (action_dim - 1) + [False]}
+    stats = {
+        "q01": lo,
+        "q99": hi,
+        "min": lo,
+        "max": hi,
+        "mean": [0.0] * action_dim,
+        "std": [1.0] * action_dim,
+        "mask": [True] * (action_dim - 1) + [False],
+    }
     return {"action": stats}
 
 
@@ -87,7 +94,9 @@ def check_code_dir(code: str | Path | None) -> Path:
         )
     missing = [f for f in FILES if not (Path(code) / f).exists()]
     if missing:
-        raise OpenVLACodeMissing(f"{code} lacks {missing} (openvla's prismatic/extern/hf/*.py; docs/models.md)")
+        raise OpenVLACodeMissing(
+            f"{code} lacks {missing} (openvla's prismatic/extern/hf/*.py; docs/models.md)"
+        )
     return Path(code)
 
 
@@ -219,9 +228,16 @@ def build(
     p.write_text(json.dumps(d, indent=2))
     n = sum(x.numel() for x in model.parameters())
     (out / "vlaforget_tiny.json").write_text(
-        json.dumps({"built_by": "vlaforget.models.openvla_tiny", "timm_model_ids": list(timm_ids),
-                    "text_config": dict(text_config or DEFAULT_TEXT), "seed": seed, "parameters": n},
-                   indent=2)
+        json.dumps(
+            {
+                "built_by": "vlaforget.models.openvla_tiny",
+                "timm_model_ids": list(timm_ids),
+                "text_config": dict(text_config or DEFAULT_TEXT),
+                "seed": seed,
+                "parameters": n,
+            },
+            indent=2,
+        )
     )
     return out
 
@@ -229,12 +245,22 @@ def build(
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    p = argparse.ArgumentParser(prog="python -m vlaforget.models.openvla_tiny", description=__doc__.split("\n")[0])
-    p.add_argument("--code", default=os.environ.get("VLAFORGET_OPENVLA_CODE"),
-                   help="openvla's prismatic/extern/hf folder (default: env VLAFORGET_OPENVLA_CODE)")
+    p = argparse.ArgumentParser(
+        prog="python -m vlaforget.models.openvla_tiny", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--code",
+        default=os.environ.get("VLAFORGET_OPENVLA_CODE"),
+        help="openvla's prismatic/extern/hf folder (default: env VLAFORGET_OPENVLA_CODE)",
+    )
     p.add_argument("--out", required=True, help="checkpoint folder to write (replaced)")
-    p.add_argument("--timm-ids", nargs=2, default=list(DEFAULT_TIMM_IDS), metavar=("DINO", "FUSED"),
-                   help="registered timm ids of the two towers (224 px, patch 14)")
+    p.add_argument(
+        "--timm-ids",
+        nargs=2,
+        default=list(DEFAULT_TIMM_IDS),
+        metavar=("DINO", "FUSED"),
+        help="registered timm ids of the two towers (224 px, patch 14)",
+    )
     p.add_argument("--norm-stats", default=None, help="JSON file {unnorm_key: {'action': {...}}}")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -245,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlaforget: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / "vlaforget_tiny.json").read_text())
-    print(f"tiny OpenVLA checkpoint: {out} ({info['parameters'] / 1e6:.1f} M parameters, towers {a.timm_ids})")
+    print(
+        f"tiny OpenVLA checkpoint: {out} ({info['parameters'] / 1e6:.1f} M parameters, towers {a.timm_ids})"
+    )
     return 0
 
 

@@ -12,7 +12,7 @@ EXTRAS ?= sim,rlds,workflow,dev
 PROFILE ?= demo
 
 .PHONY: install sysdeps test test-fast demo ci-study lint format dag clean-results libero test-libero \
-	real-env rehearsal
+	real-env rehearsal rehearsal-openvla
 
 install: $(VENV)/.installed sysdeps
 
@@ -62,6 +62,31 @@ real-env: install
 rehearsal: install
 	@test -x $(REAL_VENV)/bin/python || { echo "no job environment at $(REAL_VENV): run 'make real-env' first"; exit 2; }
 	$(BIN)/python -m snakemake --profile profiles/rehearsal --config job_python=$(abspath $(REAL_VENV))/bin/python
+
+# The rehearsal on OpenVLA's REAL HF architecture (profiles/rehearsal-openvla): the same DAG with the
+# model of openvla's own remote code, from a tiny random checkpoint built here from openvla's modelling
+# files in $(OPENVLA_CODE) (never committed; docs/models.md "Rehearsal on OpenVLA's architecture").
+# Skips, saying why, without them. Jobs run in $(REAL_VENV) when timm + torchvision import there; on a
+# CPU-only box whose torch has no matching torchvision on PyPI, in an overlay venv over it
+# ($(OPENVLA_JOB_VENV), workflow/scripts/openvla_cpu_overlay.sh; $(REAL_VENV) itself is not touched).
+OPENVLA_CODE ?= $(VLAFORGET_OPENVLA_CODE)
+OPENVLA_TINY ?= $(or $(VLAFORGET_ROOT),/opt/data/private/vlaforget)/external/openvla-tiny
+OPENVLA_JOB_VENV ?= .venv-openvla-cpu
+OPENVLA_FILES := configuration_prismatic.py modeling_prismatic.py processing_prismatic.py
+
+rehearsal-openvla:
+	@if [ -z "$(OPENVLA_CODE)" ]; then echo "rehearsal-openvla skipped: VLAFORGET_OPENVLA_CODE is not set (a folder holding openvla's prismatic/extern/hf/*.py; docs/models.md)"; exit 0; fi; \
+	for f in $(OPENVLA_FILES); do test -f "$(OPENVLA_CODE)/$$f" || { echo "rehearsal-openvla skipped: $(OPENVLA_CODE) lacks $$f (openvla's prismatic/extern/hf/*.py; docs/models.md)"; exit 0; }; done; \
+	$(MAKE) --no-print-directory install && \
+	test -x $(REAL_VENV)/bin/python || { echo "no job environment at $(REAL_VENV): run 'make real-env' first"; exit 2; }; \
+	jp=$(abspath $(REAL_VENV))/bin/python; \
+	if ! $$jp -c "import timm, torchvision" 2>/dev/null; then \
+	  bash workflow/scripts/openvla_cpu_overlay.sh $(OPENVLA_JOB_VENV) $(REAL_VENV) || exit 2; \
+	  jp=$(abspath $(OPENVLA_JOB_VENV))/bin/python; fi; \
+	test -f $(OPENVLA_TINY)/config.json || USE_TF=0 PYTHONPATH=src $$jp -m vlaforget.models.openvla_tiny \
+	  --code $(OPENVLA_CODE) --out $(OPENVLA_TINY) || exit 2; \
+	echo "$(BIN)/python -m snakemake --profile profiles/rehearsal-openvla --config job_python=$$jp 'model={path: $(OPENVLA_TINY)}'"; \
+	$(BIN)/python -m snakemake --profile profiles/rehearsal-openvla --config job_python=$$jp 'model={path: $(OPENVLA_TINY)}'
 
 # The LIBERO protocol tests (a real LIBERO episode, batched == sequential) in that venv.
 test-libero:

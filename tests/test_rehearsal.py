@@ -95,3 +95,75 @@ def test_rehearsal_generates_and_scores_the_libero_question_set(tmp_path, monkey
     real = yaml.safe_load(CONFIGS[0].read_text())["eval"]["forgetting"]["libero_vqa"]
     reh = yaml.safe_load(CONFIGS[1].read_text())["eval"]["forgetting"]["libero_vqa"]
     assert set(reh) - set(real) <= {"tasks_per_suite"} and set(reh["suites"]) <= set(real["suites"])  # sizes only
+
+
+# --- the OpenVLA-architecture variant (profiles/rehearsal-openvla, config/rehearsal-openvla.yaml) ---
+
+OPENVLA_CONFIGS = CONFIGS + [REPO / "config" / "rehearsal-openvla.yaml"]
+
+
+def test_openvla_variant_changes_only_the_model(tmp_root):
+    """The variant is the rehearsal with the model swapped for OpenVLA's architecture: same data
+    fixture, methods, ablations, sizes and eval protocol."""
+    variant = yaml.safe_load(OPENVLA_CONFIGS[2].read_text())
+    assert set(variant) <= {"study_name", "model", "data", "train"}
+    assert set(variant.get("train", {})) <= {"max_steps", "batch_size", "save_steps"}  # sizes only
+    assert set(variant["data"]) == {"image_size"} and variant["data"]["image_size"] == 224
+    cfg = vfc.load_config(*OPENVLA_CONFIGS, overrides={"model": {"path": str(tmp_root / "openvla-tiny")}})
+    assert cfg["model"]["backend"] == "openvla" and not cfg["model"].get("tiny")
+    assert cfg["data"]["fixture"] == vfc.load_config(*CONFIGS)["data"]["fixture"]
+    profile = yaml.safe_load((REPO / "profiles" / "rehearsal-openvla" / "config.v8+.yaml").read_text())
+    assert profile["configfiles"] == ["config/rehearsal.yaml", "config/rehearsal-openvla.yaml"]
+
+
+def test_openvla_variant_dag_runs_every_real_rule_with_the_openvla_model(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    ckpt = tmp_path / "data" / "openvla-tiny"
+    out = dry(
+        ["--profile", "profiles/rehearsal-openvla", "-p", "--config", f"model={{path: {ckpt}}}"],
+        wf,
+        env_for(tmp_path),
+    )
+    jobs = planned(out)
+    for rule in (
+        "libero_fixture",
+        "cache",
+        "model",
+        "probe",
+        "icsm",
+        "craft_anchors",
+        "train",
+        "eval",
+        "forgetting",
+        "table",
+        "figures",
+    ):
+        assert jobs.get(rule), rule
+    assert len(trained_runs(out)) == 14
+    model_cfg = tmp_path / "data" / "root" / "configs" / "model" / "openvla-tiny.yaml"
+    assert str(model_cfg) in out  # the model stage checks the openvla checkpoint (nothing pretrained)
+
+
+def test_make_rehearsal_openvla_skips_with_its_reason_without_openvla_code(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        import pytest
+
+        pytest.skip("no make")
+    env = {k: v for k, v in os.environ.items() if k != "VLAFORGET_OPENVLA_CODE"}
+    r = subprocess.run(
+        ["make", "-s", "rehearsal-openvla"], cwd=REPO, env=env, check=False, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "skipped: VLAFORGET_OPENVLA_CODE is not set" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(
+        ["make", "-s", "rehearsal-openvla", f"OPENVLA_CODE={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "lacks configuration_prismatic.py" in r.stdout, r.stdout + r.stderr

@@ -113,8 +113,8 @@ def test_format_2_cache_is_refused(tmp_path):
 
 
 def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
-    from vlaforget.data import probe
     from vlaforget.data.probe import cache_rows, check_not_trained_on, load_probe
+    from vlaforget.stages import probe
 
     eps = task_by_task(n_per_task=10, T=6)
     d, _ = _cache(tmp_path, eps)

@@ -21,6 +21,8 @@ from vlaforget.methods.icsm import (
     split_directions,
     svd_directions,
 )
+from vlaforget.stages import icsm as icsm_stage
+from vlaforget.stages import probe as probe_stage
 
 torch.set_num_threads(1)
 
@@ -204,8 +206,9 @@ def test_orthonormalize_pair_repairs_drifted_input():
 def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(80, empty_every=17)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend(plant_layer=3))
+    for stage in (probe_stage, icsm_stage):
+        monkeypatch.setattr(stage, "open_dataset", lambda block, split="train": ds)
+        monkeypatch.setattr(stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend(plant_layer=3))
     root = tmp_path / sub
     base = {
         "root": str(root),
@@ -241,8 +244,8 @@ def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
     )
     for name, c in (("p.yaml", pcfg), ("i.yaml", icfg)):
         (tmp_path / f"{sub}_{name}").write_text(yaml.safe_dump(c))
-    assert probe_mod.main(argparse.Namespace(config=str(tmp_path / f"{sub}_p.yaml"))) == 0
-    assert icsm.main(argparse.Namespace(config=str(tmp_path / f"{sub}_i.yaml"))) == 0
+    assert probe_stage.main(argparse.Namespace(config=str(tmp_path / f"{sub}_p.yaml"))) == 0
+    assert icsm_stage.main(argparse.Namespace(config=str(tmp_path / f"{sub}_i.yaml"))) == 0
     return root
 
 

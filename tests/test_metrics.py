@@ -143,6 +143,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     from vlaforget.eval import forgetting as FG
     from vlaforget.methods import icsm as I
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.stages import forgetting as forgetting_stage
 
     b = random_tiny_backend({"image_size": 32}, action_dim=4, seed=0)
     model_dir = tmp_root / "models" / "tiny-vla"
@@ -166,7 +167,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
     qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "scene",
            "category": "scene", "candidates": ["drawer", "door", "button"]} for s in ds[:6]]
-    monkeypatch.setattr(FG, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
+    monkeypatch.setattr(forgetting_stage, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
 
     cfg = peft_cfg = LoraConfig(
         r=4, lora_alpha=8, target_modules=b.lora_targets(["attn", "mlp"]), init_lora_weights=False
@@ -195,7 +196,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
         }
         path = tmp_root / f"{run}.yaml"
         path.write_text(yaml.safe_dump(sc))
-        assert FG.main(argparse.Namespace(config=str(path), device="cpu", batch_size=8)) == 0
+        assert forgetting_stage.main(argparse.Namespace(config=str(path), device="cpu", batch_size=8)) == 0
         outs[run] = json.loads(Path(sc["out_file"]).read_text())
     t, r = outs["teacher"], outs["r"]
     assert t["n_vqa"] == 6 and t["n_drift"] == 20 and sorted(t["cka"]) == ["5", "7"]

@@ -11,6 +11,7 @@ from methods_fakes import FakeBackend, FakeDataset
 
 from vlaforget.data import probe as probe_mod
 from vlaforget.io import read_json
+from vlaforget.stages import probe as probe_stage
 
 torch.set_num_threads(1)
 
@@ -61,8 +62,8 @@ def test_audit_spans_decode_masked_tokens():
 def test_probe_stage_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(60, empty_every=10)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
+    monkeypatch.setattr(probe_stage, "open_dataset", lambda block, split="train": ds)
+    monkeypatch.setattr(probe_stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
     cfg = {
         "stage": "probe",
         "root": str(tmp_path),
@@ -77,7 +78,7 @@ def test_probe_stage_outputs(tmp_path, monkeypatch):
         "out_dir": str(tmp_path / "probe"),
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    assert probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml"))) == 0
+    assert probe_stage.main(argparse.Namespace(config=str(tmp_path / "p.yaml"))) == 0
     p = probe_mod.load_probe(tmp_path / "probe")
     audit = read_json(tmp_path / "probe" / "audit.json")
     idx = probe_mod.select_indices(60, 30, 1)
@@ -96,8 +97,8 @@ def test_probe_stage_outputs(tmp_path, monkeypatch):
 def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(8, empty_every=1)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
+    monkeypatch.setattr(probe_stage, "open_dataset", lambda block, split="train": ds)
+    monkeypatch.setattr(probe_stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
     cfg = {
         "stage": "probe",
         "root": str(tmp_path),
@@ -110,7 +111,7 @@ def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="empty instruction mask"):
-        probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))
+        probe_stage.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))
     assert not (tmp_path / "probe" / "audit.json").exists()
 
 

@@ -18,35 +18,19 @@ episodes: [...], videos: [...], timing, provenance}; videos go to `{root}/evals/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import load_stage_config
-from ..io import provenance, write_json
 from .rollout import Episode, MetaWorldFactory, make_episodes, run_episodes
 
 log = logging.getLogger("vlaforget.eval")
 
 DEFAULT_MW_SEED = 500000
 DEFAULT_MW_MAX_STEPS = 150
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config eval RUN@SUITE)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--num-envs",
-        type=int,
-        default=None,
-        help="override eval.num_envs (0 = the batch-1 sequential reference loop)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 class BackendPolicy:
@@ -225,71 +209,3 @@ def evaluate_model(
         desc=f"eval {ecfg['suite']}",
         groups=int(ecfg.get("pipeline_groups", 1)),
     )
-
-
-def main(args) -> int:
-    sc = load_stage_config(args.config, "eval")
-    e = sc["eval"]
-    out_file = Path(sc["out_file"])
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    t0 = time.perf_counter()
-    fac, episodes, protocol = build_episodes(sc["world"], sc["suite"], e)
-
-    from ..models import load_backend
-
-    stats = load_stats(e)
-    model_block = dict(sc["model"])
-    if stats is None:
-        model_block.setdefault("unnorm_key", e.get("unnorm_dataset"))
-        log.info("no statistics file at %s: using the model's own statistics", e.get("stats_path"))
-    backend = load_backend(model_block, device=device, adapter_dir=sc.get("adapter_dir"), stats=stats)
-    load_s = time.perf_counter() - t0
-    policy = BackendPolicy(backend, image_size=e.get("image_size"), center_crop=bool(e.get("center_crop")))
-    num_envs = e["num_envs"] if args.num_envs is None else args.num_envs
-    video_dir = out_file.parent / "videos" / sc["suite"]
-    log.info(
-        "eval %s on %s: %d episodes, %d envs, device %s",
-        sc["run_name"],
-        sc["suite"],
-        len(episodes),
-        num_envs,
-        device,
-    )
-    res = run_episodes(
-        fac,
-        policy,
-        episodes,
-        num_envs=num_envs,
-        video_dir=video_dir,
-        fps=30 if protocol["world"] == "libero" else 20,
-        desc=f"eval {sc['suite']}",
-        groups=int(e.get("pipeline_groups", 1)),
-    )
-    res["timing"]["load_s"] = round(load_s, 3)
-    out = {
-        "run": sc["run_name"],
-        "suite": sc["suite"],
-        "world": sc["world"],
-        "adapter_dir": sc.get("adapter_dir"),
-        "device": device,
-        "protocol": protocol,
-        "episodes_per_task": int(e["episodes_per_task"]),
-        "center_crop": bool(e.get("center_crop")),
-        "stats": "suite" if stats is not None else "model",
-        **res,
-        "provenance": {**provenance(), "stage_code": sc.get("code")},
-    }
-    write_json(out_file, out)  # the completion file, last
-    log.info(
-        "%s@%s: success %.3f over %d episodes (%.1f ms/env step)",
-        sc["run_name"],
-        sc["suite"],
-        out["success_rate"],
-        out["n_episodes"],
-        res["timing"]["ms_per_env_step"],
-    )
-    return 0

@@ -9,20 +9,13 @@ check its config and remote-code files, and record what was found in `{out_dir}/
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from pathlib import Path
 
-from ..config import load_stage_config
-from ..io import log, provenance, seed_everything, write_json
+from ..io import log, seed_everything, write_json
 
 VQA_TRAIN_SAMPLES = 6000  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
 VQA_HELDOUT_SAMPLES = 400
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
 
 
 def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
@@ -136,38 +129,3 @@ def check_openvla(sc: dict) -> dict:
 
     info["timm"] = timm.__version__
     return {"backend": "openvla", "requested": m["path"], **info}
-
-
-def main(args) -> int:
-    sc = load_stage_config(args.config, "model")
-    from ..paths import apply_job_env
-
-    apply_job_env(Path(sc["root"]))
-    out_dir = Path(sc["out_dir"])
-    done = out_dir / "done.json"
-    if done.exists():
-        done.unlink()  # a rebuilt model must not look finished before it is
-    backend = sc["model"]["backend"]
-    build = None
-    if backend == "tiny":
-        # written to a temp dir and renamed into place (a kill never leaves a half-saved teacher)
-        import shutil
-
-        for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        build = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        result = build_tiny(sc, build_dir=build)
-    elif backend == "openvla":
-        result = check_openvla(sc)
-    else:
-        raise ValueError(f"unknown model.backend '{backend}': use 'tiny' or 'openvla'")
-    result.update(provenance=provenance(), code=sc.get("code"), stage_config=str(args.config))
-    if build is not None:
-        from ..train.loop import replace_dir
-
-        write_json(build / "done.json", result)
-        replace_dir(build, out_dir)
-    else:
-        write_json(done, result)
-    log.info("model stage done: %s", done)
-    return 0

@@ -19,9 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_stage_config
-from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, seed_everything, sha256_file,
-                  write_json)
+from ..io import (
+    DirLock,
+    atomic_write_text,
+    config_id,
+    progress,
+    provenance,
+    seed_everything,
+    sha256_file,
+    write_json,
+)
 from ..paths import apply_job_env
 from . import checkpoint as ckpt
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -739,18 +746,3 @@ def format_progress(rec: dict, max_steps: int) -> str:
     if "eval_success_rate" in rec:
         parts.append(f"EvalSuccess: {rec['eval_success_rate']:.3f}")
     return " | ".join(parts)
-
-
-def add_args(p):
-    p.add_argument("--config", required=True, help="train stage config ({root}/configs/train/<run>.yaml)")
-    p.add_argument("--dry-run-batches", type=int, default=0, metavar="N",
-                   help="preflight: N batches through forward and every backward pass (CRaFT's retention "
-                        "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops")
-
-
-def main(args) -> int:
-    sc = load_stage_config(args.config, "train")
-    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0))
-    if res:
-        log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
-    return 0

@@ -142,6 +142,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     from vlaforget.data import probe as P
     from vlaforget.eval import forgetting as FG
     from vlaforget.methods import icsm as I
+    from vlaforget.models import features
     from vlaforget.models.tiny import random_tiny_backend
     from vlaforget.stages import forgetting as forgetting_stage
 
@@ -152,7 +153,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     monkeypatch.setattr(P, "open_dataset", lambda block, split="train": ds)
     layers = [5, 7]
     b.set_stats(ds.statistics["action"])
-    pooled, empty = P.pooled_states(b, list(ds), 8, layers=layers)
+    pooled, empty = features.pooled_states(b, list(ds), 8, layers=layers)
     probe_dir = tmp_root / "probe"
     probe_dir.mkdir(parents=True)
     torch.save(
@@ -220,8 +221,8 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert r["drift_craft_layer"] > 1e-3 and r["cka_craft_layer"] < 1 - 1e-6
     assert r["drift_craft_layer_image"] > 1e-3 and r["cka_craft_layer_image"] < 1 - 1e-6
     # instruction pooling at decoder layer L−2 is the probe's space: the teacher's own probe states
-    # (probe.pt, computed by P.pooled_states) equal this stage's teacher forward there
-    ref, _ = P.pooled_states(b, list(ds)[:20], 8, layers=[L - 2])
+    # (probe.pt, computed by features.pooled_states) equal this stage's teacher forward there
+    ref, _ = features.pooled_states(b, list(ds)[:20], 8, layers=[L - 2])
     s_t = FG.craft_layer_states(b, list(ds)[:20], 8, L - 2)
     assert torch.allclose(s_t["mean_instruction_tokens"], ref[L - 2], atol=1e-5)
 

@@ -11,6 +11,7 @@ from methods_fakes import FakeBackend, FakeDataset
 
 from vlaforget.data import probe as probe_mod
 from vlaforget.io import read_json
+from vlaforget.models import features
 from vlaforget.stages import probe as probe_stage
 
 torch.set_num_threads(1)
@@ -29,7 +30,7 @@ def test_pooled_states_every_layer_matches_manual_pooling():
     be = FakeBackend()
     ds = FakeDataset(10, empty_every=4)
     samples = [ds[i] for i in range(10)]
-    pooled, empty = probe_mod.pooled_states(be, samples, 3)
+    pooled, empty = features.pooled_states(be, samples, 3)
     assert sorted(pooled) == [0, 1, 2, 3] and pooled[2].shape == (10, 16)
     assert empty.tolist() == [i % 4 == 0 for i in range(10)]
     assert torch.equal(pooled[1][0], torch.zeros(16))
@@ -39,7 +40,7 @@ def test_pooled_states_every_layer_matches_manual_pooling():
     pos = 1 + be.n_image_tokens  # first instruction token in sequence coords
     assert torch.allclose(pooled[2][1], hs[3][0, pos : pos + n_words].mean(0), atol=1e-6)
     # batch size does not change the result
-    pooled1, _ = probe_mod.pooled_states(be, samples, 1)
+    pooled1, _ = features.pooled_states(be, samples, 1)
     assert torch.allclose(pooled1[3], pooled[3], atol=1e-6)
 
 
@@ -53,7 +54,7 @@ def test_audit_spans_decode_masked_tokens():
     be = FakeBackend()
     be.tokenizer = Tok()
     ds = FakeDataset(4)
-    rows = probe_mod.audit_spans(be, [ds[i] for i in range(4)])
+    rows = features.audit_spans(be, [ds[i] for i in range(4)])
     assert all(r["match"] for r in rows)
     assert rows[0]["masked_tokens"] == ds[0]["instruction"]
     assert rows[0]["n_mask_tokens"] == len(ds[0]["instruction"].split())

@@ -65,17 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vlaforget {name}", description=COMMANDS[name][1])
     mod.add_args(parser)
     args = parser.parse_args(rest)
+    from .errors import UserError
+
     try:
         return run_stage(name, mod, args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Library errors carry the cause and the fix; show them without a traceback wall.
-        from .config import ConfigError
-        from .paths import PathPolicyError
-
-        if isinstance(e, (ConfigError, PathPolicyError)) or getattr(e, "user_facing", False):
-            print(f"vlaforget {name}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:
+        # User-facing errors (vlaforget.errors) carry the cause and the fix: no traceback wall.
+        print(f"vlaforget {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_stage(name: str, mod, args) -> int:

@@ -17,16 +17,13 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 PKG_DIR = Path(__file__).resolve().parent
 
 NAME_RE = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # method / suite names: no double underscore
-
-
-class ConfigError(ValueError):
-    """The study config is invalid; the message names the key and the fix."""
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_stage_config
+from .errors import UserError
 from .io import provenance, read_json, write_json
 from .models import DTYPES, load_backend
 from .paths import check_under
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 RECORD = "export.json"  # written last inside the export: what was merged, from where
 
 
-class ExportError(RuntimeError):
-    user_facing = True
+class ExportError(UserError, RuntimeError):
+    """A run cannot be exported (unfinished, or its record disagrees); the message says why."""
 
 
 def default_out_dir(sc: dict) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 from .io import atomic_write_text, config_id, read_json, verify_files
 
 log = logging.getLogger("vlaforget")
@@ -42,10 +43,8 @@ COMPLETION = {
 }
 
 
-class StaleInputError(RuntimeError):
+class StaleInputError(UserError, RuntimeError):
     """An input of a stage was made for another config."""
-
-    user_facing = True
 
 
 def completion_file(sc: dict) -> Path:

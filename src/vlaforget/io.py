@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 log = logging.getLogger("vlaforget")
 
 
@@ -200,10 +202,8 @@ def progress(iterable=None, total=None, desc: str = "", **kw):
 # ----------------------------------------------------------------------------- one owner per output
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another live process holds the lock of a run directory / output."""
-
-    user_facing = True
 
 
 class DirLock:
@@ -252,10 +252,8 @@ class DirLock:
 # ----------------------------------------------------------------------------- verified inputs
 
 
-class CorruptInputError(RuntimeError):
+class CorruptInputError(UserError, RuntimeError):
     """A file a stage reads does not match the size / sha256 recorded when it was made."""
-
-    user_facing = True
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process

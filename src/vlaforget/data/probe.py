@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..methods.icsm import MethodConfigError, MissingInput
+from ..errors import MethodConfigError, MissingInput
 
 log = logging.getLogger("vlaforget.probe")
 
@@ -48,22 +46,6 @@ def open_dataset(block: dict, split: str = "train"):
     from .cache import CachedDataset
 
     return CachedDataset(cache_dir, split=split)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_teacher(model_block: dict, ds=None, device: str | None = None):
-    """The frozen teacher backend (no adapter), with the dataset's action statistics."""
-    from ..models import load_backend
-
-    stats = getattr(ds, "statistics", None) if ds is not None else None
-    backend = load_backend(model_block, device=device or default_device(), adapter_dir=None, stats=stats)
-    backend.model.eval()
-    for p in backend.model.parameters():
-        p.requires_grad_(False)
-    return backend
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -88,74 +70,6 @@ def probe_hash(indices: torch.Tensor, pooled: dict[int, torch.Tensor]) -> str:
         h.update(f"{layer}:".encode())
         h.update(sha256_tensor(pooled[layer]).encode())
     return h.hexdigest()
-
-
-@torch.no_grad()
-def pooled_states(
-    backend,
-    samples: Sequence[dict],
-    batch_size: int,
-    layers: Sequence[int] | None = None,
-    show_progress: bool = False,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Instruction-pooled residual-stream outputs of decoder `layers` (default: all) for `samples`:
-    ({layer: [N,D] f32 cpu}, empty [N]). Captured by forward hooks on the decoder layers
-    (methods.icsm.pooled_layer_states), i.e. before the final norm, also for the last layer."""
-    from ..io import progress
-    from ..methods.icsm import pooled_layer_states
-
-    L = int(backend.num_layers)
-    layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    acc: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    empties = []
-    rng = range(0, len(samples), batch_size)
-    for s0 in progress(rng, desc="probe forward") if show_progress else rng:
-        batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
-        pooled, empty = pooled_layer_states(backend, batch, layers)
-        for layer in layers:
-            acc[layer].append(pooled[layer].cpu())
-        empties.append(empty.cpu())
-    return {k: torch.cat(v) for k, v in acc.items()}, torch.cat(empties)
-
-
-def _norm_text(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def _tokenizer(backend):
-    tok = getattr(backend, "tokenizer", None)
-    if tok is None:
-        tok = getattr(getattr(backend, "processor", None), "tokenizer", None)
-    return tok
-
-
-@torch.no_grad()
-def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
-    """For each sample: raw instruction, the backend's decoded instruction span, and (when the backend
-    exposes a tokenizer) the tokens actually under instruction_mask, decoded from the collated batch."""
-    rows = []
-    if not samples:
-        return rows
-    batch = backend.collate(list(samples), train=False)
-    mask = batch["instruction_mask"].cpu()
-    n_img = int(backend.n_image_tokens)
-    tok = _tokenizer(backend)
-    for i, s in enumerate(samples):
-        raw = s["instruction"]
-        row: dict[str, Any] = {"instruction": raw, "n_mask_tokens": int(mask[i].sum())}
-        try:
-            row["span"] = backend.instruction_span(raw)
-        except Exception as e:  # noqa: BLE001 -- the audit records a failure instead of hiding it
-            row["span"] = None
-            row["span_error"] = repr(e)
-        if tok is not None:
-            text_mask = torch.cat([mask[i, :1], mask[i, 1 + n_img :]])
-            ids = batch["input_ids"][i].cpu()[text_mask.bool()]  # text coords: seq pos t >= 1 -> t - n_img
-            row["masked_tokens"] = tok.decode(ids.tolist())
-        span = row.get("masked_tokens", row.get("span"))
-        row["match"] = span is not None and _norm_text(span) == _norm_text(raw)
-        rows.append(row)
-    return rows
 
 
 def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()) -> dict:

@@ -197,7 +197,7 @@ def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> 
 def craft_decoder_layer(craft_layer: int, num_layers: int) -> int:
     """The decoder layer whose output is CRaFT's constrained state: `craft.layer` is a hidden_states
     index (methods/craft.py; −2 = hidden_states[L−1] = output of decoder layer L−2). Measured here in
-    the residual stream at that layer's output, before any final norm (methods.icsm.layer_outputs), the
+    the residual stream at that layer's output, before any final norm (models.features.layer_outputs), the
     space of the representative-layer drift; for craft.layer = L / −1 that is decoder layer L−1 before
     the final norm HF applies to hidden_states[L]."""
     L = int(num_layers)
@@ -224,7 +224,7 @@ def craft_layer_states(backend, samples: Sequence[dict], batch_size: int, decode
     over the instruction tokens (the representative layers' pooling) and over the image tokens (the
     CRaFT anchors' default pooling, methods.craft.pool_features)."""
     from ..methods.craft import pool_features
-    from ..methods.icsm import layer_outputs
+    from ..models.features import layer_outputs
 
     acc: dict[str, list[torch.Tensor]] = {p: [] for p in CRAFT_POOLINGS}
     layers = backend.decoder_layers()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .icsm import MethodConfigError, MissingInput
+from ..errors import MethodConfigError, MissingInput
 
 log = logging.getLogger("vlaforget.craft")
 
@@ -171,7 +171,7 @@ def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_token
     mean_instruction_tokens = mean over batch['instruction_mask'] (empty -> zeros);
     mean_all = mean over every non-padding position of the prompt (`prompt_mask`): the ground-truth
     action tokens and </s>, which the policy never sees as input at inference, are excluded."""
-    from .icsm import pool_instruction
+    from ..models.features import pool_instruction
 
     S = hidden.shape[1]
     if pooling == "mean_image_tokens":

@@ -3,7 +3,7 @@
 Pure functions (no model needed) plus the `icsm` stage. Formulas and the split rule: docs/methods.md.
 
 Pipeline per representative layer `rep` (decoder-layer index). Every statistic lives in ONE space: the
-residual stream at the output of decoder layer `rep`, before any final norm (`layer_outputs`, a forward
+residual stream at the output of decoder layer `rep`, before any final norm (`models.features.layer_outputs`, a forward
 hook on the layer; HF's hidden_states[L] of the last layer has the final RMSNorm applied, so it is
 never used):
   pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
@@ -17,27 +17,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import MethodConfigError, MissingInput
+
 log = logging.getLogger("vlaforget.icsm")
-
-
-class MissingInput(FileNotFoundError):
-    """An upstream artifact is missing; the message names the stage to run (shown without traceback)."""
-
-    user_facing = True
-
-
-class MethodConfigError(ValueError):
-    """A method setting does not fit the model / data; the message names the key and the fix."""
-
-    user_facing = True
 
 
 EPSILON_RULE = (
@@ -46,87 +35,6 @@ EPSILON_RULE = (
     "fragile = first round(fragile_frac * r') directions, plastic = the next round(plastic_frac * r'), "
     "null = the rest of the r' kept directions plus the orthogonal complement of the SVD basis"
 )
-
-
-# ----------------------------------------------------------------------------- pooling
-
-
-def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of `hidden` [B,S,D] over the positions where `mask` [B,S] is true.
-
-    Returns (pooled [B,D] float32, empty [B] bool). Rows with an empty mask get zeros and are flagged
-    (never a division by zero); callers count them.
-    """
-    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"pool_instruction: hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} "
-            "must be [B,S,D] and [B,S]"
-        )
-    m = mask.to(device=hidden.device, dtype=torch.float32)
-    count = m.sum(dim=1)  # [B]
-    summed = torch.einsum("bsd,bs->bd", hidden.float(), m)
-    empty = count == 0
-    pooled = summed / count.clamp(min=1.0).unsqueeze(1)
-    pooled = torch.where(empty.unsqueeze(1), torch.zeros_like(pooled), pooled)
-    return pooled, empty
-
-
-# ----------------------------------------------------------------------------- residual stream
-
-
-@contextmanager
-def layer_outputs(layers, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture the outputs of decoder layers `indices` (forward hooks on `layers[i]`) during the
-    forwards run inside the block: {layer: hidden [B,S,D]} = the residual stream at the layer's output,
-    before any final norm. Unlike HF's `hidden_states` (whose last entry is normed for the last layer)
-    this is the same space for every layer, and the forward needs no output_hidden_states (which keeps
-    every layer's states alive)."""
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make(i: int):
-        def hook(module, args, output):
-            store[i] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    try:
-        for i in indices:
-            handles.append(layers[int(i)].register_forward_hook(make(int(i))))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def pooled_layer_states(backend, batch: dict, layers: Sequence[int], model=None) -> tuple[dict, torch.Tensor]:
-    """One forward of `batch`; instruction-pooled residual-stream outputs of `layers`:
-    ({layer: [B,D] float32}, empty [B]). The space of the probe set, the ICSM statistics, the
-    Thermostat's drift and the forgetting stage's drift / CKA."""
-    last = max(int(i) for i in layers)
-
-    class _Stop(Exception):
-        pass
-
-    layer_list = backend.decoder_layers(model)
-    with layer_outputs(layer_list, layers) as hs:
-        # stop the forward after the deepest asked layer: no later layers, no logits
-        h = layer_list[last].register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop()))
-        try:
-            backend.forward(batch, model=model)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-    missing = [i for i in layers if int(i) not in hs]
-    if missing:
-        raise RuntimeError(f"decoder layers {missing} did not run in the forward pass")
-    out, empty = {}, None
-    for i in layers:
-        out[int(i)], empty = pool_instruction(hs[int(i)], batch["instruction_mask"])
-    if empty is None:
-        empty = torch.zeros(batch["instruction_mask"].shape[0], dtype=torch.bool)
-    return out, empty
 
 
 # ----------------------------------------------------------------------------- layer groups

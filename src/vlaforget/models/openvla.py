@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .base import VLABackend, images_to_uint8, unwrap_model
 
 EMPTY_TOKEN = "▁"  # sentencepiece's bare space; openvla's predict_action appends id 29871
 DEFAULT_EMPTY_ID = 29871
 
 
-class OpenVLAUnavailable(RuntimeError):
-    user_facing = True
+class OpenVLAUnavailable(UserError, RuntimeError):
+    """The OpenVLA model or its stack cannot be loaded offline; the message says what is missing."""
 
 
 def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:

@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from ..data.probe import load_teacher, open_dataset
+from ..data.probe import open_dataset
+from ..errors import MethodConfigError
 from ..methods.craft import POOLINGS, anchor_features, log, select_anchor_indices
-from ..methods.icsm import MethodConfigError
+from ..models.features import load_teacher
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

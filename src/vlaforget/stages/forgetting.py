@@ -83,7 +83,7 @@ def main(args) -> int:
         teacher = None
     timing["teacher_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    from ..data.probe import pooled_states
+    from ..models.features import pooled_states
 
     student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
     sv = vqa_pass(student, vqa, bs)

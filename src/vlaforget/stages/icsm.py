@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.probe import load_probe, load_teacher, open_dataset
+from ..data.probe import load_probe, open_dataset
 from ..methods.icsm import (
     EPSILON_RULE,
     MethodConfigError,
@@ -19,6 +19,7 @@ from ..methods.icsm import (
     representative_layers,
     spread_subset,
 )
+from ..models.features import load_teacher
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

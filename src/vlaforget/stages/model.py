@@ -1,14 +1,137 @@
-"""Stage `model`."""
+"""Stage `model`: build + pretrain the tiny teacher, or check that an OpenVLA base is available offline.
+
+tiny: train the word-level tokenizer on the instruction + VQA corpus, build the model from
+`model.tiny`, pretrain it (train/pretrain.py: behaviour cloning on the upstream cache mixed with VQA),
+save the HF directory to out_dir, then `{out_dir}/done.json` (held-out teacher metrics, provenance).
+openvla: resolve the model folder offline (local path, or hub id in cache_dir with HF_HUB_OFFLINE=1),
+check its config and remote-code files, and record what was found in `{out_dir}/done.json`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from ..config import load_stage_config
-from ..io import log, provenance, write_json
-from ..models.build import build_tiny, check_openvla
+from ..io import log, provenance, seed_everything, write_json
+
+VQA_TRAIN_SAMPLES = 6000  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
+VQA_HELDOUT_SAMPLES = 400
+
+
+def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
+    """Instructions (built-in paraphrases of every configured task + the episodes' own) and VQA text."""
+    from ..data.instructions import instructions_for
+
+    texts: list[str] = []
+    for blk in [sc["upstream"]] + list(sc.get("corpus_datasets") or []):
+        for task in blk.get("tasks") or []:
+            texts += instructions_for(task, sc.get("instructions") or {})
+            texts.append(task.replace("-", " "))
+    for ds in datasets:
+        texts += [e["instruction"] for e in ds.episodes]
+    for s in vqa:
+        texts += [str(s["question"]), str(s["answer"])]
+    return texts
+
+
+def build_tiny(sc: dict, build_dir: str | Path | None = None) -> dict:
+    import torch
+
+    from ..data.cache import CachedDataset
+    from ..data.vqa import vqa_samples
+    from ..models.tiny import build_tiny_backend
+    from ..train.pretrain import heldout_metrics, pretrain
+
+    pcfg = dict(sc.get("pretrain") or {})
+    seed = int(pcfg.get("seed", 0))
+    torch.set_num_threads(int(pcfg.get("threads", 1)))
+    seed_everything(seed)
+    up = sc["upstream"]
+    cache_dir = Path(up["cache_dir"])
+    if not (cache_dir / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"upstream dataset cache {cache_dir} is missing (no manifest.json): run the "
+            f"`cache` stage for dataset '{up['name']}' first"
+        )
+    train = CachedDataset(cache_dir, split="train")
+    heldout = CachedDataset(cache_dir, split="heldout")
+    n_vqa = int(pcfg.get("vqa_train_samples", VQA_TRAIN_SAMPLES))
+    n_vqa_held = int(pcfg.get("vqa_heldout_samples", VQA_HELDOUT_SAMPLES))
+    vqa_train = vqa_samples(train, n_vqa, seed) if n_vqa else []
+    vqa_held = vqa_samples(heldout, n_vqa_held, seed + 1) if len(heldout) and n_vqa_held else []
+    corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
+    tiny = dict(sc["tiny"])
+    backend = build_tiny_backend(tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics)
+    n_params = sum(p.numel() for p in backend.model.parameters())
+    log.info(
+        "tiny teacher: %.2fM parameters, vocab %d (%d words + 256 action tokens), %d image tokens",
+        n_params / 1e6,
+        backend.vocab_end,
+        backend.vocab_end - 256,
+        backend.n_image_tokens,
+    )
+    t0 = time.time()
+    hist = pretrain(backend, train, vqa_train, pcfg)
+    metrics = heldout_metrics(backend, heldout, vqa_held)
+    if vqa_held:  # the teacher's own multiple-choice score on its held-out questions (eval/vqa_mc.py)
+        from ..eval.vqa_mc import mc_metrics, score_mc
+
+        ll = score_mc(backend, vqa_held, 64)
+        mc = mc_metrics(vqa_held, ll, ll)
+        metrics["vqa_mc"] = {k: mc[k] for k in ("accuracy", "chance", "n", "by_category")}
+    log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    out_dir = Path(sc["out_dir"])
+    build = Path(build_dir) if build_dir else out_dir  # main(): a temp dir renamed into place
+    backend.save(build)
+    write_json(build / "pretrain_history.json", hist)
+    return {
+        "backend": "tiny",
+        "path": str(out_dir),
+        "parameters": n_params,
+        "vocab_size": backend.vocab_end,
+        "n_image_tokens": backend.n_image_tokens,
+        "num_layers": backend.num_layers,
+        "hidden_size": backend.hidden_size,
+        "action_dim": backend.action_dim,
+        "upstream": up["name"],
+        "train_samples": len(train),
+        "heldout_samples": len(heldout),
+        "vqa_train_samples": len(vqa_train),
+        "pretrain": pcfg,
+        "tiny": tiny,
+        "pretrain_seconds": time.time() - t0,
+        "metrics": metrics,
+    }
+
+
+def check_openvla(sc: dict) -> dict:
+    from ..models.openvla import OpenVLAUnavailable, check_remote_code, offline_env, resolve_model_path
+
+    m = sc["model"]
+    offline_env(m.get("cache_dir"))
+    path = resolve_model_path(str(m["path"]), m.get("cache_dir"))
+    info = check_remote_code(path)
+    if info["missing_code_files"]:
+        raise FileNotFoundError(
+            f"{path} lacks OpenVLA's modelling files {info['missing_code_files']} named "
+            "in config.json auto_map: download the full repository (not only weights)"
+        )
+    if not info["weight_files"]:
+        raise FileNotFoundError(f"{path} holds no *.safetensors / *.bin weights: the download is incomplete")
+    # The stack the later stages load the model with: fail here, naming the fix, not in the probe stage.
+    from ..preflight import Report, check_stack
+
+    rep = Report()
+    check_stack(rep)
+    if rep.problems:
+        raise OpenVLAUnavailable("the jobs' Python cannot load OpenVLA:\n" + rep.message())
+    import timm
+
+    info["timm"] = timm.__version__
+    return {"backend": "openvla", "requested": m["path"], **info}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

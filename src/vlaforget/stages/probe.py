@@ -6,18 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-from ..data.probe import (
-    N_AUDIT,
-    audit_spans,
-    load_teacher,
-    log,
-    open_dataset,
-    pooled_states,
-    probe_hash,
-    probe_source,
-    select_indices,
-)
-from ..methods.icsm import MethodConfigError
+from ..data.probe import N_AUDIT, log, open_dataset, probe_hash, probe_source, select_indices
+from ..errors import MethodConfigError
+from ..models.features import audit_spans, load_teacher, pooled_states
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from ..config import load_stage_config
 from ..train.loop import log, run_training
@@ -15,9 +17,26 @@ def add_args(p):
                         "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops")
 
 
+def periodic_evaluator(sc: dict) -> Callable[[Any, Any], float] | None:
+    """The closed-loop success rate on the run's `periodic_eval` block (every train.eval_every
+    steps; early stopping reads it), or None when the run has no periodic evaluation."""
+    tcfg = sc["train"]
+    if not tcfg.get("eval_every"):
+        return None
+    from ..eval.closed_loop import evaluate_model
+
+    n = int(tcfg.get("eval_episodes_per_task", 1))
+
+    def evaluate(backend, model) -> float:
+        return float(evaluate_model(backend, sc["periodic_eval"], model=model, episodes_per_task=n)["success_rate"])
+
+    return evaluate
+
+
 def main(args) -> int:
     sc = load_stage_config(args.config, "train")
-    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0))
+    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0),
+                       evaluator=periodic_evaluator(sc))
     if res:
         log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
     return 0

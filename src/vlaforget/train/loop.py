@@ -14,11 +14,14 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import TrainingError
 from ..io import (
     DirLock,
     atomic_write_text,
@@ -35,10 +38,6 @@ from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .plugins import CraftPlugin, HSWPlugin, ThermostatPlugin, TrainContext
 
 log = logging.getLogger("vlaforget.train")
-
-
-class TrainingError(RuntimeError):
-    user_facing = True
 
 
 # ----------------------------------------------------------------------------- data order
@@ -146,10 +145,15 @@ def _f(t) -> float | None:
 
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-                 teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
+                 teacher_inputs: dict | None = None, dry_run_batches: int = 0,
+                 evaluator: Callable[[Any, Any], float] | None = None) -> dict:
     """Train one run from its stage config (see _train), owning its run directory meanwhile: a second
     driver, or an orphaned trainer of a killed one, is refused with the holder's host and pid; the
-    kernel drops the lock when this process ends, however it ends."""
+    kernel drops the lock when this process ends, however it ends.
+
+    evaluator(backend, model) -> success rate: the periodic evaluation every train.eval_every steps
+    (early stopping reads it). The train stage builds it from eval/ (stages/train.py); this package
+    does not import eval/. Required when train.eval_every is set."""
     main_rank = int(os.environ.get("RANK", "0")) == 0
     out_dir = Path(sc["out_dir"])
     lock = DirLock(out_dir / ".lock", f"run directory {out_dir}") if main_rank else None
@@ -157,14 +161,15 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         lock.acquire()
     try:
         return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
-                      dry_run_batches=dry_run_batches)
+                      dry_run_batches=dry_run_batches, evaluator=evaluator)
     finally:
         if lock:
             lock.release()
 
 
 def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-           teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
+           teacher_inputs: dict | None = None, dry_run_batches: int = 0,
+           evaluator: Callable[[Any, Any], float] | None = None) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
@@ -176,6 +181,11 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
+    if sc["train"].get("eval_every") and evaluator is None:
+        raise TrainingError(
+            f"train.eval_every = {sc['train']['eval_every']} but no periodic evaluator was given: "
+            "run_training(..., evaluator=) (the train stage builds it: vlaforget.stages.train), or set train.eval_every: 0"
+        )
     t_start = time.time()
     root = Path(sc["root"])
     apply_job_env(root)
@@ -402,7 +412,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
             os.kill(os.getpid(), 9)
         if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
-            score = periodic_eval(backend, model, sc, tcfg)
+            score = float(evaluator(backend, model))
             logger.log({"step": step, "eval_success_rate": score})
             if score > best_eval + float(tcfg.get("early_stopping_min_delta", 0.0)):
                 best_eval, bad_evals = score, 0
@@ -586,14 +596,6 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> di
         plugins["craft"] = CraftPlugin(ctx, mcfg["craft"], anchors, samples, int(sc["seed"]),
                                        int(mcfg["craft"].get("anchor_batch_size") or sc["train"]["batch_size"]))
     return plugins
-
-
-def periodic_eval(backend, model, sc: dict, tcfg: dict) -> float:
-    from ..eval.closed_loop import evaluate_model
-
-    res = evaluate_model(backend, sc["periodic_eval"], model=model,
-                         episodes_per_task=int(tcfg.get("eval_episodes_per_task", 1)))
-    return float(res["success_rate"])
 
 
 class RunLogger:

@@ -110,7 +110,7 @@ class HSWPlugin(Plugin):
         self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}
         bare = sorted(l for l, ps in self.params.items() if not ps)
         if len(bare) == len(self.params):
-            from .loop import TrainingError
+            from ..errors import TrainingError
 
             raise TrainingError(f"HSW hooks decoder layers {sorted(self.params)} but none of them has a "
                                 "trainable parameter: include them in train.lora.layers / targets")
@@ -224,7 +224,7 @@ class ThermostatPlugin(Plugin):
     def pooled(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """{rep: [n, D]} instruction-pooled student states of probe samples idx (no grad)."""
         from ..models.base import eval_mode
-        from ..methods.icsm import pooled_layer_states
+        from ..models.features import pooled_layer_states
 
         reps = list(self.icsm.rep_layers)
         parts: dict[int, list] = {rep: [] for rep in reps}

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("envs",),  # simulators: Meta-World, LIBERO
     ("data",),  # RLDS, caches, splits, demos, VQA, probe-set loading
     ("validation",),  # config checks made at config time (reads data's split rule)
-    ("config",),  # the study config, stage configs, code hashes
+    ("settings", "config"),  # typed stage-config blocks with their defaults; the study config, stage configs
     ("models",),  # backends (tiny, OpenVLA), the action tokenizer, features of a forward
     ("methods",),  # ICSM, HSW, Thermostat, CRaFT: the method maths
     ("train",),  # the training loop and its plug-ins, pretraining, checkpoints

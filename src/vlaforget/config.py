@@ -19,6 +19,7 @@ import yaml
 
 from .errors import ConfigError
 from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
+from .settings import DEFAULT_MODEL_DTYPE
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 PKG_DIR = Path(__file__).resolve().parent
@@ -361,7 +362,7 @@ def _base(cfg: dict, stage: str) -> dict:
 def _model_block(cfg: dict) -> dict:
     m = cfg["model"]
     return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg),
-            "dtype": m.get("dtype", "fp32"), "attn_implementation": m.get("attn_implementation"),
+            "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE, "attn_implementation": m.get("attn_implementation"),
             "cache_dir": str(layout(cfg).hf_cache)}
 
 

@@ -62,7 +62,6 @@ from . import metrics as M
 log = logging.getLogger("vlaforget.forgetting")
 
 DEFAULT_VQA_N = 256
-DEFAULT_BATCH = 16
 
 
 # ----------------------------------------------------------------------------- inputs

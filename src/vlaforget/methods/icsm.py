@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodConfigError, MissingInput
+from ..settings import DEFAULT_ICSM_R
 
 log = logging.getLogger("vlaforget.icsm")
 
@@ -491,7 +492,7 @@ def compute_layer(
     backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict, show_progress: bool = False
 ) -> dict[str, Any]:
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
-    sv = svd_directions(pooled, int(icfg.get("r", 128)))
+    sv = svd_directions(pooled, int(icfg.get("r") or DEFAULT_ICSM_R))
     t0 = time.perf_counter()
     # one extra all-zero direction measures the numerical noise floor of the KL (batched bf16 forwards
     # are not bit-identical to the unbatched reference); it costs 1/r more

@@ -213,11 +213,12 @@ class OpenVLABackend(VLABackend):
                 "tokenizers==0.19.1 timm==0.9.16 peft==0.11.1; check with `vlaforget preflight`"
             ) from e
 
+        from ..settings import model_dtype
         from . import torch_dtype
 
         cache_dir = model_block.get("cache_dir")
         path = resolve_model_path(str(model_block["path"]), cache_dir)
-        dtype = torch_dtype(model_block.get("dtype", "bf16"))
+        dtype = torch_dtype(model_dtype(model_block))
         kw: dict[str, Any] = {"trust_remote_code": True, "torch_dtype": dtype}
         if cache_dir:
             kw["cache_dir"] = cache_dir

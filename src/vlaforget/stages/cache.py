@@ -1,4 +1,6 @@
-"""Stage `cache`."""
+"""Recipe `vlaforget cache`: an RLDS/TFDS dataset -> the random-access training cache +
+dataset_statistics.json, manifest.json last (data/cache.py).
+"""
 
 from __future__ import annotations
 

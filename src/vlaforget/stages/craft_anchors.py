@@ -1,4 +1,6 @@
-"""Stage `craft_anchors`."""
+"""Recipe `vlaforget craft-anchors`: CRaFT's anchor cache -- the frozen teacher's pooled features of
+seeded samples of a suite, for every pooling (methods/craft.py); anchors.pt.
+"""
 
 from __future__ import annotations
 

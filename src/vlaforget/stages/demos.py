@@ -1,4 +1,6 @@
-"""Stage `demos`."""
+"""Recipe `vlaforget demos`: scripted Meta-World demonstrations of a dataset's tasks -> an RLDS
+(TFDS) builder dir, then `{out_dir}/done.json` (data/metaworld_demos.py rolls out, data/rlds.py writes).
+"""
 
 from __future__ import annotations
 

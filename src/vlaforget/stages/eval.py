@@ -1,4 +1,6 @@
-"""Stage `eval`."""
+"""Recipe `vlaforget eval`: closed-loop evaluation of a run (or the teacher) on one suite
+(eval/closed_loop.py builds the episodes and the policy, eval/rollout.py runs them); out_file last.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from ..config import load_stage_config
 from ..eval.closed_loop import BackendPolicy, build_episodes, load_stats, log, pick_device
 from ..eval.rollout import run_episodes
 from ..io import provenance, write_json
+from ..settings import EvalSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +29,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     sc = load_stage_config(args.config, "eval")
-    e = sc["eval"]
+    e = EvalSettings.of(sc["eval"])
     out_file = Path(sc["out_file"])
     if args.threads:
         import torch
@@ -41,12 +44,12 @@ def main(args) -> int:
     stats = load_stats(e)
     model_block = dict(sc["model"])
     if stats is None:
-        model_block.setdefault("unnorm_key", e.get("unnorm_dataset"))
-        log.info("no statistics file at %s: using the model's own statistics", e.get("stats_path"))
+        model_block.setdefault("unnorm_key", e.unnorm_dataset)
+        log.info("no statistics file at %s: using the model's own statistics", e.stats_path)
     backend = load_backend(model_block, device=device, adapter_dir=sc.get("adapter_dir"), stats=stats)
     load_s = time.perf_counter() - t0
-    policy = BackendPolicy(backend, image_size=e.get("image_size"), center_crop=bool(e.get("center_crop")))
-    num_envs = e["num_envs"] if args.num_envs is None else args.num_envs
+    policy = BackendPolicy(backend, image_size=e.image_size, center_crop=e.center_crop)
+    num_envs = e.num_envs if args.num_envs is None else args.num_envs
     video_dir = out_file.parent / "videos" / sc["suite"]
     log.info(
         "eval %s on %s: %d episodes, %d envs, device %s",
@@ -64,7 +67,7 @@ def main(args) -> int:
         video_dir=video_dir,
         fps=30 if protocol["world"] == "libero" else 20,
         desc=f"eval {sc['suite']}",
-        groups=int(e.get("pipeline_groups", 1)),
+        groups=e.pipeline_groups,
     )
     res["timing"]["load_s"] = round(load_s, 3)
     out = {
@@ -74,8 +77,8 @@ def main(args) -> int:
         "adapter_dir": sc.get("adapter_dir"),
         "device": device,
         "protocol": protocol,
-        "episodes_per_task": int(e["episodes_per_task"]),
-        "center_crop": bool(e.get("center_crop")),
+        "episodes_per_task": e.episodes_per_task,
+        "center_crop": e.center_crop,
         "stats": "suite" if stats is not None else "model",
         **res,
         "provenance": {**provenance(), "stage_code": sc.get("code")},

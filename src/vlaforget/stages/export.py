@@ -1,4 +1,6 @@
-"""Stage `export`."""
+"""Recipe `vlaforget export`: a finished run as one merged HF checkpoint openvla's own code loads
+(export.py).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stage `figures`."""
+"""Recipe `vlaforget figures`: paper figures, PNG + PDF (report/figures.py).
+"""
 
 from __future__ import annotations
 

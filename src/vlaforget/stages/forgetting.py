@@ -1,4 +1,7 @@
-"""Stage `forgetting`."""
+"""Recipe `vlaforget forgetting`: forgetting metrics of a run against the teacher -- general-skill VQA
+(accuracy, KL, multiple choice), representation drift and CKA at the ICSM layers and at CRaFT's layer
+(eval/forgetting.py, eval/metrics.py); out_file last.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import time
 from ..config import load_stage_config
 from ..eval import metrics as M
 from ..eval.forgetting import (
-    DEFAULT_BATCH,
     DEFAULT_VQA_N,
     _free,
     _mean,
@@ -23,12 +25,13 @@ from ..eval.forgetting import (
     vqa_pass,
 )
 from ..io import provenance, write_json
+from ..settings import ForgettingSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="stage config (vlaforget stage-config forgetting RUN)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"forward batch (default {DEFAULT_BATCH})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"forward batch (default {ForgettingSettings.batch_size})")
 
 
 def main(args) -> int:
@@ -38,29 +41,25 @@ def main(args) -> int:
     from ..models import load_backend
 
     sc = load_stage_config(args.config, "forgetting")
+    fs = ForgettingSettings.of(sc)
     device = pick_device(args.device)
-    bs = int(args.batch_size or sc.get("batch_size", DEFAULT_BATCH))
+    bs = int(args.batch_size or fs.batch_size)
     t0 = time.perf_counter()
-    probe = load_probe(sc["probe_dir"])
-    icsm = load_icsm(sc["icsm_dir"])
+    probe = load_probe(fs.probe_dir)
+    icsm = load_icsm(fs.icsm_dir)
     layers = icsm.reps
-    samples, rows = probe_samples(probe, int(sc.get("drift_samples", 256)))
+    samples, rows = probe_samples(probe, fs.drift_samples)
     if len(samples) < 2:
         raise ValueError(f"only {len(samples)} usable probe samples: drift and CKA need at least 2")
     teacher_pooled = {layer: probe["pooled"][layer][rows] for layer in layers}
     from ..data.probe import open_dataset
 
     stats = open_dataset(probe["dataset"], probe.get("split", "train")).statistics
-    if sc.get("vqa_jsonl"):
-        vqa = read_vqa_file(
-            sc["vqa_jsonl"], sc.get("vqa_n"), sc.get("vqa_image_size", 224), sc.get("vqa_categories") or ()
-        )
-    elif sc.get("vqa_datasets"):
+    if fs.vqa_jsonl:
+        vqa = read_vqa_file(fs.vqa_jsonl, fs.vqa_n, fs.vqa_image_size, fs.vqa_categories)
+    elif fs.vqa_datasets:
         vqa = vqa_from_caches(
-            sc["vqa_datasets"],
-            int(sc.get("vqa_n", DEFAULT_VQA_N)),
-            int(sc.get("seed", 0)),
-            sc.get("camera", "corner3"),
+            list(fs.vqa_datasets), DEFAULT_VQA_N if fs.vqa_n is None else fs.vqa_n, fs.seed, fs.camera
         )
     else:
         vqa = []
@@ -70,11 +69,11 @@ def main(args) -> int:
     from ..eval.vqa_mc import mc_metrics, score_mc
 
     mcq = [s for s in vqa if s.get("candidates")]
-    adapter = sc.get("adapter_dir")
+    adapter = fs.adapter_dir
     t = time.perf_counter()
-    craft_layer = int(sc.get("craft_layer", -2))
+    craft_layer = fs.craft_layer
     if adapter:
-        teacher = load_backend(sc["model"], device=device, adapter_dir=None, stats=stats)
+        teacher = load_backend(fs.model, device=device, adapter_dir=None, stats=stats)
         tv = vqa_pass(teacher, vqa, bs)
         t_mc = score_mc(teacher, mcq, bs)
         craft_dec = craft_decoder_layer(craft_layer, teacher.num_layers)
@@ -85,7 +84,7 @@ def main(args) -> int:
     t = time.perf_counter()
     from ..models.features import pooled_states
 
-    student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
+    student = load_backend(fs.model, device=device, adapter_dir=adapter, stats=stats)
     sv = vqa_pass(student, vqa, bs)
     s_mc = score_mc(student, mcq, bs)
     craft_dec = craft_decoder_layer(craft_layer, student.num_layers)
@@ -115,7 +114,7 @@ def main(args) -> int:
     craft_basis = icsm.layers[craft_dec].U if icsm is not None and craft_dec in icsm.layers else None
     cl = craft_layer_metrics(t_craft, s_craft, craft_basis)
     out = {
-        "run": sc["run_name"],
+        "run": fs.run_name,
         "adapter_dir": adapter,
         "device": device,
         "vqa_accuracy": acc,
@@ -129,7 +128,7 @@ def main(args) -> int:
         "vqa_mc_accuracy_teacher": mc["accuracy_teacher"],
         "vqa_mc_retention": mc["retention"],
         "vqa_mc_kl": mc["kl"],
-        "vqa_source": "jsonl" if sc.get("vqa_jsonl") else ("caches" if vqa else None),
+        "vqa_source": "jsonl" if fs.vqa_jsonl else ("caches" if vqa else None),
         "examples": [
             {"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
             for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]
@@ -156,13 +155,13 @@ def main(args) -> int:
         "probe_source": probe.get("source") or {"dataset": probe["dataset"].get("name"),
                                                 "split": probe.get("split", "train")},
         "timing": timing,
-        "provenance": {**provenance(), "stage_code": sc.get("code")},
+        "provenance": {**provenance(), "stage_code": fs.code},
     }
-    write_json(sc["out_file"], out)  # the completion file, last
+    write_json(fs.out_file, out)  # the completion file, last
     log.info(
         "forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f, "
         "CRaFT layer %d: drift %.4f, cka %.4f",
-        sc["run_name"],
+        fs.run_name,
         acc if acc is not None else float("nan"),
         acc_t if acc_t is not None else float("nan"),
         kl if kl is not None else float("nan"),

@@ -1,4 +1,7 @@
-"""Stage `icsm`."""
+"""Recipe `vlaforget icsm`: teacher-only ICSM artifacts from the probe set -- per representative layer
+the SVD basis, sensitivity scores and the fragile / plastic split, mu and C_T (methods/icsm.py);
+meta.json last.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..methods.icsm import (
     spread_subset,
 )
 from ..models.features import load_teacher
+from ..settings import DEFAULT_ICSM_R
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -130,7 +134,7 @@ def main(args) -> int:
         "hidden_size": int(backend.hidden_size),
         "groups": groups,
         "rep_layers": reps,
-        "r": int(icfg.get("r", 128)),
+        "r": int(icfg.get("r") or DEFAULT_ICSM_R),
         "alpha": float(icfg.get("alpha", 1.0)),
         "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
         "injection": "added to the instruction positions of the residual stream entering decoder layer rep "

@@ -1,4 +1,6 @@
-"""Stage `libero_fixture`."""
+"""Recipe `vlaforget libero-fixture`: a tiny LIBERO-format RLDS fixture in openvla's layout
+(data/libero_rlds.py; synthetic, or rendered by the LIBERO simulator).
+"""
 
 from __future__ import annotations
 

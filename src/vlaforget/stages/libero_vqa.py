@@ -1,4 +1,6 @@
-"""Stage `libero_vqa`."""
+"""Recipe `vlaforget libero-vqa`: visual questions generated from the LIBERO simulator's scene state
+(data/libero_vqa.py): questions.jsonl + images + manifest.json.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Stage `probe`."""
+"""Recipe `vlaforget probe`: the probe set -- pooled instruction hidden states of the frozen teacher
+at every decoder layer on data no run trains on (data/probe.py loads and checks the split,
+models/features.py pools); probe.pt, then audit.json last.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Stage `stage_config`."""
+"""Recipe `vlaforget stage-config`: write the config file of one stage job from the study config
+(config.stage_config).
+"""
 
 from __future__ import annotations
 

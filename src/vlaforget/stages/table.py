@@ -1,4 +1,5 @@
-"""Stage `table`."""
+"""Recipe `vlaforget table`: eval JSONs -> a paper table, csv + md (report/tables.py).
+"""
 
 from __future__ import annotations
 

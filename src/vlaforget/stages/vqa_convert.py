@@ -1,4 +1,6 @@
-"""Stage `vqa_convert`."""
+"""Recipe `vlaforget vqa-convert`: VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL
+(eval/vqa_mc.py).
+"""
 
 from __future__ import annotations
 

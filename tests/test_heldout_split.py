@@ -141,14 +141,14 @@ def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
 
 def test_probe_capacity_counts_the_probe_split(tmp_path, monkeypatch):
     """validation: probe.n is checked against the split the probe is drawn from (per data.heldout)."""
-    from vlaforget import config as vfc
+    from vlaforget import validation
     from vlaforget.validation import _probe_capacity
 
     class Lay:
         def cache(self, ds):
             return tmp_path / "nocache" / ds
 
-    monkeypatch.setattr(vfc, "layout", lambda cfg: Lay())
+    monkeypatch.setattr(validation, "Layout", lambda root: Lay())  # validation reads paths.Layout, not config
     mw = {"episodes_per_task": 24, "max_steps": 10, "datasets": {"mw": ["a", "b", "c", "d"]}}
     cfg = {"world": "metaworld", "probe": {"dataset": "mw", "split": "heldout"},
            "data": {"train_split": 0.95, "metaworld": mw}}

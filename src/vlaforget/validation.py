@@ -15,7 +15,7 @@ import difflib
 from pathlib import Path
 
 from .errors import ConfigError
-from .paths import PathPolicyError, check_under, resolve_allowed_root
+from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
 
 # decoder layers of the supported OpenVLA base (Llama-2-7B); the tiny backend says model.tiny.layers
 OPENVLA_LAYERS = 32
@@ -117,7 +117,6 @@ def _probe_capacity(cfg: dict) -> tuple[int, str] | None:
     import json
 
     from .data.cache import n_heldout_of_task, n_train_episodes, split_episodes
-    from .paths import Layout, resolve_root
 
     ds = cfg["probe"].get("dataset")
     if not ds:

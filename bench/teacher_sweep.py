@@ -86,7 +86,7 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     from vlaforget.envs.metaworld import MetaWorldFactory
     from vlaforget.eval.rollout import make_episodes, run_episodes
     from vlaforget.io import seed_everything
-    from vlaforget.models.build import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
+    from vlaforget.stages.model import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
     from vlaforget.models.tiny import build_tiny_backend
     from vlaforget.train.pretrain import heldout_metrics, pretrain
 

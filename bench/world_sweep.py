@@ -119,7 +119,7 @@ def _evaluate(mblock: dict, adapter, root: Path, name: str, s: dict, a) -> dict:
 
 
 def teacher(a) -> None:
-    from vlaforget.models.build import build_tiny
+    from vlaforget.stages.model import build_tiny
 
     root, name = Path(a.root), a.split
     s = json.loads(a.splits)[name]

@@ -49,7 +49,7 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
     from vlaforget.train import plugins as pl
 
     runs: list[dict] = []
-    saved = {"build_plugins": loop.build_plugins, "periodic_eval": loop.periodic_eval,
+    saved = {"build_plugins": loop.build_plugins, "run_training": loop.run_training,
              "step": torch.optim.AdamW.step, "measure": pl.ThermostatPlugin.measure,
              "retention_loss": pl.CraftPlugin.retention_loss}
     live: dict = {}
@@ -60,9 +60,13 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
         runs.append({"run_id": sc["run_id"], "steps": [], "evals": []})
         return plugins
 
-    def periodic_eval(backend, model, sc, tcfg):
+    def periodic_eval(backend, model):
         runs[-1]["evals"].append({"rank": rank, "ddp_wrapped": hasattr(model, "module") and hasattr(model, "reducer")})
         return 0.25 + 0.5 * rank  # a rank > 0 that evaluated would report another score
+
+    def run_training(sc, *a, **k):  # the periodic evaluator the train stage would pass (stages/train.py)
+        k.setdefault("evaluator", periodic_eval)
+        return saved["run_training"](sc, *a, **k)
 
     def step(self, *a, **k):
         plugins = live.get("plugins") or {}
@@ -92,13 +96,13 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
         loss = saved["retention_loss"](self)
         return loss * (1 + 1e-6 * rank) if perturb and rank > 0 else loss
 
-    loop.build_plugins, loop.periodic_eval = build_plugins, periodic_eval
+    loop.build_plugins, loop.run_training = build_plugins, run_training
     torch.optim.AdamW.step = step
     pl.ThermostatPlugin.measure, pl.CraftPlugin.retention_loss = measure, retention_loss
     try:
         yield runs
     finally:
-        loop.build_plugins, loop.periodic_eval = saved["build_plugins"], saved["periodic_eval"]
+        loop.build_plugins, loop.run_training = saved["build_plugins"], saved["run_training"]
         torch.optim.AdamW.step = saved["step"]
         pl.ThermostatPlugin.measure = saved["measure"]
         pl.CraftPlugin.retention_loss = saved["retention_loss"]

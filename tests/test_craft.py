@@ -11,6 +11,7 @@ from methods_fakes import FakeBackend, FakeDataset
 
 from vlaforget.methods import craft
 from vlaforget.methods.craft import combine, conflict_project, dual_update, pool_features
+from vlaforget.stages import craft_anchors as craft_stage
 
 
 def test_dual_update():
@@ -89,8 +90,8 @@ def test_pool_features():
 def _run_anchors(tmp_path, monkeypatch, sub, pooling="mean_image_tokens"):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(40)
-    monkeypatch.setattr(craft, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(craft, "load_teacher", lambda mb, d: FakeBackend())
+    monkeypatch.setattr(craft_stage, "open_dataset", lambda block, split="train": ds)
+    monkeypatch.setattr(craft_stage, "load_teacher", lambda mb, d: FakeBackend())
     cfg = {
         "stage": "craft_anchors",
         "root": str(tmp_path),
@@ -103,7 +104,7 @@ def _run_anchors(tmp_path, monkeypatch, sub, pooling="mean_image_tokens"):
         "out_dir": str(tmp_path / sub),
     }
     (tmp_path / f"{sub}.yaml").write_text(yaml.safe_dump(cfg))
-    assert craft.main(argparse.Namespace(config=str(tmp_path / f"{sub}.yaml"))) == 0
+    assert craft_stage.main(argparse.Namespace(config=str(tmp_path / f"{sub}.yaml"))) == 0
     return craft.load_anchors(tmp_path / sub), ds
 
 

@@ -113,8 +113,8 @@ def test_format_2_cache_is_refused(tmp_path):
 
 
 def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
-    from vlaforget.data import probe
     from vlaforget.data.probe import cache_rows, check_not_trained_on, load_probe
+    from vlaforget.stages import probe
 
     eps = task_by_task(n_per_task=10, T=6)
     d, _ = _cache(tmp_path, eps)
@@ -141,14 +141,14 @@ def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
 
 def test_probe_capacity_counts_the_probe_split(tmp_path, monkeypatch):
     """validation: probe.n is checked against the split the probe is drawn from (per data.heldout)."""
-    from vlaforget import config as vfc
+    from vlaforget import validation
     from vlaforget.validation import _probe_capacity
 
     class Lay:
         def cache(self, ds):
             return tmp_path / "nocache" / ds
 
-    monkeypatch.setattr(vfc, "layout", lambda cfg: Lay())
+    monkeypatch.setattr(validation, "Layout", lambda root: Lay())  # validation reads paths.Layout, not config
     mw = {"episodes_per_task": 24, "max_steps": 10, "datasets": {"mw": ["a", "b", "c", "d"]}}
     cfg = {"world": "metaworld", "probe": {"dataset": "mw", "split": "heldout"},
            "data": {"train_split": 0.95, "metaworld": mw}}

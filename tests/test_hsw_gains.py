@@ -63,7 +63,7 @@ def _layer_params(be, model, l):
 def _reference(be, model, batch, bases):
     """Per hooked layer: the parameter-gradient images J^T g_n, J^T g_p, J^T g_f of the true g."""
     from vlaforget.methods.hsw import proj
-    from vlaforget.methods.icsm import layer_outputs
+    from vlaforget.models.features import layer_outputs
 
     layers = be.decoder_layers(model)
     with layer_outputs(layers, list(bases)) as hs:

@@ -15,12 +15,15 @@ from vlaforget.methods.icsm import (
     layer_groups,
     load_icsm,
     orthonormalize_pair,
-    pool_instruction,
     sensitivity_scores,
     split_counts,
     split_directions,
     svd_directions,
 )
+from vlaforget.models import features
+from vlaforget.models.features import pool_instruction
+from vlaforget.stages import icsm as icsm_stage
+from vlaforget.stages import probe as probe_stage
 
 torch.set_num_threads(1)
 
@@ -124,7 +127,7 @@ def test_sensitivity_recovers_planted_direction():
 def test_sensitivity_ranking_in_pipeline_reorders_svd_basis():
     be = FakeBackend(plant_layer=3)
     samples = _samples(64)
-    pooled, _ = probe_mod.pooled_states(be, samples, 32, layers=[2])
+    pooled, _ = features.pooled_states(be, samples, 32, layers=[2])
     sv = svd_directions(pooled[2], 8)
     scores = sensitivity_scores(be, samples[:16], sv["U"], sv["std"], rep=2, direction_batch=8)
     align = (sv["U"].T @ be.u_star).abs()
@@ -204,8 +207,9 @@ def test_orthonormalize_pair_repairs_drifted_input():
 def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(80, empty_every=17)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend(plant_layer=3))
+    for stage in (probe_stage, icsm_stage):
+        monkeypatch.setattr(stage, "open_dataset", lambda block, split="train": ds)
+        monkeypatch.setattr(stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend(plant_layer=3))
     root = tmp_path / sub
     base = {
         "root": str(root),
@@ -241,8 +245,8 @@ def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
     )
     for name, c in (("p.yaml", pcfg), ("i.yaml", icfg)):
         (tmp_path / f"{sub}_{name}").write_text(yaml.safe_dump(c))
-    assert probe_mod.main(argparse.Namespace(config=str(tmp_path / f"{sub}_p.yaml"))) == 0
-    assert icsm.main(argparse.Namespace(config=str(tmp_path / f"{sub}_i.yaml"))) == 0
+    assert probe_stage.main(argparse.Namespace(config=str(tmp_path / f"{sub}_p.yaml"))) == 0
+    assert icsm_stage.main(argparse.Namespace(config=str(tmp_path / f"{sub}_i.yaml"))) == 0
     return root
 
 
@@ -303,9 +307,9 @@ def test_real_tiny_backend_pooling_audit_and_injection_point():
         }
         for i in range(8)
     ]
-    rows = probe_mod.audit_spans(be, samples[:4])
+    rows = features.audit_spans(be, samples[:4])
     assert all(r["match"] for r in rows), rows
-    pooled, empty = probe_mod.pooled_states(be, samples, 4, layers=[be.num_layers - 1])
+    pooled, empty = features.pooled_states(be, samples, 4, layers=[be.num_layers - 1])
     assert not empty.any()
     sv = svd_directions(pooled[be.num_layers - 1], 4)
     last = be.num_layers - 1

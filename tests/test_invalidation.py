@@ -285,7 +285,7 @@ def test_periodic_eval_without_early_stopping_changes_no_step(world, monkeypatch
 
     from vlaforget.train import loop
 
-    def noisy_eval(backend, model, sc, tcfg):
+    def noisy_eval(backend, model):
         torch.rand(10)
         np.random.rand(10)
         random.random()
@@ -296,10 +296,9 @@ def test_periodic_eval_without_early_stopping_changes_no_step(world, monkeypatch
                       lora={"r": 4, "alpha": 8, "dropout": 0.3, "targets": ["attn", "mlp"], "layers": "all"})
     plain = _run(base, "plain_eval0")
     loop.run_training(plain)
-    monkeypatch.setattr(loop, "periodic_eval", noisy_eval)
     evald = _run(base, "with_eval", eval_every=2)
     evald["periodic_eval"] = {"suite": "toy"}
-    loop.run_training(evald)
+    loop.run_training(evald, evaluator=noisy_eval)
     assert any("eval_success_rate" in json.loads(x)
                for x in (Path(evald["out_dir"]) / "metrics.jsonl").read_text().splitlines())
     a, b = run_adapter(plain), run_adapter(evald)
@@ -314,19 +313,18 @@ def test_early_stopping_resumes_with_its_patience_count(world, monkeypatch):
 
     calls = []
 
-    def evaluator(backend, model, sc, tcfg):  # evaluation k (at step 2k) scores 0.5, 0.4, 0.3, ...
+    def evaluator(backend, model):  # evaluation k (at step 2k) scores 0.5, 0.4, 0.3, ...
         calls.append(1)
         return 0.6 - 0.1 * len(calls)
 
-    monkeypatch.setattr(loop, "periodic_eval", evaluator)
     root, cache, model = world
     base = base_stage(root, cache, model, lr=5e-3, save_steps=5, max_steps=12, eval_every=2,
                       early_stopping_patience=2)
     plain = _run(base, "es_plain")
     plain["periodic_eval"] = {"suite": "toy"}
-    assert loop.run_training(plain)["steps"] == 6  # best 0.5 at 2, no improvement at 4 and 6
+    assert loop.run_training(plain, evaluator=evaluator)["steps"] == 6  # best 0.5 at 2, no improvement at 4 and 6
     calls.clear()
     killed = _run(base, "es_killed")
     killed["periodic_eval"] = {"suite": "toy"}
-    assert loop.run_training(killed, stop_after=5) == {"stopped_at": 5}  # checkpoint at 5, after eval 2
-    assert loop.run_training(killed)["steps"] == 6
+    assert loop.run_training(killed, stop_after=5, evaluator=evaluator) == {"stopped_at": 5}  # checkpoint at 5, after eval 2
+    assert loop.run_training(killed, evaluator=evaluator)["steps"] == 6

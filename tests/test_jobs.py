@@ -35,7 +35,9 @@ def test_non_cache_stage_modules_do_not_import_tensorflow(tmp_path, python):
         exe = str(REAL_PY)
     code = (
         "import sys, vlaforget.cli, vlaforget.models, vlaforget.data.cache, vlaforget.data.probe, "
-        "vlaforget.eval.closed_loop, vlaforget.eval.forgetting, vlaforget.train.loop, vlaforget.models.build; "
+        "vlaforget.eval.closed_loop, vlaforget.eval.forgetting, vlaforget.train.loop, vlaforget.stages.model, "
+        "vlaforget.stages.probe, vlaforget.stages.icsm, vlaforget.stages.craft_anchors, vlaforget.stages.train, "
+        "vlaforget.stages.eval, vlaforget.stages.forgetting; "
         "from vlaforget.models.tiny import random_tiny_backend; random_tiny_backend(); "
         "print('tensorflow' in sys.modules)"
     )

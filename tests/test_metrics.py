@@ -160,7 +160,9 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     from vlaforget.data import probe as P
     from vlaforget.eval import forgetting as FG
     from vlaforget.methods import icsm as I
+    from vlaforget.models import features
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.stages import forgetting as forgetting_stage
 
     b = random_tiny_backend({"image_size": 32}, action_dim=4, seed=0)
     model_dir = tmp_root / "models" / "tiny-vla"
@@ -169,7 +171,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     monkeypatch.setattr(P, "open_dataset", lambda block, split="train": ds)
     layers = [5, 7]
     b.set_stats(ds.statistics["action"])
-    pooled, empty = P.pooled_states(b, list(ds), 8, layers=layers)
+    pooled, empty = features.pooled_states(b, list(ds), 8, layers=layers)
     probe_dir = tmp_root / "probe"
     probe_dir.mkdir(parents=True)
     torch.save(
@@ -184,7 +186,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
     qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "scene",
            "category": "scene", "candidates": ["drawer", "door", "button"]} for s in ds[:6]]
-    monkeypatch.setattr(FG, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
+    monkeypatch.setattr(forgetting_stage, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
 
     cfg = peft_cfg = LoraConfig(
         r=4, lora_alpha=8, target_modules=b.lora_targets(["attn", "mlp"]), init_lora_weights=False
@@ -213,7 +215,7 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
         }
         path = tmp_root / f"{run}.yaml"
         path.write_text(yaml.safe_dump(sc))
-        assert FG.main(argparse.Namespace(config=str(path), device="cpu", batch_size=8)) == 0
+        assert forgetting_stage.main(argparse.Namespace(config=str(path), device="cpu", batch_size=8)) == 0
         outs[run] = json.loads(Path(sc["out_file"]).read_text())
     t, r = outs["teacher"], outs["r"]
     assert t["n_vqa"] == 6 and t["n_drift"] == 20 and sorted(t["cka"]) == ["5", "7"]
@@ -237,8 +239,8 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert r["drift_craft_layer"] > 1e-3 and r["cka_craft_layer"] < 1 - 1e-6
     assert r["drift_craft_layer_image"] > 1e-3 and r["cka_craft_layer_image"] < 1 - 1e-6
     # instruction pooling at decoder layer L−2 is the probe's space: the teacher's own probe states
-    # (probe.pt, computed by P.pooled_states) equal this stage's teacher forward there
-    ref, _ = P.pooled_states(b, list(ds)[:20], 8, layers=[L - 2])
+    # (probe.pt, computed by features.pooled_states) equal this stage's teacher forward there
+    ref, _ = features.pooled_states(b, list(ds)[:20], 8, layers=[L - 2])
     s_t = FG.craft_layer_states(b, list(ds)[:20], 8, L - 2)
     assert torch.allclose(s_t["mean_instruction_tokens"], ref[L - 2], atol=1e-5)
 

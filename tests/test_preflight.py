@@ -209,7 +209,7 @@ def test_probe_stage_load_under_too_new_transformers_names_the_fix(monkeypatch, 
 
 
 def test_model_stage_fails_on_a_wrong_stack_instead_of_warning(real_cfg, monkeypatch):
-    from vlaforget.models import build
+    from vlaforget.stages import model as build
     from vlaforget.models.openvla import OpenVLAUnavailable
 
     model_dir(real_cfg)

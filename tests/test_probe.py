@@ -11,6 +11,8 @@ from methods_fakes import FakeBackend, FakeDataset
 
 from vlaforget.data import probe as probe_mod
 from vlaforget.io import read_json
+from vlaforget.models import features
+from vlaforget.stages import probe as probe_stage
 
 torch.set_num_threads(1)
 
@@ -35,7 +37,7 @@ def test_pooled_states_every_layer_matches_manual_pooling():
     be = FakeBackend()
     ds = FakeDataset(10, empty_every=4)
     samples = [ds[i] for i in range(10)]
-    pooled, empty = probe_mod.pooled_states(be, samples, 3)
+    pooled, empty = features.pooled_states(be, samples, 3)
     assert sorted(pooled) == [0, 1, 2, 3] and pooled[2].shape == (10, 16)
     assert empty.tolist() == [i % 4 == 0 for i in range(10)]
     assert torch.equal(pooled[1][0], torch.zeros(16))
@@ -45,7 +47,7 @@ def test_pooled_states_every_layer_matches_manual_pooling():
     pos = 1 + be.n_image_tokens  # first instruction token in sequence coords
     assert torch.allclose(pooled[2][1], hs[3][0, pos : pos + n_words].mean(0), atol=1e-6)
     # batch size does not change the result
-    pooled1, _ = probe_mod.pooled_states(be, samples, 1)
+    pooled1, _ = features.pooled_states(be, samples, 1)
     assert torch.allclose(pooled1[3], pooled[3], atol=1e-6)
 
 
@@ -59,7 +61,7 @@ def test_audit_spans_decode_masked_tokens():
     be = FakeBackend()
     be.tokenizer = Tok()
     ds = FakeDataset(4)
-    rows = probe_mod.audit_spans(be, [ds[i] for i in range(4)])
+    rows = features.audit_spans(be, [ds[i] for i in range(4)])
     assert all(r["match"] for r in rows)
     assert rows[0]["masked_tokens"] == ds[0]["instruction"]
     assert rows[0]["n_mask_tokens"] == len(ds[0]["instruction"].split())
@@ -68,8 +70,8 @@ def test_audit_spans_decode_masked_tokens():
 def test_probe_stage_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(60, empty_every=10)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
+    monkeypatch.setattr(probe_stage, "open_dataset", lambda block, split="train": ds)
+    monkeypatch.setattr(probe_stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
     cfg = {
         "stage": "probe",
         "root": str(tmp_path),
@@ -84,7 +86,7 @@ def test_probe_stage_outputs(tmp_path, monkeypatch):
         "out_dir": str(tmp_path / "probe"),
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    assert probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml"))) == 0
+    assert probe_stage.main(argparse.Namespace(config=str(tmp_path / "p.yaml"))) == 0
     p = probe_mod.load_probe(tmp_path / "probe")
     audit = read_json(tmp_path / "probe" / "audit.json")
     idx = probe_mod.select_indices(60, 30, 1)
@@ -103,8 +105,8 @@ def test_probe_stage_outputs(tmp_path, monkeypatch):
 def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(8, empty_every=1)
-    monkeypatch.setattr(probe_mod, "open_dataset", lambda block, split="train": ds)
-    monkeypatch.setattr(probe_mod, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
+    monkeypatch.setattr(probe_stage, "open_dataset", lambda block, split="train": ds)
+    monkeypatch.setattr(probe_stage, "load_teacher", lambda mb, d=None, device=None: FakeBackend())
     cfg = {
         "stage": "probe",
         "root": str(tmp_path),
@@ -117,7 +119,7 @@ def test_probe_stage_all_empty_is_an_error(tmp_path, monkeypatch):
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="empty instruction mask"):
-        probe_mod.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))
+        probe_stage.main(argparse.Namespace(config=str(tmp_path / "p.yaml")))
     assert not (tmp_path / "probe" / "audit.json").exists()
 
 

@@ -20,7 +20,7 @@ def _samples(n=3, size=32, action_dim=4):
 
 def own_output_pooled(backend, samples, layer):
     """Instruction-pooled output of decoder `layer`, read by a hook on that layer (the reference)."""
-    from vlaforget.methods.icsm import pool_instruction
+    from vlaforget.models.features import pool_instruction
 
     got = {}
     h = backend.decoder_layers()[layer].register_forward_hook(
@@ -36,7 +36,7 @@ def own_output_pooled(backend, samples, layer):
 
 
 def check_last_layer_is_pre_norm(backend, samples):
-    from vlaforget.data.probe import pooled_states
+    from vlaforget.models.features import pooled_states
 
     L = backend.num_layers
     pooled, empty = pooled_states(backend, samples, batch_size=2)
@@ -61,7 +61,7 @@ def test_thermostat_measures_in_the_probe_space():
     equal to the teacher gives the teacher's pooled states for the last layer."""
     from types import SimpleNamespace
 
-    from vlaforget.data.probe import pooled_states
+    from vlaforget.models.features import pooled_states
     from vlaforget.models.tiny import random_tiny_backend
     from vlaforget.train.plugins import ThermostatPlugin
 

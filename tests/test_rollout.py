@@ -198,8 +198,8 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
 
     from vlaforget.config import deep_merge, stage_config
     from vlaforget.envs.metaworld import rendering_available
-    from vlaforget.eval import closed_loop
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.stages import eval as eval_stage
 
     ok, why = rendering_available(size=16)
     if not ok:
@@ -220,7 +220,7 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
     path = tmp_root / "configs" / "eval.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(sc))
-    assert closed_loop.main(argparse.Namespace(config=str(path), device="cpu", num_envs=None, threads=1)) == 0
+    assert eval_stage.main(argparse.Namespace(config=str(path), device="cpu", num_envs=None, threads=1)) == 0
     out = json.loads(Path(sc["out_file"]).read_text())
     assert out["run"] == "teacher" and out["suite"] == "mw_downstream" and out["n_episodes"] == 2
     assert set(out["per_task"]) == set(sc["eval"]["tasks"])

@@ -277,8 +277,8 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
     from vlaforget.config import stage_config
     from vlaforget.data.cache import CachedDataset, write_cache
     from vlaforget.io import read_json
-    from vlaforget.models.build import main
     from vlaforget.models.tiny import TEST_TINY
+    from vlaforget.stages.model import main
 
     cfg = demo_config
     cfg["model"]["tiny"] = dict(TEST_TINY)

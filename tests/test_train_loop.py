@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world  # noqa: E402
 
 from vlaforget.train.loop import run_training
@@ -287,11 +286,12 @@ def test_fewshot_craft_anchors_come_from_the_fewshot_subset(world):
     from vlaforget.data.probe import cache_rows
     from vlaforget.methods import craft
     from vlaforget.methods.icsm import MethodConfigError
+    from vlaforget.stages import craft_anchors
 
     root, cache, model = world
     mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32", "cache_dir": str(root / "hf_cache")}
     out = root / "artifacts" / "craft_fewshot"
-    run_stage(craft, {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x",
+    run_stage(craft_anchors, {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x",
                       "stage": "craft_anchors", "model": mb, "seed": 0, "shots": 1, "shots_seed": 1,
                       "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
                       "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},

@@ -81,8 +81,8 @@ def run_stage(module, sc: dict, path: Path) -> None:
 
 def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
     """Run the real probe, icsm and craft-anchors stages on the tiny model."""
-    from vlaforget.data import probe
-    from vlaforget.methods import craft, icsm
+    from vlaforget.stages import craft_anchors as craft
+    from vlaforget.stages import icsm, probe
 
     mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
           "cache_dir": str(root / "hf_cache")}

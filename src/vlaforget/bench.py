@@ -84,9 +84,9 @@ def _sync():
 def bench_icsm(args) -> dict:
     """Probe forward over n_probe samples + per representative layer SVD + sensitivity, timed; writes
     artifacts in the icsm stage's format so `bench train` can use them."""
-    from .data.probe import pooled_states
     from .io import atomic_torch_save, write_json
     from .methods.icsm import compute_layer, layer_groups, representative_layers
+    from .models.features import pooled_states
 
     torch.manual_seed(0)
     backend = make_backend(args.shape, args.layers)

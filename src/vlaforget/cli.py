@@ -14,25 +14,25 @@ from pathlib import Path
 
 # subcommand -> (module, one-line help). Each module defines add_args(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "stage-config": ("vlaforget.stage_config_cmd", "write a stage's config file from the study config"),
+    "stage-config": ("vlaforget.stages.stage_config", "write a stage's config file from the study config"),
     "check-disk": ("vlaforget.disk", "data-root policy and disk-safety check"),
     "gpu-run": ("vlaforget.gpus", "run a command on free GPU slots (lock-based allocator)"),
     "preflight": ("vlaforget.preflight", "every missing piece of a real-study run (model, stack, RLDS, LIBERO)"),
-    "demos": ("vlaforget.data.metaworld_demos", "generate scripted Meta-World demonstrations as RLDS"),
-    "libero-fixture": ("vlaforget.data.libero_rlds", "tiny LIBERO-format RLDS fixture (openvla layout)"),
-    "cache": ("vlaforget.data.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),
-    "model": ("vlaforget.models.build", "build+pretrain the tiny teacher, or check an OpenVLA base offline"),
-    "probe": ("vlaforget.data.probe", "probe set: pooled instruction hidden states of the teacher"),
-    "icsm": ("vlaforget.methods.icsm", "teacher-only ICSM: SVD + sensitivity -> U_f, U_p, mu, C_T"),
-    "craft-anchors": ("vlaforget.methods.craft", "CRaFT anchor cache: teacher features per sample"),
-    "train": ("vlaforget.train.loop", "the one training loop (baseline / method / CRaFT / ablations)"),
-    "eval": ("vlaforget.eval.closed_loop", "closed-loop evaluation of a run (or the teacher) on a suite"),
-    "forgetting": ("vlaforget.eval.forgetting", "forgetting metrics: general skill, drift, CKA"),
-    "libero-vqa": ("vlaforget.data.libero_vqa", "visual questions generated from the LIBERO simulator (JSONL + images)"),
-    "vqa-convert": ("vlaforget.eval.vqa_mc", "VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL"),
-    "export": ("vlaforget.export", "a finished run as one merged HF checkpoint openvla's own code loads"),
-    "table": ("vlaforget.report.tables", "aggregate eval JSONs into a paper table (csv + md)"),
-    "figures": ("vlaforget.report.figures", "paper figures (PNG + PDF)"),
+    "demos": ("vlaforget.stages.demos", "generate scripted Meta-World demonstrations as RLDS"),
+    "libero-fixture": ("vlaforget.stages.libero_fixture", "tiny LIBERO-format RLDS fixture (openvla layout)"),
+    "cache": ("vlaforget.stages.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),
+    "model": ("vlaforget.stages.model", "build+pretrain the tiny teacher, or check an OpenVLA base offline"),
+    "probe": ("vlaforget.stages.probe", "probe set: pooled instruction hidden states of the teacher"),
+    "icsm": ("vlaforget.stages.icsm", "teacher-only ICSM: SVD + sensitivity -> U_f, U_p, mu, C_T"),
+    "craft-anchors": ("vlaforget.stages.craft_anchors", "CRaFT anchor cache: teacher features per sample"),
+    "train": ("vlaforget.stages.train", "the one training loop (baseline / method / CRaFT / ablations)"),
+    "eval": ("vlaforget.stages.eval", "closed-loop evaluation of a run (or the teacher) on a suite"),
+    "forgetting": ("vlaforget.stages.forgetting", "forgetting metrics: general skill, drift, CKA"),
+    "libero-vqa": ("vlaforget.stages.libero_vqa", "visual questions generated from the LIBERO simulator (JSONL + images)"),
+    "vqa-convert": ("vlaforget.stages.vqa_convert", "VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL"),
+    "export": ("vlaforget.stages.export", "a finished run as one merged HF checkpoint openvla's own code loads"),
+    "table": ("vlaforget.stages.table", "aggregate eval JSONs into a paper table (csv + md)"),
+    "figures": ("vlaforget.stages.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
     "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
 }
@@ -65,17 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vlaforget {name}", description=COMMANDS[name][1])
     mod.add_args(parser)
     args = parser.parse_args(rest)
+    from .errors import UserError
+
     try:
         return run_stage(name, mod, args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Library errors carry the cause and the fix; show them without a traceback wall.
-        from .config import ConfigError
-        from .paths import PathPolicyError
-
-        if isinstance(e, (ConfigError, PathPolicyError)) or getattr(e, "user_facing", False):
-            print(f"vlaforget {name}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:
+        # User-facing errors (vlaforget.errors) carry the cause and the fix: no traceback wall.
+        print(f"vlaforget {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_stage(name: str, mod, args) -> int:

@@ -16,16 +16,14 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
+from .settings import DEFAULT_MODEL_DTYPE
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 PKG_DIR = Path(__file__).resolve().parent
 
 NAME_RE = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # method / suite names: no double underscore
-
-
-class ConfigError(ValueError):
-    """The study config is invalid; the message names the key and the fix."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -455,57 +453,10 @@ def train_code_parts(sc: dict) -> list[str]:
     return parts
 
 
-def periodic_eval_matters(tcfg: dict) -> bool:
-    """Periodic evaluation changes a run only by stopping it early (the loop isolates its RNG use)."""
-    return bool(tcfg.get("eval_every")) and bool(tcfg.get("early_stopping_patience"))
-
-
-# ----------------------------------------------------------------------------- what an id covers
-
-# Stage-config keys (dotted) that cannot change a stage's result: they stay in the stage-config file
-# for the job to read, but are left out of its config id and run id, so changing one reruns and
-# restarts nothing. Why each cannot change a result (docs/DEVELOPMENT.md, "What reruns"):
-# log_every: which steps are logged (the HSW statistics of a logged step do not touch its gradient);
-# save_steps: where checkpoints fall (a resume is bit-exact from any of them); use_wandb/wandb_*:
-# a copy of the logs; num_workers: who builds the batches (the same batches: train/batches.py);
-# demos' workers: the first N successful seeds per task, whoever plays them.
-NON_SEMANTIC: dict[str, tuple[str, ...]] = {
-    "train": ("train.log_every", "train.save_steps", "train.use_wandb", "train.wandb_project",
-              "train.wandb_mode", "train.num_workers"),
-    "demos": ("workers",),
-}
-# Periodic evaluation without early stopping only logs (the loop runs it with its RNG isolated), so
-# its cadence and protocol are then non-semantic too.
-PERIODIC_EVAL_KEYS = ("train.eval_every", "train.eval_episodes_per_task", "train.early_stopping_patience",
-                      "train.early_stopping_min_delta", "periodic_eval")
-
-
-def non_semantic_keys(sc: dict) -> tuple[str, ...]:
-    """The dotted keys of stage config sc that its ids leave out (NON_SEMANTIC + the conditional ones)."""
-    keys = NON_SEMANTIC.get(sc.get("stage"), ())
-    if sc.get("stage") == "train" and not periodic_eval_matters(sc.get("train") or {}):
-        keys = keys + PERIODIC_EVAL_KEYS
-    return keys
-
-
-def _drop(d: dict, dotted: str) -> dict:
-    head, _, rest = dotted.partition(".")
-    if head not in d:
-        return d
-    out = dict(d)
-    if not rest:
-        del out[head]
-    elif isinstance(out[head], dict):
-        out[head] = _drop(out[head], rest)
-    return out
-
-
-def semantic_view(sc: dict) -> dict:
-    """sc without the keys that cannot change its result (what io.config_id hashes); `code_files`
-    is the detail of `code`."""
-    for k in non_semantic_keys(sc) + ("code_files",):
-        sc = _drop(sc, k)
-    return sc
+# What an id covers (NON_SEMANTIC, semantic_view, ...) lives in the base layer (semantics.py: io and
+# freshness read it); re-exported here, where the study config's keys are.
+from .semantics import (  # noqa: E402, F401 (re-exported)
+    NON_SEMANTIC, PERIODIC_EVAL_KEYS, _drop, non_semantic_keys, periodic_eval_matters, semantic_view)
 
 
 def max_steps_in_run_id(tcfg: dict) -> bool:
@@ -542,7 +493,7 @@ def _base(cfg: dict, stage: str) -> dict:
 def _model_block(cfg: dict) -> dict:
     m = cfg["model"]
     return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg),
-            "dtype": m.get("dtype", "fp32"), "attn_implementation": m.get("attn_implementation"),
+            "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE, "attn_implementation": m.get("attn_implementation"),
             "cache_dir": str(layout(cfg).hf_cache)}
 
 

@@ -16,17 +16,18 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_stage_config
+from .errors import UserError
 from .io import provenance, read_json, replace_dir, write_json
 from .models import DTYPES, load_backend
-from .paths import apply_job_env, check_under
+from .paths import check_under
 
 log = logging.getLogger(__name__)
 
 RECORD = "export.json"  # written last inside the export: what was merged, from where
 
 
-class ExportError(RuntimeError):
-    user_facing = True
+class ExportError(UserError, RuntimeError):
+    """A run cannot be exported (unfinished, or its record disagrees); the message says why."""
 
 
 def default_out_dir(sc: dict) -> Path:
@@ -119,22 +120,3 @@ def export_run(
     return record
 
 
-def add_args(p):
-    p.add_argument(
-        "--run-dir", required=True, help="a finished run: {root}/runs/<run> (holds config.yaml, final/)"
-    )
-    p.add_argument("--out", default=None, help="output folder (default {root}/exports/<run>)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=sorted(DTYPES),
-        help="dtype of the merged weights (default: the run's model dtype)",
-    )
-    p.add_argument("--device", default="cpu", help="where to merge (cpu; cuda needs the weights' size free)")
-
-
-def main(args) -> int:
-    sc = read_run(args.run_dir)
-    apply_job_env(Path(sc["root"]))
-    export_run(args.run_dir, args.out, dtype=args.dtype, device=args.device)
-    return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 from .io import atomic_write_text, config_id, read_json, verify_files
 
 log = logging.getLogger("vlaforget")
@@ -42,10 +43,8 @@ COMPLETION = {
 }
 
 
-class StaleInputError(RuntimeError):
+class StaleInputError(UserError, RuntimeError):
     """An input of a stage was made for another config."""
-
-    user_facing = True
 
 
 def completion_file(sc: dict) -> Path:
@@ -206,7 +205,7 @@ def _short(v) -> str:
 def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     """What differs between two stage configs, as a dry-run says it: the config keys (old -> new),
     the library files whose code changed (`code`), the inputs that were remade for another config."""
-    from .config import semantic_view
+    from .semantics import semantic_view
     from .io import LOCATION_KEYS, relocatable
 
     def view(sc):

@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .paths import resolve_root
 
 
-class GpuAllocationError(RuntimeError):
-    user_facing = True
+class GpuAllocationError(UserError, RuntimeError):
+    """No GPU slot could be allocated; the message names the locks / devices."""
 
 
 def visible_gpus() -> list[str]:

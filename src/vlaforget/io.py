@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 log = logging.getLogger("vlaforget")
 
 
@@ -169,7 +171,7 @@ def config_id(sc: dict, n: int = 12) -> str:
     """Identity of a stage config: its content with the data root factored out (a moved root keeps
     every id), including the ids of the inputs it expects (so a changed input changes it too), and
     without the keys that cannot change a result (config.NON_SEMANTIC)."""
-    from .config import semantic_view  # without the keys that cannot change a result
+    from .semantics import semantic_view  # without the keys that cannot change a result
 
     body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})
     return stable_hash(relocatable(body, sc.get("root"), sc.get("allowed_root")), n=n)
@@ -230,10 +232,8 @@ def progress(iterable=None, total=None, desc: str = "", **kw):
 # ----------------------------------------------------------------------------- one owner per output
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another live process holds the lock of a run directory / output."""
-
-    user_facing = True
 
 
 class DirLock:
@@ -282,10 +282,8 @@ class DirLock:
 # ----------------------------------------------------------------------------- verified inputs
 
 
-class CorruptInputError(RuntimeError):
+class CorruptInputError(UserError, RuntimeError):
     """A file a stage reads does not match the size / sha256 recorded when it was made."""
-
-    user_facing = True
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process

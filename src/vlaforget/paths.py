@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_ROOT = "/opt/data/private/vlaforget"
 DEFAULT_ALLOWED_ROOT = "/opt/data/private"
 
 
-class PathPolicyError(ValueError):
+class PathPolicyError(UserError, ValueError):
     """A configured path violates the data-root policy."""
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .errors import UserError
+
 # Published dense tensor-core TFLOP/s, bf16 (fp16 on the V100) with fp32 accumulation, vendor datasheets.
 GPU_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "rtx4090": 165.2, "a6000": 154.8, "v100": 125.0}
 
@@ -49,8 +51,8 @@ FORWARD_PER_TRAIN_SAMPLE = 0.25  # a no-grad forward ~ 1/4 of a checkpointed tra
 SUITE_TASKS_DEFAULT = 10
 
 
-class PlanError(ValueError):
-    user_facing = True
+class PlanError(UserError, ValueError):
+    """The study plan cannot be computed for this profile; the message names the key."""
 
 
 # ----------------------------------------------------------------------------- profile

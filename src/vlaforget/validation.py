@@ -14,7 +14,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .paths import PathPolicyError, check_under, resolve_allowed_root
+from .errors import ConfigError
+from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
 
 # decoder layers of the supported OpenVLA base (Llama-2-7B); the tiny backend says model.tiny.layers
 OPENVLA_LAYERS = 32
@@ -22,8 +23,6 @@ LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", 
 
 
 def _err(msg: str):
-    from .config import ConfigError
-
     return ConfigError(msg)
 
 
@@ -117,14 +116,13 @@ def _probe_capacity(cfg: dict) -> tuple[int, str] | None:
     from the demos config (metaworld; the split as data.heldout makes it)."""
     import json
 
-    from .config import layout
     from .data.cache import n_heldout_of_task, n_train_episodes, split_episodes
 
     ds = cfg["probe"].get("dataset")
     if not ds:
         return None
     split = cfg["probe"].get("split", "heldout")
-    manifest = layout(cfg).cache(ds) / "manifest.json"
+    manifest = Layout(resolve_root(cfg)).cache(ds) / "manifest.json"
     if manifest.exists():
         try:
             m = json.loads(manifest.read_text())

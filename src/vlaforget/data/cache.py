@@ -18,7 +18,6 @@ Cache dir layout (all arrays row-aligned over transitions, episodes contiguous i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..envs import resize_lanczos
-from ..io import log, progress, provenance, read_json, sha256_file, write_json
+from ..io import progress, provenance, read_json, sha256_file, write_json
 from .statistics import dataset_statistics
 from .transforms import resolve_transform
 
@@ -404,41 +403,3 @@ def select_shots(episodes: list[dict], shots: int, seed: int) -> list[dict]:
             )
         keep += [pos[j] for j in rng.choice(len(pos), size=shots, replace=False)]
     return [episodes[p] for p in sorted(keep)]
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="cache stage config (vlaforget stage-config)")
-
-
-def main(args) -> int:
-    from ..config import load_stage_config
-
-    sc = load_stage_config(args.config, "cache")
-    m = build_cache(
-        sc["rlds_dir"],
-        sc["out_dir"],
-        sc["dataset"],
-        int(sc["image_size"]),
-        float(sc.get("train_split", 0.95)),
-        sc.get("image_key", "observation/image"),
-        sc.get("state_key", "observation/state"),
-        extra={"stage_code": sc.get("code")},
-        transform=sc.get("transform"),
-        heldout=sc.get("heldout", "per_task"),
-    )
-    if m.get("heldout_note"):
-        log.warning("cache %s: %s", m["name"], m["heldout_note"])
-    log.info(
-        "cache %s: %d episodes (%d train, held out %s over %d tasks), %d transitions, %d tasks, actions: %s transform, %.1f s -> %s",
-        m["name"],
-        m["num_episodes"],
-        m["num_train_episodes"],
-        m["heldout_used"],
-        len(m["heldout_tasks"]),
-        m["num_transitions"],
-        len(m["tasks"]),
-        m["action_transform"]["name"],
-        m["seconds"],
-        sc["out_dir"],
-    )
-    return 0

@@ -17,19 +17,14 @@ with probe.pt, which is written first.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..gpus import pick_device
-from ..methods.icsm import MethodConfigError, MissingInput
+from ..errors import MethodConfigError, MissingInput
 
 log = logging.getLogger("vlaforget.probe")
 
@@ -51,18 +46,6 @@ def open_dataset(block: dict, split: str = "train"):
     from .cache import CachedDataset
 
     return CachedDataset(cache_dir, split=split)
-
-
-def load_teacher(model_block: dict, ds=None, device: str | None = None):
-    """The frozen teacher backend (no adapter), with the dataset's action statistics."""
-    from ..models import load_backend
-
-    stats = getattr(ds, "statistics", None) if ds is not None else None
-    backend = load_backend(model_block, device=pick_device(device), adapter_dir=None, stats=stats)
-    backend.model.eval()
-    for p in backend.model.parameters():
-        p.requires_grad_(False)
-    return backend
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -87,74 +70,6 @@ def probe_hash(indices: torch.Tensor, pooled: dict[int, torch.Tensor]) -> str:
         h.update(f"{layer}:".encode())
         h.update(sha256_tensor(pooled[layer]).encode())
     return h.hexdigest()
-
-
-@torch.no_grad()
-def pooled_states(
-    backend,
-    samples: Sequence[dict],
-    batch_size: int,
-    layers: Sequence[int] | None = None,
-    show_progress: bool = False,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Instruction-pooled residual-stream outputs of decoder `layers` (default: all) for `samples`:
-    ({layer: [N,D] f32 cpu}, empty [N]). Captured by forward hooks on the decoder layers
-    (methods.icsm.pooled_layer_states), i.e. before the final norm, also for the last layer."""
-    from ..io import progress
-    from ..methods.icsm import pooled_layer_states
-
-    L = int(backend.num_layers)
-    layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    acc: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    empties = []
-    rng = range(0, len(samples), batch_size)
-    for s0 in progress(rng, desc="probe forward") if show_progress else rng:
-        batch = backend.collate(list(samples[s0 : s0 + batch_size]), train=False)
-        pooled, empty = pooled_layer_states(backend, batch, layers)
-        for layer in layers:
-            acc[layer].append(pooled[layer].cpu())
-        empties.append(empty.cpu())
-    return {k: torch.cat(v) for k, v in acc.items()}, torch.cat(empties)
-
-
-def _norm_text(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def _tokenizer(backend):
-    tok = getattr(backend, "tokenizer", None)
-    if tok is None:
-        tok = getattr(getattr(backend, "processor", None), "tokenizer", None)
-    return tok
-
-
-@torch.no_grad()
-def audit_spans(backend, samples: Sequence[dict]) -> list[dict]:
-    """For each sample: raw instruction, the backend's decoded instruction span, and (when the backend
-    exposes a tokenizer) the tokens actually under instruction_mask, decoded from the collated batch."""
-    rows = []
-    if not samples:
-        return rows
-    batch = backend.collate(list(samples), train=False)
-    mask = batch["instruction_mask"].cpu()
-    n_img = int(backend.n_image_tokens)
-    tok = _tokenizer(backend)
-    for i, s in enumerate(samples):
-        raw = s["instruction"]
-        row: dict[str, Any] = {"instruction": raw, "n_mask_tokens": int(mask[i].sum())}
-        try:
-            row["span"] = backend.instruction_span(raw)
-        except Exception as e:  # noqa: BLE001 -- the audit records a failure instead of hiding it
-            row["span"] = None
-            row["span_error"] = repr(e)
-        if tok is not None:
-            text_mask = torch.cat([mask[i, :1], mask[i, 1 + n_img :]])
-            ids = batch["input_ids"][i].cpu()[text_mask.bool()]  # text coords: seq pos t >= 1 -> t - n_img
-            row["masked_tokens"] = tok.decode(ids.tolist())
-        span = row.get("masked_tokens", row.get("span"))
-        row["match"] = span is not None and _norm_text(span) == _norm_text(raw)
-        rows.append(row)
-    return rows
 
 
 def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()) -> dict:
@@ -209,115 +124,3 @@ def load_probe(d: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", required=True, help="probe stage config (vlaforget stage-config --stage probe)"
-    )
-
-
-def main(args) -> int:
-    from ..config import load_stage_config
-    from ..io import atomic_torch_save, provenance, seed_everything, write_json
-
-    sc = load_stage_config(args.config, "probe")
-    out = Path(sc["out_dir"])
-    seed = int(sc.get("seed", 0))
-    seed_everything(seed)
-    t0 = time.perf_counter()
-    split = sc.get("split", "heldout")
-    name = sc["dataset"].get("name")
-    trained = list(sc.get("trained_suites") or [])
-    if split in ("train", "all") and name in trained:
-        raise MethodConfigError(
-            f"probe.split '{split}' of {name}: study runs train on {name}, so the probe would be "
-            "trained on; use probe.split: heldout or a probe.dataset outside the study"
-        )
-    ds = open_dataset(sc["dataset"], split)
-    if len(ds) < int(sc["n"]):
-        raise MethodConfigError(
-            f"probe.n = {sc['n']} but the {split} split of {name} has only {len(ds)} transitions "
-            f"({len(getattr(ds, 'episodes', []))} episodes): lower probe.n, or use a probe.dataset no run trains on "
-            "with probe.split: train"
-        )
-    source = probe_source(sc["dataset"], split, ds, trained)
-    log.info("probe source: %s (%d episodes, tasks %s)", source["what"], source["n_episodes"], source["tasks"])
-    backend = load_teacher(sc["model"], ds)
-    idx = select_indices(len(ds), int(sc["n"]), seed)
-    samples = [ds[int(i)] for i in idx]
-    # the tasks the drawn probe transitions cover (source.tasks: those of the split it is drawn from)
-    per_task: dict = {}
-    for smp in samples:
-        per_task[smp.get("task")] = per_task.get(smp.get("task"), 0) + 1
-    source["probe_tasks"] = sorted(per_task, key=str)
-    source["probe_per_task"] = {str(t): per_task[t] for t in source["probe_tasks"]}
-    missing = sorted(set(source["tasks"] or []) - set(per_task), key=str)
-    if missing:
-        log.warning("probe: no sample of tasks %s of the %s split (raise probe.n)", missing, split)
-    t_load = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    pooled, empty = pooled_states(backend, samples, int(sc.get("batch_size", 8)), show_progress=True)
-    t_fwd = time.perf_counter() - t1
-    n_empty = int(empty.sum())
-    if n_empty == len(samples):
-        raise MethodConfigError(
-            "every probe sample has an empty instruction mask: the backend's instruction_mask "
-            "is broken (see audit in the model stage)"
-        )
-    h = probe_hash(idx, pooled)
-    probe = {
-        "indices": idx,
-        "dataset": dict(sc["dataset"]),
-        "split": split,
-        "source": source,
-        "seed": seed,
-        "pooled": pooled,
-        "empty": empty,
-        "n_empty": n_empty,
-        "instructions": [s["instruction"] for s in samples],
-        "num_layers": int(backend.num_layers),
-        "hidden_size": int(backend.hidden_size),
-        "hash": h,
-    }
-    atomic_torch_save(probe, out / "probe.pt")
-    rows = audit_spans(backend, samples[:N_AUDIT])
-    audit = {
-        "hash": h,
-        "n": len(samples),
-        "n_empty": n_empty,
-        "dataset": sc["dataset"].get("name"),
-        "split": split,
-        "source": source,
-        "layers_pooled": sorted(pooled),
-        "spans": rows,
-        "span_matches": sum(r["match"] for r in rows),
-        "spans_checked": len(rows),
-        "timings": {"load_s": round(t_load, 3), "forward_s": round(t_fwd, 3)},
-        **provenance(),
-    }
-    bad = [r for r in rows if not r["match"]]
-    if bad:
-        log.warning(
-            "instruction span audit: %d of %d decoded spans differ from the raw instruction, e.g. "
-            "%r vs %r (unknown words / wrong mask?): see audit.json",
-            len(bad),
-            len(rows),
-            bad[0].get("masked_tokens", bad[0].get("span")),
-            bad[0]["instruction"],
-        )
-    if n_empty:
-        log.warning(
-            "%d of %d probe samples have an empty instruction mask (pooled as zeros, excluded by ICSM)",
-            n_empty,
-            len(samples),
-        )
-    write_json(out / "audit.json", audit)  # completion file: last
-    log.info(
-        "probe set: %d samples, %d layers, hash %s (%.1fs)",
-        len(samples),
-        len(pooled),
-        h[:12],
-        time.perf_counter() - t0,
-    )
-    return 0

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import resize_lanczos
+from ..errors import UserError
 
 SUITE_MAX_STEPS = {
     "libero_spatial": 220,
@@ -49,12 +50,12 @@ CONFIG_KEYS = ("benchmark_root", "bddl_files", "init_states", "datasets", "asset
 INSTALL_HINT = "install it with `python -m vlaforget.envs.libero_setup` (see docs/evaluation.md)"
 
 
-class LiberoUnavailable(RuntimeError):
-    user_facing = True
+class LiberoUnavailable(UserError, RuntimeError):
+    """LIBERO (or its assets) is not installed where this job runs; the message says how to install it."""
 
 
-class LiberoConfigError(RuntimeError):
-    user_facing = True
+class LiberoConfigError(UserError, RuntimeError):
+    """A LIBERO setting does not fit the installed suites; the message names the key."""
 
 
 # ----------------------------------------------------------------------------- pure protocol

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+
 CORNER_CAMERAS = ("corner", "corner2", "corner3", "corner4")
 CAMERAS = CORNER_CAMERAS + ("topview", "behindGripper", "gripperPOV")
 STATE_DIM = 4  # hand xyz + gripper opening
@@ -38,10 +40,8 @@ RENDER_FIX = (
 )
 
 
-class RenderingUnavailable(RuntimeError):
+class RenderingUnavailable(UserError, RuntimeError):
     """No working headless OpenGL backend; the message says which package to install."""
-
-    user_facing = True
 
 
 def _egl_vendor_present() -> bool:

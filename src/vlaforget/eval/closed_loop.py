@@ -18,36 +18,18 @@ episodes: [...], videos: [...], timing, provenance}; videos go to `{root}/evals/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import load_stage_config
-from ..gpus import pick_device
-from ..io import provenance, write_json
+from ..settings import DEFAULT_MW_MAX_STEPS, EvalSettings
 from .rollout import Episode, make_episodes, run_episodes
 
 log = logging.getLogger("vlaforget.eval")
 
-DEFAULT_MW_SEED = 500000
-DEFAULT_MW_MAX_STEPS = 150
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config eval RUN@SUITE)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--num-envs",
-        type=int,
-        default=None,
-        help="override eval.num_envs (0 = the batch-1 sequential reference loop)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 class BackendPolicy:
@@ -82,13 +64,14 @@ class BackendPolicy:
         return np.asarray(self.backend.predict_actions(imgs, list(instructions), model=self.model))
 
 
-def load_stats(ecfg: dict) -> dict | None:
+def load_stats(ecfg: EvalSettings | dict) -> dict | None:
     """The suite's action statistics (dataset_statistics.json entry), or None (model's own)."""
-    path = Path(ecfg.get("stats_path") or "")
-    if not ecfg.get("stats_path") or not path.is_file():
+    e = EvalSettings.of(ecfg)
+    path = Path(e.stats_path or "")
+    if not e.stats_path or not path.is_file():
         return None
     data = json.loads(path.read_text())
-    key = ecfg.get("unnorm_dataset")
+    key = e.unnorm_dataset
     for k in (key, f"{key}_no_noops"):
         if k in data:
             return data[k]
@@ -117,29 +100,31 @@ def task_caps(max_steps, tasks) -> dict[str, int]:
     return {t: int(max_steps) for t in tasks}
 
 
-def world_of(ecfg: dict) -> str:
+def world_of(ecfg: EvalSettings | dict) -> str:
     """An eval block's world: Meta-World blocks name their tasks, LIBERO blocks take the suite's."""
-    return "metaworld" if ecfg.get("tasks") else "libero"
+    return EvalSettings.of(ecfg).world
 
 
 def build_episodes(
-    world: str, suite: str, e: dict, episodes_per_task: int | None = None, videos_per_task: int | None = None
+    world: str, suite: str, e: EvalSettings | dict, episodes_per_task: int | None = None,
+    videos_per_task: int | None = None
 ) -> tuple[Any, list[Episode], dict]:
     """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
-    n = int(episodes_per_task if episodes_per_task is not None else e["episodes_per_task"])
-    k = int(videos_per_task if videos_per_task is not None else e.get("videos_per_task", 0))
+    e = EvalSettings.of(e)
+    n = int(episodes_per_task if episodes_per_task is not None else e.episodes_per_task)
+    k = int(videos_per_task if videos_per_task is not None else e.videos_per_task)
     from ..envs.metaworld import MetaWorldFactory, configure_rendering
 
     configure_rendering()  # MUJOCO_GL (keeps the user's; else EGL or OSMesa): workers inherit it
     if world == "metaworld":
         from ..data.instructions import canonical_instruction
 
-        seed0 = int(e.get("seed", DEFAULT_MW_SEED))
-        tasks = list(e["tasks"])
-        caps = task_caps(e.get("max_steps", DEFAULT_MW_MAX_STEPS), tasks)
+        seed0 = e.seed
+        tasks = list(e.tasks)
+        caps = task_caps(DEFAULT_MW_MAX_STEPS if e.max_steps is None else e.max_steps, tasks)
         max_steps = max(caps.values()) if caps else DEFAULT_MW_MAX_STEPS
-        instr = {t: canonical_instruction(t, e.get("instructions") or {}) for t in tasks}
-        fac = MetaWorldFactory(camera=e["camera"], render_size=e["render_size"], max_steps=max_steps)
+        instr = {t: canonical_instruction(t, e.instructions) for t in tasks}
+        fac = MetaWorldFactory(camera=e.camera, render_size=e.render_size, max_steps=max_steps)
         eps = make_episodes(tasks, instr, n, lambda t, i: seed0 + i, suite=suite, videos_per_task=k)
         for ep in eps:
             ep.max_steps = caps[ep.task]  # the engine ends the episode at its task's cap
@@ -150,29 +135,29 @@ def build_episodes(
                 "world": "metaworld",
                 "seeds": [seed0, seed0 + n - 1],
                 "max_steps": caps if len(set(caps.values())) > 1 else max_steps,
-                "camera": e["camera"],
-                "render_size": e["render_size"],
+                "camera": e.camera,
+                "render_size": e.render_size,
             },
         )
     from ..envs import libero as L
 
     bench = suite.removesuffix("_no_noops")
-    L.ensure_libero_config(e.get("config_path"))  # workers inherit LIBERO_CONFIG_PATH
+    L.ensure_libero_config(e.config_path)  # workers inherit LIBERO_CONFIG_PATH
     tasks = L.suite_tasks(bench)
     if n > L.NUM_INIT_STATES:
         raise ValueError(
             f"eval.episodes_per_task = {n} but LIBERO has {L.NUM_INIT_STATES} init states per task"
         )
-    cap = int(e.get("max_steps") or L.max_steps_for(bench))  # max_steps: override for smoke tests only
+    cap = int(e.max_steps or L.max_steps_for(bench))  # max_steps: override for smoke tests only
     fac = L.LiberoFactory(
         bench,
-        config_dir=e.get("config_path"),
-        resolution=int(e.get("resolution", 256)),
-        image_size=int(e["image_size"]),
-        wait_steps=int(e.get("wait_steps", L.WAIT_STEPS)),
+        config_dir=e.config_path,
+        resolution=e.resolution,
+        image_size=int(e.image_size),
+        wait_steps=L.WAIT_STEPS if e.wait_steps is None else e.wait_steps,
         max_steps=cap,
     )
-    tasks = tasks[: int(e["n_tasks"])] if e.get("n_tasks") else tasks  # n_tasks: smoke tests only
+    tasks = tasks[: e.n_tasks] if e.n_tasks else tasks  # n_tasks: smoke tests only
     names = [t["name"] for t in tasks]
     eps = make_episodes(
         names, {t["name"]: t["language"] for t in tasks}, n, lambda t, i: i, suite=suite, videos_per_task=k
@@ -185,14 +170,14 @@ def build_episodes(
             "benchmark": bench,
             "init_states": [0, n - 1],
             "max_steps": cap,
-            "wait_steps": int(e.get("wait_steps", L.WAIT_STEPS)),
+            "wait_steps": L.WAIT_STEPS if e.wait_steps is None else e.wait_steps,
         },
     )
 
 
 def evaluate_model(
     backend,
-    ecfg: dict,
+    ecfg: EvalSettings | dict,
     model=None,
     episodes_per_task: int | None = None,
     num_envs: int | None = None,
@@ -203,87 +188,16 @@ def evaluate_model(
     ecfg: an eval block (config.eval_block; the train stage's `periodic_eval`). `model`: the module to
     run (e.g. the PEFT-wrapped training model; eval mode is set by predict_actions). No videos unless
     video_dir. Returns run_episodes' result dict (success_rate, per_task, episodes, timing)."""
-    fac, episodes, _ = build_episodes(
-        world_of(ecfg), ecfg["suite"], ecfg, episodes_per_task, 0 if video_dir is None else None
-    )
-    policy = BackendPolicy(
-        backend, image_size=ecfg.get("image_size"), center_crop=bool(ecfg.get("center_crop")), model=model
-    )
-    n = int(ecfg.get("num_envs", 1) if num_envs is None else num_envs)
+    e = EvalSettings.of(ecfg)
+    fac, episodes, _ = build_episodes(e.world, e.suite, e, episodes_per_task, 0 if video_dir is None else None)
+    policy = BackendPolicy(backend, image_size=e.image_size, center_crop=e.center_crop, model=model)
+    n = e.num_envs if num_envs is None else int(num_envs)
     return run_episodes(
         fac,
         policy,
         episodes,
         num_envs=n,
         video_dir=video_dir,
-        desc=f"eval {ecfg['suite']}",
-        groups=int(ecfg.get("pipeline_groups", 1)),
+        desc=f"eval {e.suite}",
+        groups=e.pipeline_groups,
     )
-
-
-def main(args) -> int:
-    sc = load_stage_config(args.config, "eval")
-    e = sc["eval"]
-    out_file = Path(sc["out_file"])
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    t0 = time.perf_counter()
-    fac, episodes, protocol = build_episodes(sc["world"], sc["suite"], e)
-
-    from ..models import load_backend
-
-    stats = load_stats(e)
-    model_block = dict(sc["model"])
-    if stats is None:
-        model_block.setdefault("unnorm_key", e.get("unnorm_dataset"))
-        log.info("no statistics file at %s: using the model's own statistics", e.get("stats_path"))
-    backend = load_backend(model_block, device=device, adapter_dir=sc.get("adapter_dir"), stats=stats)
-    load_s = time.perf_counter() - t0
-    policy = BackendPolicy(backend, image_size=e.get("image_size"), center_crop=bool(e.get("center_crop")))
-    num_envs = e["num_envs"] if args.num_envs is None else args.num_envs
-    video_dir = out_file.parent / "videos" / sc["suite"]
-    log.info(
-        "eval %s on %s: %d episodes, %d envs, device %s",
-        sc["run_name"],
-        sc["suite"],
-        len(episodes),
-        num_envs,
-        device,
-    )
-    res = run_episodes(
-        fac,
-        policy,
-        episodes,
-        num_envs=num_envs,
-        video_dir=video_dir,
-        fps=30 if protocol["world"] == "libero" else 20,
-        desc=f"eval {sc['suite']}",
-        groups=int(e.get("pipeline_groups", 1)),
-    )
-    res["timing"]["load_s"] = round(load_s, 3)
-    out = {
-        "run": sc["run_name"],
-        "suite": sc["suite"],
-        "world": sc["world"],
-        "adapter_dir": sc.get("adapter_dir"),
-        "device": device,
-        "protocol": protocol,
-        "episodes_per_task": int(e["episodes_per_task"]),
-        "center_crop": bool(e.get("center_crop")),
-        "stats": "suite" if stats is not None else "model",
-        **res,
-        "provenance": {**provenance(), "stage_code": sc.get("code")},
-    }
-    write_json(out_file, out)  # the completion file, last
-    log.info(
-        "%s@%s: success %.3f over %d episodes (%.1f ms/env step)",
-        sc["run_name"],
-        sc["suite"],
-        out["success_rate"],
-        out["n_episodes"],
-        res["timing"]["ms_per_env_step"],
-    )
-    return 0

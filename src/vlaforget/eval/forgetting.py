@@ -47,31 +47,21 @@ cka_craft_layer_image, craft_layer, n_drift, layers, probe_hash, probe_source, t
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import load_stage_config
-from ..io import progress, provenance, write_json
+from ..io import progress
 from . import metrics as M
 
 log = logging.getLogger("vlaforget.forgetting")
 
 DEFAULT_VQA_N = 256
-DEFAULT_BATCH = 16
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config forgetting RUN)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"forward batch (default {DEFAULT_BATCH})")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -199,7 +189,7 @@ def representation_metrics(teacher_pooled: dict, student_pooled: dict, icsm) -> 
 def craft_decoder_layer(craft_layer: int, num_layers: int) -> int:
     """The decoder layer whose output is CRaFT's constrained state: `craft.layer` is a hidden_states
     index (methods/craft.py; −2 = hidden_states[L−1] = output of decoder layer L−2). Measured here in
-    the residual stream at that layer's output, before any final norm (methods.icsm.layer_outputs), the
+    the residual stream at that layer's output, before any final norm (models.features.layer_outputs), the
     space of the representative-layer drift; for craft.layer = L / −1 that is decoder layer L−1 before
     the final norm HF applies to hidden_states[L]."""
     L = int(num_layers)
@@ -226,7 +216,7 @@ def craft_layer_states(backend, samples: Sequence[dict], batch_size: int, decode
     over the instruction tokens (the representative layers' pooling) and over the image tokens (the
     CRaFT anchors' default pooling, methods.craft.pool_features)."""
     from ..methods.craft import pool_features
-    from ..methods.icsm import layer_outputs
+    from ..models.features import layer_outputs
 
     acc: dict[str, list[torch.Tensor]] = {p: [] for p in CRAFT_POOLINGS}
     layers = backend.decoder_layers()
@@ -263,147 +253,3 @@ def _free(backend) -> None:
 
 
 # ----------------------------------------------------------------------------- stage
-
-
-def main(args) -> int:
-    from ..data.probe import load_probe
-    from ..methods.icsm import load_icsm
-    from ..models import load_backend
-    from .closed_loop import pick_device
-
-    sc = load_stage_config(args.config, "forgetting")
-    device = pick_device(args.device)
-    bs = int(args.batch_size or sc.get("batch_size", DEFAULT_BATCH))
-    t0 = time.perf_counter()
-    probe = load_probe(sc["probe_dir"])
-    icsm = load_icsm(sc["icsm_dir"])
-    layers = icsm.reps
-    samples, rows = probe_samples(probe, int(sc.get("drift_samples", 256)))
-    if len(samples) < 2:
-        raise ValueError(f"only {len(samples)} usable probe samples: drift and CKA need at least 2")
-    teacher_pooled = {layer: probe["pooled"][layer][rows] for layer in layers}
-    from ..data.probe import open_dataset
-
-    stats = open_dataset(probe["dataset"], probe.get("split", "train")).statistics
-    if sc.get("vqa_jsonl"):
-        vqa = read_vqa_file(
-            sc["vqa_jsonl"], sc.get("vqa_n"), sc.get("vqa_image_size", 224), sc.get("vqa_categories") or ()
-        )
-    elif sc.get("vqa_datasets"):
-        vqa = vqa_from_caches(
-            sc["vqa_datasets"],
-            int(sc.get("vqa_n", DEFAULT_VQA_N)),
-            int(sc.get("seed", 0)),
-            sc.get("camera", "corner3"),
-        )
-    else:
-        vqa = []
-        log.info("no VQA set configured (eval.forgetting.vqa_jsonl is null): general-skill accuracy skipped")
-    timing = {"inputs_s": round(time.perf_counter() - t0, 3)}
-
-    from .vqa_mc import mc_metrics, score_mc
-
-    mcq = [s for s in vqa if s.get("candidates")]
-    adapter = sc.get("adapter_dir")
-    t = time.perf_counter()
-    craft_layer = int(sc.get("craft_layer", -2))
-    if adapter:
-        teacher = load_backend(sc["model"], device=device, adapter_dir=None, stats=stats)
-        tv = vqa_pass(teacher, vqa, bs)
-        t_mc = score_mc(teacher, mcq, bs)
-        craft_dec = craft_decoder_layer(craft_layer, teacher.num_layers)
-        t_craft = craft_layer_states(teacher, samples, bs, craft_dec)
-        _free(teacher)
-        teacher = None
-    timing["teacher_s"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    from ..data.probe import pooled_states
-
-    student = load_backend(sc["model"], device=device, adapter_dir=adapter, stats=stats)
-    sv = vqa_pass(student, vqa, bs)
-    s_mc = score_mc(student, mcq, bs)
-    craft_dec = craft_decoder_layer(craft_layer, student.num_layers)
-    s_craft = craft_layer_states(student, samples, bs, craft_dec)
-    if not adapter:
-        tv, t_mc, t_craft = sv, s_mc, s_craft
-    student_pooled, _ = pooled_states(student, samples, bs, layers=layers)
-    _free(student)
-    student = None
-    timing["student_s"] = round(time.perf_counter() - t, 3)
-
-    golds = [s["answer"] for s in vqa]
-    acc = M.vqa_accuracy(sv["answers"], golds) if vqa else None
-    acc_t = M.vqa_accuracy(tv["answers"], golds) if vqa else None
-    by_kind: dict[str, dict] = {}
-    for s, p, pt in zip(vqa, sv["answers"], tv["answers"]):
-        k = by_kind.setdefault(s["kind"], {"n": 0, "student": 0, "teacher": 0})
-        k["n"] += 1
-        k["student"] += M.answer_match(p, s["answer"])
-        k["teacher"] += M.answer_match(pt, s["answer"])
-    for k in by_kind.values():
-        k["student"], k["teacher"] = k["student"] / k["n"], k["teacher"] / k["n"]
-    kl = M.kl_teacher_student(tv["logprobs"], sv["logprobs"]) if vqa else None
-    mc = mc_metrics(mcq, s_mc, t_mc)
-    rep = representation_metrics(teacher_pooled, student_pooled, icsm)
-    drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
-    craft_basis = icsm.layers[craft_dec].U if icsm is not None and craft_dec in icsm.layers else None
-    cl = craft_layer_metrics(t_craft, s_craft, craft_basis)
-    out = {
-        "run": sc["run_name"],
-        "adapter_dir": adapter,
-        "device": device,
-        "vqa_accuracy": acc,
-        "vqa_accuracy_teacher": acc_t,
-        "vqa_retention": M.retention_ratio(acc, acc_t) if vqa else None,
-        "vqa_by_kind": by_kind,
-        "vqa_kl": kl,
-        "n_vqa": len(vqa),
-        "vqa_mc": mc,
-        "vqa_mc_accuracy": mc["accuracy"],
-        "vqa_mc_accuracy_teacher": mc["accuracy_teacher"],
-        "vqa_mc_retention": mc["retention"],
-        "vqa_mc_kl": mc["kl"],
-        "vqa_source": "jsonl" if sc.get("vqa_jsonl") else ("caches" if vqa else None),
-        "examples": [
-            {"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
-            for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]
-        ],
-        "drift": {str(k): v for k, v in rep["drift"].items()},
-        "cka": {str(k): v for k, v in rep["cka"].items()},
-        "drift_mean": drift_means["normalized"],
-        "drift_means": drift_means,
-        "cka_mean": _mean(rep["cka"].values()),
-        "drift_craft_layer": cl["mean_instruction_tokens"]["drift"]["normalized"],
-        "cka_craft_layer": cl["mean_instruction_tokens"]["cka"],
-        "drift_craft_layer_image": cl["mean_image_tokens"]["drift"]["normalized"],
-        "cka_craft_layer_image": cl["mean_image_tokens"]["cka"],
-        "craft_layer": {
-            "craft_layer": craft_layer,
-            "decoder_layer": craft_dec,
-            "space": "residual stream at the decoder layer's output, before any final norm",
-            "teacher": "teacher forward in this stage (same samples)",
-            "by_pooling": cl,
-        },
-        "n_drift": len(samples),
-        "layers": layers,
-        "probe_hash": probe.get("hash"),
-        "probe_source": probe.get("source") or {"dataset": probe["dataset"].get("name"),
-                                                "split": probe.get("split", "train")},
-        "timing": timing,
-        "provenance": {**provenance(), "stage_code": sc.get("code")},
-    }
-    write_json(sc["out_file"], out)  # the completion file, last
-    log.info(
-        "forgetting %s: vqa %.3f (teacher %.3f), kl %.4f, drift %.4f, cka %.4f, "
-        "CRaFT layer %d: drift %.4f, cka %.4f",
-        sc["run_name"],
-        acc if acc is not None else float("nan"),
-        acc_t if acc_t is not None else float("nan"),
-        kl if kl is not None else float("nan"),
-        out["drift_mean"],
-        out["cka_mean"],
-        craft_dec,
-        out["drift_craft_layer"],
-        out["cka_craft_layer"],
-    )
-    return 0

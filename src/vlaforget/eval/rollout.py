@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import progress
 
 Policy = Callable[[np.ndarray, "list[str]"], np.ndarray]
@@ -41,8 +42,8 @@ Policy = Callable[[np.ndarray, "list[str]"], np.ndarray]
 CLOSE_TIMEOUT_S = 10.0  # workers still alive this long after "close" are terminated
 
 
-class RolloutError(RuntimeError):
-    user_facing = True
+class RolloutError(UserError, RuntimeError):
+    """A closed-loop rollout failed (env / worker); the message names the cause."""
 
 
 @dataclass

@@ -24,7 +24,6 @@ student / teacher accuracy (None — "retention undefined" — where the teacher
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -261,25 +260,3 @@ def mc_metrics(samples: Sequence[dict], student: Sequence[np.ndarray], teacher: 
 
 
 # ----------------------------------------------------------------------------- CLI (vqa-convert)
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*_questions.json)"
-    )
-    p.add_argument(
-        "--annotations", required=True, help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json)"
-    )
-    p.add_argument("--images", required=True, help="folder of the COCO images")
-    p.add_argument("--out", required=True, help="output JSONL (eval.forgetting.vqa_jsonl)")
-    p.add_argument("--candidates", type=int, default=4, help="candidates per number/other question")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def main(args) -> int:
-    n = convert_vqav2(
-        args.questions, args.annotations, args.images, args.out, args.candidates, args.limit, args.seed
-    )
-    print(f"wrote {n} questions to {args.out}")
-    return 0

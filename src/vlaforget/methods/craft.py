@@ -12,16 +12,14 @@ Formulas: docs/methods.md.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .icsm import MethodConfigError, MissingInput
+from ..errors import MethodConfigError, MissingInput
 
 log = logging.getLogger("vlaforget.craft")
 
@@ -167,7 +165,7 @@ def pool_features(hidden: torch.Tensor, batch: dict, pooling: str, n_image_token
     mean_instruction_tokens = mean over batch['instruction_mask'] (empty -> zeros);
     mean_all = mean over every non-padding position of the prompt (`prompt_mask`): the ground-truth
     action tokens and </s>, which the policy never sees as input at inference, are excluded."""
-    from .icsm import pool_instruction
+    from ..models.features import pool_instruction
 
     S = hidden.shape[1]
     if pooling == "mean_image_tokens":
@@ -224,9 +222,6 @@ def anchor_features(
     return {p: torch.cat(v) for p, v in acc.items()}
 
 
-# the probe stage's loaders (same cache check, same frozen teacher); module names so tests can patch them
-from ..data.probe import load_teacher, open_dataset
-
 
 def check_anchors(anchors: dict, *, hidden_size: int, num_layers: int, pooling: str, where: str,
                   layer: int | None = None, dtype: str | None = None, shots: int | None = None,
@@ -268,67 +263,3 @@ def load_anchors(d: str | Path) -> dict:
     if not (d / "anchors.pt").exists():
         raise MissingInput(f"{d}/anchors.pt not found: run the craft-anchors stage first")
     return torch.load(d / "anchors.pt", map_location="cpu", weights_only=True)
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="craft_anchors stage config")
-
-
-def main(args) -> int:
-    import hashlib
-
-    from ..config import load_stage_config
-    from ..io import atomic_torch_save, provenance, seed_everything, sha256_tensor
-
-    sc = load_stage_config(args.config, "craft_anchors")
-    c = sc.get("craft") or {}
-    pooling = c.get("pooling", "mean_image_tokens")
-    if pooling not in POOLINGS:
-        raise MethodConfigError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
-    seed = int(sc.get("seed", 0))
-    seed_everything(seed)
-    t0 = time.perf_counter()
-    ds = open_dataset(sc["dataset"], "train")
-    shots, shots_seed = sc.get("shots"), sc.get("shots_seed")
-    if shots:  # a few-shot run's anchors come from the few-shot subset it trains on
-        from ..data.cache import CachedDataset
-
-        ds = CachedDataset(sc["dataset"]["cache_dir"], split="train", shots=int(shots), seed=int(shots_seed))
-    backend = load_teacher(sc["model"], ds)
-    L = int(backend.num_layers)
-    layer = int(c.get("layer", -2))
-    if not -(L + 1) <= layer <= L:
-        raise MethodConfigError(
-            f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
-            f"(valid: {-(L + 1)}..{L})"
-        )
-    idx = select_anchor_indices(len(ds), int(c.get("n_anchors", 512)), seed)
-    samples = [ds[int(i)] for i in idx]
-    feats = anchor_features(backend, samples, layer, int(c.get("batch_size", 8)), show_progress=True)
-    h = hashlib.sha256(sha256_tensor(idx).encode())
-    for p in POOLINGS:
-        h.update(sha256_tensor(feats[p]).encode())
-    anchors = {
-        "indices": idx,
-        "features": feats[pooling],
-        "features_by_pooling": feats,
-        "layer": layer,
-        "layer_abs": layer % (L + 1),
-        "pooling": pooling,
-        "dataset": dict(sc["dataset"]),
-        "split": "train",
-        "shots": int(shots) if shots else None,
-        "shots_seed": int(shots_seed) if shots else None,
-        "seed": seed,
-        "hash": h.hexdigest(),
-        "hidden_size": int(backend.hidden_size),
-        "num_layers": L,
-        "model_dtype": (sc.get("model") or {}).get("dtype"),
-        "timings": {"total_s": round(time.perf_counter() - t0, 3)},
-        **provenance(),
-    }
-    atomic_torch_save(anchors, Path(sc["out_dir"]) / "anchors.pt")  # completion file
-    log.info(
-        "anchors: %d samples, layer %d, pooling %s, %.1fs", len(idx), layer, pooling, time.perf_counter() - t0
-    )
-    return 0

@@ -3,7 +3,7 @@
 Pure functions (no model needed) plus the `icsm` stage. Formulas and the split rule: docs/methods.md.
 
 Pipeline per representative layer `rep` (decoder-layer index). Every statistic lives in ONE space: the
-residual stream at the output of decoder layer `rep`, before any final norm (`layer_outputs`, a forward
+residual stream at the output of decoder layer `rep`, before any final norm (`models.features.layer_outputs`, a forward
 hook on the layer; HF's hidden_states[L] of the last layer has the final RMSNorm applied, so it is
 never used):
   pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
@@ -14,31 +14,20 @@ never used):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import MethodConfigError, MissingInput
+from ..settings import DEFAULT_ICSM_R
+
 log = logging.getLogger("vlaforget.icsm")
-
-
-class MissingInput(FileNotFoundError):
-    """An upstream artifact is missing; the message names the stage to run (shown without traceback)."""
-
-    user_facing = True
-
-
-class MethodConfigError(ValueError):
-    """A method setting does not fit the model / data; the message names the key and the fix."""
-
-    user_facing = True
 
 
 EPSILON_RULE = (
@@ -47,87 +36,6 @@ EPSILON_RULE = (
     "fragile = first round(fragile_frac * r') directions, plastic = the next round(plastic_frac * r'), "
     "null = the rest of the r' kept directions plus the orthogonal complement of the SVD basis"
 )
-
-
-# ----------------------------------------------------------------------------- pooling
-
-
-def pool_instruction(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of `hidden` [B,S,D] over the positions where `mask` [B,S] is true.
-
-    Returns (pooled [B,D] float32, empty [B] bool). Rows with an empty mask get zeros and are flagged
-    (never a division by zero); callers count them.
-    """
-    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"pool_instruction: hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} "
-            "must be [B,S,D] and [B,S]"
-        )
-    m = mask.to(device=hidden.device, dtype=torch.float32)
-    count = m.sum(dim=1)  # [B]
-    summed = torch.einsum("bsd,bs->bd", hidden.float(), m)
-    empty = count == 0
-    pooled = summed / count.clamp(min=1.0).unsqueeze(1)
-    pooled = torch.where(empty.unsqueeze(1), torch.zeros_like(pooled), pooled)
-    return pooled, empty
-
-
-# ----------------------------------------------------------------------------- residual stream
-
-
-@contextmanager
-def layer_outputs(layers, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture the outputs of decoder layers `indices` (forward hooks on `layers[i]`) during the
-    forwards run inside the block: {layer: hidden [B,S,D]} = the residual stream at the layer's output,
-    before any final norm. Unlike HF's `hidden_states` (whose last entry is normed for the last layer)
-    this is the same space for every layer, and the forward needs no output_hidden_states (which keeps
-    every layer's states alive)."""
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make(i: int):
-        def hook(module, args, output):
-            store[i] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    try:
-        for i in indices:
-            handles.append(layers[int(i)].register_forward_hook(make(int(i))))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def pooled_layer_states(backend, batch: dict, layers: Sequence[int], model=None) -> tuple[dict, torch.Tensor]:
-    """One forward of `batch`; instruction-pooled residual-stream outputs of `layers`:
-    ({layer: [B,D] float32}, empty [B]). The space of the probe set, the ICSM statistics, the
-    Thermostat's drift and the forgetting stage's drift / CKA."""
-    last = max(int(i) for i in layers)
-
-    class _Stop(Exception):
-        pass
-
-    layer_list = backend.decoder_layers(model)
-    with layer_outputs(layer_list, layers) as hs:
-        # stop the forward after the deepest asked layer: no later layers, no logits
-        h = layer_list[last].register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop()))
-        try:
-            backend.forward(batch, model=model)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-    missing = [i for i in layers if int(i) not in hs]
-    if missing:
-        raise RuntimeError(f"decoder layers {missing} did not run in the forward pass")
-    out, empty = {}, None
-    for i in layers:
-        out[int(i)], empty = pool_instruction(hs[int(i)], batch["instruction_mask"])
-    if empty is None:
-        empty = torch.zeros(batch["instruction_mask"].shape[0], dtype=torch.bool)
-    return out, empty
 
 
 # ----------------------------------------------------------------------------- layer groups
@@ -578,15 +486,11 @@ def spread_subset(indices: torch.Tensor, n: int) -> torch.Tensor:
     return indices[pos]
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="icsm stage config (vlaforget stage-config --stage icsm)")
-
-
 def compute_layer(
     backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict, show_progress: bool = False
 ) -> dict[str, Any]:
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
-    sv = svd_directions(pooled, int(icfg.get("r", 128)))
+    sv = svd_directions(pooled, int(icfg.get("r") or DEFAULT_ICSM_R))
     t0 = time.perf_counter()
     # one extra all-zero direction measures the numerical noise floor of the KL (batched bf16 forwards
     # are not bit-identical to the unbatched reference); it costs 1/r more
@@ -631,150 +535,3 @@ def resolved_scores(scores: torch.Tensor, floor: float, factor: float = 10.0) ->
     """Scores used for the order: those not above factor * floor are set to 0, so the stable sort
     keeps the variance order among directions whose KL is indistinguishable from rounding."""
     return torch.where(scores > factor * floor, scores, torch.zeros_like(scores))
-
-
-def main(args) -> int:
-    from ..config import load_stage_config
-    from ..data import probe as probe_mod
-    from ..io import atomic_torch_save, provenance, seed_everything, sha256_file, sha256_tensor, write_json
-    from .figures import plot_icsm_spectrum
-
-    sc = load_stage_config(args.config, "icsm")
-    icfg = sc.get("icsm") or {}
-    out = Path(sc["out_dir"])
-    t_start = time.perf_counter()
-    probe_dir = Path(sc["probe_dir"])
-    probe = probe_mod.load_probe(probe_dir)
-    seed_everything(int(probe.get("seed", 0)))
-    ds = probe_mod.open_dataset(probe["dataset"], probe.get("split", "train"))
-    backend = probe_mod.load_teacher(sc["model"], ds)
-    L = int(backend.num_layers)
-    groups = layer_groups(L, override=icfg.get("groups"), layers=icfg.get("layers", "auto"))
-    reps = representative_layers(groups)
-    missing = [r for r in reps if r not in probe["pooled"]]
-    if missing:
-        raise MethodConfigError(
-            f"probe set {probe_dir} has no pooled states for layers {missing}: rerun the probe stage"
-        )
-    empty = (
-        probe["empty"].bool() if "empty" in probe else torch.zeros(len(probe["indices"]), dtype=torch.bool)
-    )
-    keep = ~empty  # empty instruction masks: excluded from the SVD and the sensitivity samples
-    # n_sens non-empty probes evenly spaced over the (sorted) probe set, so they cover every task
-    sens_idx = spread_subset(probe["indices"][keep], int(icfg.get("sensitivity_samples", 128)))
-    n_sens = int(sens_idx.numel())
-    samples = [ds[int(i)] for i in sens_idx]
-    out.mkdir(parents=True, exist_ok=True)
-    layers_meta: dict[str, Any] = {}
-    hashes: dict[str, str] = {}
-    timings: dict[str, float] = {}
-    for rep in reps:
-        X = probe["pooled"][rep].float()[keep]
-        res = compute_layer(backend, X, samples, rep, icfg, show_progress=True)
-        sp = res["split"]
-        tensors = {
-            f"U{rep}_f.pt": sp["U_f"],
-            f"U{rep}_p.pt": sp["U_p"],
-            f"mu{rep}.pt": res["mu"],
-            f"C_T{rep}.pt": res["C_T"],
-        }
-        for name, t in tensors.items():
-            atomic_torch_save(t.contiguous(), out / name)
-            hashes[name] = sha256_tensor(t)
-        basis = {
-            "U": res["U"],
-            "S": res["S"],
-            "std": res["std"],
-            "explained": res["explained"],
-            "scores": res["scores"],
-            "order": sp["order"],
-        }
-        atomic_torch_save(basis, out / f"basis{rep}.pt")
-        hashes[f"basis{rep}.pt"] = sha256_file(out / f"basis{rep}.pt")
-        plot_icsm_spectrum(
-            out / f"spectrum{rep}.png",
-            res["scores"],
-            res["explained"],
-            sp["order"],
-            sp["n_f"],
-            sp["n_p"],
-            rep,
-            floor=res["kl_noise_floor"],
-        )
-        top = sp["order"][: min(5, len(sp["order"]))].tolist()
-        layers_meta[str(rep)] = {
-            "D": int(X.shape[1]),
-            "n_probe": int(X.shape[0]),
-            "r": int(res["U"].shape[1]),
-            "n_f": sp["n_f"],
-            "n_p": sp["n_p"],
-            "n_null": sp["n_null"],
-            "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "explained_top_r": float(res["explained"].sum()),
-            "kl_max": float(res["scores"].max()),
-            "kl_median": float(res["scores"].median()),
-            "kl_min": float(res["scores"].min()),
-            "kl_noise_floor": res["kl_noise_floor"],
-            "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
-            "top_fragile_variance_ranks": top,
-            "spearman_kl_vs_variance_rank": _spearman(
-                res["scores"], -torch.arange(len(res["scores"])).float()
-            ),
-        }
-        timings[f"sensitivity_L{rep}_s"] = round(res["t_sensitivity_s"], 3)
-        log.info(
-            "layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)",
-            rep,
-            res["U"].shape[1],
-            sp["n_f"],
-            sp["n_p"],
-            layers_meta[str(rep)]["kl_max"],
-            layers_meta[str(rep)]["kl_median"],
-            res["t_sensitivity_s"],
-        )
-    timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    meta = {
-        "num_layers": L,
-        "hidden_size": int(backend.hidden_size),
-        "groups": groups,
-        "rep_layers": reps,
-        "r": int(icfg.get("r", 128)),
-        "alpha": float(icfg.get("alpha", 1.0)),
-        "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
-        "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
-        "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
-        "(residual stream before any final norm)",
-        "space": "residual stream at the decoder layer's output, before any final norm (forward hook)",
-        "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
-        f"{n_sens} probe samples",
-        "sensitivity_samples": n_sens,
-        "direction_batch": int(icfg.get("direction_batch", 16)),
-        "fragile_frac": float(icfg.get("fragile_frac", 0.25)),
-        "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
-        "epsilon": EPSILON_RULE,
-        "probe_hash": probe["hash"],
-        "probe_dir": str(probe_dir),
-        "probe_dataset": probe["dataset"].get("name"),
-        "probe_split": probe.get("split", "train"),
-        "probe_source": probe.get("source"),
-        "n_probe": len(probe["indices"]),
-        "n_empty": int(probe.get("n_empty", 0)),
-        "layers": layers_meta,
-        "tensor_hashes": hashes,
-        "timings": timings,
-        "model": sc["model"],
-        **provenance(),
-    }
-    write_json(out / "meta.json", meta)  # completion file: last
-    log.info("ICSM artifacts in %s (%.1fs)", out, timings["total_s"])
-    return 0
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() < 2:
-        return float("nan")
-    ra = torch.argsort(torch.argsort(a.double())).double()
-    rb = torch.argsort(torch.argsort(b.double())).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = ra.norm() * rb.norm()
-    return float((ra @ rb) / den) if den > 0 else float("nan")

@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .base import VLABackend, images_to_uint8, unwrap_model
 
 EMPTY_TOKEN = "▁"  # sentencepiece's bare space; openvla's predict_action appends id 29871
 DEFAULT_EMPTY_ID = 29871
 
 
-class OpenVLAUnavailable(RuntimeError):
-    user_facing = True
+class OpenVLAUnavailable(UserError, RuntimeError):
+    """The OpenVLA model or its stack cannot be loaded offline; the message says what is missing."""
 
 
 def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
@@ -212,11 +213,12 @@ class OpenVLABackend(VLABackend):
                 "tokenizers==0.19.1 timm==0.9.16 peft==0.11.1; check with `vlaforget preflight`"
             ) from e
 
+        from ..settings import model_dtype
         from . import torch_dtype
 
         cache_dir = model_block.get("cache_dir")
         path = resolve_model_path(str(model_block["path"]), cache_dir)
-        dtype = torch_dtype(model_block.get("dtype", "bf16"))
+        dtype = torch_dtype(model_dtype(model_block))
         kw: dict[str, Any] = {"trust_remote_code": True, "torch_dtype": dtype}
         if cache_dir:
             kw["cache_dir"] = cache_dir

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import parse_run_name, run_name
+from ..errors import UserError
 from ..eval.metrics import libero_lifelong_metrics
-from ..io import atomic_write_text
-from .tables import load_evals, summarize
+from .tables import summarize
 
 METRICS = [("fwt", "FWT ↑"), ("nbt", "NBT ↓"), ("auc", "AUC ↑"), ("final_acc", "final mean success")]
 
 
-class LifelongInputError(ValueError):
+class LifelongInputError(UserError, ValueError):
     """A chain's evaluation is missing (a stage not evaluated on a chain suite)."""
 
 
@@ -161,17 +161,3 @@ def to_markdown(rows: list[dict], suites: list[str]) -> str:
             lines.append(f"| {lab} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
-
-def main(args) -> int:
-    suites = [s for s in (args.chain_suites or []) if s]
-    if len(suites) < 2:
-        raise LifelongInputError("table --kind lifelong needs --chain-suites with two or more suites")
-    run_dirs = {Path(d).name: d for d in (args.run_dirs or []) if d}
-    rows, detail = build(load_evals(args.inputs), suites, run_dirs)
-    out = Path(args.out)
-    atomic_write_text(out.with_suffix(".md"), to_markdown(rows, suites))
-    atomic_write_text(out.with_suffix(".json"), json.dumps(detail, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out, to_csv(rows))
-    print(f"wrote {out} ({len(rows)} methods, {len(detail)} chains), {out.with_suffix('.md')}, "
-          f"{out.with_suffix('.json')}")
-    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import parse_run_name
-from ..io import atomic_write_text, read_json
+from ..io import read_json
 
 # (column, label in the Markdown table). Retention = run / teacher, per seed, then aggregated.
 METRICS = [
@@ -311,27 +311,3 @@ def read_table(path: str | Path) -> list[dict]:
                     out[k] = float(v) if v not in ("", None, UNDEFINED_CSV) else float("nan")
             rows.append(out)
     return rows
-
-
-def add_args(p) -> None:
-    p.add_argument("--kind", required=True, choices=["main", "fewshot", "ablation", "lifelong"])
-    p.add_argument("--chain-suites", nargs="*", default=[], help="lifelong: study.chain.suites, in order")
-    p.add_argument("--run-dirs", nargs="*", default=[],
-                   help="lifelong: run dirs (periodic evals in metrics.jsonl)")
-    p.add_argument("--inputs", nargs="*", default=[], help="eval JSON files (runs and the teacher)")
-    p.add_argument("--upstream-suites", nargs="*", default=[], help="suites that measure upstream retention")
-    p.add_argument("--out", required=True, help="CSV path; the Markdown copy goes beside it (.md)")
-
-
-def main(args) -> int:
-    if args.kind == "lifelong":  # report/lifelong.py: FWT, NBT, AUC of chained runs
-        from . import lifelong
-
-        return lifelong.main(args)
-    upstream = [s for s in args.upstream_suites if s]
-    rows = build_table(load_evals(args.inputs), args.kind, upstream)
-    out = Path(args.out)
-    atomic_write_text(out.with_suffix(".md"), to_markdown(rows, args.kind))
-    atomic_write_text(out, to_csv(rows))
-    print(f"wrote {out} ({len(rows)} rows) and {out.with_suffix('.md')}")
-    return 0

@@ -47,7 +47,7 @@ def icsm_for_run(sc: dict, given: dict, train_ds, shared: dict):
     if "icsm" in shared:
         return shared["icsm"], shared.get("probe")
     if not sc.get("icsm_dir") or not (Path(sc["icsm_dir"]) / "meta.json").exists():
-        from .loop import TrainingError
+        from ..errors import TrainingError
 
         raise TrainingError(f"method '{sc['method_name']}' needs the ICSM artifacts at {sc.get('icsm_dir')}"
                             " (meta.json missing): run the icsm rule first")

@@ -13,15 +13,18 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import load_stage_config
+from ..errors import TrainingError
 from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, replace_dir, seed_everything,
                   sha256_file, write_json)
 from ..paths import apply_job_env
+from ..settings import LoraSettings, TrainSettings
 from . import checkpoint as ckpt
 from . import plugins as plugin_registry
 from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
@@ -30,10 +33,6 @@ from .schedule import warmup_schedule
 from .speed import compile_layers, make_optimizer, skip_lora_input_cast
 
 log = logging.getLogger("vlaforget.train")
-
-
-class TrainingError(RuntimeError):
-    user_facing = True
 
 
 # ----------------------------------------------------------------------------- data order
@@ -73,10 +72,9 @@ class StepSampler:
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_schedule(optimizer, tcfg: dict):
-    return warmup_schedule(
-        optimizer, int(tcfg["max_steps"]), int(tcfg.get("warmup_steps", 0)), tcfg.get("lr_schedule", "constant")
-    )
+def make_schedule(optimizer, tcfg: TrainSettings | dict):
+    ts = TrainSettings.of(tcfg)
+    return warmup_schedule(optimizer, ts.max_steps, ts.warmup_steps, ts.lr_schedule)
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -96,23 +94,24 @@ def autocast_factory(precision: str, device: torch.device):
     raise TrainingError(f"train.precision '{precision}': choose bf16, fp16 or fp32")
 
 
-def make_scaler(tcfg: dict, device: torch.device):
+def make_scaler(tcfg: TrainSettings | dict, device: torch.device):
     """fp16 loss scaling (torch.amp.GradScaler): on for precision fp16 unless train.loss_scaling is
     false; train.loss_scaling true also scales bf16/fp32 losses (tests). None when off."""
-    want = tcfg.get("loss_scaling")
-    on = tcfg.get("precision") == "fp16" if want is None else bool(want)
+    ts = TrainSettings.of(tcfg)
+    on = ts.precision == "fp16" if ts.loss_scaling is None else bool(ts.loss_scaling)
     if not on:
         return None
-    return torch.amp.GradScaler(device.type, init_scale=float(tcfg.get("loss_scale_init", 2.0**16)))
+    return torch.amp.GradScaler(device.type, init_scale=ts.loss_scale_init)
 
 
-def apply_lora(backend, lcfg: dict, seed: int):
+def apply_lora(backend, lcfg: LoraSettings | dict, seed: int):
     from peft import LoraConfig, get_peft_model
 
+    lora = LoraSettings.of(lcfg)
     torch.manual_seed(seed)  # LoRA init is seeded by the run seed
-    targets = backend.lora_targets(lcfg.get("targets", ["attn", "mlp"]), lcfg.get("layers", "all"))
-    conf = LoraConfig(r=int(lcfg["r"]), lora_alpha=float(lcfg.get("alpha", 16)),
-                      lora_dropout=float(lcfg.get("dropout", 0.0)), target_modules=targets,
+    targets = backend.lora_targets(list(lora.targets), lora.layers)
+    conf = LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                      lora_dropout=lora.dropout, target_modules=targets,
                       init_lora_weights="gaussian", bias="none")
     model = get_peft_model(backend.model, conf)
     for n, p in model.named_parameters():  # only LoRA trains
@@ -154,10 +153,15 @@ def _f(t) -> float | None:
 
 
 def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-                 teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
+                 teacher_inputs: dict | None = None, dry_run_batches: int = 0,
+                 evaluator: Callable[[Any, Any], float] | None = None) -> dict:
     """Train one run from its stage config (see _train), owning its run directory meanwhile: a second
     driver, or an orphaned trainer of a killed one, is refused with the holder's host and pid; the
-    kernel drops the lock when this process ends, however it ends."""
+    kernel drops the lock when this process ends, however it ends.
+
+    evaluator(backend, model) -> success rate: the periodic evaluation every train.eval_every steps
+    (early stopping reads it). The train stage builds it from eval/ (stages/train.py); this package
+    does not import eval/. Required when train.eval_every is set."""
     main_rank = int(os.environ.get("RANK", "0")) == 0
     out_dir = Path(sc["out_dir"])
     lock = DirLock(out_dir / ".lock", f"run directory {out_dir}") if main_rank else None
@@ -165,14 +169,15 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
         lock.acquire()
     try:
         return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
-                      dry_run_batches=dry_run_batches)
+                      dry_run_batches=dry_run_batches, evaluator=evaluator)
     finally:
         if lock:
             lock.release()
 
 
 def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-           teacher_inputs: dict | None = None, dry_run_batches: int = 0) -> dict:
+           teacher_inputs: dict | None = None, dry_run_batches: int = 0,
+           evaluator: Callable[[Any, Any], float] | None = None) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
@@ -184,6 +189,12 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
+    ts = TrainSettings.of(sc["train"])  # checked before anything is loaded
+    if ts.eval_every and evaluator is None:
+        raise TrainingError(
+            f"train.eval_every = {ts.eval_every} but no periodic evaluator was given: "
+            "run_training(..., evaluator=) (the train stage builds it: vlaforget.stages.train), or set train.eval_every: 0"
+        )
     t_start = time.time()
     root = Path(sc["root"])
     apply_job_env(root)
@@ -208,9 +219,9 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         backend = load_backend(sc["model"], device=device, stats=ds.statistics)
     else:
         backend.set_stats(ds.statistics)
-    if tcfg.get("gradient_checkpointing"):
+    if ts.gradient_checkpointing:
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(backend, tcfg["lora"], int(sc["seed"]))
+    model = apply_lora(backend, ts.lora, int(sc["seed"]))
     skip_lora_input_cast(model, tcfg)  # train.lora_input_cast false
     compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:
@@ -219,7 +230,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             find_unused_parameters=True)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    autocast = autocast_factory(tcfg.get("precision", "fp32"), device)
+    autocast = autocast_factory(ts.precision, device)
     ctx = TrainContext(backend=backend, model=model, device=device, stage_cfg=sc, trainable=trainable,
                        autocast=autocast, world_size=dist.world, rank=dist.rank)
 
@@ -229,8 +240,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
 
     # --- optimizer, schedule, loss scaling
     optimizer = make_optimizer([p for _, p in trainable], tcfg)  # train.fused_optimizer
-    scheduler = make_schedule(optimizer, tcfg)
-    scaler = make_scaler(tcfg, device)  # CRaFT scales its retention backward with the same scaler
+    scheduler = make_schedule(optimizer, ts)
+    scaler = make_scaler(ts, device)  # CRaFT scales its retention backward with the same scaler
     ctx.scaler = scaler
     sampler = StepSampler(len(ds), int(sc["seed"]), dist.rank, dist.world)
     # augmentation draws from a per-micro-batch generator (train/batches.py); this one stays in the
@@ -283,21 +294,21 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         init_from_adapter(model.module if hasattr(model, "module") else model, sc["init_adapter"])
     dry_recs: list[dict] = []
 
-    max_steps, accum = int(tcfg["max_steps"]), int(tcfg.get("grad_accum", 1))
-    bsz = int(tcfg["batch_size"])
+    max_steps, accum = ts.max_steps, ts.grad_accum
+    bsz = ts.batch_size
     # samples -> host batches in DataLoader workers (train.num_workers), pinned, prefetched
     from .batches import BatchSource
 
-    source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), bool(tcfg.get("image_aug")),
-                         num_workers=int(tcfg.get("num_workers") or 0), device=device)
+    source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), ts.image_aug,
+                         num_workers=ts.num_workers, device=device)
     bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
     best_eval, bad_evals = float(extra.get("best_eval", -1.0)), int(extra.get("bad_evals", 0))
-    bad_in_a_row, max_bad = 0, int(tcfg.get("max_bad_steps", 5))
+    bad_in_a_row, max_bad = 0, ts.max_bad_steps
     kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     t_log, steps_since_log = time.perf_counter(), 0
     while step < max_steps:
         # ---------------------------------------------------------------- one optimizer step
-        log_step = (step + 1) % int(tcfg.get("log_every", 10)) == 0 or step + 1 in (1, max_steps)
+        log_step = (step + 1) % ts.log_every == 0 or step + 1 in (1, max_steps)
         ctx.log_step = log_step  # plug-ins gather (host-syncing) statistics only on logged steps
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -380,8 +391,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             if len(dry_recs) >= dry:
                 break
             continue
-        if tcfg.get("max_grad_norm"):
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], float(tcfg["max_grad_norm"]))
+        if ts.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], ts.max_grad_norm)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -417,20 +428,20 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         if bar:
             bar.update(1)
         # every save_steps, and at the target: a raised max_steps continues from there
-        if (step % int(tcfg.get("save_steps", 1000)) == 0 or step == max_steps) and dist.is_main:
+        if (step % ts.save_steps == 0 or step == max_steps) and dist.is_main:
             save_checkpoint()
         if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
             os.kill(os.getpid(), 9)
-        if tcfg.get("eval_every") and step % int(tcfg["eval_every"]) == 0 and step < max_steps:
+        if ts.eval_every and step % ts.eval_every == 0 and step < max_steps:
             # rank 0 evaluates the bare model (no DDP collective), every rank gets its score
             with _rng_isolated():  # evaluating changes no later step (config.periodic_eval_matters)
-                score = on_main(lambda: [periodic_eval(backend, unwrap(model), sc, tcfg)])[0]
+                score = on_main(lambda: [float(evaluator(backend, unwrap(model)))])[0]
             logger.log({"step": step, "eval_success_rate": score})
-            if score > best_eval + float(tcfg.get("early_stopping_min_delta", 0.0)):
+            if score > best_eval + ts.early_stopping_min_delta:
                 best_eval, bad_evals = score, 0
             else:
                 bad_evals += 1
-            if tcfg.get("early_stopping_patience") and bad_evals >= int(tcfg["early_stopping_patience"]):
+            if ts.early_stopping_patience and bad_evals >= ts.early_stopping_patience:
                 log.info("early stopping at step %d: no improvement in %d evaluations", step, bad_evals)
                 break
         if stop_after is not None and step >= stop_after:
@@ -456,7 +467,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     # --- final adapter + completion record (written last)
     result = {}
     if dist.is_main:
-        check_loss_improved(logger, tcfg, sc)
+        check_loss_improved(logger, ts, sc)
         # built in a temp dir and renamed into place: a kill never leaves a half-written final/, and
         # a previous final/ (with its done.json) stays until the new one is complete
         final = out_dir / "final"
@@ -512,8 +523,8 @@ def _read_segments(path: Path) -> list[dict]:
 def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger, objs):
     """After too many bad steps: roll back once to the last good checkpoint (lr x rollback_lr_factor),
     or stop with what to change. Returns the restored (step, skipped, 0)."""
-    tcfg = sc["train"]
-    lr = float(tcfg["lr"])
+    ts = TrainSettings.of(sc["train"])
+    lr = ts.lr
     what = (f"{bad_in_a_row} consecutive steps (at step {step + 1}) had a non-finite loss or gradient"
             f" ({skipped} skipped in total)")
     fix = (f"lower train.lr (now {lr:g}; try {lr / 10:g}), set train.max_grad_norm (e.g. 1.0), use "
@@ -523,9 +534,9 @@ def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, log
     path, state = ckpt.load_latest(ckpt_dir, max_step=step)
     if state is None:
         raise TrainingError(f"{what} and there is no earlier checkpoint to roll back to (first one at "
-                            f"step {tcfg.get('save_steps', 1000)}): the run is stopped. {fix}")
+                            f"step {ts.save_steps}): the run is stopped. {fix}")
     new_step, new_skipped = ckpt.restore(path, state=state, **objs)
-    factor = float(tcfg.get("rollback_lr_factor", 0.5))
+    factor = ts.rollback_lr_factor
     for g in objs["optimizer"].param_groups:
         g["lr"] *= factor
     sched = objs["scheduler"]
@@ -540,12 +551,13 @@ def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, log
 LOSS_MIN_REL_DROP = 0.02  # a finished run's loss must end at least 2 % below its first logged value
 
 
-def check_loss_improved(logger, tcfg: dict, sc: dict) -> None:
+def check_loss_improved(logger, tcfg: TrainSettings | dict, sc: dict) -> None:
     """Refuse to mark done a run whose loss ended no lower than its first logged value (a diverged or
     stuck run: e.g. lr far too high gives a flat loss at chance without any NaN)."""
-    min_steps = int(tcfg.get("loss_check_min_steps", 20))
+    ts = TrainSettings.of(tcfg)
+    min_steps = ts.loss_check_min_steps
     losses = [r["train_loss"] for r in logger.records if isinstance(r.get("train_loss"), (int, float))]
-    if int(tcfg["max_steps"]) < min_steps or len(losses) < 2:
+    if ts.max_steps < min_steps or len(losses) < 2:
         return
     tail = losses[-min(3, len(losses) - 1):]
     end = sum(tail) / len(tail)
@@ -556,7 +568,7 @@ def check_loss_improved(logger, tcfg: dict, sc: dict) -> None:
             f"run {sc['run_name']}: the training loss did not improve by {LOSS_MIN_REL_DROP:.0%} (first logged "
             f"{losses[0]:.4f}, mean of "
             f"the last {len(tail)} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
-            f"high (now {float(tcfg['lr']):g}) or too low, or the data do not match the model: lower / "
+            f"high (now {ts.lr:g}) or too low, or the data do not match the model: lower / "
             f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
             f"{Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
             f"train.loss_check_min_steps above max_steps to skip this check")
@@ -580,14 +592,6 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> di
     return plugins
 
 
-def periodic_eval(backend, model, sc: dict, tcfg: dict) -> float:
-    from ..eval.closed_loop import evaluate_model
-
-    res = evaluate_model(backend, sc["periodic_eval"], model=model,
-                         episodes_per_task=int(tcfg.get("eval_episodes_per_task", 1)))
-    return float(res["success_rate"])
-
-
 class RunLogger:
     """metrics.jsonl (machine), train_progress.log (human), W&B (optional, offline by default)."""
 
@@ -606,13 +610,14 @@ class RunLogger:
         mode = "a" if resume else "w"
         self.jsonl = open(self.paths[0], mode)
         self.human = open(self.paths[1], mode)
-        self.max_steps = sc["train"]["max_steps"]
-        if sc["train"].get("use_wandb"):
+        ts = TrainSettings.of(sc["train"])
+        self.max_steps = ts.max_steps
+        if ts.use_wandb:
             import wandb
 
-            self.wandb = wandb.init(project=sc["train"].get("wandb_project", "vlaforget"), name=sc["run_id"],
+            self.wandb = wandb.init(project=ts.wandb_project, name=sc["run_id"],
                                     id=sc["run_id"], resume="allow", config=sc,
-                                    mode=sc["train"].get("wandb_mode", "offline"),
+                                    mode=ts.wandb_mode,
                                     dir=os.environ.get("WANDB_DIR"))
 
     def log(self, rec: dict) -> None:
@@ -738,18 +743,3 @@ def format_progress(rec: dict, max_steps: int) -> str:
     if "eval_success_rate" in rec:
         parts.append(f"EvalSuccess: {rec['eval_success_rate']:.3f}")
     return " | ".join(parts)
-
-
-def add_args(p):
-    p.add_argument("--config", required=True, help="train stage config ({root}/configs/train/<run>.yaml)")
-    p.add_argument("--dry-run-batches", type=int, default=0, metavar="N",
-                   help="preflight: N batches through forward and every backward pass (CRaFT's retention "
-                        "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops")
-
-
-def main(args) -> int:
-    sc = load_stage_config(args.config, "train")
-    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0))
-    if res:
-        log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
-    return 0

@@ -67,7 +67,7 @@ class CraftPlugin(Plugin):
         world, rank = getattr(self.ctx, "world_size", 1), getattr(self.ctx, "rank", 0)
         if world > 1:
             if len(idx) < world:
-                from ..loop import TrainingError
+                from ...errors import TrainingError
 
                 raise TrainingError(f"CRaFT's anchor mini-batch ({len(idx)} anchors: method.craft.anchor_batch_size "
                                     f"or the anchor cache's size) is smaller than the {world} DDP ranks that share "

@@ -43,7 +43,7 @@ class HSWPlugin(Plugin):
         self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}
         bare = sorted(l for l, ps in self.params.items() if not ps)
         if len(bare) == len(self.params):
-            from ..loop import TrainingError
+            from ...errors import TrainingError
 
             raise TrainingError(f"HSW hooks decoder layers {sorted(self.params)} but none of them has a "
                                 "trainable parameter: include them in train.lora.layers / targets")

@@ -43,7 +43,7 @@ class ThermostatPlugin(Plugin):
     def pooled(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """{rep: [n, D]} instruction-pooled student states of probe samples idx (no grad)."""
         from ...models.base import eval_mode
-        from ...methods.icsm import pooled_layer_states
+        from ...models.features import pooled_layer_states
 
         reps = list(self.icsm.rep_layers)
         parts: dict[int, list] = {rep: [] for rep in reps}

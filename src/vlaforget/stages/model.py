@@ -21,10 +21,6 @@ VQA_TRAIN_SAMPLES = 6000  # defaults of model.pretrain.vqa_train_samples / vqa_h
 VQA_HELDOUT_SAMPLES = 400
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
-
-
 def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
     """Instructions (built-in paraphrases of every configured task + the episodes' own) and VQA text."""
     from ..data.instructions import instructions_for
@@ -48,8 +44,8 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
 
     from ..data.cache import CachedDataset
     from ..data.vqa import vqa_samples
+    from ..models.tiny import build_tiny_backend
     from ..train.pretrain import heldout_metrics, pretrain
-    from .tiny import build_tiny_backend
 
     pcfg = dict(sc.get("pretrain") or {})
     seed = int(pcfg.get("seed", 0))
@@ -116,7 +112,7 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
 
 
 def check_openvla(sc: dict) -> dict:
-    from .openvla import OpenVLAUnavailable, check_remote_code, offline_env, resolve_model_path
+    from ..models.openvla import OpenVLAUnavailable, check_remote_code, offline_env, resolve_model_path
 
     m = sc["model"]
     offline_env(m.get("cache_dir"))
@@ -140,6 +136,10 @@ def check_openvla(sc: dict) -> dict:
 
     info["timm"] = timm.__version__
     return {"backend": "openvla", "requested": m["path"], **info}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
 
 
 def main(args) -> int:
@@ -167,7 +167,7 @@ def main(args) -> int:
         raise ValueError(f"unknown model.backend '{backend}': use 'tiny' or 'openvla'")
     result.update(provenance=provenance(), code=sc.get("code"), stage_config=str(args.config))
     if build is not None:
-        from ..train.loop import replace_dir
+        from ..io import replace_dir
 
         write_json(build / "done.json", result)
         replace_dir(build, out_dir)
@@ -175,3 +175,4 @@ def main(args) -> int:
         write_json(done, result)
     log.info("model stage done: %s", done)
     return 0
+

@@ -1,11 +1,13 @@
-"""`vlaforget stage-config`: write the config file of one stage job from the study config."""
+"""Recipe `vlaforget stage-config`: write the config file of one stage job from the study config
+(config.stage_config).
+"""
 
 from __future__ import annotations
 
 import yaml
 
-from .config import load_config, stage_config
-from .io import atomic_write_text
+from ..config import load_config, stage_config
+from ..io import atomic_write_text
 
 
 def add_args(p):
@@ -20,3 +22,4 @@ def main(args) -> int:
     cfg = load_config(*args.configfile)
     atomic_write_text(args.out, yaml.safe_dump(stage_config(cfg, args.stage, args.key), sort_keys=True))
     return 0
+

@@ -1,0 +1,228 @@
+"""Typed blocks of a stage config: each key's type and default written once, checked once.
+
+A recipe (stages/<stage>.py) reads its stage config (config.load_stage_config) and turns the blocks
+it hands to the library into these dataclasses (`TrainSettings.of(sc["train"])`); the library reads
+attributes, not `.get(key, default)`. `of` is idempotent (a settings object passes through), so a
+library entry point that tests or benchmarks call with a plain dict (train.loop.run_training)
+checks it the same way. An unknown key, a missing required key or a value of the wrong type is a
+ConfigError naming the block, the key and the known keys.
+
+The study config's schema (config.schema.yaml) says which keys a study may set; the defaults here
+are what a stage does when the key is absent (config/README.md documents each). The content of the
+stage-config files is unchanged by these types (config.stage_config writes the study's blocks as
+they are), so run ids do not move.
+
+Converted: the train stage's `train` block (and its `lora`), the model block's dtype default,
+ICSM's `r`. Not yet: the method / eval / forgetting / probe / craft blocks (they still read dicts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+# the model block's dtype when a stage config names none: config/config.yaml's (the real study's
+# OpenVLA runs in bf16, as openvla trains and releases it); config/demo.yaml sets fp32 for the tiny VLA
+DEFAULT_MODEL_DTYPE = "bf16"
+# ICSM: SVD directions kept per representative layer (config/config.yaml icsm.r)
+DEFAULT_ICSM_R = 128
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """value converted to the annotation `hint` (int / float / bool / str / tuple / Optional / a
+    settings dataclass), or a ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {value!r}: expected {hint}")
+    if dataclasses.is_dataclass(hint):
+        return hint.of(value, where) if hasattr(hint, "of") else value
+    if hint is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    return value
+
+
+class Settings:
+    """Mixin of the settings dataclasses: `of(block, where)` builds and checks one."""
+
+    @classmethod
+    def of(cls: type[T], block: Any, where: str | None = None) -> T:  # noqa: PYI019 (typing.Self: 3.11)
+        if isinstance(block, cls):
+            return block
+        where = where or getattr(cls, "WHERE", cls.__name__)
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where} must be a mapping, not {type(block).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(block) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown}; known: {sorted(fields)} "
+                "(a typo? a key of another block? config/README.md lists each)"
+            )
+        kw = {}
+        for name, f in fields.items():
+            if name in block:
+                kw[name] = _check(block[name], hints[name], f"{where}.{name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{name} is required (config/README.md)")
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class LoraSettings(Settings):
+    """train.lora: the LoRA adapter."""
+
+    WHERE = "train.lora"
+    r: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attn", "mlp")
+    layers: Any = "all"  # "all", or decoder-layer indices
+
+
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """train: the one training loop's settings (config/README.md, table `train`)."""
+
+    WHERE = "train"
+    max_steps: int
+    batch_size: int
+    lr: float
+    lora: LoraSettings
+    grad_accum: int = 1
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    image_aug: bool = False
+    save_steps: int = 1000
+    log_every: int = 10
+    num_workers: int = 0
+    loss_scaling: bool | None = None  # None: on for fp16
+    loss_scale_init: float = 2.0**16
+    nproc: int = 1
+    use_wandb: bool = False
+    wandb_project: str = "vlaforget"
+    wandb_mode: str = "offline"
+    eval_every: int = 0
+    eval_episodes_per_task: int = 1
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    max_bad_steps: int = 5
+    rollback_lr_factor: float = 0.5
+    loss_check_min_steps: int = 20
+    fused_optimizer: bool = False  # AdamW's fused kernel (train/speed.py)
+    compile: Any = False  # torch.compile of each decoder layer: false, true (inductor) or a backend name
+    lora_input_cast: bool = True  # peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)
+
+
+def model_dtype(model_block: dict | None) -> str:
+    """The model block's dtype, DEFAULT_MODEL_DTYPE when it names none."""
+    return (model_block or {}).get("dtype") or DEFAULT_MODEL_DTYPE
+
+
+@dataclass(frozen=True)
+class ForgettingSettings(Settings):
+    """The forgetting stage's config (config.stage_config(cfg, "forgetting", run); eval.forgetting
+    of the study config)."""
+
+    WHERE = "forgetting stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    run_name: str
+    model: dict
+    probe_dir: str
+    icsm_dir: str
+    out_file: str
+    world: str = "metaworld"
+    code: str | None = None
+    code_files: dict = dataclasses.field(default_factory=dict)  # per-file code hashes (freshness: not in the id)
+    inputs: dict = dataclasses.field(default_factory=dict)
+    adapter_dir: str | None = None  # None: the teacher itself
+    vqa_jsonl: str | None = None  # a multiple-choice VQA JSONL (eval/vqa_mc.py); else vqa_datasets
+    vqa_categories: tuple[str, ...] = ()  # keep only these categories of the JSONL (empty: all)
+    vqa_n: int | None = None  # questions: None = all of the JSONL / DEFAULT_VQA_N from the caches
+    vqa_image_size: int | None = 224
+    vqa_datasets: tuple[Any, ...] = ()  # dataset blocks whose caches generate questions (metaworld)
+    camera: str = "corner3"  # the camera of those cache-generated questions
+    seed: int = 0
+    drift_samples: int = 256  # probe samples for drift / CKA
+    craft_layer: int = -2  # drift / CKA also at CRaFT's anchor layer (hidden_states index)
+    batch_size: int = 16  # forward batch (--batch-size overrides)
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """An eval block (config.eval_block: the eval stage's `eval`, the train stage's `periodic_eval`):
+    the study's `eval` keys, the suite's statistics, and the world's own keys."""
+
+    WHERE = "eval block"
+    suite: str
+    episodes_per_task: int
+    num_envs: int = 1
+    videos_per_task: int = 0
+    center_crop: bool = False
+    pipeline_groups: int = 1
+    image_size: int | None = None  # None: the backend's own
+    unnorm_dataset: str | None = None
+    stats_path: str | None = None
+    # Meta-World (a block that names its tasks is a Meta-World block)
+    tasks: tuple[str, ...] = ()
+    camera: str | None = None
+    render_size: int | None = None
+    instructions: dict = dataclasses.field(default_factory=dict)
+    seed: int = 500000  # first Meta-World episode seed (beyond every demo seed)
+    max_steps: Any = None  # episode cap: Meta-World an int or {task: cap, default:}; LIBERO an override
+    # LIBERO
+    config_path: str | None = None
+    resolution: int = 256
+    wait_steps: int | None = None  # None: envs.libero.WAIT_STEPS
+    n_tasks: int | None = None  # the suite's first N tasks (smoke tests)
+
+    @property
+    def world(self) -> str:
+        """Meta-World blocks name their tasks, LIBERO blocks take the suite's."""
+        return "metaworld" if self.tasks else "libero"
+
+
+DEFAULT_MW_MAX_STEPS = 150  # Meta-World episode cap when eval.metaworld.max_steps is not set

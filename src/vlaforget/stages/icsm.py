@@ -1,0 +1,177 @@
+"""Recipe `vlaforget icsm`: teacher-only ICSM artifacts from the probe set -- per representative layer
+the SVD basis, sensitivity scores and the fragile / plastic split, mu and C_T (methods/icsm.py);
+meta.json last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.probe import load_probe, open_dataset
+from ..methods.icsm import (
+    EPSILON_RULE,
+    MethodConfigError,
+    compute_layer,
+    layer_groups,
+    log,
+    representative_layers,
+    spread_subset,
+)
+from ..models.features import load_teacher
+from ..settings import DEFAULT_ICSM_R
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="icsm stage config (vlaforget stage-config --stage icsm)")
+
+
+def main(args) -> int:
+    from ..config import load_stage_config
+    from ..io import atomic_torch_save, provenance, seed_everything, sha256_file, sha256_tensor, write_json
+    from ..methods.figures import plot_icsm_spectrum
+
+    sc = load_stage_config(args.config, "icsm")
+    icfg = sc.get("icsm") or {}
+    out = Path(sc["out_dir"])
+    t_start = time.perf_counter()
+    probe_dir = Path(sc["probe_dir"])
+    probe = load_probe(probe_dir)
+    seed_everything(int(probe.get("seed", 0)))
+    ds = open_dataset(probe["dataset"], probe.get("split", "train"))
+    backend = load_teacher(sc["model"], ds)
+    L = int(backend.num_layers)
+    groups = layer_groups(L, override=icfg.get("groups"), layers=icfg.get("layers", "auto"))
+    reps = representative_layers(groups)
+    missing = [r for r in reps if r not in probe["pooled"]]
+    if missing:
+        raise MethodConfigError(
+            f"probe set {probe_dir} has no pooled states for layers {missing}: rerun the probe stage"
+        )
+    empty = (
+        probe["empty"].bool() if "empty" in probe else torch.zeros(len(probe["indices"]), dtype=torch.bool)
+    )
+    keep = ~empty  # empty instruction masks: excluded from the SVD and the sensitivity samples
+    # n_sens non-empty probes evenly spaced over the (sorted) probe set, so they cover every task
+    sens_idx = spread_subset(probe["indices"][keep], int(icfg.get("sensitivity_samples", 128)))
+    n_sens = int(sens_idx.numel())
+    samples = [ds[int(i)] for i in sens_idx]
+    out.mkdir(parents=True, exist_ok=True)
+    layers_meta: dict[str, Any] = {}
+    hashes: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for rep in reps:
+        X = probe["pooled"][rep].float()[keep]
+        res = compute_layer(backend, X, samples, rep, icfg, show_progress=True)
+        sp = res["split"]
+        tensors = {
+            f"U{rep}_f.pt": sp["U_f"],
+            f"U{rep}_p.pt": sp["U_p"],
+            f"mu{rep}.pt": res["mu"],
+            f"C_T{rep}.pt": res["C_T"],
+        }
+        for name, t in tensors.items():
+            atomic_torch_save(t.contiguous(), out / name)
+            hashes[name] = sha256_tensor(t)
+        basis = {
+            "U": res["U"],
+            "S": res["S"],
+            "std": res["std"],
+            "explained": res["explained"],
+            "scores": res["scores"],
+            "order": sp["order"],
+        }
+        atomic_torch_save(basis, out / f"basis{rep}.pt")
+        hashes[f"basis{rep}.pt"] = sha256_file(out / f"basis{rep}.pt")
+        plot_icsm_spectrum(
+            out / f"spectrum{rep}.png",
+            res["scores"],
+            res["explained"],
+            sp["order"],
+            sp["n_f"],
+            sp["n_p"],
+            rep,
+            floor=res["kl_noise_floor"],
+        )
+        top = sp["order"][: min(5, len(sp["order"]))].tolist()
+        layers_meta[str(rep)] = {
+            "D": int(X.shape[1]),
+            "n_probe": int(X.shape[0]),
+            "r": int(res["U"].shape[1]),
+            "n_f": sp["n_f"],
+            "n_p": sp["n_p"],
+            "n_null": sp["n_null"],
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+            "explained_top_r": float(res["explained"].sum()),
+            "kl_max": float(res["scores"].max()),
+            "kl_median": float(res["scores"].median()),
+            "kl_min": float(res["scores"].min()),
+            "kl_noise_floor": res["kl_noise_floor"],
+            "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
+            "top_fragile_variance_ranks": top,
+            "spearman_kl_vs_variance_rank": _spearman(
+                res["scores"], -torch.arange(len(res["scores"])).float()
+            ),
+        }
+        timings[f"sensitivity_L{rep}_s"] = round(res["t_sensitivity_s"], 3)
+        log.info(
+            "layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)",
+            rep,
+            res["U"].shape[1],
+            sp["n_f"],
+            sp["n_p"],
+            layers_meta[str(rep)]["kl_max"],
+            layers_meta[str(rep)]["kl_median"],
+            res["t_sensitivity_s"],
+        )
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    meta = {
+        "num_layers": L,
+        "hidden_size": int(backend.hidden_size),
+        "groups": groups,
+        "rep_layers": reps,
+        "r": int(icfg.get("r") or DEFAULT_ICSM_R),
+        "alpha": float(icfg.get("alpha", 1.0)),
+        "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
+        "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
+        "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
+        "(residual stream before any final norm)",
+        "space": "residual stream at the decoder layer's output, before any final norm (forward hook)",
+        "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
+        f"{n_sens} probe samples",
+        "sensitivity_samples": n_sens,
+        "direction_batch": int(icfg.get("direction_batch", 16)),
+        "fragile_frac": float(icfg.get("fragile_frac", 0.25)),
+        "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
+        "epsilon": EPSILON_RULE,
+        "probe_hash": probe["hash"],
+        "probe_dir": str(probe_dir),
+        "probe_dataset": probe["dataset"].get("name"),
+        "probe_split": probe.get("split", "train"),
+        "probe_source": probe.get("source"),
+        "n_probe": len(probe["indices"]),
+        "n_empty": int(probe.get("n_empty", 0)),
+        "layers": layers_meta,
+        "tensor_hashes": hashes,
+        "timings": timings,
+        "model": sc["model"],
+        **provenance(),
+    }
+    write_json(out / "meta.json", meta)  # completion file: last
+    log.info("ICSM artifacts in %s (%.1fs)", out, timings["total_s"])
+    return 0
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() < 2:
+        return float("nan")
+    ra = torch.argsort(torch.argsort(a.double())).double()
+    rb = torch.argsort(torch.argsort(b.double())).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = ra.norm() * rb.norm()
+    return float((ra @ rb) / den) if den > 0 else float("nan")
+

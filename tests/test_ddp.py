@@ -22,7 +22,6 @@ from ddp_worker import recorded
 from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world
 
 from vlaforget import gpus
-from vlaforget.train.loop import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -79,9 +78,11 @@ def ddp(world, tmp_path_factory):
     r, recs = torchrun(tmp, "ddp2", runs, perturb=True, watch=str(root / "ddp2"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     ref_runs = [stage(world, m, "one", 1) for m in METHODS]
+    from vlaforget.train import loop
+
     with recorded(0) as ref:
         for sc in ref_runs:
-            run_training(sc)
+            loop.run_training(sc)  # the recorder's wrapper (it passes the periodic evaluator)
     return {"runs": runs, "recs": recs, "ref_runs": ref_runs, "ref": ref}
 
 

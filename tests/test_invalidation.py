@@ -88,13 +88,9 @@ def test_a_real_edit_reruns_exactly_the_stages_that_import_the_file(pkg):
 
 
 def test_the_stages_module_is_the_entry_once_it_exists(pkg):
-    """Before the stages/ move a stage's entry is the module cli.COMMANDS runs; after it, the
-    stages/<name>.py recipe (no edit of this code needed)."""
-    assert codedeps.stage_entry(pkg, "cache") == "vlaforget.data.cache"
-    (pkg / "stages").mkdir(exist_ok=True)
-    (pkg / "stages" / "__init__.py").touch()
-    (pkg / "stages" / "cache.py").write_text("from ..data import cache as _c\nfrom ..data import vqa as _v\n")
+    """A stage's entry is its stages/<name>.py recipe; an import added to the recipe is tracked at once."""
     assert codedeps.stage_entry(pkg, "cache") == "vlaforget.stages.cache"
+    (pkg / "stages" / "cache.py").write_text("from ..data import cache as _c\nfrom ..data import vqa as _v\n")
     mods = vfc.code_modules("cache")
     assert {"vlaforget.stages.cache", "vlaforget.stages", "vlaforget.data.cache", "vlaforget.data.vqa"} <= set(mods)
 

@@ -4,6 +4,7 @@ types refused with the key named, and every stage config the study writes accept
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import yaml
@@ -60,3 +61,122 @@ def test_the_train_recipe_refuses_an_unknown_key_before_loading_anything(tmp_pat
     with pytest.raises(UserError, match="lr_shedule"):
         train.main(argparse.Namespace(config=str(tmp_path / "t.yaml"), dry_run_batches=0))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the study's configs
+
+# every config combination the profiles and documented overlays load (Snakefile: config/config.yaml first)
+CONFIG_STACKS = [
+    [], ["demo.yaml"], ["demo.yaml", "ci.yaml"], ["demo.yaml", "demo_gpu.yaml"], ["profile_4090.yaml"],
+    ["profile_4090.yaml", "pilot.yaml"], ["profile_v100x8.yaml"], ["profile_v100x8.yaml", "profile_v100x8_ddp.yaml"],
+    ["rehearsal.yaml"], ["rehearsal.yaml", "rehearsal-openvla.yaml"], ["lifelong_libero.yaml"], ["upstream_libero.yaml"],
+]
+
+
+def _study(stack, monkeypatch, tmp_path):
+    from conftest import REPO
+
+    from vlaforget import config as vfc
+
+    if stack and stack[0].startswith(("demo", "rehearsal")):
+        monkeypatch.setenv("VLAFORGET_ALLOWED_ROOT", str(tmp_path))
+        monkeypatch.setenv("VLAFORGET_ROOT", str(tmp_path / "root"))
+    else:  # the real config's paths live under /opt/data/private (loading and stage_config create nothing)
+        monkeypatch.setenv("VLAFORGET_ALLOWED_ROOT", "/opt/data/private")
+        monkeypatch.setenv("VLAFORGET_ROOT", "/opt/data/private/vlaforget")
+    return vfc.load_config(*[REPO / "config" / f for f in ["config.yaml", *stack]])
+
+
+def _train_configs(cfg):
+    """The train stage config of every method and ablation of the study (config.stage_config)."""
+    from vlaforget import config as vfc
+
+    suite = (cfg["study"].get("suites") or [cfg["study"]["fewshot_suite"]])[0]
+    return {m: vfc.stage_config(cfg, "train", vfc.run_name(m, suite, "full", 42)) for m in vfc.all_method_names(cfg)}
+
+
+# the expressions the plug-ins read their blocks with before the settings (train/plugins/*.py,
+# methods/thermostat.py at 346bd55); BS stands for train.batch_size, P for the anchor cache's pooling
+BS, P = object(), object()
+
+
+def _old_hsw(c):
+    return {"enabled": bool(c.get("enabled")), "beta": float(c.get("beta", 1.0)), "gamma": float(c.get("gamma", 1.0)),
+            "clamp": c.get("clamp", "per_token"), "eps": float(c.get("eps", 1e-12)), "groups": c.get("groups", "icsm"),
+            "use_sensitivity_order": c.get("use_sensitivity_order", True)}
+
+
+def _old_thermostat(c):
+    return {"enabled": bool(c.get("enabled")), "every": int(c.get("every", 50)), "probe_batch": int(c.get("probe_batch", 64)),
+            "metric": c.get("metric", "basis"), "probe_chunk": c.get("probe_chunk") or BS,
+            "warmup_measurements": int(c.get("warmup_measurements", 4)),
+            "threshold_sigmas": float(c.get("threshold_sigmas", 2.0)), "gain": float(c.get("gain", 1.0)),
+            "gamma_min": float(c.get("gamma_min", 0.0)), "gamma_max": float(c.get("gamma_max", 1.0)),
+            "beta_min": float(c.get("beta_min", 0.2)), "beta_max": float(c.get("beta_max", 1.0)),
+            "smoothing": float(c.get("smoothing", 0.5))}
+
+
+def _old_craft(c):
+    return {"enabled": bool(c.get("enabled")), "epsilon": float(c.get("epsilon", 0.05)),
+            "lambda": float(c.get("lambda_init", 0.0)) if c.get("dual", True) else float(c.get("fixed_lambda", 0.1)),
+            "lambda_lr": float(c.get("lambda_lr", 0.01)), "dual": bool(c.get("dual", True)),
+            "projection": bool(c.get("projection", True)), "anchor": c.get("anchor", P),
+            "anchor_batch_size": c.get("anchor_batch_size") or BS, "fused_forward": bool(c.get("fused_forward", True))}
+
+
+def _new(s, kind):
+    from dataclasses import asdict
+
+    d = asdict(s)
+    if kind == "thermostat":
+        d["probe_chunk"] = s.probe_chunk or BS
+    if kind == "craft":
+        d["lambda"] = s.lambda_init if s.dual else s.fixed_lambda
+        d["anchor"] = s.anchor if s.anchor is not None else P
+        d["anchor_batch_size"] = s.anchor_batch_size or BS
+        del d["lambda_init"], d["fixed_lambda"]
+    return d
+
+
+@pytest.mark.parametrize("stack", CONFIG_STACKS, ids=lambda s: "+".join(s) or "config.yaml")
+def test_method_settings_equal_the_old_gets_on_every_study_config(stack, monkeypatch, tmp_path):
+    """Behaviour unchanged: on every method / ablation of every study config, the typed blocks hold
+    exactly what the plug-ins' old `.get(key, default)` gave, and every key the configs set is accepted."""
+    from vlaforget.settings import MethodSettings
+
+    cfg = _study(stack, monkeypatch, tmp_path)
+    scs = _train_configs(cfg)
+    assert scs
+    for m, sc in scs.items():
+        ms = MethodSettings.of(sc["method"])
+        for kind, old in (("hsw", _old_hsw), ("thermostat", _old_thermostat), ("craft", _old_craft)):
+            new = _new(getattr(ms, kind), kind)
+            assert new == old(sc["method"][kind]), (stack, m, kind)
+            # the same types as before (a float stays a float: log fields and checkpoints unchanged)
+            assert {k: type(v) for k, v in new.items()} == {k: type(v) for k, v in old(sc["method"][kind]).items()}, (m, kind)
+    # the ablations' overrides arrive (config.method_config)
+    if "hard_projection" in scs:
+        h = MethodSettings.of(scs["hard_projection"]["method"]).hsw
+        assert (h.beta, h.gamma, h.enabled) == (0.0, 0.0, True)
+
+
+def test_method_settings_accept_every_key_the_schema_allows():
+    """A key the schema allows but the dataclass lacks would crash a job at its start."""
+    from vlaforget.config import SCHEMA_PATH
+    from vlaforget.settings import CraftSettings, HswSettings, ThermostatSettings
+
+    props = yaml.safe_load(SCHEMA_PATH.read_text())["definitions"]["method"]["properties"]
+    for name, cls in (("hsw", HswSettings), ("thermostat", ThermostatSettings), ("craft", CraftSettings)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(props[name]["properties"]) == fields, name
+
+
+def test_method_block_errors_name_the_key():
+    from vlaforget.settings import MethodSettings
+
+    with pytest.raises(UserError, match=r"method\.craft: unknown key\(s\) \['epsilom'\]"):
+        MethodSettings.of({"craft": {"enabled": True, "epsilom": 0.1}})
+    with pytest.raises(UserError, match=r"method\.thermostat\.every = 2\.5"):
+        MethodSettings.of({"thermostat": {"every": 2.5}})
+    with pytest.raises(UserError, match=r"method: unknown key\(s\) \['hws'\]"):
+        MethodSettings.of({"hws": {}})

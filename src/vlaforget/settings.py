@@ -155,6 +155,67 @@ class TrainSettings(Settings):
     lora_input_cast: bool = True  # peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)
 
 
+@dataclass(frozen=True)
+class HswSettings(Settings):
+    """method.hsw: gradient surgery (train/plugins/hsw.py; config/README.md, table `method.hsw`)."""
+
+    WHERE = "method.hsw"
+    enabled: bool = False
+    groups: str = "icsm"  # icsm | single | all_layers
+    beta: float = 1.0  # plastic gain (the Thermostat's starting point)
+    gamma: float = 1.0  # fragile gain
+    clamp: str = "per_token"  # per_token | per_tensor | none
+    eps: float = 1e-12
+    use_sensitivity_order: bool = True  # false: top-variance directions as fragile (ablation)
+
+
+@dataclass(frozen=True)
+class ThermostatSettings(Settings):
+    """method.thermostat: closed-loop HSW gains (train/plugins/thermostat.py, methods/thermostat.py)."""
+
+    WHERE = "method.thermostat"
+    enabled: bool = False
+    every: int = 50  # steps between drift measurements
+    probe_batch: int = 64
+    probe_chunk: int | None = None  # None (or 0): the training micro-batch (train.batch_size)
+    warmup_measurements: int = 4
+    metric: str = "basis"  # basis | normalized | raw
+    threshold_sigmas: float = 2.0
+    gain: float = 1.0
+    gamma_min: float = 0.0
+    gamma_max: float = 1.0
+    beta_min: float = 0.2
+    beta_max: float = 1.0
+    smoothing: float = 0.5
+
+
+@dataclass(frozen=True)
+class CraftSettings(Settings):
+    """method.craft: retention loss, dual variable, conflict projection (train/plugins/craft.py)."""
+
+    WHERE = "method.craft"
+    enabled: bool = False
+    epsilon: float = 0.05  # retention budget
+    lambda_init: float = 0.0
+    lambda_lr: float = 0.01
+    dual: bool = True  # false: the fixed λ below
+    fixed_lambda: float = 0.1
+    projection: bool = True
+    anchor: str | None = None  # the retention feature's pooling; None: the anchor cache's own
+    anchor_batch_size: int | None = None  # None (or 0): train.batch_size
+    fused_forward: bool = True
+
+
+@dataclass(frozen=True)
+class MethodSettings(Settings):
+    """method: a method's plug-in blocks (config.method_config: every block present, off unless enabled)."""
+
+    WHERE = "method"
+    hsw: HswSettings = dataclasses.field(default_factory=HswSettings)
+    thermostat: ThermostatSettings = dataclasses.field(default_factory=ThermostatSettings)
+    craft: CraftSettings = dataclasses.field(default_factory=CraftSettings)
+
+
 def model_dtype(model_block: dict | None) -> str:
     """The model block's dtype, DEFAULT_MODEL_DTYPE when it names none."""
     return (model_block or {}).get("dtype") or DEFAULT_MODEL_DTYPE

@@ -180,3 +180,66 @@ def test_method_block_errors_name_the_key():
         MethodSettings.of({"thermostat": {"every": 2.5}})
     with pytest.raises(UserError, match=r"method: unknown key\(s\) \['hws'\]"):
         MethodSettings.of({"hws": {}})
+
+
+def _old_icsm(c):  # stages/icsm.py, methods/icsm.compute_layer at 346bd55
+    return {"layers": c.get("layers", "auto"), "groups": c.get("groups"), "r": int(c.get("r") or 128),
+            "alpha": float(c.get("alpha", 1.0)), "sensitivity_samples": int(c.get("sensitivity_samples", 128)),
+            "direction_batch": int(c.get("direction_batch", 16)), "fragile_frac": float(c.get("fragile_frac", 0.25)),
+            "plastic_frac": float(c.get("plastic_frac", 0.5))}
+
+
+def _old_craft_anchors(c):  # stages/craft_anchors.py at 346bd55
+    return {"pooling": c.get("pooling", "mean_image_tokens"), "layer": int(c.get("layer", -2)),
+            "n_anchors": int(c.get("n_anchors", 512)), "batch_size": int(c.get("batch_size", 8))}
+
+
+def _old_probe(sc):  # stages/probe.py at 346bd55
+    return {"seed": int(sc.get("seed", 0)), "split": sc.get("split", "heldout"), "n": int(sc["n"]),
+            "trained_suites": list(sc.get("trained_suites") or []), "batch_size": int(sc.get("batch_size", 8)),
+            "out_dir": sc["out_dir"]}
+
+
+@pytest.mark.parametrize("stack", CONFIG_STACKS, ids=lambda s: "+".join(s) or "config.yaml")
+def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, monkeypatch, tmp_path):
+    """probe / icsm / craft_anchors: the typed settings of each stack's stage configs hold what the
+    recipes' old `.get(key, default)` gave; every stage config the study writes is accepted."""
+    from vlaforget import config as vfc
+    from vlaforget.settings import CraftAnchorSettings, IcsmSettings, ProbeStageSettings
+
+    cfg = _study(stack, monkeypatch, tmp_path)
+    psc = vfc.stage_config(cfg, "probe", vfc.probe_set_name(cfg))
+    ps = ProbeStageSettings.of(psc)
+    new = {k: getattr(ps, k) for k in ("seed", "split", "n", "batch_size", "out_dir")}
+    assert {**new, "trained_suites": list(ps.trained_suites)} == _old_probe(psc)
+    isc = vfc.stage_config(cfg, "icsm", vfc.probe_set_name(cfg))
+    ic = dataclasses.asdict(IcsmSettings.of(isc.get("icsm") or {}))
+    assert ic == _old_icsm(isc.get("icsm") or {})
+    assert {k: type(v) for k, v in ic.items()} == {k: type(v) for k, v in _old_icsm(isc.get("icsm") or {}).items()}
+    suite = (cfg["study"].get("suites") or [cfg["study"]["fewshot_suite"]])[0]
+    for key in {vfc.anchor_set(suite, None, 42), vfc.anchor_set(cfg["study"].get("fewshot_suite") or suite, 5, 42)}:
+        csc = vfc.stage_config(cfg, "craft_anchors", key)
+        assert dataclasses.asdict(CraftAnchorSettings.of(csc.get("craft") or {})) == _old_craft_anchors(csc.get("craft") or {})
+    # the defaults themselves (every study config sets these blocks in full): an empty block
+    assert dataclasses.asdict(IcsmSettings()) == _old_icsm({})
+    assert dataclasses.asdict(CraftAnchorSettings()) == _old_craft_anchors({})
+    bare = {k: v for k, v in psc.items() if k not in ("seed", "split", "trained_suites", "batch_size")}
+    ps0 = ProbeStageSettings.of(bare)
+    assert {**{k: getattr(ps0, k) for k in ("seed", "split", "n", "batch_size", "out_dir")},
+            "trained_suites": list(ps0.trained_suites)} == _old_probe(bare)
+    # the train stage's craft_layer default (config.stage_config) is the anchors' one
+    assert CraftAnchorSettings().layer == -2
+
+
+def test_teacher_stage_settings_accept_every_key_the_schema_allows():
+    from vlaforget.config import SCHEMA_PATH
+    from vlaforget.settings import CraftAnchorSettings, IcsmSettings, ProbeStageSettings
+
+    props = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
+    assert set(props["icsm"]["properties"]) == {f.name for f in dataclasses.fields(IcsmSettings)}
+    assert set(props["craft"]["properties"]) == {f.name for f in dataclasses.fields(CraftAnchorSettings)}
+    assert set(props["probe"]["properties"]) <= {f.name for f in dataclasses.fields(ProbeStageSettings)}
+    with pytest.raises(UserError, match=r"icsm: unknown key\(s\) \['rank'\]"):
+        IcsmSettings.of({"rank": 4})
+    with pytest.raises(UserError, match=r"craft\.n_anchors = '8'"):
+        CraftAnchorSettings.of({"n_anchors": "8"})

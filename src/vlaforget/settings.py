@@ -216,6 +216,55 @@ class MethodSettings(Settings):
     craft: CraftSettings = dataclasses.field(default_factory=CraftSettings)
 
 
+@dataclass(frozen=True)
+class IcsmSettings(Settings):
+    """icsm: the ICSM stage's block (stages/icsm.py, methods/icsm.py; config/README.md, table `icsm`)."""
+
+    WHERE = "icsm"
+    layers: Any = "auto"  # "auto" (the last four decoder layers in two groups) or decoder-layer indices
+    groups: dict | None = None  # override: {A: {layers: [...], rep: ...}, B: {...}}
+    r: int = DEFAULT_ICSM_R
+    alpha: float = 1.0
+    sensitivity_samples: int = 128
+    direction_batch: int = 16
+    fragile_frac: float = 0.25
+    plastic_frac: float = 0.5
+
+
+@dataclass(frozen=True)
+class CraftAnchorSettings(Settings):
+    """craft: the CRaFT anchor cache's block (stages/craft_anchors.py; config/README.md, table `craft`)."""
+
+    WHERE = "craft"
+    layer: int = -2  # hidden_states index of the anchors (config.stage_config writes the same default)
+    pooling: str = "mean_image_tokens"
+    n_anchors: int = 512
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ProbeStageSettings(Settings):
+    """The probe stage's config (config.stage_config(cfg, "probe", key): the study's `probe` block
+    flattened, its dataset block and the model block)."""
+
+    WHERE = "probe stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    dataset: dict
+    n: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    split: str = "heldout"  # heldout | train | all
+    trained_suites: tuple[str, ...] = ()
+    batch_size: int = 8
+
+
 def model_dtype(model_block: dict | None) -> str:
     """The model block's dtype, DEFAULT_MODEL_DTYPE when it names none."""
     return (model_block or {}).get("dtype") or DEFAULT_MODEL_DTYPE

@@ -243,3 +243,40 @@ def test_teacher_stage_settings_accept_every_key_the_schema_allows():
         IcsmSettings.of({"rank": 4})
     with pytest.raises(UserError, match=r"craft\.n_anchors = '8'"):
         CraftAnchorSettings.of({"n_anchors": "8"})
+
+
+def _old_pretrain(c, image_aug=True):  # stages/model.py, train/pretrain.pretrain at 346bd55
+    return {"seed": int(c.get("seed", 0)), "threads": int(c.get("threads", 1)),
+            "vqa_train_samples": int(c.get("vqa_train_samples", 6000)),
+            "vqa_heldout_samples": int(c.get("vqa_heldout_samples", 400)),
+            "steps": int(c.get("steps", 1000)), "batch_size": int(c.get("batch_size", 32)),
+            "vqa_fraction": float(c.get("vqa_fraction", 0.3)), "bin_sigma": float(c.get("bin_sigma", 0.0) or 0.0),
+            "image_aug": bool(c.get("image_aug", image_aug)), "lr": float(c.get("lr", 1e-3)),
+            "weight_decay": float(c.get("weight_decay", 0.01))}
+
+
+def _new_pretrain(s, image_aug=True):
+    d = {k: getattr(s, k) for k in ("seed", "threads", "vqa_train_samples", "vqa_heldout_samples", "steps",
+                                    "batch_size", "vqa_fraction", "lr", "weight_decay")}
+    return {**d, "bin_sigma": float(s.bin_sigma or 0.0),
+            "image_aug": bool(s.image_aug if s.image_aug is not None else image_aug)}
+
+
+@pytest.mark.parametrize("stack", [s for s in CONFIG_STACKS if s and s[0] == "demo.yaml"] + [["rehearsal.yaml"]],
+                         ids="+".join)
+def test_pretrain_settings_equal_the_old_gets(stack, monkeypatch, tmp_path):
+    """model.pretrain (the tiny teacher's: the configs whose model stage pretrains)."""
+    from vlaforget import config as vfc
+    from vlaforget.config import SCHEMA_PATH
+    from vlaforget.settings import PretrainSettings
+
+    cfg = _study(stack, monkeypatch, tmp_path)
+    sc = vfc.stage_config(cfg, "model", cfg["model"]["base"])
+    block = sc.get("pretrain") or {}
+    assert _new_pretrain(PretrainSettings.of(block)) == _old_pretrain(block)
+    for arg in (True, False):
+        assert _new_pretrain(PretrainSettings(), arg) == _old_pretrain({}, arg)
+    props = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["model"]["properties"]["pretrain"]["properties"]
+    assert set(props) == {f.name for f in dataclasses.fields(PretrainSettings)}
+    with pytest.raises(UserError, match=r"model\.pretrain: unknown key\(s\) \['step'\]"):
+        PretrainSettings.of({"step": 3})

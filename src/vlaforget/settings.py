@@ -265,6 +265,36 @@ class ProbeStageSettings(Settings):
     batch_size: int = 8
 
 
+# the tiny teacher's VQA samples (model.pretrain.vqa_train_samples / vqa_heldout_samples)
+DEFAULT_VQA_TRAIN_SAMPLES = 6000
+DEFAULT_VQA_HELDOUT_SAMPLES = 400
+
+
+@dataclass(frozen=True)
+class PretrainSettings(Settings):
+    """model.pretrain: the tiny teacher's pretraining (stages/model.py, train/pretrain.py)."""
+
+    WHERE = "model.pretrain"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    vqa_fraction: float = 0.3
+    seed: int = 0
+    threads: int = 1  # torch CPU threads of the model stage
+    bin_sigma: float | None = 0.0  # soft labels over neighbouring action bins (None or 0: hard labels)
+    image_aug: bool | None = None  # None: train.pretrain.pretrain's image_aug argument (true)
+    vqa_train_samples: int = DEFAULT_VQA_TRAIN_SAMPLES
+    vqa_heldout_samples: int = DEFAULT_VQA_HELDOUT_SAMPLES
+    dataset: str | None = None  # config side only (config.tiny_pretrain_dataset); None: data.metaworld.upstream
+
+    @classmethod
+    def of_keys(cls, block: Any, where: str | None = None) -> PretrainSettings:
+        """Only this block's keys of a larger mapping (bench/teacher_sweep.py's variants)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.of({k: v for k, v in dict(block).items() if k in names}, where)
+
+
 def model_dtype(model_block: dict | None) -> str:
     """The model block's dtype, DEFAULT_MODEL_DTYPE when it names none."""
     return (model_block or {}).get("dtype") or DEFAULT_MODEL_DTYPE

@@ -280,3 +280,39 @@ def test_pretrain_settings_equal_the_old_gets(stack, monkeypatch, tmp_path):
     assert set(props) == {f.name for f in dataclasses.fields(PretrainSettings)}
     with pytest.raises(UserError, match=r"model\.pretrain: unknown key\(s\) \['step'\]"):
         PretrainSettings.of({"step": 3})
+
+
+def _old_cache(sc):  # stages/cache.py at 346bd55
+    return {"train_split": float(sc.get("train_split", 0.95)), "image_key": sc.get("image_key", "observation/image"),
+            "state_key": sc.get("state_key", "observation/state"), "transform": sc.get("transform"),
+            "heldout": sc.get("heldout", "per_task"), "image_size": int(sc["image_size"]), "code": sc.get("code")}
+
+
+def _old_demos(sc):  # stages/demos.py at 346bd55
+    return {"workers": sc.get("workers", 1), "instructions": sc.get("instructions") or {}}
+
+
+@pytest.mark.parametrize("stack", CONFIG_STACKS, ids=lambda s: "+".join(s) or "config.yaml")
+def test_data_stage_settings_equal_the_old_gets_on_every_study_config(stack, monkeypatch, tmp_path):
+    """cache / demos: every dataset's stage config of the stack is accepted and gives the old values."""
+    from vlaforget import config as vfc
+    from vlaforget.settings import CacheStageSettings, DemosStageSettings
+
+    cfg = _study(stack, monkeypatch, tmp_path)
+    mw = cfg["data"].get("metaworld") or {}
+    demos = 0
+    for name in vfc.suites_all(cfg):
+        sc = vfc.stage_config(cfg, "cache", name)
+        cs = CacheStageSettings.of(sc)
+        assert {k: getattr(cs, k) for k in _old_cache(sc)} == _old_cache(sc)
+        bare = {k: v for k, v in sc.items() if k not in ("train_split", "image_key", "state_key", "transform", "heldout")}
+        cs0 = CacheStageSettings.of(bare)
+        assert {k: getattr(cs0, k) for k in _old_cache(bare)} == _old_cache(bare)
+        if name in (mw.get("datasets") or {}):
+            dsc = vfc.stage_config(cfg, "demos", name)
+            d = DemosStageSettings.of(dsc)
+            assert {"workers": d.workers, "instructions": d.instructions or {}} == _old_demos(dsc)
+            d0 = DemosStageSettings.of({k: v for k, v in dsc.items() if k not in ("workers", "instructions")})
+            assert (d0.workers, d0.instructions) == (1, {})
+            demos += 1
+    assert demos or cfg["world"] != "metaworld"

@@ -265,6 +265,53 @@ class ProbeStageSettings(Settings):
     batch_size: int = 8
 
 
+@dataclass(frozen=True)
+class CacheStageSettings(Settings):
+    """The cache stage's config (config.stage_config(cfg, "cache", dataset): data's cache keys)."""
+
+    WHERE = "cache stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    dataset: str
+    rlds_dir: str
+    image_size: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    train_split: float = 0.95
+    heldout: str = "per_task"  # per_task | tail
+    image_key: str = "observation/image"
+    state_key: str = "observation/state"
+    transform: str | None = None  # None: data/transforms.py by the dataset's name
+
+
+@dataclass(frozen=True)
+class DemosStageSettings(Settings):
+    """The demos stage's config (config.stage_config(cfg, "demos", dataset): data.metaworld's keys)."""
+
+    WHERE = "demos stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    dataset: str
+    tasks: tuple[str, ...]
+    camera: str
+    render_size: int
+    max_steps: int
+    episodes_per_task: int
+    seed: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    instructions: dict = dataclasses.field(default_factory=dict)
+    workers: int = 1
+
+
 # the tiny teacher's VQA samples (model.pretrain.vqa_train_samples / vqa_heldout_samples)
 DEFAULT_VQA_TRAIN_SAMPLES = 6000
 DEFAULT_VQA_HELDOUT_SAMPLES = 400

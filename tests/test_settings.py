@@ -316,3 +316,11 @@ def test_data_stage_settings_equal_the_old_gets_on_every_study_config(stack, mon
             assert (d0.workers, d0.instructions) == (1, {})
             demos += 1
     assert demos or cfg["world"] != "metaworld"
+
+
+def test_train_settings_accept_every_key_the_schema_allows():
+    from vlaforget.config import SCHEMA_PATH
+
+    props = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["train"]["properties"]
+    assert set(props) == {f.name for f in dataclasses.fields(TrainSettings)}
+    assert set(props["lora"]["properties"]) == {f.name for f in dataclasses.fields(LoraSettings)}

@@ -12,8 +12,17 @@ are what a stage does when the key is absent (config/README.md documents each). 
 stage-config files is unchanged by these types (config.stage_config writes the study's blocks as
 they are), so run ids do not move.
 
-Converted: the train stage's `train` block (and its `lora`), the model block's dtype default,
-ICSM's `r`. Not yet: the method / eval / forgetting / probe / craft blocks (they still read dicts).
+Converted (each recipe / plug-in reads the attributes; tests/test_settings.py checks on every study
+config stack that the values equal what the old `.get(key, default)` expressions gave, and that each
+dataclass accepts every key the schema allows in its block):
+  - study blocks: `train` (+ `lora`), the method blocks `method.hsw` / `method.thermostat` /
+    `method.craft` (MethodSettings: checked at the train job's start, enabled or not), `icsm`,
+    `craft` (the anchor cache's), `model.pretrain`; the model block's dtype default; ICSM's r;
+  - whole stage configs: eval blocks, forgetting, probe, cache, demos.
+Not converted: the model block (backend / path / cache_dir / attn_implementation, read by
+models/), the craft_anchors and icsm stage configs' top-level keys (seed, shots, probe_dir: the
+blocks inside them are typed), and the artifacts the stages read back (probe.pt, anchors.pt,
+cache manifests: files, not config).
 """
 
 from __future__ import annotations

@@ -205,7 +205,8 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
     """probe / icsm / craft_anchors: the typed settings of each stack's stage configs hold what the
     recipes' old `.get(key, default)` gave; every stage config the study writes is accepted."""
     from vlaforget import config as vfc
-    from vlaforget.settings import CraftAnchorSettings, IcsmSettings, ProbeStageSettings
+    from vlaforget.settings import (CraftAnchorSettings, CraftAnchorsStageSettings, IcsmSettings, IcsmStageSettings,
+                                    ProbeStageSettings)
 
     cfg = _study(stack, monkeypatch, tmp_path)
     psc = vfc.stage_config(cfg, "probe", vfc.probe_set_name(cfg))
@@ -213,13 +214,17 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
     new = {k: getattr(ps, k) for k in ("seed", "split", "n", "batch_size", "out_dir")}
     assert {**new, "trained_suites": list(ps.trained_suites)} == _old_probe(psc)
     isc = vfc.stage_config(cfg, "icsm", vfc.probe_set_name(cfg))
-    ic = dataclasses.asdict(IcsmSettings.of(isc.get("icsm") or {}))
+    ic = dataclasses.asdict(IcsmStageSettings.of(isc).icsm)
     assert ic == _old_icsm(isc.get("icsm") or {})
     assert {k: type(v) for k, v in ic.items()} == {k: type(v) for k, v in _old_icsm(isc.get("icsm") or {}).items()}
     suite = (cfg["study"].get("suites") or [cfg["study"]["fewshot_suite"]])[0]
     for key in {vfc.anchor_set(suite, None, 42), vfc.anchor_set(cfg["study"].get("fewshot_suite") or suite, 5, 42)}:
         csc = vfc.stage_config(cfg, "craft_anchors", key)
-        assert dataclasses.asdict(CraftAnchorSettings.of(csc.get("craft") or {})) == _old_craft_anchors(csc.get("craft") or {})
+        cs = CraftAnchorsStageSettings.of(csc)
+        assert dataclasses.asdict(cs.craft) == _old_craft_anchors(csc.get("craft") or {})
+        assert (cs.seed, cs.shots, cs.shots_seed) == (int(csc.get("seed", 0)), csc.get("shots"), csc.get("shots_seed"))
+        bare = {k: v for k, v in csc.items() if k not in ("seed", "shots", "shots_seed")}
+        assert (CraftAnchorsStageSettings.of(bare).seed, CraftAnchorsStageSettings.of(bare).shots) == (0, None)
     # the defaults themselves (every study config sets these blocks in full): an empty block
     assert dataclasses.asdict(IcsmSettings()) == _old_icsm({})
     assert dataclasses.asdict(CraftAnchorSettings()) == _old_craft_anchors({})

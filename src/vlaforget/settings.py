@@ -18,11 +18,10 @@ dataclass accepts every key the schema allows in its block):
   - study blocks: `train` (+ `lora`), the method blocks `method.hsw` / `method.thermostat` /
     `method.craft` (MethodSettings: checked at the train job's start, enabled or not), `icsm`,
     `craft` (the anchor cache's), `model.pretrain`; the model block's dtype default; ICSM's r;
-  - whole stage configs: eval blocks, forgetting, probe, cache, demos.
+  - whole stage configs: eval blocks, forgetting, probe, icsm, craft_anchors, cache, demos.
 Not converted: the model block (backend / path / cache_dir / attn_implementation, read by
-models/), the craft_anchors and icsm stage configs' top-level keys (seed, shots, probe_dir: the
-blocks inside them are typed), and the artifacts the stages read back (probe.pt, anchors.pt,
-cache manifests: files, not config).
+models/), and the artifacts the stages read back (probe.pt, anchors.pt, cache manifests: files,
+not config).
 """
 
 from __future__ import annotations
@@ -249,6 +248,45 @@ class CraftAnchorSettings(Settings):
     pooling: str = "mean_image_tokens"
     n_anchors: int = 512
     batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class IcsmStageSettings(Settings):
+    """The icsm stage's config (config.stage_config(cfg, "icsm", probe set))."""
+
+    WHERE = "icsm stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    probe_dir: str
+    out_dir: str
+    icsm: IcsmSettings = dataclasses.field(default_factory=IcsmSettings)
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CraftAnchorsStageSettings(Settings):
+    """The craft_anchors stage's config (config.stage_config(cfg, "craft_anchors", anchor set))."""
+
+    WHERE = "craft_anchors stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    dataset: dict
+    out_dir: str
+    craft: CraftAnchorSettings = dataclasses.field(default_factory=CraftAnchorSettings)
+    shots: int | None = None  # a few-shot run's anchors: its few-shot subset
+    shots_seed: int | None = None
+    seed: int = 0
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from ..data.probe import open_dataset
 from ..errors import MethodConfigError
 from ..methods.craft import POOLINGS, anchor_features, log, select_anchor_indices
 from ..models.features import load_teacher
-from ..settings import CraftAnchorSettings
+from ..settings import CraftAnchorsStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,15 +26,16 @@ def main(args) -> int:
     from ..io import atomic_torch_save, provenance, seed_everything, sha256_tensor
 
     sc = load_stage_config(args.config, "craft_anchors")
-    c = CraftAnchorSettings.of(sc.get("craft") or {})
+    cs = CraftAnchorsStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before anything loads
+    c = cs.craft
     pooling = c.pooling
     if pooling not in POOLINGS:
         raise MethodConfigError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
-    seed = int(sc.get("seed", 0))
+    seed = cs.seed
     seed_everything(seed)
     t0 = time.perf_counter()
     ds = open_dataset(sc["dataset"], "train")
-    shots, shots_seed = sc.get("shots"), sc.get("shots_seed")
+    shots, shots_seed = cs.shots, cs.shots_seed
     if shots:  # a few-shot run's anchors come from the few-shot subset it trains on
         from ..data.cache import CachedDataset
 

@@ -23,7 +23,7 @@ from ..methods.icsm import (
     spread_subset,
 )
 from ..models.features import load_teacher
-from ..settings import IcsmSettings
+from ..settings import IcsmStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def main(args) -> int:
     from ..methods.figures import plot_icsm_spectrum
 
     sc = load_stage_config(args.config, "icsm")
-    icfg = IcsmSettings.of(sc.get("icsm") or {})
+    icfg = IcsmStageSettings.of(sc).icsm  # unknown keys / wrong types: a ConfigError before anything loads
     out = Path(sc["out_dir"])
     t_start = time.perf_counter()
     probe_dir = Path(sc["probe_dir"])

@@ -295,7 +295,7 @@ def chain_previous(cfg: dict, run: str) -> str | None:
 
 def probe_set_name(cfg: dict) -> str:
     p = cfg["probe"]
-    return f"{p['dataset']}_{p.get('split', 'heldout')}_n{p['n']}_s{p.get('seed', 0)}"
+    return f"{p['dataset']}_{p.get('split', ProbeStageSettings.split)}_n{p['n']}_s{p.get('seed', ProbeStageSettings.seed)}"
 
 
 def anchor_set(suite: str, shots: int | None, seed: int) -> str:

@@ -205,8 +205,13 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
     """probe / icsm / craft_anchors: the typed settings of each stack's stage configs hold what the
     recipes' old `.get(key, default)` gave; every stage config the study writes is accepted."""
     from vlaforget import config as vfc
-    from vlaforget.settings import (CraftAnchorSettings, CraftAnchorsStageSettings, IcsmSettings, IcsmStageSettings,
-                                    ProbeStageSettings)
+    from vlaforget.settings import (
+        CraftAnchorSettings,
+        CraftAnchorsStageSettings,
+        IcsmSettings,
+        IcsmStageSettings,
+        ProbeStageSettings,
+    )
 
     cfg = _study(stack, monkeypatch, tmp_path)
     psc = vfc.stage_config(cfg, "probe", vfc.probe_set_name(cfg))

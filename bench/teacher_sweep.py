@@ -86,6 +86,7 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     from vlaforget.envs.metaworld import MetaWorldFactory
     from vlaforget.eval.rollout import make_episodes, run_episodes
     from vlaforget.io import seed_everything
+    from vlaforget.settings import PretrainSettings
     from vlaforget.stages.model import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
     from vlaforget.models.tiny import build_tiny_backend
     from vlaforget.train.pretrain import heldout_metrics, pretrain
@@ -111,7 +112,7 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     }
     b = build_tiny_backend(tiny, corpus, action_dim=4, seed=int(v["seed"]), stats=train.statistics, device=device)
     t0 = time.time()
-    hist = pretrain(b, train, vqa_train, v)
+    hist = pretrain(b, train, vqa_train, PretrainSettings.of_keys(v))  # the variant's model.pretrain keys
     t_train = time.time() - t0
     met = heldout_metrics(b, held, vqa_held)
     fac = MetaWorldFactory(v["camera"], 64, int(v["eval_max_steps"]), float(v["randomization"]))

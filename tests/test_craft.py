@@ -161,7 +161,7 @@ def _one_step_grads(world, fused: bool, precision: str = "fp32", ckpt: bool = Tr
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     dev = torch.device("cpu")
-    tcfg = {"precision": precision, "batch_size": 3, "max_steps": 1, "lr": 1e-3, "lora": {"r": 4}}
+    tcfg = {"precision": precision, "batch_size": 3, "max_steps": 1, "lr": 1e-3, "lora": {"r": 4}}  # a whole train block (make_scaler checks it)
     ctx = TrainContext(backend=be, model=model, device=dev, stage_cfg={"train": tcfg}, trainable=trainable,
                        autocast=autocast_factory(precision, dev), scaler=make_scaler(tcfg, dev))
     anchors = load_anchors(root / "artifacts" / "craft")

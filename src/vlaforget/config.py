@@ -18,7 +18,14 @@ import yaml
 
 from .errors import ConfigError
 from .paths import Layout, PathPolicyError, check_under, resolve_allowed_root, resolve_root
-from .settings import DEFAULT_MODEL_DTYPE
+from .settings import (
+    DEFAULT_MODEL_DTYPE,
+    CacheStageSettings,
+    CraftAnchorSettings,
+    DemosStageSettings,
+    ForgettingSettings,
+    ProbeStageSettings,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 PKG_DIR = Path(__file__).resolve().parent
@@ -288,7 +295,7 @@ def chain_previous(cfg: dict, run: str) -> str | None:
 
 def probe_set_name(cfg: dict) -> str:
     p = cfg["probe"]
-    return f"{p['dataset']}_{p.get('split', 'heldout')}_n{p['n']}_s{p.get('seed', 0)}"
+    return f"{p['dataset']}_{p.get('split', ProbeStageSettings.split)}_n{p['n']}_s{p.get('seed', ProbeStageSettings.seed)}"
 
 
 def anchor_set(suite: str, shots: int | None, seed: int) -> str:
@@ -512,12 +519,13 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         out.update(dataset=key, tasks=mw["datasets"][key], instructions=mw.get("instructions") or {},
                    camera=mw["camera"], render_size=mw["render_size"], max_steps=mw["max_steps"],
                    episodes_per_task=mw["episodes_per_task"], seed=mw["seed"],
-                   workers=mw.get("workers", 1), out_dir=str(lay.rlds(key)))
+                   workers=mw.get("workers", DemosStageSettings.workers), out_dir=str(lay.rlds(key)))
     elif stage == "cache":
         out.update(dataset=key, rlds_dir=str(rlds_root(cfg) / key), image_size=d["image_size"],
-                   train_split=d.get("train_split", 0.95), heldout=d.get("heldout", "per_task"),
-                   image_key=d.get("image_key", "observation/image"),
-                   state_key=d.get("state_key", "observation/state"), out_dir=str(lay.cache(key)),
+                   train_split=d.get("train_split", CacheStageSettings.train_split),
+                   heldout=d.get("heldout", CacheStageSettings.heldout),
+                   image_key=d.get("image_key", CacheStageSettings.image_key),
+                   state_key=d.get("state_key", CacheStageSettings.state_key), out_dir=str(lay.cache(key)),
                    # our Meta-World demos: the identity transform; other datasets: by name
                    # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)
                    transform="metaworld" if dataset_tasks(cfg, key) is not None else None)
@@ -531,9 +539,9 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                        instructions=mw.get("instructions") or {})
     elif stage == "probe":
         out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
-                   n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", 0),
-                   split=cfg["probe"].get("split", "heldout"), trained_suites=trained_suites(cfg),
-                   batch_size=cfg["probe"].get("batch_size", 8),
+                   n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", ProbeStageSettings.seed),
+                   split=cfg["probe"].get("split", ProbeStageSettings.split), trained_suites=trained_suites(cfg),
+                   batch_size=cfg["probe"].get("batch_size", ProbeStageSettings.batch_size),
                    out_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))))
     elif stage == "icsm":
         out.update(model=_model_block(cfg), icsm=cfg["icsm"],
@@ -556,7 +564,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         out["craft_dir"] = (str(lay.craft(cfg["model"]["base"], anchor_set(r["suite"], out["shots"], r["seed"])))
                             if "craft" in needs else None)
         if "craft" in needs:
-            out["craft_layer"] = cfg["craft"].get("layer", -2)  # checked against the anchor cache
+            out["craft_layer"] = cfg["craft"].get("layer", CraftAnchorSettings.layer)  # checked against the anchor cache
         parts = train_code_parts(out)  # only the plug-ins (and periodic eval) this run uses
         code, files = _code("train", parts)
         out.update(code=code, code_files=dict(files))
@@ -579,8 +587,8 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                    vqa_jsonl=f.get("vqa_jsonl") or (str(lay.libero_vqa() / "questions.jsonl")
                                                      if f.get("libero_vqa") else None),
                    vqa_categories=list(f.get("vqa_categories") or []),
-                   drift_samples=f.get("drift_samples", 256),
-                   craft_layer=(cfg.get("craft") or {}).get("layer", -2),  # drift / CKA at CRaFT's layer
+                   drift_samples=f.get("drift_samples", ForgettingSettings.drift_samples),
+                   craft_layer=(cfg.get("craft") or {}).get("layer", CraftAnchorSettings.layer),  # drift / CKA at CRaFT's layer
                    vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
                    if cfg["world"] == "metaworld" else [],
                    out_file=str(lay.eval(key) / "forgetting.json"))

@@ -12,8 +12,16 @@ are what a stage does when the key is absent (config/README.md documents each). 
 stage-config files is unchanged by these types (config.stage_config writes the study's blocks as
 they are), so run ids do not move.
 
-Converted: the train stage's `train` block (and its `lora`), the model block's dtype default,
-ICSM's `r`. Not yet: the method / eval / forgetting / probe / craft blocks (they still read dicts).
+Converted (each recipe / plug-in reads the attributes; tests/test_settings.py checks on every study
+config stack that the values equal what the old `.get(key, default)` expressions gave, and that each
+dataclass accepts every key the schema allows in its block):
+  - study blocks: `train` (+ `lora`), the method blocks `method.hsw` / `method.thermostat` /
+    `method.craft` (MethodSettings: checked at the train job's start, enabled or not), `icsm`,
+    `craft` (the anchor cache's), `model.pretrain`; the model block's dtype default; ICSM's r;
+  - whole stage configs: eval blocks, forgetting, probe, icsm, craft_anchors, cache, demos.
+Not converted: the model block (backend / path / cache_dir / attn_implementation, read by
+models/), and the artifacts the stages read back (probe.pt, anchors.pt, cache manifests: files,
+not config).
 """
 
 from __future__ import annotations
@@ -153,6 +161,232 @@ class TrainSettings(Settings):
     fused_optimizer: bool = False  # AdamW's fused kernel (train/speed.py)
     compile: Any = False  # torch.compile of each decoder layer: false, true (inductor) or a backend name
     lora_input_cast: bool = True  # peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)
+
+
+@dataclass(frozen=True)
+class HswSettings(Settings):
+    """method.hsw: gradient surgery (train/plugins/hsw.py; config/README.md, table `method.hsw`)."""
+
+    WHERE = "method.hsw"
+    enabled: bool = False
+    groups: str = "icsm"  # icsm | single | all_layers
+    beta: float = 1.0  # plastic gain (the Thermostat's starting point)
+    gamma: float = 1.0  # fragile gain
+    clamp: str = "per_token"  # per_token | per_tensor | none
+    eps: float = 1e-12
+    use_sensitivity_order: bool = True  # false: top-variance directions as fragile (ablation)
+
+
+@dataclass(frozen=True)
+class ThermostatSettings(Settings):
+    """method.thermostat: closed-loop HSW gains (train/plugins/thermostat.py, methods/thermostat.py)."""
+
+    WHERE = "method.thermostat"
+    enabled: bool = False
+    every: int = 50  # steps between drift measurements
+    probe_batch: int = 64
+    probe_chunk: int | None = None  # None (or 0): the training micro-batch (train.batch_size)
+    warmup_measurements: int = 4
+    metric: str = "basis"  # basis | normalized | raw
+    threshold_sigmas: float = 2.0
+    gain: float = 1.0
+    gamma_min: float = 0.0
+    gamma_max: float = 1.0
+    beta_min: float = 0.2
+    beta_max: float = 1.0
+    smoothing: float = 0.5
+
+
+@dataclass(frozen=True)
+class CraftSettings(Settings):
+    """method.craft: retention loss, dual variable, conflict projection (train/plugins/craft.py)."""
+
+    WHERE = "method.craft"
+    enabled: bool = False
+    epsilon: float = 0.05  # retention budget
+    lambda_init: float = 0.0
+    lambda_lr: float = 0.01
+    dual: bool = True  # false: the fixed λ below
+    fixed_lambda: float = 0.1
+    projection: bool = True
+    anchor: str | None = None  # the retention feature's pooling; None: the anchor cache's own
+    anchor_batch_size: int | None = None  # None (or 0): train.batch_size
+    fused_forward: bool = True
+
+
+@dataclass(frozen=True)
+class MethodSettings(Settings):
+    """method: a method's plug-in blocks (config.method_config: every block present, off unless enabled)."""
+
+    WHERE = "method"
+    hsw: HswSettings = dataclasses.field(default_factory=HswSettings)
+    thermostat: ThermostatSettings = dataclasses.field(default_factory=ThermostatSettings)
+    craft: CraftSettings = dataclasses.field(default_factory=CraftSettings)
+
+
+@dataclass(frozen=True)
+class IcsmSettings(Settings):
+    """icsm: the ICSM stage's block (stages/icsm.py, methods/icsm.py; config/README.md, table `icsm`)."""
+
+    WHERE = "icsm"
+    layers: Any = "auto"  # "auto" (the last four decoder layers in two groups) or decoder-layer indices
+    groups: dict | None = None  # override: {A: {layers: [...], rep: ...}, B: {...}}
+    r: int = DEFAULT_ICSM_R
+    alpha: float = 1.0
+    sensitivity_samples: int = 128
+    direction_batch: int = 16
+    fragile_frac: float = 0.25
+    plastic_frac: float = 0.5
+
+
+@dataclass(frozen=True)
+class CraftAnchorSettings(Settings):
+    """craft: the CRaFT anchor cache's block (stages/craft_anchors.py; config/README.md, table `craft`)."""
+
+    WHERE = "craft"
+    layer: int = -2  # hidden_states index of the anchors (config.stage_config writes the same default)
+    pooling: str = "mean_image_tokens"
+    n_anchors: int = 512
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class IcsmStageSettings(Settings):
+    """The icsm stage's config (config.stage_config(cfg, "icsm", probe set))."""
+
+    WHERE = "icsm stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    probe_dir: str
+    out_dir: str
+    icsm: IcsmSettings = dataclasses.field(default_factory=IcsmSettings)
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CraftAnchorsStageSettings(Settings):
+    """The craft_anchors stage's config (config.stage_config(cfg, "craft_anchors", anchor set))."""
+
+    WHERE = "craft_anchors stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    dataset: dict
+    out_dir: str
+    craft: CraftAnchorSettings = dataclasses.field(default_factory=CraftAnchorSettings)
+    shots: int | None = None  # a few-shot run's anchors: its few-shot subset
+    shots_seed: int | None = None
+    seed: int = 0
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProbeStageSettings(Settings):
+    """The probe stage's config (config.stage_config(cfg, "probe", key): the study's `probe` block
+    flattened, its dataset block and the model block)."""
+
+    WHERE = "probe stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    model: dict
+    dataset: dict
+    n: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    split: str = "heldout"  # heldout | train | all
+    trained_suites: tuple[str, ...] = ()
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CacheStageSettings(Settings):
+    """The cache stage's config (config.stage_config(cfg, "cache", dataset): data's cache keys)."""
+
+    WHERE = "cache stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    dataset: str
+    rlds_dir: str
+    image_size: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    train_split: float = 0.95
+    heldout: str = "per_task"  # per_task | tail
+    image_key: str = "observation/image"
+    state_key: str = "observation/state"
+    transform: str | None = None  # None: data/transforms.py by the dataset's name
+
+
+@dataclass(frozen=True)
+class DemosStageSettings(Settings):
+    """The demos stage's config (config.stage_config(cfg, "demos", dataset): data.metaworld's keys)."""
+
+    WHERE = "demos stage config"
+    stage: str
+    root: str
+    allowed_root: str
+    dataset: str
+    tasks: tuple[str, ...]
+    camera: str
+    render_size: int
+    max_steps: int
+    episodes_per_task: int
+    seed: int
+    out_dir: str
+    world: str | None = None
+    code: str | None = None
+    code_files: dict | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    instructions: dict = dataclasses.field(default_factory=dict)
+    workers: int = 1
+
+
+# the tiny teacher's VQA samples (model.pretrain.vqa_train_samples / vqa_heldout_samples)
+DEFAULT_VQA_TRAIN_SAMPLES = 6000
+DEFAULT_VQA_HELDOUT_SAMPLES = 400
+
+
+@dataclass(frozen=True)
+class PretrainSettings(Settings):
+    """model.pretrain: the tiny teacher's pretraining (stages/model.py, train/pretrain.py)."""
+
+    WHERE = "model.pretrain"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    vqa_fraction: float = 0.3
+    seed: int = 0
+    threads: int = 1  # torch CPU threads of the model stage
+    bin_sigma: float | None = 0.0  # soft labels over neighbouring action bins (None or 0: hard labels)
+    image_aug: bool | None = None  # None: train.pretrain.pretrain's image_aug argument (true)
+    vqa_train_samples: int = DEFAULT_VQA_TRAIN_SAMPLES
+    vqa_heldout_samples: int = DEFAULT_VQA_HELDOUT_SAMPLES
+    dataset: str | None = None  # config side only (config.tiny_pretrain_dataset); None: data.metaworld.upstream
+
+    @classmethod
+    def of_keys(cls, block: Any, where: str | None = None) -> PretrainSettings:
+        """Only this block's keys of a larger mapping (bench/teacher_sweep.py's variants)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.of({k: v for k, v in dict(block).items() if k in names}, where)
 
 
 def model_dtype(model_block: dict | None) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodConfigError, MissingInput
-from ..settings import DEFAULT_ICSM_R
+from ..settings import IcsmSettings
 
 log = logging.getLogger("vlaforget.icsm")
 
@@ -487,10 +487,12 @@ def spread_subset(indices: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def compute_layer(
-    backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: dict, show_progress: bool = False
+    backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: IcsmSettings | dict,
+    show_progress: bool = False
 ) -> dict[str, Any]:
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
-    sv = svd_directions(pooled, int(icfg.get("r") or DEFAULT_ICSM_R))
+    icfg = IcsmSettings.of(icfg)
+    sv = svd_directions(pooled, icfg.r)
     t0 = time.perf_counter()
     # one extra all-zero direction measures the numerical noise floor of the KL (batched bf16 forwards
     # are not bit-identical to the unbatched reference); it costs 1/r more
@@ -502,8 +504,8 @@ def compute_layer(
         U0,
         s0,
         rep,
-        alpha=float(icfg.get("alpha", 1.0)),
-        direction_batch=int(icfg.get("direction_batch", 16)),
+        alpha=icfg.alpha,
+        direction_batch=icfg.direction_batch,
         show_progress=show_progress,
     )
     scores = all_scores[:-1]
@@ -512,8 +514,8 @@ def compute_layer(
     sp = split_directions(
         sv["U"],
         resolved_scores(scores, floor),
-        float(icfg.get("fragile_frac", 0.25)),
-        float(icfg.get("plastic_frac", 0.5)),
+        icfg.fragile_frac,
+        icfg.plastic_frac,
     )
     return {
         **sv,

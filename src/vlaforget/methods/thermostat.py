@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..settings import ThermostatSettings
 from .icsm import covariance
 
 __all__ = ["METRICS", "ControlLaw", "covariance", "drift", "projected_covariance"]
@@ -76,14 +77,16 @@ class ControlLaw:
     """
 
     def __init__(
-        self, cfg: dict, beta0: float | None = None, gamma0: float | None = None, eps: float = 1e-12
+        self, cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None,
+        eps: float = 1e-12
     ):
-        self.warmup = int(cfg.get("warmup_measurements", 4))
-        self.k = float(cfg.get("threshold_sigmas", 2.0))
-        self.gain = float(cfg.get("gain", 1.0))
-        self.gamma_min, self.gamma_max = float(cfg.get("gamma_min", 0.0)), float(cfg.get("gamma_max", 1.0))
-        self.beta_min, self.beta_max = float(cfg.get("beta_min", 0.2)), float(cfg.get("beta_max", 1.0))
-        self.smoothing = float(cfg.get("smoothing", 0.5))
+        cfg = ThermostatSettings.of(cfg)
+        self.warmup = cfg.warmup_measurements
+        self.k = cfg.threshold_sigmas
+        self.gain = cfg.gain
+        self.gamma_min, self.gamma_max = cfg.gamma_min, cfg.gamma_max
+        self.beta_min, self.beta_max = cfg.beta_min, cfg.beta_max
+        self.smoothing = cfg.smoothing
         self.eps = eps
         if self.warmup < 1:
             raise ValueError(f"thermostat.warmup_measurements must be >= 1 (calibration draws), got {self.warmup}")

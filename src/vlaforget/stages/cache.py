@@ -8,6 +8,7 @@ import argparse
 
 from ..data.cache import build_cache
 from ..io import log
+from ..settings import CacheStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -17,18 +18,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from ..config import load_stage_config
 
-    sc = load_stage_config(args.config, "cache")
+    sc = CacheStageSettings.of(load_stage_config(args.config, "cache"))
     m = build_cache(
-        sc["rlds_dir"],
-        sc["out_dir"],
-        sc["dataset"],
-        int(sc["image_size"]),
-        float(sc.get("train_split", 0.95)),
-        sc.get("image_key", "observation/image"),
-        sc.get("state_key", "observation/state"),
-        extra={"stage_code": sc.get("code")},
-        transform=sc.get("transform"),
-        heldout=sc.get("heldout", "per_task"),
+        sc.rlds_dir,
+        sc.out_dir,
+        sc.dataset,
+        sc.image_size,
+        sc.train_split,
+        sc.image_key,
+        sc.state_key,
+        extra={"stage_code": sc.code},
+        transform=sc.transform,
+        heldout=sc.heldout,
     )
     if m.get("heldout_note"):
         log.warning("cache %s: %s", m["name"], m["heldout_note"])
@@ -43,7 +44,7 @@ def main(args) -> int:
         len(m["tasks"]),
         m["action_transform"]["name"],
         m["seconds"],
-        sc["out_dir"],
+        sc.out_dir,
     )
     return 0
 

@@ -12,6 +12,7 @@ from ..data.probe import open_dataset
 from ..errors import MethodConfigError
 from ..methods.craft import POOLINGS, anchor_features, log, select_anchor_indices
 from ..models.features import load_teacher
+from ..settings import CraftAnchorsStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -25,30 +26,31 @@ def main(args) -> int:
     from ..io import atomic_torch_save, provenance, seed_everything, sha256_tensor
 
     sc = load_stage_config(args.config, "craft_anchors")
-    c = sc.get("craft") or {}
-    pooling = c.get("pooling", "mean_image_tokens")
+    cs = CraftAnchorsStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before anything loads
+    c = cs.craft
+    pooling = c.pooling
     if pooling not in POOLINGS:
         raise MethodConfigError(f"craft.pooling '{pooling}' unknown: use one of {POOLINGS}")
-    seed = int(sc.get("seed", 0))
+    seed = cs.seed
     seed_everything(seed)
     t0 = time.perf_counter()
     ds = open_dataset(sc["dataset"], "train")
-    shots, shots_seed = sc.get("shots"), sc.get("shots_seed")
+    shots, shots_seed = cs.shots, cs.shots_seed
     if shots:  # a few-shot run's anchors come from the few-shot subset it trains on
         from ..data.cache import CachedDataset
 
         ds = CachedDataset(sc["dataset"]["cache_dir"], split="train", shots=int(shots), seed=int(shots_seed))
     backend = load_teacher(sc["model"], ds)
     L = int(backend.num_layers)
-    layer = int(c.get("layer", -2))
+    layer = c.layer
     if not -(L + 1) <= layer <= L:
         raise MethodConfigError(
             f"craft.layer = {layer} is not a hidden_states index of a {L}-layer model "
             f"(valid: {-(L + 1)}..{L})"
         )
-    idx = select_anchor_indices(len(ds), int(c.get("n_anchors", 512)), seed)
+    idx = select_anchor_indices(len(ds), c.n_anchors, seed)
     samples = [ds[int(i)] for i in idx]
-    feats = anchor_features(backend, samples, layer, int(c.get("batch_size", 8)), show_progress=True)
+    feats = anchor_features(backend, samples, layer, c.batch_size, show_progress=True)
     h = hashlib.sha256(sha256_tensor(idx).encode())
     for p in POOLINGS:
         h.update(sha256_tensor(feats[p]).encode())

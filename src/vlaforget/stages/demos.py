@@ -10,6 +10,7 @@ import time
 
 from ..data.metaworld_demos import generate, interleave
 from ..io import log, provenance, write_json
+from ..settings import DemosStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,7 @@ def main(args) -> int:
     from ..envs.metaworld import ACTION_DIM, ENV_STATE_DIM, STATE_DIM
 
     sc = load_stage_config(args.config, "demos")
+    ds = DemosStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before any rollout
     out_dir = sc["out_dir"]
     tasks = list(sc["tasks"])
     n = int(sc["episodes_per_task"])
@@ -35,7 +37,7 @@ def main(args) -> int:
         n,
         sc["camera"],
         size,
-        sc.get("workers", 1),
+        ds.workers,
     )
     kept, counts = generate(
         tasks,
@@ -44,8 +46,8 @@ def main(args) -> int:
         camera=sc["camera"],
         render_size=size,
         max_steps=int(sc["max_steps"]),
-        workers=int(sc.get("workers", 1)),
-        instructions=sc.get("instructions") or {},
+        workers=ds.workers,
+        instructions=ds.instructions or {},
         desc=f"demos {sc['dataset']}",
     )
     t_roll = time.time() - t0
@@ -88,13 +90,13 @@ def main(args) -> int:
             "steps": info["steps"],
             "shards": info["shards"],
             "tasks": counts,
-            "instructions": task_table(tasks, sc.get("instructions") or {}),
+            "instructions": task_table(tasks, ds.instructions or {}),
             "camera": sc["camera"],
             "render_size": size,
             "max_steps": sc["max_steps"],
             "seed": sc["seed"],
             "episodes_per_task": n,
-            "workers": sc.get("workers", 1),
+            "workers": ds.workers,
             "order": "interleaved by task",
             "timing": {
                 "total_seconds": t_total,

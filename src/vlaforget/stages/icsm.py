@@ -23,7 +23,7 @@ from ..methods.icsm import (
     spread_subset,
 )
 from ..models.features import load_teacher
-from ..settings import DEFAULT_ICSM_R
+from ..settings import IcsmStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def main(args) -> int:
     from ..methods.figures import plot_icsm_spectrum
 
     sc = load_stage_config(args.config, "icsm")
-    icfg = sc.get("icsm") or {}
+    icfg = IcsmStageSettings.of(sc).icsm  # unknown keys / wrong types: a ConfigError before anything loads
     out = Path(sc["out_dir"])
     t_start = time.perf_counter()
     probe_dir = Path(sc["probe_dir"])
@@ -45,7 +45,7 @@ def main(args) -> int:
     ds = open_dataset(probe["dataset"], probe.get("split", "train"))
     backend = load_teacher(sc["model"], ds)
     L = int(backend.num_layers)
-    groups = layer_groups(L, override=icfg.get("groups"), layers=icfg.get("layers", "auto"))
+    groups = layer_groups(L, override=icfg.groups, layers=icfg.layers)
     reps = representative_layers(groups)
     missing = [r for r in reps if r not in probe["pooled"]]
     if missing:
@@ -57,7 +57,7 @@ def main(args) -> int:
     )
     keep = ~empty  # empty instruction masks: excluded from the SVD and the sensitivity samples
     # n_sens non-empty probes evenly spaced over the (sorted) probe set, so they cover every task
-    sens_idx = spread_subset(probe["indices"][keep], int(icfg.get("sensitivity_samples", 128)))
+    sens_idx = spread_subset(probe["indices"][keep], icfg.sensitivity_samples)
     n_sens = int(sens_idx.numel())
     samples = [ds[int(i)] for i in sens_idx]
     out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,8 @@ def main(args) -> int:
         "hidden_size": int(backend.hidden_size),
         "groups": groups,
         "rep_layers": reps,
-        "r": int(icfg.get("r") or DEFAULT_ICSM_R),
-        "alpha": float(icfg.get("alpha", 1.0)),
+        "r": icfg.r,
+        "alpha": icfg.alpha,
         "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
         "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
         "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
@@ -144,9 +144,9 @@ def main(args) -> int:
         "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
         f"{n_sens} probe samples",
         "sensitivity_samples": n_sens,
-        "direction_batch": int(icfg.get("direction_batch", 16)),
-        "fragile_frac": float(icfg.get("fragile_frac", 0.25)),
-        "plastic_frac": float(icfg.get("plastic_frac", 0.5)),
+        "direction_batch": icfg.direction_batch,
+        "fragile_frac": icfg.fragile_frac,
+        "plastic_frac": icfg.plastic_frac,
         "epsilon": EPSILON_RULE,
         "probe_hash": probe["hash"],
         "probe_dir": str(probe_dir),

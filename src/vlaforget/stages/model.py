@@ -16,9 +16,10 @@ from pathlib import Path
 
 from ..config import load_stage_config
 from ..io import log, provenance, seed_everything, write_json
+from ..settings import DEFAULT_VQA_HELDOUT_SAMPLES, DEFAULT_VQA_TRAIN_SAMPLES, PretrainSettings
 
-VQA_TRAIN_SAMPLES = 6000  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
-VQA_HELDOUT_SAMPLES = 400
+VQA_TRAIN_SAMPLES = DEFAULT_VQA_TRAIN_SAMPLES  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
+VQA_HELDOUT_SAMPLES = DEFAULT_VQA_HELDOUT_SAMPLES
 
 
 def tokenizer_corpus(sc: dict, datasets: list, vqa: list) -> list[str]:
@@ -47,9 +48,9 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
     from ..models.tiny import build_tiny_backend
     from ..train.pretrain import heldout_metrics, pretrain
 
-    pcfg = dict(sc.get("pretrain") or {})
-    seed = int(pcfg.get("seed", 0))
-    torch.set_num_threads(int(pcfg.get("threads", 1)))
+    pcfg = PretrainSettings.of(sc.get("pretrain") or {})
+    seed = pcfg.seed
+    torch.set_num_threads(pcfg.threads)
     seed_everything(seed)
     up = sc["upstream"]
     cache_dir = Path(up["cache_dir"])
@@ -60,8 +61,8 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
         )
     train = CachedDataset(cache_dir, split="train")
     heldout = CachedDataset(cache_dir, split="heldout")
-    n_vqa = int(pcfg.get("vqa_train_samples", VQA_TRAIN_SAMPLES))
-    n_vqa_held = int(pcfg.get("vqa_heldout_samples", VQA_HELDOUT_SAMPLES))
+    n_vqa = pcfg.vqa_train_samples
+    n_vqa_held = pcfg.vqa_heldout_samples
     vqa_train = vqa_samples(train, n_vqa, seed) if n_vqa else []
     vqa_held = vqa_samples(heldout, n_vqa_held, seed + 1) if len(heldout) and n_vqa_held else []
     corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
@@ -104,7 +105,7 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
         "train_samples": len(train),
         "heldout_samples": len(heldout),
         "vqa_train_samples": len(vqa_train),
-        "pretrain": pcfg,
+        "pretrain": dict(sc.get("pretrain") or {}),  # the block as configured (done.json unchanged)
         "tiny": tiny,
         "pretrain_seconds": time.time() - t0,
         "metrics": metrics,

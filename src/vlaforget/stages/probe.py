@@ -12,6 +12,7 @@ from pathlib import Path
 from ..data.probe import N_AUDIT, log, open_dataset, probe_hash, probe_source, select_indices
 from ..errors import MethodConfigError
 from ..models.features import audit_spans, load_teacher, pooled_states
+from ..settings import ProbeStageSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -25,20 +26,21 @@ def main(args) -> int:
     from ..io import atomic_torch_save, provenance, seed_everything, write_json
 
     sc = load_stage_config(args.config, "probe")
-    out = Path(sc["out_dir"])
-    seed = int(sc.get("seed", 0))
+    ps = ProbeStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before anything loads
+    out = Path(ps.out_dir)
+    seed = ps.seed
     seed_everything(seed)
     t0 = time.perf_counter()
-    split = sc.get("split", "heldout")
+    split = ps.split
     name = sc["dataset"].get("name")
-    trained = list(sc.get("trained_suites") or [])
+    trained = list(ps.trained_suites)
     if split in ("train", "all") and name in trained:
         raise MethodConfigError(
             f"probe.split '{split}' of {name}: study runs train on {name}, so the probe would be "
             "trained on; use probe.split: heldout or a probe.dataset outside the study"
         )
     ds = open_dataset(sc["dataset"], split)
-    if len(ds) < int(sc["n"]):
+    if len(ds) < ps.n:
         raise MethodConfigError(
             f"probe.n = {sc['n']} but the {split} split of {name} has only {len(ds)} transitions "
             f"({len(getattr(ds, 'episodes', []))} episodes): lower probe.n, or use a probe.dataset no run trains on "
@@ -47,7 +49,7 @@ def main(args) -> int:
     source = probe_source(sc["dataset"], split, ds, trained)
     log.info("probe source: %s (%d episodes, tasks %s)", source["what"], source["n_episodes"], source["tasks"])
     backend = load_teacher(sc["model"], ds)
-    idx = select_indices(len(ds), int(sc["n"]), seed)
+    idx = select_indices(len(ds), ps.n, seed)
     samples = [ds[int(i)] for i in idx]
     # the tasks the drawn probe transitions cover (source.tasks: those of the split it is drawn from)
     per_task: dict = {}
@@ -60,7 +62,7 @@ def main(args) -> int:
         log.warning("probe: no sample of tasks %s of the %s split (raise probe.n)", missing, split)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    pooled, empty = pooled_states(backend, samples, int(sc.get("batch_size", 8)), show_progress=True)
+    pooled, empty = pooled_states(backend, samples, ps.batch_size, show_progress=True)
     t_fwd = time.perf_counter() - t1
     n_empty = int(empty.sum())
     if n_empty == len(samples):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import load_stage_config
-from ..settings import EvalSettings, TrainSettings
+from ..settings import EvalSettings, MethodSettings, TrainSettings
 from ..train.loop import log, run_training
 
 
@@ -40,6 +40,7 @@ def periodic_evaluator(sc: dict) -> Callable[[Any, Any], float] | None:
 def main(args) -> int:
     sc = load_stage_config(args.config, "train")
     TrainSettings.of(sc["train"])  # unknown keys / wrong types: a ConfigError before anything loads
+    MethodSettings.of(sc.get("method") or {})
     res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0),
                        evaluator=periodic_evaluator(sc))
     if res:

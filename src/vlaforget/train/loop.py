@@ -24,7 +24,7 @@ from ..errors import TrainingError
 from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, replace_dir, seed_everything,
                   sha256_file, write_json)
 from ..paths import apply_job_env
-from ..settings import LoraSettings, TrainSettings
+from ..settings import LoraSettings, MethodSettings, TrainSettings
 from . import checkpoint as ckpt
 from . import plugins as plugin_registry
 from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
@@ -190,6 +190,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     from ..models import load_backend
 
     ts = TrainSettings.of(sc["train"])  # checked before anything is loaded
+    MethodSettings.of(sc.get("method") or {})  # the plug-in blocks too, enabled or not
     if ts.eval_every and evaluator is None:
         raise TrainingError(
             f"train.eval_every = {ts.eval_every} but no periodic evaluator was given: "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..io import log, progress
+from ..settings import PretrainSettings
 from .schedule import warmup_schedule
 
 
@@ -45,23 +46,26 @@ def smoothed_action_loss(backend, batch: Mapping[str, torch.Tensor], logits: tor
 
 
 def pretrain(
-    backend, bc_data, vqa_data: Sequence[Mapping], pcfg: Mapping[str, Any], image_aug: bool = True
+    backend, bc_data, vqa_data: Sequence[Mapping], pcfg: PretrainSettings | Mapping[str, Any],
+    image_aug: bool = True
 ) -> dict:
     """Train backend.model in place. bc_data: indexable of samples (CachedDataset, train split);
-    vqa_data: list of VQA samples. Returns the training history (loss/accuracy per logged step)."""
-    steps, bsz = int(pcfg.get("steps", 1000)), int(pcfg.get("batch_size", 32))
-    frac = float(pcfg.get("vqa_fraction", 0.3)) if len(vqa_data) else 0.0
-    seed = int(pcfg.get("seed", 0))
-    sigma = float(pcfg.get("bin_sigma", 0.0) or 0.0)
-    image_aug = bool(pcfg.get("image_aug", image_aug))
+    vqa_data: list of VQA samples; pcfg: the model.pretrain block (image_aug there overrides the
+    argument). Returns the training history (loss/accuracy per logged step)."""
+    pcfg = PretrainSettings.of(pcfg)
+    steps, bsz = pcfg.steps, pcfg.batch_size
+    frac = pcfg.vqa_fraction if len(vqa_data) else 0.0
+    seed = pcfg.seed
+    sigma = float(pcfg.bin_sigma or 0.0)
+    image_aug = bool(pcfg.image_aug if pcfg.image_aug is not None else image_aug)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     model = backend.model
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(),
-        lr=float(pcfg.get("lr", 1e-3)),
-        weight_decay=float(pcfg.get("weight_decay", 0.01)),
+        lr=pcfg.lr,
+        weight_decay=pcfg.weight_decay,
         betas=(0.9, 0.95),
     )
     sched = warmup_schedule(opt, steps, max(1, int(0.05 * steps)), "cosine", floor=0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...settings import CraftSettings
 from ..distributed import all_reduce_flat, unwrap
 from . import Plugin, TrainContext
 
@@ -15,26 +16,26 @@ class CraftPlugin(Plugin):
 
     name = "craft"
 
-    def __init__(self, ctx: TrainContext, cfg: dict, anchors: dict, anchor_samples: list, seed: int,
+    def __init__(self, ctx: TrainContext, cfg: CraftSettings | dict, anchors: dict, anchor_samples: list, seed: int,
                  batch_size: int | None = None):
+        cfg = CraftSettings.of(cfg)
         self.ctx = ctx
         self.cfg = cfg
-        self.eps_budget = float(cfg.get("epsilon", 0.05))
-        self.lmbda = float(cfg.get("lambda_init", 0.0)) if cfg.get("dual", True) else float(
-            cfg.get("fixed_lambda", 0.1))
-        self.lambda_lr = float(cfg.get("lambda_lr", 0.01))
-        self.dual = bool(cfg.get("dual", True))
-        self.projection = bool(cfg.get("projection", True))
+        self.eps_budget = cfg.epsilon
+        self.lmbda = cfg.lambda_init if cfg.dual else cfg.fixed_lambda
+        self.lambda_lr = cfg.lambda_lr
+        self.dual = cfg.dual
+        self.projection = cfg.projection
         self.pooling = anchors["pooling"]
         self.layer = int(anchors["layer"])
         self.features = anchors["features"].float()  # [N, D]
         self.samples = anchor_samples
         # anchors per retention step: method.craft.anchor_batch_size (the seeds' craft.anchor_batch_size),
         # independent of the training micro-batch; `batch_size` is only the fallback when unset
-        self.batch = int(cfg.get("anchor_batch_size") or batch_size or 8)
+        self.batch = int(cfg.anchor_batch_size or batch_size or 8)
         # one forward of [task; anchor] rows and one backward (train/lora_split.py) instead of a
         # separate retention forward + backward; the same gradients (tests/test_craft.py)
-        self.fused = bool(cfg.get("fused_forward", True))
+        self.fused = cfg.fused_forward
         self._split = None  # LoraRowSplit while a fused step is between its forward and before_step
         self._pending = None
         self.overflow = False
@@ -215,9 +216,9 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> C
     """Checks, before the first step, that the CRaFT anchor cache fits the run."""
     from ...methods.craft import check_anchors, load_anchors
 
-    ccfg = sc["method"]["craft"]
+    ccfg = CraftSettings.of(sc["method"]["craft"])
     anchors = given["anchors"] if "anchors" in given else load_anchors(sc["craft_dir"])
-    want = ccfg.get("anchor", anchors["pooling"])
+    want = ccfg.anchor if ccfg.anchor is not None else anchors["pooling"]
     check_anchors(anchors, hidden_size=int(ctx.backend.hidden_size), num_layers=int(ctx.backend.num_layers),
                   pooling=want, where=str(sc.get("craft_dir")), layer=sc.get("craft_layer"),
                   dtype=(sc.get("model") or {}).get("dtype"), shots=sc.get("shots"), seed=sc.get("seed"))
@@ -232,4 +233,4 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> C
                             shots=anchors.get("shots"), seed=int(anchors.get("shots_seed") or 0))
         samples = [ads[int(i)] for i in anchors["indices"]]
     return CraftPlugin(ctx, ccfg, anchors, samples, int(sc["seed"]),
-                       int(ccfg.get("anchor_batch_size") or sc["train"]["batch_size"]))
+                       int(ccfg.anchor_batch_size or sc["train"]["batch_size"]))

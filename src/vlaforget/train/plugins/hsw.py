@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ...settings import HswSettings
 from ..distributed import all_reduce_flat
 from . import Plugin, TrainContext
 
@@ -27,17 +28,18 @@ class HSWPlugin(Plugin):
 
     name = "hsw"
 
-    def __init__(self, ctx: TrainContext, cfg: dict, icsm):
+    def __init__(self, ctx: TrainContext, cfg: HswSettings | dict, icsm):
         from ...methods.hsw import hsw_transform
 
+        cfg = HswSettings.of(cfg)
         self._transform = hsw_transform
         self.ctx = ctx
-        self.beta = float(cfg.get("beta", 1.0))
-        self.gamma = float(cfg.get("gamma", 1.0))
-        self.clamp = cfg.get("clamp", "per_token")
-        self.eps = float(cfg.get("eps", 1e-12))
-        self.layer_map = icsm.layer_bases(cfg.get("groups", "icsm"), ctx.backend.num_layers,
-                                          sensitivity=cfg.get("use_sensitivity_order", True))
+        self.beta = cfg.beta
+        self.gamma = cfg.gamma
+        self.clamp = cfg.clamp
+        self.eps = cfg.eps
+        self.layer_map = icsm.layer_bases(cfg.groups, ctx.backend.num_layers,
+                                          sensitivity=cfg.use_sensitivity_order)
         layers = ctx.backend.decoder_layers(ctx.model)
         # layer -> its trainable parameters (LoRA); layers without any have nothing to act on
         self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}
@@ -133,4 +135,4 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> H
     from ..icsm_adapter import icsm_for_run
 
     icsm, _ = icsm_for_run(sc, given, train_ds, shared)
-    return HSWPlugin(ctx, sc["method"]["hsw"], icsm)
+    return HSWPlugin(ctx, HswSettings.of(sc["method"]["hsw"]), icsm)

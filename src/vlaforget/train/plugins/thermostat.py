@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ...settings import HswSettings, ThermostatSettings
 from ..distributed import on_main, unwrap
 from . import Plugin, TrainContext
 
@@ -21,21 +22,22 @@ class ThermostatPlugin(Plugin):
 
     name = "thermostat"
 
-    def __init__(self, ctx: TrainContext, cfg: dict, icsm, probe_samples, seed: int,
-                 hsw_cfg: dict | None = None):
+    def __init__(self, ctx: TrainContext, cfg: ThermostatSettings | dict, icsm, probe_samples, seed: int,
+                 hsw_cfg: HswSettings | dict | None = None):
         from ...methods.thermostat import ControlLaw
 
+        cfg = ThermostatSettings.of(cfg)
+        hsw = HswSettings.of(hsw_cfg) if hsw_cfg else None
         self.ctx = ctx
         self.cfg = cfg
-        self.every = int(cfg.get("every", 50))
-        self.batch = int(cfg.get("probe_batch", 64))
-        self.metric = cfg.get("metric", "basis")
+        self.every = cfg.every
+        self.batch = cfg.probe_batch
+        self.metric = cfg.metric
         self.icsm = icsm
         self.samples = probe_samples  # list of sample dicts (image, instruction, action)
-        hsw_on = bool(hsw_cfg and hsw_cfg.get("enabled"))
+        hsw_on = bool(hsw and hsw.enabled)
         # the control law starts from (and rests at) the configured HSW gains
-        self.law = ControlLaw(cfg, beta0=float(hsw_cfg.get("beta", 1.0)) if hsw_on else None,
-                              gamma0=float(hsw_cfg.get("gamma", 1.0)) if hsw_on else None)
+        self.law = ControlLaw(cfg, beta0=hsw.beta if hsw_on else None, gamma0=hsw.gamma if hsw_on else None)
         self.gen = torch.Generator().manual_seed(int(seed) + 7919)
         self.last: dict = {}
         self._ct_proj: dict = {}  # rep -> U^T C_T U [r, r]
@@ -49,7 +51,7 @@ class ThermostatPlugin(Plugin):
         parts: dict[int, list] = {rep: [] for rep in reps}
         # no-grad chunks no larger than the training micro-batch (thermostat.probe_chunk to change):
         # the probe forward then fits in memory the training step already reserved
-        chunk = max(1, int(self.cfg.get("probe_chunk") or self.ctx.stage_cfg["train"]["batch_size"]))
+        chunk = max(1, int(self.cfg.probe_chunk or self.ctx.stage_cfg["train"]["batch_size"]))
         model = unwrap(self.ctx.model)  # rank 0 alone measures (shared_measure): no DDP forward
         with torch.no_grad(), eval_mode(model):
             for s in range(0, len(idx), chunk):
@@ -154,4 +156,5 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> T
         probe = probe if probe is not None else load_probe(sc["probe_dir"])
         pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
         samples = [pds[int(i)] for i in probe["indices"]]
-    return ThermostatPlugin(ctx, mcfg["thermostat"], icsm, samples, int(sc["seed"]), hsw_cfg=mcfg["hsw"])
+    return ThermostatPlugin(ctx, ThermostatSettings.of(mcfg["thermostat"]), icsm, samples, int(sc["seed"]),
+                            hsw_cfg=HswSettings.of(mcfg["hsw"]))

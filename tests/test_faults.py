@@ -790,3 +790,24 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
     assert rc == 0, err[-2000:]
     assert _eval_result(Path(stamped["out_file"])) == ref
     assert freshness.recorded_id(comp) == config_id(stamped)
+
+
+def test_loss_check_compares_the_first_and_last_logged_means():
+    """A 30-step run logged every 10 steps that learned (3.18, 4.03, 3.14, 2.48: the embedded 5-shot
+    baseline of session 6) is marked done; the old rule (first logged value against the mean of the
+    last 3) refused it. A flat run that drops a hair on its first update is still refused."""
+    from types import SimpleNamespace
+
+    from vlaforget.train.loop import check_loss_improved
+
+    tcfg = {"max_steps": 30, "batch_size": 4, "lr": 3e-4, "lora": {"r": 4}, "loss_check_min_steps": 20}
+    sc = {"run_name": "r", "out_dir": "/tmp/x", "run_id": "r-1"}
+
+    def logger(losses):
+        return SimpleNamespace(records=[{"train_loss": v} for v in losses])
+
+    check_loss_improved(logger([3.1833, 4.0298, 3.1438, 2.4831]), tcfg, sc)
+    with pytest.raises(TrainingError, match="did not improve"):
+        check_loss_improved(logger([3.20, 3.19, 3.19, 3.19, 3.19, 3.19, 3.19, 3.19]), tcfg, sc)
+    with pytest.raises(TrainingError, match="did not improve"):
+        check_loss_improved(logger([3.0, 3.4, 3.6, 3.9]), tcfg, sc)  # diverging

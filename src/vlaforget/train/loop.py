@@ -549,26 +549,28 @@ def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, log
     return new_step, new_skipped, 0
 
 
-LOSS_MIN_REL_DROP = 0.02  # a finished run's loss must end at least 2 % below its first logged value
+LOSS_MIN_REL_DROP = 0.02  # a finished run's loss must end at least 2 % below its start (check_loss_improved)
 
 
 def check_loss_improved(logger, tcfg: TrainSettings | dict, sc: dict) -> None:
-    """Refuse to mark done a run whose loss ended no lower than its first logged value (a diverged or
-    stuck run: e.g. lr far too high gives a flat loss at chance without any NaN)."""
+    """Refuse to mark done a run whose loss ended no lower than it started (a diverged or stuck
+    run: e.g. lr far too high gives a flat loss at chance without any NaN)."""
     ts = TrainSettings.of(tcfg)
     min_steps = ts.loss_check_min_steps
     losses = [r["train_loss"] for r in logger.records if isinstance(r.get("train_loss"), (int, float))]
     if ts.max_steps < min_steps or len(losses) < 2:
         return
-    tail = losses[-min(3, len(losses) - 1):]
-    end = sum(tail) / len(tail)
-    # "improved" = at least LOSS_MIN_REL_DROP below the first logged value: a run stuck at chance
-    # (lr far too high: the loss drops a hair on the first update, then sits flat) is not improved
-    if not end < losses[0] * (1.0 - LOSS_MIN_REL_DROP):
+    # mean of the first k logged against the mean of the last k (k <= 3, the halves never overlap):
+    # one noisy early or late batch neither fails a short run that learned nor passes a stuck one
+    k = max(1, min(3, len(losses) // 2))
+    head, tail = losses[:k], losses[-k:]
+    start, end = sum(head) / k, sum(tail) / k
+    # "improved" = at least LOSS_MIN_REL_DROP below the start: a run stuck at chance (lr far too
+    # high: the loss drops a hair on the first update, then sits flat) is not improved
+    if not end < start * (1.0 - LOSS_MIN_REL_DROP):
         raise TrainingError(
-            f"run {sc['run_name']}: the training loss did not improve by {LOSS_MIN_REL_DROP:.0%} (first logged "
-            f"{losses[0]:.4f}, mean of "
-            f"the last {len(tail)} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
+            f"run {sc['run_name']}: the training loss did not improve by {LOSS_MIN_REL_DROP:.0%} (mean of the "
+            f"first {k} logged {start:.4f}, of the last {k} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
             f"high (now {ts.lr:g}) or too low, or the data do not match the model: lower / "
             f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
             f"{Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "

@@ -63,6 +63,7 @@ def test_thermostat_measures_in_the_probe_space():
 
     from vlaforget.models.features import pooled_states
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.settings import ThermostatSettings
     from vlaforget.train.plugins import ThermostatPlugin
 
     be = random_tiny_backend(seed=0)
@@ -72,7 +73,7 @@ def test_thermostat_measures_in_the_probe_space():
     ctx = SimpleNamespace(backend=be, model=be.model, autocast=lambda: torch.autocast("cpu", enabled=False),
                           stage_cfg={"train": {"batch_size": 2}}, plugins={})
     th = ThermostatPlugin.__new__(ThermostatPlugin)
-    th.ctx, th.icsm, th.samples, th.cfg = ctx, icsm, samples, {}
+    th.ctx, th.icsm, th.samples, th.cfg = ctx, icsm, samples, ThermostatSettings.of({})  # the defaults
     got = th.pooled(list(range(4)))
     ref, _ = pooled_states(be, samples, batch_size=4, layers=[L - 3, L - 1])
     for rep in icsm.rep_layers:

@@ -121,7 +121,7 @@ def test_read_vqa_jsonl(tmp_path):
 class _FakeDS(list):
     """Stands in for CachedDataset: a list of samples with .statistics."""
 
-    statistics = {
+    statistics = {  # noqa: RUF012
         "action": {
             "q01": [-1.0] * 4,
             "q99": [1.0] * 4,

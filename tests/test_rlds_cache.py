@@ -11,7 +11,7 @@ try:  # TF through the loader that lets it share a process with MuJoCo's rendere
     from vlaforget.data.rlds import load_tensorflow
 
     load_tensorflow()
-    import tensorflow_datasets
+    import tensorflow_datasets  # noqa: F401
 except ImportError:
     pytest.skip("tensorflow-datasets not installed", allow_module_level=True)
 

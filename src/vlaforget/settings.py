@@ -90,7 +90,7 @@ class Settings:
     """Mixin of the settings dataclasses: `of(block, where)` builds and checks one."""
 
     @classmethod
-    def of(cls: type[T], block: Any, where: str | None = None) -> T:
+    def of(cls: type[T], block: Any, where: str | None = None) -> T:  # noqa: PYI019 (typing.Self: 3.11)
         if isinstance(block, cls):
             return block
         where = where or getattr(cls, "WHERE", cls.__name__)

@@ -244,7 +244,7 @@ def scene_facts(env) -> dict:
             try:
                 if on_predicate(states[a], states[b]):
                     ontop.append([a, b])
-            except Exception:
+            except Exception:  # noqa: BLE001 - LIBERO raises for entities without geoms
                 pairs.pop()
     gq = np.asarray(env.raw_obs["robot0_gripper_qpos"], np.float64)
     return {

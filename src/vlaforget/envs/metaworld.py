@@ -97,7 +97,7 @@ def _close_all() -> None:
     for env in list(_LIVE):
         try:
             env.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (best effort at interpreter exit)
             pass
 
 
@@ -259,7 +259,7 @@ class MetaWorldEnv:
             self._env.close()
             self._env = None
 
-    def __enter__(self) -> MetaWorldEnv:
+    def __enter__(self) -> MetaWorldEnv:  # noqa: PYI034 (py3.10: no typing.Self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,7 +268,7 @@ class MetaWorldEnv:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (a destructor must not raise)
             pass
 
 
@@ -301,5 +301,5 @@ def rendering_available(camera: str = "corner3", size: int = 16) -> tuple[bool, 
         if img.max() == 0:
             return False, "rendered an all-black frame"
         return True, os.environ.get("MUJOCO_GL", "")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure means: no rendering here)
         return False, f"{type(e).__name__}: {e}"

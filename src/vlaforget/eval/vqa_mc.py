@@ -80,7 +80,7 @@ def read_mc_jsonl(
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+            raise ValueError(f"{where}: expected a JSON object")  # noqa: TRY004 - bad input, not a bad call
         missing = [k for k in ("image", "question", "answer", "candidates", "category") if k not in rec]
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")

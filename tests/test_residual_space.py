@@ -81,9 +81,9 @@ def test_thermostat_measures_in_the_probe_space():
 
 
 # OpenVLA's real modelling code on a tiny random checkpoint (skips with its reason without it)
-from test_openvla_backend import REASON as OPENVLA_REASON  # noqa: E402
-from test_openvla_backend import backend as openvla_backend  # noqa: E402,F401  (fixture)
-from test_openvla_backend import ckpt  # noqa: E402,F401  (fixture)
+from test_openvla_backend import REASON as OPENVLA_REASON
+from test_openvla_backend import backend as openvla_backend  # noqa: F401  (fixture)
+from test_openvla_backend import ckpt  # noqa: F401  (fixture)
 
 
 @pytest.mark.skipif(OPENVLA_REASON is not None, reason=str(OPENVLA_REASON))

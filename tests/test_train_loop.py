@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world  # noqa: E402
+from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metrics, teacher_world
 
 from vlaforget.train.loop import run_training
 

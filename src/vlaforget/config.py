@@ -462,7 +462,7 @@ def train_code_parts(sc: dict) -> list[str]:
 
 # What an id covers (NON_SEMANTIC, semantic_view, ...) lives in the base layer (semantics.py: io and
 # freshness read it); re-exported here, where the study config's keys are.
-from .semantics import (  # noqa: E402, F401 (re-exported)
+from .semantics import (  # noqa: F401 (re-exported)
     NON_SEMANTIC, PERIODIC_EVAL_KEYS, _drop, non_semantic_keys, periodic_eval_matters, semantic_view)
 
 

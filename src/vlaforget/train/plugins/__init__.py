@@ -46,7 +46,7 @@ class Plugin:
         """Run the micro-batch's forward itself (e.g. CRaFT's fused task + anchor forward) and return
         an object with .logits for the task rows, or None for the loop's plain forward. `last`: the
         step's last micro-batch."""
-        return None  # noqa: RET501 (subclasses return an output)
+        return None  # subclasses return an output
 
     def backward(self, losses: dict, scale: float) -> bool:
         """Run the micro-batch's backward itself (CRaFT fused: L_act * scale + L_ret in one pass);

@@ -80,48 +80,12 @@ def _register_tiny_timm():
 
 
 def _llama_like_tokenizer():
-    """Sentencepiece-style BPE with 32000 ids (fillers up to 31999) + <PAD> at 32000, like openvla's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaTokenizerFast
+    """openvla-7b's tokenizer layout (32000 ids + <PAD>): the checkpoint builder's
+    (vlaforget.models.openvla_tiny), trained on this test's instructions."""
+    from vlaforget.models.openvla_tiny import llama_like_tokenizer
 
-    from vlaforget.models.prompts import action_prompt, vqa_prompt
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    corpus = [
-        action_prompt(s)
-        for s in ("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl")
-    ] * 5
-    corpus += [vqa_prompt("what is on the table") + " a bowl"] * 3
-    tok.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    )
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    n = len(vocab)
-    for i in range(n, VOCAB_END):
-        vocab[f"<unused_{i}>"] = i
-    # Llama's bare "▁" is id 29871, which openvla's predict_action appends literally
-    old = vocab["▁"]
-    vocab["▁"], vocab["<unused_29871>"] = 29871, old
-    vocab = {k: v for k, v in vocab.items() if k != "<unused_29871>"}
-    vocab[f"<unused_{old}>"] = old
-    spec["model"]["vocab"] = vocab
-    tok = Tokenizer.from_str(json.dumps(spec))
-    fast = LlamaTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        add_bos_token=True,
-        add_eos_token=False,
-        legacy=False,
-    )
-    fast.add_special_tokens({"pad_token": "<PAD>"})
-    fast.padding_side = "right"
-    assert fast.pad_token_id == VOCAB_END and fast.convert_tokens_to_ids("▁") == 29871
-    return fast
+    return llama_like_tokenizer(("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl",
+                                 "what is on the table"))
 
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,35 @@ def test_save_load_round_trip(backend, tmp_path):
     assert not torch.allclose(got, ref.logits, atol=1e-3)
 
 
+def test_model_stage_pretrains_on_the_device_it_is_given(monkeypatch, tmp_path):
+    """`vlaforget model --device` reaches build_tiny; without it the stage takes cuda when torch
+    sees a GPU (before, the teacher always pretrained on the CPU, also under profiles/demo-gpu)."""
+    import argparse
+    from pathlib import Path
+
+    from vlaforget.stages import model as model_stage
+
+    seen = []
+
+    def fake_build(sc, build_dir=None, device="cpu"):
+        seen.append(device)
+        Path(build_dir).mkdir(parents=True)
+        return {"backend": "tiny"}
+
+    monkeypatch.setattr(model_stage, "build_tiny", fake_build)
+    sc = {"stage": "model", "root": str(tmp_path), "out_dir": str(tmp_path / "models" / "m"),
+          "model": {"backend": "tiny"}}
+    monkeypatch.setattr(model_stage, "load_stage_config", lambda path, stage: sc)
+    monkeypatch.setattr("vlaforget.paths.apply_job_env", lambda root: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert model_stage.main(argparse.Namespace(config="m.yaml", device=None)) == 0
+    assert model_stage.main(argparse.Namespace(config="m.yaml", device="cpu")) == 0
+    assert seen == ["cuda", "cpu"]
+    p = argparse.ArgumentParser()
+    model_stage.add_args(p)
+    assert p.parse_args(["--config", "c.yaml", "--device", "cuda:1"]).device == "cuda:1"
+
+
 def test_missing_model_dir_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the `model` stage"):
         load_backend({"backend": "tiny", "path": str(tmp_path / "nope")})
@@ -315,6 +344,7 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
     mc = done["metrics"]["vqa_mc"]
     assert mc["n"] > 0 and 0 <= mc["accuracy"] <= 1 and 0 < mc["chance"] < 1
     assert done["provenance"]["versions"]["torch"]
+    assert done["device"] == "cpu"  # no --device: cuda where torch sees one (the GPU profile), else cpu
     b = load_backend(sc["model"])
     ds = CachedDataset(sc["upstream"]["cache_dir"], split="train")
     assert b.stats["q99"] == pytest.approx(ds.statistics["action"]["q99"])  # upstream statistics travel

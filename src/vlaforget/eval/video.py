@@ -7,7 +7,29 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import atomic_path
+
+
+class VideoBackendMissing(UserError, RuntimeError):
+    """Videos were asked for, but imageio has no ffmpeg to write MP4 with."""
+
+
+def check_video_backend() -> None:
+    """Raise VideoBackendMissing unless imageio can write MP4 (imageio-ffmpeg's bundled ffmpeg).
+
+    Without it imageio hands `.mp4` to another plug-in, which fails only once an evaluation's
+    episodes have all run; the eval stage calls this first, so no rollout is lost."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise VideoBackendMissing(
+            f"eval.videos_per_task > 0 but MP4 videos cannot be written ({type(e).__name__}: {e}): "
+            "install imageio-ffmpeg (`pip install imageio-ffmpeg`, in envs/*.yaml), or set "
+            "eval.videos_per_task: 0"
+        ) from e
 
 
 def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 30) -> Path:

@@ -37,6 +37,10 @@ def main(args) -> int:
 
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if e.videos_per_task > 0:
+        from ..eval.video import check_video_backend
+
+        check_video_backend()  # before any rollout: a missing ffmpeg must not cost the episodes
     t0 = time.perf_counter()
     fac, episodes, protocol = build_episodes(sc["world"], sc["suite"], e)
 

@@ -141,6 +141,8 @@ def check_openvla(sc: dict) -> dict:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
+    p.add_argument("--device", default=None,
+                   help="torch device the tiny teacher is pretrained on (default: cuda if available, else cpu)")
 
 
 def main(args) -> int:
@@ -161,7 +163,11 @@ def main(args) -> int:
         for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
             shutil.rmtree(stale, ignore_errors=True)
         build = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        result = build_tiny(sc, build_dir=build)
+        from ..gpus import pick_device
+
+        device = pick_device(getattr(args, "device", None))
+        result = build_tiny(sc, build_dir=build, device=device)
+        result["device"] = device
     elif backend == "openvla":
         result = check_openvla(sc)
     else:

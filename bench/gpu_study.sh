@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU-sized embedded study (profiles/demo-gpu) on a lent GPU machine whose Python has torch but
+# no Snakemake, TensorFlow or Meta-World (docs/benchmarks.md "Issue 19: the GPU study").
+#
+# What it needs, in $CARRY (default .device-carry/, git-ignored), made on the developer machine:
+#   gl/*.deb                  glvnd's EGL/GL loaders (apt-get download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+#   whl/*.whl                 mujoco 3.3.0, PyOpenGL, gymnasium, glfw, farama-notifications (cp312 wheels)
+#   metaworld-pruned.tar.xz   metaworld 3.1.1 with only the assets of the study's six tasks (renders identically)
+#   smk312.tar.xz             snakemake 9.27.1 and its pure/cp312 dependencies (pip install --target, no PuLP)
+#   data.tar.xz               the data root after `snakemake --profile profiles/demo-gpu --until cache` here:
+#                             the stage configs, caches and demos' done.json of both datasets (the demos and
+#                             cache stages need TensorFlow, which that machine lacks; nothing after the
+#                             cache stage reads the RLDS shards, which stay behind)
+#
+#   bash bench/gpu_study.sh SECONDS [snakemake targets/flags...]
+#   e.g. bash bench/gpu_study.sh 570 --prioritize results/embedded_gpu/table_main.csv results/embedded_gpu/table_fewshot.csv
+#
+# Runs Snakemake for at most SECONDS (SIGINT then: running jobs are killed and rerun next time, as
+# rerun-incomplete says), with the data root in .device-root/ (ignored, kept between back-to-back
+# calls) behind /opt/data/private/vlaforget-gpu, then packs the tables, figures and every job's JSON
+# into $OUT/study.tar.xz.
+set -u
+BUDGET=${1:?seconds}; shift
+CARRY=${CARRY:-.device-carry}
+T0=$(date +%s)
+for f in "$CARRY"/gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+SITE=/tmp/site
+if [ ! -d "$SITE/snakemake" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$CARRY"/whl/*.whl || exit 1
+    tar -xJf "$CARRY/metaworld-pruned.tar.xz" -C "$SITE" && tar -xJf "$CARRY/smk312.tar.xz" -C "$SITE" || exit 1
+fi
+export PYTHONPATH="$SITE:$PWD/src" MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+ROOT=/opt/data/private/vlaforget-gpu
+mkdir -p .device-root /opt/data/private
+[ -e "$ROOT" ] || ln -s "$PWD/.device-root" "$ROOT"
+export VLAFORGET_ALLOWED_ROOT="$(realpath "$ROOT")"
+if [ ! -f "$ROOT/datasets/cache/mw_upstream/manifest.json" ]; then
+    tar -xJf "$CARRY/data.tar.xz" -C "$ROOT" || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "setup: $(( $(date +%s) - T0 )) s"
+LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))
+timeout -s INT -k 20 "$LEFT" python3 -m snakemake --profile profiles/demo-gpu --scheduler greedy "$@" > "$OUT/snakemake.log" 2>&1
+echo "snakemake exit $? after $(( $(date +%s) - T0 )) s"
+grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$OUT/snakemake.log" | tail -5
+tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoints' \
+    --exclude='videos' --exclude='datasets' --exclude='models/*/*.bin' \
+    results/embedded_gpu -C "$ROOT" evals runs reports logs benchmarks models/tiny-vla/done.json 2>/dev/null
+ls -la "$OUT"

@@ -23,6 +23,9 @@ set -u
 BUDGET=${1:?seconds}; shift
 CARRY=${CARRY:-.device-carry}
 T0=$(date +%s)
+# An ignored folder survives the device's copy of the working tree between calls; an untracked one
+# does not (session 7 lost a call's root that way).
+grep -qx '/.device-root/' .gitignore || { echo "gpu_study.sh: add /.device-root/ to .gitignore first"; exit 2; }
 for f in "$CARRY"/gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 SITE=/tmp/site
 if [ ! -d "$SITE/snakemake" ]; then

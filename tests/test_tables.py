@@ -211,6 +211,9 @@ def test_figures_render(evals, tmp_path):
         for e in ("png", "pdf")
     )
     assert all(p.stat().st_size > 1000 for p in written)
+    # a rerun's figures are byte-identical: the PDFs carry no creation date (the committed
+    # results/embedded PDFs changed on every `make demo` before)
+    assert all(b"/CreationDate" not in p.read_bytes() for p in written if p.suffix == ".pdf")
 
 
 def _mc(acc: dict[str, float]) -> dict:

@@ -49,7 +49,9 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     for ext in ("png", "pdf"):
         p = out_dir / f"{name}.{ext}"
         with atomic_path(p, suffix=f".{ext}") as tmp:  # matplotlib picks the format from the name
-            fig.savefig(tmp, dpi=150, bbox_inches="tight")
+            # no CreationDate: a rerun's PDF is byte-identical, like its PNG and tables
+            meta = {"CreationDate": None} if ext == "pdf" else None
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata=meta)
         paths.append(p)
     _plt().close(fig)
     return paths

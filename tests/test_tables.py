@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,35 @@ def test_retention_undefined_per_suite_and_category(tmp_path):
     assert only_zero[1]["upstream_retention_mean"] is tables.UNDEFINED
     written = figures.category_retention(files, [UP, up2], tmp_path / "f") + figures.pareto(files, [UP], tmp_path / "f")
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_success_per_task_columns_and_markdown_section(tmp_path):
+    """Each eval JSON's per_task success becomes `task_success[task]` (mean ± CI over seeds, CSV);
+    the Markdown shows them in a table of their own, where the teacher's row on its pretraining
+    tasks is its instruction-following (issue 19)."""
+    files = write_evals(tmp_path, {
+        "teacher": {UP: 0.75, "vqa": 0.5, "drift": 0.0, "cka": 1.0},
+        f"{SUITE}__baseline__full__s42": {UP: 0.25, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
+        f"{SUITE}__baseline__full__s123": {UP: 0.5, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
+    })
+    per_task = {"teacher": (1.0, 0.5), f"{SUITE}__baseline__full__s42": (0.5, 0.0),
+                f"{SUITE}__baseline__full__s123": (0.75, 0.25)}
+    for f in files:
+        p = Path(f)
+        if p.name == f"{UP}.json":
+            d = json.loads(p.read_text())
+            a, b = per_task[d["run"]]
+            d["per_task"] = {"open-v3": {"success_rate": a, "n": 4}, "close-v3": {"success_rate": b, "n": 4}}
+            p.write_text(json.dumps(d))
+    rows = tables.build_table(tables.load_evals(files), "main", [UP])
+    teacher, base = rows[0], rows[1]
+    assert teacher["task_success[open-v3]_mean"] == 1.0 and teacher["task_success[close-v3]_mean"] == 0.5
+    assert base["n_seeds"] == 2 and base["task_success[open-v3]_mean"] == pytest.approx(0.625)
+    assert base["task_success[close-v3]_n"] == 2 and base["task_success[close-v3]_ci95"] > 0
+    csv_head = tables.to_csv(rows).splitlines()[0].split(",")
+    assert "task_success[open-v3]_mean" in csv_head and "task_success_mean" not in csv_head
+    md = tables.to_markdown(rows, "main")
+    main_part, per_task_part = md.split("## Closed-loop success per task")
+    assert "open-v3" not in main_part  # the main table keeps its columns
+    assert "| method | suite | seeds | close-v3 | open-v3 |" in per_task_part
+    assert "| teacher | " in per_task_part and "0.625 ± " in per_task_part

@@ -42,7 +42,11 @@ METRICS = [
     ("cka_craft_layer", "CKA @CRaFT layer"),
     ("drift_craft_layer_image", "drift @CRaFT layer (image pool)"),
     ("cka_craft_layer_image", "CKA @CRaFT layer (image pool)"),
+    ("task_success", "success"),
 ]
+# Columns that exist only per key (`task_success[drawer-open-v3]`: closed-loop success per task, from
+# the eval JSON's per_task); the Markdown puts them in a table of their own, after the main one.
+PER_KEY_ONLY = {"task_success"}
 
 
 class _Undefined:
@@ -110,7 +114,7 @@ def load_evals(paths) -> dict[str, dict]:
 
     The run and suite come from the JSON (`run`, `suite`), else from the path evals/{run}/{suite}.json.
     """
-    runs: dict[str, dict] = defaultdict(lambda: {"suites": {}, "forgetting": None})
+    runs: dict[str, dict] = defaultdict(lambda: {"suites": {}, "forgetting": None, "tasks": {}})
     for p in paths:
         p = Path(p)
         d = read_json(p)
@@ -122,6 +126,8 @@ def load_evals(paths) -> dict[str, dict]:
             if "success_rate" not in d:
                 raise ValueError(f"{p}: closed-loop eval JSON without 'success_rate' (re-run the eval rule)")
             runs[run]["suites"][suite] = _num(d["success_rate"])
+            for task, blk in sorted((d.get("per_task") or {}).items()):
+                runs[run]["tasks"][task] = _num(blk.get("success_rate"))
     return dict(runs)
 
 
@@ -151,6 +157,8 @@ def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict 
     }
     for s in ups:
         out[f"upstream_success[{s}]"] = ev["suites"][s]
+    for task, rate in (ev.get("tasks") or {}).items():
+        out[f"task_success[{task}]"] = rate
     for cat, blk in sorted((mc.get("by_category") or {}).items()):
         out[f"vqa_mc_accuracy[{cat}]"] = _num(blk.get("accuracy"))
     if teacher is not None:
@@ -190,7 +198,8 @@ def metric_list(rows_or_metrics) -> list[tuple[str, str]]:
                     extra.append(col)
     out = []
     for col, lab in METRICS:
-        out.append((col, lab))
+        if col not in PER_KEY_ONLY:
+            out.append((col, lab))
         for e in sorted(x for x in extra if x.split("[", 1)[0] == col):
             out.append((e, f"{lab} {e[e.index('[') + 1 : -1]}"))
     return out
@@ -262,13 +271,12 @@ def _fmt_csv(x):
 
 
 def to_markdown(rows: list[dict], kind: str) -> str:
-    used = [
+    measured = [
         (c, lab)
         for c, lab in metric_list(rows)
         if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)
     ]
-    show_shots = kind == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
-    head = ["method", "suite"] + (["shots"] if show_shots else []) + ["seeds"] + [lab for _, lab in used]
+    per_key = [(c, lab) for c, lab in measured if c.split("[", 1)[0] in PER_KEY_ONLY]
     lines = [
         f"# Table: {kind}",
         "",
@@ -277,9 +285,24 @@ def to_markdown(rows: list[dict], kind: str) -> str:
             '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.'
         ),
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
     ]
+    lines += _md_table(rows, kind, [u for u in measured if u not in per_key])
+    if per_key:
+        lines += [
+            "",
+            "## Closed-loop success per task",
+            "",
+            "The teacher's row on its pretraining tasks is its instruction-following.",
+            "",
+        ]
+        lines += _md_table(rows, kind, [(c, c[c.index("[") + 1 : -1]) for c, _ in per_key])
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(rows: list[dict], kind: str, used: list[tuple[str, str]]) -> list[str]:
+    show_shots = kind == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
+    head = ["method", "suite"] + (["shots"] if show_shots else []) + ["seeds"] + [lab for _, lab in used]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["suite"]] + ([r["shots"]] if show_shots else []) + [str(r["n_seeds"])]
         for c, _ in used:
@@ -293,7 +316,7 @@ def to_markdown(rows: list[dict], kind: str) -> str:
             else:
                 cells.append(f"{m:.3f} ± {ci:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def read_table(path: str | Path) -> list[dict]:

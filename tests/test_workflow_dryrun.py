@@ -4,6 +4,7 @@ runs, config errors name the key, and a config change reruns exactly the stages 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -342,3 +343,19 @@ def test_upstream_libero_preset_plans_upstream_evals_and_the_question_set(tmp_pa
     assert any("/evals/teacher/libero_spatial_no_noops.json" in e for e in evals)
     assert any("/evals/libero_object_no_noops__baseline__full__s42/libero_spatial_no_noops.json" in e for e in evals)
     assert {r.split("__")[0] for r in trained_runs(out)} == {"libero_object_no_noops"}
+
+
+def test_few_shot_craft_anchor_configs_are_checked_at_parse_time(tmp_path):
+    """Every stage config of the DAG is compared with the study config before the DAG is built,
+    the few-shot CRaFT anchor sets (`{suite}__{n}shot__s{seed}`) too. They were left out (keyed by
+    the suite alone): after an upstream change their stale configs were never rewritten, and the
+    craft_anchors job then refused the remade model as "made for another config" (the CI
+    rehearsal's second run on a kept root, session 7)."""
+    wf = copy_workflow(tmp_path / "wf")
+    env = env_for(tmp_path)
+    stale = Path(env["VLAFORGET_ROOT"]) / "configs" / "craft_anchors" / "mw_downstream__5shot__s42.yaml"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stage: craft_anchors\ninputs: {}\n")  # a config made for another study config
+    out = dry(["--profile", "profiles/demo"], wf, env)
+    assert "results/embedded/table_fewshot.csv" in out
+    assert re.search(r"vlaforget: craft_anchors mw_downstream__5shot__s42 .*rerun.*its stage config changed", out), out[-3000:]

@@ -487,8 +487,12 @@ def stage_jobs():
     runs = all_runs()
     for r in runs:
         jobs.append(("train", r))
-        if stage_cfg("train", r).get("craft_dir"):
-            jobs.append(("craft_anchors", run_suite(r)))
+        tc = stage_cfg("train", r)
+        if tc.get("craft_dir"):
+            # the run's own anchor set: its suite, or a few-shot run's `{suite}__{n}shot__s{seed}`
+            # (keyed by the suite alone, the few-shot sets' configs were never synced: after an
+            # upstream change their jobs refused the remade model as "made for another config")
+            jobs.append(("craft_anchors", vfc.anchor_set(tc["suite"], tc["shots"], tc["seed"])))
         jobs += [("eval", f"{r}@{s}") for s in run_eval_suites(r)] + [("forgetting", r)]
     teacher = [f.rsplit("/", 1)[1][: -len(".json")] for f in teacher_eval_files(runs)]
     jobs += [("eval", f"teacher@{s}") for s in teacher if s != "forgetting"] + [("forgetting", "teacher")]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..config import load_stage_config
 from ..eval.closed_loop import BackendPolicy, build_episodes, load_stats, log
-from ..gpus import pick_device
 from ..eval.rollout import run_episodes
+from ..gpus import pick_device
 from ..io import provenance, write_json
 from ..settings import EvalSettings
 

@@ -7,6 +7,9 @@
 #
 #   bash bench/vqa_budget.sh SRC_ROOT [KEY] ["STEPS LR" ...]
 #   e.g. EVAL=1 bash bench/vqa_budget.sh /opt/data/private/vlaforget-vqa mw_downstream__baseline__full__s42 "100 0.0003" "300 0.0003"
+# EXTRA (YAML appended to the overlay) and TAG (appended to the budget's folder name) vary anything else:
+#   EVAL=1 TAG=_pb64 EXTRA=$'methods:\n  icsm_hsw_thermostat:\n    thermostat:\n      probe_batch: 64' \
+#     bash bench/vqa_budget.sh /opt/data/private/vlaforget-vqa mw_downstream__icsm_hsw_thermostat__full__s42 "30 0.0003"
 # docs/benchmarks.md "Issue 19: where the VQA skill is forgotten".
 set -u
 SRC=${1:?source data root}; shift
@@ -16,10 +19,10 @@ CFG="config/config.yaml config/demo.yaml config/demo_gpu.yaml"
 VF=${VF:-.venv/bin/vlaforget}
 export VLAFORGET_ALLOWED_ROOT=${VLAFORGET_ALLOWED_ROOT:-/opt/data/private} MUJOCO_GL=${MUJOCO_GL:-egl}
 for spec in "$@"; do
-    read -r steps lr <<<"$spec"; tag=s${steps}_lr${lr}
+    read -r steps lr <<<"$spec"; tag=s${steps}_lr${lr}${TAG:-}
     R=$SRC/$tag; d=$R/stage-configs; mkdir -p "$d"; export VLAFORGET_ROOT=$R
     for x in models datasets probe artifacts hf_cache; do [ -e "$R/$x" ] || ln -s "$SRC/$x" "$R/$x"; done
-    printf 'train:\n  max_steps: %s\n  lr: %s\n  save_steps: 100000\n' "$steps" "$lr" > "$d/overlay.yaml"
+    printf 'train:\n  max_steps: %s\n  lr: %s\n  save_steps: 100000\n%s\n' "$steps" "$lr" "${EXTRA:-}" > "$d/overlay.yaml"
     for st in train forgetting; do
         $VF stage-config --configfile $CFG "$d/overlay.yaml" --stage $st --key "$KEY" --out "$d/$st.yaml" || exit 1
         $VF $st --config "$d/$st.yaml" > "$d/$st.log" 2>&1 || { echo "$st $tag failed: $d/$st.log"; exit 1; }

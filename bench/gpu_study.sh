@@ -21,26 +21,7 @@
 # into $OUT/study.tar.xz.
 set -u
 BUDGET=${1:?seconds}; shift
-CARRY=${CARRY:-.device-carry}
-T0=$(date +%s)
-# An ignored folder survives the device's copy of the working tree between calls; an untracked one
-# does not (session 7 lost a call's root that way).
-grep -qx '/.device-root/' .gitignore || { echo "gpu_study.sh: add /.device-root/ to .gitignore first"; exit 2; }
-for f in "$CARRY"/gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-SITE=/tmp/site
-if [ ! -d "$SITE/snakemake" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$CARRY"/whl/*.whl || exit 1
-    tar -xJf "$CARRY/metaworld-pruned.tar.xz" -C "$SITE" && tar -xJf "$CARRY/smk312.tar.xz" -C "$SITE" || exit 1
-fi
-export PYTHONPATH="$SITE:$PWD/src" MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
-ROOT=/opt/data/private/vlaforget-gpu
-mkdir -p .device-root /opt/data/private
-[ -e "$ROOT" ] || ln -s "$PWD/.device-root" "$ROOT"
-export VLAFORGET_ALLOWED_ROOT="$(realpath "$ROOT")"
-if [ ! -f "$ROOT/datasets/cache/mw_upstream/manifest.json" ]; then
-    tar -xJf "$CARRY/data.tar.xz" -C "$ROOT" || exit 1
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source bench/device_setup.sh || exit 1
 echo "setup: $(( $(date +%s) - T0 )) s"
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))
 timeout -s INT -k 20 "$LEFT" python3 -m snakemake --profile profiles/demo-gpu --scheduler greedy "$@" > "$OUT/snakemake.log" 2>&1

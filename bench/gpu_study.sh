@@ -21,6 +21,7 @@
 # into $OUT/study.tar.xz.
 set -u
 BUDGET=${1:?seconds}; shift
+T0=$(date +%s)
 source bench/device_setup.sh || exit 1
 echo "setup: $(( $(date +%s) - T0 )) s"
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))

@@ -91,7 +91,7 @@ def test_plain_peft_adapter_loads_before_step_1_and_the_run_continues_from_its_s
     done2 = run_training(sc2)
     got2 = load_file(str(Path(sc2["out_dir"]) / "final" / "adapter_model.safetensors"))
     assert any(not torch.equal(got2[k], want[k]) for k in want)
-    assert done2["init_adapter"]["init_step"] == 2 and [r["step"] for r in run_metrics(sc2)][0] == 3
+    assert done2["init_adapter"]["init_step"] == 2 and next(r["step"] for r in run_metrics(sc2)) == 3
 
 
 def test_first_loss_is_the_adapters_not_a_fresh_loras(world):
@@ -101,8 +101,7 @@ def test_first_loss_is_the_adapters_not_a_fresh_loras(world):
     fresh = stage(world, "first_fresh", lr=0.0, max_steps=1)
     run_training(init)
     run_training(fresh)
-    first = lambda sc: run_metrics(sc)[0]["train_loss"]  # noqa: E731
-    assert first(init) != first(fresh)
+    assert run_metrics(init)[0]["train_loss"] != run_metrics(fresh)[0]["train_loss"]
 
 
 def test_optimizer_moments_are_restored_exactly(world):

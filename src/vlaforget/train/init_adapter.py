@@ -57,7 +57,7 @@ def lora_modules(keys) -> dict[str, dict[str, str]]:
         if not m:
             continue
         mod = k[: m.start()]
-        mod = mod[len(_PREFIX):] if mod.startswith(_PREFIX) else mod
+        mod = mod.removeprefix(_PREFIX)
         out.setdefault(mod, {})[m.group(1)] = k
     return out
 

@@ -285,7 +285,7 @@ def test_the_users_existing_cache_is_read_in_place(tmp_root, good_stack, libero_
     rep = P.preflight(cfg)
     assert rep.problems == [], rep.message()
     assert any(f"read in place from {snap}" in n for n in rep.notes)
-    assert not P.preflight(plain).problems == []  # without the key: not in {root}/hf_cache
+    assert P.preflight(plain).problems != []  # without the key: not in {root}/hf_cache
     assert not (tmp_root / "hf_cache").exists()
     run = vfc.run_name("icsm_hsw_thermostat", "libero_spatial_no_noops", "full", 42)
     for stage, key in (("model", "openvla-7b"), ("probe", "x"), ("train", run)):

@@ -187,3 +187,23 @@ def test_the_run_id_follows_the_adapter_files_not_their_place(demo_config, tmp_r
     assert len(ids) == 2
     with pytest.raises(vfc.ConfigError, match="train.init_adapter"):
         run_id(tmp_root.parent / "adapters" / "nowhere")
+
+
+def test_the_users_all_linear_targets_train_on_the_tiny_model(world):
+    """train.lora.targets lm_head and patch_embed (the two extra module kinds of the user's
+    all-linear adapter): the LM head and the patch-embedding Conv2d get LoRA, and the loop trains them."""
+    from safetensors.torch import load_file
+
+    from vlaforget.models.tiny import TinyBackend
+
+    b = TinyBackend.from_dir(str(world[2]))
+    assert b.lora_targets(["lm_head", "patch_embed"]) == [
+        "vision_backbone.embeddings.patch_embeddings.projection", "language_model.lm_head"]
+    assert not {"language_model.lm_head"} & set(b.lora_targets(["attn", "mlp", "vision", "projector"]))
+    sc = stage(world, "all_linear", max_steps=3, lora={"r": 4, "alpha": 8, "dropout": 0.0, "layers": "all",
+               "targets": ["attn", "mlp", "vision", "projector", "lm_head", "patch_embed"]})
+    run_training(sc)
+    keys = load_file(str(Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"))
+    assert any("lm_head.lora_B" in k for k in keys) and any("patch_embeddings.projection.lora_A" in k for k in keys)
+    b0 = keys[next(k for k in keys if "lm_head.lora_B" in k)]
+    assert b0.abs().sum() > 0  # trained from lora_B = 0

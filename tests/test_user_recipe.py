@@ -33,7 +33,8 @@ def expected(launcher: dict) -> dict:
         "train.lora.r": USER["lora_rank"],
         "train.lora.dropout": USER["lora_dropout"],
         "train.lora.alpha": min(USER["lora_rank"], 16),  # finetune.py: lora_alpha=min(lora_rank, 16)
-        "train.lora.targets": ["attn", "mlp", "vision", "projector"],  # target_modules="all-linear"
+        # target_modules="all-linear" as peft 0.11.1 resolves it on OpenVLA (tests/test_openvla_backend.py)
+        "train.lora.targets": ["attn", "mlp", "vision", "projector", "lm_head", "patch_embed"],
         "train.lora.layers": "all",
         "train.lr": float(USER["learning_rate"]),
         "train.lr_schedule": USER["lr_scheduler"],

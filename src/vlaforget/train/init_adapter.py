@@ -105,7 +105,8 @@ def check_and_load(model, adapter_dir: str | Path, model_block: dict) -> dict:
             f"{where} adapts {len(theirs)} modules, this run's LoRA (train.lora) adapts {len(mine)}: only in "
             f"the adapter: {_examples(extra) or 'none'}; only in this run: "
             f"{_examples(missing) or 'none'}. Set train.lora.targets / layers to the adapter's modules "
-            "(the user's finetune.py: target_modules='all-linear' = attn, mlp, vision, projector)")
+            "(the user's finetune.py, target_modules='all-linear' under peft 0.11.1, = attn, mlp, vision, "
+            "projector, lm_head, patch_embed)")
     params = dict(model.named_parameters())
     for mod, ab in mine.items():
         for side, key in ab.items():

@@ -319,3 +319,44 @@ def test_offline_check_reports(ckpt, tmp_path):
     assert info["missing_code_files"] == [] and info["norm_stats_keys"] == ["toy_ds"]
     with pytest.raises(OpenVLAUnavailable, match="huggingface-cli download"):
         resolve_model_path("openvla/openvla-7b", str(tmp_path))
+
+
+def test_the_users_all_linear_lora_is_the_recipes_targets_and_loads_as_init_adapter(backend, ckpt, tmp_path):
+    """The user's finetune.py adapts target_modules="all-linear". peft 0.11.1 resolves that to base
+    names and fails to drop OpenVLA's nested LM head, and "proj" also matches timm's patch-embedding
+    convolutions: on OpenVLA's architecture it is train.lora.targets [attn, mlp, vision, projector,
+    lm_head, patch_embed] (config/user_recipe.yaml), so the user's adapter loads as train.init_adapter;
+    the study's [attn, mlp, vision, projector] and rank 4 are refused, naming what differs."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from vlaforget.errors import TrainingError
+    from vlaforget.train.init_adapter import check_and_load, lora_modules
+    from vlaforget.train.loop import apply_lora
+
+    user = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=min(2, 16), lora_dropout=0.0,
+                                                    target_modules="all-linear", init_lora_weights="gaussian"))
+    user.save_pretrained(str(tmp_path / "user_adapter"))
+    user.unload()
+    theirs = lora_modules(load_file(str(tmp_path / "user_adapter" / "adapter_model.safetensors")))
+    targets = ["attn", "mlp", "vision", "projector", "lm_head", "patch_embed"]
+    if peft.__version__ == "0.11.1":  # the user's stack
+        assert set(theirs) == set(backend.lora_targets(targets, "all"))
+        assert {"language_model.lm_head", "vision_backbone.featurizer.patch_embed.proj"} <= set(theirs)
+    lora = {"r": 2, "alpha": 2, "dropout": 0.0, "targets": targets, "layers": "all"}
+    mb = {"path": str(ckpt), "base": "openvla-7b"}
+
+    def load(**over):
+        model = apply_lora(backend, {**lora, **over}, seed=0)
+        try:
+            return check_and_load(model, tmp_path / "user_adapter", mb)
+        finally:
+            model.unload()
+
+    assert load()["modules"] == len(theirs)
+    with pytest.raises(TrainingError, match="r=2.*train.lora.r is 4"):
+        load(r=4)
+    if peft.__version__ == "0.11.1":
+        with pytest.raises(TrainingError, match="only in the adapter: language_model.lm_head"):
+            load(targets=targets[:4])

@@ -235,3 +235,61 @@ def test_torchvision_runtime_error_while_loading_names_the_fix(monkeypatch, tmp_
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(OpenVLAUnavailable, match="torchvision matching torch"):
         OpenVLABackend.load({"path": str(tmp_path), "dtype": "fp32"})
+
+
+# ----------------------------------------------------------------------------- issue 26.6: the model where it is
+
+
+def hub_cache(cache, repo="openvla/openvla-7b", sha="abc123", cfg=None):
+    """An HF hub cache layout: {cache}/models--org--name/snapshots/<sha>/ (+ refs/main = sha), with the
+    model's files (model_dir's) when cfg is given, else config.json only."""
+    from pathlib import Path
+
+    repo_dir = Path(cache) / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / sha
+    if cfg is not None:
+        model_dir({**cfg, "model": {**cfg["model"], "path": str(snap)}})
+    else:
+        snap.mkdir(parents=True)
+        (snap / "config.json").write_text("{}")
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    return repo_dir, snap
+
+
+def test_a_hub_id_resolves_in_place_in_a_given_hf_cache(tmp_path):
+    from vlaforget.models.openvla import OpenVLAUnavailable, resolve_model_path
+
+    cache = tmp_path / "hf_cache"
+    repo_dir, snap = hub_cache(cache, "org/name", "abc")
+    assert resolve_model_path("org/name", str(cache)) == snap  # the cache's own snapshot, not a copy
+    assert resolve_model_path(str(repo_dir)) == snap  # model.path = the cache's repo folder
+    with pytest.raises(OpenVLAUnavailable, match="model.cache_dir"):
+        resolve_model_path("org/name", str(tmp_path / "empty_cache"))
+    assert sorted(p.name for p in cache.iterdir()) == ["models--org--name"]  # nothing written next to it
+
+
+def test_the_users_existing_cache_is_read_in_place(tmp_root, good_stack, libero_ok):
+    """model.cache_dir = the user's openvla_icms/hf_cache: preflight finds openvla-7b there, the stage
+    configs read it from there, nothing goes to {root}/hf_cache, and no id changes."""
+    from vlaforget import config as vfc
+
+    allowed = tmp_root.parent
+    user_cache = allowed / "openvla_icms" / "hf_cache"
+    over = {"data": {"rlds_dir": str(allowed / "rlds")}, "model": {"path": "openvla/openvla-7b"}}
+    plain = load_config(REPO / "config" / "config.yaml", overrides=over)
+    cfg = load_config(REPO / "config" / "config.yaml",
+                      overrides={**over, "model": {**over["model"], "cache_dir": str(user_cache)}})
+    _, snap = hub_cache(user_cache, cfg=cfg)
+    rlds(cfg)
+    rep = P.preflight(cfg)
+    assert rep.problems == [], rep.message()
+    assert any(f"read in place from {snap}" in n for n in rep.notes)
+    assert P.preflight(plain).problems != []  # without the key: not in {root}/hf_cache
+    assert not (tmp_root / "hf_cache").exists()
+    run = vfc.run_name("icsm_hsw_thermostat", "libero_spatial_no_noops", "full", 42)
+    for stage, key in (("model", "openvla-7b"), ("probe", "x"), ("train", run)):
+        sc = vfc.stage_config(cfg, stage, key)
+        if "model" in sc:
+            assert sc["model"]["cache_dir"] == str(user_cache)
+    assert vfc.stage_config(cfg, "train", run)["run_id"] == vfc.stage_config(plain, "train", run)["run_id"]

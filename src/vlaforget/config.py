@@ -132,6 +132,10 @@ def _semantic_checks(cfg: dict) -> None:
     mpath = cfg["model"].get("path")
     if mpath and (mpath.startswith("/") or mpath.startswith(".")):
         check_under(mpath, allowed, "model.path")
+    if cfg["model"].get("cache_dir"):
+        check_under(cfg["model"]["cache_dir"], allowed, "model.cache_dir")
+    if (cfg.get("train") or {}).get("init_adapter"):
+        check_under(cfg["train"]["init_adapter"], allowed, "train.init_adapter")
     if cfg["model"]["backend"] == "tiny" and not cfg["model"].get("tiny"):
         raise ConfigError("model.backend is 'tiny' but model.tiny is empty: give the tiny sizes "
                           "(see config/demo.yaml)")
@@ -497,11 +501,34 @@ def _base(cfg: dict, stage: str) -> dict:
     }
 
 
+def model_cache_dir(cfg: dict) -> Path:
+    """The HF hub cache a hub-id model.path is resolved in, in place: model.cache_dir (e.g. the
+    user's existing /opt/data/private/openvla_icms/hf_cache), else {root}/hf_cache."""
+    return Path(cfg["model"].get("cache_dir") or layout(cfg).hf_cache)
+
+
 def _model_block(cfg: dict) -> dict:
     m = cfg["model"]
     return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg),
             "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE, "attn_implementation": m.get("attn_implementation"),
-            "cache_dir": str(layout(cfg).hf_cache)}
+            "cache_dir": str(model_cache_dir(cfg))}
+
+
+def init_adapter_files(path: str | Path) -> dict[str, str]:
+    """{file: sha256} of the adapter folder train.init_adapter names (in the run id), or a
+    ConfigError naming the key and the fix."""
+    from .io import adapter_hashes
+
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise ConfigError(f"train.init_adapter = {p}: no PEFT adapter there (adapter_config.json missing); "
+                          "point it at the folder holding adapter_config.json and adapter_model.safetensors "
+                          "(the user's resume_adapter_dir), or set it to null")
+    files = adapter_hashes(p)
+    if not any(f.startswith("adapter_model.") for f in files):
+        raise ConfigError(f"train.init_adapter = {p} holds adapter_config.json but no adapter_model.safetensors "
+                          "/ .bin: copy the whole adapter folder")
+    return files
 
 
 def _dataset_block(cfg: dict, dataset: str) -> dict:
@@ -573,6 +600,11 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         prev = chain_previous(cfg, key)
         if prev:  # a chain stage: continue training the previous stage's adapter (only then: run ids)
             out["init_adapter"] = str(lay.run(prev) / "final")
+            if out["train"].get("init_adapter") or out["train"].get("init_step") is not None:
+                # train.init_adapter / init_step start the chain's first stage only
+                out["train"] = {**out["train"], "init_adapter": None, "init_step": None}
+        elif cfg["train"].get("init_adapter"):  # the user's adapter: its files' hashes are in the run id
+            out["init_adapter_files"] = init_adapter_files(cfg["train"]["init_adapter"])
     elif stage == "eval":
         run, suite = key.rsplit("@", 1)
         out.update(run_name=run, suite=suite, model=_model_block(cfg),

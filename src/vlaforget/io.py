@@ -136,6 +136,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# The files of a PEFT adapter folder a run reads when it starts from it (train.init_adapter): the
+# adapter's config and weights, and the user's optimizer state (finetune.py's trainer_state.pt).
+INIT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.pt")
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def adapter_hashes(directory: str | Path) -> dict[str, str]:
+    """{file: sha256} of the INIT_ADAPTER_FILES present in a PEFT adapter folder (hashed once per
+    process while a file's size and mtime stay): what a run starting from it records in its id."""
+    out = {}
+    for name in INIT_ADAPTER_FILES:
+        p = Path(directory) / name
+        if not p.is_file():
+            continue
+        st = p.stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _FILE_HASHES:
+            _FILE_HASHES[key] = sha256_file(p)
+        out[name] = _FILE_HASHES[key]
+    return out
+
+
 def sha256_tensor(t) -> str:
     """Hash of a tensor's dtype, shape and bytes (CPU, contiguous)."""
     a = t.detach().cpu().contiguous()

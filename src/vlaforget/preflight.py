@@ -5,7 +5,8 @@
 Run by the workflow's onstart (world: libero) in the jobs' Python (`job_python`), so it checks the
 environment the rules will run in. It takes a few seconds and checks, for the configured study:
 
-* the model (backend openvla): the folder (local path, or the hub id in the HF cache, offline), its
+* the model (backend openvla): the folder (local path, or the hub id in the HF cache `model.cache_dir`,
+  default `{root}/hf_cache`, read in place, offline), its
   config.json, weights, tokenizer files, the remote-code files named in `auto_map` and that they
   import (transformers 4.40.x, tokenizers 0.19.x, timm 0.9.10-0.9.16, torchvision), `norm_stats`,
   and which suites have an unnorm key in it;
@@ -144,11 +145,11 @@ def import_remote_code(model_dir: Path, files: list[str]) -> None:
 
 
 def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
-    from .config import layout
+    from .config import model_cache_dir
     from .models.openvla import OpenVLAUnavailable, check_remote_code, resolve_model_path
 
     m = cfg["model"]
-    cache_dir = str(layout(cfg).hf_cache)
+    cache_dir = str(model_cache_dir(cfg))  # model.cache_dir (read in place), else {root}/hf_cache
     try:
         path = resolve_model_path(str(m["path"]), cache_dir)
     except OpenVLAUnavailable as e:
@@ -162,6 +163,7 @@ def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
                 "the *_prismatic.py modelling code), or set model.path",
             )
         return
+    rep.notes.append(f"model: {m['path']} read in place from {path}")
     try:
         info = check_remote_code(path)
     except (OSError, ValueError) as e:

@@ -20,11 +20,16 @@ def periodic_eval_matters(tcfg: dict) -> bool:
 # save_steps: where checkpoints fall (a resume is bit-exact from any of them); use_wandb/wandb_*:
 # a copy of the logs; num_workers: who builds the batches (the same batches: train/batches.py);
 # demos' workers: the first N successful seeds per task, whoever plays them.
+# train.init_adapter: where the adapter a run starts from lies (its files' sha256 is in the id,
+# `init_adapter_files`), so a moved adapter reruns nothing.
+# model.cache_dir (every stage with a model block): where the HF hub cache lies, as the data root is
+# factored out of every id; what is read from it is named by model.path.
 NON_SEMANTIC: dict[str, tuple[str, ...]] = {
     "train": ("train.log_every", "train.save_steps", "train.use_wandb", "train.wandb_project",
-              "train.wandb_mode", "train.num_workers"),
+              "train.wandb_mode", "train.num_workers", "train.init_adapter"),
     "demos": ("workers",),
 }
+NON_SEMANTIC_ALL = ("model.cache_dir",)
 # Periodic evaluation without early stopping only logs (the loop runs it with its RNG isolated), so
 # its cadence and protocol are then non-semantic too.
 PERIODIC_EVAL_KEYS = ("train.eval_every", "train.eval_episodes_per_task", "train.early_stopping_patience",
@@ -33,7 +38,7 @@ PERIODIC_EVAL_KEYS = ("train.eval_every", "train.eval_episodes_per_task", "train
 
 def non_semantic_keys(sc: dict) -> tuple[str, ...]:
     """The dotted keys of stage config sc that its ids leave out (NON_SEMANTIC + the conditional ones)."""
-    keys = NON_SEMANTIC.get(sc.get("stage"), ())
+    keys = NON_SEMANTIC.get(sc.get("stage"), ()) + NON_SEMANTIC_ALL
     if sc.get("stage") == "train" and not periodic_eval_matters(sc.get("train") or {}):
         keys = keys + PERIODIC_EVAL_KEYS
     return keys

@@ -137,6 +137,9 @@ class TrainSettings(Settings):
     grad_accum: int = 1
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    min_lr: float | None = None  # floor of the cosine / linear decay; None = 0 (train/schedule.py)
+    init_adapter: str | None = None  # a PEFT LoRA adapter folder the run starts from (train/loop.py)
+    init_step: int | None = None  # its step; None = its trainer_state.pt's global_step, else 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     precision: str = "fp32"

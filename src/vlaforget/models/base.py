@@ -28,7 +28,13 @@ log = logging.getLogger("vlaforget.models")
 LAYERS_PATH = "language_model.model.layers"
 ATTN_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_SUFFIXES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LORA_TARGETS = ("attn", "mlp", "vision", "projector")
+# lm_head: the LM head; patch_embed: the vision towers' patch-embedding convolutions. Both are in the
+# adapters of the user's (and openvla's) finetune.py: peft 0.11.1 resolves target_modules="all-linear"
+# to module *base names* (q_proj, proj, fc1, lm_head, ...) and drops the head by its full name, which
+# on OpenVLA's nested model drops nothing, and the base name "proj" also matches timm's patch_embed.proj
+# (a Conv2d). So all-linear there = attn, mlp, vision, projector, lm_head, patch_embed
+# (tests/test_openvla_backend.py; config/user_recipe.yaml).
+LORA_TARGETS = ("attn", "mlp", "vision", "projector", "lm_head", "patch_embed")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -390,8 +396,10 @@ class VLABackend:
 
     def lora_targets(self, targets: Sequence[str] = ("attn", "mlp"), layers: Any = "all") -> list[str]:
         """Full module names of the Linear layers to adapt (peft matches them as name suffixes, so
-        they also work on a PEFT/DDP-wrapped model). targets ⊆ {attn, mlp, vision, projector};
-        layers = "all" or [first, last] (inclusive) restricts attn/mlp to those decoder layers."""
+        they also work on a PEFT/DDP-wrapped model). targets ⊆ {attn, mlp, vision, projector,
+        lm_head, patch_embed} (lm_head: the LM head; patch_embed: the vision towers' Conv2d patch
+        embeddings, the only non-Linear modules); layers = "all" or [first, last] (inclusive)
+        restricts attn/mlp to those decoder layers."""
         bad = set(targets) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {list(LORA_TARGETS)}")
@@ -407,7 +415,17 @@ class VLABackend:
         suffixes = (ATTN_SUFFIXES if "attn" in targets else ()) + (MLP_SUFFIXES if "mlp" in targets else ())
         out = []
         for name, mod in unwrap_model(self.model).named_modules():
-            if not isinstance(mod, nn.Linear) or "lora_" in name:
+            if "lora_" in name:
+                continue
+            if isinstance(mod, nn.Conv2d):
+                if "patch_embed" in targets and name.startswith(self.vision_prefix):
+                    out.append(name)
+                continue
+            if not isinstance(mod, nn.Linear):
+                continue
+            if name.rsplit(".", 1)[-1] == "lm_head":
+                if "lm_head" in targets:
+                    out.append(name)
                 continue
             m = layer_re.search(name)
             if m:

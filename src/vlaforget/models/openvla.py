@@ -28,11 +28,31 @@ class OpenVLAUnavailable(UserError, RuntimeError):
     """The OpenVLA model or its stack cannot be loaded offline; the message says what is missing."""
 
 
+def cache_snapshot(repo_dir: Path) -> Path | None:
+    """The snapshot folder of an HF hub cache repo folder (`.../models--org--name`): the one
+    refs/main names, else the only one; None if `repo_dir` is not such a folder."""
+    snaps = repo_dir / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = snaps / ref.read_text().strip()
+        return snap if snap.is_dir() else None
+    found = [d for d in snaps.iterdir() if d.is_dir()]
+    return found[0] if len(found) == 1 else None
+
+
 def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
-    """A local directory holding config.json: `path` itself, or the snapshot of hub id `path` in
-    `cache_dir` (no network). Raises OpenVLAUnavailable naming the fix."""
+    """A local directory holding config.json, read in place (nothing is copied or downloaded):
+    `path` itself; the snapshot of `path` when it is a hub-cache repo folder
+    (`{cache}/models--openvla--openvla-7b`); or the snapshot of hub id `path` in `cache_dir` (an HF
+    hub cache, e.g. the user's `/opt/data/private/openvla_icms/hf_cache`; no network). Raises
+    OpenVLAUnavailable naming the fix."""
     p = Path(path).expanduser()
     if p.exists():
+        snap = cache_snapshot(p) if not (p / "config.json").exists() else None
+        if snap is not None:
+            p = snap
         if not (p / "config.json").exists():
             raise OpenVLAUnavailable(
                 f"model.path {p} has no config.json: point model.path at the folder "
@@ -48,7 +68,9 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
     except Exception as e:  # not in the cache
         raise OpenVLAUnavailable(
             f"model '{path}' is not available offline in cache_dir={cache_dir} ({type(e).__name__}). "
-            f"Fix: on a machine with network run `huggingface-cli download {path} --cache-dir {cache_dir}` "
+            f"Fix: if it is already in another HF cache (a folder holding models--{path.replace('/', '--')}/), "
+            f"set model.cache_dir to that folder (read in place); otherwise, on a machine with network, run "
+            f"`huggingface-cli download {path} --cache-dir {cache_dir}` "
             f'(or `HF_HOME=... python -c "from huggingface_hub import snapshot_download; '
             f"snapshot_download('{path}', cache_dir='{cache_dir}')\"`), then rerun with HF_HUB_OFFLINE=1; "
             f"or set model.path to a local copy."

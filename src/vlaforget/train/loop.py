@@ -26,6 +26,7 @@ from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, r
 from ..paths import apply_job_env
 from ..settings import LoraSettings, MethodSettings, TrainSettings
 from . import checkpoint as ckpt
+from . import init_adapter
 from . import plugins as plugin_registry
 from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
 from .plugins import TrainContext, forward_micro
@@ -72,9 +73,12 @@ class StepSampler:
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_schedule(optimizer, tcfg: TrainSettings | dict):
+def make_schedule(optimizer, tcfg: TrainSettings | dict, start: int = 0):
+    """train.lr_schedule over max_steps with train.warmup_steps, decaying to train.min_lr (its floor
+    as a fraction of train.lr); start: the step it continues from (train.init_step)."""
     ts = TrainSettings.of(tcfg)
-    return warmup_schedule(optimizer, ts.max_steps, ts.warmup_steps, ts.lr_schedule)
+    floor = (ts.min_lr or 0.0) / ts.lr if ts.lr else 0.0
+    return warmup_schedule(optimizer, ts.max_steps, ts.warmup_steps, ts.lr_schedule, floor=floor, start=start)
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -223,6 +227,20 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     if ts.gradient_checkpointing:
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(backend, ts.lora, int(sc["seed"]))
+    # train.init_adapter: the user's adapter into this LoRA before step 1 (a different base model or
+    # LoRA shape is refused); the schedule then continues from init_step (train/init_adapter.py)
+    init_info, trainer_state, init_step = None, None, 0
+    if ts.init_adapter:
+        init_info = init_adapter.check_and_load(model, ts.init_adapter, sc["model"])
+        trainer_state = init_adapter.read_trainer_state(ts.init_adapter)
+        init_step = init_adapter.init_step_of(ts, ts.init_adapter, trainer_state)
+        if init_step >= ts.max_steps:
+            raise TrainingError(f"train.init_step {init_step} (the adapter's step) is not below train.max_steps "
+                                f"{ts.max_steps}: raise max_steps to the step the run should end at")
+        init_info["init_step"] = init_step
+    elif ts.init_step:
+        raise TrainingError(f"train.init_step {ts.init_step} without train.init_adapter: name the adapter it "
+                            "belongs to, or set init_step to null")
     skip_lora_input_cast(model, tcfg)  # train.lora_input_cast false
     compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:
@@ -241,7 +259,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
 
     # --- optimizer, schedule, loss scaling
     optimizer = make_optimizer([p for _, p in trainable], tcfg)  # train.fused_optimizer
-    scheduler = make_schedule(optimizer, ts)
+    scheduler = make_schedule(optimizer, ts, start=init_step)
     scaler = make_scaler(ts, device)  # CRaFT scales its retention backward with the same scaler
     ctx.scaler = scaler
     sampler = StepSampler(len(ds), int(sc["seed"]), dist.rank, dist.world)
@@ -252,7 +270,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     # --- resume exactly where an interrupted run stopped
     # (a run whose max_steps was raised has the same run id, config.run_id_of: it continues from the
     # checkpoint of its old target; one lowered resumes from the newest checkpoint at or before it)
-    step, skipped, overflows, extra = 0, 0, 0, {}
+    step, skipped, overflows, extra = init_step, 0, 0, {}
     state_path, state = ckpt.load_latest(ckpt_dir, max_step=int(tcfg["max_steps"]))
     if state is not None:
         step, skipped = ckpt.restore(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -265,7 +283,10 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
                      sc["run_id"], step, state_path, target, tcfg["max_steps"])
         else:
             log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
-    del state
+    elif trainer_state is not None:  # a fresh start from the user's adapter: its AdamW moments
+        init_info["optimizer_states_restored"] = init_adapter.restore_optimizer(
+            optimizer, [p for _, p in trainable], trainer_state, ts.init_adapter)
+    del state, trainer_state
     rollbacks = int(extra.get("rollbacks", 0))
     # every run segment (start .. last sign of life), kills included: done.json's wall time sums them
     seg_file = ckpt_dir / "segments.json"
@@ -282,6 +303,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
     dry = int(dry_run_batches or 0)
     logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0, resume_step=step)
+    if init_info and step == init_step:
+        log.info("starting at step %d from %s: %s", step, init_info["dir"], json.dumps(init_info))
 
     def save_checkpoint():
         ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -482,6 +505,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         files = sorted(p.name for p in tmp.iterdir())
         result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
                   "method": sc["method_name"], "steps": step, "skipped_steps": skipped, "rollbacks": rollbacks,
+                  "init_adapter": init_info,
                   "final_metrics": logger.last, "world_size": dist.world, "adapter_files": files,
                   "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
         record_segment()

@@ -1,9 +1,13 @@
 """The learning-rate schedule of fine-tuning and of the tiny teacher's pretraining: linear warm-up,
 then constant, cosine or linear decay.
 
-Our own, not transformers' `get_cosine_schedule_with_warmup`: that one warms up as step / warmup
-(lr 0 at step 0), ours as (step + 1) / warmup (the first step already trains), and the pretraining
-decays to a floor; the runs so far used this one, so it stays.
+Our own, not transformers' `get_cosine_schedule_with_warmup` / `get_cosine_with_min_lr_schedule_with_warmup`
+(both in transformers 4.40.1): those warm up as step / warmup (lr 0 at step 0), ours as
+(step + 1) / warmup (the first step already trains) and holds the floor after `total`. Ours is the
+user's own: vla-scripts/finetune.py's cosine lambda in eggplantsalt/icms (warm-up (step + 1) / warmup,
+then min_ratio + (1 − min_ratio)·½(1 + cos π·min(1, t))) is `lr_factor(kind="cosine", floor=min_ratio)`
+step for step (tests/test_schedule.py compares them); transformers' min-lr schedule differs from it
+in every warm-up step.
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ def lr_factor(step: int, total: int, warmup: int = 0, kind: str = "cosine", floo
 
 
 def warmup_schedule(
-    optimizer, total: int, warmup: int = 0, kind: str = "cosine", floor: float = 0.0
+    optimizer, total: int, warmup: int = 0, kind: str = "cosine", floor: float = 0.0, start: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR of lr_factor. start = n > 0: the schedule continues at step n (a run that starts from
+    an adapter trained n steps, train.init_step): the first update uses lr_factor(n)."""
     if kind not in SCHEDULES:
         raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, int(total), int(warmup), kind, floor)
-    )
+
+    def fn(step):
+        return lr_factor(step, int(total), int(warmup), kind, floor)
+
+    if not start:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    for g in optimizer.param_groups:  # LambdaLR's resume path: it steps once, to last_epoch = start
+        g.setdefault("initial_lr", g["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=int(start) - 1)

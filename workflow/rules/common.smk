@@ -133,6 +133,13 @@ def table_md(kind):
     return f"{RESULTS}/table_{kind}.md"
 
 
+def table_paper(kind, what):
+    """The compact paper table beside table_{kind}.csv: paper_md, tex or stats (stages/table.py)."""
+    from vlaforget.stages.table import paper_paths
+
+    return str(paper_paths(table_csv(kind))[what])
+
+
 def table_record(kind):
     """What table <kind> was built from, under the data root (rule table's `record`)."""
     return R(ROOT / "reports" / f"table_{kind}.json")
@@ -566,7 +573,8 @@ if workflow.is_main_process:
     # A table file not built from this data root (copied in, left by another study, or a root emptied
     # since) is never served, not even as a file target (`snakemake results/table_ablation.csv`, which
     # Snakemake would call up to date while its inputs are missing): a run moves it aside to
-    # `<name>.stale` (nothing is deleted) so it is rebuilt; a dry-run says so.
+    # {root}/stale/<path>.stale (nothing is deleted; outside the repo, so `git status` stays clean) so it
+    # is rebuilt; a dry-run says so.
     for _kind in TABLE_RUNS:
         _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
         _want = json.dumps(report_cfg(_kind), sort_keys=True)
@@ -574,10 +582,12 @@ if workflow.is_main_process:
             continue
         _why = "has no record under the data root" if not _rec.exists() else "was built from other inputs"
         if _mode != "run":
-            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it to {_csv}.stale and rebuilds it",
+            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it under {ROOT}/stale and rebuilds it",
                   file=sys.stderr)
             continue
-        for _f in (_csv, _csv.with_suffix(".md")):
-            if _f.exists():
-                os.replace(_f, f"{_f}.stale")
-        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_csv}.stale; it is rebuilt", file=sys.stderr)
+        from vlaforget.report.tables import move_stale
+        from vlaforget.stages.table import paper_paths
+
+        _to = [move_stale(_f, ROOT, workflow.basedir)
+               for _f in (_csv, _csv.with_suffix(".md"), *paper_paths(_csv).values()) if _f.exists()]
+        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_to[0].parent}; it is rebuilt", file=sys.stderr)

@@ -289,16 +289,21 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         for c, lab in metric_list(rows)
         if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)
     ]
+    measured, dropped = _drop_duplicates(rows, measured)
     per_key = [(c, lab) for c, lab in measured if c.split("[", 1)[0] in PER_KEY_ONLY]
     lines = [
         f"# Table: {kind}",
         "",
         (
             "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation). "
-            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.'
+            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md. '
+            f"The paper table: table_{kind}_paper.md."
         ),
         "",
     ]
+    if dropped:
+        lines += ["Left out, equal to another column in every row (they stay in the CSV): "
+                  + "; ".join(f"{lab} (= {other})" for lab, other in dropped) + ".", ""]
     lines += _md_table(rows, kind, [u for u in measured if u not in per_key])
     if per_key:
         lines += [
@@ -310,6 +315,23 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         ]
         lines += _md_table(rows, kind, [(c, c[c.index("[") + 1 : -1]) for c, _ in per_key])
     return "\n".join(lines) + "\n"
+
+
+def _drop_duplicates(rows: list[dict], used: list[tuple[str, str]]):
+    """Columns whose (mean, CI) equal an earlier column's in every row (upstream success and its copy
+    for the only upstream suite; VQA and VQA-MC accuracy where every answer is one token) go."""
+    def key(c):
+        return tuple((repr(r.get(f"{c}_mean")), repr(r.get(f"{c}_ci95"))) for r in rows)
+
+    kept, dropped, seen = [], [], {}
+    for c, lab in used:
+        k = key(c)
+        if k in seen and c.split("[", 1)[0] not in PER_KEY_ONLY:
+            dropped.append((lab, seen[k]))
+        else:
+            seen.setdefault(k, lab)
+            kept.append((c, lab))
+    return kept, dropped
 
 
 def _md_table(rows: list[dict], kind: str, used: list[tuple[str, str]]) -> list[str]:

@@ -357,5 +357,5 @@ def test_few_shot_craft_anchor_configs_are_checked_at_parse_time(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_text("stage: craft_anchors\ninputs: {}\n")  # a config made for another study config
     out = dry(["--profile", "profiles/demo"], wf, env)
-    assert "results/embedded/table_fewshot.csv" in out
+    assert "results/demo/table_fewshot.csv" in out
     assert re.search(r"vlaforget: craft_anchors mw_downstream__5shot__s42 .*rerun.*its stage config changed", out), out[-3000:]

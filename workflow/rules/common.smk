@@ -297,6 +297,14 @@ CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla"
 # Every job exports these so no library (HF, torch, W&B, matplotlib, TMPDIR) writes outside root.
 JOB_ENV = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(ROOT).items())
 JOB_ENV = f"{JOB_ENV}; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
+# The embedded study's CPU numbers the same on every x86 machine (issue 27 item 7; docs/benchmarks.md
+# "Issue 27: CPU reproducibility"): one kernel family for ATen's own vector kernels, MKL's BLAS
+# (conditional numerical reproducibility) and oneDNN, whatever the CPU offers beyond AVX2. A variable
+# already set in the caller's environment wins.
+CPU_KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+if METAWORLD:
+    JOB_ENV = f"{JOB_ENV}; " + "; ".join(
+        f"export {k}={shlex.quote(os.environ.get(k, v))}" for k, v in CPU_KERNEL_ENV.items())
 if USE_CONDA or JOB_PYTHON != sys.executable:
     JOB_ENV = f"{JOB_ENV}; export PYTHONPATH={shlex.quote(SRC_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"
 

@@ -27,7 +27,8 @@ from vlaforget.train.pretrain import pretrain
 
 
 def main(steps: int, batch: int | None = None, threads: int | None = None) -> None:
-    demo = yaml.safe_load(open("config/demo.yaml"))
+    with open("config/demo.yaml") as f:
+        demo = yaml.safe_load(f)
     tiny, pcfg = demo["model"]["tiny"], dict(demo["model"]["pretrain"])
     torch.set_num_threads(int(threads or pcfg.pop("threads", 2)))
     pcfg.pop("threads", None)

@@ -40,9 +40,14 @@ def main(steps: int, batch: int | None = None, threads: int | None = None) -> No
     rng = np.random.default_rng(0)
     words = ["open the drawer", "close the drawer", "open the faucet", "close the faucet"]
     size = int(tiny["image_size"])
-    data = [{"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-             "instruction": words[i % 4], "action": rng.uniform(-1, 1, 4).astype(np.float32)}
-            for i in range(256)]
+    data = [
+        {
+            "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "instruction": words[i % 4],
+            "action": rng.uniform(-1, 1, 4).astype(np.float32),
+        }
+        for i in range(256)
+    ]
     pcfg.update(steps=steps, vqa_fraction=0.0)
     t0 = time.time()
     hist = pretrain(backend, data, [], pcfg, image_aug=False)
@@ -50,13 +55,30 @@ def main(steps: int, batch: int | None = None, threads: int | None = None) -> No
     for k, v in sorted(backend.model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    print(json.dumps({
-        "steps": steps, "batch_size": pcfg["batch_size"], "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2), "weights_sha256": h.hexdigest()[:16],
-        "last_bc_loss": hist["bc_loss"][-1], "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "DNNL_MAX_CPU_ISA",
-                                           "MKL_ENABLE_INSTRUCTIONS", "VLAFORGET_DETERMINISTIC")
-                if k in os.environ},
-    }))
+    print(
+        json.dumps(
+            {
+                "steps": steps,
+                "batch_size": pcfg["batch_size"],
+                "threads": torch.get_num_threads(),
+                "seconds": round(time.time() - t0, 2),
+                "weights_sha256": h.hexdigest()[:16],
+                "last_bc_loss": hist["bc_loss"][-1],
+                "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "env": {
+                    k: os.environ[k]
+                    for k in (
+                        "ATEN_CPU_CAPABILITY",
+                        "MKL_CBWR",
+                        "DNNL_MAX_CPU_ISA",
+                        "MKL_ENABLE_INSTRUCTIONS",
+                        "VLAFORGET_DETERMINISTIC",
+                    )
+                    if k in os.environ
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

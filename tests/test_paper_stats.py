@@ -85,7 +85,8 @@ def test_paired_bootstrap_small_n():
     two = stats.paired_bootstrap([0.5, 0.9], [0.4, 0.5])
     assert two["low"] == pytest.approx(0.1) and two["high"] == pytest.approx(0.4)
     assert stats.paired_bootstrap([0.5, 0.9, 0.1], [0.4, 0.5, 0.3]) == stats.paired_bootstrap(
-        [0.5, 0.9, 0.1], [0.4, 0.5, 0.3])  # seeded: the same bytes on a rerun
+        [0.5, 0.9, 0.1], [0.4, 0.5, 0.3]
+    )  # seeded: the same bytes on a rerun
 
 
 def test_pareto_front():
@@ -101,8 +102,17 @@ TASKS = ("t-a", "t-b")
 
 def _episodes(outcomes: list[int], suite: str) -> list[dict]:
     half = len(outcomes) // 2
-    return [{"task": TASKS[i >= half], "seed": 500000 + i % half, "index": i, "success": bool(o),
-             "suite": suite, "error": None} for i, o in enumerate(outcomes)]
+    return [
+        {
+            "task": TASKS[i >= half],
+            "seed": 500000 + i % half,
+            "index": i,
+            "success": bool(o),
+            "suite": suite,
+            "error": None,
+        }
+        for i, o in enumerate(outcomes)
+    ]
 
 
 def write_run(root, run: str, down: list[int] | None, up: list[int], vqa: float = 0.9, drift: float = 0.2):
@@ -113,8 +123,18 @@ def write_run(root, run: str, down: list[int] | None, up: list[int], vqa: float 
         if outs is None:
             continue
         p = d / f"{suite}.json"
-        p.write_text(json.dumps({"run": run, "suite": suite, "success_rate": float(np.mean(outs)),
-                                 "n_episodes": len(outs), "per_task": {}, "episodes": _episodes(outs, suite)}))
+        p.write_text(
+            json.dumps(
+                {
+                    "run": run,
+                    "suite": suite,
+                    "success_rate": float(np.mean(outs)),
+                    "n_episodes": len(outs),
+                    "per_task": {},
+                    "episodes": _episodes(outs, suite),
+                }
+            )
+        )
         files.append(str(p))
     p = d / "forgetting.json"
     p.write_text(json.dumps({"run": run, "vqa_accuracy": vqa, "drift_mean": drift}))
@@ -171,7 +191,9 @@ def test_paper_table_one_seed_says_na(tmp_path):
     files += write_run(tmp_path, "down__baseline__full__s1", [1, 1], [1, 0])
     files += write_run(tmp_path, "down__m__full__s1", [1, 0], [1, 1])
     md = paper.to_paper_markdown(paper.build_paper(load_evals(files), "main", ["down", "up"]))
-    line = next(line for line in md.splitlines() if line.startswith("| m") and not line.startswith("| method"))
+    line = next(
+        line for line in md.splitlines() if line.startswith("| m") and not line.startswith("| method")
+    )
     assert "± n/a" in line and "[n/a]" in line
 
 
@@ -180,7 +202,9 @@ def test_ablation_reference_is_the_base_method(tmp_path):
     for m in ("full", "no_x", "craft", "craft_no_y"):
         for s in (1, 2):
             files += write_run(tmp_path, f"down__{m}__full__s{s}", [1, 0], [1, s - 1])
-    p = paper.build_paper(load_evals(files), "ablation", ["down", "up"], {"no_x": "full", "craft_no_y": "craft"})
+    p = paper.build_paper(
+        load_evals(files), "ablation", ["down", "up"], {"no_x": "full", "craft_no_y": "craft"}
+    )
     refs = {r["method"]: r.get("reference") for r in p["rows"]}
     assert refs == {"teacher": None, "full": "", "no_x": "full", "craft": "", "craft_no_y": "craft"}
     assert "(vs full)" in paper.to_paper_markdown(p)
@@ -193,7 +217,7 @@ def test_latex_is_booktabs(study):
         assert lines.count(cmd) == 1
     assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
     spec = re.search(r"\\begin\{tabular\}\{([lcr]+)\}", tex).group(1)
-    body = lines[lines.index(r"\toprule") + 1: lines.index(r"\bottomrule")]
+    body = lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
     for line in body:
         if line == r"\midrule":
             continue
@@ -206,12 +230,34 @@ def test_latex_is_booktabs(study):
 
 def test_cli_writes_paper_files(study, tmp_path):
     out = tmp_path / "res" / "table_main.csv"
-    r = subprocess.run([sys.executable, "-m", "vlaforget.cli", "table", "--kind", "main", "--upstream-suites",
-                        "down", "up", "--inputs", *study, "--out", str(out)],
-                       check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "table",
+            "--kind",
+            "main",
+            "--upstream-suites",
+            "down",
+            "up",
+            "--inputs",
+            *study,
+            "--out",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    for name in ("table_main.csv", "table_main.md", "table_main_paper.md", "table_main.tex",
-                 "table_main_stats.csv"):
+    for name in (
+        "table_main.csv",
+        "table_main.md",
+        "table_main_paper.md",
+        "table_main.tex",
+        "table_main_stats.csv",
+    ):
         assert (out.parent / name).exists(), name
     st = (out.parent / "table_main_stats.csv").read_text().splitlines()
     assert st[0].startswith("table,method,suite,shots,reference") and len(st) == 3

@@ -43,7 +43,9 @@ def _pooled(evs: list[dict], suites: list[str]) -> tuple[int, int]:
     return k, n
 
 
-def _pairs(evs_a: dict[int, dict], evs_b: dict[int, dict], suites: list[str]) -> tuple[list[bool], list[bool]]:
+def _pairs(
+    evs_a: dict[int, dict], evs_b: dict[int, dict], suites: list[str]
+) -> tuple[list[bool], list[bool]]:
     """Outcomes of a and b on the same (seed, suite, task, initial state), seeds both have."""
     a, b = [], []
     for seed in sorted(set(evs_a) & set(evs_b)):
@@ -64,8 +66,9 @@ def _reference(method: str, kind: str, bases: dict[str, str], present: set[str])
     return ref if ref in present else None
 
 
-def build_paper(evals: dict[str, dict], kind: str, upstream: list[str],
-                bases: dict[str, str] | None = None) -> dict:
+def build_paper(
+    evals: dict[str, dict], kind: str, upstream: list[str], bases: dict[str, str] | None = None
+) -> dict:
     """{"rows": [...], "comparisons": [...], "n_tests": m}. bases: ablation -> the method it ablates."""
     bases = bases or {}
     teacher = evals.get("teacher")
@@ -94,7 +97,9 @@ def build_paper(evals: dict[str, dict], kind: str, upstream: list[str],
         row["reference"] = ref or ""
         if ref is None:
             continue
-        comps.append(_compare(row, groups[(row["method"],) + key], groups[(ref,) + key], ref, teacher, upstream))
+        comps.append(
+            _compare(row, groups[(row["method"],) + key], groups[(ref,) + key], ref, teacher, upstream)
+        )
     pvals = [c[f"{e}_p"] for c in comps for e in ENDPOINTS]
     adj = holm(pvals)
     for i, c in enumerate(comps):
@@ -108,7 +113,12 @@ def build_paper(evals: dict[str, dict], kind: str, upstream: list[str],
         pts = [(r["downstream"]["rate"], _finite(r["upstream_retention"]["value"])) for r in members]
         for r, on in zip(members, pareto_front(pts)):
             r["pareto"] = on
-    return {"kind": kind, "rows": rows, "comparisons": comps, "n_tests": sum(not math.isnan(p) for p in pvals)}
+    return {
+        "kind": kind,
+        "rows": rows,
+        "comparisons": comps,
+        "n_tests": sum(not math.isnan(p) for p in pvals),
+    }
 
 
 def _finite(x) -> float:
@@ -134,7 +144,9 @@ def _row(method, suite, shots, by_seed: dict[int, dict], teacher, upstream) -> d
             tk, tn = _pooled([teacher], live)
             t_rate = tk / tn
             lo, hi = binomial_ci(uk, un)
-            ret.update(k=uk, n=un, value=uk / un / t_rate, low=lo / t_rate, high=hi / t_rate, teacher_rate=t_rate)
+            ret.update(
+                k=uk, n=un, value=uk / un / t_rate, low=lo / t_rate, high=hi / t_rate, teacher_rate=t_rate
+            )
     per_seed = [run_metrics(ev, suite, upstream, teacher) for ev in evs]
     return {
         "method": method,
@@ -157,16 +169,32 @@ def _compare(row, runs: dict[int, dict], ref_runs: dict[int, dict], ref: str, te
     def per_seed(col, rs):
         return [_finite(run_metrics(rs[s], suite, upstream, teacher).get(col)) for s in seeds]
 
-    c = {"method": row["method"], "suite": suite, "shots": row["shots"], "reference": ref, "n_seeds": len(seeds)}
-    for e, col, suites in (("downstream", "downstream_success", [suite]),
-                           ("upstream", "upstream_retention", ups)):
+    c = {
+        "method": row["method"],
+        "suite": suite,
+        "shots": row["shots"],
+        "reference": ref,
+        "n_seeds": len(seeds),
+    }
+    for e, col, suites in (
+        ("downstream", "downstream_success", [suite]),
+        ("upstream", "upstream_retention", ups),
+    ):
         x, y = np.array(per_seed(col, runs)), np.array(per_seed(col, ref_runs))
         ok = ~(np.isnan(x) | np.isnan(y))
         bs = paired_bootstrap(x[ok], y[ok])
         mc = mcnemar_exact(*_pairs(runs, ref_runs, suites))
-        c.update({f"{e}_diff": bs["diff"], f"{e}_diff_low": bs["low"], f"{e}_diff_high": bs["high"],
-                  f"{e}_method_only": mc["a_only"], f"{e}_reference_only": mc["b_only"],
-                  f"{e}_pairs": mc["n_pairs"], f"{e}_p": mc["p"] if mc["n_pairs"] else float("nan")})
+        c.update(
+            {
+                f"{e}_diff": bs["diff"],
+                f"{e}_diff_low": bs["low"],
+                f"{e}_diff_high": bs["high"],
+                f"{e}_method_only": mc["a_only"],
+                f"{e}_reference_only": mc["b_only"],
+                f"{e}_pairs": mc["n_pairs"],
+                f"{e}_p": mc["p"] if mc["n_pairs"] else float("nan"),
+            }
+        )
     return c
 
 
@@ -220,9 +248,19 @@ def _layout(paper: dict) -> tuple[list[str], bool, bool]:
     rows = paper["rows"]
     show_suite = len({r["suite"] for r in rows}) > 1
     show_shots = paper["kind"] == "fewshot" or len({r["shots"] for r in rows if r["method"] != "teacher"}) > 1
-    head = (["method"] + (["suite"] if show_suite else []) + (["shots"] if show_shots else [])
-            + ["seeds", "downstream success", "upstream retention", "VQA retention", "drift",
-               "Δ upstream retention vs reference"])
+    head = (
+        ["method"]
+        + (["suite"] if show_suite else [])
+        + (["shots"] if show_shots else [])
+        + [
+            "seeds",
+            "downstream success",
+            "upstream retention",
+            "VQA retention",
+            "drift",
+            "Δ upstream retention vs reference",
+        ]
+    )
     return head, show_suite, show_shots
 
 
@@ -231,7 +269,11 @@ def _cells(r: dict, show_suite: bool, show_shots: bool, tex: bool) -> list[str]:
     name = r["method"] + ((r"$^{\dagger}$" if tex else FRONT) if r.get("pareto") else "")
     if tex:
         name = name.replace("_", r"\_")
-    ref = f" (vs {r['reference']})" if r.get("reference") and r.get("reference") != "baseline" and not tex else ""
+    ref = (
+        f" (vs {r['reference']})"
+        if r.get("reference") and r.get("reference") != "baseline" and not tex
+        else ""
+    )
     dn, up = r["downstream"], r["upstream_retention"]
     cells = [name + ref] + ([r["suite"].replace("_", r"\_") if tex else r["suite"]] if show_suite else [])
     cells += [r["shots"]] if show_shots else []
@@ -248,8 +290,11 @@ def _cells(r: dict, show_suite: bool, show_shots: bool, tex: bool) -> list[str]:
 
 def caption(paper: dict) -> str:
     seeds = sorted({r["n_seeds"] for r in paper["rows"] if r["method"] != "teacher"})
-    ref = ("each ablation against the method it ablates (the full method is the reference row)"
-           if paper["kind"] == "ablation" else "each method against plain LoRA (baseline)")
+    ref = (
+        "each ablation against the method it ablates (the full method is the reference row)"
+        if paper["kind"] == "ablation"
+        else "each method against plain LoRA (baseline)"
+    )
     return (
         f"Table {paper['kind']}: {'/'.join(map(str, seeds)) or 'no'} seed(s) per row. Downstream success "
         f"and upstream retention (run / teacher upstream success) pooled over all episodes of all seeds, "
@@ -260,33 +305,55 @@ def caption(paper: dict) -> str:
         f"p ≤ {ALPHA} after Holm–Bonferroni over all {paper['n_tests']} tests of this table "
         f"(downstream and upstream per comparison). {FRONT}: on the Pareto front of (downstream success, "
         f"upstream retention) within its suite / shots. Teacher: the base model, one evaluation. "
-        f"p values: table_{paper['kind']}_stats.csv; definitions: docs/evaluation.md \"Statistics\"."
+        f'p values: table_{paper["kind"]}_stats.csv; definitions: docs/evaluation.md "Statistics".'
     )
 
 
 def to_paper_markdown(paper: dict) -> str:
     head, ss, sh = _layout(paper)
-    lines = [f"# Table: {paper['kind']} (paper)", "", caption(paper), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Table: {paper['kind']} (paper)",
+        "",
+        caption(paper),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in paper["rows"]:
         lines.append("| " + " | ".join(_cells(r, ss, sh, tex=False)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _tex_escape(s: str) -> str:
-    return (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-            .replace("#", r"\#").replace("Δ", r"$\Delta$").replace("±", r"$\pm$").replace("–", "--")
-            .replace("≤", r"$\le$").replace("†", r"$^{\dagger}$").replace("−", "$-$"))
+    return (
+        s.replace("\\", r"\textbackslash{}")
+        .replace("_", r"\_")
+        .replace("%", r"\%")
+        .replace("&", r"\&")
+        .replace("#", r"\#")
+        .replace("Δ", r"$\Delta$")
+        .replace("±", r"$\pm$")
+        .replace("–", "--")
+        .replace("≤", r"$\le$")
+        .replace("†", r"$^{\dagger}$")
+        .replace("−", "$-$")
+    )
 
 
 def to_latex(paper: dict) -> str:
     """A booktabs table (\\toprule / \\midrule / \\bottomrule), one line per row."""
     head, ss, sh = _layout(paper)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\caption{" + _tex_escape(caption(paper)) + "}",
-             rf"\label{{tab:{paper['kind']}}}",
-             r"\begin{tabular}{l" + "l" * (len(head) - 1) + "}", r"\toprule",
-             " & ".join(_tex_escape(h) for h in head) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\caption{" + _tex_escape(caption(paper)) + "}",
+        rf"\label{{tab:{paper['kind']}}}",
+        r"\begin{tabular}{l" + "l" * (len(head) - 1) + "}",
+        r"\toprule",
+        " & ".join(_tex_escape(h) for h in head) + r" \\",
+        r"\midrule",
+    ]
     for r in paper["rows"]:
         lines.append(" & ".join(_cells(r, ss, sh, tex=True)) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -294,7 +361,8 @@ def to_latex(paper: dict) -> str:
 
 
 STATS_COLUMNS = ["table", "method", "suite", "shots", "reference", "n_seeds"] + [
-    f"{e}_{k}" for e in ENDPOINTS
+    f"{e}_{k}"
+    for e in ENDPOINTS
     for k in ("diff", "diff_low", "diff_high", "method_only", "reference_only", "pairs", "p", "p_holm")
 ]
 
@@ -304,7 +372,17 @@ def to_stats_csv(paper: dict) -> str:
     w = csv.DictWriter(buf, fieldnames=STATS_COLUMNS, lineterminator="\n")
     w.writeheader()
     for c in paper["comparisons"]:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else
-                        "" if isinstance(v, float) else v)
-                    for k, v in ({"table": paper["kind"]} | c).items() if k in STATS_COLUMNS})
+        w.writerow(
+            {
+                k: (
+                    f"{v:.6g}"
+                    if isinstance(v, float) and not math.isnan(v)
+                    else ""
+                    if isinstance(v, float)
+                    else v
+                )
+                for k, v in ({"table": paper["kind"]} | c).items()
+                if k in STATS_COLUMNS
+            }
+        )
     return buf.getvalue()

@@ -34,8 +34,9 @@ def binomial_ci(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def paired_bootstrap(x: Sequence[float], y: Sequence[float], level: float = LEVEL,
-                     n_resamples: int = 9999, seed: int = 0) -> dict:
+def paired_bootstrap(
+    x: Sequence[float], y: Sequence[float], level: float = LEVEL, n_resamples: int = 9999, seed: int = 0
+) -> dict:
     """Mean of the paired differences x_i − y_i (one pair per seed) and its percentile bootstrap CI.
 
     ``n``: pairs; ``low``/``high`` NaN (shown "n/a") with fewer than two pairs. The percentile method,
@@ -57,8 +58,16 @@ def paired_bootstrap(x: Sequence[float], y: Sequence[float], level: float = LEVE
     kw = {"rng": np.random.default_rng(seed)}
     if "rng" not in inspect.signature(bootstrap).parameters:  # scipy < 1.15
         kw = {"random_state": np.random.default_rng(seed)}
-    res = bootstrap((x, y), lambda a, b, axis: np.mean(a - b, axis=axis), paired=True, vectorized=True,
-                    confidence_level=level, n_resamples=n_resamples, method="percentile", **kw)
+    res = bootstrap(
+        (x, y),
+        lambda a, b, axis: np.mean(a - b, axis=axis),
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        **kw,
+    )
     out["low"], out["high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return out
 

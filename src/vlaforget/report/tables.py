@@ -114,7 +114,9 @@ def load_evals(paths) -> dict[str, dict]:
 
     The run and suite come from the JSON (`run`, `suite`), else from the path evals/{run}/{suite}.json.
     """
-    runs: dict[str, dict] = defaultdict(lambda: {"suites": {}, "forgetting": None, "tasks": {}, "episodes": {}})
+    runs: dict[str, dict] = defaultdict(
+        lambda: {"suites": {}, "forgetting": None, "tasks": {}, "episodes": {}}
+    )
     for p in paths:
         p = Path(p)
         d = read_json(p)
@@ -138,8 +140,8 @@ def episode_outcomes(d: dict) -> dict[tuple, bool]:
     ended in a simulator error counts as a failure, as in the eval's success_rate."""
     out = {}
     for i, e in enumerate(d.get("episodes") or []):
-        out[(str(e.get("task")), e.get("seed") if e.get("seed") is not None else f"#{e.get('index', i)}")] = bool(
-            e.get("success")
+        out[(str(e.get("task")), e.get("seed") if e.get("seed") is not None else f"#{e.get('index', i)}")] = (
+            bool(e.get("success"))
         )
     return out
 
@@ -302,8 +304,12 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         "",
     ]
     if dropped:
-        lines += ["Left out, equal to another column in every row (they stay in the CSV): "
-                  + "; ".join(f"{lab} (= {other})" for lab, other in dropped) + ".", ""]
+        lines += [
+            "Left out, equal to another column in every row (they stay in the CSV): "
+            + "; ".join(f"{lab} (= {other})" for lab, other in dropped)
+            + ".",
+            "",
+        ]
     lines += _md_table(rows, kind, [u for u in measured if u not in per_key])
     if per_key:
         lines += [
@@ -320,6 +326,7 @@ def to_markdown(rows: list[dict], kind: str) -> str:
 def _drop_duplicates(rows: list[dict], used: list[tuple[str, str]]):
     """Columns whose (mean, CI) equal an earlier column's in every row (upstream success and its copy
     for the only upstream suite; VQA and VQA-MC accuracy where every answer is one token) go."""
+
     def key(c):
         return tuple((repr(r.get(f"{c}_mean")), repr(r.get(f"{c}_ci95"))) for r in rows)
 

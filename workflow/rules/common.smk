@@ -33,7 +33,8 @@ STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
 # Tables and figures: `results_dir` (relative to the repo; the real study: results/, the embedded
-# studies: results/demo (git-ignored), results/embedded_gpu/); null = {root}/results (CI, rehearsal: nothing lands in the repo).
+# studies: results/demo (git-ignored), results/embedded_gpu/); null = {root}/results (CI, rehearsal:
+# nothing lands in the repo).
 RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE

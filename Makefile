@@ -94,7 +94,7 @@ test-libero:
 	LIBERO_CONFIG_PATH=$(LIBERO_VENV)/libero-config MUJOCO_GL=egl \
 	  $(LIBERO_VENV)/bin/python -m pytest -q -rs tests/test_libero_env.py tests/test_libero_vqa.py
 
-REPORT ?= results/embedded/report.html
+REPORT ?= results/demo/report.html
 
 demo: install
 	$(BIN)/python -m snakemake --profile profiles/$(PROFILE)
@@ -120,5 +120,4 @@ dag:
 	fi
 
 clean-results:
-	rm -rf results/table_*.csv results/table_*.md results/figures results/embedded/table_*.csv \
-	  results/embedded/table_*.md results/embedded/figures
+	rm -rf results/table_*.csv results/table_*.md results/table_*.tex results/figures results/demo

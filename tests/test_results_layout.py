@@ -28,7 +28,8 @@ def test_profiles_write_tables_in_their_own_folder():
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     demo_gpu = yaml.safe_load((REPO / "config" / "demo_gpu.yaml").read_text())
     assert real["results_dir"] == "results"
-    assert demo["results_dir"] == "results/embedded"
+    assert demo["results_dir"] == "results/demo"  # git-ignored: a user's `make demo` leaves the tree clean
+    assert "/results/demo/" in (REPO / ".gitignore").read_text().splitlines()
     assert demo_gpu["results_dir"] not in ("results", "results/embedded")
 
 
@@ -46,7 +47,8 @@ def test_real_study_with_empty_root_schedules_the_tables_despite_stale_copies(tm
     jobs = planned(out)
     assert "Nothing to be done" not in out
     tables = [o for o in jobs["table"] if o.startswith("results/")]
-    assert sorted(tables) == sorted(REAL_TABLES + [t.replace(".csv", ".md") for t in REAL_TABLES])
+    paper = [t.replace(".csv", x) for t in REAL_TABLES for x in (".md", "_paper.md", ".tex", "_stats.csv")]
+    assert sorted(tables) == sorted(REAL_TABLES + paper)
     assert jobs.get("figures")
     assert any(o.endswith("/reports/table_main.json") for o in jobs["table"])  # what it was built from
     # one table by name: also rebuilt for an empty root (a stale file target would be "up to date")
@@ -55,28 +57,66 @@ def test_real_study_with_empty_root_schedules_the_tables_despite_stale_copies(tm
     # the user's own command, a file target: the dry-run says the copy is not from this root
     out = dry(["--profile", "profiles/4090", "results/table_ablation.csv"], wf, env)
     assert "results/table_ablation.csv has no record under the data root" in out
-    assert "a run moves it to results/table_ablation.csv.stale and rebuilds it" in out
+    assert "a run moves it under " in out and "/stale and rebuilds it" in out
 
 
 def test_file_target_not_built_from_this_root_is_moved_aside_and_rebuilt(tmp_path):
     """`snakemake results/.../table_main.csv` with a table that exists but was not built from this data
-    root: a run moves it to .stale (nothing deleted) and schedules the table, where Snakemake alone
-    would say 'Nothing to be done'."""
+    root: a run moves it to {root}/stale/ (nothing deleted, nothing left in the repo) and schedules the
+    table, where Snakemake alone would say 'Nothing to be done'."""
     from conftest import snakemake
 
     wf = copy_workflow(tmp_path / "wf")
     allowed = tmp_path / "data"
     env = {"VLAFORGET_ALLOWED_ROOT": str(allowed), "VLAFORGET_ROOT": str(allowed / "root")}
     (allowed / "root").mkdir(parents=True)
-    tgt = wf / "results" / "embedded" / "table_main.csv"
+    tgt = wf / "results" / "demo" / "table_main.csv"
     tgt.parent.mkdir(parents=True, exist_ok=True)
     tgt.write_text("run,success\nold,1.0\n")
     # a real run (not a dry-run) that stops before any stage job: only the parse-time check acts
     r = snakemake(["--profile", "profiles/demo", "--nolock", "--until", "stage_config",
-                   "--allowed-rules", "stage_config", "results/embedded/table_main.csv"], cwd=wf, env=env,
+                   "--allowed-rules", "stage_config", "results/demo/table_main.csv"], cwd=wf, env=env,
                   timeout=600)
     text = r.stdout + r.stderr
     assert "has no record under the data root" in text and "moved to" in text, text[-3000:]
-    assert not tgt.exists() and (tgt.parent / "table_main.csv.stale").read_text() == "run,success\nold,1.0\n"
-    out = dry(["--profile", "profiles/demo", "results/embedded/table_main.csv"], wf, env)
-    assert "results/embedded/table_main.csv" in planned(out).get("table", [])
+    moved = allowed / "root" / "stale" / "results" / "demo" / "table_main.csv.stale"
+    assert not tgt.exists() and moved.read_text() == "run,success\nold,1.0\n"
+    assert not list(wf.rglob("*.stale"))  # nothing left in the repo's tree
+    out = dry(["--profile", "profiles/demo", "results/demo/table_main.csv"], wf, env)
+    assert "results/demo/table_main.csv" in planned(out).get("table", [])
+
+
+def test_move_stale_goes_under_the_root_never_the_repo(tmp_path):
+    """A table not built from this data root is moved under {root}/stale, keeping its repo-relative
+    path, so a clean clone's `git status` stays clean after a study (issue 27 item 7)."""
+    from vlaforget.report.tables import move_stale
+
+    repo, root = tmp_path / "repo", tmp_path / "root"
+    f = repo / "results" / "embedded" / "table_main.md"
+    f.parent.mkdir(parents=True)
+    f.write_text("old\n")
+    dest = move_stale(f, root, repo)
+    assert dest == root / "stale" / "results" / "embedded" / "table_main.md.stale"
+    assert dest.read_text() == "old\n" and not f.exists()
+    assert not dest.resolve().is_relative_to(repo.resolve())
+    outside = tmp_path / "elsewhere" / "table_main.csv"  # a results_dir outside the repo
+    outside.parent.mkdir()
+    outside.write_text("x\n")
+    assert move_stale(outside, root, repo).is_relative_to(root / "stale")
+
+
+def test_embedded_jobs_pin_the_cpu_kernel_family(tmp_path):
+    """Issue 27 item 7: every job of the embedded study (world metaworld) exports one CPU kernel family
+    (ATen, MKL, oneDNN), so its numbers do not depend on whether the machine has AVX-512; the real
+    study's jobs do not."""
+    from test_workflow_dryrun import env_for
+
+    wf = copy_workflow(tmp_path / "wf")
+    out = dry(["--profile", "profiles/demo", "-p", "table_main"], wf, env_for(tmp_path))
+    shells = [line for line in out.splitlines() if "vlaforget.cli" in line]
+    assert shells, out[-2000:]
+    for want in ("export ATEN_CPU_CAPABILITY=avx2", "export MKL_CBWR=AVX2", "export DNNL_MAX_CPU_ISA=AVX2"):
+        assert all(want in line for line in shells), want
+    real = dry(["--profile", "profiles/4090", "-p", "table_main"], wf,
+               {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""})
+    assert "ATEN_CPU_CAPABILITY" not in real

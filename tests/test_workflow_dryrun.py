@@ -135,7 +135,8 @@ def test_ablation_table_needs_only_its_runs(tmp_path):
         "mw_downstream__craft_no_projection__full__s42",
     }
     jobs = planned(out)
-    assert "figures" not in jobs and len(jobs["table"]) == 3  # csv + md + record of this table only
+    # csv + md + paper md + tex + stats csv + record of this table only
+    assert "figures" not in jobs and len(jobs["table"]) == 6
 
 
 # ----------------------------------------------------------------------------- rerun triggers
@@ -205,7 +206,7 @@ def test_method_param_change_reruns_only_that_method(touched):
     for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors"):
         assert rule not in jobs, rule
     assert all("craft" in p for p in jobs["eval"] + jobs["forgetting"])
-    assert len(jobs["table"]) == 9  # the three tables each hold craft runs (csv, md, record)
+    assert len(jobs["table"]) == 18  # the three tables each hold craft runs (csv, md, paper md, tex, stats, record)
     assert "Params have changed" in out
     assert re.search(r"craft__full__s42 will rerun .*: its stage config changed: method\.craft\.epsilon \S+ -> 0\.2", out)
 
@@ -357,5 +358,5 @@ def test_few_shot_craft_anchor_configs_are_checked_at_parse_time(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_text("stage: craft_anchors\ninputs: {}\n")  # a config made for another study config
     out = dry(["--profile", "profiles/demo"], wf, env)
-    assert "results/embedded/table_fewshot.csv" in out
+    assert "results/demo/table_fewshot.csv" in out
     assert re.search(r"vlaforget: craft_anchors mw_downstream__5shot__s42 .*rerun.*its stage config changed", out), out[-3000:]

@@ -33,7 +33,8 @@ STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
 # Tables and figures: `results_dir` (relative to the repo; the real study: results/, the embedded
-# studies: results/embedded*/); null = {root}/results (CI, rehearsal: nothing lands in the repo).
+# studies: results/demo (git-ignored), results/embedded_gpu/); null = {root}/results (CI, rehearsal:
+# nothing lands in the repo).
 RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
@@ -131,6 +132,13 @@ def table_csv(kind):
 
 def table_md(kind):
     return f"{RESULTS}/table_{kind}.md"
+
+
+def table_paper(kind, what):
+    """The compact paper table beside table_{kind}.csv: paper_md, tex or stats (stages/table.py)."""
+    from vlaforget.stages.table import paper_paths
+
+    return str(paper_paths(table_csv(kind))[what])
 
 
 def table_record(kind):
@@ -290,6 +298,14 @@ CONDA_ENV = "../../envs/openvla.yaml" if config["model"]["backend"] == "openvla"
 # Every job exports these so no library (HF, torch, W&B, matplotlib, TMPDIR) writes outside root.
 JOB_ENV = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in job_env(ROOT).items())
 JOB_ENV = f"{JOB_ENV}; mkdir -p {shlex.quote(str(LAYOUT.tmp))}"
+# The embedded study's CPU numbers the same on every x86 machine (issue 27 item 7; docs/benchmarks.md
+# "Issue 27: CPU reproducibility"): one kernel family for ATen's own vector kernels, MKL's BLAS
+# (conditional numerical reproducibility) and oneDNN, whatever the CPU offers beyond AVX2. A variable
+# already set in the caller's environment wins.
+CPU_KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+if METAWORLD:
+    JOB_ENV = f"{JOB_ENV}; " + "; ".join(
+        f"export {k}={shlex.quote(os.environ.get(k, v))}" for k, v in CPU_KERNEL_ENV.items())
 if USE_CONDA or JOB_PYTHON != sys.executable:
     JOB_ENV = f"{JOB_ENV}; export PYTHONPATH={shlex.quote(SRC_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"
 
@@ -566,7 +582,8 @@ if workflow.is_main_process:
     # A table file not built from this data root (copied in, left by another study, or a root emptied
     # since) is never served, not even as a file target (`snakemake results/table_ablation.csv`, which
     # Snakemake would call up to date while its inputs are missing): a run moves it aside to
-    # `<name>.stale` (nothing is deleted) so it is rebuilt; a dry-run says so.
+    # {root}/stale/<path>.stale (nothing is deleted; outside the repo, so `git status` stays clean) so it
+    # is rebuilt; a dry-run says so.
     for _kind in TABLE_RUNS:
         _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
         _want = json.dumps(report_cfg(_kind), sort_keys=True)
@@ -574,10 +591,12 @@ if workflow.is_main_process:
             continue
         _why = "has no record under the data root" if not _rec.exists() else "was built from other inputs"
         if _mode != "run":
-            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it to {_csv}.stale and rebuilds it",
+            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it under {ROOT}/stale and rebuilds it",
                   file=sys.stderr)
             continue
-        for _f in (_csv, _csv.with_suffix(".md")):
-            if _f.exists():
-                os.replace(_f, f"{_f}.stale")
-        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_csv}.stale; it is rebuilt", file=sys.stderr)
+        from vlaforget.report.tables import move_stale
+        from vlaforget.stages.table import paper_paths
+
+        _to = [move_stale(_f, ROOT, workflow.basedir)
+               for _f in (_csv, _csv.with_suffix(".md"), *paper_paths(_csv).values()) if _f.exists()]
+        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_to[0].parent}; it is rebuilt", file=sys.stderr)

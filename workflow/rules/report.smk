@@ -16,7 +16,13 @@ rule table:
     input:
         evals=lambda w: table_inputs(TABLE_RUNS[w.kind]()),
     output:
-        csv=report(table_csv("{kind}"), caption="../report/table.rst", category="Tables",
+        # the compact paper table first in the HTML report (categories sort by name), the wide CSV after it
+        paper=report(table_paper("{kind}", "paper_md"), caption="../report/table_paper.rst",
+                     category="1. Paper tables", labels={"table": "{kind}", "format": "md"}),
+        tex=table_paper("{kind}", "tex"),
+        stats=report(table_paper("{kind}", "stats"), caption="../report/table_paper.rst",
+                     category="1. Paper tables", labels={"table": "{kind}", "format": "comparisons csv"}),
+        csv=report(table_csv("{kind}"), caption="../report/table.rst", category="3. Data tables",
                    labels={"table": "{kind}", "format": "csv"}),
         md=table_md("{kind}"),
         # what the table was built from, under the data root: a table copied in (or left from another
@@ -24,6 +30,7 @@ rule table:
         record=table_record("{kind}"),
     params:
         upstream=" ".join(UPSTREAM_SUITES) or "''",
+        bases=" ".join(f"{a}={config['ablations'][a]['base']}" for a in STUDY.get("ablations", [])) or "''",
         code=vfc.code_hash("table"),  # reruns the tables when the code they import changes
         record=lambda w: json.dumps(report_cfg(w.kind), sort_keys=True),  # input list change: params trigger
     wildcard_constraints:
@@ -39,7 +46,7 @@ rule table:
     shell:
         report_shell(
             "table --kind {wildcards.kind} --upstream-suites {params.upstream} "
-            "--inputs {input.evals} --out {output.csv}",
+            "--ablation-bases {params.bases} --inputs {input.evals} --out {output.csv}",
             record=True,
         )
 
@@ -53,7 +60,7 @@ if CHAIN_SUITES:
             evals=lifelong_inputs(),
             runs=[train_done(r) for r in chain_runs()],  # their metrics.jsonl: periodic evals
         output:
-            csv=report(table_csv("lifelong"), caption="../report/table_lifelong.rst", category="Tables",
+            csv=report(table_csv("lifelong"), caption="../report/table_lifelong.rst", category="3. Data tables",
                        labels={"table": "lifelong", "format": "csv"}),
             md=table_md("lifelong"),
             detail=f"{RESULTS}/table_lifelong.json",
@@ -90,7 +97,7 @@ rule figures:
         evals=table_inputs(main_runs()),
         runs=figure_run_files(),
     output:
-        figs=[report(f, caption="../report/figures.rst", category="Figures") for f in figures_outputs()],
+        figs=[report(f, caption="../report/figures.rst", category="2. Figures") for f in figures_outputs()],
         record=figures_record(),
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),

@@ -114,7 +114,9 @@ def load_evals(paths) -> dict[str, dict]:
 
     The run and suite come from the JSON (`run`, `suite`), else from the path evals/{run}/{suite}.json.
     """
-    runs: dict[str, dict] = defaultdict(lambda: {"suites": {}, "forgetting": None, "tasks": {}})
+    runs: dict[str, dict] = defaultdict(
+        lambda: {"suites": {}, "forgetting": None, "tasks": {}, "episodes": {}}
+    )
     for p in paths:
         p = Path(p)
         d = read_json(p)
@@ -126,9 +128,22 @@ def load_evals(paths) -> dict[str, dict]:
             if "success_rate" not in d:
                 raise ValueError(f"{p}: closed-loop eval JSON without 'success_rate' (re-run the eval rule)")
             runs[run]["suites"][suite] = _num(d["success_rate"])
+            runs[run]["episodes"][suite] = episode_outcomes(d)
             for task, blk in sorted((d.get("per_task") or {}).items()):
                 runs[run]["tasks"][task] = _num(blk.get("success_rate"))
     return dict(runs)
+
+
+def episode_outcomes(d: dict) -> dict[tuple, bool]:
+    """{(task, initial-state seed): success} of one closed-loop eval JSON's episodes (report/paper.py
+    pairs runs on these keys). An episode without a seed is keyed by its index in the file; one that
+    ended in a simulator error counts as a failure, as in the eval's success_rate."""
+    out = {}
+    for i, e in enumerate(d.get("episodes") or []):
+        out[(str(e.get("task")), e.get("seed") if e.get("seed") is not None else f"#{e.get('index', i)}")] = (
+            bool(e.get("success"))
+        )
+    return out
 
 
 def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict | None) -> dict:
@@ -276,16 +291,25 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         for c, lab in metric_list(rows)
         if any(r.get(f"{c}_n") or r.get(f"{c}_mean") is UNDEFINED for r in rows)
     ]
+    measured, dropped = _drop_duplicates(rows, measured)
     per_key = [(c, lab) for c, lab in measured if c.split("[", 1)[0] in PER_KEY_ONLY]
     lines = [
         f"# Table: {kind}",
         "",
         (
             "Mean ± 95 % t-CI over seeds (teacher: the base model, one evaluation). "
-            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md.'
+            '"retention undefined": the teacher scores 0 there. Columns: docs/evaluation.md. '
+            f"The paper table: table_{kind}_paper.md."
         ),
         "",
     ]
+    if dropped:
+        lines += [
+            "Left out, equal to another column in every row (they stay in the CSV): "
+            + "; ".join(f"{lab} (= {other})" for lab, other in dropped)
+            + ".",
+            "",
+        ]
     lines += _md_table(rows, kind, [u for u in measured if u not in per_key])
     if per_key:
         lines += [
@@ -297,6 +321,24 @@ def to_markdown(rows: list[dict], kind: str) -> str:
         ]
         lines += _md_table(rows, kind, [(c, c[c.index("[") + 1 : -1]) for c, _ in per_key])
     return "\n".join(lines) + "\n"
+
+
+def _drop_duplicates(rows: list[dict], used: list[tuple[str, str]]):
+    """Columns whose (mean, CI) equal an earlier column's in every row (upstream success and its copy
+    for the only upstream suite; VQA and VQA-MC accuracy where every answer is one token) go."""
+
+    def key(c):
+        return tuple((repr(r.get(f"{c}_mean")), repr(r.get(f"{c}_ci95"))) for r in rows)
+
+    kept, dropped, seen = [], [], {}
+    for c, lab in used:
+        k = key(c)
+        if k in seen and c.split("[", 1)[0] not in PER_KEY_ONLY:
+            dropped.append((lab, seen[k]))
+        else:
+            seen.setdefault(k, lab)
+            kept.append((c, lab))
+    return kept, dropped
 
 
 def _md_table(rows: list[dict], kind: str, used: list[tuple[str, str]]) -> list[str]:
@@ -317,6 +359,23 @@ def _md_table(rows: list[dict], kind: str, used: list[tuple[str, str]]) -> list[
                 cells.append(f"{m:.3f} ± {ci:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def move_stale(path: str | Path, root: str | Path, repo: str | Path) -> Path:
+    """Move a table file not built from this data root to {root}/stale/<its path>.stale (the path
+    relative to the repo when inside it, else its absolute path under root), never inside the repo:
+    the committed tables a study rebuilds leave no untracked files behind. Returns the new path."""
+    path, root, repo = Path(path).absolute(), Path(root).absolute(), Path(repo).resolve()
+    try:
+        rel = path.resolve().relative_to(repo)
+    except ValueError:
+        rel = Path(*path.parts[1:])
+    dest = root / "stale" / rel.parent / f"{rel.name}.stale"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.move(str(path), str(dest))  # the root may be on another filesystem than the repo
+    return dest
 
 
 def read_table(path: str | Path) -> list[dict]:

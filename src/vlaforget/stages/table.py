@@ -1,4 +1,5 @@
-"""Recipe `vlaforget table`: eval JSONs -> a paper table, csv + md (report/tables.py).
+"""Recipe `vlaforget table`: eval JSONs -> the wide data table (csv + md, report/tables.py) and the
+compact paper table (`*_paper.md`, `.tex`) with its comparisons (`*_stats.csv`, report/paper.py).
 """
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..report.paper import build_paper, to_latex, to_paper_markdown, to_stats_csv
 from ..report.tables import build_table, load_evals, to_csv, to_markdown
 
 
@@ -16,19 +18,36 @@ def add_args(p) -> None:
                    help="lifelong: run dirs (periodic evals in metrics.jsonl)")
     p.add_argument("--inputs", nargs="*", default=[], help="eval JSON files (runs and the teacher)")
     p.add_argument("--upstream-suites", nargs="*", default=[], help="suites that measure upstream retention")
-    p.add_argument("--out", required=True, help="CSV path; the Markdown copy goes beside it (.md)")
+    p.add_argument("--ablation-bases", nargs="*", default=[], metavar="ABLATION=BASE",
+                   help="ablation table: the method each ablation is compared with (config ablations.*.base)")
+    p.add_argument("--out", required=True,
+                   help="CSV path; beside it: .md, the paper table _paper.md and .tex, comparisons _stats.csv")
 
 
 def main(args) -> int:
     if args.kind == "lifelong":  # report/lifelong.py: FWT, NBT, AUC of chained runs
         return lifelong_table(args)
     upstream = [s for s in args.upstream_suites if s]
-    rows = build_table(load_evals(args.inputs), args.kind, upstream)
+    evals = load_evals(args.inputs)
+    rows = build_table(evals, args.kind, upstream)
+    bases = dict(b.split("=", 1) for b in (args.ablation_bases or []) if b)
+    paper = build_paper(evals, args.kind, upstream, bases)
     out = Path(args.out)
+    paths = paper_paths(out)
+    atomic_write_text(paths["paper_md"], to_paper_markdown(paper))
+    atomic_write_text(paths["tex"], to_latex(paper))
+    atomic_write_text(paths["stats"], to_stats_csv(paper))
     atomic_write_text(out.with_suffix(".md"), to_markdown(rows, args.kind))
     atomic_write_text(out, to_csv(rows))
-    print(f"wrote {out} ({len(rows)} rows) and {out.with_suffix('.md')}")
+    print(f"wrote {out} ({len(rows)} rows), {out.with_suffix('.md')}, " + ", ".join(map(str, paths.values())))
     return 0
+
+
+def paper_paths(csv_path) -> dict[str, Path]:
+    """The paper table's files beside the data table `table_{kind}.csv` (workflow/rules/report.smk)."""
+    out = Path(csv_path)
+    return {"paper_md": out.with_name(f"{out.stem}_paper.md"), "tex": out.with_suffix(".tex"),
+            "stats": out.with_name(f"{out.stem}_stats.csv")}
 
 
 

@@ -353,7 +353,11 @@ def main(args) -> int:
     atomic_write_text(listing, "\n".join(files) + "\n")
     cmd = cleanup_command(files, args.profile)
     if args.profile:
-        return subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            print("vlaforget restamp: Snakemake had no record of the files it lists (nothing to forget for those; "
+                  "any other error above is real)")
+        return rc
     print(
         "Then, in the study's repository, so Snakemake forgets the old ids it recorded as params:\n"
         f"  {shlex.join(cmd[: -len(files)])} $(cat {shlex.quote(str(listing))})"

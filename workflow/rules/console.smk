@@ -12,9 +12,9 @@ CONSOLE_LOG_TAIL = 25  # lines of a failed job's log shown on the console
 
 
 def console_message(rule):
-    """`message:` of a rule that has none: its name and its log file, whose path names the stage and
-    the key (logs/<stage>/<key>.log; the key once, so a line stays short); a rule without a log: its
-    wildcards' values."""
+    """The `message` given where none is set (Snakemake then prints it instead of its block), per rule:
+    the rule's name and its log file, whose path names the stage and the key (logs/<stage>/<key>.log;
+    the key once, so a line stays short); without a log, the name and the wildcards' values."""
     if len(rule.log):
         return "{rule}: {log}"
     return " ".join(["{rule}", *(f"{{wildcards.{n}}}" for n in sorted(rule.wildcard_names))])
@@ -45,9 +45,9 @@ def failed_log_tails(snakemake_logs, n=CONSOLE_LOG_TAIL, out=sys.stderr):
 
 
 if os.environ.get("VLAFORGET_CONSOLE", "lines") != "blocks":
-    for _rule in workflow.rules:
-        if not _rule.message:
-            _rule.message = console_message(_rule)
+    for _r in workflow.rules:  # (not `_rule`: Snakemake's --lint would take that for a rule)
+        if not _r.message:
+            _r.message = console_message(_r)
 
 
 onerror:

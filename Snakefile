@@ -34,3 +34,6 @@ rule all:
 onstart:
     disk_safety_check()
     preflight_check()
+
+
+include: "workflow/rules/console.smk"  # last: one console line per job of every rule above

@@ -27,7 +27,7 @@ def bench_cache(cache_dir: str, batch: int, batches: int, seed: int = 0) -> dict
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     first = None
-    for b in range(batches):
+    for _b in range(batches):
         idx = rng.integers(0, len(ds), size=batch)
         items = [ds[int(i)] for i in idx]
         images = np.stack([x["image"] for x in items])

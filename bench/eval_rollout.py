@@ -52,9 +52,8 @@ def main() -> int:
     import yaml
 
     from vlaforget.data.instructions import canonical_instruction
-    from vlaforget.envs.metaworld import configure_rendering
+    from vlaforget.envs.metaworld import MetaWorldFactory, configure_rendering
     from vlaforget.eval.closed_loop import BackendPolicy
-    from vlaforget.envs.metaworld import MetaWorldFactory
     from vlaforget.eval.rollout import make_episodes, run_episodes
     from vlaforget.models.tiny import random_tiny_backend
 

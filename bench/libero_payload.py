@@ -75,7 +75,7 @@ def main() -> int:
             spec = importlib.util.find_spec(pkg)
             if spec is None or not spec.submodule_search_locations:
                 raise SystemExit(f"package {pkg} is not importable here; install LIBERO first")
-            root = Path(list(spec.submodule_search_locations)[0]).resolve()
+            root = Path(next(iter(spec.submodule_search_locations))).resolve()
             base = root.parent
             for dp, dn, fn in os.walk(root):
                 dn[:] = sorted(d for d in dn if d != "__pycache__")

@@ -82,13 +82,13 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
     from vlaforget.data.cache import CachedDataset
     from vlaforget.data.instructions import canonical_instruction
     from vlaforget.data.vqa import vqa_samples
-    from vlaforget.eval.closed_loop import BackendPolicy
     from vlaforget.envs.metaworld import MetaWorldFactory
+    from vlaforget.eval.closed_loop import BackendPolicy
     from vlaforget.eval.rollout import make_episodes, run_episodes
     from vlaforget.io import seed_everything
+    from vlaforget.models.tiny import build_tiny_backend
     from vlaforget.settings import PretrainSettings
     from vlaforget.stages.model import VQA_HELDOUT_SAMPLES, VQA_TRAIN_SAMPLES, tokenizer_corpus
-    from vlaforget.models.tiny import build_tiny_backend
     from vlaforget.train.pretrain import heldout_metrics, pretrain
 
     seed_everything(int(v["seed"]))

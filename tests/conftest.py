@@ -56,6 +56,8 @@ def snakemake(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
     if (Path(cwd) / "src" / "vlaforget").is_dir():
         e["PYTHONPATH"] = str(Path(cwd) / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    # Snakemake's block per job (the tests read the planned outputs from it), not the one-line console
+    e.setdefault("VLAFORGET_CONSOLE", "blocks")
     if env:
         e.update(env)
     return subprocess.run(

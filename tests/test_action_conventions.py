@@ -152,7 +152,7 @@ def test_metaworld_demo_step_round_trips_to_its_own_env_command(tmp_path, demo_c
 def _libero_like_episodes(n=4, T=5, seed=1):
     rng = np.random.default_rng(seed)
     eps = []
-    for k in range(n):
+    for _k in range(n):
         a = rng.uniform(-0.5, 0.5, (T, 7)).astype(np.float32)
         a[:, -1] = np.where(np.arange(T) % 2 == 0, -1.0, 1.0)
         eps.append(

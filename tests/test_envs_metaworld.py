@@ -84,7 +84,7 @@ def test_expert_succeeds_and_done_at_cap():
         assert success and n < 150
     with MetaWorldEnv("button-press-v3", 1000, render=False, max_steps=5) as env:
         env.reset()
-        for i in range(5):
+        for _i in range(5):
             _, success, done = env.step(np.zeros(4))
         assert done and not success and env.steps == 5
 

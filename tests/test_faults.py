@@ -139,8 +139,8 @@ def test_unreadable_latest_json_still_resumes(world, tmp_path):
 
 
 def _hold_lock(path: Path):
-    code = ("import sys,time; sys.path.insert(0, %r); from vlaforget.io import DirLock; "
-            "DirLock(%r, 'x').acquire(); print('held', flush=True); time.sleep(120)") % (str(REPO / "src"), str(path))
+    code = (f"import sys,time; sys.path.insert(0, {str(REPO / 'src')!r}); from vlaforget.io import DirLock; "
+            f"DirLock({str(path)!r}, 'x').acquire(); print('held', flush=True); time.sleep(120)")
     p = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p

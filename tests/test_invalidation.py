@@ -116,11 +116,27 @@ def test_comment_and_docstring_edits_change_no_code_hash(pkg):
     assert hashes()["train"] != before["train"]
 
 
-def test_normalized_source_keeps_code_and_drops_only_comments_and_docstrings(tmp_path):
-    f = tmp_path / "m.py"
+def test_canonical_code_keeps_code_and_drops_only_comments_and_docstrings(tmp_path):
+    f, g = tmp_path / "m.py", tmp_path / "n.py"
     f.write_text('"""Doc."""\n\nX = "# not a comment"  # a comment\n\n\ndef f():\n    """Doc\n    two lines."""\n'
                  '    return "λ"  # λ\n\n\nclass C:\n    """D."""\n\n    y = 1\n')
-    assert codedeps.normalized_source(f) == 'X = "# not a comment"\ndef f():\n    return "λ"\nclass C:\n    y = 1\n'
+    g.write_text('X = "# not a comment"\ndef f():\n    return "λ"\nclass C:\n    y = 1\n')
+    assert codedeps.canonical_code(f) == codedeps.canonical_code(g)
+    assert '"str:\'# not a comment\'"' in codedeps.canonical_code(f) and "Doc" not in codedeps.canonical_code(f)
+
+
+def test_reformatting_the_library_reruns_nothing(pkg, demo_config):
+    """`ruff format` of every module (here with line length 60 and single quotes, so most files
+    change) leaves every stage's code hash, and every train run's code, as it was."""
+    import subprocess
+    import sys
+
+    before, train_before = hashes(), _train_codes(demo_config)
+    loop_text = (pkg / "train" / "loop.py").read_text()
+    subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", "--no-cache", "--isolated", "--line-length",
+                    "60", "--config", "format.quote-style='single'", str(pkg)], check=True)
+    assert (pkg / "train" / "loop.py").read_text() != loop_text
+    assert hashes() == before and _train_codes(demo_config) == train_before
 
 
 # ----------------------------------------------------------------------------- 2: per plug-in

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),  # the training loop and its plug-ins, pretraining, checkpoints
     ("eval",),  # closed-loop rollouts, forgetting metrics, VQA scoring
     ("report",),  # tables and figures
-    ("export", "plan", "bench", "preflight", "disk"),  # tools over the library
+    ("export", "plan", "bench", "preflight", "disk", "restamp"),  # tools over the library
     ("stages",),  # one recipe per workflow stage (vlaforget <stage>)
     ("cli", "__init__"),  # the command line
 ]

@@ -114,7 +114,9 @@ def test_init_from_adapter_carries_the_lora_weights(tmp_path):
             if "lora_" in n:
                 p.add_(torch.randn_like(p))  # "trained"
     prev.save_pretrained(str(tmp_path / "final"))
-    lora = lambda m: {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+    def lora(m):
+        return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+
     nxt = net(1)
     assert any(not torch.equal(a, b) for a, b in zip(lora(prev).values(), lora(nxt).values()))
     init_from_adapter(nxt, tmp_path / "final")
@@ -250,8 +252,12 @@ def test_a_chain_stage_trains_on_from_the_previous_adapter_with_the_teachers_cal
     chained, fresh = stage("s2", init_adapter=prev), stage("s2_fresh")
     run_training(chained)
     run_training(fresh)
-    calib = lambda sc: next(r["thermostat_calibration_d"] for r in run_metrics(sc) if "thermostat_calibration_d" in r)
+    def calib(sc):
+        return next(r["thermostat_calibration_d"] for r in run_metrics(sc) if "thermostat_calibration_d" in r)
+
     assert calib(chained) == calib(fresh)  # the noise floor of the teacher, not of the chained student
-    loss = lambda sc: [r["train_loss"] for r in run_metrics(sc) if "train_loss" in r]
+    def loss(sc):
+        return [r["train_loss"] for r in run_metrics(sc) if "train_loss" in r]
+
     assert loss(chained)[0] < loss(fresh)[0]  # it starts where stage 1 left off
     assert any(not torch.equal(a, b) for a, b in zip(run_adapter(chained).values(), run_adapter(first).values()))

@@ -40,7 +40,9 @@ def test_linear_cka_properties():
     # matches the HSIC definition: tr(K_X H K_Y H) / sqrt(tr(K_X H K_X H) tr(K_Y H K_Y H))
     H = torch.eye(200, dtype=torch.float64) - 1.0 / 200
     Kx, Ky = X.double() @ X.double().T, Y.double() @ Y.double().T
-    hs = lambda A, B: torch.trace(A @ H @ B @ H)
+    def hs(A, B):
+        return torch.trace(A @ H @ B @ H)
+
     ref = hs(Kx, Ky) / torch.sqrt(hs(Kx, Kx) * hs(Ky, Ky))
     assert M.linear_cka(X, Y) == pytest.approx(float(ref), rel=1e-9)
 

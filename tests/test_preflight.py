@@ -209,8 +209,8 @@ def test_probe_stage_load_under_too_new_transformers_names_the_fix(monkeypatch, 
 
 
 def test_model_stage_fails_on_a_wrong_stack_instead_of_warning(real_cfg, monkeypatch):
-    from vlaforget.stages import model as build
     from vlaforget.models.openvla import OpenVLAUnavailable
+    from vlaforget.stages import model as build
 
     model_dir(real_cfg)
     monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))

@@ -203,7 +203,7 @@ def test_trained_teacher_scores_above_chance_on_its_own_questions():
     before = V.score_mc(be, held, 32)
     opt = torch.optim.AdamW(be.model.parameters(), lr=3e-3)
     be.model.train()
-    for step in range(60):
+    for _step in range(60):
         idx = rng.choice(len(train), 16, replace=False)
         b = be.collate_vqa([train[i] for i in idx])
         loss = be.lm_loss(b, be.forward(b).logits)

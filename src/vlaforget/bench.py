@@ -409,7 +409,7 @@ def bench_peft_reference(args) -> dict:
     labels[:, -8:] = ids[:, -8:]
     batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev)}
     times = []
-    for step in range(args.steps):
+    for _step in range(args.steps):
         _sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)

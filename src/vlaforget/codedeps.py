@@ -10,22 +10,22 @@ Optional parts count only where a job uses them. `stop` modules are not followed
 the caller adds the closure of the ones a job enables (the train stage: one module per method
 plug-in under `train/plugins/`, and the periodic evaluation; config.code_hash).
 
-The hash covers each module's name and its code without comments and docstrings (positions from
-`tokenize` and `ast`; blank lines and trailing spaces dropped), so editing a comment or a docstring
-reruns nothing (docs/DEVELOPMENT.md, "What reruns when code changes").
+The hash covers each module's name and its syntax tree without docstrings (canonical_code: node
+types and fields, no positions; comments never reach the tree), so editing a comment or a docstring,
+or reformatting (`make format`), reruns nothing (docs/DEVELOPMENT.md, "What reruns when code
+changes").
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import io
+import json
 import re
-import tokenize
 from pathlib import Path
 
 _GRAPH: dict = {}  # (file, mtime, size) -> imported module names
-_NORM: dict = {}  # (file, mtime, size) -> normalised source
+_DIGESTS: dict = {}  # (file, mtime, size) -> code_digest
 _TREES: dict = {}  # (file, mtime, size) -> (bytes, ast)
 
 
@@ -154,58 +154,75 @@ def _cli_commands(pkg_dir: Path) -> dict[str, str]:
     return {}
 
 
-def normalized_source(path: Path) -> str:
-    """The module's text without comments, docstrings, blank lines and trailing spaces."""
+# Fields that say where code is or how it was spelt, not what it does: positions, type comments,
+# Constant.kind ('u' of u"..."), Module.type_ignores (from `# type: ignore` comments).
+_NOT_CODE = frozenset({"lineno", "col_offset", "end_lineno", "end_col_offset", "type_comment", "kind",
+                       "type_ignores"})
+_HAS_DOCSTRING = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _canon(node):
+    """A node as nested lists: its type name, then [field, value] for each field that is code and set
+    (None and [] left out alike: fields a later Python adds, such as 3.12's type_params, stay
+    invisible until used); docstrings dropped; constants as type and repr."""
+    if isinstance(node, list):
+        return [_canon(x) for x in node]
+    if not isinstance(node, ast.AST):
+        return f"{type(node).__name__}:{node!r}"
+    out: list = [type(node).__name__]
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if name == "body" and isinstance(node, _HAS_DOCSTRING) and value and _is_docstring(value[0]):
+            value = value[1:]
+        if name in _NOT_CODE or value is None or (isinstance(value, list) and not value):
+            continue
+        out.append([name, _canon(value)])
+    return out
+
+
+def _is_docstring(stmt) -> bool:
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+            and isinstance(stmt.value.value, str))
+
+
+def canonical_code(path: Path) -> str:
+    """The module's syntax tree as canonical text: node types and their fields, without positions,
+    comments (the parser drops them) and docstrings (module, class, function). Formatting (quotes,
+    wrapping, parentheses, trailing commas: `ruff format`) does not change it, nor does the Python
+    version 3.10-3.13 that parses it (tests/test_codedeps_hash.py)."""
+    return _canonical(_tree(Path(path))[1])
+
+
+def _canonical(tree) -> str:
+    return json.dumps(_canon(tree), separators=(",", ":"), ensure_ascii=False)
+
+
+def source_digest(source: bytes | str) -> str:
+    """code_digest of a module's source text (an older version of a file, read from git)."""
+    return hashlib.sha256(_canonical(ast.parse(source)).encode()).hexdigest()
+
+
+def code_digest(path: Path) -> str:
+    """sha256 (hex) of canonical_code: what a module contributes to a stage's code hash."""
     path = Path(path)
     k = _key(path)
-    if k in _NORM:
-        return _NORM[k]
-    raw, tree = _tree(path)
-    text = raw.decode("utf-8")
-    lines = text.splitlines()
-    cut: list[tuple[int, int, int, int]] = []  # (line0, col0, line1, col1), 1-based lines, char cols
-    for tok in tokenize.tokenize(io.BytesIO(raw).readline):
-        if tok.type == tokenize.COMMENT:
-            cut.append((*tok.start, *tok.end))
-
-    def char_col(line: int, byte_col: int) -> int:  # ast columns count UTF-8 bytes
-        return len(lines[line - 1].encode("utf-8")[:byte_col].decode("utf-8", "ignore"))
-
-    for node in [tree, *_statements(tree)]:
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            d = node.body[0]
-            if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str):
-                cut.append((d.lineno, char_col(d.lineno, d.col_offset), d.end_lineno,
-                            char_col(d.end_lineno, d.end_col_offset)))
-    keep = [list(x) for x in lines]
-    for l0, c0, l1, c1 in cut:
-        for ln in range(l0, l1 + 1):
-            row = keep[ln - 1]
-            a = c0 if ln == l0 else 0
-            b = c1 if ln == l1 else len(row)
-            for i in range(a, min(b, len(row))):
-                row[i] = None
-    out = []
-    for row in keep:
-        s = "".join(ch for ch in row if ch is not None).rstrip()
-        if s.strip() and s.strip() != "\\":
-            out.append(s)
-    _NORM[k] = "\n".join(out) + "\n"
-    return _NORM[k]
+    if k not in _DIGESTS:
+        _DIGESTS[k] = hashlib.sha256(canonical_code(path).encode()).hexdigest()
+    return _DIGESTS[k]
 
 
 def module_hashes(pkg_dir: Path, modules) -> dict[str, str]:
-    """{file relative to the package: 8 hex digits of its normalised code} of the modules."""
+    """{file relative to the package: 8 hex digits of its code_digest} of the modules."""
     out = {}
     for m in sorted(set(modules)):
         f = module_file(pkg_dir, m)
         if f is not None:
-            out[str(f.relative_to(pkg_dir))] = hashlib.sha256(normalized_source(f).encode()).hexdigest()[:8]
+            out[str(f.relative_to(pkg_dir))] = code_digest(f)[:8]
     return out
 
 
 def hash_modules(pkg_dir: Path, modules) -> str:
-    """12 hex digits over the modules' files and normalised code."""
+    """12 hex digits over the modules' files and code digests."""
     h = hashlib.sha256()
     for rel, digest in sorted(module_hashes(pkg_dir, modules).items()):
         h.update(f"{rel}\0{digest}\0".encode())

@@ -467,7 +467,13 @@ def train_code_parts(sc: dict) -> list[str]:
 # What an id covers (NON_SEMANTIC, semantic_view, ...) lives in the base layer (semantics.py: io and
 # freshness read it); re-exported here, where the study config's keys are.
 from .semantics import (  # noqa: F401 (re-exported)
-    NON_SEMANTIC, PERIODIC_EVAL_KEYS, _drop, non_semantic_keys, periodic_eval_matters, semantic_view)
+    NON_SEMANTIC,
+    PERIODIC_EVAL_KEYS,
+    _drop,
+    non_semantic_keys,
+    periodic_eval_matters,
+    semantic_view,
+)
 
 
 def max_steps_in_run_id(tcfg: dict) -> bool:

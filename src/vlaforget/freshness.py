@@ -205,8 +205,8 @@ def _short(v) -> str:
 def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     """What differs between two stage configs, as a dry-run says it: the config keys (old -> new),
     the library files whose code changed (`code`), the inputs that were remade for another config."""
-    from .semantics import semantic_view
     from .io import LOCATION_KEYS, relocatable
+    from .semantics import semantic_view
 
     def view(sc):
         body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})

@@ -268,7 +268,7 @@ class DirLock:
     def __init__(self, path: str | Path, what: str):
         self.path, self.what, self.fd = Path(path), what, None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> "DirLock":  # noqa: UP037 (quotes kept: unquoting changes every code hash)
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)

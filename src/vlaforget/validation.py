@@ -35,7 +35,7 @@ def known_datasets(cfg: dict) -> list[str] | None:
     """Dataset names the config can build (metaworld: data.metaworld.datasets); None = LIBERO (any
     builder dir under data.rlds_dir, checked by data_checks)."""
     if cfg["world"] == "metaworld":
-        return list(((cfg["data"].get("metaworld") or {}).get("datasets") or {}))
+        return list((cfg["data"].get("metaworld") or {}).get("datasets") or {})
     return None
 
 

@@ -4,12 +4,10 @@
 
 localrules:
     table,
-    table_lifelong_build,
     figures,
     table_main,
     table_fewshot,
     table_ablation,
-    table_lifelong,
 
 
 rule table:
@@ -54,6 +52,10 @@ rule table:
 # study.chain (LIBERO's lifelong protocol): the success matrix of every chain and its FWT / NBT / AUC
 # (report/lifelong.py; docs/evaluation.md "LIBERO's lifelong metrics").
 if CHAIN_SUITES:
+
+    localrules:
+        table_lifelong_build,
+        table_lifelong,
 
     rule table_lifelong_build:
         input:

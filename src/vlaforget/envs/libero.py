@@ -21,7 +21,7 @@ The pure functions below need neither LIBERO nor a simulator; `LiberoEnv` needs 
 with `python -m vlaforget.envs.libero_setup`, docs/evaluation.md).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 (order kept: sorting changes the code hash)
 
 import io
 import os

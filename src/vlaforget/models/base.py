@@ -432,10 +432,10 @@ class VLABackend:
                 if lo <= int(m.group(1)) <= hi and m.group(2) in suffixes:
                     out.append(name)
             elif (
-                "vision" in targets
-                and name.startswith(self.vision_prefix)
-                or "projector" in targets
-                and name.startswith(self.projector_prefix)
+                ("vision" in targets
+                and name.startswith(self.vision_prefix))
+                or ("projector" in targets
+                and name.startswith(self.projector_prefix))
             ):
                 out.append(name)
         if not out:

@@ -14,7 +14,7 @@ class IcsmView:
     art: IcsmArtifacts
 
     @classmethod
-    def load(cls, d) -> "IcsmView":
+    def load(cls, d) -> "IcsmView":  # noqa: UP037 (quotes kept: unquoting changes the code hash)
         return cls(load_icsm(d))
 
     @property

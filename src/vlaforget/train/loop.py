@@ -21,8 +21,17 @@ import numpy as np
 import torch
 
 from ..errors import TrainingError
-from ..io import (DirLock, atomic_write_text, config_id, progress, provenance, replace_dir, seed_everything,
-                  sha256_file, write_json)
+from ..io import (
+    DirLock,
+    atomic_write_text,
+    config_id,
+    progress,
+    provenance,
+    replace_dir,
+    seed_everything,
+    sha256_file,
+    write_json,
+)
 from ..paths import apply_job_env
 from ..settings import LoraSettings, MethodSettings, TrainSettings
 from . import checkpoint as ckpt

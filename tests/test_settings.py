@@ -184,9 +184,11 @@ def test_method_block_errors_name_the_key():
 
 def _old_icsm(c):  # stages/icsm.py, methods/icsm.compute_layer at 346bd55
     return {"layers": c.get("layers", "auto"), "groups": c.get("groups"), "r": int(c.get("r") or 128),
-            "alpha": float(c.get("alpha", 1.0)), "sensitivity_samples": int(c.get("sensitivity_samples", 128)),
-            "direction_batch": int(c.get("direction_batch", 16)), "fragile_frac": float(c.get("fragile_frac", 0.25)),
-            "plastic_frac": float(c.get("plastic_frac", 0.5))}
+            "injection": c.get("injection", "unit"), "epsilon": float(c.get("epsilon", 1e-3)),
+            "alpha": float(c.get("alpha", 1.0)), "sensitivity_dtype": c.get("sensitivity_dtype", "fp32"),
+            "sensitivity_samples": int(c.get("sensitivity_samples", 128)),
+            "direction_batch": int(c.get("direction_batch", 16)), "fragile_dim": c.get("fragile_dim"),
+            "plastic_dim": c.get("plastic_dim")}
 
 
 def _old_craft_anchors(c):  # stages/craft_anchors.py at 346bd55

@@ -232,11 +232,14 @@ class IcsmSettings(Settings):
     layers: Any = "auto"  # "auto" (the last four decoder layers in two groups) or decoder-layer indices
     groups: dict | None = None  # override: {A: {layers: [...], rep: ...}, B: {...}}
     r: int = DEFAULT_ICSM_R
-    alpha: float = 1.0
+    injection: str = "unit"  # unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k
+    epsilon: float = 1e-3  # unit injection's size (the user's epsilon)
+    alpha: float = 1.0  # std injection's size, in units of the pooled-state std along u_k
+    sensitivity_dtype: str = "fp32"  # fp32: the icsm stage's teacher in float32 | model: model.dtype
     sensitivity_samples: int = 128
     direction_batch: int = 16
-    fragile_frac: float = 0.25
-    plastic_frac: float = 0.5
+    fragile_dim: int | None = None  # None: max(1, r' // 2) most sensitive (the user's default)
+    plastic_dim: int | None = None  # None: max(1, r' // 4) least sensitive (the user's default)
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def main() -> int:
             sc = tiny_stage_config(tmp, args.pretrain_steps, args.lambda_lr, args.epsilon, args.lr)
             source = f"tiny teacher (config/demo.yaml sizes), {args.pretrain_steps} pretraining steps, toy cache"
         sc["train"] = {**sc["train"], "max_steps": args.steps, "log_every": 1,
-                       "save_steps": args.steps + 1, "eval_every": 0}
+                       "save_steps": args.steps + 1, "eval_every": 0,
+                       "loss_check_min_steps": args.steps + 1}  # a measurement, not a run to keep
         sc["out_dir"] = str(tmp / "run")
         craft_dir = Path(sc["craft_dir"])
         anchors = torch.load(craft_dir / "anchors.pt", map_location="cpu", weights_only=False)

@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--sens", type=int, default=32, help="sensitivity samples")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32",
+                    help="the teacher's dtype for the probe and the sensitivity (after pretraining in fp32)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-results" / "icsm_order_tiny.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,6 +65,8 @@ def main() -> int:
             hist = pretrain(be, train, [], {"steps": args.pretrain_steps, "batch_size": 24, "lr": 1e-3,
                                             "bin_sigma": 2.0, "image_aug": False, "seed": 0})
         be.model.eval()
+        if args.dtype == "fp64":
+            be.model.to(torch.float64)
         for p in be.model.parameters():
             p.requires_grad_(False)
         acc = heldout_metrics(be, held, [], 64) if args.pretrain_steps else {}
@@ -74,7 +78,7 @@ def main() -> int:
         sens_pos = torch.linspace(0, int(keep.sum()) - 1, min(args.sens, int(keep.sum()))).round().long()
         sens_samples = [s for s, k in zip(samples, keep.tolist()) if k]
         sens_samples = [sens_samples[int(i)] for i in sens_pos]
-        out = {"model": "tiny (config/demo.yaml sizes)", "pretrain_steps": args.pretrain_steps,
+        out = {"model": "tiny (config/demo.yaml sizes)", "pretrain_steps": args.pretrain_steps, "dtype": args.dtype,
                "heldout_metrics": {k: v for k, v in acc.items() if isinstance(v, (int, float))} or None,
                "pretrain_final_bc_loss_ema": hist["bc_loss"][-1] if hist.get("bc_loss") else None,
                "pretrain_seconds": round(hist.get("train_seconds", 0.0), 1),

@@ -461,6 +461,7 @@ def test_unit_sensitivity_is_second_order_in_epsilon_and_its_order_stable():
 def test_sensitivity_model_block_fp32_overrides_the_model_dtype():
     mb = {"backend": "openvla", "path": "x", "dtype": "bf16"}
     assert icsm_stage.sensitivity_model_block(mb, "fp32") == {**mb, "dtype": "fp32"}
+    assert icsm_stage.sensitivity_model_block(mb, "fp64")["dtype"] == "fp64"
     assert icsm_stage.sensitivity_model_block(mb, "model") is mb
     assert mb["dtype"] == "bf16"
     with pytest.raises(ValueError, match="sensitivity_dtype"):

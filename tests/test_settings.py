@@ -119,7 +119,7 @@ def _old_thermostat(c):
 def _old_craft(c):
     return {"enabled": bool(c.get("enabled")), "epsilon": float(c.get("epsilon", 0.05)),
             "lambda": float(c.get("lambda_init", 0.0)) if c.get("dual", True) else float(c.get("fixed_lambda", 0.1)),
-            "lambda_lr": float(c.get("lambda_lr", 0.01)), "dual": bool(c.get("dual", True)),
+            "lambda_lr": float(c.get("lambda_lr", 1e-4)), "dual": bool(c.get("dual", True)),
             "projection": bool(c.get("projection", True)), "anchor": c.get("anchor", P),
             "anchor_batch_size": c.get("anchor_batch_size") or BS, "fused_forward": bool(c.get("fused_forward", True))}
 

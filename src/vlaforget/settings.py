@@ -203,9 +203,9 @@ class CraftSettings(Settings):
 
     WHERE = "method.craft"
     enabled: bool = False
-    epsilon: float = 0.05  # retention budget
+    epsilon: float = 0.05  # retention budget (OpenVLA CRaFT guide)
     lambda_init: float = 0.0
-    lambda_lr: float = 0.01
+    lambda_lr: float = 1e-4  # the OpenVLA CRaFT guide's --craft.lambda_lr (docs/methods.md §5)
     dual: bool = True  # false: the fixed λ below
     fixed_lambda: float = 0.1
     projection: bool = True

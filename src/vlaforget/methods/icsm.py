@@ -41,7 +41,7 @@ EPSILON_RULE = (
 )
 
 INJECTIONS = ("unit", "std")
-SENSITIVITY_DTYPES = ("fp32", "model")
+SENSITIVITY_DTYPES = ("fp32", "fp64", "model")
 
 
 # ----------------------------------------------------------------------------- layer groups

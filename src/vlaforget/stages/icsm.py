@@ -184,14 +184,14 @@ def main(args) -> int:
 
 
 def sensitivity_model_block(model_block: dict, sensitivity_dtype: str) -> dict:
-    """The model block the icsm stage loads its teacher with: icsm.sensitivity_dtype "fp32" overrides
-    model.dtype (a bf16 residual stream rounds away an epsilon = 1e-3 unit injection: docs/methods.md),
-    "model" keeps it."""
+    """The model block the icsm stage loads its teacher with: icsm.sensitivity_dtype "fp32" / "fp64"
+    overrides model.dtype (a bf16 residual stream rounds away an epsilon = 1e-3 unit injection; a
+    small model's KL at epsilon can sit near fp32 rounding: docs/methods.md), "model" keeps it."""
     if sensitivity_dtype == "model":
         return model_block
-    if sensitivity_dtype == "fp32":
-        return {**model_block, "dtype": "fp32"}
-    raise MethodConfigError(f"icsm.sensitivity_dtype = {sensitivity_dtype!r}: use fp32 or model")
+    if sensitivity_dtype in ("fp32", "fp64"):
+        return {**model_block, "dtype": sensitivity_dtype}
+    raise MethodConfigError(f"icsm.sensitivity_dtype = {sensitivity_dtype!r}: use fp32, fp64 or model")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -465,7 +465,7 @@ def test_sensitivity_model_block_fp32_overrides_the_model_dtype():
     assert icsm_stage.sensitivity_model_block(mb, "model") is mb
     assert mb["dtype"] == "bf16"
     with pytest.raises(ValueError, match="sensitivity_dtype"):
-        icsm_stage.sensitivity_model_block(mb, "fp64")
+        icsm_stage.sensitivity_model_block(mb, "fp16")
 
 
 def test_spearman_is_scipys_with_ties():

@@ -200,6 +200,11 @@ def test_split_directions_plastic_is_least_sensitive_orthonormal_mutually_orthog
     assert torch.allclose(sp0["U_f"], U[:, :4], atol=1e-5)
     assert torch.allclose(sp0["U_p"], U[:, 6:], atol=1e-5)
     assert split_directions(U, scores, 8, 5)["U_p"].shape == (20, 0)
+    # the spectrum figure's colours follow the same split
+    roles = icsm.split_roles(sp["order"], sp["n_f"], sp["n_p"])
+    assert [i for i, x in enumerate(roles) if x == "fragile"] == [1, 2, 3, 6]
+    assert [i for i, x in enumerate(roles) if x == "plastic"] == [4, 7]
+    assert roles.count("null") == 2
 
 
 def test_orthonormalize_pair_repairs_drifted_input():

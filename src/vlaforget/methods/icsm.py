@@ -416,6 +416,16 @@ def split_directions(
     return {"U_f": U_f, "U_p": U_p, "order": order, "n_f": nf, "n_p": npl, "n_null": r - nf - npl}
 
 
+def split_roles(order: torch.Tensor, n_f: int, n_p: int) -> list[str]:
+    """Role of each basis column (variance order) under `split_directions`: the first n_f of `order`
+    "fragile", the last n_p "plastic" (least sensitive), the rest "null"."""
+    r = len(order)
+    role = ["null"] * r
+    for j, i in enumerate(order.tolist()):
+        role[i] = "fragile" if j < n_f else ("plastic" if j >= r - n_p else "null")
+    return role
+
+
 # ----------------------------------------------------------------------------- artifacts
 
 

@@ -173,10 +173,10 @@ class FakeBackend:
             output_hidden_states=output_hidden_states,
         )
 
-    def action_logprobs(self, batch, logits):
+    def action_logprobs(self, batch, logits, dtype=torch.float32):
         B = logits.shape[0]
         sel = logits[batch["action_mask"]].view(B, self.action_dim, -1)
-        return sel[..., -self.n_bins :].float().log_softmax(-1)
+        return sel[..., -self.n_bins :].to(dtype).log_softmax(-1)
 
     def instruction_span(self, instruction):
         return " ".join(WORDS[i - W0] for i in self.tokenize(instruction))

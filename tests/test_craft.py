@@ -261,3 +261,22 @@ def test_concat_batches_pads_the_shorter_text():
     assert torch.allclose(lm[0, : la.shape[1]], la[0], atol=1e-5)
     assert int(m["attention_mask"][0].sum()) == int(a["attention_mask"][0].sum())
     assert (m["labels"][0, a["labels"].shape[1]:] == -100).all()
+
+
+def test_dual_defaults_are_the_openvla_craft_guides():
+    """Issue 26.7: epsilon 0.05, lambda_lr 1e-4, lambda_init 0 (craft_openvla_guide.md §2), in the typed
+    settings and in config/config.yaml's craft method."""
+    from pathlib import Path
+
+    from vlaforget.settings import CraftSettings
+
+    c = CraftSettings()
+    assert (c.epsilon, c.lambda_lr, c.lambda_init) == (0.05, 1e-4, 0.0)
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    block = cfg["methods"]["craft"]["craft"]
+    assert (block["epsilon"], block["lambda_lr"], block["lambda_init"]) == (0.05, 1e-4, 0.0)
+    # after T steps at a constant excess e, lambda = lambda_lr * T * e
+    lam = 0.0
+    for _ in range(10000):
+        lam = dual_update(lam, 0.15, c.epsilon, c.lambda_lr)
+    assert lam == pytest.approx(0.1)

@@ -12,7 +12,7 @@ from vlaforget.methods.icsm import split_directions
 def _subspaces(D=32, nf=4, npl=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(D, nf + npl + 3, generator=g))
-    sp = split_directions(U, None, nf / U.shape[1], npl / U.shape[1])
+    sp = split_directions(U, None, nf, npl)
     return sp["U_f"], sp["U_p"]
 
 

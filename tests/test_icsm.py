@@ -164,29 +164,47 @@ def test_sensitivity_tensor_returning_layers():
 
 
 def test_split_counts_rule():
-    assert split_counts(128, 0.25, 0.5) == (32, 64)
-    assert split_counts(31, 0.25, 0.5) == (8, 16)  # 7.75 -> 8, 15.5 -> 16 (half up)
-    assert split_counts(3, 0.5, 0.5) == (2, 1)  # never more than r
-    with pytest.raises(ValueError):
-        split_counts(10, 0.7, 0.5)
+    # the user's offline_icms.py: fragile_dim = r // 2, plastic_dim = r // 4 (each at least 1)
+    assert split_counts(128) == (64, 32)
+    assert split_counts(31) == (15, 7)
+    assert split_counts(8) == (4, 2)
+    assert split_counts(3) == (1, 1)
+    assert split_counts(1) == (1, 0)  # never more than r: no overlap of fragile and plastic
+    assert split_counts(8, 6, 4) == (6, 2)
+    assert split_counts(8, 0, 3) == (0, 3)
+    assert split_counts(4, 9, None) == (4, 0)
+    with pytest.raises(ValueError, match="fragile_dim"):
+        split_counts(10, -1, None)
 
 
-def test_split_directions_order_orthonormal_mutually_orthogonal():
+def test_split_directions_plastic_is_least_sensitive_orthonormal_mutually_orthogonal():
     g = torch.Generator().manual_seed(3)
     U, _ = torch.linalg.qr(torch.randn(20, 8, generator=g))
     scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.05, 0.2, 0.7, 0.0])
-    sp = split_directions(U, scores, 0.25, 0.5)
+    sp = split_directions(U, scores)
     assert sp["order"].tolist() == [1, 3, 6, 2, 5, 0, 4, 7]
-    assert (sp["n_f"], sp["n_p"], sp["n_null"]) == (2, 4, 2)
+    assert (sp["n_f"], sp["n_p"], sp["n_null"]) == (4, 2, 2)
     Uf, Up = sp["U_f"], sp["U_p"]
-    assert torch.allclose(Uf, U[:, [1, 3]], atol=1e-5)
-    assert torch.allclose(Up, U[:, [6, 2, 5, 0]], atol=1e-5)
+    assert torch.allclose(Uf, U[:, [1, 3, 6, 2]], atol=1e-5)  # the r/2 most sensitive
+    assert torch.allclose(Up, U[:, [4, 7]], atol=1e-5)  # the r/4 LEAST sensitive (order[-r/4:])
     M = torch.cat([Uf, Up], 1)
     assert torch.allclose(M.T @ M, torch.eye(6), atol=1e-5)
     assert float((Uf.T @ Up).abs().max()) < 1e-5
-    # no-sensitivity ablation: variance order
-    sp0 = split_directions(U, None, 0.25, 0.5)
-    assert torch.allclose(sp0["U_f"], U[:, :2], atol=1e-5)
+    # explicit sizes
+    sp2 = split_directions(U, scores, 2, 3)
+    assert torch.allclose(sp2["U_f"], U[:, [1, 3]], atol=1e-5)
+    assert torch.allclose(sp2["U_p"], U[:, [0, 4, 7]], atol=1e-5)
+    assert sp2["n_null"] == 3
+    # no-sensitivity ablation: the same sizes by variance order (top-variance fragile, lowest plastic)
+    sp0 = split_directions(U, None)
+    assert torch.allclose(sp0["U_f"], U[:, :4], atol=1e-5)
+    assert torch.allclose(sp0["U_p"], U[:, 6:], atol=1e-5)
+    assert split_directions(U, scores, 8, 5)["U_p"].shape == (20, 0)
+    # the spectrum figure's colours follow the same split
+    roles = icsm.split_roles(sp["order"], sp["n_f"], sp["n_p"])
+    assert [i for i, x in enumerate(roles) if x == "fragile"] == [1, 2, 3, 6]
+    assert [i for i, x in enumerate(roles) if x == "plastic"] == [4, 7]
+    assert roles.count("null") == 2
 
 
 def test_orthonormalize_pair_repairs_drifted_input():
@@ -204,7 +222,7 @@ def test_orthonormalize_pair_repairs_drifted_input():
 # ----------------------------------------------------------------------------- stage
 
 
-def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
+def _run_probe_and_icsm(tmp_path, monkeypatch, sub, icsm_over=None):
     monkeypatch.setenv("VLAFORGET_NO_PROGRESS", "1")
     ds = FakeDataset(80, empty_every=17)
     for stage in (probe_stage, icsm_stage):
@@ -236,11 +254,9 @@ def _run_probe_and_icsm(tmp_path, monkeypatch, sub):
             "layers": "auto",
             "groups": None,
             "r": 8,
-            "alpha": 1.0,
             "sensitivity_samples": 12,
             "direction_batch": 8,
-            "fragile_frac": 0.25,
-            "plastic_frac": 0.5,
+            **(icsm_over or {}),
         },
     )
     for name, c in (("p.yaml", pcfg), ("i.yaml", icfg)):
@@ -258,14 +274,20 @@ def test_icsm_stage_artifacts_and_determinism(tmp_path, monkeypatch):
     assert art.reps == [1, 3] and art.meta["groups"]["A"] == {"layers": [0, 1], "rep": 1}
     for rep in art.reps:
         lay = art.layers[rep]
-        assert lay.U_f.shape == (16, 2) and lay.U_p.shape == (16, 4) and lay.C_T.shape == (16, 16)
+        assert lay.U_f.shape == (16, 4) and lay.U_p.shape == (16, 2) and lay.C_T.shape == (16, 16)
         M = torch.cat([lay.U_f, lay.U_p], 1)
         assert torch.allclose(M.T @ M, torch.eye(6), atol=1e-5)
         assert torch.allclose(lay.C_T, lay.C_T.T)
         assert (out / f"spectrum{rep}.png").stat().st_size > 1000
-        Uf0, _ = art.subspaces(rep, use_sensitivity_order=False)
-        assert torch.allclose(Uf0, lay.U[:, :2], atol=1e-5)
+        Uf0, Up0 = art.subspaces(rep, use_sensitivity_order=False)
+        assert torch.allclose(Uf0, lay.U[:, :4], atol=1e-5) and torch.allclose(Up0, lay.U[:, 6:], atol=1e-5)
+        # U_f = the r'/2 most sensitive, U_p = the r'/4 least sensitive of the stored order
+        assert torch.allclose(lay.U_f, lay.U[:, lay.order[:4]], atol=1e-5)
+        assert torch.allclose(lay.U_p, lay.U[:, lay.order[-2:]], atol=1e-5)
     meta = art.meta
+    assert meta["injection"] == "unit" and meta["epsilon"] == 1e-3 and meta["sensitivity_dtype"] == "fp32"
+    assert meta["fragile_dim"] is None and meta["plastic_dim"] is None and "least sensitive" in meta["split_rule"]
+    assert meta["layers"]["3"]["n_f"] == 4 and meta["layers"]["3"]["n_p"] == 2
     assert meta["n_empty"] > 0 and meta["probe_hash"] and meta["git_commit"]
     assert meta["layers"]["1"]["n_probe"] == 48 - meta["n_empty"]  # empty masks excluded from the SVD
     assert art.hook_groups("single") == {"all": {"layers": [0, 1, 2, 3], "rep": 3}}
@@ -348,3 +370,120 @@ def test_noise_floor_and_resolved_order():
     # unresolved directions keep the variance order after the resolved ones
     assert icsm.sensitivity_order(res).tolist() == [4, 1, 0, 2, 3, 5]
     assert icsm.noise_floor(scores.abs(), 1e-6) == 1e-6
+
+
+# ----------------------------------------------------------------------------- issue 26.3: the user's probe
+
+
+def _spy_layer_inputs(layer):
+    """Record the hidden states each forward of `layer` receives (after the injection pre-hook)."""
+    seen = []
+    orig = layer.forward
+
+    def fwd(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append(h.detach().clone())
+        return orig(*args, **kwargs)
+
+    layer.forward = fwd
+    return seen
+
+
+@pytest.mark.parametrize("injection", ["unit", "std"])
+def test_default_injection_is_unit_epsilon_per_instruction_token(injection):
+    """Default (the user's offline_icms.py): epsilon * u_k, i.e. a perturbation of norm epsilon = 1e-3 at
+    every instruction token and 0 elsewhere; `icsm.injection: std` keeps alpha * std_k * u_k."""
+    be = FakeBackend(plant_layer=3)
+    samples = _samples(24)
+    pooled, _ = features.pooled_states(be, samples, 24, layers=[2])
+    rep, r = 2, 4
+    icfg = {"r": r, "sensitivity_samples": 3, "direction_batch": r + 1}  # + the zero direction: 1 sample per chunk
+    if injection == "std":
+        icfg.update(injection="std", alpha=0.5)
+    seen = _spy_layer_inputs(be.decoder_layers()[rep])
+    res = icsm.compute_layer(be, pooled[2], samples[:3], rep, icfg)
+    assert len(seen) == 6  # per sample: the teacher forward (1 row), the perturbed one (r + 1 rows)
+    want = torch.cat([torch.full((r,), 1e-3) if injection == "unit" else 0.5 * res["std"], torch.zeros(1)])
+    for i in range(3):
+        teacher, pert = seen[2 * i], seen[2 * i + 1]
+        m = be.collate(samples[i : i + 1])["instruction_mask"][0]
+        diff = pert - teacher.repeat_interleave(r + 1, dim=0)  # row j = direction j
+        assert m.any() and float(diff[:, ~m].abs().max()) == 0.0
+        norms = diff[:, m].double().norm(dim=-1)  # [r+1, n_instruction_tokens]
+        assert torch.allclose(norms, want[:, None].double().expand_as(norms), rtol=1e-3, atol=1e-9)
+
+
+def test_kl_is_float64_and_exact_for_tiny_perturbations():
+    g = torch.Generator().manual_seed(0)
+    z = 5 * torch.randn(3, 4, 256, generator=g, dtype=torch.float64)
+    dz = 1e-4 * torch.randn(3, 4, 256, generator=g, dtype=torch.float64)
+    lt, lq = z.log_softmax(-1), (z + dz).log_softmax(-1)
+    kl = icsm.kl_teacher_perturbed(lt, lq)
+    assert kl.dtype == torch.float64
+    # second-order expansion: KL = 1/2 Var_p(dz) + O(dz^3)
+    p = lt.exp()
+    var = (p * dz**2).sum(-1) - (p * dz).sum(-1) ** 2
+    assert torch.allclose(kl, (0.5 * var).mean(-1), rtol=1e-3)
+    assert float(icsm.kl_teacher_perturbed(lt, lt).abs().max()) == 0.0
+
+
+def _tiny_samples(be, n):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    instrs = ["press the button from the top", "open the drawer", "close the drawer", "push the block"]
+    return [
+        {
+            "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "instruction": instrs[i % 4],
+            "action": rng.uniform(-1, 1, be.action_dim).astype(np.float32),
+        }
+        for i in range(n)
+    ]
+
+
+def test_unit_sensitivity_is_second_order_in_epsilon_and_its_order_stable():
+    """On the real tiny Llama backend (fp32): KL(2 eps) / KL(eps) = 4 to first order for every direction
+    at the user's eps = 1e-3, so the sensitivity order is a property of the directions, not rounding
+    noise; the zero direction's KL is 0 (the noise floor is far below the scores)."""
+    from vlaforget.models.tiny import random_tiny_backend
+
+    be = random_tiny_backend(seed=0)
+    samples = _tiny_samples(be, 8)
+    rep = be.num_layers - 3
+    pooled, _ = features.pooled_states(be, samples, 8, layers=[rep])
+    sv = svd_directions(pooled[rep], 6)
+    U0 = torch.cat([sv["U"], torch.zeros(sv["U"].shape[0], 1)], 1)
+    ones = torch.ones(U0.shape[1])
+    s1 = sensitivity_scores(be, samples[:4], U0, ones, rep, alpha=1e-3, direction_batch=7)
+    s2 = sensitivity_scores(be, samples[:4], U0, ones, rep, alpha=2e-3, direction_batch=7)
+    floor = icsm.noise_floor(s1[:-1], float(s1[-1]))
+    assert float(s1[:-1].min()) > 1e3 * floor
+    assert torch.allclose(s2[:-1] / s1[:-1], torch.full_like(s1[:-1], 4.0), rtol=1e-2)
+    assert torch.equal(icsm.sensitivity_order(s1[:-1]), icsm.sensitivity_order(s2[:-1]))
+
+
+def test_sensitivity_model_block_fp32_overrides_the_model_dtype():
+    mb = {"backend": "openvla", "path": "x", "dtype": "bf16"}
+    assert icsm_stage.sensitivity_model_block(mb, "fp32") == {**mb, "dtype": "fp32"}
+    assert icsm_stage.sensitivity_model_block(mb, "fp64")["dtype"] == "fp64"
+    assert icsm_stage.sensitivity_model_block(mb, "model") is mb
+    assert mb["dtype"] == "bf16"
+    with pytest.raises(ValueError, match="sensitivity_dtype"):
+        icsm_stage.sensitivity_model_block(mb, "fp16")
+
+
+def test_spearman_is_scipys_with_ties():
+    from scipy.stats import spearmanr
+
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0, 0.0, 2.0])
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    rho = icsm_stage.spearman(a, b)
+    assert rho == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    # ties get average ranks: [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5)
+    assert icsm_stage.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(
+        4.5 / (4.5 * 5) ** 0.5
+    )
+    assert icsm_stage.spearman(torch.tensor([1.0]), torch.tensor([2.0])) != icsm_stage.spearman(
+        torch.tensor([1.0]), torch.tensor([2.0])
+    )  # nan

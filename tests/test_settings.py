@@ -119,7 +119,7 @@ def _old_thermostat(c):
 def _old_craft(c):
     return {"enabled": bool(c.get("enabled")), "epsilon": float(c.get("epsilon", 0.05)),
             "lambda": float(c.get("lambda_init", 0.0)) if c.get("dual", True) else float(c.get("fixed_lambda", 0.1)),
-            "lambda_lr": float(c.get("lambda_lr", 0.01)), "dual": bool(c.get("dual", True)),
+            "lambda_lr": float(c.get("lambda_lr", 1e-4)), "dual": bool(c.get("dual", True)),
             "projection": bool(c.get("projection", True)), "anchor": c.get("anchor", P),
             "anchor_batch_size": c.get("anchor_batch_size") or BS, "fused_forward": bool(c.get("fused_forward", True))}
 
@@ -184,9 +184,11 @@ def test_method_block_errors_name_the_key():
 
 def _old_icsm(c):  # stages/icsm.py, methods/icsm.compute_layer at 346bd55
     return {"layers": c.get("layers", "auto"), "groups": c.get("groups"), "r": int(c.get("r") or 128),
-            "alpha": float(c.get("alpha", 1.0)), "sensitivity_samples": int(c.get("sensitivity_samples", 128)),
-            "direction_batch": int(c.get("direction_batch", 16)), "fragile_frac": float(c.get("fragile_frac", 0.25)),
-            "plastic_frac": float(c.get("plastic_frac", 0.5))}
+            "injection": c.get("injection", "unit"), "epsilon": float(c.get("epsilon", 1e-3)),
+            "alpha": float(c.get("alpha", 1.0)), "sensitivity_dtype": c.get("sensitivity_dtype", "fp32"),
+            "sensitivity_samples": int(c.get("sensitivity_samples", 128)),
+            "direction_batch": int(c.get("direction_batch", 16)), "fragile_dim": c.get("fragile_dim"),
+            "plastic_dim": c.get("plastic_dim")}
 
 
 def _old_craft_anchors(c):  # stages/craft_anchors.py at 346bd55

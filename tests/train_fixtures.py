@@ -92,8 +92,8 @@ def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
                       "split": "heldout", "trained_suites": ["toy"],
                       "batch_size": 8, "out_dir": str(root / "probe")}, root / "probe.yaml")
     run_stage(icsm, {**common, "stage": "icsm", "model": mb, "probe_dir": str(root / "probe"),
-                     "icsm": {"r": 8, "alpha": 1.0, "sensitivity_samples": 8, "direction_batch": 8,
-                              "fragile_frac": 0.25, "plastic_frac": 0.5, "layers": "auto", "groups": None},
+                     "icsm": {"r": 8, "sensitivity_samples": 8, "direction_batch": 8,
+                              "layers": "auto", "groups": None},
                      "out_dir": str(root / "artifacts" / "icsm")}, root / "icsm.yaml")
     run_stage(craft, {**common, "stage": "craft_anchors", "model": mb, "dataset": ds, "seed": 0,
                       "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},

@@ -98,8 +98,7 @@ def bench_icsm(args) -> dict:
     L = backend.num_layers
     groups = layer_groups(L)
     reps = representative_layers(groups)
-    icfg = {"r": args.r, "alpha": 1.0, "sensitivity_samples": args.sens, "direction_batch": args.direction_batch,
-            "fragile_frac": 0.25, "plastic_frac": 0.5}
+    icfg = {"r": args.r, "sensitivity_samples": args.sens, "direction_batch": args.direction_batch}  # defaults
     _sync()
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device().startswith("cuda")):
@@ -125,7 +124,7 @@ def bench_icsm(args) -> dict:
                                  "kl_median": float(res["scores"].median())}
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     meta = {"num_layers": L, "hidden_size": backend.hidden_size, "groups": groups, "rep_layers": reps,
-            "r": args.r, "fragile_frac": 0.25, "plastic_frac": 0.5, "n_probe": args.n_probe,
+            "r": args.r, "fragile_dim": None, "plastic_dim": None, "n_probe": args.n_probe,
             "n_empty": int(empty.sum()), "sensitivity_samples": args.sens, "layers": layers_meta,
             "timings": timings, "benchmark": True, "device": _device_name(), "probe_hash": "synthetic"}
     write_json(out / "meta.json", meta)

@@ -206,9 +206,9 @@ class CraftSettings(Settings):
 
     WHERE = "method.craft"
     enabled: bool = False
-    epsilon: float = 0.05  # retention budget
+    epsilon: float = 0.05  # retention budget (OpenVLA CRaFT guide)
     lambda_init: float = 0.0
-    lambda_lr: float = 0.01
+    lambda_lr: float = 1e-4  # the OpenVLA CRaFT guide's --craft.lambda_lr (docs/methods.md §5)
     dual: bool = True  # false: the fixed λ below
     fixed_lambda: float = 0.1
     projection: bool = True
@@ -235,11 +235,14 @@ class IcsmSettings(Settings):
     layers: Any = "auto"  # "auto" (the last four decoder layers in two groups) or decoder-layer indices
     groups: dict | None = None  # override: {A: {layers: [...], rep: ...}, B: {...}}
     r: int = DEFAULT_ICSM_R
-    alpha: float = 1.0
+    injection: str = "unit"  # unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k
+    epsilon: float = 1e-3  # unit injection's size (the user's epsilon)
+    alpha: float = 1.0  # std injection's size, in units of the pooled-state std along u_k
+    sensitivity_dtype: str = "fp32"  # fp32: the icsm stage's teacher in float32 | model: model.dtype
     sensitivity_samples: int = 128
     direction_batch: int = 16
-    fragile_frac: float = 0.25
-    plastic_frac: float = 0.5
+    fragile_dim: int | None = None  # None: max(1, r' // 2) most sensitive (the user's default)
+    plastic_dim: int | None = None  # None: max(1, r' // 4) least sensitive (the user's default)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ def plot_icsm_spectrum(
     s = scores.double().cpu().numpy()
     ev = explained.double().cpu().numpy()
     r = len(s)
-    role = ["null"] * r
-    for j, i in enumerate(order.tolist()):
-        role[i] = "fragile" if j < n_f else ("plastic" if j < n_f + n_p else "null")
+    from .icsm import split_roles
+
+    role = split_roles(order, n_f, n_p)
     colours = {"fragile": "tab:red", "plastic": "tab:blue", "null": "tab:gray"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     xs = range(1, r + 1)

@@ -7,8 +7,10 @@ residual stream at the output of decoder layer `rep`, before any final norm (`mo
 hook on the layer; HF's hidden_states[L] of the last layer has the final RMSNorm applied, so it is
 never used):
   pooled instruction states X [N, D] (probe stage)  ->  centre (mu)  ->  SVD, top-r directions
-  ->  sensitivity (KL of the action-token distribution when alpha * std_k * u_k is injected into
-      the instruction hidden states)  ->  reorder by sensitivity  ->  split into U_f / U_p / null
+  ->  sensitivity (KL of the action-token distribution when epsilon * u_k -- the user's unit
+      injection; or alpha * std_k * u_k, icsm.injection: std -- is added to the instruction hidden
+      states entering layer rep)  ->  order by sensitivity  ->  split: U_f = the fragile_dim most
+      sensitive, U_p = the plastic_dim LEAST sensitive, null = the rest (the user's offline_icms.py)
   ->  U{L}_f.pt U{L}_p.pt mu{L}.pt C_T{L}.pt basis{L}.pt, spectrum PNG, meta.json (written last).
 """
 
@@ -33,9 +35,13 @@ log = logging.getLogger("vlaforget.icsm")
 EPSILON_RULE = (
     "directions sorted by sensitivity (KL, descending; KL <= 10x the numerical noise floor counts as 0; "
     "ties broken by variance rank); "
-    "fragile = first round(fragile_frac * r') directions, plastic = the next round(plastic_frac * r'), "
-    "null = the rest of the r' kept directions plus the orthogonal complement of the SVD basis"
+    "fragile = the first n_f directions (icsm.fragile_dim, null = max(1, r'//2)), "
+    "plastic = the last n_p, i.e. the least sensitive (icsm.plastic_dim, null = max(1, r'//4)), "
+    "n_f + n_p <= r'; null = the directions between them plus the orthogonal complement of the SVD basis"
 )
+
+INJECTIONS = ("unit", "std")
+SENSITIVITY_DTYPES = ("fp32", "fp64", "model")
 
 
 # ----------------------------------------------------------------------------- layer groups
@@ -245,8 +251,13 @@ class _prefix_replaced:
 
 
 def kl_teacher_perturbed(lp_teacher: torch.Tensor, lp_pert: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || perturbed) per row: log-probs [B,A,n_bins] -> [B], summed over bins, mean over A."""
-    lt, lq = lp_teacher.float(), lp_pert.float()
+    """KL(teacher || perturbed) per row: log-probs [B,A,n_bins] -> [B], summed over bins, mean over A.
+
+    float64: for a perturbation of size eps the KL is O(eps^2) (1e-7 and below at the default
+    eps = 1e-3) while the per-bin log-prob differences are O(eps) and cancel to first order; in
+    float32 their rounding (~1e-7 per bin at |log p| ~ 5) is as large as the KL itself. Pass
+    log-probs computed in float64 (log_softmax of float64 logits) to keep them exact."""
+    lt, lq = lp_teacher.double(), lp_pert.double()
     return (lt.exp() * (lt - lq)).sum(-1).mean(-1)
 
 
@@ -265,7 +276,9 @@ def sensitivity_scores(
 ) -> torch.Tensor:
     """Fragility of each direction: mean over `samples` of KL(teacher || perturbed) of the action-token
     distribution when `alpha * scales[k] * U[:, k]` is added to every instruction position
-    (batch['instruction_mask']) of the residual stream at decoder layer `rep`.
+    (batch['instruction_mask']) of the residual stream at decoder layer `rep`. The user's unit injection
+    epsilon * u_k: scales = 1, alpha = epsilon; the std-scaled one: scales = std, alpha = alpha.
+    Log-probs and KL in float64 (kl_teacher_perturbed); the forwards run in the model's dtype.
 
     inject="input" (default) adds it to the hidden states entering layer `rep` (= output of layer rep-1,
     h_(rep-1)); inject="output" adds it to the output of layer `rep` (h_rep, before any final norm).
@@ -315,7 +328,7 @@ def sensitivity_scores(
             finally:
                 if hcap is not None:
                     hcap.remove()
-            lp_t = backend.action_logprobs(batch, out.logits).float()  # [b,A,n]
+            lp_t = backend.action_logprobs(batch, out.logits, dtype=torch.float64)  # [b,A,n]
             b = lp_t.shape[0]
             for d0 in range(0, k, dchunk):
                 dirs = (
@@ -331,9 +344,9 @@ def sensitivity_scores(
                         out_p = backend.forward(big)
                 else:
                     out_p = backend.forward(big)
-                lp_p = backend.action_logprobs(big, out_p.logits).float()
+                lp_p = backend.action_logprobs(big, out_p.logits, dtype=torch.float64)
                 kl = kl_teacher_perturbed(lp_t.repeat_interleave(kk, dim=0), lp_p)  # [b*kk]
-                totals[d0 : d0 + kk] += kl.view(b, kk).sum(0).double().cpu()
+                totals[d0 : d0 + kk] += kl.view(b, kk).sum(0).cpu()
                 state["delta"] = None
                 if bar is not None:
                     bar.update(1)
@@ -363,15 +376,18 @@ def orthonormalize_pair(U_f: torch.Tensor, U_p: torch.Tensor) -> tuple[torch.Ten
     return Q[:, :nf].float().contiguous(), Q[:, nf:].float().contiguous()
 
 
-def split_counts(r: int, fragile_frac: float, plastic_frac: float) -> tuple[int, int]:
-    """n_f = round(fragile_frac * r), n_p = round(plastic_frac * r) (half up), n_f + n_p <= r."""
-    if fragile_frac < 0 or plastic_frac < 0 or fragile_frac + plastic_frac > 1 + 1e-9:
-        raise MethodConfigError(
-            f"fragile_frac={fragile_frac} + plastic_frac={plastic_frac} must be within [0, 1]"
-        )
-    nf = min(r, math.floor(fragile_frac * r + 0.5))
-    npl = min(r - nf, math.floor(plastic_frac * r + 0.5))
-    return nf, npl
+def split_counts(r: int, fragile_dim: int | None = None, plastic_dim: int | None = None) -> tuple[int, int]:
+    """(n_f, n_p) for r kept directions: the user's offline_icms.py defaults fragile_dim = max(1, r // 2),
+    plastic_dim = max(1, r // 4) (null = default); capped so that n_f <= r and n_f + n_p <= r (the user's
+    code takes r // 2 of the configured r and lets fragile and plastic overlap when fewer are kept)."""
+    for name, v in (("fragile_dim", fragile_dim), ("plastic_dim", plastic_dim)):
+        if v is not None and int(v) < 0:
+            raise MethodConfigError(f"icsm.{name} = {v} must be >= 0 (or null for the default)")
+    r = int(r)
+    nf = max(1, r // 2) if fragile_dim is None else int(fragile_dim)
+    npl = max(1, r // 4) if plastic_dim is None else int(plastic_dim)
+    nf = min(r, nf)
+    return nf, min(r - nf, npl)
 
 
 def sensitivity_order(scores: torch.Tensor) -> torch.Tensor:
@@ -380,20 +396,34 @@ def sensitivity_order(scores: torch.Tensor) -> torch.Tensor:
 
 
 def split_directions(
-    U: torch.Tensor, scores: torch.Tensor | None, fragile_frac: float, plastic_frac: float
+    U: torch.Tensor, scores: torch.Tensor | None, n_f: int | None = None, n_p: int | None = None
 ) -> dict[str, Any]:
-    """Split the columns of U [D,r] (variance order) into fragile / plastic / null.
+    """Split the columns of U [D,r] (variance order) into fragile / plastic / null, as the user's
+    offline_icms.py: order = descending score; U_f = order[:n_f] (most sensitive), U_p = order[-n_p:]
+    (least sensitive), null = the directions between them. n_f, n_p: `split_counts` (None = the user's
+    defaults r // 2, r // 4).
 
     scores [r] = sensitivity per column; None = no sensitivity (ablation: variance order, i.e. the
-    top-variance directions are fragile). Returns dict U_f [D,n_f], U_p [D,n_p], order (sorted column
-    indices), n_f, n_p, n_null. U_f and U_p are orthonormal and mutually orthogonal (re-checked by QR).
+    top-variance n_f directions are fragile and the lowest-variance n_p kept ones plastic). Returns dict
+    U_f [D,n_f], U_p [D,n_p], order (sorted column indices), n_f, n_p, n_null. U_f and U_p are
+    orthonormal and mutually orthogonal (re-checked by QR).
     """
     r = U.shape[1]
     order = torch.arange(r) if scores is None else sensitivity_order(scores)
-    nf, npl = split_counts(r, fragile_frac, plastic_frac)
+    nf, npl = split_counts(r, n_f, n_p)
     Us = U[:, order]
-    U_f, U_p = orthonormalize_pair(Us[:, :nf], Us[:, nf : nf + npl])
+    U_f, U_p = orthonormalize_pair(Us[:, :nf], Us[:, r - npl :])
     return {"U_f": U_f, "U_p": U_p, "order": order, "n_f": nf, "n_p": npl, "n_null": r - nf - npl}
+
+
+def split_roles(order: torch.Tensor, n_f: int, n_p: int) -> list[str]:
+    """Role of each basis column (variance order) under `split_directions`: the first n_f of `order`
+    "fragile", the last n_p "plastic" (least sensitive), the rest "null"."""
+    r = len(order)
+    role = ["null"] * r
+    for j, i in enumerate(order.tolist()):
+        role[i] = "fragile" if j < n_f else ("plastic" if j >= r - n_p else "null")
+    return role
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -428,11 +458,12 @@ class IcsmArtifacts:
 
     def subspaces(self, rep: int, use_sensitivity_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_f, U_p) of a representative layer; use_sensitivity_order=False = the no-sensitivity
-        ablation (same counts, directions taken in variance order)."""
+        ablation: the same n_f, n_p, directions taken in variance order (fragile = the n_f of largest
+        variance, plastic = the n_p of smallest variance among the r' kept)."""
         lay = self.layers[int(rep)]
         if use_sensitivity_order:
             return lay.U_f, lay.U_p
-        sp = split_directions(lay.U, None, self.meta["fragile_frac"], self.meta["plastic_frac"])
+        sp = split_directions(lay.U, None, lay.U_f.shape[1], lay.U_p.shape[1])
         return sp["U_f"], sp["U_p"]
 
     def hook_groups(self, variant: str = "icsm", num_layers: int | None = None) -> dict[str, dict]:
@@ -486,6 +517,19 @@ def spread_subset(indices: torch.Tensor, n: int) -> torch.Tensor:
     return indices[pos]
 
 
+def injection_scales(icfg: IcsmSettings | dict, std: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(scales [r'], amplitude) of the sensitivity injection amplitude * scales[k] * u_k:
+    icsm.injection "unit" (default, the user's offline_icms.py): epsilon * u_k, a perturbation of norm
+    epsilon at every instruction token whatever the direction's variance; "std": alpha * std_k * u_k
+    (alpha in units of the pooled states' std along u_k)."""
+    icfg = IcsmSettings.of(icfg)
+    if icfg.injection == "unit":
+        return torch.ones_like(std), float(icfg.epsilon)
+    if icfg.injection == "std":
+        return std.clone(), float(icfg.alpha)
+    raise MethodConfigError(f"icsm.injection = {icfg.injection!r}: use one of {list(INJECTIONS)}")
+
+
 def compute_layer(
     backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: IcsmSettings | dict,
     show_progress: bool = False
@@ -493,33 +537,29 @@ def compute_layer(
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
     icfg = IcsmSettings.of(icfg)
     sv = svd_directions(pooled, icfg.r)
+    scales, amplitude = injection_scales(icfg, sv["std"])
     t0 = time.perf_counter()
     # one extra all-zero direction measures the numerical noise floor of the KL (batched bf16 forwards
     # are not bit-identical to the unbatched reference); it costs 1/r more
     U0 = torch.cat([sv["U"], torch.zeros(sv["U"].shape[0], 1)], 1)
-    s0 = torch.cat([sv["std"], torch.zeros(1)])
+    s0 = torch.cat([scales, torch.zeros(1)])
     all_scores = sensitivity_scores(
         backend,
         samples,
         U0,
         s0,
         rep,
-        alpha=icfg.alpha,
+        alpha=amplitude,
         direction_batch=icfg.direction_batch,
         show_progress=show_progress,
     )
     scores = all_scores[:-1]
     floor = noise_floor(scores, float(all_scores[-1]))
     t_sens = time.perf_counter() - t0
-    sp = split_directions(
-        sv["U"],
-        resolved_scores(scores, floor),
-        icfg.fragile_frac,
-        icfg.plastic_frac,
-    )
+    sp = split_directions(sv["U"], resolved_scores(scores, floor), icfg.fragile_dim, icfg.plastic_dim)
     return {
         **sv,
-        "scores": scores.float(),
+        "scores": scores,
         "kl_noise_floor": floor,
         "C_T": covariance(pooled),
         "split": sp,

@@ -382,11 +382,14 @@ class VLABackend:
         l1 = float(np.abs(cont_pred - cont_gt).mean()) if cont_gt.size else float("nan")
         return {"loss": loss, "accuracy": accuracy, "l1": torch.tensor(l1)}
 
-    def action_logprobs(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-        """[B, A, n_bins] log-probs over the action vocabulary; column j = token id begin + j."""
+    def action_logprobs(
+        self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """[B, A, n_bins] log-probs over the action vocabulary; column j = token id begin + j. Computed
+        in `dtype` (float64: the ICSM sensitivity's KL of tiny perturbations)."""
         b = logits.shape[0]
         sel = logits[batch["action_mask"]].view(b, self.action_dim, -1)
-        sel = sel[..., self.action_tokenizer.begin : self.vocab_end].float()
+        sel = sel[..., self.action_tokenizer.begin : self.vocab_end].to(dtype)
         return F.log_softmax(sel, dim=-1)
 
     # ------------------------------------------------------------------ structure

@@ -43,7 +43,7 @@ def main(args) -> int:
     probe = load_probe(probe_dir)
     seed_everything(int(probe.get("seed", 0)))
     ds = open_dataset(probe["dataset"], probe.get("split", "train"))
-    backend = load_teacher(sc["model"], ds)
+    backend = load_teacher(sensitivity_model_block(sc["model"], icfg.sensitivity_dtype), ds)
     L = int(backend.num_layers)
     groups = layer_groups(L, override=icfg.groups, layers=icfg.layers)
     reps = representative_layers(groups)
@@ -113,11 +113,19 @@ def main(args) -> int:
             "kl_noise_floor": res["kl_noise_floor"],
             "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
             "top_fragile_variance_ranks": top,
-            "spearman_kl_vs_variance_rank": _spearman(
+            "spearman_kl_vs_variance_rank": spearman(
                 res["scores"], -torch.arange(len(res["scores"])).float()
             ),
         }
         timings[f"sensitivity_L{rep}_s"] = round(res["t_sensitivity_s"], 3)
+        n_res = layers_meta[str(rep)]["n_resolved"]
+        if n_res < sp["n_f"] + sp["n_p"]:
+            log.warning(
+                "layer %d: only %d of %d directions have a KL above 10x the noise floor (%.3g): the rest keep "
+                "variance order in the split. With icsm.injection unit (epsilon %g) run the sensitivity "
+                "teacher in fp32 (icsm.sensitivity_dtype: fp32, now %s) or raise icsm.epsilon",
+                rep, n_res, int(res["U"].shape[1]), res["kl_noise_floor"], icfg.epsilon, icfg.sensitivity_dtype,
+            )
         log.info(
             "layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)",
             rep,
@@ -135,19 +143,28 @@ def main(args) -> int:
         "groups": groups,
         "rep_layers": reps,
         "r": icfg.r,
+        "injection": icfg.injection,
+        "injection_size": (
+            f"epsilon * u_k, epsilon = {icfg.epsilon} (unit direction: norm epsilon per instruction token)"
+            if icfg.injection == "unit"
+            else f"alpha * std_k * u_k, alpha = {icfg.alpha} (std of the pooled teacher states along u_k, "
+            "S_k / sqrt(N-1))"
+        ),
+        "epsilon": icfg.epsilon,
         "alpha": icfg.alpha,
-        "alpha_units": "std of the pooled teacher states along u_k (S_k / sqrt(N-1))",
-        "injection": "added to the instruction positions of the residual stream entering decoder layer rep "
-        "(= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
+        "sensitivity_dtype": icfg.sensitivity_dtype,
+        "sensitivity_model_dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),
+        "injection_point": "added to the instruction positions of the residual stream entering decoder layer "
+        "rep (= output of layer rep-1); directions, std and C_T from the pooled output of layer rep "
         "(residual stream before any final norm)",
         "space": "residual stream at the decoder layer's output, before any final norm (forward hook)",
         "sensitivity": "KL(teacher || perturbed) over the action-token bins, mean over action tokens and "
         f"{n_sens} probe samples",
         "sensitivity_samples": n_sens,
         "direction_batch": icfg.direction_batch,
-        "fragile_frac": icfg.fragile_frac,
-        "plastic_frac": icfg.plastic_frac,
-        "epsilon": EPSILON_RULE,
+        "fragile_dim": icfg.fragile_dim,
+        "plastic_dim": icfg.plastic_dim,
+        "split_rule": EPSILON_RULE,
         "probe_hash": probe["hash"],
         "probe_dir": str(probe_dir),
         "probe_dataset": probe["dataset"].get("name"),
@@ -166,12 +183,27 @@ def main(args) -> int:
     return 0
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+def sensitivity_model_block(model_block: dict, sensitivity_dtype: str) -> dict:
+    """The model block the icsm stage loads its teacher with: icsm.sensitivity_dtype "fp32" / "fp64"
+    overrides model.dtype (a bf16 residual stream rounds away an epsilon = 1e-3 unit injection; a
+    small model's KL at epsilon can sit near fp32 rounding: docs/methods.md), "model" keeps it."""
+    if sensitivity_dtype == "model":
+        return model_block
+    if sensitivity_dtype in ("fp32", "fp64"):
+        return {**model_block, "dtype": sensitivity_dtype}
+    raise MethodConfigError(f"icsm.sensitivity_dtype = {sensitivity_dtype!r}: use fp32, fp64 or model")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (scipy.stats.spearmanr: ties get average ranks); nan for < 2 values
+    or a constant input."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
     if a.numel() < 2:
         return float("nan")
-    ra = torch.argsort(torch.argsort(a.double())).double()
-    rb = torch.argsort(torch.argsort(b.double())).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = ra.norm() * rb.norm()
-    return float((ra @ rb) / den) if den > 0 else float("nan")
-
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns nan
+        rho = spearmanr(a.double().cpu().numpy(), b.double().cpu().numpy()).statistic
+    return float(rho)

@@ -179,6 +179,7 @@ class CraftPlugin(Plugin):
             p.grad = g
         self._acc = {"L_ret": 0.0 if nonfinite else float(l_ret.detach()), "projection": float(stats["projection"]),
                      "grad_dot": stats["grad_dot"], "grad_cos": stats["grad_cos"],
+                     "g_act_norm": stats["g_act_norm"], "g_ret_norm": stats["g_ret_norm"],
                      "conflict_ratio": stats["conflict_ratio"], "nonfinite": float(nonfinite)}
 
     def skip_step(self) -> None:
@@ -197,6 +198,7 @@ class CraftPlugin(Plugin):
         self._logs = {"L_ret": a.get("L_ret"), "lambda": self.lmbda, "craft_fused": float(self.fused_active()),
                       "lambda_before": before, "lambda_after": self.lmbda, "epsilon": self.eps_budget,
                       "grad_dot": a.get("grad_dot"), "grad_cos": a.get("grad_cos"),
+                      "g_act_norm": a.get("g_act_norm"), "g_ret_norm": a.get("g_ret_norm"),
                       "projection": a.get("projection"), "conflict_ratio": a.get("conflict_ratio"),
                       "retention_nonfinite": a.get("nonfinite"), "retention_mode": "hidden"}
 

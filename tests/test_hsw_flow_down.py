@@ -184,29 +184,50 @@ def test_layer0_and_vision_lora_get_the_hand_computed_surgered_gradient(beta, ga
     assert logs["hsw_gprime_norm"] <= logs["hsw_g_norm"] * (1 + 1e-6)
 
 
-def test_effective_gains_equal_the_measured_gain_at_the_bottom_of_the_chain():
+def _measured_bottom_gains(bases, g_hsw, g_off, top):
+    uf, up = (b.double() for b in bases[top])
+    return (float((g_hsw @ uf).norm() / (g_off @ uf).norm()), float((g_hsw @ up).norm() / (g_off @ up).norm()))
+
+
+@pytest.mark.parametrize("beta,gamma", [(0.5, 0.2), (1.0, 0.1)])
+def test_effective_gains_equal_the_measured_gain_below_the_lowest_hook(beta, gamma):
+    """hsw_eff_gain_{f,p}_g{B} = ‖P^B g_bottom(HSW)‖ / ‖P^B g_bottom(no HSW)‖ for both group bases, with
+    the real (mixing) layers between the hooks; the skip-path product differs there."""
+    be, model, ctx, bases, batch = _setup()
+    _, _, g_hsw, g_off = _expected(be, model, batch, bases, beta, gamma)
+    _, logs = _hsw_backward(be, model, ctx, batch, bases, beta, gamma)
+    for top in (5, 7):
+        mf, mp = _measured_bottom_gains(bases, g_hsw, g_off, top)
+        assert logs[f"hsw_eff_gain_f_g{top}"] == pytest.approx(mf, rel=1e-4), top
+        assert logs[f"hsw_eff_gain_p_g{top}"] == pytest.approx(mp, rel=1e-4), top
+    assert logs["hsw_eff_gain_f_g7"] < 1.0
+    _, off = _hsw_backward(be, model, ctx, batch, bases, beta, gamma, measure_effective=False)
+    assert "hsw_eff_gain_f_g7" not in off and "hsw_skip_gain_f_g7" in off
+
+
+def test_skip_gains_equal_the_measured_gain_when_the_layers_between_pass_the_gradient():
     """With the hooked layers below the top one made identities of the residual stream, the gradient leaving
-    the lowest hook is S_4 S_5 S_6 S_7 g; the logged hsw_eff_gain_{f,p}_g{B} must equal
-    ‖P^B g_bottom(HSW)‖ / ‖P^B g_bottom(no HSW)‖ for both group bases (the cross-basis factors included)."""
+    the lowest hook is S_4 S_5 S_6 S_7 g: the product of the per-hook gains (hsw_skip_gain_*) is then the
+    measured gain too, for both group bases (the cross-basis factors included), and for one shared basis it
+    is γ^4 (β^4) times the clamp factors."""
     beta, gamma = 0.6, 0.3
     be, model, ctx, bases, batch = _setup(identity_branches=[4, 5, 6])
     _, _, g_hsw, g_off = _expected(be, model, batch, bases, beta, gamma)
     _, logs = _hsw_backward(be, model, ctx, batch, bases, beta, gamma)
-    for top, (uf, up) in ((5, bases[5]), (7, bases[7])):
-        uf, up = uf.double(), up.double()
-        meas_f = float((g_hsw @ uf).norm() / (g_off @ uf).norm())
-        meas_p = float((g_hsw @ up).norm() / (g_off @ up).norm())
-        assert logs[f"hsw_eff_gain_f_g{top}"] == pytest.approx(meas_f, rel=1e-4), top
-        assert logs[f"hsw_eff_gain_p_g{top}"] == pytest.approx(meas_p, rel=1e-4), top
-    # a single-basis chain (the `single` variant): the effective gains are the products of γ·s and β·s
-    one = {l: bases[7] for l in HOOKED}
+    for top in (5, 7):
+        mf, mp = _measured_bottom_gains(bases, g_hsw, g_off, top)
+        for kind in ("skip", "eff"):
+            assert logs[f"hsw_{kind}_gain_f_g{top}"] == pytest.approx(mf, rel=1e-4), (kind, top)
+            assert logs[f"hsw_{kind}_gain_p_g{top}"] == pytest.approx(mp, rel=1e-4), (kind, top)
+    one = {l: bases[7] for l in HOOKED}  # a single-basis chain (the `single` variant)
     _, _, g_hsw, g_off = _expected(be, model, batch, one, beta, gamma)
     _, logs = _hsw_backward(be, model, ctx, batch, one, beta, gamma)
-    uf, up = (b.double() for b in bases[7])
     scales = np.prod([logs[f"hsw_L{l}_clamp_scale"] for l in HOOKED])
-    assert logs["hsw_eff_gain_f_g7"] == pytest.approx(gamma ** 4 * scales, rel=1e-4)
-    assert logs["hsw_eff_gain_p_g7"] == pytest.approx(beta ** 4 * scales, rel=1e-4)
-    assert logs["hsw_eff_gain_f_g7"] == pytest.approx(float((g_hsw @ uf).norm() / (g_off @ uf).norm()), rel=1e-4)
+    assert logs["hsw_skip_gain_f_g7"] == pytest.approx(gamma ** 4 * scales, rel=1e-4)
+    assert logs["hsw_skip_gain_p_g7"] == pytest.approx(beta ** 4 * scales, rel=1e-4)
+    mf, mp = _measured_bottom_gains(one, g_hsw, g_off, 7)
+    assert logs["hsw_eff_gain_f_g7"] == pytest.approx(mf, rel=1e-4)
+    assert logs["hsw_skip_gain_f_g7"] == pytest.approx(mf, rel=1e-4)
 
 
 @pytest.mark.parametrize("log_step", [True, False])
@@ -254,6 +275,10 @@ def test_surgered_gradient_under_gradient_checkpointing(reentrant):
         assert torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-9), n
     for l in HOOKED:
         assert logs[f"hsw_L{l}_g_norm"] == pytest.approx(ref_logs[f"hsw_L{l}_g_norm"], rel=1e-5)
+    if reentrant:  # the layers' graphs exist one at a time in the backward: no shadow gradient across them
+        assert "hsw_eff_gain_f_g7" not in logs
+    else:
+        assert logs["hsw_eff_gain_f_g7"] == pytest.approx(ref_logs["hsw_eff_gain_f_g7"], rel=1e-5)
 
 
 def test_own_params_mode_leaves_the_layers_below_on_the_true_gradient():

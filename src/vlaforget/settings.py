@@ -175,6 +175,7 @@ class HswSettings(Settings):
     gamma: float = 1.0  # fragile gain
     clamp: str = "per_tensor"  # per_tensor (the user's) | per_token | none
     eps: float = 1e-8  # the user's hsw_eps
+    measure_effective: bool = True  # flow_down, logged steps: measure the gains reaching the layers below
     use_sensitivity_order: bool = True  # false: top-variance directions as fragile (ablation)
 
 

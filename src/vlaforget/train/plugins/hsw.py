@@ -12,6 +12,7 @@ Two modes (`method.hsw.mode`):
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -21,8 +22,15 @@ from ..distributed import all_reduce_flat
 from . import Plugin, TrainContext
 
 MODES = ("flow_down", "own_params")
+log = logging.getLogger("vlaforget.train")
 
 _disable = getattr(getattr(torch, "compiler", None), "disable", None) or (lambda f: f)
+
+
+def _in_backward() -> bool:
+    """Inside a backward pass (e.g. a non-reentrant checkpoint recomputing a layer's forward)."""
+    f = getattr(torch._C, "_current_graph_task_id", None)
+    return f is not None and f() != -1
 
 
 class _Surgery(torch.autograd.Function):
@@ -81,6 +89,7 @@ class HSWPlugin(Plugin):
         self.gamma = cfg.gamma
         self.clamp = cfg.clamp
         self.eps = cfg.eps
+        self.measure_effective = cfg.measure_effective
         self.layer_map = icsm.layer_bases(cfg.groups, ctx.backend.num_layers,
                                           sensitivity=cfg.use_sensitivity_order)
         layers = ctx.backend.decoder_layers(ctx.model)
@@ -116,6 +125,9 @@ class HSWPlugin(Plugin):
         self.active = True  # False while another plug-in runs a backward of its own (CRaFT's g_ret)
         self._acc = self._zero_acc()
         self._layer_acc: dict[int, torch.Tensor] = {}
+        self._eff_acc: torch.Tensor | None = None  # measured effective gains (sums over micro-batches)
+        self._fwd: dict[int, tuple] = {}  # logged steps: layer -> (its input x, the Function's output y)
+        self._shadow: dict[int, torch.Tensor] = {}  # layer -> the TRUE gradient at its hook (no surgery above)
         self._nested = False
         self._handles = []
         for l in self.bases:
@@ -132,8 +144,13 @@ class HSWPlugin(Plugin):
             if not (self.active and torch.is_grad_enabled() and torch.is_tensor(x) and x.requires_grad):
                 return None
             # the gains of this forward (a Thermostat update between forward and backward cannot leak in)
-            surgery = functools.partial(self._flow_down, layer_idx, self.beta, self.gamma, bool(self.ctx.log_step))
+            want_stats = bool(self.ctx.log_step)
+            surgery = functools.partial(self._flow_down, layer_idx, self.beta, self.gamma, want_stats)
             y = _Surgery.apply(x, surgery)
+            if want_stats and self.measure_effective and not _in_backward():
+                if any(k >= layer_idx for k in self._fwd):  # a new forward (bottom-up): forget an unfinished one
+                    self._fwd, self._shadow = {}, {}
+                self._fwd[layer_idx] = (x, y)
             if args:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
@@ -165,7 +182,45 @@ class HSWPlugin(Plugin):
             acc = self._layer_acc.get(layer_idx)
             self._layer_acc[layer_idx] = row if acc is None else acc + row
             self._acc["beta"], self._acc["gamma"] = beta, gamma
+            if layer_idx in self._fwd:
+                self._measure_effective(layer_idx, g, out)
         return g if identity else out.to(g.dtype)
+
+    def _measure_effective(self, layer_idx: int, g: torch.Tensor, out: torch.Tensor) -> None:
+        """Logged steps: carry the TRUE gradient (what it would be with every hook the identity) down the
+        chain next to the surgered one -- at the top hook it is g itself; for the next lower hook n, the
+        vector-Jacobian product of the layers between, t_n = (∂x_l/∂y_n)^T t_l, computed here, while their
+        graph is still there (one extra backward through the hooked layers) -- and at the lowest hook log
+        ‖P^B g'‖ / ‖P^B t‖ per basis B: the gain on B's fragile / plastic component of the gradient that
+        every trainable parameter below the lowest hooked layer receives."""
+        from ...methods.hsw import proj
+
+        chain = sorted(self._fwd, reverse=True)
+        t = g if layer_idx == chain[0] else self._shadow.pop(layer_idx, None)
+        if t is None:
+            return
+        lower = [n for n in chain if n < layer_idx]
+        if lower:
+            x = self._fwd[layer_idx][0]
+            y = self._fwd[lower[0]][1]
+            try:
+                (nxt,) = torch.autograd.grad(x, y, grad_outputs=t, retain_graph=True, allow_unused=True)
+            except RuntimeError as e:  # reentrant checkpointing between the hooks allows no .grad()
+                log.warning("hsw.measure_effective switched off: %s", str(e).splitlines()[0][:200])
+                self.measure_effective = False
+                self._fwd, self._shadow = {}, {}
+                return
+            if nxt is not None:
+                self._shadow[lower[0]] = nxt.detach()
+            return
+        tf = t.float()
+        row = []
+        for bf, bp in self.chain_bases.values():
+            row += [proj(out, bf).square().sum(), proj(tf, bf).square().sum(),
+                    proj(out, bp).square().sum(), proj(tf, bp).square().sum()]
+        row = torch.stack(row).detach()
+        self._eff_acc = row if self._eff_acc is None else self._eff_acc + row
+        self._fwd, self._shadow = {}, {}
 
     # ------------------------------------------------------------------ own_params
     @staticmethod
@@ -235,13 +290,17 @@ class HSWPlugin(Plugin):
         micro-batches of the squared Frobenius norms; under DDP of the global batch's gradient), hsw_L{l}_
         clamp_scale (mean over micro-batches and ranks; per_token: each micro-batch's smallest factor),
         hsw_L{l}_gain_f / _gain_p (measured: ‖P_f S(g)‖ / ‖P_f g‖ with the hook's own basis; = γ·scale
-        and β·scale for per_tensor). The chain (all hooks, top to bottom) per basis B, named by the top
-        layer of the group that owns it: hsw_eff_gain_f_g{B} = Π_hooks ‖P_f^B S_h(g_h)‖ / ‖P_f^B g_h‖ (and
-        _p), the gain the hooks apply to B's fragile / plastic component of the gradient that reaches
-        every trainable parameter below the lowest hooked layer. The aggregates hsw_{g,gprime,...}_norm
-        (√Σ over hooks and micro-batches) keep their old meaning."""
+        and β·scale for per_tensor). Per basis B of the chain, named by the top layer of the group that
+        owns it: hsw_eff_gain_{f,p}_g{B} = ‖P^B g_bottom‖ / ‖P^B g_bottom(true)‖, the measured gain on B's
+        fragile / plastic component of the gradient leaving the lowest hook -- the one every trainable
+        parameter below the lowest hooked layer receives -- against the gradient there without HSW
+        (hsw.measure_effective); hsw_skip_gain_{f,p}_g{B} = Π_hooks ‖P^B S_h(g_h)‖ / ‖P^B g_h‖, what the
+        hooks alone apply (exact = eff when the layers between hooks pass the gradient unchanged, e.g. the
+        residual skip path; γ^k·Π scale for a chain of k hooks sharing B). The aggregates
+        hsw_{g,gprime,...}_norm (√Σ over hooks and micro-batches) keep their old meaning."""
         a, self._acc = self._acc, self._zero_acc()
         out = {"hsw_beta": a.get("beta", self.beta), "hsw_gamma": a.get("gamma", self.gamma)}
+        eff_m, self._eff_acc, self._fwd, self._shadow = self._eff_acc, None, {}, {}
         if not self._layer_acc:
             return out
         ls = sorted(self._layer_acc, reverse=True)  # top hook first: the order the gradient passes them
@@ -250,9 +309,15 @@ class HSWPlugin(Plugin):
         div = 1.0
         if getattr(self.ctx, "world_size", 1) > 1:
             # the global batch's norms: each rank's loss is its own mean, so its gradient is world x its share
-            rows = all_reduce_flat([rows])[0]
+            rows, eff_m = all_reduce_flat([rows, eff_m])
             div = float(self.ctx.world_size)
         rows = rows.cpu().tolist()  # one host sync
+        if eff_m is not None:
+            em = eff_m.double().cpu().tolist()
+            for j, t in enumerate(self.chain_bases):
+                of, tf, op, tp = em[4 * j: 4 * j + 4]
+                out[f"hsw_eff_gain_f_g{t}"] = math.sqrt(of / tf) if tf > 0 else 1.0
+                out[f"hsw_eff_gain_p_g{t}"] = math.sqrt(op / tp) if tp > 0 else 1.0
         nf = len(_FIELDS)
         tot = [0.0] * 5
         eff = {t: [1.0, 1.0] for t in self.chain_bases}
@@ -274,13 +339,13 @@ class HSWPlugin(Plugin):
         for i, k in enumerate(("g", "gprime", "gf", "gp", "gn")):
             out[f"hsw_{k}_norm"] = math.sqrt(tot[i]) / div
         for t, (ef, ep) in eff.items():
-            out[f"hsw_eff_gain_f_g{t}"], out[f"hsw_eff_gain_p_g{t}"] = ef, ep
+            out[f"hsw_skip_gain_f_g{t}"], out[f"hsw_skip_gain_p_g{t}"] = ef, ep
         return out
 
     def skip_step(self) -> None:
         # a skipped (non-finite) step's statistics are not carried into the next logged step
         self._acc = self._zero_acc()
-        self._layer_acc = {}
+        self._layer_acc, self._eff_acc, self._fwd, self._shadow = {}, None, {}, {}
 
     def state_dict(self) -> dict:
         return {"beta": self.beta, "gamma": self.gamma}

@@ -76,6 +76,11 @@ def _named(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _grads(model):
+    """{name: .grad} of the trainable parameters (zeros for one the loss does not reach)."""
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in _named(model)}
+
+
 def _loss(be, model, batch):
     return be.action_metrics(batch, be.forward(batch, model=model).logits)["loss"]
 
@@ -136,13 +141,13 @@ def _hsw_backward(be, model, ctx, batch, bases, beta, gamma, **cfg):
         logs = plug.logs()
     finally:
         plug.close()
-    return {n: p.grad.clone() for n, p in _named(model)}, logs
+    return _grads(model), logs
 
 
 def _plain_backward(be, model, batch):
     model.zero_grad(set_to_none=True)
     _loss(be, model, batch).backward()
-    return {n: p.grad.clone() for n, p in _named(model)}
+    return _grads(model)
 
 
 @pytest.mark.parametrize("beta,gamma", [(0.5, 0.2), (1.5, 3.0)], ids=["damping", "clamped"])

@@ -121,7 +121,8 @@ class HSWPlugin(Plugin):
         for l, (uf, _) in self.layer_map.items():
             tops[id(uf)] = max(tops.get(id(uf), l), l)
         self.basis_of = {l: tops[id(self.layer_map[l][0])] for l in self.bases}
-        self.chain_bases = {t: self.bases[t] for t in sorted(set(self.basis_of.values()))}
+        self.chain_bases = {t: tuple(u.to(ctx.device, torch.float32) for u in self.layer_map[t])
+                            for t in sorted(set(self.basis_of.values()))}
         self.active = True  # False while another plug-in runs a backward of its own (CRaFT's g_ret)
         self._acc = self._zero_acc()
         self._layer_acc: dict[int, torch.Tensor] = {}

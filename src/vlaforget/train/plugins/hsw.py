@@ -206,7 +206,7 @@ class HSWPlugin(Plugin):
             y = self._fwd[lower[0]][1]
             try:
                 (nxt,) = torch.autograd.grad(x, y, grad_outputs=t, retain_graph=True, allow_unused=True)
-            except RuntimeError as e:  # reentrant checkpointing between the hooks allows no .grad()
+            except RuntimeError as e:  # reentrant checkpointing / a compiled backward: no second pass
                 log.warning("hsw.measure_effective switched off: %s", str(e).splitlines()[0][:200])
                 self.measure_effective = False
                 self._fwd, self._shadow = {}, {}

@@ -9,6 +9,7 @@ What these cannot show (NCCL, step time and memory per GPU at 7B shape): docs/DE
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,12 +87,12 @@ def ddp(world, tmp_path_factory):
     return {"runs": runs, "recs": recs, "ref_runs": ref_runs, "ref": ref}
 
 
-def _close(a, b, what, rel=1e-4):
-    """a == b to rel x ||b|| (float32 sums in another order: DDP averages two half-batch gradients)."""
+def _close(a, b, what, rel=1e-4, floor=1e-12):
+    """a == b to rel x ||b|| + floor (float32 sums in another order: DDP averages two half-batch gradients)."""
     assert (a is None) == (b is None), what
     if a is not None:
         err, scale = float((a.double() - b.double()).norm()), float(b.double().norm())
-        assert err <= rel * scale + 1e-12, f"{what}: |a - b| = {err:.3g}, |b| = {scale:.3g}"
+        assert err <= rel * scale + floor, f"{what}: |a - b| = {err:.3g}, |b| = {scale:.3g}"
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -103,8 +104,12 @@ def test_update_equals_one_process_with_the_global_batch(ddp, method):
         assert len(steps) == len(ref) == STEPS
         for s, (a, b) in enumerate(zip(steps, ref)):
             assert len(a["grads"]) == len(b["grads"])
+            # HSW flow_down at γ = 0 (the Thermostat's floor here) leaves some lower LoRA gradients 1e3 x
+            # smaller than the step's: float32 rounding of the components it subtracts is absolute, at the
+            # scale of the unsurgered gradient, so the floor is relative to the whole step's gradient
+            total = math.sqrt(sum(float(g.double().norm()) ** 2 for g in b["grads"] if g is not None))
             for k, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
-                _close(ga, gb, f"{method} rank {rec['rank']} step {s + 1} grad {k}")
+                _close(ga, gb, f"{method} rank {rec['rank']} step {s + 1} grad {k}", floor=1e-6 * total)
     m_ddp, m_one = run_metrics(ddp["runs"][i]), run_metrics(ddp["ref_runs"][i])
     assert [r["step"] for r in m_ddp] == [r["step"] for r in m_one]
     for a, b in zip(m_ddp, m_one):  # logged values are the global batch's, not rank 0's half
@@ -114,8 +119,11 @@ def test_update_equals_one_process_with_the_global_batch(ddp, method):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (method, a["step"], k)
     ad, ao = run_adapter(ddp["runs"][i]), run_adapter(ddp["ref_runs"][i])
     assert ad.keys() == ao.keys()
+    # HSW flow_down at γ = 0: Adam normalises the tiny gradients above, so their float32 rounding (checked
+    # step by step above) reaches the weights at ~1e-4 of a tensor's norm after 4 steps
+    rel = 1e-3 if "hsw" in METHODS[method] else 1e-4
     for k in ad:
-        _close(ad[k], ao[k], f"{method} final adapter {k}")
+        _close(ad[k], ao[k], f"{method} final adapter {k}", rel=rel)
 
 
 def test_controllers_identical_on_every_rank(ddp):

@@ -1,4 +1,5 @@
-"""Issue 14.2: the gains HSW applies are the gains it logs. Each hooked layer's parameters get
+"""Issue 14.2, mode `own_params` (the ablation `hsw_own_params`; the default `flow_down` is tested in
+tests/test_hsw_flow_down.py): the gains HSW applies are the gains it logs. Each hooked layer's parameters get
 J^T (g_n + β g_p + γ g_f) for the TRUE gradient g at the layer's output, exactly once: the surgery
 of one layer does not reach the layers below (the old hooks scaled the fragile component by γ at
 every hooked layer it passed, γ² within a group and more across groups / in hsw_all_layers)."""
@@ -86,7 +87,7 @@ def _reference(be, model, batch, bases):
 def _hsw_grads(be, model, ctx, batch, bases, beta, gamma, clamp="per_token"):
     from vlaforget.train.plugins import HSWPlugin
 
-    plug = HSWPlugin(ctx, {"beta": beta, "gamma": gamma, "clamp": clamp}, View(bases))
+    plug = HSWPlugin(ctx, {"beta": beta, "gamma": gamma, "clamp": clamp, "mode": "own_params"}, View(bases))
     try:
         model.zero_grad(set_to_none=True)
         loss = be.action_metrics(batch, be.forward(batch, model=model).logits)["loss"]

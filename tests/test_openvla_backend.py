@@ -360,3 +360,63 @@ def test_the_users_all_linear_lora_is_the_recipes_targets_and_loads_as_init_adap
     if peft.__version__ == "0.11.1":
         with pytest.raises(TrainingError, match="only in the adapter: language_model.lm_head"):
             load(targets=targets[:4])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "non_reentrant_checkpointing"])
+def test_hsw_flow_down_reaches_vision_and_lower_layers(backend, checkpointing):
+    """Issue 26.1 on openvla's real architecture (transformers 4.40: the decoder layer's __call__, hooks
+    included, runs inside the checkpoint): with HSW hooks on decoder layers 2 and 3, the LoRA of layer 0,
+    of both vision towers and of the projector receive the hand-computed surgered gradient."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from test_hsw_flow_down import View, _expected, _grads, _named, _plain_backward
+
+    from vlaforget.train.plugins import HSWPlugin, TrainContext
+
+    beta, gamma = 0.5, 0.2
+    grad_flags = {n: p.requires_grad for n, p in backend.model.named_parameters()}
+    torch.manual_seed(0)
+    pm = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
+                                                  target_modules=backend.lora_targets(["attn", "mlp", "vision",
+                                                                                       "projector"])))
+    try:
+        for n, p in pm.named_parameters():
+            p.requires_grad_("lora_" in n)
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.normal_(0, 0.05)
+        q, _ = torch.linalg.qr(torch.randn(backend.hidden_size, 8, generator=torch.Generator().manual_seed(1)))
+        basis = (q[:, :2], q[:, 2:6])
+        bases = {2: basis, 3: basis}
+        batch = backend.collate(_samples())
+        expect, hooks, _, _ = _expected(backend, pm, batch, bases, beta, gamma)
+        plain = _plain_backward(backend, pm, batch)
+        if checkpointing:
+            backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            pm.train()
+        ctx = TrainContext(backend=backend, model=pm, device=torch.device("cpu"), stage_cfg={},
+                           trainable=_named(pm), autocast=lambda: torch.autocast("cpu", enabled=False))
+        plug = HSWPlugin(ctx, {"beta": beta, "gamma": gamma}, View(bases))
+        try:
+            pm.zero_grad(set_to_none=True)
+            backend.action_metrics(batch, backend.forward(batch, model=pm).logits)["loss"].backward()
+            logs = plug.logs()
+        finally:
+            plug.close()
+        got = _grads(pm)
+        below = [n for n in got if ".layers.0." in n or "featurizer" in n or "projector" in n]
+        assert any("fused_featurizer" in n for n in below) and any(".layers.0." in n for n in below)
+        for n in got:  # float32 sums in another order: relative to the tensor's norm
+            assert float((got[n] - expect[n]).norm()) <= 1e-4 * float(expect[n].norm()) + 1e-12, n
+        assert all(float((plain[n] - expect[n]).norm()) > 1e-2 * float(expect[n].norm()) for n in below
+                   if float(expect[n].norm()) > 0)  # not the baseline's gradient
+        for l, h in hooks.items():
+            assert logs[f"hsw_L{l}_gprime_norm"] == pytest.approx(float(h["gprime"].norm()), rel=1e-4)
+            assert logs[f"hsw_L{l}_gprime_norm"] <= logs[f"hsw_L{l}_g_norm"]
+        assert "hsw_eff_gain_f_g3" in logs
+    finally:
+        if checkpointing:
+            backend.model.gradient_checkpointing_disable()
+        pm.unload()
+        for n, p in backend.model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))

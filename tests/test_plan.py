@@ -35,14 +35,14 @@ def cfg(*overlays):
     return load_config(REPO / "config" / "config.yaml", *[REPO / "config" / o for o in overlays])
 
 
-def test_real_study_grid_is_78_runs_and_41000_episodes():
+def test_real_study_grid_is_81_runs_and_42500_episodes():
     c = cfg("profile_4090.yaml")
     runs = plan.study_runs(c)
-    assert len(runs) == 78 and len(set(runs)) == 78  # 36 main + 18 few-shot + 24 ablation (6 shared)
+    assert len(runs) == 81 and len(set(runs)) == 81  # 36 main + 18 few-shot + 27 ablation (6 shared)
     p = plan.make_plan(c, "h200", 1, TABLE)
-    assert p["rules"]["train"]["jobs"] == 78
-    assert p["rules"]["eval"]["jobs"] == 82  # 78 runs + the teacher on 4 suites (no upstream suites set)
-    assert p["eval_episodes"] == 82 * 10 * 50
+    assert p["rules"]["train"]["jobs"] == 81
+    assert p["rules"]["eval"]["jobs"] == 85  # 81 runs + the teacher on 4 suites (no upstream suites set)
+    assert p["eval_episodes"] == 85 * 10 * 50
 
 
 def test_micro_step_is_max_of_host_floor_and_scaled_gpu_work():
@@ -113,7 +113,7 @@ def test_plan_cli_prints_rules_and_total(tmp_path):
                           "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, check=False)
     assert out.returncode == 0, out.stderr
-    assert "78 training runs" in out.stdout and "| **total** |" in out.stdout and "ESTIMATE" in out.stdout
+    assert "81 training runs" in out.stdout and "| **total** |" in out.stdout and "ESTIMATE" in out.stdout
     p = json.loads((tmp_path / "p.json").read_text())
     assert set(p["rules"]) == {"probe+icsm", "craft_anchors", "train", "eval", "forgetting"}
     assert math.isclose(p["total_gpu_hours"], sum(r["gpu_hours"] for r in p["rules"].values()), abs_tol=0.2)

@@ -101,9 +101,11 @@ BS, P = object(), object()
 
 
 def _old_hsw(c):
+    # issue 26.1 changed the defaults to the user's (clamp per_tensor, eps 1e-8) and added mode (flow_down)
     return {"enabled": bool(c.get("enabled")), "beta": float(c.get("beta", 1.0)), "gamma": float(c.get("gamma", 1.0)),
-            "clamp": c.get("clamp", "per_token"), "eps": float(c.get("eps", 1e-12)), "groups": c.get("groups", "icsm"),
-            "use_sensitivity_order": c.get("use_sensitivity_order", True)}
+            "clamp": c.get("clamp", "per_tensor"), "eps": float(c.get("eps", 1e-8)), "groups": c.get("groups", "icsm"),
+            "use_sensitivity_order": c.get("use_sensitivity_order", True), "mode": c.get("mode", "flow_down"),
+            "measure_effective": c.get("measure_effective", True)}
 
 
 def _old_thermostat(c):

@@ -98,6 +98,8 @@ def test_hooks_fire_under_gradient_checkpointing(world):
     for ra, rb in zip(ma, mb):
         assert rb["hsw_g_norm"] == pytest.approx(ra["hsw_g_norm"], rel=1e-4)
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+        # flow_down (the default): the gains measured below the lowest hook, also under checkpointing
+        assert 0 < rb["hsw_eff_gain_f_g7"] == pytest.approx(ra["hsw_eff_gain_f_g7"], rel=1e-4)
     pa, pb = adapter(a), adapter(b)  # the surgery's extra backward works under checkpointing too
     assert pa.keys() == pb.keys() and all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pa)
 

@@ -173,10 +173,12 @@ class HswSettings(Settings):
     WHERE = "method.hsw"
     enabled: bool = False
     groups: str = "icsm"  # icsm | single | all_layers
+    mode: str = "flow_down"  # flow_down (the user's: the surgered gradient reaches every layer below) | own_params
     beta: float = 1.0  # plastic gain (the Thermostat's starting point)
     gamma: float = 1.0  # fragile gain
-    clamp: str = "per_token"  # per_token | per_tensor | none
-    eps: float = 1e-12
+    clamp: str = "per_tensor"  # per_tensor (the user's) | per_token | none
+    eps: float = 1e-8  # the user's hsw_eps
+    measure_effective: bool = True  # flow_down, logged steps: measure the gains reaching the layers below
     use_sensitivity_order: bool = True  # false: top-variance directions as fragile (ablation)
 
 

@@ -1,4 +1,5 @@
-"""Thermostat: covariance, drift metrics, control law (calibration, monotonicity, beta floor, state)."""
+"""Thermostat: covariance, drift metrics, the user's control law (warm-up, delta, clamps, state) and
+the calibrated law (calibration, monotonicity, beta floor, state)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import itertools
 import pytest
 import torch
 
-from vlaforget.methods.thermostat import ControlLaw, covariance, drift, projected_covariance
+from vlaforget.methods.thermostat import ControlLaw, UserLaw, covariance, drift, make_law, projected_covariance
 
 CFG = {
+    "law": "calibrated",
     "warmup_measurements": 3,
     "threshold_sigmas": 2.0,
     "gain": 1.0,
@@ -128,3 +130,84 @@ def test_invalid_config():
         ControlLaw(dict(CFG, beta_min=0.0))
     with pytest.raises(ValueError):
         ControlLaw(CFG).observe(float("nan"))
+
+
+# ----------------------------------------------------------------------------- the user's law
+# eggplantsalt/icms configs/method_icsm_hsw_thermostat.yaml
+USER = {"law": "user", "every": 50, "warmup_steps": 100, "base_scale": 0.5, "k_beta": 0.01, "k_gamma": 0.01,
+        "beta_min": 0.2, "beta_max": 1.0, "gamma_min": 0.1, "gamma_max": 1.0}
+
+
+def test_user_law_is_the_default_with_the_users_constants():
+    from vlaforget.settings import ThermostatSettings
+
+    s = ThermostatSettings.of({})
+    assert (s.law, s.every, s.warmup_steps, s.base_scale, s.k_beta, s.k_gamma) == ("user", 50, 100, 0.5, 0.01, 0.01)
+    assert (s.beta_min, s.beta_max, s.gamma_min, s.gamma_max, s.probe_batch) == (0.2, 1.0, 0.1, 1.0, 4)
+    assert isinstance(make_law({}), UserLaw) and isinstance(make_law({"law": "calibrated"}), ControlLaw)
+
+
+def test_user_law_schedule_warmup_every_step_then_every_interval():
+    law = UserLaw(USER)
+    due = [s for s in range(400) if law.due(s)]
+    assert due == list(range(100)) + [100, 150, 200, 250, 300, 350]
+    assert [law.phase(s) for s in (0, 99, 100, 101, 149, 150)] == ["warmup", "warmup", "control", None, None, "control"]
+    with pytest.raises(ValueError, match="not a measurement step"):
+        law.observe(101, 1.0)
+
+
+def test_user_law_hand_computed():
+    """Warm-up holds the gains and averages d; control: delta = max(0, d - 0.5 baseline),
+    beta = 1 / (1 + 0.01 delta), gamma likewise, clamped to [0.2, 1] / [0.1, 1]."""
+    law = UserLaw(dict(USER, warmup_steps=3, every=2), beta0=0.9, gamma0=0.8)
+    for step, d in enumerate((10.0, 20.0, 30.0)):
+        assert law.observe(step, d) == (0.9, 0.8, "warmup")  # held at the initial gains
+    assert law.baseline == pytest.approx(20.0) and law.history == [[0, 10.0], [1, 20.0], [2, 30.0]]
+    b, g, phase = law.observe(4, 110.0)  # delta = 110 - 10 = 100 -> 1 / 2
+    assert phase == "control" and (b, g) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert law.last["delta"] == pytest.approx(100.0) and law.baseline == pytest.approx(20.0)  # baseline fixed
+    b, g, _ = law.observe(6, 5.0)  # d below half the baseline: delta 0 -> the maxima
+    assert (b, g) == (1.0, 1.0)
+    b, g, _ = law.observe(8, 410.0)  # delta 400 -> 1/5 = 0.2 both; gamma not clamped, beta at its floor
+    assert b == pytest.approx(0.2) and g == pytest.approx(0.2)
+    b, g, _ = law.observe(10, 10010.0)  # delta 10000 -> 1/101: clamped to beta_min 0.2, gamma_min 0.1
+    assert (b, g) == (0.2, 0.1)
+    law2 = UserLaw(dict(USER, warmup_steps=3, every=2, k_beta=0.03, beta_max=0.8, gamma_max=0.9))
+    for step, d in enumerate((10.0, 20.0, 30.0)):
+        law2.observe(step, d)
+    b, g, _ = law2.observe(4, 60.0)  # delta 50: beta = 0.8 / 2.5 = 0.32, gamma = 0.9 / 1.5 = 0.6
+    assert b == pytest.approx(0.32) and g == pytest.approx(0.6)
+
+
+def test_user_law_without_warmup_takes_the_first_control_d_as_baseline():
+    law = UserLaw(dict(USER, warmup_steps=0, every=5))
+    assert law.phase(0) == "control" and law.phase(3) is None
+    b, g, _ = law.observe(0, 200.0)  # the user's `drift_baseline or d`: delta = 200 - 100
+    assert law.baseline == 200.0 and g == pytest.approx(1 / 2) and b == pytest.approx(1 / 2)
+
+
+def test_user_law_state_roundtrip_mid_warmup_and_after():
+    seq = [(s, 5.0 + s) for s in range(6)] + [(6, 40.0), (9, 80.0), (12, 7.0)]
+    cfg = dict(USER, warmup_steps=6, every=3)
+    ref = UserLaw(cfg)
+    out_ref = [ref.observe(s, d) for s, d in seq]
+    for cut in (3, 7):  # interrupted during the warm-up, and after it
+        a = UserLaw(cfg)
+        out = [a.observe(s, d) for s, d in seq[:cut]]
+        b = UserLaw(cfg)
+        b.load_state_dict(a.state_dict())
+        out += [b.observe(s, d) for s, d in seq[cut:]]
+        assert out == out_ref and b.state_dict() == ref.state_dict()
+    with pytest.raises(ValueError, match="calibrated"):
+        UserLaw(cfg).load_state_dict(ControlLaw(CFG).state_dict())
+
+
+def test_user_law_invalid_config():
+    with pytest.raises(ValueError, match="beta_min"):
+        UserLaw(dict(USER, beta_min=0.0))
+    with pytest.raises(ValueError, match="every"):
+        UserLaw(dict(USER, every=0))
+    with pytest.raises(ValueError):
+        UserLaw(USER).observe(0, float("inf"))
+    with pytest.raises(ValueError, match="law"):
+        make_law({"law": "pid"})

@@ -8,7 +8,14 @@ import itertools
 import pytest
 import torch
 
-from vlaforget.methods.thermostat import ControlLaw, UserLaw, covariance, drift, make_law, projected_covariance
+from vlaforget.methods.thermostat import (
+    ControlLaw,
+    UserLaw,
+    covariance,
+    drift,
+    make_law,
+    projected_covariance,
+)
 
 CFG = {
     "law": "calibrated",
@@ -211,3 +218,83 @@ def test_user_law_invalid_config():
         UserLaw(USER).observe(0, float("inf"))
     with pytest.raises(ValueError, match="law"):
         make_law({"law": "pid"})
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _plugin(metric, estimator, teacher, C_T, U, batch, seed=0):
+    from types import SimpleNamespace
+
+    from vlaforget.train.plugins import ThermostatPlugin
+
+    icsm = SimpleNamespace(rep_layers=[3], C_T={3: C_T}, basis={3: U})
+    ctx = SimpleNamespace(plugins={}, world_size=1)
+    cfg = {"metric": metric, "estimator": estimator, "probe_batch": batch}
+    return ThermostatPlugin(ctx, cfg, icsm, list(range(teacher.shape[0])), seed, teacher_pooled={3: teacher})
+
+
+@pytest.mark.parametrize("metric", ["raw", "normalized", "basis"])
+def test_paired_estimator_is_zero_at_the_teacher_and_less_noisy(metric):
+    """Issue 26.2: paired d = 0 exactly when the student's states equal the teacher's (every draw,
+    every metric); full d there is the sampling noise of a small-draw covariance. For a drifted
+    student (states A x + b), paired d over draws is closer to the whole-probe drift than full d,
+    and over the whole probe set the two estimators agree."""
+    g = torch.Generator().manual_seed(0)
+    N, D = 200, 12
+    T = torch.randn(N, D, generator=g) @ torch.diag(torch.linspace(3.0, 0.3, D))  # anisotropic teacher
+    C_T = covariance(T)
+    U, _ = torch.linalg.qr(torch.randn(D, 4, generator=g))
+    A = torch.eye(D) + 0.15 * torch.randn(D, D, generator=g)
+    S = T @ A + 0.5
+    truth = drift(covariance(S), C_T, metric, U)
+    assert truth > 0
+    res = {}
+    for est in ("paired", "full"):
+        th = _plugin(metric, est, T, C_T, U, batch=16)
+        at_teacher, drifted = [], []
+        for _ in range(40):
+            idx = th.draw()
+            at_teacher.append(th.measure(idx, student={3: T[idx]})[0])
+            drifted.append(th.measure(idx, student={3: S[idx]})[0])
+        res[est] = (torch.tensor(at_teacher, dtype=torch.float64), torch.tensor(drifted, dtype=torch.float64))
+    zero, drifted = res["paired"]
+    assert torch.all(zero == 0.0)
+    noise_full = res["full"][0]
+    assert noise_full.min() > 0 and noise_full.mean() > 0.1 * truth  # the full estimator's floor
+    err = {e: float((res[e][1] - truth).abs().mean()) for e in res}
+    assert err["paired"] < err["full"], err
+    assert float(res["paired"][1].std()) < float(res["full"][1].std())
+    # a draw of the whole probe set: C_T of the draw is C_T (a draw's covariances use 1/n, the user's)
+    everything = list(range(N))
+    cov_n = lambda X: covariance(X, X.mean(0))
+    paired = _plugin(metric, "paired", T, C_T, U, batch=N).measure(everything, student={3: S})[0]
+    full = _plugin(metric, "full", T, C_T, U, batch=N).measure(everything, student={3: S})[0]
+    assert paired == pytest.approx(drift(cov_n(S), cov_n(T), metric, U), rel=1e-5)
+    assert full == pytest.approx(drift(cov_n(S), C_T, metric, U), rel=1e-5)
+    assert paired == pytest.approx(truth, rel=2e-2) and full == pytest.approx(truth, rel=2e-2)
+
+
+def test_a_draws_covariance_is_the_users():
+    """The user's _compute_covariance: centred on the draw's own mean, divided by n (not n - 1)."""
+    g = torch.Generator().manual_seed(3)
+    T = torch.randn(10, 5, generator=g)
+    X = torch.randn(4, 5, generator=g)
+    th = _plugin("raw", "full", T, covariance(T), torch.eye(5)[:, :2], batch=4)
+    Xc = X - X.mean(0)
+    user = Xc.T @ Xc / 4
+    assert th.measure([0, 1, 2, 3], student={3: X})[0] == pytest.approx(float((user - covariance(T)).norm()), rel=1e-5)
+
+
+def test_paired_estimator_needs_the_teachers_states():
+    from types import SimpleNamespace
+
+    from vlaforget.train.plugins import ThermostatPlugin
+
+    icsm = SimpleNamespace(rep_layers=[3], C_T={3: torch.eye(4)}, basis={3: torch.eye(4)[:, :2]})
+    ctx = SimpleNamespace(plugins={}, world_size=1)
+    with pytest.raises(ValueError, match="pooled"):
+        ThermostatPlugin(ctx, {"estimator": "paired"}, icsm, [0, 1, 2], 0, teacher_pooled=None)
+    with pytest.raises(ValueError, match="another count"):
+        ThermostatPlugin(ctx, {"estimator": "paired"}, icsm, [0, 1, 2], 0, teacher_pooled={3: torch.zeros(5, 4)})
+    ThermostatPlugin(ctx, {"estimator": "full"}, icsm, [0, 1, 2], 0)  # full needs none

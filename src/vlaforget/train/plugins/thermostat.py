@@ -112,22 +112,26 @@ class ThermostatPlugin(Plugin):
 
     def covariances(self, rep: int, X: torch.Tensor, idx: list[int]):
         """(C_S, C_T, U) of rep for student states X of draw idx: [D, D] (raw, normalized) or
-        U^T C U [r, r] (basis: never forms D x D); C_T the full probe set's or the draw's (paired)."""
+        U^T C U [r, r] (basis: never forms D x D); C_T the full probe set's or the draw's (paired).
+        A draw's covariance is centred on its own mean with 1/n, as the user's
+        `_compute_covariance` (the whole probe set's C_T: ICSM's, 1/(N-1))."""
         from ...methods.icsm import covariance
         from ...methods.thermostat import projected_covariance
 
         U = self.icsm.basis[rep].to(X.device)
         T = None if self.teacher is None else self.teacher[rep][torch.as_tensor(idx)].to(X.device)
         if self.metric == "basis":
+            c_s = projected_covariance(X, U, X.mean(0))
             if T is not None:
-                return projected_covariance(X, U), projected_covariance(T, U), U
+                return c_s, projected_covariance(T, U, T.mean(0)), U
             if rep not in self._ct_proj:
                 C_T = self.icsm.C_T[rep].to(X.device).double()
                 self._ct_proj[rep] = U.double().T @ C_T @ U.double()
-            return projected_covariance(X, U), self._ct_proj[rep], U
+            return c_s, self._ct_proj[rep], U
+        c_s = covariance(X, X.mean(0), dtype=torch.float64)
         if T is not None:
-            return covariance(X, dtype=torch.float64), covariance(T, dtype=torch.float64), U
-        return covariance(X), self.icsm.C_T[rep].to(X.device), U
+            return c_s, covariance(T, T.mean(0), dtype=torch.float64), U
+        return c_s, self.icsm.C_T[rep].to(X.device), U
 
     def shared_measure(self) -> tuple[float, dict]:
         """measure() under DDP: every rank draws (the generator stays equal everywhere), rank 0

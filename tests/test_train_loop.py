@@ -15,7 +15,8 @@ from vlaforget.train.loop import run_training
 HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token", "eps": 1e-12,
        "use_sensitivity_order": True}
 # the calibrated law (thermostat.law: calibrated; noise floor before step 1)
-THERMO = {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2, "probe_batch": 24, "warmup_measurements": 1, "metric": "basis",
+THERMO = {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2, "probe_batch": 24,
+          "warmup_measurements": 1, "metric": "basis",
           "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
           "beta_max": 1.0, "smoothing": 0.0}
 # the user's law (the default) with a short warm-up and a gain that moves γ on the tiny model

@@ -20,7 +20,8 @@ Worlds:
                   pipeline's own teacher, probe.pt, ICSM artifacts and training data
 
     .venv/bin/python bench/thermostat_noise.py --shape demo --json docs/bench-results/X.json
-    python bench/thermostat_noise.py --shape 7b --steps 10,100 --json OUT.json        (GPU)
+    python bench/thermostat_noise.py --shape 7b --n-probe 500 --r 128 --lr 5e-4 --grad-ckpt \
+        --steps 10,100 --json OUT.json                                                   (GPU)
 Recorded in docs/benchmarks.md "Issue 26: the Thermostat's drift estimators".
 """
 
@@ -94,6 +95,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lora-r", type=int, default=32)
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (7b at batch 16)")
     ap.add_argument("--base-scale", type=float, default=0.5)
     ap.add_argument("--k", type=float, default=0.01)
     ap.add_argument("--gamma-min", type=float, default=0.1)
@@ -135,6 +137,8 @@ def main() -> int:
     teacher = {r: X.to(dev) for r, X in teacher.items()}
     for p in backend.model.parameters():
         p.requires_grad_(False)
+    if args.grad_ckpt:
+        backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(backend, {"r": args.lora_r, "alpha": min(args.lora_r, 16), "dropout": 0.0,
                                  "targets": ["attn", "mlp", "vision", "projector"], "layers": "all"}, 0)
     ctx = SimpleNamespaceCtx(backend, model, autocast, args.batch)

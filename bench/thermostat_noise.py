@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -198,7 +197,7 @@ def main() -> int:
                "warmup_baseline": base, "after": {}}
         for s, meas in res["after"].items():
             st = stats(meas[k])
-            snr = (st["mean"] - n0["mean"]) / n0["std"] if n0["std"] > 0 else (math.inf if st["mean"] > 0 else 0.0)
+            snr = (st["mean"] - n0["mean"]) / n0["std"] if n0["std"] > 0 else None  # None: no noise (paired)
             delta = max(0.0, st["mean"] - args.base_scale * base) if base is not None else None
             gamma = None if delta is None else max(args.gamma_min, 1.0 / (1.0 + args.k * delta))
             row["after"][str(s)] = {**st, "snr": snr, "user_law_delta": delta, "user_law_gamma": gamma}

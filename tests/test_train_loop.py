@@ -372,3 +372,29 @@ def test_user_law_resume_during_and_after_warmup_is_exact(world):
         run_training(part)
         assert seq(part) == ref, stop
         assert same_params(adapter(full), adapter(part))
+
+
+def test_user_law_drops_the_measurement_of_a_skipped_step(world, monkeypatch):
+    """A step the NaN guard skips is not taken: its warm-up measurement is dropped and the redo of
+    that step index measures again, so the warm-up history has each index once."""
+    from vlaforget.models.base import VLABackend
+
+    orig = VLABackend.action_metrics
+    calls = {"n": 0}
+
+    def poisoned(self, batch, logits):
+        out = orig(self, batch, logits)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first attempt at 0-based step 1
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VLABackend, "action_metrics", poisoned)
+    root, cache, model = world
+    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=5, lr=5e-3,
+                          method={"hsw": HSW, "thermostat": dict(THERMO_USER, warmup_steps=4)}), "user_nan")
+    res = run_training(sc)
+    assert res["skipped_steps"] == 1
+    warm = [x for r in metrics(sc) for x in r.get("thermostat_warmup_d", [])]
+    assert [i for i, _ in warm] == [0, 1, 2, 3]
+    assert [r["thermostat_warmup_n"] for r in metrics(sc) if "thermostat_warmup_n" in r] == [1, 2, 3, 4]

@@ -3,7 +3,7 @@ tests/ddp_worker.py SPEC.json` (the launcher train.smk uses), gloo on the CPU.
 
 For each stage config in the spec it runs the real `run_training` and records, per rank, what the
 optimizer receives at every step (the gradient after DDP's all-reduce, HSW's surgery and CRaFT's
-projection), the controller values the step used (β, γ, the Thermostat's d, calibration and floor,
+projection), the controller values the step used (β, γ, the Thermostat's d and law state (warm-up, baseline),
 CRaFT's λ), which rank ran the periodic evaluation, and (ranks > 0) every write under the runs'
 directory (a sys audit hook). Faults: `kill` = {"rank": r, "step": k}: rank r is killed with
 SIGKILL inside the optimizer step k (the job dies, like a worker lost to an OOM kill); `perturb`:
@@ -76,8 +76,7 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
             rec.update(beta=plugins["hsw"].beta, gamma=plugins["hsw"].gamma)
         if "thermostat" in plugins:
             law = plugins["thermostat"].law
-            rec.update(d=law.last.get("d"), floor=law.floor, calibration=list(law.calibration),
-                       law_beta=law.beta, law_gamma=law.gamma)
+            rec.update(d=law.last.get("d"), law_state=law.state_dict(), law_beta=law.beta, law_gamma=law.gamma)
         if "craft" in plugins:
             rec.update(lmbda=plugins["craft"].lmbda)
         runs[-1]["steps"].append(rec)

@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 HSW = {"enabled": True, "groups": "icsm", "beta": 0.8, "gamma": 0.6, "clamp": "per_token", "eps": 1e-12,
        "use_sensitivity_order": True}
-THERMO = {"enabled": True, "every": 1, "probe_batch": 12, "warmup_measurements": 2, "metric": "basis",
-          "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
-          "beta_max": 1.0, "smoothing": 0.0}
+# the user's law (the default): warm-up at steps 0-1 (measured after the backward, before the
+# optimizer step), control at 2 and 3; k large enough to move γ on the tiny model
+THERMO = {"enabled": True, "law": "user", "estimator": "paired", "metric": "raw", "every": 1, "warmup_steps": 2,
+          "base_scale": 0.5, "k_beta": 100.0, "k_gamma": 1000.0, "probe_batch": 12, "gamma_min": 0.0,
+          "gamma_max": 1.0, "beta_min": 0.2, "beta_max": 1.0}
 CRAFT = dict(CRAFT_TEST, anchor_batch_size=6)
 # the study's three methods, and all plug-ins at once (the resume test: every plug-in's state)
 METHODS = {"baseline": {}, "icsm_hsw_thermostat": {"hsw": HSW, "thermostat": THERMO}, "craft": {"craft": CRAFT},
@@ -128,8 +130,9 @@ def test_update_equals_one_process_with_the_global_batch(ddp, method):
 
 def test_controllers_identical_on_every_rank(ddp):
     """Ranks > 0 measure d and L_ret 1e-6 apart from rank 0 (worker `perturb`): β, γ, d, the
-    calibration and λ must still be bit-identical, i.e. broadcast, not computed on each rank."""
-    keys = ("beta", "gamma", "d", "floor", "calibration", "law_beta", "law_gamma", "lmbda")
+    Thermostat's warm-up history and baseline (its whole law state) and λ must still be
+    bit-identical, i.e. broadcast, not computed on each rank."""
+    keys = ("beta", "gamma", "d", "law_state", "law_beta", "law_gamma", "lmbda")
     r0 = ddp["recs"][0]
     seen = set()
     for rec in ddp["recs"][1:]:

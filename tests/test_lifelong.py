@@ -237,7 +237,8 @@ def test_a_chain_stage_trains_on_from_the_previous_adapter_with_the_teachers_cal
 
     thermo = {"hsw": {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
                       "eps": 1e-12, "use_sensitivity_order": True},
-              "thermostat": {"enabled": True, "every": 2, "probe_batch": 24, "warmup_measurements": 2,
+              "thermostat": {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2,
+                             "probe_batch": 24, "warmup_measurements": 2,
                              "metric": "basis", "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0,
                              "gamma_max": 1.0, "beta_min": 0.2, "beta_max": 1.0, "smoothing": 0.0}}
     root, cache, model = teacher_world(tmp_path_factory, "chain")

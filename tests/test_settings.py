@@ -108,12 +108,15 @@ def _old_hsw(c):
             "measure_effective": c.get("measure_effective", True)}
 
 
-def _old_thermostat(c):
-    return {"enabled": bool(c.get("enabled")), "every": int(c.get("every", 50)), "probe_batch": int(c.get("probe_batch", 64)),
-            "metric": c.get("metric", "basis"), "probe_chunk": c.get("probe_chunk") or BS,
+def _old_thermostat(c):  # issue 26.2 added law .. k_gamma; probe_batch 64 -> 4 and gamma_min 0 -> 0.1 (the user's)
+    return {"enabled": bool(c.get("enabled")), "every": int(c.get("every", 50)), "probe_batch": int(c.get("probe_batch", 4)),
+            "metric": c.get("metric", "raw"), "probe_chunk": c.get("probe_chunk") or BS,
+            "law": c.get("law", "user"), "estimator": c.get("estimator", "paired"),
+            "warmup_steps": int(c.get("warmup_steps", 100)), "base_scale": float(c.get("base_scale", 0.5)),
+            "k_beta": float(c.get("k_beta", 0.01)), "k_gamma": float(c.get("k_gamma", 0.01)),
             "warmup_measurements": int(c.get("warmup_measurements", 4)),
             "threshold_sigmas": float(c.get("threshold_sigmas", 2.0)), "gain": float(c.get("gain", 1.0)),
-            "gamma_min": float(c.get("gamma_min", 0.0)), "gamma_max": float(c.get("gamma_max", 1.0)),
+            "gamma_min": float(c.get("gamma_min", 0.1)), "gamma_max": float(c.get("gamma_max", 1.0)),
             "beta_min": float(c.get("beta_min", 0.2)), "beta_max": float(c.get("beta_max", 1.0)),
             "smoothing": float(c.get("smoothing", 0.5))}
 

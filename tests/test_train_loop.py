@@ -14,9 +14,15 @@ from vlaforget.train.loop import run_training
 
 HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token", "eps": 1e-12,
        "use_sensitivity_order": True}
-THERMO = {"enabled": True, "every": 2, "probe_batch": 24, "warmup_measurements": 1, "metric": "basis",
+# the calibrated law (thermostat.law: calibrated; noise floor before step 1)
+THERMO = {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2, "probe_batch": 24,
+          "warmup_measurements": 1, "metric": "basis",
           "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
           "beta_max": 1.0, "smoothing": 0.0}
+# the user's law (the default) with a short warm-up and a gain that moves γ on the tiny model
+THERMO_USER = {"enabled": True, "law": "user", "estimator": "paired", "metric": "raw", "every": 2,
+               "warmup_steps": 3, "base_scale": 0.5, "k_beta": 30.0, "k_gamma": 100.0, "beta_min": 0.2,
+               "beta_max": 1.0, "gamma_min": 0.1, "gamma_max": 1.0, "probe_batch": 8}
 CRAFT = CRAFT_TEST
 
 
@@ -309,3 +315,88 @@ def test_fewshot_craft_anchors_come_from_the_fewshot_subset(world):
     assert run_training(ok, dry_run_batches=1)["dry_run_batches"] == 1
     with pytest.raises(MethodConfigError, match="shots"):  # the full-split cache for a 1-shot run
         run_training(fresh(clone(base, shots=1), "fs_bad"), dry_run_batches=1)
+
+
+def _measured(m):
+    return [(r["step"], r["thermostat_step"], r["thermostat_phase"]) for r in m if "drift_d" in r]
+
+
+@pytest.mark.parametrize("estimator", ["paired", "full"])
+def test_user_law_warmup_measures_every_step_then_controls_every_interval(world, estimator):
+    """Issue 26.2, the user's finetune.py: 0-based steps 0..warmup_steps-1 are measured (after the
+    backward, before the optimizer step: step 0 sees the teacher) with the gains held; then steps
+    that are multiples of `every`; a measurement's gains apply from the next step on."""
+    root, cache, model = world
+    th = dict(THERMO_USER, estimator=estimator)
+    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=9, lr=5e-3,
+                          method={"hsw": dict(HSW, beta=0.9, gamma=0.8), "thermostat": th}), f"user_{estimator}")
+    run_training(sc)
+    m = metrics(sc)
+    # record of step s (1-based) = 0-based step s-1
+    assert _measured(m) == [(1, 0, "warmup"), (2, 1, "warmup"), (3, 2, "warmup"), (5, 4, "control"),
+                            (7, 6, "control"), (9, 8, "control")]
+    warm = [r["drift_d"] for r in m if r.get("thermostat_phase") == "warmup"]
+    assert [x for r in m for x in r.get("thermostat_warmup_d", [])] == [[0, warm[0]], [1, warm[1]], [2, warm[2]]]
+    base = sum(warm) / 3
+    ctrl = [r for r in m if r.get("thermostat_phase") == "control"]
+    for r in ctrl:  # the law on the logged numbers
+        assert r["thermostat_baseline"] == pytest.approx(base)
+        delta = max(0.0, r["drift_d"] - 0.5 * base)
+        assert r["thermostat_delta"] == pytest.approx(delta)
+        assert r["thermostat_gamma"] == pytest.approx(max(0.1, 1.0 / (1 + 100 * delta)))
+        assert r["thermostat_beta"] == pytest.approx(max(0.2, 1.0 / (1 + 30 * delta)))
+    # gains the steps' surgery used: held through step 4 (0-based) and the step measured at 4;
+    # the update measured at 0-based step 4 drives steps 5 and 6, the one at 6 steps 7 and 8
+    used = [(r["hsw_beta"], r["hsw_gamma"]) for r in m]
+    assert used[:5] == [(0.9, 0.8)] * 5
+    assert used[5] == used[6] == (ctrl[0]["thermostat_beta"], ctrl[0]["thermostat_gamma"])
+    assert used[7] == used[8] == (ctrl[1]["thermostat_beta"], ctrl[1]["thermostat_gamma"])
+    assert min(g for _, g in used) < 0.8  # the law acted
+    if estimator == "paired":  # step 0 is the teacher: the same draw's teacher states -> d ~ 0
+        assert warm[0] <= 1e-4 * max(r["drift_d"] for r in ctrl)
+
+
+def test_user_law_resume_during_and_after_warmup_is_exact(world):
+    """Issue 26.2: the warm-up history, baseline and gains travel in the checkpoint: a run killed
+    during the warm-up, or after it, continues with the same β/γ sequence as an uninterrupted run."""
+    root, cache, model = world
+    th = dict(THERMO_USER, warmup_steps=4, every=2)
+    full = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", lr=5e-3, max_steps=10,
+                            method={"hsw": HSW, "thermostat": th}), "ures_full")
+    run_training(full)
+    seq = lambda sc: [(r["step"], r["hsw_beta"], r["hsw_gamma"], r.get("drift_d"), r.get("thermostat_baseline"))
+                      for r in metrics(sc)]
+    ref = seq(full)
+    assert len({g for _, _, g, _, _ in ref}) > 1
+    for stop in (4, 8):  # checkpoints every 3 steps: resumed from step 3 (warm-up) and from 6 (control)
+        part = fresh(full, f"ures_{stop}")
+        assert run_training(part, stop_after=stop) == {"stopped_at": stop}
+        run_training(part)
+        assert seq(part) == ref, stop
+        assert same_params(adapter(full), adapter(part))
+
+
+def test_user_law_drops_the_measurement_of_a_skipped_step(world, monkeypatch):
+    """A step the NaN guard skips is not taken: its warm-up measurement is dropped and the redo of
+    that step index measures again, so the warm-up history has each index once."""
+    from vlaforget.models.base import VLABackend
+
+    orig = VLABackend.action_metrics
+    calls = {"n": 0}
+
+    def poisoned(self, batch, logits):
+        out = orig(self, batch, logits)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first attempt at 0-based step 1
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VLABackend, "action_metrics", poisoned)
+    root, cache, model = world
+    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=5, lr=5e-3,
+                          method={"hsw": HSW, "thermostat": dict(THERMO_USER, warmup_steps=4)}), "user_nan")
+    res = run_training(sc)
+    assert res["skipped_steps"] == 1
+    warm = [x for r in metrics(sc) for x in r.get("thermostat_warmup_d", [])]
+    assert [i for i, _ in warm] == [0, 1, 2, 3]
+    assert [r["thermostat_warmup_n"] for r in metrics(sc) if "thermostat_warmup_n" in r] == [1, 2, 3, 4]

@@ -188,18 +188,24 @@ class ThermostatSettings(Settings):
 
     WHERE = "method.thermostat"
     enabled: bool = False
-    every: int = 50  # steps between drift measurements
-    probe_batch: int = 64
-    probe_chunk: int | None = None  # None (or 0): the training micro-batch (train.batch_size)
-    warmup_measurements: int = 4
-    metric: str = "basis"  # basis | normalized | raw
-    threshold_sigmas: float = 2.0
-    gain: float = 1.0
-    gamma_min: float = 0.0
-    gamma_max: float = 1.0
+    law: str = "user"  # user (eggplantsalt/icms thermostat.py) | calibrated (noise floor before step 1)
+    estimator: str = "paired"  # full (C_T of the whole probe set, the user's) | paired (C_T of the same draw)
+    metric: str = "raw"  # raw (the user's) | normalized | basis
+    every: int = 50  # the user's update_interval: steps between control updates
+    warmup_steps: int = 100  # law user: measure-only training steps (d every step, gains held)
+    base_scale: float = 0.5  # law user: delta = max(0, d - base_scale * baseline)
+    k_beta: float = 0.01  # law user: beta = beta_max / (1 + k_beta * delta)
+    k_gamma: float = 0.01  # law user: gamma = gamma_max / (1 + k_gamma * delta)
     beta_min: float = 0.2
     beta_max: float = 1.0
-    smoothing: float = 0.5
+    gamma_min: float = 0.1
+    gamma_max: float = 1.0
+    probe_batch: int = 4  # the user's probe_batch_size
+    probe_chunk: int | None = None  # None (or 0): the training micro-batch (train.batch_size)
+    warmup_measurements: int = 4  # law calibrated: draws before step 1 (student = teacher)
+    threshold_sigmas: float = 2.0  # law calibrated
+    gain: float = 1.0  # law calibrated
+    smoothing: float = 0.5  # law calibrated
 
 
 @dataclass(frozen=True)

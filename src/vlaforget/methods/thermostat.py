@@ -1,9 +1,19 @@
 """Thermostat: closed-loop control of the HSW gains (beta, gamma) from representation drift.
 
-Before the first optimizer step the plug-in calibrates (`ControlLaw.calibrate`: d on independent
-probe draws while student = teacher); then every K steps the train loop pools the student's instruction states of a probe mini-batch at the
-representative layers, forms C_S (`covariance`) and calls `drift(C_S, C_T, metric, basis)`
-(averaged over layers); `ControlLaw.observe(d)` turns d into (beta, gamma). Formulas: docs/methods.md.
+A measurement pools the student's instruction states of a probe mini-batch at the representative
+layers, forms C_S (`covariance`) and calls `drift(C_S, C_T, metric, basis)` (averaged over layers);
+C_T is the full probe set's (estimator `full`, the user's) or that of the same draw from the teacher's
+stored states (`paired`: d = 0 when student = teacher). Two control laws turn d into (beta, gamma):
+
+- `UserLaw` (thermostat.law: user, default): the user's research/thermostat/thermostat.py
+  (eggplantsalt/icms): a measure-only warm-up of `warmup_steps` training steps (d every step, gains
+  held) gives the baseline = mean warm-up d; then every `every` steps
+  delta = max(0, d - base_scale * baseline), beta = beta_max / (1 + k_beta * delta), gamma likewise,
+  clamped.
+- `ControlLaw` (thermostat.law: calibrated): calibration before the first optimizer step on
+  independent draws with student = teacher (`ControlLaw.calibrate`), then excess over the noise band.
+
+Formulas: docs/methods.md section 4.
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ import torch
 from ..settings import ThermostatSettings
 from .icsm import covariance
 
-__all__ = ["METRICS", "ControlLaw", "covariance", "drift", "projected_covariance"]
+__all__ = ["ESTIMATORS", "LAWS", "METRICS", "ControlLaw", "UserLaw", "covariance", "drift", "make_law",
+           "projected_covariance"]
 
 METRICS = ("basis", "normalized", "raw")
+ESTIMATORS = ("full", "paired")
+LAWS = ("user", "calibrated")
 
 
 def drift(
@@ -62,7 +75,7 @@ def projected_covariance(
 
 
 class ControlLaw:
-    """Maps drift measurements d to HSW gains (beta, gamma).
+    """thermostat.law: calibrated -- maps drift measurements d to HSW gains (beta, gamma).
 
     Calibration (`calibrate(ds)`, before the first optimizer step, student = teacher): ds are d on
     independent probe draws, so they measure sampling noise only; they set the noise floor
@@ -158,6 +171,7 @@ class ControlLaw:
 
     def state_dict(self) -> dict:
         return {
+            "law": "calibrated",
             "beta": self.beta,
             "gamma": self.gamma,
             "beta0": self.beta0,
@@ -170,6 +184,9 @@ class ControlLaw:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("law", "calibrated") != "calibrated":
+            raise ValueError(f"thermostat: checkpoint holds the {sd['law']!r} law's state, this run uses "
+                             "thermostat.law: calibrated")
         self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])
         self.beta0 = float(sd.get("beta0", self.beta0))
         self.gamma0 = float(sd.get("gamma0", self.gamma0))
@@ -178,3 +195,105 @@ class ControlLaw:
         self.std = None if sd["std"] is None else float(sd["std"])
         self.n_obs = int(sd["n_obs"])
         self.last = dict(sd.get("last") or {})
+
+
+class UserLaw:
+    """thermostat.law: user (default) -- the user's control law, research/thermostat/thermostat.py of
+    eggplantsalt/icms (`Thermostat.maybe_update` + `ThermostatState`), step for step.
+
+    `due(step)` says whether 0-based training step `step` is measured: every step below
+    `warmup_steps` (phase warmup), then steps that are multiples of `every` (phase control).
+    `observe(step, d)`:
+        warmup : history += [d]; baseline = mean(history); beta, gamma held (at beta0 / gamma0)
+        control: baseline fixed (= the first control d if there was no warm-up)
+                 delta = max(0, d - base_scale * baseline)
+                 beta  = clip(beta_max  / (1 + k_beta  * delta), beta_min,  beta_max)
+                 gamma = clip(gamma_max / (1 + k_gamma * delta), gamma_min, gamma_max)
+    beta0 / gamma0 = hsw.beta / hsw.gamma (the user's hsw_beta / hsw_gamma), the gains until the
+    first control update.
+    """
+
+    def __init__(self, cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None):
+        cfg = ThermostatSettings.of(cfg)
+        self.warmup_steps, self.every = int(cfg.warmup_steps), int(cfg.every)
+        self.base_scale, self.k_beta, self.k_gamma = float(cfg.base_scale), float(cfg.k_beta), float(cfg.k_gamma)
+        self.gamma_min, self.gamma_max = cfg.gamma_min, cfg.gamma_max
+        self.beta_min, self.beta_max = cfg.beta_min, cfg.beta_max
+        if self.warmup_steps < 0 or self.every < 1:
+            raise ValueError(f"thermostat: need warmup_steps >= 0 and every >= 1, got {self.warmup_steps}, {self.every}")
+        if min(self.base_scale, self.k_beta, self.k_gamma) < 0:
+            raise ValueError("thermostat: base_scale, k_beta and k_gamma must be >= 0")
+        if self.beta_min <= 0:
+            raise ValueError(f"thermostat.beta_min must be > 0 (beta never reaches 0), got {self.beta_min}")
+        if self.beta_min > self.beta_max or self.gamma_min > self.gamma_max:
+            raise ValueError("thermostat: need beta_min <= beta_max and gamma_min <= gamma_max")
+        self.beta0 = float(self.beta_max if beta0 is None else beta0)
+        self.gamma0 = float(self.gamma_max if gamma0 is None else gamma0)
+        self.beta, self.gamma = self.beta0, self.gamma0
+        self.history: list[list] = []  # [[step, d], ...] of the warm-up
+        self.baseline: float | None = None
+        self.n_obs = 0
+        self.last: dict = {"d": None, "phase": None, "delta": None, "step": None}
+
+    def phase(self, step: int) -> str | None:
+        """'warmup', 'control' or None (no measurement) for 0-based training step `step`."""
+        if step < self.warmup_steps:
+            return "warmup"
+        return "control" if step % self.every == 0 else None
+
+    def due(self, step: int) -> bool:
+        return self.phase(step) is not None
+
+    def targets(self, d: float, baseline: float) -> tuple[float, float, float]:
+        """(beta, gamma, delta) for a drift d against a baseline."""
+        delta = max(0.0, d - self.base_scale * baseline)
+        b = self.beta_max / (1.0 + self.k_beta * delta)
+        g = self.gamma_max / (1.0 + self.k_gamma * delta)
+        b = max(self.beta_min, min(self.beta_max, b))
+        g = max(self.gamma_min, min(self.gamma_max, g))
+        return b, g, delta
+
+    def observe(self, step: int, d: float) -> tuple[float, float, str]:
+        """Feed the drift measured at 0-based step `step`; returns (beta, gamma, phase)."""
+        d = float(d)
+        if not math.isfinite(d):
+            raise ValueError(f"thermostat: non-finite drift {d}")
+        phase = self.phase(step)
+        if phase is None:
+            raise ValueError(f"thermostat: step {step} is not a measurement step (warmup_steps "
+                             f"{self.warmup_steps}, every {self.every})")
+        self.n_obs += 1
+        if phase == "warmup":
+            self.history.append([int(step), d])
+            self.baseline = sum(x for _, x in self.history) / len(self.history)
+            self.last = {"d": d, "phase": phase, "delta": None, "step": int(step)}
+            return self.beta, self.gamma, phase
+        if self.baseline is None:  # no warm-up (warmup_steps 0): the user's `drift_baseline or d`
+            self.baseline = d
+        self.beta, self.gamma, delta = self.targets(d, self.baseline)
+        self.last = {"d": d, "phase": phase, "delta": delta, "step": int(step)}
+        return self.beta, self.gamma, phase
+
+    def state_dict(self) -> dict:
+        return {"law": "user", "beta": self.beta, "gamma": self.gamma, "beta0": self.beta0, "gamma0": self.gamma0,
+                "history": [list(x) for x in self.history], "baseline": self.baseline, "n_obs": self.n_obs,
+                "last": dict(self.last)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("law") != "user":
+            raise ValueError(f"thermostat: checkpoint holds the {sd.get('law', 'calibrated')!r} law's state, "
+                             "this run uses thermostat.law: user")
+        self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])
+        self.beta0, self.gamma0 = float(sd["beta0"]), float(sd["gamma0"])
+        self.history = [[int(s), float(x)] for s, x in sd["history"]]
+        self.baseline = None if sd["baseline"] is None else float(sd["baseline"])
+        self.n_obs = int(sd["n_obs"])
+        self.last = dict(sd.get("last") or {})
+
+
+def make_law(cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None):
+    """The control law thermostat.law names: UserLaw ('user') or ControlLaw ('calibrated')."""
+    cfg = ThermostatSettings.of(cfg)
+    if cfg.law not in LAWS:
+        raise ValueError(f"thermostat.law must be one of {LAWS}, got {cfg.law!r}")
+    return (UserLaw if cfg.law == "user" else ControlLaw)(cfg, beta0=beta0, gamma0=gamma0)

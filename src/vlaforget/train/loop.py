@@ -195,7 +195,8 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
     instead of loading the base model and the dataset cache named in the config; teacher_inputs
-    (benchmarks): {"probe_samples": [...], "anchors": {...}, "anchor_samples": [...]} instead of the
+    (benchmarks): {"probe_samples": [...], "probe_pooled": {rep: [N, D]} (Thermostat estimator paired),
+    "anchors": {...}, "anchor_samples": [...]} instead of the
     probe / anchor files. dry_run_batches = n > 0: preflight -- n steps' batches through forward and
     every backward pass (CRaFT's retention gradient, HSW's surgery) with no optimizer step, then stop:
     writes dry_run.json in out_dir and no checkpoint, metrics or adapter."""

@@ -301,3 +301,32 @@ def test_own_params_mode_leaves_the_layers_below_on_the_true_gradient():
     for n in below:
         assert torch.allclose(got[n], plain[n], rtol=1e-5, atol=1e-9), n
     assert not all(torch.allclose(got[n], plain[n]) for n in plain if ".layers.5." in n)
+
+
+def test_hsw_layers_hooks_only_the_named_layers_with_the_users_basis_map():
+    """hsw.layers [-2, -1] (the user's recipe): only the last two decoder layers are hooked; a layer of a
+    group keeps its group's basis, a layer outside every group takes the top group's (finetune.py's
+    `rep_layers[-1]`); an index past the model is refused naming the range."""
+    from vlaforget.errors import TrainingError
+    from vlaforget.train.plugins.hsw import hooked_layers
+
+    a, b = ("Ua_f", "Ua_p"), ("Ub_f", "Ub_p")
+    groups = {4: a, 5: a, 6: b, 7: b}  # A = (4, 5) rep 5, B = (6, 7) rep 7 at 8 layers
+    assert hooked_layers(groups, None, 8) == groups
+    assert hooked_layers(groups, [-2, -1], 8) == {6: b, 7: b}
+    assert hooked_layers(groups, [5, 2], 8) == {5: a, 2: b}
+    with pytest.raises(TrainingError, match="outside the model's 8 decoder layers"):
+        hooked_layers(groups, [8], 8)
+
+
+def test_hsw_layers_in_the_plugin_hooks_two_layers_only():
+    be, model, ctx, bases, batch = _setup()
+    from vlaforget.train.plugins import HSWPlugin
+
+    plug = HSWPlugin(ctx, {"beta": 0.5, "gamma": 0.2, "layers": [-1]}, View(bases))
+    try:
+        top = be.num_layers - 1
+        assert sorted(plug.layer_map) == [top]
+        assert plug.layer_map[top] is bases[max(bases)]
+    finally:
+        plug.close()

@@ -173,6 +173,7 @@ class HswSettings(Settings):
     WHERE = "method.hsw"
     enabled: bool = False
     groups: str = "icsm"  # icsm | single | all_layers
+    layers: Any = None  # None: every layer of the groups; or decoder-layer indices (negative: from the top)
     mode: str = "flow_down"  # flow_down (the user's: the surgered gradient reaches every layer below) | own_params
     beta: float = 1.0  # plastic gain (the Thermostat's starting point)
     gamma: float = 1.0  # fragile gain

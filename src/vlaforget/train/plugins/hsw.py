@@ -56,6 +56,26 @@ _FIELDS = ("g", "gprime", "gf", "gp", "gn", "gprime_f", "gprime_p", "scale_sum",
 # ----------------------------------------------------------------------------- HSW
 
 
+def hooked_layers(group_bases: dict, layers, num_layers: int) -> dict:
+    """decoder layer -> (U_f, U_p) of the layers HSW hooks. `layers` None: every layer of the groups;
+    else those decoder layers (negative from the top, the user's `hsw_layer_ids: [-2, -1]`), each with
+    its group's basis, a layer outside every group with the top group's — as the user's finetune.py
+    maps a layer outside group A to `rep_layers[-1]`."""
+    if layers is None:
+        return group_bases
+    from ...errors import TrainingError
+
+    top = group_bases[max(group_bases)]
+    out = {}
+    for layer in layers:
+        if not -num_layers <= int(layer) < num_layers:
+            raise TrainingError(f"hsw.layers has {layer}, outside the model's {num_layers} decoder layers "
+                                f"(0..{num_layers - 1}, or -1..-{num_layers} from the top)")
+        idx = int(layer) % num_layers
+        out[idx] = group_bases.get(idx, top)
+    return out
+
+
 class HSWPlugin(Plugin):
     """Gradient surgery at the hooked decoder layers (module doc; docs/methods.md §3).
 
@@ -90,8 +110,9 @@ class HSWPlugin(Plugin):
         self.clamp = cfg.clamp
         self.eps = cfg.eps
         self.measure_effective = cfg.measure_effective
-        self.layer_map = icsm.layer_bases(cfg.groups, ctx.backend.num_layers,
-                                          sensitivity=cfg.use_sensitivity_order)
+        self.layer_map = hooked_layers(icsm.layer_bases(cfg.groups, ctx.backend.num_layers,
+                                                        sensitivity=cfg.use_sensitivity_order),
+                                       cfg.layers, ctx.backend.num_layers)
         layers = ctx.backend.decoder_layers(ctx.model)
         # layer -> its trainable parameters (LoRA)
         self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}

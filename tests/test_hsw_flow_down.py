@@ -320,7 +320,7 @@ def test_hsw_layers_hooks_only_the_named_layers_with_the_users_basis_map():
 
 
 def test_hsw_layers_in_the_plugin_hooks_two_layers_only():
-    be, model, ctx, bases, batch = _setup()
+    be, _model, ctx, bases, _batch = _setup()
     from vlaforget.train.plugins import HSWPlugin
 
     plug = HSWPlugin(ctx, {"beta": 0.5, "gamma": 0.2, "layers": [-1]}, View(bases))

@@ -267,7 +267,9 @@ def test_paired_estimator_is_zero_at_the_teacher_and_less_noisy(metric):
     assert float(res["paired"][1].std()) < float(res["full"][1].std())
     # a draw of the whole probe set: C_T of the draw is C_T (a draw's covariances use 1/n, the user's)
     everything = list(range(N))
-    cov_n = lambda X: covariance(X, X.mean(0))
+    def cov_n(X):
+        return covariance(X, X.mean(0))
+
     paired = _plugin(metric, "paired", T, C_T, U, batch=N).measure(everything, student={3: S})[0]
     full = _plugin(metric, "full", T, C_T, U, batch=N).measure(everything, student={3: S})[0]
     assert paired == pytest.approx(drift(cov_n(S), cov_n(T), metric, U), rel=1e-5)

@@ -364,8 +364,10 @@ def test_user_law_resume_during_and_after_warmup_is_exact(world):
     full = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", lr=5e-3, max_steps=10,
                             method={"hsw": HSW, "thermostat": th}), "ures_full")
     run_training(full)
-    seq = lambda sc: [(r["step"], r["hsw_beta"], r["hsw_gamma"], r.get("drift_d"), r.get("thermostat_baseline"))
-                      for r in metrics(sc)]
+    def seq(sc):
+        return [(r["step"], r["hsw_beta"], r["hsw_gamma"], r.get("drift_d"), r.get("thermostat_baseline"))
+                for r in metrics(sc)]
+
     ref = seq(full)
     assert len({g for _, _, g, _, _ in ref}) > 1
     for stop in (4, 8):  # checkpoints every 3 steps: resumed from step 3 (warm-up) and from 6 (control)

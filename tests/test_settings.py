@@ -17,8 +17,11 @@ TRAIN = {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "lora": {"r": 4}}
 
 def test_defaults_fill_in_and_of_is_idempotent():
     ts = TrainSettings.of(TRAIN)
-    assert ts.save_steps == 1000 and ts.log_every == 10 and ts.max_bad_steps == 5 and ts.precision == "fp32"
-    assert ts.lora == LoraSettings(r=4) and ts.lora.targets == ("attn", "mlp") and ts.lora.alpha == 16.0
+    # config/config.yaml's values (tests/test_config_keys.py keeps the two equal)
+    assert ts.save_steps == 2500 and ts.log_every == 10 and ts.max_bad_steps == 5 and ts.precision == "bf16"
+    assert ts.image_aug is True and ts.num_workers == 2 and ts.early_stopping_min_delta == 0.01
+    assert ts.lora == LoraSettings(r=4) and ts.lora.targets == ("attn", "mlp", "vision", "projector")
+    assert ts.lora.alpha == 16.0
     assert TrainSettings.of(ts) is ts
     assert isinstance(TrainSettings.of({**TRAIN, "lr": 1}).lr, float)  # an integer lr is a number
 
@@ -105,7 +108,7 @@ def _old_hsw(c):
     return {"enabled": bool(c.get("enabled")), "beta": float(c.get("beta", 1.0)), "gamma": float(c.get("gamma", 1.0)),
             "clamp": c.get("clamp", "per_tensor"), "eps": float(c.get("eps", 1e-8)), "groups": c.get("groups", "icsm"),
             "use_sensitivity_order": c.get("use_sensitivity_order", True), "mode": c.get("mode", "flow_down"),
-            "measure_effective": c.get("measure_effective", True)}
+            "measure_effective": c.get("measure_effective", True), "layers": c.get("layers")}  # 26.1 added layers
 
 
 def _old_thermostat(c):  # issue 26.2 added law .. k_gamma; probe_batch 64 -> 4 and gamma_min 0 -> 0.1 (the user's)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("vlaforget.stages.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
     "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
+    "config-doc": ("vlaforget.settings", "every typed config key: type, default, meaning (config/README.md)"),
     "restamp": ("vlaforget.restamp", "carry a data root over the code-hash change of issue 30 (nothing reruns)"),
 }
 

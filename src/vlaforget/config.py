@@ -22,9 +22,13 @@ from .settings import (
     DEFAULT_MODEL_DTYPE,
     CacheStageSettings,
     CraftAnchorSettings,
+    CraftAnchorsStageSettings,
     DemosStageSettings,
+    EvalSettings,
     ForgettingSettings,
+    ModelSettings,
     ProbeStageSettings,
+    TrainSettings,
 )
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -129,6 +133,7 @@ def _semantic_checks(cfg: dict) -> None:
     rlds = cfg["data"].get("rlds_dir")
     if rlds:
         check_under(rlds, allowed, "data.rlds_dir")
+    ModelSettings.of(cfg["model"])  # the model block's types (models/ reads the stage config's copy)
     mpath = cfg["model"].get("path")
     if mpath and (mpath.startswith("/") or mpath.startswith(".")):
         check_under(mpath, allowed, "model.path")
@@ -481,7 +486,7 @@ def max_steps_in_run_id(tcfg: dict) -> bool:
     is planned over max_steps. With a constant one (after any warmup) a run trained to N is the
     first N steps of a run to M > N, so max_steps stays out of the run id and raising it continues
     the run from its checkpoint at N (train/loop.py)."""
-    return tcfg.get("lr_schedule", "constant") != "constant"
+    return tcfg.get("lr_schedule", TrainSettings.lr_schedule) != "constant"
 
 
 def run_id_of(sc: dict, key: str) -> str:
@@ -584,7 +589,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         suite, shots, shots_seed = parse_anchor_set(key)
         out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, suite),
                    shots=shots, shots_seed=shots_seed,
-                   seed=cfg.get("seed", 0), out_dir=str(lay.craft(cfg["model"]["base"], key)))
+                   seed=cfg.get("seed", CraftAnchorsStageSettings.seed), out_dir=str(lay.craft(cfg["model"]["base"], key)))
     elif stage == "train":
         r = parse_run_name(key)
         mcfg = method_config(cfg, r["method"])
@@ -723,8 +728,9 @@ def _stage_config_cached(cfg: dict, stage: str, key: str) -> dict:
 def eval_block(cfg: dict, suite: str) -> dict:
     e = cfg["eval"]
     blk = {"suite": suite, "num_envs": e["num_envs"], "episodes_per_task": e["episodes_per_task"],
-           "videos_per_task": e.get("videos_per_task", 0), "center_crop": e.get("center_crop", False),
-           "pipeline_groups": e.get("pipeline_groups", 1),
+           "videos_per_task": e.get("videos_per_task", EvalSettings.videos_per_task),
+           "center_crop": e.get("center_crop", EvalSettings.center_crop),
+           "pipeline_groups": e.get("pipeline_groups", EvalSettings.pipeline_groups),
            "image_size": cfg["data"]["image_size"],
            "unnorm_dataset": suite, "stats_path": str(layout(cfg).cache(suite) / "dataset_statistics.json")}
     if cfg["world"] == "metaworld":

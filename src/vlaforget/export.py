@@ -20,6 +20,7 @@ from .errors import UserError
 from .io import provenance, read_json, replace_dir, write_json
 from .models import DTYPES, load_backend
 from .paths import check_under
+from .settings import model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def export_run(
         "export %s: base %s (%s) + adapter %s -> %s",
         sc["run_name"],
         block["path"],
-        block.get("dtype", "fp32"),
+        model_dtype(block),
         final,
         out,
     )
@@ -105,7 +106,7 @@ def export_run(
             "backend": block["backend"],
             "base_model": str(block["path"]),
             "adapter_dir": str(final),
-            "dtype": block.get("dtype", "fp32"),
+            "dtype": model_dtype(block),
             "unnorm_key": unnorm_key,
             "files": sorted(p.name for p in tmp.iterdir()) + [RECORD],
             "wall_time_s": round(time.time() - t0, 1),

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from .errors import UserError
+from .settings import ForgettingSettings, TrainSettings
 
 # Published dense tensor-core TFLOP/s, bf16 (fp16 on the V100) with fp32 accumulation, vendor datasheets.
 GPU_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "rtx4090": 165.2, "a6000": 154.8, "v100": 125.0}
@@ -145,11 +146,11 @@ def train_hours(cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_
 
     t = cfg["train"]
     cls = method_class(cfg, parse_run_name(run)["method"])
-    nproc = int(t.get("nproc", 1))
+    nproc = int(t.get("nproc", TrainSettings.nproc))
     if measured_step and cls in measured_step:
         step = measured_step[cls]
     else:
-        step = int(t.get("grad_accum", 1)) * micro_step_s(int(t["batch_size"]), gpu, table) \
+        step = int(t.get("grad_accum", TrainSettings.grad_accum)) * micro_step_s(int(t["batch_size"]), gpu, table) \
             * table["train"]["method_factor"][cls]
     return (int(t["max_steps"]) * step + table["job_startup_s"]) * nproc / 3600.0
 
@@ -183,7 +184,7 @@ def forward_s_per_sample(gpu: str, table: dict = MEASURED) -> float:
 
 
 def forgetting_hours(cfg: dict, gpu: str, table: dict = MEASURED) -> float:
-    n = int((cfg["eval"].get("forgetting") or {}).get("drift_samples", 256))
+    n = int((cfg["eval"].get("forgetting") or {}).get("drift_samples", ForgettingSettings.drift_samples))
     return (2 * n * forward_s_per_sample(gpu, table) + table["job_startup_s"]) / 3600.0  # student + teacher
 
 

@@ -7,21 +7,26 @@ library entry point that tests or benchmarks call with a plain dict (train.loop.
 checks it the same way. An unknown key, a missing required key or a value of the wrong type is a
 ConfigError naming the block, the key and the known keys.
 
-The study config's schema (config.schema.yaml) says which keys a study may set; the defaults here
-are what a stage does when the key is absent (config/README.md documents each). The content of the
-stage-config files is unchanged by these types (config.stage_config writes the study's blocks as
-they are), so run ids do not move.
+One source per key (issue 30.2): each field of the study config's typed blocks (STUDY_BLOCKS: model,
+model.pretrain, icsm, craft, train, train.lora, method.hsw / thermostat / craft) is declared once here
+with `key(doc, default)`: its type (the annotation), its default (none: required) and a one-line doc.
+tests/test_config_keys.py checks the rest against it: config.schema.yaml has every key of the same
+type (the schema keeps the ranges and word lists), config/config.yaml sets each key to its default or
+lists it as a study override with its reason, and config/README.md's key tables are the ones
+`vlaforget config-doc` generates. Code that needs a default reads it here (`TrainSettings.precision`,
+`TrainSettings.default("precision")`), never copies the literal. The doc is field metadata: the
+stage-config files are the study's blocks as they are (config.stage_config), so run ids do not move.
 
 Converted (each recipe / plug-in reads the attributes; tests/test_settings.py checks on every study
-config stack that the values equal what the old `.get(key, default)` expressions gave, and that each
-dataclass accepts every key the schema allows in its block):
+config stack that the values equal what the old `.get(key, default)` expressions gave):
   - study blocks: `train` (+ `lora`), the method blocks `method.hsw` / `method.thermostat` /
     `method.craft` (MethodSettings: checked at the train job's start, enabled or not), `icsm`,
-    `craft` (the anchor cache's), `model.pretrain`; the model block's dtype default; ICSM's r;
+    `craft` (the anchor cache's), `model` (ModelSettings: checked when the study config is loaded;
+    its dtype default) and `model.pretrain`;
   - whole stage configs: eval blocks, forgetting, probe, icsm, craft_anchors, cache, demos.
-Not converted: the model block (backend / path / cache_dir / attn_implementation, read by
-models/), and the artifacts the stages read back (probe.pt, anchors.pt, cache manifests: files,
-not config).
+Not converted: the stage config's model block as models/ reads it (the study block plus the
+derived path / cache_dir / unnorm_key), and the artifacts the stages read back (probe.pt,
+anchors.pt, cache manifests: files, not config).
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
-# the model block's dtype when a stage config names none: config/config.yaml's (the real study's
-# OpenVLA runs in bf16, as openvla trains and releases it); config/demo.yaml sets fp32 for the tiny VLA
-DEFAULT_MODEL_DTYPE = "bf16"
-# ICSM: SVD directions kept per representative layer (config/config.yaml icsm.r)
-DEFAULT_ICSM_R = 128
+
+
+def key(doc: str, default: Any = dataclasses.MISSING) -> Any:
+    """A config key of a typed block: its default (none: required) and its one-line doc, the one
+    source config/config.yaml, config.schema.yaml and config/README.md are tested against
+    (tests/test_config_keys.py). The doc is field metadata: it is in no stage config and no run id."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
@@ -51,6 +58,9 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own error (it names the nested key)
+            return _check(value, real[0], where)
         for a in args:
             if a is type(None):
                 continue
@@ -112,17 +122,30 @@ class Settings:
                 raise ConfigError(f"{where}.{name} is required (config/README.md)")
         return cls(**kw)
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of key `name` (a KeyError for a required key): read it here, never copy it."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        raise KeyError(f"{getattr(cls, 'WHERE', cls.__name__)}.{name} is required: it has no default")
+
 
 @dataclass(frozen=True)
 class LoraSettings(Settings):
     """train.lora: the LoRA adapter."""
 
     WHERE = "train.lora"
-    r: int
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("attn", "mlp")
-    layers: Any = "all"  # "all", or decoder-layer indices
+    r: int = key("LoRA rank (openvla's LIBERO recipe: 32)")
+    alpha: float = key("LoRA alpha (scale alpha / r)", 16.0)
+    dropout: float = key("LoRA dropout", 0.0)
+    targets: tuple[str, ...] = key(
+        "adapted modules: any of attn mlp vision projector lm_head patch_embed "
+        "(openvla's all-linear = all six; the study keeps the first four)",
+        ("attn", "mlp", "vision", "projector"))
+    layers: Any = key("all, or [first, last] decoder-layer range (inclusive)", "all")
 
 
 @dataclass(frozen=True)
@@ -130,40 +153,40 @@ class TrainSettings(Settings):
     """train: the one training loop's settings (config/README.md, table `train`)."""
 
     WHERE = "train"
-    max_steps: int
-    batch_size: int
-    lr: float
-    lora: LoraSettings
-    grad_accum: int = 1
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr: float | None = None  # floor of the cosine / linear decay; None = 0 (train/schedule.py)
-    init_adapter: str | None = None  # a PEFT LoRA adapter folder the run starts from (train/loop.py)
-    init_step: int | None = None  # its step; None = its trainer_state.pt's global_step, else 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    image_aug: bool = False
-    save_steps: int = 1000
-    log_every: int = 10
-    num_workers: int = 0
-    loss_scaling: bool | None = None  # None: on for fp16
-    loss_scale_init: float = 2.0**16
-    nproc: int = 1
-    use_wandb: bool = False
-    wandb_project: str = "vlaforget"
-    wandb_mode: str = "offline"
-    eval_every: int = 0
-    eval_episodes_per_task: int = 1
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
-    max_bad_steps: int = 5
-    rollback_lr_factor: float = 0.5
-    loss_check_min_steps: int = 20
-    fused_optimizer: bool = False  # AdamW's fused kernel (train/speed.py)
-    compile: Any = False  # torch.compile of each decoder layer: false, true (inductor) or a backend name
-    lora_input_cast: bool = True  # peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)
+    max_steps: int = key("optimizer steps of a run")
+    batch_size: int = key("samples per GPU per micro-step")
+    lr: float = key("AdamW learning rate (openvla finetune.py: 5e-4)")
+    lora: LoraSettings = key("the LoRA adapter (train.lora)")
+    grad_accum: int = key("micro-steps per optimizer step", 1)
+    lr_schedule: str = key("constant | cosine | linear (train/schedule.py)", "constant")
+    warmup_steps: int = key("linear warm-up steps of the schedule", 0)
+    min_lr: float | None = key("floor of the cosine / linear decay; null = 0 (the user's min_learning_rate)", None)
+    init_adapter: str | None = key("a PEFT LoRA adapter folder the run starts from; null = a fresh LoRA", None)
+    init_step: int | None = key("init_adapter's step; null = its trainer_state.pt's global_step, else 0", None)
+    weight_decay: float = key("AdamW weight decay", 0.0)
+    max_grad_norm: float | None = key("gradient-norm clip; null = no clipping (openvla's)", None)
+    precision: str = key("bf16 | fp16 (loss scaling) | fp32 autocast (openvla finetune.py: bf16)", "bf16")
+    gradient_checkpointing: bool = key("recompute activations in the backward pass", False)
+    image_aug: bool = key("openvla's image augmentation: crop 0.9, brightness, contrast, saturation, hue", True)
+    save_steps: int = key("checkpoint interval in steps (not in any id)", 2500)
+    log_every: int = key("log interval in steps (not in any id)", 10)
+    num_workers: int = key("DataLoader worker processes; 0 = in the training process", 2)
+    loss_scaling: bool | None = key("fp16 loss scaling (torch.amp.GradScaler); null = on for fp16 only", None)
+    loss_scale_init: float = key("initial fp16 loss scale, halved on each overflow step", 2.0**16)
+    nproc: int = key("processes (GPUs) per run: > 1 runs torchrun --standalone", 1)
+    use_wandb: bool = key("W&B logging (not in any id)", False)
+    wandb_project: str = key("W&B project", "vlaforget")
+    wandb_mode: str = key("offline | online | disabled", "offline")
+    eval_every: int = key("periodic closed-loop eval interval in steps; 0 = off", 0)
+    eval_episodes_per_task: int = key("episodes per task of a periodic eval", 1)
+    early_stopping_patience: int = key("stop after this many periodic evals without improvement; 0 = off", 0)
+    early_stopping_min_delta: float = key("success-rate gain (a fraction) that counts as an improvement", 0.01)
+    max_bad_steps: int = key("consecutive non-finite steps before one rollback to the last checkpoint", 5)
+    rollback_lr_factor: float = key("learning-rate factor applied on that rollback", 0.5)
+    loss_check_min_steps: int = key("runs of at least this many steps must end with a lower loss", 20)
+    fused_optimizer: bool = key("AdamW's fused kernel (train/speed.py)", False)
+    compile: Any = key("torch.compile of each decoder layer: false, true (inductor) or a backend name", False)
+    lora_input_cast: bool = key("peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)", True)
 
 
 @dataclass(frozen=True)
@@ -171,16 +194,17 @@ class HswSettings(Settings):
     """method.hsw: gradient surgery (train/plugins/hsw.py; config/README.md, table `method.hsw`)."""
 
     WHERE = "method.hsw"
-    enabled: bool = False
-    groups: str = "icsm"  # icsm | single | all_layers
-    layers: Any = None  # None: every layer of the groups; or decoder-layer indices (negative: from the top)
-    mode: str = "flow_down"  # flow_down (the user's: the surgered gradient reaches every layer below) | own_params
-    beta: float = 1.0  # plastic gain (the Thermostat's starting point)
-    gamma: float = 1.0  # fragile gain
-    clamp: str = "per_tensor"  # per_tensor (the user's) | per_token | none
-    eps: float = 1e-8  # the user's hsw_eps
-    measure_effective: bool = True  # flow_down, logged steps: measure the gains reaching the layers below
-    use_sensitivity_order: bool = True  # false: top-variance directions as fragile (ablation)
+    enabled: bool = key("gradient surgery on the ICSM layers", False)
+    groups: str = key("icsm (ICSM's A/B groups) | single | all_layers", "icsm")
+    layers: Any = key("null: every layer of the groups; or decoder-layer indices (negative: from the top)", None)
+    mode: str = key("flow_down (the user's: the surgered gradient reaches every layer below) | own_params",
+                    "flow_down")
+    beta: float = key("plastic gain (the Thermostat's starting point)", 1.0)
+    gamma: float = key("fragile gain (the Thermostat's starting point)", 1.0)
+    clamp: str = key("per_tensor (the user's) | per_token | none", "per_tensor")
+    eps: float = key("numerical eps of the clamp (the user's hsw_eps)", 1e-8)
+    measure_effective: bool = key("flow_down, logged steps: measure the gains reaching the layers below", True)
+    use_sensitivity_order: bool = key("false: top-variance directions as fragile (ablation)", True)
 
 
 @dataclass(frozen=True)
@@ -188,25 +212,26 @@ class ThermostatSettings(Settings):
     """method.thermostat: closed-loop HSW gains (train/plugins/thermostat.py, methods/thermostat.py)."""
 
     WHERE = "method.thermostat"
-    enabled: bool = False
-    law: str = "user"  # user (eggplantsalt/icms thermostat.py) | calibrated (noise floor before step 1)
-    estimator: str = "paired"  # full (C_T of the whole probe set, the user's) | paired (C_T of the same draw)
-    metric: str = "raw"  # raw (the user's) | normalized | basis
-    every: int = 50  # the user's update_interval: steps between control updates
-    warmup_steps: int = 100  # law user: measure-only training steps (d every step, gains held)
-    base_scale: float = 0.5  # law user: delta = max(0, d - base_scale * baseline)
-    k_beta: float = 0.01  # law user: beta = beta_max / (1 + k_beta * delta)
-    k_gamma: float = 0.01  # law user: gamma = gamma_max / (1 + k_gamma * delta)
-    beta_min: float = 0.2
-    beta_max: float = 1.0
-    gamma_min: float = 0.1
-    gamma_max: float = 1.0
-    probe_batch: int = 4  # the user's probe_batch_size
-    probe_chunk: int | None = None  # None (or 0): the training micro-batch (train.batch_size)
-    warmup_measurements: int = 4  # law calibrated: draws before step 1 (student = teacher)
-    threshold_sigmas: float = 2.0  # law calibrated
-    gain: float = 1.0  # law calibrated
-    smoothing: float = 0.5  # law calibrated
+    enabled: bool = key("closed-loop HSW gains from the probe drift", False)
+    law: str = key("user (eggplantsalt/icms thermostat.py) | calibrated (noise floor before step 1)", "user")
+    estimator: str = key("paired (C_T of the same probe draw) | full (C_T of the whole probe set, the user's)",
+                         "paired")
+    metric: str = key("raw (the user's ||C_S - C_T||_F) | normalized | basis", "raw")
+    every: int = key("the user's update_interval: steps between control updates", 50)
+    warmup_steps: int = key("law user: measure-only training steps (d every step, gains held)", 100)
+    base_scale: float = key("law user: delta = max(0, d - base_scale * baseline)", 0.5)
+    k_beta: float = key("law user: beta = beta_max / (1 + k_beta * delta)", 0.01)
+    k_gamma: float = key("law user: gamma = gamma_max / (1 + k_gamma * delta)", 0.01)
+    beta_min: float = key("lower clamp of beta (> 0: beta never reaches 0)", 0.2)
+    beta_max: float = key("upper clamp of beta", 1.0)
+    gamma_min: float = key("lower clamp of gamma (the user's min_gamma)", 0.1)
+    gamma_max: float = key("upper clamp of gamma", 1.0)
+    probe_batch: int = key("probe samples per measurement (the user's probe_batch_size)", 4)
+    probe_chunk: int | None = key("probe forward in chunks of this many; null (or 0) = train.batch_size", None)
+    warmup_measurements: int = key("law calibrated: draws before step 1 (student = teacher)", 4)
+    threshold_sigmas: float = key("law calibrated: protection from floor + k * sigma", 2.0)
+    gain: float = key("law calibrated: gain of the excess law", 1.0)
+    smoothing: float = key("law calibrated: EMA of the gains", 0.5)
 
 
 @dataclass(frozen=True)
@@ -214,16 +239,16 @@ class CraftSettings(Settings):
     """method.craft: retention loss, dual variable, conflict projection (train/plugins/craft.py)."""
 
     WHERE = "method.craft"
-    enabled: bool = False
-    epsilon: float = 0.05  # retention budget (OpenVLA CRaFT guide)
-    lambda_init: float = 0.0
-    lambda_lr: float = 1e-4  # the OpenVLA CRaFT guide's --craft.lambda_lr (docs/methods.md §5)
-    dual: bool = True  # false: the fixed λ below
-    fixed_lambda: float = 0.1
-    projection: bool = True
-    anchor: str | None = None  # the retention feature's pooling; None: the anchor cache's own
-    anchor_batch_size: int | None = None  # None (or 0): train.batch_size
-    fused_forward: bool = True
+    enabled: bool = key("CRaFT retention loss", False)
+    epsilon: float = key("retention budget (OpenVLA CRaFT guide)", 0.05)
+    lambda_init: float = key("initial dual variable", 0.0)
+    lambda_lr: float = key("dual ascent step (the OpenVLA CRaFT guide's --craft.lambda_lr)", 1e-4)
+    dual: bool = key("false: the fixed lambda below", True)
+    fixed_lambda: float = key("lambda when dual is false", 0.1)
+    projection: bool = key("project the action gradient when it conflicts with the retention gradient", True)
+    anchor: str | None = key("the retention feature's pooling; null: the anchor cache's own", None)
+    anchor_batch_size: int | None = key("anchors per retention step; null (or 0): train.batch_size", None)
+    fused_forward: bool = key("one forward + backward of task and anchor rows (false: a separate pass)", True)
 
 
 @dataclass(frozen=True)
@@ -241,17 +266,17 @@ class IcsmSettings(Settings):
     """icsm: the ICSM stage's block (stages/icsm.py, methods/icsm.py; config/README.md, table `icsm`)."""
 
     WHERE = "icsm"
-    layers: Any = "auto"  # "auto" (the last four decoder layers in two groups) or decoder-layer indices
-    groups: dict | None = None  # override: {A: {layers: [...], rep: ...}, B: {...}}
-    r: int = DEFAULT_ICSM_R
-    injection: str = "unit"  # unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k
-    epsilon: float = 1e-3  # unit injection's size (the user's epsilon)
-    alpha: float = 1.0  # std injection's size, in units of the pooled-state std along u_k
-    sensitivity_dtype: str = "fp32"  # fp32: the icsm stage's teacher in float32 | model: model.dtype
-    sensitivity_samples: int = 128
-    direction_batch: int = 16
-    fragile_dim: int | None = None  # None: max(1, r' // 2) most sensitive (the user's default)
-    plastic_dim: int | None = None  # None: max(1, r' // 4) least sensitive (the user's default)
+    layers: Any = key("auto (the last four decoder layers in two groups) or decoder-layer indices", "auto")
+    groups: dict | None = key("override: {A: {layers: [...], rep: ...}, B: {...}}", None)
+    r: int = key("SVD directions kept per representative layer", 128)
+    injection: str = key("unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k", "unit")
+    epsilon: float = key("unit injection's size (the user's epsilon)", 1e-3)
+    alpha: float = key("std injection's size, in units of the pooled-state std along u_k", 1.0)
+    sensitivity_dtype: str = key("fp32 | fp64 | model (model.dtype): the icsm stage's teacher", "fp32")
+    sensitivity_samples: int = key("probe samples used to measure KL per direction", 128)
+    direction_batch: int = key("directions evaluated per forward pass", 16)
+    fragile_dim: int | None = key("fragile directions; null = max(1, r' // 2) most sensitive (the user's)", None)
+    plastic_dim: int | None = key("plastic directions; null = max(1, r' // 4) least sensitive (the user's)", None)
 
 
 @dataclass(frozen=True)
@@ -259,10 +284,10 @@ class CraftAnchorSettings(Settings):
     """craft: the CRaFT anchor cache's block (stages/craft_anchors.py; config/README.md, table `craft`)."""
 
     WHERE = "craft"
-    layer: int = -2  # hidden_states index of the anchors (config.stage_config writes the same default)
-    pooling: str = "mean_image_tokens"
-    n_anchors: int = 512
-    batch_size: int = 8
+    layer: int = key("hidden_states index of the anchors (-2 = second to last)", -2)
+    pooling: str = key("mean_image_tokens | mean_instruction_tokens | mean_all", "mean_image_tokens")
+    n_anchors: int = key("anchor samples cached", 512)
+    batch_size: int = key("batch for computing them", 8)
 
 
 @dataclass(frozen=True)
@@ -374,34 +399,58 @@ class DemosStageSettings(Settings):
     workers: int = 1
 
 
-# the tiny teacher's VQA samples (model.pretrain.vqa_train_samples / vqa_heldout_samples)
-DEFAULT_VQA_TRAIN_SAMPLES = 6000
-DEFAULT_VQA_HELDOUT_SAMPLES = 400
-
-
 @dataclass(frozen=True)
 class PretrainSettings(Settings):
     """model.pretrain: the tiny teacher's pretraining (stages/model.py, train/pretrain.py)."""
 
     WHERE = "model.pretrain"
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    vqa_fraction: float = 0.3
-    seed: int = 0
-    threads: int = 1  # torch CPU threads of the model stage
-    bin_sigma: float | None = 0.0  # soft labels over neighbouring action bins (None or 0: hard labels)
-    image_aug: bool | None = None  # None: train.pretrain.pretrain's image_aug argument (true)
-    vqa_train_samples: int = DEFAULT_VQA_TRAIN_SAMPLES
-    vqa_heldout_samples: int = DEFAULT_VQA_HELDOUT_SAMPLES
-    dataset: str | None = None  # config side only (config.tiny_pretrain_dataset); None: data.metaworld.upstream
+    steps: int = key("pretraining steps", 1000)
+    batch_size: int = key("pretraining batch", 32)
+    lr: float = key("pretraining learning rate", 1e-3)
+    weight_decay: float = key("AdamW weight decay", 0.01)
+    vqa_fraction: float = key("share of visual-question samples in a batch", 0.3)
+    seed: int = key("pretraining seed", 0)
+    threads: int = key("torch CPU threads of the model stage (the model rule's threads)", 1)
+    bin_sigma: float | None = key("Gaussian soft labels over neighbouring action bins; null or 0 = one-hot CE", 0.0)
+    image_aug: bool | None = key("openvla's crop + colour jitter; null = on", None)
+    vqa_train_samples: int = key("visual questions drawn for training (Meta-World only)", 6000)
+    vqa_heldout_samples: int = key("visual questions drawn for held-out accuracy (Meta-World only)", 400)
+    dataset: str | None = key("the pretraining dataset; null = data.metaworld.upstream", None)
 
     @classmethod
     def of_keys(cls, block: Any, where: str | None = None) -> PretrainSettings:
         """Only this block's keys of a larger mapping (bench/teacher_sweep.py's variants)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls.of({k: v for k, v in dict(block).items() if k in names}, where)
+
+
+# the tiny teacher's VQA samples (model.pretrain.vqa_train_samples / vqa_heldout_samples)
+DEFAULT_VQA_TRAIN_SAMPLES = PretrainSettings.vqa_train_samples
+DEFAULT_VQA_HELDOUT_SAMPLES = PretrainSettings.vqa_heldout_samples
+
+
+@dataclass(frozen=True)
+class ModelSettings(Settings):
+    """model: the base model (config.py derives each stage config's model block; models/ loads it)."""
+
+    WHERE = "model"
+    backend: str = key("openvla | tiny")
+    base: str = key("short name of the base model, used in paths and run ids")
+    path: str | None = key("HF hub id or local dir (must load offline); null for tiny (built at {root}/models)",
+                           None)
+    cache_dir: str | None = key("HF hub cache a hub-id path is read from, in place; null = {root}/hf_cache", None)
+    # bf16: the real study's OpenVLA runs in bf16, as openvla trains and releases it; config/demo.yaml
+    # sets fp32 for the tiny VLA
+    dtype: str = key("bf16 | fp16 | fp32 weights (V100: fp16)", "bf16")
+    attn_implementation: str | None = key("e.g. flash_attention_2; null = the library default", None)
+    tiny: dict | None = key("tiny backend only: its sizes (models/tiny)", None)
+    pretrain: PretrainSettings | None = key("tiny backend only: the teacher's pretraining", None)
+
+
+# the model block's dtype when a stage config names none
+DEFAULT_MODEL_DTYPE = ModelSettings.dtype
+# ICSM: SVD directions kept per representative layer
+DEFAULT_ICSM_R = IcsmSettings.r
 
 
 def model_dtype(model_block: dict | None) -> str:
@@ -475,3 +524,94 @@ class EvalSettings(Settings):
 
 
 DEFAULT_MW_MAX_STEPS = 150  # Meta-World episode cap when eval.metaworld.max_steps is not set
+
+
+# The study config's typed blocks: where each lives in the study config -> its settings class. Each
+# field's type, default and doc (`key`) are the one source of that key: tests/test_config_keys.py
+# checks config.schema.yaml (every key there, of the same type), config/config.yaml (the same value,
+# or a listed study override) and config/README.md (documented) against them, and
+# `vlaforget config-doc` prints the table.
+STUDY_BLOCKS: dict[str, type] = {
+    "model": ModelSettings,
+    "model.pretrain": PretrainSettings,
+    "icsm": IcsmSettings,
+    "craft": CraftAnchorSettings,
+    "train": TrainSettings,
+    "train.lora": LoraSettings,
+    "methods.*.hsw": HswSettings,
+    "methods.*.thermostat": ThermostatSettings,
+    "methods.*.craft": CraftSettings,
+}
+
+
+def type_name(hint: Any) -> str:
+    """A field's annotation as a config/README.md reader reads it (int, number, bool, str, list, ...)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " | ".join(type_name(a) for a in args) + (" | null" if len(args) < len(typing.get_args(hint)) else "")
+    if origin is tuple:
+        return "list"
+    if dataclasses.is_dataclass(hint):
+        return "mapping"
+    return {int: "int", float: "number", bool: "bool", str: "str", dict: "mapping", Any: "any"}.get(hint, str(hint))
+
+
+def key_rows(cls: type) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) of each field of a settings class; default "required" when it has none."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        try:
+            d = cls.default(f.name)
+            d = "null" if d is None else ("mapping" if dataclasses.is_dataclass(d) else
+                                           str(list(d)) if isinstance(d, tuple) else str(d).lower()
+                                           if isinstance(d, bool) else str(d))
+        except KeyError:
+            d = "required"
+        rows.append((f.name, type_name(hints[f.name]), d, f.metadata.get("doc", "")))
+    return rows
+
+
+def config_doc() -> str:
+    """Markdown: one table of (key, type, default, doc) per typed block of the study config."""
+    out = []
+    for where, cls in STUDY_BLOCKS.items():
+        out += [f"### `{where}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in (f"`{k}`", t, f"`{d}`", doc)) + " |"
+                for k, t, d, doc in key_rows(cls)]
+        out.append("")
+    return "\n".join(out)
+
+
+README_BEGIN = "<!-- vlaforget config-doc: begin (generated from src/vlaforget/settings.py; do not edit) -->"
+README_END = "<!-- vlaforget config-doc: end -->"
+
+
+def readme_with_doc(text: str) -> str:
+    """config/README.md's text with its generated section (between README_BEGIN and README_END)
+    replaced by config_doc()."""
+    if README_BEGIN not in text or README_END not in text:
+        raise ConfigError(f"config/README.md has no generated section: add the lines {README_BEGIN!r} "
+                          f"and {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    return f"{head}{README_BEGIN}\n{config_doc()}{README_END}{tail}"
+
+
+def add_args(p: Any) -> None:
+    """`vlaforget config-doc`: the typed keys' table (key, type, default, meaning)."""
+    p.add_argument("--write", metavar="README", default=None,
+                   help="rewrite the generated section of this file (config/README.md) instead of printing")
+
+
+def main(args: Any) -> int:
+    if args.write is None:
+        print(config_doc())
+        return 0
+    from pathlib import Path
+
+    path = Path(args.write)
+    path.write_text(readme_with_doc(path.read_text()))
+    print(f"wrote the generated key tables into {path}")
+    return 0

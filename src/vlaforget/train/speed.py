@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from ..settings import TrainSettings
+
 log = logging.getLogger("vlaforget.train")
 
 
@@ -18,7 +20,8 @@ def make_optimizer(params: list, tcfg: dict) -> torch.optim.Optimizer:
     """AdamW over the LoRA parameters; train.fused_optimizer: the fused implementation (same update
     up to float rounding)."""
     kw = {"fused": True} if tcfg.get("fused_optimizer") else {}
-    return torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 0.0)), **kw)
+    wd = float(tcfg.get("weight_decay", TrainSettings.weight_decay))
+    return torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=wd, **kw)
 
 
 def compile_backend(value) -> str | None:
@@ -51,7 +54,8 @@ def skip_lora_input_cast(model, tcfg: dict) -> int:
     LoRA layer. Exact: a bf16/fp16 value upcast to fp32 and cast back by autocast is itself, so the
     matmuls see the same inputs. Returns the number of layers switched (0 when the key is on, the
     precision is fp32, or the installed peft has no such switch, e.g. peft 0.11: then it warns)."""
-    if tcfg.get("lora_input_cast", True) or tcfg.get("precision", "fp32") not in ("bf16", "fp16"):
+    if tcfg.get("lora_input_cast", TrainSettings.lora_input_cast) or \
+            tcfg.get("precision", TrainSettings.precision) not in ("bf16", "fp16"):
         return 0
     n = 0
     for m in model.modules():

@@ -217,3 +217,34 @@ def test_model_block_is_typed():
         settings.ModelSettings.of({"backend": "tiny"})
     with pytest.raises(ValueError, match=r"model.pretrain.steps = '3'"):
         settings.ModelSettings.of({"backend": "tiny", "base": "t", "pretrain": {"steps": "3"}})
+
+
+# `.get(key, literal)` of a typed key's name that reads something other than a config block: an
+# artifact a stage wrote (its own format, older files without the key), not a copied default
+NOT_CONFIG_READS = {
+    ("methods/thermostat.py", "sd.get('law', 'calibrated')"),  # a checkpoint's controller state
+    ("stages/icsm.py", "probe.get('seed', 0)"),  # probe.pt
+    ("validation.py", "(m.get('tiny') or {}).get('layers', 0)"),  # model.tiny: sizes, no defaults
+    # validation sits below settings (tests/test_layering.py); train.lora.layers is "all" in config.yaml
+    ("validation.py", "(cfg['train'].get('lora') or {}).get('layers', 'all')"),
+}
+
+
+def test_no_default_is_copied_as_a_literal():
+    """`block.get("<typed key>", <literal>)` outside settings.py copies a default that can drift (the
+    plan, the speed settings and export read train / model defaults that way): read the class."""
+    import ast
+
+    names = {f.name for cls in STUDY_BLOCKS.values() for f in dataclasses.fields(cls)}
+    pkg = REPO / "src" / "vlaforget"
+    found = []
+    for p in sorted(pkg.rglob("*.py")):
+        if p.name == "settings.py":
+            continue
+        rel = p.relative_to(pkg).as_posix()
+        for n in ast.walk(ast.parse(p.read_text())):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("get", "pop")
+                    and len(n.args) == 2 and isinstance(n.args[0], ast.Constant) and n.args[0].value in names
+                    and isinstance(n.args[1], ast.Constant) and (rel, ast.unparse(n)) not in NOT_CONFIG_READS):
+                found.append(f"{rel}:{n.lineno}: {ast.unparse(n)}")
+    assert not found, "\n".join(found)

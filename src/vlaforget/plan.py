@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from .errors import UserError
-from .settings import ForgettingSettings, TrainSettings
+from .settings import CraftAnchorSettings, ForgettingSettings, TrainSettings
 
 # Published dense tensor-core TFLOP/s, bf16 (fp16 on the V100) with fp32 accumulation, vendor datasheets.
 GPU_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "rtx4090": 165.2, "a6000": 154.8, "v100": 125.0}
@@ -189,7 +189,7 @@ def forgetting_hours(cfg: dict, gpu: str, table: dict = MEASURED) -> float:
 
 
 def craft_anchor_hours(cfg: dict, gpu: str, table: dict = MEASURED) -> float:
-    n = int((cfg.get("craft") or {}).get("n_anchors", 512))
+    n = int((cfg.get("craft") or {}).get("n_anchors", CraftAnchorSettings.n_anchors))
     return (n * forward_s_per_sample(gpu, table) + table["job_startup_s"]) / 3600.0
 
 
@@ -259,8 +259,8 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
     wall_h = serial + (total - serial) / max(1, gpus)
     return {"gpu": gpu, "gpus": gpus, "estimate": gpu not in (table["train"]["gpu"],),
             "runs": len(runs), "eval_episodes": episodes, "train_steps": int(cfg["train"]["max_steps"]),
-            "micro_batch": int(cfg["train"]["batch_size"]), "grad_accum": int(cfg["train"].get("grad_accum", 1)),
-            "nproc": int(cfg["train"].get("nproc", 1)), "step_fraction": step_fraction,
+            "micro_batch": int(cfg["train"]["batch_size"]), "grad_accum": int(cfg["train"].get("grad_accum", TrainSettings.grad_accum)),
+            "nproc": int(cfg["train"].get("nproc", TrainSettings.nproc)), "step_fraction": step_fraction,
             "measured_step_s": measured_step or None,
             "rules": {k: {"jobs": v["jobs"], "gpu_hours": round(v["gpu_hours"], 2)} for k, v in rules.items()},
             "total_gpu_hours": round(total, 1), "wall_clock_days": round(wall_h / 24.0, 2)}

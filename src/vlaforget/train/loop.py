@@ -119,6 +119,14 @@ def apply_lora(backend, lcfg: LoraSettings | dict, seed: int):
     return model
 
 
+def prepare_model(backend, ts: TrainSettings, seed: int):
+    """The trainable model: `train.gradient_checkpointing` on every tower (the backend decides which
+    modules: decoder layers, vision blocks, projector), then LoRA."""
+    if ts.gradient_checkpointing:
+        backend.enable_gradient_checkpointing()
+    return apply_lora(backend, ts.lora, seed)
+
+
 def init_from_adapter(model, adapter_dir) -> None:
     """A chain stage (LIBERO's lifelong protocol): start the run's LoRA from the previous stage's
     trained adapter, as LIBERO's sequential learner keeps training the same network on the next task
@@ -220,9 +228,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         backend = load_backend(sc["model"], device=device, stats=ds.statistics)
     else:
         backend.set_stats(ds.statistics)
-    if ts.gradient_checkpointing:
-        backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(backend, ts.lora, int(sc["seed"]))
+    model = prepare_model(backend, ts, int(sc["seed"]))
     skip_lora_input_cast(model, tcfg)  # train.lora_input_cast false
     compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:

@@ -178,7 +178,18 @@ def bench_train(args) -> dict:
         method, *mods = variant.split("+")  # e.g. baseline+fused_optimizer+compile, craft+separate
         if method == "peft_reference":
             if rank == 0:
-                results[variant] = bench_peft_reference(args)
+                oom = None
+                try:
+                    results[variant] = bench_peft_reference(args)
+                except torch.cuda.OutOfMemoryError as e:  # under --memory-cap-gib: recorded, then timed uncapped
+                    oom = f"OutOfMemoryError: {str(e)[:300]}"
+                if oom is not None:  # outside the except: its traceback (holding the model) is gone
+                    log.warning("peft_reference: out of memory under the cap; timing it uncapped")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                    results[variant] = {**bench_peft_reference(args), "uncapped": True, "capped_error": oom}
+                    apply_memory_cap(args.memory_cap_gib)
                 log.info("%s: %s", variant, results[variant])
                 _write_partial(args, results)
             continue

@@ -272,3 +272,21 @@ def test_openvla_full_size_architecture_on_meta():
         4096,
     )
     assert b.n_image_tokens == 256 and len(b.checkpoint_targets(m)) == 24 + 27 + 1
+
+
+def test_fp16_weights_get_fp32_lora_that_grad_scaler_unscales():
+    """The V100 profile (model.dtype fp16, precision fp16 + GradScaler): on peft 0.11.1 the LoRA was
+    created in fp16 and the scaler raised "Attempting to unscale FP16 gradients" (issue 28, seen on the
+    GPU with openvla's stack); run this in the openvla venv to see it fail on the code before."""
+    b = _tiny()
+    b.model.half()
+    ts = TrainSettings.of({**_settings(False).__dict__, "lora": _settings(False).lora, "precision": "fp16"})
+    model = prepare_model(b, ts, 0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what the loop's scaler does
+    scaler.scale(sum(p.sum() for p in trainable)).backward()
+    scaler.unscale_(opt)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in trainable)

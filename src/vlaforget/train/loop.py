@@ -124,7 +124,15 @@ def prepare_model(backend, ts: TrainSettings, seed: int):
     modules: decoder layers, vision blocks, projector), then LoRA."""
     if ts.gradient_checkpointing:
         backend.enable_gradient_checkpointing()
-    return apply_lora(backend, ts.lora, seed)
+    model = apply_lora(backend, ts.lora, seed)
+    # fp16 weights (the V100 profile): peft < 0.12 (the user's 0.11.1) creates the LoRA in the base
+    # layer's fp16, and GradScaler refuses to unscale fp16 gradients ("Attempting to unscale FP16
+    # gradients"); fp32 LoRA weights, as peft >= 0.12 makes them itself (autocast_adapter_dtype).
+    # bf16 LoRA stays bf16 on peft 0.11.1, as in openvla's finetune.py.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            p.data = p.data.float()
+    return model
 
 
 def init_from_adapter(model, adapter_dir) -> None:

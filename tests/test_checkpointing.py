@@ -290,3 +290,22 @@ def test_fp16_weights_get_fp32_lora_that_grad_scaler_unscales():
     scaler.scale(sum(p.sum() for p in trainable)).backward()
     scaler.unscale_(opt)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in trainable)
+
+
+def test_seven_b_stand_in_has_both_towers_and_the_fused_projector():
+    """`bench train --shape 7b`'s stand-in at OpenVLA-7B's shapes (meta device: nothing allocated)."""
+    from vlaforget.models.tiny import seven_b_shape_backend
+
+    b = seven_b_shape_backend(device="meta")
+    m = b.model
+    n = sum(p.numel() for p in m.parameters())
+    assert 7.50e9 < n < 7.58e9  # openvla-7b: 7.54 B (DINOv2's registers and LayerScale not modelled)
+    dino, siglip = m.vision_backbone.config, m.fused_vision_backbone.config
+    assert (dino.num_hidden_layers, dino.hidden_size, dino.num_attention_heads) == (24, 1024, 16)
+    assert (siglip.num_hidden_layers, siglip.hidden_size, siglip.intermediate_size) == (27, 1152, 4304)
+    assert (m.projector.fc1.in_features, m.projector.fc1.out_features) == (2176, 8704)
+    assert (m.projector.fc2.out_features, m.projector.fc3.out_features) == (4096, 4096)
+    assert m.config.feature_layer == -2 and b.n_image_tokens == 256
+    names = b.lora_targets(TARGETS)
+    assert any(x.startswith("fused_vision_backbone.") for x in names)
+    assert any(x.startswith("vision_backbone.") for x in names)

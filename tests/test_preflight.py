@@ -67,7 +67,7 @@ def good_stack(monkeypatch):
     fake_tf.AutoModelForVision2Seq = object
     monkeypatch.setitem(sys.modules, "transformers", fake_tf)
     monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
-    versions = {"transformers": "4.40.1", "tokenizers": "0.19.1", "timm": "0.9.16"}
+    versions = {"transformers": "4.40.1", "tokenizers": "0.19.1", "timm": "0.9.16", "mujoco": "3.3.0"}
     monkeypatch.setattr(P, "_version", lambda d: versions.get(d))
     return versions
 
@@ -87,6 +87,27 @@ def test_ready_when_everything_is_there(real_cfg, good_stack, libero_ok):
     rep = P.preflight(real_cfg)
     assert rep.problems == [], rep.message()
     assert any("libero_spatial_no_noops" in n for n in rep.notes)  # unnorm keys found
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [("3.3.0", True), ("3.3.2", True), ("3.3.3", False), ("3.4.0", False), ("3.9.0", False), ("3.2.7", False),
+     (None, False)],
+)
+def test_mujoco_outside_the_validated_range_is_refused(real_cfg, good_stack, libero_ok, version, ok):
+    """MuJoCo >= 3.3.3 renders LIBERO's floors darker, >= 3.4.0 breaks libero_spatial task 5 (issue 28)."""
+    model_dir(real_cfg)
+    rlds(real_cfg)
+    good_stack["mujoco"] = version
+    rep = P.preflight(real_cfg)
+    if ok:
+        assert rep.problems == [], rep.message()
+    else:
+        assert len(rep.problems) == 1, rep.message()
+        (w, fix), = rep.problems
+        assert "mujoco" in w and (version is None or version in w)
+        assert "pip install mujoco==3.3.0" in fix
+        assert "pip install mujoco==3.3.0" in rep.message()
 
 
 def test_one_message_lists_every_missing_piece_with_its_fix(real_cfg, good_stack, libero_ok):

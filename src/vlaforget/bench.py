@@ -1,8 +1,12 @@
 """`vlaforget bench`: speed and memory measurements recorded in docs/benchmarks.md.
 
-At OpenVLA-7B shape a randomly initialised model (models.tiny.seven_b_shape_backend: Llama-2-7B
-decoder dims + SigLIP-so400m-shaped tower) measures speed and memory truthfully; synthetic samples
-(random 224 px images, real instruction text, random actions) stand in for LIBERO data.
+At OpenVLA-7B shape a randomly initialised model measures speed and memory truthfully: the stand-in
+(models.tiny.seven_b_shape_backend: Llama-2-7B decoder + DINOv2-L- and SigLIP-so400m-shaped towers
+fused as prismatic does, fused projector) or, with --backend openvla and openvla's modelling code in
+VLAFORGET_OPENVLA_CODE, OpenVLA-7B's real architecture built on the GPU with random weights
+(models.openvla_tiny.full_size_backend). Synthetic samples (random 224 px images, real instruction
+text, random actions) stand in for LIBERO data. --memory-cap-gib caps this process's CUDA memory at
+a smaller card's (torch.cuda.set_per_process_memory_fraction).
 
     vlaforget bench icsm  --out DIR            probe + ICSM wall time (500 probes, r 128, 128 samples)
     vlaforget bench train --icsm-dir DIR       step time + peak memory: baseline / method / CRaFT
@@ -60,17 +64,38 @@ def _device() -> str:
     return "cpu"
 
 
-def make_backend(shape: str, layers: int | None = None, precision: str = "bf16"):
+def make_backend(shape: str, layers: int | None = None, precision: str = "bf16", backend: str = "standin"):
+    """The benchmark's model. backend "standin": models.tiny's 7B-shape stand-in (shape 7b) or the toy
+    (shape tiny); "openvla": OpenVLA-7B's real architecture from openvla's code (VLAFORGET_OPENVLA_CODE)
+    at full size, random weights, built on the device (shape 7b only)."""
     from .models.tiny import random_tiny_backend, seven_b_shape_backend
 
+    # weights in the profile's model.dtype: fp16 on V100s (profile_v100x8), bf16 otherwise
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(precision, torch.bfloat16)
+    if not _device().startswith("cuda"):
+        dtype = torch.float32
+    if backend == "openvla":
+        from .models.openvla_tiny import full_size_backend
+
+        if shape != "7b":
+            raise SystemExit("bench: --backend openvla builds OpenVLA-7B at full size; use --shape 7b")
+        return full_size_backend(os.environ.get("VLAFORGET_OPENVLA_CODE"), device=_device(), dtype=dtype,
+                                 layers=layers)
     if shape == "7b":
-        # weights in the profile's model.dtype: fp16 on V100s (profile_v100x8), bf16 otherwise
-        dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(precision, torch.bfloat16)
-        if not _device().startswith("cuda"):
-            dtype = torch.float32
-        b = seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
-        return b
+        return seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
     return random_tiny_backend(action_dim=7, device=_device())
+
+
+def apply_memory_cap(cap_gib: float | None) -> dict:
+    """Cap this process's CUDA caching allocator at `cap_gib` GiB (a smaller card's usable memory,
+    e.g. 23.5 for a 24 GB RTX 4090): allocations past it raise OutOfMemoryError as on that card."""
+    if not cap_gib or not torch.cuda.is_available():
+        return {}
+    dev = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(dev).total_memory
+    frac = min(1.0, cap_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac, dev)
+    return {"memory_cap_gib": cap_gib, "memory_fraction": frac, "device_total_gib": total / 2**30}
 
 
 def _sync():
@@ -89,7 +114,7 @@ def bench_icsm(args) -> dict:
     from .models.features import pooled_states
 
     torch.manual_seed(0)
-    backend = make_backend(args.shape, args.layers)
+    backend = make_backend(args.shape, args.layers, backend=args.backend)
     backend.model.eval()
     for p in backend.model.parameters():
         p.requires_grad_(False)
@@ -142,6 +167,7 @@ def bench_train(args) -> dict:
     separate retention pass, method.craft.fused_forward false), `+no_input_cast` (train.lora_input_cast false)."""
     results = {}
     rank = int(os.environ.get("RANK", "0"))
+    args.cap_info = apply_memory_cap(args.memory_cap_gib)
     methods = args.methods.split(",")
     for variant in methods:  # checked before anything runs
         bad = set(variant.split("+")[1:]) - set(VARIANT_MODS)
@@ -151,7 +177,18 @@ def bench_train(args) -> dict:
         method, *mods = variant.split("+")  # e.g. baseline+fused_optimizer+compile, craft+separate
         if method == "peft_reference":
             if rank == 0:
-                results[variant] = bench_peft_reference(args)
+                oom = None
+                try:
+                    results[variant] = bench_peft_reference(args)
+                except torch.cuda.OutOfMemoryError as e:  # under --memory-cap-gib: recorded, then timed uncapped
+                    oom = f"OutOfMemoryError: {str(e)[:300]}"
+                if oom is not None:  # outside the except: its traceback (holding the model) is gone
+                    log.warning("peft_reference: out of memory under the cap; timing it uncapped")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                    results[variant] = {**bench_peft_reference(args), "uncapped": True, "capped_error": oom}
+                    apply_memory_cap(args.memory_cap_gib)
                 log.info("%s: %s", variant, results[variant])
                 _write_partial(args, results)
             continue
@@ -187,7 +224,7 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    backend = make_backend(args.shape, args.layers, args.precision)
+    backend = make_backend(args.shape, args.layers, args.precision, args.backend)
     for p in backend.model.parameters():
         p.requires_grad_(False)
     ds = SyntheticDataset(4096)
@@ -219,7 +256,7 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     tmp = Path(tempfile.mkdtemp(prefix="vlaforget-bench-"))
     sc = {"stage": "train", "root": str(tmp), "run_name": f"bench__{method}", "run_id": f"bench-{method}",
           "method_name": method, "suite": "synthetic", "shots": None, "seed": 0,
-          "model": {"backend": "tiny", "base": "7b-shape"}, "dataset": {"name": "synthetic"},
+          "model": {"backend": backend.name, "base": "7b-shape"}, "dataset": {"name": "synthetic"},
           "method": mcfg, "out_dir": str(tmp / "run"), "icsm_dir": args.icsm_dir,
           # train keys not named here: settings.TrainSettings' defaults
           "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum,
@@ -227,21 +264,37 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
                     "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
                     "fused_optimizer": "fused_optimizer" in mods, "compile": "compile" in mods,
                     "lora_input_cast": "no_input_cast" not in mods,
-                    "save_steps": 10**9, "log_every": 1, "num_workers": args.num_workers,
-                    "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16)}}}
+                    "save_steps": args.save_every or 10**9, "log_every": 1, "num_workers": args.num_workers,
+                    "eval_every": args.eval_every, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16)}}}
     os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
     backend.set_stats(ds.statistics)
     seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
+    evals = []
+    eval_batch = [SyntheticDataset(args.eval_batch, seed=3)[i] for i in range(args.eval_batch)]
+
+    def evaluator(b, model):  # the periodic evaluation's policy call: one batched greedy forward
+        _sync()
+        t0 = time.perf_counter()
+        b.predict_actions(np.stack([x["image"] for x in eval_batch]), [x["instruction"] for x in eval_batch],
+                          model=model)
+        _sync()
+        evals.append(time.perf_counter() - t0)
+        return 0.0
+
+    ev = evaluator if args.eval_every else None
     if args.profile:
         prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
-                              run_training(sc, backend=b, dataset=ds, teacher_inputs=given))
+                              run_training(sc, backend=b, dataset=ds, teacher_inputs=given, evaluator=ev))
         if args.json and rank == 0:
             Path(f"{args.json}.profile_{variant}.txt").write_text(prof_text)
     else:
-        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given)
+        run_training(sc, backend=backend, dataset=ds, teacher_inputs=given, evaluator=ev)
     res = None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+    allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    merge = _export_merge(backend) if args.export_merge and rank == 0 else {}
     recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    recs = [r for r in recs if "step_time_s" in r]  # the periodic evaluation's records carry a score only
     timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
     if rank == 0:
         res = {
@@ -249,6 +302,9 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
             "step_times_s": [round(float(t), 4) for t in timed], "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
             "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
             "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
+            "peak_allocated_gib_run": allocated, "eval_forward_s": [round(t, 3) for t in evals],
+            "checkpoints_kept": len(list((tmp / "run" / "checkpoints").rglob("*.pt"))) if (
+                tmp / "run" / "checkpoints").exists() else 0, **merge,
             "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
             "thermostat_measurements": sum("drift_d" in r for r in recs)}
         ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
@@ -267,8 +323,33 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     return res if rank == 0 else None
 
 
+def _export_merge(backend) -> dict:
+    """The export stage's merge (PEFT merge_and_unload: W += B A per LoRA layer), timed, with the
+    peak memory it reaches on top of the trained model."""
+    from peft.tuners.lora import LoraLayer
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        n = 0
+        for m in backend.model.modules():
+            if isinstance(m, LoraLayer):
+                m.merge()
+                n += 1
+    _sync()
+    out = {"export_merge_s": round(time.perf_counter() - t0, 2), "export_merged_layers": n}
+    if torch.cuda.is_available():
+        out["export_merge_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["export_merge_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
 def _summary(args, results: dict) -> dict:
-    out = {"bench": "train", "shape": args.shape, "device": _device_name(), "world_size":
+    out = {"bench": "train", "shape": args.shape, "backend": args.backend, **getattr(args, "cap_info", {}),
+           "device": _device_name(), "world_size":
            int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
            "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,
            "anchor_batch": args.anchor_batch, "num_workers": args.num_workers, **_versions(),
@@ -347,7 +428,12 @@ def _versions() -> dict:
 
 def llava_reference_model(shape: str, device: str, dtype: torch.dtype):
     """Plain HF LLaVA wiring at OpenVLA-7B shape (Llama-2-7B decoder + SigLIP-so400m tower, MLP
-    projector, sdpa attention), random init: the reference the training loop is measured against."""
+    projector, sdpa attention), random init: the reference the training loop is measured against.
+
+    ONE tower: HF's LlavaForConditionalGeneration takes a single vision_config; the DINOv2 + SigLIP
+    fusion exists only in prismatic's code, so with --backend openvla the reference is openvla's own
+    model under plain PEFT instead (bench_peft_reference). This one lacks DINOv2-L's 0.3 B parameters
+    and its activations, so its samples/s flatter the reference."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
     from .models.tiny import SEVEN_B_SHAPE
@@ -389,7 +475,12 @@ def bench_peft_reference(args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = llava_reference_model(args.shape, dev, torch.bfloat16 if on_gpu else torch.float32)
+    dtype = (torch.float16 if args.precision == "fp16" else torch.bfloat16) if on_gpu else torch.float32
+    openvla = getattr(args, "backend", "standin") == "openvla"
+    if openvla:  # openvla's own model and finetune.py's recipe (PEFT on every Linear, model(**batch).loss)
+        model = make_backend(args.shape, args.layers, args.precision, "openvla").model
+    else:
+        model = llava_reference_model(args.shape, dev, dtype)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lin = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
@@ -401,8 +492,11 @@ def bench_peft_reference(args) -> dict:
     b, n_img = args.batch, 256
     text = 30  # ~ the loop's prompt + 7 action tokens + </s> on LIBERO-like instructions
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 31999, (b, 1 + n_img + text), generator=g)
-    ids[:, 1 : 1 + n_img] = 32001
+    # LLaVA: one placeholder id per patch in input_ids; openvla inserts the patches after <s> itself
+    ids = torch.randint(3, 31999, (b, 1 + (0 if openvla else n_img) + text), generator=g)
+    if not openvla:
+        ids[:, 1 : 1 + n_img] = 32001
+    channels = 6 if openvla else 3  # openvla: the two towers' normalisations stacked
     labels = torch.full_like(ids, -100)
     labels[:, -8:] = ids[:, -8:]
     batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev)}
@@ -412,8 +506,8 @@ def bench_peft_reference(args) -> dict:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for _ in range(args.accum):
-            pix = torch.rand(b, 3, 224, 224, generator=g).to(dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            pix = torch.rand(b, channels, 224, 224, generator=g).to(dev, dtype)
+            with torch.autocast("cuda", dtype=dtype, enabled=on_gpu):
                 loss = model(**batch, pixel_values=pix).loss / args.accum
             loss.backward()
         opt.step()
@@ -422,7 +516,8 @@ def bench_peft_reference(args) -> dict:
     timed = times[args.warmup :]
     res = {"step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
            "peak_mem_gib": 0.0, "samples_per_s": b * args.accum / float(np.median(timed)), "steps_timed": len(timed),
-           "seq_len": int(ids.shape[1]), "final_loss": float(loss.detach()) * args.accum}
+           "seq_len": int(ids.shape[1]) + (n_img if openvla else 0), "final_loss": float(loss.detach()) * args.accum,
+           "model": "openvla (prismatic remote code)" if openvla else "HF LlavaForConditionalGeneration"}
     if on_gpu:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -448,6 +543,7 @@ def add_args(p):
     pi.add_argument("--sens", type=int, default=128)
     pi.add_argument("--direction-batch", type=int, default=16)
     pi.add_argument("--out", required=True)
+    pi.add_argument("--backend", choices=["standin", "openvla"], default="standin")
     pt = sub.add_parser("train")
     pt.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     pt.add_argument("--layers", type=int, default=None)
@@ -467,6 +563,18 @@ def add_args(p):
     pt.add_argument("--thermostat-chunk", type=int, default=None,
                     help="thermostat.probe_chunk (default: the micro-batch)")
     pt.add_argument("--profile", action="store_true", help="torch.profiler tables next to --json")
+    pt.add_argument("--backend", choices=["standin", "openvla"], default="standin",
+                    help="standin: models.tiny's 7B-shape stand-in; openvla: OpenVLA-7B's real architecture "
+                         "from VLAFORGET_OPENVLA_CODE, random weights, built on the GPU")
+    pt.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cap CUDA memory at this many GiB (torch.cuda.set_per_process_memory_fraction): "
+                         "23.5 = a 24 GB RTX 4090's usable memory, 31.2 = a 32 GB V100's")
+    pt.add_argument("--eval-every", type=int, default=0,
+                    help="train.eval_every: a batched greedy policy call (the periodic evaluation's forward)")
+    pt.add_argument("--eval-batch", type=int, default=8, help="observations per periodic-eval call (num_envs)")
+    pt.add_argument("--save-every", type=int, default=0, help="train.save_steps (0: only at the end)")
+    pt.add_argument("--export-merge", action="store_true",
+                    help="after training, merge the LoRA into the weights as the export stage does (timed)")
     for q in (pi, pt):
         q.add_argument("--json", default=None, help="also write the result here")
 

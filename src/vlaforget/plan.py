@@ -35,12 +35,17 @@ GPU_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "rtx4090": 165.2, "a6
 # Measured at OpenVLA-7B shape (random init, bf16, gradient checkpointing, LoRA r 32 on
 # attn+mlp+vision+projector); docs/benchmarks.md, raw JSON in docs/bench-results/.
 MEASURED: dict[str, Any] = {
-    "train": {  # seconds per micro-step by micro-batch, one GPU (issue 16 section; H200)
-        "gpu": "h200",
-        "micro_s": {2: 0.655, 16: 0.764},  # 2 x 8 took 5.24 s per optimizer step (issue 16); 16 x 1 0.764 s (run 3)
-        # method: run 4 (47 timed steps, Thermostat amortised over K = 50); CRaFT: session 6 run 2
-        # (anchors 8, the fused task + anchor pass; the separate pass was 1.546 / 0.764 in run 3)
-        "method_factor": {"baseline": 1.0, "method": 0.824 / 0.806, "craft": 1.197 / 0.797},
+    "train": {  # seconds per micro-step by micro-batch, one GPU
+        "gpu": "h100",
+        # 16: OpenVLA-7B's real architecture, every tower checkpointed, baseline, H100 under a 23.5 GiB
+        # cap (issue 28 run 1); 2: the host floor (2 x 8 took 5.24 s per optimizer step, issue 16, H200
+        # stand-in; the real architecture's 8-row micro-steps, 0.81-0.99 s, sit near 16's too)
+        "micro_s": {2: 0.655, 16: 0.794},
+        # method: issue 16 run 4 (same micro-batch, Thermostat amortised over K = 50; at 16 rows the real
+        # architecture's method ran out of a 4090's memory, so no same-batch pair exists from issue 28);
+        # CRaFT: issue 28 run 2, the fused task + anchor pass at 16 rows on the real architecture
+        # (1.567 s; the separate pass 1.733 s) against the baseline's 0.794 s
+        "method_factor": {"baseline": 1.0, "method": 0.824 / 0.806, "craft": 1.567 / 0.794},
     },
     "policy": {"gpu": "h100", "call_ms": 198.0, "ms_per_sample": 9.6},  # policy call = a + b x batch
     "libero_env_ms": 28.0,       # one LIBERO step in a worker (physics + 256 px render + JPEG), H100 host
@@ -131,7 +136,7 @@ def micro_step_s(batch: int, gpu: str, table: dict = MEASURED) -> float:
     """Baseline seconds per micro-step of `batch` samples on `gpu`: max(host floor, GPU work).
 
     The smallest measured batch gives the floor (at micro-batch 2 the step is bound by kernel launches
-    and Python, not by the GPU: 0.655 s for 2 samples against 0.764 s for 16); the GPU work is the
+    and Python, not by the GPU: 0.655 s for 2 samples against 0.764-0.794 s for 16); the GPU work is the
     largest measured batch's time, linear in the batch and scaled by the TFLOP ratio. The host floor
     is not scaled (it depends on the CPU, not the GPU)."""
     pts = sorted((int(b), float(t)) for b, t in table["train"]["micro_s"].items())

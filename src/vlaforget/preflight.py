@@ -13,6 +13,7 @@ environment the rules will run in. It takes a few seconds and checks, for the co
 * each suite's RLDS builder dir `{data.rlds_dir}/{suite}/{version}/` (dataset_info.json, features.json,
   tfrecord shards);
 * LIBERO: importable, its scene assets verified file by file against the hash manifest, its config;
+  MuJoCo within the validated 3.3.0-3.3.2 (newer ones render and settle LIBERO differently);
 * the VQA set (`eval.forgetting.vqa_jsonl`) if configured;
 * the data root is writable.
 
@@ -34,6 +35,12 @@ from pathlib import Path
 TRANSFORMERS_PIN = "4.40.1"
 TOKENIZERS_PIN = "0.19.1"
 TIMM_RANGE = ("0.9.10", "0.9.16")
+# MuJoCo versions LIBERO renders and settles as when its data and openvla's published numbers were made:
+# 3.3.0 is the project's pin (make real-env), 3.3.2 LIBERO's own fix (LIBERO #88, PR #140). From 3.3.3
+# the floors render darker (openvla-7b-finetuned-libero-object 88.4 % -> ~69 %, openvla #282, #335);
+# from 3.4.0 libero_spatial task 5's initial states no longer settle (its bowl tilts on the ramekin's rim).
+MUJOCO_RANGE = ("3.3.0", "3.3.2")
+MUJOCO_FIX = "pip install mujoco==3.3.0 in the jobs' env (make real-env pins it)"
 STACK_FIX = (
     "make real-env (README 'The real study'), or in your own env: pip install transformers==4.40.1 "
     "tokenizers==0.19.1 timm==0.9.16 peft==0.11.1 and the torchvision matching your torch"
@@ -287,6 +294,20 @@ def check_libero(cfg: dict, rep: Report) -> None:
         rep.problem(f"LIBERO fails to import: {type(e).__name__}: {e}", fix)
 
 
+def check_mujoco(rep: Report) -> None:
+    """MuJoCo inside MUJOCO_RANGE (the jobs' env; read from its metadata, nothing is imported)."""
+    v = _version("mujoco")
+    if v is None:
+        rep.problem(f"mujoco is not installed in the jobs' Python ({sys.executable})", MUJOCO_FIX)
+        return
+    lo, hi = MUJOCO_RANGE
+    if not (_vtuple(lo) <= _vtuple(v) <= _vtuple(hi)):
+        why = ("renders LIBERO's floors darker than its training data (>= 3.3.3) and breaks libero_spatial "
+               "task 5's initial states (>= 3.4.0)" if _vtuple(v) > _vtuple(hi) else "is older than validated")
+        rep.problem(f"mujoco {v} is outside the validated {lo}-{hi}: it {why}; success rates would not be "
+                    "comparable with the published ones", MUJOCO_FIX)
+
+
 def check_vqa(cfg: dict, rep: Report) -> None:
     path = (cfg["eval"].get("forgetting") or {}).get("vqa_jsonl")
     if not path:
@@ -332,6 +353,7 @@ def preflight(cfg: dict) -> Report:
         check_openvla_model(cfg, rep, ok)
     if cfg["world"] == "libero":
         check_rlds(cfg, rep)
+        check_mujoco(rep)
         check_libero(cfg, rep)
     check_vqa(cfg, rep)
     return rep

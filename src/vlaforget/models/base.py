@@ -89,6 +89,37 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """A module's own forward, under non-reentrant `torch.utils.checkpoint` while it trains with
+    gradients on (the same condition as HF's checkpointed layers); plain otherwise (no_grad probes,
+    evaluation, generation)."""
+    fwd = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fwd, self, *args, use_reentrant=False, **kwargs)
+    return fwd(self, *args, **kwargs)
+
+
+def checkpoint_module(module: nn.Module) -> bool:
+    """Run `module` under activation checkpointing from now on; False if it already was.
+
+    Non-reentrant: the recomputation re-runs the module as it is at backward time, LoRA layers that
+    PEFT injects afterwards included, and parameters get their gradients although the module's input
+    does not require grad (with reentrant checkpointing and a frozen input they silently get none).
+    The forward is rebound on the instance, so module names, state_dict keys and PEFT's target names
+    are unchanged (a wrapper module such as torch's `checkpoint_wrapper` renames every parameter)."""
+    if getattr(module, "_vlaforget_checkpointed", False):
+        return False
+    import types
+
+    if "forward" in vars(module):
+        raise ValueError(f"{type(module).__name__} has an instance-level forward; cannot checkpoint it")
+    module.forward = types.MethodType(_checkpointed_forward, module)
+    module._vlaforget_checkpointed = True
+    return True
+
+
 # text-length keys of a collated action batch and their padding values (right padding; input_ids: the pad id)
 PAD_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "instruction_mask": False, "action_mask": False}
 
@@ -109,7 +140,7 @@ class VLABackend:
     """Shared implementation of the backend protocol. See docs/DEVELOPMENT.md for the contract."""
 
     name = "base"
-    vision_prefix = "vision_backbone."
+    vision_prefix: str | tuple[str, ...] = "vision_backbone."  # str.startswith: one prefix or several
     projector_prefix = "projector."
 
     def __init__(
@@ -396,6 +427,29 @@ class VLABackend:
 
     def decoder_layers(self, model: nn.Module | None = None) -> nn.ModuleList:
         return find_decoder_layers(self.model if model is None else model)
+
+    def checkpoint_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) pairs that `enable_gradient_checkpointing` wraps itself, beyond what the HF
+        model's own `gradient_checkpointing_enable` reaches. Default: the projector."""
+        proj = getattr(model, "projector", None)
+        return [("projector", proj)] if isinstance(proj, nn.Module) else []
+
+    def enable_gradient_checkpointing(self, model: nn.Module | None = None) -> list[str]:
+        """`train.gradient_checkpointing`: activation checkpointing on every trainable tower.
+
+        The HF model's `gradient_checkpointing_enable` (non-reentrant) reaches the modules HF knows
+        (the Llama decoder layers, an HF ViT's layers); `checkpoint_targets` names the rest (timm
+        blocks of OpenVLA's vision towers, the projector), wrapped by `checkpoint_module`. Call it
+        before LoRA is applied or after: the wrapped forwards see PEFT's layers either way. Returns
+        the names of the modules wrapped here (HF's own are not listed)."""
+        m = unwrap_model(self.model if model is None else model)
+        if getattr(m, "supports_gradient_checkpointing", False):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        done = []
+        for name, mod in self.checkpoint_targets(m):
+            checkpoint_module(mod)
+            done.append(name)
+        return done
 
     def lora_targets(self, targets: Sequence[str] = ("attn", "mlp"), layers: Any = "all") -> list[str]:
         """Full module names of the Linear layers to adapt (peft matches them as name suffixes, so

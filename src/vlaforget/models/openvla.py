@@ -168,6 +168,19 @@ class OpenVLABackend(VLABackend):
         takes both, so each row appends at its own position with its padding masked."""
         return self._greedy_cached(prompts, pixel_values, steps, allowed, stop_at_eos, model)
 
+    def checkpoint_targets(self, model):
+        """Every block of both timm towers (DINOv2 `featurizer`, SigLIP `fused_featurizer`) and the
+        projector. timm's own `set_grad_checkpointing` does not reach them: openvla's featurizers run
+        `get_intermediate_layers`, whose block loop (timm 0.9.x `_intermediate_layers`) ignores
+        `grad_checkpointing`; it is honoured only by `forward_features`."""
+        out = []
+        vb = getattr(model, "vision_backbone", None)
+        for tower in ("featurizer", "fused_featurizer"):
+            blocks = getattr(getattr(vb, tower, None), "blocks", None)
+            if blocks is not None:
+                out += [(f"vision_backbone.{tower}.blocks.{i}", b) for i, b in enumerate(blocks)]
+        return out + super().checkpoint_targets(model)
+
     def _decode_module(self, m):
         return unwrap_model(m).language_model
 

@@ -242,6 +242,74 @@ def build(
     return out
 
 
+# openvla-7b's config.json: `dinosiglip-vit-so-224px` (these timm ids) + Llama-2-7B
+FULL_TIMM_IDS = ("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224")
+FULL_TEXT = {
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "pad_token_id": 32000,
+    "rms_norm_eps": 1e-6,
+}
+
+
+def full_size_backend(code: str | Path, device="meta", dtype=None, layers: int | None = None):
+    """OpenVLA-7B's REAL architecture (openvla's modelling code from `code`) at full size with random
+    weights, built directly on `device` (no checkpoint; "meta" allocates nothing, "cuda" initialises
+    on the GPU): both timm towers with `pretrained=False` (prismatic's own call), the fused projector
+    2176 -> 8704 -> 4096 -> 4096, Llama-2-7B. For `vlaforget bench train --backend openvla`."""
+    import torch
+
+    from .openvla import OpenVLABackend
+
+    code = check_code_dir(code)
+    dtype = dtype or torch.bfloat16
+    text = dict(FULL_TEXT)
+    if layers is not None:
+        text["num_hidden_layers"] = int(layers)
+    tmp = Path(tempfile.mkdtemp(prefix="vlaforget-openvla-code-"))
+    conf_mod, model_mod, proc_mod = _import_code(code, tmp)
+    cfg = conf_mod.OpenVLAConfig(
+        vision_backbone_id="dinosiglip-vit-so-224px",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        image_resize_strategy="resize-naive",
+        text_config=text,
+        norm_stats=DEFAULT_NORM_STATS,
+        n_action_bins=256,
+        timm_model_ids=list(FULL_TIMM_IDS),
+        pad_to_multiple_of=64,
+    )
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    if str(device) == "meta":  # timm's constructor calls .item() (drop-path rule): no meta tensors
+        from accelerate import init_empty_weights
+
+        where = init_empty_weights()
+    else:
+        where = torch.device(device)
+    try:
+        with where:
+            model = model_mod.OpenVLAForActionPrediction(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    improc = proc_mod.PrismaticImageProcessor(
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[(3, 224, 224)] * 2,
+        interpolations=["bicubic", "bicubic"],
+        means=[(0.485, 0.456, 0.406), (0.5, 0.5, 0.5)],
+        stds=[(0.229, 0.224, 0.225), (0.5, 0.5, 0.5)],
+    )
+    proc = proc_mod.PrismaticProcessor(image_processor=improc, tokenizer=llama_like_tokenizer())
+    return OpenVLABackend(model, proc, device=device)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 

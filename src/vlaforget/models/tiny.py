@@ -72,6 +72,8 @@ class TinyVLAConfig(PretrainedConfig):
         self,
         vision: dict | None = None,
         llm: dict | None = None,
+        vision_fused: dict | None = None,
+        feature_layer: int = -1,
         image_size: int = 64,
         patch_size: int = 8,
         action_dim: int = 4,
@@ -81,6 +83,12 @@ class TinyVLAConfig(PretrainedConfig):
     ):
         self.vision = dict(vision or {})
         self.llm = dict(llm or {})
+        # a second tower fused as prismatic does (OpenVLA's DINOv2 + SigLIP): patch features of both,
+        # concatenated along channels, into a 3-layer GELU projector; None = one tower, 2-layer MLP
+        self.vision_fused = dict(vision_fused) if vision_fused else None
+        # which hidden state the patch features come from: -1 = the tower's last_hidden_state (after
+        # its final LayerNorm), -2 = the second-to-last block's output (prismatic's choice)
+        self.feature_layer = int(feature_layer)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.action_dim = int(action_dim)
@@ -105,17 +113,21 @@ def tiny_config(
     model_vocab: int | None = None,
 ) -> TinyVLAConfig:
     """TinyVLAConfig from the `model.tiny` block of the study config."""
-    vision = {
-        "hidden_size": tiny["vision_hidden"],
-        "num_hidden_layers": tiny["vision_layers"],
-        "num_attention_heads": tiny["vision_heads"],
-        "intermediate_size": tiny.get("vision_intermediate", 4 * tiny["vision_hidden"]),
-        "image_size": tiny["image_size"],
-        "patch_size": tiny["patch_size"],
-        "num_channels": 3,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-    }
+    def tower(prefix: str) -> dict:
+        return {
+            "hidden_size": tiny[f"{prefix}_hidden"],
+            "num_hidden_layers": tiny[f"{prefix}_layers"],
+            "num_attention_heads": tiny[f"{prefix}_heads"],
+            "intermediate_size": tiny.get(f"{prefix}_intermediate", 4 * tiny[f"{prefix}_hidden"]),
+            "image_size": tiny["image_size"],
+            "patch_size": tiny["patch_size"],
+            "num_channels": 3,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        }
+
+    vision = tower("vision")
+    fused = tower("fused_vision") if "fused_vision_hidden" in tiny else None
     llm = {
         "vocab_size": model_vocab or vocab_size,
         "hidden_size": tiny["hidden"],
@@ -133,6 +145,8 @@ def tiny_config(
     return TinyVLAConfig(
         vision=vision,
         llm=llm,
+        vision_fused=fused,
+        feature_layer=int(tiny.get("feature_layer", -1)),
         image_size=tiny["image_size"],
         patch_size=tiny["patch_size"],
         action_dim=action_dim,
@@ -156,6 +170,23 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class FusedProjector(nn.Module):
+    """prismatic's fused-backbone projector (`fused-gelu-mlp`), with its module names:
+    fc1 vision -> 4 x vision, GELU, fc2 -> LLM width, GELU, fc3 LLM -> LLM (2176 -> 8704 -> 4096 -> 4096
+    in OpenVLA-7B)."""
+
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+        self.act_fn1 = nn.GELU()
+        self.act_fn2 = nn.GELU()
+
+    def forward(self, x):
+        return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(x)))))
+
+
 class TinyVLAForActionPrediction(PreTrainedModel):
     config_class = TinyVLAConfig
     base_model_prefix = "tinyvla"
@@ -167,7 +198,13 @@ class TinyVLAForActionPrediction(PreTrainedModel):
     def __init__(self, config: TinyVLAConfig):
         super().__init__(config)
         self.vision_backbone = ViTModel(ViTConfig(**config.vision), add_pooling_layer=False)
-        self.projector = Projector(config.vision["hidden_size"], config.llm["hidden_size"])
+        width = config.vision["hidden_size"]
+        if config.vision_fused:
+            self.fused_vision_backbone = ViTModel(ViTConfig(**config.vision_fused), add_pooling_layer=False)
+            width += config.vision_fused["hidden_size"]
+            self.projector = FusedProjector(width, config.llm["hidden_size"])
+        else:
+            self.projector = Projector(width, config.llm["hidden_size"])
         self.language_model = LlamaForCausalLM(LlamaConfig(**config.llm))
         self.post_init()
 
@@ -189,8 +226,17 @@ class TinyVLAForActionPrediction(PreTrainedModel):
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> projected patch embeddings [B, n_image_tokens, D]."""
-        feats = self.vision_backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]  # no CLS
+        feats = self._patches(self.vision_backbone, pixel_values)
+        if self.config.vision_fused:
+            feats = torch.cat([feats, self._patches(self.fused_vision_backbone, pixel_values)], dim=2)
         return self.projector(feats)
+
+    def _patches(self, tower: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features (no CLS) of `config.feature_layer`."""
+        if self.config.feature_layer == -1:
+            return tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return states[self.config.feature_layer][:, 1:]
 
     def forward(
         self,
@@ -314,6 +360,7 @@ def load_tokenizer(path: str | Path):
 
 class TinyBackend(VLABackend):
     name = "tiny"
+    vision_prefix = ("vision_backbone.", "fused_vision_backbone.")  # the 7B stand-in's second tower
 
     def __init__(self, model: TinyVLAForActionPrediction, tokenizer, device="cpu", stats=None):
         cfg = model.config
@@ -466,10 +513,18 @@ def random_tiny_backend(
 SEVEN_B_SHAPE = {
     "image_size": 224,
     "patch_size": 14,
-    "vision_hidden": 1152,
-    "vision_layers": 27,
+    # OpenVLA-7B's fused vision backbone (`dinosiglip-vit-so-224px`): DINOv2 ViT-L/14 ...
+    "vision_hidden": 1024,
+    "vision_layers": 24,
     "vision_heads": 16,
-    "vision_intermediate": 4304,
+    "vision_intermediate": 4096,
+    # ... and SigLIP so400m/14, both at 224 px (256 patches each)
+    "fused_vision_hidden": 1152,
+    "fused_vision_layers": 27,
+    "fused_vision_heads": 16,
+    "fused_vision_intermediate": 4304,
+    "feature_layer": -2,  # prismatic: patch features of each tower's second-to-last block
+    # Llama-2-7B
     "hidden": 4096,
     "layers": 32,
     "heads": 32,
@@ -481,10 +536,14 @@ SEVEN_B_SHAPE = {
 def seven_b_shape_backend(
     device="meta", dtype: torch.dtype = torch.bfloat16, action_dim: int = 7, layers: int | None = None
 ) -> TinyBackend:
-    """Random-init model with OpenVLA-7B's LLM dims (Llama-2-7B: 32 layers, hidden 4096, 32 heads,
-    intermediate 11008, vocab 32064, action ids 31744..31999) and a SigLIP-so400m-shaped ViT tower
-    (224 px, patch 14, 256 patches, width 1152, 27 layers). device="meta" allocates nothing
-    (shapes only); on a GPU, device="cuda" initialises it there directly. For benchmarks."""
+    """Random-init stand-in with OpenVLA-7B's shapes: the LLM (Llama-2-7B: 32 layers, hidden 4096,
+    32 heads, intermediate 11008, vocab 32064, action ids 31744..31999), both vision towers
+    (DINOv2-L/14-shaped: 24 layers, width 1024, 16 heads; SigLIP-so400m-shaped: 27 layers, width
+    1152, 16 heads, MLP 4304; 224 px, patch 14, 256 patches each) fused as prismatic does (second-
+    to-last block's patches, 1024 + 1152 = 2176 channels) and the fused projector (2176 -> 8704 ->
+    4096 -> 4096). Both towers are HF ViTs (one CLS token each, no DINOv2 registers or LayerScale:
+    4 of DINOv2's 261 tokens are missing). device="meta" allocates nothing (shapes only); on a GPU,
+    device="cuda" initialises it there directly. For benchmarks (docs/models.md)."""
     shape = dict(SEVEN_B_SHAPE)
     if layers is not None:
         shape["layers"] = layers

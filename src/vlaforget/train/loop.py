@@ -132,6 +132,22 @@ def apply_lora(backend, lcfg: LoraSettings | dict, seed: int):
     return model
 
 
+def prepare_model(backend, ts: TrainSettings, seed: int):
+    """The trainable model: `train.gradient_checkpointing` on every tower (the backend decides which
+    modules: decoder layers, vision blocks, projector), then LoRA."""
+    if ts.gradient_checkpointing:
+        backend.enable_gradient_checkpointing()
+    model = apply_lora(backend, ts.lora, seed)
+    # fp16 weights (the V100 profile): peft < 0.12 (the user's 0.11.1) creates the LoRA in the base
+    # layer's fp16, and GradScaler refuses to unscale fp16 gradients ("Attempting to unscale FP16
+    # gradients"); fp32 LoRA weights, as peft >= 0.12 makes them itself (autocast_adapter_dtype).
+    # bf16 LoRA stays bf16 on peft 0.11.1, as in openvla's finetune.py.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            p.data = p.data.float()
+    return model
+
+
 def init_from_adapter(model, adapter_dir) -> None:
     """A chain stage (LIBERO's lifelong protocol): start the run's LoRA from the previous stage's
     trained adapter, as LIBERO's sequential learner keeps training the same network on the next task
@@ -234,9 +250,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
         backend = load_backend(sc["model"], device=device, stats=ds.statistics)
     else:
         backend.set_stats(ds.statistics)
-    if ts.gradient_checkpointing:
-        backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(backend, ts.lora, int(sc["seed"]))
+    model = prepare_model(backend, ts, int(sc["seed"]))
     # train.init_adapter: the user's adapter into this LoRA before step 1 (a different base model or
     # LoRA shape is refused); the schedule then continues from init_step (train/init_adapter.py)
     init_info, trainer_state, init_step = None, None, 0

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("vlaforget.stages.table", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.stages.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
+    "migrate-root": ("vlaforget.migrate", "move a root laid out by run name to outputs named by config id (once)"),
     "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
 }
 

@@ -78,6 +78,24 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def escaping_links(root: Path, allowed: Path, limit: int = 5) -> list[str]:
+    """Symlinks below the data root that point outside the allowed root: every job would write
+    through them off the data disk, so the workflow refuses them before any job (not in the job
+    that first follows one). Walks without following links."""
+    from .paths import is_within
+
+    out = []
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(d) / name
+            if p.is_symlink() and not is_within(p, allowed):
+                out.append(f"{p} is a symlink to {os.path.realpath(p)}, outside the allowed root {allowed}: "
+                           f"move that data under {allowed} and link it from there, or remove the link")
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def report(
     cfg: dict,
     scan_dir: str | Path | None = None,
@@ -99,6 +117,8 @@ def report(
                 f"a writable folder under the allowed root: VLAFORGET_ROOT="
                 f"{resolve_allowed_root(cfg)}/<you>/vlaforget or `root:` in your config."
             )
+    if not problems and root.is_dir():
+        problems += escaping_links(root, resolve_allowed_root(cfg))
     scan_dir = Path(scan_dir) if scan_dir else REPO_DIR
     large = scan_large_files(scan_dir, int(limit_gb * 1e9)) if scan_dir.exists() else []
     free = free_gb(root)

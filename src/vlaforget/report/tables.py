@@ -17,6 +17,7 @@ vqa_kl, drift_mean, cka_mean, drift_craft_layer, cka_craft_layer, ...).
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -118,11 +119,13 @@ def load_evals(paths) -> dict[str, dict]:
     for p in paths:
         p = Path(p)
         d = read_json(p)
-        run = d.get("run") or d.get("run_name") or p.parent.name
-        if p.name == "forgetting.json":
+        # evals/{run}/{suite}/{config id}.json, evals/{run}/forgetting/{config id}.json (config.job_dir)
+        by_id = bool(re.fullmatch(r"[0-9a-f]{12}", p.stem))
+        run = d.get("run") or d.get("run_name") or (p.parents[1].name if by_id else p.parent.name)
+        if p.name == "forgetting.json" or (by_id and p.parent.name == "forgetting"):
             runs[run]["forgetting"] = d
         else:
-            suite = d.get("suite") or p.stem
+            suite = d.get("suite") or (p.parent.name if by_id else p.stem)
             if "success_rate" not in d:
                 raise ValueError(f"{p}: closed-loop eval JSON without 'success_rate' (re-run the eval rule)")
             runs[run]["suites"][suite] = _num(d["success_rate"])

@@ -60,6 +60,13 @@ def _ids_of_run(root: Path) -> set[str]:
     return {json.loads(p.read_text()).get("config_id") for p in (root / "runs" / RUN).rglob("final/done.json")}
 
 
+def _nothing_to_do(r) -> bool:
+    import re
+
+    out = r.stdout + r.stderr
+    return "Nothing to be done" in out or bool(re.search(r"^total\s+0$", out, re.MULTILINE))
+
+
 def _env(tmp_path: Path) -> dict:
     return {"VLAFORGET_ROOT": str(tmp_path / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
             "VLAFORGET_SKIP_PREFLIGHT": "1"}
@@ -90,13 +97,13 @@ def test_a_b_a_each_checkout_keeps_its_results(tmp_path):
         r = snakemake([*TRAIN, *_files(a)], cwd=a, env=env, timeout=1500)
         assert r.returncode == 0, r.stderr[-3000:]
         assert ida in _ids_of_run(root), f"A's run was replaced by another config's: {_ids_of_run(root)}"
-        assert "Nothing to be done" in r.stdout + r.stderr, "switching back must rerun nothing"
+        assert _nothing_to_do(r), "switching back must rerun nothing: " + r.stderr[-2000:]
 
     # copying the finished root elsewhere (cp -a) reruns nothing
     moved = tmp_path / "data" / "copy"
     shutil.copytree(root, moved, symlinks=True)
     r = snakemake(["-n", *TRAIN, *_files(a)], cwd=a, env={**env, "VLAFORGET_ROOT": str(moved)})
-    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-3000:]
+    assert r.returncode == 0 and _nothing_to_do(r), r.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -123,3 +130,238 @@ def test_two_drivers_on_one_root_never_exit_0_with_another_configs_run(tmp_path)
         if rc == 0:
             assert want in _ids_of_run(root), f"{wf.name} exited 0 without its own run: {_ids_of_run(root)}"
     assert 0 in rcs  # at least one finished
+
+
+# ----------------------------------------------------------------------------- the layout (fast)
+
+
+def _ci_cfg(**over):
+    from vlaforget.config import deep_merge, load_config
+
+    cfg = load_config(*(Path(__file__).parents[1] / "config" / f for f in ("config.yaml", "demo.yaml", "ci.yaml")))
+    return deep_merge(cfg, over)
+
+
+def test_every_output_path_holds_its_config_id(tmp_root):
+    from vlaforget.config import job_output, stage_config, stage_config_text
+    from vlaforget.io import config_id
+    from vlaforget.study import stage_jobs
+
+    cfg, cfg3 = _ci_cfg(), _ci_cfg(train={"lora": {"r": 3}})
+    for stage, key in stage_jobs(cfg):
+        sc = stage_config(cfg, stage, key)
+        cid = config_id(sc)
+        assert cid in Path(job_output(cfg, stage, key)).name
+        changed = config_id(stage_config(cfg3, stage, key)) != cid
+        # lora.r changes the runs and what reads them, never the teacher's artifacts
+        assert changed == (stage in ("train", "eval", "forgetting") and not key.startswith("teacher")), (stage, key)
+    sc = stage_config(cfg, "train", RUN)
+    f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
+    f.parent.mkdir(parents=True)
+    f.write_text(stage_config_text(sc))
+    assert "{root}" in f.read_text() and str(tmp_root) not in f.read_text()  # a copied root reads itself
+
+
+def test_a_job_refuses_a_stage_config_that_is_not_the_id_its_path_names(tmp_root):
+    """The trainer can only write the run its driver named: a file whose content is another config
+    (another driver's, a hand edit) is refused, naming both ids."""
+    from vlaforget.config import ConfigError, load_stage_config, stage_config, stage_config_text
+    from vlaforget.io import config_id
+
+    a, b = stage_config(_ci_cfg(), "train", RUN), stage_config(_ci_cfg(train={"lora": {"r": 3}}), "train", RUN)
+    f = tmp_root / "configs" / "train" / RUN / f"{config_id(a)}.yaml"
+    f.parent.mkdir(parents=True)
+    f.write_text(stage_config_text(b))  # FAULT: B's config at A's path
+    with pytest.raises(ConfigError, match=f"holds a config of id {config_id(b)}, not the id {config_id(a)}"):
+        load_stage_config(f, "train")
+    f.write_text(stage_config_text(a))
+    assert load_stage_config(f, "train")["out_dir"] == a["out_dir"]
+
+
+def test_a_copied_root_reads_its_configs_where_they_now_are(tmp_root, monkeypatch):
+    from vlaforget.config import load_stage_config, stage_config, stage_config_text
+    from vlaforget.io import config_id
+
+    sc = stage_config(_ci_cfg(), "train", RUN)
+    f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
+    f.parent.mkdir(parents=True)
+    f.write_text(stage_config_text(sc))
+    copy = tmp_root.parent / "copy"
+    shutil.copytree(tmp_root, copy)
+    monkeypatch.delenv("VLAFORGET_ROOT")
+    got = load_stage_config(copy / f.relative_to(tmp_root), "train")
+    assert got["out_dir"].startswith(str(copy) + "/") and config_id(got) == config_id(sc)
+
+
+def test_keys_outside_the_id_come_from_the_driver_not_the_file(tmp_root, monkeypatch):
+    from vlaforget.config import NON_SEMANTIC_ENV, load_stage_config, stage_config, stage_config_text
+    from vlaforget.io import config_id
+
+    sc = stage_config(_ci_cfg(), "train", RUN)
+    f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
+    f.parent.mkdir(parents=True)
+    f.write_text(stage_config_text(sc))
+    monkeypatch.setenv(NON_SEMANTIC_ENV, json.dumps({"train.log_every": 7, "train.lr": 1.0}))
+    got = load_stage_config(f, "train")
+    assert got["train"]["log_every"] == 7  # outside the id: the driver's current value
+    assert got["train"]["lr"] == sc["train"]["lr"]  # inside the id: never from outside the file
+
+
+def test_anchor_id_record_survives_a_copied_root(tmp_root):
+    """CRaFT's anchors.pt records its id beside it; the record held the file's inode, so a copied
+    root (cp -a, another disk) retrained every CRaFT run."""
+    from vlaforget import freshness
+    from vlaforget.config import stage_config
+    from vlaforget.io import config_id
+
+    sc = stage_config(_ci_cfg(), "craft_anchors", "mw_downstream")
+    out = Path(sc["out_dir"])
+    out.mkdir(parents=True)
+    (out / "anchors.pt").write_bytes(b"anchor features")
+    freshness.stamp(sc)
+    copy = tmp_root.parent / "copy"
+    shutil.copytree(tmp_root, copy)
+    moved = copy / (out / "anchors.pt").relative_to(tmp_root)
+    assert freshness.recorded_id(moved) == config_id(sc)
+    moved.write_bytes(b"anchor featureZ")  # other bytes, same size: no longer the recorded file
+    assert freshness.recorded_id(moved) is None
+
+
+# ----------------------------------------------------------------------------- the workflow (dry-runs)
+
+
+def _touched_root(tmp_path, wf, env, files) -> None:
+    """Every output of the study present (empty files), as `snakemake --summary` lists them."""
+    r = snakemake(["--summary", *files], cwd=wf, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in r.stdout.splitlines()[1:]:
+        p = Path(line.split("\t")[0])
+        p = p if p.is_absolute() else wf / p
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+
+def _snapshot(*dirs: Path) -> dict:
+    """Every file (mtime, bytes) and folder below dirs (a folder's mtime changes with its entries)."""
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
+            for d in dirs for p in d.rglob("*") if ".snakemake" not in p.parts}
+
+
+def test_parsing_the_workflow_writes_nothing(tmp_path):
+    """A dry-run of a root whose jobs are all done (benchmarks missing) leaves root and checkout as they
+    were: it wrote placeholder benchmarks (and moved tables to .stale on a real run's parse)."""
+    wf = copy_workflow(tmp_path / "wf")
+    env = _env(tmp_path)
+    files = ["--profile", "profiles/ci"]
+    _touched_root(tmp_path, wf, env, files)
+    root = Path(env["VLAFORGET_ROOT"])
+    shutil.rmtree(root / "benchmarks", ignore_errors=True)
+    before = _snapshot(root, wf)
+    r = snakemake(["-n", *files], cwd=wf, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _snapshot(root, wf) == before
+
+
+def test_an_overlay_run_for_one_target_changes_nothing_other_jobs_read(tmp_path):
+    """A one-off run with an overlay (train.lora.r 4) for one target writes that target alone: before,
+    its parse rewrote every job's stage config, so runs with valid outputs retrained afterwards."""
+    wf = copy_workflow(tmp_path / "wf")
+    env = _env(tmp_path)
+    ci = ["--profile", "profiles/ci"]
+    _touched_root(tmp_path, wf, env, ci)  # every job done
+    configs = Path(env["VLAFORGET_ROOT"]) / "configs"
+    before = _snapshot(configs)
+    assert len(before) > 30
+    (wf / "config" / "r4.yaml").write_text("train:\n  lora:\n    r: 4\n")
+    over = [*ci, "--configfiles", "config/demo.yaml", "config/ci.yaml", "config/r4.yaml"]
+    r = snakemake(["--summary", *over], cwd=wf, env=env)
+    one = "mw_downstream__baseline__full__s42"
+    target = next(line.split("\t")[0] for line in r.stdout.splitlines() if f"/configs/train/{one}" in line)
+    r = snakemake([target, *over, "--cores", "1"], cwd=wf, env=env)  # the one-off run: one stage config
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = _snapshot(configs)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert [k for k in after if k not in before and k.endswith(".yaml")] in ([target], [])
+
+
+CONFIGS = [["config.yaml"], ["config.yaml", "demo.yaml"], ["config.yaml", "demo.yaml", "ci.yaml"],
+           ["config.yaml", "lifelong_libero.yaml"], ["config.yaml", "pilot.yaml"], ["config.yaml", "rehearsal.yaml"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files", CONFIGS, ids=lambda f: "+".join(x[:-5] for x in f))
+def test_plan_runs_are_the_workflows_train_jobs(tmp_path, files):
+    """`vlaforget plan` and the workflow read one study grid (vlaforget.study): plan missed 27 of the
+    36 chain runs of config/lifelong_libero.yaml."""
+    import re
+
+    from vlaforget.config import load_config
+    from vlaforget.plan import study_runs
+
+    wf = copy_workflow(tmp_path / "wf")
+    env = {**_env(tmp_path), "VLAFORGET_ALLOWED_ROOT": "/"}  # config.yaml names /opt/data/private paths
+    r = snakemake(["-n", "--nolock", "--configfiles", *(f"config/{f}" for f in files)], cwd=wf, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    trained = set(re.findall(r"output: \S*/runs/([^/]+)/", r.stdout))
+    cfg = load_config(*(wf / "config" / f for f in files))
+    assert set(study_runs(cfg)) == trained and len(study_runs(cfg)) == len(trained)
+
+
+# ----------------------------------------------------------------------------- smaller holes
+
+
+def test_empty_seed_list_is_refused(tmp_root):
+    from vlaforget.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"study.seeds is empty"):
+        validate(_ci_cfg(study={"seeds": []}))
+
+
+def test_a_symlink_out_of_the_allowed_root_is_refused_before_any_job(tmp_root, tmp_path):
+    from vlaforget import disk
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_root / "runs").mkdir(parents=True)
+    (tmp_root / "runs" / "big").symlink_to(outside)
+    import io as _io
+
+    rep = disk.report(_ci_cfg(), scan_dir=tmp_path / "nothing", out=_io.StringIO())
+    assert not rep["ok"] and any("is a symlink to" in p and "outside the allowed root" in p for p in rep["problems"])
+
+
+def test_preflight_checks_the_tiny_teachers_pretraining_dataset(tmp_root):
+    from vlaforget import preflight as P
+    from vlaforget.config import load_config
+
+    from vlaforget.config import suites_all
+
+    rlds = tmp_root.parent / "rlds"
+    conf = Path(__file__).parents[1] / "config"
+    cfg = load_config(conf / "config.yaml", conf / "rehearsal.yaml", overrides={  # the tiny teacher on LIBERO
+        "data": {"fixture": None, "rlds_dir": str(rlds)}, "model": {"pretrain": {"dataset": "libero_90_no_noops"}}})
+    for s in suites_all(cfg):
+        v = rlds / s / "1.0.0"
+        v.mkdir(parents=True)
+        (v / "features.json").write_text("{}")
+        (v / "dataset_info.json").write_text("{}")
+        (v / f"{s}-train.tfrecord-00000-of-00001").write_bytes(b"x")
+    rep = P.Report()
+    P.check_rlds(cfg, rep)
+    assert "libero_90_no_noops" in rep.message()
+
+
+def test_a_full_disk_is_one_message_naming_the_path_and_the_space(tmp_root, monkeypatch, capsys):
+    import errno
+
+    from vlaforget import cli
+    from vlaforget.stages import cache
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_root / "datasets" / "shard_3.u8"))
+
+    monkeypatch.setattr(cache, "main", full)
+    monkeypatch.setattr(cli, "run_stage", lambda name, mod, args: mod.main(args))
+    assert cli.main(["cache", "--config", str(tmp_root / "none.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "shard_3.u8 is full" in err and "GB free" in err and "needs" in err and "Traceback" not in err

@@ -74,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         # User-facing errors (vlaforget.errors) carry the cause and the fix: no traceback wall.
         print(f"vlaforget {name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from .disk import full_disk_message
+
+        print(f"vlaforget {name}: error: {full_disk_message(e, getattr(args, 'config', None))}", file=sys.stderr)
+        return 2
 
 
 def run_stage(name: str, mod, args) -> int:

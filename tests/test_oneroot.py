@@ -365,3 +365,60 @@ def test_a_full_disk_is_one_message_naming_the_path_and_the_space(tmp_root, monk
     assert cli.main(["cache", "--config", str(tmp_root / "none.yaml")]) == 2
     err = capsys.readouterr().err
     assert "shard_3.u8 is full" in err and "GB free" in err and "needs" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- migration of an old root
+
+LEGACY_STUDY = "study:\n  methods: [baseline, craft]\n  fewshot_methods: []\n  ablations: []\n"
+
+
+def test_migrate_root_moves_an_old_root_once_and_reruns_nothing(tmp_path):
+    """tests/data/legacy_root_ci.tar.gz: a root as the layout before issue 29 made it (profiles/ci with
+    LEGACY_STUDY, every job done by `snakemake --touch`): runs/{run}/, evals/{run}/{suite}.json,
+    configs/{stage}/{key}.yaml. `vlaforget migrate-root` moves each output under its config id, and
+    the workflow then plans only the tables (they record the eval paths they read)."""
+    import re
+    import tarfile
+
+    import yaml
+
+    from vlaforget import migrate
+    from vlaforget.config import load_config, stage_config
+
+    env = _env(tmp_path)
+    root = Path(env["VLAFORGET_ROOT"])
+    root.mkdir(parents=True)
+    with tarfile.open(Path(__file__).parent / "data" / "legacy_root_ci.tar.gz") as t:
+        t.extractall(root, filter="tar")
+    wf = copy_workflow(tmp_path / "wf")
+    (wf / "config" / "small.yaml").write_text(LEGACY_STUDY)
+    files = [wf / "config" / f for f in ("config.yaml", "demo.yaml", "ci.yaml", "small.yaml")]
+    os.environ.update(env)  # the test process computes the current stage configs for this root
+    try:
+        cfg = load_config(*files)
+        # the fixture's code hashes are its day's: give them today's library (as if today's code had made
+        # the old layout), keeping each output's record of its old file's id consistent
+        for f in (root / "configs").rglob("*.yaml"):
+            old = yaml.safe_load(f.read_text())
+            now = stage_config(cfg, old["stage"], f.stem)
+            old.update(code=now["code"], code_files=now["code_files"])
+            f.write_text(yaml.safe_dump(old, sort_keys=True))
+            _, _, comp = migrate.legacy_paths(root, now, old["stage"], f.stem)
+            side = comp.parent / f".{comp.name}.config_id"
+            rec = json.loads(side.read_text())
+            side.write_text(json.dumps({**rec, "config_id": migrate.legacy_config_id(old)}))
+        rep = migrate.migrate(cfg)
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    assert not rep["kept"], rep["kept"]
+    assert not rep["absent"] and len(rep["moved"]) >= 15 and not (root / "runs" / "mw_downstream__craft__full__s42" / "final").exists()
+    r = snakemake(["-n", "--configfiles", *(f"config/{f.name}" for f in files[1:]), "--profile", "profiles/ci"],
+                  cwd=wf, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    planned = set(re.findall(r"^(?:local)?rule (\w+):", r.stdout, re.MULTILINE))
+    assert planned <= {"table_main_build", "table_fewshot_build", "table_ablation_build", "figures", "all"}, planned
+    again = migrate.migrate(load_config(*files)) if os.environ.update(env) is None else None
+    for k in env:
+        os.environ.pop(k, None)
+    assert not again["moved"] and len(again["already"]) == len(rep["moved"])  # once

@@ -172,6 +172,8 @@ def _leaf_changes(old, new, prefix: str = "") -> list[str]:
         for k in sorted(set(old) | set(new), key=str):
             out += _leaf_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
+    if all(isinstance(v, str) and v.startswith("{root}/") for v in (old, new)):
+        return []  # a path under the root: it holds its job's id, said as "input ... is remade"
     return [] if old == new else [prefix]
 
 
@@ -231,6 +233,8 @@ def explain(jobs, out=None) -> dict[tuple[str, str], str]:
             continue
         try:
             old = fill_root(yaml.safe_load(others[-1].read_text()) or {}, sc["root"])
+            if not isinstance(old, dict) or old.get("stage") != stage:
+                continue  # empty (snakemake --touch) or not a stage config
             why = config_changes(old, sc)
         except (yaml.YAMLError, OSError, AttributeError):
             continue

@@ -422,3 +422,70 @@ def test_migrate_root_moves_an_old_root_once_and_reruns_nothing(tmp_path):
     for k in env:
         os.environ.pop(k, None)
     assert not again["moved"] and len(again["already"]) == len(rep["moved"])  # once
+
+
+# ----------------------------------------------------------------------------- integrity without mtimes
+
+
+def _flip(path: Path) -> None:
+    """Change one byte in the middle of a file and put its mtime back (what a bit rot or a careless
+    copy leaves: a different file that looks unchanged to anything that trusts mtimes)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_flipped_bytes_in_small_artifacts_are_caught_with_the_mtime_put_back(tmp_path):
+    """ICSM bases and adapters are hashed at every stage start: the hash of a file verified before was
+    remembered by (size, mtime), so flipped bytes with the mtime restored passed silently."""
+    from vlaforget.io import CorruptInputError, sha256_file, verify_files
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(os.urandom(4096))
+    want = {f.name: sha256_file(f)}
+    verify_files(d, want, rule="train", trust_mtime=False)
+    _flip(f)
+    with pytest.raises(CorruptInputError, match=r"adapter_model.safetensors does not match .* 'train' rule"):
+        verify_files(d, want, rule="train", trust_mtime=False)
+
+
+def test_icsm_bases_are_hashed_at_every_stage_start(tmp_path):
+    import torch
+
+    from vlaforget.freshness import verify_icsm
+    from vlaforget.io import CorruptInputError, sha256_file
+
+    d = tmp_path / "icsm"
+    d.mkdir()
+    torch.save({"U": torch.randn(16, 4)}, d / "basis0.pt")
+    (d / "meta.json").write_text(json.dumps({"tensor_hashes": {"basis0.pt": sha256_file(d / "basis0.pt")}}))
+    verify_icsm(d)
+    _flip(d / "basis0.pt")
+    with pytest.raises(CorruptInputError, match=r"basis0.pt does not match .* 'icsm' rule"):
+        verify_icsm(d)
+
+
+def test_a_checkpoint_with_flipped_bytes_is_not_resumed_from(tmp_path, caplog):
+    import torch
+
+    from vlaforget.train import checkpoint as ckpt
+
+    class Sampler:
+        def state_dict(self):
+            return {"pos": 0}
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (2, 4):
+        ckpt.save(tmp_path, step, skipped=0, model=model, optimizer=opt, scheduler=sched, scaler=None,
+                  sampler=Sampler(), plugins={}, aug_gen=torch.Generator())
+    newest = tmp_path / "step_00000004" / "state.pt"
+    _flip(newest)
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 2 and path.parent.name == "step_00000002"
+    assert "do not match the checksum" in caplog.text and str(newest) in caplog.text

@@ -142,8 +142,8 @@ def verify_inputs(sc: dict) -> None:
             verify_icsm(f.parent)
         elif inp["rule"] == "train":
             rec = read_json(f)
-            if rec.get("adapter_sha256"):
-                verify_files(f.parent, rec["adapter_sha256"], rule="train")
+            if rec.get("adapter_sha256"):  # small: hashed at every stage start, mtime or not
+                verify_files(f.parent, rec["adapter_sha256"], rule="train", trust_mtime=False)
 
 
 # Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
@@ -277,14 +277,14 @@ def verify_icsm(icsm_dir: str | Path) -> None:
     file_hashes = {k: v for k, v in hashes.items() if k.startswith("basis")}
     tensor_hashes = {k: v for k, v in hashes.items() if not k.startswith("basis")}
     if file_hashes:
-        verify_files(icsm_dir, file_hashes, rule="icsm")
+        verify_files(icsm_dir, file_hashes, rule="icsm", trust_mtime=False)
     if tensor_hashes:
         import torch
 
         def h(p):
             return sha256_tensor(torch.load(p, map_location="cpu", weights_only=True))
 
-        verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h)
+        verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h, trust_mtime=False)
 
 
 # ----------------------------------------------------------------------------- stale Snakemake lock

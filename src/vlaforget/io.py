@@ -327,10 +327,11 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha
 
 
 def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
-                 sizes: dict[str, int] | None = None, hash_fn=None) -> None:
+                 sizes: dict[str, int] | None = None, hash_fn=None, trust_mtime: bool = True) -> None:
     """Check files of an artifact against its manifest: size always (when recorded), sha256 once per
-    process and again whenever a file's size or mtime changed. Raises CorruptInputError naming the
-    file and the rule that rebuilds it."""
+    process and again whenever a file's size or mtime changed; `trust_mtime=False` (small artifacts:
+    ICSM bases, adapters) hashes every time, so bytes changed with the mtime put back are caught too.
+    Raises CorruptInputError naming the file and the rule that rebuilds it."""
     directory = Path(directory)
     hash_fn = hash_fn or sha256_file
     memo_file = directory / ".verified.json"  # name -> [size, mtime_ns, sha256] of files hashed before
@@ -351,9 +352,10 @@ def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
             raise CorruptInputError(f"{p} has {st.st_size} bytes but was written with {sizes[name]} "
                                     f"(truncated or overwritten); {fix}")
         key = (str(p), st.st_size, st.st_mtime_ns)
-        got = _VERIFIED.get(key)
-        if got is None and memo.get(name, [None, None, None])[:2] == [st.st_size, st.st_mtime_ns]:
-            got = memo[name][2]
+        got = _VERIFIED.get(key) if trust_mtime else None
+        remembered = memo.get(name, [None, None, None])
+        if got is None and trust_mtime and remembered[:2] == [st.st_size, st.st_mtime_ns]:
+            got = remembered[2]
         if got is None:
             got = hash_fn(p)
             memo[name] = [st.st_size, st.st_mtime_ns, got]

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_workflow, snakemake
 
 RUN = "mw_downstream__icsm_hsw_thermostat__full__s42"
@@ -332,9 +331,7 @@ def test_a_symlink_out_of_the_allowed_root_is_refused_before_any_job(tmp_root, t
 
 def test_preflight_checks_the_tiny_teachers_pretraining_dataset(tmp_root):
     from vlaforget import preflight as P
-    from vlaforget.config import load_config
-
-    from vlaforget.config import suites_all
+    from vlaforget.config import load_config, suites_all
 
     rlds = tmp_root.parent / "rlds"
     conf = Path(__file__).parents[1] / "config"

@@ -4,7 +4,6 @@ runs, config errors name the key, and a config change reruns exactly the stages 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -576,7 +576,6 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     `job_dir(...)/{its config id}`; the paths of its inputs carry their ids the same way."""
     from .io import OUT_TAG
 
-    lay = layout(cfg)
     out = _base(cfg, stage)
     d = cfg["data"]
     own = OUT_TAG  # the job's own output path, filled in once its id is known
@@ -814,8 +813,6 @@ def stage_config_text(sc: dict) -> str:
 
 def non_semantic_values(sc: dict) -> dict:
     """{dotted key: value} of sc's keys that its id leaves out (what NON_SEMANTIC_ENV carries)."""
-    from .semantics import non_semantic_keys
-
     out = {}
     for dotted in non_semantic_keys(sc):
         node, ok = sc, True

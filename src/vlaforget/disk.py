@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import UserError
 from .paths import PathPolicyError, check_under, ensure_root, resolve_allowed_root, resolve_root
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def full_disk_message(e: OSError, stage_config: str | None = None) -> str:
 
             sc = load_stage_config(stage_config)
             out_dir = Path(sc.get("out_dir") or Path(sc["out_file"]).parent)
-        except Exception:  # the message never fails: it is what the user sees instead of a traceback
+        except (OSError, ValueError, KeyError, TypeError, UserError):  # the message itself never fails
             out_dir = None
     where = where or out_dir or Path.cwd()
     probe = where if where.exists() else next((p for p in where.parents if p.exists()), Path("/"))

@@ -6,8 +6,19 @@ an old data root (migrate.py) all read them from here.
 
 from __future__ import annotations
 
-from .config import anchor_set, chain_runs as _chain_runs, chain_suites, method_config, method_needs, \
-    parse_run_name, probe_set_name, run_name, shots_name, stage_config, suites_all
+from .config import (
+    anchor_set,
+    chain_suites,
+    method_config,
+    method_needs,
+    parse_run_name,
+    probe_set_name,
+    run_name,
+    shots_name,
+    stage_config,
+    suites_all,
+)
+from .config import chain_runs as _chain_runs
 
 
 def _unique(xs):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 from ..io import atomic_write_text

@@ -468,3 +468,18 @@ if workflow.is_main_process:
         _plan = f"vlaforget plan: not computed ({type(_e).__name__}: {_e})"
     if _plan:
         print(_plan, file=sys.stderr)
+    # A table file in results_dir that this root holds no record for (built from another config's or
+    # another root's evaluations, or copied in), asked for as a file target (`snakemake
+    # results/table_main.csv`): Snakemake alone calls an existing file target up to date, so it would
+    # be served. The rule targets (table_main, ..., the default) also ask for the record and rebuild
+    # it; a file target is refused with that advice. Nothing is moved or written here.
+    _targets = {os.path.normpath(a) for a in sys.argv[1:] if not a.startswith("-")}
+    for _kind in TABLE_RUNS:
+        _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
+        _asked = {os.path.normpath(table_csv(_kind)), os.path.normpath(table_md(_kind))} & _targets
+        if _asked and _csv.exists() and not _rec.exists():
+            _msg = (f"vlaforget: {_csv} was not built from this root's evaluations of this config (no {_rec}); "
+                    f"ask for the rule target `table_{_kind}` instead (it rebuilds the table), or delete the file")
+            if _mode == "run":
+                sys.exit(_msg)
+            print(_msg, file=sys.stderr)

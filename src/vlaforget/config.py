@@ -1,9 +1,10 @@
 """Study config: load + merge overlays, validate against the schema, and derive per-stage configs.
 
 A *stage config* is the exact subset of the study config (plus derived paths) that shapes one
-stage's output. The workflow writes it to `{root}/configs/{stage}/{key}.yaml`; the stage command
-reads only that file. So a config change invalidates exactly the stages whose stage config changed,
-and every stage is runnable by hand with the same file (`vlaforget <stage> --config FILE`).
+stage's output. Its id (io.config_id) names where the job's outputs live (`job_dir/{id}/`) and where
+the workflow writes it (`{root}/configs/{stage}/{key}/{id}.yaml`); the stage command reads only that
+file. So a config change gives exactly the stages whose stage config changed new outputs beside the
+old ones, and every stage is runnable by hand with the same file (`vlaforget <stage> --config FILE`).
 """
 
 from __future__ import annotations

@@ -730,8 +730,8 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
         pytest.skip(f"no headless rendering: {why}")
     cfg = vfc.deep_merge(demo_config, {"eval": {"num_envs": 2, "episodes_per_task": 2, "videos_per_task": 0,
                                                 "metaworld": {"max_steps": 40, "seed": 5}}})
-    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(tmp_root / "models" / "tiny-vla")
     sc = vfc.stage_config(cfg, "eval", "teacher@mw_downstream")
+    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(Path(sc["model"]["path"]))
     sc["inputs"] = {}  # the random teacher has no model-stage record; freshness is tested elsewhere
     env = {"VLAFORGET_ALLOWED_ROOT": str(tmp_root.parent), "VLAFORGET_ROOT": str(tmp_root)}
 

@@ -488,7 +488,7 @@ def code_hash(stage: str, enabled=()) -> str:
 
 def code_files(stage: str, enabled=()) -> dict[str, str]:
     """{file: hash} behind code_hash: recorded in the stage config so a dry-run can name the file
-    whose edit reruns a job (freshness.stale_reason); not part of the id (`code` covers it)."""
+    whose edit reruns a job (freshness.config_changes names them); not part of the id (`code` covers it)."""
     return dict(_code(stage, enabled)[1])
 
 

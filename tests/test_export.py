@@ -5,6 +5,7 @@ loaders: tests/test_export_openvla.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,4 +132,5 @@ def test_workflow_plans_one_export_per_run_only_when_asked(tmp_path):
         outs[bool(target)] = r.stdout + r.stderr
     assert "export" not in planned(outs[False])
     runs = trained_runs(outs[True])
-    assert runs and sorted(planned(outs[True])["export"]) == sorted(str(root / "exports" / r) for r in runs)
+    assert runs and sorted(str(Path(p).parent) for p in planned(outs[True])["export"]) == sorted(
+        str(root / "exports" / r) for r in runs)  # exports/{run}/{config id of its training}

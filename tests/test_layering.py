@@ -22,13 +22,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("envs",),  # simulators: Meta-World, LIBERO
     ("data",),  # RLDS, caches, splits, demos, VQA, probe-set loading
     ("validation",),  # config checks made at config time (reads data's split rule)
-    ("settings", "config"),  # typed stage-config blocks with their defaults; the study config, stage configs
+    ("settings", "config", "study"),  # typed stage-config blocks; the study config, stage configs; the study grid
     ("models",),  # backends (tiny, OpenVLA), the action tokenizer, features of a forward
     ("methods",),  # ICSM, HSW, Thermostat, CRaFT: the method maths
     ("train",),  # the training loop and its plug-ins, pretraining, checkpoints
     ("eval",),  # closed-loop rollouts, forgetting metrics, VQA scoring
     ("report",),  # tables and figures
-    ("export", "plan", "bench", "preflight", "disk", "restamp"),  # tools over the library
+    ("export", "plan", "bench", "preflight", "disk", "restamp", "migrate"),  # tools over the library
     ("stages",),  # one recipe per workflow stage (vlaforget <stage>)
     ("cli", "__init__"),  # the command line
 ]

@@ -215,8 +215,8 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
             }
         },
     )
-    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(tmp_root / "models" / "tiny-vla")
     sc = stage_config(cfg, "eval", "teacher@mw_downstream")
+    random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(Path(sc["model"]["path"]))
     path = tmp_root / "configs" / "eval.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(sc))
@@ -226,7 +226,7 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
     assert set(out["per_task"]) == set(sc["eval"]["tasks"])
     assert all(e["steps"] <= 3 and e["seed"] == 7 for e in out["episodes"])
     assert out["timing"]["mean_batch"] == 2.0 and len(out["videos"]) == 2
-    assert all(v.startswith(str(tmp_root / "evals" / "teacher" / "videos")) for v in out["videos"])
+    assert all(v.startswith(str(Path(sc["out_file"]).parent / "videos")) for v in out["videos"])  # per config id
 
 
 def test_evaluate_model_periodic(demo_config):

@@ -34,9 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("vlaforget.stages.table", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.stages.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
+    "migrate-root": ("vlaforget.migrate", "move a root laid out by run name to outputs named by config id (once)"),
     "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
     "config-doc": ("vlaforget.settings", "every typed config key: type, default, meaning (config/README.md)"),
-    "restamp": ("vlaforget.restamp", "carry a data root over the code-hash change of issue 30 (nothing reruns)"),
 }
 
 
@@ -74,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         # User-facing errors (vlaforget.errors) carry the cause and the fix: no traceback wall.
         print(f"vlaforget {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from .disk import full_disk_message
+
+        print(f"vlaforget {name}: error: {full_disk_message(e, getattr(args, 'config', None))}", file=sys.stderr)
         return 2
 
 

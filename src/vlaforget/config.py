@@ -1,15 +1,17 @@
 """Study config: load + merge overlays, validate against the schema, and derive per-stage configs.
 
 A *stage config* is the exact subset of the study config (plus derived paths) that shapes one
-stage's output. The workflow writes it to `{root}/configs/{stage}/{key}.yaml`; the stage command
-reads only that file. So a config change invalidates exactly the stages whose stage config changed,
-and every stage is runnable by hand with the same file (`vlaforget <stage> --config FILE`).
+stage's output. Its id (io.config_id) names where the job's outputs live (`job_dir/{id}/`) and where
+the workflow writes it (`{root}/configs/{stage}/{key}/{id}.yaml`); the stage command reads only that
+file. So a config change gives exactly the stages whose stage config changed new outputs beside the
+old ones, and every stage is runnable by hand with the same file (`vlaforget <stage> --config FILE`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -335,17 +337,56 @@ def layout(cfg: dict) -> Layout:
 
 
 def rlds_root(cfg: dict) -> Path:
-    """Folder holding {dataset}/ TFDS builder dirs."""
-    if cfg["world"] == "metaworld" or cfg["data"].get("fixture"):  # generated here (demos / fixture)
-        return layout(cfg).root / "datasets" / "rlds"
+    """Folder holding {dataset}/ TFDS builder dirs (world libero; Meta-World: rlds_dir)."""
+    if cfg["data"].get("fixture"):  # generated here, in a folder named by what it was made from
+        return layout(cfg).root / "datasets" / "rlds" / "fixture" / stable_hash_of(fixture_params(cfg))
     return Path(cfg["data"]["rlds_dir"])
 
 
-def model_path(cfg: dict) -> str:
-    """Where the base model is loaded from: built here (tiny) or path/hub id (openvla)."""
+def rlds_dir(cfg: dict, dataset: str) -> str:
+    """One dataset's RLDS: the demos job's output (Meta-World), else {rlds_root}/{dataset}."""
+    if cfg["world"] == "metaworld":
+        return job_output(cfg, "demos", dataset)
+    return str(rlds_root(cfg) / dataset)
+
+
+def fixture_params(cfg: dict) -> dict:
+    """What the LIBERO-format fixture (data.fixture, the rehearsal) is made from: its folder's name."""
+    fx = {"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic",
+          **(cfg["data"].get("fixture") or {})}
+    out = suites_all(cfg)
+    if cfg["model"]["backend"] == "tiny":
+        out += [d for d in tiny_corpus_datasets(cfg) if d not in out]
+    return {**fx, "suites": out}
+
+
+def libero_vqa_params(cfg: dict) -> dict | None:
+    """What the LIBERO question set (eval.forgetting.libero_vqa) is made from (None: not made here)."""
+    f = cfg["eval"].get("forgetting") or {}
+    v = f.get("libero_vqa")
+    if not v or f.get("vqa_jsonl"):
+        return None
+    return {"suites": list(v.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10",
+                                               "libero_90"]),
+            "n": int(v.get("n", 600)), "seed": int(v.get("seed", cfg["seed"])),
+            "states_per_task": int(v.get("states_per_task", 2)),
+            "tasks_per_suite": int(v["tasks_per_suite"]) if v.get("tasks_per_suite") else None,
+            "config_path": (cfg["eval"].get("libero") or {}).get("config_path")}
+
+
+def libero_vqa_dir(cfg: dict) -> Path:
+    """The question set's folder: {root}/vqa/libero/{hash of what it is made from}."""
+    return layout(cfg).libero_vqa() / stable_hash_of(libero_vqa_params(cfg) or {})
+
+
+def model_path(cfg: dict, own: bool = False) -> str:
+    """Where the base model is loaded from: built here (tiny: the model job's output folder) or
+    path/hub id (openvla). `own`: for the model job itself (its output path is filled in later)."""
+    from .io import OUT_TAG
+
     m = cfg["model"]
     if m["backend"] == "tiny" and not m.get("path"):
-        return str(layout(cfg).model(m["base"]))
+        return OUT_TAG if own else job_output(cfg, "model", m["base"])
     return str(m["path"])
 
 
@@ -456,7 +497,7 @@ def code_hash(stage: str, enabled=()) -> str:
 
 def code_files(stage: str, enabled=()) -> dict[str, str]:
     """{file: hash} behind code_hash: recorded in the stage config so a dry-run can name the file
-    whose edit reruns a job (freshness.stale_reason); not part of the id (`code` covers it)."""
+    whose edit reruns a job (freshness.config_changes names them); not part of the id (`code` covers it)."""
     return dict(_code(stage, enabled)[1])
 
 
@@ -518,9 +559,10 @@ def model_cache_dir(cfg: dict) -> Path:
     return Path(cfg["model"].get("cache_dir") or layout(cfg).hf_cache)
 
 
-def _model_block(cfg: dict) -> dict:
+def _model_block(cfg: dict, own: bool = False) -> dict:
+    """The teacher model block; `own`: the model stage's own (its built model is its output)."""
     m = cfg["model"]
-    return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg),
+    return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg, own=own),
             "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE, "attn_implementation": m.get("attn_implementation"),
             "cache_dir": str(model_cache_dir(cfg))}
 
@@ -543,32 +585,56 @@ def init_adapter_files(path: str | Path) -> dict[str, str]:
 
 
 def _dataset_block(cfg: dict, dataset: str) -> dict:
-    return {"name": dataset, "cache_dir": str(layout(cfg).cache(dataset)),
+    return {"name": dataset, "cache_dir": job_output(cfg, "cache", dataset),
             "tasks": dataset_tasks(cfg, dataset)}
 
 
+# Where each stage job's outputs live: `{job_dir}/{config id}/` (a file `{config id}.json` for an
+# eval), so two configurations never share a path (docs/DEVELOPMENT.md, "A result's identity is its
+# path"). The folder names the job for a reader; only the id folder below it is ever written by a job.
+def job_dir(cfg: dict, stage: str, key: str) -> Path:
+    lay, base = layout(cfg), cfg["model"]["base"]
+    if stage == "eval":
+        run, suite = key.rsplit("@", 1)
+        return lay.eval(run) / suite
+    if stage == "forgetting":
+        return lay.eval(key) / "forgetting"
+    return {"demos": lambda: lay.rlds(key), "cache": lambda: lay.cache(key), "model": lambda: lay.model(key),
+            "probe": lambda: lay.probe(base, key), "icsm": lambda: lay.icsm(base, key),
+            "craft_anchors": lambda: lay.craft(base, key), "train": lambda: lay.run(key)}[stage]()
+
+
+def job_output(cfg: dict, stage: str, key: str) -> str:
+    """The output folder (eval / forgetting: file) of one stage job, id included."""
+    sc = _stage_config_cached(cfg, stage, key)
+    return sc.get("out_dir") or sc["out_file"]
+
+
 def stage_config(cfg: dict, stage: str, key: str) -> dict:
-    """The config file content of one stage job (see module doc)."""
-    lay = layout(cfg)
+    """The config file content of one stage job (see module doc). Its own output path is
+    `job_dir(...)/{its config id}`; the paths of its inputs carry their ids the same way."""
+    from .io import OUT_TAG
+
     out = _base(cfg, stage)
     d = cfg["data"]
+    own = OUT_TAG  # the job's own output path, filled in once its id is known
     if stage == "demos":
         mw = d["metaworld"]
         out.update(dataset=key, tasks=mw["datasets"][key], instructions=mw.get("instructions") or {},
                    camera=mw["camera"], render_size=mw["render_size"], max_steps=mw["max_steps"],
                    episodes_per_task=mw["episodes_per_task"], seed=mw["seed"],
-                   workers=mw.get("workers", DemosStageSettings.workers), out_dir=str(lay.rlds(key)))
+                   workers=mw.get("workers", DemosStageSettings.workers), out_dir=own)
     elif stage == "cache":
-        out.update(dataset=key, rlds_dir=str(rlds_root(cfg) / key), image_size=d["image_size"],
+        out.update(dataset=key, rlds_dir=rlds_dir(cfg, key), image_size=d["image_size"],
                    train_split=d.get("train_split", CacheStageSettings.train_split),
                    heldout=d.get("heldout", CacheStageSettings.heldout),
                    image_key=d.get("image_key", CacheStageSettings.image_key),
-                   state_key=d.get("state_key", CacheStageSettings.state_key), out_dir=str(lay.cache(key)),
+                   state_key=d.get("state_key", CacheStageSettings.state_key), out_dir=own,
                    # our Meta-World demos: the identity transform; other datasets: by name
                    # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)
                    transform="metaworld" if dataset_tasks(cfg, key) is not None else None)
     elif stage == "model":
-        out.update(model=_model_block(cfg), out_dir=str(lay.model(key)))
+        out.update(model=_model_block(cfg, own=True), out_dir=own)
         if cfg["model"]["backend"] == "tiny":
             mw = d.get("metaworld") or {}
             out.update(tiny=cfg["model"]["tiny"], pretrain=cfg["model"]["pretrain"],
@@ -579,27 +645,26 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
                    n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", ProbeStageSettings.seed),
                    split=cfg["probe"].get("split", ProbeStageSettings.split), trained_suites=trained_suites(cfg),
-                   batch_size=cfg["probe"].get("batch_size", ProbeStageSettings.batch_size),
-                   out_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))))
+                   batch_size=cfg["probe"].get("batch_size", ProbeStageSettings.batch_size), out_dir=own)
     elif stage == "icsm":
         out.update(model=_model_block(cfg), icsm=cfg["icsm"],
-                   probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
-                   out_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))))
+                   probe_dir=job_output(cfg, "probe", probe_set_name(cfg)), out_dir=own)
     elif stage == "craft_anchors":
         suite, shots, shots_seed = parse_anchor_set(key)
         out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, suite),
                    shots=shots, shots_seed=shots_seed,
-                   seed=cfg.get("seed", CraftAnchorsStageSettings.seed), out_dir=str(lay.craft(cfg["model"]["base"], key)))
+                   seed=cfg.get("seed", CraftAnchorsStageSettings.seed), out_dir=own)
     elif stage == "train":
         r = parse_run_name(key)
         mcfg = method_config(cfg, r["method"])
         needs = method_needs(mcfg)
         out.update(run_name=key, method_name=r["method"], suite=r["suite"], shots=parse_shots(r["shots"]),
                    seed=r["seed"], model=_model_block(cfg), dataset=_dataset_block(cfg, r["suite"]),
-                   train=cfg["train"], method=mcfg, out_dir=str(lay.run(key)))
-        out["icsm_dir"] = str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))) if "icsm" in needs else None
-        out["probe_dir"] = str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))) if "probe" in needs else None
-        out["craft_dir"] = (str(lay.craft(cfg["model"]["base"], anchor_set(r["suite"], out["shots"], r["seed"])))
+                   train=cfg["train"], method=mcfg, out_dir=own)
+        ps = probe_set_name(cfg)
+        out["icsm_dir"] = job_output(cfg, "icsm", ps) if "icsm" in needs else None
+        out["probe_dir"] = job_output(cfg, "probe", ps) if "probe" in needs else None
+        out["craft_dir"] = (job_output(cfg, "craft_anchors", anchor_set(r["suite"], out["shots"], r["seed"]))
                             if "craft" in needs else None)
         if "craft" in needs:
             out["craft_layer"] = cfg["craft"].get("layer", CraftAnchorSettings.layer)  # checked against the anchor cache
@@ -610,7 +675,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             out["periodic_eval"] = eval_block(cfg, r["suite"])
         prev = chain_previous(cfg, key)
         if prev:  # a chain stage: continue training the previous stage's adapter (only then: run ids)
-            out["init_adapter"] = str(lay.run(prev) / "final")
+            out["init_adapter"] = str(Path(job_output(cfg, "train", prev)) / "final")
             if out["train"].get("init_adapter") or out["train"].get("init_step") is not None:
                 # train.init_adapter / init_step start the chain's first stage only
                 out["train"] = {**out["train"], "init_adapter": None, "init_step": None}
@@ -619,30 +684,58 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     elif stage == "eval":
         run, suite = key.rsplit("@", 1)
         out.update(run_name=run, suite=suite, model=_model_block(cfg),
-                   adapter_dir=None if run == "teacher" else str(lay.run(run) / "final"),
-                   eval=eval_block(cfg, suite), out_file=str(lay.eval(run) / f"{suite}.json"))
+                   adapter_dir=None if run == "teacher" else str(Path(job_output(cfg, "train", run)) / "final"),
+                   eval=eval_block(cfg, suite), out_file=own)
     elif stage == "forgetting":
         f = cfg["eval"].get("forgetting", {})
+        ps = probe_set_name(cfg)
         out.update(run_name=key, model=_model_block(cfg),
-                   adapter_dir=None if key == "teacher" else str(lay.run(key) / "final"),
-                   probe_dir=str(lay.probe(cfg["model"]["base"], probe_set_name(cfg))),
-                   icsm_dir=str(lay.icsm(cfg["model"]["base"], probe_set_name(cfg))),
-                   vqa_jsonl=f.get("vqa_jsonl") or (str(lay.libero_vqa() / "questions.jsonl")
+                   adapter_dir=None if key == "teacher" else str(Path(job_output(cfg, "train", key)) / "final"),
+                   probe_dir=job_output(cfg, "probe", ps), icsm_dir=job_output(cfg, "icsm", ps),
+                   vqa_jsonl=f.get("vqa_jsonl") or (str(libero_vqa_dir(cfg) / "questions.jsonl")
                                                      if f.get("libero_vqa") else None),
                    vqa_categories=list(f.get("vqa_categories") or []),
                    drift_samples=f.get("drift_samples", ForgettingSettings.drift_samples),
                    craft_layer=(cfg.get("craft") or {}).get("layer", CraftAnchorSettings.layer),  # drift / CKA at CRaFT's layer
                    vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
                    if cfg["world"] == "metaworld" else [],
-                   out_file=str(lay.eval(key) / "forgetting.json"))
+                   out_file=own)
     else:
         raise ConfigError(f"unknown stage '{stage}'")
     out["inputs"] = stage_inputs(cfg, stage, key)
-    if stage == "train":
-        # the run id names the run and its checkpoints; the data root is factored out, so moving the
-        # root keeps it (io.config_id)
+    return _place(out, job_dir(cfg, stage, key), key)
+
+
+def _place(out: dict, where: Path, key: str) -> dict:
+    """Put a stage config's outputs at `where/{its config id}`: the id is taken with its own output
+    path written `{out}` (io.config_id), so filling the path in keeps the id."""
+    from .io import OUT_TAG, config_id
+
+    cid = config_id(out)
+    path = str(where / (f"{cid}.json" if out.get("out_file") == OUT_TAG else cid))
+
+    def fill(x):
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fill(v) for v in x]
+        if isinstance(x, str) and (x == OUT_TAG or x.startswith(OUT_TAG + "/")):
+            return path + x[len(OUT_TAG):]
+        return x
+
+    out = fill(out)
+    if out["stage"] == "train":
+        # the run id names the run's checkpoints; the data root is factored out, so moving the root
+        # keeps it (io.config_id). Checkpoints are shared by the configs of one run id (a constant-LR
+        # run to N steps is the first N steps of one to M > N): raising max_steps continues the run.
         out["run_id"] = run_id_of(out, key)
+        out["ckpt_dir"] = str(where / "checkpoints" / out["run_id"])
     return out
+
+
+def stage_config_id(cfg: dict, stage: str, key: str) -> str:
+    """The config id of one stage job (the last part of its output path)."""
+    return config_id_of(_stage_config_cached(cfg, stage, key))
 
 
 def config_id_of(sc: dict) -> str:
@@ -732,7 +825,7 @@ def eval_block(cfg: dict, suite: str) -> dict:
            "center_crop": e.get("center_crop", EvalSettings.center_crop),
            "pipeline_groups": e.get("pipeline_groups", EvalSettings.pipeline_groups),
            "image_size": cfg["data"]["image_size"],
-           "unnorm_dataset": suite, "stats_path": str(layout(cfg).cache(suite) / "dataset_statistics.json")}
+           "unnorm_dataset": suite, "stats_path": str(Path(job_output(cfg, "cache", suite)) / "dataset_statistics.json")}
     if cfg["world"] == "metaworld":
         mw = cfg["data"]["metaworld"]
         blk.update(tasks=mw["datasets"][suite], camera=mw["camera"], render_size=mw["render_size"],
@@ -748,11 +841,78 @@ def stable_hash_of(obj: Any) -> str:
     return stable_hash(obj)
 
 
+CONFIG_ID_RE = r"[0-9a-f]{12}"
+# The current values of the keys an id leaves out (semantics.non_semantic_keys), as JSON: the workflow
+# passes them to each job, so changing `train.log_every` neither rewrites a stage-config file nor
+# reruns a job, and the next run of that job reads the new value.
+NON_SEMANTIC_ENV = "VLAFORGET_NON_SEMANTIC"
+
+
+def stage_config_text(sc: dict) -> str:
+    """The stage-config file of one job: its content with the data root written `{root}`, so a copied
+    or moved root is read where it now is (load_stage_config fills it in)."""
+    from .io import relocatable
+
+    body = {k: v for k, v in sc.items() if k != "root"}
+    return yaml.safe_dump({**relocatable(body, sc["root"]), "root": "{root}"}, sort_keys=True)
+
+
+def non_semantic_values(sc: dict) -> dict:
+    """{dotted key: value} of sc's keys that its id leaves out (what NON_SEMANTIC_ENV carries)."""
+    out = {}
+    for dotted in non_semantic_keys(sc):
+        node, ok = sc, True
+        for p in dotted.split("."):
+            if not isinstance(node, dict) or p not in node:
+                ok = False
+                break
+            node = node[p]
+        if ok:
+            out[dotted] = node
+    return out
+
+
+def _root_of_config_file(path: Path) -> Path | None:
+    """{root} of a stage-config file at {root}/configs/{stage}/{key}/{id}.yaml (None: elsewhere)."""
+    p = path.absolute()
+    if re.fullmatch(CONFIG_ID_RE, p.stem) and len(p.parents) > 3 and p.parents[2].name == "configs":
+        return p.parents[3]
+    return None
+
+
 def load_stage_config(path: str | Path, stage: str | None = None) -> dict:
-    """Read a stage config file and re-check the path policy (a hand-edited file could escape)."""
+    """Read a stage config file, re-check the path policy (a hand-edited file could escape) and, for
+    a file the workflow wrote (`{root}/configs/{stage}/{key}/{id}.yaml`), refuse unless its content
+    has the id its name says: a job only ever writes the output of the config its driver named."""
+    from .io import config_id, fill_root
+
+    path = Path(path)
     sc = load_yaml(path)
+    if not isinstance(sc, dict):
+        raise ConfigError(f"{path} is not a stage config (not a mapping)")
     if stage and sc.get("stage") != stage:
         raise ConfigError(f"{path} is a '{sc.get('stage')}' stage config, not '{stage}'")
+    if sc.get("root") == "{root}":
+        root = _root_of_config_file(path) or (Path(os.environ["VLAFORGET_ROOT"]) if os.environ.get("VLAFORGET_ROOT")
+                                              else None)
+        if root is None:
+            raise ConfigError(f"{path} writes the data root as {{root}} but lies outside {{root}}/configs/: "
+                              "set VLAFORGET_ROOT to the data root it belongs to")
+        sc = fill_root(sc, str(root))
+    for dotted, value in json.loads(os.environ.get(NON_SEMANTIC_ENV) or "{}").items():
+        if dotted in non_semantic_values(sc):  # only keys outside the id
+            node = sc
+            parts = dotted.split(".")
+            for p in parts[:-1]:
+                node = node[p]
+            node[parts[-1]] = value
+    if re.fullmatch(CONFIG_ID_RE, path.stem):
+        got = config_id(sc)
+        if got != path.stem:
+            raise ConfigError(
+                f"{path} holds a config of id {got}, not the id {path.stem} its name says (edited by hand, or "
+                f"written by another version of the code): refusing to run it. Delete the file; the workflow "
+                f"writes it anew (rule stage_config).")
     allowed = Path(sc.get("allowed_root", "/opt/data/private"))
     for k in ("root", "out_dir", "out_file"):
         if sc.get(k):

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import UserError
 from .paths import PathPolicyError, check_under, ensure_root, resolve_allowed_root, resolve_root
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -78,6 +79,49 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def full_disk_message(e: OSError, stage_config: str | None = None) -> str:
+    """One message for a write that found the disk full: the path, the free space, what it needs.
+    What it needs: the size of the largest file already in the job's output folder (a checkpoint,
+    a cache shard: the next one is as large), else MIN_FREE_GB."""
+    where = Path(e.filename) if e.filename else None
+    out_dir = None
+    if stage_config:
+        try:
+            from .config import load_stage_config
+
+            sc = load_stage_config(stage_config)
+            out_dir = Path(sc.get("out_dir") or Path(sc["out_file"]).parent)
+        except (OSError, ValueError, KeyError, TypeError, UserError):  # the message itself never fails
+            out_dir = None
+    where = where or out_dir or Path.cwd()
+    probe = where if where.exists() else next((p for p in where.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    sizes = [f.stat().st_size for f in (out_dir.rglob("*") if out_dir and out_dir.is_dir() else []) if f.is_file()]
+    need = f"about {_gb(max(sizes))} more (the largest file it has written so far)" if sizes \
+        else f"at least {MIN_FREE_GB:g} GB free (a 7B run: ~100 GB)"
+    return (f"the disk holding {where} is full ({e.strerror or 'no space left on device'}): {_gb(free)} free, "
+            f"this job needs {need}. Free space on that disk or point VLAFORGET_ROOT at a larger one, then "
+            f"rerun: a training run resumes from its last checkpoint.")
+
+
+def escaping_links(root: Path, allowed: Path, limit: int = 5) -> list[str]:
+    """Symlinks below the data root that point outside the allowed root: every job would write
+    through them off the data disk, so the workflow refuses them before any job (not in the job
+    that first follows one). Walks without following links."""
+    from .paths import is_within
+
+    out = []
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(d) / name
+            if p.is_symlink() and not is_within(p, allowed):
+                out.append(f"{p} is a symlink to {os.path.realpath(p)}, outside the allowed root {allowed}: "
+                           f"move that data under {allowed} and link it from there, or remove the link")
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def report(
     cfg: dict,
     scan_dir: str | Path | None = None,
@@ -99,6 +143,8 @@ def report(
                 f"a writable folder under the allowed root: VLAFORGET_ROOT="
                 f"{resolve_allowed_root(cfg)}/<you>/vlaforget or `root:` in your config."
             )
+    if not problems and root.is_dir():
+        problems += escaping_links(root, resolve_allowed_root(cfg))
     scan_dir = Path(scan_dir) if scan_dir else REPO_DIR
     large = scan_large_files(scan_dir, int(limit_gb * 1e9)) if scan_dir.exists() else []
     free = free_gb(root)

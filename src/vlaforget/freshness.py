@@ -8,11 +8,11 @@ with the ids of the inputs it expects (`sc["inputs"]`, filled by config.stage_co
   anchors.pt), written after the stage's own outputs (cli.py);
 - each stage, when it starts, checks that every input it reads records the id it expects
   (`check_inputs`), and refuses with the file, both ids and the rule to rerun otherwise;
-- the workflow, when it parses, brings every stage-config file up to date and touches the ones whose
-  output records another id (`sync_stage_config`), so Snakemake's mtime logic reruns exactly what
-  does not match, whatever `.snakemake` holds (a fresh clone, a second checkout, a deleted folder).
+- every output lives at a path holding its id (config.stage_config), so Snakemake's own up-to-date
+  logic reruns exactly what does not match, whatever `.snakemake` holds (a fresh clone, a second
+  checkout on the same root, a deleted folder); nothing is rewritten or touched to force a rerun.
 
-Moving the data root keeps every id (paths are recorded relative to it), so nothing reruns.
+Moving or copying the data root keeps every id (paths are recorded relative to it), so nothing reruns.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .io import atomic_write_text, config_id, read_json, verify_files
+from .io import atomic_write_text, config_id, fill_root, read_json, sha256_file, verify_files
 
 log = logging.getLogger("vlaforget")
 
@@ -57,9 +57,11 @@ def _sidecar(completion: Path) -> Path:
 
 
 def _write_sidecar(completion: Path, cid: str, stage: str, **more) -> None:
-    st = completion.stat()
-    atomic_write_text(_sidecar(completion), json.dumps({"config_id": cid, "stage": stage, "inode": st.st_ino,
-                                                        "size": st.st_size, **more}) + "\n")
+    # the file's size and sha256, not its inode: a copied or moved root (cp -a, rsync, another disk)
+    # keeps the record valid, a rewritten or corrupted file does not
+    atomic_write_text(_sidecar(completion), json.dumps({"config_id": cid, "stage": stage,
+                                                        "size": completion.stat().st_size,
+                                                        "sha256": sha256_file(completion), **more}) + "\n")
 
 
 def recorded_id(completion: str | Path) -> str | None:
@@ -71,10 +73,8 @@ def recorded_id(completion: str | Path) -> str | None:
     if side.exists():
         try:
             rec = read_json(side)
-            st = completion.stat()
-            # valid for the very file it was written for (every writer replaces files atomically, so
-            # a rewritten output has a new inode; `snakemake --touch` keeps inode and size)
-            if [rec.get("inode"), rec.get("size")] == [st.st_ino, st.st_size]:
+            # valid for the very bytes it was written for, wherever the root now lies
+            if rec.get("size") == completion.stat().st_size and rec.get("sha256") == sha256_file(completion):
                 return str(rec["config_id"])
         except (ValueError, KeyError, OSError):
             pass
@@ -142,8 +142,8 @@ def verify_inputs(sc: dict) -> None:
             verify_icsm(f.parent)
         elif inp["rule"] == "train":
             rec = read_json(f)
-            if rec.get("adapter_sha256"):
-                verify_files(f.parent, rec["adapter_sha256"], rule="train")
+            if rec.get("adapter_sha256"):  # small: hashed at every stage start, mtime or not
+                verify_files(f.parent, rec["adapter_sha256"], rule="train", trust_mtime=False)
 
 
 # Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
@@ -166,34 +166,14 @@ def sync_mode(argv: list[str]) -> str:
     return "run"
 
 
-def stale_reason(path: str | Path, sc: dict) -> str | None:
-    """Why the job of this stage config must rerun although Snakemake may not see it (None: it need
-    not, as far as recorded ids go)."""
-    path = Path(path)
-    want = config_id(sc)
-    if path.exists():
-        try:
-            disk = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(disk, dict):
-                return "its stage config is not a mapping"
-            if config_id(disk) != want:
-                return "its stage config changed: " + config_changes(disk, sc)
-        except (yaml.YAMLError, OSError):
-            return "its stage config is unreadable"
-    comp = completion_file(sc)
-    if comp.exists() and recorded_id(comp) != want:
-        got = recorded_id(comp)
-        return (f"its output {comp} was made for config id {got}, not {want}" if got
-                else f"its output {comp} records no config id")
-    return None
-
-
 def _leaf_changes(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             out += _leaf_changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
+    if all(isinstance(v, str) and v.startswith("{root}/") for v in (old, new)):
+        return []  # a path under the root: it holds its job's id, said as "input ... is remade"
     return [] if old == new else [prefix]
 
 
@@ -237,63 +217,31 @@ def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     return "; ".join(parts) or "its id changed"
 
 
-def sync_stage_config(path: str | Path, sc: dict, mode: str = "run") -> str:
-    """Make the stage-config file at `path` say `sc`, and make its job rerun if its output records
-    another id. Returns what it did: 'new', 'rewritten', 'relocated', 'touched' or 'ok'.
-
-    - content with another id: rewrite (new mtime: the job reruns);
-    - same id, other text (the data root moved, or a key of config.NON_SEMANTIC changed): rewrite
-      and keep the old mtime (nothing reruns; the job reads the new value when it next runs);
-    - output present but made for another id (or none recorded): touch the file (the job reruns).
-    """
-    path = Path(path)
-    want = config_id(sc)
-    if mode == "inspect":
-        return "stale" if stale_reason(path, sc) else "ok"
-    text = None if mode == "run" else yaml.safe_dump(sc, sort_keys=True)  # run: dumped only to write
-    if mode == "touch":  # the user says the outputs are current: record that
-        if not path.exists() or path.read_text() != text:
-            atomic_write_text(path, text)
-        comp = completion_file(sc)
-        if comp.exists() and recorded_id(comp) != want:
-            _write_sidecar(comp, want, sc["stage"], by="snakemake --touch")
-        return "stamped"
-    if not path.exists():
-        return "new"  # rule stage_config writes it
-    try:
-        disk = yaml.safe_load(path.read_text()) or {}
-        disk_id = config_id(disk) if isinstance(disk, dict) else None
-    except (yaml.YAMLError, OSError):
-        disk, disk_id = None, None
-    st = path.stat()
-    did = "ok"
-    if disk_id != want:
-        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
-        did = "rewritten"
-    elif disk != sc:  # the file's content (safe_dump / safe_load round-trip exactly)
-        atomic_write_text(path, yaml.safe_dump(sc, sort_keys=True))
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        did = "relocated"
-    comp = completion_file(sc)
-    if did != "rewritten" and comp.exists() and recorded_id(comp) != want:
-        os.utime(path)
-        did = "touched"
-    return did
-
-
-def sync_all(items, mode: str = "run", out=None) -> dict:
-    """sync_stage_config over (path, sc) pairs; one line per job that (would) rerun on `out`."""
-    counts: dict[str, int] = {}
-    for path, sc in items:
-        reason = stale_reason(path, sc) if out is not None else None
-        did = sync_stage_config(path, sc, mode)
-        counts[did] = counts.get(did, 0) + 1
-        if out is not None and reason and did in ("rewritten", "touched"):
-            print(f"vlaforget: {sc['stage']} {Path(path).stem} reruns: {reason}", file=out)
-        elif out is not None and reason and did == "stale":
-            print(f"vlaforget: {sc['stage']} {Path(path).stem} will rerun on a real run (not shown above "
-                  f"if .snakemake lacks its record): {reason}", file=out)
-    return counts
+def explain(jobs, out=None) -> dict[tuple[str, str], str]:
+    """Why each stage job that has no output at its config id's path will run, as a dry-run says it:
+    what differs from the newest other config of the same job on this root (it stays where it is:
+    switching back to it reruns nothing). Reads only. jobs: (stage, key, stage config)."""
+    said = {}
+    for stage, key, sc in jobs:
+        if completion_file(sc).exists():
+            continue
+        cfg_dir = Path(sc["root"]) / "configs" / stage / key
+        cid = config_id(sc)
+        others = sorted((p for p in cfg_dir.glob("*.yaml") if p.stem != cid), key=lambda p: p.stat().st_mtime) \
+            if cfg_dir.is_dir() else []
+        if not others:
+            continue
+        try:
+            old = fill_root(yaml.safe_load(others[-1].read_text()) or {}, sc["root"])
+            if not isinstance(old, dict) or old.get("stage") != stage:
+                continue  # empty (snakemake --touch) or not a stage config
+            why = config_changes(old, sc)
+        except (yaml.YAMLError, OSError, AttributeError):
+            continue
+        said[(stage, key)] = why
+        if out is not None:
+            print(f"vlaforget: {stage} {key} builds {cid} beside {others[-1].stem}: {why}", file=out)
+    return said
 
 
 # ----------------------------------------------------------------------------- artifact integrity
@@ -329,14 +277,14 @@ def verify_icsm(icsm_dir: str | Path) -> None:
     file_hashes = {k: v for k, v in hashes.items() if k.startswith("basis")}
     tensor_hashes = {k: v for k, v in hashes.items() if not k.startswith("basis")}
     if file_hashes:
-        verify_files(icsm_dir, file_hashes, rule="icsm")
+        verify_files(icsm_dir, file_hashes, rule="icsm", trust_mtime=False)
     if tensor_hashes:
         import torch
 
         def h(p):
             return sha256_tensor(torch.load(p, map_location="cpu", weights_only=True))
 
-        verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h)
+        verify_files(icsm_dir, tensor_hashes, rule="icsm", hash_fn=h, trust_mtime=False)
 
 
 # ----------------------------------------------------------------------------- stale Snakemake lock

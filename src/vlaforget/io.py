@@ -185,8 +185,44 @@ def relocatable(obj: Any, root: str | None, allowed_root: str | None = None) -> 
     return sub(obj)
 
 
-# Keys of a stage config that say where it runs, not what it computes (left out of its id).
-LOCATION_KEYS = ("root", "allowed_root", "run_id", "config_id")
+def fill_root(obj: Any, root: str) -> Any:
+    """The inverse of relocatable for the data root: `{root}/...` -> `<root>/...`."""
+    if isinstance(obj, dict):
+        return {k: fill_root(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [fill_root(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == "{root}" or obj.startswith("{root}/")):
+        return root + obj[len("{root}"):]
+    return obj
+
+
+# Keys of a stage config that say where it runs, not what it computes (left out of its id). Its own
+# output path contains its id (config.stage_config), so the id is taken with that path written `{out}`.
+LOCATION_KEYS = ("root", "allowed_root", "run_id", "config_id", "out_dir", "out_file", "ckpt_dir")
+OUT_TAG = "{out}"
+
+
+def own_output(sc: dict) -> str | None:
+    """The stage job's own output path (folder or file): it contains the job's config id."""
+    return sc.get("out_dir") or sc.get("out_file")
+
+
+def relocate_own_output(obj: Any, out: str | None) -> Any:
+    """obj with the job's own output path written as `{out}` (the path holds the id being computed)."""
+    if not out:
+        return obj
+    out = out.rstrip("/")
+
+    def sub(x):
+        if isinstance(x, dict):
+            return {k: sub(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [sub(v) for v in x]
+        if isinstance(x, str) and (x == out or x.startswith(out + "/")):
+            return OUT_TAG + x[len(out):]
+        return x
+
+    return sub(obj)
 
 
 def config_id(sc: dict, n: int = 12) -> str:
@@ -196,6 +232,7 @@ def config_id(sc: dict, n: int = 12) -> str:
     from .semantics import semantic_view  # without the keys that cannot change a result
 
     body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})
+    body = relocate_own_output(body, own_output(sc))
     return stable_hash(relocatable(body, sc.get("root"), sc.get("allowed_root")), n=n)
 
 
@@ -312,10 +349,11 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha
 
 
 def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
-                 sizes: dict[str, int] | None = None, hash_fn=None) -> None:
+                 sizes: dict[str, int] | None = None, hash_fn=None, trust_mtime: bool = True) -> None:
     """Check files of an artifact against its manifest: size always (when recorded), sha256 once per
-    process and again whenever a file's size or mtime changed. Raises CorruptInputError naming the
-    file and the rule that rebuilds it."""
+    process and again whenever a file's size or mtime changed; `trust_mtime=False` (small artifacts:
+    ICSM bases, adapters) hashes every time, so bytes changed with the mtime put back are caught too.
+    Raises CorruptInputError naming the file and the rule that rebuilds it."""
     directory = Path(directory)
     hash_fn = hash_fn or sha256_file
     memo_file = directory / ".verified.json"  # name -> [size, mtime_ns, sha256] of files hashed before
@@ -336,9 +374,10 @@ def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
             raise CorruptInputError(f"{p} has {st.st_size} bytes but was written with {sizes[name]} "
                                     f"(truncated or overwritten); {fix}")
         key = (str(p), st.st_size, st.st_mtime_ns)
-        got = _VERIFIED.get(key)
-        if got is None and memo.get(name, [None, None, None])[:2] == [st.st_size, st.st_mtime_ns]:
-            got = memo[name][2]
+        got = _VERIFIED.get(key) if trust_mtime else None
+        remembered = memo.get(name, [None, None, None])
+        if got is None and trust_mtime and remembered[:2] == [st.st_size, st.st_mtime_ns]:
+            got = remembered[2]
         if got is None:
             got = hash_fn(p)
             memo[name] = [st.st_size, st.st_mtime_ns, got]

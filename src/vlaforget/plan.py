@@ -88,27 +88,10 @@ def read_profile(profile_dir: str | Path) -> dict:
 
 
 def study_runs(cfg: dict) -> list[str]:
-    """Training runs of the study: main + few-shot + ablations (the Snakefile's all_runs)."""
-    from .config import run_name, shots_name
+    """Training runs of the study (study.all_runs: the workflow's train jobs, chains included)."""
+    from .study import all_runs
 
-    st = cfg["study"]
-    runs = [run_name(m, s, "full", seed) for s in st.get("suites", []) for m in st.get("methods", [])
-            for seed in st.get("seeds", [])]
-    if st.get("fewshot_suite"):
-        runs += [run_name(m, st["fewshot_suite"], shots_name(k), seed) for m in st.get("fewshot_methods", [])
-                 for k in st.get("shots", []) for seed in st.get("seeds", [])]
-    if st.get("ablation_suite") and st.get("ablations"):
-        bases = []
-        for a in st["ablations"]:
-            if cfg["ablations"][a]["base"] not in bases:
-                bases.append(cfg["ablations"][a]["base"])
-        runs += [run_name(m, st["ablation_suite"], "full", seed) for m in bases + list(st["ablations"])
-                 for seed in st.get("ablation_seeds", [])]
-    out: list[str] = []
-    for r in runs:
-        if r not in out:
-            out.append(r)
-    return out
+    return all_runs(cfg)
 
 
 def method_class(cfg: dict, method: str) -> str:
@@ -206,7 +189,8 @@ def steps_from_runs(runs_dir: str | Path, cfg: dict) -> dict[str, float]:
     """Median optimizer-step time per method class from finished/partial runs' metrics.jsonl
     (their config.yaml says the method); steps of Thermostat measurements are included (amortised)."""
     out: dict[str, list[float]] = {}
-    for metrics in sorted(Path(runs_dir).glob("*/metrics.jsonl")):
+    # runs/{run}/{config id}/metrics.jsonl (runs/{run}/metrics.jsonl: a root not yet migrated)
+    for metrics in sorted([*Path(runs_dir).glob("*/*/metrics.jsonl"), *Path(runs_dir).glob("*/metrics.jsonl")]):
         conf = metrics.parent / "config.yaml"
         if not conf.exists():
             continue
@@ -229,7 +213,6 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
     from .config import parse_run_name
 
     runs = study_runs(cfg)
-    upstream = list((cfg["eval"].get("forgetting") or {}).get("upstream_suites") or [])
     rules: dict[str, dict] = {}
 
     def add(rule, jobs, hours, serial=False):
@@ -247,13 +230,12 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
         add("craft_anchors", len(craft_sets), len(craft_sets) * craft_anchor_hours(cfg, gpu, table), serial=True)
     for r in runs:
         add("train", 1, train_hours(cfg, r, gpu, table, measured_step))
-    eval_suites: dict[str, int] = {}  # closed-loop evaluations per suite (the Snakefile's run_eval_suites)
-    for r in runs:
-        own = parse_run_name(r)["suite"]
-        for s in [own] + [u for u in upstream if u != own]:
+    from .study import run_eval_suites, teacher_eval_suites
+
+    eval_suites: dict[str, int] = {}  # closed-loop evaluations per suite (the workflow's eval jobs)
+    for r in ["teacher"] + runs:
+        for s in (teacher_eval_suites(cfg, runs) if r == "teacher" else run_eval_suites(cfg, r)):
             eval_suites[s] = eval_suites.get(s, 0) + 1
-    for s in {parse_run_name(r)["suite"] for r in runs} | set(upstream):  # the teacher, once per suite
-        eval_suites[s] = eval_suites.get(s, 0) + 1
     episodes = 0
     for s, n in sorted(eval_suites.items()):
         add("eval", n, n * eval_hours(cfg, s, gpu, table, step_fraction))

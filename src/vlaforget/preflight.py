@@ -243,7 +243,12 @@ def check_rlds(cfg: dict, rep: Report) -> None:
     if not root.is_dir():
         rep.problem(f"data.rlds_dir {root} does not exist", fix_all)
         return
-    for suite in suites_all(cfg):
+    datasets = list(suites_all(cfg))
+    if cfg["model"]["backend"] == "tiny":  # the tiny teacher pretrains on model.pretrain.dataset
+        from .config import tiny_pretrain_dataset
+
+        datasets += [d for d in [tiny_pretrain_dataset(cfg)] if d not in datasets]
+    for suite in datasets:
         d = root / suite
         versions = (
             sorted(

@@ -88,6 +88,12 @@ def late_checks(cfg: dict) -> None:
     if not cfg["study"].get("suites"):
         raise _err("study.suites is empty: list the suites to fine-tune on "
                    f"(known: {', '.join(known) if known else 'the datasets under data.rlds_dir'})")
+    st = cfg["study"]
+    for key, runs_of in (("seeds", ("methods", "fewshot_methods")), ("ablation_seeds", ("ablations",))):
+        if any(st.get(k) for k in runs_of) and key in st and not st.get(key):
+            # an empty seed list trains nothing: the tables would silently hold the teacher alone
+            raise _err(f"study.{key} is empty: list at least one seed (e.g. [42]), or empty "
+                       f"study.{' / study.'.join(runs_of)} to run none of those runs")
     for key, s in suite_keys(cfg):
         if known is not None and s not in known:
             raise _err(f"{key} names '{s}', which is not a dataset of this config (data.metaworld.datasets: "

@@ -32,10 +32,6 @@ FIXTURE = config["data"].get("fixture")  # world libero: LIBERO-format RLDS writ
 STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
-# Tables and figures: `results_dir` (relative to the repo; the real study: results/, the embedded
-# studies: results/demo (git-ignored), results/embedded_gpu/); null = {root}/results (CI, rehearsal:
-# nothing lands in the repo).
-RESULTS = str(config.get("results_dir") or ROOT / "results").rstrip("/")
 
 NAME = vfc.NAME_RE
 RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot|chain\d+)__s\d+"
@@ -43,6 +39,7 @@ RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot|chain\d+)__s\d+"
 
 wildcard_constraints:
     stage="demos|cache|model|probe|icsm|craft_anchors|train|eval|forgetting",
+    cid=vfc.CONFIG_ID_RE,
     dataset=NAME,
     suite=NAME,
     run=rf"teacher|{RUN_RE}",
@@ -50,8 +47,38 @@ wildcard_constraints:
 
 
 # ----------------------------------------------------------------------------- paths
-# Every path a rule declares is built here, once: rules call these with wildcards ("{dataset}"),
-# input functions with values. Benchmarks (time and memory of each GPU job) sit under the data root.
+# A result's identity is its path (docs/DEVELOPMENT.md): every output of a stage job lives at
+# `{job folder}/{config id}/` (an eval: `{config id}.json`), its stage config at
+# `configs/{stage}/{key}/{config id}.yaml`, so two configurations never share a file and Snakemake's
+# own up-to-date logic is right for any number of checkouts on one root. Every path a rule declares
+# is built here, once: rules call these with wildcards ("{dataset}", "{cid}"), input functions with
+# values (the config id then comes from this checkout's config).
+
+CID = vfc.CONFIG_ID_RE
+_STAGE_CONFIGS = {}
+
+
+def stage_cfg(stage, key):
+    """stage_config(), memoised: the DAG asks for the same stage config many times."""
+    k = (stage, key)
+    if k not in _STAGE_CONFIGS:
+        _STAGE_CONFIGS[k] = vfc.stage_config(config, stage, key)
+    return _STAGE_CONFIGS[k]
+
+
+def cid_of(stage, key):
+    """The config id of one stage job in this checkout's config."""
+    return vfc.config_id_of(stage_cfg(stage, key))
+
+
+def this_config(stage, key, cid):
+    """An input function's guard: a path with another config id is not this checkout's to build."""
+    if cid != cid_of(stage, key):
+        raise WorkflowError(
+            f"{stage} {key}: config id {cid} is not this config's ({cid_of(stage, key)}). Outputs are "
+            "addressed by the config that made them; ask for this config's targets (rule names, or "
+            "`vlaforget plan`), not another config's files.")
+    return cid
 
 
 def R(path) -> str:
@@ -59,71 +86,168 @@ def R(path) -> str:
     return str(path)
 
 
-def cfg_file(stage, key):
+def out(stage, key, cid=None, rel=""):
+    """A stage job's output folder (or, with `rel`, a file in it); cid None: this config's id."""
+    p = vfc.job_dir(config, stage, key) / (cid or cid_of(stage, key))
+    return R(p / rel) if rel else R(p)
+
+
+def cfg_file(stage, key, cid=None):
     """The stage-config file a stage job reads (written by rule stage_config)."""
-    return R(ROOT / "configs" / stage / f"{key}.yaml")
+    return R(ROOT / "configs" / stage / key / f"{cid or cid_of(stage, key)}.yaml")
 
 
-def log_file(stage, key):
-    return R(ROOT / "logs" / stage / f"{key}.log")
+def log_file(stage, key, cid="{cid}"):
+    return R(ROOT / "logs" / stage / key / f"{cid}.log")
 
 
-def bench_file(stage, key):
+def bench_file(stage, key, cid="{cid}"):
     """`benchmark:` of a GPU rule: Snakemake's per-job wall time, CPU time and peak memory (TSV)."""
-    return R(ROOT / "benchmarks" / stage / f"{key}.tsv")
+    return R(ROOT / "benchmarks" / stage / key / f"{cid}.tsv")
 
 
-def demos_done(dataset):
-    return R(LAYOUT.rlds(dataset) / "done.json")
+def demos_done(dataset, cid=None):
+    return out("demos", dataset, cid, "done.json")
 
 
-def cache_outputs(dataset):
-    d = LAYOUT.cache(dataset)
-    return {"manifest": R(d / "manifest.json"), "stats": R(d / "dataset_statistics.json")}
+def cache_outputs(dataset, cid=None):
+    return {"manifest": out("cache", dataset, cid, "manifest.json"),
+            "stats": out("cache", dataset, cid, "dataset_statistics.json")}
 
 
-def model_done():
-    return R(LAYOUT.model(BASE) / "done.json")
+def model_done(cid=None):
+    return out("model", BASE, cid, "done.json")
 
 
-def probe_file():
-    return R(LAYOUT.probe(BASE, PROBE_SET) / "probe.pt")
+def probe_file(cid=None):
+    return out("probe", PROBE_SET, cid, "probe.pt")
 
 
-def probe_audit():
-    return R(LAYOUT.probe(BASE, PROBE_SET) / "audit.json")
+def probe_audit(cid=None):
+    return out("probe", PROBE_SET, cid, "audit.json")
 
 
-def icsm_meta():
-    return R(LAYOUT.icsm(BASE, PROBE_SET) / "meta.json")
+def icsm_meta(cid=None):
+    return out("icsm", PROBE_SET, cid, "meta.json")
 
 
-def anchors_file(aset):
-    return R(LAYOUT.craft(BASE, aset) / "anchors.pt")
+def anchors_file(aset, cid=None):
+    return out("craft_anchors", aset, cid, "anchors.pt")
 
 
-def train_done(run):
-    return R(LAYOUT.run(run) / "final" / "done.json")
+def train_done(run, cid=None):
+    return out("train", run, cid, "final/done.json")
 
 
-def eval_file(run, suite):
-    return R(LAYOUT.eval(run) / f"{suite}.json")
+def eval_file(run, suite, cid=None):
+    return R(vfc.job_dir(config, "eval", f"{run}@{suite}") / f"{cid or cid_of('eval', f'{run}@{suite}')}.json")
 
 
-def forgetting_file(run):
-    return R(LAYOUT.eval(run) / "forgetting.json")
+def forgetting_file(run, cid=None):
+    return R(vfc.job_dir(config, "forgetting", run) / f"{cid or cid_of('forgetting', run)}.json")
 
 
-def export_dir(run):
-    return R(ROOT / "exports" / run)
+def export_dir(run, cid=None):
+    return R(ROOT / "exports" / run / (cid or cid_of("train", run)))
+
+
+FIXTURE_DIR = vfc.rlds_root(config) if FIXTURE else ROOT / "datasets" / "rlds" / "fixture" / "none"
 
 
 def fixture_done():
-    return R(ROOT / "datasets" / "rlds" / "libero_fixture.json")
+    return R(FIXTURE_DIR / "libero_fixture.json")
 
 
 def libero_vqa_manifest():
-    return R(LAYOUT.libero_vqa() / "manifest.json")
+    return R(vfc.libero_vqa_dir(config) / "manifest.json")
+
+
+# ----------------------------------------------------------------------------- study grid
+# The grid is the library's (vlaforget.study): the same lists `vlaforget plan` and migrate-root read.
+
+from vlaforget import study as vfs
+
+CHAIN_SUITES = vfc.chain_suites(config)
+TABLE_RUNS = vfs.table_runs(config)  # kind -> runs (lifelong only with study.chain)
+CHAIN_RUNS = set(vfs.chain_runs(config))
+
+
+def main_runs():
+    return vfs.main_runs(config)
+
+
+def ablation_runs():
+    return vfs.ablation_runs(config)
+
+
+def chain_runs():
+    return vfs.chain_runs(config)
+
+
+def all_runs():
+    return vfs.all_runs(config)
+
+
+def run_eval_files(run):
+    return [eval_file(run, s) for s in vfs.run_eval_suites(config, run)] + [forgetting_file(run)]
+
+
+def teacher_eval_files(runs):
+    """The teacher's evals on every suite the given runs are trained or measured on."""
+    return [eval_file("teacher", s) for s in vfs.teacher_eval_suites(config, runs)] + [forgetting_file("teacher")]
+
+
+def table_inputs(runs):
+    files = []
+    for r in runs:
+        files += run_eval_files(r)
+    return files + teacher_eval_files(runs)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def report_cfg(key):
+    """What a table (key main / fewshot / ablation / lifelong) or the figures are built from: the
+    study, the exact eval files (their paths hold their config ids) and the report code. Its hash
+    names the table's record under the data root, {root}/reports/<key>/<id>.json: a table whose
+    record is missing (an empty root, another config's evals) is rebuilt, whatever its file says."""
+    from vlaforget.io import relocatable
+
+    runs = main_runs() if key == "figures" else TABLE_RUNS[key]
+    body = {
+        "stage": "report",
+        "key": key,
+        "study_name": config.get("study_name"),
+        "upstream_suites": UPSTREAM_SUITES,
+        "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
+        "code": vfc.code_hash("figures" if key == "figures" else "table"),
+        **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
+    }
+    return relocatable(body, str(ROOT))
+
+
+def report_id(key):
+    return vfc.stable_hash_of(report_cfg(key))
+
+
+def table_record(kind):
+    """What table <kind> was built from, under the data root (an output of its table rule)."""
+    return R(ROOT / "reports" / f"table_{kind}" / f"{report_id(kind)}.json")
+
+
+def figures_record():
+    return R(ROOT / "reports" / "figures" / f"{report_id('figures')}.json")
+
+
+# Tables and figures: `results_dir` (relative to the repo: per checkout; the real study: results/, the
+# embedded studies: results/embedded*/); null = under the data root, in a folder named by what the
+# tables were built from ({root}/results/<study>-<id>/: CI and rehearsal write nothing into the repo).
+if config.get("results_dir"):
+    RESULTS = str(config["results_dir"]).rstrip("/")
+else:
+    RESULTS = R(ROOT / "results" / f"{config.get('study_name') or 'study'}-"
+                f"{vfc.stable_hash_of([report_cfg(k) for k in [*TABLE_RUNS, 'figures']])}")
 
 
 def table_csv(kind):
@@ -141,144 +265,8 @@ def table_paper(kind, what):
     return str(paper_paths(table_csv(kind))[what])
 
 
-def table_record(kind):
-    """What table <kind> was built from, under the data root (rule table's `record`)."""
-    return R(ROOT / "reports" / f"table_{kind}.json")
-
-
-def figures_record():
-    return R(ROOT / "reports" / "figures.json")
-
-
 def report_log(name):
     return R(ROOT / "logs" / "report" / f"{name}.log")
-
-
-# ----------------------------------------------------------------------------- study grid
-
-
-def main_runs():
-    return [vfc.run_name(m, s, "full", seed)
-            for s in STUDY.get("suites", []) for m in STUDY.get("methods", []) for seed in STUDY.get("seeds", [])]
-
-
-def fewshot_runs():
-    suite = STUDY.get("fewshot_suite")
-    if not suite:
-        return []
-    return [vfc.run_name(m, suite, vfc.shots_name(k), seed)
-            for m in STUDY.get("fewshot_methods", []) for k in STUDY.get("shots", [])
-            for seed in STUDY.get("seeds", [])]
-
-
-def ablation_methods():
-    """The listed ablations plus the full methods they ablate (their bases), bases first."""
-    abl = list(STUDY.get("ablations", []))
-    bases = []
-    for a in abl:
-        b = config["ablations"][a]["base"]
-        if b not in bases:
-            bases.append(b)
-    return bases + abl
-
-
-def ablation_runs():
-    suite = STUDY.get("ablation_suite")
-    if not suite or not STUDY.get("ablations"):
-        return []
-    return [vfc.run_name(m, suite, "full", seed)
-            for m in ablation_methods() for seed in STUDY.get("ablation_seeds", [])]
-
-
-CHAIN_SUITES = vfc.chain_suites(config)
-
-
-def chain_runs():
-    """Every stage of every chain (study.chain: method x seed), stage 1 first in each chain."""
-    return [r for ch in vfc.chain_runs(config) for r in ch]
-
-
-def all_runs():
-    out = []
-    for r in main_runs() + fewshot_runs() + ablation_runs() + chain_runs():
-        if r not in out:
-            out.append(r)
-    return out
-
-
-def run_suite(run):
-    return vfc.parse_run_name(run)["suite"]
-
-
-def run_eval_suites(run):
-    """Suites a run (or the teacher) is evaluated on in closed loop: its own + the upstream suites."""
-    suites = [] if run == "teacher" else [run_suite(run)]
-    # a chain stage: every chain suite (its row of the success matrix)
-    extra = CHAIN_SUITES if run in CHAIN_RUNS else []
-    for s in extra + UPSTREAM_SUITES:
-        if s not in suites:
-            suites.append(s)
-    return suites
-
-
-CHAIN_RUNS = set(chain_runs())
-
-
-def run_eval_files(run):
-    return [eval_file(run, s) for s in run_eval_suites(run)] + [forgetting_file(run)]
-
-
-def teacher_eval_files(runs):
-    """The teacher's evals on every suite the given runs are trained or measured on."""
-    suites = []
-    for r in runs:
-        for s in run_eval_suites(r):
-            if s not in suites:
-                suites.append(s)
-    for s in UPSTREAM_SUITES + (CHAIN_SUITES if set(runs) & CHAIN_RUNS else []):
-        if s not in suites:
-            suites.append(s)
-    return [eval_file("teacher", s) for s in suites] + [forgetting_file("teacher")]
-
-
-def table_inputs(runs):
-    files = []
-    for r in runs:
-        files += run_eval_files(r)
-    return files + teacher_eval_files(runs)
-
-
-# ----------------------------------------------------------------------------- stage configs
-
-_STAGE_CONFIGS = {}
-
-
-def stage_cfg(stage, key):
-    """stage_config(), memoised: the DAG asks for the same stage config many times."""
-    k = (stage, key)
-    if k not in _STAGE_CONFIGS:
-        _STAGE_CONFIGS[k] = vfc.stage_config(config, stage, key)
-    return _STAGE_CONFIGS[k]
-
-
-def report_cfg(key):
-    """What a table (key main / fewshot / ablation) or the figures are built from: the study, the
-    exact eval files and the report code. Written to {root}/reports/<key>.json next to the data it
-    describes, so a table is never 'up to date' for a root it was not built from (an empty root has
-    no record: Snakemake does not regenerate missing inputs of a job whose outputs all exist), and
-    a changed input list reruns it (params trigger)."""
-    runs = main_runs() if key == "figures" else TABLE_RUNS[key]()
-    return {
-        "stage": "report",
-        "key": key,
-        "study_name": config.get("study_name"),
-        "root": str(ROOT),
-        "results_dir": RESULTS,
-        "upstream_suites": UPSTREAM_SUITES,
-        "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
-        "code": vfc.code_hash("figures" if key == "figures" else "table"),
-        **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
-    }
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -333,6 +321,8 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
         'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} USE_TF=$USE_TF '
         f'python={PYTHON}"'
         " | tee -a {log}.attempts > {log}; "
+        # the current values of the keys outside the job's id (config.NON_SEMANTIC_ENV)
+        + "export VLAFORGET_NON_SEMANTIC={params.non_semantic:q}; "
         + crash_guard(f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}",
                       "{log}", stage_cli, f"{VLAFORGET} {stage_cli} --config {{input.cfg}}")
     )
@@ -392,65 +382,42 @@ def preflight_check():
 
 def fixture_datasets():
     """Every dataset the fixture writes: the study's suites and the tiny teacher's pretraining data."""
-    out = vfc.suites_all(config)
-    if config["model"]["backend"] == "tiny":
-        out += [d for d in vfc.tiny_corpus_datasets(config) if d not in out]
-    return out
+    return vfc.fixture_params(config)["suites"]
 
 
-def cache_input(w):
-    inp = {"cfg": cfg_file("cache", w.dataset)}
-    if METAWORLD:
-        inp["rlds"] = demos_done(w.dataset)
-    elif FIXTURE:
-        inp["rlds"] = fixture_done()
-    return inp
+def stage_input(stage):
+    """Input function of a stage rule (wildcards key-named per rule, and cid): its stage-config file
+    and the completion files of every job it reads, each at its config id's path (config.stage_inputs)."""
+    def inputs(w):
+        key = {"demos": lambda: w.dataset, "cache": lambda: w.dataset, "model": lambda: BASE,
+               "probe": lambda: PROBE_SET, "icsm": lambda: PROBE_SET, "craft_anchors": lambda: w.aset,
+               "train": lambda: w.trun, "eval": lambda: f"{w.run}@{w.suite}",
+               "forgetting": lambda: w.run}[stage]()
+        cid = this_config(stage, key, w.cid)
+        inp = {"cfg": cfg_file(stage, key, cid)}
+        for name, i in stage_cfg(stage, key)["inputs"].items():
+            inp[name.replace(":", "_")] = i["file"]
+        if stage == "cache" and FIXTURE:
+            inp["rlds"] = fixture_done()
+        if stage == "eval":  # the suite's statistics (the action de-normalisation)
+            inp["stats"] = cache_outputs(w.suite)["stats"]
+        if stage == "forgetting":
+            inp.update(libero_vqa_input())  # workflow/rules/vqa.smk
+        return inp
+
+    return inputs
 
 
-def model_input(w):
-    inp = {"cfg": cfg_file("model", BASE)}
-    if config["model"]["backend"] == "tiny":
-        inp["caches"] = [cache_outputs(d)["manifest"] for d in vfc.tiny_corpus_datasets(config)]
-    return inp
+def non_semantic(stage):
+    """Derived param (it takes `output`, so Snakemake's params trigger does not compare it): the
+    current values of the keys a job's id leaves out, passed to the job (config.NON_SEMANTIC_ENV)."""
+    def values(w, output):
+        key = {"demos": "dataset", "train": "trun"}.get(stage)
+        return json.dumps(vfc.non_semantic_values(stage_cfg(stage, getattr(w, key)))) if key else "{}"
+
+    return values
 
 
-def train_input(w):
-    sc = stage_cfg("train", w.trun)
-    inp = {"cfg": cfg_file("train", w.trun), "model": model_done(), "cache": cache_outputs(sc["suite"])["manifest"]}
-    if sc.get("icsm_dir"):
-        inp["icsm"] = icsm_meta()
-    if sc.get("probe_dir"):
-        inp["probe"] = probe_file()
-    if sc.get("craft_dir"):
-        inp["anchors"] = R(Path(sc["craft_dir"]) / "anchors.pt")  # the suite's or the few-shot subset's
-    prev = vfc.chain_previous(config, w.trun)
-    if prev:  # a chain stage starts from the previous stage's adapter
-        inp["init"] = train_done(prev)
-    return inp
-
-
-def eval_input(w):
-    inp = {"cfg": cfg_file("eval", f"{w.run}@{w.suite}"), "model": model_done(),
-           "stats": cache_outputs(w.suite)["stats"]}
-    if w.run != "teacher":
-        inp["train"] = train_done(w.run)
-    return inp
-
-
-def forgetting_input(w):
-    inp = {"cfg": cfg_file("forgetting", w.run), "model": model_done(), "probe": probe_file(),
-           "icsm": icsm_meta()}
-    if w.run != "teacher":
-        inp["train"] = train_done(w.run)
-    if METAWORLD:
-        inp["caches"] = [cache_outputs(s)["manifest"] for s in UPSTREAM_SUITES]
-    inp.update(libero_vqa_input())  # workflow/rules/vqa.smk
-    return inp
-
-
-TABLE_RUNS = {"main": main_runs, "fewshot": fewshot_runs, "ablation": ablation_runs}
-if CHAIN_SUITES:  # study.chain: the lifelong table (rule table_lifelong_build)
-    TABLE_RUNS["lifelong"] = chain_runs
 FIGURES = ["pareto", "training_curves", "ablation", "category_retention"]
 
 
@@ -459,7 +426,7 @@ def table_outputs():
 
 
 def report_records():
-    """{root}/reports/*.json: what each table and the figures were built from (rule table / figures)."""
+    """{root}/reports/<name>/<id>.json: what each table and the figures were built from."""
     return [table_record(kind) for kind in TABLE_RUNS] + [figures_record()]
 
 
@@ -469,7 +436,7 @@ def lifelong_inputs():
 
 
 def lifelong_run_dirs():
-    return [R(LAYOUT.run(r)) for r in chain_runs()]
+    return [out("train", r) for r in chain_runs()]
 
 
 def figures_outputs():
@@ -491,86 +458,23 @@ def report_shell(args, record=False):
     return line
 
 
-# ----------------------------------------------------------------------------- freshness (issue 17)
-
-
-def stage_jobs():
-    """(stage, key) of every stage job the study can ask for."""
-    jobs = [("model", BASE), ("probe", PROBE_SET), ("icsm", PROBE_SET)]
-    mw = (config["data"].get("metaworld") or {}).get("datasets") or {}
-    jobs += [("demos", d) for d in mw] if METAWORLD else []
-    jobs += [("cache", d) for d in vfc.suites_all(config)]
-    runs = all_runs()
-    for r in runs:
-        jobs.append(("train", r))
-        tc = stage_cfg("train", r)
-        if tc.get("craft_dir"):
-            # the run's own anchor set: its suite, or a few-shot run's `{suite}__{n}shot__s{seed}`
-            # (keyed by the suite alone, the few-shot sets' configs were never synced: after an
-            # upstream change their jobs refused the remade model as "made for another config")
-            jobs.append(("craft_anchors", vfc.anchor_set(tc["suite"], tc["shots"], tc["seed"])))
-        jobs += [("eval", f"{r}@{s}") for s in run_eval_suites(r)] + [("forgetting", r)]
-    teacher = [f.rsplit("/", 1)[1][: -len(".json")] for f in teacher_eval_files(runs)]
-    jobs += [("eval", f"teacher@{s}") for s in teacher if s != "forgetting"] + [("forgetting", "teacher")]
-    return list(dict.fromkeys(jobs))
-
-
-BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-
-
-def _stage_output(stage, key):
-    """The declared completion output of a GPU stage job (the rule's output, via the same helper)."""
-    if stage == "eval":
-        return eval_file(*key.rsplit("@", 1))
-    if stage in ("model", "probe", "icsm"):  # one job each: no key in the path
-        return {"model": model_done, "probe": probe_file, "icsm": icsm_meta}[stage]()
-    return {"craft_anchors": anchors_file, "train": train_done, "forgetting": forgetting_file}[stage](key)
-
-
-def _placeholder_benchmarks():
-    """Snakemake counts a missing `benchmark:` file as a missing output: a job finished before the
-    GPU rules had benchmarks would rerun for it. Such a job gets a placeholder benchmark (header + NA:
-    not measured), so nothing reruns; this is bookkeeping under the data root, written in a dry-run
-    too, so the dry-run plans what a run does."""
-    jobs = [(st, k) for st, k in stage_jobs() if st in BENCH_STAGES]
-    craft_dir = ROOT / "artifacts" / f"craft_{BASE}"
-    jobs += [("craft_anchors", p.parent.name) for p in craft_dir.glob("*/anchors.pt")] if craft_dir.is_dir() else []
-    n = 0
-    for st, k in dict.fromkeys(jobs):
-        b = Path(bench_file(st, k))
-        if b.exists() or not Path(_stage_output(st, k)).exists():
-            continue
-        try:
-            b.parent.mkdir(parents=True, exist_ok=True)
-            b.write_text(BENCH_HEADER + "\t".join(["NA"] * BENCH_HEADER.count("\t")) + "\tNA\n")
-            n += 1
-        except OSError as e:
-            print(f"vlaforget: warning: cannot write placeholder benchmark {b}: {e}", file=sys.stderr)
-    if n:
-        print(f"vlaforget: {n} finished job(s) predate benchmarks: placeholder benchmark written (NA), "
-              "nothing reruns for it", file=sys.stderr)
-
-
-BENCH_STAGES = ("model", "probe", "icsm", "craft_anchors", "train", "eval", "forgetting")
-
-
-# Never serve a stale result, whatever .snakemake holds: each output records the id of the config it
-# was made for; a stage-config file whose content or output disagrees with this config is rewritten
-# or touched before the DAG is built, so mtimes rerun exactly those jobs (a dry-run only reports them).
+# ----------------------------------------------------------------------------- before any job
+# Parsing writes nothing (a dry-run leaves the root and the checkout as they were): outputs are
+# addressed by their config ids, so there is nothing to rewrite or touch to make a job rerun.
 if workflow.is_main_process:
     from vlaforget import freshness, validation
 
     _mode = freshness.sync_mode(sys.argv)
     if _mode == "run" and "--nolock" not in sys.argv:
+        # before Snakemake takes its lock (onstart runs after it): a real run only, never a dry-run
         freshness.clear_stale_snakemake_lock(Path.cwd(), out=sys.stderr)  # after a kill -9: no --unlock
     _problems = validation.data_checks(config)
     if _problems and _mode == "run":
         sys.exit("vlaforget: " + "\n  ".join(["the config points at data that is not there:"] + _problems))
     for _p in _problems:
         print(f"vlaforget: warning: {_p}", file=sys.stderr)
-    freshness.sync_all(((cfg_file(st, k), stage_cfg(st, k)) for st, k in stage_jobs()), mode=_mode,
-                       out=sys.stderr)
-    _placeholder_benchmarks()
+    # what each job that builds beside an older config of itself changes (reads only)
+    freshness.explain(((_st, _k, stage_cfg(_st, _k)) for _st, _k in vfs.stage_jobs(config)), out=sys.stderr)
     try:  # a dry-run of a GPU profile also says what the study costs (vlaforget plan; docs/benchmarks.md)
         from vlaforget.plan import dry_run_summary
 
@@ -579,24 +483,18 @@ if workflow.is_main_process:
         _plan = f"vlaforget plan: not computed ({type(_e).__name__}: {_e})"
     if _plan:
         print(_plan, file=sys.stderr)
-    # A table file not built from this data root (copied in, left by another study, or a root emptied
-    # since) is never served, not even as a file target (`snakemake results/table_ablation.csv`, which
-    # Snakemake would call up to date while its inputs are missing): a run moves it aside to
-    # {root}/stale/<path>.stale (nothing is deleted; outside the repo, so `git status` stays clean) so it
-    # is rebuilt; a dry-run says so.
+    # A table file in results_dir that this root holds no record for (built from another config's or
+    # another root's evaluations, or copied in), asked for as a file target (`snakemake
+    # results/table_main.csv`): Snakemake alone calls an existing file target up to date, so it would
+    # be served. The rule targets (table_main, ..., the default) also ask for the record and rebuild
+    # it; a file target is refused with that advice. Nothing is moved or written here.
+    _targets = {os.path.normpath(a) for a in sys.argv[1:] if not a.startswith("-")}
     for _kind in TABLE_RUNS:
         _csv, _rec = Path(table_csv(_kind)), Path(table_record(_kind))
-        _want = json.dumps(report_cfg(_kind), sort_keys=True)
-        if not _csv.exists() or (_rec.exists() and _rec.read_text() == _want):
-            continue
-        _why = "has no record under the data root" if not _rec.exists() else "was built from other inputs"
-        if _mode != "run":
-            print(f"vlaforget: {_csv} {_why} ({_rec}): a run moves it under {ROOT}/stale and rebuilds it",
-                  file=sys.stderr)
-            continue
-        from vlaforget.report.tables import move_stale
-        from vlaforget.stages.table import paper_paths
-
-        _to = [move_stale(_f, ROOT, workflow.basedir)
-               for _f in (_csv, _csv.with_suffix(".md"), *paper_paths(_csv).values()) if _f.exists()]
-        print(f"vlaforget: {_csv} {_why} ({_rec}): moved to {_to[0].parent}; it is rebuilt", file=sys.stderr)
+        _asked = {os.path.normpath(table_csv(_kind)), os.path.normpath(table_md(_kind))} & _targets
+        if _asked and _csv.exists() and not _rec.exists():
+            _msg = (f"vlaforget: {_csv} was not built from this root's evaluations of this config (no {_rec}); "
+                    f"ask for the rule target `table_{_kind}` instead (it rebuilds the table), or delete the file")
+            if _mode == "run":
+                sys.exit(_msg)
+            print(_msg, file=sys.stderr)

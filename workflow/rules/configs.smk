@@ -1,22 +1,25 @@
-# The config file of every stage job. Its config id is a params value, so Snakemake's params trigger
-# rewrites exactly the files whose id changed; their new mtime reruns exactly the jobs reading them.
-# Library edits reach the same files through the `code` hash each stage config carries.
+# The config file of every stage job, at a path holding its config id: written once, never rewritten
+# (a changed config is another file). The job reads it and refuses unless its content has that id.
+
 
 localrules:
     stage_config,
 
 
+def stage_config_text(w, output):
+    """The file's content, {root} relative (config.stage_config_text). It takes `output`: a derived
+    param, which Snakemake's params trigger does not compare (the id in the path is the trigger)."""
+    this_config(w.stage, w.key, w.cid)
+    return vfc.stage_config_text(stage_cfg(w.stage, w.key))
+
+
 rule stage_config:
-    """The exact config of one stage job; its params trigger reruns only of what changed."""
+    """The exact config of one stage job (its id is in its path)."""
     output:
-        cfg=cfg_file("{stage}", "{key}"),
+        cfg=R(ROOT / "configs" / "{stage}" / "{key}" / "{cid}.yaml"),
     params:
-        # the trigger: the config id (non-semantic keys left out: config.NON_SEMANTIC; parse-time
-        # sync brings their values into the file without a rerun)
-        id=lambda w: vfc.config_id_of(stage_cfg(w.stage, w.key)),
-        # a shell job, not `run:` (which would re-parse the whole workflow in a subprocess per job);
-        # taking `output` makes it a derived param, which the params trigger does not compare
-        text=lambda w, output: yaml.safe_dump(stage_cfg(w.stage, w.key), sort_keys=True),
+        # a shell job, not `run:` (which would re-parse the whole workflow in a subprocess per job)
+        text=stage_config_text,
     log:
         log_file("configs/{stage}", "{key}"),
     wildcard_constraints:

@@ -4,9 +4,11 @@
 
 rule demos:
     input:
-        cfg=cfg_file("demos", "{dataset}"),
+        unpack(stage_input("demos")),
     output:
-        done=demos_done("{dataset}"),
+        done=demos_done("{dataset}", "{cid}"),
+    params:
+        non_semantic=non_semantic("demos"),
     log:
         log_file("demos", "{dataset}"),
     threads: (config["data"].get("metaworld") or {}).get("workers", 1)
@@ -21,9 +23,11 @@ rule demos:
 
 rule cache:
     input:
-        unpack(cache_input),
+        unpack(stage_input("cache")),
     output:
-        **cache_outputs("{dataset}"),
+        **cache_outputs("{dataset}", "{cid}"),
+    params:
+        non_semantic=non_semantic("cache"),
     log:
         log_file("cache", "{dataset}"),
     threads: 1
@@ -43,11 +47,11 @@ rule libero_fixture:
     output:
         done=fixture_done(),
     params:
-        out=R(ROOT / "datasets" / "rlds"),
+        out=R(FIXTURE_DIR),  # named by what it is made from (config.fixture_params)
         suites=" ".join(fixture_datasets()) if FIXTURE else "",
-        fx={"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic", **(FIXTURE or {})},
+        fx=vfc.fixture_params(config) if FIXTURE else {},
     log:
-        log_file("libero_fixture", "fixture"),
+        log_file("libero_fixture", "fixture", FIXTURE_DIR.name),
     threads: 1
     resources:
         gpu=0,

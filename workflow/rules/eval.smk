@@ -8,9 +8,13 @@ ruleorder: forgetting > eval
 
 rule eval:
     input:
-        unpack(eval_input),
+        unpack(stage_input("eval")),
     output:
-        result=eval_file("{run}", "{suite}"),
+        result=eval_file("{run}", "{suite}", "{cid}"),
+    wildcard_constraints:
+        suite=rf"(?!forgetting/){NAME}",
+    params:
+        non_semantic=non_semantic("eval"),
     log:
         log_file("eval", "{run}@{suite}"),
     benchmark:
@@ -27,9 +31,11 @@ rule eval:
 
 rule forgetting:
     input:
-        unpack(forgetting_input),
+        unpack(stage_input("forgetting")),
     output:
-        result=forgetting_file("{run}"),
+        result=forgetting_file("{run}", "{cid}"),
+    params:
+        non_semantic=non_semantic("forgetting"),
     log:
         log_file("forgetting", "{run}"),
     benchmark:

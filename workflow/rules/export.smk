@@ -6,11 +6,11 @@
 
 rule export:
     input:
-        done=lambda w: train_done(w.trun),
+        done=lambda w: train_done(w.trun, this_config("train", w.trun, w.cid)),
     output:
-        ckpt=directory(export_dir("{trun}")),
+        ckpt=directory(export_dir("{trun}", "{cid}")),
     params:
-        run_dir=lambda w: R(LAYOUT.run(w.trun)),
+        run_dir=lambda w: out("train", w.trun, w.cid),
         code=vfc.code_hash("export"),
     log:
         log_file("export", "{trun}"),

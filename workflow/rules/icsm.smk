@@ -4,11 +4,11 @@
 
 rule icsm:
     input:
-        cfg=cfg_file("icsm", PROBE_SET),
-        model=model_done(),
-        probe=probe_file(),
+        unpack(stage_input("icsm")),
     output:
-        meta=icsm_meta(),
+        meta=icsm_meta("{cid}"),
+    params:
+        non_semantic=non_semantic("icsm"),
     log:
         log_file("icsm", PROBE_SET),
     benchmark:
@@ -26,11 +26,11 @@ rule icsm:
 rule craft_anchors:
     """{aset} = a suite (its train split) or {suite}__{n}shot__s{seed} (a few-shot run's subset)."""
     input:
-        cfg=cfg_file("craft_anchors", "{aset}"),
-        model=model_done(),
-        cache=lambda w: cache_outputs(vfc.parse_anchor_set(w.aset)[0])["manifest"],
+        unpack(stage_input("craft_anchors")),
     output:
-        anchors=anchors_file("{aset}"),
+        anchors=anchors_file("{aset}", "{cid}"),
+    params:
+        non_semantic=non_semantic("craft_anchors"),
     log:
         log_file("craft_anchors", "{aset}"),
     benchmark:

@@ -4,9 +4,11 @@
 
 rule model:
     input:
-        unpack(model_input),
+        unpack(stage_input("model")),
     output:
-        done=model_done(),
+        done=model_done("{cid}"),
+    params:
+        non_semantic=non_semantic("model"),
     log:
         log_file("model", BASE),
     benchmark:

@@ -3,12 +3,12 @@
 
 rule probe:
     input:
-        cfg=cfg_file("probe", PROBE_SET),
-        model=model_done(),
-        cache=cache_outputs(config["probe"]["dataset"])["manifest"],
+        unpack(stage_input("probe")),
     output:
-        probe=probe_file(),
-        audit=probe_audit(),
+        probe=probe_file("{cid}"),
+        audit=probe_audit("{cid}"),
+    params:
+        non_semantic=non_semantic("probe"),
     log:
         log_file("probe", PROBE_SET),
     benchmark:

@@ -3,50 +3,62 @@
 # `snakemake --report report.html` collects them with their captions.
 
 localrules:
-    table,
+    table_main_build,
+    table_fewshot_build,
+    table_ablation_build,
     figures,
     table_main,
     table_fewshot,
     table_ablation,
 
 
-rule table:
-    input:
-        evals=lambda w: table_inputs(TABLE_RUNS[w.kind]()),
-    output:
-        # the compact paper table first in the HTML report (categories sort by name), the wide CSV after it
-        paper=report(table_paper("{kind}", "paper_md"), caption="../report/table_paper.rst",
-                     category="1. Paper tables", labels={"table": "{kind}", "format": "md"}),
-        tex=table_paper("{kind}", "tex"),
-        stats=report(table_paper("{kind}", "stats"), caption="../report/table_paper.rst",
-                     category="1. Paper tables", labels={"table": "{kind}", "format": "comparisons csv"}),
-        csv=report(table_csv("{kind}"), caption="../report/table.rst", category="3. Data tables",
-                   labels={"table": "{kind}", "format": "csv"}),
-        md=table_md("{kind}"),
-        # what the table was built from, under the data root: a table copied in (or left from another
-        # study) is never up to date for an empty root, whose record is missing
-        record=table_record("{kind}"),
-    params:
-        upstream=" ".join(UPSTREAM_SUITES) or "''",
-        bases=" ".join(f"{a}={config['ablations'][a]['base']}" for a in STUDY.get("ablations", [])) or "''",
-        code=vfc.code_hash("table"),  # reruns the tables when the code they import changes
-        record=lambda w: json.dumps(report_cfg(w.kind), sort_keys=True),  # input list change: params trigger
-    wildcard_constraints:
-        kind="main|fewshot|ablation",
-    log:
-        report_log("table_{kind}"),
-    threads: 1
-    resources:
-        gpu=0,
-        mem_mb=2000,
-    conda:
-        "../../envs/vlaforget.yaml"
-    shell:
-        report_shell(
-            "table --kind {wildcards.kind} --upstream-suites {params.upstream} "
-            "--ablation-bases {params.bases} --inputs {input.evals} --out {output.csv}",
-            record=True,
-        )
+def record_param(key):
+    """The record's text, as a function (its `{root}` is no wildcard for Snakemake to expand)."""
+    text = json.dumps(report_cfg(key), sort_keys=True)
+    return lambda w: text
+
+
+# One rule per table: its record's path holds the id of what it was built from, which a `{kind}`
+# wildcard could not carry (every output of a rule needs the same wildcards).
+for _kind in [k for k in TABLE_RUNS if k != "lifelong"]:
+
+    rule:
+        name:
+            f"table_{_kind}_build"
+        input:
+            evals=table_inputs(TABLE_RUNS[_kind]),
+        output:
+            # the compact paper table first in the HTML report (categories sort by name), the wide CSV after it
+            paper=report(table_paper(_kind, "paper_md"), caption="../report/table_paper.rst",
+                         category="1. Paper tables", labels={"table": _kind, "format": "md"}),
+            tex=table_paper(_kind, "tex"),
+            stats=report(table_paper(_kind, "stats"), caption="../report/table_paper.rst",
+                         category="1. Paper tables", labels={"table": _kind, "format": "comparisons csv"}),
+            csv=report(table_csv(_kind), caption="../report/table.rst", category="3. Data tables",
+                       labels={"table": _kind, "format": "csv"}),
+            md=table_md(_kind),
+            # what the table was built from, under the data root, named by its id: a table built from
+            # other evals (another config, another root) has no record here and is rebuilt
+            record=table_record(_kind),
+        params:
+            kind=_kind,
+            upstream=" ".join(UPSTREAM_SUITES) or "''",
+            bases=" ".join(f"{a}={config['ablations'][a]['base']}" for a in STUDY.get("ablations", [])) or "''",
+            record=record_param(_kind),
+        log:
+            report_log(f"table_{_kind}"),
+        threads: 1
+        resources:
+            gpu=0,
+            mem_mb=2000,
+        conda:
+            "../../envs/vlaforget.yaml"
+        shell:
+            report_shell(
+                "table --kind {params.kind} --upstream-suites {params.upstream} "
+                "--ablation-bases {params.bases} --inputs {input.evals} --out {output.csv}",
+                record=True,
+            )
 
 
 # study.chain (LIBERO's lifelong protocol): the success matrix of every chain and its FWT / NBT / AUC
@@ -70,8 +82,7 @@ if CHAIN_SUITES:
         params:
             chain=" ".join(CHAIN_SUITES),
             run_dirs=" ".join(lifelong_run_dirs()),
-            code=vfc.code_hash("table"),
-            record=json.dumps(report_cfg("lifelong"), sort_keys=True),
+            record=record_param("lifelong"),
         log:
             report_log("table_lifelong"),
         threads: 1
@@ -104,8 +115,7 @@ rule figures:
     params:
         outdir=lambda w, output: os.path.dirname(output.figs[0]),
         upstream=" ".join(UPSTREAM_SUITES) or "''",
-        code=vfc.code_hash("figures"),  # redraws the figures when the code they import changes
-        record=json.dumps(report_cfg("figures"), sort_keys=True),
+        record=record_param("figures"),
     log:
         report_log("figures"),
     conda:

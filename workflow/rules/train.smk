@@ -5,10 +5,12 @@
 
 rule train:
     input:
-        unpack(train_input),
+        unpack(stage_input("train")),
     output:
         # update(): a failing rerun keeps (restores) the previous done.json instead of deleting it
-        done=update(train_done("{trun}")),
+        done=update(train_done("{trun}", "{cid}")),
+    params:
+        non_semantic=non_semantic("train"),
     log:
         log_file("train", "{trun}"),
     benchmark:

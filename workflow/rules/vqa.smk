@@ -2,8 +2,8 @@
 # when eval.forgetting.libero_vqa is set (and no vqa_jsonl of the user's own); every forgetting job
 # scores its questions (eval/vqa_mc.py). docs/evaluation.md "General visual-language skill".
 
-LIBERO_VQA = (config["eval"].get("forgetting") or {}).get("libero_vqa") or None
-LIBERO_VQA_ON = bool(LIBERO_VQA) and not (config["eval"].get("forgetting") or {}).get("vqa_jsonl")
+LIBERO_VQA = vfc.libero_vqa_params(config)  # None: not generated here
+LIBERO_VQA_ON = LIBERO_VQA is not None
 
 
 def libero_vqa_input():
@@ -14,19 +14,17 @@ if LIBERO_VQA_ON:
 
     rule libero_vqa:
         output:
-            manifest=libero_vqa_manifest(),  # written last
+            manifest=libero_vqa_manifest(),  # written last; its folder is named by LIBERO_VQA's hash
         params:
-            out=R(LAYOUT.libero_vqa()),
-            suites=" ".join(LIBERO_VQA.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]),
-            n=int(LIBERO_VQA.get("n", 600)),
-            seed=int(LIBERO_VQA.get("seed", config.get("seed", 0))),
-            states=int(LIBERO_VQA.get("states_per_task", 2)),
-            tasks=(f"--tasks-per-suite {int(LIBERO_VQA['tasks_per_suite'])}"
-                   if LIBERO_VQA.get("tasks_per_suite") else ""),
-            cfgdir=(f"--config-dir {config['eval'].get('libero', {}).get('config_path')}"
-                    if (config["eval"].get("libero") or {}).get("config_path") else ""),
+            out=R(vfc.libero_vqa_dir(config)),
+            suites=" ".join(LIBERO_VQA["suites"]),
+            n=LIBERO_VQA["n"],
+            seed=LIBERO_VQA["seed"],
+            states=LIBERO_VQA["states_per_task"],
+            tasks=(f"--tasks-per-suite {LIBERO_VQA['tasks_per_suite']}" if LIBERO_VQA["tasks_per_suite"] else ""),
+            cfgdir=f"--config-dir {LIBERO_VQA['config_path']}" if LIBERO_VQA["config_path"] else "",
         log:
-            log_file("libero_vqa", "libero_vqa"),
+            log_file("libero_vqa", "libero_vqa", vfc.libero_vqa_dir(config).name),
         threads: 1
         resources:
             gpu=0,

@@ -172,10 +172,11 @@ def training_curves(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     plt = _plt()
     series: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
     for d in run_dirs:
+        name = d.parent.name if len(d.name) == 12 and d.name.isalnum() else d.name  # runs/{run}/{config id}
         try:
-            method = parse_run_name(d.name)["method"]
+            method = parse_run_name(name)["method"]
         except ValueError:
-            method = d.name
+            method = name
         rows = read_metrics(d / "metrics.jsonl")
         for key, _ in CURVES:
             pts = [(r["step"], r[key]) for r in rows if "step" in r and isinstance(r.get(key), (int, float))]

@@ -17,6 +17,7 @@ vqa_kl, drift_mean, cka_mean, drift_craft_layer, cka_craft_layer, ...).
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -120,11 +121,13 @@ def load_evals(paths) -> dict[str, dict]:
     for p in paths:
         p = Path(p)
         d = read_json(p)
-        run = d.get("run") or d.get("run_name") or p.parent.name
-        if p.name == "forgetting.json":
+        # evals/{run}/{suite}/{config id}.json, evals/{run}/forgetting/{config id}.json (config.job_dir)
+        by_id = bool(re.fullmatch(r"[0-9a-f]{12}", p.stem))
+        run = d.get("run") or d.get("run_name") or (p.parents[1].name if by_id else p.parent.name)
+        if p.name == "forgetting.json" or (by_id and p.parent.name == "forgetting"):
             runs[run]["forgetting"] = d
         else:
-            suite = d.get("suite") or p.stem
+            suite = d.get("suite") or (p.parent.name if by_id else p.stem)
             if "success_rate" not in d:
                 raise ValueError(f"{p}: closed-loop eval JSON without 'success_rate' (re-run the eval rule)")
             runs[run]["suites"][suite] = _num(d["success_rate"])
@@ -359,23 +362,6 @@ def _md_table(rows: list[dict], kind: str, used: list[tuple[str, str]]) -> list[
                 cells.append(f"{m:.3f} ± {ci:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def move_stale(path: str | Path, root: str | Path, repo: str | Path) -> Path:
-    """Move a table file not built from this data root to {root}/stale/<its path>.stale (the path
-    relative to the repo when inside it, else its absolute path under root), never inside the repo:
-    the committed tables a study rebuilds leave no untracked files behind. Returns the new path."""
-    path, root, repo = Path(path).absolute(), Path(root).absolute(), Path(repo).resolve()
-    try:
-        rel = path.resolve().relative_to(repo)
-    except ValueError:
-        rel = Path(*path.parts[1:])
-    dest = root / "stale" / rel.parent / f"{rel.name}.stale"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-
-    shutil.move(str(path), str(dest))  # the root may be on another filesystem than the repo
-    return dest
 
 
 def read_table(path: str | Path) -> list[dict]:

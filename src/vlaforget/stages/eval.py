@@ -55,7 +55,7 @@ def main(args) -> int:
     load_s = time.perf_counter() - t0
     policy = BackendPolicy(backend, image_size=e.image_size, center_crop=e.center_crop)
     num_envs = e.num_envs if args.num_envs is None else args.num_envs
-    video_dir = out_file.parent / "videos" / sc["suite"]
+    video_dir = out_file.parent / "videos" / out_file.stem  # evals/{run}/{suite}/videos/{config id}
     log.info(
         "eval %s on %s: %d episodes, %d envs, device %s",
         sc["run_name"],

@@ -21,7 +21,7 @@ def main(args) -> int:
     upstream = [s for s in args.upstream_suites if s]
     run_dirs = []
     for p in args.run_done:
-        d = Path(p).parent.parent  # {root}/runs/{run}/final/done.json -> {root}/runs/{run}
+        d = Path(p).parent.parent  # {root}/runs/{run}/{id}/final/done.json -> {root}/runs/{run}/{id}
         if d not in run_dirs:
             run_dirs.append(d)
     written = (

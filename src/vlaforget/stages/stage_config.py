@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import yaml
-
-from ..config import load_config, stage_config
+from ..config import load_config, stage_config, stage_config_text
 from ..io import atomic_write_text
 
 
@@ -20,6 +18,6 @@ def add_args(p):
 
 def main(args) -> int:
     cfg = load_config(*args.configfile)
-    atomic_write_text(args.out, yaml.safe_dump(stage_config(cfg, args.stage, args.key), sort_keys=True))
+    atomic_write_text(args.out, stage_config_text(stage_config(cfg, args.stage, args.key)))
     return 0
 

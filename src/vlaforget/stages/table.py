@@ -4,6 +4,7 @@ compact paper table (`*_paper.md`, `.tex`) with its comparisons (`*_stats.csv`, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..io import atomic_write_text
@@ -60,7 +61,9 @@ def lifelong_table(args) -> int:
     suites = [s for s in (args.chain_suites or []) if s]
     if len(suites) < 2:
         raise LifelongInputError("table --kind lifelong needs --chain-suites with two or more suites")
-    run_dirs = {Path(d).name: d for d in (args.run_dirs or []) if d}
+    # runs/{run}/{config id}: keyed by the run name (a legacy runs/{run} too)
+    run_dirs = {(Path(d).parent.name if re.fullmatch(r"[0-9a-f]{12}", Path(d).name) else Path(d).name): d
+                for d in (args.run_dirs or []) if d}
     rows, detail = build(load_evals(args.inputs), suites, run_dirs)
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".md"), to_markdown(rows, suites))

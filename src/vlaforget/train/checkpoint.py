@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_torch_save, read_json, write_json
+from ..io import atomic_torch_save, read_json, sha256_file, write_json
 
 log = logging.getLogger("vlaforget.train")
 
@@ -48,6 +48,8 @@ def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, sca
         "extra": dict(extra or {}),  # e.g. rollbacks done, wall time so far
     }
     atomic_torch_save(state, d / "state.pt")
+    # its checksum: a checkpoint whose bytes changed (mtime restored or not) is not resumed from
+    write_json(d / "state.sha256.json", {"sha256": sha256_file(d / "state.pt")})
     write_json(ckpt_dir / "latest.json", {"step": step, "path": d.name})
     # one linear history up to `step`: the newest `keep` at or before it stay; later ones (a run
     # resumed below them after its max_steps was lowered) are superseded
@@ -97,6 +99,9 @@ def load_latest(ckpt_dir: Path, max_step: int | None = None) -> tuple[Path, dict
     bad = []
     for p in candidates(ckpt_dir, max_step):
         try:
+            check = p.parent / "state.sha256.json"
+            if check.exists() and read_json(check).get("sha256") != sha256_file(p):
+                raise ValueError(f"its bytes do not match the checksum written with it ({check})")
             state = torch.load(p, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a vlaforget checkpoint")

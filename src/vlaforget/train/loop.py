@@ -193,14 +193,17 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     does not import eval/. Required when train.eval_every is set."""
     main_rank = int(os.environ.get("RANK", "0")) == 0
     out_dir = Path(sc["out_dir"])
-    lock = DirLock(out_dir / ".lock", f"run directory {out_dir}") if main_rank else None
-    if lock:
-        lock.acquire()
+    locks = [DirLock(out_dir / ".lock", f"run directory {out_dir}")] if main_rank else []
+    if main_rank and sc.get("ckpt_dir"):  # checkpoints shared by the configs of one run id (config._place)
+        locks.append(DirLock(Path(sc["ckpt_dir"]) / ".lock", f"checkpoint directory {sc['ckpt_dir']}"))
+    held = []
     try:
+        for lock in locks:
+            held.append(lock.acquire())
         return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
                       dry_run_batches=dry_run_batches, evaluator=evaluator)
     finally:
-        if lock:
+        for lock in held:
             lock.release()
 
 
@@ -231,7 +234,7 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     apply_job_env(root)
     tcfg = sc["train"]
     out_dir = Path(sc["out_dir"])
-    ckpt_dir = out_dir / "checkpoints" / sc["run_id"]
+    ckpt_dir = Path(sc["ckpt_dir"]) if sc.get("ckpt_dir") else out_dir / "checkpoints" / sc["run_id"]
     dist: DistInfo = init_distributed()
     device = dist.device
     seed_everything(int(sc["seed"]))
@@ -621,7 +624,7 @@ def check_loss_improved(logger, tcfg: TrainSettings | dict, sc: dict) -> None:
             f"first {k} logged {start:.4f}, of the last {k} logged {end:.4f}); it is not marked done. Usually train.lr is far too "
             f"high (now {ts.lr:g}) or too low, or the data do not match the model: lower / "
             f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
-            f"{Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
+            f"{sc.get('ckpt_dir') or Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
             f"train.loss_check_min_steps above max_steps to skip this check")
 
 

@@ -498,3 +498,19 @@ if workflow.is_main_process:
             if _mode == "run":
                 sys.exit(_msg)
             print(_msg, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- rule helpers
+
+
+def stage_config_text(w, output):
+    """The file's content, {root} relative (config.stage_config_text). It takes `output`: a derived
+    param, which Snakemake's params trigger does not compare (the id in the path is the trigger)."""
+    this_config(w.stage, w.key, w.cid)
+    return vfc.stage_config_text(stage_cfg(w.stage, w.key))
+
+
+def record_param(key):
+    """The record's text, as a function (its `{root}` is no wildcard for Snakemake to expand)."""
+    text = json.dumps(report_cfg(key), sort_keys=True)
+    return lambda w: text

@@ -6,13 +6,6 @@ localrules:
     stage_config,
 
 
-def stage_config_text(w, output):
-    """The file's content, {root} relative (config.stage_config_text). It takes `output`: a derived
-    param, which Snakemake's params trigger does not compare (the id in the path is the trigger)."""
-    this_config(w.stage, w.key, w.cid)
-    return vfc.stage_config_text(stage_cfg(w.stage, w.key))
-
-
 rule stage_config:
     """The exact config of one stage job (its id is in its path)."""
     output:

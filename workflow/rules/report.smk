@@ -12,12 +12,6 @@ localrules:
     table_ablation,
 
 
-def record_param(key):
-    """The record's text, as a function (its `{root}` is no wildcard for Snakemake to expand)."""
-    text = json.dumps(report_cfg(key), sort_keys=True)
-    return lambda w: text
-
-
 # One rule per table: its record's path holds the id of what it was built from, which a `{kind}`
 # wildcard could not carry (every output of a rule needs the same wildcards).
 for _kind in [k for k in TABLE_RUNS if k != "lifelong"]:

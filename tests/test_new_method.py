@@ -143,3 +143,27 @@ def test_loop_names_no_method_and_plugins_touch_no_other():
         text = f.read_text()
         assert not re.search(r"ctx\.plugins(\.get)?\s*[\[(]\s*['\"]|['\"]\w+['\"]\s+(not\s+)?in\s+self\.ctx\.plugins",
                              text), f.name
+
+
+def test_hsw_reads_gains_posted_to_the_context_and_stands_aside_in_a_side_pass():
+    """The Thermostat -> HSW channel (ctx.gains) and CRaFT -> HSW (side_pass) without either naming the other."""
+    from test_hsw_gains import View, _setup
+
+    from vlaforget.train.plugins import HSWPlugin, side_pass
+
+    _, _, ctx, bases, _ = _setup([5, 7])
+    plug = HSWPlugin(ctx, {"beta": 0.5, "gamma": 0.7, "mode": "own_params"}, View(bases))
+    try:
+        assert (plug.beta, plug.gamma) == (0.5, 0.7)
+        ctx.gains.post(0.9, 0.2)  # the controller's wish: adopted at the next use
+        assert (plug.beta, plug.gamma) == (0.9, 0.2) and plug.logs()["hsw_gamma"] == 0.2
+        ctx.gains.post(0.3, 0.4)
+        plug.load_state_dict({"beta": 0.6, "gamma": 0.8})  # a restored checkpoint wins over an older post
+        assert (plug.beta, plug.gamma) == (0.6, 0.8) and plug.state_dict() == {"beta": 0.6, "gamma": 0.8}
+        other = Plugin()
+        with side_pass({"hsw": plug, "other": other}, other):
+            assert not plug.active
+        assert plug.active
+        assert plug.shapes_gradients and not other.shapes_gradients
+    finally:
+        plug.close()

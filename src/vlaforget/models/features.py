@@ -1,7 +1,7 @@
 """Features of a backend's forward: the residual stream at decoder-layer outputs, and its mean over
 the instruction tokens. One space shared by the probe set (data/probe.py), ICSM's statistics
 (methods/icsm.py), CRaFT's pooled features (methods/craft.py), the Thermostat's drift
-(train/plugins/) and the forgetting stage's drift / CKA (eval/forgetting.py).
+(train/plugins.py) and the forgetting stage's drift / CKA (eval/forgetting.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The one training loop: baseline LoRA, ICSM + HSW + Thermostat, CRaFT and every ablation.
 
-Read top to bottom: setup (distributed, data, model + LoRA, plug-ins, optimizer), resume, loop
-(micro-batches → loss → backward → step → controllers → logs → checkpoints), final adapter.
-Methods only plug in (train/plugins/<name>.py, loaded by name); with none enabled this is plain LoRA fine-tuning.
+Read top to bottom from _train: _setup_run (distributed, data, model + LoRA, plug-ins, optimizer),
+_resume, _start_run, then per optimizer step _micro_batches (forward → loss → backward) → _guard
+(NaN / overflow) → _optimizer_step (step → controllers) → _log_step → _checkpoint_and_eval, and
+_finish (final adapter). Methods only plug in (train/plugins/<name>.py, loaded by name, talking to the
+loop through the Plugin protocol's hooks alone); with none enabled this is plain LoRA fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +221,114 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     "anchors": {...}, "anchor_samples": [...]} instead of the
     probe / anchor files. dry_run_batches = n > 0: preflight -- n steps' batches through forward and
     every backward pass (CRaFT's retention gradient, HSW's surgery) with no optimizer step, then stop:
-    writes dry_run.json in out_dir and no checkpoint, metrics or adapter."""
+    writes dry_run.json in out_dir and no checkpoint, metrics or adapter.
+
+    The steps, in order: _setup_run (distributed, data, model + LoRA, plug-ins, optimizer) ->
+    _resume -> _start_run (outputs, logger, plug-ins' start, batches) -> per optimizer step:
+    _micro_batches (forward + backward) -> _guard (NaN / overflow: skip or roll back) ->
+    _optimizer_step -> _log_step -> _checkpoint_and_eval -> _finish (final adapter + done.json)."""
+    run = _setup_run(sc, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
+                     dry_run_batches=dry_run_batches, evaluator=evaluator)
+    _resume(run)
+    _start_run(run)
+    max_steps = run.ts.max_steps
+    while run.step < max_steps:
+        log_step = (run.step + 1) % run.ts.log_every == 0 or run.step + 1 in (1, max_steps)
+        run.ctx.log_step = log_step  # plug-ins gather (host-syncing) statistics only on logged steps
+        sums = _micro_batches(run)
+        grad_norm_t = _guard(run, sums)
+        if grad_norm_t is None:  # skipped (non-finite or fp16 overflow; maybe rolled back): redo
+            continue
+        if run.dry:  # preflight: every backward ran, no update
+            if _dry_batch(run, sums, grad_norm_t):
+                break
+            continue
+        _optimizer_step(run)
+        if log_step:
+            _log_step(run, sums, grad_norm_t)
+        if run.bar:
+            run.bar.update(1)
+        if _checkpoint_and_eval(run):  # early stopping
+            break
+        if stop_after is not None and run.step >= stop_after:
+            run.source.close()
+            if run.bar:
+                run.bar.close()
+            run.logger.close()
+            return {"stopped_at": run.step}
+    run.source.close()
+    if run.bar:
+        run.bar.close()
+    return _finish_dry_run(run) if run.dry else _finish(run)
+
+
+@dataclass
+class _Run:
+    """One training run between its steps: what _setup_run builds, the progress a checkpoint keeps
+    (step, skipped, rollbacks, best_eval, bad_evals, via extra) and this process's bookkeeping."""
+
+    sc: dict
+    ts: TrainSettings
+    out_dir: Path
+    ckpt_dir: Path
+    dist: DistInfo
+    device: torch.device
+    ds: Any
+    stats: dict
+    backend: Any
+    model: Any
+    trainable: list
+    ctx: TrainContext
+    plugins: dict
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    sampler: StepSampler
+    aug_gen: torch.Generator
+    t_start: float
+    dry: int
+    evaluator: Any
+    init_info: dict | None = None
+    trainer_state: dict | None = None
+    init_step: int = 0
+    step: int = 0
+    skipped: int = 0
+    overflows: int = 0
+    rollbacks: int = 0
+    best_eval: float = -1.0
+    bad_evals: int = 0
+    bad_in_a_row: int = 0
+    extra: dict = field(default_factory=dict)
+    segs: list = field(default_factory=list)
+    seg_file: Path | None = None
+    logger: Any = None
+    source: Any = None
+    bar: Any = None
+    kill_at: int | None = None
+    dry_recs: list = field(default_factory=list)
+    t_log: float = 0.0
+    steps_since_log: int = 0
+
+    def objs(self) -> dict:
+        """What a checkpoint saves / restores."""
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    sampler=self.sampler, plugins=self.plugins, aug_gen=self.aug_gen)
+
+    def save_checkpoint(self) -> None:
+        ckpt.save(self.ckpt_dir, self.step, skipped=self.skipped, **self.objs(),
+                  extra={"rollbacks": self.rollbacks, "max_steps": int(self.sc["train"]["max_steps"]),
+                         "best_eval": self.best_eval, "bad_evals": self.bad_evals})  # early stopping resumes too
+
+    def record_segment(self) -> None:
+        if self.dist.is_main:
+            self.segs[-1].update(end=time.time(), to_step=self.step)
+            write_json(self.seg_file, self.segs)
+
+
+def _setup_run(sc: dict, backend=None, dataset=None, teacher_inputs: dict | None = None,
+               dry_run_batches: int = 0, evaluator=None) -> _Run:
+    """Settings checked, distributed + seeds, data, model + LoRA (+ train.init_adapter, DDP), method
+    plug-ins, optimizer, schedule, loss scaling, sample order."""
     from ..data.cache import CachedDataset
     from ..models import load_backend
 
@@ -293,232 +403,246 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     # augmentation draws from a per-micro-batch generator (train/batches.py); this one stays in the
     # checkpoint format only
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
+    return _Run(sc=sc, ts=ts, out_dir=out_dir, ckpt_dir=ckpt_dir, dist=dist, device=device, ds=ds, stats=stats,
+                backend=backend, model=model, trainable=trainable, ctx=ctx, plugins=plugins, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, sampler=sampler, aug_gen=aug_gen, t_start=t_start,
+                dry=int(dry_run_batches or 0), evaluator=evaluator, init_info=init_info,
+                trainer_state=trainer_state, init_step=init_step, step=init_step)
 
-    # --- resume exactly where an interrupted run stopped
-    # (a run whose max_steps was raised has the same run id, config.run_id_of: it continues from the
-    # checkpoint of its old target; one lowered resumes from the newest checkpoint at or before it)
-    step, skipped, overflows, extra = init_step, 0, 0, {}
-    state_path, state = ckpt.load_latest(ckpt_dir, max_step=int(tcfg["max_steps"]))
+
+def _resume(run: _Run) -> None:
+    """Resume exactly where an interrupted run stopped (a run whose max_steps was raised has the same
+    run id, config.run_id_of: it continues from the checkpoint of its old target; one lowered resumes
+    from the newest checkpoint at or before it), or start from train.init_adapter's optimizer state.
+    Opens this process's run segment."""
+    sc, tcfg, ts = run.sc, run.sc["train"], run.ts
+    state_path, state = ckpt.load_latest(run.ckpt_dir, max_step=int(tcfg["max_steps"]))
     if state is not None:
-        step, skipped = ckpt.restore(state_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
-                                     state=state)
-        extra = dict(state.get("extra") or {})
-        target = extra.get("max_steps")
+        run.step, run.skipped = ckpt.restore(state_path, **run.objs(), state=state)
+        run.extra = dict(state.get("extra") or {})
+        target = run.extra.get("max_steps")
         if target is not None and int(target) != int(tcfg["max_steps"]):
             log.info("resuming %s from step %d (%s): max_steps %s -> %s, continuing to the new target",
-                     sc["run_id"], step, state_path, target, tcfg["max_steps"])
+                     sc["run_id"], run.step, state_path, target, tcfg["max_steps"])
         else:
-            log.info("resuming %s from step %d (%s)", sc["run_id"], step, state_path)
-    elif trainer_state is not None:  # a fresh start from the user's adapter: its AdamW moments
-        init_info["optimizer_states_restored"] = init_adapter.restore_optimizer(
-            optimizer, [p for _, p in trainable], trainer_state, ts.init_adapter)
-    del state, trainer_state
-    rollbacks = int(extra.get("rollbacks", 0))
+            log.info("resuming %s from step %d (%s)", sc["run_id"], run.step, state_path)
+    elif run.trainer_state is not None:  # a fresh start from the user's adapter: its AdamW moments
+        run.init_info["optimizer_states_restored"] = init_adapter.restore_optimizer(
+            run.optimizer, [p for _, p in run.trainable], run.trainer_state, ts.init_adapter)
+    del state
+    run.trainer_state = None
+    run.rollbacks = int(run.extra.get("rollbacks", 0))
     # every run segment (start .. last sign of life), kills included: done.json's wall time sums them
-    seg_file = ckpt_dir / "segments.json"
-    segs = _read_segments(seg_file) if dist.is_main else []
-    segs.append({"start": t_start, "end": time.time(), "from_step": step, "to_step": step})
+    run.seg_file = run.ckpt_dir / "segments.json"
+    run.segs = _read_segments(run.seg_file) if run.dist.is_main else []
+    run.segs.append({"start": run.t_start, "end": time.time(), "from_step": run.step, "to_step": run.step})
 
-    def record_segment():
-        if dist.is_main:
-            segs[-1].update(end=time.time(), to_step=step)
-            write_json(seg_file, segs)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "dataset_statistics.json", stats)
-        atomic_write_text(out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
-    dry = int(dry_run_batches or 0)
-    logger = RunLogger(out_dir, sc, enabled=dist.is_main and not dry, resume=step > 0, resume_step=step)
-    if init_info and step == init_step:
-        log.info("starting at step %d from %s: %s", step, init_info["dir"], json.dumps(init_info))
 
-    def save_checkpoint():
-        ckpt.save(ckpt_dir, step, skipped=skipped, model=model, optimizer=optimizer, scheduler=scheduler,
-                  scaler=scaler, sampler=sampler, plugins=plugins, aug_gen=aug_gen,
-                  extra={"rollbacks": rollbacks, "max_steps": int(tcfg["max_steps"]),
-                         "best_eval": best_eval, "bad_evals": bad_evals})  # early stopping resumes too
-
-    for p in plugins.values():
+def _start_run(run: _Run) -> None:
+    """The run directory's inputs (statistics, config), the logger, the plug-ins' start (Thermostat:
+    calibration), a chain stage's starting adapter, the batch source and the progress bar."""
+    sc, ts, step = run.sc, run.ts, run.step
+    if run.dist.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.out_dir / "dataset_statistics.json", run.stats)
+        atomic_write_text(run.out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
+    run.logger = RunLogger(run.out_dir, sc, enabled=run.dist.is_main and not run.dry, resume=step > 0,
+                           resume_step=step)
+    if run.init_info and step == run.init_step:
+        log.info("starting at step %d from %s: %s", step, run.init_info["dir"], json.dumps(run.init_info))
+    for p in run.plugins.values():
         p.start(step)  # before the first optimizer step (Thermostat: calibration, student = teacher)
     if sc.get("init_adapter") and step == 0:  # a chain stage, not resumed: after the calibration
-        init_from_adapter(model.module if hasattr(model, "module") else model, sc["init_adapter"])
-    dry_recs: list[dict] = []
-
-    max_steps, accum = ts.max_steps, ts.grad_accum
-    bsz = ts.batch_size
+        init_from_adapter(run.model.module if hasattr(run.model, "module") else run.model, sc["init_adapter"])
     # samples -> host batches in DataLoader workers (train.num_workers), pinned, prefetched
     from .batches import BatchSource
 
-    source = BatchSource(ds, backend, sampler, bsz, int(sc["seed"]), ts.image_aug,
-                         num_workers=ts.num_workers, device=device)
-    bar = progress(total=max_steps, initial=step, desc=f"train {sc['run_name']}") if dist.is_main else None
-    best_eval, bad_evals = float(extra.get("best_eval", -1.0)), int(extra.get("bad_evals", 0))
-    bad_in_a_row, max_bad = 0, ts.max_bad_steps
-    kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
-    t_log, steps_since_log = time.perf_counter(), 0
-    while step < max_steps:
-        # ---------------------------------------------------------------- one optimizer step
-        log_step = (step + 1) % ts.log_every == 0 or step + 1 in (1, max_steps)
-        ctx.log_step = log_step  # plug-ins gather (host-syncing) statistics only on logged steps
+    run.source = BatchSource(run.ds, run.backend, run.sampler, ts.batch_size, int(sc["seed"]), ts.image_aug,
+                             num_workers=ts.num_workers, device=run.device)
+    run.bar = progress(total=ts.max_steps, initial=step, desc=f"train {sc['run_name']}") if run.dist.is_main else None
+    run.best_eval, run.bad_evals = float(run.extra.get("best_eval", -1.0)), int(run.extra.get("bad_evals", 0))
+    run.kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
+    run.t_log, run.steps_since_log = time.perf_counter(), 0
+
+
+def _micro_batches(run: _Run) -> dict[str, torch.Tensor]:
+    """One optimizer step's train.grad_accum micro-batches: forward (a plug-in may run it), action
+    metrics, backward (a plug-in may run it); returns the step's mean metrics (over ranks too)."""
+    accum, plugins, model, scaler = run.ts.grad_accum, run.plugins, run.model, run.scaler
+    run.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        batch = run.source.next()
+        sync = contextlib.nullcontext() if (run.dist.world == 1 or micro == accum - 1) else model.no_sync()
+        with sync:
+            with run.ctx.autocast():
+                out = forward_micro(plugins, run.backend, batch, model, last=micro == accum - 1)
+                metrics = run.backend.action_metrics(batch, out.logits)
+            # a plug-in may run the backward itself (CRaFT fused: L_act / accum + L_ret, one pass)
+            losses = {"act": metrics["loss"]}
+            if not any([p.backward(losses, 1.0 / accum) for p in plugins.values()]):
+                loss = losses["act"] / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            sums[k] = sums[k] + v / accum if k in sums else v / accum
+        del out, losses
+    if run.dist.world > 1:  # the global batch's loss / accuracy / L1 (mean over ranks): logged, NaN guard
+        sums = dict(zip(sums, all_reduce_flat(list(sums.values()), average=True)))
+    return sums
+
+
+def _guard(run: _Run, sums: dict) -> torch.Tensor | None:
+    """Unscale, the plug-ins' before_step, then the NaN/Inf guard: the gradient norm when the step
+    may be taken; None when it is skipped (fp16 overflow: scale backed off; non-finite: counted,
+    after too many in a row rolled back once or stopped)."""
+    scaler, optimizer, plugins = run.scaler, run.optimizer, run.plugins
+    if scaler:
+        scaler.unscale_(optimizer)
+    for p in plugins.values():
+        p.before_step()  # e.g. CRaFT: retention gradient, conflict projection, λ-weighted sum
+    # NaN/Inf guard with one host sync: a non-finite loss gives non-finite gradients
+    grads = [p.grad for _, p in run.trainable if p.grad is not None]
+    norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else torch.zeros(1)
+    grad_norm_t = norms.norm()
+    fin = torch.stack([torch.isfinite(sums["loss"].to(grad_norm_t.device)), torch.isfinite(grad_norm_t)]).tolist()
+    loss_ok = fin[0]  # one host sync for both checks
+    overflowed = any([p.overflowed() for p in plugins.values()])  # a plug-in's own backward (CRaFT's)
+    step_ok = loss_ok and fin[1] and not overflowed
+    if not step_ok and scaler is not None and loss_ok:
+        # fp16 overflow of the scaled gradients (action or CRaFT retention backward): skip the
+        # step, halve the scale (GradScaler's backoff), count it; not an error while it recovers
+        run.overflows += 1
+        run.skipped += 1
         optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = source.next()
-            sync = contextlib.nullcontext() if (dist.world == 1 or micro == accum - 1) else model.no_sync()
-            with sync:
-                with autocast():
-                    out = forward_micro(plugins, backend, batch, model, last=micro == accum - 1)
-                    metrics = backend.action_metrics(batch, out.logits)
-                # a plug-in may run the backward itself (CRaFT fused: L_act / accum + L_ret, one pass)
-                losses = {"act": metrics["loss"]}
-                if not any([p.backward(losses, 1.0 / accum) for p in plugins.values()]):
-                    loss = losses["act"] / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in metrics.items():
-                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                sums[k] = sums[k] + v / accum if k in sums else v / accum
-            del out, losses
-        if dist.world > 1:  # the global batch's loss / accuracy / L1 (mean over ranks): logged, NaN guard
-            sums = dict(zip(sums, all_reduce_flat(list(sums.values()), average=True)))
-        if scaler:
-            scaler.unscale_(optimizer)
+        scaler.update(float(scaler.get_scale()) * scaler.get_backoff_factor())
         for p in plugins.values():
-            p.before_step()  # e.g. CRaFT: retention gradient, conflict projection, λ-weighted sum
-        # NaN/Inf guard with one host sync: a non-finite loss gives non-finite gradients
-        grads = [p.grad for _, p in trainable if p.grad is not None]
-        norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else torch.zeros(1)
-        grad_norm_t = norms.norm()
-        fin = torch.stack([torch.isfinite(sums["loss"].to(grad_norm_t.device)), torch.isfinite(grad_norm_t)]).tolist()
-        loss_ok = fin[0]  # one host sync for both checks
-        step_ok = loss_ok and fin[1] and not getattr(plugins.get("craft"), "overflow", False)
-        if "craft" in plugins:
-            plugins["craft"].overflow = False
-        if not step_ok and scaler is not None and loss_ok:
-            # fp16 overflow of the scaled gradients (action or CRaFT retention backward): skip the
-            # step, halve the scale (GradScaler's backoff), count it; not an error while it recovers
-            overflows += 1
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update(float(scaler.get_scale()) * scaler.get_backoff_factor())
-            for p in plugins.values():
-                p.skip_step()
-            log.info("step %d: fp16 gradient overflow, step skipped, loss scale -> %g (%d overflows)",
-                     step + 1, scaler.get_scale(), overflows)
-            if scaler.get_scale() < 1e-4:
-                raise TrainingError(f"fp16 loss scale fell to {scaler.get_scale():g} after {overflows} "
-                                    "overflow steps: the gradients are non-finite at any scale; lower "
-                                    "train.lr or use precision bf16/fp32")
-            continue
-        if not step_ok:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.update()
-            for p in plugins.values():
-                p.skip_step()
-            bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
-                        step + 1, bad_in_a_row, skipped)
-            if bad_in_a_row >= max_bad or skipped - overflows > max(10, max_steps // 10):
-                if dry:
-                    raise TrainingError(f"dry run: {bad_in_a_row} batches in a row had a non-finite loss or "
-                                        "gradient: lower train.lr, use precision bf16/fp32, or check the "
-                                        "data statistics")
-                step, skipped, bad_in_a_row = _roll_back_or_stop(
-                    ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, logger,
-                    dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
-                         plugins=plugins, aug_gen=aug_gen))
-                rollbacks += 1
-            continue
-        bad_in_a_row = 0
-        if dry:  # preflight: every backward ran, no update
-            dry_recs.append({"batch": len(dry_recs) + 1, "train_loss": _f(sums.get("loss")),
-                             "grad_norm": float(grad_norm_t), **{k: v for p in plugins.values()
-                                                                  for k, v in p.dry_logs().items()}})
-            for p in plugins.values():
-                p.skip_step()
-            optimizer.zero_grad(set_to_none=True)
-            if len(dry_recs) >= dry:
-                break
-            continue
-        if ts.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], ts.max_grad_norm)
+            p.skip_step()
+        log.info("step %d: fp16 gradient overflow, step skipped, loss scale -> %g (%d overflows)",
+                 run.step + 1, scaler.get_scale(), run.overflows)
+        if scaler.get_scale() < 1e-4:
+            raise TrainingError(f"fp16 loss scale fell to {scaler.get_scale():g} after {run.overflows} "
+                                "overflow steps: the gradients are non-finite at any scale; lower "
+                                "train.lr or use precision bf16/fp32")
+        return None
+    if not step_ok:
+        run.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
         if scaler:
-            scaler.step(optimizer)
             scaler.update()
+        for p in plugins.values():
+            p.skip_step()
+        run.bad_in_a_row += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
+                    run.step + 1, run.bad_in_a_row, run.skipped)
+        if run.bad_in_a_row >= run.ts.max_bad_steps or run.skipped - run.overflows > max(10, run.ts.max_steps // 10):
+            if run.dry:
+                raise TrainingError(f"dry run: {run.bad_in_a_row} batches in a row had a non-finite loss or "
+                                    "gradient: lower train.lr, use precision bf16/fp32, or check the "
+                                    "data statistics")
+            run.step, run.skipped, run.bad_in_a_row = _roll_back_or_stop(
+                run.ckpt_dir, run.sc, run.step, run.skipped, run.bad_in_a_row, run.rollbacks, run.logger,
+                run.objs())
+            run.rollbacks += 1
+        return None
+    run.bad_in_a_row = 0
+    return grad_norm_t
+
+
+def _dry_batch(run: _Run, sums: dict, grad_norm_t: torch.Tensor) -> bool:
+    """A preflight batch (train.dry_run_batches): its record, no update. True when the last."""
+    run.dry_recs.append({"batch": len(run.dry_recs) + 1, "train_loss": _f(sums.get("loss")),
+                         "grad_norm": float(grad_norm_t), **{k: v for p in run.plugins.values()
+                                                              for k, v in p.dry_logs().items()}})
+    for p in run.plugins.values():
+        p.skip_step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return len(run.dry_recs) >= run.dry
+
+
+def _optimizer_step(run: _Run) -> None:
+    """Clip (train.max_grad_norm), step (through the loss scaler), schedule, the plug-ins' every_step."""
+    if run.ts.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for _, p in run.trainable], run.ts.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    run.steps_since_log += 1
+    for p in run.plugins.values():
+        p.every_step(run.step)
+
+
+def _log_step(run: _Run, sums: dict, grad_norm_t: torch.Tensor) -> None:
+    """A logged step's record: the loop's fields, then each plug-in's logs() and annotate()."""
+    scaler, device = run.scaler, run.device
+    rec = {"step": run.step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
+           "l1_loss": _f(sums.get("l1")), "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
+           "skipped_steps": run.skipped, "epoch": run.sampler.epoch}
+    if scaler is not None:
+        rec["loss_scale"] = float(scaler.get_scale())
+        rec["overflow_steps"] = run.overflows
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    rec["step_time_s"] = (time.perf_counter() - run.t_log) / max(1, run.steps_since_log)
+    for p in run.plugins.values():
+        rec.update(p.logs())
+    for p in run.plugins.values():
+        p.annotate(rec)  # e.g. CRaFT: L_act
+    run.logger.log(rec)
+    run.record_segment()
+    run.t_log, run.steps_since_log = time.perf_counter(), 0
+    if run.bar:
+        run.bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
+
+
+def _checkpoint_and_eval(run: _Run) -> bool:
+    """Checkpoint every save_steps and at the target (a raised max_steps continues from there); the
+    periodic evaluation every eval_every with early stopping. True: stop early."""
+    ts, step = run.ts, run.step
+    if (step % ts.save_steps == 0 or step == ts.max_steps) and run.dist.is_main:
+        run.save_checkpoint()
+    if run.kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
+        os.kill(os.getpid(), 9)
+    if ts.eval_every and step % ts.eval_every == 0 and step < ts.max_steps:
+        # rank 0 evaluates the bare model (no DDP collective), every rank gets its score
+        with _rng_isolated():  # evaluating changes no later step (config.periodic_eval_matters)
+            score = on_main(lambda: [float(run.evaluator(run.backend, unwrap(run.model)))])[0]
+        run.logger.log({"step": step, "eval_success_rate": score})
+        if score > run.best_eval + ts.early_stopping_min_delta:
+            run.best_eval, run.bad_evals = score, 0
         else:
-            optimizer.step()
-        scheduler.step()
-        step += 1
-        steps_since_log += 1
-        for p in plugins.values():
-            p.every_step(step)
+            run.bad_evals += 1
+        if ts.early_stopping_patience and run.bad_evals >= ts.early_stopping_patience:
+            log.info("early stopping at step %d: no improvement in %d evaluations", step, run.bad_evals)
+            return True
+    return False
 
-        # ---------------------------------------------------------------- logs, checkpoints, eval
-        if log_step:
-            rec = {"step": step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
-                   "l1_loss": _f(sums.get("l1")), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
-                   "skipped_steps": skipped, "epoch": sampler.epoch}
-            if scaler is not None:
-                rec["loss_scale"] = float(scaler.get_scale())
-                rec["overflow_steps"] = overflows
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            rec["step_time_s"] = (time.perf_counter() - t_log) / max(1, steps_since_log)
-            for p in plugins.values():
-                rec.update(p.logs())
-            if "craft" in plugins:
-                rec["L_act"] = rec["train_loss"]
-            logger.log(rec)
-            record_segment()
-            t_log, steps_since_log = time.perf_counter(), 0
-            if bar:
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['action_accuracy']:.2f}")
-        if bar:
-            bar.update(1)
-        # every save_steps, and at the target: a raised max_steps continues from there
-        if (step % ts.save_steps == 0 or step == max_steps) and dist.is_main:
-            save_checkpoint()
-        if kill_at == step:  # fault injection (tests/test_faults.py): a real kill -9 at a chosen step
-            os.kill(os.getpid(), 9)
-        if ts.eval_every and step % ts.eval_every == 0 and step < max_steps:
-            # rank 0 evaluates the bare model (no DDP collective), every rank gets its score
-            with _rng_isolated():  # evaluating changes no later step (config.periodic_eval_matters)
-                score = on_main(lambda: [float(evaluator(backend, unwrap(model)))])[0]
-            logger.log({"step": step, "eval_success_rate": score})
-            if score > best_eval + ts.early_stopping_min_delta:
-                best_eval, bad_evals = score, 0
-            else:
-                bad_evals += 1
-            if ts.early_stopping_patience and bad_evals >= ts.early_stopping_patience:
-                log.info("early stopping at step %d: no improvement in %d evaluations", step, bad_evals)
-                break
-        if stop_after is not None and step >= stop_after:
-            source.close()
-            if bar:
-                bar.close()
-            logger.close()
-            return {"stopped_at": step}
-    source.close()
-    if bar:
-        bar.close()
-    if dry:
-        res = {"dry_run_batches": len(dry_recs), "batches": dry_recs, "run_id": sc["run_id"]}
-        if dist.is_main:
-            write_json(out_dir / "dry_run.json", res)
-            for r in dry_recs:
-                log.info("dry run %d/%d: %s", r["batch"], dry, json.dumps(r)[:400])
-        for p in plugins.values():
-            p.close()
-        cleanup_distributed(dist)
-        return res
 
-    # --- final adapter + completion record (written last)
+def _finish_dry_run(run: _Run) -> dict:
+    """dry_run.json (main rank), then the plug-ins closed."""
+    dry_recs = run.dry_recs
+    res = {"dry_run_batches": len(dry_recs), "batches": dry_recs, "run_id": run.sc["run_id"]}
+    if run.dist.is_main:
+        write_json(run.out_dir / "dry_run.json", res)
+        for r in dry_recs:
+            log.info("dry run %d/%d: %s", r["batch"], run.dry, json.dumps(r)[:400])
+    for p in run.plugins.values():
+        p.close()
+    cleanup_distributed(run.dist)
+    return res
+
+
+def _finish(run: _Run) -> dict:
+    """The final adapter + completion record (written last), then the logger and plug-ins closed."""
+    sc, out_dir, segs = run.sc, run.out_dir, run.segs
     result = {}
-    if dist.is_main:
-        check_loss_improved(logger, ts, sc)
+    if run.dist.is_main:
+        check_loss_improved(run.logger, run.ts, sc)
         # built in a temp dir and renamed into place: a kill never leaves a half-written final/, and
         # a previous final/ (with its done.json) stays until the new one is complete
         final = out_dir / "final"
@@ -526,24 +650,24 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir / f".final.tmp-{os.getpid()}"
         tmp.mkdir(parents=True)
-        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped = run.model.module if hasattr(run.model, "module") else run.model
         unwrapped.save_pretrained(str(tmp))
-        write_json(tmp / "dataset_statistics.json", stats)
+        write_json(tmp / "dataset_statistics.json", run.stats)
         files = sorted(p.name for p in tmp.iterdir())
         result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
-                  "method": sc["method_name"], "steps": step, "skipped_steps": skipped, "rollbacks": rollbacks,
-                  "init_adapter": init_info,
-                  "final_metrics": logger.last, "world_size": dist.world, "adapter_files": files,
+                  "method": sc["method_name"], "steps": run.step, "skipped_steps": run.skipped,
+                  "rollbacks": run.rollbacks, "init_adapter": run.init_info,
+                  "final_metrics": run.logger.last, "world_size": run.dist.world, "adapter_files": files,
                   "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
-        record_segment()
+        run.record_segment()
         result.update(wall_time_s=round(sum(g["end"] - g["start"] for g in segs), 1), segments=len(segs),
-                      last_segment_s=round(time.time() - t_start, 1))
+                      last_segment_s=round(time.time() - run.t_start, 1))
         write_json(tmp / "done.json", result)
         replace_dir(tmp, final)
-    logger.close()
-    for p in plugins.values():
+    run.logger.close()
+    for p in run.plugins.values():
         p.close()
-    cleanup_distributed(dist)
+    cleanup_distributed(run.dist)
     return result
 
 

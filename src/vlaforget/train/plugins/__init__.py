@@ -4,10 +4,18 @@ CRaFT (retention loss + dual variable + conflict projection).
 The loop calls start(step) once before the first optimizer step, then, in order, for each step:
     extra_losses(batch, out)   -> dict of added loss terms (per micro-batch)
     backward(losses, scale)    -> True if the plug-in did the backward pass itself
+    before_step()              -> after all micro-batches' backward, before the NaN guard
+    overflowed()               -> True if the plug-in's own backward overflowed (fp16): step skipped
     every_step(step)           -> after the optimizer step (periodic controllers)
-    logs()                     -> scalars for metrics.jsonl / W&B
+    logs(), annotate(rec)      -> scalars for metrics.jsonl / W&B; then a last look at the record
 and state_dict()/load_state_dict() for exact resume. With no plug-in enabled the loop is the
 baseline; the math lives in vlaforget.methods (unit-tested there).
+
+Plug-ins never name or write each other: they talk through the loop-owned context only.
+`ctx.gains` (Gains) carries the HSW gains a controller wants (the Thermostat posts, HSW adopts them
+before its next use); `side_pass(plugins, owner)` tells the others that `owner` runs a backward of
+its own (CRaFT's retention gradient), and a plug-in that shapes gradients (`shapes_gradients`,
+HSW) stands aside meanwhile (`side_backward(True/False)`).
 
 One module per plug-in, `train/plugins/<name>.py`, named like its block of the method config
 (`method.<name>.enabled`); each defines `build(ctx, sc, given, train_ds, shared)` -> the plug-in.
@@ -17,11 +25,25 @@ hash of exactly the runs that enable it (config.code_hash; docs/DEVELOPMENT.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass
+class Gains:
+    """The gradient-surgery gains (β, γ) a controller asks for, owned by the loop: `post` bumps
+    `version`; a consumer adopts a version it has not seen yet (HSW: at its next forward / log)."""
+
+    beta: float | None = None
+    gamma: float | None = None
+    version: int = 0
+
+    def post(self, beta: float, gamma: float) -> None:
+        self.beta, self.gamma, self.version = float(beta), float(gamma), self.version + 1
 
 
 @dataclass
@@ -37,10 +59,12 @@ class TrainContext:
     plugins: dict = field(default_factory=dict)
     log_step: bool = True  # whether the current step is logged (statistics cost host syncs)
     scaler: Any = None  # torch.amp.GradScaler when the loop scales losses (fp16), else None
+    gains: Gains = field(default_factory=Gains)  # the controller's wanted HSW gains (Thermostat -> HSW)
 
 
 class Plugin:
     name = "plugin"
+    shapes_gradients = False  # True: hooks rewrite the action gradient in backward (HSW); see side_pass
 
     def forward(self, batch, model, last: bool) -> Any:
         """Run the micro-batch's forward itself (e.g. CRaFT's fused task + anchor forward) and return
@@ -60,6 +84,15 @@ class Plugin:
     def before_step(self) -> None:
         """After all micro-batches' backward (grads unscaled), before the NaN guard and optimizer."""
 
+    def overflowed(self) -> bool:
+        """After before_step: True when this plug-in's own backward overflowed under fp16 loss scaling
+        (the loop then skips the step and backs the scale off). Clears the flag."""
+        return False
+
+    def side_backward(self, on: bool) -> None:
+        """Another plug-in starts (on) / ends a backward of its own (not the action loss's, e.g.
+        CRaFT's retention gradient): a plug-in that shapes gradients stands aside meanwhile."""
+
     def skip_step(self) -> None:
         """The step was skipped by the NaN guard."""
 
@@ -68,6 +101,10 @@ class Plugin:
 
     def logs(self) -> dict:
         return {}
+
+    def annotate(self, rec: dict) -> None:
+        """The step's logged record after every plug-in's logs(): add fields derived from the loop's
+        own (e.g. CRaFT's L_act = train_loss)."""
 
     def dry_logs(self) -> dict:
         """Statistics of a dry-run batch (train.dry_run_batches: no optimizer step, no every_step)."""
@@ -81,6 +118,19 @@ class Plugin:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def side_pass(plugins: dict, owner: Plugin):
+    """While `owner` runs a backward of its own, every other plug-in is told (side_backward)."""
+    others = [p for p in plugins.values() if p is not owner]
+    for p in others:
+        p.side_backward(True)
+    try:
+        yield
+    finally:
+        for p in others:
+            p.side_backward(False)
 
 
 def forward_micro(plugins: dict, backend, batch, model, last: bool):

@@ -6,7 +6,7 @@ import torch
 
 from ...settings import CraftSettings
 from ..distributed import all_reduce_flat, unwrap
-from . import Plugin, TrainContext
+from . import Plugin, TrainContext, side_pass
 
 # ----------------------------------------------------------------------------- CRaFT
 
@@ -87,7 +87,8 @@ class CraftPlugin(Plugin):
     def fused_active(self) -> bool:
         """The fused path: one process (g_ret's all-reduce is the separate path's) and no HSW (its
         surgery hooks would act on the anchor rows' gradient too)."""
-        return self.fused and self.ctx.world_size == 1 and "hsw" not in self.ctx.plugins
+        others = [p for p in self.ctx.plugins.values() if p is not self]
+        return self.fused and self.ctx.world_size == 1 and not any(p.shapes_gradients for p in others)
 
     def forward(self, batch, model, last: bool):
         """Fused step (last micro-batch): the anchor rows ride along in the task forward; their
@@ -149,10 +150,7 @@ class CraftPlugin(Plugin):
         else:
             # HSW (if also on) shapes the action gradient only: its hooks would otherwise add their
             # correction of the retention gradient into .grad, i.e. into g_act, on each rank apart
-            hsw = self.ctx.plugins.get("hsw")
-            if hsw is not None:
-                hsw.active = False
-            try:
+            with side_pass(self.ctx.plugins, self):
                 l_ret = self.retention_loss()
                 if scaler is not None:
                     inv = 1.0 / float(scaler.get_scale())
@@ -160,9 +158,6 @@ class CraftPlugin(Plugin):
                              for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
                 else:
                     g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
-            finally:
-                if hsw is not None:
-                    hsw.active = True
         if getattr(self.ctx, "world_size", 1) > 1:  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
             *g_ret, l_ret = all_reduce_flat(g_ret + [l_ret.detach().reshape(1)])
             l_ret = l_ret[0]
@@ -181,6 +176,13 @@ class CraftPlugin(Plugin):
                      "grad_dot": stats["grad_dot"], "grad_cos": stats["grad_cos"],
                      "g_act_norm": stats["g_act_norm"], "g_ret_norm": stats["g_ret_norm"],
                      "conflict_ratio": stats["conflict_ratio"], "nonfinite": float(nonfinite)}
+
+    def overflowed(self) -> bool:
+        out, self.overflow = self.overflow, False
+        return out
+
+    def annotate(self, rec: dict) -> None:
+        rec["L_act"] = rec["train_loss"]  # the seeds' tools' name of the action loss
 
     def skip_step(self) -> None:
         self._acc = {}

@@ -144,7 +144,7 @@ class HSWPlugin(Plugin):
         self.basis_of = {l: tops[id(self.layer_map[l][0])] for l in self.bases}
         self.chain_bases = {t: tuple(u.to(ctx.device, torch.float32) for u in self.layer_map[t])
                             for t in sorted(set(self.basis_of.values()))}
-        self.active = True  # False while another plug-in runs a backward of its own (CRaFT's g_ret)
+        self.active = True  # False while another plug-in runs a backward of its own (side_backward)
         self._acc = self._zero_acc()
         self._layer_acc: dict[int, torch.Tensor] = {}
         self._eff_acc: torch.Tensor | None = None  # measured effective gains (sums over micro-batches)
@@ -288,6 +288,40 @@ class HSWPlugin(Plugin):
             return None
 
         return hook
+
+    shapes_gradients = True
+
+    @property
+    def beta(self) -> float:
+        self._adopt_gains()
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:  # a set value (config, checkpoint) wins over older posts
+        self._beta, self._seen = value, self._gains_version()
+
+    @property
+    def gamma(self) -> float:
+        self._adopt_gains()
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma, self._seen = value, self._gains_version()
+
+    def _gains_version(self) -> int:
+        gains = getattr(self.ctx, "gains", None)
+        return gains.version if gains is not None else 0
+
+    def _adopt_gains(self) -> None:
+        """The gains a controller posted to ctx.gains (the Thermostat) since this plug-in last looked."""
+        gains = getattr(self.ctx, "gains", None)
+        if gains is not None and gains.version != self._seen and gains.beta is not None:
+            self._beta, self._gamma, self._seen = gains.beta, gains.gamma, gains.version
+
+    def side_backward(self, on: bool) -> None:
+        """Another plug-in's own backward (CRaFT's retention gradient): no surgery there."""
+        self.active = not on
 
     def logs(self) -> dict:
         if self.mode == "flow_down":

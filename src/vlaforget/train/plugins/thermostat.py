@@ -17,8 +17,8 @@ class ThermostatPlugin(Plugin):
     """Probe mini-batch through the student (no grad), pooled instruction states at the
     representative layers (the probe stage's space: layer outputs before any final norm), drift d
     against C_T (estimator `full`: the whole probe set's; `paired`: the same draw's, from the
-    teacher's pooled states in probe.pt), control law -> HSW β/γ (written to the hsw plug-in's
-    `beta` / `gamma`).
+    teacher's pooled states in probe.pt), control law -> HSW β/γ (posted to the loop's `ctx.gains`,
+    which the hsw plug-in adopts before its next use).
 
     law user (default), the user's timing (vla-scripts/finetune.py of eggplantsalt/icms): the
     0-based step i = number of optimizer steps done is measured after its backward and before its
@@ -149,10 +149,10 @@ class ThermostatPlugin(Plugin):
         vals = on_main(local, 1 + len(reps))
         return vals[0], dict(zip(reps, vals[1:]))
 
-    def _set_hsw(self) -> None:
-        hsw = self.ctx.plugins.get("hsw")
-        if hsw is not None:
-            hsw.beta, hsw.gamma = float(self.law.beta), float(self.law.gamma)
+    def _post_gains(self) -> None:
+        gains = getattr(self.ctx, "gains", None)
+        if gains is not None:
+            gains.post(self.law.beta, self.law.gamma)
 
     def start(self, step: int) -> None:
         """Once, after a resume and before the first optimizer step of this process. law user: only
@@ -196,7 +196,7 @@ class ThermostatPlugin(Plugin):
         else:
             return
         beta, gamma, phase = self.law.observe(i, d) if self.user else self.law.observe(d)
-        self._set_hsw()
+        self._post_gains()
         rec = {"drift_d": d, "thermostat_phase": phase, "thermostat_time_s": elapsed,
                "thermostat_step": int(i), "thermostat_beta": float(beta), "thermostat_gamma": float(gamma),
                **{f"drift_d_L{k}": v for k, v in per_layer.items()}}

@@ -27,25 +27,47 @@ def main() -> int:
     p.add_argument("--num-envs", type=int, nargs="+", default=[0, 2])
     p.add_argument("--tasks", nargs="+", default=["drawer-close-v3", "button-press-v3"])
     p.add_argument("--episodes", type=int, default=2, help="episodes per task")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="cap on policy steps (default: 40 for Meta-World, the suite's openvla cap for LIBERO)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap on policy steps (default: 40 for Meta-World, the suite's openvla cap for LIBERO)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
-    p.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
-                   help="7b: random-init model of OpenVLA-7B's shapes on the GPU (bf16), 224 px input")
+    p.add_argument(
+        "--shape",
+        choices=["tiny", "7b"],
+        default="tiny",
+        help="7b: random-init model of OpenVLA-7B's shapes on the GPU (bf16), 224 px input",
+    )
     p.add_argument("--render-size", type=int, default=None, help="camera size (default: demo config)")
-    p.add_argument("--sequential-episodes", type=int, default=None,
-                   help="N = 0 runs only the first K episodes of each task (the same seeds as the "
-                        "batched modes): the batch-1 loop's cost per episode does not change with K")
-    p.add_argument("--groups", type=int, nargs="+", default=[1],
-                   help="pipeline groups tried for each N > 0 (1 = all envs step together)")
-    p.add_argument("--benchmark", choices=["metaworld", "libero"], default="metaworld",
-                   help="libero: the real LIBERO simulator, openvla's protocol (init states 0..K-1 per task "
-                        "as the episodes, 10 wait steps, 256 px camera → 224 px); needs LIBERO installed")
+    p.add_argument(
+        "--sequential-episodes",
+        type=int,
+        default=None,
+        help="N = 0 runs only the first K episodes of each task (the same seeds as the "
+        "batched modes): the batch-1 loop's cost per episode does not change with K",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="pipeline groups tried for each N > 0 (1 = all envs step together)",
+    )
+    p.add_argument(
+        "--benchmark",
+        choices=["metaworld", "libero"],
+        default="metaworld",
+        help="libero: the real LIBERO simulator, openvla's protocol (init states 0..K-1 per task "
+        "as the episodes, 10 wait steps, 256 px camera → 224 px); needs LIBERO installed",
+    )
     p.add_argument("--suite", default="libero_spatial", help="LIBERO suite (--benchmark libero)")
     p.add_argument("--num-tasks", type=int, default=None, help="LIBERO: the suite's first K tasks only")
-    p.add_argument("--libero-config", default=None,
-                   help="LIBERO config dir (LIBERO_CONFIG_PATH); created if missing")
+    p.add_argument(
+        "--libero-config", default=None, help="LIBERO config dir (LIBERO_CONFIG_PATH); created if missing"
+    )
     a = p.parse_args()
 
     import torch
@@ -80,14 +102,22 @@ def main() -> int:
         tasks = L.suite_tasks(a.suite, a.libero_config)[: a.num_tasks]
         a.tasks = [t["name"] for t in tasks]
         cap = a.max_steps or L.max_steps_for(a.suite)
-        fac = L.LiberoFactory(a.suite, config_dir=a.libero_config, resolution=256, image_size=224,
-                              max_steps=cap)
-        eps = make_episodes(a.tasks, {t["name"]: t["language"] for t in tasks}, a.episodes,
-                            lambda t, i: i, suite=a.suite, max_steps=cap)
+        fac = L.LiberoFactory(
+            a.suite, config_dir=a.libero_config, resolution=256, image_size=224, max_steps=cap
+        )
+        eps = make_episodes(
+            a.tasks,
+            {t["name"]: t["language"] for t in tasks},
+            a.episodes,
+            lambda t, i: i,
+            suite=a.suite,
+            max_steps=cap,
+        )
     else:
         cap = a.max_steps or 40
-        fac = MetaWorldFactory(camera=mw["camera"], render_size=a.render_size or mw["render_size"],
-                               max_steps=cap)
+        fac = MetaWorldFactory(
+            camera=mw["camera"], render_size=a.render_size or mw["render_size"], max_steps=cap
+        )
         eps = make_episodes(
             a.tasks, {t: canonical_instruction(t) for t in a.tasks}, a.episodes, lambda t, i: 500000 + i
         )
@@ -170,7 +200,9 @@ def _header(a, torch, mw, cap: int, rows: list) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
-        "model": "7B shape (random init, bf16, cuda)" if a.shape == "7b" else "tiny (config/demo.yaml sizes, random init)",
+        "model": "7B shape (random init, bf16, cuda)"
+        if a.shape == "7b"
+        else "tiny (config/demo.yaml sizes, random init)",
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "render_size": 256 if a.benchmark == "libero" else a.render_size or mw["render_size"],
         "results": rows,

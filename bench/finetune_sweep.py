@@ -47,7 +47,14 @@ def run_variant(a, v: dict) -> dict:
     rec = {"name": v["name"], "variant": v, "base_run": base}
     with open(out / "log.txt", "w") as log:
         t = time.time()
-        cmd = [sys.executable, "-m", "vlaforget.cli", "train", "--config", str(out / "configs" / "train.yaml")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "train",
+            "--config",
+            str(out / "configs" / "train.yaml"),
+        ]
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         rec["train_s"] = round(time.time() - t, 1)
         if rc:
@@ -64,8 +71,11 @@ def run_variant(a, v: dict) -> dict:
             p = out / "configs" / f"eval_{suite}.yaml"
             p.write_text(yaml.safe_dump(ec))
             t = time.time()
-            rc = subprocess.call([sys.executable, "-m", "vlaforget.cli", "eval", "--config", str(p)],
-                                 stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(
+                [sys.executable, "-m", "vlaforget.cli", "eval", "--config", str(p)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             rec[f"eval_{suite}_s"] = round(time.time() - t, 1)
             if rc:
                 rec["error"] = f"eval {suite} exit {rc}"
@@ -88,7 +98,9 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--num-envs", type=int, default=3)
     p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--variant", action="append", required=True, help="JSON object (name, method, lr, steps, ...)")
+    p.add_argument(
+        "--variant", action="append", required=True, help="JSON object (name, method, lr, steps, ...)"
+    )
     p.add_argument("--out", required=True)
     a = p.parse_args()
     variants = [json.loads(v) for v in a.variant]

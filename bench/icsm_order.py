@@ -28,8 +28,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-DEMO_TINY = {"image_size": 64, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
-             "hidden": 128, "layers": 8, "heads": 4, "intermediate": 384, "vocab_words": 600}
+DEMO_TINY = {
+    "image_size": 64,
+    "patch_size": 16,
+    "vision_hidden": 128,
+    "vision_layers": 3,
+    "vision_heads": 4,
+    "hidden": 128,
+    "layers": 8,
+    "heads": 4,
+    "intermediate": 384,
+    "vocab_words": 600,
+}
 
 
 def main() -> int:
@@ -39,8 +49,12 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--sens", type=int, default=32, help="sensitivity samples")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32",
-                    help="the teacher's dtype for the probe and the sensitivity (after pretraining in fp32)")
+    ap.add_argument(
+        "--dtype",
+        choices=["fp32", "fp64"],
+        default="fp32",
+        help="the teacher's dtype for the probe and the sensitivity (after pretraining in fp32)",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-results" / "icsm_order_tiny.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,8 +76,19 @@ def main() -> int:
         be = random_tiny_backend(DEMO_TINY, seed=0, corpus=corpus, stats=train.statistics)
         hist = {}
         if args.pretrain_steps:
-            hist = pretrain(be, train, [], {"steps": args.pretrain_steps, "batch_size": 24, "lr": 1e-3,
-                                            "bin_sigma": 2.0, "image_aug": False, "seed": 0})
+            hist = pretrain(
+                be,
+                train,
+                [],
+                {
+                    "steps": args.pretrain_steps,
+                    "batch_size": 24,
+                    "lr": 1e-3,
+                    "bin_sigma": 2.0,
+                    "image_aug": False,
+                    "seed": 0,
+                },
+            )
         be.model.eval()
         if args.dtype == "fp64":
             be.model.to(torch.float64)
@@ -78,18 +103,28 @@ def main() -> int:
         sens_pos = torch.linspace(0, int(keep.sum()) - 1, min(args.sens, int(keep.sum()))).round().long()
         sens_samples = [s for s, k in zip(samples, keep.tolist()) if k]
         sens_samples = [sens_samples[int(i)] for i in sens_pos]
-        out = {"model": "tiny (config/demo.yaml sizes)", "pretrain_steps": args.pretrain_steps, "dtype": args.dtype,
-               "heldout_metrics": {k: v for k, v in acc.items() if isinstance(v, (int, float))} or None,
-               "pretrain_final_bc_loss_ema": hist["bc_loss"][-1] if hist.get("bc_loss") else None,
-               "pretrain_seconds": round(hist.get("train_seconds", 0.0), 1),
-               "n_probe": int(keep.sum()), "r": args.r, "sensitivity_samples": len(sens_samples),
-               "torch": torch.__version__, "layers": {}}
+        out = {
+            "model": "tiny (config/demo.yaml sizes)",
+            "pretrain_steps": args.pretrain_steps,
+            "dtype": args.dtype,
+            "heldout_metrics": {k: v for k, v in acc.items() if isinstance(v, (int, float))} or None,
+            "pretrain_final_bc_loss_ema": hist["bc_loss"][-1] if hist.get("bc_loss") else None,
+            "pretrain_seconds": round(hist.get("train_seconds", 0.0), 1),
+            "n_probe": int(keep.sum()),
+            "r": args.r,
+            "sensitivity_samples": len(sens_samples),
+            "torch": torch.__version__,
+            "layers": {},
+        }
         for rep in reps:
             X = pooled[rep][keep]
             row = {}
             base = {"r": args.r, "sensitivity_samples": len(sens_samples), "direction_batch": args.r + 1}
-            runs = {"unit": dict(base), "unit_2eps": dict(base, epsilon=2e-3),
-                    "std": dict(base, injection="std", alpha=1.0)}
+            runs = {
+                "unit": dict(base),
+                "unit_2eps": dict(base, epsilon=2e-3),
+                "std": dict(base, injection="std", alpha=1.0),
+            }
             var_split = None
             res_by = {}
             for name, icfg in runs.items():
@@ -102,34 +137,45 @@ def main() -> int:
                 r_ = res["U"].shape[1]
                 var_f = set(range(sp["n_f"]))
                 var_p = set(range(r_ - sp["n_p"], r_))
-                f, p_ = sp["order"][: sp["n_f"]].tolist(), sp["order"][r_ - sp["n_p"]:].tolist()
+                f, p_ = sp["order"][: sp["n_f"]].tolist(), sp["order"][r_ - sp["n_p"] :].tolist()
                 row[name] = {
                     "spearman_kl_vs_variance_rank": spearman(res["scores"], -torch.arange(r_).double()),
-                    "kl_max": float(res["scores"].max()), "kl_median": float(res["scores"].median()),
-                    "kl_min": float(res["scores"].min()), "kl_noise_floor": res["kl_noise_floor"],
+                    "kl_max": float(res["scores"].max()),
+                    "kl_median": float(res["scores"].median()),
+                    "kl_min": float(res["scores"].min()),
+                    "kl_noise_floor": res["kl_noise_floor"],
                     "n_resolved": int((res["scores"] > 10 * res["kl_noise_floor"]).sum()),
-                    "n_f": sp["n_f"], "n_p": sp["n_p"], "fragile_variance_ranks": f, "plastic_variance_ranks": p_,
+                    "n_f": sp["n_f"],
+                    "n_p": sp["n_p"],
+                    "fragile_variance_ranks": f,
+                    "plastic_variance_ranks": p_,
                     "fragile_overlap_with_variance_split": len(var_f & set(f)) / max(1, sp["n_f"]),
                     "plastic_overlap_with_variance_split": len(var_p & set(p_)) / max(1, sp["n_p"]),
                     "seconds": round(time.perf_counter() - t1, 1),
                 }
             s1, s2 = res_by["unit"]["scores"], res_by["unit_2eps"]["scores"]
-            row["unit_eps_vs_2eps"] = {"spearman": spearman(s1, s2),
-                                       "kl_ratio_min": float((s2 / s1).min()), "kl_ratio_max": float((s2 / s1).max()),
-                                       "same_order": bool(torch.equal(res_by["unit"]["split"]["order"],
-                                                                      res_by["unit_2eps"]["split"]["order"]))}
+            row["unit_eps_vs_2eps"] = {
+                "spearman": spearman(s1, s2),
+                "kl_ratio_min": float((s2 / s1).min()),
+                "kl_ratio_max": float((s2 / s1).max()),
+                "same_order": bool(
+                    torch.equal(res_by["unit"]["split"]["order"], res_by["unit_2eps"]["split"]["order"])
+                ),
+            }
             row["unit_vs_std_spearman"] = spearman(s1, res_by["std"]["scores"])
             out["layers"][str(rep)] = row
         out["total_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for rep, row in out["layers"].items():
-        print(f"L{rep}: spearman(KL, variance rank) unit {row['unit']['spearman_kl_vs_variance_rank']:.3f} "
-              f"std {row['std']['spearman_kl_vs_variance_rank']:.3f}; unit eps vs 2eps "
-              f"{row['unit_eps_vs_2eps']['spearman']:.4f} (KL ratio {row['unit_eps_vs_2eps']['kl_ratio_min']:.3f}"
-              f"-{row['unit_eps_vs_2eps']['kl_ratio_max']:.3f}); fragile overlap with variance split: unit "
-              f"{row['unit']['fragile_overlap_with_variance_split']:.2f} std "
-              f"{row['std']['fragile_overlap_with_variance_split']:.2f}")
+        print(
+            f"L{rep}: spearman(KL, variance rank) unit {row['unit']['spearman_kl_vs_variance_rank']:.3f} "
+            f"std {row['std']['spearman_kl_vs_variance_rank']:.3f}; unit eps vs 2eps "
+            f"{row['unit_eps_vs_2eps']['spearman']:.4f} (KL ratio {row['unit_eps_vs_2eps']['kl_ratio_min']:.3f}"
+            f"-{row['unit_eps_vs_2eps']['kl_ratio_max']:.3f}); fragile overlap with variance split: unit "
+            f"{row['unit']['fragile_overlap_with_variance_split']:.2f} std "
+            f"{row['std']['fragile_overlap_with_variance_split']:.2f}"
+        )
     print(f"wrote {args.out} ({out['total_s']} s)")
     return 0
 

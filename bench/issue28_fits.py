@@ -15,6 +15,10 @@ fits = "error" not in d and d.get("peak_reserved_gib", 99.0) <= limit
 if "error" in d:
     print(path.split("/")[-1], "error", d["error"][:120])
 else:
-    print(path.split("/")[-1], f"step {d['step_time_s_median']:.3f} s, allocated {d['peak_mem_gib']:.2f},"
-          f" reserved {d['peak_reserved_gib']:.2f} GiB", "fits" if fits else "OVER")
+    print(
+        path.split("/")[-1],
+        f"step {d['step_time_s_median']:.3f} s, allocated {d['peak_mem_gib']:.2f},"
+        f" reserved {d['peak_reserved_gib']:.2f} GiB",
+        "fits" if fits else "OVER",
+    )
 sys.exit(0 if fits or method == "peft_reference" else 1)

@@ -45,9 +45,18 @@ def main(out: str, tasks: list[str]) -> None:
     dst = Path(out) / "metaworld"
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(pkg, dst, ignore=lambda d, names: [n for n in names if n == "__pycache__"]
-                    + ([n for n in names if (Path(d) / n).is_file() and (Path(d) / n).resolve() not in keep]
-                       if Path(d).resolve().is_relative_to(assets) else []))
+    shutil.copytree(
+        pkg,
+        dst,
+        ignore=lambda d, names: (
+            [n for n in names if n == "__pycache__"]
+            + (
+                [n for n in names if (Path(d) / n).is_file() and (Path(d) / n).resolve() not in keep]
+                if Path(d).resolve().is_relative_to(assets)
+                else []
+            )
+        ),
+    )
     n = sum(1 for _ in (dst / "assets").rglob("*") if _.is_file())
     print(f"kept {n} asset files of {sum(1 for _ in assets.rglob('*') if _.is_file())} for {tasks}")
 

@@ -54,7 +54,9 @@ def make_cache(v: dict, root: Path, workers: int) -> Path:
     from vlaforget.data.cache import write_cache
     from vlaforget.data.metaworld_demos import generate, interleave
 
-    key = f"{'_'.join(t[:6] for t in v['tasks'])}_r{v['randomization']}_{v['camera']}_e{v['episodes_per_task']}"
+    key = (
+        f"{'_'.join(t[:6] for t in v['tasks'])}_r{v['randomization']}_{v['camera']}_e{v['episodes_per_task']}"
+    )
     out = root / key
     if (out / "manifest.json").exists():
         return out
@@ -110,7 +112,9 @@ def run_variant(v: dict, cache: Path, device: str, workers: int) -> dict:
         "intermediate": 3 * v["hidden"],
         "vocab_words": 600,
     }
-    b = build_tiny_backend(tiny, corpus, action_dim=4, seed=int(v["seed"]), stats=train.statistics, device=device)
+    b = build_tiny_backend(
+        tiny, corpus, action_dim=4, seed=int(v["seed"]), stats=train.statistics, device=device
+    )
     t0 = time.time()
     hist = pretrain(b, train, vqa_train, PretrainSettings.of_keys(v))  # the variant's model.pretrain keys
     t_train = time.time() - t0
@@ -147,7 +151,11 @@ def main() -> int:
         if a.prepare_only:
             continue
         r = run_variant(v, cache, a.device, a.workers)
-        print(json.dumps({k: r[k] for k in ("success", "per_task", "final_bc_acc", "train_seconds")}), over, flush=True)
+        print(
+            json.dumps({k: r[k] for k in ("success", "per_task", "final_bc_acc", "train_seconds")}),
+            over,
+            flush=True,
+        )
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")
     return 0

@@ -74,7 +74,9 @@ def pipeline_world(args):
     sc = yaml.safe_load(Path(args.train_config).read_text())
     probe = load_probe(sc["probe_dir"])
     pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe.get("split", "train"))
-    train = CachedDataset(sc["dataset"]["cache_dir"], split="train", shots=sc.get("shots"), seed=int(sc["seed"]))
+    train = CachedDataset(
+        sc["dataset"]["cache_dir"], split="train", shots=sc.get("shots"), seed=int(sc["seed"])
+    )
     backend = load_backend(sc["model"], stats=train.statistics)
     samples = [pds[int(i)] for i in probe["indices"]]
     return backend, samples, train, probe
@@ -112,8 +114,11 @@ def main() -> int:
     world = pipeline_world(args) if args.train_config else synthetic_world(args)
     backend, samples, train, probe = world
     cuda = torch.cuda.is_available()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if cuda
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
     L = backend.num_layers
     dev = "cuda" if cuda else "cpu"
     if probe is not None:  # the pipeline's ICSM artifacts and pooled teacher states
@@ -131,21 +136,40 @@ def main() -> int:
         teacher = {r: teacher[r].float() for r in reps}
         C_T = {r: covariance(teacher[r]) for r in reps}
         basis = {r: svd_directions(teacher[r], args.r)["U"] for r in reps}
-    icsm = SimpleNamespace(rep_layers=reps, C_T={r: C_T[r].to(dev) for r in reps},
-                           basis={r: basis[r].to(dev) for r in reps})
+    icsm = SimpleNamespace(
+        rep_layers=reps, C_T={r: C_T[r].to(dev) for r in reps}, basis={r: basis[r].to(dev) for r in reps}
+    )
     teacher = {r: X.to(dev) for r, X in teacher.items()}
     for p in backend.model.parameters():
         p.requires_grad_(False)
     if args.grad_ckpt:
         backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(backend, {"r": args.lora_r, "alpha": min(args.lora_r, 16), "dropout": 0.0,
-                                 "targets": ["attn", "mlp", "vision", "projector"], "layers": "all"}, 0)
+    model = apply_lora(
+        backend,
+        {
+            "r": args.lora_r,
+            "alpha": min(args.lora_r, 16),
+            "dropout": 0.0,
+            "targets": ["attn", "mlp", "vision", "projector"],
+            "layers": "all",
+        },
+        0,
+    )
     ctx = SimpleNamespaceCtx(backend, model, autocast, args.batch)
     pbs = [int(x) for x in args.probe_batches.split(",")]
     # one plug-in per (probe batch, estimator, metric); the same draws for all (one student forward)
-    plug = {(pb, e, m): ThermostatPlugin(ctx, {"metric": m, "estimator": e, "probe_batch": pb,
-                                               "probe_chunk": 16}, icsm, samples, 0, teacher_pooled=teacher)
-            for pb in pbs for e, m in COMBOS}
+    plug = {
+        (pb, e, m): ThermostatPlugin(
+            ctx,
+            {"metric": m, "estimator": e, "probe_batch": pb, "probe_chunk": 16},
+            icsm,
+            samples,
+            0,
+            teacher_pooled=teacher,
+        )
+        for pb in pbs
+        for e, m in COMBOS
+    }
     gens = {pb: torch.Generator().manual_seed(1000 + pb) for pb in pbs}
 
     def measure_all(n_draws: int) -> dict:
@@ -181,7 +205,9 @@ def main() -> int:
         losses.append(float(loss.detach()))
         if step + 1 in steps:
             res["after"][step + 1] = measure_all(args.draws)
-            print(f"step {step + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            print(
+                f"step {step + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr
+            )
     res["warmup"] = warm
 
     def stats(xs):
@@ -193,8 +219,14 @@ def main() -> int:
         pb, e, m = k
         n0 = stats(res["noise"][k])
         base = stats(warm[k])["mean"] if warm[k] else None
-        row = {"probe_batch": pb, "estimator": e, "metric": m, "noise_at_teacher": n0,
-               "warmup_baseline": base, "after": {}}
+        row = {
+            "probe_batch": pb,
+            "estimator": e,
+            "metric": m,
+            "noise_at_teacher": n0,
+            "warmup_baseline": base,
+            "after": {},
+        }
         for s, meas in res["after"].items():
             st = stats(meas[k])
             snr = (st["mean"] - n0["mean"]) / n0["std"] if n0["std"] > 0 else None  # None: no noise (paired)
@@ -202,15 +234,32 @@ def main() -> int:
             gamma = None if delta is None else max(args.gamma_min, 1.0 / (1.0 + args.k * delta))
             row["after"][str(s)] = {**st, "snr": snr, "user_law_delta": delta, "user_law_gamma": gamma}
         table.append(row)
-        aft = " ".join(f"{s}:{row['after'][str(s)]['mean']:.4g}±{row['after'][str(s)]['std']:.2g}" for s in steps)
+        aft = " ".join(
+            f"{s}:{row['after'][str(s)]['mean']:.4g}±{row['after'][str(s)]['std']:.2g}" for s in steps
+        )
         print(f"pb {pb:3d} {e:6s} {m:10s} noise {n0['mean']:.4g}±{n0['std']:.2g}  base {base:.4g}  {aft}")
-    summary = {"bench": "thermostat_noise", "world": args.train_config or f"random-init {args.shape} shape",
-               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "hidden_size": backend.hidden_size,
-               "num_layers": L, "reps": reps, "n_probe": len(samples), "draws": args.draws, "warmup": args.warmup,
-               "train": {"steps": steps, "batch": args.batch, "lr": args.lr, "lora_r": args.lora_r,
-                         "losses": losses},
-               "user_law": {"base_scale": args.base_scale, "k": args.k, "gamma_min": args.gamma_min},
-               "command": " ".join(sys.argv), "wall_s": round(time.perf_counter() - t0, 1), "rows": table}
+    summary = {
+        "bench": "thermostat_noise",
+        "world": args.train_config or f"random-init {args.shape} shape",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "hidden_size": backend.hidden_size,
+        "num_layers": L,
+        "reps": reps,
+        "n_probe": len(samples),
+        "draws": args.draws,
+        "warmup": args.warmup,
+        "train": {
+            "steps": steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "lora_r": args.lora_r,
+            "losses": losses,
+        },
+        "user_law": {"base_scale": args.base_scale, "k": args.k, "gamma_min": args.gamma_min},
+        "command": " ".join(sys.argv),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "rows": table,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -23,8 +23,17 @@ from pathlib import Path
 
 import torch
 
-WRITE_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate",
-                "shutil.move", "os.link", "os.symlink"}
+WRITE_EVENTS = {
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.truncate",
+    "shutil.move",
+    "os.link",
+    "os.symlink",
+}
 
 
 def _writes_under(watch: str, out: list):
@@ -32,7 +41,8 @@ def _writes_under(watch: str, out: list):
         if event == "open":
             path, mode, flags = (list(args) + [None, None, None])[:3]
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
         else:
             writing, path = event in WRITE_EVENTS, args[0] if args else None
         if writing and isinstance(path, (str, os.PathLike)) and str(os.fspath(path)).startswith(watch):
@@ -49,9 +59,13 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
     from vlaforget.train import plugins as pl
 
     runs: list[dict] = []
-    saved = {"build_plugins": loop.build_plugins, "run_training": loop.run_training,
-             "step": torch.optim.AdamW.step, "measure": pl.ThermostatPlugin.measure,
-             "retention_loss": pl.CraftPlugin.retention_loss}
+    saved = {
+        "build_plugins": loop.build_plugins,
+        "run_training": loop.run_training,
+        "step": torch.optim.AdamW.step,
+        "measure": pl.ThermostatPlugin.measure,
+        "retention_loss": pl.CraftPlugin.retention_loss,
+    }
     live: dict = {}
 
     def build_plugins(ctx, sc, given, train_ds=None):
@@ -61,7 +75,9 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
         return plugins
 
     def periodic_eval(backend, model):
-        runs[-1]["evals"].append({"rank": rank, "ddp_wrapped": hasattr(model, "module") and hasattr(model, "reducer")})
+        runs[-1]["evals"].append(
+            {"rank": rank, "ddp_wrapped": hasattr(model, "module") and hasattr(model, "reducer")}
+        )
         return 0.25 + 0.5 * rank  # a rank > 0 that evaluated would report another score
 
     def run_training(sc, *a, **k):  # the periodic evaluator the train stage would pass (stages/train.py)
@@ -70,13 +86,20 @@ def recorded(rank: int, kill: dict | None = None, perturb: bool = False):
 
     def step(self, *a, **k):
         plugins = live.get("plugins") or {}
-        rec = {"grads": [p.grad.detach().clone() if p.grad is not None else None
-                         for g in self.param_groups for p in g["params"]]}
+        rec = {
+            "grads": [
+                p.grad.detach().clone() if p.grad is not None else None
+                for g in self.param_groups
+                for p in g["params"]
+            ]
+        }
         if "hsw" in plugins:
             rec.update(beta=plugins["hsw"].beta, gamma=plugins["hsw"].gamma)
         if "thermostat" in plugins:
             law = plugins["thermostat"].law
-            rec.update(d=law.last.get("d"), law_state=law.state_dict(), law_beta=law.beta, law_gamma=law.gamma)
+            rec.update(
+                d=law.last.get("d"), law_state=law.state_dict(), law_beta=law.beta, law_gamma=law.gamma
+            )
         if "craft" in plugins:
             rec.update(lmbda=plugins["craft"].lmbda)
         runs[-1]["steps"].append(rec)
@@ -121,8 +144,10 @@ def main(spec_path: str) -> int:
     with recorded(rank, kill=spec.get("kill"), perturb=bool(spec.get("perturb"))) as runs:
         for sc in spec["runs"]:
             loop.run_training(sc)
-    torch.save({"rank": rank, "world": int(os.environ["WORLD_SIZE"]), "runs": runs, "writes": writes},
-               out / f"rank{rank}.pt")
+    torch.save(
+        {"rank": rank, "world": int(os.environ["WORLD_SIZE"]), "runs": runs, "writes": writes},
+        out / f"rank{rank}.pt",
+    )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

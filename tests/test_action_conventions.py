@@ -71,7 +71,9 @@ def _libero_cache(tmp_path):
     from vlaforget.data.libero_rlds import write_libero_fixture
     from vlaforget.data.rlds import iter_episodes
 
-    write_libero_fixture(tmp_path / "rlds", ["libero_goal"], n_tasks=1, episodes_per_task=2, steps=12, shards=1)
+    write_libero_fixture(
+        tmp_path / "rlds", ["libero_goal"], n_tasks=1, episodes_per_task=2, steps=12, shards=1
+    )
     src = tmp_path / "rlds" / "libero_goal_no_noops"
     build_cache(src, tmp_path / "cache", "libero_goal_no_noops", image_size=32, train_split=0.5)
     raw = np.concatenate([e["actions"] for e in iter_episodes(src)])

@@ -151,8 +151,10 @@ def test_tiny_every_lora_block_is_checkpointed():
     rerun = {n for n, c in calls.items() if c == 2}
     assert rerun == set(calls) - unused, calls
     # only the unused last blocks' LoRA goes without a gradient
-    last = (f"vision_backbone.{len(_layers(b.model.vision_backbone)) - 1}.",
-            f"fused_vision_backbone.{len(_layers(b.model.fused_vision_backbone)) - 1}.")
+    last = (
+        f"vision_backbone.{len(_layers(b.model.vision_backbone)) - 1}.",
+        f"fused_vision_backbone.{len(_layers(b.model.fused_vision_backbone)) - 1}.",
+    )
     flat = [n.replace("encoder.layer.", "").replace("layers.", "") for n in missing]
     assert missing and all(any(t in n for t in last) for n in flat), missing
 
@@ -264,7 +266,11 @@ def test_openvla_full_size_architecture_on_meta():
     n = sum(p.numel() for p in m.parameters())
     assert 7.50e9 < n < 7.58e9  # openvla-7b: 7.54 B
     vb = m.vision_backbone
-    assert (len(vb.featurizer.blocks), vb.featurizer.embed_dim, vb.featurizer.num_prefix_tokens) == (24, 1024, 5)
+    assert (len(vb.featurizer.blocks), vb.featurizer.embed_dim, vb.featurizer.num_prefix_tokens) == (
+        24,
+        1024,
+        5,
+    )
     assert (len(vb.fused_featurizer.blocks), vb.fused_featurizer.embed_dim) == (27, 1152)
     assert (m.projector.fc1.in_features, m.projector.fc1.out_features, m.projector.fc3.out_features) == (
         2176,

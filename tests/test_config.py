@@ -36,7 +36,9 @@ def test_overlay_deep_merges(demo_config):
     assert demo_config["model"]["backend"] == "tiny"
     assert demo_config["train"]["lora"]["r"] == 8
     assert demo_config["train"]["lora"]["dropout"] == 0.0  # kept from config.yaml
-    assert demo_config["methods"]["icsm_hsw_thermostat"]["thermostat"]["every"] == 5  # config/demo.yaml (issue 19: 30-step runs)
+    assert (
+        demo_config["methods"]["icsm_hsw_thermostat"]["thermostat"]["every"] == 5
+    )  # config/demo.yaml (issue 19: 30-step runs)
     assert demo_config["methods"]["icsm_hsw_thermostat"]["thermostat"]["beta_min"] == 0.2
 
 

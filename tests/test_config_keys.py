@@ -23,14 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 # config/config.yaml values that differ from the dataclass default on purpose: (block, key) -> reason.
 # Required keys (no default) are the study's by definition and not listed.
 STUDY_OVERRIDES = {
-    ("model", "path"): "the real study's base model (openvla/openvla-7b); the default null is the tiny backend's",
+    (
+        "model",
+        "path",
+    ): "the real study's base model (openvla/openvla-7b); the default null is the tiny backend's",
     ("methods.*.hsw", "enabled"): "a method switches its own block on (every block is off by default)",
     ("methods.*.thermostat", "enabled"): "a method switches its own block on",
     ("methods.*.craft", "enabled"): "a method switches its own block on",
     ("methods.*.craft", "anchor"): "named explicitly: the same pooling the default (the anchor cache's own, "
-                                   "craft.pooling) gives",
+    "craft.pooling) gives",
     ("methods.*.craft", "anchor_batch_size"): "the seeds' craft.anchor_batch_size 8, independent of the "
-                                              "micro-batch (the default null = the micro-batch)",
+    "micro-batch (the default null = the micro-batch)",
 }
 
 
@@ -53,8 +56,10 @@ def _json_types(node: dict) -> set[str] | None:
         t = node["type"]
         return set([t] if isinstance(t, str) else t)
     if "enum" in node:
-        return {{str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}[type(v)]
-                for v in node["enum"]}
+        return {
+            {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}[type(v)]
+            for v in node["enum"]
+        }
     if "oneOf" in node:
         return set().union(*(_json_types(n) or set() for n in node["oneOf"]))
     if "$ref" in node:
@@ -99,11 +104,16 @@ def test_schema_has_every_typed_key_of_the_same_type(where):
         if want is None:  # Any: the schema states the shape (e.g. lists or a word)
             continue
         # a number field takes an integer too (settings._check converts it)
-        if have is None or not (have == want or (want - {"integer"} == have - {"integer"} and "number" in want)):
+        if have is None or not (
+            have == want or (want - {"integer"} == have - {"integer"} and "number" in want)
+        ):
             bad.append(f"{where}.{name}: schema {sorted(have or ['anything'])} vs dataclass {sorted(want)}")
     assert not bad, "\n".join(bad)
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     if where in ("model",):  # the study config must name them; the other blocks' required keys come
         assert set(node.get("required", [])) == required  # from config.yaml, which every overlay extends
 
@@ -209,7 +219,9 @@ def test_doc_metadata_is_in_no_stage_config_or_id():
 
 
 def test_model_block_is_typed():
-    m = settings.ModelSettings.of({"backend": "tiny", "base": "t", "tiny": {"layers": 4}, "pretrain": {"steps": 3}})
+    m = settings.ModelSettings.of(
+        {"backend": "tiny", "base": "t", "tiny": {"layers": 4}, "pretrain": {"steps": 3}}
+    )
     assert m.dtype == settings.DEFAULT_MODEL_DTYPE == "bf16" and m.pretrain.steps == 3 and m.path is None
     with pytest.raises(ValueError, match=r"model: unknown key\(s\) \['dtpye'\]"):
         settings.ModelSettings.of({"backend": "tiny", "base": "t", "dtpye": "fp32"})
@@ -243,8 +255,15 @@ def test_no_default_is_copied_as_a_literal():
             continue
         rel = p.relative_to(pkg).as_posix()
         for n in ast.walk(ast.parse(p.read_text())):
-            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("get", "pop")
-                    and len(n.args) == 2 and isinstance(n.args[0], ast.Constant) and n.args[0].value in names
-                    and isinstance(n.args[1], ast.Constant) and (rel, ast.unparse(n)) not in NOT_CONFIG_READS):
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and n.func.attr in ("get", "pop")
+                and len(n.args) == 2
+                and isinstance(n.args[0], ast.Constant)
+                and n.args[0].value in names
+                and isinstance(n.args[1], ast.Constant)
+                and (rel, ast.unparse(n)) not in NOT_CONFIG_READS
+            ):
                 found.append(f"{rel}:{n.lineno}: {ast.unparse(n)}")
     assert not found, "\n".join(found)

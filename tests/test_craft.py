@@ -152,8 +152,17 @@ def _one_step_grads(world, fused: bool, precision: str = "fp32", ckpt: bool = Tr
     be = load_backend({"backend": "tiny", "path": str(model_dir), "dtype": "fp32"}, stats=ds.statistics)
     if ckpt:
         be.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(be, {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp", "vision", "projector"],
-                            "layers": "all"}, seed=1)
+    model = apply_lora(
+        be,
+        {
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.0,
+            "targets": ["attn", "mlp", "vision", "projector"],
+            "layers": "all",
+        },
+        seed=1,
+    )
     model.train()
     with torch.no_grad():  # LoRA B starts at zero: move it so g_ret is not all zeros
         for n, p in model.named_parameters():
@@ -161,12 +170,27 @@ def _one_step_grads(world, fused: bool, precision: str = "fp32", ckpt: bool = Tr
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     dev = torch.device("cpu")
-    tcfg = {"precision": precision, "batch_size": 3, "max_steps": 1, "lr": 1e-3, "lora": {"r": 4}}  # a whole train block (make_scaler checks it)
-    ctx = TrainContext(backend=be, model=model, device=dev, stage_cfg={"train": tcfg}, trainable=trainable,
-                       autocast=autocast_factory(precision, dev), scaler=make_scaler(tcfg, dev))
+    tcfg = {
+        "precision": precision,
+        "batch_size": 3,
+        "max_steps": 1,
+        "lr": 1e-3,
+        "lora": {"r": 4},
+    }  # a whole train block (make_scaler checks it)
+    ctx = TrainContext(
+        backend=be,
+        model=model,
+        device=dev,
+        stage_cfg={"train": tcfg},
+        trainable=trainable,
+        autocast=autocast_factory(precision, dev),
+        scaler=make_scaler(tcfg, dev),
+    )
     anchors = load_anchors(root / "artifacts" / "craft")
     samples = [ds[int(i)] for i in anchors["indices"]]  # the cache's train split holds them
-    plug = CraftPlugin(ctx, dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused), anchors, samples, seed=1)
+    plug = CraftPlugin(
+        ctx, dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused), anchors, samples, seed=1
+    )
     ctx.plugins = {"craft": plug}
     seen = {}
     real = craft.conflict_project
@@ -189,13 +213,18 @@ def _one_step_grads(world, fused: bool, precision: str = "fp32", ckpt: bool = Tr
             opt = torch.optim.SGD([p for _, p in trainable], lr=0.0)
             ctx.scaler.unscale_(opt)
         plug.before_step()
-    assert plug._split is None and all("forward" not in m.__dict__ for m in model.modules())  # shadows removed
+    assert plug._split is None and all(
+        "forward" not in m.__dict__ for m in model.modules()
+    )  # shadows removed
     return seen, [p.grad.clone() for _, p in trainable], dict(plug._acc), [n for n, _ in trainable]
 
 
 def _close(a, b, rtol, atol):
-    return all((x is None and y is None) or (x is not None and y is not None and torch.allclose(x, y, rtol=rtol, atol=atol))
-               for x, y in zip(a, b))
+    return all(
+        (x is None and y is None)
+        or (x is not None and y is not None and torch.allclose(x, y, rtol=rtol, atol=atol))
+        for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("precision,ckpt", [("fp32", True), ("fp32", False), ("fp16", True), ("bf16", True)])
@@ -229,9 +258,17 @@ def test_fused_run_matches_the_separate_run(teacher):
     root, cache, model = teacher
     runs = []
     for fused in (True, False):
-        sc = base_stage(root, cache, model, method_name="craft", max_steps=3, grad_accum=2, batch_size=3,
-                        gradient_checkpointing=True,
-                        method={"craft": dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused)})
+        sc = base_stage(
+            root,
+            cache,
+            model,
+            method_name="craft",
+            max_steps=3,
+            grad_accum=2,
+            batch_size=3,
+            gradient_checkpointing=True,
+            method={"craft": dict(CRAFT_TEST, anchor_batch_size=5, fused_forward=fused)},
+        )
         sc = clone(sc, out_dir=str(Path(sc["out_dir"]).parent / f"fused_{fused}"), run_id=f"fused-{fused}")
         run_training(sc)
         runs.append((run_metrics(sc), run_adapter(sc)))
@@ -248,8 +285,14 @@ def test_concat_batches_pads_the_shorter_text():
     from vlaforget.models.tiny import random_tiny_backend
 
     be = random_tiny_backend()
-    rows = [{"image": torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), "instruction": instr,
-             "action": torch.zeros(4).numpy()} for instr in ("open the drawer", "press the button from the top")]
+    rows = [
+        {
+            "image": torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(),
+            "instruction": instr,
+            "action": torch.zeros(4).numpy(),
+        }
+        for instr in ("open the drawer", "press the button from the top")
+    ]
     a, b = be.collate(rows[:1]), be.collate(rows[1:])
     assert a["input_ids"].shape[1] < b["input_ids"].shape[1]
     m = be.concat_batches(a, b)
@@ -260,7 +303,7 @@ def test_concat_batches_pads_the_shorter_text():
         lm = be.forward(m).logits
     assert torch.allclose(lm[0, : la.shape[1]], la[0], atol=1e-5)
     assert int(m["attention_mask"][0].sum()) == int(a["attention_mask"][0].sum())
-    assert (m["labels"][0, a["labels"].shape[1]:] == -100).all()
+    assert (m["labels"][0, a["labels"].shape[1] :] == -100).all()
 
 
 def test_dual_defaults_are_the_openvla_craft_guides():

@@ -26,21 +26,59 @@ from vlaforget import gpus
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-HSW = {"enabled": True, "groups": "icsm", "beta": 0.8, "gamma": 0.6, "clamp": "per_token", "eps": 1e-12,
-       "use_sensitivity_order": True}
+HSW = {
+    "enabled": True,
+    "groups": "icsm",
+    "beta": 0.8,
+    "gamma": 0.6,
+    "clamp": "per_token",
+    "eps": 1e-12,
+    "use_sensitivity_order": True,
+}
 # the user's law (the default): warm-up at steps 0-1 (measured after the backward, before the
 # optimizer step), control at 2 and 3; k large enough to move γ on the tiny model
-THERMO = {"enabled": True, "law": "user", "estimator": "paired", "metric": "raw", "every": 1, "warmup_steps": 2,
-          "base_scale": 0.5, "k_beta": 100.0, "k_gamma": 1000.0, "probe_batch": 12, "gamma_min": 0.0,
-          "gamma_max": 1.0, "beta_min": 0.2, "beta_max": 1.0}
+THERMO = {
+    "enabled": True,
+    "law": "user",
+    "estimator": "paired",
+    "metric": "raw",
+    "every": 1,
+    "warmup_steps": 2,
+    "base_scale": 0.5,
+    "k_beta": 100.0,
+    "k_gamma": 1000.0,
+    "probe_batch": 12,
+    "gamma_min": 0.0,
+    "gamma_max": 1.0,
+    "beta_min": 0.2,
+    "beta_max": 1.0,
+}
 CRAFT = dict(CRAFT_TEST, anchor_batch_size=6)
 # the study's three methods, and all plug-ins at once (the resume test: every plug-in's state)
-METHODS = {"baseline": {}, "icsm_hsw_thermostat": {"hsw": HSW, "thermostat": THERMO}, "craft": {"craft": CRAFT},
-           "hsw_thermostat_craft": {"hsw": HSW, "thermostat": THERMO, "craft": CRAFT}}
+METHODS = {
+    "baseline": {},
+    "icsm_hsw_thermostat": {"hsw": HSW, "thermostat": THERMO},
+    "craft": {"craft": CRAFT},
+    "hsw_thermostat_craft": {"hsw": HSW, "thermostat": THERMO, "craft": CRAFT},
+}
 STEPS, GLOBAL_BATCH, RANKS = 4, 4, 2
 # fields of metrics.jsonl that are a function of the run (not of the clock or the world size)
-RUN_FIELDS = ("train_loss", "action_accuracy", "grad_norm", "lr", "hsw_beta", "hsw_gamma", "drift_d",
-              "lambda", "L_ret", "grad_dot", "projection", "eval_success_rate", "hsw_g_norm", "hsw_gprime_norm")
+RUN_FIELDS = (
+    "train_loss",
+    "action_accuracy",
+    "grad_norm",
+    "lr",
+    "hsw_beta",
+    "hsw_gamma",
+    "drift_d",
+    "lambda",
+    "L_ret",
+    "grad_dot",
+    "projection",
+    "eval_success_rate",
+    "hsw_g_norm",
+    "hsw_gprime_norm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +88,19 @@ def world(tmp_path_factory):
 
 def stage(world, method, out, world_size):
     root, cache, model = world
-    sc = base_stage(root, cache, model, method_name=method, method=METHODS[method], max_steps=STEPS,
-                    save_steps=2, eval_every=2, lr=5e-3, batch_size=GLOBAL_BATCH // world_size, nproc=world_size)
+    sc = base_stage(
+        root,
+        cache,
+        model,
+        method_name=method,
+        method=METHODS[method],
+        max_steps=STEPS,
+        save_steps=2,
+        eval_every=2,
+        lr=5e-3,
+        batch_size=GLOBAL_BATCH // world_size,
+        nproc=world_size,
+    )
     return clone(sc, out_dir=str(root / out / method), run_id=f"{method}-ddp")
 
 
@@ -59,15 +108,34 @@ def torchrun(tmp, name, runs, ranks=RANKS, kill=None, perturb=False, watch=None,
     rec = tmp / name
     rec.mkdir(parents=True, exist_ok=True)
     spec = rec / "spec.json"
-    spec.write_text(json.dumps({"runs": runs, "record_dir": str(rec), "kill": kill, "perturb": perturb,
-                                "watch": watch}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
-               OMP_NUM_THREADS="1", VLAFORGET_THREADS="1", VLAFORGET_NO_PROGRESS="1")
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-           "--monitor-interval", "0.2", str(REPO / "tests" / "ddp_worker.py"), str(spec)]
+    spec.write_text(
+        json.dumps({"runs": runs, "record_dir": str(rec), "kill": kill, "perturb": perturb, "watch": watch})
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
+        OMP_NUM_THREADS="1",
+        VLAFORGET_THREADS="1",
+        VLAFORGET_NO_PROGRESS="1",
+    )
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        "--monitor-interval",
+        "0.2",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(spec),
+    ]
     r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
-    recs = [torch.load(rec / f"rank{i}.pt", weights_only=False) for i in range(ranks)
-            if (rec / f"rank{i}.pt").exists()]
+    recs = [
+        torch.load(rec / f"rank{i}.pt", weights_only=False)
+        for i in range(ranks)
+        if (rec / f"rank{i}.pt").exists()
+    ]
     return r, recs
 
 
@@ -141,7 +209,9 @@ def test_controllers_identical_on_every_rank(ddp):
                 for k in keys:
                     if k in a:
                         seen.add(k)
-                        assert a[k] == b[k], f"{run['run_id']} step {s + 1}: {k} rank 0 {a[k]!r} vs rank {rec['rank']} {b[k]!r}"
+                        assert a[k] == b[k], (
+                            f"{run['run_id']} step {s + 1}: {k} rank 0 {a[k]!r} vs rank {rec['rank']} {b[k]!r}"
+                        )
     assert seen == set(keys)
     th = ddp["recs"][0]["runs"][1]["steps"]
     assert len({round(s["gamma"], 9) for s in th}) > 1, "the Thermostat never moved γ: the test shows nothing"
@@ -171,7 +241,9 @@ def test_kill_9_of_one_rank_resumes_exactly(ddp, world, tmp_path):
     method = "hsw_thermostat_craft"  # HSW gains, Thermostat law + probe generator, λ + anchor generator
     i = list(METHODS).index(method)
     sc = clone(ddp["runs"][i], out_dir=str(Path(world[0]) / f"killed_{method}" / method))
-    r, _ = torchrun(tmp_path, "killed", [sc], kill={"rank": 1, "step": 3}, perturb=True)  # FAULT: rank 1 killed in step 3
+    r, _ = torchrun(
+        tmp_path, "killed", [sc], kill={"rank": 1, "step": 3}, perturb=True
+    )  # FAULT: rank 1 killed in step 3
     assert r.returncode != 0
     out = Path(sc["out_dir"])
     assert not (out / "final").exists()
@@ -230,14 +302,39 @@ def test_gpu_slots_held_until_every_rank_exits(tmp_path, monkeypatch):
     worker.write_text(SLOT_WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     launcher = subprocess.Popen(
-        [PY, "-m", "vlaforget.cli", "gpu-run", "--gpus", "2", "--poll", "0.05", "--", PY, "-m",
-         "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        [
+            PY,
+            "-m",
+            "vlaforget.cli",
+            "gpu-run",
+            "--gpus",
+            "2",
+            "--poll",
+            "0.05",
+            "--",
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(worker),
+            str(tmp_path),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     locks = gpus.lock_dir()
     pids = {}
     try:
-        _wait(lambda: all((tmp_path / f"pid{r}").exists() and (tmp_path / f"pid{r}").read_text() for r in (0, 1)),
-              "the ranks never started")
+        _wait(
+            lambda: all(
+                (tmp_path / f"pid{r}").exists() and (tmp_path / f"pid{r}").read_text() for r in (0, 1)
+            ),
+            "the ranks never started",
+        )
         pids = {r: int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)}
         _wait(lambda: not _alive(pids[0]), "rank 0 never exited")
         assert _alive(pids[1])

@@ -38,7 +38,9 @@ def test_ci_profile_runs_the_whole_study(tmp_path, workflow_copy):
     (ev_file,) = (root / "evals" / "mw_downstream__baseline__full__s42" / "mw_downstream").glob("*.json")
     ev = json.loads(ev_file.read_text())
     assert ev["n_episodes"] >= 1 and 0.0 <= ev["success_rate"] <= 1.0
-    (craft,) = [d for d in (root / "runs" / "mw_downstream__craft__full__s42").iterdir() if d.name != "checkpoints"]
+    (craft,) = [
+        d for d in (root / "runs" / "mw_downstream__craft__full__s42").iterdir() if d.name != "checkpoints"
+    ]
     assert (craft / "metrics.jsonl").exists()
     assert (root / "configs" / "train" / "mw_downstream__craft__full__s42" / f"{craft.name}.yaml").exists()
     # nothing generated inside the workflow copy

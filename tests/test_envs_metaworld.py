@@ -121,10 +121,17 @@ def test_factory_is_picklable_and_builds_the_configured_env():
     factory describes (camera, size, cap, randomization)."""
     import pickle
 
-    fac = pickle.loads(pickle.dumps(MetaWorldFactory("corner2", render_size=24, max_steps=3, randomization=0.5)))
+    fac = pickle.loads(
+        pickle.dumps(MetaWorldFactory("corner2", render_size=24, max_steps=3, randomization=0.5))
+    )
     with fac("reach-v3") as env:
         assert (env.task, env.camera, env.render_size, env.max_steps, env.randomization) == (
-            "reach-v3", "corner2", 24, 3, 0.5)
+            "reach-v3",
+            "corner2",
+            24,
+            3,
+            0.5,
+        )
         obs = env.reset(4)
         assert obs["image"].shape == (24, 24, 3)
         done = False

@@ -133,4 +133,5 @@ def test_workflow_plans_one_export_per_run_only_when_asked(tmp_path):
     assert "export" not in planned(outs[False])
     runs = trained_runs(outs[True])
     assert runs and sorted(str(Path(p).parent) for p in planned(outs[True])["export"]) == sorted(
-        str(root / "exports" / r) for r in runs)  # exports/{run}/{config id of its training}
+        str(root / "exports" / r) for r in runs
+    )  # exports/{run}/{config id of its training}

@@ -52,16 +52,25 @@ def adapter_bytes(sc) -> bytes:
 
 
 def steps_logged(sc) -> list[int]:
-    return [json.loads(x)["step"] for x in (Path(sc["out_dir"]) / "metrics.jsonl").read_text().splitlines()
-            if "train_loss" in json.loads(x)]
+    return [
+        json.loads(x)["step"]
+        for x in (Path(sc["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+        if "train_loss" in json.loads(x)
+    ]
 
 
 def cli(args, env=None, timeout=300):
-    e = dict(os.environ, PYTHONPATH=str(REPO / "src"), VLAFORGET_NO_PROGRESS="1", OMP_NUM_THREADS="1",
-             VLAFORGET_THREADS="1")
+    e = dict(
+        os.environ,
+        PYTHONPATH=str(REPO / "src"),
+        VLAFORGET_NO_PROGRESS="1",
+        OMP_NUM_THREADS="1",
+        VLAFORGET_THREADS="1",
+    )
     e.update(env or {})
-    return subprocess.run([PY, "-m", "vlaforget.cli", *args], env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "vlaforget.cli", *args], env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_cfg(sc, path: Path) -> Path:
@@ -140,8 +149,10 @@ def test_unreadable_latest_json_still_resumes(world, tmp_path):
 
 
 def _hold_lock(path: Path):
-    code = (f"import sys,time; sys.path.insert(0, {str(REPO / 'src')!r}); from vlaforget.io import DirLock; "
-            f"DirLock({str(path)!r}, 'x').acquire(); print('held', flush=True); time.sleep(120)")
+    code = (
+        f"import sys,time; sys.path.insert(0, {str(REPO / 'src')!r}); from vlaforget.io import DirLock; "
+        f"DirLock({str(path)!r}, 'x').acquire(); print('held', flush=True); time.sleep(120)"
+    )
     p = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
@@ -181,12 +192,19 @@ def test_gpu_slot_is_held_while_a_worker_of_the_job_lives(tmp_path, monkeypatch)
     pidfile = tmp_path / "worker.pid"
     # the launcher starts a worker that does not inherit the lock fd (like torchrun's), then dies
     # FAULT: the launcher is gone while its worker still uses the GPU
-    launcher = ("import subprocess,sys; p=subprocess.Popen(['sleep','120'], close_fds=True, "
-                "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-                f"open({str(pidfile)!r},'w').write(str(p.pid))")
+    launcher = (
+        "import subprocess,sys; p=subprocess.Popen(['sleep','120'], close_fds=True, "
+        "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        f"open({str(pidfile)!r},'w').write(str(p.pid))"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    r = subprocess.run([PY, "-m", "vlaforget.cli", "gpu-run", "--gpus", "1", "--", PY, "-c", launcher],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PY, "-m", "vlaforget.cli", "gpu-run", "--gpus", "1", "--", PY, "-c", launcher],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     worker = int(pidfile.read_text())
     try:
@@ -226,8 +244,12 @@ def _poison(monkeypatch, bad_calls):
 
 def test_nan_streak_rolls_back_once_with_lower_lr(world, monkeypatch, caplog):
     root, cache, model = world
-    sc = fresh(base_stage(root, cache, model, max_steps=8, save_steps=2), "nan_rb", max_bad_steps=3,
-               rollback_lr_factor=0.25)
+    sc = fresh(
+        base_stage(root, cache, model, max_steps=8, save_steps=2),
+        "nan_rb",
+        max_bad_steps=3,
+        rollback_lr_factor=0.25,
+    )
     _poison(monkeypatch, lambda n: 6 <= n <= 8)  # FAULT: three NaN steps in a row after step 5
     with caplog.at_level("WARNING"):
         res = run_training(sc)
@@ -259,8 +281,13 @@ def test_nan_before_first_checkpoint_says_so(world, monkeypatch):
 def test_flat_loss_run_is_not_marked_done(world):
     root, cache, model = world
     # FAULT: lr 1e10: no NaN with clipping, the loss never improves
-    sc = fresh(base_stage(root, cache, model, max_steps=8, save_steps=4), "flat", lr=1e10,
-               max_grad_norm=1.0, loss_check_min_steps=4)
+    sc = fresh(
+        base_stage(root, cache, model, max_steps=8, save_steps=4),
+        "flat",
+        lr=1e10,
+        max_grad_norm=1.0,
+        loss_check_min_steps=4,
+    )
     with pytest.raises(TrainingError, match="did not improve.*train.lr"):
         run_training(sc)
     assert not (Path(sc["out_dir"]) / "final").exists()
@@ -316,7 +343,10 @@ def test_corrupted_adapter_is_refused_by_its_consumers(world):
     sc = fresh(base_stage(root, cache, model), "adapter_corrupt")
     run_training(sc)
     done = Path(sc["out_dir"]) / "final" / "done.json"
-    consumer = {"stage": "eval", "inputs": {"train": {"file": str(done), "id": config_id(sc), "rule": "train"}}}
+    consumer = {
+        "stage": "eval",
+        "inputs": {"train": {"file": str(done), "id": config_id(sc), "rule": "train"}},
+    }
     freshness.check_inputs(consumer)
     f = Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"
     b = bytearray(f.read_bytes())
@@ -369,8 +399,12 @@ def test_moving_the_data_root_keeps_ids_and_reruns_nothing(tmp_path, monkeypatch
         monkeypatch.setenv("VLAFORGET_ALLOWED_ROOT", str(allowed))
         monkeypatch.setenv("VLAFORGET_ROOT", str(allowed / "root"))
         cfg = _cfg(None)
-        ids.append({(st, k): (vfc.stage_config(cfg, st, k).get("run_id"), config_id(vfc.stage_config(cfg, st, k)))
-                    for st, k in [("train", RUN), ("eval", f"{RUN}@mw_downstream"), ("cache", "mw_downstream")]})
+        ids.append(
+            {
+                (st, k): (vfc.stage_config(cfg, st, k).get("run_id"), config_id(vfc.stage_config(cfg, st, k)))
+                for st, k in [("train", RUN), ("eval", f"{RUN}@mw_downstream"), ("cache", "mw_downstream")]
+            }
+        )
     assert ids[0] == ids[1]  # same ids: the same relative paths under either root
 
 
@@ -382,7 +416,10 @@ def test_fresh_checkout_reruns_a_changed_config(tmp_path):
     from conftest import copy_workflow, snakemake
 
     wf = copy_workflow(tmp_path / "wf")
-    env = {"VLAFORGET_ROOT": str(tmp_path / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data")}
+    env = {
+        "VLAFORGET_ROOT": str(tmp_path / "data" / "root"),
+        "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
+    }
     ci = ["--profile", "profiles/ci"]
     r = snakemake([*ci, "--summary"], cwd=wf, env=env)
     for line in r.stdout.splitlines()[1:]:
@@ -394,35 +431,64 @@ def test_fresh_checkout_reruns_a_changed_config(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.rmtree(wf / ".snakemake")  # FAULT: a fresh clone / second checkout on the same root
     old = next((Path(env["VLAFORGET_ROOT"]) / "configs" / "train" / RUN).glob("*.yaml"))
-    r = subprocess.run([PY, "-m", "vlaforget.cli", "stage-config", "--configfile", "config/config.yaml",
-                        "config/demo.yaml", "config/ci.yaml", "--stage", "train", "--key", RUN, "--out", str(old)],
-                       cwd=wf, env={**os.environ, **env, "PYTHONPATH": str(wf / "src")}, capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "vlaforget.cli",
+            "stage-config",
+            "--configfile",
+            "config/config.yaml",
+            "config/demo.yaml",
+            "config/ci.yaml",
+            "--stage",
+            "train",
+            "--key",
+            RUN,
+            "--out",
+            str(old),
+        ],
+        cwd=wf,
+        env={**os.environ, **env, "PYTHONPATH": str(wf / "src")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr  # (--touch left it empty: the text the workflow writes)
     (wf / "config" / "r4.yaml").write_text("train:\n  lora:\n    r: 4\n")
     over = [*ci, "--configfiles", "config/demo.yaml", "config/ci.yaml", "config/r4.yaml"]
     r = snakemake(["-n", *over], cwd=wf, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     # the dry-run says what changed against the config built before (which stays where it is)
-    assert re.search(rf"train {RUN} builds \w+ beside {old.stem}: train\.lora\.r 2 -> 4$", r.stderr,
-                     re.MULTILINE), r.stderr[-3000:]
-    trained = {line.split("/runs/")[1].split("/")[0] for line in r.stdout.splitlines()
-               if "/runs/" in line and "output:" in line}
+    assert re.search(
+        rf"train {RUN} builds \w+ beside {old.stem}: train\.lora\.r 2 -> 4$", r.stderr, re.MULTILINE
+    ), r.stderr[-3000:]
+    trained = {
+        line.split("/runs/")[1].split("/")[0]
+        for line in r.stdout.splitlines()
+        if "/runs/" in line and "output:" in line
+    }
     assert "mw_downstream__baseline__full__s42" in trained and len(trained) >= 5
 
 
 # ----------------------------------------------------------------------------- 6 + 8: bad input
 
 
-@pytest.mark.parametrize("over,words", [
-    ({"study": {"suites": ["mw_dwnstream"]}}, ["study.suites", "mw_dwnstream", "Did you mean 'mw_downstream'"]),
-    ({"eval": {"forgetting": {"upstream_suites": ["mw_upstrem"]}}}, ["upstream_suites", "mw_upstrem"]),
-    ({"train": {"lora": {"layers": [0, 9]}}}, ["train.lora.layers", "out of range", "4 decoder layers"]),
-    ({"train": {"lora": {"layers": "0-3"}}}, ["train.lora.layers", "malformed", "[first, last]"]),
-    ({"train": {"lora": {"layers": [2, 1]}}}, ["train.lora.layers", "out of range"]),
-    ({"data": {"metaworld": {"datasets": {"mw_downstream": []}}}}, ["mw_downstream", "empty task list"]),
-    ({"study": {"suites": []}}, ["study.suites is empty"]),
-])
+@pytest.mark.parametrize(
+    "over,words",
+    [
+        (
+            {"study": {"suites": ["mw_dwnstream"]}},
+            ["study.suites", "mw_dwnstream", "Did you mean 'mw_downstream'"],
+        ),
+        ({"eval": {"forgetting": {"upstream_suites": ["mw_upstrem"]}}}, ["upstream_suites", "mw_upstrem"]),
+        ({"train": {"lora": {"layers": [0, 9]}}}, ["train.lora.layers", "out of range", "4 decoder layers"]),
+        ({"train": {"lora": {"layers": "0-3"}}}, ["train.lora.layers", "malformed", "[first, last]"]),
+        ({"train": {"lora": {"layers": [2, 1]}}}, ["train.lora.layers", "out of range"]),
+        ({"data": {"metaworld": {"datasets": {"mw_downstream": []}}}}, ["mw_downstream", "empty task list"]),
+        ({"study": {"suites": []}}, ["study.suites is empty"]),
+    ],
+)
 def test_bad_config_is_refused_at_config_time(tmp_root, over, words):
     t = time.time()
     with pytest.raises(ConfigError) as e:  # FAULT
@@ -435,14 +501,17 @@ def test_bad_config_is_refused_at_config_time(tmp_root, over, words):
 def test_data_problems_are_found_before_any_job(tmp_root, tmp_path, monkeypatch):
     from vlaforget.validation import data_checks
 
-    cfg = _cfg(tmp_root, probe={"n": 100000}, eval={"forgetting": {"vqa_jsonl": str(tmp_root / "nope.jsonl")}})
+    cfg = _cfg(
+        tmp_root, probe={"n": 100000}, eval={"forgetting": {"vqa_jsonl": str(tmp_root / "nope.jsonl")}}
+    )
     probs = "\n".join(data_checks(cfg))  # FAULT x2
     assert "probe.n = 100000" in probs and "lower probe.n" in probs
     assert "eval.forgetting.vqa_jsonl" in probs and "does not exist" in probs
     monkeypatch.setenv("VLAFORGET_ALLOWED_ROOT", "/opt/data/private")
     monkeypatch.setenv("VLAFORGET_ROOT", "/opt/data/private/vlaforget")
-    real = vfc.load_config(REPO / "config" / "config.yaml",
-                           overrides={"data": {"rlds_dir": "/opt/data/private/missing_rlds"}})
+    real = vfc.load_config(
+        REPO / "config" / "config.yaml", overrides={"data": {"rlds_dir": "/opt/data/private/missing_rlds"}}
+    )
     assert any("data.rlds_dir" in p and "does not exist" in p for p in data_checks(real))  # FAULT
     rl = tmp_path / "rlds"
     (rl / "libero_spatial_no_noops").mkdir(parents=True)
@@ -554,7 +623,9 @@ def test_cut_logs_drops_redone_steps_and_torn_lines(tmp_path):
     from vlaforget.train.loop import cut_logs
 
     j, h = tmp_path / "metrics.jsonl", tmp_path / "train_progress.log"
-    j.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    j.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo'
+    )
     h.write_text("".join(f"Step {s}/10 | Loss: 1\n" for s in range(1, 8)) + "Step 8/1")  # FAULT: torn by kill
     kept = cut_logs(j, h, 5)
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 5]
@@ -563,8 +634,12 @@ def test_cut_logs_drops_redone_steps_and_torn_lines(tmp_path):
 
 def test_hex_ids_survive_the_stage_config_round_trip(tmp_root, tmp_path):
     # a config id like 34565307e335 is a float to a YAML 1.2 reader: stage configs must read it back
-    sc = {"stage": "eval", "root": str(tmp_root), "allowed_root": str(tmp_root.parent),
-          "inputs": {"x": {"id": "34565307e335"}}}
+    sc = {
+        "stage": "eval",
+        "root": str(tmp_root),
+        "allowed_root": str(tmp_root.parent),
+        "inputs": {"x": {"id": "34565307e335"}},
+    }
     p = tmp_path / "sc.yaml"
     p.write_text(yaml.safe_dump(sc))
     assert vfc.load_stage_config(p)["inputs"]["x"]["id"] == "34565307e335"
@@ -609,8 +684,10 @@ def test_kill9_icsm_after_its_outputs_before_its_id_reruns_identically(world, tm
         write_cfg(runs[name], tmp_path / f"{name}.yaml")
     assert cli(["icsm", "--config", str(tmp_path / "icsm_ref.yaml")]).returncode == 0
     k = runs["icsm_killed"]
-    r = cli(["icsm", "--config", str(tmp_path / "icsm_killed.yaml")],
-            env={"VLAFORGET_FAULT_KILL_BEFORE_STAMP": "icsm"})  # FAULT: kill -9 before the stamp
+    r = cli(
+        ["icsm", "--config", str(tmp_path / "icsm_killed.yaml")],
+        env={"VLAFORGET_FAULT_KILL_BEFORE_STAMP": "icsm"},
+    )  # FAULT: kill -9 before the stamp
     assert r.returncode == -9
     meta = Path(k["out_dir"]) / "meta.json"
     consumer = {"stage": "train", "inputs": {"icsm": {"file": str(meta), "id": config_id(k), "rule": "icsm"}}}
@@ -642,14 +719,28 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
 
     c = _cfg(tmp_root)
     c["model"]["tiny"] = dict(TEST_TINY)
-    c["model"]["pretrain"] = {"steps": 6, "batch_size": 4, "lr": 1e-3, "vqa_fraction": 0.5, "seed": 0, "threads": 1}
+    c["model"]["pretrain"] = {
+        "steps": 6,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "vqa_fraction": 0.5,
+        "seed": 0,
+        "threads": 1,
+    }
     rng = np.random.default_rng(0)
     for d, tasks in c["data"]["metaworld"]["datasets"].items():
-        eps = [{"images": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
-                "states": np.zeros((5, 4), np.float32), "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
+        eps = [
+            {
+                "images": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+                "states": np.zeros((5, 4), np.float32),
+                "actions": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
                 "env_states": rng.uniform(-0.3, 0.9, (5, 39)).astype(np.float32),
-                "instruction": f"do task {k % len(tasks)}", "task": tasks[k % len(tasks)], "seed": k}
-               for k in range(8)]
+                "instruction": f"do task {k % len(tasks)}",
+                "task": tasks[k % len(tasks)],
+                "seed": k,
+            }
+            for k in range(8)
+        ]
         csc = vfc.stage_config(c, "cache", d)
         write_cache(eps, csc["out_dir"], d, 32, train_split=0.75, transform="metaworld")
         freshness.stamp(csc)  # as the cache stage records it
@@ -658,7 +749,9 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
     ref_sc = dict(sc, out_dir=str(out.parent / "ref"))
     assert cli(["model", "--config", str(write_cfg(ref_sc, tmp_path / "ref.yaml"))]).returncode == 0
     p = write_cfg(sc, tmp_path / "model.yaml")
-    r = cli(["model", "--config", str(p)], env={"VLAFORGET_FAULT_KILL_AT_STEP": "3"})  # FAULT: mid-pretraining
+    r = cli(
+        ["model", "--config", str(p)], env={"VLAFORGET_FAULT_KILL_AT_STEP": "3"}
+    )  # FAULT: mid-pretraining
     assert r.returncode == -9
     assert not out.exists()  # nothing half-written where consumers look
     r = cli(["model", "--config", str(p)])
@@ -670,14 +763,17 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
-@pytest.mark.parametrize("argv,mode", [
-    (["snakemake", "--profile", "profiles/ci"], "run"),
-    (["snakemake", "-n", "--profile", "profiles/ci"], "inspect"),
-    (["snakemake", "-np"], "inspect"),
-    (["snakemake", "--summary"], "inspect"),
-    (["snakemake", "--touch", "--forceall"], "touch"),
-    (["snakemake", "-d", "/some/dir", "-j4"], "run"),  # -d is --directory, not a dry-run
-])
+@pytest.mark.parametrize(
+    "argv,mode",
+    [
+        (["snakemake", "--profile", "profiles/ci"], "run"),
+        (["snakemake", "-n", "--profile", "profiles/ci"], "inspect"),
+        (["snakemake", "-np"], "inspect"),
+        (["snakemake", "--summary"], "inspect"),
+        (["snakemake", "--touch", "--forceall"], "touch"),
+        (["snakemake", "-d", "/some/dir", "-j4"], "run"),  # -d is --directory, not a dry-run
+    ],
+)
 def test_sync_mode_from_the_command_line(argv, mode):
     assert freshness.sync_mode(argv) == mode
 
@@ -710,11 +806,15 @@ def test_stale_snakemake_lock_of_a_killed_driver_is_cleared_safely(tmp_path):
 def _eval_result(path: Path) -> dict:
     """The eval JSON without its wall-clock parts (timing, worker memory): what a rerun must repeat."""
     out = json.loads(path.read_text())
-    out = {k: v for k, v in out.items()
-           if k not in ("timing", "memory", "wall_time_s", "provenance", "versions", "config_id", "out_file")}
+    out = {
+        k: v
+        for k, v in out.items()
+        if k not in ("timing", "memory", "wall_time_s", "provenance", "versions", "config_id", "out_file")
+    }
     # per episode: what the rollout did, not how long it took
-    out["episodes"] = [{k: v for k, v in e.items() if not (k.endswith("_s") or "time" in k)}
-                       for e in out.get("episodes", [])]
+    out["episodes"] = [
+        {k: v for k, v in e.items() if not (k.endswith("_s") or "time" in k)} for e in out.get("episodes", [])
+    ]
     return out
 
 
@@ -728,8 +828,17 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
     ok, why = rendering_available(size=16)
     if not ok:
         pytest.skip(f"no headless rendering: {why}")
-    cfg = vfc.deep_merge(demo_config, {"eval": {"num_envs": 2, "episodes_per_task": 2, "videos_per_task": 0,
-                                                "metaworld": {"max_steps": 40, "seed": 5}}})
+    cfg = vfc.deep_merge(
+        demo_config,
+        {
+            "eval": {
+                "num_envs": 2,
+                "episodes_per_task": 2,
+                "videos_per_task": 0,
+                "metaworld": {"max_steps": 40, "seed": 5},
+            }
+        },
+    )
     sc = vfc.stage_config(cfg, "eval", "teacher@mw_downstream")
     random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(Path(sc["model"]["path"]))
     sc["inputs"] = {}  # the random teacher has no model-stage record; freshness is tested elsewhere
@@ -741,10 +850,21 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
         if kill_after is None:
             r = cli(["eval", "--config", str(path)], env={**env, **(extra or {})})
             return s, r.returncode, r.stderr
-        e = dict(os.environ, PYTHONPATH=str(REPO / "src"), VLAFORGET_NO_PROGRESS="1", OMP_NUM_THREADS="1",
-                 VLAFORGET_THREADS="1", **env)
-        p = subprocess.Popen([PY, "-m", "vlaforget.cli", "eval", "--config", str(path)], env=e,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        e = dict(
+            os.environ,
+            PYTHONPATH=str(REPO / "src"),
+            VLAFORGET_NO_PROGRESS="1",
+            OMP_NUM_THREADS="1",
+            VLAFORGET_THREADS="1",
+            **env,
+        )
+        p = subprocess.Popen(
+            [PY, "-m", "vlaforget.cli", "eval", "--config", str(path)],
+            env=e,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(kill_after)
         alive = p.poll() is None
         os.killpg(p.pid, signal.SIGKILL)  # the eval and its simulator workers, as a killed job's group

@@ -47,8 +47,9 @@ def task_by_task(n_per_task=10, T=4, size=32, seed=0, tasks=TASKS4):
 def _cache(tmp_path, eps, heldout=None, ts=0.95, name="toy"):
     kw = {} if heldout is None else {"heldout": heldout}
     out = tmp_path / f"cache_{heldout}"
-    m = write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=ts,
-                    transform="metaworld", **kw)
+    m = write_cache(
+        eps, out, name, image_size=eps[0]["images"].shape[1], train_split=ts, transform="metaworld", **kw
+    )
     return out, m
 
 
@@ -119,13 +120,33 @@ def test_probe_from_the_heldout_split_covers_every_task(tmp_path):
     eps = task_by_task(n_per_task=10, T=6)
     d, _ = _cache(tmp_path, eps)
     model = make_model(tmp_path)
-    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
-          "cache_dir": str(tmp_path / "hf_cache")}
+    mb = {
+        "backend": "tiny",
+        "base": "tiny",
+        "path": str(model),
+        "dtype": "fp32",
+        "cache_dir": str(tmp_path / "hf_cache"),
+    }
     ds = {"name": "toy", "cache_dir": str(d), "tasks": sorted(TASKS4)}
-    run_stage(probe, {"root": str(tmp_path), "allowed_root": str(tmp_path), "world": "metaworld", "code": "x",
-                      "stage": "probe", "model": mb, "dataset": ds, "n": 16, "seed": 0, "split": "heldout",
-                      "trained_suites": ["toy"], "batch_size": 8, "out_dir": str(tmp_path / "probe")},
-              tmp_path / "probe.yaml")
+    run_stage(
+        probe,
+        {
+            "root": str(tmp_path),
+            "allowed_root": str(tmp_path),
+            "world": "metaworld",
+            "code": "x",
+            "stage": "probe",
+            "model": mb,
+            "dataset": ds,
+            "n": 16,
+            "seed": 0,
+            "split": "heldout",
+            "trained_suites": ["toy"],
+            "batch_size": 8,
+            "out_dir": str(tmp_path / "probe"),
+        },
+        tmp_path / "probe.yaml",
+    )
     p = load_probe(tmp_path / "probe")
     audit = read_json(tmp_path / "probe" / "audit.json")
     assert p["source"]["tasks"] == sorted(TASKS4) == audit["source"]["tasks"]
@@ -150,8 +171,11 @@ def test_probe_capacity_counts_the_probe_split(tmp_path, monkeypatch):
 
     monkeypatch.setattr(validation, "Layout", lambda root: Lay())  # validation reads paths.Layout, not config
     mw = {"episodes_per_task": 24, "max_steps": 10, "datasets": {"mw": ["a", "b", "c", "d"]}}
-    cfg = {"world": "metaworld", "probe": {"dataset": "mw", "split": "heldout"},
-           "data": {"train_split": 0.95, "metaworld": mw}}
+    cfg = {
+        "world": "metaworld",
+        "probe": {"dataset": "mw", "split": "heldout"},
+        "data": {"train_split": 0.95, "metaworld": mw},
+    }
     assert _probe_capacity(cfg)[0] == 4 * 10  # one held-out episode per task
     cfg["data"]["heldout"] = "tail"
     assert _probe_capacity(cfg)[0] == 5 * 10  # 96 - round(0.95 * 96)

@@ -45,8 +45,10 @@ def _setup(seed=0, identity_branches=()):
 
     be = random_tiny_backend(seed=seed)
     torch.manual_seed(seed)
-    model = get_peft_model(be.model, LoraConfig(r=4, lora_alpha=8, target_modules=be.lora_targets(TARGETS),
-                                                init_lora_weights="gaussian"))
+    model = get_peft_model(
+        be.model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=be.lora_targets(TARGETS), init_lora_weights="gaussian"),
+    )
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
         if "lora_B" in n:  # B = 0 at init would leave every lora_A gradient zero
@@ -54,21 +56,33 @@ def _setup(seed=0, identity_branches=()):
                 p.normal_(0, 0.05)
     for l in identity_branches:
         for n, p in be.decoder_layers(model)[l].named_parameters():
-            if any(k in n for k in ("o_proj", "down_proj")) and ("lora_B" in n or "base_layer" in n or
-                                                                   n.endswith("proj.weight")):
+            if any(k in n for k in ("o_proj", "down_proj")) and (
+                "lora_B" in n or "base_layer" in n or n.endswith("proj.weight")
+            ):
                 with torch.no_grad():
                     p.zero_()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ctx = TrainContext(backend=be, model=model, device=torch.device("cpu"), stage_cfg={}, trainable=trainable,
-                       autocast=lambda: torch.autocast("cpu", enabled=False))
+    ctx = TrainContext(
+        backend=be,
+        model=model,
+        device=torch.device("cpu"),
+        stage_cfg={},
+        trainable=trainable,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+    )
     D = be.hidden_size
     QA, QB = _orth(D, 12, seed + 1), _orth(D, 12, seed + 2)  # two groups, two (overlapping) bases
     A, B = (QA[:, :3], QA[:, 3:9]), (QB[:, :3], QB[:, 3:9])
     bases = {4: A, 5: A, 6: B, 7: B}
     rng = np.random.default_rng(seed)
-    samples = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                "instruction": ["open the drawer", "press the button"][i % 2],
-                "action": rng.uniform(-1, 1, 4).astype(np.float32)} for i in range(3)]
+    samples = [
+        {
+            "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "instruction": ["open the drawer", "press the button"][i % 2],
+            "action": rng.uniform(-1, 1, 4).astype(np.float32),
+        }
+        for i in range(3)
+    ]
     return be, model, ctx, bases, be.collate(samples)
 
 
@@ -115,8 +129,9 @@ def _expected(be, model, batch, bases, beta, gamma):
     for l in range(hi, lo - 1, -1):
         own = [(n, p) for n, p in named if f".layers.{l}." in n]
         # the hooked layer's own parameters: the gradient arriving from above (not its own surgery)
-        for (n, _), gr in zip(own, torch.autograd.grad(hs[l], [p for _, p in own], grad_outputs=g_out,
-                                                       retain_graph=True)):
+        for (n, _), gr in zip(
+            own, torch.autograd.grad(hs[l], [p for _, p in own], grad_outputs=g_out, retain_graph=True)
+        ):
             expect[n] = gr
         g_in = torch.autograd.grad(hs[l], hs[l - 1], grad_outputs=g_out, retain_graph=True)[0]
         true_out = torch.autograd.grad(hs[l], hs[l - 1], grad_outputs=true_out, retain_graph=True)[0]
@@ -191,7 +206,10 @@ def test_layer0_and_vision_lora_get_the_hand_computed_surgered_gradient(beta, ga
 
 def _measured_bottom_gains(bases, g_hsw, g_off, top):
     uf, up = (b.double() for b in bases[top])
-    return (float((g_hsw @ uf).norm() / (g_off @ uf).norm()), float((g_hsw @ up).norm() / (g_off @ up).norm()))
+    return (
+        float((g_hsw @ uf).norm() / (g_off @ uf).norm()),
+        float((g_hsw @ up).norm() / (g_off @ up).norm()),
+    )
 
 
 @pytest.mark.parametrize("beta,gamma", [(0.5, 0.2), (1.0, 0.1)])
@@ -228,8 +246,8 @@ def test_skip_gains_equal_the_measured_gain_when_the_layers_between_pass_the_gra
     _, _, g_hsw, g_off = _expected(be, model, batch, one, beta, gamma)
     _, logs = _hsw_backward(be, model, ctx, batch, one, beta, gamma)
     scales = np.prod([logs[f"hsw_L{l}_clamp_scale"] for l in HOOKED])
-    assert logs["hsw_skip_gain_f_g7"] == pytest.approx(gamma ** 4 * scales, rel=1e-4)
-    assert logs["hsw_skip_gain_p_g7"] == pytest.approx(beta ** 4 * scales, rel=1e-4)
+    assert logs["hsw_skip_gain_f_g7"] == pytest.approx(gamma**4 * scales, rel=1e-4)
+    assert logs["hsw_skip_gain_p_g7"] == pytest.approx(beta**4 * scales, rel=1e-4)
     mf, mp = _measured_bottom_gains(one, g_hsw, g_off, 7)
     assert logs["hsw_eff_gain_f_g7"] == pytest.approx(mf, rel=1e-4)
     assert logs["hsw_skip_gain_f_g7"] == pytest.approx(mf, rel=1e-4)
@@ -278,8 +296,11 @@ def test_surgered_gradient_under_gradient_checkpointing(reentrant):
         be.model.gradient_checkpointing_disable()
     # transformers 4.40 checkpoints the ViT layers too; reentrant checkpointing then gives the frozen-input
     # vision tower no gradient at all, HSW or not (the loop checkpoints non-reentrant): compare the rest
-    skip = ("vision_backbone",) if reentrant and all(float(got[n].abs().max()) == 0 for n in got
-                                                       if "vision_backbone" in n) else ()
+    skip = (
+        ("vision_backbone",)
+        if reentrant and all(float(got[n].abs().max()) == 0 for n in got if "vision_backbone" in n)
+        else ()
+    )
     for n in ref:
         if not any(k in n for k in skip):
             assert torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-9), n

@@ -37,23 +37,38 @@ def _setup(hooked, seed=0):
 
     be = random_tiny_backend(seed=seed)
     torch.manual_seed(seed)
-    model = get_peft_model(be.model, LoraConfig(r=4, lora_alpha=8, target_modules=be.lora_targets(["attn", "mlp"]),
-                                                init_lora_weights="gaussian"))
+    model = get_peft_model(
+        be.model,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=be.lora_targets(["attn", "mlp"]), init_lora_weights="gaussian"
+        ),
+    )
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
         if "lora_B" in n:  # B = 0 at init would leave every lora_A gradient zero
             with torch.no_grad():
                 p.normal_(0, 0.05)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ctx = TrainContext(backend=be, model=model, device=torch.device("cpu"), stage_cfg={}, trainable=trainable,
-                       autocast=lambda: torch.autocast("cpu", enabled=False))
+    ctx = TrainContext(
+        backend=be,
+        model=model,
+        device=torch.device("cpu"),
+        stage_cfg={},
+        trainable=trainable,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+    )
     D = be.hidden_size
     Q = _orth(D, 12, seed + 1)  # every group shares one basis: overlapping subspaces compound most
     bases = {l: (Q[:, :4], Q[:, 4:12]) for l in hooked}
     rng = np.random.default_rng(seed)
-    samples = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                "instruction": ["open the drawer", "press the button"][i % 2],
-                "action": rng.uniform(-1, 1, 4).astype(np.float32)} for i in range(3)]
+    samples = [
+        {
+            "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "instruction": ["open the drawer", "press the button"][i % 2],
+            "action": rng.uniform(-1, 1, 4).astype(np.float32),
+        }
+        for i in range(3)
+    ]
     return be, model, ctx, bases, be.collate(samples)
 
 
@@ -77,9 +92,12 @@ def _reference(be, model, batch, bases):
         gf, gp = proj(g, uf), proj(g, up)
         comps = {"n": g - gf - gp, "p": gp, "f": gf}
         params = _layer_params(be, model, l)
-        parts[l] = {k: torch.cat([x.reshape(-1) for x in torch.autograd.grad(hs[l], params, grad_outputs=v,
-                                                                                  retain_graph=True)])
-                    for k, v in comps.items()}
+        parts[l] = {
+            k: torch.cat(
+                [x.reshape(-1) for x in torch.autograd.grad(hs[l], params, grad_outputs=v, retain_graph=True)]
+            )
+            for k, v in comps.items()
+        }
     plain = torch.autograd.grad(loss, [p for _, p in model.named_parameters() if p.requires_grad])
     return parts, plain
 

@@ -286,7 +286,11 @@ def test_icsm_stage_artifacts_and_determinism(tmp_path, monkeypatch):
         assert torch.allclose(lay.U_p, lay.U[:, lay.order[-2:]], atol=1e-5)
     meta = art.meta
     assert meta["injection"] == "unit" and meta["epsilon"] == 1e-3 and meta["sensitivity_dtype"] == "fp32"
-    assert meta["fragile_dim"] is None and meta["plastic_dim"] is None and "least sensitive" in meta["split_rule"]
+    assert (
+        meta["fragile_dim"] is None
+        and meta["plastic_dim"] is None
+        and "least sensitive" in meta["split_rule"]
+    )
     assert meta["layers"]["3"]["n_f"] == 4 and meta["layers"]["3"]["n_p"] == 2
     assert meta["n_empty"] > 0 and meta["probe_hash"] and meta["git_commit"]
     assert meta["layers"]["1"]["n_probe"] == 48 - meta["n_empty"]  # empty masks excluded from the SVD
@@ -397,7 +401,11 @@ def test_default_injection_is_unit_epsilon_per_instruction_token(injection):
     samples = _samples(24)
     pooled, _ = features.pooled_states(be, samples, 24, layers=[2])
     rep, r = 2, 4
-    icfg = {"r": r, "sensitivity_samples": 3, "direction_batch": r + 1}  # + the zero direction: 1 sample per chunk
+    icfg = {
+        "r": r,
+        "sensitivity_samples": 3,
+        "direction_batch": r + 1,
+    }  # + the zero direction: 1 sample per chunk
     if injection == "std":
         icfg.update(injection="std", alpha=0.5)
     seen = _spy_layer_inputs(be.decoder_layers()[rep])

@@ -32,8 +32,16 @@ def user_adapter(model_dir: Path, out: Path, r=4, alpha=8, global_step=3, seed=0
 
     torch.manual_seed(seed)
     b = TinyBackend.from_dir(str(model_dir))
-    pm = get_peft_model(b.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=SHORT_TARGETS,
-                                            init_lora_weights="gaussian"))
+    pm = get_peft_model(
+        b.model,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules=SHORT_TARGETS,
+            init_lora_weights="gaussian",
+        ),
+    )
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -47,8 +55,10 @@ def user_adapter(model_dir: Path, out: Path, r=4, alpha=8, global_step=3, seed=0
         opt.step()
         sched.step()
     pm.save_pretrained(str(out))
-    torch.save({"global_step": global_step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-               out / "trainer_state.pt")
+    torch.save(
+        {"global_step": global_step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        out / "trainer_state.pt",
+    )
     return out
 
 
@@ -173,7 +183,10 @@ def test_the_run_id_follows_the_adapter_files_not_their_place(demo_config, tmp_r
     plain = vfc.stage_config(demo_config, "train", run)["run_id"]
     sc = run_id(adapter)
     assert sc["run_id"] != plain and set(sc["init_adapter_files"]) == {
-        "adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.pt",
+    }
     moved = tmp_root.parent / "adapters" / "moved"
     shutil.copytree(adapter, moved)
     assert run_id(moved)["run_id"] == sc["run_id"]  # same files elsewhere: same run
@@ -198,12 +211,26 @@ def test_the_users_all_linear_targets_train_on_the_tiny_model(world):
 
     b = TinyBackend.from_dir(str(world[2]))
     assert b.lora_targets(["lm_head", "patch_embed"]) == [
-        "vision_backbone.embeddings.patch_embeddings.projection", "language_model.lm_head"]
+        "vision_backbone.embeddings.patch_embeddings.projection",
+        "language_model.lm_head",
+    ]
     assert not {"language_model.lm_head"} & set(b.lora_targets(["attn", "mlp", "vision", "projector"]))
-    sc = stage(world, "all_linear", max_steps=3, lora={"r": 4, "alpha": 8, "dropout": 0.0, "layers": "all",
-               "targets": ["attn", "mlp", "vision", "projector", "lm_head", "patch_embed"]})
+    sc = stage(
+        world,
+        "all_linear",
+        max_steps=3,
+        lora={
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.0,
+            "layers": "all",
+            "targets": ["attn", "mlp", "vision", "projector", "lm_head", "patch_embed"],
+        },
+    )
     run_training(sc)
     keys = load_file(str(Path(sc["out_dir"]) / "final" / "adapter_model.safetensors"))
-    assert any("lm_head.lora_B" in k for k in keys) and any("patch_embeddings.projection.lora_A" in k for k in keys)
+    assert any("lm_head.lora_B" in k for k in keys) and any(
+        "patch_embeddings.projection.lora_A" in k for k in keys
+    )
     b0 = keys[next(k for k in keys if "lm_head.lora_B" in k)]
     assert b0.abs().sum() > 0  # trained from lora_B = 0

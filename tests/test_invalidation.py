@@ -54,7 +54,9 @@ def test_every_stage_has_an_entry_and_its_imports(pkg):
     assert "vlaforget.data.probe" in vfc.code_modules("craft_anchors")
     assert "vlaforget.methods.thermostat" in vfc.code_modules("forgetting")
     # the id plumbing is no stage's code
-    assert not any("freshness" in m or "codedeps" in m for s in vfc.STAGES_WITH_CODE for m in vfc.code_modules(s))
+    assert not any(
+        "freshness" in m or "codedeps" in m for s in vfc.STAGES_WITH_CODE for m in vfc.code_modules(s)
+    )
 
 
 def test_a_new_function_level_import_is_tracked_at_once(pkg):
@@ -66,7 +68,10 @@ def test_a_new_function_level_import_is_tracked_at_once(pkg):
     append(vqa, "\n_EDIT_1 = 1\n")
     h1 = hashes()
     assert h1["eval"] == h0["eval"] and h1["forgetting"] != h0["forgetting"]  # forgetting imports it
-    append(pkg / "eval" / "closed_loop.py", "\n\ndef _uses_vqa():\n    from ..data import vqa\n\n    return vqa\n")
+    append(
+        pkg / "eval" / "closed_loop.py",
+        "\n\ndef _uses_vqa():\n    from ..data import vqa\n\n    return vqa\n",
+    )
     assert "vlaforget.data.vqa" in vfc.code_modules("eval")
     h2 = hashes()
     append(vqa, "\n_EDIT_2 = 2\n")
@@ -92,7 +97,12 @@ def test_the_stages_module_is_the_entry_once_it_exists(pkg):
     assert codedeps.stage_entry(pkg, "cache") == "vlaforget.stages.cache"
     (pkg / "stages" / "cache.py").write_text("from ..data import cache as _c\nfrom ..data import vqa as _v\n")
     mods = vfc.code_modules("cache")
-    assert {"vlaforget.stages.cache", "vlaforget.stages", "vlaforget.data.cache", "vlaforget.data.vqa"} <= set(mods)
+    assert {
+        "vlaforget.stages.cache",
+        "vlaforget.stages",
+        "vlaforget.data.cache",
+        "vlaforget.data.vqa",
+    } <= set(mods)
 
 
 # ----------------------------------------------------------------------------- 3: comments, docstrings
@@ -102,27 +112,41 @@ def test_comment_and_docstring_edits_change_no_code_hash(pkg):
     before = hashes()
     loop = pkg / "train" / "loop.py"
     edit(loop, '"""The one training loop:', '"""EDITED module docstring.\n\nThe one training loop:')
-    edit(loop, "    stop_after (tests): stop as if killed", "    EDITED docstring line.\n    stop_after (tests): stop as if killed")
-    edit(loop, "        # ---------------------------------------------------------------- one optimizer step",
-         "        # EDITED comment\n\n\n        # ---------------------------------------------------------------- one optimizer step")
+    edit(
+        loop,
+        "    stop_after (tests): stop as if killed",
+        "    EDITED docstring line.\n    stop_after (tests): stop as if killed",
+    )
+    edit(
+        loop,
+        "        # ---------------------------------------------------------------- one optimizer step",
+        "        # EDITED comment\n\n\n        # ---------------------------------------------------------------- one optimizer step",
+    )
     edit(loop, "    # every run segment", "    # EDITED trailing comment\n    # every run segment")
     edit(pkg / "models" / "tiny.py", "\n", "\n# a new comment line: β, λ (non-ASCII before code)\n")
     append(pkg / "methods" / "hsw.py", "\n\n# trailing comment at the end of the file\n")
-    edit(pkg / "train" / "plugins" / "craft.py", "class CraftPlugin(Plugin):\n",
-         "class CraftPlugin(Plugin):  # a comment after code\n")
+    edit(
+        pkg / "train" / "plugins" / "craft.py",
+        "class CraftPlugin(Plugin):\n",
+        "class CraftPlugin(Plugin):  # a comment after code\n",
+    )
     assert hashes() == before
     # the same edit in a string that is not a docstring is code
-    edit(loop, 'desc=f"train {sc[\'run_name\']}"', 'desc=f"training {sc[\'run_name\']}"')
+    edit(loop, "desc=f\"train {sc['run_name']}\"", "desc=f\"training {sc['run_name']}\"")
     assert hashes()["train"] != before["train"]
 
 
 def test_canonical_code_keeps_code_and_drops_only_comments_and_docstrings(tmp_path):
     f, g = tmp_path / "m.py", tmp_path / "n.py"
-    f.write_text('"""Doc."""\n\nX = "# not a comment"  # a comment\n\n\ndef f():\n    """Doc\n    two lines."""\n'
-                 '    return "λ"  # λ\n\n\nclass C:\n    """D."""\n\n    y = 1\n')
+    f.write_text(
+        '"""Doc."""\n\nX = "# not a comment"  # a comment\n\n\ndef f():\n    """Doc\n    two lines."""\n'
+        '    return "λ"  # λ\n\n\nclass C:\n    """D."""\n\n    y = 1\n'
+    )
     g.write_text('X = "# not a comment"\ndef f():\n    return "λ"\nclass C:\n    y = 1\n')
     assert codedeps.canonical_code(f) == codedeps.canonical_code(g)
-    assert '"str:\'# not a comment\'"' in codedeps.canonical_code(f) and "Doc" not in codedeps.canonical_code(f)
+    assert "\"str:'# not a comment'\"" in codedeps.canonical_code(f) and "Doc" not in codedeps.canonical_code(
+        f
+    )
 
 
 def test_reformatting_the_library_reruns_nothing(pkg, demo_config):
@@ -133,8 +157,23 @@ def test_reformatting_the_library_reruns_nothing(pkg, demo_config):
 
     before, train_before = hashes(), _train_codes(demo_config)
     loop_text = (pkg / "train" / "loop.py").read_text()
-    subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", "--no-cache", "--isolated", "--line-length",
-                    "60", "--config", "format.quote-style='single'", str(pkg)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--quiet",
+            "--no-cache",
+            "--isolated",
+            "--line-length",
+            "60",
+            "--config",
+            "format.quote-style='single'",
+            str(pkg),
+        ],
+        check=True,
+    )
     assert (pkg / "train" / "loop.py").read_text() != loop_text
     assert hashes() == before and _train_codes(demo_config) == train_before
 
@@ -143,10 +182,16 @@ def test_reformatting_the_library_reruns_nothing(pkg, demo_config):
 
 
 def _train_codes(cfg) -> dict[str, str]:
-    runs = {"baseline": "baseline", "hsw+thermostat": "icsm_hsw_thermostat", "hsw only": "no_thermostat",
-            "craft": "craft"}
-    return {k: vfc.stage_config(cfg, "train", vfc.run_name(m, "mw_downstream", "full", 42))["code"]
-            for k, m in runs.items()}
+    runs = {
+        "baseline": "baseline",
+        "hsw+thermostat": "icsm_hsw_thermostat",
+        "hsw only": "no_thermostat",
+        "craft": "craft",
+    }
+    return {
+        k: vfc.stage_config(cfg, "train", vfc.run_name(m, "mw_downstream", "full", 42))["code"]
+        for k, m in runs.items()
+    }
 
 
 def test_a_plugin_edit_reruns_only_the_runs_that_enable_it(pkg, demo_config):
@@ -175,7 +220,11 @@ def test_periodic_eval_code_counts_only_with_early_stopping(pkg, demo_config):
         cfg["train"].update(train)
         return vfc.stage_config(cfg, "train", vfc.run_name("baseline", "mw_downstream", "full", 42))["code"]
 
-    a, b, c = code(eval_every=0), code(eval_every=5, early_stopping_patience=0), code(eval_every=5, early_stopping_patience=2)
+    a, b, c = (
+        code(eval_every=0),
+        code(eval_every=5, early_stopping_patience=0),
+        code(eval_every=5, early_stopping_patience=2),
+    )
     assert a == b != c
     append(pkg / "eval" / "rollout.py", "\n_X = 1\n")
     assert code(eval_every=0) == a and code(eval_every=5, early_stopping_patience=2) != c
@@ -192,8 +241,13 @@ def _train_sc(cfg, method="baseline", **train):
 
 def test_non_semantic_keys_change_neither_the_config_id_nor_the_run_id(demo_config):
     ref = _train_sc(demo_config)
-    for over in ({"log_every": 3}, {"save_steps": 7}, {"num_workers": 2}, {"use_wandb": True, "wandb_mode": "online",
-                 "wandb_project": "p"}, {"eval_every": 10, "eval_episodes_per_task": 2}):
+    for over in (
+        {"log_every": 3},
+        {"save_steps": 7},
+        {"num_workers": 2},
+        {"use_wandb": True, "wandb_mode": "online", "wandb_project": "p"},
+        {"eval_every": 10, "eval_episodes_per_task": 2},
+    ):
         sc = _train_sc(demo_config, **over)
         assert sc["train"][next(iter(over))] == next(iter(over.values()))  # still in the file for the job
         assert (config_id(sc), sc["run_id"]) == (config_id(ref), ref["run_id"]), over
@@ -208,7 +262,9 @@ def test_non_semantic_keys_change_neither_the_config_id_nor_the_run_id(demo_conf
 
 def test_max_steps_changes_the_config_id_but_not_the_run_id_under_a_constant_lr(demo_config):
     ref = _train_sc(demo_config, lr_schedule="constant", warmup_steps=2)
-    more = _train_sc(demo_config, lr_schedule="constant", warmup_steps=2, max_steps=ref["train"]["max_steps"] * 2)
+    more = _train_sc(
+        demo_config, lr_schedule="constant", warmup_steps=2, max_steps=ref["train"]["max_steps"] * 2
+    )
     assert config_id(more) != config_id(ref)  # the job reruns ...
     assert more["run_id"] == ref["run_id"]  # ... and continues in the same checkpoint directory
     cos = _train_sc(demo_config, lr_schedule="cosine")
@@ -262,7 +318,9 @@ def test_raising_max_steps_continues_from_the_old_target(world, caplog):
     segs = _segments(raised)
     assert [(g["from_step"], g["to_step"]) for g in segs] == [(0, 4), (4, 7)]
     assert _steps_logged(raised) == [1, 2, 3, 4, 5, 6, 7]
-    assert (Path(raised["out_dir"]) / "metrics.jsonl").read_text().startswith(logged_at_4)  # 1..4 kept, not redone
+    assert (
+        (Path(raised["out_dir"]) / "metrics.jsonl").read_text().startswith(logged_at_4)
+    )  # 1..4 kept, not redone
     assert res["steps"] == 7
     a, b = run_adapter(direct), run_adapter(raised)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
@@ -304,15 +362,24 @@ def test_periodic_eval_without_early_stopping_changes_no_step(world, monkeypatch
         return 0.5
 
     root, cache, model = world
-    base = base_stage(root, cache, model, lr=5e-3, save_steps=100, max_steps=6,
-                      lora={"r": 4, "alpha": 8, "dropout": 0.3, "targets": ["attn", "mlp"], "layers": "all"})
+    base = base_stage(
+        root,
+        cache,
+        model,
+        lr=5e-3,
+        save_steps=100,
+        max_steps=6,
+        lora={"r": 4, "alpha": 8, "dropout": 0.3, "targets": ["attn", "mlp"], "layers": "all"},
+    )
     plain = _run(base, "plain_eval0")
     loop.run_training(plain)
     evald = _run(base, "with_eval", eval_every=2)
     evald["periodic_eval"] = {"suite": "toy"}
     loop.run_training(evald, evaluator=noisy_eval)
-    assert any("eval_success_rate" in json.loads(x)
-               for x in (Path(evald["out_dir"]) / "metrics.jsonl").read_text().splitlines())
+    assert any(
+        "eval_success_rate" in json.loads(x)
+        for x in (Path(evald["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+    )
     a, b = run_adapter(plain), run_adapter(evald)
     assert all((a[k] == b[k]).all() for k in a)
 
@@ -330,13 +397,18 @@ def test_early_stopping_resumes_with_its_patience_count(world, monkeypatch):
         return 0.6 - 0.1 * len(calls)
 
     root, cache, model = world
-    base = base_stage(root, cache, model, lr=5e-3, save_steps=5, max_steps=12, eval_every=2,
-                      early_stopping_patience=2)
+    base = base_stage(
+        root, cache, model, lr=5e-3, save_steps=5, max_steps=12, eval_every=2, early_stopping_patience=2
+    )
     plain = _run(base, "es_plain")
     plain["periodic_eval"] = {"suite": "toy"}
-    assert loop.run_training(plain, evaluator=evaluator)["steps"] == 6  # best 0.5 at 2, no improvement at 4 and 6
+    assert (
+        loop.run_training(plain, evaluator=evaluator)["steps"] == 6
+    )  # best 0.5 at 2, no improvement at 4 and 6
     calls.clear()
     killed = _run(base, "es_killed")
     killed["periodic_eval"] = {"suite": "toy"}
-    assert loop.run_training(killed, stop_after=5, evaluator=evaluator) == {"stopped_at": 5}  # checkpoint at 5, after eval 2
+    assert loop.run_training(killed, stop_after=5, evaluator=evaluator) == {
+        "stopped_at": 5
+    }  # checkpoint at 5, after eval 2
     assert loop.run_training(killed, evaluator=evaluator)["steps"] == 6

@@ -46,9 +46,7 @@ def test_non_cache_stage_modules_do_not_import_tensorflow(tmp_path, python):
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
         "PATH": "/usr/bin:/bin",
     }
-    out = subprocess.run(
-        [exe, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    out = subprocess.run([exe, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
 

@@ -10,8 +10,13 @@ from vlaforget.models.base import VLABackend
 from vlaforget.models.prompts import encode_action_prompt
 from vlaforget.models.tiny import TinyBackend, random_tiny_backend
 
-INSTR = ["open the drawer", "press the red button on the table now", "close the door", "push",
-         "pick up the puck and place it on the shelf"]
+INSTR = [
+    "open the drawer",
+    "press the red button on the table now",
+    "close the door",
+    "push",
+    "pick up the puck and place it on the shelf",
+]
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -27,7 +32,8 @@ def test_cached_decoding_equals_uncached(seed):
     assert all(len(c) == 7 for c in cached)
     words = slice(0, b.action_tokenizer.begin)
     assert TinyBackend._greedy(b, prompts, pv, 5, words, True, None) == VLABackend._greedy(
-        b, prompts, pv, 5, words, True, None)
+        b, prompts, pv, 5, words, True, None
+    )
 
 
 def test_predict_actions_batched_equals_one_by_one():

@@ -13,16 +13,29 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-PKG = Path(os.environ.get("VLAFORGET_LAYERING_PKG", Path(__file__).resolve().parents[1] / "src" / "vlaforget"))
+PKG = Path(
+    os.environ.get("VLAFORGET_LAYERING_PKG", Path(__file__).resolve().parents[1] / "src" / "vlaforget")
+)
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "semantics"),  # user-facing error types; which stage-config keys ids cover: import nothing of vlaforget
+    (
+        "errors",
+        "semantics",
+    ),  # user-facing error types; which stage-config keys ids cover: import nothing of vlaforget
     ("io", "paths", "jobs"),  # files, logging, locks; the data-root policy and layout; job environments
-    ("freshness", "gpus", "codedeps"),  # completion stamps and input checks; the GPU slot allocator; import closures (code hashes)
+    (
+        "freshness",
+        "gpus",
+        "codedeps",
+    ),  # completion stamps and input checks; the GPU slot allocator; import closures (code hashes)
     ("envs",),  # simulators: Meta-World, LIBERO
     ("data",),  # RLDS, caches, splits, demos, VQA, probe-set loading
     ("validation",),  # config checks made at config time (reads data's split rule)
-    ("settings", "config", "study"),  # typed stage-config blocks; the study config, stage configs; the study grid
+    (
+        "settings",
+        "config",
+        "study",
+    ),  # typed stage-config blocks; the study config, stage configs; the study grid
     ("models",),  # backends (tiny, OpenVLA), the action tokenizer, features of a forward
     ("methods",),  # ICSM, HSW, Thermostat, CRaFT: the method maths
     ("train",),  # the training loop and its plug-ins, pretraining, checkpoints
@@ -75,8 +88,11 @@ def imports(pkg: Path = PKG) -> list[tuple[str, str, str, int]]:
 
 
 def upward(edges) -> list[str]:
-    return [f"{file}:{line}: {a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
-            for a, b, file, line in edges if LAYER[b] > LAYER[a]]
+    return [
+        f"{file}:{line}: {a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
+        for a, b, file, line in edges
+        if LAYER[b] > LAYER[a]
+    ]
 
 
 def cycles(edges) -> list[list[str]]:
@@ -118,9 +134,14 @@ def cycles(edges) -> list[list[str]]:
 
 
 def test_every_package_has_a_layer():
-    names = {p.stem if p.is_file() else p.name for p in PKG.iterdir()
-             if (p.suffix == ".py") or (p.is_dir() and (p / "__init__.py").exists())}
-    assert names - set(LAYER) == set(), "give the new package a layer in tests/test_layering.py (and docs/DEVELOPMENT.md)"
+    names = {
+        p.stem if p.is_file() else p.name
+        for p in PKG.iterdir()
+        if (p.suffix == ".py") or (p.is_dir() and (p / "__init__.py").exists())
+    }
+    assert names - set(LAYER) == set(), (
+        "give the new package a layer in tests/test_layering.py (and docs/DEVELOPMENT.md)"
+    )
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
@@ -131,8 +152,12 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
 def test_no_import_cycle_between_packages():
     edges = imports()
     found = cycles(edges)
-    detail = [f"  {a} -> {b} at {file}:{line}" for comp in found for a, b, file, line in edges
-              if a in comp and b in comp]
+    detail = [
+        f"  {a} -> {b} at {file}:{line}"
+        for comp in found
+        for a, b, file, line in edges
+        if a in comp and b in comp
+    ]
     assert not found, f"import cycles between packages {found}:\n" + "\n".join(detail)
 
 
@@ -147,6 +172,11 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "data" / "probe.py").write_text("def f():\n    from ..methods.icsm import g\n")
     (pkg / "methods" / "icsm.py").write_text("from ..data import probe\n")
     edges = imports(pkg)
-    assert ("data", "methods", "data/probe.py", 2) in edges and ("methods", "data", "methods/icsm.py", 1) in edges
+    assert ("data", "methods", "data/probe.py", 2) in edges and (
+        "methods",
+        "data",
+        "methods/icsm.py",
+        1,
+    ) in edges
     assert upward(edges) == ["data/probe.py:2: data (layer 4) imports methods (layer 8)"]
     assert cycles(edges) == [["data", "methods"]]

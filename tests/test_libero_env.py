@@ -199,6 +199,6 @@ def test_libero_spatial_task5_initial_states_settle(tmp_path):
             assert not done, f"init {k}: the task reports done before the policy acted"
     finally:
         env.close()
-    assert not moved, f"mujoco {mujoco.__version__}: initial states of {env.task} do not settle: " + "; ".join(
-        moved[:6]
+    assert not moved, (
+        f"mujoco {mujoco.__version__}: initial states of {env.task} do not settle: " + "; ".join(moved[:6])
     )

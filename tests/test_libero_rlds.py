@@ -171,8 +171,9 @@ def test_heldout_split_of_a_libero_fixture_covers_every_task(tmp_path):
     tail (openvla's train[:95%]) holds out the last episode(s) only (here one, of one task)."""
     from vlaforget.data.cache import CachedDataset, build_cache, n_train_episodes
 
-    L.write_libero_fixture(tmp_path / "rlds", ("libero_spatial",), n_tasks=3, episodes_per_task=4, steps=8,
-                           seed=1, shards=1)
+    L.write_libero_fixture(
+        tmp_path / "rlds", ("libero_spatial",), n_tasks=3, episodes_per_task=4, steps=8, seed=1, shards=1
+    )
     bdir = resolve_builder_dir(tmp_path / "rlds" / "libero_spatial_no_noops")
     tasks = sorted(L.SUITE_TASKS["libero_spatial"][:3])
     m = build_cache(bdir, tmp_path / "pt", "libero_spatial_no_noops", image_size=16)

@@ -27,7 +27,9 @@ SUITES = ["libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_n
 def _real(tmp_root, *extra):
     """config/config.yaml (+ overlays) with its data paths under the test's allowed root."""
     over = {"data": {"rlds_dir": str(tmp_root.parent / "rlds")}}
-    return vfc.load_config(REPO / "config" / "config.yaml", *(REPO / "config" / e for e in extra), overrides=over)
+    return vfc.load_config(
+        REPO / "config" / "config.yaml", *(REPO / "config" / e for e in extra), overrides=over
+    )
 
 
 def test_chain_run_names_and_previous_stage(tmp_root):
@@ -35,8 +37,12 @@ def test_chain_run_names_and_previous_stage(tmp_root):
     chains = vfc.chain_runs(cfg)
     assert len(chains) == 3 * 3 and all(len(c) == 4 for c in chains)  # methods x seeds, four stages
     first = chains[0]
-    assert first == ["libero_spatial_no_noops__baseline__full__s42", "libero_object_no_noops__baseline__chain2__s42",
-                     "libero_goal_no_noops__baseline__chain3__s42", "libero_10_no_noops__baseline__chain4__s42"]
+    assert first == [
+        "libero_spatial_no_noops__baseline__full__s42",
+        "libero_object_no_noops__baseline__chain2__s42",
+        "libero_goal_no_noops__baseline__chain3__s42",
+        "libero_10_no_noops__baseline__chain4__s42",
+    ]
     assert vfc.chain_previous(cfg, first[0]) is None  # stage 1: from the teacher (the main grid's run)
     for k in range(1, 4):
         assert vfc.chain_previous(cfg, first[k]) == first[k - 1]
@@ -47,14 +53,20 @@ def test_chain_run_names_and_previous_stage(tmp_root):
     # an unchained run's config (and so its run id) is the same with or without the chain
     plain = _real(tmp_root)
     assert "init_adapter" not in vfc.stage_config(cfg, "train", first[0])
-    assert vfc.stage_config(plain, "train", first[0])["run_id"] == vfc.stage_config(cfg, "train", first[0])["run_id"]
+    assert (
+        vfc.stage_config(plain, "train", first[0])["run_id"]
+        == vfc.stage_config(cfg, "train", first[0])["run_id"]
+    )
     with pytest.raises(ConfigError, match="no stage 5"):
         vfc.chain_previous(cfg, "libero_10_no_noops__baseline__chain5__s42")
 
 
 def test_chain_config_errors_name_the_key(tmp_root):
     cfg = _real(tmp_root)
-    bad = {**cfg, "study": {**cfg["study"], "chain": {"suites": ["libero_spatial_no_noops"], "methods": ["baseline"]}}}
+    bad = {
+        **cfg,
+        "study": {**cfg["study"], "chain": {"suites": ["libero_spatial_no_noops"], "methods": ["baseline"]}},
+    }
     with pytest.raises(ConfigError, match="study.chain.suites"):
         vfc.validate(bad)
     bad["study"]["chain"] = {"suites": SUITES[:2], "methods": ["nope"]}
@@ -95,7 +107,9 @@ def test_dryrun_of_the_preset_chains_the_stages_in_order(tmp_path):
     (build,) = [(i, o) for r, i, o in jobs if r == "table_lifelong_build"]
     assert build[1].startswith("results/table_lifelong.csv")
     assert f"--chain-suites {' '.join(SUITES)} " in out
-    assert re.search(r"benchmarks/train/libero_10_no_noops__craft__chain4__s456/\w{12}\.tsv", out)  # GPU rules
+    assert re.search(
+        r"benchmarks/train/libero_10_no_noops__craft__chain4__s456/\w{12}\.tsv", out
+    )  # GPU rules
 
 
 def test_init_from_adapter_carries_the_lora_weights(tmp_path):
@@ -115,6 +129,7 @@ def test_init_from_adapter_carries_the_lora_weights(tmp_path):
             if "lora_" in n:
                 p.add_(torch.randn_like(p))  # "trained"
     prev.save_pretrained(str(tmp_path / "final"))
+
     def lora(m):
         return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
 
@@ -139,10 +154,7 @@ def _evals(M: np.ndarray, suites, method, seed):
 def test_lifelong_table_on_a_hand_computed_matrix(tmp_path):
     suites = ["a", "b", "c"]
     # rows: teacher, after stage 1, 2, 3; columns: suites a, b, c
-    M = np.array([[0.2, 0.1, 0.0],
-                  [0.8, 0.3, 0.1],
-                  [0.5, 0.9, 0.2],
-                  [0.4, 0.6, 0.7]])
+    M = np.array([[0.2, 0.1, 0.0], [0.8, 0.3, 0.1], [0.5, 0.9, 0.2], [0.4, 0.6, 0.7]])
     # curves (before, final): a [0.2, 0.8], b [0.3, 0.9], c [0.2, 0.7]
     # FWT_k = mean of the clamped curve: 0.5, 0.6, 0.45 -> FWT = 1.55 / 3
     # NBT_1 = ((0.8-0.5) + (0.8-0.4)) / 2 = 0.35, NBT_2 = 0.9-0.6 = 0.3 -> NBT = 0.325
@@ -170,15 +182,22 @@ def test_lifelong_table_on_a_hand_computed_matrix(tmp_path):
     md = LL.to_markdown(rows, suites)
     assert "| stage 2 (b) | 0.550 | 0.950 | 0.250 |" in md  # mean of M and M + 0.1, row 2
     with pytest.raises(LL.LifelongInputError, match="every chain suite"):
-        LL.build({k: v for k, v in evals.items() if k != "c__baseline__chain3__s1"}
-                 | {"c__baseline__chain3__s1": {"suites": {"a": 0.1}, "forgetting": None}}, suites)
+        LL.build(
+            {k: v for k, v in evals.items() if k != "c__baseline__chain3__s1"}
+            | {"c__baseline__chain3__s1": {"suites": {"a": 0.1}, "forgetting": None}},
+            suites,
+        )
 
 
 def test_lifelong_table_reads_periodic_evals(tmp_path):
     run_dir = tmp_path / "b__baseline__chain2__s0"
     run_dir.mkdir()
-    recs = [{"step": 2, "loss": 1.0}, {"step": 4, "eval_success_rate": 0.4}, {"step": 8, "eval_success_rate": 0.6},
-            {"step": 4, "eval_success_rate": 0.5}]  # step 4 logged again after a resume: the last wins
+    recs = [
+        {"step": 2, "loss": 1.0},
+        {"step": 4, "eval_success_rate": 0.4},
+        {"step": 8, "eval_success_rate": 0.6},
+        {"step": 4, "eval_success_rate": 0.5},
+    ]  # step 4 logged again after a resume: the last wins
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert LL.read_periodic(run_dir) == [0.5, 0.6]
     assert LL.read_periodic(tmp_path / "none") == []
@@ -195,10 +214,21 @@ CHAIN_OVERLAY = {
 def test_micro_chained_study_produces_the_matrix_and_metrics(tmp_path):
     wf = copy_workflow(tmp_path / "wf")
     (wf / "config" / "chain_micro.yaml").write_text(yaml.safe_dump(CHAIN_OVERLAY))
-    env = {"VLAFORGET_ROOT": str(tmp_path / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
-           "VLAFORGET_NO_PROGRESS": "1"}
-    args = ["--profile", "profiles/ci", "--configfiles", "config/demo.yaml", "config/ci.yaml",
-            "config/chain_micro.yaml", "--", "table_lifelong"]
+    env = {
+        "VLAFORGET_ROOT": str(tmp_path / "data" / "root"),
+        "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
+        "VLAFORGET_NO_PROGRESS": "1",
+    }
+    args = [
+        "--profile",
+        "profiles/ci",
+        "--configfiles",
+        "config/demo.yaml",
+        "config/ci.yaml",
+        "config/chain_micro.yaml",
+        "--",
+        "table_lifelong",
+    ]
     r = snakemake(args, cwd=wf, env=env, timeout=3000)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
     root = tmp_path / "data" / "root"
@@ -237,16 +267,39 @@ def test_a_chain_stage_trains_on_from_the_previous_adapter_with_the_teachers_cal
 
     from vlaforget.train.loop import run_training
 
-    thermo = {"hsw": {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token",
-                      "eps": 1e-12, "use_sensitivity_order": True},
-              "thermostat": {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2,
-                             "probe_batch": 24, "warmup_measurements": 2,
-                             "metric": "basis", "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0,
-                             "gamma_max": 1.0, "beta_min": 0.2, "beta_max": 1.0, "smoothing": 0.0}}
+    thermo = {
+        "hsw": {
+            "enabled": True,
+            "groups": "icsm",
+            "beta": 1.0,
+            "gamma": 1.0,
+            "clamp": "per_token",
+            "eps": 1e-12,
+            "use_sensitivity_order": True,
+        },
+        "thermostat": {
+            "enabled": True,
+            "law": "calibrated",
+            "estimator": "full",
+            "every": 2,
+            "probe_batch": 24,
+            "warmup_measurements": 2,
+            "metric": "basis",
+            "threshold_sigmas": 0.0,
+            "gain": 50.0,
+            "gamma_min": 0.0,
+            "gamma_max": 1.0,
+            "beta_min": 0.2,
+            "beta_max": 1.0,
+            "smoothing": 0.0,
+        },
+    }
     root, cache, model = teacher_world(tmp_path_factory, "chain")
 
     def stage(name, **over):
-        sc = base_stage(root, cache, model, method_name="icsm_hsw_thermostat", method=thermo, max_steps=8, lr=5e-3)
+        sc = base_stage(
+            root, cache, model, method_name="icsm_hsw_thermostat", method=thermo, max_steps=8, lr=5e-3
+        )
         return clone(sc, out_dir=str(root / "runs" / name), run_id=f"{name}-id", **over)
 
     first = stage("s1")
@@ -255,12 +308,16 @@ def test_a_chain_stage_trains_on_from_the_previous_adapter_with_the_teachers_cal
     chained, fresh = stage("s2", init_adapter=prev), stage("s2_fresh")
     run_training(chained)
     run_training(fresh)
+
     def calib(sc):
         return next(r["thermostat_calibration_d"] for r in run_metrics(sc) if "thermostat_calibration_d" in r)
 
     assert calib(chained) == calib(fresh)  # the noise floor of the teacher, not of the chained student
+
     def loss(sc):
         return [r["train_loss"] for r in run_metrics(sc) if "train_loss" in r]
 
     assert loss(chained)[0] < loss(fresh)[0]  # it starts where stage 1 left off
-    assert any(not torch.equal(a, b) for a, b in zip(run_adapter(chained).values(), run_adapter(first).values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(run_adapter(chained).values(), run_adapter(first).values())
+    )

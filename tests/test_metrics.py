@@ -40,6 +40,7 @@ def test_linear_cka_properties():
     # matches the HSIC definition: tr(K_X H K_Y H) / sqrt(tr(K_X H K_X H) tr(K_Y H K_Y H))
     H = torch.eye(200, dtype=torch.float64) - 1.0 / 200
     Kx, Ky = X.double() @ X.double().T, Y.double() @ Y.double().T
+
     def hs(A, B):
         return torch.trace(A @ H @ B @ H)
 
@@ -186,8 +187,17 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
         layers={la: SimpleNamespace(U=torch.linalg.qr(I.covariance(pooled[la]))[0][:, :4]) for la in layers},
     )
     monkeypatch.setattr(I, "load_icsm", lambda d, map_location="cpu": art)
-    qa = [{"image": s["image"], "question": "what is open", "answer": "drawer", "kind": "scene",
-           "category": "scene", "candidates": ["drawer", "door", "button"]} for s in ds[:6]]
+    qa = [
+        {
+            "image": s["image"],
+            "question": "what is open",
+            "answer": "drawer",
+            "kind": "scene",
+            "category": "scene",
+            "candidates": ["drawer", "door", "button"],
+        }
+        for s in ds[:6]
+    ]
     monkeypatch.setattr(forgetting_stage, "vqa_from_caches", lambda blocks, n, seed=0, camera="corner3": qa)
 
     cfg = peft_cfg = LoraConfig(
@@ -227,7 +237,9 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     assert r["drift"]["7"]["basis"] is not None and r["vqa_accuracy_teacher"] == t["vqa_accuracy"]
     # multiple-choice scoring: the same questions, candidate log-likelihoods
     assert t["vqa_mc"]["n"] == 6 and t["vqa_mc_kl"] == pytest.approx(0.0, abs=1e-9)
-    assert t["vqa_mc_accuracy"] == t["vqa_mc_accuracy_teacher"] and t["vqa_mc"]["chance"] == pytest.approx(1 / 3)
+    assert t["vqa_mc_accuracy"] == t["vqa_mc_accuracy_teacher"] and t["vqa_mc"]["chance"] == pytest.approx(
+        1 / 3
+    )
     assert r["vqa_mc_kl"] > 1e-6 and r["vqa_mc_accuracy_teacher"] == t["vqa_mc_accuracy"]
     assert set(r["vqa_mc"]["by_category"]) == {"scene"}
     # drift / CKA at the layer CRaFT constrains (craft.layer default −2 -> decoder layer L−2)
@@ -235,7 +247,9 @@ def test_forgetting_stage_teacher_and_adapter(tmp_root, monkeypatch):
     for o in (t, r):
         assert o["craft_layer"]["craft_layer"] == -2 and o["craft_layer"]["decoder_layer"] == L - 2
         assert set(o["craft_layer"]["by_pooling"]) == {"mean_instruction_tokens", "mean_image_tokens"}
-    assert t["drift_craft_layer"] == pytest.approx(0.0, abs=1e-9) and t["cka_craft_layer"] == pytest.approx(1.0)
+    assert t["drift_craft_layer"] == pytest.approx(0.0, abs=1e-9) and t["cka_craft_layer"] == pytest.approx(
+        1.0
+    )
     assert t["drift_craft_layer_image"] == pytest.approx(0.0, abs=1e-9)
     assert t["cka_craft_layer_image"] == pytest.approx(1.0)
     assert r["drift_craft_layer"] > 1e-3 and r["cka_craft_layer"] < 1 - 1e-6
@@ -294,7 +308,9 @@ def test_libero_lifelong_metrics_by_hand():
     # the first of equal peaks is kept: [.5, .2, .5, .1] -> [.5, .5, .5, .5]
     assert libero_lifelong_metrics([[0.5, 0.2, 0.5, 0.1]], [[0.0]])["fwt"] == pytest.approx(0.5)
     one = libero_lifelong_metrics([[0.3, 0.5, 0.4]], [[0.0]])  # clamped: [.3, .5, .5]
-    assert one["nbt"] is None and one["auc"] == pytest.approx(1.3 / 3) and one["fwt"] == pytest.approx(1.3 / 3)
+    assert (
+        one["nbt"] is None and one["auc"] == pytest.approx(1.3 / 3) and one["fwt"] == pytest.approx(1.3 / 3)
+    )
     with pytest.raises(ValueError, match="3 x 3"):
         libero_lifelong_metrics(curves, [[0]])
     perfect = libero_lifelong_metrics([[1.0]] * 3, np.ones((3, 3)))  # nothing forgotten

@@ -88,8 +88,15 @@ def gradscale(monkeypatch):
 def _stage(world, name, factor=None, **train):
     root, cache, model = world
     method = None if factor is None else {"gradscale": {"enabled": True, "factor": factor}}
-    sc = base_stage(root, cache, model, method_name="gradscale" if method else "baseline", method=method,
-                    loss_check_min_steps=100, **train)
+    sc = base_stage(
+        root,
+        cache,
+        model,
+        method_name="gradscale" if method else "baseline",
+        method=method,
+        loss_check_min_steps=100,
+        **train,
+    )
     return clone(sc, out_dir=str(Path(sc["out_dir"]).parent / name), run_id=f"{name}-id")
 
 
@@ -141,8 +148,9 @@ def test_loop_names_no_method_and_plugins_touch_no_other():
     assert not re.search(r"plugins(\.get)?\s*[\[(]\s*['\"]|['\"]\w+['\"]\s+(not\s+)?in\s+plugins", body)
     for f in sorted((SRC / "plugins").glob("*.py")):
         text = f.read_text()
-        assert not re.search(r"ctx\.plugins(\.get)?\s*[\[(]\s*['\"]|['\"]\w+['\"]\s+(not\s+)?in\s+self\.ctx\.plugins",
-                             text), f.name
+        assert not re.search(
+            r"ctx\.plugins(\.get)?\s*[\[(]\s*['\"]|['\"]\w+['\"]\s+(not\s+)?in\s+self\.ctx\.plugins", text
+        ), f.name
 
 
 def test_hsw_reads_gains_posted_to_the_context_and_stands_aside_in_a_side_pass():

@@ -41,22 +41,35 @@ def _checkout(dest: Path, *overlays: str) -> Path:
 
 
 def _files(wf: Path) -> list[str]:
-    return ["--profile", "profiles/ci", "--configfiles", "config/demo.yaml", "config/ci.yaml", "config/small.yaml"]
+    return [
+        "--profile",
+        "profiles/ci",
+        "--configfiles",
+        "config/demo.yaml",
+        "config/ci.yaml",
+        "config/small.yaml",
+    ]
 
 
 def _expected_train_id(wf: Path, env: dict) -> str:
     """The config id this checkout's own library gives the run (whatever the layout)."""
-    code = ("import sys; from vlaforget.config import load_config, stage_config; from vlaforget.io import config_id; "
-            "cfg = load_config('config/config.yaml', 'config/demo.yaml', 'config/ci.yaml', 'config/small.yaml'); "
-            f"print(config_id(stage_config(cfg, 'train', '{RUN}')))")
+    code = (
+        "import sys; from vlaforget.config import load_config, stage_config; from vlaforget.io import config_id; "
+        "cfg = load_config('config/config.yaml', 'config/demo.yaml', 'config/ci.yaml', 'config/small.yaml'); "
+        f"print(config_id(stage_config(cfg, 'train', '{RUN}')))"
+    )
     e = {**os.environ, **env, "PYTHONPATH": str(wf / "src")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=wf, env=e, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=wf, env=e, capture_output=True, text=True, check=True
+    )
     return r.stdout.strip()
 
 
 def _ids_of_run(root: Path) -> set[str]:
     """Config ids recorded by every finished training of RUN under the root, wherever it lies."""
-    return {json.loads(p.read_text()).get("config_id") for p in (root / "runs" / RUN).rglob("final/done.json")}
+    return {
+        json.loads(p.read_text()).get("config_id") for p in (root / "runs" / RUN).rglob("final/done.json")
+    }
 
 
 def _nothing_to_do(r) -> bool:
@@ -67,8 +80,11 @@ def _nothing_to_do(r) -> bool:
 
 
 def _env(tmp_path: Path) -> dict:
-    return {"VLAFORGET_ROOT": str(tmp_path / "data" / "root"), "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
-            "VLAFORGET_SKIP_PREFLIGHT": "1"}
+    return {
+        "VLAFORGET_ROOT": str(tmp_path / "data" / "root"),
+        "VLAFORGET_ALLOWED_ROOT": str(tmp_path / "data"),
+        "VLAFORGET_SKIP_PREFLIGHT": "1",
+    }
 
 
 @pytest.mark.slow
@@ -120,9 +136,16 @@ def test_two_drivers_on_one_root_never_exit_0_with_another_configs_run(tmp_path)
     e = {**os.environ, **env, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     procs = []
     for wf in (a, b):
-        procs.append(subprocess.Popen([sys.executable, "-m", "snakemake", *TRAIN, *_files(wf)], cwd=wf,
-                                      env={**e, "PYTHONPATH": str(wf / "src")}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "snakemake", *TRAIN, *_files(wf)],
+                cwd=wf,
+                env={**e, "PYTHONPATH": str(wf / "src")},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         time.sleep(3)
     rcs = [p.wait(timeout=900) for p in procs]
     for wf, rc, want in ((a, rcs[0], ida), (b, rcs[1], idb)):
@@ -137,7 +160,9 @@ def test_two_drivers_on_one_root_never_exit_0_with_another_configs_run(tmp_path)
 def _ci_cfg(**over):
     from vlaforget.config import deep_merge, load_config
 
-    cfg = load_config(*(Path(__file__).parents[1] / "config" / f for f in ("config.yaml", "demo.yaml", "ci.yaml")))
+    cfg = load_config(
+        *(Path(__file__).parents[1] / "config" / f for f in ("config.yaml", "demo.yaml", "ci.yaml"))
+    )
     return deep_merge(cfg, over)
 
 
@@ -153,7 +178,10 @@ def test_every_output_path_holds_its_config_id(tmp_root):
         assert cid in Path(job_output(cfg, stage, key)).name
         changed = config_id(stage_config(cfg3, stage, key)) != cid
         # lora.r changes the runs and what reads them, never the teacher's artifacts
-        assert changed == (stage in ("train", "eval", "forgetting") and not key.startswith("teacher")), (stage, key)
+        assert changed == (stage in ("train", "eval", "forgetting") and not key.startswith("teacher")), (
+            stage,
+            key,
+        )
     sc = stage_config(cfg, "train", RUN)
     f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
     f.parent.mkdir(parents=True)
@@ -167,7 +195,10 @@ def test_a_job_refuses_a_stage_config_that_is_not_the_id_its_path_names(tmp_root
     from vlaforget.config import ConfigError, load_stage_config, stage_config, stage_config_text
     from vlaforget.io import config_id
 
-    a, b = stage_config(_ci_cfg(), "train", RUN), stage_config(_ci_cfg(train={"lora": {"r": 3}}), "train", RUN)
+    a, b = (
+        stage_config(_ci_cfg(), "train", RUN),
+        stage_config(_ci_cfg(train={"lora": {"r": 3}}), "train", RUN),
+    )
     f = tmp_root / "configs" / "train" / RUN / f"{config_id(a)}.yaml"
     f.parent.mkdir(parents=True)
     f.write_text(stage_config_text(b))  # FAULT: B's config at A's path
@@ -242,8 +273,12 @@ def _touched_root(tmp_path, wf, env, files) -> None:
 
 def _snapshot(*dirs: Path) -> dict:
     """Every file (mtime, bytes) and folder below dirs (a folder's mtime changes with its entries)."""
-    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
-            for d in dirs for p in d.rglob("*") if ".snakemake" not in p.parts}
+    return {
+        str(p): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
+        for d in dirs
+        for p in d.rglob("*")
+        if ".snakemake" not in p.parts
+    }
 
 
 def test_parsing_the_workflow_writes_nothing(tmp_path):
@@ -283,8 +318,14 @@ def test_an_overlay_run_for_one_target_changes_nothing_other_jobs_read(tmp_path)
     assert [k for k in after if k not in before and k.endswith(".yaml")] in ([target], [])
 
 
-CONFIGS = [["config.yaml"], ["config.yaml", "demo.yaml"], ["config.yaml", "demo.yaml", "ci.yaml"],
-           ["config.yaml", "lifelong_libero.yaml"], ["config.yaml", "pilot.yaml"], ["config.yaml", "rehearsal.yaml"]]
+CONFIGS = [
+    ["config.yaml"],
+    ["config.yaml", "demo.yaml"],
+    ["config.yaml", "demo.yaml", "ci.yaml"],
+    ["config.yaml", "lifelong_libero.yaml"],
+    ["config.yaml", "pilot.yaml"],
+    ["config.yaml", "rehearsal.yaml"],
+]
 
 
 @pytest.mark.slow
@@ -326,7 +367,9 @@ def test_a_symlink_out_of_the_allowed_root_is_refused_before_any_job(tmp_root, t
     import io as _io
 
     rep = disk.report(_ci_cfg(), scan_dir=tmp_path / "nothing", out=_io.StringIO())
-    assert not rep["ok"] and any("is a symlink to" in p and "outside the allowed root" in p for p in rep["problems"])
+    assert not rep["ok"] and any(
+        "is a symlink to" in p and "outside the allowed root" in p for p in rep["problems"]
+    )
 
 
 def test_preflight_checks_the_tiny_teachers_pretraining_dataset(tmp_root):
@@ -335,8 +378,14 @@ def test_preflight_checks_the_tiny_teachers_pretraining_dataset(tmp_root):
 
     rlds = tmp_root.parent / "rlds"
     conf = Path(__file__).parents[1] / "config"
-    cfg = load_config(conf / "config.yaml", conf / "rehearsal.yaml", overrides={  # the tiny teacher on LIBERO
-        "data": {"fixture": None, "rlds_dir": str(rlds)}, "model": {"pretrain": {"dataset": "libero_90_no_noops"}}})
+    cfg = load_config(
+        conf / "config.yaml",
+        conf / "rehearsal.yaml",
+        overrides={  # the tiny teacher on LIBERO
+            "data": {"fixture": None, "rlds_dir": str(rlds)},
+            "model": {"pretrain": {"dataset": "libero_90_no_noops"}},
+        },
+    )
     for s in suites_all(cfg):
         v = rlds / s / "1.0.0"
         v.mkdir(parents=True)
@@ -431,12 +480,21 @@ def test_migrate_root_moves_an_old_root_once_and_reruns_nothing(tmp_path):
         for k in env:
             os.environ.pop(k, None)
     assert not rep["kept"], rep["kept"]
-    assert not rep["absent"] and len(rep["moved"]) >= 15 and not (root / "runs" / "mw_downstream__craft__full__s42" / "final").exists()
-    r = snakemake(["-n", "--configfiles", *(f"config/{f.name}" for f in files[1:]), "--profile", "profiles/ci"],
-                  cwd=wf, env=env)
+    assert (
+        not rep["absent"]
+        and len(rep["moved"]) >= 15
+        and not (root / "runs" / "mw_downstream__craft__full__s42" / "final").exists()
+    )
+    r = snakemake(
+        ["-n", "--configfiles", *(f"config/{f.name}" for f in files[1:]), "--profile", "profiles/ci"],
+        cwd=wf,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     planned = set(re.findall(r"^(?:local)?rule (\w+):", r.stdout, re.MULTILINE))
-    assert planned <= {"table_main_build", "table_fewshot_build", "table_ablation_build", "figures", "all"}, planned
+    assert planned <= {"table_main_build", "table_fewshot_build", "table_ablation_build", "figures", "all"}, (
+        planned
+    )
     again = migrate.migrate(load_config(*files)) if os.environ.update(env) is None else None
     for k in env:
         os.environ.pop(k, None)
@@ -501,8 +559,18 @@ def test_a_checkpoint_with_flipped_bytes_is_not_resumed_from(tmp_path, caplog):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (2, 4):
-        ckpt.save(tmp_path, step, skipped=0, model=model, optimizer=opt, scheduler=sched, scaler=None,
-                  sampler=Sampler(), plugins={}, aug_gen=torch.Generator())
+        ckpt.save(
+            tmp_path,
+            step,
+            skipped=0,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            scaler=None,
+            sampler=Sampler(),
+            plugins={},
+            aug_gen=torch.Generator(),
+        )
     newest = tmp_path / "step_00000004" / "state.pt"
     _flip(newest)
     path, state = ckpt.load_latest(tmp_path)

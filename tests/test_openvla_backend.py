@@ -84,8 +84,14 @@ def _llama_like_tokenizer():
     (vlaforget.models.openvla_tiny), trained on this test's instructions."""
     from vlaforget.models.openvla_tiny import llama_like_tokenizer
 
-    return llama_like_tokenizer(("pick up the black bowl", "open the top drawer", "Put the cream cheese in the bowl",
-                                 "what is on the table"))
+    return llama_like_tokenizer(
+        (
+            "pick up the black bowl",
+            "open the top drawer",
+            "Put the cream cheese in the bowl",
+            "what is on the table",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +341,16 @@ def test_the_users_all_linear_lora_is_the_recipes_targets_and_loads_as_init_adap
     from vlaforget.train.init_adapter import check_and_load, lora_modules
     from vlaforget.train.loop import apply_lora
 
-    user = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=min(2, 16), lora_dropout=0.0,
-                                                    target_modules="all-linear", init_lora_weights="gaussian"))
+    user = get_peft_model(
+        backend.model,
+        LoraConfig(
+            r=2,
+            lora_alpha=min(2, 16),
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights="gaussian",
+        ),
+    )
     user.save_pretrained(str(tmp_path / "user_adapter"))
     user.unload()
     theirs = lora_modules(load_file(str(tmp_path / "user_adapter" / "adapter_model.safetensors")))
@@ -376,26 +390,42 @@ def test_hsw_flow_down_reaches_vision_and_lower_layers(backend, checkpointing):
     beta, gamma = 0.5, 0.2
     grad_flags = {n: p.requires_grad for n, p in backend.model.named_parameters()}
     torch.manual_seed(0)
-    pm = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
-                                                  target_modules=backend.lora_targets(["attn", "mlp", "vision",
-                                                                                       "projector"])))
+    pm = get_peft_model(
+        backend.model,
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=backend.lora_targets(["attn", "mlp", "vision", "projector"]),
+        ),
+    )
     try:
         for n, p in pm.named_parameters():
             p.requires_grad_("lora_" in n)
             if "lora_B" in n:
                 with torch.no_grad():
                     p.normal_(0, 0.05)
-        q, _ = torch.linalg.qr(torch.randn(backend.hidden_size, 8, generator=torch.Generator().manual_seed(1)))
+        q, _ = torch.linalg.qr(
+            torch.randn(backend.hidden_size, 8, generator=torch.Generator().manual_seed(1))
+        )
         basis = (q[:, :2], q[:, 2:6])
         bases = {2: basis, 3: basis}
         batch = backend.collate(_samples())
         expect, hooks, _, _ = _expected(backend, pm, batch, bases, beta, gamma)
         plain = _plain_backward(backend, pm, batch)
         if checkpointing:
-            backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backend.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             pm.train()
-        ctx = TrainContext(backend=backend, model=pm, device=torch.device("cpu"), stage_cfg={},
-                           trainable=_named(pm), autocast=lambda: torch.autocast("cpu", enabled=False))
+        ctx = TrainContext(
+            backend=backend,
+            model=pm,
+            device=torch.device("cpu"),
+            stage_cfg={},
+            trainable=_named(pm),
+            autocast=lambda: torch.autocast("cpu", enabled=False),
+        )
         plug = HSWPlugin(ctx, {"beta": beta, "gamma": gamma}, View(bases))
         try:
             pm.zero_grad(set_to_none=True)
@@ -408,8 +438,11 @@ def test_hsw_flow_down_reaches_vision_and_lower_layers(backend, checkpointing):
         assert any("fused_featurizer" in n for n in below) and any(".layers.0." in n for n in below)
         for n in got:  # float32 sums in another order: relative to the tensor's norm
             assert float((got[n] - expect[n]).norm()) <= 1e-4 * float(expect[n].norm()) + 1e-12, n
-        assert all(float((plain[n] - expect[n]).norm()) > 1e-2 * float(expect[n].norm()) for n in below
-                   if float(expect[n].norm()) > 0)  # not the baseline's gradient
+        assert all(
+            float((plain[n] - expect[n]).norm()) > 1e-2 * float(expect[n].norm())
+            for n in below
+            if float(expect[n].norm()) > 0
+        )  # not the baseline's gradient
         for l, h in hooks.items():
             assert logs[f"hsw_L{l}_gprime_norm"] == pytest.approx(float(h["gprime"].norm()), rel=1e-4)
             assert logs[f"hsw_L{l}_gprime_norm"] <= logs[f"hsw_L{l}_g_norm"]

@@ -17,9 +17,16 @@ from vlaforget.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 TABLE = {  # round numbers so the expected values can be computed by hand
-    "train": {"gpu": "h200", "micro_s": {2: 0.5, 16: 1.0}, "method_factor": {"baseline": 1.0, "method": 1.1, "craft": 2.0}},
+    "train": {
+        "gpu": "h200",
+        "micro_s": {2: 0.5, 16: 1.0},
+        "method_factor": {"baseline": 1.0, "method": 1.1, "craft": 2.0},
+    },
     "policy": {"gpu": "h100", "call_ms": 100.0, "ms_per_sample": 10.0},
-    "libero_env_ms": 20.0, "eval_startup_s": 40.0, "probe_icsm_s": 60.0, "job_startup_s": 100.0,
+    "libero_env_ms": 20.0,
+    "eval_startup_s": 40.0,
+    "probe_icsm_s": 60.0,
+    "job_startup_s": 100.0,
 }
 
 
@@ -66,14 +73,17 @@ def test_train_and_eval_hours_by_hand():
     c["train"]["nproc"] = 4  # DDP: every GPU is busy for the whole run
     assert plan.train_hours(c, run_b, "h200", TABLE) == pytest.approx(4 * (1000 * 2 * 1.0 + 100) / 3600)
     assert plan.train_hours(c, run_b, "h200", TABLE, measured_step={"baseline": 3.0}) == pytest.approx(
-        4 * (1000 * 3.0 + 100) / 3600)
+        4 * (1000 * 3.0 + 100) / 3600
+    )
     # eval: libero_spatial = 10 tasks x 50 episodes, cap 220, 10 wait steps, 8 envs -> 63 waves
     c["eval"]["num_envs"] = 8
     call = (100 + 10 * 8) / 1000  # on the H100 the policy was measured on
     want = (63 * (220 * (call + 0.02) + 10 * 0.02) + 40 + 100) / 3600
     assert plan.eval_hours(c, "libero_spatial_no_noops", "h100", TABLE) == pytest.approx(want)
     half = (63 * (110 * (call + 0.02) + 10 * 0.02) + 40 + 100) / 3600
-    assert plan.eval_hours(c, "libero_spatial_no_noops", "h100", TABLE, step_fraction=0.5) == pytest.approx(half)
+    assert plan.eval_hours(c, "libero_spatial_no_noops", "h100", TABLE, step_fraction=0.5) == pytest.approx(
+        half
+    )
 
 
 def test_total_and_wall_clock():
@@ -90,7 +100,11 @@ def test_total_and_wall_clock():
 
 def test_read_profile():
     assert plan.read_profile(REPO / "profiles" / "4090") == {
-        "name": "4090", "configfiles": ["config/profile_4090.yaml"], "gpus": 1, "gpu_model": "rtx4090"}
+        "name": "4090",
+        "configfiles": ["config/profile_4090.yaml"],
+        "gpus": 1,
+        "gpu_model": "rtx4090",
+    }
     v = plan.read_profile(REPO / "profiles" / "v100x8")
     assert v["gpus"] == 8 and v["gpu_model"] == "v100"
     s = plan.read_profile(REPO / "profiles" / "slurm")
@@ -98,28 +112,50 @@ def test_read_profile():
 
 
 def test_steps_from_runs(tmp_path):
-    for name, method, times in [("a", {"craft": {"enabled": True}}, [9.0, 5.0, 6.0, 7.0]),
-                                ("b", {"hsw": {"enabled": True}}, [9.0, 2.0, 2.0, 3.0])]:
+    for name, method, times in [
+        ("a", {"craft": {"enabled": True}}, [9.0, 5.0, 6.0, 7.0]),
+        ("b", {"hsw": {"enabled": True}}, [9.0, 2.0, 2.0, 3.0]),
+    ]:
         d = tmp_path / name
         d.mkdir()
         (d / "config.yaml").write_text(json.dumps({"method": method}))
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "step_time_s": t}) + "\n"
-                                                 for i, t in enumerate(times)))
+        (d / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "step_time_s": t}) + "\n" for i, t in enumerate(times))
+        )
     assert plan.steps_from_runs(tmp_path, {}) == {"craft": 6.0, "method": 2.0}  # step 1 (start-up) left out
 
 
 def test_plan_cli_prints_rules_and_total(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vlaforget.cli", "plan", "--profile", "profiles/4090",
-                          "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaforget.cli",
+            "plan",
+            "--profile",
+            "profiles/4090",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "81 training runs" in out.stdout and "| **total** |" in out.stdout and "ESTIMATE" in out.stdout
     p = json.loads((tmp_path / "p.json").read_text())
     assert set(p["rules"]) == {"probe+icsm", "craft_anchors", "train", "eval", "forgetting"}
     assert math.isclose(p["total_gpu_hours"], sum(r["gpu_hours"] for r in p["rules"].values()), abs_tol=0.2)
-    bad = subprocess.run([sys.executable, "-m", "vlaforget.cli", "plan", "--profile", "profiles/slurm"], cwd=REPO,
-                         capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-                         check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vlaforget.cli", "plan", "--profile", "profiles/slurm"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert bad.returncode == 2 and "--gpus" in bad.stderr
 
 
@@ -131,8 +167,13 @@ def test_pilot_is_three_runs_within_a_day_on_a_4090():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlays,target", [(["config/profile_4090.yaml", "config/pilot.yaml"], "results/table_main.csv"),
-                                             (["config/profile_4090.yaml"], "all")])
+@pytest.mark.parametrize(
+    "overlays,target",
+    [
+        (["config/profile_4090.yaml", "config/pilot.yaml"], "results/table_main.csv"),
+        (["config/profile_4090.yaml"], "all"),
+    ],
+)
 def test_plan_counts_the_jobs_snakemake_would_run(tmp_path, overlays, target):
     """The plan's grid is the workflow's: its job counts per rule equal a Snakemake dry run's."""
     from test_workflow_dryrun import copy_workflow, dry
@@ -140,8 +181,10 @@ def test_plan_counts_the_jobs_snakemake_would_run(tmp_path, overlays, target):
     wf = copy_workflow(tmp_path / "wf")
     env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}
     out = dry([target, "--profile", "profiles/4090", "--configfiles", *overlays], wf, env)
-    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats"):], re.MULTILINE))
-    p = plan.make_plan(load_config(REPO / "config" / "config.yaml", *[REPO / o for o in overlays]), "h200", 1, TABLE)
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats") :], re.MULTILINE))
+    p = plan.make_plan(
+        load_config(REPO / "config" / "config.yaml", *[REPO / o for o in overlays]), "h200", 1, TABLE
+    )
     for rule in ("train", "eval", "forgetting", "craft_anchors"):
         assert int(stats[rule]) == p["rules"][rule]["jobs"], rule
     assert int(stats["probe"]) + int(stats["icsm"]) == p["rules"]["probe+icsm"]["jobs"]
@@ -165,8 +208,17 @@ def test_dry_run_summary_of_a_gpu_profile():
     v = cfg("profile_v100x8.yaml")
     t8 = plan.dry_run_summary(v, ["snakemake", "--dry-run", "--profile=profiles/v100x8"], {}, repo=REPO)
     assert f"**{plan.make_plan(v, 'v100', 8)['total_gpu_hours']:.1f}**" in t8 and "v100 x 8" in t8
-    assert plan.dry_run_summary(c, ["snakemake", "-pn"], {"SNAKEMAKE_PROFILE": "profiles/4090"}, repo=REPO) == text
-    assert plan.dry_run_summary(c, ["snakemake", "--profile", "profiles/4090"], {}, repo=REPO) is None  # a real run
-    assert plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/demo"], {}, repo=REPO) is None  # no GPU
-    assert plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/slurm"], {}, repo=REPO) is None  # no gpu=N
+    assert (
+        plan.dry_run_summary(c, ["snakemake", "-pn"], {"SNAKEMAKE_PROFILE": "profiles/4090"}, repo=REPO)
+        == text
+    )
+    assert (
+        plan.dry_run_summary(c, ["snakemake", "--profile", "profiles/4090"], {}, repo=REPO) is None
+    )  # a real run
+    assert (
+        plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/demo"], {}, repo=REPO) is None
+    )  # no GPU
+    assert (
+        plan.dry_run_summary(c, ["snakemake", "-n", "--profile", "profiles/slurm"], {}, repo=REPO) is None
+    )  # no gpu=N
     assert plan.dry_run_summary(c, ["snakemake", "-n"], {}, repo=REPO) is None

@@ -91,8 +91,15 @@ def test_ready_when_everything_is_there(real_cfg, good_stack, libero_ok):
 
 @pytest.mark.parametrize(
     ("version", "ok"),
-    [("3.3.0", True), ("3.3.2", True), ("3.3.3", False), ("3.4.0", False), ("3.9.0", False), ("3.2.7", False),
-     (None, False)],
+    [
+        ("3.3.0", True),
+        ("3.3.2", True),
+        ("3.3.3", False),
+        ("3.4.0", False),
+        ("3.9.0", False),
+        ("3.2.7", False),
+        (None, False),
+    ],
 )
 def test_mujoco_outside_the_validated_range_is_refused(real_cfg, good_stack, libero_ok, version, ok):
     """MuJoCo >= 3.3.3 renders LIBERO's floors darker, >= 3.4.0 breaks libero_spatial task 5 (issue 28)."""
@@ -104,7 +111,7 @@ def test_mujoco_outside_the_validated_range_is_refused(real_cfg, good_stack, lib
         assert rep.problems == [], rep.message()
     else:
         assert len(rep.problems) == 1, rep.message()
-        (w, fix), = rep.problems
+        ((w, fix),) = rep.problems
         assert "mujoco" in w and (version is None or version in w)
         assert "pip install mujoco==3.3.0" in fix
         assert "pip install mujoco==3.3.0" in rep.message()
@@ -299,8 +306,10 @@ def test_the_users_existing_cache_is_read_in_place(tmp_root, good_stack, libero_
     user_cache = allowed / "openvla_icms" / "hf_cache"
     over = {"data": {"rlds_dir": str(allowed / "rlds")}, "model": {"path": "openvla/openvla-7b"}}
     plain = load_config(REPO / "config" / "config.yaml", overrides=over)
-    cfg = load_config(REPO / "config" / "config.yaml",
-                      overrides={**over, "model": {**over["model"], "cache_dir": str(user_cache)}})
+    cfg = load_config(
+        REPO / "config" / "config.yaml",
+        overrides={**over, "model": {**over["model"], "cache_dir": str(user_cache)}},
+    )
     _, snap = hub_cache(user_cache, cfg=cfg)
     rlds(cfg)
     rep = P.preflight(cfg)

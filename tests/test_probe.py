@@ -29,7 +29,9 @@ def test_select_indices_seeded_distinct_sorted():
 
     assert torch.equal(select_anchor_indices(100, 20, 3), a)
     g = torch.Generator().manual_seed(3)  # the selection as the anchors stage wrote it before
-    assert torch.equal(select_anchor_indices(100, 20, 3), torch.sort(torch.randperm(100, generator=g)[:20]).values)
+    assert torch.equal(
+        select_anchor_indices(100, 20, 3), torch.sort(torch.randperm(100, generator=g)[:20]).values
+    )
     assert torch.equal(select_anchor_indices(10, 50, 1), torch.arange(10))
 
 

@@ -84,9 +84,14 @@ def test_rehearsal_generates_and_scores_the_libero_question_set(tmp_path, monkey
     root = str(tmp_path / "data" / "root")
     (manifest,) = planned(out)["libero_vqa"]  # {root}/vqa/libero/{hash of what it is made from}/
     assert re.fullmatch(rf"{root}/vqa/libero/\w+/manifest.json", manifest)
-    assert re.search(r"/\.venv-real/bin/python -m vlaforget\.cli libero-vqa --out \S+/vqa/libero/\w+ "
-                     r"--suites libero_spatial --n 12 --seed 0 --states-per-task 1 --tasks-per-suite 2", out)
-    forgetting = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if b.strip().startswith("rule forgetting:")]
+    assert re.search(
+        r"/\.venv-real/bin/python -m vlaforget\.cli libero-vqa --out \S+/vqa/libero/\w+ "
+        r"--suites libero_spatial --n 12 --seed 0 --states-per-task 1 --tasks-per-suite 2",
+        out,
+    )
+    forgetting = [
+        b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if b.strip().startswith("rule forgetting:")
+    ]
     assert len(forgetting) == len(planned(out)["forgetting"]) >= 2
     assert all(manifest in b.split("output:")[0] for b in forgetting)  # every forgetting job waits for it
     for k, v in env_for(tmp_path).items():
@@ -95,7 +100,9 @@ def test_rehearsal_generates_and_scores_the_libero_question_set(tmp_path, monkey
     assert sc["vqa_jsonl"] == manifest.replace("manifest.json", "questions.jsonl")
     real = yaml.safe_load(CONFIGS[0].read_text())["eval"]["forgetting"]["libero_vqa"]
     reh = yaml.safe_load(CONFIGS[1].read_text())["eval"]["forgetting"]["libero_vqa"]
-    assert set(reh) - set(real) <= {"tasks_per_suite"} and set(reh["suites"]) <= set(real["suites"])  # sizes only
+    assert set(reh) - set(real) <= {"tasks_per_suite"} and set(reh["suites"]) <= set(
+        real["suites"]
+    )  # sizes only
 
 
 # --- the OpenVLA-architecture variant (profiles/rehearsal-openvla, config/rehearsal-openvla.yaml) ---
@@ -142,7 +149,9 @@ def test_openvla_variant_dag_runs_every_real_rule_with_the_openvla_model(tmp_pat
         assert jobs.get(rule), rule
     assert len(trained_runs(out)) == 14
     model_cfgs = tmp_path / "data" / "root" / "configs" / "model" / "openvla-tiny"
-    assert re.search(rf"{model_cfgs}/\w{{12}}\.yaml", out)  # the model stage checks the checkpoint (no pretraining)
+    assert re.search(
+        rf"{model_cfgs}/\w{{12}}\.yaml", out
+    )  # the model stage checks the checkpoint (no pretraining)
 
 
 def test_make_rehearsal_openvla_skips_with_its_reason_without_openvla_code(tmp_path):

@@ -14,8 +14,14 @@ torch.set_num_threads(1)
 def _samples(n=3, size=32, action_dim=4):
     rng = np.random.default_rng(0)
     instr = ["open the drawer", "press the button from the top", "pick up the block"]
-    return [{"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "instruction": instr[i % 3],
-             "action": rng.uniform(-1, 1, action_dim).astype(np.float32)} for i in range(n)]
+    return [
+        {
+            "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "instruction": instr[i % 3],
+            "action": rng.uniform(-1, 1, action_dim).astype(np.float32),
+        }
+        for i in range(n)
+    ]
 
 
 def own_output_pooled(backend, samples, layer):
@@ -24,7 +30,8 @@ def own_output_pooled(backend, samples, layer):
 
     got = {}
     h = backend.decoder_layers()[layer].register_forward_hook(
-        lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o)
+    )
     try:
         batch = backend.collate(samples)
         with torch.no_grad():
@@ -70,8 +77,13 @@ def test_thermostat_measures_in_the_probe_space():
     samples = _samples(4)
     L = be.num_layers
     icsm = SimpleNamespace(rep_layers=[L - 3, L - 1])
-    ctx = SimpleNamespace(backend=be, model=be.model, autocast=lambda: torch.autocast("cpu", enabled=False),
-                          stage_cfg={"train": {"batch_size": 2}}, plugins={})
+    ctx = SimpleNamespace(
+        backend=be,
+        model=be.model,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+        stage_cfg={"train": {"batch_size": 2}},
+        plugins={},
+    )
     th = ThermostatPlugin.__new__(ThermostatPlugin)
     th.ctx, th.icsm, th.samples, th.cfg = ctx, icsm, samples, ThermostatSettings.of({})  # the defaults
     got = th.pooled(list(range(4)))

@@ -28,8 +28,11 @@ def pkg(tmp_path, monkeypatch):
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _configs(old_raw: bytes, new_raw: bytes) -> tuple[dict, dict]:
@@ -57,9 +60,23 @@ def test_a_reformatted_library_is_recognised_through_git_history(pkg):
     _git(pkg.parent, "add", "-A")
     _git(pkg.parent, "commit", "-q", "-m", "old")
     committed = (pkg / REL).read_bytes()
-    subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", "--no-cache", "--isolated",
-                    "--line-length", "60", "--config", "format.quote-style='single'", str(pkg / REL)],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--quiet",
+            "--no-cache",
+            "--isolated",
+            "--line-length",
+            "60",
+            "--config",
+            "format.quote-style='single'",
+            str(pkg / REL),
+        ],
+        check=True,
+    )
     today = (pkg / REL).read_bytes()
     assert today != committed and restamp.legacy_digest(today) != restamp.legacy_digest(committed)
     assert migrate._code_changes(*_configs(committed, today)) == []

@@ -51,7 +51,9 @@ def test_real_study_with_empty_root_schedules_the_tables_despite_stale_copies(tm
     paper = [t.replace(".csv", x) for t in REAL_TABLES for x in (".md", "_paper.md", ".tex", "_stats.csv")]
     assert sorted(tables) == sorted(REAL_TABLES + paper)
     assert jobs.get("figures")
-    assert any(re.search(r"/reports/table_main/\w+\.json$", o) for o in jobs["table"])  # what it was built from
+    assert any(
+        re.search(r"/reports/table_main/\w+\.json$", o) for o in jobs["table"]
+    )  # what it was built from
     # one table by name: also rebuilt for an empty root (a stale file target would be "up to date")
     jobs = planned(dry(["--profile", "profiles/4090", "table_ablation"], wf, env))
     assert "results/table_ablation.csv" in jobs["table"] and "results/table_main.csv" not in jobs["table"]
@@ -76,8 +78,12 @@ def test_file_target_not_built_from_this_root_is_refused_and_nothing_is_moved(tm
     tgt = wf / "results" / "demo" / "table_main.csv"
     tgt.parent.mkdir(parents=True, exist_ok=True)
     tgt.write_text("run,success\nold,1.0\n")
-    r = snakemake(["--profile", "profiles/demo", "--nolock", "results/demo/table_main.csv"], cwd=wf, env=env,
-                  timeout=600)
+    r = snakemake(
+        ["--profile", "profiles/demo", "--nolock", "results/demo/table_main.csv"],
+        cwd=wf,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode != 0 and "ask for the rule target `table_main`" in r.stdout + r.stderr
     assert tgt.read_text() == "run,success\nold,1.0\n" and not list(tgt.parent.glob("*.stale"))
     out = dry(["--profile", "profiles/demo", "table_main"], wf, env)
@@ -96,6 +102,9 @@ def test_embedded_jobs_pin_the_cpu_kernel_family(tmp_path):
     assert shells, out[-2000:]
     for want in ("export ATEN_CPU_CAPABILITY=avx2", "export MKL_CBWR=AVX2", "export DNNL_MAX_CPU_ISA=AVX2"):
         assert all(want in line for line in shells), want
-    real = dry(["--profile", "profiles/4090", "-p", "table_main"], wf,
-               {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""})
+    real = dry(
+        ["--profile", "profiles/4090", "-p", "table_main"],
+        wf,
+        {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""},
+    )
     assert "ATEN_CPU_CAPABILITY" not in real

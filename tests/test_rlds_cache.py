@@ -209,7 +209,9 @@ def test_iter_episodes_reads_a_libero_layout(tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     eps = _episodes(n=20, tasks=("t-a", "t-b", "t-c", "t-d"), size=16, seed=3)
-    write_cache(eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95, transform="metaworld", heldout="tail")
+    write_cache(
+        eps, tmp_path / "c", "tiny", image_size=8, train_split=0.95, transform="metaworld", heldout="tail"
+    )
     return tmp_path / "c", eps
 
 

@@ -226,7 +226,9 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
     assert set(out["per_task"]) == set(sc["eval"]["tasks"])
     assert all(e["steps"] <= 3 and e["seed"] == 7 for e in out["episodes"])
     assert out["timing"]["mean_batch"] == 2.0 and len(out["videos"]) == 2
-    assert all(v.startswith(str(Path(sc["out_file"]).parent / "videos")) for v in out["videos"])  # per config id
+    assert all(
+        v.startswith(str(Path(sc["out_file"]).parent / "videos")) for v in out["videos"]
+    )  # per config id
 
 
 def test_evaluate_model_periodic(demo_config):
@@ -254,7 +256,10 @@ def test_per_task_caps(demo_config):
 
     tasks = ["drawer-close-v3", "button-press-v3"]
     assert task_caps(50, tasks) == {"drawer-close-v3": 50, "button-press-v3": 50}
-    assert task_caps({"button-press-v3": 9, "default": 40}, tasks) == {"drawer-close-v3": 40, "button-press-v3": 9}
+    assert task_caps({"button-press-v3": 9, "default": 40}, tasks) == {
+        "drawer-close-v3": 40,
+        "button-press-v3": 9,
+    }
     with pytest.raises(ValueError, match="drawer-close-v3.*default"):
         task_caps({"button-press-v3": 9}, tasks)
 

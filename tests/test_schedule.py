@@ -72,8 +72,15 @@ def user_lr_lambda(step, cfg):
 
 
 USER = {"max_steps": 10000, "lr_warmup_steps": 20, "learning_rate": 2e-4, "min_learning_rate": 5e-5}
-RECIPE_TRAIN = {"max_steps": 10000, "batch_size": 2, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 20,
-                "min_lr": 5e-5, "lora": {"r": 16}}
+RECIPE_TRAIN = {
+    "max_steps": 10000,
+    "batch_size": 2,
+    "lr": 2e-4,
+    "lr_schedule": "cosine",
+    "warmup_steps": 20,
+    "min_lr": 5e-5,
+    "lora": {"r": 16},
+}
 
 
 def _lrs(sched, opt, n):

@@ -48,8 +48,16 @@ def write_evals(root, runs: dict[str, dict]) -> list[str]:
                     "vqa_kl": 0.1,
                     "drift_mean": vals["drift"],
                     "cka_mean": vals["cka"],
-                    **{k: vals[k] for k in ("drift_craft_layer", "cka_craft_layer",
-                                            "drift_craft_layer_image", "cka_craft_layer_image") if k in vals},
+                    **{
+                        k: vals[k]
+                        for k in (
+                            "drift_craft_layer",
+                            "cka_craft_layer",
+                            "drift_craft_layer_image",
+                            "cka_craft_layer_image",
+                        )
+                        if k in vals
+                    },
                 }
             )
         )
@@ -82,7 +90,9 @@ def test_summarize_t_interval():
     one = tables.summarize([0.5, None, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.5 and math.isnan(one["ci95"])
     assert tables.summarize([])["n"] == 0
-    assert tables.t975(100) == pytest.approx(1.984, abs=1e-3) and tables.t975(1) == pytest.approx(12.706, abs=1e-3)
+    assert tables.t975(100) == pytest.approx(1.984, abs=1e-3) and tables.t975(1) == pytest.approx(
+        12.706, abs=1e-3
+    )
 
 
 def test_build_table_rows_and_retention(evals):
@@ -103,13 +113,29 @@ def test_build_table_rows_and_retention(evals):
 def test_craft_layer_columns_mean_ci(tmp_path):
     """drift / CKA at the CRaFT layer (forgetting.json drift_craft_layer ...) are table columns with
     mean ± 95 % CI over seeds, in the CSV and the Markdown."""
-    runs = {"teacher": {SUITE: 0.5, "vqa": 0.5, "drift": 0.0, "cka": 1.0, "drift_craft_layer": 0.0,
-                        "cka_craft_layer": 1.0, "drift_craft_layer_image": 0.0, "cka_craft_layer_image": 1.0}}
+    runs = {
+        "teacher": {
+            SUITE: 0.5,
+            "vqa": 0.5,
+            "drift": 0.0,
+            "cka": 1.0,
+            "drift_craft_layer": 0.0,
+            "cka_craft_layer": 1.0,
+            "drift_craft_layer_image": 0.0,
+            "cka_craft_layer_image": 1.0,
+        }
+    }
     dcl = {1: 0.1, 2: 0.2, 3: 0.6}
     for seed in (1, 2, 3):
         runs[f"{SUITE}__craft__full__s{seed}"] = {
-            SUITE: 0.5, "vqa": 0.5, "drift": 1.0, "cka": 0.5, "drift_craft_layer": dcl[seed],
-            "cka_craft_layer": 0.9, "drift_craft_layer_image": 2 * dcl[seed], "cka_craft_layer_image": 0.8,
+            SUITE: 0.5,
+            "vqa": 0.5,
+            "drift": 1.0,
+            "cka": 0.5,
+            "drift_craft_layer": dcl[seed],
+            "cka_craft_layer": 0.9,
+            "drift_craft_layer_image": 2 * dcl[seed],
+            "cka_craft_layer_image": 0.8,
         }
     rows = tables.build_table(tables.load_evals(write_evals(tmp_path, runs)), "main", [])
     c = rows[1]
@@ -117,7 +143,9 @@ def test_craft_layer_columns_mean_ci(tmp_path):
     sd = np.std([0.1, 0.2, 0.6], ddof=1)
     assert c["drift_craft_layer_ci95"] == pytest.approx(4.3027 * sd / math.sqrt(3), rel=1e-4)
     assert c["drift_craft_layer_image_mean"] == pytest.approx(0.6)
-    assert c["cka_craft_layer_mean"] == pytest.approx(0.9) and c["cka_craft_layer_image_mean"] == pytest.approx(0.8)
+    assert c["cka_craft_layer_mean"] == pytest.approx(0.9) and c[
+        "cka_craft_layer_image_mean"
+    ] == pytest.approx(0.8)
     assert rows[0]["cka_craft_layer_mean"] == 1.0
     assert "drift_craft_layer_ci95" in tables.to_csv(rows).splitlines()[0]
     md = tables.to_markdown(rows, "main")
@@ -208,7 +236,8 @@ def test_figures_render(evals, tmp_path):
         + figures.category_retention(evals, [UP], out)
     )
     assert sorted(p.name for p in written) == sorted(
-        f"{n}.{e}" for n in ("pareto", "training_curves", "ablation", "category_retention")
+        f"{n}.{e}"
+        for n in ("pareto", "training_curves", "ablation", "category_retention")
         for e in ("png", "pdf")
     )
     assert all(p.stat().st_size > 1000 for p in written)
@@ -218,8 +247,10 @@ def test_figures_render(evals, tmp_path):
 
 
 def _mc(acc: dict[str, float]) -> dict:
-    return {"accuracy": float(np.mean(list(acc.values()))),
-            "by_category": {c: {"accuracy": a, "n": 10} for c, a in acc.items()}}
+    return {
+        "accuracy": float(np.mean(list(acc.values()))),
+        "by_category": {c: {"accuracy": a, "n": 10} for c, a in acc.items()},
+    }
 
 
 def test_retention_undefined_per_suite_and_category(tmp_path):
@@ -227,7 +258,12 @@ def test_retention_undefined_per_suite_and_category(tmp_path):
     up2 = "mw_upstream2"
     runs = {"teacher": {SUITE: 0.1, UP: 0.0, up2: 0.5, "mc": {"gripper": 0.8, "drawer": 0.0}}}
     for seed, (u2, g) in {1: (0.25, 0.4), 2: (0.5, 0.8)}.items():
-        runs[f"{SUITE}__baseline__full__s{seed}"] = {SUITE: 0.9, UP: 0.2, up2: u2, "mc": {"gripper": g, "drawer": 0.3}}
+        runs[f"{SUITE}__baseline__full__s{seed}"] = {
+            SUITE: 0.9,
+            UP: 0.2,
+            up2: u2,
+            "mc": {"gripper": g, "drawer": 0.3},
+        }
     files = []
     for run, v in runs.items():
         d = tmp_path / "evals" / run
@@ -244,7 +280,8 @@ def test_retention_undefined_per_suite_and_category(tmp_path):
     assert b["upstream_retention_mean"] == pytest.approx(0.75)  # over the suites the teacher succeeds on
     assert b["vqa_mc_retention[gripper]_mean"] == pytest.approx(0.75)
     assert b["vqa_mc_retention[gripper]_ci95"] == pytest.approx(
-        float(__import__("scipy").stats.t.ppf(0.975, 1)) * np.std([0.5, 1.0], ddof=1) / math.sqrt(2))
+        float(__import__("scipy").stats.t.ppf(0.975, 1)) * np.std([0.5, 1.0], ddof=1) / math.sqrt(2)
+    )
     assert b["vqa_mc_retention[drawer]_mean"] is tables.UNDEFINED
     md = tables.to_markdown(rows, "main")
     assert "retention undefined" in md and "nan" not in md.lower()
@@ -257,7 +294,9 @@ def test_retention_undefined_per_suite_and_category(tmp_path):
     assert math.isnan(back[1]["vqa_mc_retention[drawer]_mean"])
     only_zero = tables.build_table(tables.load_evals(files), "main", [UP])
     assert only_zero[1]["upstream_retention_mean"] is tables.UNDEFINED
-    written = figures.category_retention(files, [UP, up2], tmp_path / "f") + figures.pareto(files, [UP], tmp_path / "f")
+    written = figures.category_retention(files, [UP, up2], tmp_path / "f") + figures.pareto(
+        files, [UP], tmp_path / "f"
+    )
     assert all(p.stat().st_size > 1000 for p in written)
 
 
@@ -265,13 +304,19 @@ def test_success_per_task_columns_and_markdown_section(tmp_path):
     """Each eval JSON's per_task success becomes `task_success[task]` (mean ± CI over seeds, CSV);
     the Markdown shows them in a table of their own, where the teacher's row on its pretraining
     tasks is its instruction-following (issue 19)."""
-    files = write_evals(tmp_path, {
-        "teacher": {UP: 0.75, "vqa": 0.5, "drift": 0.0, "cka": 1.0},
-        f"{SUITE}__baseline__full__s42": {UP: 0.25, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
-        f"{SUITE}__baseline__full__s123": {UP: 0.5, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
-    })
-    per_task = {"teacher": (1.0, 0.5), f"{SUITE}__baseline__full__s42": (0.5, 0.0),
-                f"{SUITE}__baseline__full__s123": (0.75, 0.25)}
+    files = write_evals(
+        tmp_path,
+        {
+            "teacher": {UP: 0.75, "vqa": 0.5, "drift": 0.0, "cka": 1.0},
+            f"{SUITE}__baseline__full__s42": {UP: 0.25, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
+            f"{SUITE}__baseline__full__s123": {UP: 0.5, "vqa": 0.5, "drift": 0.1, "cka": 0.9},
+        },
+    )
+    per_task = {
+        "teacher": (1.0, 0.5),
+        f"{SUITE}__baseline__full__s42": (0.5, 0.0),
+        f"{SUITE}__baseline__full__s123": (0.75, 0.25),
+    }
     for f in files:
         p = Path(f)
         if p.name == f"{UP}.json":

@@ -141,15 +141,32 @@ def test_invalid_config():
 
 # ----------------------------------------------------------------------------- the user's law
 # eggplantsalt/icms configs/method_icsm_hsw_thermostat.yaml
-USER = {"law": "user", "every": 50, "warmup_steps": 100, "base_scale": 0.5, "k_beta": 0.01, "k_gamma": 0.01,
-        "beta_min": 0.2, "beta_max": 1.0, "gamma_min": 0.1, "gamma_max": 1.0}
+USER = {
+    "law": "user",
+    "every": 50,
+    "warmup_steps": 100,
+    "base_scale": 0.5,
+    "k_beta": 0.01,
+    "k_gamma": 0.01,
+    "beta_min": 0.2,
+    "beta_max": 1.0,
+    "gamma_min": 0.1,
+    "gamma_max": 1.0,
+}
 
 
 def test_user_law_is_the_default_with_the_users_constants():
     from vlaforget.settings import ThermostatSettings
 
     s = ThermostatSettings.of({})
-    assert (s.law, s.every, s.warmup_steps, s.base_scale, s.k_beta, s.k_gamma) == ("user", 50, 100, 0.5, 0.01, 0.01)
+    assert (s.law, s.every, s.warmup_steps, s.base_scale, s.k_beta, s.k_gamma) == (
+        "user",
+        50,
+        100,
+        0.5,
+        0.01,
+        0.01,
+    )
     assert (s.beta_min, s.beta_max, s.gamma_min, s.gamma_max, s.probe_batch) == (0.2, 1.0, 0.1, 1.0, 4)
     assert isinstance(make_law({}), UserLaw) and isinstance(make_law({"law": "calibrated"}), ControlLaw)
 
@@ -158,7 +175,14 @@ def test_user_law_schedule_warmup_every_step_then_every_interval():
     law = UserLaw(USER)
     due = [s for s in range(400) if law.due(s)]
     assert due == list(range(100)) + [100, 150, 200, 250, 300, 350]
-    assert [law.phase(s) for s in (0, 99, 100, 101, 149, 150)] == ["warmup", "warmup", "control", None, None, "control"]
+    assert [law.phase(s) for s in (0, 99, 100, 101, 149, 150)] == [
+        "warmup",
+        "warmup",
+        "control",
+        None,
+        None,
+        "control",
+    ]
     with pytest.raises(ValueError, match="not a measurement step"):
         law.observe(101, 1.0)
 
@@ -267,6 +291,7 @@ def test_paired_estimator_is_zero_at_the_teacher_and_less_noisy(metric):
     assert float(res["paired"][1].std()) < float(res["full"][1].std())
     # a draw of the whole probe set: C_T of the draw is C_T (a draw's covariances use 1/n, the user's)
     everything = list(range(N))
+
     def cov_n(X):
         return covariance(X, X.mean(0))
 
@@ -285,7 +310,9 @@ def test_a_draws_covariance_is_the_users():
     th = _plugin("raw", "full", T, covariance(T), torch.eye(5)[:, :2], batch=4)
     Xc = X - X.mean(0)
     user = Xc.T @ Xc / 4
-    assert th.measure([0, 1, 2, 3], student={3: X})[0] == pytest.approx(float((user - covariance(T)).norm()), rel=1e-5)
+    assert th.measure([0, 1, 2, 3], student={3: X})[0] == pytest.approx(
+        float((user - covariance(T)).norm()), rel=1e-5
+    )
 
 
 def test_paired_estimator_needs_the_teachers_states():
@@ -298,5 +325,7 @@ def test_paired_estimator_needs_the_teachers_states():
     with pytest.raises(ValueError, match="pooled"):
         ThermostatPlugin(ctx, {"estimator": "paired"}, icsm, [0, 1, 2], 0, teacher_pooled=None)
     with pytest.raises(ValueError, match="another count"):
-        ThermostatPlugin(ctx, {"estimator": "paired"}, icsm, [0, 1, 2], 0, teacher_pooled={3: torch.zeros(5, 4)})
+        ThermostatPlugin(
+            ctx, {"estimator": "paired"}, icsm, [0, 1, 2], 0, teacher_pooled={3: torch.zeros(5, 4)}
+        )
     ThermostatPlugin(ctx, {"estimator": "full"}, icsm, [0, 1, 2], 0)  # full needs none

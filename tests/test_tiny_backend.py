@@ -278,8 +278,12 @@ def test_model_stage_pretrains_on_the_device_it_is_given(monkeypatch, tmp_path):
         return {"backend": "tiny"}
 
     monkeypatch.setattr(model_stage, "build_tiny", fake_build)
-    sc = {"stage": "model", "root": str(tmp_path), "out_dir": str(tmp_path / "models" / "m"),
-          "model": {"backend": "tiny"}}
+    sc = {
+        "stage": "model",
+        "root": str(tmp_path),
+        "out_dir": str(tmp_path / "models" / "m"),
+        "model": {"backend": "tiny"},
+    }
     monkeypatch.setattr(model_stage, "load_stage_config", lambda path, stage: sc)
     monkeypatch.setattr("vlaforget.paths.apply_job_env", lambda root: None)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)

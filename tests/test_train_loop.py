@@ -12,17 +12,49 @@ from train_fixtures import CRAFT_TEST, base_stage, clone, run_adapter, run_metri
 
 from vlaforget.train.loop import run_training
 
-HSW = {"enabled": True, "groups": "icsm", "beta": 1.0, "gamma": 1.0, "clamp": "per_token", "eps": 1e-12,
-       "use_sensitivity_order": True}
+HSW = {
+    "enabled": True,
+    "groups": "icsm",
+    "beta": 1.0,
+    "gamma": 1.0,
+    "clamp": "per_token",
+    "eps": 1e-12,
+    "use_sensitivity_order": True,
+}
 # the calibrated law (thermostat.law: calibrated; noise floor before step 1)
-THERMO = {"enabled": True, "law": "calibrated", "estimator": "full", "every": 2, "probe_batch": 24,
-          "warmup_measurements": 1, "metric": "basis",
-          "threshold_sigmas": 0.0, "gain": 50.0, "gamma_min": 0.0, "gamma_max": 1.0, "beta_min": 0.2,
-          "beta_max": 1.0, "smoothing": 0.0}
+THERMO = {
+    "enabled": True,
+    "law": "calibrated",
+    "estimator": "full",
+    "every": 2,
+    "probe_batch": 24,
+    "warmup_measurements": 1,
+    "metric": "basis",
+    "threshold_sigmas": 0.0,
+    "gain": 50.0,
+    "gamma_min": 0.0,
+    "gamma_max": 1.0,
+    "beta_min": 0.2,
+    "beta_max": 1.0,
+    "smoothing": 0.0,
+}
 # the user's law (the default) with a short warm-up and a gain that moves γ on the tiny model
-THERMO_USER = {"enabled": True, "law": "user", "estimator": "paired", "metric": "raw", "every": 2,
-               "warmup_steps": 3, "base_scale": 0.5, "k_beta": 30.0, "k_gamma": 100.0, "beta_min": 0.2,
-               "beta_max": 1.0, "gamma_min": 0.1, "gamma_max": 1.0, "probe_batch": 8}
+THERMO_USER = {
+    "enabled": True,
+    "law": "user",
+    "estimator": "paired",
+    "metric": "raw",
+    "every": 2,
+    "warmup_steps": 3,
+    "base_scale": 0.5,
+    "k_beta": 30.0,
+    "k_gamma": 100.0,
+    "beta_min": 0.2,
+    "beta_max": 1.0,
+    "gamma_min": 0.1,
+    "gamma_max": 1.0,
+    "probe_batch": 8,
+}
 CRAFT = CRAFT_TEST
 
 
@@ -58,8 +90,11 @@ def test_baseline_trains_and_writes_completion_record(world):
 def test_plugins_off_is_baseline_to_the_bit(world):
     root, cache, model = world
     a = fresh(base_stage(root, cache, model), "bit_a")
-    off = {"hsw": dict(HSW, enabled=False), "thermostat": dict(THERMO, enabled=False),
-           "craft": dict(CRAFT, enabled=False)}
+    off = {
+        "hsw": dict(HSW, enabled=False),
+        "thermostat": dict(THERMO, enabled=False),
+        "craft": dict(CRAFT, enabled=False),
+    }
     b = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", method=off), "bit_b")
     run_training(a)
     run_training(b)
@@ -81,8 +116,10 @@ def test_hsw_identity_gains_equal_no_hook(world):
 
 def test_hsw_changes_update_and_never_amplifies(world):
     root, cache, model = world
-    sc = fresh(base_stage(root, cache, model, method_name="hsw",
-                          method={"hsw": dict(HSW, beta=0.5, gamma=0.1)}), "hsw_on")
+    sc = fresh(
+        base_stage(root, cache, model, method_name="hsw", method={"hsw": dict(HSW, beta=0.5, gamma=0.1)}),
+        "hsw_on",
+    )
     run_training(sc)
     m = metrics(sc)
     for r in m:
@@ -97,7 +134,9 @@ def test_hooks_fire_under_gradient_checkpointing(world):
     root, cache, model = world
     meth = {"hsw": dict(HSW, beta=0.5, gamma=0.1)}
     a = fresh(base_stage(root, cache, model, method_name="hsw", method=meth), "gc_off")
-    b = fresh(base_stage(root, cache, model, method_name="hsw", method=meth, gradient_checkpointing=True), "gc_on")
+    b = fresh(
+        base_stage(root, cache, model, method_name="hsw", method=meth, gradient_checkpointing=True), "gc_on"
+    )
     run_training(a)
     run_training(b)
     ma, mb = metrics(a), metrics(b)
@@ -112,8 +151,18 @@ def test_hooks_fire_under_gradient_checkpointing(world):
 
 def test_thermostat_moves_beta_gamma(world):
     root, cache, model = world
-    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=8, lr=5e-3,
-                          method={"hsw": HSW, "thermostat": THERMO}), "thermo")
+    sc = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            max_steps=8,
+            lr=5e-3,
+            method={"hsw": HSW, "thermostat": THERMO},
+        ),
+        "thermo",
+    )
     run_training(sc)
     m = metrics(sc)
     d = [r["drift_d"] for r in m if "drift_d" in r]
@@ -129,8 +178,17 @@ def test_craft_logs_and_dual_variable(world):
     sc = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}), "craft")
     run_training(sc)
     m = metrics(sc)
-    for k in ("L_act", "L_ret", "lambda_before", "lambda_after", "grad_dot", "grad_cos", "conflict_ratio",
-              "projection", "epsilon"):
+    for k in (
+        "L_act",
+        "L_ret",
+        "lambda_before",
+        "lambda_after",
+        "grad_dot",
+        "grad_cos",
+        "conflict_ratio",
+        "projection",
+        "epsilon",
+    ):
         assert k in m[-1], k
     assert m[-1]["lambda_after"] > 0  # epsilon 0: any retention loss raises lambda
     assert all(0.0 <= r["conflict_ratio"] <= 1.0 for r in m)
@@ -138,8 +196,17 @@ def test_craft_logs_and_dual_variable(world):
 
 def test_resume_after_interruption_is_exact(world):
     root, cache, model = world
-    full = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", lr=5e-3,
-                            method={"hsw": HSW, "thermostat": THERMO}), "res_full")
+    full = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            lr=5e-3,
+            method={"hsw": HSW, "thermostat": THERMO},
+        ),
+        "res_full",
+    )
     part = fresh(full, "res_part")
     run_training(full)
     assert run_training(part, stop_after=4) == {"stopped_at": 4}  # killed after step 4; last save at 3
@@ -184,8 +251,18 @@ def test_thermostat_calibrates_before_the_first_step(world):
 
     root, cache, model = world
     th = dict(THERMO, warmup_measurements=3, every=3)
-    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=3, lr=5e-3,
-                          method={"hsw": dict(HSW, gamma=0.7), "thermostat": th}), "calib")
+    sc = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            max_steps=3,
+            lr=5e-3,
+            method={"hsw": dict(HSW, gamma=0.7), "thermostat": th},
+        ),
+        "calib",
+    )
     run_training(sc)
     m = metrics(sc)
     first = m[0]
@@ -197,10 +274,21 @@ def test_thermostat_calibrates_before_the_first_step(world):
     probe = load_probe(sc["probe_dir"])
     pds = CachedDataset(probe["dataset"]["cache_dir"], split=probe["split"])
     be = load_backend(sc["model"], stats=pds.statistics)
-    ctx = SimpleNamespace(backend=be, model=be.model, autocast=lambda: torch.autocast("cpu", enabled=False),
-                          stage_cfg=sc, plugins={})
-    ref = ThermostatPlugin(ctx, th, IcsmView.load(sc["icsm_dir"]), [pds[int(i)] for i in probe["indices"]],
-                           int(sc["seed"]), hsw_cfg=dict(HSW, gamma=0.7))
+    ctx = SimpleNamespace(
+        backend=be,
+        model=be.model,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+        stage_cfg=sc,
+        plugins={},
+    )
+    ref = ThermostatPlugin(
+        ctx,
+        th,
+        IcsmView.load(sc["icsm_dir"]),
+        [pds[int(i)] for i in probe["indices"]],
+        int(sc["seed"]),
+        hsw_cfg=dict(HSW, gamma=0.7),
+    )
     ref.start(0)
     assert ref.law.calibration == pytest.approx(cal, rel=1e-5)
     assert [r["thermostat_phase"] for r in m if "drift_d" in r] == ["control"]  # step 3 = K
@@ -252,8 +340,11 @@ def test_craft_anchor_cache_checked_against_the_run(world):
 
     root, cache, model = world
     base = base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT})
-    for over, what in (({"craft_layer": -3}, "layer"), ({"shots": 2}, "shots"),
-                       ({"model": dict(base["model"], dtype="bf16")}, "dtype")):
+    for over, what in (
+        ({"craft_layer": -3}, "layer"),
+        ({"shots": 2}, "shots"),
+        ({"model": dict(base["model"], dtype="bf16")}, "dtype"),
+    ):
         sc = fresh(clone(base, **over), f"anch_{what}")
         with pytest.raises(MethodConfigError, match=what) as e:
             run_training(sc, dry_run_batches=1)
@@ -269,18 +360,43 @@ def test_log_fields_console_line_and_wandb_keys(world):
     sc = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}), "fields")
     run_training(sc)
     rec = metrics(sc)[-1]
-    for k in ("train_loss", "action_accuracy", "l1_loss", "L_act", "L_ret", "lambda", "epsilon", "grad_dot",
-              "grad_cos", "projection", "conflict_ratio", "retention_nonfinite", "lambda_before", "lambda_after"):
+    for k in (
+        "train_loss",
+        "action_accuracy",
+        "l1_loss",
+        "L_act",
+        "L_ret",
+        "lambda",
+        "epsilon",
+        "grad_dot",
+        "grad_cos",
+        "projection",
+        "conflict_ratio",
+        "retention_nonfinite",
+        "lambda_before",
+        "lambda_after",
+    ):
         assert k in rec, k
     line = (Path(sc["out_dir"]) / "train_progress.log").read_text().splitlines()[-1]
-    assert line.startswith(f"Step 6/6 | Loss: {rec['train_loss']:.4f} | Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}"
-                           f" | λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f} | Conflict: ")
+    assert line.startswith(
+        f"Step 6/6 | Loss: {rec['train_loss']:.4f} | Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}"
+        f" | λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f} | Conflict: "
+    )
     assert " | GradNorm: " in line and " | LR: " in line
     assert line == format_progress(rec, 6)
     w = wandb_record(rec)
-    for key in ("VLA Train/Loss", "VLA Train/Curr Action L1 Loss", "VLA Train/Gradient Norm",
-                "VLA Train/Learning Rate", "CRaFT/Retention Loss", "CRaFT/Retention NonFinite", "CRaFT/Lambda",
-                "CRaFT/Lambda Before", "CRaFT/Lambda After", "CRaFT/Conflict Ratio"):
+    for key in (
+        "VLA Train/Loss",
+        "VLA Train/Curr Action L1 Loss",
+        "VLA Train/Gradient Norm",
+        "VLA Train/Learning Rate",
+        "CRaFT/Retention Loss",
+        "CRaFT/Retention NonFinite",
+        "CRaFT/Lambda",
+        "CRaFT/Lambda Before",
+        "CRaFT/Lambda After",
+        "CRaFT/Conflict Ratio",
+    ):
         assert key in w, key
     assert w["VLA Train/Loss"] == rec["train_loss"]
 
@@ -297,13 +413,32 @@ def test_fewshot_craft_anchors_come_from_the_fewshot_subset(world):
     from vlaforget.stages import craft_anchors
 
     root, cache, model = world
-    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32", "cache_dir": str(root / "hf_cache")}
+    mb = {
+        "backend": "tiny",
+        "base": "tiny",
+        "path": str(model),
+        "dtype": "fp32",
+        "cache_dir": str(root / "hf_cache"),
+    }
     out = root / "artifacts" / "craft_fewshot"
-    run_stage(craft_anchors, {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x",
-                      "stage": "craft_anchors", "model": mb, "seed": 0, "shots": 1, "shots_seed": 1,
-                      "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
-                      "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
-                      "out_dir": str(out)}, root / "craft_fewshot.yaml")
+    run_stage(
+        craft_anchors,
+        {
+            "root": str(root),
+            "allowed_root": str(root.parent),
+            "world": "metaworld",
+            "code": "x",
+            "stage": "craft_anchors",
+            "model": mb,
+            "seed": 0,
+            "shots": 1,
+            "shots_seed": 1,
+            "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
+            "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
+            "out_dir": str(out),
+        },
+        root / "craft_fewshot.yaml",
+    )
     a = craft.load_anchors(out)
     assert a["shots"] == 1 and a["shots_seed"] == 1 and len(a["indices"]) == 16
     sub = CachedDataset(cache, split="train", shots=1, seed=1)
@@ -328,15 +463,35 @@ def test_user_law_warmup_measures_every_step_then_controls_every_interval(world,
     that are multiples of `every`; a measurement's gains apply from the next step on."""
     root, cache, model = world
     th = dict(THERMO_USER, estimator=estimator)
-    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=9, lr=5e-3,
-                          method={"hsw": dict(HSW, beta=0.9, gamma=0.8), "thermostat": th}), f"user_{estimator}")
+    sc = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            max_steps=9,
+            lr=5e-3,
+            method={"hsw": dict(HSW, beta=0.9, gamma=0.8), "thermostat": th},
+        ),
+        f"user_{estimator}",
+    )
     run_training(sc)
     m = metrics(sc)
     # record of step s (1-based) = 0-based step s-1
-    assert _measured(m) == [(1, 0, "warmup"), (2, 1, "warmup"), (3, 2, "warmup"), (5, 4, "control"),
-                            (7, 6, "control"), (9, 8, "control")]
+    assert _measured(m) == [
+        (1, 0, "warmup"),
+        (2, 1, "warmup"),
+        (3, 2, "warmup"),
+        (5, 4, "control"),
+        (7, 6, "control"),
+        (9, 8, "control"),
+    ]
     warm = [r["drift_d"] for r in m if r.get("thermostat_phase") == "warmup"]
-    assert [x for r in m for x in r.get("thermostat_warmup_d", [])] == [[0, warm[0]], [1, warm[1]], [2, warm[2]]]
+    assert [x for r in m for x in r.get("thermostat_warmup_d", [])] == [
+        [0, warm[0]],
+        [1, warm[1]],
+        [2, warm[2]],
+    ]
     base = sum(warm) / 3
     ctrl = [r for r in m if r.get("thermostat_phase") == "control"]
     for r in ctrl:  # the law on the logged numbers
@@ -361,12 +516,25 @@ def test_user_law_resume_during_and_after_warmup_is_exact(world):
     during the warm-up, or after it, continues with the same β/γ sequence as an uninterrupted run."""
     root, cache, model = world
     th = dict(THERMO_USER, warmup_steps=4, every=2)
-    full = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", lr=5e-3, max_steps=10,
-                            method={"hsw": HSW, "thermostat": th}), "ures_full")
+    full = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            lr=5e-3,
+            max_steps=10,
+            method={"hsw": HSW, "thermostat": th},
+        ),
+        "ures_full",
+    )
     run_training(full)
+
     def seq(sc):
-        return [(r["step"], r["hsw_beta"], r["hsw_gamma"], r.get("drift_d"), r.get("thermostat_baseline"))
-                for r in metrics(sc)]
+        return [
+            (r["step"], r["hsw_beta"], r["hsw_gamma"], r.get("drift_d"), r.get("thermostat_baseline"))
+            for r in metrics(sc)
+        ]
 
     ref = seq(full)
     assert len({g for _, _, g, _, _ in ref}) > 1
@@ -395,8 +563,18 @@ def test_user_law_drops_the_measurement_of_a_skipped_step(world, monkeypatch):
 
     monkeypatch.setattr(VLABackend, "action_metrics", poisoned)
     root, cache, model = world
-    sc = fresh(base_stage(root, cache, model, method_name="icsm_hsw_thermostat", max_steps=5, lr=5e-3,
-                          method={"hsw": HSW, "thermostat": dict(THERMO_USER, warmup_steps=4)}), "user_nan")
+    sc = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="icsm_hsw_thermostat",
+            max_steps=5,
+            lr=5e-3,
+            method={"hsw": HSW, "thermostat": dict(THERMO_USER, warmup_steps=4)},
+        ),
+        "user_nan",
+    )
     res = run_training(sc)
     assert res["skipped_steps"] == 1
     warm = [x for r in metrics(sc) for x in r.get("thermostat_warmup_d", [])]

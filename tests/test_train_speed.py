@@ -58,7 +58,9 @@ def test_hidden_states_at_equals_output_hidden_states(world):
         assert torch.equal(both[L - 2], full[L - 2]) and torch.equal(both[L], full[L])
     # with grad: the same gradient as through the full forward's states
     p = next(q for q in b.model.parameters() if q.ndim == 2)
-    g_full = torch.autograd.grad(b.forward(batch, output_hidden_states=True).hidden_states[-2].square().sum(), p)[0]
+    g_full = torch.autograd.grad(
+        b.forward(batch, output_hidden_states=True).hidden_states[-2].square().sum(), p
+    )[0]
     g_sel = torch.autograd.grad(b.hidden_states_at(batch, [-2])[-2].square().sum(), p)[0]
     assert torch.allclose(g_full, g_sel, rtol=1e-5, atol=1e-7)
     assert n_hooks() == before  # its hooks are removed
@@ -72,8 +74,18 @@ def test_craft_loss_scaling_is_exact_in_fp32(world):
     the same update as no scaling: power-of-two scales are exact in fp32."""
     root, cache, model = world
     a = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}), "ls_off")
-    b = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT},
-                         loss_scaling=True, loss_scale_init=4096.0), "ls_on")
+    b = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="craft",
+            method={"craft": CRAFT},
+            loss_scaling=True,
+            loss_scale_init=4096.0,
+        ),
+        "ls_on",
+    )
     run_training(a)
     run_training(b)
     ma, mb = metrics(a), metrics(b)
@@ -88,13 +100,26 @@ def test_craft_fp16_trains_skips_overflow_steps_and_counts_them(world):
     """precision fp16 (CPU autocast in float16) for CRaFT: a too-high initial scale overflows, those
     steps are skipped with the scale halved each time, counted, and training then proceeds."""
     root, cache, model = world
-    sc = fresh(base_stage(root, cache, model, method_name="craft", method={"craft": CRAFT}, precision="fp16",
-                          loss_scale_init=2.0**40, max_steps=4), "fp16")
+    sc = fresh(
+        base_stage(
+            root,
+            cache,
+            model,
+            method_name="craft",
+            method={"craft": CRAFT},
+            precision="fp16",
+            loss_scale_init=2.0**40,
+            max_steps=4,
+        ),
+        "fp16",
+    )
     res = run_training(sc)
     m = metrics(sc)
     assert res["steps"] == 4
     assert m[-1]["overflow_steps"] > 0 and res["skipped_steps"] == m[-1]["overflow_steps"]
-    assert m[-1]["loss_scale"] <= 2.0**40 / 2 ** m[-1]["overflow_steps"] * 2  # halved per overflow (+1 growth)
+    assert (
+        m[-1]["loss_scale"] <= 2.0**40 / 2 ** m[-1]["overflow_steps"] * 2
+    )  # halved per overflow (+1 growth)
     assert all(k in m[-1] for k in ("L_ret", "lambda_after", "grad_cos"))
     assert m[-1]["lambda_after"] > 0
     assert all(torch.isfinite(t).all() for t in adapter(sc).values())
@@ -125,13 +150,27 @@ def test_craft_anchor_batch_size_is_its_own_key(world, monkeypatch):
     root, cache, model = world
     for bsz in (2, 4):
         sizes.clear()
-        sc = fresh(base_stage(root, cache, model, method_name="craft", batch_size=bsz, max_steps=3,
-                              method={"craft": dict(CRAFT, anchor_batch_size=5)}), f"anchor{bsz}")
+        sc = fresh(
+            base_stage(
+                root,
+                cache,
+                model,
+                method_name="craft",
+                batch_size=bsz,
+                max_steps=3,
+                method={"craft": dict(CRAFT, anchor_batch_size=5)},
+            ),
+            f"anchor{bsz}",
+        )
         run_training(sc)
         assert sizes == [5, 5, 5], (bsz, sizes)  # one retention batch of 5 per step, whatever the micro-batch
     sizes.clear()
-    sc = fresh(base_stage(root, cache, model, method_name="craft", batch_size=3, max_steps=2,
-                          method={"craft": CRAFT}), "anchor_default")
+    sc = fresh(
+        base_stage(
+            root, cache, model, method_name="craft", batch_size=3, max_steps=2, method={"craft": CRAFT}
+        ),
+        "anchor_default",
+    )
     run_training(sc)
     assert sizes == [3, 3]  # unset: falls back to the micro-batch (the old behaviour)
 
@@ -208,7 +247,11 @@ def _conflict_reference(ga_list, gr_list, projection=True):
             out.append(-dot / nr2 * r.double())
         else:
             out.append(a.double() - dot / nr2 * r.double())
-    return out, {"grad_dot": dot, "conflict_ratio": sum(d < 0 for d in per) / max(1, len(per)), "projection": proj}
+    return out, {
+        "grad_dot": dot,
+        "conflict_ratio": sum(d < 0 for d in per) / max(1, len(per)),
+        "projection": proj,
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -230,7 +273,9 @@ def test_vectorised_conflict_project_and_combine_match_the_per_tensor_loop(dtype
             assert o is None
         else:
             assert o.dtype == (a.dtype if a is not None else dtype)
-            assert torch.allclose(o.double(), r.double(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+            assert torch.allclose(
+                o.double(), r.double(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5
+            )
     comb = combine(out, gr, 0.5)
     for c, o, r in zip(comb, out, gr):
         want = o if r is None else (0.5 * r if o is None else o + 0.5 * r.to(o.dtype))
@@ -262,8 +307,9 @@ def test_compile_key_compiles_each_decoder_layer(world, monkeypatch):
         speed.compile_backend(3)
     counted = []
     real = speed.compile_layers
-    monkeypatch.setattr("vlaforget.train.loop.compile_layers",
-                        lambda b, m, v: counted.append(real(b, m, v)) or counted[-1])
+    monkeypatch.setattr(
+        "vlaforget.train.loop.compile_layers", lambda b, m, v: counted.append(real(b, m, v)) or counted[-1]
+    )
     root, cache, model = world
     a = fresh(base_stage(root, cache, model, max_steps=2), "comp_a")
     b = fresh(base_stage(root, cache, model, max_steps=2, compile="eager"), "comp_b")

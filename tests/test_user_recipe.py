@@ -17,10 +17,24 @@ from vlaforget import config as vfc
 
 USER = yaml.safe_load((Path(__file__).parent / "data" / "user_method_icsm_hsw_thermostat.yaml").read_text())
 # scripts/run_method_train.sh: what the launcher passes over the config, per server_profile
-LAUNCHER = {"4090_1gpu": {"nproc": 1, "batch_size": 2, "grad_accum": 4, "probe_batch": 4, "thermo_update": 50,
-                          "thermo_warmup": 100},
-            "v100_8gpu": {"nproc": 8, "batch_size": 1, "grad_accum": 8, "probe_batch": 4, "thermo_update": 200,
-                          "thermo_warmup": 100}}
+LAUNCHER = {
+    "4090_1gpu": {
+        "nproc": 1,
+        "batch_size": 2,
+        "grad_accum": 4,
+        "probe_batch": 4,
+        "thermo_update": 50,
+        "thermo_warmup": 100,
+    },
+    "v100_8gpu": {
+        "nproc": 8,
+        "batch_size": 1,
+        "grad_accum": 8,
+        "probe_batch": 4,
+        "thermo_update": 200,
+        "thermo_warmup": 100,
+    },
+}
 RUN = vfc.run_name("icsm_hsw_thermostat", USER["dataset_name"], "full", 42)
 # keys config/user_recipe.yaml expects issue 26.1 (HSW) / 26.2 (Thermostat) to add: checked once the
 # schema has them, listed as pending until then
@@ -52,7 +66,9 @@ def expected(launcher: dict) -> dict:
         "train.eval_episodes_per_task": USER["eval_num_trials_per_task"],
         "periodic_eval.center_crop": USER["eval_center_crop"],
         "periodic_eval.suite": USER["dataset_name"],
-        "train.early_stopping_patience": USER["early_stopping_patience"] if USER["early_stopping_enabled"] else 0,
+        "train.early_stopping_patience": USER["early_stopping_patience"]
+        if USER["early_stopping_enabled"]
+        else 0,
         # the user's min_delta is in percentage points of success rate (success_rate parsed from
         # "(x%)"); periodic_evaluator here returns a fraction
         "train.early_stopping_min_delta": USER["early_stopping_min_delta"] / 100.0,
@@ -124,7 +140,9 @@ def mismatches(cfg: dict, sc: dict, pending: list[str], want: dict) -> dict:
         if any(key == "method." + p.split(".", 2)[2] for p in pending):
             continue
         got = value(cfg, sc, key)
-        ok = got == pytest.approx(v, rel=1e-12) if isinstance(v, float) or isinstance(got, float) else got == v
+        ok = (
+            got == pytest.approx(v, rel=1e-12) if isinstance(v, float) or isinstance(got, float) else got == v
+        )
         if not ok:
             wrong[key] = (got, v)
     return wrong
@@ -159,7 +177,9 @@ def test_the_method_keys_of_issue_26_1_and_26_2_are_known(real_env, files, launc
     26.2 add; until they are in the schema the test above leaves them out and this one names them."""
     _, _, pending = resolve(files)
     if pending:
-        pytest.skip(f"not in the schema yet (26.1 / 26.2 add them; the values are checked once they are): {pending}")
+        pytest.skip(
+            f"not in the schema yet (26.1 / 26.2 add them; the values are checked once they are): {pending}"
+        )
 
 
 def test_a_recipe_that_drifts_from_the_user_fails(real_env, monkeypatch):
@@ -168,11 +188,18 @@ def test_a_recipe_that_drifts_from_the_user_fails(real_env, monkeypatch):
     bad["train"]["lr"] = 5e-4
     bad["train"]["early_stopping_min_delta"] = 0.1  # the user's number without the unit conversion
     real = vfc.load_yaml
-    monkeypatch.setattr(vfc, "load_yaml", lambda p, yaml12_floats=False: copy.deepcopy(bad) if Path(p).name ==
-                        "user_recipe.yaml" else real(p, yaml12_floats))
+    monkeypatch.setattr(
+        vfc,
+        "load_yaml",
+        lambda p, yaml12_floats=False: (
+            copy.deepcopy(bad) if Path(p).name == "user_recipe.yaml" else real(p, yaml12_floats)
+        ),
+    )
     cfg, sc, pending = resolve(["profile_4090.yaml", "user_recipe.yaml"])
     assert set(mismatches(cfg, sc, pending, expected(LAUNCHER["4090_1gpu"]))) == {
-        "train.lr", "train.early_stopping_min_delta"}
+        "train.lr",
+        "train.early_stopping_min_delta",
+    }
 
 
 def test_the_recipe_changes_the_runs_but_not_the_study_defaults(real_env):

@@ -49,9 +49,16 @@ def test_eval_stage_checks_before_building_episodes(monkeypatch, tmp_path):
     monkeypatch.setattr(
         eval_stage,
         "load_stage_config",
-        lambda path, stage: {"eval": {}, "out_file": str(tmp_path / "e.json"), "world": "metaworld", "suite": "s"},
+        lambda path, stage: {
+            "eval": {},
+            "out_file": str(tmp_path / "e.json"),
+            "world": "metaworld",
+            "suite": "s",
+        },
     )
-    monkeypatch.setattr(eval_stage.EvalSettings, "of", staticmethod(lambda block: SimpleNamespace(videos_per_task=1)))
+    monkeypatch.setattr(
+        eval_stage.EvalSettings, "of", staticmethod(lambda block: SimpleNamespace(videos_per_task=1))
+    )
     args = SimpleNamespace(config="c.yaml", threads=None, device="cpu", num_envs=None)
     with pytest.raises(video.VideoBackendMissing):
         eval_stage.main(args)

@@ -116,11 +116,17 @@ def test_console_is_one_short_line_per_job_naming_its_log(tmp_path):
     assert not re.search(r"^(?:local)?rule \w+:", out, re.MULTILINE)  # no block per job
     assert "vlaforget.cli" not in out and "export HF_HOME" not in out  # no shell lines
     # at most 200 characters with the real study's root (/opt/data/private/vlaforget) in place of tmp's
-    assert max(len(j.replace(str(root), "/opt/data/private/vlaforget")) for j in jobs) <= 200 - len("Job 99: ")
+    assert max(len(j.replace(str(root), "/opt/data/private/vlaforget")) for j in jobs) <= 200 - len(
+        "Job 99: "
+    )
     run = "mw_downstream__baseline__full__s42"
-    for line in (f"train: {root}/logs/train/{run}.log", f"eval: {root}/logs/eval/{run}@mw_upstream.log",
-                 f"stage_config: {root}/logs/configs/train/{run}.log", f"table: {root}/logs/report/table_main.log",
-                 "all"):
+    for line in (
+        f"train: {root}/logs/train/{run}.log",
+        f"eval: {root}/logs/eval/{run}@mw_upstream.log",
+        f"stage_config: {root}/logs/configs/train/{run}.log",
+        f"table: {root}/logs/report/table_main.log",
+        "all",
+    ):
         assert line in jobs, line
     assert all(re.fullmatch(r"\w+: \S+\.log", j) for j in jobs if j != "all")
     shells = dry([*CI, "-p"], wf, {**env_for(tmp_path), "VLAFORGET_CONSOLE": ""})
@@ -134,7 +140,8 @@ def test_a_failed_job_shows_the_tail_of_its_log(tmp_path):
     (tmp_path / "Snakefile").write_text(
         'rule boom:\n    output: "out/{x}.txt"\n    log: "logs/{x}.log"\n'
         '    shell: "for i in $(seq 1 100); do echo line$i; done > {log}; exit 3"\n\n\n'
-        'include: "console.smk"\n')
+        'include: "console.smk"\n'
+    )
     r = snakemake(["-c1", "--nolock", "out/a.txt"], cwd=tmp_path, env={"VLAFORGET_CONSOLE": ""})
     out = r.stdout + r.stderr
     assert r.returncode != 0
@@ -224,7 +231,9 @@ def test_method_param_change_reruns_only_that_method(touched):
     for rule in ("demos", "cache", "model", "probe", "icsm", "craft_anchors"):
         assert rule not in jobs, rule
     assert all("craft" in p for p in jobs["eval"] + jobs["forgetting"])
-    assert len(jobs["table"]) == 18  # the three tables each hold craft runs (csv, md, paper md, tex, stats, record)
+    assert (
+        len(jobs["table"]) == 18
+    )  # the three tables each hold craft runs (csv, md, paper md, tex, stats, record)
 
 
 def test_probe_change_reruns_probe_chain_not_baseline_training(touched):
@@ -307,7 +316,12 @@ def _edited(touched, rel: str, old: str, new: str):
 
 
 def test_plugin_code_edit_reruns_only_the_runs_that_enable_it(touched):
-    with _edited(touched, "train/plugins/hsw.py", "\nclass HSWPlugin(Plugin):", "\n_EDIT = 1\n\n\nclass HSWPlugin(Plugin):"):
+    with _edited(
+        touched,
+        "train/plugins/hsw.py",
+        "\nclass HSWPlugin(Plugin):",
+        "\n_EDIT = 1\n\n\nclass HSWPlugin(Plugin):",
+    ):
         out = _dry_with(touched, {})
     runs = trained_runs(out)
     assert runs == {
@@ -321,17 +335,32 @@ def test_plugin_code_edit_reruns_only_the_runs_that_enable_it(touched):
 
 
 def test_comment_and_docstring_edits_rerun_nothing(touched):
-    with _edited(touched, "train/loop.py", "\ndef make_schedule(", "\n# an edited comment\n\ndef make_schedule("), \
-            _edited(touched, "models/tiny.py", '"""', '"""An edited docstring. '), \
-            _edited(touched, "data/cache.py", "\n", "\n# another comment\n"):
+    with (
+        _edited(
+            touched, "train/loop.py", "\ndef make_schedule(", "\n# an edited comment\n\ndef make_schedule("
+        ),
+        _edited(touched, "models/tiny.py", '"""', '"""An edited docstring. '),
+        _edited(touched, "data/cache.py", "\n", "\n# another comment\n"),
+    ):
         out = _dry_with(touched, {})
     assert "Nothing to be done" in out, out[-3000:]
 
 
 def test_non_semantic_keys_rerun_nothing(touched):
-    out = _dry_with(touched, {"train": {"log_every": 3, "save_steps": 7, "num_workers": 1, "use_wandb": True,
-                                        "eval_every": 5, "eval_episodes_per_task": 2},
-                              "data": {"metaworld": {"workers": 3}}})
+    out = _dry_with(
+        touched,
+        {
+            "train": {
+                "log_every": 3,
+                "save_steps": 7,
+                "num_workers": 1,
+                "use_wandb": True,
+                "eval_every": 5,
+                "eval_episodes_per_task": 2,
+            },
+            "data": {"metaworld": {"workers": 3}},
+        },
+    )
     assert "Nothing to be done" in out, out[-3000:]
 
 
@@ -348,12 +377,27 @@ def test_upstream_libero_preset_plans_upstream_evals_and_the_question_set(tmp_pa
     and every forgetting job depends on it."""
     wf = copy_workflow(tmp_path / "wf")
     env = {"VLAFORGET_ROOT": "", "VLAFORGET_ALLOWED_ROOT": ""}
-    out = dry(["--profile", "profiles/4090", "--configfiles", "config/profile_4090.yaml",
-               "config/upstream_libero.yaml"], wf, env)
+    out = dry(
+        [
+            "--profile",
+            "profiles/4090",
+            "--configfiles",
+            "config/profile_4090.yaml",
+            "config/upstream_libero.yaml",
+        ],
+        wf,
+        env,
+    )
     jobs = planned(out)
-    assert len(jobs["libero_vqa"]) == 1 and re.search(r"/vqa/libero/\w+/manifest.json$", jobs["libero_vqa"][0])
+    assert len(jobs["libero_vqa"]) == 1 and re.search(
+        r"/vqa/libero/\w+/manifest.json$", jobs["libero_vqa"][0]
+    )
     evals = jobs["eval"]
     assert any(re.search(r"/evals/teacher/libero_spatial_no_noops/\w{12}.json", e) for e in evals)
-    assert any(re.search(r"/evals/libero_object_no_noops__baseline__full__s42/libero_spatial_no_noops/\w{12}.json", e)
-               for e in evals)
+    assert any(
+        re.search(
+            r"/evals/libero_object_no_noops__baseline__full__s42/libero_spatial_no_noops/\w{12}.json", e
+        )
+        for e in evals
+    )
     assert {r.split("__")[0] for r in trained_runs(out)} == {"libero_object_no_noops"}

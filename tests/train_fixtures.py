@@ -19,13 +19,18 @@ def synthetic_episodes(n_per_task=4, T=10, size=32, action_dim=4, seed=0):
     eps = []
     for k in range(n_per_task):
         for task in TASKS:
-            eps.append({
-                "images": rng.integers(0, 255, (T, size, size, 3), dtype=np.uint8),
-                "states": rng.normal(size=(T, 4)).astype(np.float32),
-                "env_states": rng.normal(size=(T, 39)).astype(np.float32),
-                "actions": np.clip(rng.normal(scale=0.5, size=(T, action_dim)), -1, 1).astype(np.float32),
-                "instruction": INSTR[task], "task": task, "seed": k, "success": True,
-            })
+            eps.append(
+                {
+                    "images": rng.integers(0, 255, (T, size, size, 3), dtype=np.uint8),
+                    "states": rng.normal(size=(T, 4)).astype(np.float32),
+                    "env_states": rng.normal(size=(T, 39)).astype(np.float32),
+                    "actions": np.clip(rng.normal(scale=0.5, size=(T, action_dim)), -1, 1).astype(np.float32),
+                    "instruction": INSTR[task],
+                    "task": task,
+                    "seed": k,
+                    "success": True,
+                }
+            )
     return eps
 
 
@@ -38,7 +43,9 @@ def make_cache(root: Path, name="toy", train_split=0.75, n_per_task=6, transform
 
     eps = synthetic_episodes(n_per_task=n_per_task, **kw)
     out = root / "datasets" / "cache" / name
-    write_cache(eps, out, name, image_size=eps[0]["images"].shape[1], train_split=train_split, transform=transform)
+    write_cache(
+        eps, out, name, image_size=eps[0]["images"].shape[1], train_split=train_split, transform=transform
+    )
     return out
 
 
@@ -51,27 +58,61 @@ def make_model(root: Path) -> Path:
     return path
 
 
-def base_stage(root: Path, cache: Path, model: Path, method_name="baseline", method=None, **train_over) -> dict:
-    train = {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant",
-             "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": None, "precision": "fp32",
-             "gradient_checkpointing": False, "image_aug": False, "save_steps": 3, "log_every": 1,
-             "num_workers": 0, "nproc": 1, "use_wandb": False, "eval_every": 0,
-             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp"], "layers": "all"}}
+def base_stage(
+    root: Path, cache: Path, model: Path, method_name="baseline", method=None, **train_over
+) -> dict:
+    train = {
+        "max_steps": 6,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": None,
+        "precision": "fp32",
+        "gradient_checkpointing": False,
+        "image_aug": False,
+        "save_steps": 3,
+        "log_every": 1,
+        "num_workers": 0,
+        "nproc": 1,
+        "use_wandb": False,
+        "eval_every": 0,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "mlp"], "layers": "all"},
+    }
     train.update(train_over)
     m = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
     if method:
         for k, v in method.items():
             m[k] = dict(v)
     run = f"toy__{method_name}__full__s1"
-    return {"stage": "train", "root": str(root), "allowed_root": str(root.parent), "world": "metaworld",
-            "run_name": run, "run_id": f"{run}-test", "method_name": method_name, "suite": "toy",
-            "shots": None, "seed": 1,
-            "model": {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
-                      "cache_dir": str(root / "hf_cache")},
-            "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
-            "train": train, "method": m, "out_dir": str(root / "runs" / run),
-            "icsm_dir": str(root / "artifacts" / "icsm"), "probe_dir": str(root / "probe"),
-            "craft_dir": str(root / "artifacts" / "craft")}
+    return {
+        "stage": "train",
+        "root": str(root),
+        "allowed_root": str(root.parent),
+        "world": "metaworld",
+        "run_name": run,
+        "run_id": f"{run}-test",
+        "method_name": method_name,
+        "suite": "toy",
+        "shots": None,
+        "seed": 1,
+        "model": {
+            "backend": "tiny",
+            "base": "tiny",
+            "path": str(model),
+            "dtype": "fp32",
+            "cache_dir": str(root / "hf_cache"),
+        },
+        "dataset": {"name": "toy", "cache_dir": str(cache), "tasks": TASKS},
+        "train": train,
+        "method": m,
+        "out_dir": str(root / "runs" / run),
+        "icsm_dir": str(root / "artifacts" / "icsm"),
+        "probe_dir": str(root / "probe"),
+        "craft_dir": str(root / "artifacts" / "craft"),
+    }
 
 
 def run_stage(module, sc: dict, path: Path) -> None:
@@ -84,20 +125,62 @@ def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
     from vlaforget.stages import craft_anchors as craft
     from vlaforget.stages import icsm, probe
 
-    mb = {"backend": "tiny", "base": "tiny", "path": str(model), "dtype": "fp32",
-          "cache_dir": str(root / "hf_cache")}
+    mb = {
+        "backend": "tiny",
+        "base": "tiny",
+        "path": str(model),
+        "dtype": "fp32",
+        "cache_dir": str(root / "hf_cache"),
+    }
     ds = {"name": "toy", "cache_dir": str(cache), "tasks": TASKS}
     common = {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x"}
-    run_stage(probe, {**common, "stage": "probe", "model": mb, "dataset": ds, "n": 24, "seed": 0,
-                      "split": "heldout", "trained_suites": ["toy"],
-                      "batch_size": 8, "out_dir": str(root / "probe")}, root / "probe.yaml")
-    run_stage(icsm, {**common, "stage": "icsm", "model": mb, "probe_dir": str(root / "probe"),
-                     "icsm": {"r": 8, "sensitivity_samples": 8, "direction_batch": 8,
-                              "layers": "auto", "groups": None},
-                     "out_dir": str(root / "artifacts" / "icsm")}, root / "icsm.yaml")
-    run_stage(craft, {**common, "stage": "craft_anchors", "model": mb, "dataset": ds, "seed": 0,
-                      "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
-                      "out_dir": str(root / "artifacts" / "craft")}, root / "craft.yaml")
+    run_stage(
+        probe,
+        {
+            **common,
+            "stage": "probe",
+            "model": mb,
+            "dataset": ds,
+            "n": 24,
+            "seed": 0,
+            "split": "heldout",
+            "trained_suites": ["toy"],
+            "batch_size": 8,
+            "out_dir": str(root / "probe"),
+        },
+        root / "probe.yaml",
+    )
+    run_stage(
+        icsm,
+        {
+            **common,
+            "stage": "icsm",
+            "model": mb,
+            "probe_dir": str(root / "probe"),
+            "icsm": {
+                "r": 8,
+                "sensitivity_samples": 8,
+                "direction_batch": 8,
+                "layers": "auto",
+                "groups": None,
+            },
+            "out_dir": str(root / "artifacts" / "icsm"),
+        },
+        root / "icsm.yaml",
+    )
+    run_stage(
+        craft,
+        {
+            **common,
+            "stage": "craft_anchors",
+            "model": mb,
+            "dataset": ds,
+            "seed": 0,
+            "craft": {"layer": -2, "pooling": "mean_image_tokens", "n_anchors": 16, "batch_size": 8},
+            "out_dir": str(root / "artifacts" / "craft"),
+        },
+        root / "craft.yaml",
+    )
 
 
 def clone(sc: dict, **over) -> dict:
@@ -107,8 +190,16 @@ def clone(sc: dict, **over) -> dict:
 
 
 # CRaFT with a dual variable that moves fast (tests of the loop and of its speed paths)
-CRAFT_TEST = {"enabled": True, "epsilon": 0.0, "lambda_init": 0.0, "lambda_lr": 0.5, "dual": True,
-              "fixed_lambda": 0.1, "projection": True, "anchor": "mean_image_tokens"}
+CRAFT_TEST = {
+    "enabled": True,
+    "epsilon": 0.0,
+    "lambda_init": 0.0,
+    "lambda_lr": 0.5,
+    "dual": True,
+    "fixed_lambda": 0.1,
+    "projection": True,
+    "anchor": "mean_image_tokens",
+}
 
 
 def teacher_world(tmp_path_factory, name: str):

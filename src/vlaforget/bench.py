@@ -29,31 +29,45 @@ import torch
 
 log = logging.getLogger("vlaforget.bench")
 
-INSTRUCTIONS = ["put the black bowl on the plate", "open the top drawer of the cabinet",
-                "pick up the alphabet soup and place it in the basket", "turn on the stove",
-                "push the plate to the front of the stove", "put the cream cheese in the bowl"]
+INSTRUCTIONS = [
+    "put the black bowl on the plate",
+    "open the top drawer of the cabinet",
+    "pick up the alphabet soup and place it in the basket",
+    "turn on the stove",
+    "push the plate to the front of the stove",
+    "put the cream cheese in the bowl",
+]
 
 
 class SyntheticDataset:
     """CachedDataset-shaped stand-in: deterministic random samples generated on access (O(1) RAM)."""
 
-    def __init__(self, n: int, image_size: int = 224, action_dim: int = 7, seed: int = 0, name: str = "synthetic"):
+    def __init__(
+        self, n: int, image_size: int = 224, action_dim: int = 7, seed: int = 0, name: str = "synthetic"
+    ):
         from .models.tiny import default_stats
 
         self.n, self.image_size, self.action_dim, self.seed, self.name = n, image_size, action_dim, seed, name
         self.statistics = default_stats(action_dim)
-        self.episodes = [{"index": 0, "task": "synthetic", "instruction": INSTRUCTIONS[0], "start": 0, "length": n}]
+        self.episodes = [
+            {"index": 0, "task": "synthetic", "instruction": INSTRUCTIONS[0], "start": 0, "length": n}
+        ]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, int(i)])
-        return {"image": rng.integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8),
-                "instruction": INSTRUCTIONS[int(i) % len(INSTRUCTIONS)],
-                "action": rng.uniform(-1, 1, self.action_dim).astype(np.float32),
-                "state": np.zeros(8, np.float32), "env_state": None, "task": "synthetic", "episode": 0,
-                "step": int(i)}
+        return {
+            "image": rng.integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8),
+            "instruction": INSTRUCTIONS[int(i) % len(INSTRUCTIONS)],
+            "action": rng.uniform(-1, 1, self.action_dim).astype(np.float32),
+            "state": np.zeros(8, np.float32),
+            "env_state": None,
+            "task": "synthetic",
+            "episode": 0,
+            "step": int(i),
+        }
 
 
 def _device() -> str:
@@ -79,8 +93,9 @@ def make_backend(shape: str, layers: int | None = None, precision: str = "bf16",
 
         if shape != "7b":
             raise SystemExit("bench: --backend openvla builds OpenVLA-7B at full size; use --shape 7b")
-        return full_size_backend(os.environ.get("VLAFORGET_OPENVLA_CODE"), device=_device(), dtype=dtype,
-                                 layers=layers)
+        return full_size_backend(
+            os.environ.get("VLAFORGET_OPENVLA_CODE"), device=_device(), dtype=dtype, layers=layers
+        )
     if shape == "7b":
         return seven_b_shape_backend(device=_device(), dtype=dtype, layers=layers)
     return random_tiny_backend(action_dim=7, device=_device())
@@ -123,7 +138,11 @@ def bench_icsm(args) -> dict:
     L = backend.num_layers
     groups = layer_groups(L)
     reps = representative_layers(groups)
-    icfg = {"r": args.r, "sensitivity_samples": args.sens, "direction_batch": args.direction_batch}  # defaults
+    icfg = {
+        "r": args.r,
+        "sensitivity_samples": args.sens,
+        "direction_batch": args.direction_batch,
+    }  # defaults
     _sync()
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_device().startswith("cuda")):
@@ -140,21 +159,58 @@ def bench_icsm(args) -> dict:
         _sync()
         timings[f"icsm_L{rep}_s"] = round(time.perf_counter() - t1, 1)
         sp = res["split"]
-        for name, t in {f"U{rep}_f.pt": sp["U_f"], f"U{rep}_p.pt": sp["U_p"], f"mu{rep}.pt": res["mu"],
-                        f"C_T{rep}.pt": res["C_T"]}.items():
+        for name, t in {
+            f"U{rep}_f.pt": sp["U_f"],
+            f"U{rep}_p.pt": sp["U_p"],
+            f"mu{rep}.pt": res["mu"],
+            f"C_T{rep}.pt": res["C_T"],
+        }.items():
             atomic_torch_save(t.contiguous(), out / name)
-        atomic_torch_save({"U": res["U"], "S": res["S"], "std": res["std"], "explained": res["explained"],
-                           "scores": res["scores"], "order": sp["order"]}, out / f"basis{rep}.pt")
-        layers_meta[str(rep)] = {"n_f": sp["n_f"], "n_p": sp["n_p"], "kl_max": float(res["scores"].max()),
-                                 "kl_median": float(res["scores"].median())}
+        atomic_torch_save(
+            {
+                "U": res["U"],
+                "S": res["S"],
+                "std": res["std"],
+                "explained": res["explained"],
+                "scores": res["scores"],
+                "order": sp["order"],
+            },
+            out / f"basis{rep}.pt",
+        )
+        layers_meta[str(rep)] = {
+            "n_f": sp["n_f"],
+            "n_p": sp["n_p"],
+            "kl_max": float(res["scores"].max()),
+            "kl_median": float(res["scores"].median()),
+        }
     timings["total_s"] = round(time.perf_counter() - t0, 1)
-    meta = {"num_layers": L, "hidden_size": backend.hidden_size, "groups": groups, "rep_layers": reps,
-            "r": args.r, "fragile_dim": None, "plastic_dim": None, "n_probe": args.n_probe,
-            "n_empty": int(empty.sum()), "sensitivity_samples": args.sens, "layers": layers_meta,
-            "timings": timings, "benchmark": True, "device": _device_name(), "probe_hash": "synthetic"}
+    meta = {
+        "num_layers": L,
+        "hidden_size": backend.hidden_size,
+        "groups": groups,
+        "rep_layers": reps,
+        "r": args.r,
+        "fragile_dim": None,
+        "plastic_dim": None,
+        "n_probe": args.n_probe,
+        "n_empty": int(empty.sum()),
+        "sensitivity_samples": args.sens,
+        "layers": layers_meta,
+        "timings": timings,
+        "benchmark": True,
+        "device": _device_name(),
+        "probe_hash": "synthetic",
+    }
     write_json(out / "meta.json", meta)
-    return {"bench": "icsm", "shape": args.shape, "device": _device_name(), **timings,
-            "n_probe": args.n_probe, "r": args.r, "sensitivity_samples": args.sens}
+    return {
+        "bench": "icsm",
+        "shape": args.shape,
+        "device": _device_name(),
+        **timings,
+        "n_probe": args.n_probe,
+        "r": args.r,
+        "sensitivity_samples": args.sens,
+    }
 
 
 # ----------------------------------------------------------------------------- train
@@ -172,7 +228,9 @@ def bench_train(args) -> dict:
     for variant in methods:  # checked before anything runs
         bad = set(variant.split("+")[1:]) - set(VARIANT_MODS)
         if bad:
-            raise SystemExit(f"bench train: unknown variant modifier(s) {sorted(bad)} in '{variant}': use {VARIANT_MODS}")
+            raise SystemExit(
+                f"bench train: unknown variant modifier(s) {sorted(bad)} in '{variant}': use {VARIANT_MODS}"
+            )
     for variant in methods:
         method, *mods = variant.split("+")  # e.g. baseline+fused_optimizer+compile, craft+separate
         if method == "peft_reference":
@@ -180,7 +238,9 @@ def bench_train(args) -> dict:
                 oom = None
                 try:
                     results[variant] = bench_peft_reference(args)
-                except torch.cuda.OutOfMemoryError as e:  # under --memory-cap-gib: recorded, then timed uncapped
+                except (
+                    torch.cuda.OutOfMemoryError
+                ) as e:  # under --memory-cap-gib: recorded, then timed uncapped
                     oom = f"OutOfMemoryError: {str(e)[:300]}"
                 if oom is not None:  # outside the except: its traceback (holding the model) is gone
                     log.warning("peft_reference: out of memory under the cap; timing it uncapped")
@@ -236,36 +296,73 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
         mcfg["hsw"] = {"enabled": True, "clamp": "per_token", "eps": 1e-12}
         # the measurement the earlier benchmarks timed (docs/benchmarks.md "Issue 16"): the calibrated
         # law, 64 probes against the whole-probe C_T; the user's law measures 4 probes per step
-        mcfg["thermostat"] = {"enabled": True, "law": "calibrated", "estimator": "full",
-                              "every": args.thermostat_every, "probe_batch": 64,
-                              "warmup_measurements": 2, "metric": "basis", "gamma_min": 0.0,
-                              "probe_chunk": args.thermostat_chunk}
+        mcfg["thermostat"] = {
+            "enabled": True,
+            "law": "calibrated",
+            "estimator": "full",
+            "every": args.thermostat_every,
+            "probe_batch": 64,
+            "warmup_measurements": 2,
+            "metric": "basis",
+            "gamma_min": 0.0,
+            "probe_chunk": args.thermostat_chunk,
+        }
         given["probe_samples"] = [SyntheticDataset(500, seed=1)[i] for i in range(500)]
     elif method == "craft":
-        mcfg["craft"] = {"enabled": True, "anchor": "mean_image_tokens", "anchor_batch_size": args.anchor_batch}
+        mcfg["craft"] = {
+            "enabled": True,
+            "anchor": "mean_image_tokens",
+            "anchor_batch_size": args.anchor_batch,
+        }
         asamples = [SyntheticDataset(64, seed=2)[i] for i in range(64)]
         backend.set_stats(ds.statistics)
         adt = torch.float16 if args.precision == "fp16" else torch.bfloat16
         with torch.no_grad(), torch.autocast("cuda", dtype=adt, enabled=_device().startswith("cuda")):
             feats = anchor_features(backend, asamples, -2, 8)
-        given["anchors"] = {"indices": torch.arange(64), "features": feats["mean_image_tokens"],
-                            "features_by_pooling": feats, "layer": -2, "pooling": "mean_image_tokens"}
+        given["anchors"] = {
+            "indices": torch.arange(64),
+            "features": feats["mean_image_tokens"],
+            "features_by_pooling": feats,
+            "layer": -2,
+            "pooling": "mean_image_tokens",
+        }
         given["anchor_samples"] = asamples
     if method == "craft":
         mcfg["craft"]["fused_forward"] = "separate" not in mods
     tmp = Path(tempfile.mkdtemp(prefix="vlaforget-bench-"))
-    sc = {"stage": "train", "root": str(tmp), "run_name": f"bench__{method}", "run_id": f"bench-{method}",
-          "method_name": method, "suite": "synthetic", "shots": None, "seed": 0,
-          "model": {"backend": backend.name, "base": "7b-shape"}, "dataset": {"name": "synthetic"},
-          "method": mcfg, "out_dir": str(tmp / "run"), "icsm_dir": args.icsm_dir,
-          # train keys not named here: settings.TrainSettings' defaults
-          "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum,
-                    "lr": 5e-4, "precision": args.precision,
-                    "gradient_checkpointing": args.grad_ckpt, "image_aug": False,
-                    "fused_optimizer": "fused_optimizer" in mods, "compile": "compile" in mods,
-                    "lora_input_cast": "no_input_cast" not in mods,
-                    "save_steps": args.save_every or 10**9, "log_every": 1, "num_workers": args.num_workers,
-                    "eval_every": args.eval_every, "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16)}}}
+    sc = {
+        "stage": "train",
+        "root": str(tmp),
+        "run_name": f"bench__{method}",
+        "run_id": f"bench-{method}",
+        "method_name": method,
+        "suite": "synthetic",
+        "shots": None,
+        "seed": 0,
+        "model": {"backend": backend.name, "base": "7b-shape"},
+        "dataset": {"name": "synthetic"},
+        "method": mcfg,
+        "out_dir": str(tmp / "run"),
+        "icsm_dir": args.icsm_dir,
+        # train keys not named here: settings.TrainSettings' defaults
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "grad_accum": args.accum,
+            "lr": 5e-4,
+            "precision": args.precision,
+            "gradient_checkpointing": args.grad_ckpt,
+            "image_aug": False,
+            "fused_optimizer": "fused_optimizer" in mods,
+            "compile": "compile" in mods,
+            "lora_input_cast": "no_input_cast" not in mods,
+            "save_steps": args.save_every or 10**9,
+            "log_every": 1,
+            "num_workers": args.num_workers,
+            "eval_every": args.eval_every,
+            "lora": {"r": args.lora_r, "alpha": min(args.lora_r, 16)},
+        },
+    }
     os.environ.setdefault("VLAFORGET_ROOT", str(tmp))
     backend.set_stats(ds.statistics)
     seq_len = int(backend.collate([ds[i] for i in range(4)])["input_ids"].shape[1]) + backend.n_image_tokens
@@ -275,16 +372,20 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     def evaluator(b, model):  # the periodic evaluation's policy call: one batched greedy forward
         _sync()
         t0 = time.perf_counter()
-        b.predict_actions(np.stack([x["image"] for x in eval_batch]), [x["instruction"] for x in eval_batch],
-                          model=model)
+        b.predict_actions(
+            np.stack([x["image"] for x in eval_batch]), [x["instruction"] for x in eval_batch], model=model
+        )
         _sync()
         evals.append(time.perf_counter() - t0)
         return 0.0
 
     ev = evaluator if args.eval_every else None
     if args.profile:
-        prof_text = _profiled(lambda sc=sc, b=backend, ds=ds, given=given:
-                              run_training(sc, backend=b, dataset=ds, teacher_inputs=given, evaluator=ev))
+        prof_text = _profiled(
+            lambda sc=sc, b=backend, ds=ds, given=given: run_training(
+                sc, backend=b, dataset=ds, teacher_inputs=given, evaluator=ev
+            )
+        )
         if args.json and rank == 0:
             Path(f"{args.json}.profile_{variant}.txt").write_text(prof_text)
     else:
@@ -293,20 +394,32 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     merge = _export_merge(backend) if args.export_merge and rank == 0 else {}
-    recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    recs = (
+        [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    )
     recs = [r for r in recs if "step_time_s" in r]  # the periodic evaluation's records carry a score only
     timed = [r["step_time_s"] for r in recs if r["step"] > args.warmup]
     if rank == 0:
         res = {
-            "step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
-            "step_times_s": [round(float(t), 4) for t in timed], "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
-            "peak_reserved_gib": reserved, "seq_len": seq_len, "samples_per_s": args.batch * args.accum / float(np.median(timed)),
-            "steps_timed": len(timed), "final_loss": recs[-1]["train_loss"],
-            "peak_allocated_gib_run": allocated, "eval_forward_s": [round(t, 3) for t in evals],
-            "checkpoints_kept": len(list((tmp / "run" / "checkpoints").rglob("*.pt"))) if (
-                tmp / "run" / "checkpoints").exists() else 0, **merge,
-            "skipped_steps": recs[-1].get("skipped_steps", 0), "loss_scale": recs[-1].get("loss_scale"),
-            "thermostat_measurements": sum("drift_d" in r for r in recs)}
+            "step_time_s_median": float(np.median(timed)),
+            "step_time_s_mean": float(np.mean(timed)),
+            "step_times_s": [round(float(t), 4) for t in timed],
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
+            "peak_reserved_gib": reserved,
+            "seq_len": seq_len,
+            "samples_per_s": args.batch * args.accum / float(np.median(timed)),
+            "steps_timed": len(timed),
+            "final_loss": recs[-1]["train_loss"],
+            "peak_allocated_gib_run": allocated,
+            "eval_forward_s": [round(t, 3) for t in evals],
+            "checkpoints_kept": len(list((tmp / "run" / "checkpoints").rglob("*.pt")))
+            if (tmp / "run" / "checkpoints").exists()
+            else 0,
+            **merge,
+            "skipped_steps": recs[-1].get("skipped_steps", 0),
+            "loss_scale": recs[-1].get("loss_scale"),
+            "thermostat_measurements": sum("drift_d" in r for r in recs),
+        }
         ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
         if ttimes:
             per = float(np.median(ttimes))
@@ -314,7 +427,9 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
             res["thermostat_every_config"] = args.amortise_every
             # the K-step measurement amortised over K (config thermostat.every), on top of the
             # median of the steps without a measurement
-            plain = [r["step_time_s"] for r in recs if r["step"] > args.warmup and "thermostat_time_s" not in r]
+            plain = [
+                r["step_time_s"] for r in recs if r["step"] > args.warmup and "thermostat_time_s" not in r
+            ]
             res["step_time_s_median_no_measure"] = float(np.median(plain))
             res["step_time_s_amortised"] = float(np.median(plain)) + per / args.amortise_every
         log.info("%s: %s", variant, res)
@@ -348,26 +463,44 @@ def _export_merge(backend) -> dict:
 
 
 def _summary(args, results: dict) -> dict:
-    out = {"bench": "train", "shape": args.shape, "backend": args.backend, **getattr(args, "cap_info", {}),
-           "device": _device_name(), "world_size":
-           int(os.environ.get("WORLD_SIZE", "1")), "precision": args.precision, "batch": args.batch,
-           "grad_accum": args.accum, "grad_ckpt": args.grad_ckpt, "lora_r": args.lora_r, "steps": args.steps,
-           "anchor_batch": args.anchor_batch, "num_workers": args.num_workers, **_versions(),
-           "warmup_excluded": args.warmup, "methods": results}
+    out = {
+        "bench": "train",
+        "shape": args.shape,
+        "backend": args.backend,
+        **getattr(args, "cap_info", {}),
+        "device": _device_name(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "precision": args.precision,
+        "batch": args.batch,
+        "grad_accum": args.accum,
+        "grad_ckpt": args.grad_ckpt,
+        "lora_r": args.lora_r,
+        "steps": args.steps,
+        "anchor_batch": args.anchor_batch,
+        "num_workers": args.num_workers,
+        **_versions(),
+        "warmup_excluded": args.warmup,
+        "methods": results,
+    }
     ok = {m: r for m, r in results.items() if "error" not in r}
     if "baseline" in ok:
         base = ok["baseline"]["step_time_s_median"]
         out["overhead_vs_baseline"] = {
-            m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in ok.items()}
+            m: r.get("step_time_s_amortised", r["step_time_s_median"]) / base - 1 for m, r in ok.items()
+        }
         out["peak_mem_vs_baseline_gib"] = {
-            m: r.get("peak_mem_gib", 0.0) - ok["baseline"]["peak_mem_gib"] for m, r in ok.items()}
+            m: r.get("peak_mem_gib", 0.0) - ok["baseline"]["peak_mem_gib"] for m, r in ok.items()
+        }
         if "peft_reference" in ok:
             out["baseline_vs_peft_reference_samples_per_s"] = (
-                ok["baseline"]["samples_per_s"] / ok["peft_reference"]["samples_per_s"])
+                ok["baseline"]["samples_per_s"] / ok["peft_reference"]["samples_per_s"]
+            )
     if "peft_reference" in ok:  # every variant's throughput against the reference (issue 16: >= 1.3)
         out["samples_per_s_vs_peft_reference"] = {
-            m: r["samples_per_s"] / ok["peft_reference"]["samples_per_s"] for m, r in ok.items()
-            if "samples_per_s" in r}
+            m: r["samples_per_s"] / ok["peft_reference"]["samples_per_s"]
+            for m, r in ok.items()
+            if "samples_per_s" in r
+        }
     return out
 
 
@@ -391,11 +524,18 @@ def _profiled(fn) -> str:
         setattr(owner, name, g)
         return owner, name, f
 
-    saved = [label(plugins.CraftPlugin, "retention_loss"), label(plugins.CraftPlugin, "before_step"),
-             label(plugins.ThermostatPlugin, "measure"), label(craft_mod, "conflict_project"),
-             label(craft_mod, "combine"), label(VLABackend, "forward"), label(VLABackend, "collate")]
+    saved = [
+        label(plugins.CraftPlugin, "retention_loss"),
+        label(plugins.CraftPlugin, "before_step"),
+        label(plugins.ThermostatPlugin, "measure"),
+        label(craft_mod, "conflict_project"),
+        label(craft_mod, "combine"),
+        label(VLABackend, "forward"),
+        label(VLABackend, "collate"),
+    ]
     acts = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     try:
         with torch.profiler.profile(activities=acts) as prof:
             fn()
@@ -439,19 +579,48 @@ def llava_reference_model(shape: str, device: str, dtype: torch.dtype):
     from .models.tiny import SEVEN_B_SHAPE
 
     if shape == "7b":
-        vis = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                 num_attention_heads=16, image_size=224, patch_size=14)
-        txt = LlamaConfig(hidden_size=SEVEN_B_SHAPE["hidden"], intermediate_size=SEVEN_B_SHAPE["intermediate"],
-                          num_hidden_layers=SEVEN_B_SHAPE["layers"], num_attention_heads=SEVEN_B_SHAPE["heads"],
-                          num_key_value_heads=SEVEN_B_SHAPE["heads"], vocab_size=32064,
-                          max_position_embeddings=2048)
+        vis = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        )
+        txt = LlamaConfig(
+            hidden_size=SEVEN_B_SHAPE["hidden"],
+            intermediate_size=SEVEN_B_SHAPE["intermediate"],
+            num_hidden_layers=SEVEN_B_SHAPE["layers"],
+            num_attention_heads=SEVEN_B_SHAPE["heads"],
+            num_key_value_heads=SEVEN_B_SHAPE["heads"],
+            vocab_size=32064,
+            max_position_embeddings=2048,
+        )
     else:  # CPU smoke test
-        vis = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=224, patch_size=14)
-        txt = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=2, vocab_size=32064, max_position_embeddings=2048)
-    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=32001,
-                      vision_feature_select_strategy="full", vision_feature_layer=-1)
+        vis = SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=14,
+        )
+        txt = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=32064,
+            max_position_embeddings=2048,
+        )
+    cfg = LlavaConfig(
+        vision_config=vis,
+        text_config=txt,
+        image_token_index=32001,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
     cfg._attn_implementation = "sdpa"
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -484,8 +653,17 @@ def bench_peft_reference(args) -> dict:
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lin = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=min(args.lora_r, 16), lora_dropout=0.0,
-                                             target_modules=lin, init_lora_weights="gaussian", bias="none"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=min(args.lora_r, 16),
+            lora_dropout=0.0,
+            target_modules=lin,
+            init_lora_weights="gaussian",
+            bias="none",
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4)
@@ -499,7 +677,11 @@ def bench_peft_reference(args) -> dict:
     channels = 6 if openvla else 3  # openvla: the two towers' normalisations stacked
     labels = torch.full_like(ids, -100)
     labels[:, -8:] = ids[:, -8:]
-    batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev)}
+    batch = {
+        "input_ids": ids.to(dev),
+        "attention_mask": torch.ones_like(ids).to(dev),
+        "labels": labels.to(dev),
+    }
     times = []
     for _step in range(args.steps):
         _sync()
@@ -514,10 +696,16 @@ def bench_peft_reference(args) -> dict:
         _sync()
         times.append(time.perf_counter() - t0)
     timed = times[args.warmup :]
-    res = {"step_time_s_median": float(np.median(timed)), "step_time_s_mean": float(np.mean(timed)),
-           "peak_mem_gib": 0.0, "samples_per_s": b * args.accum / float(np.median(timed)), "steps_timed": len(timed),
-           "seq_len": int(ids.shape[1]) + (n_img if openvla else 0), "final_loss": float(loss.detach()) * args.accum,
-           "model": "openvla (prismatic remote code)" if openvla else "HF LlavaForConditionalGeneration"}
+    res = {
+        "step_time_s_median": float(np.median(timed)),
+        "step_time_s_mean": float(np.mean(timed)),
+        "peak_mem_gib": 0.0,
+        "samples_per_s": b * args.accum / float(np.median(timed)),
+        "steps_timed": len(timed),
+        "seq_len": int(ids.shape[1]) + (n_img if openvla else 0),
+        "final_loss": float(loss.detach()) * args.accum,
+        "model": "openvla (prismatic remote code)" if openvla else "HF LlavaForConditionalGeneration",
+    }
     if on_gpu:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -560,21 +748,39 @@ def add_args(p):
     pt.add_argument("--grad-ckpt", action="store_true")
     pt.add_argument("--anchor-batch", type=int, default=8, help="CRaFT method.craft.anchor_batch_size")
     pt.add_argument("--num-workers", type=int, default=0, help="train.num_workers (DataLoader workers)")
-    pt.add_argument("--thermostat-chunk", type=int, default=None,
-                    help="thermostat.probe_chunk (default: the micro-batch)")
+    pt.add_argument(
+        "--thermostat-chunk", type=int, default=None, help="thermostat.probe_chunk (default: the micro-batch)"
+    )
     pt.add_argument("--profile", action="store_true", help="torch.profiler tables next to --json")
-    pt.add_argument("--backend", choices=["standin", "openvla"], default="standin",
-                    help="standin: models.tiny's 7B-shape stand-in; openvla: OpenVLA-7B's real architecture "
-                         "from VLAFORGET_OPENVLA_CODE, random weights, built on the GPU")
-    pt.add_argument("--memory-cap-gib", type=float, default=None,
-                    help="cap CUDA memory at this many GiB (torch.cuda.set_per_process_memory_fraction): "
-                         "23.5 = a 24 GB RTX 4090's usable memory, 31.2 = a 32 GB V100's")
-    pt.add_argument("--eval-every", type=int, default=0,
-                    help="train.eval_every: a batched greedy policy call (the periodic evaluation's forward)")
-    pt.add_argument("--eval-batch", type=int, default=8, help="observations per periodic-eval call (num_envs)")
+    pt.add_argument(
+        "--backend",
+        choices=["standin", "openvla"],
+        default="standin",
+        help="standin: models.tiny's 7B-shape stand-in; openvla: OpenVLA-7B's real architecture "
+        "from VLAFORGET_OPENVLA_CODE, random weights, built on the GPU",
+    )
+    pt.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="cap CUDA memory at this many GiB (torch.cuda.set_per_process_memory_fraction): "
+        "23.5 = a 24 GB RTX 4090's usable memory, 31.2 = a 32 GB V100's",
+    )
+    pt.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="train.eval_every: a batched greedy policy call (the periodic evaluation's forward)",
+    )
+    pt.add_argument(
+        "--eval-batch", type=int, default=8, help="observations per periodic-eval call (num_envs)"
+    )
     pt.add_argument("--save-every", type=int, default=0, help="train.save_steps (0: only at the end)")
-    pt.add_argument("--export-merge", action="store_true",
-                    help="after training, merge the LoRA into the weights as the export stage does (timed)")
+    pt.add_argument(
+        "--export-merge",
+        action="store_true",
+        help="after training, merge the LoRA into the weights as the export stage does (timed)",
+    )
     for q in (pi, pt):
         q.add_argument("--json", default=None, help="also write the result here")
 

@@ -17,10 +17,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage-config": ("vlaforget.stages.stage_config", "write a stage's config file from the study config"),
     "check-disk": ("vlaforget.disk", "data-root policy and disk-safety check"),
     "gpu-run": ("vlaforget.gpus", "run a command on free GPU slots (lock-based allocator)"),
-    "preflight": ("vlaforget.preflight", "every missing piece of a real-study run (model, stack, RLDS, LIBERO)"),
+    "preflight": (
+        "vlaforget.preflight",
+        "every missing piece of a real-study run (model, stack, RLDS, LIBERO)",
+    ),
     "demos": ("vlaforget.stages.demos", "generate scripted Meta-World demonstrations as RLDS"),
     "libero-fixture": ("vlaforget.stages.libero_fixture", "tiny LIBERO-format RLDS fixture (openvla layout)"),
-    "cache": ("vlaforget.stages.cache", "RLDS/TFDS -> random-access training cache + dataset_statistics.json"),
+    "cache": (
+        "vlaforget.stages.cache",
+        "RLDS/TFDS -> random-access training cache + dataset_statistics.json",
+    ),
     "model": ("vlaforget.stages.model", "build+pretrain the tiny teacher, or check an OpenVLA base offline"),
     "probe": ("vlaforget.stages.probe", "probe set: pooled instruction hidden states of the teacher"),
     "icsm": ("vlaforget.stages.icsm", "teacher-only ICSM: SVD + sensitivity -> U_f, U_p, mu, C_T"),
@@ -28,21 +34,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlaforget.stages.train", "the one training loop (baseline / method / CRaFT / ablations)"),
     "eval": ("vlaforget.stages.eval", "closed-loop evaluation of a run (or the teacher) on a suite"),
     "forgetting": ("vlaforget.stages.forgetting", "forgetting metrics: general skill, drift, CKA"),
-    "libero-vqa": ("vlaforget.stages.libero_vqa", "visual questions generated from the LIBERO simulator (JSONL + images)"),
-    "vqa-convert": ("vlaforget.stages.vqa_convert", "VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL"),
-    "export": ("vlaforget.stages.export", "a finished run as one merged HF checkpoint openvla's own code loads"),
+    "libero-vqa": (
+        "vlaforget.stages.libero_vqa",
+        "visual questions generated from the LIBERO simulator (JSONL + images)",
+    ),
+    "vqa-convert": (
+        "vlaforget.stages.vqa_convert",
+        "VQAv2 questions + annotations JSON -> the multiple-choice VQA JSONL",
+    ),
+    "export": (
+        "vlaforget.stages.export",
+        "a finished run as one merged HF checkpoint openvla's own code loads",
+    ),
     "table": ("vlaforget.stages.table", "aggregate eval JSONs into a paper table (csv + md)"),
     "figures": ("vlaforget.stages.figures", "paper figures (PNG + PDF)"),
     "bench": ("vlaforget.bench", "speed / memory benchmarks (docs/benchmarks.md)"),
-    "migrate-root": ("vlaforget.migrate", "move a root laid out by run name to outputs named by config id (once)"),
+    "migrate-root": (
+        "vlaforget.migrate",
+        "move a root laid out by run name to outputs named by config id (once)",
+    ),
     "plan": ("vlaforget.plan", "GPU-hours per rule and wall-clock days of the configured study on a profile"),
     "config-doc": ("vlaforget.settings", "every typed config key: type, default, meaning (config/README.md)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlaforget", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vlaforget", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="<stage>")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -82,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .disk import full_disk_message
 
-        print(f"vlaforget {name}: error: {full_disk_message(e, getattr(args, 'config', None))}", file=sys.stderr)
+        print(
+            f"vlaforget {name}: error: {full_disk_message(e, getattr(args, 'config', None))}", file=sys.stderr
+        )
         return 2
 
 

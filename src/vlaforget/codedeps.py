@@ -62,7 +62,9 @@ def _statements(tree):
         node = todo.pop()
         yield node
         for field in _BODIES:
-            todo.extend(x for x in getattr(node, field, ()) or () if isinstance(x, (ast.stmt, ast.excepthandler)))
+            todo.extend(
+                x for x in getattr(node, field, ()) or () if isinstance(x, (ast.stmt, ast.excepthandler))
+            )
         for case in getattr(node, "cases", ()) or ():  # match statements
             todo.extend(case.body)
 
@@ -147,8 +149,11 @@ def stage_entry(pkg_dir: Path, stage: str) -> str:
 def _cli_commands(pkg_dir: Path) -> dict[str, str]:
     tree = ast.parse((Path(pkg_dir) / "cli.py").read_text())
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        )
         if isinstance(target, ast.Name) and target.id == "COMMANDS" and node.value is not None:
             return {k: v[0] for k, v in ast.literal_eval(node.value).items()}
     return {}
@@ -156,8 +161,9 @@ def _cli_commands(pkg_dir: Path) -> dict[str, str]:
 
 # Fields that say where code is or how it was spelt, not what it does: positions, type comments,
 # Constant.kind ('u' of u"..."), Module.type_ignores (from `# type: ignore` comments).
-_NOT_CODE = frozenset({"lineno", "col_offset", "end_lineno", "end_col_offset", "type_comment", "kind",
-                       "type_ignores"})
+_NOT_CODE = frozenset(
+    {"lineno", "col_offset", "end_lineno", "end_col_offset", "type_comment", "kind", "type_ignores"}
+)
 _HAS_DOCSTRING = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -181,8 +187,11 @@ def _canon(node):
 
 
 def _is_docstring(stmt) -> bool:
-    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
-            and isinstance(stmt.value.value, str))
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Constant)
+        and isinstance(stmt.value.value, str)
+    )
 
 
 def canonical_code(path: Path) -> str:

@@ -119,8 +119,11 @@ def validate(cfg: dict) -> dict:
                     msgs.append(f"unknown config key '{full}' (misspelled?). Known keys here: {known}")
             else:
                 hint = ""
-                if e.validator == "type" and isinstance(e.instance, str) and re.fullmatch(
-                        r"\s*[-+]?[\d.]+[eE][-+]?\d+\s*", e.instance):
+                if (
+                    e.validator == "type"
+                    and isinstance(e.instance, str)
+                    and re.fullmatch(r"\s*[-+]?[\d.]+[eE][-+]?\d+\s*", e.instance)
+                ):
                     hint = " (YAML reads this as a string: write it with a dot, e.g. 1.0e-4)"
                 msgs.append(f"config key '{where}': {e.message}{hint}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs) + "\nSee config/README.md.")
@@ -144,13 +147,16 @@ def _semantic_checks(cfg: dict) -> None:
     if (cfg.get("train") or {}).get("init_adapter"):
         check_under(cfg["train"]["init_adapter"], allowed, "train.init_adapter")
     if cfg["model"]["backend"] == "tiny" and not cfg["model"].get("tiny"):
-        raise ConfigError("model.backend is 'tiny' but model.tiny is empty: give the tiny sizes "
-                          "(see config/demo.yaml)")
+        raise ConfigError(
+            "model.backend is 'tiny' but model.tiny is empty: give the tiny sizes (see config/demo.yaml)"
+        )
     if cfg["world"] == "metaworld" and not (cfg["data"].get("metaworld") or {}).get("datasets"):
         raise ConfigError("world is 'metaworld' but data.metaworld.datasets is empty")
     if cfg["world"] == "libero" and not rlds and not cfg["data"].get("fixture"):
-        raise ConfigError("world is 'libero' but data.rlds_dir is not set: point it at the folder "
-                          "holding modified_libero_rlds datasets")
+        raise ConfigError(
+            "world is 'libero' but data.rlds_dir is not set: point it at the folder "
+            "holding modified_libero_rlds datasets"
+        )
     names = all_method_names(cfg)
     for m in cfg["study"].get("methods", []) + cfg["study"].get("fewshot_methods", []):
         if m not in names:
@@ -187,8 +193,11 @@ def all_method_names(cfg: dict) -> list[str]:
     return list(cfg["methods"]) + list(cfg.get("ablations") or {})
 
 
-METHOD_DEFAULTS: dict[str, dict] = {"hsw": {"enabled": False}, "thermostat": {"enabled": False},
-                                    "craft": {"enabled": False}}
+METHOD_DEFAULTS: dict[str, dict] = {
+    "hsw": {"enabled": False},
+    "thermostat": {"enabled": False},
+    "craft": {"enabled": False},
+}
 
 
 def method_config(cfg: dict, method: str) -> dict:
@@ -227,7 +236,11 @@ def method_needs(mcfg: dict) -> set[str]:
 
 def suites_all(cfg: dict) -> list[str]:
     out = list(cfg["study"].get("suites", []))
-    for s in (cfg["study"].get("fewshot_suite"), cfg["study"].get("ablation_suite"), cfg["probe"].get("dataset")):
+    for s in (
+        cfg["study"].get("fewshot_suite"),
+        cfg["study"].get("ablation_suite"),
+        cfg["probe"].get("dataset"),
+    ):
         if s and s not in out:
             out.append(s)
     for s in list(cfg["eval"].get("forgetting", {}).get("upstream_suites", [])) + chain_suites(cfg):
@@ -266,6 +279,7 @@ def parse_run_name(name: str) -> dict:
 
 # ----------------------------------------------------------------------------- chained runs
 
+
 def chain_suites(cfg: dict) -> list[str]:
     return list((cfg["study"].get("chain") or {}).get("suites") or [])
 
@@ -287,8 +301,11 @@ def chain_runs(cfg: dict) -> list[list[str]]:
     """One list per (method, seed) of the chain: its stages' run names, in order."""
     ch = cfg["study"].get("chain") or {}
     K = len(chain_suites(cfg))
-    return [[chain_run(cfg, m, k, s) for k in range(1, K + 1)]
-            for m in ch.get("methods") or [] for s in chain_seeds(cfg)]
+    return [
+        [chain_run(cfg, m, k, s) for k in range(1, K + 1)]
+        for m in ch.get("methods") or []
+        for s in chain_seeds(cfg)
+    ]
 
 
 def chain_previous(cfg: dict, run: str) -> str | None:
@@ -299,8 +316,7 @@ def chain_previous(cfg: dict, run: str) -> str | None:
         return None
     k, suites = int(m.group(1)), chain_suites(cfg)
     if not 2 <= k <= len(suites) or suites[k - 1] != r["suite"]:
-        raise ConfigError(f"run {run}: study.chain.suites has no stage {k} on {r['suite']} "
-                          f"(chain: {suites})")
+        raise ConfigError(f"run {run}: study.chain.suites has no stage {k} on {r['suite']} (chain: {suites})")
     return chain_run(cfg, r["method"], k - 1, r["seed"])
 
 
@@ -352,8 +368,15 @@ def rlds_dir(cfg: dict, dataset: str) -> str:
 
 def fixture_params(cfg: dict) -> dict:
     """What the LIBERO-format fixture (data.fixture, the rehearsal) is made from: its folder's name."""
-    fx = {"tasks": 2, "episodes": 3, "steps": 24, "seed": 0, "shards": 1, "source": "synthetic",
-          **(cfg["data"].get("fixture") or {})}
+    fx = {
+        "tasks": 2,
+        "episodes": 3,
+        "steps": 24,
+        "seed": 0,
+        "shards": 1,
+        "source": "synthetic",
+        **(cfg["data"].get("fixture") or {}),
+    }
     out = suites_all(cfg)
     if cfg["model"]["backend"] == "tiny":
         out += [d for d in tiny_corpus_datasets(cfg) if d not in out]
@@ -366,12 +389,16 @@ def libero_vqa_params(cfg: dict) -> dict | None:
     v = f.get("libero_vqa")
     if not v or f.get("vqa_jsonl"):
         return None
-    return {"suites": list(v.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10",
-                                               "libero_90"]),
-            "n": int(v.get("n", 600)), "seed": int(v.get("seed", cfg["seed"])),
-            "states_per_task": int(v.get("states_per_task", 2)),
-            "tasks_per_suite": int(v["tasks_per_suite"]) if v.get("tasks_per_suite") else None,
-            "config_path": (cfg["eval"].get("libero") or {}).get("config_path")}
+    return {
+        "suites": list(
+            v.get("suites") or ["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
+        ),
+        "n": int(v.get("n", 600)),
+        "seed": int(v.get("seed", cfg["seed"])),
+        "states_per_task": int(v.get("states_per_task", 2)),
+        "tasks_per_suite": int(v["tasks_per_suite"]) if v.get("tasks_per_suite") else None,
+        "config_path": (cfg["eval"].get("libero") or {}).get("config_path"),
+    }
 
 
 def libero_vqa_dir(cfg: dict) -> Path:
@@ -392,10 +419,14 @@ def model_path(cfg: dict, own: bool = False) -> str:
 
 def tiny_pretrain_dataset(cfg: dict) -> str:
     """The tiny teacher's pretraining dataset: model.pretrain.dataset, else data.metaworld.upstream."""
-    ds = (cfg["model"].get("pretrain") or {}).get("dataset") or (cfg["data"].get("metaworld") or {}).get("upstream")
+    ds = (cfg["model"].get("pretrain") or {}).get("dataset") or (cfg["data"].get("metaworld") or {}).get(
+        "upstream"
+    )
     if not ds:
-        raise ConfigError("model.backend tiny needs model.pretrain.dataset (world libero: e.g. "
-                          "libero_goal_no_noops) or data.metaworld.upstream")
+        raise ConfigError(
+            "model.backend tiny needs model.pretrain.dataset (world libero: e.g. "
+            "libero_goal_no_noops) or data.metaworld.upstream"
+        )
     return ds
 
 
@@ -420,8 +451,23 @@ def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
 # sees only the rule body: editing that code reruns the stage. Optional parts count only for the
 # jobs that use them: a method plug-in (train/plugins/<name>.py) for the runs that enable it, the
 # periodic evaluation (eval/) for runs whose early stopping it drives.
-STAGES_WITH_CODE = ("demos", "libero_fixture", "cache", "model", "probe", "icsm", "craft_anchors", "train",
-                    "eval", "forgetting", "libero_vqa", "vqa_convert", "export", "table", "figures")
+STAGES_WITH_CODE = (
+    "demos",
+    "libero_fixture",
+    "cache",
+    "model",
+    "probe",
+    "icsm",
+    "craft_anchors",
+    "train",
+    "eval",
+    "forgetting",
+    "libero_vqa",
+    "vqa_convert",
+    "export",
+    "table",
+    "figures",
+)
 OPTIONAL_CODE: dict[str, dict[str, str]] = {"train": {"periodic_eval": "vlaforget.eval.closed_loop"}}
 # Plumbing that records and compares ids, never what a stage computes: not followed from an entry.
 CODE_EXCLUDED = ("vlaforget.freshness", "vlaforget.codedeps")
@@ -562,9 +608,14 @@ def model_cache_dir(cfg: dict) -> Path:
 def _model_block(cfg: dict, own: bool = False) -> dict:
     """The teacher model block; `own`: the model stage's own (its built model is its output)."""
     m = cfg["model"]
-    return {"backend": m["backend"], "base": m["base"], "path": model_path(cfg, own=own),
-            "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE, "attn_implementation": m.get("attn_implementation"),
-            "cache_dir": str(model_cache_dir(cfg))}
+    return {
+        "backend": m["backend"],
+        "base": m["base"],
+        "path": model_path(cfg, own=own),
+        "dtype": m.get("dtype") or DEFAULT_MODEL_DTYPE,
+        "attn_implementation": m.get("attn_implementation"),
+        "cache_dir": str(model_cache_dir(cfg)),
+    }
 
 
 def init_adapter_files(path: str | Path) -> dict[str, str]:
@@ -574,19 +625,26 @@ def init_adapter_files(path: str | Path) -> dict[str, str]:
 
     p = Path(path)
     if not (p / "adapter_config.json").is_file():
-        raise ConfigError(f"train.init_adapter = {p}: no PEFT adapter there (adapter_config.json missing); "
-                          "point it at the folder holding adapter_config.json and adapter_model.safetensors "
-                          "(the user's resume_adapter_dir), or set it to null")
+        raise ConfigError(
+            f"train.init_adapter = {p}: no PEFT adapter there (adapter_config.json missing); "
+            "point it at the folder holding adapter_config.json and adapter_model.safetensors "
+            "(the user's resume_adapter_dir), or set it to null"
+        )
     files = adapter_hashes(p)
     if not any(f.startswith("adapter_model.") for f in files):
-        raise ConfigError(f"train.init_adapter = {p} holds adapter_config.json but no adapter_model.safetensors "
-                          "/ .bin: copy the whole adapter folder")
+        raise ConfigError(
+            f"train.init_adapter = {p} holds adapter_config.json but no adapter_model.safetensors "
+            "/ .bin: copy the whole adapter folder"
+        )
     return files
 
 
 def _dataset_block(cfg: dict, dataset: str) -> dict:
-    return {"name": dataset, "cache_dir": job_output(cfg, "cache", dataset),
-            "tasks": dataset_tasks(cfg, dataset)}
+    return {
+        "name": dataset,
+        "cache_dir": job_output(cfg, "cache", dataset),
+        "tasks": dataset_tasks(cfg, dataset),
+    }
 
 
 # Where each stage job's outputs live: `{job_dir}/{config id}/` (a file `{config id}.json` for an
@@ -599,9 +657,15 @@ def job_dir(cfg: dict, stage: str, key: str) -> Path:
         return lay.eval(run) / suite
     if stage == "forgetting":
         return lay.eval(key) / "forgetting"
-    return {"demos": lambda: lay.rlds(key), "cache": lambda: lay.cache(key), "model": lambda: lay.model(key),
-            "probe": lambda: lay.probe(base, key), "icsm": lambda: lay.icsm(base, key),
-            "craft_anchors": lambda: lay.craft(base, key), "train": lambda: lay.run(key)}[stage]()
+    return {
+        "demos": lambda: lay.rlds(key),
+        "cache": lambda: lay.cache(key),
+        "model": lambda: lay.model(key),
+        "probe": lambda: lay.probe(base, key),
+        "icsm": lambda: lay.icsm(base, key),
+        "craft_anchors": lambda: lay.craft(base, key),
+        "train": lambda: lay.run(key),
+    }[stage]()
 
 
 def job_output(cfg: dict, stage: str, key: str) -> str:
@@ -620,54 +684,100 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
     own = OUT_TAG  # the job's own output path, filled in once its id is known
     if stage == "demos":
         mw = d["metaworld"]
-        out.update(dataset=key, tasks=mw["datasets"][key], instructions=mw.get("instructions") or {},
-                   camera=mw["camera"], render_size=mw["render_size"], max_steps=mw["max_steps"],
-                   episodes_per_task=mw["episodes_per_task"], seed=mw["seed"],
-                   workers=mw.get("workers", DemosStageSettings.workers), out_dir=own)
+        out.update(
+            dataset=key,
+            tasks=mw["datasets"][key],
+            instructions=mw.get("instructions") or {},
+            camera=mw["camera"],
+            render_size=mw["render_size"],
+            max_steps=mw["max_steps"],
+            episodes_per_task=mw["episodes_per_task"],
+            seed=mw["seed"],
+            workers=mw.get("workers", DemosStageSettings.workers),
+            out_dir=own,
+        )
     elif stage == "cache":
-        out.update(dataset=key, rlds_dir=rlds_dir(cfg, key), image_size=d["image_size"],
-                   train_split=d.get("train_split", CacheStageSettings.train_split),
-                   heldout=d.get("heldout", CacheStageSettings.heldout),
-                   image_key=d.get("image_key", CacheStageSettings.image_key),
-                   state_key=d.get("state_key", CacheStageSettings.state_key), out_dir=own,
-                   # our Meta-World demos: the identity transform; other datasets: by name
-                   # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)
-                   transform="metaworld" if dataset_tasks(cfg, key) is not None else None)
+        out.update(
+            dataset=key,
+            rlds_dir=rlds_dir(cfg, key),
+            image_size=d["image_size"],
+            train_split=d.get("train_split", CacheStageSettings.train_split),
+            heldout=d.get("heldout", CacheStageSettings.heldout),
+            image_key=d.get("image_key", CacheStageSettings.image_key),
+            state_key=d.get("state_key", CacheStageSettings.state_key),
+            out_dir=own,
+            # our Meta-World demos: the identity transform; other datasets: by name
+            # (data/transforms.py DATASET_TRANSFORMS, openvla's per-dataset registry)
+            transform="metaworld" if dataset_tasks(cfg, key) is not None else None,
+        )
     elif stage == "model":
         out.update(model=_model_block(cfg, own=True), out_dir=own)
         if cfg["model"]["backend"] == "tiny":
             mw = d.get("metaworld") or {}
-            out.update(tiny=cfg["model"]["tiny"], pretrain=cfg["model"]["pretrain"],
-                       upstream=_dataset_block(cfg, tiny_pretrain_dataset(cfg)),
-                       corpus_datasets=[_dataset_block(cfg, s) for s in tiny_corpus_datasets(cfg)],
-                       instructions=mw.get("instructions") or {})
+            out.update(
+                tiny=cfg["model"]["tiny"],
+                pretrain=cfg["model"]["pretrain"],
+                upstream=_dataset_block(cfg, tiny_pretrain_dataset(cfg)),
+                corpus_datasets=[_dataset_block(cfg, s) for s in tiny_corpus_datasets(cfg)],
+                instructions=mw.get("instructions") or {},
+            )
     elif stage == "probe":
-        out.update(model=_model_block(cfg), dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
-                   n=cfg["probe"]["n"], seed=cfg["probe"].get("seed", ProbeStageSettings.seed),
-                   split=cfg["probe"].get("split", ProbeStageSettings.split), trained_suites=trained_suites(cfg),
-                   batch_size=cfg["probe"].get("batch_size", ProbeStageSettings.batch_size), out_dir=own)
+        out.update(
+            model=_model_block(cfg),
+            dataset=_dataset_block(cfg, cfg["probe"]["dataset"]),
+            n=cfg["probe"]["n"],
+            seed=cfg["probe"].get("seed", ProbeStageSettings.seed),
+            split=cfg["probe"].get("split", ProbeStageSettings.split),
+            trained_suites=trained_suites(cfg),
+            batch_size=cfg["probe"].get("batch_size", ProbeStageSettings.batch_size),
+            out_dir=own,
+        )
     elif stage == "icsm":
-        out.update(model=_model_block(cfg), icsm=cfg["icsm"],
-                   probe_dir=job_output(cfg, "probe", probe_set_name(cfg)), out_dir=own)
+        out.update(
+            model=_model_block(cfg),
+            icsm=cfg["icsm"],
+            probe_dir=job_output(cfg, "probe", probe_set_name(cfg)),
+            out_dir=own,
+        )
     elif stage == "craft_anchors":
         suite, shots, shots_seed = parse_anchor_set(key)
-        out.update(model=_model_block(cfg), craft=cfg["craft"], dataset=_dataset_block(cfg, suite),
-                   shots=shots, shots_seed=shots_seed,
-                   seed=cfg.get("seed", CraftAnchorsStageSettings.seed), out_dir=own)
+        out.update(
+            model=_model_block(cfg),
+            craft=cfg["craft"],
+            dataset=_dataset_block(cfg, suite),
+            shots=shots,
+            shots_seed=shots_seed,
+            seed=cfg.get("seed", CraftAnchorsStageSettings.seed),
+            out_dir=own,
+        )
     elif stage == "train":
         r = parse_run_name(key)
         mcfg = method_config(cfg, r["method"])
         needs = method_needs(mcfg)
-        out.update(run_name=key, method_name=r["method"], suite=r["suite"], shots=parse_shots(r["shots"]),
-                   seed=r["seed"], model=_model_block(cfg), dataset=_dataset_block(cfg, r["suite"]),
-                   train=cfg["train"], method=mcfg, out_dir=own)
+        out.update(
+            run_name=key,
+            method_name=r["method"],
+            suite=r["suite"],
+            shots=parse_shots(r["shots"]),
+            seed=r["seed"],
+            model=_model_block(cfg),
+            dataset=_dataset_block(cfg, r["suite"]),
+            train=cfg["train"],
+            method=mcfg,
+            out_dir=own,
+        )
         ps = probe_set_name(cfg)
         out["icsm_dir"] = job_output(cfg, "icsm", ps) if "icsm" in needs else None
         out["probe_dir"] = job_output(cfg, "probe", ps) if "probe" in needs else None
-        out["craft_dir"] = (job_output(cfg, "craft_anchors", anchor_set(r["suite"], out["shots"], r["seed"]))
-                            if "craft" in needs else None)
+        out["craft_dir"] = (
+            job_output(cfg, "craft_anchors", anchor_set(r["suite"], out["shots"], r["seed"]))
+            if "craft" in needs
+            else None
+        )
         if "craft" in needs:
-            out["craft_layer"] = cfg["craft"].get("layer", CraftAnchorSettings.layer)  # checked against the anchor cache
+            out["craft_layer"] = cfg["craft"].get(
+                "layer", CraftAnchorSettings.layer
+            )  # checked against the anchor cache
         parts = train_code_parts(out)  # only the plug-ins (and periodic eval) this run uses
         code, files = _code("train", parts)
         out.update(code=code, code_files=dict(files))
@@ -683,23 +793,35 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             out["init_adapter_files"] = init_adapter_files(cfg["train"]["init_adapter"])
     elif stage == "eval":
         run, suite = key.rsplit("@", 1)
-        out.update(run_name=run, suite=suite, model=_model_block(cfg),
-                   adapter_dir=None if run == "teacher" else str(Path(job_output(cfg, "train", run)) / "final"),
-                   eval=eval_block(cfg, suite), out_file=own)
+        out.update(
+            run_name=run,
+            suite=suite,
+            model=_model_block(cfg),
+            adapter_dir=None if run == "teacher" else str(Path(job_output(cfg, "train", run)) / "final"),
+            eval=eval_block(cfg, suite),
+            out_file=own,
+        )
     elif stage == "forgetting":
         f = cfg["eval"].get("forgetting", {})
         ps = probe_set_name(cfg)
-        out.update(run_name=key, model=_model_block(cfg),
-                   adapter_dir=None if key == "teacher" else str(Path(job_output(cfg, "train", key)) / "final"),
-                   probe_dir=job_output(cfg, "probe", ps), icsm_dir=job_output(cfg, "icsm", ps),
-                   vqa_jsonl=f.get("vqa_jsonl") or (str(libero_vqa_dir(cfg) / "questions.jsonl")
-                                                     if f.get("libero_vqa") else None),
-                   vqa_categories=list(f.get("vqa_categories") or []),
-                   drift_samples=f.get("drift_samples", ForgettingSettings.drift_samples),
-                   craft_layer=(cfg.get("craft") or {}).get("layer", CraftAnchorSettings.layer),  # drift / CKA at CRaFT's layer
-                   vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
-                   if cfg["world"] == "metaworld" else [],
-                   out_file=own)
+        out.update(
+            run_name=key,
+            model=_model_block(cfg),
+            adapter_dir=None if key == "teacher" else str(Path(job_output(cfg, "train", key)) / "final"),
+            probe_dir=job_output(cfg, "probe", ps),
+            icsm_dir=job_output(cfg, "icsm", ps),
+            vqa_jsonl=f.get("vqa_jsonl")
+            or (str(libero_vqa_dir(cfg) / "questions.jsonl") if f.get("libero_vqa") else None),
+            vqa_categories=list(f.get("vqa_categories") or []),
+            drift_samples=f.get("drift_samples", ForgettingSettings.drift_samples),
+            craft_layer=(cfg.get("craft") or {}).get(
+                "layer", CraftAnchorSettings.layer
+            ),  # drift / CKA at CRaFT's layer
+            vqa_datasets=[_dataset_block(cfg, s) for s in f.get("upstream_suites", [])]
+            if cfg["world"] == "metaworld"
+            else [],
+            out_file=own,
+        )
     else:
         raise ConfigError(f"unknown stage '{stage}'")
     out["inputs"] = stage_inputs(cfg, stage, key)
@@ -720,7 +842,7 @@ def _place(out: dict, where: Path, key: str) -> dict:
         if isinstance(x, list):
             return [fill(v) for v in x]
         if isinstance(x, str) and (x == OUT_TAG or x.startswith(OUT_TAG + "/")):
-            return path + x[len(OUT_TAG):]
+            return path + x[len(OUT_TAG) :]
         return x
 
     out = fill(out)
@@ -771,7 +893,9 @@ def _upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
         if "probe" in needs:
             out.append(("probe", "probe", ps))
         if "craft" in needs:
-            out.append(("anchors", "craft_anchors", anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"])))
+            out.append(
+                ("anchors", "craft_anchors", anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"]))
+            )
         prev = chain_previous(cfg, key)
         if prev:
             out.append(("init", "train", prev))
@@ -785,7 +909,10 @@ def _upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
         if key != "teacher":
             out.append(("train", "train", key))
         if meta:
-            out += [(f"cache:{s}", "cache", s) for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", [])]
+            out += [
+                (f"cache:{s}", "cache", s)
+                for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", [])
+            ]
         return out
     return []
 
@@ -798,7 +925,11 @@ def stage_inputs(cfg: dict, stage: str, key: str) -> dict:
     out = {}
     for name, up_stage, up_key in _upstream(cfg, stage, key):
         sc = _stage_config_cached(cfg, up_stage, up_key)
-        out[name] = {"file": str(completion_file(sc)), "id": config_id_of(sc), "rule": COMPLETION[up_stage][0]}
+        out[name] = {
+            "file": str(completion_file(sc)),
+            "id": config_id_of(sc),
+            "rule": COMPLETION[up_stage][0],
+        }
     return out
 
 
@@ -809,8 +940,14 @@ def _stage_config_cached(cfg: dict, stage: str, key: str) -> dict:
     """stage_config memoised on the config's content (the DAG asks for the model's id per job)."""
     import os
 
-    k = (stage, key, str(PKG_DIR), json.dumps(cfg, sort_keys=True, default=str),
-         os.environ.get("VLAFORGET_ROOT"), os.environ.get("VLAFORGET_ALLOWED_ROOT"))
+    k = (
+        stage,
+        key,
+        str(PKG_DIR),
+        json.dumps(cfg, sort_keys=True, default=str),
+        os.environ.get("VLAFORGET_ROOT"),
+        os.environ.get("VLAFORGET_ALLOWED_ROOT"),
+    )
     if k not in _SC_CACHE:
         if len(_SC_CACHE) > 4096:
             _SC_CACHE.clear()
@@ -820,16 +957,26 @@ def _stage_config_cached(cfg: dict, stage: str, key: str) -> dict:
 
 def eval_block(cfg: dict, suite: str) -> dict:
     e = cfg["eval"]
-    blk = {"suite": suite, "num_envs": e["num_envs"], "episodes_per_task": e["episodes_per_task"],
-           "videos_per_task": e.get("videos_per_task", EvalSettings.videos_per_task),
-           "center_crop": e.get("center_crop", EvalSettings.center_crop),
-           "pipeline_groups": e.get("pipeline_groups", EvalSettings.pipeline_groups),
-           "image_size": cfg["data"]["image_size"],
-           "unnorm_dataset": suite, "stats_path": str(Path(job_output(cfg, "cache", suite)) / "dataset_statistics.json")}
+    blk = {
+        "suite": suite,
+        "num_envs": e["num_envs"],
+        "episodes_per_task": e["episodes_per_task"],
+        "videos_per_task": e.get("videos_per_task", EvalSettings.videos_per_task),
+        "center_crop": e.get("center_crop", EvalSettings.center_crop),
+        "pipeline_groups": e.get("pipeline_groups", EvalSettings.pipeline_groups),
+        "image_size": cfg["data"]["image_size"],
+        "unnorm_dataset": suite,
+        "stats_path": str(Path(job_output(cfg, "cache", suite)) / "dataset_statistics.json"),
+    }
     if cfg["world"] == "metaworld":
         mw = cfg["data"]["metaworld"]
-        blk.update(tasks=mw["datasets"][suite], camera=mw["camera"], render_size=mw["render_size"],
-                   instructions=mw.get("instructions") or {}, **(e.get("metaworld") or {}))
+        blk.update(
+            tasks=mw["datasets"][suite],
+            camera=mw["camera"],
+            render_size=mw["render_size"],
+            instructions=mw.get("instructions") or {},
+            **(e.get("metaworld") or {}),
+        )
     else:
         blk.update(**(e.get("libero") or {}))
     return blk
@@ -893,11 +1040,14 @@ def load_stage_config(path: str | Path, stage: str | None = None) -> dict:
     if stage and sc.get("stage") != stage:
         raise ConfigError(f"{path} is a '{sc.get('stage')}' stage config, not '{stage}'")
     if sc.get("root") == "{root}":
-        root = _root_of_config_file(path) or (Path(os.environ["VLAFORGET_ROOT"]) if os.environ.get("VLAFORGET_ROOT")
-                                              else None)
+        root = _root_of_config_file(path) or (
+            Path(os.environ["VLAFORGET_ROOT"]) if os.environ.get("VLAFORGET_ROOT") else None
+        )
         if root is None:
-            raise ConfigError(f"{path} writes the data root as {{root}} but lies outside {{root}}/configs/: "
-                              "set VLAFORGET_ROOT to the data root it belongs to")
+            raise ConfigError(
+                f"{path} writes the data root as {{root}} but lies outside {{root}}/configs/: "
+                "set VLAFORGET_ROOT to the data root it belongs to"
+            )
         sc = fill_root(sc, str(root))
     for dotted, value in json.loads(os.environ.get(NON_SEMANTIC_ENV) or "{}").items():
         if dotted in non_semantic_values(sc):  # only keys outside the id
@@ -912,7 +1062,8 @@ def load_stage_config(path: str | Path, stage: str | None = None) -> dict:
             raise ConfigError(
                 f"{path} holds a config of id {got}, not the id {path.stem} its name says (edited by hand, or "
                 f"written by another version of the code): refusing to run it. Delete the file; the workflow "
-                f"writes it anew (rule stage_config).")
+                f"writes it anew (rule stage_config)."
+            )
     allowed = Path(sc.get("allowed_root", "/opt/data/private"))
     for k in ("root", "out_dir", "out_file"):
         if sc.get(k):

@@ -96,12 +96,19 @@ def full_disk_message(e: OSError, stage_config: str | None = None) -> str:
     where = where or out_dir or Path.cwd()
     probe = where if where.exists() else next((p for p in where.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
-    sizes = [f.stat().st_size for f in (out_dir.rglob("*") if out_dir and out_dir.is_dir() else []) if f.is_file()]
-    need = f"about {_gb(max(sizes))} more (the largest file it has written so far)" if sizes \
+    sizes = [
+        f.stat().st_size for f in (out_dir.rglob("*") if out_dir and out_dir.is_dir() else []) if f.is_file()
+    ]
+    need = (
+        f"about {_gb(max(sizes))} more (the largest file it has written so far)"
+        if sizes
         else f"at least {MIN_FREE_GB:g} GB free (a 7B run: ~100 GB)"
-    return (f"the disk holding {where} is full ({e.strerror or 'no space left on device'}): {_gb(free)} free, "
-            f"this job needs {need}. Free space on that disk or point VLAFORGET_ROOT at a larger one, then "
-            f"rerun: a training run resumes from its last checkpoint.")
+    )
+    return (
+        f"the disk holding {where} is full ({e.strerror or 'no space left on device'}): {_gb(free)} free, "
+        f"this job needs {need}. Free space on that disk or point VLAFORGET_ROOT at a larger one, then "
+        f"rerun: a training run resumes from its last checkpoint."
+    )
 
 
 def escaping_links(root: Path, allowed: Path, limit: int = 5) -> list[str]:
@@ -115,8 +122,10 @@ def escaping_links(root: Path, allowed: Path, limit: int = 5) -> list[str]:
         for name in dirs + files:
             p = Path(d) / name
             if p.is_symlink() and not is_within(p, allowed):
-                out.append(f"{p} is a symlink to {os.path.realpath(p)}, outside the allowed root {allowed}: "
-                           f"move that data under {allowed} and link it from there, or remove the link")
+                out.append(
+                    f"{p} is a symlink to {os.path.realpath(p)}, outside the allowed root {allowed}: "
+                    f"move that data under {allowed} and link it from there, or remove the link"
+                )
                 if len(out) >= limit:
                     return out
     return out

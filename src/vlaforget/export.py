@@ -119,5 +119,3 @@ def export_run(
         raise
     log.info("exported %s in %.1f s: %s", sc["run_name"], time.time() - t0, out)
     return record
-
-

@@ -59,9 +59,19 @@ def _sidecar(completion: Path) -> Path:
 def _write_sidecar(completion: Path, cid: str, stage: str, **more) -> None:
     # the file's size and sha256, not its inode: a copied or moved root (cp -a, rsync, another disk)
     # keeps the record valid, a rewritten or corrupted file does not
-    atomic_write_text(_sidecar(completion), json.dumps({"config_id": cid, "stage": stage,
-                                                        "size": completion.stat().st_size,
-                                                        "sha256": sha256_file(completion), **more}) + "\n")
+    atomic_write_text(
+        _sidecar(completion),
+        json.dumps(
+            {
+                "config_id": cid,
+                "stage": stage,
+                "size": completion.stat().st_size,
+                "sha256": sha256_file(completion),
+                **more,
+            }
+        )
+        + "\n",
+    )
 
 
 def recorded_id(completion: str | Path) -> str | None:
@@ -120,10 +130,12 @@ def check_inputs(sc: dict) -> None:
                 f"{name}: {f} {what}, but this {sc['stage']} job needs the output of '{rule}' for "
                 f"config id {want}. The workflow reruns it on its next run (snakemake ... as before); "
                 f"by hand: snakemake --forcerun {rule} ..., or `vlaforget {rule.replace('_', '-')} "
-                f"--config <its stage config>`")
+                f"--config <its stage config>`"
+            )
     if problems:
-        raise StaleInputError(f"{sc['stage']}: refusing to use inputs made for another config:\n  "
-                              + "\n  ".join(problems))
+        raise StaleInputError(
+            f"{sc['stage']}: refusing to use inputs made for another config:\n  " + "\n  ".join(problems)
+        )
     verify_inputs(sc)
 
 
@@ -147,11 +159,38 @@ def verify_inputs(sc: dict) -> None:
 
 
 # Snakemake invocations that only look (no job runs): nothing is written, what would rerun is reported.
-INSPECT_FLAGS = ("-n", "--dry-run", "--dryrun", "--summary", "-S", "--detailed-summary", "-D", "--list",
-                 "-l", "--list-target-rules", "--lt", "--list-changes", "--lc", "--report", "--dag",
-                 "--rulegraph", "--filegraph", "--lint", "--unlock", "--cleanup-metadata", "--cm",
-                 "--containerize", "--print-compilation", "--list-untracked", "--lu", "--delete-all-output",
-                 "--delete-temp-output", "--archive", "--conda-create-envs-only", "--list-conda-envs")
+INSPECT_FLAGS = (
+    "-n",
+    "--dry-run",
+    "--dryrun",
+    "--summary",
+    "-S",
+    "--detailed-summary",
+    "-D",
+    "--list",
+    "-l",
+    "--list-target-rules",
+    "--lt",
+    "--list-changes",
+    "--lc",
+    "--report",
+    "--dag",
+    "--rulegraph",
+    "--filegraph",
+    "--lint",
+    "--unlock",
+    "--cleanup-metadata",
+    "--cm",
+    "--containerize",
+    "--print-compilation",
+    "--list-untracked",
+    "--lu",
+    "--delete-all-output",
+    "--delete-temp-output",
+    "--archive",
+    "--conda-create-envs-only",
+    "--list-conda-envs",
+)
 
 
 def sync_mode(argv: list[str]) -> str:
@@ -197,15 +236,24 @@ def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     if a.get("code") != b.get("code"):
         fa, fb = old.get("code_files") or {}, new.get("code_files") or {}
         files = sorted(f for f in set(fa) | set(fb) if fa.get(f) != fb.get(f)) if fa else []
-        parts.append("code of " + ", ".join(files[:limit] + (["..."] if len(files) > limit else []))
-                     if files else "code (the old stage config records no files)")
+        parts.append(
+            "code of " + ", ".join(files[:limit] + (["..."] if len(files) > limit else []))
+            if files
+            else "code (the old stage config records no files)"
+        )
     ia, ib = a.get("inputs") or {}, b.get("inputs") or {}
     for name in sorted(set(ia) | set(ib)):
         if (ia.get(name) or {}).get("id") != (ib.get(name) or {}).get("id"):
             rule = (ib.get(name) or ia.get(name) or {}).get("rule", name)
             parts.append(f"input {name} (rule {rule}) is remade")
-    keys = [k for k in _leaf_changes({k: v for k, v in a.items() if k not in ("code", "inputs")},
-                                     {k: v for k, v in b.items() if k not in ("code", "inputs")}) if k]
+    keys = [
+        k
+        for k in _leaf_changes(
+            {k: v for k, v in a.items() if k not in ("code", "inputs")},
+            {k: v for k, v in b.items() if k not in ("code", "inputs")},
+        )
+        if k
+    ]
     for k in keys[:limit]:
         va, vb = a, b
         for p in k.split("."):
@@ -227,8 +275,11 @@ def explain(jobs, out=None) -> dict[tuple[str, str], str]:
             continue
         cfg_dir = Path(sc["root"]) / "configs" / stage / key
         cid = config_id(sc)
-        others = sorted((p for p in cfg_dir.glob("*.yaml") if p.stem != cid), key=lambda p: p.stat().st_mtime) \
-            if cfg_dir.is_dir() else []
+        others = (
+            sorted((p for p in cfg_dir.glob("*.yaml") if p.stem != cid), key=lambda p: p.stat().st_mtime)
+            if cfg_dir.is_dir()
+            else []
+        )
         if not others:
             continue
         try:
@@ -327,11 +378,18 @@ def clear_stale_snakemake_lock(workdir: str | Path, out=None) -> bool:
             removed = True
             if out is not None:
                 dead = ", ".join(f"pid {p}" for _, _, p in markers)
-                print(f"vlaforget: removed the Snakemake lock left by a killed driver ({dead} on {host}, "
-                      f"no longer running); no --unlock needed", file=out)
+                print(
+                    f"vlaforget: removed the Snakemake lock left by a killed driver ({dead} on {host}, "
+                    f"no longer running); no --unlock needed",
+                    file=out,
+                )
         elif out is not None:
-            print("vlaforget: .snakemake/locks is held by " + ", ".join(f"pid {p} on {h}" for h, p in holders)
-                  + ": if none of them runs any more, `snakemake ... --unlock` once", file=out)
+            print(
+                "vlaforget: .snakemake/locks is held by "
+                + ", ".join(f"pid {p} on {h}" for h, p in holders)
+                + ": if none of them runs any more, `snakemake ... --unlock` once",
+                file=out,
+            )
     for m, h, p in markers:  # forget drivers of this host that are gone
         if h == host and p != me and not _is_live_snakemake(p):
             m.unlink(missing_ok=True)

@@ -28,8 +28,12 @@ log = logging.getLogger("vlaforget")
 
 def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S", stream=sys.stderr)
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
 
 
 _UMASK_LOCK = threading.Lock()
@@ -138,7 +142,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 # The files of a PEFT adapter folder a run reads when it starts from it (train.init_adapter): the
 # adapter's config and weights, and the user's optimizer state (finetune.py's trainer_state.pt).
-INIT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.pt")
+INIT_ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "trainer_state.pt",
+)
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
 
 
@@ -179,7 +188,7 @@ def relocatable(obj: Any, root: str | None, allowed_root: str | None = None) -> 
         if isinstance(x, str):
             for r, tag in subs:
                 if x == r or x.startswith(r + "/"):
-                    return tag + x[len(r):]
+                    return tag + x[len(r) :]
         return x
 
     return sub(obj)
@@ -192,7 +201,7 @@ def fill_root(obj: Any, root: str) -> Any:
     if isinstance(obj, list):
         return [fill_root(v, root) for v in obj]
     if isinstance(obj, str) and (obj == "{root}" or obj.startswith("{root}/")):
-        return root + obj[len("{root}"):]
+        return root + obj[len("{root}") :]
     return obj
 
 
@@ -219,7 +228,7 @@ def relocate_own_output(obj: Any, out: str | None) -> Any:
         if isinstance(x, (list, tuple)):
             return [sub(v) for v in x]
         if isinstance(x, str) and (x == out or x.startswith(out + "/")):
-            return OUT_TAG + x[len(out):]
+            return OUT_TAG + x[len(out) :]
         return x
 
     return sub(obj)
@@ -245,8 +254,9 @@ def stable_hash(obj: Any, n: int = 8) -> str:
 def git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
@@ -284,8 +294,16 @@ def progress(iterable=None, total=None, desc: str = "", **kw):
     from tqdm.auto import tqdm
 
     disable = os.environ.get("VLAFORGET_NO_PROGRESS") == "1"
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True,
-                mininterval=2.0, file=sys.stderr, **kw)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        disable=disable,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        file=sys.stderr,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- one owner per output
@@ -319,10 +337,15 @@ class DirLock:
                 f"{self.what} is in use by another live process ({holder}; lock {self.path}). Two "
                 f"drivers (or a driver and an orphaned trainer) must not write one run. Wait for it, "
                 f"or stop it (`kill <pid>` on that host) and rerun; the lock is released the moment "
-                f"that process ends, so there is nothing to delete.") from None
+                f"that process ends, so there is nothing to delete."
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} "
-                      f"since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"host={socket.gethostname()} pid={os.getpid()} "
+            f"since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(),
+            0,
+        )
         self.fd = fd
         return self
 
@@ -348,8 +371,15 @@ class CorruptInputError(UserError, RuntimeError):
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
 
 
-def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
-                 sizes: dict[str, int] | None = None, hash_fn=None, trust_mtime: bool = True) -> None:
+def verify_files(
+    directory: str | Path,
+    hashes: dict[str, str],
+    *,
+    rule: str,
+    sizes: dict[str, int] | None = None,
+    hash_fn=None,
+    trust_mtime: bool = True,
+) -> None:
     """Check files of an artifact against its manifest: size always (when recorded), sha256 once per
     process and again whenever a file's size or mtime changed; `trust_mtime=False` (small artifacts:
     ICSM bases, adapters) hashes every time, so bytes changed with the mtime put back are caught too.
@@ -364,15 +394,19 @@ def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
     changed = False
     for name, want in hashes.items():
         p = directory / name
-        fix = (f"rebuild it: delete {directory} and rerun the '{rule}' rule (snakemake --forcerun {rule} "
-               f"...), or `vlaforget {rule.replace('_', '-')} --config <its stage config>`")
+        fix = (
+            f"rebuild it: delete {directory} and rerun the '{rule}' rule (snakemake --forcerun {rule} "
+            f"...), or `vlaforget {rule.replace('_', '-')} --config <its stage config>`"
+        )
         try:
             st = p.stat()
         except FileNotFoundError:
             raise CorruptInputError(f"{p} is missing although its manifest lists it; {fix}") from None
         if sizes and name in sizes and st.st_size != int(sizes[name]):
-            raise CorruptInputError(f"{p} has {st.st_size} bytes but was written with {sizes[name]} "
-                                    f"(truncated or overwritten); {fix}")
+            raise CorruptInputError(
+                f"{p} has {st.st_size} bytes but was written with {sizes[name]} "
+                f"(truncated or overwritten); {fix}"
+            )
         key = (str(p), st.st_size, st.st_mtime_ns)
         got = _VERIFIED.get(key) if trust_mtime else None
         remembered = memo.get(name, [None, None, None])
@@ -384,8 +418,10 @@ def verify_files(directory: str | Path, hashes: dict[str, str], *, rule: str,
             changed = True
         _VERIFIED[key] = got
         if got != want:
-            raise CorruptInputError(f"{p} does not match the sha256 recorded when it was made "
-                                    f"({got[:12]}… vs {want[:12]}…): it was changed or corrupted; {fix}")
+            raise CorruptInputError(
+                f"{p} does not match the sha256 recorded when it was made "
+                f"({got[:12]}… vs {want[:12]}…): it was changed or corrupted; {fix}"
+            )
     if changed:
         try:
             atomic_write_text(memo_file, json.dumps(memo, sort_keys=True))

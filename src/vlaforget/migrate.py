@@ -90,9 +90,21 @@ def _shape(sc: dict) -> dict:
 # difference in these alone does not keep an old output from moving. (The root must have been made
 # by the code just before this layout; a later change of these files that changes results would not
 # be seen.) Issue 30's change of how code is hashed is recognised file by file (_code_changes).
-ADDRESSING_FILES = ("config.py", "paths.py", "io.py", "study.py", "semantics.py", "cli.py", "migrate.py",
-                    "report/tables.py", "report/figures.py", "stages/eval.py", "stages/table.py",
-                    "stages/figures.py", "train/loop.py")
+ADDRESSING_FILES = (
+    "config.py",
+    "paths.py",
+    "io.py",
+    "study.py",
+    "semantics.py",
+    "cli.py",
+    "migrate.py",
+    "report/tables.py",
+    "report/figures.py",
+    "stages/eval.py",
+    "stages/table.py",
+    "stages/figures.py",
+    "train/loop.py",
+)
 
 
 _VERSIONS = None
@@ -114,9 +126,13 @@ def _code_changes(old: dict, new: dict) -> list[str]:
 
     if _VERSIONS is None or _VERSIONS.pkg_dir != Path(vfc.PKG_DIR):
         _VERSIONS = Versions(Path(vfc.PKG_DIR))
-    return sorted(f for f in set(fa) | set(fb)
-                  if fa.get(f) != fb.get(f) and f not in ADDRESSING_FILES
-                  and not (f in fa and f in fb and formatting_only(f, fa[f], fb[f], _VERSIONS)))
+    return sorted(
+        f
+        for f in set(fa) | set(fb)
+        if fa.get(f) != fb.get(f)
+        and f not in ADDRESSING_FILES
+        and not (f in fa and f in fb and formatting_only(f, fa[f], fb[f], _VERSIONS))
+    )
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -156,8 +172,9 @@ def migrate(cfg: dict, dry_run: bool = False) -> dict[str, list[str]]:
         why = None
         if _legacy_recorded_id(old_comp) != legacy_config_id(old):
             why = f"{old_comp} was not made for {old_cfg}"
-        elif _shape(relocatable(old, old.get("root")) | {"root": "{root}"}) != \
-                _shape(relocatable(sc, sc.get("root")) | {"root": "{root}"}):
+        elif _shape(relocatable(old, old.get("root")) | {"root": "{root}"}) != _shape(
+            relocatable(sc, sc.get("root")) | {"root": "{root}"}
+        ):
             why = "made for another config: " + freshness.config_changes(old, sc)
         elif _code_changes(old, sc):
             why = "its code changed: " + ", ".join(_code_changes(old, sc)[:6])
@@ -204,8 +221,12 @@ BENCH_STAGES = ("model", "probe", "icsm", "craft_anchors", "train", "eval", "for
 
 
 def add_args(p):
-    p.add_argument("--configfile", nargs="+", required=True,
-                   help="the study config files the root was made with (as given to snakemake)")
+    p.add_argument(
+        "--configfile",
+        nargs="+",
+        required=True,
+        help="the study config files the root was made with (as given to snakemake)",
+    )
     p.add_argument("--dry-run", "-n", action="store_true", help="say what would move; move nothing")
 
 
@@ -219,6 +240,8 @@ def main(args) -> int:
         print(f"{verb}: {line}")
     for line in rep["kept"]:
         print(f"left in place (rebuilt beside it): {line}")
-    print(f"vlaforget migrate-root: {len(rep['moved'])} job(s) {verb}, {len(rep['kept'])} left in place, "
-          f"{len(rep['already'])} already in the new layout, {len(rep['absent'])} not on this root")
+    print(
+        f"vlaforget migrate-root: {len(rep['moved'])} job(s) {verb}, {len(rep['kept'])} left in place, "
+        f"{len(rep['already'])} already in the new layout, {len(rep['absent'])} not on this root"
+    )
     return 0

@@ -48,12 +48,14 @@ MEASURED: dict[str, Any] = {
         "method_factor": {"baseline": 1.0, "method": 0.824 / 0.806, "craft": 1.567 / 0.794},
     },
     "policy": {"gpu": "h100", "call_ms": 198.0, "ms_per_sample": 9.6},  # policy call = a + b x batch
-    "libero_env_ms": 28.0,       # one LIBERO step in a worker (physics + 256 px render + JPEG), H100 host
-    "eval_startup_s": 45.0,      # LIBERO workers' start (48 workers: 43-47 s)
-    "probe_icsm_s": 77.0,        # probe (500) + ICSM (r 128, 128 sensitivity samples), H100
-    "job_startup_s": 120.0,      # loading the 7B weights per GPU job: ASSUMED, not measured
+    "libero_env_ms": 28.0,  # one LIBERO step in a worker (physics + 256 px render + JPEG), H100 host
+    "eval_startup_s": 45.0,  # LIBERO workers' start (48 workers: 43-47 s)
+    "probe_icsm_s": 77.0,  # probe (500) + ICSM (r 128, 128 sensitivity samples), H100
+    "job_startup_s": 120.0,  # loading the 7B weights per GPU job: ASSUMED, not measured
 }
-FORWARD_PER_TRAIN_SAMPLE = 0.25  # a no-grad forward ~ 1/4 of a checkpointed training sample (fwd+recompute+bwd)
+FORWARD_PER_TRAIN_SAMPLE = (
+    0.25  # a no-grad forward ~ 1/4 of a checkpointed training sample (fwd+recompute+bwd)
+)
 SUITE_TASKS_DEFAULT = 10
 
 
@@ -69,7 +71,9 @@ def read_profile(profile_dir: str | Path) -> dict:
     d = Path(profile_dir)
     files = sorted(d.glob("config*.yaml"))
     if not files:
-        raise PlanError(f"{d}: no config.yaml / config.v8+.yaml: give a Snakemake profile directory (profiles/4090)")
+        raise PlanError(
+            f"{d}: no config.yaml / config.v8+.yaml: give a Snakemake profile directory (profiles/4090)"
+        )
     prof = yaml.safe_load(files[-1].read_text()) or {}
     gpus = None
     for r in prof.get("resources") or []:
@@ -79,9 +83,16 @@ def read_profile(profile_dir: str | Path) -> dict:
     model = ((prof.get("set-resources") or {}).get("train") or {}).get("gpu_model")
     if not model:
         name = d.resolve().name.lower()
-        model = next((g for g in ("rtx4090", "4090", "v100", "h200", "h100", "a100", "a6000") if g in name), None)
+        model = next(
+            (g for g in ("rtx4090", "4090", "v100", "h200", "h100", "a100", "a6000") if g in name), None
+        )
     model = {"4090": "rtx4090"}.get(model, model)
-    return {"name": d.name, "configfiles": list(prof.get("configfiles") or []), "gpus": gpus, "gpu_model": model}
+    return {
+        "name": d.name,
+        "configfiles": list(prof.get("configfiles") or []),
+        "gpus": gpus,
+        "gpu_model": model,
+    }
 
 
 # ----------------------------------------------------------------------------- study grid
@@ -128,7 +139,9 @@ def micro_step_s(batch: int, gpu: str, table: dict = MEASURED) -> float:
     return max(floor, t_ref * batch / b_ref * ratio(gpu, table["train"]["gpu"]))
 
 
-def train_hours(cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_step: dict | None = None) -> float:
+def train_hours(
+    cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_step: dict | None = None
+) -> float:
     """GPU-hours of one training run: steps x accum x micro-step x method factor x GPUs + load."""
     from .config import parse_run_name
 
@@ -138,8 +151,11 @@ def train_hours(cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_
     if measured_step and cls in measured_step:
         step = measured_step[cls]
     else:
-        step = int(t.get("grad_accum", TrainSettings.grad_accum)) * micro_step_s(int(t["batch_size"]), gpu, table) \
+        step = (
+            int(t.get("grad_accum", TrainSettings.grad_accum))
+            * micro_step_s(int(t["batch_size"]), gpu, table)
             * table["train"]["method_factor"][cls]
+        )
     return (int(t["max_steps"]) * step + table["job_startup_s"]) * nproc / 3600.0
 
 
@@ -190,15 +206,23 @@ def steps_from_runs(runs_dir: str | Path, cfg: dict) -> dict[str, float]:
     (their config.yaml says the method); steps of Thermostat measurements are included (amortised)."""
     out: dict[str, list[float]] = {}
     # runs/{run}/{config id}/metrics.jsonl (runs/{run}/metrics.jsonl: a root not yet migrated)
-    for metrics in sorted([*Path(runs_dir).glob("*/*/metrics.jsonl"), *Path(runs_dir).glob("*/metrics.jsonl")]):
+    for metrics in sorted(
+        [*Path(runs_dir).glob("*/*/metrics.jsonl"), *Path(runs_dir).glob("*/metrics.jsonl")]
+    ):
         conf = metrics.parent / "config.yaml"
         if not conf.exists():
             continue
         sc = yaml.safe_load(conf.read_text())
         mc = sc.get("method") or {}
-        cls = "craft" if (mc.get("craft") or {}).get("enabled") else (
-            "method" if (mc.get("hsw") or {}).get("enabled") or (mc.get("thermostat") or {}).get("enabled")
-            else "baseline")
+        cls = (
+            "craft"
+            if (mc.get("craft") or {}).get("enabled")
+            else (
+                "method"
+                if (mc.get("hsw") or {}).get("enabled") or (mc.get("thermostat") or {}).get("enabled")
+                else "baseline"
+            )
+        )
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         times = [r["step_time_s"] for r in recs if "step_time_s" in r and r.get("step", 0) > 1]
         out.setdefault(cls, []).extend(times)
@@ -208,8 +232,14 @@ def steps_from_runs(runs_dir: str | Path, cfg: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the plan
 
 
-def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fraction: float = 1.0,
-              measured_step: dict | None = None) -> dict:
+def make_plan(
+    cfg: dict,
+    gpu: str,
+    gpus: int,
+    table: dict = MEASURED,
+    step_fraction: float = 1.0,
+    measured_step: dict | None = None,
+) -> dict:
     from .config import parse_run_name
 
     runs = study_runs(cfg)
@@ -224,17 +254,27 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
     from .config import anchor_set, parse_shots
 
     # one anchor cache per suite, and one per few-shot subset a CRaFT run trains on (shots x seed)
-    craft_sets = sorted({anchor_set(p["suite"], parse_shots(p["shots"]), p["seed"])
-                         for p in map(parse_run_name, runs) if method_class(cfg, p["method"]) == "craft"})
+    craft_sets = sorted(
+        {
+            anchor_set(p["suite"], parse_shots(p["shots"]), p["seed"])
+            for p in map(parse_run_name, runs)
+            if method_class(cfg, p["method"]) == "craft"
+        }
+    )
     if craft_sets:
-        add("craft_anchors", len(craft_sets), len(craft_sets) * craft_anchor_hours(cfg, gpu, table), serial=True)
+        add(
+            "craft_anchors",
+            len(craft_sets),
+            len(craft_sets) * craft_anchor_hours(cfg, gpu, table),
+            serial=True,
+        )
     for r in runs:
         add("train", 1, train_hours(cfg, r, gpu, table, measured_step))
     from .study import run_eval_suites, teacher_eval_suites
 
     eval_suites: dict[str, int] = {}  # closed-loop evaluations per suite (the workflow's eval jobs)
     for r in ["teacher"] + runs:
-        for s in (teacher_eval_suites(cfg, runs) if r == "teacher" else run_eval_suites(cfg, r)):
+        for s in teacher_eval_suites(cfg, runs) if r == "teacher" else run_eval_suites(cfg, r):
             eval_suites[s] = eval_suites.get(s, 0) + 1
     episodes = 0
     for s, n in sorted(eval_suites.items()):
@@ -244,26 +284,48 @@ def make_plan(cfg: dict, gpu: str, gpus: int, table: dict = MEASURED, step_fract
     total = sum(r["gpu_hours"] for r in rules.values())
     serial = sum(r["gpu_hours"] for r in rules.values() if r["serial"])
     wall_h = serial + (total - serial) / max(1, gpus)
-    return {"gpu": gpu, "gpus": gpus, "estimate": gpu not in (table["train"]["gpu"],),
-            "runs": len(runs), "eval_episodes": episodes, "train_steps": int(cfg["train"]["max_steps"]),
-            "micro_batch": int(cfg["train"]["batch_size"]), "grad_accum": int(cfg["train"].get("grad_accum", TrainSettings.grad_accum)),
-            "nproc": int(cfg["train"].get("nproc", TrainSettings.nproc)), "step_fraction": step_fraction,
-            "measured_step_s": measured_step or None,
-            "rules": {k: {"jobs": v["jobs"], "gpu_hours": round(v["gpu_hours"], 2)} for k, v in rules.items()},
-            "total_gpu_hours": round(total, 1), "wall_clock_days": round(wall_h / 24.0, 2)}
+    return {
+        "gpu": gpu,
+        "gpus": gpus,
+        "estimate": gpu not in (table["train"]["gpu"],),
+        "runs": len(runs),
+        "eval_episodes": episodes,
+        "train_steps": int(cfg["train"]["max_steps"]),
+        "micro_batch": int(cfg["train"]["batch_size"]),
+        "grad_accum": int(cfg["train"].get("grad_accum", TrainSettings.grad_accum)),
+        "nproc": int(cfg["train"].get("nproc", TrainSettings.nproc)),
+        "step_fraction": step_fraction,
+        "measured_step_s": measured_step or None,
+        "rules": {k: {"jobs": v["jobs"], "gpu_hours": round(v["gpu_hours"], 2)} for k, v in rules.items()},
+        "total_gpu_hours": round(total, 1),
+        "wall_clock_days": round(wall_h / 24.0, 2),
+    }
 
 
 def format_plan(p: dict, title: str) -> str:
-    head = (f"# {title}: {p['runs']} training runs x {p['train_steps']} steps "
-            f"(micro-batch {p['micro_batch']} x accum {p['grad_accum']} x {p['nproc']} GPU), "
-            f"{p['eval_episodes']} evaluation episodes")
-    note = (" (ESTIMATE: H200/H100 measurements scaled by published TFLOP/s ratios; see docs/benchmarks.md)"
-            if p["estimate"] else "")
-    lines = [head, f"GPU {p['gpu']} x {p['gpus']}{note}", "", "| rule | jobs | GPU-hours |", "| --- | --- | --- |"]
+    head = (
+        f"# {title}: {p['runs']} training runs x {p['train_steps']} steps "
+        f"(micro-batch {p['micro_batch']} x accum {p['grad_accum']} x {p['nproc']} GPU), "
+        f"{p['eval_episodes']} evaluation episodes"
+    )
+    note = (
+        " (ESTIMATE: H200/H100 measurements scaled by published TFLOP/s ratios; see docs/benchmarks.md)"
+        if p["estimate"]
+        else ""
+    )
+    lines = [
+        head,
+        f"GPU {p['gpu']} x {p['gpus']}{note}",
+        "",
+        "| rule | jobs | GPU-hours |",
+        "| --- | --- | --- |",
+    ]
     for k, v in p["rules"].items():
         lines.append(f"| {k} | {v['jobs']} | {v['gpu_hours']:.1f} |")
-    tail = (f"wall-clock >= {p['wall_clock_days']:.1f} days on {p['gpus']} GPU(s) (teacher-only jobs first, "
-            f"the rest spread evenly; evaluation assumes every episode runs {p['step_fraction']:.0%} of its step cap)")
+    tail = (
+        f"wall-clock >= {p['wall_clock_days']:.1f} days on {p['gpus']} GPU(s) (teacher-only jobs first, "
+        f"the rest spread evenly; evaluation assumes every episode runs {p['step_fraction']:.0%} of its step cap)"
+    )
     lines += [f"| **total** | | **{p['total_gpu_hours']:.1f}** |", "", tail]
     return "\n".join(lines)
 
@@ -283,7 +345,9 @@ def is_dry_run(argv: list[str]) -> bool:
     return "n" in short or any(a in ("--dry-run", "--dryrun") for a in argv)
 
 
-def dry_run_summary(cfg: dict, argv: list[str], environ: dict | None = None, repo: str | Path = ".") -> str | None:
+def dry_run_summary(
+    cfg: dict, argv: list[str], environ: dict | None = None, repo: str | Path = "."
+) -> str | None:
     """The plan table for a Snakemake dry-run of a GPU profile (the workflow prints it at parse time):
     the configured study (`cfg` = the merged config of this invocation) on the profile's GPU model and
     count. None when this is not a dry-run or the profile names no GPU model / count (demo, ci, a
@@ -306,13 +370,27 @@ def dry_run_summary(cfg: dict, argv: list[str], environ: dict | None = None, rep
 
 def add_args(p):
     p.add_argument("--profile", required=True, help="Snakemake profile directory (profiles/4090)")
-    p.add_argument("--configfiles", nargs="*", default=None,
-                   help="overlays on config/config.yaml (default: the profile's configfiles)")
-    p.add_argument("--gpu", default=None, help=f"GPU model ({', '.join(GPU_TFLOPS)}); default: from the profile")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs to spread over (default: the profile's gpu=N)")
-    p.add_argument("--step-fraction", type=float, default=1.0,
-                   help="share of the step cap an evaluation episode runs (1.0 = upper bound)")
-    p.add_argument("--runs-dir", default=None, help="finished runs ({root}/runs) whose step times replace the table")
+    p.add_argument(
+        "--configfiles",
+        nargs="*",
+        default=None,
+        help="overlays on config/config.yaml (default: the profile's configfiles)",
+    )
+    p.add_argument(
+        "--gpu", default=None, help=f"GPU model ({', '.join(GPU_TFLOPS)}); default: from the profile"
+    )
+    p.add_argument(
+        "--gpus", type=int, default=None, help="GPUs to spread over (default: the profile's gpu=N)"
+    )
+    p.add_argument(
+        "--step-fraction",
+        type=float,
+        default=1.0,
+        help="share of the step cap an evaluation episode runs (1.0 = upper bound)",
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="finished runs ({root}/runs) whose step times replace the table"
+    )
     p.add_argument("--repo", default=".", help="repository root the config paths are relative to")
     p.add_argument("--json", default=None, help="also write the plan here")
 

@@ -307,10 +307,17 @@ def check_mujoco(rep: Report) -> None:
         return
     lo, hi = MUJOCO_RANGE
     if not (_vtuple(lo) <= _vtuple(v) <= _vtuple(hi)):
-        why = ("renders LIBERO's floors darker than its training data (>= 3.3.3) and breaks libero_spatial "
-               "task 5's initial states (>= 3.4.0)" if _vtuple(v) > _vtuple(hi) else "is older than validated")
-        rep.problem(f"mujoco {v} is outside the validated {lo}-{hi}: it {why}; success rates would not be "
-                    "comparable with the published ones", MUJOCO_FIX)
+        why = (
+            "renders LIBERO's floors darker than its training data (>= 3.3.3) and breaks libero_spatial "
+            "task 5's initial states (>= 3.4.0)"
+            if _vtuple(v) > _vtuple(hi)
+            else "is older than validated"
+        )
+        rep.problem(
+            f"mujoco {v} is outside the validated {lo}-{hi}: it {why}; success rates would not be "
+            "comparable with the published ones",
+            MUJOCO_FIX,
+        )
 
 
 def check_vqa(cfg: dict, rep: Report) -> None:

@@ -25,15 +25,27 @@ def periodic_eval_matters(tcfg: dict) -> bool:
 # model.cache_dir (every stage with a model block): where the HF hub cache lies, as the data root is
 # factored out of every id; what is read from it is named by model.path.
 NON_SEMANTIC: dict[str, tuple[str, ...]] = {
-    "train": ("train.log_every", "train.save_steps", "train.use_wandb", "train.wandb_project",
-              "train.wandb_mode", "train.num_workers", "train.init_adapter"),
+    "train": (
+        "train.log_every",
+        "train.save_steps",
+        "train.use_wandb",
+        "train.wandb_project",
+        "train.wandb_mode",
+        "train.num_workers",
+        "train.init_adapter",
+    ),
     "demos": ("workers",),
 }
 NON_SEMANTIC_ALL = ("model.cache_dir",)
 # Periodic evaluation without early stopping only logs (the loop runs it with its RNG isolated), so
 # its cadence and protocol are then non-semantic too.
-PERIODIC_EVAL_KEYS = ("train.eval_every", "train.eval_episodes_per_task", "train.early_stopping_patience",
-                      "train.early_stopping_min_delta", "periodic_eval")
+PERIODIC_EVAL_KEYS = (
+    "train.eval_every",
+    "train.eval_episodes_per_task",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
+    "periodic_eval",
+)
 
 
 def non_semantic_keys(sc: dict) -> tuple[str, ...]:

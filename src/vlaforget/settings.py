@@ -42,7 +42,6 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-
 def key(doc: str, default: Any = dataclasses.MISSING) -> Any:
     """A config key of a typed block: its default (none: required) and its one-line doc, the one
     source config/config.yaml, config.schema.yaml and config/README.md are tested against
@@ -144,7 +143,8 @@ class LoraSettings(Settings):
     targets: tuple[str, ...] = key(
         "adapted modules: any of attn mlp vision projector lm_head patch_embed "
         "(openvla's all-linear = all six; the study keeps the first four)",
-        ("attn", "mlp", "vision", "projector"))
+        ("attn", "mlp", "vision", "projector"),
+    )
     layers: Any = key("all, or [first, last] decoder-layer range (inclusive)", "all")
 
 
@@ -160,14 +160,22 @@ class TrainSettings(Settings):
     grad_accum: int = key("micro-steps per optimizer step", 1)
     lr_schedule: str = key("constant | cosine | linear (train/schedule.py)", "constant")
     warmup_steps: int = key("linear warm-up steps of the schedule", 0)
-    min_lr: float | None = key("floor of the cosine / linear decay; null = 0 (the user's min_learning_rate)", None)
-    init_adapter: str | None = key("a PEFT LoRA adapter folder the run starts from; null = a fresh LoRA", None)
-    init_step: int | None = key("init_adapter's step; null = its trainer_state.pt's global_step, else 0", None)
+    min_lr: float | None = key(
+        "floor of the cosine / linear decay; null = 0 (the user's min_learning_rate)", None
+    )
+    init_adapter: str | None = key(
+        "a PEFT LoRA adapter folder the run starts from; null = a fresh LoRA", None
+    )
+    init_step: int | None = key(
+        "init_adapter's step; null = its trainer_state.pt's global_step, else 0", None
+    )
     weight_decay: float = key("AdamW weight decay", 0.0)
     max_grad_norm: float | None = key("gradient-norm clip; null = no clipping (openvla's)", None)
     precision: str = key("bf16 | fp16 (loss scaling) | fp32 autocast (openvla finetune.py: bf16)", "bf16")
     gradient_checkpointing: bool = key("recompute activations in the backward pass", False)
-    image_aug: bool = key("openvla's image augmentation: crop 0.9, brightness, contrast, saturation, hue", True)
+    image_aug: bool = key(
+        "openvla's image augmentation: crop 0.9, brightness, contrast, saturation, hue", True
+    )
     save_steps: int = key("checkpoint interval in steps (not in any id)", 2500)
     log_every: int = key("log interval in steps (not in any id)", 10)
     num_workers: int = key("DataLoader worker processes; 0 = in the training process", 2)
@@ -180,7 +188,9 @@ class TrainSettings(Settings):
     eval_every: int = key("periodic closed-loop eval interval in steps; 0 = off", 0)
     eval_episodes_per_task: int = key("episodes per task of a periodic eval", 1)
     early_stopping_patience: int = key("stop after this many periodic evals without improvement; 0 = off", 0)
-    early_stopping_min_delta: float = key("success-rate gain (a fraction) that counts as an improvement", 0.01)
+    early_stopping_min_delta: float = key(
+        "success-rate gain (a fraction) that counts as an improvement", 0.01
+    )
     max_bad_steps: int = key("consecutive non-finite steps before one rollback to the last checkpoint", 5)
     rollback_lr_factor: float = key("learning-rate factor applied on that rollback", 0.5)
     loss_check_min_steps: int = key("runs of at least this many steps must end with a lower loss", 20)
@@ -196,14 +206,19 @@ class HswSettings(Settings):
     WHERE = "method.hsw"
     enabled: bool = key("gradient surgery on the ICSM layers", False)
     groups: str = key("icsm (ICSM's A/B groups) | single | all_layers", "icsm")
-    layers: Any = key("null: every layer of the groups; or decoder-layer indices (negative: from the top)", None)
-    mode: str = key("flow_down (the user's: the surgered gradient reaches every layer below) | own_params",
-                    "flow_down")
+    layers: Any = key(
+        "null: every layer of the groups; or decoder-layer indices (negative: from the top)", None
+    )
+    mode: str = key(
+        "flow_down (the user's: the surgered gradient reaches every layer below) | own_params", "flow_down"
+    )
     beta: float = key("plastic gain (the Thermostat's starting point)", 1.0)
     gamma: float = key("fragile gain (the Thermostat's starting point)", 1.0)
     clamp: str = key("per_tensor (the user's) | per_token | none", "per_tensor")
     eps: float = key("numerical eps of the clamp (the user's hsw_eps)", 1e-8)
-    measure_effective: bool = key("flow_down, logged steps: measure the gains reaching the layers below", True)
+    measure_effective: bool = key(
+        "flow_down, logged steps: measure the gains reaching the layers below", True
+    )
     use_sensitivity_order: bool = key("false: top-variance directions as fragile (ablation)", True)
 
 
@@ -214,8 +229,9 @@ class ThermostatSettings(Settings):
     WHERE = "method.thermostat"
     enabled: bool = key("closed-loop HSW gains from the probe drift", False)
     law: str = key("user (eggplantsalt/icms thermostat.py) | calibrated (noise floor before step 1)", "user")
-    estimator: str = key("paired (C_T of the same probe draw) | full (C_T of the whole probe set, the user's)",
-                         "paired")
+    estimator: str = key(
+        "paired (C_T of the same probe draw) | full (C_T of the whole probe set, the user's)", "paired"
+    )
     metric: str = key("raw (the user's ||C_S - C_T||_F) | normalized | basis", "raw")
     every: int = key("the user's update_interval: steps between control updates", 50)
     warmup_steps: int = key("law user: measure-only training steps (d every step, gains held)", 100)
@@ -227,7 +243,9 @@ class ThermostatSettings(Settings):
     gamma_min: float = key("lower clamp of gamma (the user's min_gamma)", 0.1)
     gamma_max: float = key("upper clamp of gamma", 1.0)
     probe_batch: int = key("probe samples per measurement (the user's probe_batch_size)", 4)
-    probe_chunk: int | None = key("probe forward in chunks of this many; null (or 0) = train.batch_size", None)
+    probe_chunk: int | None = key(
+        "probe forward in chunks of this many; null (or 0) = train.batch_size", None
+    )
     warmup_measurements: int = key("law calibrated: draws before step 1 (student = teacher)", 4)
     threshold_sigmas: float = key("law calibrated: protection from floor + k * sigma", 2.0)
     gain: float = key("law calibrated: gain of the excess law", 1.0)
@@ -269,14 +287,20 @@ class IcsmSettings(Settings):
     layers: Any = key("auto (the last four decoder layers in two groups) or decoder-layer indices", "auto")
     groups: dict | None = key("override: {A: {layers: [...], rep: ...}, B: {...}}", None)
     r: int = key("SVD directions kept per representative layer", 128)
-    injection: str = key("unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k", "unit")
+    injection: str = key(
+        "unit: epsilon * u_k (the user's offline_icms.py) | std: alpha * std_k * u_k", "unit"
+    )
     epsilon: float = key("unit injection's size (the user's epsilon)", 1e-3)
     alpha: float = key("std injection's size, in units of the pooled-state std along u_k", 1.0)
     sensitivity_dtype: str = key("fp32 | fp64 | model (model.dtype): the icsm stage's teacher", "fp32")
     sensitivity_samples: int = key("probe samples used to measure KL per direction", 128)
     direction_batch: int = key("directions evaluated per forward pass", 16)
-    fragile_dim: int | None = key("fragile directions; null = max(1, r' // 2) most sensitive (the user's)", None)
-    plastic_dim: int | None = key("plastic directions; null = max(1, r' // 4) least sensitive (the user's)", None)
+    fragile_dim: int | None = key(
+        "fragile directions; null = max(1, r' // 2) most sensitive (the user's)", None
+    )
+    plastic_dim: int | None = key(
+        "plastic directions; null = max(1, r' // 4) least sensitive (the user's)", None
+    )
 
 
 @dataclass(frozen=True)
@@ -411,7 +435,9 @@ class PretrainSettings(Settings):
     vqa_fraction: float = key("share of visual-question samples in a batch", 0.3)
     seed: int = key("pretraining seed", 0)
     threads: int = key("torch CPU threads of the model stage (the model rule's threads)", 1)
-    bin_sigma: float | None = key("Gaussian soft labels over neighbouring action bins; null or 0 = one-hot CE", 0.0)
+    bin_sigma: float | None = key(
+        "Gaussian soft labels over neighbouring action bins; null or 0 = one-hot CE", 0.0
+    )
     image_aug: bool | None = key("openvla's crop + colour jitter; null = on", None)
     vqa_train_samples: int = key("visual questions drawn for training (Meta-World only)", 6000)
     vqa_heldout_samples: int = key("visual questions drawn for held-out accuracy (Meta-World only)", 400)
@@ -436,9 +462,12 @@ class ModelSettings(Settings):
     WHERE = "model"
     backend: str = key("openvla | tiny")
     base: str = key("short name of the base model, used in paths and run ids")
-    path: str | None = key("HF hub id or local dir (must load offline); null for tiny (built at {root}/models)",
-                           None)
-    cache_dir: str | None = key("HF hub cache a hub-id path is read from, in place; null = {root}/hf_cache", None)
+    path: str | None = key(
+        "HF hub id or local dir (must load offline); null for tiny (built at {root}/models)", None
+    )
+    cache_dir: str | None = key(
+        "HF hub cache a hub-id path is read from, in place; null = {root}/hf_cache", None
+    )
     # bf16: the real study's OpenVLA runs in bf16, as openvla trains and releases it; config/demo.yaml
     # sets fp32 for the tiny VLA
     dtype: str = key("bf16 | fp16 | fp32 weights (V100: fp16)", "bf16")
@@ -474,7 +503,9 @@ class ForgettingSettings(Settings):
     out_file: str
     world: str = "metaworld"
     code: str | None = None
-    code_files: dict = dataclasses.field(default_factory=dict)  # per-file code hashes (freshness: not in the id)
+    code_files: dict = dataclasses.field(
+        default_factory=dict
+    )  # per-file code hashes (freshness: not in the id)
     inputs: dict = dataclasses.field(default_factory=dict)
     adapter_dir: str | None = None  # None: the teacher itself
     vqa_jsonl: str | None = None  # a multiple-choice VQA JSONL (eval/vqa_mc.py); else vqa_datasets
@@ -549,12 +580,16 @@ def type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, getattr(types, "UnionType", Union)):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return " | ".join(type_name(a) for a in args) + (" | null" if len(args) < len(typing.get_args(hint)) else "")
+        return " | ".join(type_name(a) for a in args) + (
+            " | null" if len(args) < len(typing.get_args(hint)) else ""
+        )
     if origin is tuple:
         return "list"
     if dataclasses.is_dataclass(hint):
         return "mapping"
-    return {int: "int", float: "number", bool: "bool", str: "str", dict: "mapping", Any: "any"}.get(hint, str(hint))
+    return {int: "int", float: "number", bool: "bool", str: "str", dict: "mapping", Any: "any"}.get(
+        hint, str(hint)
+    )
 
 
 def key_rows(cls: type) -> list[tuple[str, str, str, str]]:
@@ -564,9 +599,19 @@ def key_rows(cls: type) -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         try:
             d = cls.default(f.name)
-            d = "null" if d is None else ("mapping" if dataclasses.is_dataclass(d) else
-                                           str(list(d)) if isinstance(d, tuple) else str(d).lower()
-                                           if isinstance(d, bool) else str(d))
+            d = (
+                "null"
+                if d is None
+                else (
+                    "mapping"
+                    if dataclasses.is_dataclass(d)
+                    else str(list(d))
+                    if isinstance(d, tuple)
+                    else str(d).lower()
+                    if isinstance(d, bool)
+                    else str(d)
+                )
+            )
         except KeyError:
             d = "required"
         rows.append((f.name, type_name(hints[f.name]), d, f.metadata.get("doc", "")))
@@ -578,8 +623,10 @@ def config_doc() -> str:
     out = []
     for where, cls in STUDY_BLOCKS.items():
         out += [f"### `{where}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        out += ["| " + " | ".join(c.replace("|", "\\|") for c in (f"`{k}`", t, f"`{d}`", doc)) + " |"
-                for k, t, d, doc in key_rows(cls)]
+        out += [
+            "| " + " | ".join(c.replace("|", "\\|") for c in (f"`{k}`", t, f"`{d}`", doc)) + " |"
+            for k, t, d, doc in key_rows(cls)
+        ]
         out.append("")
     return "\n".join(out)
 
@@ -592,8 +639,9 @@ def readme_with_doc(text: str) -> str:
     """config/README.md's text with its generated section (between README_BEGIN and README_END)
     replaced by config_doc()."""
     if README_BEGIN not in text or README_END not in text:
-        raise ConfigError(f"config/README.md has no generated section: add the lines {README_BEGIN!r} "
-                          f"and {README_END!r}")
+        raise ConfigError(
+            f"config/README.md has no generated section: add the lines {README_BEGIN!r} and {README_END!r}"
+        )
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     return f"{head}{README_BEGIN}\n{config_doc()}{README_END}{tail}"
@@ -601,8 +649,12 @@ def readme_with_doc(text: str) -> str:
 
 def add_args(p: Any) -> None:
     """`vlaforget config-doc`: the typed keys' table (key, type, default, meaning)."""
-    p.add_argument("--write", metavar="README", default=None,
-                   help="rewrite the generated section of this file (config/README.md) instead of printing")
+    p.add_argument(
+        "--write",
+        metavar="README",
+        default=None,
+        help="rewrite the generated section of this file (config/README.md) instead of printing",
+    )
 
 
 def main(args: Any) -> int:

@@ -27,16 +27,24 @@ def _unique(xs):
 
 def main_runs(cfg: dict) -> list[str]:
     st = cfg["study"]
-    return [run_name(m, s, "full", seed)
-            for s in st.get("suites", []) for m in st.get("methods", []) for seed in st.get("seeds", [])]
+    return [
+        run_name(m, s, "full", seed)
+        for s in st.get("suites", [])
+        for m in st.get("methods", [])
+        for seed in st.get("seeds", [])
+    ]
 
 
 def fewshot_runs(cfg: dict) -> list[str]:
     st = cfg["study"]
     if not st.get("fewshot_suite"):
         return []
-    return [run_name(m, st["fewshot_suite"], shots_name(k), seed)
-            for m in st.get("fewshot_methods", []) for k in st.get("shots", []) for seed in st.get("seeds", [])]
+    return [
+        run_name(m, st["fewshot_suite"], shots_name(k), seed)
+        for m in st.get("fewshot_methods", [])
+        for k in st.get("shots", [])
+        for seed in st.get("seeds", [])
+    ]
 
 
 def ablation_methods(cfg: dict) -> list[str]:
@@ -49,8 +57,11 @@ def ablation_runs(cfg: dict) -> list[str]:
     st = cfg["study"]
     if not st.get("ablation_suite") or not st.get("ablations"):
         return []
-    return [run_name(m, st["ablation_suite"], "full", seed)
-            for m in ablation_methods(cfg) for seed in st.get("ablation_seeds", [])]
+    return [
+        run_name(m, st["ablation_suite"], "full", seed)
+        for m in ablation_methods(cfg)
+        for seed in st.get("ablation_seeds", [])
+    ]
 
 
 def chain_runs(cfg: dict) -> list[str]:

@@ -69,8 +69,11 @@ def check_lora_layers(layers, n: int | None, key: str = "train.lora.layers") -> 
     if layers in (None, "all"):
         return
     fix = f"use 'all' or [first, last] (inclusive, 0-based{f', last <= {n - 1}' if n else ''})"
-    if not isinstance(layers, (list, tuple)) or len(layers) != 2 or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in layers):
+    if (
+        not isinstance(layers, (list, tuple))
+        or len(layers) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+    ):
         raise _err(f"{key} = {layers!r} is malformed: {fix}")
     lo, hi = layers
     if lo < 0 or hi < lo or (n is not None and hi >= n):
@@ -83,24 +86,34 @@ def late_checks(cfg: dict) -> None:
     if cfg["world"] == "metaworld":
         for name, tasks in (mw.get("datasets") or {}).items():
             if not tasks:
-                raise _err(f"data.metaworld.datasets.{name} is an empty task list: list its Meta-World "
-                           f"tasks (e.g. [drawer-open-v3]) or remove the dataset")
+                raise _err(
+                    f"data.metaworld.datasets.{name} is an empty task list: list its Meta-World "
+                    f"tasks (e.g. [drawer-open-v3]) or remove the dataset"
+                )
     if not cfg["study"].get("suites"):
-        raise _err("study.suites is empty: list the suites to fine-tune on "
-                   f"(known: {', '.join(known) if known else 'the datasets under data.rlds_dir'})")
+        raise _err(
+            "study.suites is empty: list the suites to fine-tune on "
+            f"(known: {', '.join(known) if known else 'the datasets under data.rlds_dir'})"
+        )
     st = cfg["study"]
     for key, runs_of in (("seeds", ("methods", "fewshot_methods")), ("ablation_seeds", ("ablations",))):
         if any(st.get(k) for k in runs_of) and key in st and not st.get(key):
             # an empty seed list trains nothing: the tables would silently hold the teacher alone
-            raise _err(f"study.{key} is empty: list at least one seed (e.g. [42]), or empty "
-                       f"study.{' / study.'.join(runs_of)} to run none of those runs")
+            raise _err(
+                f"study.{key} is empty: list at least one seed (e.g. [42]), or empty "
+                f"study.{' / study.'.join(runs_of)} to run none of those runs"
+            )
     for key, s in suite_keys(cfg):
         if known is not None and s not in known:
-            raise _err(f"{key} names '{s}', which is not a dataset of this config (data.metaworld.datasets: "
-                       f"{', '.join(known)}).{_hint(s, known)}")
+            raise _err(
+                f"{key} names '{s}', which is not a dataset of this config (data.metaworld.datasets: "
+                f"{', '.join(known)}).{_hint(s, known)}"
+            )
         if known is None and not any(s == p or s.startswith(p + "_") for p in LIBERO_SUITES):
-            raise _err(f"{key} names '{s}', which is not a LIBERO suite ({', '.join(LIBERO_SUITES)}, "
-                       f"optionally with a suffix like _no_noops).{_hint(s, [p + '_no_noops' for p in LIBERO_SUITES])}")
+            raise _err(
+                f"{key} names '{s}', which is not a LIBERO suite ({', '.join(LIBERO_SUITES)}, "
+                f"optionally with a suffix like _no_noops).{_hint(s, [p + '_no_noops' for p in LIBERO_SUITES])}"
+            )
     check_lora_layers((cfg["train"].get("lora") or {}).get("layers", "all"), num_layers(cfg))
     allowed = resolve_allowed_root(cfg)
     for key, p in optional_paths(cfg):  # existence: data_checks (the data may not be on this machine)
@@ -113,8 +126,14 @@ def late_checks(cfg: dict) -> None:
 def optional_paths(cfg: dict) -> list[tuple[str, str]]:
     f = cfg["eval"].get("forgetting") or {}
     lib = cfg["eval"].get("libero") or {}
-    return [(k, p) for k, p in (("eval.forgetting.vqa_jsonl", f.get("vqa_jsonl")),
-                                ("eval.libero.config_path", lib.get("config_path"))) if p]
+    return [
+        (k, p)
+        for k, p in (
+            ("eval.forgetting.vqa_jsonl", f.get("vqa_jsonl")),
+            ("eval.libero.config_path", lib.get("config_path")),
+        )
+        if p
+    ]
 
 
 def _probe_capacity(cfg: dict) -> tuple[int, str] | None:
@@ -145,8 +164,9 @@ def _probe_capacity(cfg: dict) -> tuple[int, str] | None:
         else:
             n_train = n_tasks * (per - n_heldout_of_task(per, ts))
         n_eps = {"train": n_train, "heldout": per * n_tasks - n_train}.get(split, per * n_tasks)
-        return n_eps * int(mw["max_steps"]), (f"data.metaworld episodes_per_task x tasks x max_steps, "
-                                              f"split {split}")
+        return n_eps * int(mw["max_steps"]), (
+            f"data.metaworld episodes_per_task x tasks x max_steps, split {split}"
+        )
     return None
 
 
@@ -157,18 +177,25 @@ def data_checks(cfg: dict) -> list[str]:
     rlds = cfg["data"].get("rlds_dir")
     if cfg["world"] == "libero" and not cfg["data"].get("fixture"):  # a fixture is written by its own rule
         if not rlds or not Path(rlds).is_dir():
-            problems.append(f"data.rlds_dir = {rlds} does not exist: point it at the folder holding the "
-                            f"modified_libero_rlds builder dirs (e.g. libero_spatial_no_noops/1.0.0/)")
+            problems.append(
+                f"data.rlds_dir = {rlds} does not exist: point it at the folder holding the "
+                f"modified_libero_rlds builder dirs (e.g. libero_spatial_no_noops/1.0.0/)"
+            )
         else:
             for key, s in suite_keys(cfg):
                 d = Path(rlds) / s
                 if not d.is_dir():
                     have = sorted(p.name for p in Path(rlds).iterdir() if p.is_dir())
-                    problems.append(f"{key} names '{s}' but {d} does not exist (data.rlds_dir holds: "
-                                    f"{', '.join(have) or 'nothing'}).{_hint(s, have)}")
+                    problems.append(
+                        f"{key} names '{s}' but {d} does not exist (data.rlds_dir holds: "
+                        f"{', '.join(have) or 'nothing'}).{_hint(s, have)}"
+                    )
     f = cfg["eval"].get("forgetting") or {}
     lib = cfg["eval"].get("libero") or {}
-    for key, p in (("eval.forgetting.vqa_jsonl", f.get("vqa_jsonl")), ("eval.libero.config_path", lib.get("config_path"))):
+    for key, p in (
+        ("eval.forgetting.vqa_jsonl", f.get("vqa_jsonl")),
+        ("eval.libero.config_path", lib.get("config_path")),
+    ):
         if not p:
             continue
         try:
@@ -181,6 +208,8 @@ def data_checks(cfg: dict) -> list[str]:
     cap = _probe_capacity(cfg)
     n = int(cfg["probe"].get("n", 0))
     if cap is not None and n > cap[0]:
-        problems.append(f"probe.n = {n} but the probe dataset '{cfg['probe']['dataset']}' has at most "
-                        f"{cap[0]} transitions ({cap[1]}): lower probe.n to <= {cap[0]}")
+        problems.append(
+            f"probe.n = {n} but the probe dataset '{cfg['probe']['dataset']}' has at most "
+            f"{cap[0]} transitions ({cap[1]}): lower probe.n to <= {cap[0]}"
+        )
     return problems

@@ -14,18 +14,33 @@ import sys
 
 # (where: regex on "snakefile <path>" / "rule <name> (line ...)", finding: regex on its title, why)
 ALLOWED = [
-    (r"^snakefile .*/common\.smk$", r'^Absolute path "/"',
-     "the '/' of f.rsplit('/', 1) is a separator, not a path"),
-    (r"^snakefile .*/common\.smk$", r"^Path composition with '\+'",
-     "the '+' joins a message and a TSV row (placeholder benchmarks), not paths; paths are built by the "
-     "helpers of common.smk from the layout"),
-    (r"^snakefile .*/(common|vqa)\.smk$", r"^Mixed rules and functions",
-     "common.smk holds the rules' helpers by design (rules stay thin; its comments say 'rule X'); "
-     "vqa.smk's one input helper sits with the rule it switches on"),
-    (r"^rule stage_config ", r"^Specify a conda environment",
-     "a local rule that writes its config with printf: no software to pin"),
-    (r"^rule libero_fixture ", r"^Param out is a prefix",
-     "`out` is the fixture's folder under the data root (a shared filesystem); the layout names it"),
+    (
+        r"^snakefile .*/common\.smk$",
+        r'^Absolute path "/"',
+        "the '/' of f.rsplit('/', 1) is a separator, not a path",
+    ),
+    (
+        r"^snakefile .*/common\.smk$",
+        r"^Path composition with '\+'",
+        "the '+' joins a message and a TSV row (placeholder benchmarks), not paths; paths are built by the "
+        "helpers of common.smk from the layout",
+    ),
+    (
+        r"^snakefile .*/(common|vqa)\.smk$",
+        r"^Mixed rules and functions",
+        "common.smk holds the rules' helpers by design (rules stay thin; its comments say 'rule X'); "
+        "vqa.smk's one input helper sits with the rule it switches on",
+    ),
+    (
+        r"^rule stage_config ",
+        r"^Specify a conda environment",
+        "a local rule that writes its config with printf: no software to pin",
+    ),
+    (
+        r"^rule libero_fixture ",
+        r"^Param out is a prefix",
+        "`out` is the fixture's folder under the data root (a shared filesystem); the layout names it",
+    ),
 ]
 
 _HEAD = re.compile(r"^Lints for (?P<what>.+):$")

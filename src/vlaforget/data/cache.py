@@ -135,7 +135,13 @@ def build_cache(
         d = read_json(done)
         meta["simulator"] = {k: d.get(k) for k in ("camera", "render_size", "max_steps", "seed")}
     return write_cache(
-        episodes, out_dir, name, image_size, train_split, extra={**meta, **(extra or {})}, transform=transform,
+        episodes,
+        out_dir,
+        name,
+        image_size,
+        train_split,
+        extra={**meta, **(extra or {})},
+        transform=transform,
         heldout=heldout,
     )
 

@@ -84,9 +84,12 @@ def probe_source(block: dict, split: str, ds, trained_suites: Sequence[str] = ()
         "tasks": None if eps is None else sorted({e["task"] for e in eps}),
         "trained_on": bool(trained),
         "heldout": getattr(ds, "manifest", {}).get("heldout_used") if split == "heldout" else None,
-        "what": (f"held-out episodes of {block.get('name')} (data.heldout: "
-                 f"{getattr(ds, 'manifest', {}).get('heldout_used')})" if split == "heldout"
-                 else f"{split} split of {block.get('name')}, a suite no run trains on"),
+        "what": (
+            f"held-out episodes of {block.get('name')} (data.heldout: "
+            f"{getattr(ds, 'manifest', {}).get('heldout_used')})"
+            if split == "heldout"
+            else f"{split} split of {block.get('name')}, a suite no run trains on"
+        ),
     }
 
 

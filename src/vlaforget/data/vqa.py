@@ -98,7 +98,9 @@ CANDIDATES = {
 }
 
 
-def balanced_pick(items: Sequence[dict], n: int, seed: int, key: Callable[[dict], tuple[str, str]]) -> list[dict]:
+def balanced_pick(
+    items: Sequence[dict], n: int, seed: int, key: Callable[[dict], tuple[str, str]]
+) -> list[dict]:
     """n items, equal shares per category and, inside one, the least-used answer first.
 
     key(item) -> (category, answer). Deterministic for a seed; fewer than n if the pool runs out."""

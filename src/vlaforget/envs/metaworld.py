@@ -165,7 +165,9 @@ class MetaWorldEnv:
         env.max_path_length = 10**9  # we cap episodes ourselves (Meta-World raises past its cap)
         self.randomization = float(randomization)
         if not 0.0 <= self.randomization <= 1.0:
-            raise ValueError(f"randomization must be in [0, 1] (1 = Meta-World's ranges), got {randomization}")
+            raise ValueError(
+                f"randomization must be in [0, 1] (1 = Meta-World's ranges), got {randomization}"
+            )
         if self.randomization != 1.0:
             _shrink_reset_space(env, self.randomization)
         self._env = env

@@ -31,7 +31,6 @@ from .rollout import Episode, make_episodes, run_episodes
 log = logging.getLogger("vlaforget.eval")
 
 
-
 class BackendPolicy:
     """Batched policy over a backend: resize to the model's image size, optional centre crop."""
 
@@ -106,8 +105,11 @@ def world_of(ecfg: EvalSettings | dict) -> str:
 
 
 def build_episodes(
-    world: str, suite: str, e: EvalSettings | dict, episodes_per_task: int | None = None,
-    videos_per_task: int | None = None
+    world: str,
+    suite: str,
+    e: EvalSettings | dict,
+    episodes_per_task: int | None = None,
+    videos_per_task: int | None = None,
 ) -> tuple[Any, list[Episode], dict]:
     """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
     e = EvalSettings.of(e)
@@ -189,7 +191,9 @@ def evaluate_model(
     run (e.g. the PEFT-wrapped training model; eval mode is set by predict_actions). No videos unless
     video_dir. Returns run_episodes' result dict (success_rate, per_task, episodes, timing)."""
     e = EvalSettings.of(ecfg)
-    fac, episodes, _ = build_episodes(e.world, e.suite, e, episodes_per_task, 0 if video_dir is None else None)
+    fac, episodes, _ = build_episodes(
+        e.world, e.suite, e, episodes_per_task, 0 if video_dir is None else None
+    )
     policy = BackendPolicy(backend, image_size=e.image_size, center_crop=e.center_crop, model=model)
     n = e.num_envs if num_envs is None else int(num_envs)
     return run_episodes(

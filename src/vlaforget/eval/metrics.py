@@ -69,8 +69,9 @@ def peak_clamped(curve: Sequence[float]) -> np.ndarray:
     return c
 
 
-def libero_lifelong_metrics(curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]],
-                            kept: Sequence[float] | None = None) -> dict:
+def libero_lifelong_metrics(
+    curves: Sequence[Sequence[float]], R: Sequence[Sequence[float]], kept: Sequence[float] | None = None
+) -> dict:
     """LIBERO's FWT, NBT and AUC (Liu et al. 2023, Sec. 5; definitions quoted in docs/evaluation.md),
     checked against LIBERO's code: libero/lifelong/algos/base.py `Sequential.learn_one_task` (the FWT_k
     it returns) at github.com/Lifelong-Robot-Learning/LIBERO commit 8f1084e3.

@@ -58,10 +58,16 @@ def conflict_project(
     both = [i for i, (ga, gr) in enumerate(zip(g_act_list, g_ret_list)) if ga is not None and gr is not None]
     for i in both:
         if g_act_list[i].shape != g_ret_list[i].shape:
-            raise ValueError(f"conflict_project: shapes differ {tuple(g_act_list[i].shape)} vs "
-                             f"{tuple(g_ret_list[i].shape)}")
-    only_a = [g.detach().reshape(-1).float() for g, r in zip(g_act_list, g_ret_list) if g is not None and r is None]
-    only_r = [r.detach().reshape(-1).float() for g, r in zip(g_act_list, g_ret_list) if r is not None and g is None]
+            raise ValueError(
+                f"conflict_project: shapes differ {tuple(g_act_list[i].shape)} vs "
+                f"{tuple(g_ret_list[i].shape)}"
+            )
+    only_a = [
+        g.detach().reshape(-1).float() for g, r in zip(g_act_list, g_ret_list) if g is not None and r is None
+    ]
+    only_r = [
+        r.detach().reshape(-1).float() for g, r in zip(g_act_list, g_ret_list) if r is not None and g is None
+    ]
     dot = na2 = nr2 = None
     n_conf = n_both = 0
     if both:
@@ -78,8 +84,10 @@ def conflict_project(
     for r in only_r:
         nr2 = r @ r if nr2 is None else nr2 + r @ r
     scal = [x if x is not None else torch.zeros(()) for x in (dot, na2, nr2)]
-    vals = torch.stack([x.detach().float().cpu() if x.device.type != "cpu" else x.detach().float()
-                        for x in scal] + ([n_conf_t.float().cpu()] if both else []))  # one host sync
+    vals = torch.stack(
+        [x.detach().float().cpu() if x.device.type != "cpu" else x.detach().float() for x in scal]
+        + ([n_conf_t.float().cpu()] if both else [])
+    )  # one host sync
     dot_f = float(vals[0]) if dot is not None else 0.0
     na = math.sqrt(float(vals[1])) if na2 is not None else 0.0
     nr = math.sqrt(float(vals[2])) if nr2 is not None else 0.0
@@ -222,10 +230,18 @@ def anchor_features(
     return {p: torch.cat(v) for p, v in acc.items()}
 
 
-
-def check_anchors(anchors: dict, *, hidden_size: int, num_layers: int, pooling: str, where: str,
-                  layer: int | None = None, dtype: str | None = None, shots: int | None = None,
-                  seed: int | None = None) -> None:
+def check_anchors(
+    anchors: dict,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    pooling: str,
+    where: str,
+    layer: int | None = None,
+    dtype: str | None = None,
+    shots: int | None = None,
+    seed: int | None = None,
+) -> None:
     """Before the first step: the anchor cache must match the run (layer, pooling, dtype, hidden
     size, data subset). Raises MethodConfigError naming both sides."""
     have, want = {}, {}
@@ -234,15 +250,20 @@ def check_anchors(anchors: dict, *, hidden_size: int, num_layers: int, pooling: 
         have["poolings"], want["pooling"] = sorted(feats), pooling
     f = feats.get(pooling, anchors.get("features"))
     d = int(f.shape[-1]) if f is not None else None
-    for k, v_have, v_want in (("hidden_size", anchors.get("hidden_size", d), hidden_size),
-                              ("feature_dim", d, hidden_size)):
+    for k, v_have, v_want in (
+        ("hidden_size", anchors.get("hidden_size", d), hidden_size),
+        ("feature_dim", d, hidden_size),
+    ):
         if v_have is not None and int(v_have) != int(v_want):
             have[k], want[k] = int(v_have), int(v_want)
     if layer is not None and int(anchors.get("layer", layer)) != int(layer):
         have["layer"], want["layer"] = int(anchors["layer"]), int(layer)
     if "layer_abs" in anchors and layer is not None:
         if int(anchors["layer_abs"]) != int(layer) % (int(num_layers) + 1):
-            have["layer_abs"], want["layer_abs"] = int(anchors["layer_abs"]), int(layer) % (int(num_layers) + 1)
+            have["layer_abs"], want["layer_abs"] = (
+                int(anchors["layer_abs"]),
+                int(layer) % (int(num_layers) + 1),
+            )
     if dtype is not None and anchors.get("model_dtype") is not None and anchors["model_dtype"] != dtype:
         have["dtype"], want["dtype"] = anchors["model_dtype"], dtype
     if "shots" in anchors or shots:

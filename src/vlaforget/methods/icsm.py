@@ -153,7 +153,9 @@ def svd_directions(X: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
     }
 
 
-def covariance(X: torch.Tensor, mu: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def covariance(
+    X: torch.Tensor, mu: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Covariance [D,D] of rows X [N,D] (float64 accumulation, `dtype` result): centred on their own
     mean with 1/(N-1), or on the given `mu` with 1/N. The one covariance of the package (ICSM's C_T,
     the thermostat's C_S, the forgetting stage's drift with dtype=float64)."""
@@ -531,8 +533,12 @@ def injection_scales(icfg: IcsmSettings | dict, std: torch.Tensor) -> tuple[torc
 
 
 def compute_layer(
-    backend, pooled: torch.Tensor, samples: Sequence[dict], rep: int, icfg: IcsmSettings | dict,
-    show_progress: bool = False
+    backend,
+    pooled: torch.Tensor,
+    samples: Sequence[dict],
+    rep: int,
+    icfg: IcsmSettings | dict,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """All ICSM quantities of one representative layer from pooled probe states [N,D]."""
     icfg = IcsmSettings.of(icfg)

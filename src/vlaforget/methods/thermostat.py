@@ -25,8 +25,17 @@ import torch
 from ..settings import ThermostatSettings
 from .icsm import covariance
 
-__all__ = ["ESTIMATORS", "LAWS", "METRICS", "ControlLaw", "UserLaw", "covariance", "drift", "make_law",
-           "projected_covariance"]
+__all__ = [
+    "ESTIMATORS",
+    "LAWS",
+    "METRICS",
+    "ControlLaw",
+    "UserLaw",
+    "covariance",
+    "drift",
+    "make_law",
+    "projected_covariance",
+]
 
 METRICS = ("basis", "normalized", "raw")
 ESTIMATORS = ("full", "paired")
@@ -90,8 +99,11 @@ class ControlLaw:
     """
 
     def __init__(
-        self, cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None,
-        eps: float = 1e-12
+        self,
+        cfg: ThermostatSettings | dict,
+        beta0: float | None = None,
+        gamma0: float | None = None,
+        eps: float = 1e-12,
     ):
         cfg = ThermostatSettings.of(cfg)
         self.warmup = cfg.warmup_measurements
@@ -102,7 +114,9 @@ class ControlLaw:
         self.smoothing = cfg.smoothing
         self.eps = eps
         if self.warmup < 1:
-            raise ValueError(f"thermostat.warmup_measurements must be >= 1 (calibration draws), got {self.warmup}")
+            raise ValueError(
+                f"thermostat.warmup_measurements must be >= 1 (calibration draws), got {self.warmup}"
+            )
         if self.beta_min <= 0:
             raise ValueError(f"thermostat.beta_min must be > 0 (beta never reaches 0), got {self.beta_min}")
         if self.beta_min > self.beta_max or self.gamma_min > self.gamma_max:
@@ -112,11 +126,15 @@ class ControlLaw:
         self.beta0 = float(self.beta_max if beta0 is None else beta0)
         self.gamma0 = float(self.gamma_max if gamma0 is None else gamma0)
         if not self.beta_min <= self.beta0 <= self.beta_max:
-            raise ValueError(f"hsw.beta = {self.beta0} is outside [thermostat.beta_min, beta_max] = "
-                             f"[{self.beta_min}, {self.beta_max}]: the control law starts from hsw.beta")
+            raise ValueError(
+                f"hsw.beta = {self.beta0} is outside [thermostat.beta_min, beta_max] = "
+                f"[{self.beta_min}, {self.beta_max}]: the control law starts from hsw.beta"
+            )
         if not self.gamma_min <= self.gamma0 <= self.gamma_max:
-            raise ValueError(f"hsw.gamma = {self.gamma0} is outside [thermostat.gamma_min, gamma_max] = "
-                             f"[{self.gamma_min}, {self.gamma_max}]: the control law starts from hsw.gamma")
+            raise ValueError(
+                f"hsw.gamma = {self.gamma0} is outside [thermostat.gamma_min, gamma_max] = "
+                f"[{self.gamma_min}, {self.gamma_max}]: the control law starts from hsw.gamma"
+            )
         self.beta, self.gamma = self.beta0, self.gamma0
         self.calibration: list[float] = []
         self.floor: float | None = None
@@ -158,8 +176,10 @@ class ControlLaw:
         if not math.isfinite(d):
             raise ValueError(f"thermostat: non-finite drift {d}")
         if self.floor is None:
-            raise RuntimeError("ControlLaw.observe before calibration: the Thermostat calibrates "
-                               "before the first optimizer step (calibrate(ds))")
+            raise RuntimeError(
+                "ControlLaw.observe before calibration: the Thermostat calibrates "
+                "before the first optimizer step (calibrate(ds))"
+            )
         self.n_obs += 1
         b, g, excess = self.targets(d)
         s = self.smoothing
@@ -185,8 +205,10 @@ class ControlLaw:
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("law", "calibrated") != "calibrated":
-            raise ValueError(f"thermostat: checkpoint holds the {sd['law']!r} law's state, this run uses "
-                             "thermostat.law: calibrated")
+            raise ValueError(
+                f"thermostat: checkpoint holds the {sd['law']!r} law's state, this run uses "
+                "thermostat.law: calibrated"
+            )
         self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])
         self.beta0 = float(sd.get("beta0", self.beta0))
         self.gamma0 = float(sd.get("gamma0", self.gamma0))
@@ -213,14 +235,22 @@ class UserLaw:
     first control update.
     """
 
-    def __init__(self, cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None):
+    def __init__(
+        self, cfg: ThermostatSettings | dict, beta0: float | None = None, gamma0: float | None = None
+    ):
         cfg = ThermostatSettings.of(cfg)
         self.warmup_steps, self.every = int(cfg.warmup_steps), int(cfg.every)
-        self.base_scale, self.k_beta, self.k_gamma = float(cfg.base_scale), float(cfg.k_beta), float(cfg.k_gamma)
+        self.base_scale, self.k_beta, self.k_gamma = (
+            float(cfg.base_scale),
+            float(cfg.k_beta),
+            float(cfg.k_gamma),
+        )
         self.gamma_min, self.gamma_max = cfg.gamma_min, cfg.gamma_max
         self.beta_min, self.beta_max = cfg.beta_min, cfg.beta_max
         if self.warmup_steps < 0 or self.every < 1:
-            raise ValueError(f"thermostat: need warmup_steps >= 0 and every >= 1, got {self.warmup_steps}, {self.every}")
+            raise ValueError(
+                f"thermostat: need warmup_steps >= 0 and every >= 1, got {self.warmup_steps}, {self.every}"
+            )
         if min(self.base_scale, self.k_beta, self.k_gamma) < 0:
             raise ValueError("thermostat: base_scale, k_beta and k_gamma must be >= 0")
         if self.beta_min <= 0:
@@ -260,8 +290,10 @@ class UserLaw:
             raise ValueError(f"thermostat: non-finite drift {d}")
         phase = self.phase(step)
         if phase is None:
-            raise ValueError(f"thermostat: step {step} is not a measurement step (warmup_steps "
-                             f"{self.warmup_steps}, every {self.every})")
+            raise ValueError(
+                f"thermostat: step {step} is not a measurement step (warmup_steps "
+                f"{self.warmup_steps}, every {self.every})"
+            )
         self.n_obs += 1
         if phase == "warmup":
             self.history.append([int(step), d])
@@ -275,14 +307,24 @@ class UserLaw:
         return self.beta, self.gamma, phase
 
     def state_dict(self) -> dict:
-        return {"law": "user", "beta": self.beta, "gamma": self.gamma, "beta0": self.beta0, "gamma0": self.gamma0,
-                "history": [list(x) for x in self.history], "baseline": self.baseline, "n_obs": self.n_obs,
-                "last": dict(self.last)}
+        return {
+            "law": "user",
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "beta0": self.beta0,
+            "gamma0": self.gamma0,
+            "history": [list(x) for x in self.history],
+            "baseline": self.baseline,
+            "n_obs": self.n_obs,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("law") != "user":
-            raise ValueError(f"thermostat: checkpoint holds the {sd.get('law', 'calibrated')!r} law's state, "
-                             "this run uses thermostat.law: user")
+            raise ValueError(
+                f"thermostat: checkpoint holds the {sd.get('law', 'calibrated')!r} law's state, "
+                "this run uses thermostat.law: user"
+            )
         self.beta, self.gamma = float(sd["beta"]), float(sd["gamma"])
         self.beta0, self.gamma0 = float(sd["beta0"]), float(sd["gamma0"])
         self.history = [[int(s), float(x)] for s, x in sd["history"]]

@@ -121,7 +121,13 @@ def checkpoint_module(module: nn.Module) -> bool:
 
 
 # text-length keys of a collated action batch and their padding values (right padding; input_ids: the pad id)
-PAD_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "instruction_mask": False, "action_mask": False}
+PAD_KEYS = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "labels": -100,
+    "instruction_mask": False,
+    "action_mask": False,
+}
 
 
 class _StopForward(Exception):
@@ -341,8 +347,9 @@ class VLABackend:
         return {int(i): got[int(i) % (L + 1)] for i in indices}
 
     @contextmanager
-    def capture_hidden_states(self, indices: Sequence[int], model: nn.Module | None = None,
-                              stop_after: bool = False):
+    def capture_hidden_states(
+        self, indices: Sequence[int], model: nn.Module | None = None, stop_after: bool = False
+    ):
         """Context: forward hooks put hidden_states[i] (same indexing as `hidden_states_at`) into the
         yielded dict {i % (num_layers + 1): tensor} during the forwards run inside it; stop_after
         raises _StopForward once the last of them is produced. The hooks are removed on exit."""
@@ -362,14 +369,20 @@ class VLABackend:
         try:
             for i in want:
                 if i == 0:
-                    handles.append(layers[0].register_forward_pre_hook(
-                        lambda mod, args, kwargs, i=i: keep(i, args[0] if args else kwargs["hidden_states"]),
-                        with_kwargs=True))
+                    handles.append(
+                        layers[0].register_forward_pre_hook(
+                            lambda mod, args, kwargs, i=i: keep(
+                                i, args[0] if args else kwargs["hidden_states"]
+                            ),
+                            with_kwargs=True,
+                        )
+                    )
                 elif i < L:
                     handles.append(layers[i - 1].register_forward_hook(lambda mod, a, out, i=i: keep(i, out)))
                 else:
-                    handles.append(_final_norm(m, layers).register_forward_hook(
-                        lambda mod, a, out, i=i: keep(i, out)))
+                    handles.append(
+                        _final_norm(m, layers).register_forward_hook(lambda mod, a, out, i=i: keep(i, out))
+                    )
             yield got
         finally:
             for h in handles:
@@ -387,8 +400,12 @@ class VLABackend:
             if k in PAD_KEYS and x.shape[1] != y.shape[1]:
                 fill = self.pad_id if k == "input_ids" else PAD_KEYS[k]
                 t = max(x.shape[1], y.shape[1])
-                x, y = (torch.cat([z, z.new_full((z.shape[0], t - z.shape[1], *z.shape[2:]), fill)], 1)
-                        if z.shape[1] < t else z for z in (x, y))
+                x, y = (
+                    torch.cat([z, z.new_full((z.shape[0], t - z.shape[1], *z.shape[2:]), fill)], 1)
+                    if z.shape[1] < t
+                    else z
+                    for z in (x, y)
+                )
             out[k] = torch.cat([x, y.to(x.device)], 0)
         return out
 
@@ -488,11 +505,8 @@ class VLABackend:
             if m:
                 if lo <= int(m.group(1)) <= hi and m.group(2) in suffixes:
                     out.append(name)
-            elif (
-                ("vision" in targets
-                and name.startswith(self.vision_prefix))
-                or ("projector" in targets
-                and name.startswith(self.projector_prefix))
+            elif ("vision" in targets and name.startswith(self.vision_prefix)) or (
+                "projector" in targets and name.startswith(self.projector_prefix)
             ):
                 out.append(name)
         if not out:
@@ -559,7 +573,9 @@ class VLABackend:
         ids = self._pad([list(p) for p in prompts], self.pad_id).to(self.device)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         attn = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()
-        out = m(input_ids=ids, attention_mask=attn, pixel_values=pixel_values, use_cache=True, return_dict=True)
+        out = m(
+            input_ids=ids, attention_mask=attn, pixel_values=pixel_values, use_cache=True, return_dict=True
+        )
         cache = getattr(out, "past_key_values", None)
         if cache is None:  # a model without a KV cache (e.g. a scripted test double)
             return VLABackend._greedy(self, prompts, pixel_values, steps, allowed, stop_at_eos, model)

@@ -113,6 +113,7 @@ def tiny_config(
     model_vocab: int | None = None,
 ) -> TinyVLAConfig:
     """TinyVLAConfig from the `model.tiny` block of the study config."""
+
     def tower(prefix: str) -> dict:
         return {
             "hidden_size": tiny[f"{prefix}_hidden"],

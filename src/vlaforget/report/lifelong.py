@@ -60,9 +60,11 @@ def success_matrix(evals: dict, suites: list[str], runs: list[str]) -> np.ndarra
         got = (evals.get(run) or {}).get("suites") or {}
         missing = [s for s in suites if got.get(s) is None]
         if missing:
-            raise LifelongInputError(f"{run} has no closed-loop success on {missing}: the lifelong table "
-                                     "needs every chain stage evaluated on every chain suite "
-                                     "(evals/{run}/{suite}.json)")
+            raise LifelongInputError(
+                f"{run} has no closed-loop success on {missing}: the lifelong table "
+                "needs every chain stage evaluated on every chain suite "
+                "(evals/{run}/{suite}.json)"
+            )
         rows.append([float(got[s]) for s in suites])
     return np.asarray(rows, dtype=np.float64)
 
@@ -98,7 +100,9 @@ def chain_metrics(M: np.ndarray, periodic: list[list[float]] | None = None) -> d
     return out
 
 
-def build(evals: dict, suites: list[str], run_dirs: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+def build(
+    evals: dict, suites: list[str], run_dirs: dict[str, str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """(rows: one per method over its seeds, detail: one per chain with matrix and metrics)."""
     run_dirs = run_dirs or {}
     detail = []
@@ -106,17 +110,28 @@ def build(evals: dict, suites: list[str], run_dirs: dict[str, str] | None = None
         runs = stage_runs(suites, method, seed)
         M = success_matrix(evals, suites, runs)
         m = chain_metrics(M, [read_periodic(run_dirs.get(r)) for r in runs])
-        detail.append({"method": method, "seed": seed, "runs": runs, "suites": suites,
-                       "matrix": M.tolist(), **m})
+        detail.append(
+            {"method": method, "seed": seed, "runs": runs, "suites": suites, "matrix": M.tolist(), **m}
+        )
     rows = []
     for method in dict.fromkeys(d["method"] for d in detail):
         ds = [d for d in detail if d["method"] == method]
-        row = {"method": method, "chain": " > ".join(suites), "n_seeds": len(ds),
-               "matrix_mean": np.mean([d["matrix"] for d in ds], axis=0).tolist()}
+        row = {
+            "method": method,
+            "chain": " > ".join(suites),
+            "n_seeds": len(ds),
+            "matrix_mean": np.mean([d["matrix"] for d in ds], axis=0).tolist(),
+        }
         for col, _ in METRICS:
             s = summarize([d[col] for d in ds])
-            row.update({f"{col}_mean": s["mean"], f"{col}_std": s["std"], f"{col}_ci95": s["ci95"],
-                        f"{col}_n": s["n"]})
+            row.update(
+                {
+                    f"{col}_mean": s["mean"],
+                    f"{col}_std": s["std"],
+                    f"{col}_ci95": s["ci95"],
+                    f"{col}_n": s["n"],
+                }
+            )
         rows.append(row)
     return rows, detail
 
@@ -133,8 +148,18 @@ def to_csv(rows: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=columns(), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v)
-                    for k, v in {**r, "table": "lifelong"}.items()})
+        w.writerow(
+            {
+                k: (
+                    ""
+                    if isinstance(v, float) and math.isnan(v)
+                    else f"{v:.6g}"
+                    if isinstance(v, float)
+                    else v
+                )
+                for k, v in {**r, "table": "lifelong"}.items()
+            }
+        )
     return buf.getvalue()
 
 
@@ -146,18 +171,29 @@ def _cell(m, ci) -> str:
 
 def to_markdown(rows: list[dict], suites: list[str]) -> str:
     head = ["method", "seeds"] + [lab for _, lab in METRICS]
-    caption = (f"Runs chained over {' > '.join(suites)} (LIBERO's lifelong protocol): stage k continues "
-               "training stage k-1's adapter on suite k. Mean ± 95 % t-CI over seeds. FWT, NBT, AUC: "
-               "docs/evaluation.md.")
+    caption = (
+        f"Runs chained over {' > '.join(suites)} (LIBERO's lifelong protocol): stage k continues "
+        "training stage k-1's adapter on suite k. Mean ± 95 % t-CI over seeds. FWT, NBT, AUC: "
+        "docs/evaluation.md."
+    )
     lines = ["# Table: lifelong", "", caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["method"], str(r["n_seeds"])]
-                                       + [_cell(r[f"{c}_mean"], r[f"{c}_ci95"]) for c, _ in METRICS]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["method"], str(r["n_seeds"])] + [_cell(r[f"{c}_mean"], r[f"{c}_ci95"]) for c, _ in METRICS]
+            )
+            + " |"
+        )
     for r in rows:
-        lines += ["", f"Success matrix, {r['method']} (mean over seeds; row: after that stage, column: suite)", "",
-                  "| after | " + " | ".join(suites) + " |", "|" + "---|" * (len(suites) + 1)]
+        lines += [
+            "",
+            f"Success matrix, {r['method']} (mean over seeds; row: after that stage, column: suite)",
+            "",
+            "| after | " + " | ".join(suites) + " |",
+            "|" + "---|" * (len(suites) + 1),
+        ]
         for i, vals in enumerate(r["matrix_mean"]):
             lab = "teacher" if i == 0 else f"stage {i} ({suites[i - 1]})"
             lines.append(f"| {lab} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
-

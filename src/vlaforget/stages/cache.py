@@ -47,4 +47,3 @@ def main(args) -> int:
         sc.out_dir,
     )
     return 0
-

@@ -78,4 +78,3 @@ def main(args) -> int:
         "anchors: %d samples, layer %d, pooling %s, %.1fs", len(idx), layer, pooling, time.perf_counter() - t0
     )
     return 0
-

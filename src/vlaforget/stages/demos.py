@@ -109,4 +109,3 @@ def main(args) -> int:
         },
     )
     return 0
-

@@ -98,4 +98,3 @@ def main(args) -> int:
         res["timing"]["ms_per_env_step"],
     )
     return 0
-

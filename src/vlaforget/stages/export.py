@@ -30,4 +30,3 @@ def main(args) -> int:
     apply_job_env(Path(sc["root"]))
     export_run(args.run_dir, args.out, dtype=args.dtype, device=args.device)
     return 0
-

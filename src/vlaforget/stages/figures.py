@@ -1,5 +1,4 @@
-"""Recipe `vlaforget figures`: paper figures, PNG + PDF (report/figures.py).
-"""
+"""Recipe `vlaforget figures`: paper figures, PNG + PDF (report/figures.py)."""
 
 from __future__ import annotations
 
@@ -32,4 +31,3 @@ def main(args) -> int:
     )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
-

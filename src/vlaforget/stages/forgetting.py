@@ -31,7 +31,12 @@ from ..settings import ForgettingSettings
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="stage config (vlaforget stage-config forgetting RUN)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"forward batch (default {ForgettingSettings.batch_size})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"forward batch (default {ForgettingSettings.batch_size})",
+    )
 
 
 def main(args) -> int:
@@ -152,8 +157,8 @@ def main(args) -> int:
         "n_drift": len(samples),
         "layers": layers,
         "probe_hash": probe.get("hash"),
-        "probe_source": probe.get("source") or {"dataset": probe["dataset"].get("name"),
-                                                "split": probe.get("split", "train")},
+        "probe_source": probe.get("source")
+        or {"dataset": probe["dataset"].get("name"), "split": probe.get("split", "train")},
         "timing": timing,
         "provenance": {**provenance(), "stage_code": fs.code},
     }
@@ -172,4 +177,3 @@ def main(args) -> int:
         out["cka_craft_layer"],
     )
     return 0
-

@@ -124,7 +124,12 @@ def main(args) -> int:
                 "layer %d: only %d of %d directions have a KL above 10x the noise floor (%.3g): the rest keep "
                 "variance order in the split. With icsm.injection unit (epsilon %g) run the sensitivity "
                 "teacher in fp32 (icsm.sensitivity_dtype: fp32, now %s) or raise icsm.epsilon",
-                rep, n_res, int(res["U"].shape[1]), res["kl_noise_floor"], icfg.epsilon, icfg.sensitivity_dtype,
+                rep,
+                n_res,
+                int(res["U"].shape[1]),
+                res["kl_noise_floor"],
+                icfg.epsilon,
+                icfg.sensitivity_dtype,
             )
         log.info(
             "layer %d: r'=%d n_f=%d n_p=%d KL max %.3g median %.3g (%.1fs)",

@@ -48,4 +48,3 @@ def main(args) -> int:
         python=args.libero_python,
     )
     return 0
-

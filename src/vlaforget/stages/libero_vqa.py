@@ -33,4 +33,3 @@ def main(args) -> int:
     )
     log.info("libero-vqa: %d questions (%s) in %s s", man["n"], man["counts"], man["seconds"])
     return 0
-

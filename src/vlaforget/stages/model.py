@@ -18,7 +18,9 @@ from ..config import load_stage_config
 from ..io import log, provenance, seed_everything, write_json
 from ..settings import DEFAULT_VQA_HELDOUT_SAMPLES, DEFAULT_VQA_TRAIN_SAMPLES, PretrainSettings
 
-VQA_TRAIN_SAMPLES = DEFAULT_VQA_TRAIN_SAMPLES  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
+VQA_TRAIN_SAMPLES = (
+    DEFAULT_VQA_TRAIN_SAMPLES  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples
+)
 VQA_HELDOUT_SAMPLES = DEFAULT_VQA_HELDOUT_SAMPLES
 
 
@@ -141,8 +143,11 @@ def check_openvla(sc: dict) -> dict:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="stage config (vlaforget stage-config model ...)")
-    p.add_argument("--device", default=None,
-                   help="torch device the tiny teacher is pretrained on (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device the tiny teacher is pretrained on (default: cuda if available, else cpu)",
+    )
 
 
 def main(args) -> int:
@@ -182,4 +187,3 @@ def main(args) -> int:
         write_json(done, result)
     log.info("model stage done: %s", done)
     return 0
-

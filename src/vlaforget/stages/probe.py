@@ -47,7 +47,9 @@ def main(args) -> int:
             "with probe.split: train"
         )
     source = probe_source(sc["dataset"], split, ds, trained)
-    log.info("probe source: %s (%d episodes, tasks %s)", source["what"], source["n_episodes"], source["tasks"])
+    log.info(
+        "probe source: %s (%d episodes, tasks %s)", source["what"], source["n_episodes"], source["tasks"]
+    )
     backend = load_teacher(sc["model"], ds)
     idx = select_indices(len(ds), ps.n, seed)
     samples = [ds[int(i)] for i in idx]
@@ -126,4 +128,3 @@ def main(args) -> int:
         time.perf_counter() - t0,
     )
     return 0
-

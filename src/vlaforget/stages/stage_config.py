@@ -9,8 +9,12 @@ from ..io import atomic_write_text
 
 
 def add_args(p):
-    p.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
-                   help="study config files, later ones overlay earlier ones")
+    p.add_argument(
+        "--configfile",
+        nargs="+",
+        default=["config/config.yaml"],
+        help="study config files, later ones overlay earlier ones",
+    )
     p.add_argument("--stage", required=True)
     p.add_argument("--key", required=True, help="dataset / base / run name / run@suite, as in the workflow")
     p.add_argument("--out", required=True)
@@ -20,4 +24,3 @@ def main(args) -> int:
     cfg = load_config(*args.configfile)
     atomic_write_text(args.out, stage_config_text(stage_config(cfg, args.stage, args.key)))
     return 0
-

@@ -15,14 +15,23 @@ from ..report.tables import build_table, load_evals, to_csv, to_markdown
 def add_args(p) -> None:
     p.add_argument("--kind", required=True, choices=["main", "fewshot", "ablation", "lifelong"])
     p.add_argument("--chain-suites", nargs="*", default=[], help="lifelong: study.chain.suites, in order")
-    p.add_argument("--run-dirs", nargs="*", default=[],
-                   help="lifelong: run dirs (periodic evals in metrics.jsonl)")
+    p.add_argument(
+        "--run-dirs", nargs="*", default=[], help="lifelong: run dirs (periodic evals in metrics.jsonl)"
+    )
     p.add_argument("--inputs", nargs="*", default=[], help="eval JSON files (runs and the teacher)")
     p.add_argument("--upstream-suites", nargs="*", default=[], help="suites that measure upstream retention")
-    p.add_argument("--ablation-bases", nargs="*", default=[], metavar="ABLATION=BASE",
-                   help="ablation table: the method each ablation is compared with (config ablations.*.base)")
-    p.add_argument("--out", required=True,
-                   help="CSV path; beside it: .md, the paper table _paper.md and .tex, comparisons _stats.csv")
+    p.add_argument(
+        "--ablation-bases",
+        nargs="*",
+        default=[],
+        metavar="ABLATION=BASE",
+        help="ablation table: the method each ablation is compared with (config ablations.*.base)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="CSV path; beside it: .md, the paper table _paper.md and .tex, comparisons _stats.csv",
+    )
 
 
 def main(args) -> int:
@@ -47,9 +56,11 @@ def main(args) -> int:
 def paper_paths(csv_path) -> dict[str, Path]:
     """The paper table's files beside the data table `table_{kind}.csv` (workflow/rules/report.smk)."""
     out = Path(csv_path)
-    return {"paper_md": out.with_name(f"{out.stem}_paper.md"), "tex": out.with_suffix(".tex"),
-            "stats": out.with_name(f"{out.stem}_stats.csv")}
-
+    return {
+        "paper_md": out.with_name(f"{out.stem}_paper.md"),
+        "tex": out.with_suffix(".tex"),
+        "stats": out.with_name(f"{out.stem}_stats.csv"),
+    }
 
 
 def lifelong_table(args) -> int:
@@ -62,13 +73,18 @@ def lifelong_table(args) -> int:
     if len(suites) < 2:
         raise LifelongInputError("table --kind lifelong needs --chain-suites with two or more suites")
     # runs/{run}/{config id}: keyed by the run name (a legacy runs/{run} too)
-    run_dirs = {(Path(d).parent.name if re.fullmatch(r"[0-9a-f]{12}", Path(d).name) else Path(d).name): d
-                for d in (args.run_dirs or []) if d}
+    run_dirs = {
+        (Path(d).parent.name if re.fullmatch(r"[0-9a-f]{12}", Path(d).name) else Path(d).name): d
+        for d in (args.run_dirs or [])
+        if d
+    }
     rows, detail = build(load_evals(args.inputs), suites, run_dirs)
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".md"), to_markdown(rows, suites))
     atomic_write_text(out.with_suffix(".json"), json.dumps(detail, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out, to_csv(rows))
-    print(f"wrote {out} ({len(rows)} methods, {len(detail)} chains), {out.with_suffix('.md')}, "
-          f"{out.with_suffix('.json')}")
+    print(
+        f"wrote {out} ({len(rows)} methods, {len(detail)} chains), {out.with_suffix('.md')}, "
+        f"{out.with_suffix('.json')}"
+    )
     return 0

@@ -15,9 +15,14 @@ from ..train.loop import log, run_training
 
 def add_args(p):
     p.add_argument("--config", required=True, help="train stage config ({root}/configs/train/<run>.yaml)")
-    p.add_argument("--dry-run-batches", type=int, default=0, metavar="N",
-                   help="preflight: N batches through forward and every backward pass (CRaFT's retention "
-                        "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops")
+    p.add_argument(
+        "--dry-run-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="preflight: N batches through forward and every backward pass (CRaFT's retention "
+        "gradient, HSW), anchor / probe checks, no optimizer step; writes dry_run.json, then stops",
+    )
 
 
 def periodic_evaluator(sc: dict) -> Callable[[Any, Any], float] | None:
@@ -41,9 +46,9 @@ def main(args) -> int:
     sc = load_stage_config(args.config, "train")
     TrainSettings.of(sc["train"])  # unknown keys / wrong types: a ConfigError before anything loads
     MethodSettings.of(sc.get("method") or {})
-    res = run_training(sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0),
-                       evaluator=periodic_evaluator(sc))
+    res = run_training(
+        sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0), evaluator=periodic_evaluator(sc)
+    )
     if res:
         log.info("finished %s: %s", sc["run_id"], json.dumps(res.get("final_metrics", {}))[:300])
     return 0
-

@@ -29,4 +29,3 @@ def main(args) -> int:
     )
     print(f"wrote {n} questions to {args.out}")
     return 0
-

@@ -69,8 +69,17 @@ class _KeyStream(torch.utils.data.Sampler):
 class BatchSource:
     """`next()` -> the next training micro-batch on the model's device; advances `sampler`."""
 
-    def __init__(self, ds, backend, sampler, bsz: int, seed: int, image_aug: bool, num_workers: int = 0,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        ds,
+        backend,
+        sampler,
+        bsz: int,
+        seed: int,
+        image_aug: bool,
+        num_workers: int = 0,
+        device: torch.device | None = None,
+    ):
         self.backend, self.sampler, self.bsz = backend, sampler, int(bsz)
         self.data = _MicroBatches(ds, backend, image_aug, seed)
         self.num_workers = int(num_workers or 0)
@@ -78,9 +87,14 @@ class BatchSource:
         if self.num_workers > 0:
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             loader = torch.utils.data.DataLoader(
-                self.data, sampler=_KeyStream(sampler, bsz), batch_size=None, num_workers=self.num_workers,
-                pin_memory=device is not None and device.type == "cuda", prefetch_factor=PREFETCH_PER_WORKER,
-                multiprocessing_context=ctx)
+                self.data,
+                sampler=_KeyStream(sampler, bsz),
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=device is not None and device.type == "cuda",
+                prefetch_factor=PREFETCH_PER_WORKER,
+                multiprocessing_context=ctx,
+            )
             self._it = iter(loader)
 
     def next(self) -> dict:

@@ -28,8 +28,21 @@ def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, scaler, sampler, plugins,
-         aug_gen, keep: int = 2, extra: dict | None = None) -> Path:
+def save(
+    ckpt_dir: Path,
+    step: int,
+    *,
+    skipped,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    sampler,
+    plugins,
+    aug_gen,
+    keep: int = 2,
+    extra: dict | None = None,
+) -> Path:
     ckpt_dir = Path(ckpt_dir)
     d = ckpt_dir / f"step_{step:08d}"
     d.mkdir(parents=True, exist_ok=True)
@@ -42,9 +55,13 @@ def save(ckpt_dir: Path, step: int, *, skipped, model, optimizer, scheduler, sca
         "scaler": scaler.state_dict() if scaler is not None else None,
         "sampler": sampler.state_dict(),
         "plugins": {k: p.state_dict() for k, p in plugins.items()},
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "aug": aug_gen.get_state()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "aug": aug_gen.get_state(),
+        },
         "extra": dict(extra or {}),  # e.g. rollbacks done, wall time so far
     }
     atomic_torch_save(state, d / "state.pt")
@@ -106,28 +123,36 @@ def load_latest(ckpt_dir: Path, max_step: int | None = None) -> tuple[Path, dict
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a vlaforget checkpoint")
         except Exception as e:  # a truncated zip gives OSError/RuntimeError/EOFError/UnpicklingError
-            log.warning("checkpoint %s is unreadable (%s: %s): falling back to the previous one",
-                        p, type(e).__name__, e)
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s): falling back to the previous one",
+                p,
+                type(e).__name__,
+                e,
+            )
             bad.append(p)
             continue
         if bad:
             log.warning("resuming from %s instead of the unreadable %s", p, ", ".join(map(str, bad)))
         return p, state
     if bad:
-        log.warning("no readable checkpoint in %s (%d unreadable): training this run from step 0",
-                    ckpt_dir, len(bad))
+        log.warning(
+            "no readable checkpoint in %s (%d unreadable): training this run from step 0", ckpt_dir, len(bad)
+        )
     return None, None
 
 
-def restore(path: Path, *, model, optimizer, scheduler, scaler, sampler, plugins, aug_gen,
-            state: dict | None = None) -> tuple[int, int]:
+def restore(
+    path: Path, *, model, optimizer, scheduler, scaler, sampler, plugins, aug_gen, state: dict | None = None
+) -> tuple[int, int]:
     if state is None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) - set(params)
     if missing:
-        raise RuntimeError(f"checkpoint {path} does not match this model (e.g. {sorted(missing)[:3]}); "
-                           f"delete {Path(path).parent.parent} to start this run over")
+        raise RuntimeError(
+            f"checkpoint {path} does not match this model (e.g. {sorted(missing)[:3]}); "
+            f"delete {Path(path).parent.parent} to start this run over"
+        )
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t.to(params[n].device))

@@ -49,13 +49,17 @@ def icsm_for_run(sc: dict, given: dict, train_ds, shared: dict):
     if not sc.get("icsm_dir") or not (Path(sc["icsm_dir"]) / "meta.json").exists():
         from ..errors import TrainingError
 
-        raise TrainingError(f"method '{sc['method_name']}' needs the ICSM artifacts at {sc.get('icsm_dir')}"
-                            " (meta.json missing): run the icsm rule first")
+        raise TrainingError(
+            f"method '{sc['method_name']}' needs the ICSM artifacts at {sc.get('icsm_dir')}"
+            " (meta.json missing): run the icsm rule first"
+        )
     shared["icsm"] = IcsmView.load(sc["icsm_dir"])
     if "probe_samples" not in given and sc.get("probe_dir"):
         from ..data.probe import check_not_trained_on, load_probe
 
         shared["probe"] = load_probe(sc["probe_dir"])
         if getattr(train_ds, "cache_dir", None) is not None:
-            check_not_trained_on(shared["probe"], train_ds)  # ICSM statistics and drift on data no run trains on
+            check_not_trained_on(
+                shared["probe"], train_ds
+            )  # ICSM statistics and drift on data no run trains on
     return shared["icsm"], shared.get("probe")

@@ -75,26 +75,37 @@ def check_and_load(model, adapter_dir: str | Path, model_block: dict) -> dict:
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
-        raise TrainingError(f"train.init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json missing)")
+        raise TrainingError(
+            f"train.init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json missing)"
+        )
     have = json.loads(cfg_file.read_text())
     want = model.peft_config["default"]
     where = f"train.init_adapter {adapter_dir}"
 
     # the base model: the adapter's base_model_name_or_path against this run's model
     base = have.get("base_model_name_or_path")
-    ours = {short_model_name(model_block.get("path")), short_model_name(model_block.get("base")),
-            short_model_name(getattr(getattr(model, "config", None), "_name_or_path", None))} - {None}
+    ours = {
+        short_model_name(model_block.get("path")),
+        short_model_name(model_block.get("base")),
+        short_model_name(getattr(getattr(model, "config", None), "_name_or_path", None)),
+    } - {None}
     if base and ours and short_model_name(base) not in ours:
-        raise TrainingError(f"{where} was trained on base model '{base}'; this run's model is "
-                            f"'{model_block.get('path')}' (model.base {model_block.get('base')}): set "
-                            "model.path to the adapter's base, or train.init_adapter to an adapter of this model")
+        raise TrainingError(
+            f"{where} was trained on base model '{base}'; this run's model is "
+            f"'{model_block.get('path')}' (model.base {model_block.get('base')}): set "
+            "model.path to the adapter's base, or train.init_adapter to an adapter of this model"
+        )
     # rank and alpha (the LoRA scaling alpha / r)
     if int(have.get("r", -1)) != int(want.r):
-        raise TrainingError(f"{where} has LoRA rank r={have.get('r')}; this run's train.lora.r is {want.r}: "
-                            f"set train.lora.r: {have.get('r')} (the adapter's rank)")
+        raise TrainingError(
+            f"{where} has LoRA rank r={have.get('r')}; this run's train.lora.r is {want.r}: "
+            f"set train.lora.r: {have.get('r')} (the adapter's rank)"
+        )
     if float(have.get("lora_alpha", -1)) != float(want.lora_alpha):
-        raise TrainingError(f"{where} has lora_alpha={have.get('lora_alpha')}; this run's train.lora.alpha is "
-                            f"{want.lora_alpha}: set train.lora.alpha: {have.get('lora_alpha')}")
+        raise TrainingError(
+            f"{where} has lora_alpha={have.get('lora_alpha')}; this run's train.lora.alpha is "
+            f"{want.lora_alpha}: set train.lora.alpha: {have.get('lora_alpha')}"
+        )
     # the adapted modules, from the weights themselves
     state = adapter_weights(adapter_dir)
     theirs = lora_modules(state)
@@ -106,20 +117,25 @@ def check_and_load(model, adapter_dir: str | Path, model_block: dict) -> dict:
             f"the adapter: {_examples(extra) or 'none'}; only in this run: "
             f"{_examples(missing) or 'none'}. Set train.lora.targets / layers to the adapter's modules "
             "(the user's finetune.py, target_modules='all-linear' under peft 0.11.1, = attn, mlp, vision, "
-            "projector, lm_head, patch_embed)")
+            "projector, lm_head, patch_embed)"
+        )
     params = dict(model.named_parameters())
     for mod, ab in mine.items():
         for side, key in ab.items():
             got = state[theirs[mod][side]].shape
             if tuple(got) != tuple(params[key].shape):
-                raise TrainingError(f"{where}: {mod}.lora_{side} has shape {tuple(got)} in the adapter, "
-                                    f"{tuple(params[key].shape)} in this run: the adapter was trained on another "
-                                    f"base model ('{base}') than this run's '{model_block.get('path')}'")
+                raise TrainingError(
+                    f"{where}: {mod}.lora_{side} has shape {tuple(got)} in the adapter, "
+                    f"{tuple(params[key].shape)} in this run: the adapter was trained on another "
+                    f"base model ('{base}') than this run's '{model_block.get('path')}'"
+                )
     res = set_peft_model_state_dict(model, state)
     miss = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
     if miss:
         raise TrainingError(f"{where}: {len(miss)} LoRA weights were not loaded (e.g. {miss[0]})")
-    log.info("init adapter: LoRA loaded from %s (r=%s, %d modules, base %s)", adapter_dir, want.r, len(mine), base)
+    log.info(
+        "init adapter: LoRA loaded from %s (r=%s, %d modules, base %s)", adapter_dir, want.r, len(mine), base
+    )
     return {"dir": str(adapter_dir), "r": int(want.r), "modules": len(mine), "base_model": base}
 
 
@@ -137,8 +153,14 @@ def init_step_of(ts, adapter_dir: str | Path | None, trainer_state: dict | None)
     if ts.init_step is None:
         return int(saved or 0)
     if saved is not None and int(saved) != int(ts.init_step):
-        log.warning("train.init_step %d differs from %s/%s global_step %d: using %d", ts.init_step,
-                    adapter_dir, TRAINER_STATE, int(saved), ts.init_step)
+        log.warning(
+            "train.init_step %d differs from %s/%s global_step %d: using %d",
+            ts.init_step,
+            adapter_dir,
+            TRAINER_STATE,
+            int(saved),
+            ts.init_step,
+        )
     return int(ts.init_step)
 
 
@@ -151,23 +173,35 @@ def restore_optimizer(optimizer, params: list[torch.Tensor], trainer_state: dict
     ids = [i for g in groups for i in g.get("params", [])]
     where = f"{adapter_dir}/{TRAINER_STATE}"
     if len(ids) != len(params):
-        raise TrainingError(f"{where}: its optimizer holds {len(ids)} parameters, this run trains {len(params)} "
-                            "LoRA tensors: it belongs to another LoRA shape; remove the file to start the "
-                            "optimizer fresh (the adapter's weights are still loaded)")
+        raise TrainingError(
+            f"{where}: its optimizer holds {len(ids)} parameters, this run trains {len(params)} "
+            "LoRA tensors: it belongs to another LoRA shape; remove the file to start the "
+            "optimizer fresh (the adapter's weights are still loaded)"
+        )
     for n, (i, p) in enumerate(zip(ids, params)):
         s = st.get(i)
         for k in ("exp_avg", "exp_avg_sq"):
             if s is not None and k in s and tuple(s[k].shape) != tuple(p.shape):
-                raise TrainingError(f"{where}: optimizer state {n} ({k}) has shape {tuple(s[k].shape)}, the run's "
-                                    f"parameter {n} {tuple(p.shape)}: the parameter order or shapes differ; "
-                                    "remove the file to start the optimizer fresh")
+                raise TrainingError(
+                    f"{where}: optimizer state {n} ({k}) has shape {tuple(s[k].shape)}, the run's "
+                    f"parameter {n} {tuple(p.shape)}: the parameter order or shapes differ; "
+                    "remove the file to start the optimizer fresh"
+                )
     keep = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     ours = optimizer.state_dict()
     flat = [i for g in ours["param_groups"] for i in g["params"]]
-    optimizer.load_state_dict({"state": {flat[n]: st[i] for n, i in enumerate(ids) if i in st},
-                               "param_groups": ours["param_groups"]})
+    optimizer.load_state_dict(
+        {
+            "state": {flat[n]: st[i] for n, i in enumerate(ids) if i in st},
+            "param_groups": ours["param_groups"],
+        }
+    )
     for g, k in zip(optimizer.param_groups, keep):  # this run's hyper-parameters, not the file's
         g.update(k)
-    log.info("init adapter: AdamW moments of %d tensors restored from %s (lr, schedule and "
-             "hyper-parameters are this run's)", sum(i in st for i in ids), where)
+    log.info(
+        "init adapter: AdamW moments of %d tensors restored from %s (lr, schedule and "
+        "hyper-parameters are this run's)",
+        sum(i in st for i in ids),
+        where,
+    )
     return sum(i in st for i in ids)

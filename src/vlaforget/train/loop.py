@@ -98,8 +98,10 @@ def autocast_factory(precision: str, device: torch.device):
         return contextlib.nullcontext
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("train.precision is bf16 but this GPU has no bf16 support (e.g. V100): "
-                                "use precision: fp16 (profiles/v100x8 sets it)")
+            raise TrainingError(
+                "train.precision is bf16 but this GPU has no bf16 support (e.g. V100): "
+                "use precision: fp16 (profiles/v100x8 sets it)"
+            )
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return lambda: torch.autocast("cuda", dtype=dtype)
     if precision == "bf16":
@@ -126,9 +128,14 @@ def apply_lora(backend, lcfg: LoraSettings | dict, seed: int):
     lora = LoraSettings.of(lcfg)
     torch.manual_seed(seed)  # LoRA init is seeded by the run seed
     targets = backend.lora_targets(list(lora.targets), lora.layers)
-    conf = LoraConfig(r=lora.r, lora_alpha=lora.alpha,
-                      lora_dropout=lora.dropout, target_modules=targets,
-                      init_lora_weights="gaussian", bias="none")
+    conf = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+        bias="none",
+    )
     model = get_peft_model(backend.model, conf)
     for n, p in model.named_parameters():  # only LoRA trains
         p.requires_grad_("lora_" in n)
@@ -160,20 +167,25 @@ def init_from_adapter(model, adapter_dir) -> None:
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.exists():
-        raise TrainingError(f"init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json "
-                            "missing): train the previous stage of the chain first")
+        raise TrainingError(
+            f"init_adapter {adapter_dir} holds no PEFT adapter (adapter_config.json "
+            "missing): train the previous stage of the chain first"
+        )
     have = json.loads(cfg_file.read_text())
     want = model.peft_config["default"]
     have_t, want_t = sorted(have.get("target_modules") or []), sorted(want.target_modules)
     if int(have.get("r", -1)) != int(want.r) or have_t != want_t:
-        raise TrainingError(f"init_adapter {adapter_dir}: LoRA r={have.get('r')} on {len(have_t)} modules, "
-                            f"this run wants r={want.r} on {len(want_t)}: a chain keeps train.lora the "
-                            "same over its stages")
+        raise TrainingError(
+            f"init_adapter {adapter_dir}: LoRA r={have.get('r')} on {len(have_t)} modules, "
+            f"this run wants r={want.r} on {len(want_t)}: a chain keeps train.lora the "
+            "same over its stages"
+        )
     res = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
     missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise TrainingError(f"init_adapter {adapter_dir}: {len(missing)} LoRA weights missing "
-                            f"(e.g. {missing[0]})")
+        raise TrainingError(
+            f"init_adapter {adapter_dir}: {len(missing)} LoRA weights missing (e.g. {missing[0]})"
+        )
     log.info("chain: LoRA initialised from %s", adapter_dir)
 
 
@@ -184,9 +196,15 @@ def _f(t) -> float | None:
 # ----------------------------------------------------------------------------- main
 
 
-def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-                 teacher_inputs: dict | None = None, dry_run_batches: int = 0,
-                 evaluator: Callable[[Any, Any], float] | None = None) -> dict:
+def run_training(
+    sc: dict,
+    stop_after: int | None = None,
+    backend=None,
+    dataset=None,
+    teacher_inputs: dict | None = None,
+    dry_run_batches: int = 0,
+    evaluator: Callable[[Any, Any], float] | None = None,
+) -> dict:
     """Train one run from its stage config (see _train), owning its run directory meanwhile: a second
     driver, or an orphaned trainer of a killed one, is refused with the holder's host and pid; the
     kernel drops the lock when this process ends, however it ends.
@@ -203,16 +221,29 @@ def run_training(sc: dict, stop_after: int | None = None, backend=None, dataset=
     try:
         for lock in locks:
             held.append(lock.acquire())
-        return _train(sc, stop_after=stop_after, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
-                      dry_run_batches=dry_run_batches, evaluator=evaluator)
+        return _train(
+            sc,
+            stop_after=stop_after,
+            backend=backend,
+            dataset=dataset,
+            teacher_inputs=teacher_inputs,
+            dry_run_batches=dry_run_batches,
+            evaluator=evaluator,
+        )
     finally:
         for lock in held:
             lock.release()
 
 
-def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
-           teacher_inputs: dict | None = None, dry_run_batches: int = 0,
-           evaluator: Callable[[Any, Any], float] | None = None) -> dict:
+def _train(
+    sc: dict,
+    stop_after: int | None = None,
+    backend=None,
+    dataset=None,
+    teacher_inputs: dict | None = None,
+    dry_run_batches: int = 0,
+    evaluator: Callable[[Any, Any], float] | None = None,
+) -> dict:
     """Train one run from its stage config.
 
     stop_after (tests): stop as if killed after that step. backend / dataset (benchmarks): use these
@@ -227,8 +258,14 @@ def _train(sc: dict, stop_after: int | None = None, backend=None, dataset=None,
     _resume -> _start_run (outputs, logger, plug-ins' start, batches) -> per optimizer step:
     _micro_batches (forward + backward) -> _guard (NaN / overflow: skip or roll back) ->
     _optimizer_step -> _log_step -> _checkpoint_and_eval -> _finish (final adapter + done.json)."""
-    run = _setup_run(sc, backend=backend, dataset=dataset, teacher_inputs=teacher_inputs,
-                     dry_run_batches=dry_run_batches, evaluator=evaluator)
+    run = _setup_run(
+        sc,
+        backend=backend,
+        dataset=dataset,
+        teacher_inputs=teacher_inputs,
+        dry_run_batches=dry_run_batches,
+        evaluator=evaluator,
+    )
     _resume(run)
     _start_run(run)
     max_steps = run.ts.max_steps
@@ -311,13 +348,29 @@ class _Run:
 
     def objs(self) -> dict:
         """What a checkpoint saves / restores."""
-        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                    sampler=self.sampler, plugins=self.plugins, aug_gen=self.aug_gen)
+        return dict(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            sampler=self.sampler,
+            plugins=self.plugins,
+            aug_gen=self.aug_gen,
+        )
 
     def save_checkpoint(self) -> None:
-        ckpt.save(self.ckpt_dir, self.step, skipped=self.skipped, **self.objs(),
-                  extra={"rollbacks": self.rollbacks, "max_steps": int(self.sc["train"]["max_steps"]),
-                         "best_eval": self.best_eval, "bad_evals": self.bad_evals})  # early stopping resumes too
+        ckpt.save(
+            self.ckpt_dir,
+            self.step,
+            skipped=self.skipped,
+            **self.objs(),
+            extra={
+                "rollbacks": self.rollbacks,
+                "max_steps": int(self.sc["train"]["max_steps"]),
+                "best_eval": self.best_eval,
+                "bad_evals": self.bad_evals,
+            },
+        )  # early stopping resumes too
 
     def record_segment(self) -> None:
         if self.dist.is_main:
@@ -325,8 +378,14 @@ class _Run:
             write_json(self.seg_file, self.segs)
 
 
-def _setup_run(sc: dict, backend=None, dataset=None, teacher_inputs: dict | None = None,
-               dry_run_batches: int = 0, evaluator=None) -> _Run:
+def _setup_run(
+    sc: dict,
+    backend=None,
+    dataset=None,
+    teacher_inputs: dict | None = None,
+    dry_run_batches: int = 0,
+    evaluator=None,
+) -> _Run:
     """Settings checked, distributed + seeds, data, model + LoRA (+ train.init_adapter, DDP), method
     plug-ins, optimizer, schedule, loss scaling, sample order."""
     from ..data.cache import CachedDataset
@@ -351,11 +410,18 @@ def _setup_run(sc: dict, backend=None, dataset=None, teacher_inputs: dict | None
     torch.set_num_threads(int(os.environ.get("VLAFORGET_THREADS", torch.get_num_threads())))
 
     # --- data: the suite's train split (n-shot subset if asked); statistics travel with the run
-    ds = dataset if dataset is not None else CachedDataset(
-        sc["dataset"]["cache_dir"], split="train", shots=sc.get("shots"), seed=int(sc["seed"]))
+    ds = (
+        dataset
+        if dataset is not None
+        else CachedDataset(
+            sc["dataset"]["cache_dir"], split="train", shots=sc.get("shots"), seed=int(sc["seed"])
+        )
+    )
     if len(ds) == 0:
-        raise TrainingError(f"dataset {sc['dataset']['name']} has no training samples "
-                            f"(shots={sc.get('shots')}): check the cache at {sc['dataset']['cache_dir']}")
+        raise TrainingError(
+            f"dataset {sc['dataset']['name']} has no training samples "
+            f"(shots={sc.get('shots')}): check the cache at {sc['dataset']['cache_dir']}"
+        )
     stats = {sc["dataset"]["name"]: ds.statistics}
 
     # --- model + LoRA (+ gradient checkpointing, DDP)
@@ -372,23 +438,37 @@ def _setup_run(sc: dict, backend=None, dataset=None, teacher_inputs: dict | None
         trainer_state = init_adapter.read_trainer_state(ts.init_adapter)
         init_step = init_adapter.init_step_of(ts, ts.init_adapter, trainer_state)
         if init_step >= ts.max_steps:
-            raise TrainingError(f"train.init_step {init_step} (the adapter's step) is not below train.max_steps "
-                                f"{ts.max_steps}: raise max_steps to the step the run should end at")
+            raise TrainingError(
+                f"train.init_step {init_step} (the adapter's step) is not below train.max_steps "
+                f"{ts.max_steps}: raise max_steps to the step the run should end at"
+            )
         init_info["init_step"] = init_step
     elif ts.init_step:
-        raise TrainingError(f"train.init_step {ts.init_step} without train.init_adapter: name the adapter it "
-                            "belongs to, or set init_step to null")
+        raise TrainingError(
+            f"train.init_step {ts.init_step} without train.init_adapter: name the adapter it "
+            "belongs to, or set init_step to null"
+        )
     skip_lora_input_cast(model, tcfg)  # train.lora_input_cast false
     compile_layers(backend, model, tcfg.get("compile"))  # train.compile (off by default)
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            model,
+            device_ids=[dist.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     autocast = autocast_factory(ts.precision, device)
-    ctx = TrainContext(backend=backend, model=model, device=device, stage_cfg=sc, trainable=trainable,
-                       autocast=autocast, world_size=dist.world, rank=dist.rank)
+    ctx = TrainContext(
+        backend=backend,
+        model=model,
+        device=device,
+        stage_cfg=sc,
+        trainable=trainable,
+        autocast=autocast,
+        world_size=dist.world,
+        rank=dist.rank,
+    )
 
     # --- method plug-ins (all off = baseline)
     plugins = build_plugins(ctx, sc, teacher_inputs or {}, train_ds=ds)
@@ -403,11 +483,33 @@ def _setup_run(sc: dict, backend=None, dataset=None, teacher_inputs: dict | None
     # augmentation draws from a per-micro-batch generator (train/batches.py); this one stays in the
     # checkpoint format only
     aug_gen = torch.Generator().manual_seed(int(sc["seed"]) + 31)
-    return _Run(sc=sc, ts=ts, out_dir=out_dir, ckpt_dir=ckpt_dir, dist=dist, device=device, ds=ds, stats=stats,
-                backend=backend, model=model, trainable=trainable, ctx=ctx, plugins=plugins, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, sampler=sampler, aug_gen=aug_gen, t_start=t_start,
-                dry=int(dry_run_batches or 0), evaluator=evaluator, init_info=init_info,
-                trainer_state=trainer_state, init_step=init_step, step=init_step)
+    return _Run(
+        sc=sc,
+        ts=ts,
+        out_dir=out_dir,
+        ckpt_dir=ckpt_dir,
+        dist=dist,
+        device=device,
+        ds=ds,
+        stats=stats,
+        backend=backend,
+        model=model,
+        trainable=trainable,
+        ctx=ctx,
+        plugins=plugins,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        sampler=sampler,
+        aug_gen=aug_gen,
+        t_start=t_start,
+        dry=int(dry_run_batches or 0),
+        evaluator=evaluator,
+        init_info=init_info,
+        trainer_state=trainer_state,
+        init_step=init_step,
+        step=init_step,
+    )
 
 
 def _resume(run: _Run) -> None:
@@ -422,13 +524,20 @@ def _resume(run: _Run) -> None:
         run.extra = dict(state.get("extra") or {})
         target = run.extra.get("max_steps")
         if target is not None and int(target) != int(tcfg["max_steps"]):
-            log.info("resuming %s from step %d (%s): max_steps %s -> %s, continuing to the new target",
-                     sc["run_id"], run.step, state_path, target, tcfg["max_steps"])
+            log.info(
+                "resuming %s from step %d (%s): max_steps %s -> %s, continuing to the new target",
+                sc["run_id"],
+                run.step,
+                state_path,
+                target,
+                tcfg["max_steps"],
+            )
         else:
             log.info("resuming %s from step %d (%s)", sc["run_id"], run.step, state_path)
     elif run.trainer_state is not None:  # a fresh start from the user's adapter: its AdamW moments
         run.init_info["optimizer_states_restored"] = init_adapter.restore_optimizer(
-            run.optimizer, [p for _, p in run.trainable], run.trainer_state, ts.init_adapter)
+            run.optimizer, [p for _, p in run.trainable], run.trainer_state, ts.init_adapter
+        )
     del state
     run.trainer_state = None
     run.rollbacks = int(run.extra.get("rollbacks", 0))
@@ -446,8 +555,9 @@ def _start_run(run: _Run) -> None:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run.out_dir / "dataset_statistics.json", run.stats)
         atomic_write_text(run.out_dir / "config.yaml", json.dumps(sc, indent=2, sort_keys=True) + "\n")
-    run.logger = RunLogger(run.out_dir, sc, enabled=run.dist.is_main and not run.dry, resume=step > 0,
-                           resume_step=step)
+    run.logger = RunLogger(
+        run.out_dir, sc, enabled=run.dist.is_main and not run.dry, resume=step > 0, resume_step=step
+    )
     if run.init_info and step == run.init_step:
         log.info("starting at step %d from %s: %s", step, run.init_info["dir"], json.dumps(run.init_info))
     for p in run.plugins.values():
@@ -457,9 +567,21 @@ def _start_run(run: _Run) -> None:
     # samples -> host batches in DataLoader workers (train.num_workers), pinned, prefetched
     from .batches import BatchSource
 
-    run.source = BatchSource(run.ds, run.backend, run.sampler, ts.batch_size, int(sc["seed"]), ts.image_aug,
-                             num_workers=ts.num_workers, device=run.device)
-    run.bar = progress(total=ts.max_steps, initial=step, desc=f"train {sc['run_name']}") if run.dist.is_main else None
+    run.source = BatchSource(
+        run.ds,
+        run.backend,
+        run.sampler,
+        ts.batch_size,
+        int(sc["seed"]),
+        ts.image_aug,
+        num_workers=ts.num_workers,
+        device=run.device,
+    )
+    run.bar = (
+        progress(total=ts.max_steps, initial=step, desc=f"train {sc['run_name']}")
+        if run.dist.is_main
+        else None
+    )
     run.best_eval, run.bad_evals = float(run.extra.get("best_eval", -1.0)), int(run.extra.get("bad_evals", 0))
     run.kill_at = int(os.environ.get("VLAFORGET_FAULT_KILL_AT_STEP", "0")) or None
     run.t_log, run.steps_since_log = time.perf_counter(), 0
@@ -505,7 +627,9 @@ def _guard(run: _Run, sums: dict) -> torch.Tensor | None:
     grads = [p.grad for _, p in run.trainable if p.grad is not None]
     norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else torch.zeros(1)
     grad_norm_t = norms.norm()
-    fin = torch.stack([torch.isfinite(sums["loss"].to(grad_norm_t.device)), torch.isfinite(grad_norm_t)]).tolist()
+    fin = torch.stack(
+        [torch.isfinite(sums["loss"].to(grad_norm_t.device)), torch.isfinite(grad_norm_t)]
+    ).tolist()
     loss_ok = fin[0]  # one host sync for both checks
     overflowed = any([p.overflowed() for p in plugins.values()])  # a plug-in's own backward (CRaFT's)
     step_ok = loss_ok and fin[1] and not overflowed
@@ -518,12 +642,18 @@ def _guard(run: _Run, sums: dict) -> torch.Tensor | None:
         scaler.update(float(scaler.get_scale()) * scaler.get_backoff_factor())
         for p in plugins.values():
             p.skip_step()
-        log.info("step %d: fp16 gradient overflow, step skipped, loss scale -> %g (%d overflows)",
-                 run.step + 1, scaler.get_scale(), run.overflows)
+        log.info(
+            "step %d: fp16 gradient overflow, step skipped, loss scale -> %g (%d overflows)",
+            run.step + 1,
+            scaler.get_scale(),
+            run.overflows,
+        )
         if scaler.get_scale() < 1e-4:
-            raise TrainingError(f"fp16 loss scale fell to {scaler.get_scale():g} after {run.overflows} "
-                                "overflow steps: the gradients are non-finite at any scale; lower "
-                                "train.lr or use precision bf16/fp32")
+            raise TrainingError(
+                f"fp16 loss scale fell to {scaler.get_scale():g} after {run.overflows} "
+                "overflow steps: the gradients are non-finite at any scale; lower "
+                "train.lr or use precision bf16/fp32"
+            )
         return None
     if not step_ok:
         run.skipped += 1
@@ -533,16 +663,31 @@ def _guard(run: _Run, sums: dict) -> torch.Tensor | None:
         for p in plugins.values():
             p.skip_step()
         run.bad_in_a_row += 1
-        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
-                    run.step + 1, run.bad_in_a_row, run.skipped)
-        if run.bad_in_a_row >= run.ts.max_bad_steps or run.skipped - run.overflows > max(10, run.ts.max_steps // 10):
+        log.warning(
+            "step %d: non-finite loss or gradient, step skipped (%d in a row, %d so far)",
+            run.step + 1,
+            run.bad_in_a_row,
+            run.skipped,
+        )
+        if run.bad_in_a_row >= run.ts.max_bad_steps or run.skipped - run.overflows > max(
+            10, run.ts.max_steps // 10
+        ):
             if run.dry:
-                raise TrainingError(f"dry run: {run.bad_in_a_row} batches in a row had a non-finite loss or "
-                                    "gradient: lower train.lr, use precision bf16/fp32, or check the "
-                                    "data statistics")
+                raise TrainingError(
+                    f"dry run: {run.bad_in_a_row} batches in a row had a non-finite loss or "
+                    "gradient: lower train.lr, use precision bf16/fp32, or check the "
+                    "data statistics"
+                )
             run.step, run.skipped, run.bad_in_a_row = _roll_back_or_stop(
-                run.ckpt_dir, run.sc, run.step, run.skipped, run.bad_in_a_row, run.rollbacks, run.logger,
-                run.objs())
+                run.ckpt_dir,
+                run.sc,
+                run.step,
+                run.skipped,
+                run.bad_in_a_row,
+                run.rollbacks,
+                run.logger,
+                run.objs(),
+            )
             run.rollbacks += 1
         return None
     run.bad_in_a_row = 0
@@ -551,9 +696,14 @@ def _guard(run: _Run, sums: dict) -> torch.Tensor | None:
 
 def _dry_batch(run: _Run, sums: dict, grad_norm_t: torch.Tensor) -> bool:
     """A preflight batch (train.dry_run_batches): its record, no update. True when the last."""
-    run.dry_recs.append({"batch": len(run.dry_recs) + 1, "train_loss": _f(sums.get("loss")),
-                         "grad_norm": float(grad_norm_t), **{k: v for p in run.plugins.values()
-                                                              for k, v in p.dry_logs().items()}})
+    run.dry_recs.append(
+        {
+            "batch": len(run.dry_recs) + 1,
+            "train_loss": _f(sums.get("loss")),
+            "grad_norm": float(grad_norm_t),
+            **{k: v for p in run.plugins.values() for k, v in p.dry_logs().items()},
+        }
+    )
     for p in run.plugins.values():
         p.skip_step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -579,9 +729,16 @@ def _optimizer_step(run: _Run) -> None:
 def _log_step(run: _Run, sums: dict, grad_norm_t: torch.Tensor) -> None:
     """A logged step's record: the loop's fields, then each plug-in's logs() and annotate()."""
     scaler, device = run.scaler, run.device
-    rec = {"step": run.step, "train_loss": _f(sums.get("loss")), "action_accuracy": _f(sums.get("accuracy")),
-           "l1_loss": _f(sums.get("l1")), "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_t),
-           "skipped_steps": run.skipped, "epoch": run.sampler.epoch}
+    rec = {
+        "step": run.step,
+        "train_loss": _f(sums.get("loss")),
+        "action_accuracy": _f(sums.get("accuracy")),
+        "l1_loss": _f(sums.get("l1")),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm_t),
+        "skipped_steps": run.skipped,
+        "epoch": run.sampler.epoch,
+    }
     if scaler is not None:
         rec["loss_scale"] = float(scaler.get_scale())
         rec["overflow_steps"] = run.overflows
@@ -654,14 +811,27 @@ def _finish(run: _Run) -> dict:
         unwrapped.save_pretrained(str(tmp))
         write_json(tmp / "dataset_statistics.json", run.stats)
         files = sorted(p.name for p in tmp.iterdir())
-        result = {"run_id": sc["run_id"], "config_id": config_id(sc), "run_name": sc["run_name"],
-                  "method": sc["method_name"], "steps": run.step, "skipped_steps": run.skipped,
-                  "rollbacks": run.rollbacks, "init_adapter": run.init_info,
-                  "final_metrics": run.logger.last, "world_size": run.dist.world, "adapter_files": files,
-                  "adapter_sha256": {f: sha256_file(tmp / f) for f in files}, **provenance()}
+        result = {
+            "run_id": sc["run_id"],
+            "config_id": config_id(sc),
+            "run_name": sc["run_name"],
+            "method": sc["method_name"],
+            "steps": run.step,
+            "skipped_steps": run.skipped,
+            "rollbacks": run.rollbacks,
+            "init_adapter": run.init_info,
+            "final_metrics": run.logger.last,
+            "world_size": run.dist.world,
+            "adapter_files": files,
+            "adapter_sha256": {f: sha256_file(tmp / f) for f in files},
+            **provenance(),
+        }
         run.record_segment()
-        result.update(wall_time_s=round(sum(g["end"] - g["start"] for g in segs), 1), segments=len(segs),
-                      last_segment_s=round(time.time() - run.t_start, 1))
+        result.update(
+            wall_time_s=round(sum(g["end"] - g["start"] for g in segs), 1),
+            segments=len(segs),
+            last_segment_s=round(time.time() - run.t_start, 1),
+        )
         write_json(tmp / "done.json", result)
         replace_dir(tmp, final)
     run.logger.close()
@@ -676,8 +846,12 @@ def _rng_isolated():
     """Put back every RNG the training steps draw from (torch CPU/CUDA, numpy, random) afterwards."""
     import random
 
-    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    states = (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     try:
         yield
     finally:
@@ -701,24 +875,36 @@ def _roll_back_or_stop(ckpt_dir, sc, step, skipped, bad_in_a_row, rollbacks, log
     or stop with what to change. Returns the restored (step, skipped, 0)."""
     ts = TrainSettings.of(sc["train"])
     lr = ts.lr
-    what = (f"{bad_in_a_row} consecutive steps (at step {step + 1}) had a non-finite loss or gradient"
-            f" ({skipped} skipped in total)")
-    fix = (f"lower train.lr (now {lr:g}; try {lr / 10:g}), set train.max_grad_norm (e.g. 1.0), use "
-           f"precision bf16 or fp32 instead of fp16, or check the dataset statistics of {sc['dataset']['name']}")
+    what = (
+        f"{bad_in_a_row} consecutive steps (at step {step + 1}) had a non-finite loss or gradient"
+        f" ({skipped} skipped in total)"
+    )
+    fix = (
+        f"lower train.lr (now {lr:g}; try {lr / 10:g}), set train.max_grad_norm (e.g. 1.0), use "
+        f"precision bf16 or fp32 instead of fp16, or check the dataset statistics of {sc['dataset']['name']}"
+    )
     if rollbacks >= 1:
         raise TrainingError(f"{what}, again after rolling back once: the run is stopped. {fix}")
     path, state = ckpt.load_latest(ckpt_dir, max_step=step)
     if state is None:
-        raise TrainingError(f"{what} and there is no earlier checkpoint to roll back to (first one at "
-                            f"step {ts.save_steps}): the run is stopped. {fix}")
+        raise TrainingError(
+            f"{what} and there is no earlier checkpoint to roll back to (first one at "
+            f"step {ts.save_steps}): the run is stopped. {fix}"
+        )
     new_step, new_skipped = ckpt.restore(path, state=state, **objs)
     factor = ts.rollback_lr_factor
     for g in objs["optimizer"].param_groups:
         g["lr"] *= factor
     sched = objs["scheduler"]
     sched.base_lrs = [b * factor for b in sched.base_lrs]
-    log.warning("%s: rolled back to the checkpoint of step %d (%s) with the learning rate x %g; a second "
-                "failure stops the run", what, new_step, path, factor)
+    log.warning(
+        "%s: rolled back to the checkpoint of step %d (%s) with the learning rate x %g; a second "
+        "failure stops the run",
+        what,
+        new_step,
+        path,
+        factor,
+    )
     logger.truncate(new_step)
     logger.log({"step": new_step, "rollback_from_step": step, "rollback_lr_factor": factor})
     return new_step, new_skipped, 0
@@ -749,7 +935,8 @@ def check_loss_improved(logger, tcfg: TrainSettings | dict, sc: dict) -> None:
             f"high (now {ts.lr:g}) or too low, or the data do not match the model: lower / "
             f"raise train.lr and rerun (the checkpoints of this run id are kept; delete "
             f"{sc.get('ckpt_dir') or Path(sc['out_dir']) / 'checkpoints' / sc['run_id']} to start over), or set "
-            f"train.loss_check_min_steps above max_steps to skip this check")
+            f"train.loss_check_min_steps above max_steps to skip this check"
+        )
 
 
 def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> dict:
@@ -764,8 +951,10 @@ def build_plugins(ctx: TrainContext, sc: dict, given: dict, train_ds=None) -> di
         except ModuleNotFoundError as e:
             if e.name != plugin_registry.module_name(name):
                 raise
-            raise TrainingError(f"method '{sc['method_name']}' enables '{name}', which is no training "
-                                f"plug-in (no module train/plugins/{name}.py)") from e
+            raise TrainingError(
+                f"method '{sc['method_name']}' enables '{name}', which is no training "
+                f"plug-in (no module train/plugins/{name}.py)"
+            ) from e
         plugins[name] = mod.build(ctx, sc, given, train_ds, shared)
     return plugins
 
@@ -793,10 +982,15 @@ class RunLogger:
         if ts.use_wandb:
             import wandb
 
-            self.wandb = wandb.init(project=ts.wandb_project, name=sc["run_id"],
-                                    id=sc["run_id"], resume="allow", config=sc,
-                                    mode=ts.wandb_mode,
-                                    dir=os.environ.get("WANDB_DIR"))
+            self.wandb = wandb.init(
+                project=ts.wandb_project,
+                name=sc["run_id"],
+                id=sc["run_id"],
+                resume="allow",
+                config=sc,
+                mode=ts.wandb_mode,
+                dir=os.environ.get("WANDB_DIR"),
+            )
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
@@ -894,6 +1088,7 @@ def format_progress(rec: dict, max_steps: int) -> str:
     """The console / train_progress.log line of the seeds' tools:
     `Step s/N | Loss: x | Ret: L_ret/ε | λ: before->after | Conflict: p% | GradNorm: g | LR: lr`
     (CRaFT fields only for CRaFT runs), then the other fields (accuracy, L1, drift, HSW gains)."""
+
     def num(k):
         return isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)
 
@@ -901,7 +1096,9 @@ def format_progress(rec: dict, max_steps: int) -> str:
     if num("train_loss"):
         parts.append(f"Loss: {rec['train_loss']:.4f}")
     if num("L_ret"):
-        parts.append(f"Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}" if num("epsilon") else f"Ret: {rec['L_ret']:.4f}")
+        parts.append(
+            f"Ret: {rec['L_ret']:.4f}/{rec['epsilon']:.4f}" if num("epsilon") else f"Ret: {rec['L_ret']:.4f}"
+        )
     if num("lambda_before") and num("lambda_after"):
         parts.append(f"λ: {rec['lambda_before']:.3f}->{rec['lambda_after']:.3f}")
     if num("conflict_ratio"):
@@ -910,9 +1107,15 @@ def format_progress(rec: dict, max_steps: int) -> str:
         parts.append(f"GradNorm: {rec['grad_norm']:.3f}")
     if num("lr"):
         parts.append(f"LR: {rec['lr']:.2e}")
-    fmt = [("action_accuracy", "Acc", "{:.3f}"), ("l1_loss", "L1", "{:.4f}"),
-           ("drift_d", "d", "{:.4f}"), ("hsw_beta", "β", "{:.3f}"), ("hsw_gamma", "γ", "{:.3f}"),
-           ("hsw_g_norm", "‖g‖", "{:.3e}"), ("hsw_gprime_norm", "‖g'‖", "{:.3e}")]
+    fmt = [
+        ("action_accuracy", "Acc", "{:.3f}"),
+        ("l1_loss", "L1", "{:.4f}"),
+        ("drift_d", "d", "{:.4f}"),
+        ("hsw_beta", "β", "{:.3f}"),
+        ("hsw_gamma", "γ", "{:.3f}"),
+        ("hsw_g_norm", "‖g‖", "{:.3e}"),
+        ("hsw_gprime_norm", "‖g'‖", "{:.3e}"),
+    ]
     for key, label, f in fmt:
         if num(key):
             parts.append(f"{label}: {f.format(rec[key])}")

@@ -32,10 +32,16 @@ class LoraRowSplit:
         for name, p in params:
             mod_name, _, leaf = name.rpartition(".")
             mod = owners.get(mod_name)
-            if not isinstance(mod, nn.Linear) or leaf != "weight" or (mod.bias is not None and mod.bias.requires_grad):
+            if (
+                not isinstance(mod, nn.Linear)
+                or leaf != "weight"
+                or (mod.bias is not None and mod.bias.requires_grad)
+            ):
                 self.close()
-                raise ValueError(f"LoraRowSplit: trainable parameter {name} is not the weight of a bias-free "
-                                 "Linear (a LoRA A/B matrix): set method.craft.fused_forward: false")
+                raise ValueError(
+                    f"LoraRowSplit: trainable parameter {name} is not the weight of a bias-free "
+                    "Linear (a LoRA A/B matrix): set method.craft.fused_forward: false"
+                )
             shadow = p.detach().requires_grad_(True)  # same storage, own .grad
             self.shadows.append(shadow)
             mod.forward = self._forward(mod, shadow)  # instance attribute: nn.Module.__call__ uses it
@@ -48,7 +54,8 @@ class LoraRowSplit:
             if x.shape[0] != rows:
                 raise RuntimeError(
                     f"LoraRowSplit: a LoRA layer got a tensor of {x.shape[0]} rows, the batch has {rows}: this "
-                    "model does not keep the batch dimension first; set method.craft.fused_forward: false")
+                    "model does not keep the batch dimension first; set method.craft.fused_forward: false"
+                )
             out = _RowSplitLinear.apply(x, mod.weight, shadow, k)
             return out if mod.bias is None else out + mod.bias
 
@@ -72,8 +79,11 @@ class _RowSplitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, shadow, k):
         dev = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                        else None, dev)
+        ctx.autocast = (
+            torch.is_autocast_enabled(dev),
+            torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
+            dev,
+        )
         ctx.k = int(k)
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight)

@@ -46,8 +46,11 @@ def smoothed_action_loss(backend, batch: Mapping[str, torch.Tensor], logits: tor
 
 
 def pretrain(
-    backend, bc_data, vqa_data: Sequence[Mapping], pcfg: PretrainSettings | Mapping[str, Any],
-    image_aug: bool = True
+    backend,
+    bc_data,
+    vqa_data: Sequence[Mapping],
+    pcfg: PretrainSettings | Mapping[str, Any],
+    image_aug: bool = True,
 ) -> dict:
     """Train backend.model in place. bc_data: indexable of samples (CachedDataset, train split);
     vqa_data: list of VQA samples; pcfg: the model.pretrain block (image_aug there overrides the

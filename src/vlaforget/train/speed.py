@@ -54,8 +54,9 @@ def skip_lora_input_cast(model, tcfg: dict) -> int:
     LoRA layer. Exact: a bf16/fp16 value upcast to fp32 and cast back by autocast is itself, so the
     matmuls see the same inputs. Returns the number of layers switched (0 when the key is on, the
     precision is fp32, or the installed peft has no such switch, e.g. peft 0.11: then it warns)."""
-    if tcfg.get("lora_input_cast", TrainSettings.lora_input_cast) or \
-            tcfg.get("precision", TrainSettings.precision) not in ("bf16", "fp16"):
+    if tcfg.get("lora_input_cast", TrainSettings.lora_input_cast) or tcfg.get(
+        "precision", TrainSettings.precision
+    ) not in ("bf16", "fp16"):
         return 0
     n = 0
     for m in model.modules():
@@ -65,6 +66,9 @@ def skip_lora_input_cast(model, tcfg: dict) -> int:
     if n == 0:
         import peft
 
-        log.warning("train.lora_input_cast: false has no effect with peft %s (no input-cast switch; peft >= 0.14 "
-                    "has one)", peft.__version__)
+        log.warning(
+            "train.lora_input_cast: false has no effect with peft %s (no input-cast switch; peft >= 0.14 "
+            "has one)",
+            peft.__version__,
+        )
     return n

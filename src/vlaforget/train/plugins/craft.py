@@ -16,8 +16,15 @@ class CraftPlugin(Plugin):
 
     name = "craft"
 
-    def __init__(self, ctx: TrainContext, cfg: CraftSettings | dict, anchors: dict, anchor_samples: list, seed: int,
-                 batch_size: int | None = None):
+    def __init__(
+        self,
+        ctx: TrainContext,
+        cfg: CraftSettings | dict,
+        anchors: dict,
+        anchor_samples: list,
+        seed: int,
+        batch_size: int | None = None,
+    ):
         cfg = CraftSettings.of(cfg)
         self.ctx = ctx
         self.cfg = cfg
@@ -70,9 +77,11 @@ class CraftPlugin(Plugin):
             if len(idx) < world:
                 from ...errors import TrainingError
 
-                raise TrainingError(f"CRaFT's anchor mini-batch ({len(idx)} anchors: method.craft.anchor_batch_size "
-                                    f"or the anchor cache's size) is smaller than the {world} DDP ranks that share "
-                                    "it: raise method.craft.anchor_batch_size to at least train.nproc")
+                raise TrainingError(
+                    f"CRaFT's anchor mini-batch ({len(idx)} anchors: method.craft.anchor_batch_size "
+                    f"or the anchor cache's size) is smaller than the {world} DDP ranks that share "
+                    "it: raise method.craft.anchor_batch_size to at least train.nproc"
+                )
             share = idx[rank::world]
         else:
             share = idx
@@ -130,7 +139,9 @@ class CraftPlugin(Plugin):
         grads = split.shadow_grads()
         split.close()
         layers = self.ctx.backend.decoder_layers(self.ctx.model)
-        after = {id(q) for layer in list(layers)[self.layer % (len(layers) + 1):] for q in layer.parameters()}
+        after = {
+            id(q) for layer in list(layers)[self.layer % (len(layers) + 1) :] for q in layer.parameters()
+        }
         return l_ret, [None if id(p) in after else g for p, g in zip(params, grads)]
 
     def before_step(self) -> None:
@@ -154,14 +165,20 @@ class CraftPlugin(Plugin):
                 l_ret = self.retention_loss()
                 if scaler is not None:
                     inv = 1.0 / float(scaler.get_scale())
-                    g_ret = [None if g is None else g * inv
-                             for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)]
+                    g_ret = [
+                        None if g is None else g * inv
+                        for g in torch.autograd.grad(scaler.scale(l_ret), params, allow_unused=True)
+                    ]
                 else:
                     g_ret = list(torch.autograd.grad(l_ret, params, allow_unused=True))
-        if getattr(self.ctx, "world_size", 1) > 1:  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
+        if (
+            getattr(self.ctx, "world_size", 1) > 1
+        ):  # sums of the ranks' shares: the whole mini-batch's L_ret, g_ret
             *g_ret, l_ret = all_reduce_flat(g_ret + [l_ret.detach().reshape(1)])
             l_ret = l_ret[0]
-        checks = [torch.isfinite(l_ret.detach()).all()] + [torch.isfinite(g).all() for g in g_ret if g is not None]
+        checks = [torch.isfinite(l_ret.detach()).all()] + [
+            torch.isfinite(g).all() for g in g_ret if g is not None
+        ]
         nonfinite = not bool(torch.stack(checks).all())  # one host sync, not one per tensor
         if nonfinite and scaler is not None:
             # an fp16 overflow: a non-finite gradient makes the loop skip the step and lower the scale
@@ -172,10 +189,16 @@ class CraftPlugin(Plugin):
         g_act, stats = conflict_project(g_act, g_ret, projection=self.projection)
         for p, g in zip(params, combine(g_act, g_ret, self.lmbda)):
             p.grad = g
-        self._acc = {"L_ret": 0.0 if nonfinite else float(l_ret.detach()), "projection": float(stats["projection"]),
-                     "grad_dot": stats["grad_dot"], "grad_cos": stats["grad_cos"],
-                     "g_act_norm": stats["g_act_norm"], "g_ret_norm": stats["g_ret_norm"],
-                     "conflict_ratio": stats["conflict_ratio"], "nonfinite": float(nonfinite)}
+        self._acc = {
+            "L_ret": 0.0 if nonfinite else float(l_ret.detach()),
+            "projection": float(stats["projection"]),
+            "grad_dot": stats["grad_dot"],
+            "grad_cos": stats["grad_cos"],
+            "g_act_norm": stats["g_act_norm"],
+            "g_ret_norm": stats["g_ret_norm"],
+            "conflict_ratio": stats["conflict_ratio"],
+            "nonfinite": float(nonfinite),
+        }
 
     def overflowed(self) -> bool:
         out, self.overflow = self.overflow, False
@@ -197,12 +220,22 @@ class CraftPlugin(Plugin):
         before = self.lmbda
         if self.dual and a:
             self.lmbda = float(dual_update(self.lmbda, a["L_ret"], self.eps_budget, self.lambda_lr))
-        self._logs = {"L_ret": a.get("L_ret"), "lambda": self.lmbda, "craft_fused": float(self.fused_active()),
-                      "lambda_before": before, "lambda_after": self.lmbda, "epsilon": self.eps_budget,
-                      "grad_dot": a.get("grad_dot"), "grad_cos": a.get("grad_cos"),
-                      "g_act_norm": a.get("g_act_norm"), "g_ret_norm": a.get("g_ret_norm"),
-                      "projection": a.get("projection"), "conflict_ratio": a.get("conflict_ratio"),
-                      "retention_nonfinite": a.get("nonfinite"), "retention_mode": "hidden"}
+        self._logs = {
+            "L_ret": a.get("L_ret"),
+            "lambda": self.lmbda,
+            "craft_fused": float(self.fused_active()),
+            "lambda_before": before,
+            "lambda_after": self.lmbda,
+            "epsilon": self.eps_budget,
+            "grad_dot": a.get("grad_dot"),
+            "grad_cos": a.get("grad_cos"),
+            "g_act_norm": a.get("g_act_norm"),
+            "g_ret_norm": a.get("g_ret_norm"),
+            "projection": a.get("projection"),
+            "conflict_ratio": a.get("conflict_ratio"),
+            "retention_nonfinite": a.get("nonfinite"),
+            "retention_mode": "hidden",
+        }
 
     def logs(self) -> dict:
         out, self._logs = self._logs, {}
@@ -223,9 +256,17 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> C
     ccfg = CraftSettings.of(sc["method"]["craft"])
     anchors = given["anchors"] if "anchors" in given else load_anchors(sc["craft_dir"])
     want = ccfg.anchor if ccfg.anchor is not None else anchors["pooling"]
-    check_anchors(anchors, hidden_size=int(ctx.backend.hidden_size), num_layers=int(ctx.backend.num_layers),
-                  pooling=want, where=str(sc.get("craft_dir")), layer=sc.get("craft_layer"),
-                  dtype=(sc.get("model") or {}).get("dtype"), shots=sc.get("shots"), seed=sc.get("seed"))
+    check_anchors(
+        anchors,
+        hidden_size=int(ctx.backend.hidden_size),
+        num_layers=int(ctx.backend.num_layers),
+        pooling=want,
+        where=str(sc.get("craft_dir")),
+        layer=sc.get("craft_layer"),
+        dtype=(sc.get("model") or {}).get("dtype"),
+        shots=sc.get("shots"),
+        seed=sc.get("seed"),
+    )
     by_pooling = anchors.get("features_by_pooling") or {anchors["pooling"]: anchors["features"]}
     anchors = dict(anchors, pooling=want, features=by_pooling[want])
     if "anchor_samples" in given:
@@ -233,8 +274,13 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> C
     else:
         from ...data.cache import CachedDataset
 
-        ads = CachedDataset(anchors["dataset"]["cache_dir"], split=anchors.get("split", "train"),
-                            shots=anchors.get("shots"), seed=int(anchors.get("shots_seed") or 0))
+        ads = CachedDataset(
+            anchors["dataset"]["cache_dir"],
+            split=anchors.get("split", "train"),
+            shots=anchors.get("shots"),
+            seed=int(anchors.get("shots_seed") or 0),
+        )
         samples = [ads[int(i)] for i in anchors["indices"]]
-    return CraftPlugin(ctx, ccfg, anchors, samples, int(sc["seed"]),
-                       int(ccfg.anchor_batch_size or sc["train"]["batch_size"]))
+    return CraftPlugin(
+        ctx, ccfg, anchors, samples, int(sc["seed"]), int(ccfg.anchor_batch_size or sc["train"]["batch_size"])
+    )

@@ -69,8 +69,10 @@ def hooked_layers(group_bases: dict, layers, num_layers: int) -> dict:
     out = {}
     for layer in layers:
         if not -num_layers <= int(layer) < num_layers:
-            raise TrainingError(f"hsw.layers has {layer}, outside the model's {num_layers} decoder layers "
-                                f"(0..{num_layers - 1}, or -1..-{num_layers} from the top)")
+            raise TrainingError(
+                f"hsw.layers has {layer}, outside the model's {num_layers} decoder layers "
+                f"(0..{num_layers - 1}, or -1..-{num_layers} from the top)"
+            )
         idx = int(layer) % num_layers
         out[idx] = group_bases.get(idx, top)
     return out
@@ -110,9 +112,11 @@ class HSWPlugin(Plugin):
         self.clamp = cfg.clamp
         self.eps = cfg.eps
         self.measure_effective = cfg.measure_effective
-        self.layer_map = hooked_layers(icsm.layer_bases(cfg.groups, ctx.backend.num_layers,
-                                                        sensitivity=cfg.use_sensitivity_order),
-                                       cfg.layers, ctx.backend.num_layers)
+        self.layer_map = hooked_layers(
+            icsm.layer_bases(cfg.groups, ctx.backend.num_layers, sensitivity=cfg.use_sensitivity_order),
+            cfg.layers,
+            ctx.backend.num_layers,
+        )
         layers = ctx.backend.decoder_layers(ctx.model)
         # layer -> its trainable parameters (LoRA)
         self.params = {l: [p for p in layers[l].parameters() if p.requires_grad] for l in self.layer_map}
@@ -121,8 +125,10 @@ class HSWPlugin(Plugin):
             if len(bare) == len(self.params):
                 from ...errors import TrainingError
 
-                raise TrainingError(f"HSW hooks decoder layers {sorted(self.params)} but none of them has a "
-                                    "trainable parameter: include them in train.lora.layers / targets")
+                raise TrainingError(
+                    f"HSW hooks decoder layers {sorted(self.params)} but none of them has a "
+                    "trainable parameter: include them in train.lora.layers / targets"
+                )
         else:
             bare = []
             top = max(self.layer_map)
@@ -130,31 +136,42 @@ class HSWPlugin(Plugin):
             if not any(p.requires_grad and id(p) not in above for p in ctx.model.parameters()):
                 from ...errors import TrainingError
 
-                raise TrainingError(f"HSW (mode flow_down) hooks decoder layers {sorted(self.layer_map)} but no "
-                                    f"trainable parameter lies below layer {top}: nothing receives the surgered "
-                                    "gradient (train.lora.layers / targets)")
+                raise TrainingError(
+                    f"HSW (mode flow_down) hooks decoder layers {sorted(self.layer_map)} but no "
+                    f"trainable parameter lies below layer {top}: nothing receives the surgered "
+                    "gradient (train.lora.layers / targets)"
+                )
         # layer -> (U_f [D,rf], U_p [D,rp]) on device, fp32
-        self.bases = {l: (uf.to(ctx.device, torch.float32), up.to(ctx.device, torch.float32))
-                      for l, (uf, up) in self.layer_map.items() if l not in bare}
+        self.bases = {
+            l: (uf.to(ctx.device, torch.float32), up.to(ctx.device, torch.float32))
+            for l, (uf, up) in self.layer_map.items()
+            if l not in bare
+        }
         self.skipped_layers = bare
         # the distinct bases of the chain (the layers of a group share one), named by their top layer
         tops: dict[int, int] = {}
         for l, (uf, _) in self.layer_map.items():
             tops[id(uf)] = max(tops.get(id(uf), l), l)
         self.basis_of = {l: tops[id(self.layer_map[l][0])] for l in self.bases}
-        self.chain_bases = {t: tuple(u.to(ctx.device, torch.float32) for u in self.layer_map[t])
-                            for t in sorted(set(self.basis_of.values()))}
+        self.chain_bases = {
+            t: tuple(u.to(ctx.device, torch.float32) for u in self.layer_map[t])
+            for t in sorted(set(self.basis_of.values()))
+        }
         self.active = True  # False while another plug-in runs a backward of its own (side_backward)
         self._acc = self._zero_acc()
         self._layer_acc: dict[int, torch.Tensor] = {}
         self._eff_acc: torch.Tensor | None = None  # measured effective gains (sums over micro-batches)
         self._fwd: dict[int, tuple] = {}  # logged steps: layer -> (its input x, the Function's output y)
-        self._shadow: dict[int, torch.Tensor] = {}  # layer -> the TRUE gradient at its hook (no surgery above)
+        self._shadow: dict[
+            int, torch.Tensor
+        ] = {}  # layer -> the TRUE gradient at its hook (no surgery above)
         self._nested = False
         self._handles = []
         for l in self.bases:
             if self.mode == "flow_down":
-                self._handles.append(layers[l].register_forward_pre_hook(self._make_pre_hook(l), with_kwargs=True))
+                self._handles.append(
+                    layers[l].register_forward_pre_hook(self._make_pre_hook(l), with_kwargs=True)
+                )
             else:
                 self._handles.append(layers[l].register_forward_hook(self._make_forward_hook(l)))
 
@@ -170,7 +187,9 @@ class HSWPlugin(Plugin):
             surgery = functools.partial(self._flow_down, layer_idx, self.beta, self.gamma, want_stats)
             y = _Surgery.apply(x, surgery)
             if want_stats and self.measure_effective and not _in_backward():
-                if any(k >= layer_idx for k in self._fwd):  # a new forward (bottom-up): forget an unfinished one
+                if any(
+                    k >= layer_idx for k in self._fwd
+                ):  # a new forward (bottom-up): forget an unfinished one
                     self._fwd, self._shadow = {}, {}
                 self._fwd[layer_idx] = (x, y)
             if args:
@@ -194,12 +213,24 @@ class HSWPlugin(Plugin):
         if want_stats:
             x = g.float()
             scale = parts["scale"]
-            row = [x.square().sum(), out.square().sum(), parts["gf"].square().sum(), parts["gp"].square().sum(),
-                   parts["gn"].square().sum(), proj(out, uf).square().sum(), proj(out, up).square().sum(),
-                   scale.min() if self.clamp == "per_token" else scale.reshape(()), torch.ones((), device=x.device)]
+            row = [
+                x.square().sum(),
+                out.square().sum(),
+                parts["gf"].square().sum(),
+                parts["gp"].square().sum(),
+                parts["gn"].square().sum(),
+                proj(out, uf).square().sum(),
+                proj(out, up).square().sum(),
+                scale.min() if self.clamp == "per_token" else scale.reshape(()),
+                torch.ones((), device=x.device),
+            ]
             for bf, bp in self.chain_bases.values():
-                row += [proj(x, bf).square().sum(), proj(out, bf).square().sum(),
-                        proj(x, bp).square().sum(), proj(out, bp).square().sum()]
+                row += [
+                    proj(x, bf).square().sum(),
+                    proj(out, bf).square().sum(),
+                    proj(x, bp).square().sum(),
+                    proj(out, bp).square().sum(),
+                ]
             row = torch.stack([r.float() for r in row]).detach()
             acc = self._layer_acc.get(layer_idx)
             self._layer_acc[layer_idx] = row if acc is None else acc + row
@@ -238,8 +269,12 @@ class HSWPlugin(Plugin):
         tf = t.float()
         row = []
         for bf, bp in self.chain_bases.values():
-            row += [proj(out, bf).square().sum(), proj(tf, bf).square().sum(),
-                    proj(out, bp).square().sum(), proj(tf, bp).square().sum()]
+            row += [
+                proj(out, bf).square().sum(),
+                proj(tf, bf).square().sum(),
+                proj(out, bp).square().sum(),
+                proj(tf, bp).square().sum(),
+            ]
         row = torch.stack(row).detach()
         self._eff_acc = row if self._eff_acc is None else self._eff_acc + row
         self._fwd, self._shadow = {}, {}
@@ -262,11 +297,17 @@ class HSWPlugin(Plugin):
             def grad_hook(g):
                 if self._nested:  # our own vector-Jacobian product below also passes this tensor
                     return None
-                g2, stats = self._transform(g, uf, up, beta, gamma, clamp=self.clamp, eps=self.eps,
-                                            stats=want_stats)
+                g2, stats = self._transform(
+                    g, uf, up, beta, gamma, clamp=self.clamp, eps=self.eps, stats=want_stats
+                )
                 acc = self._acc
-                for k_src, k_dst in (("g_norm", "g"), ("gprime_norm", "gprime"), ("gf_norm", "gf"),
-                                     ("gp_norm", "gp"), ("gn_norm", "gn")):
+                for k_src, k_dst in (
+                    ("g_norm", "g"),
+                    ("gprime_norm", "gprime"),
+                    ("gf_norm", "gf"),
+                    ("gp_norm", "gp"),
+                    ("gn_norm", "gn"),
+                ):
                     if k_src in stats:
                         acc[k_dst] += float(stats[k_src]) ** 2
                 acc["calls"] += int(want_stats)
@@ -275,8 +316,9 @@ class HSWPlugin(Plugin):
                     return None
                 self._nested = True
                 try:
-                    corr = torch.autograd.grad(hidden, params, grad_outputs=g2 - g, retain_graph=True,
-                                               allow_unused=True)
+                    corr = torch.autograd.grad(
+                        hidden, params, grad_outputs=g2 - g, retain_graph=True, allow_unused=True
+                    )
                 finally:
                     self._nested = False
                 for p, c in zip(params, corr):
@@ -371,7 +413,7 @@ class HSWPlugin(Plugin):
         if eff_m is not None:
             em = eff_m.double().cpu().tolist()
             for j, t in enumerate(self.chain_bases):
-                of, tf, op, tp = em[4 * j: 4 * j + 4]
+                of, tf, op, tp = em[4 * j : 4 * j + 4]
                 out[f"hsw_eff_gain_f_g{t}"] = math.sqrt(of / tf) if tf > 0 else 1.0
                 out[f"hsw_eff_gain_p_g{t}"] = math.sqrt(op / tp) if tp > 0 else 1.0
         nf = len(_FIELDS)
@@ -389,7 +431,7 @@ class HSWPlugin(Plugin):
             out[f"hsw_L{l}_gain_f"] = ratio(r[5], r[2])
             out[f"hsw_L{l}_gain_p"] = ratio(r[6], r[3])
             for j, t in enumerate(self.chain_bases):
-                xf, of, xp, op = r[nf + 4 * j: nf + 4 * j + 4]
+                xf, of, xp, op = r[nf + 4 * j : nf + 4 * j + 4]
                 eff[t][0] *= ratio(of, xf)
                 eff[t][1] *= ratio(op, xp)
         for i, k in enumerate(("g", "gprime", "gf", "gp", "gn")):

@@ -31,8 +31,16 @@ class ThermostatPlugin(Plugin):
 
     name = "thermostat"
 
-    def __init__(self, ctx: TrainContext, cfg: ThermostatSettings | dict, icsm, probe_samples, seed: int,
-                 hsw_cfg: HswSettings | dict | None = None, teacher_pooled: dict | None = None):
+    def __init__(
+        self,
+        ctx: TrainContext,
+        cfg: ThermostatSettings | dict,
+        icsm,
+        probe_samples,
+        seed: int,
+        hsw_cfg: HswSettings | dict | None = None,
+        teacher_pooled: dict | None = None,
+    ):
         from ...methods.thermostat import ESTIMATORS, make_law
 
         cfg = ThermostatSettings.of(cfg)
@@ -51,16 +59,22 @@ class ThermostatPlugin(Plugin):
         self.teacher = None
         if self.estimator == "paired":
             if teacher_pooled is None:
-                raise ValueError("thermostat.estimator paired needs the teacher's pooled probe states "
-                                 "(probe.pt 'pooled'; given['probe_pooled'] with given probe samples)")
+                raise ValueError(
+                    "thermostat.estimator paired needs the teacher's pooled probe states "
+                    "(probe.pt 'pooled'; given['probe_pooled'] with given probe samples)"
+                )
             missing = [r for r in icsm.rep_layers if r not in teacher_pooled]
             if missing:
-                raise ValueError(f"thermostat.estimator paired: probe.pt has no pooled states of layers {missing}")
+                raise ValueError(
+                    f"thermostat.estimator paired: probe.pt has no pooled states of layers {missing}"
+                )
             self.teacher = {int(r): teacher_pooled[r].float() for r in icsm.rep_layers}
             bad = [r for r, X in self.teacher.items() if X.shape[0] != len(probe_samples)]
             if bad:
-                raise ValueError(f"thermostat.estimator paired: {len(probe_samples)} probe samples but the "
-                                 f"teacher's pooled states of layers {bad} have another count")
+                raise ValueError(
+                    f"thermostat.estimator paired: {len(probe_samples)} probe samples but the "
+                    f"teacher's pooled states of layers {bad} have another count"
+                )
         hsw_on = bool(hsw and hsw.enabled)
         # the law starts from the configured HSW gains (the user's hsw_beta / hsw_gamma)
         self.law = make_law(cfg, beta0=hsw.beta if hsw_on else None, gamma0=hsw.gamma if hsw_on else None)
@@ -165,10 +179,15 @@ class ThermostatPlugin(Plugin):
         t0 = time.perf_counter()
         ds = [self.shared_measure()[0] for _ in range(self.law.warmup)]
         self.law.calibrate(ds)
-        self.last = {"thermostat_phase": "calibrate", "thermostat_floor": self.law.floor,
-                     "thermostat_noise_std": self.law.std, "thermostat_threshold": self.law.threshold,
-                     "thermostat_calibration_d": ds, "thermostat_calibration_step": int(step),
-                     "thermostat_time_s": time.perf_counter() - t0}
+        self.last = {
+            "thermostat_phase": "calibrate",
+            "thermostat_floor": self.law.floor,
+            "thermostat_noise_std": self.law.std,
+            "thermostat_threshold": self.law.threshold,
+            "thermostat_calibration_d": ds,
+            "thermostat_calibration_step": int(step),
+            "thermostat_time_s": time.perf_counter() - t0,
+        }
 
     def before_step(self) -> None:
         """law user: measure θ_i after step i's backward, before its optimizer step (the user's
@@ -197,9 +216,15 @@ class ThermostatPlugin(Plugin):
             return
         beta, gamma, phase = self.law.observe(i, d) if self.user else self.law.observe(d)
         self._post_gains()
-        rec = {"drift_d": d, "thermostat_phase": phase, "thermostat_time_s": elapsed,
-               "thermostat_step": int(i), "thermostat_beta": float(beta), "thermostat_gamma": float(gamma),
-               **{f"drift_d_L{k}": v for k, v in per_layer.items()}}
+        rec = {
+            "drift_d": d,
+            "thermostat_phase": phase,
+            "thermostat_time_s": elapsed,
+            "thermostat_step": int(i),
+            "thermostat_beta": float(beta),
+            "thermostat_gamma": float(gamma),
+            **{f"drift_d_L{k}": v for k, v in per_layer.items()},
+        }
         if self.user:
             rec.update(thermostat_baseline=self.law.baseline, thermostat_delta=self.law.last.get("delta"))
             if phase == "warmup":
@@ -216,8 +241,11 @@ class ThermostatPlugin(Plugin):
 
     def state_dict(self) -> dict:
         # warmup_log: warm-up measurements not yet in a logged record (log_every > 1)
-        return {"law": self.law.state_dict(), "gen": self.gen.get_state(),
-                "warmup_log": [list(x) for x in self.warmup_log]}
+        return {
+            "law": self.law.state_dict(),
+            "gen": self.gen.get_state(),
+            "warmup_log": [list(x) for x in self.warmup_log],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.law.load_state_dict(state["law"])
@@ -241,5 +269,12 @@ def build(ctx: TrainContext, sc: dict, given: dict, train_ds, shared: dict) -> T
         samples = [pds[int(i)] for i in probe["indices"]]
     # the teacher's pooled states of the same samples, in the same order (estimator paired)
     pooled = given.get("probe_pooled") if "probe_samples" in given else (probe or {}).get("pooled")
-    return ThermostatPlugin(ctx, ThermostatSettings.of(mcfg["thermostat"]), icsm, samples, int(sc["seed"]),
-                            hsw_cfg=HswSettings.of(mcfg["hsw"]), teacher_pooled=pooled)
+    return ThermostatPlugin(
+        ctx,
+        ThermostatSettings.of(mcfg["thermostat"]),
+        icsm,
+        samples,
+        int(sc["seed"]),
+        hsw_cfg=HswSettings.of(mcfg["hsw"]),
+        teacher_pooled=pooled,
+    )

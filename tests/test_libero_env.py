@@ -166,10 +166,12 @@ def _tilt_deg(q0: np.ndarray, q1: np.ndarray) -> float:
 
 
 @pytest.mark.libero
-@pytest.mark.skip(reason="not yet a valid check (issue 28 item 5, open): at the validated mujoco 3.3.0 every "
-                  "movable object of libero_spatial task 5 moves 6-16 cm over openvla's 10 wait steps in this "
-                  "measurement (the same for init states 0 and 1), which contradicts the published 98 % success "
-                  "there; the measurement, not the simulator, is suspect until explained")
+@pytest.mark.skip(
+    reason="not yet a valid check (issue 28 item 5, open): at the validated mujoco 3.3.0 every "
+    "movable object of libero_spatial task 5 moves 6-16 cm over openvla's 10 wait steps in this "
+    "measurement (the same for init states 0 and 1), which contradicts the published 98 % success "
+    "there; the measurement, not the simulator, is suspect until explained"
+)
 def test_libero_spatial_task5_initial_states_settle(tmp_path):
     """The simulator the published numbers came from (issue 28): with MuJoCo >= 3.4.0 (box-box
     collision change) libero_spatial task 5's stored initial states no longer settle (the bowl tilts on
@@ -185,6 +187,7 @@ def test_libero_spatial_task5_initial_states_settle(tmp_path):
 
     cfg_dir = os.environ.get("LIBERO_CONFIG_PATH") or str(tmp_path / "libero_cfg")
     env = L.LiberoEnv("libero_spatial", 5, config_dir=cfg_dir, resolution=64, image_size=32, wait_steps=0)
+
     def current_sim():  # robosuite's hard reset frees the old MjSim and builds a new one
         return getattr(env._env, "sim", None) or env._env.env.sim
 

@@ -119,8 +119,8 @@ def test_comment_and_docstring_edits_change_no_code_hash(pkg):
     )
     edit(
         loop,
-        "        # ---------------------------------------------------------------- one optimizer step",
-        "        # EDITED comment\n\n\n        # ---------------------------------------------------------------- one optimizer step",
+        "        # rank 0 evaluates the bare model (no DDP collective), every rank gets its score",
+        "        # EDITED comment\n\n\n        # rank 0 evaluates the bare model (no DDP collective), every rank gets its score",
     )
     edit(loop, "    # every run segment", "    # EDITED trailing comment\n    # every run segment")
     edit(pkg / "models" / "tiny.py", "\n", "\n# a new comment line: β, λ (non-ASCII before code)\n")

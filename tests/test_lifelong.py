@@ -250,10 +250,14 @@ def test_micro_chained_study_produces_the_matrix_and_metrics(tmp_path):
     row = next(iter(__import__("csv").DictReader((res / "table_lifelong.csv").open())))
     assert row["method"] == "baseline" and float(row["fwt_mean"]) == pytest.approx(chain["fwt"])
     # stage 2 started from stage 1's adapter
-    sc2 = json.loads((root / "runs" / stages[1] / "config.yaml").read_text())
-    assert sc2["init_adapter"] == str(root / "runs" / stages[0] / "final")
-    assert "chain: LoRA initialised from" in (root / "logs" / "train" / f"{stages[1]}.log").read_text()
-    assert (root / "benchmarks" / "train" / f"{stages[1]}.tsv").read_text().startswith("s\t")
+    (cfg2,) = (root / "runs" / stages[1]).glob("*/config.yaml")  # one config: one id folder
+    sc2 = json.loads(cfg2.read_text())
+    (final1,) = (root / "runs" / stages[0]).glob("*/final")
+    assert sc2["init_adapter"] in (str(final1), "{root}/" + final1.relative_to(root).as_posix())
+    (log2,) = (root / "logs" / "train" / stages[1]).glob("*.log")
+    assert "chain: LoRA initialised from" in log2.read_text()
+    (bench2,) = (root / "benchmarks" / "train" / stages[1]).glob("*.tsv")
+    assert bench2.read_text().startswith("s\t")
     shutil.rmtree(root / "datasets", ignore_errors=True)
 
 

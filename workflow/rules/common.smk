@@ -240,16 +240,6 @@ def figures_record():
     return R(ROOT / "reports" / "figures" / f"{report_id('figures')}.json")
 
 
-# Tables and figures: `results_dir` (relative to the repo: per checkout; the real study: results/, the
-# embedded studies: results/embedded*/); null = under the data root, in a folder named by what the
-# tables were built from ({root}/results/<study>-<id>/: CI and rehearsal write nothing into the repo).
-if config.get("results_dir"):
-    RESULTS = str(config["results_dir"]).rstrip("/")
-else:
-    RESULTS = R(ROOT / "results" / f"{config.get('study_name') or 'study'}-"
-                f"{vfc.stable_hash_of([report_cfg(k) for k in [*TABLE_RUNS, 'figures']])}")
-
-
 def table_csv(kind):
     return f"{RESULTS}/table_{kind}.csv"
 
@@ -456,6 +446,16 @@ def report_shell(args, record=False):
     if record:  # crash_guard ends with `exit`: write the record first, only when the command succeeded
         line = line.replace("; exit $rc", "; [ $rc -ne 0 ] || printf '%s' {params.record:q} > {output.record}; exit $rc")
     return line
+
+
+# Tables and figures: `results_dir` (relative to the repo: per checkout; the real study: results/, the
+# embedded studies: results/demo (git-ignored), results/embedded_gpu/); null = under the data root, in a folder named by what the
+# tables were built from ({root}/results/<study>-<id>/: CI and rehearsal write nothing into the repo).
+if config.get("results_dir"):
+    RESULTS = str(config["results_dir"]).rstrip("/")
+else:
+    RESULTS = R(ROOT / "results" / f"{config.get('study_name') or 'study'}-"
+                f"{vfc.stable_hash_of([report_cfg(k) for k in [*TABLE_RUNS, 'figures']])}")  # after the input functions report_cfg calls (lifelong_inputs)
 
 
 # ----------------------------------------------------------------------------- before any job

@@ -74,3 +74,13 @@ def snakemake(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
 @pytest.fixture
 def workflow_copy(tmp_path):
     return copy_workflow(tmp_path / "wf")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that trains in-process (train.loop applies the job environment: VLAFORGET_ROOT, HF_HOME,
+    …) must not leak it into later tests, which would read another test's root."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -548,6 +549,72 @@ def test_icsm_bases_are_hashed_at_every_stage_start(tmp_path):
     _flip(d / "basis0.pt")
     with pytest.raises(CorruptInputError, match=r"basis0.pt does not match .* 'icsm' rule"):
         verify_icsm(d)
+
+
+def _flipped_cache(root: Path) -> Path:
+    """The tests' 120-row cache (two blocks of 64 rows) with one byte flipped in the middle of images.u8
+    (row 60, block 0), mtime put back, after the stage-start check had remembered the file as good."""
+    from train_fixtures import make_cache
+
+    from vlaforget.freshness import verify_cache
+
+    cache = make_cache(root)
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["num_transitions"] == 120  # block 0: rows 0..63 (data.cache.BLOCK_ROWS), block 1: 64..119
+    verify_cache(cache, m)  # as every stage start does; today it remembers (size, mtime) -> sha256
+    _flip(cache / "images.u8")
+    verify_cache(cache, m)  # sizes only for images.u8: its bytes are checked as they are read
+    return cache
+
+
+def test_a_flipped_byte_in_a_cache_is_caught_when_its_block_is_read(tmp_path):
+    """A dataset cache's images.u8 (many GB for LIBERO) was hashed whole once and then trusted while its
+    (size, mtime) held: a flipped byte with the mtime put back trained a different adapter, exit 0. Each
+    block of 64 rows is now hashed the first time a row of it is read, in each process."""
+    import pickle
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.io import CorruptInputError
+
+    cache = _flipped_cache(tmp_path)
+    ds = CachedDataset(cache, split="all")
+    for i in range(64, 120):  # the other block reads fine
+        ds[i]
+    rule = r"images.u8 rows 0\.\.63 \(block 0, 64 rows a block\) do not match the sha256 .* rerun the 'cache' rule"
+    with pytest.raises(CorruptInputError, match=rule):
+        ds[3]  # the first read of the block, not only of the flipped row
+    with pytest.raises(CorruptInputError, match=rule):
+        ds[60]
+    worker = pickle.loads(pickle.dumps(ds))  # a DataLoader worker hashes the blocks it reads itself
+    assert not worker._verified
+    with pytest.raises(CorruptInputError, match=rule):
+        worker[10]
+
+
+def test_training_on_a_cache_with_a_flipped_byte_stops_naming_the_file_and_the_rule(tmp_path):
+    import yaml
+    from conftest import REPO
+    from train_fixtures import base_stage, make_model
+
+    root = tmp_path / "data" / "vlaforget"
+    root.mkdir(parents=True)
+    cache = _flipped_cache(root)
+    sc = base_stage(root, cache, make_model(root))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump(sc))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "VLAFORGET_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "vlaforget.cli", "train", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(r"images.u8 rows 0\.\.63 .* do not match the sha256 .*'cache' rule", r.stderr), r.stderr[
+        -2000:
+    ]
+    assert not (Path(sc["out_dir"]) / "final" / "done.json").exists()
 
 
 def test_a_checkpoint_with_flipped_bytes_is_not_resumed_from(tmp_path, caplog):

@@ -25,7 +25,16 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .io import atomic_write_text, config_id, fill_root, read_json, sha256_file, verify_files
+from .io import (
+    CorruptInputError,
+    atomic_write_text,
+    config_id,
+    fill_root,
+    read_json,
+    rebuild_hint,
+    sha256_file,
+    verify_files,
+)
 
 log = logging.getLogger("vlaforget")
 
@@ -311,10 +320,31 @@ def cache_sizes(manifest: dict) -> dict[str, int]:
 
 
 def verify_cache(cache_dir: str | Path, manifest: dict) -> None:
-    """Sizes + sha256 of a dataset cache's files against its manifest (rebuilt by rule 'cache')."""
-    files = manifest.get("files") or {}
-    if files:
-        verify_files(cache_dir, files, rule="cache", sizes=cache_sizes(manifest))
+    """A dataset cache's files against its manifest (rebuilt by rule 'cache'), at stage start: sizes
+    always; the small JSON files hashed every time; the .npy arrays hashed when new or when their size or
+    mtime changed. images.u8, when the manifest has its per-block hashes, only by size here: its blocks
+    are hashed as they are read (data/cache.py CachedDataset.verify_rows), whatever the mtime."""
+    files = dict(manifest.get("files") or {})
+    if not files:
+        return
+    blocked = set((manifest.get("blocks") or {}).get("sha256") or {})
+    sizes = cache_sizes(manifest)
+    for name, n in sizes.items():
+        if name in blocked:
+            files.pop(name, None)
+            p = Path(cache_dir) / name
+            got = p.stat().st_size if p.exists() else None
+            if got != n:
+                what = (
+                    "is missing"
+                    if got is None
+                    else f"has {got} bytes but was written with {n} (truncated or overwritten)"
+                )
+                raise CorruptInputError(f"{p} {what}; {rebuild_hint(cache_dir, 'cache')}")
+    small = {k: v for k, v in files.items() if k.endswith(".json")}
+    big = {k: v for k, v in files.items() if k not in small}
+    verify_files(cache_dir, small, rule="cache", trust_mtime=False)
+    verify_files(cache_dir, big, rule="cache", sizes=sizes)
 
 
 def verify_icsm(icsm_dir: str | Path) -> None:

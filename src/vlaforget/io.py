@@ -368,6 +368,14 @@ class CorruptInputError(UserError, RuntimeError):
     """A file a stage reads does not match the size / sha256 recorded when it was made."""
 
 
+def rebuild_hint(directory: str | Path, rule: str) -> str:
+    """The fix a CorruptInputError names: delete the artifact's folder and rerun the rule that made it."""
+    return (
+        f"rebuild it: delete {directory} and rerun the '{rule}' rule (snakemake --forcerun {rule} "
+        f"...), or `vlaforget {rule.replace('_', '-')} --config <its stage config>`"
+    )
+
+
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
 
 
@@ -394,10 +402,7 @@ def verify_files(
     changed = False
     for name, want in hashes.items():
         p = directory / name
-        fix = (
-            f"rebuild it: delete {directory} and rerun the '{rule}' rule (snakemake --forcerun {rule} "
-            f"...), or `vlaforget {rule.replace('_', '-')} --config <its stage config>`"
-        )
+        fix = rebuild_hint(directory, rule)
         try:
             st = p.stat()
         except FileNotFoundError:

@@ -10,10 +10,14 @@ Cache dir layout (all arrays row-aligned over transitions, episodes contiguous i
   instructions.json  the distinct instruction strings
   dataset_statistics.json   openvla format, over the transformed actions of ALL episodes (openvla
                      computes them over split "all"; the held-out episodes are included)
-  manifest.json      shapes, counts, split (`heldout` mode + `heldout_episodes`), transform, file hashes, versions (written last: the
-                     completion file)
+  manifest.json      shapes, counts, split (`heldout` mode + `heldout_episodes`), transform, file hashes,
+                     per-block hashes (`blocks`), versions (written last: the completion file)
 
-`CachedDataset` opens it with memmaps: RAM does not grow with the dataset.
+`CachedDataset` opens it with memmaps: RAM does not grow with the dataset. Integrity: the manifest's
+`blocks` holds the sha256 of every block of `block_rows` rows of each row-aligned array (images.u8,
+actions.npy, states.npy, env_states.npy); a block is hashed and compared the first time a row of it is
+read in a process, so flipped bytes are caught whatever the file's mtime, at the cost of hashing what
+is read anyway (a whole-file hash of a many-GB images.u8 at every stage start would not be).
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from ..envs import resize_lanczos
-from ..io import progress, provenance, read_json, sha256_file, write_json
+from ..io import (
+    CorruptInputError,
+    log,
+    progress,
+    provenance,
+    read_json,
+    rebuild_hint,
+    sha256_file,
+    write_json,
+)
 from .statistics import dataset_statistics
 from .transforms import resolve_transform
 
@@ -39,6 +52,48 @@ from .transforms import resolve_transform
 CACHE_FORMAT = 3
 HELDOUT_MODES = ("per_task", "tail")
 IMAGES_FILE = "images.u8"
+# Rows per hashed block: 64 rows of LIBERO's 256x256x3 images = 12 MiB, of 224x224x3 = 9.2 MiB.
+BLOCK_ROWS = 64
+# The row-aligned arrays: file -> key of manifest["shapes"]
+ROW_FILES = {
+    IMAGES_FILE: "images",
+    "actions.npy": "actions",
+    "states.npy": "states",
+    "env_states.npy": "env_states",
+}
+
+
+class BlockHasher:
+    """sha256 of every block of `block_rows` rows of a row-major byte stream fed in any chunks."""
+
+    def __init__(self, row_bytes: int, block_rows: int = BLOCK_ROWS):
+        self.block_bytes = int(row_bytes) * int(block_rows)
+        self.digests: list[str] = []
+        self._h = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            take = min(len(mv), self.block_bytes - self._filled)
+            self._h.update(mv[:take])
+            self._filled += take
+            mv = mv[take:]
+            if self._filled == self.block_bytes:
+                self.digests.append(self._h.hexdigest())
+                self._h, self._filled = hashlib.sha256(), 0
+
+    def finish(self) -> list[str]:
+        if self._filled:
+            self.digests.append(self._h.hexdigest())
+            self._h, self._filled = hashlib.sha256(), 0
+        return self.digests
+
+
+def block_digests(array: np.ndarray, block_rows: int = BLOCK_ROWS) -> list[str]:
+    """sha256 of each block of `block_rows` rows of a C-contiguous array (the last block may be short)."""
+    a = np.ascontiguousarray(array)
+    return [hashlib.sha256(a[r : r + block_rows]).hexdigest() for r in range(0, len(a), block_rows)]
 
 
 def n_train_episodes(n_episodes: int, train_split: float) -> int:
@@ -155,6 +210,7 @@ def write_cache(
     extra: dict | None = None,
     transform: str | None = None,
     heldout: str = "per_task",
+    block_rows: int = BLOCK_ROWS,
 ) -> dict[str, Any]:
     """Write the cache from episode dicts (as rlds.iter_episodes yields: images, states, actions,
     env_states or None, instruction, task, seed); returns the manifest. Needs no TensorFlow.
@@ -162,7 +218,8 @@ def write_cache(
     Actions are stored after the dataset's action transform (`transform` names it, else the
     registry's entry for `name`; see data/transforms.py), and the statistics are computed over the
     transformed actions of all episodes, as openvla does. `heldout`: which episodes are held out
-    (heldout_split: per_task, or tail = openvla's train[:95%]); recorded in the manifest."""
+    (heldout_split: per_task, or tail = openvla's train[:95%]); recorded in the manifest.
+    `block_rows`: rows per hashed block (the manifest's `blocks`, verified as rows are read)."""
     t0 = time.time()
     action_transform = resolve_transform(name, transform)
     if heldout not in HELDOUT_MODES:
@@ -174,6 +231,7 @@ def write_cache(
     tmp.mkdir(parents=True)
 
     img_hash = hashlib.sha256()
+    img_blocks = BlockHasher(image_size * image_size * 3, block_rows)
     actions, states, env_states, eps = [], [], [], []
     instructions: dict[str, int] = {}
     src_shape = None
@@ -186,6 +244,7 @@ def write_cache(
             data = np.ascontiguousarray(block).tobytes()
             f.write(data)
             img_hash.update(data)
+            img_blocks.update(data)
             actions.append(action_transform(np.asarray(ep["actions"], np.float32)))
             states.append(np.asarray(ep["states"], np.float32))
             if ep.get("env_states") is not None:
@@ -233,6 +292,10 @@ def write_cache(
     for fn in ("actions.npy", "states.npy", "env_states.npy", "episodes.json", "instructions.json"):
         if (tmp / fn).exists():
             files[fn] = sha256_file(tmp / fn)
+    blocks = {IMAGES_FILE: img_blocks.finish(), "actions.npy": block_digests(A, block_rows)}
+    blocks["states.npy"] = block_digests(P, block_rows)
+    if has_env:
+        blocks["env_states.npy"] = block_digests(np.load(tmp / "env_states.npy", mmap_mode="r"), block_rows)
     tasks = sorted({e["task"] for e in eps})
     manifest = {
         "format": CACHE_FORMAT,
@@ -265,6 +328,7 @@ def write_cache(
             "env_states": "float32" if has_env else None,
         },
         "files": files,
+        "blocks": {"block_rows": block_rows, "sha256": blocks},
         "seconds": round(time.time() - t0, 2),
         "provenance": provenance(),
         **(extra or {}),
@@ -329,6 +393,12 @@ class CachedDataset:
         self.tasks = sorted({e["task"] for e in eps})
         self._stats = None
         self._mm: dict[str, np.ndarray] | None = None
+        blocks = self.manifest.get("blocks") or {}
+        self.block_rows = int(blocks.get("block_rows") or 0)
+        self._block_sha = blocks.get("sha256") or {}
+        self._verified: set[int] = set()  # blocks hashed in this process (not pickled into workers)
+        if not self._block_sha:
+            _warn_no_blocks(self.cache_dir)
 
     # memmaps open lazily, so a dataset pickled into DataLoader workers reopens them there
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -343,13 +413,47 @@ class CachedDataset:
             }
             if s.get("env_states"):
                 mm["env_states"] = np.load(self.cache_dir / "env_states.npy", mmap_mode="r")
+            for fn, key in ROW_FILES.items():  # an .npy header changed: its rows are not the written ones
+                if key in mm and list(mm[key].shape) != list(s[key]):
+                    raise CorruptInputError(
+                        f"{self.cache_dir / fn} holds an array of shape {list(mm[key].shape)} but was "
+                        f"written with {s[key]}: it was changed or corrupted; "
+                        f"{rebuild_hint(self.cache_dir, 'cache')}"
+                    )
             self._mm = mm
         return self._mm
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_mm"] = None
+        d["_verified"] = set()  # each process (DataLoader workers too) hashes the blocks it reads
         return d
+
+    def verify_rows(self, row: int) -> None:
+        """Hash the block holding cache row `row` (every row-aligned file) against the manifest, once
+        per process; raises CorruptInputError naming the file, the block's rows and the 'cache' rule."""
+        if not self.block_rows:
+            return
+        b = row // self.block_rows
+        if b in self._verified:
+            return
+        a = self._arrays()
+        r0 = b * self.block_rows
+        for fn, key in ROW_FILES.items():
+            digests = self._block_sha.get(fn)
+            if digests is None or key not in a:
+                continue
+            rows = a[key][r0 : r0 + self.block_rows]
+            got = hashlib.sha256(np.ascontiguousarray(rows)).hexdigest()
+            want = digests[b] if b < len(digests) else "(none recorded)"
+            if got != want:
+                raise CorruptInputError(
+                    f"{self.cache_dir / fn} rows {r0}..{r0 + len(rows) - 1} (block {b}, {self.block_rows} "
+                    f"rows a block) do not match the sha256 recorded when the cache was made "
+                    f"({got[:12]}… vs {want[:12]}…): it was changed or corrupted; "
+                    f"{rebuild_hint(self.cache_dir, 'cache')}"
+                )
+        self._verified.add(b)
 
     @property
     def statistics(self) -> dict:
@@ -372,6 +476,7 @@ class CachedDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, step, row = self.locate(int(i))
+        self.verify_rows(row)
         a = self._arrays()
         ep = self.episodes[k]
         return {
@@ -389,6 +494,20 @@ class CachedDataset:
         """Cache rows of the k-th episode of this view."""
         e = self.episodes[k]
         return np.arange(e["start"], e["start"] + e["length"])
+
+
+_WARNED_NO_BLOCKS: set[str] = set()
+
+
+def _warn_no_blocks(cache_dir: Path) -> None:
+    if str(cache_dir) not in _WARNED_NO_BLOCKS:
+        _WARNED_NO_BLOCKS.add(str(cache_dir))
+        log.warning(
+            "%s was built before caches recorded per-block hashes: its rows are not verified as they are "
+            "read (only whole-file hashes at stage start, trusted while a file's size and mtime are "
+            "unchanged). Rebuild it to have them verified: delete the folder and rerun the 'cache' rule",
+            cache_dir,
+        )
 
 
 def select_shots(episodes: list[dict], shots: int, seed: int) -> list[dict]:

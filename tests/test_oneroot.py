@@ -591,6 +591,26 @@ def test_a_flipped_byte_in_a_cache_is_caught_when_its_block_is_read(tmp_path):
         worker[10]
 
 
+def test_a_cache_made_before_block_hashes_is_read_with_a_warning(tmp_path, caplog):
+    """Format-3 caches without `blocks` keep today's check (whole files at stage start) and say so."""
+    from train_fixtures import make_cache
+
+    from vlaforget.data.cache import CachedDataset
+    from vlaforget.freshness import verify_cache
+    from vlaforget.io import CorruptInputError
+
+    cache = make_cache(tmp_path)
+    m = json.loads((cache / "manifest.json").read_text())
+    del m["blocks"]
+    (cache / "manifest.json").write_text(json.dumps(m))
+    ds = CachedDataset(cache, split="all")
+    assert ds[60]["image"].shape == (32, 32, 3)
+    assert "per-block hashes" in caplog.text and str(cache) in caplog.text
+    (cache / "images.u8").write_bytes(bytes(reversed((cache / "images.u8").read_bytes())))  # mtime changes
+    with pytest.raises(CorruptInputError, match=r"images.u8 does not match the sha256"):
+        verify_cache(cache, m)  # the whole-file hash at stage start, as before
+
+
 def test_training_on_a_cache_with_a_flipped_byte_stops_naming_the_file_and_the_rule(tmp_path):
     import yaml
     from conftest import REPO

@@ -114,7 +114,7 @@ def run_stage(name: str, mod, args) -> int:
     if not cfg_path or name in ("check-disk", "stage-config"):
         return int(mod.main(args) or 0)
     from . import freshness
-    from .config import load_stage_config
+    from .stagefile import load_stage_config
     from .io import DirLock
 
     sc = load_stage_config(cfg_path)

@@ -121,11 +121,11 @@ def _code_changes(old: dict, new: dict) -> list[str]:
     fa, fb = old.get("code_files") or {}, new.get("code_files") or {}
     if not fa:
         return ["code (the old stage config records no files)"]
-    from . import config as vfc
+    from .codedeps import PKG_DIR
     from .restamp import Versions, formatting_only
 
-    if _VERSIONS is None or _VERSIONS.pkg_dir != Path(vfc.PKG_DIR):
-        _VERSIONS = Versions(Path(vfc.PKG_DIR))
+    if _VERSIONS is None or _VERSIONS.pkg_dir != Path(PKG_DIR):
+        _VERSIONS = Versions(Path(PKG_DIR))
     return sorted(
         f
         for f in set(fa) | set(fb)
@@ -150,8 +150,9 @@ def _move(src: Path, dst: Path) -> None:
 def migrate(cfg: dict, dry_run: bool = False) -> dict[str, list[str]]:
     """Move every job of the study config whose old output matches it; returns {moved, kept, absent}."""
     from . import freshness
-    from .config import resolve_root, stage_config_text
-    from .study import stage_configs
+    from .paths import resolve_root
+    from .stageconfig import stage_configs
+    from .stagefile import stage_config_text
 
     root = resolve_root(cfg)
     done: dict[tuple[str, str], bool] = {}

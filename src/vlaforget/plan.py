@@ -106,7 +106,7 @@ def study_runs(cfg: dict) -> list[str]:
 
 
 def method_class(cfg: dict, method: str) -> str:
-    from .config import method_config
+    from .study import method_config
 
     m = method_config(cfg, method)
     if m["craft"].get("enabled"):
@@ -143,7 +143,7 @@ def train_hours(
     cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_step: dict | None = None
 ) -> float:
     """GPU-hours of one training run: steps x accum x micro-step x method factor x GPUs + load."""
-    from .config import parse_run_name
+    from .study import parse_run_name
 
     t = cfg["train"]
     cls = method_class(cfg, parse_run_name(run)["method"])
@@ -240,7 +240,7 @@ def make_plan(
     step_fraction: float = 1.0,
     measured_step: dict | None = None,
 ) -> dict:
-    from .config import parse_run_name
+    from .study import parse_run_name
 
     runs = study_runs(cfg)
     rules: dict[str, dict] = {}
@@ -251,7 +251,7 @@ def make_plan(
         r["gpu_hours"] += hours
 
     add("probe+icsm", 2, probe_icsm_hours(cfg, gpu, table), serial=True)
-    from .config import anchor_set, parse_shots
+    from .study import anchor_set, parse_shots
 
     # one anchor cache per suite, and one per few-shot subset a CRaFT run trains on (shots x seed)
     craft_sets = sorted(

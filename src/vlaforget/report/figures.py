@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name
+from ..study import parse_run_name
 from ..io import atomic_path
 from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name, run_name
+from ..study import parse_run_name, run_name
 from ..errors import UserError
 from ..eval.metrics import libero_lifelong_metrics
 from .tables import summarize

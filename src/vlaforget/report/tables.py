@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name
+from ..study import parse_run_name
 from ..io import read_json
 
 # (column, label in the Markdown table). Retention = run / teacher, per seed, then aggregated.

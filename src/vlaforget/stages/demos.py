@@ -18,7 +18,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_stage_config
+    from ..stagefile import load_stage_config
     from ..data.instructions import task_table
     from ..data.rlds import write_rlds
     from ..envs.metaworld import ACTION_DIM, ENV_STATE_DIM, STATE_DIM

@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..config import load_stage_config
+from ..stagefile import load_stage_config
 from ..eval.closed_loop import BackendPolicy, build_episodes, load_stats, log
 from ..eval.rollout import run_episodes
 from ..gpus import pick_device

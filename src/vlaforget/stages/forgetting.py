@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import load_stage_config
+from ..stagefile import load_stage_config
 from ..eval import metrics as M
 from ..eval.forgetting import (
     DEFAULT_VQA_N,

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import load_stage_config
+from ..stagefile import load_stage_config
 from ..io import log, provenance, seed_everything, write_json
 from ..settings import DEFAULT_VQA_HELDOUT_SAMPLES, DEFAULT_VQA_TRAIN_SAMPLES, PretrainSettings
 

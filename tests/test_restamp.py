@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from vlaforget import codedeps, migrate, restamp
-from vlaforget import config as vfc
 
 REL = "methods/hsw.py"
 
@@ -21,8 +20,8 @@ REL = "methods/hsw.py"
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
     dest = tmp_path / "lib" / "vlaforget"
-    shutil.copytree(vfc.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(vfc, "PKG_DIR", dest)
+    shutil.copytree(codedeps.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "PKG_DIR", dest)
     monkeypatch.setattr(migrate, "_VERSIONS", None)
     return dest
 

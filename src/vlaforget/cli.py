@@ -114,8 +114,8 @@ def run_stage(name: str, mod, args) -> int:
     if not cfg_path or name in ("check-disk", "stage-config"):
         return int(mod.main(args) or 0)
     from . import freshness
-    from .stagefile import load_stage_config
     from .io import DirLock
+    from .stagefile import load_stage_config
 
     sc = load_stage_config(cfg_path)
     if sc.get("stage") not in freshness.COMPLETION:

@@ -152,8 +152,8 @@ def import_remote_code(model_dir: Path, files: list[str]) -> None:
 
 
 def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
-    from .stageconfig import model_cache_dir
     from .models.openvla import OpenVLAUnavailable, check_remote_code, resolve_model_path
+    from .stageconfig import model_cache_dir
 
     m = cfg["model"]
     cache_dir = str(model_cache_dir(cfg))  # model.cache_dir (read in place), else {root}/hf_cache

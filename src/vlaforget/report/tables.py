@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..study import parse_run_name
 from ..io import read_json
+from ..study import parse_run_name
 
 # (column, label in the Markdown table). Retention = run / teacher, per seed, then aggregated.
 METRICS = [

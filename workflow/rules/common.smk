@@ -441,13 +441,12 @@ def figure_run_files():
 
 
 def report_shell(args, record=False):
-    """Shell line of a report job (table / figures), logged; then its record (params.record)."""
+    """Shell line of a report job (table / figures), logged; with `record`, the job then writes its
+    record (params.record), only when the command succeeded."""
     cli = args.split()[0]
-    line = f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
-                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)")
-    if record:  # crash_guard ends with `exit`: write the record first, only when the command succeeded
-        line = line.replace("; exit $rc", "; [ $rc -ne 0 ] || printf '%s' {params.record:q} > {output.record}; exit $rc")
-    return line
+    then = "printf '%s' {params.record:q} > {output.record}" if record else ""
+    return f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
+                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)", then=then)
 
 
 # Tables and figures: `results_dir` (relative to the repo: per checkout; the real study: results/, the

@@ -118,7 +118,7 @@ def _study(stack, monkeypatch, tmp_path):
 
 
 def _train_configs(cfg):
-    """The train stage config of every method and ablation of the study (config.stage_config)."""
+    """The train stage config of every method and ablation of the study (stageconfig.stage_config)."""
     from vlaforget import stageconfig as vsc
     from vlaforget import study as vfs
 
@@ -224,7 +224,7 @@ def test_method_settings_equal_the_old_gets_on_every_study_config(stack, monkeyp
             assert {k: type(v) for k, v in new.items()} == {
                 k: type(v) for k, v in old(sc["method"][kind]).items()
             }, (m, kind)
-    # the ablations' overrides arrive (config.method_config)
+    # the ablations' overrides arrive (study.method_config)
     if "hard_projection" in scs:
         h = MethodSettings.of(scs["hard_projection"]["method"]).hsw
         assert (h.beta, h.gamma, h.enabled) == (0.0, 0.0, True)
@@ -340,7 +340,7 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
         **{k: getattr(ps0, k) for k in ("seed", "split", "n", "batch_size", "out_dir")},
         "trained_suites": list(ps0.trained_suites),
     } == _old_probe(bare)
-    # the train stage's craft_layer default (config.stage_config) is the anchors' one
+    # the train stage's craft_layer default (stageconfig.stage_config) is the anchors' one
     assert CraftAnchorSettings().layer == -2
 
 

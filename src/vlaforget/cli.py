@@ -1,7 +1,7 @@
 """`vlaforget <stage> ...`: every workflow stage, runnable by hand with the arguments its rule passes.
 
 Most stages take `--config STAGE_CONFIG.yaml` (written by the workflow under {root}/configs/, see
-vlaforget.config.stage_config); `vlaforget stage-config` writes one by hand from the study config.
+vlaforget.stageconfig.stage_config); `vlaforget stage-config` writes one by hand from the study config.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Nothing is kept by hand, so a new import is tracked the moment it is written.
 
 Optional parts count only where a job uses them. `stop` modules are not followed from the entry;
 the caller adds the closure of the ones a job enables (the train stage: one module per method
-plug-in under `train/plugins/`, and the periodic evaluation; config.code_hash).
+plug-in under `train/plugins/`, and the periodic evaluation; codedeps.code_hash).
 
 The hash covers each module's name and its syntax tree without docstrings (canonical_code: node
 types and fields, no positions; comments never reach the tree), so editing a comment or a docstring,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import re
 
+from . import settings
 from .errors import ConfigError
 from .settings import ProbeStageSettings
 
@@ -32,15 +33,14 @@ def all_method_names(cfg: dict) -> list[str]:
     return list(cfg["methods"]) + list(cfg.get("ablations") or {})
 
 
-METHOD_DEFAULTS: dict[str, dict] = {
-    "hsw": {"enabled": False},
-    "thermostat": {"enabled": False},
-    "craft": {"enabled": False},
-}
+def method_defaults() -> dict[str, dict]:
+    """Every plug-in block of a method, off: one per field of settings.MethodSettings."""
+    return {name: {"enabled": False} for name in settings.method_blocks()}
 
 
 def method_config(cfg: dict, method: str) -> dict:
     """The full plug-in config of a method or ablation (every block present, off unless enabled)."""
+    defaults = method_defaults()
     if method in cfg["methods"]:
         block = cfg["methods"][method] or {}
     elif method in (cfg.get("ablations") or {}):
@@ -50,13 +50,13 @@ def method_config(cfg: dict, method: str) -> dict:
             parts = dotted.split(".")
             node = block
             for p in parts[:-1]:
-                if p not in node and p not in METHOD_DEFAULTS:
+                if p not in node and p not in defaults:
                     raise ConfigError(f"ablations.{method}.set: '{dotted}' names unknown block '{p}'")
                 node = node.setdefault(p, {})
             node[parts[-1]] = value
     else:
         raise ConfigError(f"unknown method '{method}': define it under methods or ablations")
-    out = copy.deepcopy(METHOD_DEFAULTS)  # config.deep_merge, one level deep: each default is a flat block
+    out = defaults  # config.deep_merge, one level deep: each default is a flat block
     for k, v in block.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **copy.deepcopy(v)}
@@ -66,12 +66,12 @@ def method_config(cfg: dict, method: str) -> dict:
 
 
 def method_needs(mcfg: dict) -> set[str]:
-    """Which teacher artifacts a method reads: 'icsm', 'probe', 'craft'."""
-    needs = set()
-    if mcfg["hsw"].get("enabled") or mcfg["thermostat"].get("enabled"):
-        needs |= {"icsm", "probe"}
-    if mcfg["craft"].get("enabled"):
-        needs.add("craft")
+    """Which teacher artifacts a method reads ('icsm', 'probe', 'craft'): what its enabled plug-ins
+    declare (settings.PluginSettings.READS)."""
+    needs: set[str] = set()
+    for name, block in settings.method_blocks().items():
+        if (mcfg.get(name) or {}).get("enabled"):
+            needs |= set(block.READS)
     return needs
 
 

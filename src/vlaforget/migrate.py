@@ -95,6 +95,8 @@ ADDRESSING_FILES = (
     "paths.py",
     "io.py",
     "study.py",
+    "stageconfig.py",  # split from config.py (issue 30): stage-config assembly, moved as it was
+    "stagefile.py",  # split from config.py (issue 30): load_stage_config, moved as it was
     "semantics.py",
     "cli.py",
     "migrate.py",
@@ -114,7 +116,11 @@ def _code_changes(old: dict, new: dict) -> list[str]:
     """Library files whose code differs between an old stage config and the current one (beyond
     ADDRESSING_FILES, and beyond the change of code hashes of issue 30: a file recorded with its old
     text hash counts as unchanged when a version of it with that hash has today's syntax tree,
-    restamp.formatting_only); ['code'] when the old one records no per-file hashes."""
+    restamp.formatting_only); ['code'] when the old one records no per-file hashes. A file only the
+    old one records (today's stage no longer imports it) does not count by itself: it left the import
+    closure through an edit of a file that imported it, which counts unless that file is one of
+    ADDRESSING_FILES (config.py, whose split by issue 30 took validation.py and what it imports out
+    of every stage's code)."""
     global _VERSIONS
     if old.get("code") == new.get("code"):
         return []
@@ -130,6 +136,7 @@ def _code_changes(old: dict, new: dict) -> list[str]:
         f
         for f in set(fa) | set(fb)
         if fa.get(f) != fb.get(f)
+        and f in fb
         and f not in ADDRESSING_FILES
         and not (f in fa and f in fb and formatting_only(f, fa[f], fb[f], _VERSIONS))
     )

@@ -56,7 +56,9 @@ def test_every_stage_has_an_entry_and_its_imports(pkg):
     assert "vlaforget.methods.thermostat" in codedeps.code_modules("forgetting")
     # the id plumbing is no stage's code
     assert not any(
-        "freshness" in m or "codedeps" in m for s in codedeps.STAGES_WITH_CODE for m in codedeps.code_modules(s)
+        "freshness" in m or "codedeps" in m
+        for s in codedeps.STAGES_WITH_CODE
+        for m in codedeps.code_modules(s)
     )
 
 
@@ -89,7 +91,9 @@ def test_a_real_edit_reruns_exactly_the_stages_that_import_the_file(pkg):
     append(pkg / "envs" / "metaworld.py", "\n_X = 1\n")
     after = hashes()
     changed = {s for s in before if before[s] != after[s]}
-    assert changed == {s for s in codedeps.STAGES_WITH_CODE if "vlaforget.envs.metaworld" in codedeps.code_modules(s)}
+    assert changed == {
+        s for s in codedeps.STAGES_WITH_CODE if "vlaforget.envs.metaworld" in codedeps.code_modules(s)
+    }
     assert {"demos", "eval"} <= changed
 
 

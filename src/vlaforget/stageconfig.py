@@ -154,7 +154,9 @@ def stage_config_id(cfg: dict, stage: str, key: str) -> str:
 
 
 def _base(cfg: dict, stage: str) -> dict:
-    code, files = codedeps.stage_code(stage, ()) if stage != "train" else (None, None)  # train: per run (plug-ins)
+    code, files = (
+        codedeps.stage_code(stage, ()) if stage != "train" else (None, None)
+    )  # train: per run (plug-ins)
     return {
         "stage": stage,
         "root": str(resolve_root(cfg)),

@@ -54,7 +54,8 @@ def _files(wf: Path) -> list[str]:
 def _expected_train_id(wf: Path, env: dict) -> str:
     """The config id this checkout's own library gives the run (whatever the layout)."""
     code = (
-        "import sys; from vlaforget.config import load_config, stage_config; from vlaforget.io import config_id; "
+        "import sys; from vlaforget.config import load_config; from vlaforget.stageconfig import stage_config; "
+        "from vlaforget.io import config_id; "
         "cfg = load_config('config/config.yaml', 'config/demo.yaml', 'config/ci.yaml', 'config/small.yaml'); "
         f"print(config_id(stage_config(cfg, 'train', '{RUN}')))"
     )

@@ -292,7 +292,7 @@ def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkey
     after = {s: codedeps.code_hash(s) for s in codedeps.STAGES_WITH_CODE}
     assert {s for s in before if before[s] != after[s]} == {"figures"}
     text = (REPO / "workflow" / "rules" / "common.smk").read_text()  # in the record's id (report_cfg)
-    assert '"code": codedeps.code_hash("figures" if key == "figures" else "table")' in text
+    assert '"code": code_hash("figures" if key == "figures" else "table")' in text
 
 
 # ----------------------------------------------------------------------------- exact invalidation (15.3)

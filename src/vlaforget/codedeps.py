@@ -14,6 +14,10 @@ The hash covers each module's name and its syntax tree without docstrings (canon
 types and fields, no positions; comments never reach the tree), so editing a comment or a docstring,
 or reformatting (`make format`), reruns nothing (docs/DEVELOPMENT.md, "What reruns when code
 changes").
+
+The last section applies this to the package itself: `stage_code(stage, enabled)` -> (code hash,
+per-file hashes) of a stage job, which stageconfig.stage_config records in each stage config
+(`code`, `code_files`); `code_hash("table")` / `("figures")` for the report rules.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def _mw_episodes(n=4, T=6, seed=0):
 
 
 def test_metaworld_demo_step_round_trips_to_its_own_env_command(tmp_path, demo_config):
-    from vlaforget.config import stage_config
+    from vlaforget.stageconfig import stage_config
 
     sc = stage_config(demo_config, "cache", "mw_downstream")
     assert sc["transform"] == "metaworld"  # the cache stage of an embedded dataset says so

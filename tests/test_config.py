@@ -10,6 +10,9 @@ import yaml
 from conftest import REPO
 
 from vlaforget import config as vfc
+from vlaforget import stageconfig as vsc
+from vlaforget import stagefile as vsf
+from vlaforget import study as vfs
 from vlaforget.config import ConfigError
 
 
@@ -80,39 +83,39 @@ def test_semantic_errors_name_the_cause(demo_config, mutate, words):
 
 
 def test_run_names_roundtrip():
-    name = vfc.run_name("icsm_hsw_thermostat", "libero_10_no_noops", vfc.shots_name(5), 42)
+    name = vfs.run_name("icsm_hsw_thermostat", "libero_10_no_noops", vfs.shots_name(5), 42)
     assert name == "libero_10_no_noops__icsm_hsw_thermostat__5shot__s42"
-    assert vfc.parse_run_name(name) == {
+    assert vfs.parse_run_name(name) == {
         "suite": "libero_10_no_noops",
         "method": "icsm_hsw_thermostat",
         "shots": "5shot",
         "seed": 42,
     }
-    assert vfc.parse_shots("full") is None and vfc.parse_shots("10shot") == 10
+    assert vfs.parse_shots("full") is None and vfs.parse_shots("10shot") == 10
     with pytest.raises(ConfigError):
-        vfc.parse_run_name("teacher")
+        vfs.parse_run_name("teacher")
 
 
 def test_ablation_resolves_to_base_plus_overrides(demo_config):
-    m = vfc.method_config(demo_config, "no_thermostat")
+    m = vfs.method_config(demo_config, "no_thermostat")
     assert m["thermostat"]["enabled"] is False and m["hsw"]["gamma"] == 0.5 and m["hsw"]["enabled"]
-    assert vfc.method_needs(m) == {"icsm", "probe"}
-    assert vfc.method_needs(vfc.method_config(demo_config, "baseline")) == set()
-    assert vfc.method_needs(vfc.method_config(demo_config, "craft_no_projection")) == {"craft"}
+    assert vfs.method_needs(m) == {"icsm", "probe"}
+    assert vfs.method_needs(vfs.method_config(demo_config, "baseline")) == set()
+    assert vfs.method_needs(vfs.method_config(demo_config, "craft_no_projection")) == {"craft"}
 
 
 def test_train_stage_config_only_references_what_the_method_needs(demo_config):
-    base = vfc.stage_config(demo_config, "train", "mw_downstream__baseline__full__s42")
+    base = vsc.stage_config(demo_config, "train", "mw_downstream__baseline__full__s42")
     assert base["icsm_dir"] is None and base["probe_dir"] is None and base["craft_dir"] is None
     assert base["shots"] is None and base["seed"] == 42
-    meth = vfc.stage_config(demo_config, "train", "mw_downstream__icsm_hsw_thermostat__5shot__s1")
+    meth = vsc.stage_config(demo_config, "train", "mw_downstream__icsm_hsw_thermostat__5shot__s1")
     assert meth["icsm_dir"] and meth["shots"] == 5
     assert meth["run_id"].startswith("mw_downstream__icsm_hsw_thermostat__5shot__s1-")
     # probe.n shapes the method run (its ICSM basis) but not the baseline
     cfg2 = copy.deepcopy(demo_config)
     cfg2["probe"]["n"] = 64
-    assert vfc.stage_config(cfg2, "train", "mw_downstream__baseline__full__s42") == base
-    assert vfc.stage_config(cfg2, "train", "mw_downstream__icsm_hsw_thermostat__5shot__s1") != meth
+    assert vsc.stage_config(cfg2, "train", "mw_downstream__baseline__full__s42") == base
+    assert vsc.stage_config(cfg2, "train", "mw_downstream__icsm_hsw_thermostat__5shot__s1") != meth
 
 
 def test_every_stage_config_writes_under_root(demo_config, tmp_root, tmp_path):
@@ -128,21 +131,21 @@ def test_every_stage_config_writes_under_root(demo_config, tmp_root, tmp_path):
         "forgetting": "mw_downstream__craft__full__s42",
     }
     for stage, key in keys.items():
-        sc = vfc.stage_config(demo_config, stage, key)
+        sc = vsc.stage_config(demo_config, stage, key)
         assert sc["stage"] == stage and sc["code"]
         out = sc.get("out_dir") or sc.get("out_file")
         assert out.startswith(str(tmp_root)), (stage, out)
         p = tmp_path / f"{stage}.yaml"
         p.write_text(yaml.safe_dump(sc))
-        assert vfc.load_stage_config(p, stage) == sc
+        assert vsf.load_stage_config(p, stage) == sc
 
 
 def test_hand_edited_stage_config_cannot_escape_root(demo_config, tmp_path):
-    sc = vfc.stage_config(demo_config, "cache", "mw_upstream")
+    sc = vsc.stage_config(demo_config, "cache", "mw_upstream")
     sc["out_dir"] = "/workspace/cache"
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(sc))
     with pytest.raises(ConfigError, match="outside the allowed root"):
-        vfc.load_stage_config(p, "cache")
+        vsf.load_stage_config(p, "cache")
     with pytest.raises(ConfigError, match="not 'train'"):
-        vfc.load_stage_config(p, "train")
+        vsf.load_stage_config(p, "train")

@@ -24,6 +24,9 @@ from train_fixtures import base_stage, clone, make_cache, make_model
 
 from vlaforget import config as vfc
 from vlaforget import freshness, gpus
+from vlaforget import stageconfig as vsc
+from vlaforget import stagefile as vsf
+from vlaforget import study as vfs
 from vlaforget.config import ConfigError
 from vlaforget.io import CorruptInputError, DirLock, LockedError, atomic_write_text, config_id, verify_files
 from vlaforget.train import checkpoint as ckpt
@@ -368,25 +371,25 @@ RUN = "mw_downstream__baseline__full__s42"
 
 
 def test_stale_adapter_is_refused_by_eval(tmp_root):
-    r2 = vfc.stage_config(_cfg(tmp_root), "train", RUN)
-    r4 = vfc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "train", RUN)
+    r2 = vsc.stage_config(_cfg(tmp_root), "train", RUN)
+    r4 = vsc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "train", RUN)
     assert r2["run_id"] != r4["run_id"]
     for where in (r2, r4):  # FAULT: the r=2 run copied by hand to the r=4 run's path
         done = Path(where["out_dir"]) / "final" / "done.json"
         done.parent.mkdir(parents=True)
         done.write_text(json.dumps({"run_id": r2["run_id"], "config_id": config_id(r2)}))  # made with r=2
-    ev4 = vfc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "eval", f"{RUN}@mw_downstream")
+    ev4 = vsc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "eval", f"{RUN}@mw_downstream")
     with pytest.raises(freshness.StaleInputError, match=r"final/done.json was made for config id .* 'train'"):
         freshness.check_inputs({**ev4, "inputs": {"train": ev4["inputs"]["train"]}})
-    ev2 = vfc.stage_config(_cfg(tmp_root), "eval", f"{RUN}@mw_downstream")
+    ev2 = vsc.stage_config(_cfg(tmp_root), "eval", f"{RUN}@mw_downstream")
     freshness.check_inputs({**ev2, "inputs": {"train": ev2["inputs"]["train"]}})
 
 
 def test_a_changed_config_builds_beside_the_old_result(tmp_root):
     """A config change never rewrites the old result: its outputs get another path (issue 29), so
     whatever .snakemake holds, Snakemake finds the changed job's output missing."""
-    sc2 = vfc.stage_config(_cfg(tmp_root), "train", RUN)
-    sc4 = vfc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "train", RUN)
+    sc2 = vsc.stage_config(_cfg(tmp_root), "train", RUN)
+    sc4 = vsc.stage_config(_cfg(tmp_root, train={"lora": {"r": 4}}), "train", RUN)
     assert sc2["out_dir"] != sc4["out_dir"] and Path(sc2["out_dir"]).parent == Path(sc4["out_dir"]).parent
     assert config_id(sc2) in sc2["out_dir"] and config_id(sc4) in sc4["out_dir"]
 
@@ -401,7 +404,7 @@ def test_moving_the_data_root_keeps_ids_and_reruns_nothing(tmp_path, monkeypatch
         cfg = _cfg(None)
         ids.append(
             {
-                (st, k): (vfc.stage_config(cfg, st, k).get("run_id"), config_id(vfc.stage_config(cfg, st, k)))
+                (st, k): (vsc.stage_config(cfg, st, k).get("run_id"), config_id(vsc.stage_config(cfg, st, k)))
                 for st, k in [("train", RUN), ("eval", f"{RUN}@mw_downstream"), ("cache", "mw_downstream")]
             }
         )
@@ -642,24 +645,24 @@ def test_hex_ids_survive_the_stage_config_round_trip(tmp_root, tmp_path):
     }
     p = tmp_path / "sc.yaml"
     p.write_text(yaml.safe_dump(sc))
-    assert vfc.load_stage_config(p)["inputs"]["x"]["id"] == "34565307e335"
+    assert vsf.load_stage_config(p)["inputs"]["x"]["id"] == "34565307e335"
 
 
 def test_output_killed_before_its_id_was_recorded_is_refused_by_its_consumers(tmp_root, tmp_path):
     """The stage wrote its completion file and died before recording its id (driver killed too, so
     Snakemake's incomplete marker may be gone with another checkout): no job reads it as valid."""
     cfg = _cfg(tmp_root)
-    sc = vfc.stage_config(cfg, "icsm", vfc.probe_set_name(cfg))
+    sc = vsc.stage_config(cfg, "icsm", vfs.probe_set_name(cfg))
     meta = Path(sc["out_dir"]) / "meta.json"
     meta.parent.mkdir(parents=True)
     meta.write_text("{}")  # FAULT: the stage wrote its completion file, then died before the stamp
-    train = vfc.stage_config(cfg, "train", "mw_downstream__icsm_hsw_thermostat__full__s42")
+    train = vsc.stage_config(cfg, "train", "mw_downstream__icsm_hsw_thermostat__full__s42")
     with pytest.raises(freshness.StaleInputError, match="records no config id"):
         freshness.check_inputs({**train, "inputs": {"icsm": train["inputs"]["icsm"]}})
     freshness.stamp(sc)
     assert freshness.recorded_id(meta) == config_id(sc)
     # anchors.pt is not JSON: its id lives beside it, valid only for that very file
-    a = vfc.stage_config(_cfg(tmp_root), "craft_anchors", "mw_downstream")
+    a = vsc.stage_config(_cfg(tmp_root), "craft_anchors", "mw_downstream")
     f = Path(a["out_dir"]) / "anchors.pt"
     f.parent.mkdir(parents=True)
     f.write_bytes(b"x")
@@ -741,10 +744,10 @@ def test_kill9_teacher_pretraining_leaves_no_teacher_and_reruns_identically(tmp_
             }
             for k in range(8)
         ]
-        csc = vfc.stage_config(c, "cache", d)
+        csc = vsc.stage_config(c, "cache", d)
         write_cache(eps, csc["out_dir"], d, 32, train_split=0.75, transform="metaworld")
         freshness.stamp(csc)  # as the cache stage records it
-    sc = vfc.stage_config(c, "model", c["model"]["base"])
+    sc = vsc.stage_config(c, "model", c["model"]["base"])
     out = Path(sc["out_dir"])
     ref_sc = dict(sc, out_dir=str(out.parent / "ref"))
     assert cli(["model", "--config", str(write_cfg(ref_sc, tmp_path / "ref.yaml"))]).returncode == 0
@@ -839,7 +842,7 @@ def test_kill9_eval_mid_rollout_and_before_its_stamp_reruns_identically(demo_con
             }
         },
     )
-    sc = vfc.stage_config(cfg, "eval", "teacher@mw_downstream")
+    sc = vsc.stage_config(cfg, "eval", "teacher@mw_downstream")
     random_tiny_backend({"image_size": 64}, action_dim=4, seed=0).save(Path(sc["model"]["path"]))
     sc["inputs"] = {}  # the random teacher has no model-stage record; freshness is tested elsewhere
     env = {"VLAFORGET_ALLOWED_ROOT": str(tmp_root.parent), "VLAFORGET_ROOT": str(tmp_root)}

@@ -169,18 +169,20 @@ def test_the_run_id_follows_the_adapter_files_not_their_place(demo_config, tmp_r
     from safetensors.torch import load_file, save_file
 
     from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
+    from vlaforget import study as vfs
 
     make_model(tmp_root)
     adapter = user_adapter(tmp_root / "models" / "tiny", tmp_root.parent / "adapters" / "a")
-    run = vfc.run_name("baseline", demo_config["study"]["suites"][0], "full", 42)
+    run = vfs.run_name("baseline", demo_config["study"]["suites"][0], "full", 42)
 
     def run_id(path):
         cfg = copy.deepcopy(demo_config)
         cfg["train"]["init_adapter"] = str(path)
         vfc.validate(cfg)
-        return vfc.stage_config(cfg, "train", run)
+        return vsc.stage_config(cfg, "train", run)
 
-    plain = vfc.stage_config(demo_config, "train", run)["run_id"]
+    plain = vsc.stage_config(demo_config, "train", run)["run_id"]
     sc = run_id(adapter)
     assert sc["run_id"] != plain and set(sc["init_adapter_files"]) == {
         "adapter_config.json",

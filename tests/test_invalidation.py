@@ -14,7 +14,8 @@ import pytest
 from train_fixtures import base_stage, clone, make_cache, make_model, run_adapter
 
 from vlaforget import codedeps
-from vlaforget import config as vfc
+from vlaforget import stageconfig as vsc
+from vlaforget import study as vfs
 from vlaforget.io import config_id
 
 
@@ -22,13 +23,13 @@ from vlaforget.io import config_id
 def pkg(tmp_path, monkeypatch):
     """A private copy of the library that the code hashes read (edits stay in tmp)."""
     dest = tmp_path / "vlaforget"
-    shutil.copytree(vfc.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(vfc, "PKG_DIR", dest)
+    shutil.copytree(codedeps.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "PKG_DIR", dest)
     return dest
 
 
 def hashes() -> dict[str, str]:
-    return {s: vfc.code_hash(s) for s in vfc.STAGES_WITH_CODE}
+    return {s: codedeps.code_hash(s) for s in codedeps.STAGES_WITH_CODE}
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -45,17 +46,19 @@ def append(path: Path, text: str) -> None:
 
 
 def test_every_stage_has_an_entry_and_its_imports(pkg):
-    for stage in vfc.STAGES_WITH_CODE:
-        mods = vfc.code_modules(stage)
+    for stage in codedeps.STAGES_WITH_CODE:
+        mods = codedeps.code_modules(stage)
         assert codedeps.stage_entry(pkg, stage) in mods
         assert "vlaforget" in mods  # the package __init__ runs on every import
     # the ones the hand-kept list of issue 15 missed
-    assert "vlaforget.data.instructions" in vfc.code_modules("eval")
-    assert "vlaforget.data.probe" in vfc.code_modules("craft_anchors")
-    assert "vlaforget.methods.thermostat" in vfc.code_modules("forgetting")
+    assert "vlaforget.data.instructions" in codedeps.code_modules("eval")
+    assert "vlaforget.data.probe" in codedeps.code_modules("craft_anchors")
+    assert "vlaforget.methods.thermostat" in codedeps.code_modules("forgetting")
     # the id plumbing is no stage's code
     assert not any(
-        "freshness" in m or "codedeps" in m for s in vfc.STAGES_WITH_CODE for m in vfc.code_modules(s)
+        "freshness" in m or "codedeps" in m
+        for s in codedeps.STAGES_WITH_CODE
+        for m in codedeps.code_modules(s)
     )
 
 
@@ -63,7 +66,7 @@ def test_a_new_function_level_import_is_tracked_at_once(pkg):
     """Adding `from ..data import vqa` inside a function of the eval entry makes data/vqa.py part of
     eval's code: an edit of it then reruns eval; before, it did not."""
     vqa = pkg / "data" / "vqa.py"
-    assert "vlaforget.data.vqa" not in vfc.code_modules("eval")
+    assert "vlaforget.data.vqa" not in codedeps.code_modules("eval")
     h0 = hashes()
     append(vqa, "\n_EDIT_1 = 1\n")
     h1 = hashes()
@@ -72,7 +75,7 @@ def test_a_new_function_level_import_is_tracked_at_once(pkg):
         pkg / "eval" / "closed_loop.py",
         "\n\ndef _uses_vqa():\n    from ..data import vqa\n\n    return vqa\n",
     )
-    assert "vlaforget.data.vqa" in vfc.code_modules("eval")
+    assert "vlaforget.data.vqa" in codedeps.code_modules("eval")
     h2 = hashes()
     append(vqa, "\n_EDIT_2 = 2\n")
     h3 = hashes()
@@ -88,7 +91,9 @@ def test_a_real_edit_reruns_exactly_the_stages_that_import_the_file(pkg):
     append(pkg / "envs" / "metaworld.py", "\n_X = 1\n")
     after = hashes()
     changed = {s for s in before if before[s] != after[s]}
-    assert changed == {s for s in vfc.STAGES_WITH_CODE if "vlaforget.envs.metaworld" in vfc.code_modules(s)}
+    assert changed == {
+        s for s in codedeps.STAGES_WITH_CODE if "vlaforget.envs.metaworld" in codedeps.code_modules(s)
+    }
     assert {"demos", "eval"} <= changed
 
 
@@ -96,7 +101,7 @@ def test_the_stages_module_is_the_entry_once_it_exists(pkg):
     """A stage's entry is its stages/<name>.py recipe; an import added to the recipe is tracked at once."""
     assert codedeps.stage_entry(pkg, "cache") == "vlaforget.stages.cache"
     (pkg / "stages" / "cache.py").write_text("from ..data import cache as _c\nfrom ..data import vqa as _v\n")
-    mods = vfc.code_modules("cache")
+    mods = codedeps.code_modules("cache")
     assert {
         "vlaforget.stages.cache",
         "vlaforget.stages",
@@ -189,7 +194,7 @@ def _train_codes(cfg) -> dict[str, str]:
         "craft": "craft",
     }
     return {
-        k: vfc.stage_config(cfg, "train", vfc.run_name(m, "mw_downstream", "full", 42))["code"]
+        k: vsc.stage_config(cfg, "train", vfs.run_name(m, "mw_downstream", "full", 42))["code"]
         for k, m in runs.items()
     }
 
@@ -210,7 +215,7 @@ def test_a_plugin_edit_reruns_only_the_runs_that_enable_it(pkg, demo_config):
     append(pkg / "train" / "loop.py", "\n_X = 1\n")
     c4 = _train_codes(cfg)
     assert all(c3[k] != c4[k] for k in c4)  # the loop is every run's code
-    base = vfc.code_modules("train")
+    base = codedeps.code_modules("train")
     assert not any("plugins.hsw" in m or "methods.craft" in m or "methods.icsm" in m for m in base)
 
 
@@ -218,7 +223,7 @@ def test_periodic_eval_code_counts_only_with_early_stopping(pkg, demo_config):
     def code(**train):
         cfg = copy.deepcopy(demo_config)
         cfg["train"].update(train)
-        return vfc.stage_config(cfg, "train", vfc.run_name("baseline", "mw_downstream", "full", 42))["code"]
+        return vsc.stage_config(cfg, "train", vfs.run_name("baseline", "mw_downstream", "full", 42))["code"]
 
     a, b, c = (
         code(eval_every=0),
@@ -236,7 +241,7 @@ def test_periodic_eval_code_counts_only_with_early_stopping(pkg, demo_config):
 def _train_sc(cfg, method="baseline", **train):
     cfg = copy.deepcopy(cfg)
     cfg["train"].update(train)
-    return vfc.stage_config(cfg, "train", vfc.run_name(method, "mw_downstream", "full", 42))
+    return vsc.stage_config(cfg, "train", vfs.run_name(method, "mw_downstream", "full", 42))
 
 
 def test_non_semantic_keys_change_neither_the_config_id_nor_the_run_id(demo_config):
@@ -255,7 +260,7 @@ def test_non_semantic_keys_change_neither_the_config_id_nor_the_run_id(demo_conf
     for over in ({"lr": 0.123}, {"batch_size": 3}, {"eval_every": 10, "early_stopping_patience": 2}):
         sc = _train_sc(demo_config, **over)
         assert config_id(sc) != config_id(ref) and sc["run_id"] != ref["run_id"], over
-    d = vfc.stage_config(demo_config, "demos", "mw_downstream")
+    d = vsc.stage_config(demo_config, "demos", "mw_downstream")
     d2 = dict(d, workers=7)
     assert config_id(d2) == config_id(d)
 
@@ -285,7 +290,7 @@ def world(tmp_path_factory):
 def _run(sc, name, **train):
     out = clone(sc, out_dir=str(Path(sc["out_dir"]).parent / name))
     out["train"] = {**out["train"], **train}
-    out["run_id"] = vfc.run_id_of(out, out["run_name"])
+    out["run_id"] = vsc.run_id_of(out, out["run_name"])
     return out
 
 

@@ -77,6 +77,21 @@ def test_failing_or_passing_job_keeps_its_status_without_crash_message(tmp_path)
     assert r.returncode == 0 and r.stderr == ""
 
 
+def test_then_runs_only_after_success_and_keeps_the_status(tmp_path):
+    """`then` (a report job's record) runs only when the command succeeded; the line exits with the
+    command's status either way."""
+    log, rec = tmp_path / "x.log", tmp_path / "record.json"
+    then = f"printf '%s' done > {rec}"
+    r = _run(
+        crash_guard(
+            f"{sys.executable} -c 'raise SystemExit(3)' >> {log} 2>&1", str(log), "table", "r", then=then
+        )
+    )
+    assert r.returncode == 3 and not rec.exists()
+    r = _run(crash_guard(f"true >> {log} 2>&1", str(log), "table", "r", then=then))
+    assert r.returncode == 0 and rec.read_text() == "done"
+
+
 def test_job_python_relative_to_repo_and_checked(tmp_path):
     assert job_python({"job_python": None}, tmp_path, "/usr/bin/python3") == "/usr/bin/python3"
     assert job_python({"job_python": ".venv-real/bin/python"}, tmp_path, "x") == str(

@@ -27,15 +27,18 @@ LAYERS: list[tuple[str, ...]] = [
         "freshness",
         "gpus",
         "codedeps",
-    ),  # completion stamps and input checks; the GPU slot allocator; import closures (code hashes)
+        "stagefile",
+    ),  # completion stamps and input checks; the GPU slot allocator; import closures (code hashes);
+    # the stage-config file (written by the workflow, read by a stage)
     ("envs",),  # simulators: Meta-World, LIBERO
     ("data",),  # RLDS, caches, splits, demos, VQA, probe-set loading
     ("validation",),  # config checks made at config time (reads data's split rule)
     (
         "settings",
-        "config",
         "study",
-    ),  # typed stage-config blocks; the study config, stage configs; the study grid
+        "config",
+        "stageconfig",
+    ),  # typed stage-config blocks; the study's names, grid and job graph; loading + validation; stage configs
     ("models",),  # backends (tiny, OpenVLA), the action tokenizer, features of a forward
     ("methods",),  # ICSM, HSW, Thermostat, CRaFT: the method maths
     ("train",),  # the training loop and its plug-ins, pretraining, checkpoints

@@ -280,8 +280,9 @@ def test_cache_stage_of_the_real_config_reads_the_fixture(tmp_root, tmp_path):
     import yaml
 
     from vlaforget.cli import main
-    from vlaforget.config import load_config, stage_config
+    from vlaforget.config import load_config
     from vlaforget.data.cache import CachedDataset
+    from vlaforget.stageconfig import stage_config
 
     rlds = tmp_root.parent / "modified_libero_rlds"
     L.write_libero_fixture(rlds, ["libero_spatial"], n_tasks=2, episodes_per_task=2, steps=8, shards=2)

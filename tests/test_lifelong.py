@@ -17,6 +17,8 @@ from conftest import REPO, copy_workflow, snakemake
 from test_workflow_dryrun import dry, planned
 
 from vlaforget import config as vfc
+from vlaforget import stageconfig as vsc
+from vlaforget import study as vfs
 from vlaforget.config import ConfigError
 from vlaforget.report import lifelong as LL
 
@@ -34,7 +36,7 @@ def _real(tmp_root, *extra):
 
 def test_chain_run_names_and_previous_stage(tmp_root):
     cfg = _real(tmp_root, "lifelong_libero.yaml")
-    chains = vfc.chain_runs(cfg)
+    chains = vfs.chains(cfg)
     assert len(chains) == 3 * 3 and all(len(c) == 4 for c in chains)  # methods x seeds, four stages
     first = chains[0]
     assert first == [
@@ -43,22 +45,22 @@ def test_chain_run_names_and_previous_stage(tmp_root):
         "libero_goal_no_noops__baseline__chain3__s42",
         "libero_10_no_noops__baseline__chain4__s42",
     ]
-    assert vfc.chain_previous(cfg, first[0]) is None  # stage 1: from the teacher (the main grid's run)
+    assert vfs.chain_previous(cfg, first[0]) is None  # stage 1: from the teacher (the main grid's run)
     for k in range(1, 4):
-        assert vfc.chain_previous(cfg, first[k]) == first[k - 1]
-        sc = vfc.stage_config(cfg, "train", first[k])
-        assert sc["init_adapter"] == str(Path(vfc.job_output(cfg, "train", first[k - 1])) / "final")
+        assert vfs.chain_previous(cfg, first[k]) == first[k - 1]
+        sc = vsc.stage_config(cfg, "train", first[k])
+        assert sc["init_adapter"] == str(Path(vsc.job_output(cfg, "train", first[k - 1])) / "final")
         assert sc["inputs"]["init"]["rule"] == "train" and first[k - 1] in sc["inputs"]["init"]["file"]
         assert sc["shots"] is None  # a chain stage trains on the full suite
     # an unchained run's config (and so its run id) is the same with or without the chain
     plain = _real(tmp_root)
-    assert "init_adapter" not in vfc.stage_config(cfg, "train", first[0])
+    assert "init_adapter" not in vsc.stage_config(cfg, "train", first[0])
     assert (
-        vfc.stage_config(plain, "train", first[0])["run_id"]
-        == vfc.stage_config(cfg, "train", first[0])["run_id"]
+        vsc.stage_config(plain, "train", first[0])["run_id"]
+        == vsc.stage_config(cfg, "train", first[0])["run_id"]
     )
     with pytest.raises(ConfigError, match="no stage 5"):
-        vfc.chain_previous(cfg, "libero_10_no_noops__baseline__chain5__s42")
+        vfs.chain_previous(cfg, "libero_10_no_noops__baseline__chain5__s42")
 
 
 def test_chain_config_errors_name_the_key(tmp_root):

@@ -334,11 +334,11 @@ def test_forgetting_stage_config_carries_craft_layer(demo_config):
     """The forgetting stage measures at the layer the config's CRaFT constrains (craft.layer)."""
     import copy
 
-    from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
 
     key = "mw_downstream__craft__full__s42"
-    sc = vfc.stage_config(demo_config, "forgetting", key)
+    sc = vsc.stage_config(demo_config, "forgetting", key)
     assert sc["craft_layer"] == demo_config["craft"].get("layer", -2)
     cfg = copy.deepcopy(demo_config)
     cfg["craft"]["layer"] = 3
-    assert vfc.stage_config(cfg, "forgetting", key)["craft_layer"] == 3
+    assert vsc.stage_config(cfg, "forgetting", key)["craft_layer"] == 3

@@ -1,13 +1,18 @@
 """docs/DEVELOPMENT.md's recipe for a new method, followed for a trivial one: `gradscale` multiplies
 the step's action gradient by method.gradscale.factor. Its plug-in module and settings block live in
 this test (the recipe's train/plugins/gradscale.py and settings.MethodSettings field, put in place
-with monkeypatch); nothing in the loop changes. Also: the loop names no method, and no plug-in
-reaches into another's state (they talk through the Plugin protocol and ctx.gains only)."""
+with monkeypatch); nothing in the loop changes, and nothing in the generic study code either: the
+study's method blocks, the teacher artifacts a run reads, its stage config and code hash, and the
+plan's cost class all follow from the settings block's declarations. Also: the loop names no
+method, and no plug-in reaches into another's state (they talk through the Plugin protocol and
+ctx.gains only)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -16,9 +21,10 @@ import pytest
 import torch
 from train_fixtures import base_stage, clone, run_adapter, run_metrics, teacher_world
 
-from vlaforget import settings
+from vlaforget import codedeps, plan, settings, study
 from vlaforget.errors import ConfigError
-from vlaforget.settings import Settings, key
+from vlaforget.settings import PluginSettings, key
+from vlaforget.stageconfig import stage_config
 from vlaforget.train import loop
 from vlaforget.train import plugins as registry
 from vlaforget.train.loop import run_training
@@ -27,10 +33,13 @@ from vlaforget.train.plugins import Plugin
 SRC = Path(__file__).resolve().parents[1] / "src" / "vlaforget" / "train"
 
 
-# --- recipe step 1: the method block's typed settings (settings.py: a Settings class + a MethodSettings field)
+# --- recipe step 1: the method block's typed settings (settings.py: a PluginSettings class, with what
+# generic code needs to know, + a MethodSettings field)
 @dataclasses.dataclass(frozen=True)
-class GradScaleSettings(Settings):
+class GradScaleSettings(PluginSettings):
     WHERE = "method.gradscale"
+    READS = ()  # no teacher artifact
+    COST = "baseline"  # a LoRA step's cost (plan.MEASURED)
     enabled: bool = key("turn the plug-in on", False)
     factor: float = key("multiplies the step's action gradient", 1.0)
 
@@ -175,3 +184,60 @@ def test_hsw_reads_gains_posted_to_the_context_and_stands_aside_in_a_side_pass()
         assert plug.shapes_gradients and not other.shapes_gradients
     finally:
         plug.close()
+
+
+def test_new_method_reaches_the_study_through_its_declarations(demo_config, gradscale, monkeypatch, tmp_path):
+    """The study side of the recipe: with the settings block (and the module file, for the code hash)
+    in place, study.method_config / method_needs, the run's stage config and plan.method_class take
+    the new method without an edit of generic code; what it declares (READS, COST) is what they use."""
+    pkg = tmp_path / "vlaforget"  # recipe step 2 on disk: the code hash lists the plug-in's file
+    shutil.copytree(codedeps.PKG_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "train" / "plugins" / "gradscale.py").write_text("FACTOR = 1.0\n")
+    monkeypatch.setattr(codedeps, "PKG_DIR", pkg)
+    cfg = copy.deepcopy(demo_config)  # recipe step 6 (config.yaml's methods / ablations)
+    cfg["methods"]["gradscale"] = {"gradscale": {"enabled": True, "factor": 0.5}}
+    cfg["ablations"]["gradscale_one"] = {"base": "gradscale", "set": {"gradscale.factor": 1.0}}
+    m = study.method_config(cfg, "gradscale")
+    assert m["gradscale"] == {"enabled": True, "factor": 0.5}
+    assert {k: v["enabled"] for k, v in m.items()} == {
+        "hsw": False,
+        "thermostat": False,
+        "craft": False,
+        "gradscale": True,
+    }
+    assert study.method_config(cfg, "gradscale_one")["gradscale"]["factor"] == 1.0
+    assert study.method_config(cfg, "baseline")["gradscale"] == {
+        "enabled": False
+    }  # off for every other method
+    run = study.run_name("gradscale", "mw_downstream", "full", 42)
+
+    assert study.method_needs(m) == set() and plan.method_class(cfg, "gradscale") == "baseline"
+    sc = stage_config(cfg, "train", run)
+    assert sc["method"]["gradscale"] == {"enabled": True, "factor": 0.5}
+    assert sc["icsm_dir"] is None and sc["probe_dir"] is None and set(sc["inputs"]) == {"model", "cache"}
+    assert "train/plugins/gradscale.py" in sc["code_files"]  # in the code hash of the runs enabling it only
+    assert (
+        "train/plugins/gradscale.py"
+        not in stage_config(cfg, "train", run.replace("gradscale", "baseline"))["code_files"]
+    )
+
+    # what it declares is what the study reads: a method reading ICSM costs like HSW in the plan
+    monkeypatch.setattr(GradScaleSettings, "READS", ("icsm", "probe"))
+    monkeypatch.setattr(GradScaleSettings, "COST", "method")
+    assert study.method_needs(m) == {"icsm", "probe"} and plan.method_class(cfg, "gradscale") == "method"
+    sc = stage_config(cfg, "train", run)
+    assert sc["icsm_dir"] and sc["probe_dir"] and set(sc["inputs"]) == {"model", "cache", "icsm", "probe"}
+    monkeypatch.setattr(GradScaleSettings, "COST", "unmeasured")
+    with pytest.raises(plan.PlanError, match="method_factor"):
+        plan.method_class(cfg, "gradscale")
+
+
+def test_generic_study_code_names_no_method():
+    """The study's method handling, the stage-config assembly and the plan name no plug-in block: the
+    methods are settings.MethodSettings' fields (settings.method_blocks)."""
+    src = SRC.parent
+    for f in ("study.py", "plan.py"):
+        text = (src / f).read_text()
+        assert not re.search(
+            r"""\[["'](hsw|thermostat|craft)["']\]|\.get\(["'](hsw|thermostat)["']""", text
+        ), f

@@ -55,7 +55,8 @@ def _files(wf: Path) -> list[str]:
 def _expected_train_id(wf: Path, env: dict) -> str:
     """The config id this checkout's own library gives the run (whatever the layout)."""
     code = (
-        "import sys; from vlaforget.config import load_config, stage_config; from vlaforget.io import config_id; "
+        "import sys; from vlaforget.config import load_config; from vlaforget.stageconfig import stage_config; "
+        "from vlaforget.io import config_id; "
         "cfg = load_config('config/config.yaml', 'config/demo.yaml', 'config/ci.yaml', 'config/small.yaml'); "
         f"print(config_id(stage_config(cfg, 'train', '{RUN}')))"
     )
@@ -168,8 +169,9 @@ def _ci_cfg(**over):
 
 
 def test_every_output_path_holds_its_config_id(tmp_root):
-    from vlaforget.config import job_output, stage_config, stage_config_text
     from vlaforget.io import config_id
+    from vlaforget.stageconfig import job_output, stage_config
+    from vlaforget.stagefile import stage_config_text
     from vlaforget.study import stage_jobs
 
     cfg, cfg3 = _ci_cfg(), _ci_cfg(train={"lora": {"r": 3}})
@@ -193,8 +195,10 @@ def test_every_output_path_holds_its_config_id(tmp_root):
 def test_a_job_refuses_a_stage_config_that_is_not_the_id_its_path_names(tmp_root):
     """The trainer can only write the run its driver named: a file whose content is another config
     (another driver's, a hand edit) is refused, naming both ids."""
-    from vlaforget.config import ConfigError, load_stage_config, stage_config, stage_config_text
+    from vlaforget.config import ConfigError
     from vlaforget.io import config_id
+    from vlaforget.stageconfig import stage_config
+    from vlaforget.stagefile import load_stage_config, stage_config_text
 
     a, b = (
         stage_config(_ci_cfg(), "train", RUN),
@@ -210,8 +214,9 @@ def test_a_job_refuses_a_stage_config_that_is_not_the_id_its_path_names(tmp_root
 
 
 def test_a_copied_root_reads_its_configs_where_they_now_are(tmp_root, monkeypatch):
-    from vlaforget.config import load_stage_config, stage_config, stage_config_text
     from vlaforget.io import config_id
+    from vlaforget.stageconfig import stage_config
+    from vlaforget.stagefile import load_stage_config, stage_config_text
 
     sc = stage_config(_ci_cfg(), "train", RUN)
     f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
@@ -225,8 +230,9 @@ def test_a_copied_root_reads_its_configs_where_they_now_are(tmp_root, monkeypatc
 
 
 def test_keys_outside_the_id_come_from_the_driver_not_the_file(tmp_root, monkeypatch):
-    from vlaforget.config import NON_SEMANTIC_ENV, load_stage_config, stage_config, stage_config_text
     from vlaforget.io import config_id
+    from vlaforget.stageconfig import stage_config
+    from vlaforget.stagefile import NON_SEMANTIC_ENV, load_stage_config, stage_config_text
 
     sc = stage_config(_ci_cfg(), "train", RUN)
     f = tmp_root / "configs" / "train" / RUN / f"{config_id(sc)}.yaml"
@@ -242,8 +248,8 @@ def test_anchor_id_record_survives_a_copied_root(tmp_root):
     """CRaFT's anchors.pt records its id beside it; the record held the file's inode, so a copied
     root (cp -a, another disk) retrained every CRaFT run."""
     from vlaforget import freshness
-    from vlaforget.config import stage_config
     from vlaforget.io import config_id
+    from vlaforget.stageconfig import stage_config
 
     sc = stage_config(_ci_cfg(), "craft_anchors", "mw_downstream")
     out = Path(sc["out_dir"])
@@ -379,7 +385,8 @@ def test_a_symlink_out_of_the_allowed_root_is_refused_before_any_job(tmp_root, t
 
 def test_preflight_checks_the_tiny_teachers_pretraining_dataset(tmp_root):
     from vlaforget import preflight as P
-    from vlaforget.config import load_config, suites_all
+    from vlaforget.config import load_config
+    from vlaforget.study import suites_all
 
     rlds = tmp_root.parent / "rlds"
     conf = Path(__file__).parents[1] / "config"
@@ -452,7 +459,8 @@ def test_migrate_root_moves_an_old_root_once_and_reruns_nothing(tmp_path):
     import yaml
 
     from vlaforget import migrate
-    from vlaforget.config import load_config, stage_config
+    from vlaforget.config import load_config
+    from vlaforget.stageconfig import stage_config
 
     env = _env(tmp_path)
     root = Path(env["VLAFORGET_ROOT"])

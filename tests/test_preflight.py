@@ -300,7 +300,8 @@ def test_a_hub_id_resolves_in_place_in_a_given_hf_cache(tmp_path):
 def test_the_users_existing_cache_is_read_in_place(tmp_root, good_stack, libero_ok):
     """model.cache_dir = the user's openvla_icms/hf_cache: preflight finds openvla-7b there, the stage
     configs read it from there, nothing goes to {root}/hf_cache, and no id changes."""
-    from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
+    from vlaforget import study as vfs
 
     allowed = tmp_root.parent
     user_cache = allowed / "openvla_icms" / "hf_cache"
@@ -317,9 +318,9 @@ def test_the_users_existing_cache_is_read_in_place(tmp_root, good_stack, libero_
     assert any(f"read in place from {snap}" in n for n in rep.notes)
     assert P.preflight(plain).problems != []  # without the key: not in {root}/hf_cache
     assert not (tmp_root / "hf_cache").exists()
-    run = vfc.run_name("icsm_hsw_thermostat", "libero_spatial_no_noops", "full", 42)
+    run = vfs.run_name("icsm_hsw_thermostat", "libero_spatial_no_noops", "full", 42)
     for stage, key in (("model", "openvla-7b"), ("probe", "x"), ("train", run)):
-        sc = vfc.stage_config(cfg, stage, key)
+        sc = vsc.stage_config(cfg, stage, key)
         if "model" in sc:
             assert sc["model"]["cache_dir"] == str(user_cache)
-    assert vfc.stage_config(cfg, "train", run)["run_id"] == vfc.stage_config(plain, "train", run)["run_id"]
+    assert vsc.stage_config(cfg, "train", run)["run_id"] == vsc.stage_config(plain, "train", run)["run_id"]

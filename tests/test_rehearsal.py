@@ -11,24 +11,25 @@ from conftest import REPO, copy_workflow
 from test_workflow_dryrun import dry, env_for, planned, trained_runs
 
 from vlaforget import config as vfc
+from vlaforget import stageconfig as vsc
 
 CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "rehearsal.yaml"]
 
 
 def test_short_eval_protocol_from_study_level_keys(tmp_root):
     cfg = vfc.load_config(*CONFIGS)
-    e = vfc.stage_config(cfg, "eval", "teacher@libero_spatial_no_noops")["eval"]
+    e = vsc.stage_config(cfg, "eval", "teacher@libero_spatial_no_noops")["eval"]
     assert e["n_tasks"] == 1 and e["max_steps"] == 8 and e["episodes_per_task"] == 1
     assert "tasks" not in e  # a LIBERO block: the suite's own tasks and language
 
 
 def test_tiny_teacher_for_world_libero_pretrains_on_its_own_suite(tmp_root):
     cfg = vfc.load_config(*CONFIGS)
-    sc = vfc.stage_config(cfg, "model", cfg["model"]["base"])
+    sc = vsc.stage_config(cfg, "model", cfg["model"]["base"])
     assert sc["upstream"]["name"] == "libero_goal_no_noops"
     assert {b["name"] for b in sc["corpus_datasets"]} >= {"libero_spatial_no_noops", "libero_goal_no_noops"}
     # the fixture (in a folder named by what it is made from), not data.rlds_dir
-    assert vfc.rlds_root(cfg).parent == vfc.layout(cfg).root / "datasets" / "rlds" / "fixture"
+    assert vsc.rlds_root(cfg).parent == vsc.layout(cfg).root / "datasets" / "rlds" / "fixture"
 
 
 def test_rehearsal_differs_from_the_real_config_only_in_sizes_and_data_source():
@@ -96,7 +97,7 @@ def test_rehearsal_generates_and_scores_the_libero_question_set(tmp_path, monkey
     assert all(manifest in b.split("output:")[0] for b in forgetting)  # every forgetting job waits for it
     for k, v in env_for(tmp_path).items():
         monkeypatch.setenv(k, v)
-    sc = vfc.stage_config(vfc.load_config(*CONFIGS), "forgetting", "teacher")
+    sc = vsc.stage_config(vfc.load_config(*CONFIGS), "forgetting", "teacher")
     assert sc["vqa_jsonl"] == manifest.replace("manifest.json", "questions.jsonl")
     real = yaml.safe_load(CONFIGS[0].read_text())["eval"]["forgetting"]["libero_vqa"]
     reh = yaml.safe_load(CONFIGS[1].read_text())["eval"]["forgetting"]["libero_vqa"]

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from vlaforget import codedeps, migrate, restamp
-from vlaforget import config as vfc
 
 REL = "methods/hsw.py"
 
@@ -21,8 +20,8 @@ REL = "methods/hsw.py"
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
     dest = tmp_path / "lib" / "vlaforget"
-    shutil.copytree(vfc.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(vfc, "PKG_DIR", dest)
+    shutil.copytree(codedeps.PKG_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "PKG_DIR", dest)
     monkeypatch.setattr(migrate, "_VERSIONS", None)
     return dest
 
@@ -84,3 +83,17 @@ def test_a_reformatted_library_is_recognised_through_git_history(pkg):
     shutil.rmtree(pkg.parent / ".git")
     migrate._VERSIONS = None
     assert migrate._code_changes(*_configs(committed, today)) == [REL]
+
+
+def test_files_that_left_the_closure_or_were_split_from_config_are_not_code_changes(pkg):
+    """Issue 30 split config.py: a stage reads its config through stagefile.py and no longer imports
+    config.py / validation.py (and what only they import). A root recorded with those files moves;
+    a file today's stage still imports, edited, still counts."""
+    raw = (pkg / REL).read_bytes()
+    old, new = _configs(raw, raw)
+    old["code_files"].update(
+        {"config.py": "0badc0de", "validation.py": "0badc0de", "data/cache.py": "0badc0de"}
+    )
+    new["code_files"].update({"stagefile.py": codedeps.code_digest(pkg / "stagefile.py")[:8]})
+    assert migrate._code_changes(old, new) == []
+    assert migrate._code_changes(*_configs(raw + b"\n_X = 1\n", raw)) == [REL]

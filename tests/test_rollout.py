@@ -196,9 +196,10 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
 
     import yaml
 
-    from vlaforget.config import deep_merge, stage_config
+    from vlaforget.config import deep_merge
     from vlaforget.envs.metaworld import rendering_available
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.stageconfig import stage_config
     from vlaforget.stages import eval as eval_stage
 
     ok, why = rendering_available(size=16)
@@ -233,10 +234,11 @@ def test_eval_stage_tiny_metaworld(tmp_root, demo_config):
 
 def test_evaluate_model_periodic(demo_config):
     """The train loop's periodic eval: an in-memory backend, the train stage's eval block."""
-    from vlaforget.config import deep_merge, eval_block
+    from vlaforget.config import deep_merge
     from vlaforget.envs.metaworld import rendering_available
     from vlaforget.eval.closed_loop import evaluate_model
     from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.stageconfig import eval_block
 
     ok, why = rendering_available(size=16)
     if not ok:
@@ -251,8 +253,8 @@ def test_evaluate_model_periodic(demo_config):
 
 def test_per_task_caps(demo_config):
     """eval.metaworld.max_steps: one cap for all tasks, or task -> cap with a default."""
-    from vlaforget.config import eval_block
     from vlaforget.eval.closed_loop import build_episodes, task_caps
+    from vlaforget.stageconfig import eval_block
 
     tasks = ["drawer-close-v3", "button-press-v3"]
     assert task_caps(50, tasks) == {"drawer-close-v3": 50, "button-press-v3": 50}

@@ -118,13 +118,14 @@ def _study(stack, monkeypatch, tmp_path):
 
 
 def _train_configs(cfg):
-    """The train stage config of every method and ablation of the study (config.stage_config)."""
-    from vlaforget import config as vfc
+    """The train stage config of every method and ablation of the study (stageconfig.stage_config)."""
+    from vlaforget import stageconfig as vsc
+    from vlaforget import study as vfs
 
     suite = (cfg["study"].get("suites") or [cfg["study"]["fewshot_suite"]])[0]
     return {
-        m: vfc.stage_config(cfg, "train", vfc.run_name(m, suite, "full", 42))
-        for m in vfc.all_method_names(cfg)
+        m: vsc.stage_config(cfg, "train", vfs.run_name(m, suite, "full", 42))
+        for m in vfs.all_method_names(cfg)
     }
 
 
@@ -223,7 +224,7 @@ def test_method_settings_equal_the_old_gets_on_every_study_config(stack, monkeyp
             assert {k: type(v) for k, v in new.items()} == {
                 k: type(v) for k, v in old(sc["method"][kind]).items()
             }, (m, kind)
-    # the ablations' overrides arrive (config.method_config)
+    # the ablations' overrides arrive (study.method_config)
     if "hard_projection" in scs:
         h = MethodSettings.of(scs["hard_projection"]["method"]).hsw
         assert (h.beta, h.gamma, h.enabled) == (0.0, 0.0, True)
@@ -291,7 +292,8 @@ def _old_probe(sc):  # stages/probe.py at 346bd55
 def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, monkeypatch, tmp_path):
     """probe / icsm / craft_anchors: the typed settings of each stack's stage configs hold what the
     recipes' old `.get(key, default)` gave; every stage config the study writes is accepted."""
-    from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
+    from vlaforget import study as vfs
     from vlaforget.settings import (
         CraftAnchorSettings,
         CraftAnchorsStageSettings,
@@ -301,11 +303,11 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
     )
 
     cfg = _study(stack, monkeypatch, tmp_path)
-    psc = vfc.stage_config(cfg, "probe", vfc.probe_set_name(cfg))
+    psc = vsc.stage_config(cfg, "probe", vfs.probe_set_name(cfg))
     ps = ProbeStageSettings.of(psc)
     new = {k: getattr(ps, k) for k in ("seed", "split", "n", "batch_size", "out_dir")}
     assert {**new, "trained_suites": list(ps.trained_suites)} == _old_probe(psc)
-    isc = vfc.stage_config(cfg, "icsm", vfc.probe_set_name(cfg))
+    isc = vsc.stage_config(cfg, "icsm", vfs.probe_set_name(cfg))
     ic = dataclasses.asdict(IcsmStageSettings.of(isc).icsm)
     assert ic == _old_icsm(isc.get("icsm") or {})
     assert {k: type(v) for k, v in ic.items()} == {
@@ -313,10 +315,10 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
     }
     suite = (cfg["study"].get("suites") or [cfg["study"]["fewshot_suite"]])[0]
     for key in {
-        vfc.anchor_set(suite, None, 42),
-        vfc.anchor_set(cfg["study"].get("fewshot_suite") or suite, 5, 42),
+        vfs.anchor_set(suite, None, 42),
+        vfs.anchor_set(cfg["study"].get("fewshot_suite") or suite, 5, 42),
     }:
-        csc = vfc.stage_config(cfg, "craft_anchors", key)
+        csc = vsc.stage_config(cfg, "craft_anchors", key)
         cs = CraftAnchorsStageSettings.of(csc)
         assert dataclasses.asdict(cs.craft) == _old_craft_anchors(csc.get("craft") or {})
         assert (cs.seed, cs.shots, cs.shots_seed) == (
@@ -338,7 +340,7 @@ def test_teacher_stage_settings_equal_the_old_gets_on_every_study_config(stack, 
         **{k: getattr(ps0, k) for k in ("seed", "split", "n", "batch_size", "out_dir")},
         "trained_suites": list(ps0.trained_suites),
     } == _old_probe(bare)
-    # the train stage's craft_layer default (config.stage_config) is the anchors' one
+    # the train stage's craft_layer default (stageconfig.stage_config) is the anchors' one
     assert CraftAnchorSettings().layer == -2
 
 
@@ -399,12 +401,12 @@ def _new_pretrain(s, image_aug=True):
 )
 def test_pretrain_settings_equal_the_old_gets(stack, monkeypatch, tmp_path):
     """model.pretrain (the tiny teacher's: the configs whose model stage pretrains)."""
-    from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
     from vlaforget.config import SCHEMA_PATH
     from vlaforget.settings import PretrainSettings
 
     cfg = _study(stack, monkeypatch, tmp_path)
-    sc = vfc.stage_config(cfg, "model", cfg["model"]["base"])
+    sc = vsc.stage_config(cfg, "model", cfg["model"]["base"])
     block = sc.get("pretrain") or {}
     assert _new_pretrain(PretrainSettings.of(block)) == _old_pretrain(block)
     for arg in (True, False):
@@ -436,14 +438,15 @@ def _old_demos(sc):  # stages/demos.py at 346bd55
 @pytest.mark.parametrize("stack", CONFIG_STACKS, ids=lambda s: "+".join(s) or "config.yaml")
 def test_data_stage_settings_equal_the_old_gets_on_every_study_config(stack, monkeypatch, tmp_path):
     """cache / demos: every dataset's stage config of the stack is accepted and gives the old values."""
-    from vlaforget import config as vfc
+    from vlaforget import stageconfig as vsc
+    from vlaforget import study as vfs
     from vlaforget.settings import CacheStageSettings, DemosStageSettings
 
     cfg = _study(stack, monkeypatch, tmp_path)
     mw = cfg["data"].get("metaworld") or {}
     demos = 0
-    for name in vfc.suites_all(cfg):
-        sc = vfc.stage_config(cfg, "cache", name)
+    for name in vfs.suites_all(cfg):
+        sc = vsc.stage_config(cfg, "cache", name)
         cs = CacheStageSettings.of(sc)
         assert {k: getattr(cs, k) for k in _old_cache(sc)} == _old_cache(sc)
         bare = {
@@ -454,7 +457,7 @@ def test_data_stage_settings_equal_the_old_gets_on_every_study_config(stack, mon
         cs0 = CacheStageSettings.of(bare)
         assert {k: getattr(cs0, k) for k in _old_cache(bare)} == _old_cache(bare)
         if name in (mw.get("datasets") or {}):
-            dsc = vfc.stage_config(cfg, "demos", name)
+            dsc = vsc.stage_config(cfg, "demos", name)
             d = DemosStageSettings.of(dsc)
             assert {"workers": d.workers, "instructions": d.instructions or {}} == _old_demos(dsc)
             d0 = DemosStageSettings.of({k: v for k, v in dsc.items() if k not in ("workers", "instructions")})

@@ -307,10 +307,10 @@ def test_model_stage_builds_pretrains_and_loads(demo_config, tmp_path):
 
     import yaml
 
-    from vlaforget.config import stage_config
     from vlaforget.data.cache import CachedDataset, write_cache
     from vlaforget.io import read_json
     from vlaforget.models.tiny import TEST_TINY
+    from vlaforget.stageconfig import stage_config
     from vlaforget.stages.model import main
 
     cfg = demo_config

@@ -14,6 +14,8 @@ import yaml
 from conftest import REPO
 
 from vlaforget import config as vfc
+from vlaforget import stageconfig as vsc
+from vlaforget import study as vfs
 
 USER = yaml.safe_load((Path(__file__).parent / "data" / "user_method_icsm_hsw_thermostat.yaml").read_text())
 # scripts/run_method_train.sh: what the launcher passes over the config, per server_profile
@@ -35,7 +37,7 @@ LAUNCHER = {
         "thermo_warmup": 100,
     },
 }
-RUN = vfc.run_name("icsm_hsw_thermostat", USER["dataset_name"], "full", 42)
+RUN = vfs.run_name("icsm_hsw_thermostat", USER["dataset_name"], "full", 42)
 # keys config/user_recipe.yaml expects issue 26.1 (HSW) / 26.2 (Thermostat) to add: checked once the
 # schema has them, listed as pending until then
 PENDING = {"hsw": ("layers",), "thermostat": ("warmup_steps", "k_beta", "k_gamma", "base_scale")}
@@ -113,7 +115,7 @@ def resolve(files: list[str]) -> tuple[dict, dict, list[str]]:
                     del m[block][k]
                     pending.append(f"methods.{name}.{block}.{k}")
     vfc.validate(cfg)
-    return cfg, vfc.stage_config(cfg, "train", RUN), sorted(set(pending))
+    return cfg, vsc.stage_config(cfg, "train", RUN), sorted(set(pending))
 
 
 def value(cfg: dict, sc: dict, dotted: str):

@@ -282,17 +282,17 @@ def test_library_code_is_tracked_for_every_stage_and_the_report(tmp_path, monkey
     one reruns it (tests/test_invalidation.py: how the files are found)."""
     import shutil
 
-    from vlaforget import config as vfc
+    from vlaforget import codedeps
 
     pkg = tmp_path / "vlaforget"
-    shutil.copytree(vfc.PKG_DIR, pkg)
-    monkeypatch.setattr(vfc, "PKG_DIR", pkg)
-    before = {s: vfc.code_hash(s) for s in vfc.STAGES_WITH_CODE}
+    shutil.copytree(codedeps.PKG_DIR, pkg)
+    monkeypatch.setattr(codedeps, "PKG_DIR", pkg)
+    before = {s: codedeps.code_hash(s) for s in codedeps.STAGES_WITH_CODE}
     (pkg / "report" / "figures.py").write_text((pkg / "report" / "figures.py").read_text() + "\n_EDIT = 1\n")
-    after = {s: vfc.code_hash(s) for s in vfc.STAGES_WITH_CODE}
+    after = {s: codedeps.code_hash(s) for s in codedeps.STAGES_WITH_CODE}
     assert {s for s in before if before[s] != after[s]} == {"figures"}
     text = (REPO / "workflow" / "rules" / "common.smk").read_text()  # in the record's id (report_cfg)
-    assert '"code": vfc.code_hash("figures" if key == "figures" else "table")' in text
+    assert '"code": code_hash("figures" if key == "figures" else "table")' in text
 
 
 # ----------------------------------------------------------------------------- exact invalidation (15.3)

@@ -277,6 +277,7 @@ def _write_partial(args, results) -> None:
 
 def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> dict | None:
     from .methods.craft import anchor_features
+    from .study import method_defaults
     from .train.loop import run_training
 
     torch.manual_seed(0)
@@ -288,7 +289,7 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     for p in backend.model.parameters():
         p.requires_grad_(False)
     ds = SyntheticDataset(4096)
-    mcfg = {"hsw": {"enabled": False}, "thermostat": {"enabled": False}, "craft": {"enabled": False}}
+    mcfg = method_defaults()  # every plug-in block, off
     given = {}
     if method == "icsm_hsw_thermostat":
         # keys not named here: settings.HswSettings / ThermostatSettings' defaults (MethodSettings.of);

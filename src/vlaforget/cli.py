@@ -1,7 +1,7 @@
 """`vlaforget <stage> ...`: every workflow stage, runnable by hand with the arguments its rule passes.
 
 Most stages take `--config STAGE_CONFIG.yaml` (written by the workflow under {root}/configs/, see
-vlaforget.config.stage_config); `vlaforget stage-config` writes one by hand from the study config.
+vlaforget.stageconfig.stage_config); `vlaforget stage-config` writes one by hand from the study config.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def run_stage(name: str, mod, args) -> int:
     if not cfg_path or name in ("check-disk", "stage-config"):
         return int(mod.main(args) or 0)
     from . import freshness
-    from .config import load_stage_config
     from .io import DirLock
+    from .stagefile import load_stage_config
 
     sc = load_stage_config(cfg_path)
     if sc.get("stage") not in freshness.COMPLETION:

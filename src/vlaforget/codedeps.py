@@ -8,12 +8,16 @@ Nothing is kept by hand, so a new import is tracked the moment it is written.
 
 Optional parts count only where a job uses them. `stop` modules are not followed from the entry;
 the caller adds the closure of the ones a job enables (the train stage: one module per method
-plug-in under `train/plugins/`, and the periodic evaluation; config.code_hash).
+plug-in under `train/plugins/`, and the periodic evaluation; codedeps.code_hash).
 
 The hash covers each module's name and its syntax tree without docstrings (canonical_code: node
 types and fields, no positions; comments never reach the tree), so editing a comment or a docstring,
 or reformatting (`make format`), reruns nothing (docs/DEVELOPMENT.md, "What reruns when code
 changes").
+
+The last section applies this to the package itself: `stage_code(stage, enabled)` -> (code hash,
+per-file hashes) of a stage job, which stageconfig.stage_config records in each stage config
+(`code`, `code_files`); `code_hash("table")` / `("figures")` for the report rules.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
+
+from .errors import ConfigError
+from .semantics import periodic_eval_matters
 
 _GRAPH: dict = {}  # (file, mtime, size) -> imported module names
 _DIGESTS: dict = {}  # (file, mtime, size) -> code_digest
@@ -236,3 +243,114 @@ def hash_modules(pkg_dir: Path, modules) -> str:
     for rel, digest in sorted(module_hashes(pkg_dir, modules).items()):
         h.update(f"{rel}\0{digest}\0".encode())
     return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- the code of a stage job
+
+PKG_DIR = Path(__file__).resolve().parent  # the vlaforget package
+
+# A stage's code = what its entry module imports, transitively (closure above), hashed without
+# comments and docstrings; it goes into the stage config (`code`), since Snakemake's code trigger
+# sees only the rule body: editing that code reruns the stage. Optional parts count only for the
+# jobs that use them: a method plug-in (train/plugins/<name>.py) for the runs that enable it, the
+# periodic evaluation (eval/) for runs whose early stopping it drives.
+STAGES_WITH_CODE = (
+    "demos",
+    "libero_fixture",
+    "cache",
+    "model",
+    "probe",
+    "icsm",
+    "craft_anchors",
+    "train",
+    "eval",
+    "forgetting",
+    "libero_vqa",
+    "vqa_convert",
+    "export",
+    "table",
+    "figures",
+)
+OPTIONAL_CODE: dict[str, dict[str, str]] = {"train": {"periodic_eval": "vlaforget.eval.closed_loop"}}
+# Plumbing that records and compares ids, never what a stage computes: not followed from an entry.
+CODE_EXCLUDED = ("vlaforget.freshness", "vlaforget.codedeps")
+
+
+def optional_code(stage: str) -> dict[str, str]:
+    """name -> module of the optional parts of a stage's code (train: each plug-in, periodic eval)."""
+    out = dict(OPTIONAL_CODE.get(stage, {}))
+    if stage == "train":
+        for f in sorted((PKG_DIR / "train" / "plugins").glob("*.py")):
+            if f.stem != "__init__":
+                out[f.stem] = f"vlaforget.train.plugins.{f.stem}"
+    return out
+
+
+def code_modules(stage: str, enabled=()) -> list[str]:
+    """The vlaforget modules a stage job's output depends on: the closure of its entry module's
+    imports, without the optional parts, plus the closure of each enabled optional part."""
+    if stage == "report":  # older rule files: table and figures together
+        return sorted(set(code_modules("table")) | set(code_modules("figures")))
+    opt = optional_code(stage)
+    unknown = set(enabled) - set(opt)
+    if unknown:
+        raise ConfigError(f"stage {stage}: no optional code named {sorted(unknown)} (known: {sorted(opt)})")
+    stop = set(opt.values()) | set(CODE_EXCLUDED)
+    mods = closure(PKG_DIR, [stage_entry(PKG_DIR, stage)], stop=stop)
+    for name in enabled:
+        mods |= closure(PKG_DIR, [opt[name]], stop=stop - {opt[name]})
+    return sorted(mods)
+
+
+_CODE_HASHES: dict = {}
+
+
+def _stats(files) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def stage_code(stage: str, enabled=()) -> tuple[str, dict]:
+    """(code_hash, code_files) of a stage job that runs the optional parts `enabled`."""
+    enabled = tuple(sorted(enabled))
+    # memoised on the files it read (stage configs ask for it once per input of every job): an edit
+    # of one of them, or a new stages/<stage>.py or plug-in module, recomputes it
+    key = (stage, enabled, str(PKG_DIR))
+    probe = [PKG_DIR / "stages" / f"{stage}.py", PKG_DIR / "cli.py"]
+    plugin_dir = PKG_DIR / "train" / "plugins"
+    listing = tuple(sorted(p.name for p in plugin_dir.glob("*.py"))) if stage == "train" else ()
+    hit = _CODE_HASHES.get(key)
+    if hit is not None and hit[0] == listing and hit[1] == _stats(probe + hit[2]):
+        return hit[3]
+    mods = code_modules(stage, enabled)
+    files = [module_file(PKG_DIR, m) for m in mods]
+    files = [f for f in files if f is not None]
+    val = (hash_modules(PKG_DIR, mods), module_hashes(PKG_DIR, mods))
+    _CODE_HASHES[key] = (listing, _stats(probe + files), files, val)
+    return val
+
+
+def code_hash(stage: str, enabled=()) -> str:
+    """Hash of a stage's code (code_modules) without comments and docstrings."""
+    return stage_code(stage, enabled)[0]
+
+
+def code_files(stage: str, enabled=()) -> dict[str, str]:
+    """{file: hash} behind code_hash: recorded in the stage config so a dry-run can name the file
+    whose edit reruns a job (freshness.config_changes names them); not part of the id (`code` covers it)."""
+    return dict(stage_code(stage, enabled)[1])
+
+
+def train_code_parts(sc: dict) -> list[str]:
+    """The optional code a train job runs: its enabled plug-ins, and the periodic evaluation when
+    its result can change the run (early stopping)."""
+    parts = [k for k, v in (sc.get("method") or {}).items() if isinstance(v, dict) and v.get("enabled")]
+    if periodic_eval_matters(sc.get("train") or {}):
+        parts.append("periodic_eval")
+    return parts

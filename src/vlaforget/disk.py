@@ -87,7 +87,7 @@ def full_disk_message(e: OSError, stage_config: str | None = None) -> str:
     out_dir = None
     if stage_config:
         try:
-            from .config import load_stage_config
+            from .stagefile import load_stage_config
 
             sc = load_stage_config(stage_config)
             out_dir = Path(sc.get("out_dir") or Path(sc["out_file"]).parent)

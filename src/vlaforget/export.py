@@ -15,12 +15,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_stage_config
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .io import provenance, read_json, replace_dir, write_json
 from .models import DTYPES, load_backend
 from .paths import check_under
 from .settings import model_dtype
+from .stagefile import load_stage_config
 
 log = logging.getLogger(__name__)
 

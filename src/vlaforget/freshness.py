@@ -1,14 +1,14 @@
 """Never serve a stale result: every output records the id of the config it was made for.
 
 A stage config's id (`io.config_id`) is a hash of its content with the data root factored out and
-with the ids of the inputs it expects (`sc["inputs"]`, filled by config.stage_config). So:
+with the ids of the inputs it expects (`sc["inputs"]`, filled by stageconfig.stage_config). So:
 
 - each stage, when it finishes, records its id in its completion file (`config_id` in done.json /
   manifest.json / meta.json / audit.json / the eval JSON; a sidecar `.<name>.config_id` for
   anchors.pt), written after the stage's own outputs (cli.py);
 - each stage, when it starts, checks that every input it reads records the id it expects
   (`check_inputs`), and refuses with the file, both ids and the rule to rerun otherwise;
-- every output lives at a path holding its id (config.stage_config), so Snakemake's own up-to-date
+- every output lives at a path holding its id (stageconfig.stage_config), so Snakemake's own up-to-date
   logic reruns exactly what does not match, whatever `.snakemake` holds (a fresh clone, a second
   checkout on the same root, a deleted folder); nothing is rewritten or touched to force a rerun.
 

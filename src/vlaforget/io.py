@@ -206,7 +206,7 @@ def fill_root(obj: Any, root: str) -> Any:
 
 
 # Keys of a stage config that say where it runs, not what it computes (left out of its id). Its own
-# output path contains its id (config.stage_config), so the id is taken with that path written `{out}`.
+# output path contains its id (stageconfig.stage_config), so the id is taken with that path written `{out}`.
 LOCATION_KEYS = ("root", "allowed_root", "run_id", "config_id", "out_dir", "out_file", "ckpt_dir")
 OUT_TAG = "{out}"
 
@@ -237,7 +237,7 @@ def relocate_own_output(obj: Any, out: str | None) -> Any:
 def config_id(sc: dict, n: int = 12) -> str:
     """Identity of a stage config: its content with the data root factored out (a moved root keeps
     every id), including the ids of the inputs it expects (so a changed input changes it too), and
-    without the keys that cannot change a result (config.NON_SEMANTIC)."""
+    without the keys that cannot change a result (semantics.NON_SEMANTIC)."""
     from .semantics import semantic_view  # without the keys that cannot change a result
 
     body = semantic_view({k: v for k, v in sc.items() if k not in LOCATION_KEYS})

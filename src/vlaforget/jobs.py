@@ -52,14 +52,16 @@ CRASH_TRIES = (
 )
 
 
-def crash_guard(cmd: str, log: str, stage: str, rerun: str) -> str:
-    """`cmd`, plus a message naming the log and what to try if it is killed by a signal.
+def crash_guard(cmd: str, log: str, stage: str, rerun: str, then: str = "") -> str:
+    """`cmd`, plus a message naming the log and what to try if it is killed by a signal; `then`: a
+    command run after `cmd` succeeds (exit 0), before the line exits with cmd's status.
 
-    Usable as a Snakemake shell template: it adds no braces of its own, so `cmd`, `log` and `rerun`
-    may hold placeholders such as {log} or {input.cfg}."""
+    Usable as a Snakemake shell template: it adds no braces of its own, so `cmd`, `log`, `rerun` and
+    `then` may hold placeholders such as {log} or {input.cfg}."""
     hint = (
         f'echo "vlaforget: the {stage} job was killed by signal $((rc - 128)) '
         f"($(kill -l $((rc - 128)) 2>/dev/null || echo ?), exit $rc), a crash below Python, not a "
         f'Python error. Log: {log} . {CRASH_TRIES}{rerun}"'
     )
-    return f"rc=0; {cmd} || rc=$?; if [ $rc -gt 128 ]; then {hint} | tee -a {log} >&2; fi; exit $rc"
+    after = f"[ $rc -ne 0 ] || {then}; " if then else ""
+    return f"rc=0; {cmd} || rc=$?; if [ $rc -gt 128 ]; then {hint} | tee -a {log} >&2; fi; {after}exit $rc"

@@ -95,6 +95,8 @@ ADDRESSING_FILES = (
     "paths.py",
     "io.py",
     "study.py",
+    "stageconfig.py",  # split from config.py (issue 30): stage-config assembly, moved as it was
+    "stagefile.py",  # split from config.py (issue 30): load_stage_config, moved as it was
     "semantics.py",
     "cli.py",
     "migrate.py",
@@ -114,22 +116,27 @@ def _code_changes(old: dict, new: dict) -> list[str]:
     """Library files whose code differs between an old stage config and the current one (beyond
     ADDRESSING_FILES, and beyond the change of code hashes of issue 30: a file recorded with its old
     text hash counts as unchanged when a version of it with that hash has today's syntax tree,
-    restamp.formatting_only); ['code'] when the old one records no per-file hashes."""
+    restamp.formatting_only); ['code'] when the old one records no per-file hashes. A file only the
+    old one records (today's stage no longer imports it) does not count by itself: it left the import
+    closure through an edit of a file that imported it, which counts unless that file is one of
+    ADDRESSING_FILES (config.py, whose split by issue 30 took validation.py and what it imports out
+    of every stage's code)."""
     global _VERSIONS
     if old.get("code") == new.get("code"):
         return []
     fa, fb = old.get("code_files") or {}, new.get("code_files") or {}
     if not fa:
         return ["code (the old stage config records no files)"]
-    from . import config as vfc
+    from .codedeps import PKG_DIR
     from .restamp import Versions, formatting_only
 
-    if _VERSIONS is None or _VERSIONS.pkg_dir != Path(vfc.PKG_DIR):
-        _VERSIONS = Versions(Path(vfc.PKG_DIR))
+    if _VERSIONS is None or _VERSIONS.pkg_dir != Path(PKG_DIR):
+        _VERSIONS = Versions(Path(PKG_DIR))
     return sorted(
         f
         for f in set(fa) | set(fb)
         if fa.get(f) != fb.get(f)
+        and f in fb
         and f not in ADDRESSING_FILES
         and not (f in fa and f in fb and formatting_only(f, fa[f], fb[f], _VERSIONS))
     )
@@ -150,8 +157,9 @@ def _move(src: Path, dst: Path) -> None:
 def migrate(cfg: dict, dry_run: bool = False) -> dict[str, list[str]]:
     """Move every job of the study config whose old output matches it; returns {moved, kept, absent}."""
     from . import freshness
-    from .config import resolve_root, stage_config_text
-    from .study import stage_configs
+    from .paths import resolve_root
+    from .stageconfig import stage_configs
+    from .stagefile import stage_config_text
 
     root = resolve_root(cfg)
     done: dict[tuple[str, str], bool] = {}

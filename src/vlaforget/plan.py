@@ -106,14 +106,26 @@ def study_runs(cfg: dict) -> list[str]:
 
 
 def method_class(cfg: dict, method: str) -> str:
-    from .config import method_config
+    """The cost class of a method's training steps (a key of MEASURED["train"]["method_factor"])."""
+    from .study import method_config
 
-    m = method_config(cfg, method)
-    if m["craft"].get("enabled"):
-        return "craft"
-    if m["hsw"].get("enabled") or m["thermostat"].get("enabled"):
-        return "method"
-    return "baseline"
+    return method_class_of(method_config(cfg, method))
+
+
+def method_class_of(mcfg: dict) -> str:
+    """The cost class of a method block (study.method_config): the costliest of its enabled
+    plug-ins' declared classes (settings.PluginSettings.COST), 'baseline' with none."""
+    from .settings import method_blocks
+
+    factors = MEASURED["train"]["method_factor"]
+    classes = [blk.COST for name, blk in method_blocks().items() if (mcfg.get(name) or {}).get("enabled")]
+    unknown = sorted(set(classes) - set(factors))
+    if unknown:
+        raise PlanError(
+            f"method cost class {unknown} has no measured step-time factor: add it to "
+            "plan.MEASURED['train']['method_factor'] (docs/benchmarks.md), or declare a measured one"
+        )
+    return max(classes, key=lambda c: factors[c], default="baseline")
 
 
 # ----------------------------------------------------------------------------- times
@@ -143,7 +155,7 @@ def train_hours(
     cfg: dict, run: str, gpu: str, table: dict = MEASURED, measured_step: dict | None = None
 ) -> float:
     """GPU-hours of one training run: steps x accum x micro-step x method factor x GPUs + load."""
-    from .config import parse_run_name
+    from .study import parse_run_name
 
     t = cfg["train"]
     cls = method_class(cfg, parse_run_name(run)["method"])
@@ -213,16 +225,7 @@ def steps_from_runs(runs_dir: str | Path, cfg: dict) -> dict[str, float]:
         if not conf.exists():
             continue
         sc = yaml.safe_load(conf.read_text())
-        mc = sc.get("method") or {}
-        cls = (
-            "craft"
-            if (mc.get("craft") or {}).get("enabled")
-            else (
-                "method"
-                if (mc.get("hsw") or {}).get("enabled") or (mc.get("thermostat") or {}).get("enabled")
-                else "baseline"
-            )
-        )
+        cls = method_class_of(sc.get("method") or {})
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         times = [r["step_time_s"] for r in recs if "step_time_s" in r and r.get("step", 0) > 1]
         out.setdefault(cls, []).extend(times)
@@ -240,7 +243,6 @@ def make_plan(
     step_fraction: float = 1.0,
     measured_step: dict | None = None,
 ) -> dict:
-    from .config import parse_run_name
 
     runs = study_runs(cfg)
     rules: dict[str, dict] = {}
@@ -251,16 +253,10 @@ def make_plan(
         r["gpu_hours"] += hours
 
     add("probe+icsm", 2, probe_icsm_hours(cfg, gpu, table), serial=True)
-    from .config import anchor_set, parse_shots
+    from .study import anchor_set_of
 
     # one anchor cache per suite, and one per few-shot subset a CRaFT run trains on (shots x seed)
-    craft_sets = sorted(
-        {
-            anchor_set(p["suite"], parse_shots(p["shots"]), p["seed"])
-            for p in map(parse_run_name, runs)
-            if method_class(cfg, p["method"]) == "craft"
-        }
-    )
+    craft_sets = sorted({a for a in (anchor_set_of(cfg, r) for r in runs) if a})
     if craft_sets:
         add(
             "craft_anchors",

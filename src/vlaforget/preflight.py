@@ -152,8 +152,8 @@ def import_remote_code(model_dir: Path, files: list[str]) -> None:
 
 
 def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
-    from .config import model_cache_dir
     from .models.openvla import OpenVLAUnavailable, check_remote_code, resolve_model_path
+    from .stageconfig import model_cache_dir
 
     m = cfg["model"]
     cache_dir = str(model_cache_dir(cfg))  # model.cache_dir (read in place), else {root}/hf_cache
@@ -212,7 +212,7 @@ def check_openvla_model(cfg: dict, rep: Report, stack_ok: bool) -> None:
             "use an openvla checkpoint with norm_stats in config.json",
         )
     else:
-        from .config import suites_all
+        from .study import suites_all
 
         have = [s for s in suites_all(cfg) if s in keys]
         rep.notes.append(
@@ -227,10 +227,10 @@ VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
 
 
 def check_rlds(cfg: dict, rep: Report) -> None:
-    from .config import suites_all
+    from .study import suites_all
 
     if cfg["data"].get("fixture"):
-        from .config import rlds_root
+        from .stageconfig import rlds_root
 
         rep.notes.append(f"data.fixture: the workflow writes LIBERO-format RLDS under {rlds_root(cfg)}")
         return
@@ -245,7 +245,7 @@ def check_rlds(cfg: dict, rep: Report) -> None:
         return
     datasets = list(suites_all(cfg))
     if cfg["model"]["backend"] == "tiny":  # the tiny teacher pretrains on model.pretrain.dataset
-        from .config import tiny_pretrain_dataset
+        from .study import tiny_pretrain_dataset
 
         datasets += [d for d in [tiny_pretrain_dataset(cfg)] if d not in datasets]
     for suite in datasets:

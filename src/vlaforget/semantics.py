@@ -1,4 +1,4 @@
-"""Which keys of a stage config can change its result: the ids (io.config_id, config.run_id_of)
+"""Which keys of a stage config can change its result: the ids (io.config_id, stageconfig.run_id_of)
 leave the others out, so changing them reruns and restarts nothing (docs/DEVELOPMENT.md, "What
 reruns"). Base layer: imports nothing of vlaforget (io and freshness read it).
 """

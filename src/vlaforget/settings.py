@@ -1,6 +1,6 @@
 """Typed blocks of a stage config: each key's type and default written once, checked once.
 
-A recipe (stages/<stage>.py) reads its stage config (config.load_stage_config) and turns the blocks
+A recipe (stages/<stage>.py) reads its stage config (stagefile.load_stage_config) and turns the blocks
 it hands to the library into these dataclasses (`TrainSettings.of(sc["train"])`); the library reads
 attributes, not `.get(key, default)`. `of` is idempotent (a settings object passes through), so a
 library entry point that tests or benchmarks call with a plain dict (train.loop.run_training)
@@ -15,7 +15,7 @@ type (the schema keeps the ranges and word lists), config/config.yaml sets each 
 lists it as a study override with its reason, and config/README.md's key tables are the ones
 `vlaforget config-doc` generates. Code that needs a default reads it here (`TrainSettings.precision`,
 `TrainSettings.default("precision")`), never copies the literal. The doc is field metadata: the
-stage-config files are the study's blocks as they are (config.stage_config), so run ids do not move.
+stage-config files are the study's blocks as they are (stageconfig.stage_config), so run ids do not move.
 
 Converted (each recipe / plug-in reads the attributes; tests/test_settings.py checks on every study
 config stack that the values equal what the old `.get(key, default)` expressions gave):
@@ -199,11 +199,25 @@ class TrainSettings(Settings):
     lora_input_cast: bool = key("peft's fp32 upcast of LoRA inputs (false skips it: train/speed.py)", True)
 
 
+class PluginSettings(Settings):
+    """Mixin of a method plug-in's block (a field of MethodSettings): besides its keys, what generic code
+    needs to know about the method, declared here so that adding a method touches no generic code.
+
+    READS: the teacher artifacts its plug-in reads ('icsm', 'probe', 'craft': the stage jobs a run
+    enabling it depends on, study.method_needs). COST: its steps' cost class in the plan's measured
+    step-time factors (plan.MEASURED["train"]["method_factor"]; 'baseline' = LoRA's own cost)."""
+
+    READS: tuple[str, ...] = ()
+    COST = "baseline"
+
+
 @dataclass(frozen=True)
-class HswSettings(Settings):
+class HswSettings(PluginSettings):
     """method.hsw: gradient surgery (train/plugins/hsw.py; config/README.md, table `method.hsw`)."""
 
     WHERE = "method.hsw"
+    READS = ("icsm", "probe")  # the ICSM bases; the probe, checked not to be in the run's training data
+    COST = "method"
     enabled: bool = key("gradient surgery on the ICSM layers", False)
     groups: str = key("icsm (ICSM's A/B groups) | single | all_layers", "icsm")
     layers: Any = key(
@@ -223,10 +237,12 @@ class HswSettings(Settings):
 
 
 @dataclass(frozen=True)
-class ThermostatSettings(Settings):
+class ThermostatSettings(PluginSettings):
     """method.thermostat: closed-loop HSW gains (train/plugins/thermostat.py, methods/thermostat.py)."""
 
     WHERE = "method.thermostat"
+    READS = ("icsm", "probe")  # the teacher's C_T per ICSM layer; the probe draws it measures drift on
+    COST = "method"
     enabled: bool = key("closed-loop HSW gains from the probe drift", False)
     law: str = key("user (eggplantsalt/icms thermostat.py) | calibrated (noise floor before step 1)", "user")
     estimator: str = key(
@@ -253,10 +269,12 @@ class ThermostatSettings(Settings):
 
 
 @dataclass(frozen=True)
-class CraftSettings(Settings):
+class CraftSettings(PluginSettings):
     """method.craft: retention loss, dual variable, conflict projection (train/plugins/craft.py)."""
 
     WHERE = "method.craft"
+    READS = ("craft",)  # the anchor cache (stage craft_anchors)
+    COST = "craft"
     enabled: bool = key("CRaFT retention loss", False)
     epsilon: float = key("retention budget (OpenVLA CRaFT guide)", 0.05)
     lambda_init: float = key("initial dual variable", 0.0)
@@ -271,12 +289,18 @@ class CraftSettings(Settings):
 
 @dataclass(frozen=True)
 class MethodSettings(Settings):
-    """method: a method's plug-in blocks (config.method_config: every block present, off unless enabled)."""
+    """method: a method's plug-in blocks (study.method_config: every block present, off unless enabled)."""
 
     WHERE = "method"
     hsw: HswSettings = dataclasses.field(default_factory=HswSettings)
     thermostat: ThermostatSettings = dataclasses.field(default_factory=ThermostatSettings)
     craft: CraftSettings = dataclasses.field(default_factory=CraftSettings)
+
+
+def method_blocks() -> dict[str, type[PluginSettings]]:
+    """{block name: its settings class} of every method plug-in, in MethodSettings' order: the one
+    list of methods generic code reads (study.method_config / method_needs, plan.method_class)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(MethodSettings)}  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -316,7 +340,7 @@ class CraftAnchorSettings(Settings):
 
 @dataclass(frozen=True)
 class IcsmStageSettings(Settings):
-    """The icsm stage's config (config.stage_config(cfg, "icsm", probe set))."""
+    """The icsm stage's config (stageconfig.stage_config(cfg, "icsm", probe set))."""
 
     WHERE = "icsm stage config"
     stage: str
@@ -334,7 +358,7 @@ class IcsmStageSettings(Settings):
 
 @dataclass(frozen=True)
 class CraftAnchorsStageSettings(Settings):
-    """The craft_anchors stage's config (config.stage_config(cfg, "craft_anchors", anchor set))."""
+    """The craft_anchors stage's config (stageconfig.stage_config(cfg, "craft_anchors", anchor set))."""
 
     WHERE = "craft_anchors stage config"
     stage: str
@@ -355,7 +379,7 @@ class CraftAnchorsStageSettings(Settings):
 
 @dataclass(frozen=True)
 class ProbeStageSettings(Settings):
-    """The probe stage's config (config.stage_config(cfg, "probe", key): the study's `probe` block
+    """The probe stage's config (stageconfig.stage_config(cfg, "probe", key): the study's `probe` block
     flattened, its dataset block and the model block)."""
 
     WHERE = "probe stage config"
@@ -378,7 +402,7 @@ class ProbeStageSettings(Settings):
 
 @dataclass(frozen=True)
 class CacheStageSettings(Settings):
-    """The cache stage's config (config.stage_config(cfg, "cache", dataset): data's cache keys)."""
+    """The cache stage's config (stageconfig.stage_config(cfg, "cache", dataset): data's cache keys)."""
 
     WHERE = "cache stage config"
     stage: str
@@ -401,7 +425,7 @@ class CacheStageSettings(Settings):
 
 @dataclass(frozen=True)
 class DemosStageSettings(Settings):
-    """The demos stage's config (config.stage_config(cfg, "demos", dataset): data.metaworld's keys)."""
+    """The demos stage's config (stageconfig.stage_config(cfg, "demos", dataset): data.metaworld's keys)."""
 
     WHERE = "demos stage config"
     stage: str
@@ -489,7 +513,7 @@ def model_dtype(model_block: dict | None) -> str:
 
 @dataclass(frozen=True)
 class ForgettingSettings(Settings):
-    """The forgetting stage's config (config.stage_config(cfg, "forgetting", run); eval.forgetting
+    """The forgetting stage's config (stageconfig.stage_config(cfg, "forgetting", run); eval.forgetting
     of the study config)."""
 
     WHERE = "forgetting stage config"
@@ -522,7 +546,7 @@ class ForgettingSettings(Settings):
 
 @dataclass(frozen=True)
 class EvalSettings(Settings):
-    """An eval block (config.eval_block: the eval stage's `eval`, the train stage's `periodic_eval`):
+    """An eval block (stageconfig.eval_block: the eval stage's `eval`, the train stage's `periodic_eval`):
     the study's `eval` keys, the suite's statistics, and the world's own keys."""
 
     WHERE = "eval block"

@@ -1,24 +1,225 @@
-"""The study grid and its job graph, written once: which runs a study trains, which suites each run
-and the teacher are evaluated on, which runs each table reads, and every stage job (stage, key).
-The workflow's input functions (workflow/rules/common.smk), `vlaforget plan` and the migration of
-an old data root (migrate.py) all read them from here.
+"""The study: its names, its methods, its grid and its job graph, written once.
+
+- names: run names (`{suite}__{method}__{shots}__s{seed}`), suites, the probe set, CRaFT anchor sets,
+  the stages of a chain (study.chain);
+- methods: the full plug-in block of a method or ablation (`method_config`) and the teacher
+  artifacts it reads (`method_needs`);
+- the grid: which runs a study trains, which suites each run and the teacher are evaluated on, which
+  runs each table reads;
+- the job graph: every stage job (stage, key) (`stage_jobs`) and the jobs each one reads (`upstream`).
+
+The workflow's input functions (workflow/rules/common.smk), `vlaforget plan`, the stage configs
+(stageconfig.py) and the migration of an old data root (migrate.py) all read them from here. It
+reads the study config as a dict and imports nothing above settings.py: config.py (loading and
+validation) checks the names with it.
 """
 
 from __future__ import annotations
 
-from .config import (
-    anchor_set,
-    chain_suites,
-    method_config,
-    method_needs,
-    parse_run_name,
-    probe_set_name,
-    run_name,
-    shots_name,
-    stage_config,
-    suites_all,
-)
-from .config import chain_runs as _chain_runs
+import copy
+import re
+
+from . import settings
+from .errors import ConfigError
+from .settings import ProbeStageSettings
+
+NAME_RE = r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*"  # method / suite names: no double underscore
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def all_method_names(cfg: dict) -> list[str]:
+    return list(cfg["methods"]) + list(cfg.get("ablations") or {})
+
+
+def method_defaults() -> dict[str, dict]:
+    """Every plug-in block of a method, off: one per field of settings.MethodSettings."""
+    return {name: {"enabled": False} for name in settings.method_blocks()}
+
+
+def method_config(cfg: dict, method: str) -> dict:
+    """The full plug-in config of a method or ablation (every block present, off unless enabled)."""
+    defaults = method_defaults()
+    if method in cfg["methods"]:
+        block = cfg["methods"][method] or {}
+    elif method in (cfg.get("ablations") or {}):
+        spec = cfg["ablations"][method]
+        block = copy.deepcopy(cfg["methods"][spec["base"]] or {})
+        for dotted, value in (spec.get("set") or {}).items():
+            parts = dotted.split(".")
+            node = block
+            for p in parts[:-1]:
+                if p not in node and p not in defaults:
+                    raise ConfigError(f"ablations.{method}.set: '{dotted}' names unknown block '{p}'")
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+    else:
+        raise ConfigError(f"unknown method '{method}': define it under methods or ablations")
+    out = defaults  # config.deep_merge, one level deep: each default is a flat block
+    for k, v in block.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **copy.deepcopy(v)}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def method_needs(mcfg: dict) -> set[str]:
+    """Which teacher artifacts a method reads ('icsm', 'probe', 'craft'): what its enabled plug-ins
+    declare (settings.PluginSettings.READS)."""
+    needs: set[str] = set()
+    for name, block in settings.method_blocks().items():
+        if (mcfg.get(name) or {}).get("enabled"):
+            needs |= set(block.READS)
+    return needs
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def suites_all(cfg: dict) -> list[str]:
+    out = list(cfg["study"].get("suites", []))
+    for s in (
+        cfg["study"].get("fewshot_suite"),
+        cfg["study"].get("ablation_suite"),
+        cfg["probe"].get("dataset"),
+    ):
+        if s and s not in out:
+            out.append(s)
+    for s in list(cfg["eval"].get("forgetting", {}).get("upstream_suites", [])) + chain_suites(cfg):
+        if s not in out:
+            out.append(s)
+    mw = cfg["data"].get("metaworld") or {}
+    for s in mw.get("datasets", {}):
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def shots_name(shots: int | None) -> str:
+    return "full" if not shots else f"{shots}shot"
+
+
+def parse_shots(name: str) -> int | None:
+    if name == "full" or re.fullmatch(r"chain\d+", name):  # a chain stage trains on the full suite
+        return None
+    m = re.fullmatch(r"(\d+)shot", name)
+    if not m:
+        raise ConfigError(f"shots '{name}': expected 'full', '<n>shot' or 'chain<k>'")
+    return int(m.group(1))
+
+
+def run_name(method: str, suite: str, shots: str, seed: int | str) -> str:
+    return f"{suite}__{method}__{shots}__s{seed}"
+
+
+def parse_run_name(name: str) -> dict:
+    m = re.fullmatch(rf"({NAME_RE})__({NAME_RE})__(full|\d+shot|chain\d+)__s(\d+)", name)
+    if not m:
+        raise ConfigError(f"run name '{name}' is not suite__method__shots__s<seed>")
+    return {"suite": m.group(1), "method": m.group(2), "shots": m.group(3), "seed": int(m.group(4))}
+
+
+def probe_set_name(cfg: dict) -> str:
+    p = cfg["probe"]
+    return f"{p['dataset']}_{p.get('split', ProbeStageSettings.split)}_n{p['n']}_s{p.get('seed', ProbeStageSettings.seed)}"
+
+
+def anchor_set(suite: str, shots: int | None, seed: int) -> str:
+    """CRaFT anchor-cache key: the suite, or the few-shot subset `{suite}__{n}shot__s{seed}`."""
+    return suite if not shots else f"{suite}__{int(shots)}shot__s{int(seed)}"
+
+
+def parse_anchor_set(key: str) -> tuple[str, int | None, int | None]:
+    m = re.fullmatch(r"(.+?)__(\d+)shot__s(\d+)", key)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else (key, None, None)
+
+
+def trained_suites(cfg: dict) -> list[str]:
+    """Every suite some run of the study fine-tunes on (main, few-shot, ablation runs)."""
+    st = cfg["study"]
+    out = list(st.get("suites", []) if st.get("methods") else [])
+    if st.get("fewshot_suite") and st.get("fewshot_methods") and st.get("shots"):
+        out.append(st["fewshot_suite"])
+    if st.get("ablation_suite") and st.get("ablations"):
+        out.append(st["ablation_suite"])
+    if (st.get("chain") or {}).get("methods"):
+        out += chain_suites(cfg)
+    return sorted(set(out))
+
+
+def tiny_pretrain_dataset(cfg: dict) -> str:
+    """The tiny teacher's pretraining dataset: model.pretrain.dataset, else data.metaworld.upstream."""
+    ds = (cfg["model"].get("pretrain") or {}).get("dataset") or (cfg["data"].get("metaworld") or {}).get(
+        "upstream"
+    )
+    if not ds:
+        raise ConfigError(
+            "model.backend tiny needs model.pretrain.dataset (world libero: e.g. "
+            "libero_goal_no_noops) or data.metaworld.upstream"
+        )
+    return ds
+
+
+def tiny_corpus_datasets(cfg: dict) -> list[str]:
+    """Datasets whose instructions the tiny tokenizer learns: every Meta-World dataset, or (LIBERO)
+    every suite of the study and the pretraining dataset."""
+    mw = cfg["data"].get("metaworld") or {}
+    if mw.get("datasets"):
+        return list(mw["datasets"])
+    return list(dict.fromkeys(suites_all(cfg) + [tiny_pretrain_dataset(cfg)]))
+
+
+def dataset_tasks(cfg: dict, dataset: str) -> list[str] | None:
+    mw = cfg["data"].get("metaworld") or {}
+    return (mw.get("datasets") or {}).get(dataset)
+
+
+# ----------------------------------------------------------------------------- chained runs
+
+
+def chain_suites(cfg: dict) -> list[str]:
+    return list((cfg["study"].get("chain") or {}).get("suites") or [])
+
+
+def chain_seeds(cfg: dict) -> list[int]:
+    ch = cfg["study"].get("chain") or {}
+    return list(ch.get("seeds") or cfg["study"].get("seeds") or [])
+
+
+def chain_run(cfg: dict, method: str, k: int, seed: int) -> str:
+    """Stage k (1-based) of the chain over study.chain.suites: stage 1 is the plain full-data run on the
+    first suite (from the teacher, the same run as the main grid's); stage k > 1 is
+    `{suite_k}__{method}__chain{k}__s{seed}`, which continues training stage k-1's adapter."""
+    suites = chain_suites(cfg)
+    return run_name(method, suites[k - 1], "full" if k == 1 else f"chain{k}", seed)
+
+
+def chains(cfg: dict) -> list[list[str]]:
+    """One list per (method, seed) of the chain: its stages' run names, in order (chain_runs: all)."""
+    ch = cfg["study"].get("chain") or {}
+    K = len(chain_suites(cfg))
+    return [
+        [chain_run(cfg, m, k, s) for k in range(1, K + 1)]
+        for m in ch.get("methods") or []
+        for s in chain_seeds(cfg)
+    ]
+
+
+def chain_previous(cfg: dict, run: str) -> str | None:
+    """The run a chain stage starts from (stage k-1), or None (stage 1 and every unchained run)."""
+    r = parse_run_name(run)
+    m = re.fullmatch(r"chain(\d+)", r["shots"])
+    if not m:
+        return None
+    k, suites = int(m.group(1)), chain_suites(cfg)
+    if not 2 <= k <= len(suites) or suites[k - 1] != r["suite"]:
+        raise ConfigError(f"run {run}: study.chain.suites has no stage {k} on {r['suite']} (chain: {suites})")
+    return chain_run(cfg, r["method"], k - 1, r["seed"])
+
+
+# ----------------------------------------------------------------------------- the grid
 
 
 def _unique(xs):
@@ -66,7 +267,7 @@ def ablation_runs(cfg: dict) -> list[str]:
 
 def chain_runs(cfg: dict) -> list[str]:
     """Every stage of every chain (study.chain: method x seed), stage 1 first in each chain."""
-    return [r for ch in _chain_runs(cfg) for r in ch]
+    return [r for ch in chains(cfg) for r in ch]
 
 
 def all_runs(cfg: dict) -> list[str]:
@@ -107,8 +308,6 @@ def anchor_set_of(cfg: dict, run: str) -> str | None:
     r = parse_run_name(run)
     if "craft" not in method_needs(method_config(cfg, r["method"])):
         return None
-    from .config import parse_shots
-
     return anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"])
 
 
@@ -120,8 +319,6 @@ def stage_jobs(cfg: dict) -> list[tuple[str, str]]:
         jobs += [("demos", d) for d in (cfg["data"].get("metaworld") or {}).get("datasets") or {}]
     jobs += [("cache", d) for d in suites_all(cfg)]
     if cfg["model"]["backend"] == "tiny":
-        from .config import tiny_corpus_datasets
-
         jobs += [("cache", d) for d in tiny_corpus_datasets(cfg)]
     jobs += [("model", base), ("probe", ps), ("icsm", ps)]
     runs = all_runs(cfg)
@@ -135,6 +332,56 @@ def stage_jobs(cfg: dict) -> list[tuple[str, str]]:
     return _unique(jobs)
 
 
-def stage_configs(cfg: dict) -> dict[tuple[str, str], dict]:
-    """Every stage job's stage config (ids and paths included)."""
-    return {job: stage_config(cfg, *job) for job in stage_jobs(cfg)}
+# ----------------------------------------------------------------------------- the job graph
+
+
+def upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
+    """(input name, stage, key) of every stage job a stage job reads: the edges of the job graph.
+    The stage config's `inputs` (stageconfig.stage_inputs) and so the rules' inputs are made from it."""
+    base, meta = cfg["model"]["base"], cfg["world"] == "metaworld"
+    ps = probe_set_name(cfg)
+    if stage == "demos":
+        return []
+    if stage == "cache":
+        return [("rlds", "demos", key)] if meta else []
+    if stage == "model":
+        if cfg["model"]["backend"] != "tiny":
+            return []
+        return [(f"cache:{d}", "cache", d) for d in tiny_corpus_datasets(cfg)]
+    if stage == "probe":
+        return [("model", "model", base), ("cache", "cache", cfg["probe"]["dataset"])]
+    if stage == "icsm":
+        return [("model", "model", base), ("probe", "probe", ps)]
+    if stage == "craft_anchors":
+        return [("model", "model", base), ("cache", "cache", parse_anchor_set(key)[0])]
+    if stage == "train":
+        r = parse_run_name(key)
+        needs = method_needs(method_config(cfg, r["method"]))
+        out = [("model", "model", base), ("cache", "cache", r["suite"])]
+        if "icsm" in needs:
+            out.append(("icsm", "icsm", ps))
+        if "probe" in needs:
+            out.append(("probe", "probe", ps))
+        if "craft" in needs:
+            out.append(
+                ("anchors", "craft_anchors", anchor_set(r["suite"], parse_shots(r["shots"]), r["seed"]))
+            )
+        prev = chain_previous(cfg, key)
+        if prev:
+            out.append(("init", "train", prev))
+        return out
+    if stage == "eval":
+        run, suite = key.rsplit("@", 1)
+        out = [("model", "model", base), ("cache", "cache", suite)]
+        return out + ([("train", "train", run)] if run != "teacher" else [])
+    if stage == "forgetting":
+        out = [("model", "model", base), ("probe", "probe", ps), ("icsm", "icsm", ps)]
+        if key != "teacher":
+            out.append(("train", "train", key))
+        if meta:
+            out += [
+                (f"cache:{s}", "cache", s)
+                for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", [])
+            ]
+        return out
+    return []

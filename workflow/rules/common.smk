@@ -10,36 +10,40 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from vlaforget import config as vfc
-from vlaforget.config import ConfigError
+from vlaforget import stageconfig as vsc
+from vlaforget import stagefile as vsf
+from vlaforget import study as vfs
+from vlaforget.codedeps import code_hash
+from vlaforget.config import ConfigError, validate
+from vlaforget.io import config_id, stable_hash
 from vlaforget.jobs import JobPythonError, check_job_python, crash_guard, job_python
-from vlaforget.paths import PathPolicyError, job_env
+from vlaforget.paths import PathPolicyError, job_env, resolve_root
 
 
 # Fail in the first second, naming the key, before any DAG is built.
 try:
-    vfc.validate(config)
+    validate(config)
 except (ConfigError, PathPolicyError) as e:
     sys.exit(f"vlaforget: {e}")
 
 
-ROOT = vfc.resolve_root(config)
-LAYOUT = vfc.layout(config)
+ROOT = resolve_root(config)
+LAYOUT = vsc.layout(config)
 BASE = config["model"]["base"]
-PROBE_SET = vfc.probe_set_name(config)
+PROBE_SET = vfs.probe_set_name(config)
 METAWORLD = config["world"] == "metaworld"
 FIXTURE = config["data"].get("fixture")  # world libero: LIBERO-format RLDS written here (rehearsal)
 STUDY = config["study"]
 UPSTREAM_SUITES = list(config["eval"].get("forgetting", {}).get("upstream_suites") or [])
 RES = config.get("resources") or {}
 
-NAME = vfc.NAME_RE
+NAME = vfs.NAME_RE
 RUN_RE = rf"{NAME}__{NAME}__(?:full|\d+shot|chain\d+)__s\d+"
 
 
 wildcard_constraints:
     stage="demos|cache|model|probe|icsm|craft_anchors|train|eval|forgetting",
-    cid=vfc.CONFIG_ID_RE,
+    cid=vsf.CONFIG_ID_RE,
     dataset=NAME,
     suite=NAME,
     run=rf"teacher|{RUN_RE}",
@@ -54,7 +58,7 @@ wildcard_constraints:
 # is built here, once: rules call these with wildcards ("{dataset}", "{cid}"), input functions with
 # values (the config id then comes from this checkout's config).
 
-CID = vfc.CONFIG_ID_RE
+CID = vsf.CONFIG_ID_RE
 _STAGE_CONFIGS = {}
 
 
@@ -62,13 +66,13 @@ def stage_cfg(stage, key):
     """stage_config(), memoised: the DAG asks for the same stage config many times."""
     k = (stage, key)
     if k not in _STAGE_CONFIGS:
-        _STAGE_CONFIGS[k] = vfc.stage_config(config, stage, key)
+        _STAGE_CONFIGS[k] = vsc.stage_config(config, stage, key)
     return _STAGE_CONFIGS[k]
 
 
 def cid_of(stage, key):
     """The config id of one stage job in this checkout's config."""
-    return vfc.config_id_of(stage_cfg(stage, key))
+    return config_id(stage_cfg(stage, key))
 
 
 def this_config(stage, key, cid):
@@ -88,7 +92,7 @@ def R(path) -> str:
 
 def out(stage, key, cid=None, rel=""):
     """A stage job's output folder (or, with `rel`, a file in it); cid None: this config's id."""
-    p = vfc.job_dir(config, stage, key) / (cid or cid_of(stage, key))
+    p = vsc.job_dir(config, stage, key) / (cid or cid_of(stage, key))
     return R(p / rel) if rel else R(p)
 
 
@@ -140,18 +144,18 @@ def train_done(run, cid=None):
 
 
 def eval_file(run, suite, cid=None):
-    return R(vfc.job_dir(config, "eval", f"{run}@{suite}") / f"{cid or cid_of('eval', f'{run}@{suite}')}.json")
+    return R(vsc.job_dir(config, "eval", f"{run}@{suite}") / f"{cid or cid_of('eval', f'{run}@{suite}')}.json")
 
 
 def forgetting_file(run, cid=None):
-    return R(vfc.job_dir(config, "forgetting", run) / f"{cid or cid_of('forgetting', run)}.json")
+    return R(vsc.job_dir(config, "forgetting", run) / f"{cid or cid_of('forgetting', run)}.json")
 
 
 def export_dir(run, cid=None):
     return R(ROOT / "exports" / run / (cid or cid_of("train", run)))
 
 
-FIXTURE_DIR = vfc.rlds_root(config) if FIXTURE else ROOT / "datasets" / "rlds" / "fixture" / "none"
+FIXTURE_DIR = vsc.rlds_root(config) if FIXTURE else ROOT / "datasets" / "rlds" / "fixture" / "none"
 
 
 def fixture_done():
@@ -159,15 +163,13 @@ def fixture_done():
 
 
 def libero_vqa_manifest():
-    return R(vfc.libero_vqa_dir(config) / "manifest.json")
+    return R(vsc.libero_vqa_dir(config) / "manifest.json")
 
 
 # ----------------------------------------------------------------------------- study grid
 # The grid is the library's (vlaforget.study): the same lists `vlaforget plan` and migrate-root read.
 
-from vlaforget import study as vfs
-
-CHAIN_SUITES = vfc.chain_suites(config)
+CHAIN_SUITES = vfs.chain_suites(config)
 TABLE_RUNS = vfs.table_runs(config)  # kind -> runs (lifelong only with study.chain)
 CHAIN_RUNS = set(vfs.chain_runs(config))
 
@@ -221,14 +223,14 @@ def report_cfg(key):
         "study_name": config.get("study_name"),
         "upstream_suites": UPSTREAM_SUITES,
         "inputs": lifelong_inputs() if key == "lifelong" else table_inputs(runs),
-        "code": vfc.code_hash("figures" if key == "figures" else "table"),
+        "code": code_hash("figures" if key == "figures" else "table"),
         **({"chain_suites": CHAIN_SUITES} if key == "lifelong" else {}),
     }
     return relocatable(body, str(ROOT))
 
 
 def report_id(key):
-    return vfc.stable_hash_of(report_cfg(key))
+    return stable_hash(report_cfg(key))
 
 
 def table_record(kind):
@@ -311,7 +313,7 @@ def stage_shell(stage_cli, gpu_kind=None, launcher=""):
         'CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} USE_TF=$USE_TF '
         f'python={PYTHON}"'
         " | tee -a {log}.attempts > {log}; "
-        # the current values of the keys outside the job's id (config.NON_SEMANTIC_ENV)
+        # the current values of the keys outside the job's id (stagefile.NON_SEMANTIC_ENV)
         + "export VLAFORGET_NON_SEMANTIC={params.non_semantic:q}; "
         + crash_guard(f"{gpu}{run} {stage_cli} --config {{input.cfg}} 2>&1 | tee -a {{log}}.attempts >> {{log}}",
                       "{log}", stage_cli, f"{VLAFORGET} {stage_cli} --config {{input.cfg}}")
@@ -372,12 +374,12 @@ def preflight_check():
 
 def fixture_datasets():
     """Every dataset the fixture writes: the study's suites and the tiny teacher's pretraining data."""
-    return vfc.fixture_params(config)["suites"]
+    return vsc.fixture_params(config)["suites"]
 
 
 def stage_input(stage):
     """Input function of a stage rule (wildcards key-named per rule, and cid): its stage-config file
-    and the completion files of every job it reads, each at its config id's path (config.stage_inputs)."""
+    and the completion files of every job it reads, each at its config id's path (stageconfig.stage_inputs)."""
     def inputs(w):
         key = {"demos": lambda: w.dataset, "cache": lambda: w.dataset, "model": lambda: BASE,
                "probe": lambda: PROBE_SET, "icsm": lambda: PROBE_SET, "craft_anchors": lambda: w.aset,
@@ -400,10 +402,10 @@ def stage_input(stage):
 
 def non_semantic(stage):
     """Derived param (it takes `output`, so Snakemake's params trigger does not compare it): the
-    current values of the keys a job's id leaves out, passed to the job (config.NON_SEMANTIC_ENV)."""
+    current values of the keys a job's id leaves out, passed to the job (stagefile.NON_SEMANTIC_ENV)."""
     def values(w, output):
         key = {"demos": "dataset", "train": "trun"}.get(stage)
-        return json.dumps(vfc.non_semantic_values(stage_cfg(stage, getattr(w, key)))) if key else "{}"
+        return json.dumps(vsf.non_semantic_values(stage_cfg(stage, getattr(w, key)))) if key else "{}"
 
     return values
 
@@ -439,13 +441,12 @@ def figure_run_files():
 
 
 def report_shell(args, record=False):
-    """Shell line of a report job (table / figures), logged; then its record (params.record)."""
+    """Shell line of a report job (table / figures), logged; with `record`, the job then writes its
+    record (params.record), only when the command succeeded."""
     cli = args.split()[0]
-    line = f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
-                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)")
-    if record:  # crash_guard ends with `exit`: write the record first, only when the command succeeded
-        line = line.replace("; exit $rc", "; [ $rc -ne 0 ] || printf '%s' {params.record:q} > {output.record}; exit $rc")
-    return line
+    then = "printf '%s' {params.record:q} > {output.record}" if record else ""
+    return f"{JOB_ENV}; " + crash_guard(f"{VLAFORGET} {args} > {{log}} 2>&1", "{log}", cli,
+                                         f"{VLAFORGET} {cli} ... (snakemake -p prints the full line)", then=then)
 
 
 # Tables and figures: `results_dir` (relative to the repo: per checkout; the real study: results/, the
@@ -455,7 +456,7 @@ if config.get("results_dir"):
     RESULTS = str(config["results_dir"]).rstrip("/")
 else:
     RESULTS = R(ROOT / "results" / f"{config.get('study_name') or 'study'}-"
-                f"{vfc.stable_hash_of([report_cfg(k) for k in [*TABLE_RUNS, 'figures']])}")  # after the input functions report_cfg calls (lifelong_inputs)
+                f"{stable_hash([report_cfg(k) for k in [*TABLE_RUNS, 'figures']])}")  # after the input functions report_cfg calls (lifelong_inputs)
 
 
 # ----------------------------------------------------------------------------- before any job
@@ -504,10 +505,10 @@ if workflow.is_main_process:
 
 
 def stage_config_text(w, output):
-    """The file's content, {root} relative (config.stage_config_text). It takes `output`: a derived
+    """The file's content, {root} relative (stagefile.stage_config_text). It takes `output`: a derived
     param, which Snakemake's params trigger does not compare (the id in the path is the trigger)."""
     this_config(w.stage, w.key, w.cid)
-    return vfc.stage_config_text(stage_cfg(w.stage, w.key))
+    return vsf.stage_config_text(stage_cfg(w.stage, w.key))
 
 
 def record_param(key):

@@ -47,9 +47,9 @@ rule libero_fixture:
     output:
         done=fixture_done(),
     params:
-        out=R(FIXTURE_DIR),  # named by what it is made from (config.fixture_params)
+        out=R(FIXTURE_DIR),  # named by what it is made from (stageconfig.fixture_params)
         suites=" ".join(fixture_datasets()) if FIXTURE else "",
-        fx=vfc.fixture_params(config) if FIXTURE else {},
+        fx=vsc.fixture_params(config) if FIXTURE else {},
     log:
         log_file("libero_fixture", "fixture", FIXTURE_DIR.name),
     threads: 1

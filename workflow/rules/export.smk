@@ -11,7 +11,7 @@ rule export:
         ckpt=directory(export_dir("{trun}", "{cid}")),
     params:
         run_dir=lambda w: out("train", w.trun, w.cid),
-        code=vfc.code_hash("export"),
+        code=code_hash("export"),
     log:
         log_file("export", "{trun}"),
     threads: 2

@@ -2,7 +2,7 @@
 # when eval.forgetting.libero_vqa is set (and no vqa_jsonl of the user's own); every forgetting job
 # scores its questions (eval/vqa_mc.py). docs/evaluation.md "General visual-language skill".
 
-LIBERO_VQA = vfc.libero_vqa_params(config)  # None: not generated here
+LIBERO_VQA = vsc.libero_vqa_params(config)  # None: not generated here
 LIBERO_VQA_ON = LIBERO_VQA is not None
 
 
@@ -16,7 +16,7 @@ if LIBERO_VQA_ON:
         output:
             manifest=libero_vqa_manifest(),  # written last; its folder is named by LIBERO_VQA's hash
         params:
-            out=R(vfc.libero_vqa_dir(config)),
+            out=R(vsc.libero_vqa_dir(config)),
             suites=" ".join(LIBERO_VQA["suites"]),
             n=LIBERO_VQA["n"],
             seed=LIBERO_VQA["seed"],
@@ -24,7 +24,7 @@ if LIBERO_VQA_ON:
             tasks=(f"--tasks-per-suite {LIBERO_VQA['tasks_per_suite']}" if LIBERO_VQA["tasks_per_suite"] else ""),
             cfgdir=f"--config-dir {LIBERO_VQA['config_path']}" if LIBERO_VQA["config_path"] else "",
         log:
-            log_file("libero_vqa", "libero_vqa", vfc.libero_vqa_dir(config).name),
+            log_file("libero_vqa", "libero_vqa", vsc.libero_vqa_dir(config).name),
         threads: 1
         resources:
             gpu=0,

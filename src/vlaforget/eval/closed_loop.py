@@ -111,7 +111,7 @@ def build_episodes(
     episodes_per_task: int | None = None,
     videos_per_task: int | None = None,
 ) -> tuple[Any, list[Episode], dict]:
-    """(env factory, episodes, protocol info) for an eval block (config.eval_block) of a world."""
+    """(env factory, episodes, protocol info) for an eval block (stageconfig.eval_block) of a world."""
     e = EvalSettings.of(e)
     n = int(episodes_per_task if episodes_per_task is not None else e.episodes_per_task)
     k = int(videos_per_task if videos_per_task is not None else e.videos_per_task)
@@ -187,7 +187,7 @@ def evaluate_model(
 ) -> dict:
     """Closed-loop evaluation of an already loaded backend (the train loop's periodic eval).
 
-    ecfg: an eval block (config.eval_block; the train stage's `periodic_eval`). `model`: the module to
+    ecfg: an eval block (stageconfig.eval_block; the train stage's `periodic_eval`). `model`: the module to
     run (e.g. the PEFT-wrapped training model; eval mode is set by predict_actions). No videos unless
     video_dir. Returns run_episodes' result dict (success_rate, per_task, episodes, timing)."""
     e = EvalSettings.of(ecfg)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name
 from ..io import atomic_path
+from ..study import parse_run_name
 from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize
 
 CURVES = [

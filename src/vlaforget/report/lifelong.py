@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name, run_name
 from ..errors import UserError
 from ..eval.metrics import libero_lifelong_metrics
+from ..study import parse_run_name, run_name
 from .tables import summarize
 
 METRICS = [("fwt", "FWT ↑"), ("nbt", "NBT ↓"), ("auc", "AUC ↑"), ("final_acc", "final mean success")]

@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..config import parse_run_name
+from ..study import parse_run_name
 from .stats import LEVEL, binomial_ci, holm, mcnemar_exact, paired_bootstrap, pareto_front
 from .tables import UNDEFINED, run_metrics, summarize
 

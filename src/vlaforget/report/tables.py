@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import parse_run_name
 from ..io import read_json
+from ..study import parse_run_name
 
 # (column, label in the Markdown table). Retention = run / teacher, per seed, then aggregated.
 METRICS = [
@@ -121,7 +121,7 @@ def load_evals(paths) -> dict[str, dict]:
     for p in paths:
         p = Path(p)
         d = read_json(p)
-        # evals/{run}/{suite}/{config id}.json, evals/{run}/forgetting/{config id}.json (config.job_dir)
+        # evals/{run}/{suite}/{config id}.json, evals/{run}/forgetting/{config id}.json (stageconfig.job_dir)
         by_id = bool(re.fullmatch(r"[0-9a-f]{12}", p.stem))
         run = d.get("run") or d.get("run_name") or (p.parents[1].name if by_id else p.parent.name)
         if p.name == "forgetting.json" or (by_id and p.parent.name == "forgetting"):

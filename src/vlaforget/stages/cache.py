@@ -16,7 +16,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_stage_config
+    from ..stagefile import load_stage_config
 
     sc = CacheStageSettings.of(load_stage_config(args.config, "cache"))
     m = build_cache(

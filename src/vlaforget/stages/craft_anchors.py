@@ -22,8 +22,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import hashlib
 
-    from ..config import load_stage_config
     from ..io import atomic_torch_save, provenance, seed_everything, sha256_tensor
+    from ..stagefile import load_stage_config
 
     sc = load_stage_config(args.config, "craft_anchors")
     cs = CraftAnchorsStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before anything loads

@@ -18,10 +18,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_stage_config
     from ..data.instructions import task_table
     from ..data.rlds import write_rlds
     from ..envs.metaworld import ACTION_DIM, ENV_STATE_DIM, STATE_DIM
+    from ..stagefile import load_stage_config
 
     sc = load_stage_config(args.config, "demos")
     ds = DemosStageSettings.of(sc)  # unknown keys / wrong types: a ConfigError before any rollout

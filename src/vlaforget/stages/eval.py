@@ -8,12 +8,12 @@ import argparse
 import time
 from pathlib import Path
 
-from ..config import load_stage_config
 from ..eval.closed_loop import BackendPolicy, build_episodes, load_stats, log
 from ..eval.rollout import run_episodes
 from ..gpus import pick_device
 from ..io import provenance, write_json
 from ..settings import EvalSettings
+from ..stagefile import load_stage_config
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import load_stage_config
 from ..eval import metrics as M
 from ..eval.forgetting import (
     DEFAULT_VQA_N,
@@ -26,6 +25,7 @@ from ..eval.forgetting import (
 )
 from ..io import provenance, write_json
 from ..settings import ForgettingSettings
+from ..stagefile import load_stage_config
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

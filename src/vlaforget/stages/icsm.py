@@ -31,9 +31,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_stage_config
     from ..io import atomic_torch_save, provenance, seed_everything, sha256_file, sha256_tensor, write_json
     from ..methods.figures import plot_icsm_spectrum
+    from ..stagefile import load_stage_config
 
     sc = load_stage_config(args.config, "icsm")
     icfg = IcsmStageSettings.of(sc).icsm  # unknown keys / wrong types: a ConfigError before anything loads

@@ -14,9 +14,9 @@ import os
 import time
 from pathlib import Path
 
-from ..config import load_stage_config
 from ..io import log, provenance, seed_everything, write_json
 from ..settings import DEFAULT_VQA_HELDOUT_SAMPLES, DEFAULT_VQA_TRAIN_SAMPLES, PretrainSettings
+from ..stagefile import load_stage_config
 
 VQA_TRAIN_SAMPLES = (
     DEFAULT_VQA_TRAIN_SAMPLES  # defaults of model.pretrain.vqa_train_samples / vqa_heldout_samples

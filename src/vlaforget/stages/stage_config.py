@@ -1,11 +1,13 @@
 """Recipe `vlaforget stage-config`: write the config file of one stage job from the study config
-(config.stage_config).
+(stageconfig.stage_config, written by stagefile.stage_config_text).
 """
 
 from __future__ import annotations
 
-from ..config import load_config, stage_config, stage_config_text
+from ..config import load_config
 from ..io import atomic_write_text
+from ..stageconfig import stage_config
+from ..stagefile import stage_config_text
 
 
 def add_args(p):

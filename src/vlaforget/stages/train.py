@@ -8,8 +8,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..config import load_stage_config
 from ..settings import EvalSettings, MethodSettings, TrainSettings
+from ..stagefile import load_stage_config
 from ..train.loop import log, run_training
 
 

@@ -514,7 +514,7 @@ def _setup_run(
 
 def _resume(run: _Run) -> None:
     """Resume exactly where an interrupted run stopped (a run whose max_steps was raised has the same
-    run id, config.run_id_of: it continues from the checkpoint of its old target; one lowered resumes
+    run id, stageconfig.run_id_of: it continues from the checkpoint of its old target; one lowered resumes
     from the newest checkpoint at or before it), or start from train.init_adapter's optimizer state.
     Opens this process's run segment."""
     sc, tcfg, ts = run.sc, run.sc["train"], run.ts

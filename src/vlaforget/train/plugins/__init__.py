@@ -20,7 +20,7 @@ HSW) stands aside meanwhile (`side_backward(True/False)`).
 One module per plug-in, `train/plugins/<name>.py`, named like its block of the method config
 (`method.<name>.enabled`); each defines `build(ctx, sc, given, train_ds, shared)` -> the plug-in.
 The loop loads only the enabled ones (by name, `load`), so a plug-in's code is part of the code
-hash of exactly the runs that enable it (config.code_hash; docs/DEVELOPMENT.md).
+hash of exactly the runs that enable it (codedeps.code_hash; docs/DEVELOPMENT.md).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ if [ "$PART" = each ]; then
       run_ovla bench train --shape 7b --icsm-dir /tmp/icsm7b --batch $BS --accum $AC --steps $T --warmup 3 --grad-ckpt \
         --thermostat-every 10 --thermostat-chunk 32 --amortise-every 50 --anchor-batch 8 --precision $PREC \
         --num-workers 6 --memory-cap-gib $CAP --eval-every $(( T / 2 )) --save-every $(( T / 2 )) --export-merge \
-        --backend openvla --methods $M --json "$J" > "$OUT/last.log" 2>&1
+        --backend openvla --methods $M --json "$J" > "${J%.json}.log" 2>&1
       python3 "$HERE/bench/issue28_fits.py" "$J" "$M" $LIM && break
     done
   done

@@ -256,7 +256,13 @@ def bench_train(args) -> dict:
             res = _bench_variant(args, method, mods, variant, rank)
         except Exception as e:  # a variant that fails (e.g. torch.compile) is recorded, the others still run
             log.exception("%s failed", variant)
-            res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            import traceback
+
+            # the failing frames too: an out-of-memory's error text says how much, not where
+            res = {
+                "error": f"{type(e).__name__}: {str(e)[:500]}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

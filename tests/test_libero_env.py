@@ -166,18 +166,16 @@ def _tilt_deg(q0: np.ndarray, q1: np.ndarray) -> float:
 
 
 @pytest.mark.libero
-@pytest.mark.skip(
-    reason="not yet a valid check (issue 28 item 5, open): at the validated mujoco 3.3.0 every "
-    "movable object of libero_spatial task 5 moves 6-16 cm over openvla's 10 wait steps in this "
-    "measurement (the same for init states 0 and 1), which contradicts the published 98 % success "
-    "there; the measurement, not the simulator, is suspect until explained"
-)
 def test_libero_spatial_task5_initial_states_settle(tmp_path):
     """The simulator the published numbers came from (issue 28): with MuJoCo >= 3.4.0 (box-box
-    collision change) libero_spatial task 5's stored initial states no longer settle (the bowl tilts on
-    the ramekin's rim; 98 % -> 12 % success, RLinf #1460). Each of the first init states, from
-    set_init_state through openvla's 10 wait steps: no movable object moves more than 2 cm or turns
-    more than 10 degrees, and the task is not already reported done."""
+    collision change) libero_spatial task 5's bowl does not come to rest on the ramekin where the
+    demonstrations had it (98 % -> 12 % success, RLinf #1460). LIBERO's stored initial states hold the
+    objects above the table (z 1.08 / 0.97); they fall during openvla's 10 wait steps. So the check is
+    that they have come to REST by then: over 20 further no-op steps no movable object moves more than
+    0.5 mm or turns more than 1 degree, for each of the first init states, and the task is not done.
+    Measured (this test's loop, init states 0-4): MuJoCo 3.3.0 at most 0.003 mm / 0.004 deg (the bowl
+    rests on the ramekin's rim, tilted 15.9 deg); 3.4.0 2.3 mm / 10.4 deg (the bowl is still sliding
+    off the rim, flat by step 30) -- docs/evaluation.md "The simulator version"."""
     why = _libero_ready()
     if why:
         pytest.skip(why)
@@ -186,30 +184,26 @@ def test_libero_spatial_task5_initial_states_settle(tmp_path):
     import mujoco
 
     cfg_dir = os.environ.get("LIBERO_CONFIG_PATH") or str(tmp_path / "libero_cfg")
-    env = L.LiberoEnv("libero_spatial", 5, config_dir=cfg_dir, resolution=64, image_size=32, wait_steps=0)
-
-    def current_sim():  # robosuite's hard reset frees the old MjSim and builds a new one
-        return getattr(env._env, "sim", None) or env._env.env.sim
-
+    env = L.LiberoEnv("libero_spatial", 5, config_dir=cfg_dir, resolution=64, image_size=32)
     moved = []
     try:
         for k in range(5):
-            env.reset(k)  # wait_steps 0: the state exactly as stored
-            sim = current_sim()
-            before = _free_body_poses(sim)
+            env.reset(k)  # set_init_state, then openvla's 10 wait steps (L.WAIT_STEPS)
+            before = _free_body_poses(env._env.sim)
             assert before, "no free-joint bodies found in libero_spatial task 5"
             done = False
-            for a in L.wait_actions():
+            for a in L.wait_actions(20):
                 _raw, _r, done, _info = env._env.step(a)
-            after = _free_body_poses(sim)
+            after = _free_body_poses(env._env.sim)
             for name, p0 in before.items():
                 p1 = after[name]
                 dist, turn = float(np.linalg.norm(p1[:3] - p0[:3])), _tilt_deg(p0[3:], p1[3:])
-                if dist > 0.02 or turn > 10.0:
-                    moved.append(f"init {k}: {name} moved {dist * 100:.1f} cm, turned {turn:.1f} deg")
+                if dist > 5e-4 or turn > 1.0:
+                    moved.append(f"init {k}: {name} still moving: {dist * 1000:.2f} mm, {turn:.2f} deg")
             assert not done, f"init {k}: the task reports done before the policy acted"
     finally:
         env.close()
     assert not moved, (
-        f"mujoco {mujoco.__version__}: initial states of {env.task} do not settle: " + "; ".join(moved[:6])
+        f"mujoco {mujoco.__version__}: initial states of {env.task} have not settled after "
+        f"{L.WAIT_STEPS} wait steps (validated: mujoco 3.3.0-3.3.2, `make real-env`): " + "; ".join(moved[:6])
     )

@@ -263,6 +263,8 @@ def bench_train(args) -> dict:
                 "error": f"{type(e).__name__}: {str(e)[:500]}",
                 "traceback": traceback.format_exc()[-4000:],
             }
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # what holds the memory, by block size
+                res["memory_summary"] = torch.cuda.memory_summary(abbreviated=True)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -57,7 +57,10 @@ def test_block_arithmetic(tmp_root):
     # LIBERO: blocks by the seed's index in study.seeds (+ ablation / chain seeds)
     lib = load_config(
         *LIBERO,
-        overrides={"study": {"seeds": [7, 3, 11]}, "eval": {"initial_states": "per_seed", "episodes_per_task": 5}},
+        overrides={
+            "study": {"seeds": [7, 3, 11]},
+            "eval": {"initial_states": "per_seed", "episodes_per_task": 5},
+        },
     )
     assert [study.state_start(lib, s) for s in (7, 3, 11)] == [0, 5, 10]
     e = vsc.stage_config(lib, "eval", "teacher__s11@libero_spatial_no_noops")["eval"]
@@ -93,15 +96,24 @@ def test_metaworld_eval_seeds_overlapping_the_demonstrations_are_refused(tmp_roo
 def test_per_seed_refusals_name_the_numbers_and_the_fix(tmp_root):
     with pytest.raises(ConfigError, match=r"seeds must be >= 0"):
         _per_seed(seeds=(42, -1))
-    with pytest.raises(ConfigError, match=r"train.eval_episodes_per_task = 4 exceeds eval.episodes_per_task = 3"):
+    with pytest.raises(
+        ConfigError, match=r"train.eval_episodes_per_task = 4 exceeds eval.episodes_per_task = 3"
+    ):
         _per_seed(train={"eval_every": 10, "eval_episodes_per_task": 4})
     # LIBERO: 50 init states per task, the question set holds out the last states_per_task of them
     over = {"eval": {"initial_states": "per_seed", "episodes_per_task": 20}}
-    lib = load_config(*LIBERO, overrides={**over, "study": {"seeds": [1, 2], "ablation_seeds": [2]}})  # 40 <= 49
+    lib = load_config(
+        *LIBERO, overrides={**over, "study": {"seeds": [1, 2], "ablation_seeds": [2]}}
+    )  # 40 <= 49
     assert study.state_start(lib, 2) == 20
-    with pytest.raises(ConfigError, match=r"3 seeds x eval.episodes_per_task 20 = 60 .* LIBERO has 50, 1 of them held out.*\(49 free\): use at most 16 episodes per task, at most 2 seeds"):
+    with pytest.raises(
+        ConfigError,
+        match=r"3 seeds x eval.episodes_per_task 20 = 60 .* LIBERO has 50, 1 of them held out.*\(49 free\): use at most 16 episodes per task, at most 2 seeds",
+    ):
         load_config(*LIBERO, overrides={**over, "study": {"seeds": [1, 2], "ablation_seeds": [3]}})
-    load_config(*LIBERO, overrides={"study": {"seeds": [1, 2, 3]}, "eval": {"episodes_per_task": 20}})  # shared
+    load_config(
+        *LIBERO, overrides={"study": {"seeds": [1, 2, 3]}, "eval": {"episodes_per_task": 20}}
+    )  # shared
 
 
 # ----------------------------------------------------------------------------- the study grid
@@ -122,7 +134,9 @@ def test_per_seed_adds_one_teacher_eval_per_seed_and_suite(tmp_root):
     assert teacher == sorted(
         f"teacher__s{s}@{suite}" for s in (42, 123, 456) for suite in ("mw_downstream", "mw_upstream")
     )
-    assert [k for s, k in jobs if s == "forgetting" and study.is_teacher(k)] == ["teacher"]  # VQA / drift: once
+    assert [k for s, k in jobs if s == "forgetting" and study.is_teacher(k)] == [
+        "teacher"
+    ]  # VQA / drift: once
     # the teacher eval reads no training run; its block is its seed's
     assert [st for _, st, _ in study.upstream(cfg, "eval", "teacher__s42@mw_upstream")] == ["model", "cache"]
     sc = vsc.stage_config(cfg, "eval", "teacher__s42@mw_upstream")
@@ -192,7 +206,9 @@ def _write(root, run: str, suite: str, outcomes: list[int], first_seed: int) -> 
     d = root / run
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{suite}.json"
-    eps = [{"task": "t", "seed": first_seed + i, "index": i, "success": bool(o)} for i, o in enumerate(outcomes)]
+    eps = [
+        {"task": "t", "seed": first_seed + i, "index": i, "success": bool(o)} for i, o in enumerate(outcomes)
+    ]
     p.write_text(
         json.dumps(
             {
@@ -234,7 +250,9 @@ def per_seed_evals(tmp_path):
 
 def test_retention_divides_by_the_teacher_on_the_same_states(per_seed_evals):
     evals = load_evals(per_seed_evals)
-    assert set(evals) == {"teacher"} | {f"down__{m}__full__s{s}" for m in ("baseline", "good") for s in (1, 2)}
+    assert set(evals) == {"teacher"} | {
+        f"down__{m}__full__s{s}" for m in ("baseline", "good") for s in (1, 2)
+    }
     t = evals["teacher"]
     assert sorted(t["blocks"]) == [1, 2] and t["suites"]["up"] == pytest.approx(24 / 40)  # pooled
     assert len(t["episodes"]["up"]) == 40 and t["forgetting"]["vqa_accuracy"] == 0.8

@@ -6,6 +6,9 @@
   artifacts it reads (`method_needs`);
 - the grid: which runs a study trains, which suites each run and the teacher are evaluated on, which
   runs each table reads;
+- initial states (eval.initial_states): shared, or per training seed — a block of states per seed
+  (state_start), the teacher's closed-loop evals per seed (`teacher__s{seed}`, teacher_evals) and the
+  config-time checks (check_initial_states);
 - the job graph: every stage job (stage, key) (`stage_jobs`) and the jobs each one reads (`upstream`).
 
 The workflow's input functions (workflow/rules/common.smk), `vlaforget plan`, the stage configs
@@ -373,7 +376,9 @@ def state_start(cfg: dict, seed: int | None) -> int:
         return _mw_first_seed(cfg) + int(seed) * _episodes(cfg)
     seeds = initial_state_seeds(cfg)
     if int(seed) not in seeds:
-        raise ConfigError(f"seed {seed} is no training seed of the study ({seeds}): it has no block of init states")
+        raise ConfigError(
+            f"seed {seed} is no training seed of the study ({seeds}): it has no block of init states"
+        )
     return seeds.index(int(seed)) * _episodes(cfg)
 
 
@@ -414,9 +419,7 @@ def check_initial_states(cfg: dict) -> None:
         )
     if cfg["world"] == "metaworld":
         demos = demo_seed_range(cfg)
-        blocks = (
-            {s: state_start(cfg, s) for s in seeds} if per_seed else {"shared": state_start(cfg, None)}
-        )
+        blocks = {s: state_start(cfg, s) for s in seeds} if per_seed else {"shared": state_start(cfg, None)}
         for s, a in blocks.items():
             if demos and a < demos[1] and demos[0] < a + n:
                 raise ConfigError(

@@ -59,7 +59,11 @@ def success_matrix(evals: dict, suites: list[str], runs: list[str]) -> np.ndarra
     rows = []
     seed = parse_run_name(runs[0])["seed"] if runs else None
     for run in ["teacher"] + runs:
-        ev = teacher_of(evals.get("teacher"), seed) if run == "teacher" and seed is not None else evals.get(run)
+        ev = (
+            teacher_of(evals.get("teacher"), seed)
+            if run == "teacher" and seed is not None
+            else evals.get(run)
+        )
         got = (ev or {}).get("suites") or {}
         missing = [s for s in suites if got.get(s) is None]
         if missing:

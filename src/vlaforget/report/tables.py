@@ -9,6 +9,10 @@ category too), the KL of the answer distributions, representation drift and CKA.
 Retention against a teacher that scores 0 is *undefined*: the cell reads "retention undefined" in the
 Markdown and "undefined" in the CSV (never 0, never NaN); a metric nobody measured is "–" / blank.
 
+With eval.initial_states per_seed the teacher's closed-loop evals are per seed (`teacher__s{seed}`):
+each run's retention divides by the teacher on its own seed's states (teacher_of), the teacher row
+pools every block (fold_teacher_blocks).
+
 Inputs are the eval stages' JSON files, `{root}/evals/{run}/{suite}.json` (closed loop: run, suite,
 success_rate, n_episodes, per_task) and `{root}/evals/{run}/forgetting.json` (run, vqa_accuracy,
 vqa_kl, drift_mean, cka_mean, drift_craft_layer, cka_craft_layer, ...).

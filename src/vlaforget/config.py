@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigError
 from .paths import check_under, resolve_allowed_root, resolve_root
 from .settings import ModelSettings
-from .study import NAME_RE, all_method_names, method_config, suites_all
+from .study import NAME_RE, all_method_names, check_initial_states, method_config, suites_all
 
 __all__ = ["SCHEMA_PATH", "ConfigError", "deep_merge", "load_config", "load_yaml", "validate"]
 
@@ -169,6 +169,7 @@ def _semantic_checks(cfg: dict) -> None:
     for s in suites_all(cfg):
         if not re.fullmatch(NAME_RE, s):
             raise ConfigError(f"suite / dataset name '{s}': use letters, digits and single underscores")
+    check_initial_states(cfg)  # eval.initial_states: blocks that fit, no eval on a demo's seed
     from .validation import late_checks
 
     late_checks(cfg)

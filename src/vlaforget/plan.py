@@ -266,12 +266,11 @@ def make_plan(
         )
     for r in runs:
         add("train", 1, train_hours(cfg, r, gpu, table, measured_step))
-    from .study import run_eval_suites, teacher_eval_suites
+    from .study import run_eval_suites, teacher_evals
 
     eval_suites: dict[str, int] = {}  # closed-loop evaluations per suite (the workflow's eval jobs)
-    for r in ["teacher"] + runs:
-        for s in teacher_eval_suites(cfg, runs) if r == "teacher" else run_eval_suites(cfg, r):
-            eval_suites[s] = eval_suites.get(s, 0) + 1
+    for s in [s for _, s in teacher_evals(cfg, runs)] + [s for r in runs for s in run_eval_suites(cfg, r)]:
+        eval_suites[s] = eval_suites.get(s, 0) + 1
     episodes = 0
     for s, n in sorted(eval_suites.items()):
         add("eval", n, n * eval_hours(cfg, s, gpu, table, step_fraction))

@@ -571,6 +571,10 @@ class EvalSettings(Settings):
     resolution: int = 256
     wait_steps: int | None = None  # None: envs.libero.WAIT_STEPS
     n_tasks: int | None = None  # the suite's first N tasks (smoke tests)
+    first_init_state: int = 0  # LIBERO: init states first_init_state ... + episodes_per_task - 1
+    # eval.initial_states per_seed: the training seed whose block of initial states this is (its runs
+    # and the teacher's `teacher__s{seed}` evals share it); None: the one shared block
+    state_block: int | None = None
 
     @property
     def world(self) -> str:
@@ -579,6 +583,15 @@ class EvalSettings(Settings):
 
 
 DEFAULT_MW_MAX_STEPS = 150  # Meta-World episode cap when eval.metaworld.max_steps is not set
+
+# eval.initial_states: which initial states a run is evaluated on (study.state_start).
+#   shared: every run of every seed (and the teacher) on the same ones: Meta-World episode seeds
+#     eval.metaworld.seed + i, LIBERO init states 0 … episodes_per_task-1;
+#   per_seed: the runs of training seed s (and the teacher's evals `teacher__s{s}`) on a block of their
+#     own, disjoint from every other seed's: Meta-World seeds eval.metaworld.seed + s*episodes_per_task + i,
+#     LIBERO init states k*episodes_per_task + i (k: s's index in study.initial_state_seeds).
+INITIAL_STATES = ("shared", "per_seed")
+DEFAULT_INITIAL_STATES = "shared"
 
 
 # The study config's typed blocks: where each lives in the study config -> its settings class. Each

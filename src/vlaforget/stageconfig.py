@@ -36,13 +36,17 @@ from .study import (
     anchor_set,
     chain_previous,
     dataset_tasks,
+    is_teacher,
     method_config,
     method_needs,
     parse_anchor_set,
     parse_run_name,
     parse_shots,
+    per_seed_states,
     probe_set_name,
+    run_seed,
     stage_jobs,
+    state_start,
     suites_all,
     tiny_corpus_datasets,
     tiny_pretrain_dataset,
@@ -207,7 +211,10 @@ def _dataset_block(cfg: dict, dataset: str) -> dict:
     }
 
 
-def eval_block(cfg: dict, suite: str) -> dict:
+def eval_block(cfg: dict, suite: str, seed: int | None = None) -> dict:
+    """The eval block of a suite; `seed`: the training seed whose initial states it uses
+    (eval.initial_states per_seed; study.state_start). Shared initial states: the block has no
+    state keys of its own (Meta-World: eval.metaworld.seed, LIBERO: init states from 0)."""
     e = cfg["eval"]
     blk = {
         "suite": suite,
@@ -231,6 +238,10 @@ def eval_block(cfg: dict, suite: str) -> dict:
         )
     else:
         blk.update(**(e.get("libero") or {}))
+    if per_seed_states(cfg) and seed is not None:
+        first = state_start(cfg, seed)
+        blk["seed" if cfg["world"] == "metaworld" else "first_init_state"] = first
+        blk["state_block"] = int(seed)
     return blk
 
 
@@ -370,7 +381,7 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
         code, files = codedeps.stage_code("train", parts)
         out.update(code=code, code_files=dict(files))
         if cfg["train"].get("eval_every"):
-            out["periodic_eval"] = eval_block(cfg, r["suite"])
+            out["periodic_eval"] = eval_block(cfg, r["suite"], r["seed"])
         prev = chain_previous(cfg, key)
         if prev:  # a chain stage: continue training the previous stage's adapter (only then: run ids)
             out["init_adapter"] = str(Path(job_output(cfg, "train", prev)) / "final")
@@ -385,8 +396,8 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             run_name=run,
             suite=suite,
             model=_model_block(cfg),
-            adapter_dir=None if run == "teacher" else str(Path(job_output(cfg, "train", run)) / "final"),
-            eval=eval_block(cfg, suite),
+            adapter_dir=None if is_teacher(run) else str(Path(job_output(cfg, "train", run)) / "final"),
+            eval=eval_block(cfg, suite, run_seed(run)),
             out_file=own,
         )
     elif stage == "forgetting":

@@ -6,6 +6,9 @@
   artifacts it reads (`method_needs`);
 - the grid: which runs a study trains, which suites each run and the teacher are evaluated on, which
   runs each table reads;
+- initial states (eval.initial_states): shared, or per training seed — a block of states per seed
+  (state_start), the teacher's closed-loop evals per seed (`teacher__s{seed}`, teacher_evals) and the
+  config-time checks (check_initial_states);
 - the job graph: every stage job (stage, key) (`stage_jobs`) and the jobs each one reads (`upstream`).
 
 The workflow's input functions (workflow/rules/common.smk), `vlaforget plan`, the stage configs
@@ -290,7 +293,7 @@ def table_runs(cfg: dict) -> dict[str, list[str]]:
 def run_eval_suites(cfg: dict, run: str) -> list[str]:
     """Suites a run (or the teacher) is evaluated on in closed loop: its own + the upstream suites;
     a chain stage: every chain suite (its row of the success matrix)."""
-    suites = [] if run == "teacher" else [parse_run_name(run)["suite"]]
+    suites = [] if is_teacher(run) else [parse_run_name(run)["suite"]]
     extra = chain_suites(cfg) if run in set(chain_runs(cfg)) else []
     return _unique(suites + extra + upstream_suites(cfg))
 
@@ -301,6 +304,157 @@ def teacher_eval_suites(cfg: dict, runs: list[str]) -> list[str]:
     if set(runs) & set(chain_runs(cfg)):
         suites += chain_suites(cfg)
     return _unique(suites)
+
+
+# ----------------------------------------------------------------------------- initial states
+# eval.initial_states (settings.INITIAL_STATES): `shared` evaluates every run of every seed and the
+# teacher (`teacher@{suite}`) on one set of initial states; `per_seed` gives the runs of each training
+# seed a block of their own, shared by all methods of that seed, and evaluates the teacher on each
+# seed's block (`teacher__s{seed}@{suite}`), so retention (run / teacher) and every paired comparison
+# stay on the same states. The teacher's forgetting job (VQA, drift: no initial states) stays one.
+
+TEACHER = "teacher"
+TEACHER_RE = r"teacher(?:__s\d+)?"  # `__`: no method or suite name holds it (NAME_RE)
+LIBERO_INIT_STATES = 50  # fixed init states per LIBERO task (envs.libero.NUM_INIT_STATES)
+# data/metaworld_demos.generate tries at most int(factor * episodes_per_task) + 10 seeds per task
+DEMO_ATTEMPTS_FACTOR = 3.0
+
+
+def initial_states(cfg: dict) -> str:
+    return (cfg.get("eval") or {}).get("initial_states") or settings.DEFAULT_INITIAL_STATES
+
+
+def per_seed_states(cfg: dict) -> bool:
+    return initial_states(cfg) == "per_seed"
+
+
+def is_teacher(run: str) -> bool:
+    return re.fullmatch(TEACHER_RE, run) is not None
+
+
+def teacher_run(cfg: dict, seed: int | None) -> str:
+    """The teacher's closed-loop eval key for the runs of a training seed: `teacher` (shared initial
+    states), `teacher__s{seed}` (per_seed: on that seed's block)."""
+    return f"{TEACHER}__s{int(seed)}" if per_seed_states(cfg) and seed is not None else TEACHER
+
+
+def run_seed(run: str) -> int | None:
+    """The training seed whose initial states a run's (or a teacher eval key's) evals use; None: the
+    shared teacher."""
+    m = re.fullmatch(r"teacher(?:__s(\d+))?", run)
+    if m:
+        return int(m.group(1)) if m.group(1) else None
+    return parse_run_name(run)["seed"]
+
+
+def initial_state_seeds(cfg: dict) -> list[int]:
+    """Every training seed of the study, in order (study.seeds, ablation_seeds, chain seeds): a
+    seed's index here numbers its LIBERO block of init states."""
+    st = cfg["study"]
+    return _unique(
+        [int(s) for s in list(st.get("seeds") or []) + list(st.get("ablation_seeds") or [])]
+        + [int(s) for s in chain_seeds(cfg)]
+    )
+
+
+def _episodes(cfg: dict) -> int:
+    return int(cfg["eval"]["episodes_per_task"])
+
+
+def _mw_first_seed(cfg: dict) -> int:
+    return int((cfg["eval"].get("metaworld") or {}).get("seed", settings.EvalSettings.seed))
+
+
+def state_start(cfg: dict, seed: int | None) -> int:
+    """The first initial state of a training seed's block (None: the shared block): a Meta-World
+    episode seed (eval.metaworld.seed + seed * episodes_per_task) or a LIBERO init state (the seed's
+    index in initial_state_seeds * episodes_per_task). Episode i of a task uses state_start + i."""
+    meta = cfg["world"] == "metaworld"
+    if seed is None or not per_seed_states(cfg):
+        return _mw_first_seed(cfg) if meta else 0
+    if meta:
+        return _mw_first_seed(cfg) + int(seed) * _episodes(cfg)
+    seeds = initial_state_seeds(cfg)
+    if int(seed) not in seeds:
+        raise ConfigError(
+            f"seed {seed} is no training seed of the study ({seeds}): it has no block of init states"
+        )
+    return seeds.index(int(seed)) * _episodes(cfg)
+
+
+def demo_seed_range(cfg: dict) -> tuple[int, int] | None:
+    """[first, last + 1) of the episode seeds the Meta-World demonstrations may use (None: LIBERO)."""
+    mw = cfg["data"].get("metaworld") or {}
+    if cfg["world"] != "metaworld" or mw.get("seed") is None:
+        return None
+    first = int(mw["seed"])
+    return first, first + int(DEMO_ATTEMPTS_FACTOR * int(mw["episodes_per_task"])) + 10
+
+
+def _libero_vqa_states(cfg: dict) -> int:
+    """LIBERO init states the question set holds out (the last N of each task; data/libero_vqa.py),
+    0 when no LIBERO question set is made (stageconfig.libero_vqa_params)."""
+    f = cfg["eval"].get("forgetting") or {}
+    if cfg["world"] != "libero" or not f.get("libero_vqa") or f.get("vqa_jsonl"):
+        return 0
+    return int(f["libero_vqa"].get("states_per_task", 2))  # libero_vqa_params' default
+
+
+def check_initial_states(cfg: dict) -> None:
+    """eval.initial_states at config load: per_seed blocks that fit the world, and no evaluation
+    episode on a demonstration's seed (shared too). A ConfigError names the numbers and the fix."""
+    n, per_seed = _episodes(cfg), per_seed_states(cfg)
+    seeds = initial_state_seeds(cfg)
+    if per_seed and any(s < 0 for s in seeds):
+        raise ConfigError(
+            f"eval.initial_states per_seed: training seeds must be >= 0 (a seed numbers its block of "
+            f"initial states); got {[s for s in seeds if s < 0]}"
+        )
+    tr = cfg.get("train") or {}
+    if per_seed and tr.get("eval_every") and int(tr.get("eval_episodes_per_task") or 0) > n:
+        raise ConfigError(
+            f"eval.initial_states per_seed: train.eval_episodes_per_task = {tr['eval_episodes_per_task']} "
+            f"exceeds eval.episodes_per_task = {n}, the size of a seed's block: periodic evals would use "
+            "the next seed's states; lower train.eval_episodes_per_task"
+        )
+    if cfg["world"] == "metaworld":
+        demos = demo_seed_range(cfg)
+        blocks = {s: state_start(cfg, s) for s in seeds} if per_seed else {"shared": state_start(cfg, None)}
+        for s, a in blocks.items():
+            if demos and a < demos[1] and demos[0] < a + n:
+                raise ConfigError(
+                    f"eval.initial_states {initial_states(cfg)}: the evaluation episodes of "
+                    f"{'seed ' + str(s) if per_seed else 'every run'} use Meta-World seeds {a} … {a + n - 1}, "
+                    f"which overlap the demonstrations' seeds {demos[0]} … {demos[1] - 1} "
+                    f"(data.metaworld.seed {demos[0]}, up to {DEMO_ATTEMPTS_FACTOR:g} x episodes_per_task + 10 "
+                    "tried per task): move eval.metaworld.seed past them (e.g. 500000)"
+                )
+        return
+    if not per_seed:
+        return
+    held = _libero_vqa_states(cfg)
+    free = LIBERO_INIT_STATES - held
+    if len(seeds) * n > free:
+        raise ConfigError(
+            f"eval.initial_states per_seed: {len(seeds)} seeds x eval.episodes_per_task {n} = "
+            f"{len(seeds) * n} init states per task, but LIBERO has {LIBERO_INIT_STATES}"
+            + (f", {held} of them held out for eval.forgetting.libero_vqa" if held else "")
+            + f" ({free} free): use at most {free // max(1, len(seeds))} episodes per task, at most "
+            f"{free // max(1, n)} seeds, or eval.initial_states: shared"
+        )
+
+
+def teacher_evals(cfg: dict, runs: list[str]) -> list[tuple[str, str]]:
+    """(teacher eval key, suite) of the teacher's closed-loop evals the given runs are compared with:
+    `teacher` on teacher_eval_suites (shared), or per_seed `teacher__s{seed}` on the suites of that
+    seed's runs."""
+    if not per_seed_states(cfg):
+        return [(TEACHER, s) for s in teacher_eval_suites(cfg, runs)]
+    out = []
+    for seed in _unique(run_seed(r) for r in runs):
+        suites = teacher_eval_suites(cfg, [r for r in runs if run_seed(r) == seed])
+        out += [(teacher_run(cfg, seed), s) for s in suites]
+    return out
 
 
 def anchor_set_of(cfg: dict, run: str) -> str | None:
@@ -328,7 +482,7 @@ def stage_jobs(cfg: dict) -> list[tuple[str, str]]:
             jobs.append(("craft_anchors", aset))
         jobs.append(("train", r))
         jobs += [("eval", f"{r}@{s}") for s in run_eval_suites(cfg, r)] + [("forgetting", r)]
-    jobs += [("eval", f"teacher@{s}") for s in teacher_eval_suites(cfg, runs)] + [("forgetting", "teacher")]
+    jobs += [("eval", f"{t}@{s}") for t, s in teacher_evals(cfg, runs)] + [("forgetting", TEACHER)]
     return _unique(jobs)
 
 
@@ -373,7 +527,7 @@ def upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
     if stage == "eval":
         run, suite = key.rsplit("@", 1)
         out = [("model", "model", base), ("cache", "cache", suite)]
-        return out + ([("train", "train", run)] if run != "teacher" else [])
+        return out + ([("train", "train", run)] if not is_teacher(run) else [])
     if stage == "forgetting":
         out = [("model", "model", base), ("probe", "probe", ps), ("icsm", "icsm", ps)]
         if key != "teacher":

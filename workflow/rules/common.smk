@@ -46,7 +46,7 @@ wildcard_constraints:
     cid=vsf.CONFIG_ID_RE,
     dataset=NAME,
     suite=NAME,
-    run=rf"teacher|{RUN_RE}",
+    run=rf"{vfs.TEACHER_RE}|{RUN_RE}",
     trun=RUN_RE,
 
 
@@ -195,8 +195,9 @@ def run_eval_files(run):
 
 
 def teacher_eval_files(runs):
-    """The teacher's evals on every suite the given runs are trained or measured on."""
-    return [eval_file("teacher", s) for s in vfs.teacher_eval_suites(config, runs)] + [forgetting_file("teacher")]
+    """The teacher's evals on every suite the given runs are trained or measured on (eval.initial_states
+    per_seed: on each seed's initial states, `teacher__s{seed}`), and its forgetting metrics."""
+    return [eval_file(t, s) for t, s in vfs.teacher_evals(config, runs)] + [forgetting_file("teacher")]
 
 
 def table_inputs(runs):
@@ -424,7 +425,8 @@ def report_records():
 
 def lifelong_inputs():
     """The success matrix of every chain: each stage and the teacher (row 0) on every chain suite."""
-    return [eval_file(r, s) for r in ["teacher"] + chain_runs() for s in CHAIN_SUITES]
+    teacher = [eval_file(t, s) for t, s in vfs.teacher_evals(config, chain_runs()) if s in CHAIN_SUITES]
+    return teacher + [eval_file(r, s) for r in chain_runs() for s in CHAIN_SUITES]
 
 
 def lifelong_run_dirs():

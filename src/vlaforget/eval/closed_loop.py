@@ -8,8 +8,11 @@ the suite's statistics, and runs tasks × episodes_per_task through the batched 
 
 * Meta-World: task list from the config, canonical instruction per task, held-out episode seeds
   `eval.seed + i` (demonstrations use other seeds), cap `eval.max_steps`;
-* LIBERO: the suite's tasks and language, init states 0..episodes_per_task−1, openvla's protocol
-  (envs/libero.py).
+* LIBERO: the suite's tasks and language, init states first_init_state + i (i < episodes_per_task;
+  0 unless eval.initial_states is per_seed), openvla's protocol (envs/libero.py).
+
+eval.initial_states per_seed: the block names its training seed (`state_block`) and its first state
+(Meta-World `seed`, LIBERO `first_init_state`, study.state_start); the protocol records both.
 
 Writes `out_file` (= `{root}/evals/{run}/{suite}.json`, the completion file) last:
 {run, suite, success_rate, n_episodes, per_task: {task: {success_rate, n, successes, mean_steps}},
@@ -139,6 +142,7 @@ def build_episodes(
                 "max_steps": caps if len(set(caps.values())) > 1 else max_steps,
                 "camera": e.camera,
                 "render_size": e.render_size,
+                **_block_record(e),
             },
         )
     from ..envs import libero as L
@@ -146,9 +150,11 @@ def build_episodes(
     bench = suite.removesuffix("_no_noops")
     L.ensure_libero_config(e.config_path)  # workers inherit LIBERO_CONFIG_PATH
     tasks = L.suite_tasks(bench)
-    if n > L.NUM_INIT_STATES:
+    first = int(e.first_init_state)
+    if first + n > L.NUM_INIT_STATES:
         raise ValueError(
-            f"eval.episodes_per_task = {n} but LIBERO has {L.NUM_INIT_STATES} init states per task"
+            f"eval.episodes_per_task = {n} from init state {first} but LIBERO has {L.NUM_INIT_STATES} "
+            "init states per task"
         )
     cap = int(e.max_steps or L.max_steps_for(bench))  # max_steps: override for smoke tests only
     fac = L.LiberoFactory(
@@ -162,7 +168,12 @@ def build_episodes(
     tasks = tasks[: e.n_tasks] if e.n_tasks else tasks  # n_tasks: smoke tests only
     names = [t["name"] for t in tasks]
     eps = make_episodes(
-        names, {t["name"]: t["language"] for t in tasks}, n, lambda t, i: i, suite=suite, videos_per_task=k
+        names,
+        {t["name"]: t["language"] for t in tasks},
+        n,
+        lambda t, i: first + i,
+        suite=suite,
+        videos_per_task=k,
     )
     return (
         fac,
@@ -170,11 +181,18 @@ def build_episodes(
         {
             "world": "libero",
             "benchmark": bench,
-            "init_states": [0, n - 1],
+            "init_states": [first, first + n - 1],
             "max_steps": cap,
             "wait_steps": L.WAIT_STEPS if e.wait_steps is None else e.wait_steps,
+            **_block_record(e),
         },
     )
+
+
+def _block_record(e: EvalSettings) -> dict:
+    """The protocol's record of whose initial states these are: nothing for the shared block (its
+    eval JSON as before eval.initial_states existed), else the training seed of the block."""
+    return {} if e.state_block is None else {"initial_states": "per_seed", "state_block": e.state_block}
 
 
 def evaluate_model(

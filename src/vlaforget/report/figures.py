@@ -20,7 +20,7 @@ import numpy as np
 
 from ..io import atomic_path
 from ..study import parse_run_name
-from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize
+from .tables import UNDEFINED, load_evals, read_table, run_metrics, summarize, teacher_of
 
 CURVES = [
     ("train_loss", "action loss"),
@@ -76,7 +76,7 @@ def pareto(eval_files, upstream: list[str], out_dir: Path) -> list[Path]:
         if run == "teacher":
             continue
         r = parse_run_name(run)
-        m = run_metrics(ev, r["suite"], upstream, teacher)
+        m = run_metrics(ev, r["suite"], upstream, teacher_of(teacher, r["seed"]))
         y = m["downstream_success"]
         for key, _ in RETENTIONS:
             x = m.get(key)
@@ -117,7 +117,7 @@ def category_retention(eval_files, upstream: list[str], out_dir: Path) -> list[P
         if run == "teacher" or teacher is None:
             continue
         r = parse_run_name(run)
-        for k, v in run_metrics(ev, r["suite"], upstream, teacher).items():
+        for k, v in run_metrics(ev, r["suite"], upstream, teacher_of(teacher, r["seed"])).items():
             if k.startswith("vqa_mc_retention[") and v is not None:
                 vals[k[len("vqa_mc_retention[") : -1]][r["method"]].append(v)
     cats = sorted(vals)

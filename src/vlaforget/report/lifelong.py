@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import UserError
 from ..eval.metrics import libero_lifelong_metrics
 from ..study import parse_run_name, run_name
-from .tables import summarize
+from .tables import summarize, teacher_of
 
 METRICS = [("fwt", "FWT ↑"), ("nbt", "NBT ↓"), ("auc", "AUC ↑"), ("final_acc", "final mean success")]
 
@@ -54,10 +54,17 @@ def chains_in(evals: dict, suites: list[str]) -> list[tuple[str, int]]:
 
 
 def success_matrix(evals: dict, suites: list[str], runs: list[str]) -> np.ndarray:
-    """(K+1) x K: row 0 the teacher, row k the run of stage k, each on every chain suite."""
+    """(K+1) x K: row 0 the teacher (eval.initial_states per_seed: on the chain's seed's states), row k
+    the run of stage k, each on every chain suite."""
     rows = []
+    seed = parse_run_name(runs[0])["seed"] if runs else None
     for run in ["teacher"] + runs:
-        got = (evals.get(run) or {}).get("suites") or {}
+        ev = (
+            teacher_of(evals.get("teacher"), seed)
+            if run == "teacher" and seed is not None
+            else evals.get(run)
+        )
+        got = (ev or {}).get("suites") or {}
         missing = [s for s in suites if got.get(s) is None]
         if missing:
             raise LifelongInputError(

@@ -7,7 +7,8 @@ teacher) and representation drift (mean ± 95 % t-CI over seeds), and the paired
 upstream retention against the row's reference (percentile bootstrap 95 % CI over seeds). The reference
 is plain LoRA (`baseline`) in the main and few-shot tables, and in the ablation table each ablation's
 base method (the full method is the reference row). Significance marks: exact McNemar tests on the
-episodes of shared initial states (every run of a seed is evaluated on the same initial states),
+episodes of shared initial states (every run of a seed is evaluated on the same initial states; pairs
+are made within a seed, so eval.initial_states per_seed pairs on each seed's own block),
 Holm–Bonferroni over every comparison of the table. Methods on the Pareto front of (downstream success,
 upstream retention) within their suite / shots are marked too: the comparison at matched downstream
 success the data allow (the embedded study has no periodic closed-loop evaluation during training).
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..study import parse_run_name
 from .stats import LEVEL, binomial_ci, holm, mcnemar_exact, paired_bootstrap, pareto_front
-from .tables import UNDEFINED, run_metrics, summarize
+from .tables import UNDEFINED, run_metrics, summarize, teacher_of
 
 ALPHA = 0.05
 SIG, FRONT = "*", "†"
@@ -133,6 +134,11 @@ def _row(method, suite, shots, by_seed: dict[int, dict], teacher, upstream) -> d
     dn = {"k": k, "n": n, "rate": k / n if n else float("nan"), "low": lo, "high": hi}
     uk, un = _pooled(evs, ups)
     ret = {"k": uk, "n": un, "value": None, "low": float("nan"), "high": float("nan")}
+    # the teacher on these seeds' initial states (per_seed: their blocks, pooled; the teacher's own
+    # row: every block); per seed, each seed's own
+    seed_teacher = {s: teacher if method == "teacher" else teacher_of(teacher, s) for s in by_seed}
+    if method != "teacher":
+        teacher = teacher_of(teacher, sorted(by_seed))
     if teacher is not None and un:
         live = [s for s in ups if teacher["suites"].get(s)]
         tk, tn = _pooled([teacher], ups)
@@ -147,7 +153,7 @@ def _row(method, suite, shots, by_seed: dict[int, dict], teacher, upstream) -> d
             ret.update(
                 k=uk, n=un, value=uk / un / t_rate, low=lo / t_rate, high=hi / t_rate, teacher_rate=t_rate
             )
-    per_seed = [run_metrics(ev, suite, upstream, teacher) for ev in evs]
+    per_seed = [run_metrics(by_seed[s], suite, upstream, seed_teacher[s]) for s in sorted(by_seed)]
     return {
         "method": method,
         "suite": suite or "-",
@@ -167,7 +173,7 @@ def _compare(row, runs: dict[int, dict], ref_runs: dict[int, dict], ref: str, te
     seeds = sorted(set(runs) & set(ref_runs))
 
     def per_seed(col, rs):
-        return [_finite(run_metrics(rs[s], suite, upstream, teacher).get(col)) for s in seeds]
+        return [_finite(run_metrics(rs[s], suite, upstream, teacher_of(teacher, s)).get(col)) for s in seeds]
 
     c = {
         "method": row["method"],

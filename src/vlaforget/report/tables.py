@@ -9,6 +9,10 @@ category too), the KL of the answer distributions, representation drift and CKA.
 Retention against a teacher that scores 0 is *undefined*: the cell reads "retention undefined" in the
 Markdown and "undefined" in the CSV (never 0, never NaN); a metric nobody measured is "–" / blank.
 
+With eval.initial_states per_seed the teacher's closed-loop evals are per seed (`teacher__s{seed}`):
+each run's retention divides by the teacher on its own seed's states (teacher_of), the teacher row
+pools every block (fold_teacher_blocks).
+
 Inputs are the eval stages' JSON files, `{root}/evals/{run}/{suite}.json` (closed loop: run, suite,
 success_rate, n_episodes, per_task) and `{root}/evals/{run}/forgetting.json` (run, vqa_accuracy,
 vqa_kl, drift_mean, cka_mean, drift_craft_layer, cka_craft_layer, ...).
@@ -134,7 +138,60 @@ def load_evals(paths) -> dict[str, dict]:
             runs[run]["episodes"][suite] = episode_outcomes(d)
             for task, blk in sorted((d.get("per_task") or {}).items()):
                 runs[run]["tasks"][task] = _num(blk.get("success_rate"))
-    return dict(runs)
+    return fold_teacher_blocks(dict(runs))
+
+
+def fold_teacher_blocks(evals: dict[str, dict]) -> dict[str, dict]:
+    """eval.initial_states per_seed: the teacher's evals on each seed's initial states
+    (`teacher__s{seed}`) go into evals["teacher"]["blocks"][seed] (teacher_of reads them: a run's
+    retention divides by the teacher on the same states), and evals["teacher"]'s own success is
+    pooled over every block (the teacher row). Without such evals: evals unchanged."""
+    blocks = {}
+    for run in list(evals):
+        m = re.fullmatch(r"teacher__s(\d+)", run)
+        if m:
+            blocks[int(m.group(1))] = evals.pop(run)
+    if not blocks:
+        return evals
+    pooled = pool_blocks([blocks[s] for s in sorted(blocks)])
+    teacher = evals.get("teacher") or {}
+    evals["teacher"] = {**pooled, "forgetting": teacher.get("forgetting"), "blocks": blocks}
+    return evals
+
+
+def pool_blocks(blocks: list[dict]) -> dict:
+    """One teacher over several blocks of initial states: per suite and task, the success rate over
+    all their episodes (each block weighted by its episodes), the episodes of all."""
+    out: dict = {"suites": {}, "tasks": {}, "episodes": {}}
+    for key in ("suites", "tasks"):
+        for name in dict.fromkeys(n for b in blocks for n in b.get(key) or {}):
+            vals, weights = [], []
+            for b in blocks:
+                v = (b.get(key) or {}).get(name)
+                if v is None:
+                    continue
+                eps = (b.get("episodes") or {}).get(name) if key == "suites" else None
+                vals.append(v)
+                weights.append(len(eps) if eps else 1)
+            out[key][name] = float(np.average(vals, weights=weights)) if vals else None
+    for b in blocks:
+        for suite, eps in (b.get("episodes") or {}).items():
+            out["episodes"].setdefault(suite, {}).update(eps)
+    return out
+
+
+def teacher_of(teacher: dict | None, seeds) -> dict | None:
+    """The teacher a run (or runs) of these training seeds is compared with: per_seed initial states
+    (load_evals' `blocks`), the teacher on those seeds' blocks only (one seed: its block; several:
+    pooled), its forgetting metrics kept; shared states: the teacher itself. A seed without a
+    teacher block gets no closed-loop teacher (retention unmeasured, never another seed's states)."""
+    if teacher is None or not teacher.get("blocks"):
+        return teacher
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    got = [teacher["blocks"][s] for s in seeds if s in teacher["blocks"]]
+    if len(got) < len(seeds):
+        return {"suites": {}, "tasks": {}, "episodes": {}, "forgetting": teacher.get("forgetting")}
+    return {**pool_blocks(got), "forgetting": teacher.get("forgetting")}
 
 
 def episode_outcomes(d: dict) -> dict[tuple, bool]:
@@ -236,7 +293,7 @@ def build_table(evals: dict[str, dict], kind: str, upstream: list[str]) -> list[
         key = (r["method"], r["suite"], r["shots"])
         if key not in groups:
             order.append(key)
-        groups[key].append(run_metrics(ev, r["suite"], upstream, teacher))
+        groups[key].append(run_metrics(ev, r["suite"], upstream, teacher_of(teacher, r["seed"])))
         if r["suite"] not in suites:
             suites.append(r["suite"])
     rows = []

@@ -130,9 +130,10 @@ def test_ruff_format_changes_no_module_digest(formatted):
 _LOADER = r"""
 import importlib.util, json, sys
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("_codedeps", sys.argv[1])
-m = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(m)
+# the package from its source folder (codedeps imports its stdlib-only siblings: errors, semantics),
+# never an installed copy: the other Pythons have none
+sys.path.insert(0, str(Path(sys.argv[1]).resolve().parent.parent))
+import vlaforget.codedeps as m
 roots = [Path(r) for r in sys.argv[2:]]
 print(json.dumps({f"{i}:{f.relative_to(r)}": m.code_digest(f) for i, r in enumerate(roots) for f in sorted(r.rglob("*.py"))}))
 """

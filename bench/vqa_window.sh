@@ -9,6 +9,8 @@
 #
 #   bash bench/vqa_window.sh ROOT [KEY ...]      (default KEY: mw_downstream__baseline__full__s42)
 #   PRETRAIN_STEPS=800 EXTRA=$'train:\n  max_steps: 300' bash bench/vqa_window.sh /tmp/vqa-root
+# DATA_FROM=ROOT2 reuses ROOT2's demonstrations and caches; SETUP=0 skips everything before the runs (a root the script has set up). Other budgets: bench/vqa_budget.sh
+# on this root with EXTRA=$'model:\n  pretrain:\n    steps: 800\n    threads: 2' (the same teacher).
 # docs/benchmarks.md "Issue 27.4: questions about the window".
 set -u
 R=${1:?data root}; shift
@@ -26,9 +28,15 @@ stage() {  # stage key [tag]
     $VF "$1" --config "$f" > "${f%.yaml}.log" 2>&1 || { echo "$1 $2 failed: ${f%.yaml}.log"; exit 1; }
     echo "$1 $2: $((SECONDS - t0)) s"
 }
-for ds in mw_upstream mw_downstream; do stage demos $ds; stage cache $ds; done
-stage model tiny-vla
-PS=$(.venv/bin/python -c "from vlaforget import config as c, study as s; print(s.probe_set_name(c.load_config(*'$CFG $d/overlay.yaml'.split())))")
-stage probe "$PS"; stage icsm "$PS"
-stage forgetting teacher
+if [ "${SETUP:-1}" = 1 ]; then
+    if [ -n "${DATA_FROM:-}" ]; then  # another root's demonstrations and caches (same ids)
+        [ -e "$R/datasets" ] || ln -s "$DATA_FROM/datasets" "$R/datasets"
+    else
+        for ds in mw_upstream mw_downstream; do stage demos $ds; stage cache $ds; done
+    fi
+    stage model tiny-vla
+    PS=$(.venv/bin/python -c "from vlaforget import config as c, study as s; print(s.probe_set_name(c.load_config(*'$CFG $d/overlay.yaml'.split())))")
+    stage probe "$PS"; stage icsm "$PS"
+    stage forgetting teacher
+fi
 for key in "$@"; do stage train "$key"; stage forgetting "$key"; done

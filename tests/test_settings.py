@@ -92,6 +92,7 @@ CONFIG_STACKS = [
     ["demo.yaml"],
     ["demo.yaml", "ci.yaml"],
     ["demo.yaml", "demo_gpu.yaml"],
+    ["demo.yaml", "demo_gpu.yaml", "demo_window_vqa.yaml"],
     ["profile_4090.yaml"],
     ["profile_4090.yaml", "pilot.yaml"],
     ["profile_v100x8.yaml"],

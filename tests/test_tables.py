@@ -336,3 +336,30 @@ def test_success_per_task_columns_and_markdown_section(tmp_path):
     assert "open-v3" not in main_part  # the main table keeps its columns
     assert "| method | suite | seeds | close-v3 | open-v3 |" in per_task_part
     assert "| teacher | " in per_task_part and "0.625 ± " in per_task_part
+
+
+def test_downstream_scene_vqa_is_its_own_column(tmp_path):
+    """Issue 27.4: questions on the downstream scenes (forgetting.json vqa_mc_downstream) get their own
+    accuracy / retention columns, per category too; the upstream-scene VQA-MC columns are unchanged."""
+    runs = {
+        "teacher": ({"scene": 1.0}, {"window_open": 0.8, "scene": 1.0}),
+        f"{SUITE}__baseline__full__s1": ({"scene": 1.0}, {"window_open": 0.4, "scene": 1.0}),
+        f"{SUITE}__baseline__full__s2": ({"scene": 1.0}, {"window_open": 0.6, "scene": 0.9}),
+    }
+    files = []
+    for run, (up, down) in runs.items():
+        d = tmp_path / "evals" / run
+        d.mkdir(parents=True)
+        for s in (SUITE, UP):
+            (d / f"{s}.json").write_text(json.dumps({"run": run, "suite": s, "success_rate": 0.5}))
+            files.append(str(d / f"{s}.json"))
+        f = {"run": run, "vqa_mc": _mc(up), "vqa_mc_downstream": _mc(down)}
+        (d / "forgetting.json").write_text(json.dumps(f))
+        files.append(str(d / "forgetting.json"))
+    rows = tables.build_table(tables.load_evals(files), "main", [UP])
+    b = rows[1]
+    assert b["vqa_mc_retention_mean"] == pytest.approx(1.0)
+    assert b["vqa_mc_downstream_retention[window_open]_mean"] == pytest.approx(0.625)
+    assert b["vqa_mc_downstream_retention_mean"] == pytest.approx(np.mean([0.7 / 0.9, 0.75 / 0.9]))
+    md = tables.to_markdown(rows, "main")
+    assert "VQA-MC retention (downstream scenes)" in md

@@ -15,11 +15,16 @@ from vlaforget.data.vqa import (
     DRAWER_CLOSED_M,
     DRAWER_OPEN_M,
     OBJ_QUAT,
+    WINDOW_CLOSED_DX,
+    WINDOW_CLOSED_M,
+    WINDOW_HANDLE_DY,
+    WINDOW_OPEN_M,
     camera_pose,
     drawer_opening,
     image_x,
     questions_for,
     vqa_samples,
+    window_opening,
 )
 from vlaforget.envs.metaworld import MetaWorldEnv, rendering_available
 
@@ -133,3 +138,63 @@ def test_left_right_matches_the_rendered_image():
                             checked += 1
                 obs, _, _ = env.step(env.expert_action(obs))
     assert checked >= 2
+
+
+# ----------------------------------------------------------------------------- the window (issue 27.4)
+
+
+def _window_state(task, opening, dy=WINDOW_HANDLE_DY):
+    """A hand-made 39-D env_state of a window task whose window is `opening` m open."""
+    es = np.zeros(39)
+    es[36:39] = [0.05, 0.80, 0.16]  # goal
+    es[4:7] = [0.05 + WINDOW_CLOSED_DX[task] + opening, 0.80 + dy, 0.16]  # the handle
+    es[3] = 0.65  # gripper between open and closed: no gripper_state question
+    return es
+
+
+@pytest.mark.parametrize("task", ["window-open-v3", "window-close-v3"])
+def test_window_answer_rule_on_hand_made_states(task):
+    assert _answers(task, _window_state(task, 0.0))["window_open"] == "no"
+    assert _answers(task, _window_state(task, WINDOW_CLOSED_M - 0.005))["window_open"] == "no"
+    assert _answers(task, _window_state(task, 0.2))["window_open"] == "yes"
+    assert _answers(task, _window_state(task, WINDOW_OPEN_M + 0.005))["window_open"] == "yes"
+    for near in (WINDOW_CLOSED_M + 0.005, 0.06, WINDOW_OPEN_M - 0.005):  # near the boundary: skipped
+        assert "window_open" not in _answers(task, _window_state(task, near))
+    # an episode's first frame: the handle is not where the window is (Meta-World's stale observation)
+    assert window_opening(task, _window_state(task, 0.0, dy=0.03)) is None
+    assert "window_open" not in _answers(task, _window_state(task, 0.2, dy=0.03))
+    assert "window_open" not in _answers("drawer-open-v3", _window_state(task, 0.2))  # not a window task
+
+
+def test_window_geometry_matches_metaworld():
+    """The constants are Meta-World's: after the first step window-open's window is closed (0 m)
+    and window-close's open by the slide's 0.2 m; the expert opens / closes it."""
+    for seed in (0, 1, 2):
+        for task, start in (("window-open-v3", 0.0), ("window-close-v3", 0.2)):
+            with MetaWorldEnv(task, seed, render=False) as env:
+                obs = env.reset()
+                obs, _, _ = env.step(env.expert_action(obs))
+                assert abs(window_opening(task, obs["env_state"]) - start) < 0.005
+    ep = _rollout("window-open-v3", 1000)
+    assert ep["success"]
+    assert _answers("window-open-v3", ep["env_states"][1])["window_open"] == "no"
+    assert _answers("window-open-v3", ep["env_states"][-1])["window_open"] == "yes"
+    ep = _rollout("window-close-v3", 1000)
+    assert ep["success"]
+    assert _answers("window-close-v3", ep["env_states"][1])["window_open"] == "yes"
+    # the expert stops 0.05 m from closed (Meta-World's success radius): its last frame is near the boundary
+    assert WINDOW_CLOSED_M < window_opening("window-close-v3", ep["env_states"][-1]) < WINDOW_OPEN_M
+
+
+def test_window_questions_are_balanced(tmp_path):
+    eps = [_rollout(t, s) for t in ("window-open-v3", "window-close-v3") for s in (1000, 1001)]
+    write_cache(eps, tmp_path / "c", "mw_w", image_size=16, transform="metaworld")
+    ds = CachedDataset(tmp_path / "c", "all")
+    items = vqa_samples(ds, 80, seed=0)
+    win = collections.Counter(x["answer"] for x in items if x["kind"] == "window_open")
+    assert set(win) == {"yes", "no"} and win["yes"] == win["no"] >= 10
+    assert {x["kind"] for x in items} == {"scene", "window_open", "gripper_state", "gripper_side"}
+    for x in items:
+        if x["kind"] == "window_open":
+            assert x["candidates"] == ["yes", "no"] and x["question"] == "is the window open?"
+            assert _answers(x["task"], ds[x["index"]]["env_state"])["window_open"] == x["answer"]

@@ -466,6 +466,11 @@ class PretrainSettings(Settings):
     vqa_train_samples: int = key("visual questions drawn for training (Meta-World only)", 6000)
     vqa_heldout_samples: int = key("visual questions drawn for held-out accuracy (Meta-World only)", 400)
     dataset: str | None = key("the pretraining dataset; null = data.metaworld.upstream", None)
+    vqa_datasets: tuple[str, ...] = key(
+        "more datasets whose train-split frames give visual questions, vqa_train_samples each (e.g. "
+        "the downstream suite: the scenes fine-tuning rewrites; Meta-World only)",
+        (),
+    )
 
     @classmethod
     def of_keys(cls, block: Any, where: str | None = None) -> PretrainSettings:
@@ -537,6 +542,9 @@ class ForgettingSettings(Settings):
     vqa_n: int | None = None  # questions: None = all of the JSONL / DEFAULT_VQA_N from the caches
     vqa_image_size: int | None = 224
     vqa_datasets: tuple[Any, ...] = ()  # dataset blocks whose caches generate questions (metaworld)
+    # eval.forgetting.downstream_vqa_suites: dataset blocks whose held-out frames give a second question
+    # set, scored apart (vqa_mc_downstream) so the upstream-scene VQA numbers stay comparable
+    vqa_downstream_datasets: tuple[Any, ...] = ()
     camera: str = "corner3"  # the camera of those cache-generated questions
     seed: int = 0
     drift_samples: int = 256  # probe samples for drift / CKA

@@ -320,6 +320,13 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
                 corpus_datasets=[_dataset_block(cfg, s) for s in tiny_corpus_datasets(cfg)],
                 instructions=mw.get("instructions") or {},
             )
+            extra = list((cfg["model"]["pretrain"] or {}).get("vqa_datasets") or [])
+            if set(extra) - set(tiny_corpus_datasets(cfg)):  # their caches are the model job's inputs
+                raise ConfigError(
+                    f"model.pretrain.vqa_datasets {sorted(set(extra) - set(tiny_corpus_datasets(cfg)))} "
+                    f"are not datasets of this study (its suites and the pretraining dataset: "
+                    f"{tiny_corpus_datasets(cfg)})"
+                )
     elif stage == "probe":
         out.update(
             model=_model_block(cfg),
@@ -421,6 +428,15 @@ def stage_config(cfg: dict, stage: str, key: str) -> dict:
             else [],
             out_file=own,
         )
+        down = list(f.get("downstream_vqa_suites") or []) if cfg["world"] == "metaworld" else []
+        if down:  # only when configured: the stage configs (ids) of studies without it are unchanged
+            unknown = sorted(set(down) - set(suites_all(cfg)))
+            if unknown:
+                raise ConfigError(
+                    f"eval.forgetting.downstream_vqa_suites {unknown} are not suites of this study "
+                    f"({suites_all(cfg)})"
+                )
+            out["vqa_downstream_datasets"] = [_dataset_block(cfg, s) for s in down]
     else:
         raise ConfigError(f"unknown stage '{stage}'")
     out["inputs"] = stage_inputs(cfg, stage, key)

@@ -533,9 +533,12 @@ def upstream(cfg: dict, stage: str, key: str) -> list[tuple[str, str, str]]:
         if key != "teacher":
             out.append(("train", "train", key))
         if meta:
+            f = cfg["eval"].get("forgetting", {})
             out += [
                 (f"cache:{s}", "cache", s)
-                for s in cfg["eval"].get("forgetting", {}).get("upstream_suites", [])
+                for s in _unique(
+                    list(f.get("upstream_suites", [])) + list(f.get("downstream_vqa_suites") or [])
+                )
             ]
         return out
     return []

@@ -6,6 +6,7 @@ one-word answers follow from the stored 39-D observation (`env_state`) and the t
   scene          "what object is on the table?"          -> drawer / door / button / plate / ...
   drawer_open    "is the drawer open?"                   -> yes / no   (drawer tasks)
   door_open      "is the door open?"                     -> yes / no   (door tasks)
+  window_open    "is the window open?"                   -> yes / no   (window tasks)
   gripper_side   "is the gripper left or right of the X?" -> left / right (in the upright image)
   gripper_state  "is the gripper open or closed?"        -> open / closed
 
@@ -83,6 +84,17 @@ DRAWER_OPEN_M, DRAWER_CLOSED_M = 0.07, 0.045  # opening (m) above/below which th
 DOOR_CLOSED_QUAT = np.array([0.691, -0.151, 0.691, 0.151])
 DOOR_TASKS = ("door-open-v3", "door-close-v3")
 DOOR_OPEN_RAD, DOOR_CLOSED_RAD = 0.35, 0.1
+# Window (Meta-World 3.x, sawyer_window_horizontal.xml): the handle (object 1) slides along +x by 0.2 m
+# when opened. Handle x - goal x of the CLOSED window, measured after an episode's first step:
+# window-open (handle site handleOpenStart, goal = closed body + 0.2 m) -0.24, window-close
+# (handleCloseStart, goal = the closed body) +0.01; pinned by a test. The handle's y is goal y - 0.095
+# in both; an episode's first frame holds the previous episode's handle (Meta-World fills the
+# observation before mj_forward) and is skipped by that check.
+WINDOW_CLOSED_DX = {"window-open-v3": -0.24, "window-close-v3": 0.01}
+WINDOW_HANDLE_DY, WINDOW_DY_TOL = -0.095, 0.005
+# opening (m, of 0.2) above which the window is open / below which closed: window-close succeeds
+# at <= 0.04 (0.05 m from its goal), so "closed" is what window-close calls done
+WINDOW_OPEN_M, WINDOW_CLOSED_M = 0.08, 0.04
 GRIPPER_OPEN, GRIPPER_CLOSED = 0.8, 0.5  # normalised finger distance (1 = fully open)
 SIDE_MARGIN_FRAC = 0.04  # |u_hand - u_object| must exceed this fraction of the image width
 
@@ -93,6 +105,7 @@ CANDIDATES = {
     "scene": SCENE_OBJECTS,
     "drawer_open": ["yes", "no"],
     "door_open": ["yes", "no"],
+    "window_open": ["yes", "no"],
     "gripper_state": ["open", "closed"],
     "gripper_side": ["left", "right"],
 }
@@ -139,6 +152,17 @@ def door_angle(task: str, env_state: np.ndarray) -> float | None:
     return float(2 * np.arccos(np.clip(abs(q @ DOOR_CLOSED_QUAT / np.linalg.norm(DOOR_CLOSED_QUAT)), 0, 1)))
 
 
+def window_opening(task: str, env_state: np.ndarray) -> float | None:
+    """How far (m) the window of a window task is open (0 closed, 0.2 fully open); None for other
+    tasks and for a frame whose handle is not where the window's is (an episode's stale first frame)."""
+    if task not in WINDOW_CLOSED_DX:
+        return None
+    dx, dy = env_state[OBJ_POS][:2] - env_state[GOAL][:2]
+    if abs(float(dy) - WINDOW_HANDLE_DY) > WINDOW_DY_TOL:
+        return None
+    return float(dx - WINDOW_CLOSED_DX[task])
+
+
 @cache
 def camera_pose(task: str, camera: str = "corner3") -> tuple[np.ndarray, np.ndarray, float]:
     """(position [3], rotation [3, 3] with camera axes as columns, fovy degrees) of a fixed camera."""
@@ -180,6 +204,9 @@ def questions_for(task: str, env_state: np.ndarray, camera: str = "corner3") -> 
     a = door_angle(task, env_state)
     if a is not None and (a > DOOR_OPEN_RAD or a < DOOR_CLOSED_RAD):
         out.append(("door_open", "is the door open?", "yes" if a > DOOR_OPEN_RAD else "no"))
+    w = window_opening(task, env_state)
+    if w is not None and (w > WINDOW_OPEN_M or w < WINDOW_CLOSED_M):
+        out.append(("window_open", "is the window open?", "yes" if w > WINDOW_OPEN_M else "no"))
     g = float(env_state[GRIPPER])
     if g > GRIPPER_OPEN or g < GRIPPER_CLOSED:
         out.append(

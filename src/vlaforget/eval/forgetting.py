@@ -13,6 +13,10 @@ Measured here (upstream-task success retention comes from the `eval` stage on th
   a user's MC JSONL) are also scored by the log-likelihood of each candidate answer, so a VLA whose
   free generation was trained away is still measured: `vqa_mc` = {accuracy, accuracy_teacher,
   retention, kl (candidate distributions), chance, n, by_category}.
+* downstream-scene multiple choice (`vqa_mc_downstream`, same keys as `vqa_mc`) — the tiny world's
+  questions on the held-out frames of `eval.forgetting.downstream_vqa_suites` (the scenes the
+  fine-tuning trains on: e.g. "is the window open?"), scored apart so `vqa_mc` stays the
+  upstream-scene set; null when none is configured.
 * vqa_kl — mean KL(teacher ‖ student) of the next-token distributions at the answer positions of
   those questions (teacher-forced on the gold answer; full vocabulary).
 * drift and CKA — the first `drift_samples` probe samples (non-empty instruction masks): the
@@ -40,7 +44,8 @@ folder; any RGB image PIL reads. Answers should be short (a word or two: exact m
 lower-casing and removing punctuation and articles).
 
 Output `out_file` (completion file, written last): {run, vqa_accuracy, vqa_accuracy_teacher,
-vqa_retention, vqa_by_kind, vqa_kl, n_vqa, vqa_mc, vqa_mc_accuracy, vqa_mc_retention, vqa_mc_kl, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
+vqa_retention, vqa_by_kind, vqa_kl, n_vqa, vqa_mc, vqa_mc_accuracy, vqa_mc_retention, vqa_mc_kl,
+vqa_mc_downstream, vqa_mc_downstream_accuracy, vqa_mc_downstream_retention, vqa_mc_downstream_kl, drift: {layer: {raw, normalized, basis}}, cka: {layer: v},
 drift_mean, drift_means, cka_mean, drift_craft_layer, cka_craft_layer, drift_craft_layer_image,
 cka_craft_layer_image, craft_layer, n_drift, layers, probe_hash, probe_source, timing, provenance}.
 """

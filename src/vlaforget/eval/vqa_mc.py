@@ -35,7 +35,14 @@ import torch
 from . import metrics as M
 
 LIBERO_CATEGORIES = ("presence", "on_top", "left_right", "gripper", "drawer")
-METAWORLD_CATEGORIES = ("scene", "drawer_open", "door_open", "gripper_state", "gripper_side")
+METAWORLD_CATEGORIES = (
+    "scene",
+    "drawer_open",
+    "door_open",
+    "window_open",
+    "gripper_state",
+    "gripper_side",
+)
 VQAV2_CATEGORIES = ("yes/no", "number", "other")
 KNOWN_CATEGORIES = LIBERO_CATEGORIES + METAWORLD_CATEGORIES + VQAV2_CATEGORIES
 

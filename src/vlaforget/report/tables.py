@@ -41,6 +41,9 @@ METRICS = [
     ("vqa_mc_accuracy", "VQA-MC acc."),
     ("vqa_mc_retention", "VQA-MC retention"),
     ("vqa_mc_kl", "VQA-MC KL"),
+    # questions on the downstream suite's scenes (eval.forgetting.downstream_vqa_suites: the window)
+    ("vqa_mc_downstream_accuracy", "VQA-MC acc. (downstream scenes)"),
+    ("vqa_mc_downstream_retention", "VQA-MC retention (downstream scenes)"),
     ("drift", "drift"),
     ("cka", "CKA"),
     ("drift_craft_layer", "drift @CRaFT layer"),
@@ -236,9 +239,23 @@ def run_metrics(ev: dict, suite: str | None, upstream: list[str], teacher: dict 
         out[f"task_success[{task}]"] = rate
     for cat, blk in sorted((mc.get("by_category") or {}).items()):
         out[f"vqa_mc_accuracy[{cat}]"] = _num(blk.get("accuracy"))
+    dmc = f.get("vqa_mc_downstream") or {}
+    out["vqa_mc_downstream_accuracy"] = _num(dmc.get("accuracy"))
+    for cat, blk in sorted((dmc.get("by_category") or {}).items()):
+        out[f"vqa_mc_downstream_accuracy[{cat}]"] = _num(blk.get("accuracy"))
     if teacher is not None:
         tf = teacher.get("forgetting") or {}
         tmc = tf.get("vqa_mc") or {}
+        tdmc = tf.get("vqa_mc_downstream") or {}
+        if dmc:
+            out["vqa_mc_downstream_retention"] = _ratio(
+                out["vqa_mc_downstream_accuracy"], _num(tdmc.get("accuracy"))
+            )
+            for cat, blk in sorted((dmc.get("by_category") or {}).items()):
+                tb = (tdmc.get("by_category") or {}).get(cat) or {}
+                out[f"vqa_mc_downstream_retention[{cat}]"] = _ratio(
+                    _num(blk.get("accuracy")), _num(tb.get("accuracy"))
+                )
         t_up = {s: teacher["suites"].get(s) for s in ups if teacher["suites"].get(s) is not None}
         for s in ups:
             out[f"upstream_retention[{s}]"] = _ratio(ev["suites"][s], t_up.get(s))

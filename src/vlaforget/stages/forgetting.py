@@ -69,6 +69,18 @@ def main(args) -> int:
     else:
         vqa = []
         log.info("no VQA set configured (eval.forgetting.vqa_jsonl is null): general-skill accuracy skipped")
+    # eval.forgetting.downstream_vqa_suites: questions on the scenes the fine-tuning trains on (the
+    # window's state, issue 27.4), scored by multiple choice apart from the upstream-scene set
+    down = (
+        vqa_from_caches(
+            list(fs.vqa_downstream_datasets),
+            DEFAULT_VQA_N if fs.vqa_n is None else fs.vqa_n,
+            fs.seed,
+            fs.camera,
+        )
+        if fs.vqa_downstream_datasets
+        else []
+    )
     timing = {"inputs_s": round(time.perf_counter() - t0, 3)}
 
     from ..eval.vqa_mc import mc_metrics, score_mc
@@ -81,6 +93,7 @@ def main(args) -> int:
         teacher = load_backend(fs.model, device=device, adapter_dir=None, stats=stats)
         tv = vqa_pass(teacher, vqa, bs)
         t_mc = score_mc(teacher, mcq, bs)
+        t_down = score_mc(teacher, down, bs)
         craft_dec = craft_decoder_layer(craft_layer, teacher.num_layers)
         t_craft = craft_layer_states(teacher, samples, bs, craft_dec)
         _free(teacher)
@@ -92,10 +105,11 @@ def main(args) -> int:
     student = load_backend(fs.model, device=device, adapter_dir=adapter, stats=stats)
     sv = vqa_pass(student, vqa, bs)
     s_mc = score_mc(student, mcq, bs)
+    s_down = score_mc(student, down, bs)
     craft_dec = craft_decoder_layer(craft_layer, student.num_layers)
     s_craft = craft_layer_states(student, samples, bs, craft_dec)
     if not adapter:
-        tv, t_mc, t_craft = sv, s_mc, s_craft
+        tv, t_mc, t_craft, t_down = sv, s_mc, s_craft, s_down
     student_pooled, _ = pooled_states(student, samples, bs, layers=layers)
     _free(student)
     student = None
@@ -114,6 +128,7 @@ def main(args) -> int:
         k["student"], k["teacher"] = k["student"] / k["n"], k["teacher"] / k["n"]
     kl = M.kl_teacher_student(tv["logprobs"], sv["logprobs"]) if vqa else None
     mc = mc_metrics(mcq, s_mc, t_mc)
+    mc_down = mc_metrics(down, s_down, t_down) if down else None
     rep = representation_metrics(teacher_pooled, student_pooled, icsm)
     drift_means = {m: _mean(d[m] for d in rep["drift"].values()) for m in ("raw", "normalized", "basis")}
     craft_basis = icsm.layers[craft_dec].U if icsm is not None and craft_dec in icsm.layers else None
@@ -134,6 +149,12 @@ def main(args) -> int:
         "vqa_mc_retention": mc["retention"],
         "vqa_mc_kl": mc["kl"],
         "vqa_source": "jsonl" if fs.vqa_jsonl else ("caches" if vqa else None),
+        "vqa_mc_downstream": mc_down,
+        "vqa_mc_downstream_accuracy": mc_down["accuracy"] if mc_down else None,
+        "vqa_mc_downstream_accuracy_teacher": mc_down["accuracy_teacher"] if mc_down else None,
+        "vqa_mc_downstream_retention": mc_down["retention"] if mc_down else None,
+        "vqa_mc_downstream_kl": mc_down["kl"] if mc_down else None,
+        "vqa_downstream_datasets": [b.get("name") for b in fs.vqa_downstream_datasets],
         "examples": [
             {"question": s["question"], "answer": s["answer"], "student": p, "teacher": pt}
             for s, p, pt in list(zip(vqa, sv["answers"], tv["answers"]))[:10]

@@ -1,7 +1,8 @@
 """Stage `model`: build + pretrain the tiny teacher, or check that an OpenVLA base is available offline.
 
 tiny: train the word-level tokenizer on the instruction + VQA corpus, build the model from
-`model.tiny`, pretrain it (train/pretrain.py: behaviour cloning on the upstream cache mixed with VQA),
+`model.tiny`, pretrain it (train/pretrain.py: behaviour cloning on the upstream cache mixed with VQA
+on its frames and on those of `model.pretrain.vqa_datasets`),
 save the HF directory to out_dir, then `{out_dir}/done.json` (held-out teacher metrics, provenance).
 openvla: resolve the model folder offline (local path, or hub id in cache_dir with HF_HUB_OFFLINE=1),
 check its config and remote-code files, and record what was found in `{out_dir}/done.json`.
@@ -67,7 +68,23 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
     n_vqa_held = pcfg.vqa_heldout_samples
     vqa_train = vqa_samples(train, n_vqa, seed) if n_vqa else []
     vqa_held = vqa_samples(heldout, n_vqa_held, seed + 1) if len(heldout) and n_vqa_held else []
-    corpus = tokenizer_corpus(sc, [train, heldout], vqa_train + vqa_held)
+    # model.pretrain.vqa_datasets: questions on more scenes (e.g. the downstream suite's, issue 27.4),
+    # vqa_train_samples each, mixed into the VQA batches; their held-out questions are scored apart
+    blocks = {b["name"]: b for b in sc.get("corpus_datasets") or []}
+    extra_held: dict[str, list] = {}
+    for name in pcfg.vqa_datasets:
+        if name not in blocks:
+            raise ValueError(f"model.pretrain.vqa_datasets: '{name}' is not among the model job's datasets")
+        xdir = Path(blocks[name]["cache_dir"])
+        if not (xdir / "manifest.json").exists():
+            raise FileNotFoundError(f"dataset cache {xdir} missing: run the cache stage for '{name}'")
+        xtrain, xheld = CachedDataset(xdir, split="train"), CachedDataset(xdir, split="heldout")
+        vqa_train += vqa_samples(xtrain, n_vqa, seed) if n_vqa else []
+        if len(xheld) and n_vqa_held:
+            extra_held[name] = vqa_samples(xheld, n_vqa_held, seed + 1)
+    corpus = tokenizer_corpus(
+        sc, [train, heldout], vqa_train + vqa_held + [s for v in extra_held.values() for s in v]
+    )
     tiny = dict(sc["tiny"])
     backend = build_tiny_backend(
         tiny, corpus, action_dim=train.action_dim, seed=seed, stats=train.statistics, device=device
@@ -89,6 +106,14 @@ def build_tiny(sc: dict, build_dir: str | Path | None = None, device: str = "cpu
         ll = score_mc(backend, vqa_held, 64)
         mc = mc_metrics(vqa_held, ll, ll)
         metrics["vqa_mc"] = {k: mc[k] for k in ("accuracy", "chance", "n", "by_category")}
+    for name, held in extra_held.items():  # questions on the extra datasets' scenes, apart
+        from ..eval.vqa_mc import mc_metrics, score_mc
+
+        ll = score_mc(backend, held, 64)
+        mc = mc_metrics(held, ll, ll)
+        metrics.setdefault("vqa_mc_by_dataset", {})[name] = {
+            k: mc[k] for k in ("accuracy", "chance", "n", "by_category")
+        }
     log.info("teacher held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     out_dir = Path(sc["out_dir"])
     build = Path(build_dir) if build_dir else out_dir  # main(): a temp dir renamed into place

@@ -15,7 +15,7 @@ ROOT=${ROOT:-/opt/data/private/vlaforget-gpu}
 mkdir -p .device-root /opt/data/private
 [ -e "$ROOT" ] || ln -s "$PWD/.device-root" "$ROOT"
 export VLAFORGET_ALLOWED_ROOT="$(realpath "$ROOT")" VLAFORGET_ROOT=$ROOT
-if [ ! -f "$ROOT/datasets/cache/mw_upstream/manifest.json" ]; then
+if ! ls "$ROOT"/datasets/cache/mw_upstream/*/manifest.json >/dev/null 2>&1; then   # id-addressed root (issue 29)
     tar -xJf "$CARRY/data.tar.xz" -C "$ROOT" || return 1
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -28,7 +28,9 @@ LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))
 timeout -s INT -k 20 "$LEFT" python3 -m snakemake --profile profiles/demo-gpu --scheduler greedy "$@" > "$OUT/snakemake.log" 2>&1
 echo "snakemake exit $? after $(( $(date +%s) - T0 )) s"
 grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$OUT/snakemake.log" | tail -5
-tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoints' \
-    --exclude='videos' --exclude='datasets' --exclude='models/*/*.bin' \
-    results/embedded_gpu -C "$ROOT" evals runs reports logs benchmarks models/tiny-vla/done.json 2>/dev/null
+# every job's JSON, log and stage config under the (id-addressed, issue 29) root; weights, checkpoints,
+# datasets and caches stay behind
+tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude='checkpoints' \
+    --exclude='videos' --exclude='./datasets' --exclude='./tmp' --exclude='./hf_cache' --exclude='./torch_cache' \
+    --exclude='./wandb' results/embedded_gpu -C "$ROOT" . 2>/dev/null
 ls -la "$OUT"

@@ -33,4 +33,6 @@ grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$OUT/snakemake.l
 tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude='checkpoints' \
     --exclude='videos' --exclude='./datasets' --exclude='./tmp' --exclude='./hf_cache' --exclude='./torch_cache' \
     --exclude='./wandb' results/embedded_gpu -C "$ROOT" . 2>/dev/null
+# the state a later call could resume from (the teacher, ICSM, probe: what every run depends on)
+tar -cJf "$OUT/state.tar.xz" -C "$ROOT" models artifacts probe 2>/dev/null
 ls -la "$OUT"

@@ -197,6 +197,23 @@ def test_paper_table_one_seed_says_na(tmp_path):
     assert "± n/a" in line and "[n/a]" in line
 
 
+def test_caption_says_whether_general_skill_is_forgotten(tmp_path, study):
+    """Issue 27.4: a table whose VQA retention never falls below 1 beyond its CI says "not forgotten
+    at this budget"; one where a method's does names that method; one seed decides nothing."""
+    md = paper.to_paper_markdown(paper.build_paper(load_evals(study), "main", ["down", "up"]))
+    assert "General skill is not forgotten at this budget" in md  # every run keeps the teacher's 0.9
+    files = write_run(tmp_path / "b", "teacher", [0, 1], [1, 1], vqa=0.9)
+    for s, v in ((1, 0.60), (2, 0.62), (3, 0.58)):
+        files += write_run(tmp_path / "b", f"down__baseline__full__s{s}", [1, 0], [1, 0], vqa=v)
+        files += write_run(tmp_path / "b", f"down__keep__full__s{s}", [1, 0], [1, 0], vqa=0.9 + 0.01 * (s - 2))
+    note = paper.general_skill_note(paper.build_paper(load_evals(files), "main", ["down", "up"]))
+    assert note.startswith("General skill is forgotten") and "baseline" in note and "keep" not in note
+    one = write_run(tmp_path / "c", "teacher", [0, 1], [1, 1]) + write_run(
+        tmp_path / "c", "down__baseline__full__s1", [1, 0], [1, 0], vqa=0.1
+    )
+    assert "not decided" in paper.general_skill_note(paper.build_paper(load_evals(one), "main", ["down", "up"]))
+
+
 def test_ablation_reference_is_the_base_method(tmp_path):
     files = write_run(tmp_path, "teacher", [0, 1], [1, 1])
     for m in ("full", "no_x", "craft", "craft_no_y"):

@@ -299,9 +299,30 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     ds = SyntheticDataset(4096)
     mcfg = method_defaults()  # every plug-in block, off
     given = {}
-    if method == "icsm_hsw_thermostat":
-        # keys not named here: settings.HswSettings / ThermostatSettings' defaults (MethodSettings.of);
-        # the clamp and eps the earlier benchmarks timed
+    if method == "icsm_hsw_thermostat" and args.thermostat_law == "user":
+        # the method as the study runs it (issue 26): settings.HswSettings / ThermostatSettings'
+        # defaults — HSW flowing down with the user's per-tensor clamp, the user's law (a
+        # measure-only warm-up measuring every step, then every `every` steps) and the paired
+        # estimator on probe_batch samples, whose teacher states come from one frozen forward here
+        # (the probe stage's job in the pipeline)
+        from .methods.icsm import layer_groups, representative_layers
+        from .models.features import pooled_states
+
+        mcfg["hsw"] = {"enabled": True}
+        mcfg["thermostat"] = {"enabled": True, "probe_chunk": args.thermostat_chunk}
+        if args.thermostat_warmup is not None:
+            mcfg["thermostat"]["warmup_steps"] = args.thermostat_warmup
+        probes = [SyntheticDataset(args.thermostat_probes, seed=1)[i] for i in range(args.thermostat_probes)]
+        backend.set_stats(ds.statistics)
+        reps = representative_layers(layer_groups(backend.num_layers))
+        adt = torch.float16 if args.precision == "fp16" else torch.bfloat16
+        with torch.no_grad(), torch.autocast("cuda", dtype=adt, enabled=_device().startswith("cuda")):
+            pooled, _ = pooled_states(backend, probes, 8, layers=reps)
+        given["probe_samples"] = probes
+        given["probe_pooled"] = {int(r): pooled[r].float().cpu() for r in reps}
+    elif method == "icsm_hsw_thermostat":
+        # law "calibrated": the measurement the earlier benchmarks timed (docs/benchmarks.md "Issue
+        # 16"); keys not named here: settings' defaults; the clamp and eps those benchmarks timed
         mcfg["hsw"] = {"enabled": True, "clamp": "per_token", "eps": 1e-12}
         # the measurement the earlier benchmarks timed (docs/benchmarks.md "Issue 16"): the calibrated
         # law, 64 probes against the whole-probe C_T; the user's law measures 4 probes per step
@@ -428,6 +449,7 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
             "skipped_steps": recs[-1].get("skipped_steps", 0),
             "loss_scale": recs[-1].get("loss_scale"),
             "thermostat_measurements": sum("drift_d" in r for r in recs),
+            **({"thermostat_law": args.thermostat_law} if method == "icsm_hsw_thermostat" else {}),
         }
         ttimes = [r["thermostat_time_s"] for r in recs if "thermostat_time_s" in r]
         if ttimes:
@@ -753,6 +775,20 @@ def add_args(p):
     pt.add_argument("--warmup", type=int, default=3)
     pt.add_argument("--thermostat-every", type=int, default=5, help="measure this often in the benchmark")
     pt.add_argument("--amortise-every", type=int, default=50, help="thermostat.every to amortise over")
+    pt.add_argument(
+        "--thermostat-law",
+        choices=["user", "calibrated"],
+        default="user",
+        help="the method's Thermostat: user = the study's default (measure-only warm-up, paired "
+        "estimator on thermostat.probe_batch samples); calibrated = the issue-16 measurement "
+        "(64 probes every --thermostat-every steps)",
+    )
+    pt.add_argument(
+        "--thermostat-warmup", type=int, default=None, help="law user: thermostat.warmup_steps (default 100)"
+    )
+    pt.add_argument(
+        "--thermostat-probes", type=int, default=64, help="law user: probe samples the paired estimator draws from"
+    )
     pt.add_argument("--lora-r", type=int, default=32)
     pt.add_argument("--grad-ckpt", action="store_true")
     pt.add_argument("--anchor-batch", type=int, default=8, help="CRaFT method.craft.anchor_batch_size")

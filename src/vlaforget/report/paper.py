@@ -294,6 +294,36 @@ def _cells(r: dict, show_suite: bool, show_shots: bool, tex: bool) -> list[str]:
     return cells
 
 
+def general_skill_note(paper: dict) -> str:
+    """One sentence on whether general skill was forgotten, read off the rows' VQA retention: a row
+    has forgotten when its 95 % t-CI over seeds lies wholly below 1. When no row has, the table says
+    "not forgotten at this budget" (issue 27 item 4), which a reader would otherwise have to infer
+    from a column of 0.99s; where it does happen is a question of budget (docs/evaluation.md
+    "General skill at this budget")."""
+    rows = [r for r in paper["rows"] if r["method"] != "teacher" and r["vqa_retention"].get("n")]
+    if not rows:
+        return ""
+    below = [r for r in rows if _upper(r["vqa_retention"]) < 1.0]
+    unsure = [r for r in rows if math.isnan(_upper(r["vqa_retention"]))]
+    if below:
+        names = ", ".join(
+            dict.fromkeys(r["method"] + (f" {r['shots']}" if r["shots"] not in ("full", "-") else "") for r in below)
+        )
+        return f"General skill is forgotten (VQA retention's CI below 1) by: {names}. "
+    if unsure:
+        return "VQA retention: one seed per row, no CI, so forgetting of general skill is not decided. "
+    return (
+        "General skill is not forgotten at this budget: no row's VQA retention CI lies below 1 "
+        '(where it is: docs/evaluation.md "General skill at this budget"). '
+    )
+
+
+def _upper(s: dict) -> float:
+    if not s.get("n") or math.isnan(s.get("ci95", float("nan"))):
+        return float("nan")
+    return s["mean"] + s["ci95"]
+
+
 def caption(paper: dict) -> str:
     seeds = sorted({r["n_seeds"] for r in paper["rows"] if r["method"] != "teacher"})
     ref = (
@@ -311,7 +341,8 @@ def caption(paper: dict) -> str:
         f"p ≤ {ALPHA} after Holm–Bonferroni over all {paper['n_tests']} tests of this table "
         f"(downstream and upstream per comparison). {FRONT}: on the Pareto front of (downstream success, "
         f"upstream retention) within its suite / shots. Teacher: the base model, one evaluation. "
-        f'p values: table_{paper["kind"]}_stats.csv; definitions: docs/evaluation.md "Statistics".'
+        + general_skill_note(paper)
+        + f'p values: table_{paper["kind"]}_stats.csv; definitions: docs/evaluation.md "Statistics".'
     )
 
 

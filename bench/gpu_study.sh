@@ -13,7 +13,10 @@
 #                             cache stage reads the RLDS shards, which stay behind)
 #
 #   bash bench/gpu_study.sh SECONDS [snakemake targets/flags...]
-#   e.g. bash bench/gpu_study.sh 570 --prioritize results/embedded_gpu/table_main.csv results/embedded_gpu/table_fewshot.csv
+#   e.g. bash bench/gpu_study.sh 578 table_main_build     (then table_fewshot_build, table_ablation_build, all)
+# One table's rule per call sequence: `--prioritize` did not keep the main table first (session 11:
+# few-shot runs ran before the ICSM job the method needs). A machine can be taken back mid-call and
+# return nothing; a fresh machine pretrains the teacher again (146 s on an H100).
 #
 # Runs Snakemake for at most SECONDS (SIGINT then: running jobs are killed and rerun next time, as
 # rerun-incomplete says), with the data root in .device-root/ (ignored, kept between back-to-back

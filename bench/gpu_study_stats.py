@@ -1,6 +1,11 @@
 """Paired comparisons of the GPU study's runs against the baseline (docs/benchmarks.md "Issue 19:
 the GPU study, complete"): upstream retention per seed, scipy's paired t-test over the seeds, and
 Fisher's exact test of the baseline's downstream episodes against the teacher's zero-shot ones.
+The seeds are the raw folder's; with eval.initial_states per_seed (raw/teacher__s<seed>/) each run
+is divided by the teacher on its own seed's states, and the teacher's downstream episodes pool the
+blocks. Runs a folder lacks (a study cut short) are left out of their row, said so.
+The paper tables' `table_*_stats.csv` (bootstrap, McNemar, Holm) are the study's statistics; this
+is the quick look the issue-19 section used.
 
     .venv/bin/python bench/gpu_study_stats.py [results/embedded_gpu/raw]
 """
@@ -14,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-SEEDS = (42, 123, 456)
 RUNS = [
     "icsm_hsw_thermostat",
     "craft",
@@ -28,42 +32,53 @@ RUNS = [
 
 
 def main(raw: Path) -> None:
-    def rate(run: str, suite: str) -> dict:
-        return json.loads((raw / run / f"{suite}.json").read_text())
+    def rate(run: str, suite: str) -> dict | None:
+        f = raw / run / f"{suite}.json"
+        return json.loads(f.read_text()) if f.exists() else None
 
-    teacher_up = rate("teacher", "mw_upstream")["success_rate"]
+    seeds = sorted({int(p.name.rsplit("__s", 1)[1]) for p in raw.glob("mw_downstream__baseline__full__s*")})
+    per_seed = (raw / f"teacher__s{seeds[0]}").is_dir() if seeds else False
+
+    def teacher(seed: int, suite: str) -> dict | None:
+        return rate(f"teacher__s{seed}" if per_seed else "teacher", suite)
 
     def retention(method: str, shots: str = "full") -> np.ndarray:
-        return (
-            np.array(
-                [
-                    rate(f"mw_downstream__{method}__{shots}__s{s}", "mw_upstream")["success_rate"]
-                    for s in SEEDS
-                ]
-            )
-            / teacher_up
-        )
+        out = []
+        for s in seeds:
+            r = rate(f"mw_downstream__{method}__{shots}__s{s}", "mw_upstream")
+            out.append(r["success_rate"] / teacher(s, "mw_upstream")["success_rate"] if r else np.nan)
+        return np.array(out)
 
+    print(f"seeds {seeds} ({'each on its own initial states' if per_seed else 'shared initial states'})")
     for shots, methods in (("full", RUNS), ("5shot", RUNS[:2]), ("10shot", RUNS[:2])):
         base = retention("baseline", shots)
-        lo, hi = stats.t.interval(0.95, len(base) - 1, loc=base.mean(), scale=stats.sem(base))
+        if np.isnan(base).all():
+            continue
+        b = base[~np.isnan(base)]
+        lo, hi = stats.t.interval(0.95, len(b) - 1, loc=b.mean(), scale=stats.sem(b))
         print(
-            f"{shots:6s} baseline retention {np.round(base, 3)} mean {base.mean():.3f} CI [{lo:.3f}, {hi:.3f}]"
+            f"{shots:6s} baseline retention {np.round(base, 3)} mean {b.mean():.3f} CI [{lo:.3f}, {hi:.3f}]"
         )
         for m in methods:
             x = retention(m, shots)
-            p = stats.ttest_rel(x, base).pvalue if np.any(x != base) else float("nan")  # nan: equal per seed
+            ok = ~(np.isnan(x) | np.isnan(base))
+            if ok.sum() < 2:
+                print(f"{shots:6s} {m:22s} {int(ok.sum())} seed(s) evaluated: left out")
+                continue
+            xs, bs = x[ok], base[ok]
+            p = stats.ttest_rel(xs, bs).pvalue if np.any(xs != bs) else float("nan")  # nan: equal per seed
             print(
-                f"{shots:6s} {m:22s} retention {np.round(x, 3)} mean {x.mean():.3f} "
-                f"diff {x.mean() - base.mean():+.3f} paired p {p:.3f}"
+                f"{shots:6s} {m:22s} retention {np.round(x, 3)} mean {xs.mean():.3f} "
+                f"diff {xs.mean() - bs.mean():+.3f} paired p {p:.3f} ({int(ok.sum())} seeds)"
             )
 
     def successes(run: str) -> tuple[int, int]:
         eps = rate(run, "mw_downstream")["episodes"]
         return sum(bool(e["success"]) for e in eps), len(eps)
 
-    t_succ, t_n = successes("teacher")
-    b = [successes(f"mw_downstream__baseline__full__s{s}") for s in SEEDS]
+    t = [successes(f"teacher__s{s}") for s in seeds] if per_seed else [successes("teacher")]
+    t_succ, t_n = sum(k for k, _ in t), sum(n for _, n in t)
+    b = [successes(f"mw_downstream__baseline__full__s{s}") for s in seeds]
     b_succ, b_n = sum(k for k, _ in b), sum(n for _, n in b)
     ci = stats.binomtest(t_succ, t_n).proportion_ci()
     p = stats.fisher_exact([[b_succ, b_n - b_succ], [t_succ, t_n - t_succ]]).pvalue

@@ -25,12 +25,51 @@ def _bench(args, tmp_path):
 
 def test_bench_train_times_the_users_thermostat_law(tmp_path):
     icsm = tmp_path / "icsm"
-    _bench(["icsm", "--shape", "tiny", "--out", str(icsm), "--n-probe", "24", "--sens", "8", "--r", "8",
-            "--probe-batch", "8"], tmp_path)
+    _bench(
+        [
+            "icsm",
+            "--shape",
+            "tiny",
+            "--out",
+            str(icsm),
+            "--n-probe",
+            "24",
+            "--sens",
+            "8",
+            "--r",
+            "8",
+            "--probe-batch",
+            "8",
+        ],
+        tmp_path,
+    )
     out = tmp_path / "train.json"
-    _bench(["train", "--shape", "tiny", "--icsm-dir", str(icsm), "--methods", "icsm_hsw_thermostat",
-            "--steps", "5", "--warmup", "1", "--thermostat-warmup", "3", "--thermostat-probes", "16",
-            "--batch", "2", "--accum", "1", "--json", str(out)], tmp_path)
+    _bench(
+        [
+            "train",
+            "--shape",
+            "tiny",
+            "--icsm-dir",
+            str(icsm),
+            "--methods",
+            "icsm_hsw_thermostat",
+            "--steps",
+            "5",
+            "--warmup",
+            "1",
+            "--thermostat-warmup",
+            "3",
+            "--thermostat-probes",
+            "16",
+            "--batch",
+            "2",
+            "--accum",
+            "1",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())["methods"]["icsm_hsw_thermostat"]
     assert "error" not in res, res
     assert res["thermostat_law"] == "user"

@@ -205,14 +205,18 @@ def test_caption_says_whether_general_skill_is_forgotten(tmp_path, study):
     files = write_run(tmp_path / "b", "teacher", [0, 1], [1, 1], vqa=0.9)
     for s, v in ((1, 0.60), (2, 0.62), (3, 0.58)):
         files += write_run(tmp_path / "b", f"down__baseline__full__s{s}", [1, 0], [1, 0], vqa=v)
-        files += write_run(tmp_path / "b", f"down__keep__full__s{s}", [1, 0], [1, 0], vqa=0.9 + 0.01 * (s - 2))
+        files += write_run(
+            tmp_path / "b", f"down__keep__full__s{s}", [1, 0], [1, 0], vqa=0.9 + 0.01 * (s - 2)
+        )
     note = paper.general_skill_note(paper.build_paper(load_evals(files), "main", ["down", "up"]))
     assert note.startswith("General skill is forgotten") and "baseline" in note and "keep" not in note
     assert "lowest mean VQA retention is 0.667" in note  # (0.60 + 0.62 + 0.58) / 3 / 0.9
     one = write_run(tmp_path / "c", "teacher", [0, 1], [1, 1]) + write_run(
         tmp_path / "c", "down__baseline__full__s1", [1, 0], [1, 0], vqa=0.1
     )
-    assert "not decided" in paper.general_skill_note(paper.build_paper(load_evals(one), "main", ["down", "up"]))
+    assert "not decided" in paper.general_skill_note(
+        paper.build_paper(load_evals(one), "main", ["down", "up"])
+    )
 
 
 def test_ablation_reference_is_the_base_method(tmp_path):

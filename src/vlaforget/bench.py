@@ -787,7 +787,10 @@ def add_args(p):
         "--thermostat-warmup", type=int, default=None, help="law user: thermostat.warmup_steps (default 100)"
     )
     pt.add_argument(
-        "--thermostat-probes", type=int, default=64, help="law user: probe samples the paired estimator draws from"
+        "--thermostat-probes",
+        type=int,
+        default=64,
+        help="law user: probe samples the paired estimator draws from",
     )
     pt.add_argument("--lora-r", type=int, default=32)
     pt.add_argument("--grad-ckpt", action="store_true")

@@ -307,7 +307,9 @@ def general_skill_note(paper: dict) -> str:
     unsure = [r for r in rows if math.isnan(_upper(r["vqa_retention"]))]
     if below:
         names = ", ".join(
-            dict.fromkeys(r["method"] + (f" {r['shots']}" if r["shots"] not in ("full", "-") else "") for r in below)
+            dict.fromkeys(
+                r["method"] + (f" {r['shots']}" if r["shots"] not in ("full", "-") else "") for r in below
+            )
         )
         low = min(r["vqa_retention"]["mean"] for r in below)
         # the size says whether it matters: with ten seeds a 0.3 % loss is already outside the CI

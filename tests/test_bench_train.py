@@ -76,3 +76,44 @@ def test_bench_train_times_the_users_thermostat_law(tmp_path):
     # the warm-up measures at every one of its 3 steps, then every 50 (settings default): none more
     assert res["thermostat_measurements"] == 3
     assert res["thermostat_time_s_median"] > 0
+
+
+def test_bench_export_merge_keeps_fp16_weights_fp16():
+    """Issue 28 run 3's fp16 out-of-memory: the trained model's LoRA is fp32 under fp16
+    (prepare_model, for GradScaler), and peft 0.11.1's merge (`W = W + ΔW`) then turned every merged
+    fp16 weight into fp32 — the 7B model grew to ~28 GiB. The bench's merge emulates the export
+    stage, which loads the adapter in the base dtype: weights stay fp16. (Fails on the old code with
+    peft 0.11.1; newer peft casts ΔW itself, so there it passes either way.)"""
+    import torch
+
+    from vlaforget.bench import _export_merge
+    from vlaforget.models.tiny import random_tiny_backend
+    from vlaforget.settings import TrainSettings
+    from vlaforget.train.loop import prepare_model
+
+    backend = random_tiny_backend(action_dim=7, device="cpu")
+    backend.model.half()
+    for p in backend.model.parameters():
+        p.requires_grad_(False)
+    ts = TrainSettings.of(
+        {
+            "max_steps": 1,
+            "batch_size": 1,
+            "lr": 1e-4,
+            "precision": "fp16",
+            "gradient_checkpointing": False,
+            "lora": {"r": 4, "alpha": 4},
+        }
+    )
+    model = prepare_model(backend, ts, seed=0)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # as training holds them
+    backend.model = model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    out = _export_merge(backend)
+    assert out["export_merged_layers"] > 0
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.float16 for n in before)
+    # and the merge did merge (a LoRA B of random init is not zero here: gaussian init of A, B zero
+    # at init, so W is unchanged — the dtype is what this test is about)
+    assert all(after[n].shape == before[n].shape for n in before)

@@ -423,7 +423,12 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
     res = None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    merge = _export_merge(backend) if args.export_merge and rank == 0 else {}
+    merge = {}
+    if args.export_merge and rank == 0:
+        try:  # the training's numbers above stand whatever the merge does
+            merge = _export_merge(backend)
+        except torch.cuda.OutOfMemoryError as e:
+            merge = {"export_merge_error": f"OutOfMemoryError: {str(e)[:300]}"}
     recs = (
         [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
     )
@@ -471,7 +476,15 @@ def _bench_variant(args, method: str, mods: list, variant: str, rank: int) -> di
 
 def _export_merge(backend) -> dict:
     """The export stage's merge (PEFT merge_and_unload: W += B A per LoRA layer), timed, with the
-    peak memory it reaches on top of the trained model."""
+    peak memory it reaches on top of the trained model.
+
+    The export stage loads the saved adapter into a fresh base model, where peft < 0.12 (the user's
+    0.11.1) creates the LoRA in the base weights' dtype. The trained model here has fp32 LoRA under
+    fp16 (train.loop.prepare_model: GradScaler needs fp32 gradients), and peft 0.11.1's merge writes
+    `W = W + ΔW`, so an fp32 ΔW turned every merged fp16 weight into fp32: the 7B model grew to ~28
+    GiB and ran out of memory under a V100's cap (issue 28 run 3) — a fault of this emulation, not of
+    the export stage. So each layer's LoRA is cast to its base weight's dtype first, as the export
+    stage's loading does; the merged weights keep their dtype (checked after the merge)."""
     from peft.tuners.lora import LoraLayer
 
     gc.collect()
@@ -483,7 +496,16 @@ def _export_merge(backend) -> dict:
         n = 0
         for m in backend.model.modules():
             if isinstance(m, LoraLayer):
+                base = m.get_base_layer().weight
+                dtype = base.dtype
+                for p in m.parameters():
+                    if p is not base and p.is_floating_point() and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
                 m.merge()
+                if m.get_base_layer().weight.dtype != dtype:
+                    raise RuntimeError(
+                        f"export merge changed a weight's dtype {dtype} -> {m.get_base_layer().weight.dtype}"
+                    )
                 n += 1
     _sync()
     out = {"export_merge_s": round(time.perf_counter() - t0, 2), "export_merged_layers": n}

@@ -7,6 +7,7 @@
 # prismatic/extern/hf/*.py, never committed), whl-ovla/ (py3.12 wheels: transformers 4.40.1, tokenizers
 # 0.19.1, timm 0.9.16, peft 0.11.1, huggingface_hub 0.23.4) and whl-native/ (peft for the image's stack):
 #   bash bench/gpu_issue28.sh OUTDIR PART       PART: bf16 (4090 profile, cap 23.5 GiB) | fp16 (V100, 31.2 GiB)
+#                                               | each (one process per SPECS entry PREC:METHOD[@BS:ACCUM])
 # Env: STEPS (30), BATCH (16), ACCUM (1), BACKEND (auto: openvla if it builds, else standin), LIMIT (s per bench).
 set -uo pipefail
 OUT=${1:-/tmp/bench-out}
@@ -34,9 +35,10 @@ if [ "$PART" = each ]; then
   # measured again at 8 x grad_accum 2 (the same effective batch)
   T=${STEPS:-30}
   for spec in ${SPECS:-bf16:icsm_hsw_thermostat bf16:craft bf16:craft+separate fp16:baseline fp16:icsm_hsw_thermostat fp16:craft fp16:craft+separate fp16:peft_reference}; do
-    PREC=${spec%%:*}; M=${spec#*:}
+    PREC=${spec%%:*}; M=${spec#*:}; BAS="16:1 8:2"
+    case $M in *@*) BAS=${M#*@}; M=${M%@*};; esac    # PREC:METHOD@BS:ACCUM: that micro-batch only
     if [ "$PREC" = fp16 ]; then CAP=31.2; LIM=30; else CAP=23.5; LIM=22; fi
-    for BA in 16:1 8:2; do
+    for BA in $BAS; do
       BS=${BA%%:*}; AC=${BA#*:}
       J="$OUT/issue28_openvla_${PREC}_b${BS}_${M/+/_}.json"
       run_ovla bench train --shape 7b --icsm-dir /tmp/icsm7b --batch $BS --accum $AC --steps $T --warmup 3 --grad-ckpt \

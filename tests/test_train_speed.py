@@ -320,6 +320,37 @@ def test_compile_key_compiles_each_decoder_layer(world, monkeypatch):
     assert all(torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6) for k in pa)
 
 
+def test_compile_with_hsw_flow_down_on_openvla_is_refused_before_loading(world):
+    """train.compile + HSW's flow-down hooks + gradient checkpointing on OpenVLA stopped at the first
+    backward on an H100 (CheckpointError, issue 28 run 4): refused from the config, naming the fix,
+    before any model is loaded (the config names an OpenVLA path that does not exist); the baseline and
+    HSW's own_params mode, or compile off, are not refused."""
+    from vlaforget.errors import TrainingError
+    from vlaforget.settings import MethodSettings, TrainSettings
+    from vlaforget.train.speed import check_compile
+
+    root, cache, model = world
+    hsw = {"hsw": {"enabled": True, "beta": 0.5, "gamma": 0.3}}
+    sc = fresh(
+        base_stage(
+            root, cache, model, method_name="hsw", method=hsw, gradient_checkpointing=True, compile=True
+        ),
+        "comp_hsw",
+    )
+    sc["model"] = dict(sc["model"], backend="openvla", path=str(root / "no-openvla-here"))
+    with pytest.raises(TrainingError, match=r"train.compile: false"):
+        run_training(sc)
+    assert not (Path(sc["out_dir"]) / "done.json").exists()
+    ts = TrainSettings.of(sc["train"])
+    check_compile(ts, MethodSettings.of({}), "openvla")  # the baseline
+    check_compile(ts, MethodSettings.of({"hsw": dict(hsw["hsw"], mode="own_params")}), "openvla")
+    check_compile(ts, MethodSettings.of(hsw), "tiny")  # passes on the tiny model (CPU, inductor and eager)
+    check_compile(TrainSettings.of(dict(sc["train"], compile=False)), MethodSettings.of(hsw), "openvla")
+    check_compile(
+        TrainSettings.of(dict(sc["train"], gradient_checkpointing=False)), MethodSettings.of(hsw), "openvla"
+    )
+
+
 def test_lora_input_cast_off_is_bit_identical_under_autocast(world):
     """train.lora_input_cast false (bf16 autocast): peft's LoRA layers skip the fp32 upcast of their
     input; the adapter is the same to the bit (bf16 -> fp32 -> bf16 is exact)."""

@@ -43,7 +43,7 @@ from . import plugins as plugin_registry
 from .distributed import DistInfo, all_reduce_flat, cleanup_distributed, init_distributed, on_main, unwrap
 from .plugins import TrainContext, forward_micro
 from .schedule import warmup_schedule
-from .speed import compile_layers, make_optimizer, skip_lora_input_cast
+from .speed import check_compile, compile_layers, make_optimizer, skip_lora_input_cast
 
 log = logging.getLogger("vlaforget.train")
 
@@ -392,7 +392,8 @@ def _setup_run(
     from ..models import load_backend
 
     ts = TrainSettings.of(sc["train"])  # checked before anything is loaded
-    MethodSettings.of(sc.get("method") or {})  # the plug-in blocks too, enabled or not
+    ms = MethodSettings.of(sc.get("method") or {})  # the plug-in blocks too, enabled or not
+    check_compile(ts, ms, (sc.get("model") or {}).get("backend", ""))
     if ts.eval_every and evaluator is None:
         raise TrainingError(
             f"train.eval_every = {ts.eval_every} but no periodic evaluator was given: "

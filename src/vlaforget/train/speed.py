@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from ..errors import TrainingError
 from ..settings import TrainSettings
 
 log = logging.getLogger("vlaforget.train")
@@ -33,6 +34,27 @@ def compile_backend(value) -> str | None:
     if isinstance(value, str) and value:
         return value
     raise ValueError(f"train.compile = {value!r}: use false, true (inductor) or a torch.compile backend name")
+
+
+def check_compile(ts: TrainSettings, ms, model_backend: str) -> None:
+    """train.compile refused where it is measured to break training, before anything is loaded: HSW's
+    flow-down hooks inside compiled OpenVLA decoder layers under gradient checkpointing (issue 28, run 4:
+    the first backward's recomputation saves other tensors than the compiled forward did)."""
+    if compile_backend(ts.compile) is None:
+        return
+    if (
+        model_backend == "openvla"
+        and ts.gradient_checkpointing
+        and ms.hsw.enabled
+        and ms.hsw.mode == "flow_down"
+    ):
+        raise TrainingError(
+            "train.compile with HSW (method.hsw.enabled, mode flow_down) under train.gradient_checkpointing "
+            "on OpenVLA stops at the first backward: torch.utils.checkpoint's CheckpointError (the "
+            "recomputed layer saves other tensors than its compiled forward; measured on an H100 with "
+            'transformers 4.40.1 and torch 2.11, docs/benchmarks.md "Issue 28" run 4). Set '
+            "train.compile: false for this method (the default); the baseline and CRaFT can keep it"
+        )
 
 
 def compile_layers(backend, model, value) -> int:

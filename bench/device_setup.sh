@@ -18,4 +18,16 @@ export VLAFORGET_ALLOWED_ROOT="$(realpath "$ROOT")" VLAFORGET_ROOT=$ROOT
 if ! ls "$ROOT"/datasets/cache/mw_upstream/*/manifest.json >/dev/null 2>&1; then   # id-addressed root (issue 29)
     tar -xJf "$CARRY/data.tar.xz" -C "$ROOT" || return 1
 fi
+# The teacher, probe, ICSM and CRaFT anchors of an earlier call (its $OUT/state.tar.xz), so that every table
+# of a study starts from one teacher: carried as $CARRY/state.tar.xz. STATE=required stops here without it
+# (a fresh machine would otherwise pretrain another teacher, 146 s on an H100).
+if [ ! -d "$ROOT/models" ]; then
+    if [ -f "$CARRY/state.tar.xz" ]; then
+        tar -xJf "$CARRY/state.tar.xz" -C "$ROOT" || return 1
+        echo "teacher state unpacked: $(ls "$ROOT"/models/*/)"
+    elif [ "${STATE:-}" = required ]; then
+        echo "STATE=required but $CARRY/state.tar.xz is not here: carry it, or unset STATE to pretrain a new teacher"
+        return 1
+    fi
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

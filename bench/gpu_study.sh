@@ -11,6 +11,9 @@
 #                             the stage configs, caches and demos' done.json of both datasets (the demos and
 #                             cache stages need TensorFlow, which that machine lacks; nothing after the
 #                             cache stage reads the RLDS shards, which stay behind)
+#   state.tar.xz (optional)   an earlier call's $OUT/state.tar.xz (teacher, probe, ICSM, CRaFT anchors): every
+#                             table of the study then starts from that one teacher (bench/device_setup.sh;
+#                             STATE=required refuses to pretrain another one when it is missing)
 #
 #   bash bench/gpu_study.sh SECONDS [snakemake targets/flags...]
 #   e.g. bash bench/gpu_study.sh 578 table_main_build     (then table_fewshot_build, table_ablation_build, all)

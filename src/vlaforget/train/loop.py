@@ -393,7 +393,7 @@ def _setup_run(
 
     ts = TrainSettings.of(sc["train"])  # checked before anything is loaded
     ms = MethodSettings.of(sc.get("method") or {})  # the plug-in blocks too, enabled or not
-    check_compile(ts, ms, (sc.get("model") or {}).get("backend", ""))
+    check_compile(ts, ms, (sc.get("model") or {}).get("backend"))
     if ts.eval_every and evaluator is None:
         raise TrainingError(
             f"train.eval_every = {ts.eval_every} but no periodic evaluator was given: "

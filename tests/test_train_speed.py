@@ -321,8 +321,8 @@ def test_compile_key_compiles_each_decoder_layer(world, monkeypatch):
 
 
 def test_compile_with_hsw_flow_down_on_openvla_is_refused_before_loading(world):
-    """train.compile + HSW's flow-down hooks + gradient checkpointing on OpenVLA stopped at the first
-    backward on an H100 (CheckpointError, issue 28 run 4): refused from the config, naming the fix,
+    """train.compile + HSW's flow-down hooks + gradient checkpointing on OpenVLA stopped at step 6 on
+    an H100 (CheckpointError, issue 28 run 4): refused from the config, naming the fix,
     before any model is loaded (the config names an OpenVLA path that does not exist); the baseline and
     HSW's own_params mode, or compile off, are not refused."""
     from vlaforget.errors import TrainingError

@@ -39,7 +39,7 @@ def compile_backend(value) -> str | None:
 def check_compile(ts: TrainSettings, ms, model_backend: str | None) -> None:
     """train.compile refused where it is measured to break training, before anything is loaded: HSW's
     flow-down hooks inside compiled OpenVLA decoder layers under gradient checkpointing (issue 28, run 4:
-    the first backward's recomputation saves other tensors than the compiled forward did)."""
+    at step 6 a checkpoint's recomputation saved other tensors than the compiled forward had)."""
     if compile_backend(ts.compile) is None:
         return
     if (
@@ -50,10 +50,10 @@ def check_compile(ts: TrainSettings, ms, model_backend: str | None) -> None:
     ):
         raise TrainingError(
             "train.compile with HSW (method.hsw.enabled, mode flow_down) under train.gradient_checkpointing "
-            "on OpenVLA stops at the first backward: torch.utils.checkpoint's CheckpointError (the "
-            "recomputed layer saves other tensors than its compiled forward; measured on an H100 with "
+            "on OpenVLA stops during training with torch.utils.checkpoint's CheckpointError (a "
+            "recomputed layer saved other tensors than its compiled forward; measured on an H100 with "
             'transformers 4.40.1 and torch 2.11, docs/benchmarks.md "Issue 28" run 4). Set '
-            "train.compile: false for this method (the default); the baseline and CRaFT can keep it"
+            "train.compile: false for this method (the default; the baseline was measured to run with it)"
         )
 
 

@@ -14,6 +14,11 @@
 #   state.tar.xz (optional)   an earlier call's $OUT/state.tar.xz (teacher, probe, ICSM, CRaFT anchors): every
 #                             table of the study then starts from that one teacher (bench/device_setup.sh;
 #                             STATE=required refuses to pretrain another one when it is missing)
+# The carry (~62 MB with the state) and the repo (~14 MB) exceed a call's 64 MiB together: split them over
+# two back-to-back calls on the same warm machine (ignored paths carried once stay there), e.g. call 1
+# carries .device-carry/state.tar.xz and .device-carry/data.tar.xz (and runs anything, even `true`), call 2
+# carries .device-carry/{gl,whl,metaworld-pruned.tar.xz,smk312.tar.xz} and runs this script with STATE=required
+# (session 12: issue 28's call carried the state, then `STATE=required bash bench/gpu_study.sh 575 table_ablation_build`).
 #
 #   bash bench/gpu_study.sh SECONDS [snakemake targets/flags...]
 #   e.g. bash bench/gpu_study.sh 578 table_main_build     (then table_fewshot_build, table_ablation_build, all)

@@ -340,7 +340,8 @@ def test_compile_with_hsw_flow_down_on_openvla_is_refused_before_loading(world):
     sc["model"] = dict(sc["model"], backend="openvla", path=str(root / "no-openvla-here"))
     with pytest.raises(TrainingError, match=r"train.compile: false"):
         run_training(sc)
-    assert not (Path(sc["out_dir"]) / "done.json").exists()
+    out = Path(sc["out_dir"])  # nothing of a run was written (a finished run has final/done.json)
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
     ts = TrainSettings.of(sc["train"])
     check_compile(ts, MethodSettings.of({}), "openvla")  # the baseline
     check_compile(ts, MethodSettings.of({"hsw": dict(hsw["hsw"], mode="own_params")}), "openvla")

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..errors import TrainingError
-from ..settings import TrainSettings
+from ..settings import MethodSettings, TrainSettings
 
 log = logging.getLogger("vlaforget.train")
 
@@ -36,7 +36,7 @@ def compile_backend(value) -> str | None:
     raise ValueError(f"train.compile = {value!r}: use false, true (inductor) or a torch.compile backend name")
 
 
-def check_compile(ts: TrainSettings, ms, model_backend: str | None) -> None:
+def check_compile(ts: TrainSettings, ms: MethodSettings, model_backend: str | None) -> None:
     """train.compile refused where it is measured to break training, before anything is loaded: HSW's
     flow-down hooks inside compiled OpenVLA decoder layers under gradient checkpointing (issue 28, run 4:
     at step 6 a checkpoint's recomputation saved other tensors than the compiled forward had)."""

@@ -26,6 +26,11 @@
 # few-shot runs ran before the ICSM job the method needs). A machine can be taken back mid-call and
 # return nothing; a fresh machine pretrains the teacher again (146 s on an H100).
 #
+# Two tables in one call, the second with what the first left of the call (session 13):
+#   S=$(date +%s); STATE=required bash bench/gpu_study.sh 560 table_main_build; \
+#   bash bench/gpu_study.sh $((575 - $(date +%s) + S)) table_fewshot_build
+# Each invocation logs to $OUT/snakemake_<first target>.log; the second's study.tar.xz holds both.
+#
 # Runs Snakemake for at most SECONDS (SIGINT then: running jobs are killed and rerun next time, as
 # rerun-incomplete says), with the data root in .device-root/ (ignored, kept between back-to-back
 # calls) behind /opt/data/private/vlaforget-gpu, then packs the tables, figures and every job's JSON
@@ -36,9 +41,11 @@ T0=$(date +%s)
 source bench/device_setup.sh || exit 1
 echo "setup: $(( $(date +%s) - T0 )) s"
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))
-timeout -s INT -k 20 "$LEFT" python3 -m snakemake --profile profiles/demo-gpu --scheduler greedy "$@" > "$OUT/snakemake.log" 2>&1
+[ "$LEFT" -gt 30 ] || { echo "only ${LEFT} s left: not starting Snakemake"; exit 0; }
+LOG="$OUT/snakemake_${1:-all}.log"
+timeout -s INT -k 20 "$LEFT" python3 -m snakemake --profile profiles/demo-gpu --scheduler greedy "$@" > "$LOG" 2>&1
 echo "snakemake exit $? after $(( $(date +%s) - T0 )) s"
-grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$OUT/snakemake.log" | tail -5
+grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$LOG" | tail -5
 # every job's JSON, log and stage config under the (id-addressed, issue 29) root; weights, checkpoints,
 # datasets and caches stay behind
 tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude='checkpoints' \

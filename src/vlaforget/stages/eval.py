@@ -12,6 +12,7 @@ from ..eval.closed_loop import BackendPolicy, build_episodes, load_stats, log
 from ..eval.rollout import run_episodes
 from ..gpus import pick_device
 from ..io import provenance, write_json
+from ..precision import exact_fp32
 from ..settings import EvalSettings
 from ..stagefile import load_stage_config
 
@@ -37,6 +38,7 @@ def main(args) -> int:
 
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    exact_fp32(sc["model"].get("dtype"))  # no TF32 for an fp32 model on CUDA (precision.py)
     if e.videos_per_task > 0:
         from ..eval.video import check_video_backend
 

@@ -44,10 +44,12 @@ def main(args) -> int:
     from ..gpus import pick_device
     from ..methods.icsm import load_icsm
     from ..models import load_backend
+    from ..precision import exact_fp32
 
     sc = load_stage_config(args.config, "forgetting")
     fs = ForgettingSettings.of(sc)
     device = pick_device(args.device)
+    exact_fp32(fs.model.get("dtype"))  # no TF32 for an fp32 model on CUDA (precision.py)
     bs = int(args.batch_size or fs.batch_size)
     t0 = time.perf_counter()
     probe = load_probe(fs.probe_dir)

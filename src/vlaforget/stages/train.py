@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..precision import exact_fp32
 from ..settings import EvalSettings, MethodSettings, TrainSettings
 from ..stagefile import load_stage_config
 from ..train.loop import log, run_training
@@ -46,6 +47,7 @@ def main(args) -> int:
     sc = load_stage_config(args.config, "train")
     TrainSettings.of(sc["train"])  # unknown keys / wrong types: a ConfigError before anything loads
     MethodSettings.of(sc.get("method") or {})
+    exact_fp32((sc.get("model") or {}).get("dtype"))  # no TF32 for an fp32 model on CUDA (precision.py)
     res = run_training(
         sc, dry_run_batches=int(getattr(args, "dry_run_batches", 0) or 0), evaluator=periodic_evaluator(sc)
     )

@@ -7,7 +7,8 @@ patch embedding — run in TF32 unless `torch.backends.cudnn.allow_tf32 = False`
     python bench/device_diag.py MODEL_DIR OUT.npz [--images OTHER.npz]
 
 Renders the first frame of 4 initial states of each of the study's six tasks (config/demo.yaml's
-camera and size) and the frame after 15 scripted-expert steps, then runs the teacher's action
+camera and size) and the frame after 15 scripted-expert steps (with the simulator state of each: the
+physics is compared too), then runs the teacher's action
 prediction on them under every available setting: cpu, cuda (torch defaults), cuda without TF32.
 Writes the images, each setting's action tokens and first-token logits to OUT.npz and prints how the
 settings differ. `--images OTHER.npz` also runs the policy on another machine's frames, so the
@@ -47,19 +48,21 @@ def render_frames(seeds=(500840, 500841, 500842, 500843), expert_steps=15):
     from vlaforget.envs.metaworld import MetaWorldEnv, configure_rendering
 
     gl = configure_rendering()
-    imgs, names = [], []
+    imgs, names, states = [], [], []
     for task in TASKS:
         env = MetaWorldEnv(task, seeds[0], camera="corner3", render_size=64, max_steps=200)
         for s in seeds:
             obs = env.reset(seed=s)
             imgs.append(obs["image"])
+            states.append(obs["env_state"])
             names.append(f"{task}/{s}/0")
             for _ in range(expert_steps):
                 obs, _, _ = env.step(env.expert_action(obs))
             imgs.append(obs["image"])
+            states.append(obs["env_state"])
             names.append(f"{task}/{s}/{expert_steps}")
         env.close()
-    return np.stack(imgs), names, gl
+    return np.stack(imgs), names, gl, np.stack(states)
 
 
 def policy(backend_dir: str, images: np.ndarray, names: list[str], device: str, tf32: bool):
@@ -95,8 +98,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--images", help="another machine's OUT.npz: also run the policy on its frames")
     a = ap.parse_args()
-    images, names, gl = render_frames()
-    res = {"images": images, "names": np.array(names)}
+    images, names, gl, states = render_frames()
+    res = {"images": images, "names": np.array(names), "env_states": states}
     info = {"gl": gl, "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -110,6 +113,8 @@ def main():
         sources.append(("other", other["images"]))
         info["other_render_sha"] = hashlib.sha256(other["images"].tobytes()).hexdigest()[:16]
         diff = np.abs(other["images"].astype(int) - images.astype(int))
+        info["env_state_vs_other_max_abs"] = float(np.abs(other["env_states"] - states).max())
+        info["env_states_equal_to_other"] = int((other["env_states"] == states).all(1).sum())
         info["render_vs_other"] = {
             "frames_equal": int((diff.reshape(len(images), -1).max(1) == 0).sum()),
             "frames": len(images),

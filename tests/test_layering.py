@@ -26,9 +26,10 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "freshness",
         "gpus",
+        "precision",
         "codedeps",
         "stagefile",
-    ),  # completion stamps and input checks; the GPU slot allocator; import closures (code hashes);
+    ),  # completion stamps and input checks; the GPU slot allocator; TF32 off for fp32 models; import closures (code hashes);
     # the stage-config file (written by the workflow, read by a stage)
     ("envs",),  # simulators: Meta-World, LIBERO
     ("data",),  # RLDS, caches, splits, demos, VQA, probe-set loading

@@ -38,7 +38,7 @@ def main(args) -> int:
 
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    exact_fp32(sc["model"].get("dtype"))  # no TF32 for an fp32 model on CUDA (precision.py)
+    exact_fp32((sc.get("model") or {}).get("dtype"))  # no TF32 for an fp32 model on CUDA (precision.py)
     if e.videos_per_task > 0:
         from ..eval.video import check_video_backend
 

@@ -322,3 +322,17 @@ def test_workers_are_closed_together_and_hung_ones_terminated(monkeypatch):
     assert len(made) == 3 and not any(w.proc.is_alive() for w in made)
     # one shared 1 s deadline for all three, not 1 s each (plus terminate/join slack)
     assert 0.9 <= res["timing"]["shutdown_s"] < 2.9
+
+
+def test_first_digest_is_the_reset_image():
+    """Each episode records the sha1 of its first image (report/tables.check_first_frames compares
+    evaluations with it): the reset image of its seed, in every engine mode."""
+    import hashlib
+
+    eps = fake_episodes()
+    for kw in ({"num_envs": 0}, {"num_envs": 3, "in_process": True}, {"num_envs": 2}):
+        res = run_episodes(FakeFactory(), step_policy, eps, **kw)
+        for e in res["episodes"]:
+            img = FakeEnv(e["task"]).reset(e["seed"])["image"]
+            assert e["first_digest"] == hashlib.sha1(img.tobytes()).hexdigest()[:16], kw
+            assert e["first_digest"] != e["final_digest"]  # every fake episode moves

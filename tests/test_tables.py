@@ -363,3 +363,31 @@ def test_downstream_scene_vqa_is_its_own_column(tmp_path):
     assert b["vqa_mc_downstream_retention_mean"] == pytest.approx(np.mean([0.7 / 0.9, 0.75 / 0.9]))
     md = tables.to_markdown(rows, "main")
     assert "VQA-MC retention (downstream scenes)" in md
+
+
+def _eval_with_frames(path: Path, run: str, digests: list[str | None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    eps = [
+        {"task": "t", "seed": 500 + i, "success": bool(i % 2), "first_digest": d}
+        for i, d in enumerate(digests)
+    ]
+    path.write_text(json.dumps({"run": run, "suite": "up", "success_rate": 0.5, "episodes": eps}))
+    return path
+
+
+def test_evaluations_rendered_differently_are_refused(tmp_path):
+    """Issue 27: a GPU driver's renderer and Mesa's draw other first frames of the same initial
+    state; a table pairing such evaluations compared renderers. load_evals names both files."""
+    a = _eval_with_frames(tmp_path / "a" / "up.json", "mw_downstream__baseline__full__s42", ["aa", "bb"])
+    same = _eval_with_frames(tmp_path / "b" / "up.json", "mw_downstream__craft__full__s42", ["aa", "bb"])
+    old = _eval_with_frames(tmp_path / "c" / "up.json", "mw_downstream__icsm__full__s42", [None, None])
+    assert set(tables.load_evals([a, same, old])) == {
+        "mw_downstream__baseline__full__s42",
+        "mw_downstream__craft__full__s42",
+        "mw_downstream__icsm__full__s42",
+    }
+    other = _eval_with_frames(tmp_path / "d" / "up.json", "mw_downstream__craft__full__s42", ["aa", "cc"])
+    with pytest.raises(tables.RenderMismatch) as e:
+        tables.load_evals([a, other])
+    msg = str(e.value)
+    assert str(a) in msg and str(other) in msg and "initial state 501" in msg and "renderer" in msg

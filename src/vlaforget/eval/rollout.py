@@ -70,6 +70,10 @@ class EpisodeResult:
     error: str | None = None
     video: str | None = None
     final_digest: str = ""  # sha1 of the last image: identical trajectories have identical digests
+    # sha1 of the first image: two evaluations of one initial state saw the same pixels iff equal (a
+    # GPU driver's renderer and Mesa's draw the same scene differently: report/paper.py refuses to
+    # pair such episodes)
+    first_digest: str = ""
     frames: list = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
@@ -227,6 +231,7 @@ class _Slot:
     t0: float
     steps: int = 0
     frames: list = field(default_factory=list)
+    first_digest: str = ""
 
 
 def _policy_call(policy: Policy, images: np.ndarray, instructions: list[str]) -> np.ndarray:
@@ -359,7 +364,9 @@ def _run_batched(
             for i, ep, t0 in pending:
                 status, obs = workers[i].recv()
                 if status == "ok":
-                    slots[i] = _Slot(ep, obs, t0, frames=[obs["image"]] if ep.record else [])
+                    slots[i] = _Slot(
+                        ep, obs, t0, frames=[obs["image"]] if ep.record else [], first_digest=_digest(obs)
+                    )
                 else:
                     results.append(_result(ep, False, 0, t0, error=str(obs).splitlines()[0]))
                     bar.update(1)
@@ -378,7 +385,9 @@ def _run_batched(
             s.steps += 1
             timing["env_steps"] += 1
             if status != "ok":
-                results.append(_result(s.ep, False, s.steps, s.t0, error=reply, frames=s.frames))
+                results.append(
+                    _result(s.ep, False, s.steps, s.t0, error=reply, frames=s.frames, first=s.first_digest)
+                )
                 freed.append(i)
                 continue
             obs, success, done = reply
@@ -387,7 +396,11 @@ def _run_batched(
                 s.frames.append(obs["image"])
             capped = s.ep.max_steps is not None and s.steps >= s.ep.max_steps
             if success or done or capped:
-                results.append(_result(s.ep, bool(success), s.steps, s.t0, frames=s.frames, obs=obs))
+                results.append(
+                    _result(
+                        s.ep, bool(success), s.steps, s.t0, frames=s.frames, obs=obs, first=s.first_digest
+                    )
+                )
                 freed.append(i)
         timing["env_s"] += time.perf_counter() - t
         for i in freed:
@@ -436,9 +449,11 @@ def _result(
     error: str | None = None,
     frames: list | None = None,
     obs: dict | None = None,
+    first: str = "",
 ) -> EpisodeResult:
     return EpisodeResult(
         final_digest=_digest(obs),
+        first_digest=first,
         task=ep.task,
         instruction=ep.instruction,
         seed=int(ep.seed),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import read_json
 from ..study import parse_run_name
 
@@ -117,14 +118,44 @@ def _ratio(a, b):
     return a / b
 
 
+class RenderMismatch(UserError, ValueError):
+    """Two evaluations in one table saw different first frames of the same initial state."""
+
+
+def check_first_frames(seen: dict, d: dict, path: Path) -> None:
+    """Every evaluation of one (suite, task, initial state) must start from the same image: the first
+    frame depends on the state and the renderer only, never on the model. Different digests mean
+    another renderer (a GPU driver's EGL and Mesa's draw Meta-World differently, issue 27:
+    docs/benchmarks.md "why the CPU and the GPU disagree") or another camera / image size, and a
+    paired test across them would compare renderers, not methods. `seen` maps (suite, task, seed)
+    to (digest, file) over the files read so far; episodes without a digest (older files) pass."""
+    suite = d.get("suite")
+    for e in d.get("episodes") or []:
+        dig = e.get("first_digest")
+        if not dig or e.get("seed") is None:
+            continue
+        key = (suite, str(e.get("task")), e.get("seed"))
+        first = seen.setdefault(key, (dig, path))
+        if first[0] != dig:
+            raise RenderMismatch(
+                f"{path} and {first[1]} start {key[1]} (initial state {key[2]}, suite {suite}) from "
+                f"different images ({dig} vs {first[0]}): they were rendered differently (another "
+                "renderer: a GPU driver's EGL vs Mesa's, or another camera / image size), so their "
+                "episodes cannot be paired. Build the table from evaluations made on one kind of "
+                "machine (re-run the eval jobs of the odd ones there), or make two tables."
+            )
+
+
 def load_evals(paths) -> dict[str, dict]:
     """{run: {"suites": {suite: success_rate}, "forgetting": {...}}} from eval JSON files.
 
     The run and suite come from the JSON (`run`, `suite`), else from the path evals/{run}/{suite}.json.
+    Evaluations whose first frames of one initial state differ are refused (check_first_frames).
     """
     runs: dict[str, dict] = defaultdict(
         lambda: {"suites": {}, "forgetting": None, "tasks": {}, "episodes": {}}
     )
+    first_frames: dict = {}
     for p in paths:
         p = Path(p)
         d = read_json(p)
@@ -137,6 +168,7 @@ def load_evals(paths) -> dict[str, dict]:
             suite = d.get("suite") or (p.parent.name if by_id else p.stem)
             if "success_rate" not in d:
                 raise ValueError(f"{p}: closed-loop eval JSON without 'success_rate' (re-run the eval rule)")
+            check_first_frames(first_frames, {**d, "suite": suite}, p)
             runs[run]["suites"][suite] = _num(d["success_rate"])
             runs[run]["episodes"][suite] = episode_outcomes(d)
             for task, blk in sorted((d.get("per_task") or {}).items()):

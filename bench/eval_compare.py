@@ -3,7 +3,7 @@
     python bench/eval_compare.py REF.json OTHER.json [OTHER.json ...]
 
 Episodes are matched by (task, seed); for each OTHER it prints successes, how many episodes end with
-the same outcome, the same number of steps, and the same final simulator state (`final_digest`).
+the same outcome, the same number of steps, and the same last image (`final_digest`, sha1 of the last frame: equal last frames from one renderer mean one trajectory; two renderers never give equal frames).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         print(
             f"{argv[0]} vs {other_path}: {len(keys)} episodes, successes {sum(ref[k]['success'] for k in keys)}"
             f" vs {sum(other[k]['success'] for k in keys)}; same outcome {same['success']}, same length"
-            f" {same['steps']}, same final state {same['final_digest']}"
+            f" {same['steps']}, same last frame {same['final_digest']}"
         )
 
 

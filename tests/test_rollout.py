@@ -67,7 +67,10 @@ def fake_episodes():
 
 
 def strip(res):
-    return [(e["task"], e["seed"], e["success"], e["steps"], e["final_digest"]) for e in res["episodes"]]
+    return [
+        (e["task"], e["seed"], e["success"], e["steps"], e["first_digest"], e["final_digest"])
+        for e in res["episodes"]
+    ]
 
 
 def test_fake_env_batched_equals_sequential_and_truth(tmp_path):

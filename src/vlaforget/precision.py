@@ -3,8 +3,9 @@
 On CUDA, torch lets cuDNN run fp32 convolutions in TF32 by default (`torch.backends.cudnn.allow_tf32`
 is True; cuBLAS matmuls are full fp32 unless asked otherwise). TF32 keeps 10 mantissa bits, so a
 model configured `dtype: fp32` gets ~1e-3 relative error in every convolution (the ViT patch
-embedding of the tiny VLA and OpenVLA's towers) on a GPU and none on a CPU: enough to change a greedy
-action bin and, in closed loop, the episode. The train, eval and forgetting stages call
+embedding of the tiny VLA and OpenVLA's towers) on a GPU and none on a CPU (on an H100 it changed the
+outcome of 2 of 360 teacher episodes; what separates a CPU's evaluations from a GPU's is the renderer,
+docs/benchmarks.md "Issue 27: why the CPU and the GPU disagree"). The train, eval and forgetting stages call
 `exact_fp32(model.dtype)` before they load a model, so an fp32 model computes in fp32 on every
 device. bf16 / fp16 models are left alone (TF32 does not touch their arithmetic).
 

@@ -71,7 +71,7 @@ class EpisodeResult:
     video: str | None = None
     final_digest: str = ""  # sha1 of the last image: identical trajectories have identical digests
     # sha1 of the first image: two evaluations of one initial state saw the same pixels iff equal (a
-    # GPU driver's renderer and Mesa's draw the same scene differently: report/paper.py refuses to
+    # GPU driver's renderer and Mesa's draw the same scene differently: report/tables.py refuses to
     # pair such episodes)
     first_digest: str = ""
     frames: list = field(default_factory=list, repr=False)

@@ -19,6 +19,8 @@
 # carries .device-carry/state.tar.xz and .device-carry/data.tar.xz (and runs anything, even `true`), call 2
 # carries .device-carry/{gl,whl,metaworld-pruned.tar.xz,smk312.tar.xz} and runs this script with STATE=required
 # (session 12: issue 28's call carried the state, then `STATE=required bash bench/gpu_study.sh 575 table_ablation_build`).
+# Session 13 split it the other way: call 1 carried gl, whl, metaworld, smk312 and the state (and ran
+# bench/device_diag.py), call 2 carried data.tar.xz and ran this script.
 #
 #   bash bench/gpu_study.sh SECONDS [snakemake targets/flags...]
 #   e.g. bash bench/gpu_study.sh 578 table_main_build     (then table_fewshot_build, table_ablation_build, all)

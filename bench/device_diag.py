@@ -34,14 +34,6 @@ TASKS = [
     "window-open-v3",
     "window-close-v3",
 ]
-INSTR = {
-    "faucet-open-v3": "open the faucet",
-    "faucet-close-v3": "close the faucet",
-    "drawer-open-v3": "open the drawer",
-    "drawer-close-v3": "close the drawer",
-    "window-open-v3": "open the window",
-    "window-close-v3": "close the window",
-}
 
 
 def render_frames(seeds=(500840, 500841, 500842, 500843), expert_steps=15):
@@ -71,7 +63,9 @@ def policy(backend_dir: str, images: np.ndarray, names: list[str], device: str, 
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     b = TinyBackend.from_dir(backend_dir, device=device)
-    instr = [INSTR[n.split("/")[0]] for n in names]
+    from vlaforget.data.instructions import canonical_instruction
+
+    instr = [canonical_instruction(n.split("/")[0]) for n in names]  # the evaluation's instruction
     # the action tokens exactly as the evaluation decodes them (greedy over the 256 action bins)
     from vlaforget.models.prompts import encode_action_prompt
 

@@ -30,4 +30,12 @@ if [ ! -d "$ROOT/models" ]; then
         return 1
     fi
 fi
+# A study an earlier session left unfinished (its $OUT/study.tar.xz and $OUT/adapters.tar, carried as
+# $CARRY/resume/): every finished job's outputs, so Snakemake goes on from where that session stopped.
+# The same code must run (the ids hold the stage code; a changed stage reruns, as it should).
+if [ -f "$CARRY/resume/study.tar.xz" ] && [ ! -d "$ROOT/runs" ]; then
+    tar -xJf "$CARRY/resume/study.tar.xz" -C "$ROOT" --exclude='./results' --exclude='results' || return 1
+    [ -f "$CARRY/resume/adapters.tar" ] && { tar -xf "$CARRY/resume/adapters.tar" -C "$ROOT" || return 1; }
+    echo "resumed: $(ls "$ROOT"/runs | wc -l) runs, $(find "$ROOT"/evals -name '*.json' -path '*/mw_*' | wc -l) evaluations"
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -53,6 +53,10 @@ grep -E "steps \([0-9]+%\) done|Error in rule|Exiting because" "$LOG" | tail -5
 tar -cJf "$OUT/study.tar.xz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude='checkpoints' \
     --exclude='videos' --exclude='./datasets' --exclude='./tmp' --exclude='./hf_cache' --exclude='./torch_cache' \
     --exclude='./wandb' results/embedded_gpu -C "$ROOT" . 2>/dev/null
+# the trained adapters (final/ only; ~0.7 MB each): with study.tar.xz, what a later session carries as
+# $CARRY/resume/ to go on with an unfinished study (bench/device_setup.sh)
+(cd "$ROOT" && find runs -path '*/final/*.safetensors' -not -path '*/checkpoints/*' -print0 \
+    | tar --null -cf "$OUT/adapters.tar" -T - 2>/dev/null)
 # the state a later call could resume from (the teacher, ICSM, probe: what every run depends on)
 tar -cJf "$OUT/state.tar.xz" -C "$ROOT" models artifacts probe 2>/dev/null
 ls -la "$OUT"

@@ -129,6 +129,31 @@ def test_round_trip_rlds_to_cache(rlds_dir, tmp_path):
             i += 1
 
 
+def test_training_image_is_the_frame_the_cache_holds(rlds_dir):
+    """eval.frames.training_image (what the embedded evaluation feeds the policy) is bit for bit the
+    frame the cache stage reads from the RLDS writer's JPEG (TensorFlow's decoder, INTEGER_FAST DCT);
+    PIL's decoder (INTEGER_ACCURATE) is not."""
+    import io
+
+    from PIL import Image
+
+    from vlaforget.eval.frames import training_image
+
+    d, eps = rlds_dir
+    rng = np.random.default_rng(1)
+    noisy = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]  # many DCT terms
+    for r, e in zip(iter_episodes(d), eps):
+        np.testing.assert_array_equal(r["images"], np.stack([training_image(im) for im in e["images"]]))
+    import tensorflow as tf
+
+    for im in noisy:
+        b = encode_jpeg(im)
+        tf_frame = tf.io.decode_jpeg(b).numpy()
+        np.testing.assert_array_equal(training_image(im), tf_frame)
+        pil = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        assert not np.array_equal(pil, tf_frame)  # why not PIL
+
+
 def test_iter_episodes_reads_a_libero_layout(tmp_path):
     """A builder with LIBERO's own features (7-D actions, 8-D state, wrist image, no task metadata)."""
     import tensorflow as tf

@@ -129,7 +129,12 @@ def build_episodes(
         caps = task_caps(DEFAULT_MW_MAX_STEPS if e.max_steps is None else e.max_steps, tasks)
         max_steps = max(caps.values()) if caps else DEFAULT_MW_MAX_STEPS
         instr = {t: canonical_instruction(t, e.instructions) for t in tasks}
-        fac = MetaWorldFactory(camera=e.camera, render_size=e.render_size, max_steps=max_steps)
+        from .frames import TrainingFrames
+
+        # the policy sees each frame as training saw it: RLDS JPEG, decoded as the cache decodes it
+        fac = TrainingFrames(
+            MetaWorldFactory(camera=e.camera, render_size=e.render_size, max_steps=max_steps)
+        )
         eps = make_episodes(tasks, instr, n, lambda t, i: seed0 + i, suite=suite, videos_per_task=k)
         for ep in eps:
             ep.max_steps = caps[ep.task]  # the engine ends the episode at its task's cap
@@ -142,6 +147,7 @@ def build_episodes(
                 "max_steps": caps if len(set(caps.values())) > 1 else max_steps,
                 "camera": e.camera,
                 "render_size": e.render_size,
+                "image": "rlds_jpeg",  # the policy's frames as in training (data.rlds.training_image)
                 **_block_record(e),
             },
         )

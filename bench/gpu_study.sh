@@ -4,7 +4,8 @@
 #
 # What it needs, in $CARRY (default .device-carry/, git-ignored), made on the developer machine:
 #   gl/*.deb                  glvnd's EGL/GL loaders (apt-get download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
-#   whl/*.whl                 mujoco 3.3.0, PyOpenGL, gymnasium, glfw, farama-notifications (cp312 wheels)
+#   whl/*.whl                 mujoco 3.3.0, PyOpenGL, gymnasium, glfw, farama-notifications, simplejpeg (cp312 wheels;
+#                             simplejpeg since session 14: the evaluation's frames, eval/frames.py)
 #   metaworld-pruned.tar.xz   metaworld 3.1.1 with only the assets of the study's six tasks (renders identically)
 #   smk312.tar.xz             snakemake 9.27.1 and its pure/cp312 dependencies (pip install --target, no PuLP)
 #   data.tar.xz               the data root after `snakemake --profile profiles/demo-gpu --until cache` here:

@@ -147,7 +147,7 @@ def build_episodes(
                 "max_steps": caps if len(set(caps.values())) > 1 else max_steps,
                 "camera": e.camera,
                 "render_size": e.render_size,
-                "image": "rlds_jpeg",  # the policy's frames as in training (data.rlds.training_image)
+                "image": "rlds_jpeg",  # the policy's frames as in training (eval.frames.training_image)
                 **_block_record(e),
             },
         )

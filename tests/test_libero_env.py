@@ -85,6 +85,41 @@ def test_config_messages(tmp_path):
     assert sorted(d) == sorted(L.CONFIG_KEYS) and d["init_states"].endswith("init_files")
 
 
+def test_generated_config_per_installation(tmp_path, monkeypatch):
+    """One data root, two LIBERO installations (CI's rehearsal root reused by the next clone): each gets
+    its own generated config; the first one's paths never reach the second (the old single
+    {root}/libero/config.yaml failed preflight with 'bddl_files ... is not a directory')."""
+    installs = []
+    for name in ("clone-a", "clone-b"):
+        pkg = tmp_path / name / "site-packages" / "libero" / "libero"
+        (pkg / "bddl_files").mkdir(parents=True)
+        (pkg / "init_files").mkdir()
+        installs.append(pkg)
+    monkeypatch.setenv("VLAFORGET_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    import yaml
+
+    written = []
+    for pkg in installs:
+        monkeypatch.setattr(L, "libero_package_dir", lambda pkg=pkg: pkg)
+        monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+        path = L.ensure_libero_config()
+        assert path.parent.parent == tmp_path / "root" / "libero"
+        assert yaml.safe_load(path.read_text())["bddl_files"] == str(pkg / "bddl_files")
+        assert os.environ["LIBERO_CONFIG_PATH"] == str(path.parent)
+        written.append(path)
+    assert written[0] != written[1]
+    # the first installation is gone (its clone deleted): the second still works, the first's config
+    # stays an error naming the cause and the fix
+    import shutil
+
+    shutil.rmtree(tmp_path / "clone-a")
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    assert L.ensure_libero_config() == written[1]
+    with pytest.raises(L.LiberoConfigError, match="another LIBERO installation.*delete"):
+        L.check_libero_config(written[0].parent)
+
+
 def _libero_ready() -> str | None:
     try:
         pkg = L.libero_package_dir()

@@ -115,9 +115,10 @@ def run_stage(name: str, mod, args) -> int:
         return int(mod.main(args) or 0)
     from . import freshness
     from .io import DirLock
-    from .stagefile import load_stage_config
+    from .stagefile import check_code, load_stage_config
 
     sc = load_stage_config(cfg_path)
+    check_code(sc, cfg_path)
     if sc.get("stage") not in freshness.COMPLETION:
         return int(mod.main(args) or 0)
     freshness.check_inputs(sc)

@@ -103,3 +103,32 @@ def load_stage_config(path: str | Path, stage: str | None = None) -> dict:
             except PathPolicyError as e:
                 raise ConfigError(str(e)) from e
     return sc
+
+
+def check_code(sc: dict, path: Path | str = "the stage config") -> None:
+    """Refuse a job whose package code is not the code its stage config (its id) was made for.
+
+    The workflow hashes each stage's code into the config when it plans the DAG; a job starts later.
+    An edit of src/ in between (Snakemake still running, a hand-run stage with an old config) would run
+    the new code and file its output under the old id, where every later run takes it for the old
+    code's result (seen in session 14: 15 evaluations written under ids of the code before a fix).
+    For a job about to run (cli.run_stage), never for reading a finished one's config (export).
+    """
+    want = sc.get("code")
+    if not want or not sc.get("stage"):
+        return  # a hand-written config that records no code: nothing to compare
+    from . import codedeps
+
+    enabled = codedeps.train_code_parts(sc) if sc["stage"] == "train" else ()
+    got, files = codedeps.stage_code(sc["stage"], enabled)
+    if got == want:
+        return
+    before = sc.get("code_files") or {}
+    changed = sorted(f for f in set(before) | set(files) if before.get(f) != files.get(f))
+    raise ConfigError(
+        f"{path}: the {sc['stage']} stage's code changed since this config was written (code {want} "
+        f"then, {got} now; changed: {', '.join(changed) or 'unknown (no code_files recorded)'}): its "
+        f"output would be filed under the old code's id. Nothing was run. Run the workflow again "
+        f"(snakemake plans the job under the new code's id; editing the package while Snakemake runs "
+        f"does this), or restore the code the config was made for."
+    )

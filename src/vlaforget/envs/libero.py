@@ -163,13 +163,26 @@ def libero_package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "libero"
 
 
+def install_tag(pkg_dir: Path) -> str:
+    """12 hex digits naming one LIBERO installation (the package folder's resolved path)."""
+    import hashlib
+
+    return hashlib.sha256(str(Path(pkg_dir).resolve()).encode()).hexdigest()[:12]
+
+
 def default_config_dir() -> Path:
+    """`$LIBERO_CONFIG_PATH`, else `{root}/libero/<install_tag>`: one generated config per installation.
+
+    A data root outlives the environments that use it (a second checkout, a rebuilt venv, CI's next
+    clone): a single `{root}/libero/config.yaml` would keep pointing at the first installation's
+    bddl_files and fail every later one (seen in CI: a rehearsal root reused by another clone).
+    """
     env = os.environ.get("LIBERO_CONFIG_PATH")
     if env:
         return Path(env)
     from ..paths import resolve_root
 
-    return resolve_root() / "libero"
+    return resolve_root() / "libero" / install_tag(libero_package_dir())
 
 
 def libero_config_dict(pkg_dir: Path, datasets: Path | None = None) -> dict[str, str]:
@@ -205,8 +218,10 @@ def check_libero_config(config_dir: str | Path) -> dict:
     for k in ("bddl_files", "init_states"):
         if not Path(cfg[k]).is_dir():
             raise LiberoConfigError(
-                f"LIBERO config {path}: {k} = {cfg[k]} is not a directory; point it at "
-                f"{libero_package_dir() / ('bddl_files' if k == 'bddl_files' else 'init_files')}"
+                f"LIBERO config {path}: {k} = {cfg[k]} is not a directory (written for another LIBERO "
+                f"installation?); point it at "
+                f"{libero_package_dir() / ('bddl_files' if k == 'bddl_files' else 'init_files')}, or delete "
+                f"{path} and it is written again for this one"
             )
     return cfg
 

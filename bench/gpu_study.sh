@@ -2,7 +2,8 @@
 # The GPU-sized embedded study (profiles/demo-gpu) on a lent GPU machine whose Python has torch but
 # no Snakemake, TensorFlow or Meta-World (docs/benchmarks.md "Issue 19: the GPU study").
 #
-# What it needs, in $CARRY (default .device-carry/, git-ignored), made on the developer machine:
+# What it needs, in $CARRY (default .device-carry/, git-ignored), made on the developer machine by
+# `bash bench/device_carry.sh` (all but the state; ~50 MB, ~6 min; session 15):
 #   gl/*.deb                  glvnd's EGL/GL loaders (apt-get download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 #   whl/*.whl                 mujoco 3.3.0, PyOpenGL, gymnasium, glfw, farama-notifications, simplejpeg (cp312 wheels;
 #                             simplejpeg since session 14: the evaluation's frames, eval/frames.py)

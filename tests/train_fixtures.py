@@ -116,6 +116,11 @@ def base_stage(
 
 
 def run_stage(module, sc: dict, path: Path) -> None:
+    """Run a stage on a hand-made config that records the stage's real code hash, as the workflow's
+    configs do (a job started on other code refuses to run: stagefile.check_code)."""
+    from vlaforget import codedeps
+
+    sc = {**sc, "code": codedeps.code_hash(sc["stage"])}
     path.write_text(yaml.safe_dump(sc))
     assert module.main(argparse.Namespace(config=str(path))) == 0
 
@@ -133,7 +138,7 @@ def make_teacher_artifacts(root: Path, cache: Path, model: Path) -> None:
         "cache_dir": str(root / "hf_cache"),
     }
     ds = {"name": "toy", "cache_dir": str(cache), "tasks": TASKS}
-    common = {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld", "code": "x"}
+    common = {"root": str(root), "allowed_root": str(root.parent), "world": "metaworld"}
     run_stage(
         probe,
         {

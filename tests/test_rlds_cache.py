@@ -251,7 +251,7 @@ def test_splits_follow_openvla(cache_dir):  # data.heldout: tail = openvla's tra
     assert ho[0]["episode"] == 19 and ho[0]["step"] == 0
     assert tr[len(tr) - 1]["episode"] == 18 and tr[-1]["step"] == len(eps[18]["actions"]) - 1
     assert tr[0]["image"].shape == (8, 8, 3)  # resized to image_size
-    from vlaforget.envs import resize_lanczos  # the eval's resize: cache and policy images agree
+    from vlaforget.imaging import resize_lanczos  # the eval's resize: cache and policy images agree
 
     np.testing.assert_array_equal(tr[0]["image"], resize_lanczos(eps[0]["images"][0], 8))
     with pytest.raises(IndexError):

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..envs import resize_lanczos
+from ..imaging import resize_lanczos
 from ..io import (
     CorruptInputError,
     log,

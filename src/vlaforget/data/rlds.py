@@ -10,7 +10,6 @@ TensorFlow is imported lazily: only these functions need it, never the training 
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -70,12 +69,11 @@ _quiet_tf = load_tensorflow
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-    """uint8 [H, W, 3] -> JPEG bytes (PIL; callable in worker processes without TensorFlow)."""
-    from PIL import Image
+    """uint8 [H, W, 3] -> JPEG bytes (vlaforget.imaging: PIL, the pixels of tf.image.encode_jpeg;
+    callable in worker processes without TensorFlow)."""
+    from ..imaging import encode_jpeg as _encode
 
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    return _encode(image, quality)
 
 
 def rlds_features(

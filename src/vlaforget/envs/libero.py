@@ -6,16 +6,19 @@ Protocol (docs/evaluation.md):
 * per task: `OffScreenRenderEnv(bddl_file_name, camera_heights=256, camera_widths=256)`, `env.seed(0)`;
   an episode k = `env.reset()`, `env.set_init_state(init_states[k])` (50 fixed init states per task),
   then 10 wait steps sending `[0,0,0,0,0,0,-1]` (objects settle; `done` ignored);
-* policy image: `agentview_image[::-1, ::-1]` → JPEG round trip → resize to 224 (Lanczos, antialias);
+* policy image: `agentview_image[::-1, ::-1]` → JPEG round trip → resize to 224 (lanczos3, antialias);
   the optional 0.9-area centre crop is applied on the policy side (`center_crop`);
 * policy action → env: gripper `2a − 1`, `sign`, `× −1` (the RLDS loader maps 0 = close, 1 = open;
   LIBERO wants −1 = open, +1 = close);
 * success = the env's `done`; an exception inside `step` ends the episode as a failure.
 
-Deviations, both for episode independence (results must not depend on which worker ran what before):
+One deviation, for episode independence (results must not depend on which worker ran what before):
 `env.seed(0)` is called before every reset (openvla seeds once per task env, so its first episode per
-task matches exactly), and images use PIL's JPEG (quality 95, as tf.image.encode_jpeg) and Lanczos
-resampling instead of TensorFlow's (values differ by a few grey levels).
+task matches exactly). The image path gives openvla's `resize_image` without TensorFlow (which cannot
+share a process with MuJoCo's EGL): vlaforget.imaging's JPEG (the pixels of tf.image.encode_jpeg,
+decoded as tf.io.decode_image decodes) and lanczos3 resize (TensorFlow's kernel in NumPy). On real
+LIBERO renders 25 of 3.6 million values differ from openvla's, by 1 (docs/benchmarks.md "LIBERO frames
+as openvla makes them"); before session 15, PIL's decoder and Lanczos differed on 66 % by up to 14.
 
 The pure functions below need neither LIBERO nor a simulator; `LiberoEnv` needs LIBERO (install it
 with `python -m vlaforget.envs.libero_setup`, docs/evaluation.md).
@@ -23,7 +26,6 @@ with `python -m vlaforget.envs.libero_setup`, docs/evaluation.md).
 
 from __future__ import annotations  # noqa: I001 (order kept: sorting changes the code hash)
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import resize_lanczos
+from ..imaging import decode_jpeg, encode_jpeg, resize_lanczos
 from ..errors import UserError
 
 SUITE_MAX_STEPS = {
@@ -75,13 +77,9 @@ def wait_actions(n: int = WAIT_STEPS) -> list[list[float]]:
 
 
 def jpeg_roundtrip(img: np.ndarray, quality: int = 95) -> np.ndarray:
-    """Encode + decode as JPEG, as the RLDS builder stored training images."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
+    """Encode + decode as JPEG as openvla's `resize_image` does (tf.image.encode_jpeg at quality 95,
+    tf.io.decode_image): the same pixels, without TensorFlow (vlaforget.imaging)."""
+    return decode_jpeg(encode_jpeg(img, quality))
 
 
 def preprocess_image(agentview: np.ndarray, size: int = 224, jpeg: bool = True) -> np.ndarray:

@@ -65,6 +65,7 @@ REQUIREMENTS = [
     "pytest",
     "packaging",
     "pyopengl",
+    "simplejpeg>=1.6",  # the policy's frames decoded as TensorFlow decodes them (vlaforget.imaging)
 ]
 LIBERO_PIN = "libero==0.1.1"
 # torch is installed only into a venv that has none (an existing env keeps its own, e.g. the user's CUDA

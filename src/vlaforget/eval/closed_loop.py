@@ -50,8 +50,8 @@ class BackendPolicy:
         self.model = model  # e.g. the PEFT-wrapped training model; None = backend.model
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        from ..envs import resize_lanczos
         from ..envs.libero import center_crop
+        from ..imaging import resize_lanczos
 
         if self.image_size and images.shape[1:3] != (self.image_size, self.image_size):
             images = np.stack([resize_lanczos(im, self.image_size) for im in images])

@@ -3,8 +3,8 @@
 The demonstrations' writer stores each rendered frame as JPEG (PIL, quality 95: `data.rlds.encode_jpeg`)
 and the cache stage decodes it with TensorFlow (`tf.io.decode_jpeg`, default DCT: libjpeg-turbo's
 INTEGER_FAST), so the policy is trained on JPEG frames. `training_image` makes a freshly rendered frame
-that same frame, bit for bit, without TensorFlow (simplejpeg's `fastdct` is the same decoder; PIL's
-INTEGER_ACCURATE decoder is up to ~10 levels off), and `TrainingFrames` wraps an env factory so every
+that same frame, bit for bit, without TensorFlow (vlaforget.imaging.decode_jpeg: simplejpeg's `fastdct`
+is the same decoder; PIL's INTEGER_ACCURATE decoder is up to ~10 levels off), and `TrainingFrames` wraps an env factory so every
 `obs["image"]` is one. Issue 27, session 14: before, the evaluation fed raw renders, 98.6 % of whose
 pixels differ from the training frame of the same state (5.7 % by more than 16 levels).
 
@@ -18,17 +18,7 @@ from typing import Any
 
 import numpy as np
 
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 [H, W, 3] as the cache stage decodes RLDS images (INTEGER_FAST DCT)."""
-    try:
-        import simplejpeg
-    except ImportError as e:  # the `sim` extra installs it
-        raise ImportError(
-            "the embedded evaluation decodes frames with simplejpeg (as TensorFlow decoded the training "
-            "frames): pip install simplejpeg (part of `pip install -e '.[sim]'`, `make install`)"
-        ) from e
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True)
+from ..imaging import decode_jpeg
 
 
 def training_image(image: np.ndarray, quality: int = 95) -> np.ndarray:

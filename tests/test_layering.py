@@ -21,7 +21,9 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "errors",
         "semantics",
-    ),  # user-facing error types; which stage-config keys ids cover: import nothing of vlaforget
+        "imaging",
+    ),  # user-facing error types; which stage-config keys ids cover; frames as TensorFlow decodes and
+    # resizes them: import nothing of vlaforget
     ("io", "paths", "jobs"),  # files, logging, locks; the data-root policy and layout; job environments
     (
         "freshness",

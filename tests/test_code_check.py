@@ -82,17 +82,37 @@ def test_a_job_refuses_code_edited_after_its_config_was_written(tmp_path):
     assert _py(wf, env, "-c", CHECK, cfg).returncode == 0
 
 
-def test_every_job_of_the_study_passes_on_the_code_it_was_planned_with(tmp_root):
-    """No false refusal: every stage config the workflow writes for the demo study passes."""
+def test_every_job_of_the_study_passes_on_the_code_it_was_planned_with(tmp_root, monkeypatch):
+    """No false refusal: every stage config of the demo study (an early-stopping run's included, whose
+    code adds the periodic evaluation), written as the workflow writes it and read back as its job
+    reads it (the file's {root}, the driver's non-semantic values), passes on the code that planned it."""
+    import json
+
     from conftest import REPO
 
-    from vlaforget.config import load_config
+    from vlaforget import codedeps
+    from vlaforget.config import deep_merge, load_config
+    from vlaforget.io import config_id
     from vlaforget.stageconfig import stage_configs
-    from vlaforget.stagefile import check_code
+    from vlaforget.stagefile import (
+        NON_SEMANTIC_ENV,
+        check_code,
+        load_stage_config,
+        non_semantic_values,
+        stage_config_text,
+    )
 
-    cfg = load_config(*(REPO / "config" / f for f in ("config.yaml", "demo.yaml")))
-    jobs = stage_configs(cfg)
-    stages = {stage for stage, _ in jobs}
+    base = load_config(*(REPO / "config" / f for f in ("config.yaml", "demo.yaml")))
+    early = deep_merge(base, {"train": {"eval_every": 10, "early_stopping_patience": 2}})
+    stages, periodic = set(), 0
+    for cfg in (base, early):
+        for (stage, key), sc in stage_configs(cfg).items():
+            f = tmp_root / "configs" / stage / key / f"{config_id(sc)}.yaml"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(stage_config_text(sc))
+            monkeypatch.setenv(NON_SEMANTIC_ENV, json.dumps(non_semantic_values(sc)))
+            check_code(load_stage_config(f, stage), f)
+            stages.add(stage)
+            periodic += stage == "train" and "periodic_eval" in codedeps.train_code_parts(sc)
     assert {"demos", "cache", "model", "probe", "icsm", "train", "eval", "forgetting"} <= stages
-    for sc in jobs.values():
-        check_code(sc)
+    assert periodic > 0  # the early-stopping runs were among them

@@ -9,7 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from vlaforget.eval.frames import TrainingFrames, decode_jpeg, training_image
+from vlaforget.eval.frames import TrainingFrames, training_image
+from vlaforget.imaging import decode_jpeg
 
 
 def test_training_image_is_a_jpeg_round_trip():
@@ -19,7 +20,7 @@ def test_training_image_is_a_jpeg_round_trip():
     assert out.shape == img.shape and out.dtype == np.uint8
     assert not np.array_equal(out, img)  # JPEG changed it
     np.testing.assert_array_equal(training_image(img), out)  # deterministic
-    from vlaforget.data.rlds import encode_jpeg
+    from vlaforget.imaging import encode_jpeg
 
     np.testing.assert_array_equal(decode_jpeg(encode_jpeg(img)), out)
 

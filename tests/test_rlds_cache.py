@@ -16,7 +16,8 @@ except ImportError:
     pytest.skip("tensorflow-datasets not installed", allow_module_level=True)
 
 from vlaforget.data.cache import CachedDataset, build_cache, n_train_episodes, select_shots, write_cache
-from vlaforget.data.rlds import encode_jpeg, iter_episodes, resolve_builder_dir, write_rlds
+from vlaforget.data.rlds import iter_episodes, resolve_builder_dir, write_rlds
+from vlaforget.imaging import encode_jpeg
 from vlaforget.io import read_json, sha256_file
 
 

@@ -347,6 +347,11 @@ def code_files(stage: str, enabled=()) -> dict[str, str]:
     return dict(stage_code(stage, enabled)[1])
 
 
+def changed_files(before: dict, after: dict) -> list[str]:
+    """The files whose hash differs between two `code_files` records (added or dropped ones too)."""
+    return sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+
+
 def train_code_parts(sc: dict) -> list[str]:
     """The optional code a train job runs: its enabled plug-ins, and the periodic evaluation when
     its result can change the run (early stopping)."""

@@ -233,6 +233,7 @@ def _short(v) -> str:
 def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     """What differs between two stage configs, as a dry-run says it: the config keys (old -> new),
     the library files whose code changed (`code`), the inputs that were remade for another config."""
+    from . import codedeps
     from .io import LOCATION_KEYS, relocatable
     from .semantics import semantic_view
 
@@ -244,7 +245,7 @@ def config_changes(old: dict, new: dict, limit: int = 6) -> str:
     parts = []
     if a.get("code") != b.get("code"):
         fa, fb = old.get("code_files") or {}, new.get("code_files") or {}
-        files = sorted(f for f in set(fa) | set(fb) if fa.get(f) != fb.get(f)) if fa else []
+        files = codedeps.changed_files(fa, fb) if fa else []
         parts.append(
             "code of " + ", ".join(files[:limit] + (["..."] if len(files) > limit else []))
             if files

@@ -7,9 +7,9 @@ MuJoCo's EGL in one process crash; the evaluation runs the simulator).
   pixels (PIL's decoder, INTEGER_ACCURATE, differs on ~65 % of them by up to 14 levels).
 - `resize_lanczos`: `tf.image.resize(img, (size, size), method="lanczos3", antialias=True)` then
   round / clip / uint8, as openvla's LIBERO evaluation (`resize_image`) and its training data pipeline
-  (Octo's `resize_image`) do it: TensorFlow's ScaleAndTranslate kernel (its spans, weights and float32
-  accumulation, rows first) in NumPy. On LIBERO renders (256 -> 224) 8 of a million values differ from
-  TensorFlow's, by 1 (float32 rounding at .5; docs/benchmarks.md "LIBERO frames as openvla makes
+  (dlimp's `resize_image`) do it: TensorFlow's ScaleAndTranslate kernel (its spans, weights and float32
+  accumulation, rows first) in NumPy. On 24 LIBERO renders (256 -> 224) 25 of 3.6 million values differ
+  from TensorFlow's, by 1 (float32 rounding at .5; docs/benchmarks.md "LIBERO frames as openvla makes
   them"); PIL's Lanczos differed on 14 % by up to 8.
 """
 
@@ -42,6 +42,12 @@ def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int = 95) -> np.ndarray:
+    """A frame as a JPEG round trip through TensorFlow leaves it (encode_jpeg, then tf.io.decode_image):
+    what openvla's `resize_image` does before resizing, and the frame the cache holds for a rendered one."""
+    return decode_jpeg(encode_jpeg(img, quality))
 
 
 _PI = np.float32(3.14159265359)  # TensorFlow's kPI, as a float

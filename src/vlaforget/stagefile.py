@@ -123,8 +123,7 @@ def check_code(sc: dict, path: Path | str = "the stage config") -> None:
     got, files = codedeps.stage_code(sc["stage"], enabled)
     if got == want:
         return
-    before = sc.get("code_files") or {}
-    changed = sorted(f for f in set(before) | set(files) if before.get(f) != files.get(f))
+    changed = codedeps.changed_files(sc.get("code_files") or {}, files)
     raise ConfigError(
         f"{path}: the {sc['stage']} stage's code changed since this config was written (code {want} "
         f"then, {got} now; changed: {', '.join(changed) or 'unknown (no code_files recorded)'}): its "

@@ -31,8 +31,8 @@ def _worker_init() -> None:
 def rollout(job: dict[str, Any]) -> dict[str, Any]:
     """One expert episode of (task, seed). Images come back JPEG-encoded (small to pickle)."""
     from ..envs.metaworld import MetaWorldEnv
+    from ..imaging import encode_jpeg
     from .instructions import sample_instruction
-    from .rlds import encode_jpeg
 
     rand = float(job.get("randomization", 1.0))
     key = (job["task"], job["camera"], job["render_size"], job["max_steps"], rand)

@@ -68,14 +68,6 @@ def _load_gl_first() -> None:
 _quiet_tf = load_tensorflow
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-    """uint8 [H, W, 3] -> JPEG bytes (vlaforget.imaging: PIL, the pixels of tf.image.encode_jpeg;
-    callable in worker processes without TensorFlow)."""
-    from ..imaging import encode_jpeg as _encode
-
-    return _encode(image, quality)
-
-
 def rlds_features(
     image_shape: tuple[int, int, int], state_dim: int, action_dim: int, env_state_dim: int | None = None
 ):

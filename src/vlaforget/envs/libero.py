@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..imaging import decode_jpeg, encode_jpeg, resize_lanczos
+from ..imaging import jpeg_roundtrip, resize_lanczos
 from ..errors import UserError
 
 SUITE_MAX_STEPS = {
@@ -74,12 +74,6 @@ def max_steps_for(suite: str) -> int:
 def wait_actions(n: int = WAIT_STEPS) -> list[list[float]]:
     """The no-op actions sent while objects settle after set_init_state (gripper open)."""
     return [list(WAIT_ACTION) for _ in range(n)]
-
-
-def jpeg_roundtrip(img: np.ndarray, quality: int = 95) -> np.ndarray:
-    """Encode + decode as JPEG as openvla's `resize_image` does (tf.image.encode_jpeg at quality 95,
-    tf.io.decode_image): the same pixels, without TensorFlow (vlaforget.imaging)."""
-    return decode_jpeg(encode_jpeg(img, quality))
 
 
 def preprocess_image(agentview: np.ndarray, size: int = 224, jpeg: bool = True) -> np.ndarray:

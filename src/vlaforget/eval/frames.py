@@ -1,15 +1,14 @@
 """The frames the policy sees in a closed-loop evaluation of the embedded world: as training saw them.
 
-The demonstrations' writer stores each rendered frame as JPEG (PIL, quality 95: `data.rlds.encode_jpeg`)
+The demonstrations' writer stores each rendered frame as JPEG (PIL, quality 95: `imaging.encode_jpeg`)
 and the cache stage decodes it with TensorFlow (`tf.io.decode_jpeg`, default DCT: libjpeg-turbo's
 INTEGER_FAST), so the policy is trained on JPEG frames. `training_image` makes a freshly rendered frame
-that same frame, bit for bit, without TensorFlow (vlaforget.imaging.decode_jpeg: simplejpeg's `fastdct`
-is the same decoder; PIL's INTEGER_ACCURATE decoder is up to ~10 levels off), and `TrainingFrames` wraps an env factory so every
-`obs["image"]` is one. Issue 27, session 14: before, the evaluation fed raw renders, 98.6 % of whose
-pixels differ from the training frame of the same state (5.7 % by more than 16 levels).
-
-This lives with the evaluation, not in envs.metaworld or data.rlds: those are code of the demos, cache
-and teacher stages, whose ids (and so the pretrained teacher) a change there would move.
+that same frame, bit for bit, without TensorFlow (`imaging.jpeg_roundtrip`: simplejpeg's `fastdct` is
+the same decoder; PIL's INTEGER_ACCURATE decoder is up to ~10 levels off), and `TrainingFrames` wraps
+an env factory so every `obs["image"]` is one. Issue 27, session 14: before, the evaluation fed raw
+renders, 98.6 % of whose pixels differ from the training frame of the same state (5.7 % by more than
+16 levels). The wrapper is the evaluation's; the round trip is vlaforget.imaging's, shared with the
+demonstrations' writer and the LIBERO policy image.
 """
 
 from __future__ import annotations
@@ -18,14 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..imaging import decode_jpeg
+from ..imaging import jpeg_roundtrip
 
 
 def training_image(image: np.ndarray, quality: int = 95) -> np.ndarray:
     """A rendered uint8 [H, W, 3] frame -> the frame training saw for it (RLDS JPEG, the cache's decoder)."""
-    from ..data.rlds import encode_jpeg
-
-    return decode_jpeg(encode_jpeg(image, quality))
+    return jpeg_roundtrip(image, quality)
 
 
 class _FramesEnv:
